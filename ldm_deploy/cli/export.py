@@ -1,0 +1,51 @@
+"""`ldm-export`: a diffusers Stable Diffusion model -> an engine directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ldm_deploy.cli.common import run_main, setup_logging
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-export", description=__doc__.split(": ", 1)[1])
+    p.add_argument("--model", required=True, help="diffusers folder, or a hub id such as org/name")
+    p.add_argument("--out", required=True, help="engine directory to create")
+    p.add_argument("--backend", default="onnxruntime", help="engine kind to build (default: onnxruntime)")
+    p.add_argument("--min-size", type=int, default=256, help="smallest image side the engine accepts (px)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px)")
+    p.add_argument("--opt-size", type=int, default=None, help="side to tune for (default: the model's native size)")
+    p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def go():
+        from ldm_deploy.export.config import ExportConfig
+
+        config = ExportConfig(
+            backend=args.backend,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            opt_size=args.opt_size,
+            max_batch=args.max_batch,
+            allow_pickle=args.allow_pickle,
+            force=args.force,
+        )
+        from ldm_deploy.export.build import export_engine
+
+        export_engine(args.model, args.out, config)
+
+    return run_main(go, "ldm-export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`ldm-run`: prompts (and an init image) -> PNG images, from an engine directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ldm_deploy.cli.common import run_main, setup_logging
+
+log = logging.getLogger("ldm-run")
+
+
+def parser() -> argparse.ArgumentParser:
+    from ldm_deploy.engine.samplers import SAMPLERS
+
+    p = argparse.ArgumentParser(prog="ldm-run", description=__doc__.split(": ", 1)[1])
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--engine", required=True, help="engine directory made by ldm-export")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
+    p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default: random)")
+    p.add_argument("--width", type=int, default=None, help="default: the engine's native size (img2img: the init image's)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--sampler", default="dpmpp_2m_karras", choices=SAMPLERS)
+    p.add_argument("--init-image", default=None, help="start from this image (img2img)")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the init image, (0, 1]")
+    p.add_argument("--out", default="output.png", help="PNG path; with several images, NAME-0.png, NAME-1.png, ...")
+    p.add_argument("--backend", default="auto", help="default: the engine's own")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def output_paths(out: str, n: int) -> list[Path]:
+    p = Path(out)
+    if p.suffix.lower() != ".png":
+        p = p.with_name(p.name + ".png")
+    return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def go():
+        from ldm_deploy.engine.images import save_png
+        from ldm_deploy.engine.pipeline import Pipeline
+        from ldm_deploy.errors import UserError
+
+        paths = output_paths(args.out, args.num_images)
+        if not paths[0].parent.is_dir():
+            raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")
+        pipe = Pipeline.load(args.engine, backend=args.backend)
+        images = pipe(
+            args.prompt,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            width=args.width,
+            height=args.height,
+            num_images=args.num_images,
+            sampler=args.sampler,
+            init_image=args.init_image,
+            strength=args.strength,
+            progress=not args.quiet,
+        )
+        for image, path in zip(images, paths):
+            save_png(image, path)
+            log.info("wrote %s", path)
+
+    return run_main(go, "ldm-run")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Backends: one file each, one small interface (`Backend`), chosen once at load time.
+
+A backend loads components, owns device arrays, moves numpy arrays in and out, and runs a
+component on named device arrays. `run_steps` runs the denoising loop; GPU backends capture it
+as one graph. The pipeline never does tensor math itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from ldm_deploy.errors import BackendUnavailable
+
+# name -> module under ldm_deploy.engine.backends; the module defines `create()`.
+BACKENDS = {"onnxruntime": "onnxruntime"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One component run: input and output names bound to device arrays."""
+
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, engine_dir, manifest, component: str) -> Any:
+        """Load one component of the engine directory; returns a handle for `run`."""
+
+    def empty(self, shape: tuple[int, ...], dtype=np.float32) -> Any:
+        """A device array of that shape, contents undefined."""
+
+    def upload(self, array: np.ndarray) -> Any:
+        """A device array holding a copy of `array`."""
+
+    def download(self, array: Any) -> np.ndarray:
+        """A host copy of a device array (synchronises)."""
+
+    def run(self, component: Any, run: Run) -> None:
+        """Run a component once, reading `run.inputs` and writing `run.outputs`."""
+
+    def run_steps(self, component: Any, runs: list[Run], key: tuple, on_step: Callable[[int], None]) -> None:
+        """Run the same component over a prepared sequence of bindings (the denoising loop).
+        `key` names what makes a captured graph reusable (shapes, steps, sampler, batch)."""
+
+
+def create(name: str, **options) -> Backend:
+    """Instantiate a backend by name; raises BackendUnavailable with the reason."""
+    if name not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module = importlib.import_module(f"ldm_deploy.engine.backends.{BACKENDS[name]}")
+    return module.create(**options)

@@ -1,0 +1,144 @@
+"""The engine directory's `manifest.json`: what was exported, from what, for which shapes.
+
+Reading it is the first thing a runtime does, so every check that can fail on a damaged or
+foreign directory happens here, with a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ldm_deploy.engine.samplers import NoiseSchedule
+from ldm_deploy.engine.spec import DimRange, ModelFacts, component_specs
+from ldm_deploy.errors import EngineError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+COMPONENTS = ("text_encoder", "unet_step", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    family: str  # "sd1" | "sd2"
+    source: str  # the path or hub id it was exported from
+    weights_sha256: str  # of the source weight files, in name order
+    prediction_type: str  # "epsilon" | "v_prediction"
+    vae_scaling_factor: float
+    latent_channels: int
+    text_length: int
+    text_width: int
+    sample_size: int  # the latent side the model was trained at (64 for SD 1.5 at 512)
+    noise_schedule: NoiseSchedule
+
+    @property
+    def facts(self) -> ModelFacts:
+        return ModelFacts(self.latent_channels, self.text_length, self.text_width)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    backend: str  # "onnxruntime" | "tensorrt" | "torch"
+    precision: str  # "fp32" | "fp16"
+    dims: dict[str, DimRange]
+    # component -> {file name: {"bytes": int, "sha256": str}}
+    files: dict[str, dict[str, dict]]
+    tokenizer_pad_id: int
+    tools: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def specs(self):
+        return component_specs(self.model.facts)
+
+    def to_dict(self) -> dict:
+        m = self.model
+        return {
+            "format_version": self.format_version,
+            "model": {**{k: getattr(m, k) for k in m.__dataclass_fields__ if k != "noise_schedule"},
+                      "noise_schedule": m.noise_schedule.to_dict()},
+            "backend": self.backend,
+            "precision": self.precision,
+            "dims": {k: r.to_list() for k, r in self.dims.items()},
+            "files": self.files,
+            "tokenizer": {"file": TOKENIZER, "pad_id": self.tokenizer_pad_id},
+            "tools": self.tools,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        model = dict(d["model"])
+        model["noise_schedule"] = NoiseSchedule.from_config(model["noise_schedule"])
+        return cls(
+            model=ModelInfo(**model),
+            backend=d["backend"],
+            precision=d["precision"],
+            dims={k: DimRange(*v) for k, v in d["dims"].items()},
+            files=d["files"],
+            tokenizer_pad_id=d["tokenizer"]["pad_id"],
+            tools=d.get("tools", {}),
+            created=d.get("created", ""),
+            format_version=d["format_version"],
+        )
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(engine_dir: Path) -> Manifest:
+    """Parse and check `manifest.json`; raises EngineError with the fix on any problem."""
+    engine_dir = Path(engine_dir)
+    rebuild = f"re-export it with `ldm-export --model <model> --out {engine_dir} --force`"
+    if not engine_dir.is_dir():
+        raise EngineError(f"engine directory {engine_dir} does not exist; build one with ldm-export")
+    path = engine_dir / MANIFEST
+    if not path.is_file():
+        raise EngineError(f"{engine_dir} is not an engine directory (no {MANIFEST}); {rebuild}")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EngineError(f"{path} is unreadable or corrupted ({e}); {rebuild}") from None
+    version = d.get("format_version") if isinstance(d, dict) else None
+    if version != FORMAT_VERSION:
+        raise EngineError(
+            f"{path} has engine format version {version!r}; this ldm-deploy reads version "
+            f"{FORMAT_VERSION}. Install the matching ldm-deploy, or {rebuild}"
+        )
+    try:
+        return Manifest.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EngineError(f"{path} is incomplete or corrupted ({type(e).__name__}: {e}); {rebuild}") from None
+
+
+def verify_files(engine_dir: Path, manifest: Manifest, hashes: bool = True) -> None:
+    """Check that every recorded file exists with the recorded size (and hash)."""
+    rebuild = f"re-export it with `ldm-export --model {manifest.model.source} --out {engine_dir} --force`"
+    for comp in COMPONENTS + ("tokenizer",):
+        if comp not in manifest.files:
+            raise EngineError(f"{engine_dir} has no {comp} component; {rebuild}")
+        for name, rec in manifest.files[comp].items():
+            path = Path(engine_dir) / name
+            if not path.is_file():
+                raise EngineError(f"{path} is missing; {rebuild}")
+            size = path.stat().st_size
+            if size != rec["bytes"]:
+                raise EngineError(
+                    f"{path} is {size} bytes, the manifest says {rec['bytes']}: the file is "
+                    f"truncated or was replaced; {rebuild}"
+                )
+            if hashes and sha256_file(path) != rec["sha256"]:
+                raise EngineError(f"{path} is corrupted (its SHA-256 differs from the manifest's); {rebuild}")

@@ -1,0 +1,222 @@
+"""The runtime pipeline: prompts (and an init image) in, images out, on any backend.
+
+tokenize -> text encoder -> sampler table (host) -> N x unet_step -> VAE decoder -> images
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ldm_deploy import __version__
+from ldm_deploy.engine import backends, images, noise
+from ldm_deploy.engine.backends import Run
+from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
+from ldm_deploy.engine.request import Request, check_request
+from ldm_deploy.engine.samplers import DISPLAY_NAMES, plan
+from ldm_deploy.engine.spec import VAE_SCALE
+from ldm_deploy.engine.tokenizer import PromptTokenizer
+from ldm_deploy.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """An engine directory loaded on a backend. Call it to generate images.
+
+    >>> pipe = Pipeline.load("engines/sd15")
+    >>> images = pipe("a photo of an astronaut", steps=30, seed=7)
+    """
+
+    def __init__(self, engine_dir: Path, manifest, backend, verify: bool):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.backend = backend
+        self.specs = manifest.specs()
+        self.tokenizer = PromptTokenizer(self.engine_dir / TOKENIZER, manifest.model.text_length)
+        # vae_encoder is loaded on the first img2img call: txt2img never needs it.
+        self.components = {
+            name: backend.load(self.engine_dir, manifest, name)
+            for name in ("text_encoder", "unet_step", "vae_decoder")
+        }
+
+    @classmethod
+    def load(cls, engine_dir: str | Path, backend: str = "auto", verify: bool = True, **backend_options) -> "Pipeline":
+        """Load an engine directory. `backend` "auto" takes the one it was built for.
+        `verify` checks every file's size and SHA-256 against the manifest first."""
+        manifest = read_manifest(Path(engine_dir))
+        verify_files(Path(engine_dir), manifest, hashes=verify)
+        name = manifest.backend if backend == "auto" else backend
+        return cls(engine_dir, manifest, backends.create(name, **backend_options), verify)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        d = self.manifest.dims
+        return d["latent_width"].opt * VAE_SCALE, d["latent_height"].opt * VAE_SCALE
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        steps: int = 30,
+        guidance: float = 7.5,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        sampler: str = "dpmpp_2m_karras",
+        init_image=None,
+        strength: float = 0.8,
+        latents: np.ndarray | None = None,
+        generator=None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ):
+        """Generate images. Returns a list of PIL images, or for output_type="np" a
+        (B, H, W, 3) float32 array in [0, 1], as diffusers does.
+
+        init_image (a PIL image or a path) switches to img2img with `strength`. latents: the
+        initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for img2img:
+        the noise added to the encoded image). generator: overrides `seed`; one object with
+        `standard_normal(shape)` or a list of one per image (see `noise.py`).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+        if len(negs) != len(prompts):
+            raise InvalidRequest(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+        if output_type not in ("pil", "np"):
+            raise InvalidRequest(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        init = images.open_image(init_image) if isinstance(init_image, (str, Path)) else init_image
+        if init is not None and init.mode != "RGB":
+            init = init.convert("RGB")
+        default_w, default_h = images.init_image_size(init) if init is not None else self.default_size
+        seed = secrets.randbelow(2**32) if seed is None else int(seed)
+        n = len(prompts) * num_images
+        req = Request(
+            prompts=tuple(p for p in prompts for _ in range(num_images)),
+            negative_prompts=tuple(q for q in negs for _ in range(num_images)),
+            seeds=tuple(seed + i for i in range(n)),
+            steps=int(steps),
+            guidance=float(guidance),
+            sampler=sampler,
+            width=int(width or default_w),
+            height=int(height or default_h),
+            strength=float(strength) if init is not None else 1.0,
+        )
+        check_request(req, self.manifest, img2img=init is not None)
+        shape = (n, self.manifest.model.latent_channels, req.height // VAE_SCALE, req.width // VAE_SCALE)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
+        gen = generator if generator is not None else noise.seeded(req.seeds)
+        out = np.concatenate([  # (B, H, W, 3), in chunks of the engine's largest batch
+            self.generate(sub_req, init, sub_latents, sub_gen, progress)
+            for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
+        ])
+        if output_type == "np":
+            return out
+        pils = images.to_pil(out)
+        for i, im in enumerate(pils):
+            im.info["parameters"] = self.parameters(req, i, init is not None)
+        return pils
+
+    def generate(self, req: Request, init, latents, generator, progress: bool) -> np.ndarray:
+        """Run one request; returns (B, H, W, 3) float32 in [0, 1]."""
+        be, m = self.backend, self.manifest.model
+        b = req.batch
+        shape = (b, m.latent_channels, req.height // VAE_SCALE, req.width // VAE_SCALE)
+
+        # Text: [uncond..., cond...] with guidance, [cond...] without (half the U-Net work).
+        texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
+        ids = be.upload(self.tokenizer(texts))
+        emb = be.empty((len(texts), m.text_length, m.text_width))
+        be.run(self.components["text_encoder"], Run({"input_ids": ids}, {"text_embeddings": emb}))
+
+        sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)
+        # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
+        if init is not None:
+            x = self.encode(init, req, sp, generator, latents, shape)
+        else:
+            start = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+            x = be.upload(start * np.float32(sp.init_noise_scale))
+        if sp.needs_noise:
+            step_noise = [be.upload(noise.draw(generator, shape)) for _ in range(sp.steps)]
+        else:
+            step_noise = [be.upload(np.zeros(shape, np.float32))] * sp.steps
+        x = self.denoise(x, emb, sp, step_noise, shape, req, progress)
+
+        decoded = be.empty((b, 3, req.height, req.width))
+        be.run(self.components["vae_decoder"], Run({"latents": x}, {"images": decoded}))
+        return be.download(decoded).transpose(0, 2, 3, 1)
+
+    def denoise(self, x, emb, sp, step_noise, shape, req, progress):
+        """The N-step loop: ping-pong latents and state between two buffer pairs."""
+        be = self.backend
+        state, x_next, state_next = be.upload(np.zeros(shape, np.float32)), be.empty(shape), be.empty(shape)
+        rows = [be.upload(r) for r in sp.rows]
+        runs = []
+        for i in range(sp.steps):
+            runs.append(Run(
+                {"latents": x, "text_embeddings": emb, "coeffs": rows[i], "state": state, "noise": step_noise[i]},
+                {"latents_out": x_next, "state_out": state_next},
+            ))
+            x, x_next, state, state_next = x_next, x, state_next, state
+        key = (shape, req.guided, req.sampler, sp.steps)
+        with progress_bar(sp.steps, progress) as bar:
+            be.run_steps(self.components["unet_step"], runs, key, lambda i: bar.update(1))
+        return x
+
+    def encode(self, init, req, sp, generator, latents, shape):
+        """img2img start: the VAE-encoded image noised to the first executed step."""
+        if "vae_encoder" not in self.components:
+            self.components["vae_encoder"] = self.backend.load(self.engine_dir, self.manifest, "vae_encoder")
+        be = self.backend
+        pixels = images.to_model_input(init, req.width, req.height)
+        pixels = np.repeat(pixels, req.batch, axis=0)
+        sample_noise = noise.draw(generator, shape)
+        start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+        x = be.empty(shape)
+        inputs = {
+            "images": be.upload(pixels),
+            "sample_noise": be.upload(sample_noise),
+            "start_noise": be.upload(start_noise),
+            "start_coeffs": be.upload(np.array([sp.image_scale, sp.noise_scale], np.float32)),
+        }
+        be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
+        return x
+
+    def parameters(self, req: Request, i: int, img2img: bool) -> str:
+        fields = {
+            "Steps": req.steps,
+            "Sampler": DISPLAY_NAMES[req.sampler],
+            "CFG scale": req.guidance,
+            "Seed": req.seeds[i],
+            "Size": f"{req.width}x{req.height}",
+            "Model hash": self.manifest.model.weights_sha256[:10],
+            "Model": Path(self.manifest.model.source).name,
+        }
+        if img2img:
+            fields["Denoising strength"] = req.strength
+        fields["Version"] = f"ldm-deploy {__version__}"
+        return images.parameters_text(req.prompts[i], req.negative_prompts[i], fields)
+
+
+def split(req: Request, latents, generator, max_batch: int):
+    """Yield (request, latents, generator) chunks of at most `max_batch` images."""
+    if req.batch <= max_batch:
+        yield req, latents, generator
+        return
+    for lo in range(0, req.batch, max_batch):
+        sl = slice(lo, lo + max_batch)
+        sub = replace(req, prompts=req.prompts[sl], negative_prompts=req.negative_prompts[sl], seeds=req.seeds[sl])
+        gen = generator[sl] if isinstance(generator, (list, tuple)) else generator
+        yield sub, None if latents is None else latents[sl], gen
+
+
+def progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="denoising", unit="step", leave=False)

@@ -1,0 +1,56 @@
+"""A generation request, checked in one place against the engine's ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ldm_deploy.engine.manifest import Manifest
+from ldm_deploy.engine.samplers import SAMPLERS
+from ldm_deploy.engine.spec import VAE_SCALE
+from ldm_deploy.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class Request:
+    prompts: tuple[str, ...]  # one per image
+    negative_prompts: tuple[str, ...]  # one per image
+    seeds: tuple[int, ...]  # one per image (image i of a call gets seed + i)
+    steps: int
+    guidance: float
+    sampler: str
+    width: int
+    height: int
+    strength: float  # 1.0 for txt2img
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def guided(self) -> bool:
+        """diffusers' rule: guidance <= 1 runs only the conditional half."""
+        return self.guidance > 1.0
+
+
+def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
+    """Raise InvalidRequest with the fix for anything the engine or sampler cannot do."""
+    if r.sampler not in SAMPLERS:
+        raise InvalidRequest(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if r.steps < 1:
+        raise InvalidRequest(f"steps must be at least 1, got {r.steps}")
+    if not r.guidance >= 0:  # also catches NaN
+        raise InvalidRequest(f"guidance must be 0 or more, got {r.guidance} (values <= 1 disable it)")
+    if img2img and not 0.0 < r.strength <= 1.0:
+        raise InvalidRequest(f"strength must lie in (0, 1], got {r.strength}")
+    if r.batch < 1:
+        raise InvalidRequest("num_images must be at least 1")
+    for name, value, dim in (("width", r.width, "latent_width"), ("height", r.height, "latent_height")):
+        rng = manifest.dims[dim]
+        lo, hi = rng.min * VAE_SCALE, rng.max * VAE_SCALE
+        if value % VAE_SCALE:
+            raise InvalidRequest(f"{name} {value} is not a multiple of {VAE_SCALE}; try {value - value % VAE_SCALE}")
+        if not lo <= value <= hi:
+            raise InvalidRequest(
+                f"{name} {value} is outside this engine's range [{lo}, {hi}]; choose a size in range, "
+                "or re-export with --min-size / --max-size"
+            )

@@ -1,0 +1,34 @@
+"""The sampler update, written once for numpy arrays and torch tensors alike.
+
+The exported `unet_step` graph calls these on torch tensors; the sampler tests call them on
+numpy arrays. A row of the coefficient table (see `COLUMNS`) drives one step:
+
+    model_in = c_in * x                                   # what the U-Net sees
+    x0       = p_x * x + p_m * model_out                  # epsilon / v -> x0 prediction
+    x_next   = c_x * x + c_0 * x0 + c_p * x0_prev + c_n * noise
+    state    = x0                                          # the next step's x0_prev
+"""
+
+# Column order of one table row; the graph indexes the row by these positions.
+COLUMNS = ("timestep", "c_in", "p_x", "p_m", "c_x", "c_0", "c_p", "c_n", "guidance")
+T, C_IN, P_X, P_M, C_X, C_0, C_P, C_N, GUIDANCE = range(len(COLUMNS))
+
+
+def model_input(row, x):
+    """(B, C, h, w) latents -> the U-Net's input at this step."""
+    return row[C_IN] * x
+
+
+def guide(uncond, cond, row):
+    """Classifier-free guidance, as diffusers writes it: u + g * (c - u).
+
+    Without guidance the caller passes the conditional output as both arguments, and the
+    result is exactly `cond`."""
+    return uncond + row[GUIDANCE] * (cond - uncond)
+
+
+def update(row, x, x0_prev, noise, model_out):
+    """One sampler step. Returns (x_next, x0): the new latents and the new state."""
+    x0 = row[P_X] * x + row[P_M] * model_out
+    x_next = row[C_X] * x + row[C_0] * x0 + row[C_P] * x0_prev + row[C_N] * noise
+    return x_next, x0

@@ -1,0 +1,149 @@
+"""I/O specs: the single source of truth for every exported component's tensors.
+
+A shape is a tuple of ints and `Sym`s. A `Sym` names a dynamic dimension and a factor, e.g.
+`Sym("latent_height", 8)` is the image height of a latent of height `latent_height`. The ranges
+of the named dims (min / opt / max) live in the manifest. From these we derive: ONNX dynamic
+axes, TensorRT optimization profiles, buffer shapes, and the checks on a user's request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ldm_deploy.engine.samplers.update import COLUMNS
+
+# The VAE shrinks each side by this factor (Rombach et al.; every SD 1.x / 2.x model).
+VAE_SCALE = 8
+
+
+@dataclass(frozen=True)
+class Sym:
+    """A dynamic dimension: `factor * dims[name]`."""
+
+    name: str
+    factor: int = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+    shape: tuple  # of int | Sym
+
+    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The concrete shape for the given dim values."""
+        return tuple(d if isinstance(d, int) else d.factor * dims[d.name] for d in self.shape)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """ONNX dynamic axes: axis -> symbolic name (factor folded into the name)."""
+        return {
+            i: d.name if d.factor == 1 else f"{d.name}*{d.factor}"
+            for i, d in enumerate(self.shape)
+            if isinstance(d, Sym)
+        }
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor {name!r}")
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
+
+    def profile(self, ranges: dict[str, "DimRange"]) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """Input name -> (min, opt, max) shapes, as a TensorRT optimization profile wants them."""
+        lo = {k: r.min for k, r in ranges.items()}
+        opt = {k: r.opt for k, r in ranges.items()}
+        hi = {k: r.max for k, r in ranges.items()}
+        return {t.name: (t.resolve(lo), t.resolve(opt), t.resolve(hi)) for t in self.inputs}
+
+    def buffer_bytes(self, dims: dict[str, int]) -> int:
+        """Bytes of all inputs and outputs at the given dims."""
+        return sum(
+            int(np.prod(t.resolve(dims))) * np.dtype(t.dtype).itemsize
+            for t in self.inputs + self.outputs
+        )
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"need 1 <= min <= opt <= max, got {self}")
+
+    def to_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the specs need to know about a model."""
+
+    latent_channels: int  # 4 for SD 1.x / 2.x
+    text_length: int  # 77 tokens
+    text_width: int  # 768 (CLIP-L, SD 1.x) or 1024 (OpenCLIP-H, SD 2.x)
+
+
+def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
+    """The four components. Dims: batch (images), text_batch (batch, or 2*batch with CFG),
+    latent_height / latent_width (image size / 8)."""
+    c, L, D = facts.latent_channels, facts.text_length, facts.text_width
+    b, tb = Sym("batch"), Sym("text_batch")
+    lh, lw = Sym("latent_height"), Sym("latent_width")
+    ih, iw = Sym("latent_height", VAE_SCALE), Sym("latent_width", VAE_SCALE)
+    latents = (b, c, lh, lw)
+
+    def f32(name, shape):
+        return TensorSpec(name, "float32", shape)
+
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            inputs=(TensorSpec("input_ids", "int64", (tb, L)),),
+            outputs=(f32("text_embeddings", (tb, L, D)),),
+        ),
+        # One denoising step: CFG batching, U-Net, guidance, x0 conversion, sampler update.
+        "unet_step": ComponentSpec(
+            "unet_step",
+            inputs=(
+                f32("latents", latents),
+                f32("text_embeddings", (tb, L, D)),
+                f32("coeffs", (len(COLUMNS),)),
+                f32("state", latents),
+                f32("noise", latents),
+            ),
+            outputs=(f32("latents_out", latents), f32("state_out", latents)),
+        ),
+        # Latents (unscaled, as the sampler ends) -> images in [0, 1].
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            inputs=(f32("latents", latents),),
+            outputs=(f32("images", (b, 3, ih, iw)),),
+        ),
+        # Images in [-1, 1] -> the sampler's start: image_scale * z + noise_scale * noise,
+        # with z = scaling_factor * (mean + std * sample_noise).
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            inputs=(
+                f32("images", (b, 3, ih, iw)),
+                f32("sample_noise", latents),
+                f32("start_noise", latents),
+                f32("start_coeffs", (2,)),
+            ),
+            outputs=(f32("latents", latents),),
+        ),
+    }

@@ -1,0 +1,114 @@
+"""`export_engine`: a diffusers model in, a self-contained engine directory out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ldm_deploy import __version__
+from ldm_deploy.engine.manifest import COMPONENTS, MANIFEST, TOKENIZER, Manifest, ModelInfo, file_record
+from ldm_deploy.engine.samplers import NoiseSchedule
+from ldm_deploy.engine.spec import ModelFacts, component_specs
+from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export.engine_dir import staging_dir
+from ldm_deploy.export.source import SourceModel, load_source
+
+log = logging.getLogger(__name__)
+
+
+def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig()) -> Path:
+    """Export `model` (a diffusers folder or hub id) to the engine directory `out`."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    log.info("loading %s", model)
+    src = load_source(model, config.allow_pickle)
+    info = model_info(src)
+    dims = config.dims(src.unet.config.sample_size)
+    specs = component_specs(info.facts)
+    # Trace with CFG batching (text batch 2 for one image) near the tuned size, made odd: the
+    # U-Net then takes diffusers' explicit-upsample-size path, which the graph needs to serve
+    # sizes that its downsamplings do not divide (e.g. 264 px -> 33 latents -> 17 -> 9 -> 5).
+    trace_dims = {k: r.opt | 1 for k, r in dims.items()} | {"batch": 1, "text_batch": 2}
+
+    from ldm_deploy.export.components import WRAPPERS, example_inputs
+    from ldm_deploy.export.onnx_export import export_onnx
+
+    with staging_dir(out, config.force) as tmp:
+        files = {}
+        for i, name in enumerate(COMPONENTS, 1):
+            t = time.perf_counter()
+            log.info("[%d/%d] %s: tracing to ONNX", i, len(COMPONENTS), name)
+            module = WRAPPERS[name](src).eval()
+            written = export_onnx(module, specs[name], example_inputs(specs[name], trace_dims), tmp / f"{name}.onnx")
+            files[name] = {p.name: file_record(p) for p in written}
+            size = sum(r["bytes"] for r in files[name].values()) / 2**20
+            log.info("[%d/%d] %s: %.1f MiB in %.1f s", i, len(COMPONENTS), name, size, time.perf_counter() - t)
+        pad_id = write_tokenizer(src, info.text_length, tmp / TOKENIZER)
+        files["tokenizer"] = {TOKENIZER: file_record(tmp / TOKENIZER)}
+        manifest = Manifest(
+            model=info,
+            backend=config.backend,
+            precision="fp32",
+            dims=dims,
+            files=files,
+            tokenizer_pad_id=pad_id,
+            tools=tool_versions(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
+    log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
+    return out
+
+
+def model_info(src: SourceModel) -> ModelInfo:
+    text_cfg = src.text_encoder.config
+    schedule = NoiseSchedule.from_config(src.scheduler_config)
+    if schedule.beta_schedule not in ("scaled_linear", "linear"):
+        raise ModelSourceError(f"{src.path}: beta_schedule {schedule.beta_schedule!r} is not supported yet")
+    if schedule.prediction_type not in ("epsilon", "v_prediction"):
+        raise ModelSourceError(f"{src.path}: prediction_type {schedule.prediction_type!r} is not supported yet")
+    facts = ModelFacts(src.unet.config.in_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size)
+    return ModelInfo(
+        family=src.family,
+        source=src.source,
+        weights_sha256=src.weights_sha256,
+        prediction_type=schedule.prediction_type,
+        vae_scaling_factor=float(src.vae.config.scaling_factor),
+        latent_channels=facts.latent_channels,
+        text_length=facts.text_length,
+        text_width=facts.text_width,
+        sample_size=int(src.unet.config.sample_size),
+        noise_schedule=schedule,
+    )
+
+
+def write_tokenizer(src: SourceModel, max_length: int, path: Path) -> int:
+    """Save the tokenizer as one tokenizer.json with diffusers' padding and truncation baked
+    in (pad to max_length, truncate), so the runtime needs only the `tokenizers` library."""
+    tok = src.tokenizer
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:  # a slow (pure Python) tokenizer: load the fast one from the same files
+        from transformers import CLIPTokenizerFast
+
+        tok = CLIPTokenizerFast.from_pretrained(src.path, subfolder="tokenizer")
+        backend = tok.backend_tokenizer
+    backend.enable_truncation(max_length=max_length)
+    backend.enable_padding(length=max_length, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    backend.save(str(path))
+    return int(tok.pad_token_id)
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"ldm_deploy": __version__}
+    for pkg in ("torch", "diffusers", "transformers", "onnx"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

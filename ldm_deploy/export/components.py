@@ -1,0 +1,92 @@
+"""The four exported components as torch modules whose forward signatures follow the I/O specs
+(`ldm_deploy.engine.spec.component_specs`): same names, same order, same meaning."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm_deploy.engine.samplers import update
+
+
+class TextEncoder(nn.Module):
+    """(E, 77) token ids -> (E, 77, D) last hidden states (after the final layer norm)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, input_ids):
+        return self.clip(input_ids)[0]
+
+
+class UnetStep(nn.Module):
+    """One denoising step: CFG batching, the U-Net, guidance, x0 conversion, sampler update.
+
+    text_embeddings holds E = B (no guidance) or 2B (uncond first, then cond) rows; the latents
+    are repeated to match, so skipping guidance halves the U-Net's work rather than wasting it.
+    """
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents, text_embeddings, coeffs, state, noise):
+        b = latents.shape[0]  # (B, C, h, w)
+        x_in = update.model_input(coeffs, latents)
+        x_in = x_in.repeat(text_embeddings.shape[0] // b, 1, 1, 1)  # (E, C, h, w)
+        out = self.unet(x_in, coeffs[update.T], encoder_hidden_states=text_embeddings).sample
+        out = out.reshape(-1, *latents.shape)  # (E/B, B, C, h, w): [uncond, cond] or [cond]
+        model_out = update.guide(out[0], out[-1], coeffs)
+        return update.update(coeffs, latents, state, noise, model_out)
+
+
+class VaeDecoder(nn.Module):
+    """(B, 4, h, w) final latents -> (B, 3, 8h, 8w) images in [0, 1], as diffusers postprocesses."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        images = self.vae.decode(latents / self.scaling).sample
+        return (images * 0.5 + 0.5).clamp(0, 1)
+
+
+class VaeEncoder(nn.Module):
+    """(B, 3, H, W) images in [-1, 1] -> the sampler's starting latents for img2img.
+
+    z = scaling * (mean + std * sample_noise) is diffusers' `latent_dist.sample()`; the start is
+    image_scale * z + noise_scale * start_noise, the sampler's `add_noise` at the first step."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scaling = float(vae.config.scaling_factor)
+
+    def forward(self, images, sample_noise, start_noise, start_coeffs):
+        dist = self.vae.encode(images).latent_dist
+        z = self.scaling * (dist.mean + dist.std * sample_noise)
+        return start_coeffs[0] * z + start_coeffs[1] * start_noise
+
+
+WRAPPERS = {
+    "text_encoder": lambda m: TextEncoder(m.text_encoder),
+    "unet_step": lambda m: UnetStep(m.unet),
+    "vae_decoder": lambda m: VaeDecoder(m.vae),
+    "vae_encoder": lambda m: VaeEncoder(m.vae),
+}
+
+
+def example_inputs(spec, dims: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    """Non-degenerate example inputs for tracing, shaped by the spec at `dims`."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for t in spec.inputs:
+        shape = t.resolve(dims)
+        if t.dtype == "int64":
+            out.append(torch.randint(0, 1000, shape, generator=g))
+        else:
+            out.append(torch.rand(shape, generator=g))
+    return tuple(out)

@@ -1,0 +1,151 @@
+"""Random-weight Stable Diffusion models with real architectures, saved as diffusers folders.
+
+No model hub is reachable from our CI machines, so tests and benchmarks build their models here:
+tiny ones that keep every structural feature of SD 1.x / 2.x, and the full SD 1.5 architecture
+(it times exactly like the real weights). All use the real CLIP tokenizer (49408 tokens).
+
+    python -m ldm_deploy.export.random_model --preset tiny-sd1 --out models/tiny-sd1
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
+
+# SD 1.x's scheduler config (PNDM, as the runwayml release ships it).
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+# SD 2.x's (stabilityai/stable-diffusion-2-1): DDIM, v-prediction.
+SD2_SCHEDULER = {
+    **SD1_SCHEDULER,
+    "_class_name": "DDIMScheduler",
+    "clip_sample": False,
+    "prediction_type": "v_prediction",
+}
+
+PRESETS = {
+    # SD 1.x-like: epsilon, conv projections in the transformer blocks, one head count.
+    "tiny-sd1": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+            sample_size=32,
+        ),
+        text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                  hidden_act="quick_gelu", projection_dim=32),
+        vae=dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=256),
+        scheduler=SD1_SCHEDULER,
+        pad_token="<|endoftext|>",
+    ),
+    # SD 2.x-like: v-prediction, linear projections, per-block head counts, gelu text encoder,
+    # "!" as the padding token.
+    "tiny-sd2": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=48,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=8,
+            sample_size=32,
+        ),
+        text=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2,
+                  hidden_act="gelu", projection_dim=48),
+        vae=dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=256),
+        scheduler=SD2_SCHEDULER,
+        pad_token="!",
+    ),
+    # The real SD 1.5 architecture (860M U-Net, CLIP ViT-L/14 text encoder, 84M VAE).
+    "sd15": dict(
+        unet=dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            sample_size=64,
+        ),
+        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                  hidden_act="quick_gelu", projection_dim=768),
+        vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512),
+        scheduler=SD1_SCHEDULER,
+        pad_token="<|endoftext|>",
+    ),
+}
+
+
+def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0) -> Path:
+    """Build a random-weight model of the preset's architecture and save it as a diffusers folder."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = PRESETS[preset]
+    out = Path(out)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **cfg["unet"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
+        up_block_types=("UpDecoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
+        layers_per_block=2 if preset == "sd15" else 1,
+        **cfg["vae"],
+    )
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **cfg["text"]))
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77, pad_token=cfg["pad_token"])
+
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    text.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"], indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", cfg["scheduler"]["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-sd1")
+    p.add_argument("--out", required=True, help="folder to write the diffusers model to")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print(make_random_model(args.out, args.preset, args.seed))
+
+
+if __name__ == "__main__":
+    main()

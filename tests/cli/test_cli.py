@@ -1,0 +1,205 @@
+"""The command lines: the happy paths a user types, and every bad input giving a clear
+message, a non-zero exit and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_deploy.cli import export as export_cli
+from ldm_deploy.cli import run as run_cli
+
+
+def run(capsys, argv):
+    code = run_cli.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def export(capsys, argv):
+    code = export_cli.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_run_writes_png_with_parameters(engine_dirs, tmp_path, capsys):
+    out = tmp_path / "astronaut.png"
+    code, err = run(capsys, ["a photo of an astronaut", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "3",
+                             "--seed", "7", "--negative-prompt", "blurry", "--sampler", "euler_a",
+                             "--width", "64", "--height", "96", "--out", str(out), "-q"])
+    assert code == 0, err
+    im = Image.open(out)
+    assert im.size == (64, 96)
+    params = im.info["parameters"].splitlines()
+    assert params[0] == "a photo of an astronaut"
+    assert params[1] == "Negative prompt: blurry"
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x96" in params[2]
+
+
+def test_run_several_images_get_numbered_files_and_seeds(engine_dirs, tmp_path, capsys):
+    out = tmp_path / "many.png"
+    code, err = run(capsys, ["red", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "2", "--seed", "40",
+                             "--num-images", "3", "--width", "64", "--height", "64", "--out", str(out), "-q"])
+    assert code == 0, err
+    seeds = [Image.open(tmp_path / f"many-{i}.png").info["parameters"].split("Seed: ")[1].split(",")[0] for i in range(3)]
+    assert seeds == ["40", "41", "42"]
+
+
+def test_run_img2img(engine_dirs, tmp_path, capsys):
+    init = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(0).random((72, 100, 3)) * 255).astype(np.uint8)).save(init)
+    out = tmp_path / "watercolor.png"
+    code, err = run(capsys, ["a watercolor painting", "--engine", str(engine_dirs["tiny-sd1"]), "--init-image", str(init),
+                             "--strength", "0.6", "--steps", "4", "--out", str(out), "-q"])
+    assert code == 0, err
+    im = Image.open(out)
+    assert im.size == (96, 72)  # rounded down to multiples of 8, as diffusers does
+    assert "Denoising strength: 0.6" in im.info["parameters"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--width", "100"], "not a multiple of 8"),
+    (["--height", "1024"], "outside this engine's range [64, 512]"),
+    (["--width", "32"], "outside this engine's range"),
+    (["--steps", "0"], "steps must be at least 1"),
+    (["--guidance", "-1"], "guidance must be 0 or more"),
+    (["--init-image", "INIT", "--strength", "0"], "strength must lie in (0, 1]"),
+    (["--init-image", "INIT", "--strength", "1.5"], "strength must lie in (0, 1]"),
+    (["--init-image", "NOTANIMAGE"], "cannot read the init image"),
+    (["--init-image", "MISSING"], "cannot read the init image"),
+    (["--out", "NOWHERE/x.png"], "does not exist"),
+])
+def test_run_bad_input(args, message, engine_dirs, tmp_path, capsys):
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), "red").save(init)
+    bad = tmp_path / "bad.png"
+    bad.write_text("this is not a PNG")
+    subst = {"INIT": str(init), "NOTANIMAGE": str(bad), "MISSING": str(tmp_path / "missing.png"),
+             "NOWHERE/x.png": str(tmp_path / "nowhere" / "x.png")}
+    args = [subst.get(a, a) for a in args]
+    code, err = run(capsys, ["a prompt", "--engine", str(engine_dirs["tiny-sd1"]), "--out", str(tmp_path / "o.png"),
+                             "-q", *args])
+    assert code != 0
+    assert message in err
+
+
+def test_run_output_not_writable(engine_dirs, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if os.access(ro, os.W_OK):  # root ignores permission bits: use a path through a file instead
+        target = tmp_path / "file.png"
+        target.write_text("x")
+        out = str(target / "x.png")
+    else:
+        out = str(ro / "x.png")
+    code, err = run(capsys, ["a prompt", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "1",
+                             "--width", "64", "--height", "64", "--out", out, "-q"])
+    assert code != 0 and "cannot write" in err
+
+
+def copy_engine(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing_dir", "does not exist"),
+    ("no_manifest", "not an engine directory"),
+    ("bad_json", "unreadable or corrupted"),
+    ("future_version", "format version 99"),
+    ("missing_unet", "unet_step.onnx is missing"),
+    ("truncated_unet", "truncated"),
+    ("corrupted_unet", "corrupted"),
+    ("incomplete_manifest", "incomplete or corrupted"),
+])
+def test_run_damaged_engine(damage, message, engine_dirs, tmp_path, capsys):
+    eng = copy_engine(engine_dirs["tiny-sd1"], tmp_path / "engine")
+    manifest = eng / "manifest.json"
+    if damage == "missing_dir":
+        shutil.rmtree(eng)
+    elif damage == "no_manifest":
+        manifest.unlink()
+    elif damage == "bad_json":
+        manifest.write_text("{ not json")
+    elif damage == "future_version":
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "format_version": 99}))
+    elif damage == "incomplete_manifest":
+        d = json.loads(manifest.read_text())
+        del d["model"]
+        manifest.write_text(json.dumps(d))
+    elif damage == "missing_unet":
+        (eng / "unet_step.onnx").unlink()
+    elif damage == "truncated_unet":
+        data = (eng / "unet_step.onnx").read_bytes()
+        (eng / "unet_step.onnx").write_bytes(data[: len(data) // 2])
+    elif damage == "corrupted_unet":
+        data = bytearray((eng / "unet_step.onnx").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (eng / "unet_step.onnx").write_bytes(bytes(data))
+    code, err = run(capsys, ["a prompt", "--engine", str(eng), "--out", str(tmp_path / "o.png"), "-q"])
+    assert code != 0
+    assert message in err
+
+
+def test_export_bad_model_paths(tmp_path, capsys):
+    code, err = export(capsys, ["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "e")])
+    assert code != 0 and "does not exist" in err
+    (tmp_path / "notsd").mkdir()
+    (tmp_path / "notsd" / "README.md").write_text("hello")
+    code, err = export(capsys, ["--model", str(tmp_path / "notsd"), "--out", str(tmp_path / "e")])
+    assert code != 0 and "not a diffusers Stable Diffusion folder" in err
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"\0" * 16)
+    code, err = export(capsys, ["--model", str(single), "--out", str(tmp_path / "e")])
+    assert code != 0 and "single file" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_refuses_pickle_weights_unless_asked(model_dirs, tmp_path, capsys):
+    model = tmp_path / "pickled"
+    shutil.copytree(model_dirs["tiny-sd1"], model)
+    st = model / "unet" / "diffusion_pytorch_model.safetensors"
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(st), model / "unet" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    code, err = export(capsys, ["--model", str(model), "--out", str(tmp_path / "e")])
+    assert code != 0 and "--allow-pickle" in err and not (tmp_path / "e").exists()
+    code, err = export(capsys, ["--model", str(model), "--out", str(tmp_path / "e"), "--allow-pickle",
+                                "--min-size", "64", "--max-size", "128"])
+    assert code == 0, err
+    assert (tmp_path / "e" / "manifest.json").is_file()
+
+
+def test_export_existing_out_needs_force(engine_dirs, model_dirs, capsys):
+    code, err = export(capsys, ["--model", str(model_dirs["tiny-sd1"]), "--out", str(engine_dirs["tiny-sd1"])])
+    assert code != 0 and "--force" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--min-size", "100"], "multiple of 8"),
+    (["--min-size", "512", "--max-size", "256"], "larger than --max-size"),
+    (["--backend", "vulkan"], "unknown backend"),
+])
+def test_export_bad_options(args, message, model_dirs, tmp_path, capsys):
+    code, err = export(capsys, ["--model", str(model_dirs["tiny-sd1"]), "--out", str(tmp_path / "e"), *args])
+    assert code != 0 and message in err
+
+
+def test_console_scripts_exit_codes(engine_dirs, tmp_path):
+    """The installed entry points, as a shell runs them."""
+    exe = shutil.which("ldm-run")
+    cmd = [exe] if exe else [sys.executable, "-m", "ldm_deploy.cli.run"]
+    p = subprocess.run(cmd + ["x", "--engine", str(tmp_path / "none")], capture_output=True, text=True)
+    assert p.returncode == 2 and "ldm-run: error:" in p.stderr and "Traceback" not in p.stderr

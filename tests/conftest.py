@@ -1,0 +1,62 @@
+"""Session fixtures: tiny random-weight models (SD 1.x-like and SD 2.x-like), their engines,
+and the diffusers pipelines that serve as the oracle."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_deploy.export.build import export_engine
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export.random_model import make_random_model
+
+PRESETS = ("tiny-sd1", "tiny-sd2")
+# Test engines accept 64..512 px so parity runs can use small images.
+TEST_CONFIG = ExportConfig(min_size=64, max_size=512, opt_size=128, max_batch=2)
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {p: make_random_model(root / p, p, seed=1) for p in PRESETS}
+
+
+@pytest.fixture(scope="session")
+def engine_dirs(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    return {p: export_engine(str(model_dirs[p]), root / p, TEST_CONFIG) for p in PRESETS}
+
+
+@pytest.fixture(scope="session")
+def pipelines(engine_dirs):
+    from ldm_deploy import Pipeline
+
+    return {p: Pipeline.load(engine_dirs[p]) for p in PRESETS}
+
+
+class TorchNoise:
+    """Draws exactly what diffusers draws from a seeded torch.Generator, in the same order,
+    so our pipeline and diffusers' see the same noise (our `generator` protocol)."""
+
+    def __init__(self, seed: int):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, shape):
+        return torch.randn(tuple(shape), generator=self.g, dtype=torch.float32).numpy()
+
+
+@pytest.fixture(scope="session")
+def torch_noise():
+    return TorchNoise
+
+
+def assert_not_saturated(images: np.ndarray) -> None:
+    """A parity check means little if the reference image is flat or clipped to 0 / 1."""
+    inside = np.mean((images > 0.01) & (images < 0.99))
+    assert inside > 0.5 and images.std() > 0.01, (inside, images.std())

@@ -1,0 +1,72 @@
+"""Pipeline behaviour that users rely on: seeds, batches, shapes, guidance skipping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldm_deploy.engine.backends.onnxruntime import OnnxRuntimeBackend
+
+KW = dict(steps=3, width=64, height=64, output_type="np", progress=False)
+
+
+def test_same_seed_same_image_different_seed_different_image(pipelines):
+    pipe = pipelines["tiny-sd1"]
+    a = pipe("a red circle", seed=1, sampler="euler_a", **KW)
+    b = pipe("a red circle", seed=1, sampler="euler_a", **KW)
+    c = pipe("a red circle", seed=2, sampler="euler_a", **KW)
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 0.05
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "ddim"])
+def test_batch_equals_single_runs(pipelines, sampler):
+    pipe = pipelines["tiny-sd2"]
+    both = pipe("a blue square", seed=10, num_images=2, sampler=sampler, **KW)
+    first = pipe("a blue square", seed=10, sampler=sampler, **KW)
+    second = pipe("a blue square", seed=11, sampler=sampler, **KW)
+    np.testing.assert_allclose(both, np.concatenate([first, second]), atol=1e-5, rtol=0)
+
+
+def test_more_images_than_the_engine_batch_run_in_chunks(pipelines):
+    pipe = pipelines["tiny-sd1"]  # max batch 2
+    five = pipe("x", seed=3, num_images=5, **KW)
+    last = pipe("x", seed=7, **KW)
+    assert five.shape == (5, 64, 64, 3)
+    np.testing.assert_allclose(five[4:], last, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(256, 256), (320, 448), (512, 512)])
+def test_one_engine_serves_many_sizes(pipelines, size):
+    w, h = size
+    out = pipelines["tiny-sd1"]("a house", seed=0, steps=2, width=w, height=h, output_type="pil", progress=False)
+    assert out[0].size == (w, h)
+
+
+def test_guidance_at_most_one_runs_only_the_conditional_half(pipelines, monkeypatch):
+    pipe = pipelines["tiny-sd1"]
+    seen = []
+    real_run = OnnxRuntimeBackend.run
+
+    def spy(self, component, run):
+        if "state" in run.inputs:
+            seen.append(run.inputs["text_embeddings"].shape()[0])
+        return real_run(self, component, run)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "run", spy)
+    pipe("x", seed=0, guidance=1.0, num_images=2, **KW)
+    assert seen == [2] * 3
+    seen.clear()
+    pipe("x", seed=0, guidance=7.5, num_images=2, **KW)
+    assert seen == [4] * 3
+
+
+def test_pil_output_carries_parameters(pipelines):
+    im = pipelines["tiny-sd1"]("a cat", negative_prompt="dog", seed=5, steps=2, width=64, height=64, progress=False)[0]
+    text = im.info["parameters"]
+    assert text.startswith("a cat\nNegative prompt: dog\nSteps: 2, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 5")
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipelines, caplog):
+    pipelines["tiny-sd1"]("word " * 100, seed=0, **KW)
+    assert "longer than 77 tokens" in caplog.text

@@ -1,0 +1,114 @@
+"""ldm-export: what the engine directory holds, and that it appears whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import onnx
+import pytest
+
+from ldm_deploy.engine.manifest import COMPONENTS, FORMAT_VERSION, read_manifest, sha256_file
+from ldm_deploy.engine.spec import component_specs
+from ldm_deploy.export import onnx_export
+from ldm_deploy.export.build import export_engine
+from ldm_deploy.export.config import ExportConfig
+
+
+def test_manifest_records_model_facts(engine_dirs):
+    m1 = read_manifest(engine_dirs["tiny-sd1"])
+    m2 = read_manifest(engine_dirs["tiny-sd2"])
+    assert m1.format_version == FORMAT_VERSION
+    assert (m1.model.family, m1.model.prediction_type, m1.model.text_width) == ("sd1", "epsilon", 32)
+    assert (m2.model.family, m2.model.prediction_type, m2.model.text_width) == ("sd2", "v_prediction", 48)
+    assert m1.model.vae_scaling_factor == pytest.approx(0.18215)
+    assert m1.model.noise_schedule.steps_offset == 1 and m1.model.noise_schedule.beta_schedule == "scaled_linear"
+    assert m1.dims["latent_height"].to_list() == [8, 16, 64]  # 64..512 px, tuned for 128
+    assert m1.dims["text_batch"].max == 2 * m1.dims["batch"].max
+    assert m1.backend == "onnxruntime" and m1.precision == "fp32"
+    assert {"torch", "diffusers", "onnx", "ldm_deploy"} <= set(m1.tools)
+    assert m1.tokenizer_pad_id == 49407 and m2.tokenizer_pad_id == 0  # SD 2 pads with "!"
+    for comp in COMPONENTS + ("tokenizer",):
+        for name, rec in m1.files[comp].items():
+            assert sha256_file(engine_dirs["tiny-sd1"] / name) == rec["sha256"]
+
+
+def test_onnx_graphs_follow_the_specs(engine_dirs):
+    m = read_manifest(engine_dirs["tiny-sd1"])
+    specs = component_specs(m.model.facts)
+    for comp in COMPONENTS:
+        g = onnx.load(str(engine_dirs["tiny-sd1"] / f"{comp}.onnx"), load_external_data=False).graph
+        spec = specs[comp]
+        assert [i.name for i in g.input] == [t.name for t in spec.inputs]
+        assert [o.name for o in g.output] == [t.name for t in spec.outputs]
+        for vi, t in zip(list(g.input) + list(g.output), spec.inputs + spec.outputs):
+            dims = vi.type.tensor_type.shape.dim
+            for axis, want in enumerate(t.shape):
+                if isinstance(want, int):
+                    assert dims[axis].dim_value == want, (comp, t.name, axis)
+                else:
+                    assert dims[axis].dim_param, (comp, t.name, axis)  # symbolic
+
+
+def test_tokenizer_matches_transformers(engine_dirs, model_dirs, caplog):
+    from transformers import CLIPTokenizer
+
+    from ldm_deploy.engine.tokenizer import PromptTokenizer
+
+    long = "a photo of an astronaut riding a horse, highly detailed, " * 8 + "on the moon"
+    prompts = ["a photo of an astronaut", "", "Héllo  WORLD!! (masterpiece:1.2)", long]
+    for p in ("tiny-sd1", "tiny-sd2"):
+        ref = CLIPTokenizer.from_pretrained(model_dirs[p] / "tokenizer")
+        ours = PromptTokenizer(engine_dirs[p] / "tokenizer.json", 77)
+        want = ref(prompts, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ours(prompts).tolist() == want
+    assert "longer than 77 tokens" in caplog.text and "moon" in caplog.text
+
+
+def test_large_graphs_use_one_external_data_file(model_dirs, tmp_path, monkeypatch):
+    # Lower the 2 GiB protobuf limit so that a tiny model takes the large-model path.
+    monkeypatch.setattr(onnx_export, "PROTO_LIMIT", 1000)
+    out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", ExportConfig(min_size=64, max_size=128))
+    m = read_manifest(out)
+    assert set(m.files["unet_step"]) == {"unet_step.onnx", "unet_step.onnx.data"}
+    from ldm_deploy import Pipeline
+
+    images = Pipeline.load(out)("x", steps=1, width=64, height=64, seed=0, output_type="np", progress=False)
+    assert images.shape == (1, 64, 64, 3)
+
+
+def test_failed_export_leaves_nothing(model_dirs, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export.torch.onnx, "export", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", ExportConfig())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_process_leaves_nothing(model_dirs, tmp_path):
+    """Ctrl-C in the middle of a real ldm-export run."""
+    out = tmp_path / "engine"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ldm_deploy.cli.export", "--model", str(model_dirs["tiny-sd1"]), "--out", str(out)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    # Wait until it is exporting components, then interrupt.
+    for line in p.stderr:
+        if "tracing to ONNX" in line:
+            break
+    time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) != 0
+    assert "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_is_plain_json(engine_dirs):
+    d = json.loads((engine_dirs["tiny-sd1"] / "manifest.json").read_text())
+    assert d["format_version"] == FORMAT_VERSION and d["tokenizer"]["file"] == "tokenizer.json"
