@@ -129,10 +129,11 @@ class Pipeline:
         b = req.batch
         shape = (b, m.latent_channels, req.height // VAE_SCALE, req.width // VAE_SCALE)
 
-        # Text: [uncond..., cond...] with guidance, [cond...] without (half the U-Net work).
+        # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
-        ids = be.upload(self.tokenizer(texts))
-        emb = be.empty((len(texts), m.text_length, m.text_width))
+        k = len(texts) // b
+        ids = be.upload(self.tokenizer(texts).reshape(k, b, m.text_length))
+        emb = be.empty((k, b, m.text_length, m.text_width))
         be.run(self.components["text_encoder"], Run({"input_ids": ids}, {"text_embeddings": emb}))
 
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)

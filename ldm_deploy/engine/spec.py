@@ -99,10 +99,13 @@ class ModelFacts:
 
 
 def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
-    """The four components. Dims: batch (images), text_batch (batch, or 2*batch with CFG),
-    latent_height / latent_width (image size / 8)."""
+    """The four components. Dims: cfg (2 with classifier-free guidance: [uncond, cond];
+    1 without), batch (images), latent_height / latent_width (image size / 8).
+
+    Text tensors carry cfg and batch as two axes rather than one (cfg * batch) axis: every
+    exporter (ONNX, torch.export) can then express the shapes without a division."""
     c, L, D = facts.latent_channels, facts.text_length, facts.text_width
-    b, tb = Sym("batch"), Sym("text_batch")
+    k, b = Sym("cfg"), Sym("batch")
     lh, lw = Sym("latent_height"), Sym("latent_width")
     ih, iw = Sym("latent_height", VAE_SCALE), Sym("latent_width", VAE_SCALE)
     latents = (b, c, lh, lw)
@@ -113,15 +116,15 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
     return {
         "text_encoder": ComponentSpec(
             "text_encoder",
-            inputs=(TensorSpec("input_ids", "int64", (tb, L)),),
-            outputs=(f32("text_embeddings", (tb, L, D)),),
+            inputs=(TensorSpec("input_ids", "int64", (k, b, L)),),
+            outputs=(f32("text_embeddings", (k, b, L, D)),),
         ),
         # One denoising step: CFG batching, U-Net, guidance, x0 conversion, sampler update.
         "unet_step": ComponentSpec(
             "unet_step",
             inputs=(
                 f32("latents", latents),
-                f32("text_embeddings", (tb, L, D)),
+                f32("text_embeddings", (k, b, L, D)),
                 f32("coeffs", (len(COLUMNS),)),
                 f32("state", latents),
                 f32("noise", latents),

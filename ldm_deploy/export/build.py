@@ -29,10 +29,10 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     info = model_info(src)
     dims = config.dims(src.unet.config.sample_size)
     specs = component_specs(info.facts)
-    # Trace with CFG batching (text batch 2 for one image) near the tuned size, made odd: the
+    # Trace with CFG batching (cfg 2, one image) near the tuned size, made odd: the
     # U-Net then takes diffusers' explicit-upsample-size path, which the graph needs to serve
     # sizes that its downsamplings do not divide (e.g. 264 px -> 33 latents -> 17 -> 9 -> 5).
-    trace_dims = {k: r.opt | 1 for k, r in dims.items()} | {"batch": 1, "text_batch": 2}
+    trace_dims = {k: r.opt | 1 for k, r in dims.items()} | {"batch": 1, "cfg": 2}
 
     from ldm_deploy.export.components import WRAPPERS, example_inputs
     from ldm_deploy.export.onnx_export import export_onnx
@@ -71,6 +71,12 @@ def model_info(src: SourceModel) -> ModelInfo:
         raise ModelSourceError(f"{src.path}: beta_schedule {schedule.beta_schedule!r} is not supported yet")
     if schedule.prediction_type not in ("epsilon", "v_prediction"):
         raise ModelSourceError(f"{src.path}: prediction_type {schedule.prediction_type!r} is not supported yet")
+    if src.scheduler_config.get("clip_sample", True):
+        log.warning(
+            "%s: the scheduler config does not set clip_sample false, so diffusers' DDIMScheduler "
+            "built from it clamps x0 to [-1, 1]; our DDIM does not (as SD 1.x / 2.x releases run it)",
+            src.path,
+        )
     facts = ModelFacts(src.unet.config.in_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size)
     return ModelInfo(
         family=src.family,

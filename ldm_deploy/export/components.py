@@ -10,21 +10,23 @@ from ldm_deploy.engine.samplers import update
 
 
 class TextEncoder(nn.Module):
-    """(E, 77) token ids -> (E, 77, D) last hidden states (after the final layer norm)."""
+    """(K, B, 77) token ids -> (K, B, 77, D) last hidden states (after the final layer norm)."""
 
     def __init__(self, clip):
         super().__init__()
         self.clip = clip
 
     def forward(self, input_ids):
-        return self.clip(input_ids)[0]
+        hidden = self.clip(input_ids.flatten(0, 1))[0]  # (K*B, 77, D)
+        return hidden.reshape(*input_ids.shape, hidden.shape[-1])
 
 
 class UnetStep(nn.Module):
     """One denoising step: CFG batching, the U-Net, guidance, x0 conversion, sampler update.
 
-    text_embeddings holds E = B (no guidance) or 2B (uncond first, then cond) rows; the latents
-    are repeated to match, so skipping guidance halves the U-Net's work rather than wasting it.
+    text_embeddings is (K, B, 77, D) with K = 2 ([uncond, cond]) under guidance or K = 1
+    ([cond]) without; the latents are repeated K times, so skipping guidance halves the U-Net's
+    work rather than wasting it.
     """
 
     def __init__(self, unet):
@@ -32,11 +34,11 @@ class UnetStep(nn.Module):
         self.unet = unet
 
     def forward(self, latents, text_embeddings, coeffs, state, noise):
-        b = latents.shape[0]  # (B, C, h, w)
-        x_in = update.model_input(coeffs, latents)
-        x_in = x_in.repeat(text_embeddings.shape[0] // b, 1, 1, 1)  # (E, C, h, w)
-        out = self.unet(x_in, coeffs[update.T], encoder_hidden_states=text_embeddings).sample
-        out = out.reshape(-1, *latents.shape)  # (E/B, B, C, h, w): [uncond, cond] or [cond]
+        k = text_embeddings.shape[0]
+        x_in = update.model_input(coeffs, latents)  # (B, C, h, w)
+        x_in = x_in.unsqueeze(0).expand(k, *x_in.shape).flatten(0, 1)  # (K*B, C, h, w)
+        out = self.unet(x_in, coeffs[update.T], encoder_hidden_states=text_embeddings.flatten(0, 1)).sample
+        out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
         model_out = update.guide(out[0], out[-1], coeffs)
         return update.update(coeffs, latents, state, noise, model_out)
 

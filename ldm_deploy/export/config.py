@@ -37,7 +37,7 @@ class ExportConfig:
         side = DimRange(self.min_size // VAE_SCALE, opt // VAE_SCALE, self.max_size // VAE_SCALE)
         return {
             "batch": DimRange(1, self.opt_batch, self.max_batch),
-            "text_batch": DimRange(1, 2 * self.opt_batch, 2 * self.max_batch),
+            "cfg": DimRange(1, 2, 2),
             "latent_height": side,
             "latent_width": side,
         }

@@ -14,9 +14,11 @@ from pathlib import Path
 
 TOKENIZER_DIR = Path(__file__).parent / "clip_tokenizer"
 
-# SD 1.x's scheduler config (PNDM, as the runwayml release ships it).
+# SD 1.x's scheduler config (PNDM, as the runwayml release ships it; clip_sample false matters:
+# without it diffusers' DDIMScheduler.from_config clamps x0 to [-1, 1], which our tables do not).
 SD1_SCHEDULER = {
     "_class_name": "PNDMScheduler",
+    "clip_sample": False,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -30,7 +32,6 @@ SD1_SCHEDULER = {
 SD2_SCHEDULER = {
     **SD1_SCHEDULER,
     "_class_name": "DDIMScheduler",
-    "clip_sample": False,
     "prediction_type": "v_prediction",
 }
 

@@ -40,13 +40,16 @@ def reference(model_dirs):
         t2i.set_progress_bar_config(disable=True)
         i2i = StableDiffusionImg2ImgPipeline(**t2i.components)
         i2i.set_progress_bar_config(disable=True)
-        out[p] = (t2i, i2i)
+        out[p] = (t2i, i2i, dict(t2i.scheduler.config))
     return out
 
 
-def with_scheduler(pipe, sampler):
+def with_scheduler(reference, which, sampler):
+    """The pipeline with a fresh scheduler built from the model's own config (not from the
+    previous test's: `use_karras_sigmas` would leak into the next one)."""
+    pipe, config = reference[which], reference[2]
     cls, kw = SCHEDULERS[sampler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **kw)
+    pipe.scheduler = cls.from_config(config, **kw)
     return pipe
 
 
@@ -64,7 +67,7 @@ def init_image():
 def test_txt2img_matches_diffusers(preset, sampler, guidance, negative, reference, pipelines, torch_noise):
     steps, seed, prompt = 5, 11, "a photo of an astronaut riding a horse"
     latents = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(3))
-    ref = with_scheduler(reference[preset][0], sampler)(
+    ref = with_scheduler(reference[preset], 0, sampler)(
         prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
         height=H, width=W, latents=latents.clone(), generator=torch.Generator().manual_seed(seed),
         output_type="np",
@@ -84,7 +87,7 @@ def test_txt2img_matches_diffusers(preset, sampler, guidance, negative, referenc
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_img2img_matches_diffusers(preset, sampler, strength, reference, pipelines, init_image, torch_noise):
     steps, seed, prompt = 6, 5, "a watercolor painting"
-    ref = with_scheduler(reference[preset][1], sampler)(
+    ref = with_scheduler(reference[preset], 1, sampler)(
         prompt, image=init_image, strength=strength, num_inference_steps=steps, guidance_scale=7.5,
         generator=torch.Generator().manual_seed(seed), output_type="np",
     ).images

@@ -50,15 +50,15 @@ def test_guidance_at_most_one_runs_only_the_conditional_half(pipelines, monkeypa
 
     def spy(self, component, run):
         if "state" in run.inputs:
-            seen.append(run.inputs["text_embeddings"].shape()[0])
+            seen.append(tuple(run.inputs["text_embeddings"].shape()[:2]))
         return real_run(self, component, run)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "run", spy)
     pipe("x", seed=0, guidance=1.0, num_images=2, **KW)
-    assert seen == [2] * 3
+    assert seen == [(1, 2)] * 3  # (cfg, batch)
     seen.clear()
     pipe("x", seed=0, guidance=7.5, num_images=2, **KW)
-    assert seen == [4] * 3
+    assert seen == [(2, 2)] * 3
 
 
 def test_pil_output_carries_parameters(pipelines):

@@ -27,7 +27,7 @@ def test_manifest_records_model_facts(engine_dirs):
     assert m1.model.vae_scaling_factor == pytest.approx(0.18215)
     assert m1.model.noise_schedule.steps_offset == 1 and m1.model.noise_schedule.beta_schedule == "scaled_linear"
     assert m1.dims["latent_height"].to_list() == [8, 16, 64]  # 64..512 px, tuned for 128
-    assert m1.dims["text_batch"].max == 2 * m1.dims["batch"].max
+    assert m1.dims["cfg"].to_list() == [1, 2, 2]
     assert m1.backend == "onnxruntime" and m1.precision == "fp32"
     assert {"torch", "diffusers", "onnx", "ldm_deploy"} <= set(m1.tools)
     assert m1.tokenizer_pad_id == 49407 and m2.tokenizer_pad_id == 0  # SD 2 pads with "!"

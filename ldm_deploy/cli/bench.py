@@ -1,0 +1,120 @@
+"""`ldm-bench`: an engine's latency, throughput and memory against diffusers, side by side.
+
+The benchmark code lives in `benchmarks/` beside the package (it needs torch and diffusers,
+which the runtime does not). An editable install (`pip install -e .`) or a source checkout
+finds it there; a wheel install says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ldm_deploy.cli.common import run_main, setup_logging
+from ldm_deploy.errors import UserError
+
+log = logging.getLogger("ldm-bench")
+
+
+def benchmarks_root() -> Path:
+    """The source checkout holding `benchmarks/`, put first on sys.path (children inherit it)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "bench.py").is_file():
+        raise UserError(
+            f"ldm-bench needs the benchmarks/ folder of a source checkout, and {root} has none; "
+            "install ldm-deploy from a checkout with: pip install -e '.[bench]'"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-bench", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("--engine", help="engine directory made by ldm-export (contender 'ours')")
+    p.add_argument("--model", help="the diffusers folder the engine was made from (the peers' weights)")
+    p.add_argument("--contenders", default=None,
+                   help="comma-separated: ours, diffusers, compile:MODE (default: ours,diffusers on the CPU; "
+                        "diffusers,compile:default and ours if --engine on CUDA)")
+    p.add_argument("--baseline", default="diffusers", help="the contender every ratio divides by")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5, help="> 1 runs classifier-free guidance (U-Net batch 2B)")
+    p.add_argument("--sampler", default="dpmpp_2m_karras")
+    p.add_argument("--batch", type=int, default=1, help="images per call; images/s is measured at this batch")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every contender (default: each library's own)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="steps per warm-up call (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls; stages report the median (default 3)")
+    p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
+    p.add_argument("--negative-prompt", default="blurry, low quality")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole run; contenders that would start with too little are skipped")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--chart", default=None, help="write a PNG chart here (needs matplotlib)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def default_contenders(args) -> tuple[str, ...]:
+    if args.contenders:
+        return tuple(n.strip() for n in args.contenders.split(",") if n.strip())
+    peers = ("diffusers", "compile:default") if args.device == "cuda" else ("diffusers",)
+    return (("ours",) if args.engine else ()) + peers
+
+
+def check_outputs(*paths: str | None) -> None:
+    for path in filter(None, paths):
+        if not Path(path).parent.is_dir():
+            raise UserError(f"cannot write {path}: the folder {Path(path).parent} does not exist")
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    failed = []
+
+    def go():
+        benchmarks_root()
+        from benchmarks import bench, report
+        from benchmarks.config import BenchConfig
+
+        cfg = BenchConfig(
+            engine=args.engine, model=args.model, contenders=default_contenders(args), baseline=args.baseline,
+            device=args.device, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+            sampler=args.sampler, batch=args.batch, threads=args.threads, warmup=args.warmup,
+            warmup_steps=args.warmup_steps, repeats=args.repeats, prompt=args.prompt,
+            negative_prompt=args.negative_prompt, seed=args.seed, time_budget_s=args.time_budget,
+        )
+        check_outputs(args.json, args.chart)
+        if args.chart:
+            from benchmarks import chart
+
+            try:
+                chart.check_available()
+            except ImportError as e:
+                raise UserError(str(e)) from None
+        results = bench.run(cfg)
+        print(report.render(results), flush=True)
+        if args.json:
+            bench.write_json(results, args.json)
+            log.info("wrote %s", args.json)
+        if args.chart:
+            chart.write_chart(results, args.chart)
+            log.info("wrote %s", args.chart)
+        failed.extend(n for n, c in results["contenders"].items() if "error" in c)
+
+    code = run_main(go, "ldm-bench")
+    if code == 0 and failed:
+        print(f"ldm-bench: not measured: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Samplers as data: a table of per-step coefficients computed on the host with numpy.
+
+Every sampler here is a linear combination of the current latents, the model's x0 prediction,
+the previous x0 prediction and fresh noise (see `update.py`), so one exported `unet_step` graph
+serves them all; changing sampler, steps or guidance never rebuilds an engine.
+
+    plan("dpmpp_2m_karras", NoiseSchedule.from_config(scheduler_config), steps=30, guidance=7.5)
+
+Each sampler (one file each) equals the diffusers scheduler of the same name made with
+`Cls.from_config(scheduler_config)`, step for step: DDIMScheduler (eta 0), EulerDiscreteScheduler,
+EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
+the Karras variant). `schedule.py` holds the schedule math they share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from ldm_deploy.engine.samplers import ddim, dpmpp_2m, euler, euler_ancestral
+from ldm_deploy.engine.samplers.schedule import img2img_start
+from ldm_deploy.engine.samplers.update import COLUMNS, GUIDANCE
+from ldm_deploy.errors import InvalidRequest
+
+# name -> (A1111-style display name written to PNG metadata, walk(schedule, steps, start)).
+_REGISTRY = {
+    "ddim": ("DDIM", ddim.walk),
+    "euler": ("Euler", euler.walk),
+    "euler_a": ("Euler a", euler_ancestral.walk),
+    "dpmpp_2m": ("DPM++ 2M", partial(dpmpp_2m.walk, karras=False)),
+    "dpmpp_2m_karras": ("DPM++ 2M Karras", partial(dpmpp_2m.walk, karras=True)),
+}
+SAMPLERS = tuple(_REGISTRY)
+DISPLAY_NAMES = {name: display for name, (display, _) in _REGISTRY.items()}
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The model's training noise schedule, as its diffusers scheduler config states it.
+
+    `timestep_spacing` is None when the config does not set it: each sampler then uses the
+    default of the diffusers scheduler of the same name, as `Scheduler.from_config` would.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # "scaled_linear" | "linear"
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    timestep_spacing: str | None = None  # "leading" | "linspace" | "trailing" | None
+    steps_offset: int = 0
+    set_alpha_to_one: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> "NoiseSchedule":
+        """From a diffusers scheduler_config.json dict (unknown keys are ignored)."""
+        fields = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in config.items() if k in fields})
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """What the pipeline needs to run one generation.
+
+    rows: (N, len(COLUMNS)) float32, one row per U-Net call, in the order they run.
+    init_noise_scale: txt2img starts from x = init_noise_scale * noise.
+    image_scale, noise_scale: img2img starts from x = image_scale * z_image + noise_scale * noise.
+    needs_noise: whether any row has c_n != 0 (fresh noise must be drawn for each step).
+    """
+
+    rows: np.ndarray
+    init_noise_scale: float
+    image_scale: float
+    noise_scale: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.rows)
+
+    @property
+    def needs_noise(self) -> bool:
+        return bool(np.any(self.rows[:, COLUMNS.index("c_n")] != 0))
+
+
+def plan(
+    sampler: str, schedule: NoiseSchedule, steps: int, guidance: float, strength: float = 1.0
+) -> SamplerPlan:
+    """The coefficient table for one generation.
+
+    steps: the U-Net calls of a full walk; img2img runs the last int(steps * strength) of them,
+    as StableDiffusionImg2ImgPipeline does. guidance goes on every row (the graph computes
+    u + g * (c - u)). The plan carries both starts: txt2img uses init_noise_scale, img2img
+    image_scale / noise_scale, which keep a little of the image even at strength 1 (diffusers
+    noises it to the first timestep, not to pure noise). Raises InvalidRequest for an unknown
+    sampler or out-of-range numbers.
+    """
+    if sampler not in _REGISTRY:
+        raise InvalidRequest(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    n_train = schedule.num_train_timesteps
+    whole = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool)
+    if not whole or not 1 <= steps <= n_train:
+        raise InvalidRequest(f"steps must be a whole number from 1 to {n_train}, got {steps!r}")
+    if not 0 < strength <= 1:
+        raise InvalidRequest(
+            f"strength must be in (0, 1], got {strength!r}: 1 repaints the image fully, "
+            "small values keep it close to the input"
+        )
+    walk = _REGISTRY[sampler][1](schedule, int(steps), img2img_start(int(steps), strength))
+    if not np.all(np.isfinite(walk.rows)):
+        # Near num_train_timesteps steps, two steps can share a noise level (DPM-Solver divides
+        # by their log-SNR gap).
+        raise InvalidRequest(
+            f"{steps} steps is more than sampler {sampler!r} can space over this model's "
+            f"{n_train} training timesteps; use fewer steps"
+        )
+    rows = walk.rows.copy()
+    rows[:, GUIDANCE] = guidance
+    return SamplerPlan(
+        rows=rows.astype(np.float32),
+        init_noise_scale=walk.init_noise_scale,
+        image_scale=walk.image_scale,
+        noise_scale=walk.noise_scale,
+    )

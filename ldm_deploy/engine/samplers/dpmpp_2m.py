@@ -1,0 +1,75 @@
+"""DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler with its defaults:
+algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint", lower_order_final,
+final_sigmas_type "zero"; optionally with Karras sigmas ("DPM++ 2M Karras").
+
+Works in VP space (x is diffusers' `latents`, fed to the U-Net unscaled). With
+lambda = log(alpha / sigma_vp) = -log(s) and h = lambda_next - lambda:
+
+    first order:  x_next = (sigma_next / sigma) x + alpha_next (1 - e^-h) x0
+    second order: the same with x0 -> x0 + (x0 - x0_prev) / (2 r),  r = (lambda - lambda_prev) / h
+
+The first executed step has no x0_prev and is first order (also for img2img, which starts on a
+fresh scheduler); the last step is first order because its sigma is zero, and lands on x0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ldm_deploy.engine.samplers.schedule import (
+    Walk,
+    alphas_cumprod,
+    karras_sigmas,
+    sigma_to_t,
+    spaced_timesteps,
+    table,
+    train_sigmas,
+    x0_coefficients,
+)
+
+DEFAULT_SPACING = "linspace"
+
+
+def timesteps_and_sigmas(schedule, steps: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(integer timesteps (steps,), sigmas (steps + 1,) ending in 0), as diffusers sets them."""
+    sigmas = train_sigmas(alphas_cumprod(schedule))
+    if karras:
+        # The U-Net gets the rounded timestep, the update uses the exact Karras sigma.
+        s = karras_sigmas(sigmas, steps)
+        return np.round(sigma_to_t(s, sigmas)), np.append(s, 0.0)
+    spacing = schedule.timestep_spacing or DEFAULT_SPACING
+    if spacing == "trailing":
+        t = spaced_timesteps(spacing, steps, schedule)
+    else:
+        # diffusers spaces steps + 1 points and drops the last (t ~ 0): the final step then goes
+        # from a real noise level straight to sigma 0 instead of spending a U-Net call near t = 0.
+        t = spaced_timesteps(spacing, steps + 1, schedule)[:-1]
+    t = np.round(t)
+    return t, np.append(sigmas[t.astype(np.int64)], 0.0)
+
+
+def walk(schedule, steps: int, start: int, karras: bool = False) -> Walk:
+    """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M walk."""
+    t, s = timesteps_and_sigmas(schedule, steps, karras)
+    alpha = 1 / np.sqrt(s**2 + 1)
+    sigma_vp = s * alpha
+    p_x, p_m = x0_coefficients(schedule.prediction_type, alpha[:-1], sigma_vp[:-1])
+    c_x = np.zeros(steps)
+    c_0 = np.ones(steps)  # the last step: x_next = x0
+    c_p = np.zeros(steps)
+    # lam = -log(0) = +inf at the final sigma; the loop stops short of it (the last step is set
+    # above). Two steps at one noise level (only near num_train_timesteps steps) divide by zero;
+    # plan() rejects the result.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = -np.log(s)
+        for k in range(start, steps - 1):
+            h = lam[k + 1] - lam[k]
+            a = -alpha[k + 1] * np.expm1(-h)  # alpha_next (1 - e^-h)
+            c_x[k] = sigma_vp[k + 1] / sigma_vp[k]
+            c_0[k] = a
+            if k > start:
+                half_over_r = 0.5 * h / (lam[k] - lam[k - 1])
+                c_0[k] = a * (1 + half_over_r)
+                c_p[k] = -a * half_over_r
+    rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_p=c_p)
+    return Walk(rows[start:], 1.0, float(alpha[start]), float(sigma_vp[start]))

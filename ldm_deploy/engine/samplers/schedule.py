@@ -1,0 +1,140 @@
+"""Schedule math shared by the samplers: the training table, timestep spacing, sigmas.
+
+Each function reproduces one step of diffusers' `set_timesteps` / `__init__`, so the samplers
+built on them see the same timesteps and noise levels as the diffusers scheduler of the same
+name. Two parameterisations of the same noise level appear throughout:
+
+    VP:    x_t = alpha * x0 + sigma_vp * eps,  alpha = sqrt(alphas_cumprod)   (DDIM, DPM-Solver)
+    sigma: x   = x0 + s * eps,                 s = sigma_vp / alpha          (Euler family)
+
+so x = x_t / alpha, alpha = 1 / sqrt(s^2 + 1), sigma_vp = s * alpha.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from ldm_deploy.engine.samplers.update import COLUMNS
+from ldm_deploy.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from ldm_deploy.engine.samplers import NoiseSchedule
+
+
+class Walk(NamedTuple):
+    """One sampler's answer for one request; `plan()` adds guidance and wraps it as a SamplerPlan.
+
+    rows: (N, len(COLUMNS)) float64, the executed steps only; the guidance column is left 0.
+    """
+
+    rows: np.ndarray
+    init_noise_scale: float
+    image_scale: float
+    noise_scale: float
+
+
+def table(n: int, **columns) -> np.ndarray:
+    """(n, len(COLUMNS)) float64 rows from named columns (scalars or (n,) arrays); unnamed
+    columns are 0, so a sampler states only the coefficients it uses."""
+    rows = np.zeros((n, len(COLUMNS)))
+    for name, values in columns.items():
+        rows[:, COLUMNS.index(name)] = values
+    return rows
+
+
+def alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
+    """(num_train_timesteps,) float64 holding diffusers' float32 alphas_cumprod table.
+
+    diffusers builds betas and 1 - betas in float32 and stores the product in float32 (torch's CPU
+    cumprod accumulates in float64). An all-float64 table differs by up to ~1e-6 relative: ~1e-5
+    in sigma_max ~ 14.6, and enough to flip the rounding of a Karras timestep on some schedules
+    (the U-Net would then see t +- 1), so we round where diffusers rounds.
+    """
+    n, b0, b1 = schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
+    if schedule.beta_schedule == "linear":
+        betas = np.linspace(b0, b1, n, dtype=np.float32)
+    elif schedule.beta_schedule == "scaled_linear":  # the latent-diffusion schedule
+        betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float32) ** 2
+    else:
+        raise InvalidRequest(
+            f"beta_schedule {schedule.beta_schedule!r} is not supported; "
+            "the samplers support 'linear' and 'scaled_linear' (all Stable Diffusion 1.x/2.x models)"
+        )
+    alphas = np.float32(1.0) - betas
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32).astype(np.float64)
+
+
+def spaced_timesteps(spacing: str, steps: int, schedule: NoiseSchedule) -> np.ndarray:
+    """(steps,) descending float64 timesteps, not yet rounded (Euler keeps linspace's fractions).
+
+    The spacings of "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2,
+    written exactly as diffusers does; only "leading" adds steps_offset.
+    """
+    n = schedule.num_train_timesteps
+    if spacing == "linspace":
+        t = np.linspace(0, n - 1, steps)[::-1]
+    elif spacing == "leading":
+        t = (np.arange(steps) * (n // steps))[::-1] + schedule.steps_offset
+    elif spacing == "trailing":
+        # For 62 step counts up to 1000 (61, 103, ...) the float arange yields one more point,
+        # which diffusers keeps as a bogus extra step at t = -1; we stop at `steps`.
+        t = (np.round(np.arange(n, 0, -n / steps)) - 1)[:steps]
+    else:
+        raise InvalidRequest(
+            f"timestep_spacing {spacing!r} is not supported; use 'leading', 'linspace' or 'trailing'"
+        )
+    if t.max() > n - 1:
+        raise InvalidRequest(
+            f"timestep_spacing {spacing!r} with steps_offset {schedule.steps_offset} runs past the "
+            f"model's last timestep {n - 1} at this step count; use fewer steps"
+        )
+    return t.astype(np.float64)
+
+
+def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """(num_train_timesteps,) sigma-space noise level of each training timestep, ascending."""
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def sigma_at(timesteps: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """Noise level at (possibly fractional) timesteps: linear in t between training timesteps."""
+    return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+
+
+def karras_sigmas(sigmas: np.ndarray, steps: int, rho: float = 7.0) -> np.ndarray:
+    """(steps,) descending sigmas of Karras et al. 2022 (eq. 5) between the training extremes."""
+    lo, hi = sigmas[0] ** (1 / rho), sigmas[-1] ** (1 / rho)
+    return (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """Inverse of `sigma_at`, interpolating linearly in log sigma as diffusers' `_sigma_to_t`
+    does (clamped to [0, num_train_timesteps - 1]); log sigma rises with t, so np.interp fits."""
+    return np.interp(np.log(np.maximum(sigma, 1e-10)), np.log(sigmas), np.arange(len(sigmas)))
+
+
+def x0_coefficients(prediction_type: str, alpha, sigma_vp) -> tuple:
+    """(p_x, p_m) with x0 = p_x * x_t + p_m * model_out, for VP-space x_t at noise level
+    (alpha, sigma_vp). A sigma-space sampler multiplies p_x by alpha (its x is x_t / alpha)."""
+    if prediction_type == "epsilon":  # x_t = alpha x0 + sigma eps
+        return 1.0 / alpha, -sigma_vp / alpha
+    if prediction_type == "v_prediction":  # v = alpha eps - sigma x0  (Salimans & Ho 2022)
+        return alpha, -sigma_vp
+    raise InvalidRequest(
+        f"prediction_type {prediction_type!r} is not supported; "
+        "the samplers support 'epsilon' (SD 1.x, SD 2.x base) and 'v_prediction' (SD 2.x 768)"
+    )
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first executed step for img2img, as StableDiffusionImg2ImgPipeline's
+    `get_timesteps` computes it (int() truncates: 20 steps at 0.29 run 5, not 6)."""
+    executed = min(int(steps * strength), steps)
+    if executed < 1:
+        raise InvalidRequest(
+            f"strength {strength} with {steps} steps runs no denoising step "
+            f"(int(steps * strength) = 0); raise strength to at least {1 / steps:.3g} or use more steps"
+        )
+    return steps - executed

@@ -1,0 +1,208 @@
+"""Every sampler table against the diffusers scheduler of the same name, step by step.
+
+diffusers runs its scheduler loop as StableDiffusionPipeline / StableDiffusionImg2ImgPipeline do,
+on a stand-in model whose output depends on its input (0.5 * model_in + R_i, fixed random R_i);
+our side runs the same stand-in through `update.py` in float32, as the exported graph does. At
+every step the timestep, the model input and the latents must agree. Euler ancestral's fresh noise:
+diffusers draws one randn per step from the generator passed to `step`; we draw from a second
+generator seeded alike, so no diffusers code is patched.
+"""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+
+from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS, NoiseSchedule, plan
+from ldm_deploy.engine.samplers.update import GUIDANCE, T, guide, model_input, update
+from ldm_deploy.errors import InvalidRequest
+
+# diffusers 0.42's schedulers call np.array() on torch tensors, which torch 2.13 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json: no timestep_spacing key, so each
+# scheduler class uses its own default spacing.
+SD1 = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+# stabilityai/stable-diffusion-2-1 (768, v-prediction): a DDIM config, also without timestep_spacing.
+SD2 = {**SD1, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
+
+DIFFUSERS = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+SHAPE = (1, 4, 8, 8)  # one 64x64-pixel latent: enough values for max-abs errors to show
+SEED = 1234
+TOL = 1e-5  # max abs at values up to 15 (sigma_max 14.6), where a float32 ulp is ~1e-6
+
+
+def inputs(steps):
+    rng = np.random.default_rng(0)
+    noise, image = (rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(2))
+    residuals = rng.standard_normal((steps, *SHAPE), dtype=np.float32)
+    return noise, image, residuals
+
+
+def diffusers_trace(sampler, config, steps, strength, noise, image, residuals):
+    """[(timestep, model_in, latents after the step)] as the diffusers pipelines run it."""
+    cls, extra = DIFFUSERS[sampler]
+    scheduler = cls.from_config(config, **extra)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps
+    if strength is None:  # StableDiffusionPipeline.prepare_latents
+        x = torch.from_numpy(noise) * scheduler.init_noise_sigma
+    else:  # StableDiffusionImg2ImgPipeline.get_timesteps + prepare_latents
+        t_start = max(steps - min(int(steps * strength), steps), 0)
+        timesteps = timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):  # DDIM has none: it looks timesteps up by value
+            scheduler.set_begin_index(t_start * scheduler.order)
+        x = scheduler.add_noise(torch.from_numpy(image), torch.from_numpy(noise), timesteps[:1])
+    generator = torch.Generator().manual_seed(SEED)
+    trace = []
+    for i, t in enumerate(timesteps):
+        model_in = scheduler.scale_model_input(x, t)
+        out = 0.5 * model_in + torch.from_numpy(residuals[i])
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        trace.append((float(t), model_in.numpy(), x.numpy()))
+    return trace
+
+
+def our_trace(sampler, config, steps, strength, noise, image, residuals):
+    """[(timestep, model_in, latents after the step, x0)] from the plan, in float32 like the graph."""
+    p = plan(sampler, NoiseSchedule.from_config(config), steps, guidance=7.5, strength=strength or 1.0)
+    if strength is None:
+        x = np.float32(p.init_noise_scale) * noise
+    else:
+        x = np.float32(p.image_scale) * image + np.float32(p.noise_scale) * noise
+    x0 = np.zeros(SHAPE, np.float32)
+    generator = torch.Generator().manual_seed(SEED)
+    trace = []
+    for i, row in enumerate(p.rows):
+        step_noise = torch.randn(SHAPE, generator=generator, dtype=torch.float32).numpy()
+        model_in = model_input(row, x)
+        out = 0.5 * model_in + residuals[i]
+        out = guide(out, out, row)  # no unconditional half: guidance must leave `cond` unchanged
+        x, x0 = update(row, x, x0, step_noise, out)
+        assert x.dtype == np.float32
+        trace.append((float(row[T]), model_in, x, x0))
+    return trace
+
+
+def check_against_diffusers(sampler, config, steps, strength):
+    args = (sampler, config, steps, strength, *inputs(steps))
+    expected, got = diffusers_trace(*args), our_trace(*args)
+    assert len(got) == len(expected)
+    # Both sides round to float32, diffusers with its own formulas (e.g. DPM-Solver's h as a
+    # difference of float32 logs): the gap grows with the largest term of an update. Latents and,
+    # with this stand-in model, x0 reach ~45 (sigma_max times a 3-sigma noise value), where
+    # diffusers itself is ~1e-5 off a float64 evaluation; so the tolerance is TOL per 15 units of
+    # the run's largest |model input|, |latent| or |x0|.
+    scale = max(np.abs(a).max() for step in got for a in step[1:])
+    atol = TOL * max(1.0, scale / 15)
+    for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
+        where = f"{sampler} steps={steps} strength={strength} step {i}"
+        assert t == t_ref, where
+        np.testing.assert_allclose(model_in, model_in_ref, rtol=0, atol=atol, err_msg=where)
+        np.testing.assert_allclose(x, x_ref, rtol=0, atol=atol, err_msg=where)
+
+
+@pytest.mark.parametrize("strength", [None, 0.3, 0.6, 1.0], ids=lambda s: f"img2img{s}" if s else "txt2img")
+@pytest.mark.parametrize("steps", [1, 2, 5, 20, 30])
+@pytest.mark.parametrize("config", [SD1, SD2], ids=["sd1-epsilon", "sd2-v"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_matches_diffusers(sampler, config, steps, strength):
+    if strength is not None and int(steps * strength) < 1:
+        pytest.skip("no denoising step; the error is tested below")
+    check_against_diffusers(sampler, config, steps, strength)
+
+
+@pytest.mark.parametrize("strength", [None, 0.6], ids=lambda s: f"img2img{s}" if s else "txt2img")
+@pytest.mark.parametrize("steps", [3, 5, 25])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"timestep_spacing": "leading"},
+        {"timestep_spacing": "linspace"},
+        {"timestep_spacing": "trailing"},
+        {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "steps_offset": 0},
+        {"set_alpha_to_one": True},
+    ],
+    ids=["leading", "linspace", "trailing", "linear-betas", "alpha-to-one"],
+)
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_matches_diffusers_other_schedules(sampler, overrides, steps, strength):
+    check_against_diffusers(sampler, {**SD1, **overrides}, steps, strength)
+
+
+def test_plan_table():
+    schedule = NoiseSchedule.from_config(SD1)
+    for sampler in SAMPLERS:
+        p = plan(sampler, schedule, 20, guidance=6.0, strength=0.5)
+        assert p.rows.dtype == np.float32 and p.steps == 10
+        assert np.all(p.rows[:, GUIDANCE] == 6.0)
+        assert p.needs_noise == (sampler == "euler_a")
+    assert set(DISPLAY_NAMES) == set(SAMPLERS)
+    assert DISPLAY_NAMES["dpmpp_2m_karras"] == "DPM++ 2M Karras"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"sampler": "k_lms"}, "unknown sampler 'k_lms'; choose one of ddim, euler, euler_a, dpmpp_2m"),
+        ({"steps": 0}, "steps must be a whole number from 1 to 1000, got 0"),
+        ({"steps": 1001}, "from 1 to 1000"),
+        ({"steps": 2.5}, "whole number"),
+        ({"strength": 0.0}, "strength must be in (0, 1], got 0.0"),
+        ({"strength": 1.5}, "strength must be in (0, 1]"),
+        ({"steps": 4, "strength": 0.2}, "raise strength to at least 0.25 or use more steps"),
+        ({"sampler": "ddim", "steps": 1000}, "steps_offset 1 runs past the model's last timestep 999"),
+        ({"sampler": "dpmpp_2m", "steps": 1000}, "1000 steps is more than sampler 'dpmpp_2m' can space"),
+    ],
+)
+def test_invalid_requests(kwargs, message):
+    request = {"sampler": "euler", "schedule": NoiseSchedule.from_config(SD1), "steps": 20, "guidance": 7.5}
+    with pytest.raises(InvalidRequest) as error:
+        plan(**{**request, **kwargs})
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"prediction_type": "sample"}, "prediction_type 'sample' is not supported"),
+        ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule 'squaredcos_cap_v2' is not supported"),
+        ({"timestep_spacing": "karras"}, "timestep_spacing 'karras' is not supported"),
+    ],
+)
+def test_unsupported_schedules(overrides, message):
+    with pytest.raises(InvalidRequest) as error:
+        plan("ddim", NoiseSchedule.from_config({**SD1, **overrides}), 20, 7.5)
+    assert message in str(error.value)
+
+
+def test_trailing_drops_diffusers_bogus_step():
+    # diffusers' trailing spacing is np.arange(1000, 0, -1000 / steps); at 61 steps float
+    # rounding leaves a 62nd point, run as an extra step at t = -1. We run the 61 real ones.
+    scheduler = DDIMScheduler.from_config({**SD1, "timestep_spacing": "trailing"})
+    scheduler.set_timesteps(61)
+    assert len(scheduler.timesteps) == 62 and scheduler.timesteps[-1] == -1
+    p = plan("ddim", NoiseSchedule.from_config({**SD1, "timestep_spacing": "trailing"}), 61, 7.5)
+    np.testing.assert_array_equal(p.rows[:, T], scheduler.timesteps[:61].numpy())
