@@ -17,6 +17,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px)")
     p.add_argument("--opt-size", type=int, default=None, help="side to tune for (default: the model's native size)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
+    t = p.add_argument_group("torch backend")
+    t.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for")
+    t.add_argument("--precision", default=None, choices=("fp32", "fp16"), help="default: fp16 on cuda, fp32 on cpu")
+    t.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"), help="U-Net attention kernel")
+    t.add_argument("--channels-last", action="store_true", help="NHWC convolutions in the U-Net")
+    t.add_argument("--fuse-qkv", action="store_true", help="one GEMM for the q, k, v projections")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -33,6 +39,11 @@ def main(argv=None) -> int:
 
         config = ExportConfig(
             backend=args.backend,
+            device=args.device,
+            precision=args.precision,
+            attention=args.attention,
+            channels_last=args.channels_last,
+            fuse_qkv=args.fuse_qkv,
             min_size=args.min_size,
             max_size=args.max_size,
             opt_size=args.opt_size,

@@ -48,6 +48,9 @@ class Manifest:
     # component -> {file name: {"bytes": int, "sha256": str}}
     files: dict[str, dict[str, dict]]
     tokenizer_pad_id: int
+    size_multiple: int = 8  # image sides must be multiples of this (px)
+    # Backend-specific build facts: device, attention kind, per-component compile mode, ...
+    build: dict = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
     created: str = ""
     format_version: int = FORMAT_VERSION
@@ -66,6 +69,8 @@ class Manifest:
             "dims": {k: r.to_list() for k, r in self.dims.items()},
             "files": self.files,
             "tokenizer": {"file": TOKENIZER, "pad_id": self.tokenizer_pad_id},
+            "size_multiple": self.size_multiple,
+            "build": self.build,
             "tools": self.tools,
             "created": self.created,
         }
@@ -81,6 +86,8 @@ class Manifest:
             dims={k: DimRange(*v) for k, v in d["dims"].items()},
             files=d["files"],
             tokenizer_pad_id=d["tokenizer"]["pad_id"],
+            size_multiple=d["size_multiple"],
+            build=d.get("build", {}),
             tools=d.get("tools", {}),
             created=d.get("created", ""),
             format_version=d["format_version"],

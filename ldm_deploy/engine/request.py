@@ -47,8 +47,11 @@ def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
     for name, value, dim in (("width", r.width, "latent_width"), ("height", r.height, "latent_height")):
         rng = manifest.dims[dim]
         lo, hi = rng.min * VAE_SCALE, rng.max * VAE_SCALE
-        if value % VAE_SCALE:
-            raise InvalidRequest(f"{name} {value} is not a multiple of {VAE_SCALE}; try {value - value % VAE_SCALE}")
+        step = manifest.size_multiple
+        if value % step:
+            raise InvalidRequest(
+                f"{name} {value} is not a multiple of {step}, as this engine needs; try {max(value - value % step, step)}"
+            )
         if not lo <= value <= hi:
             raise InvalidRequest(
                 f"{name} {value} is outside this engine's range [{lo}, {hi}]; choose a size in range, "

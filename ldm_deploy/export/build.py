@@ -11,8 +11,8 @@ from pathlib import Path
 from ldm_deploy import __version__
 from ldm_deploy.engine.manifest import COMPONENTS, MANIFEST, TOKENIZER, Manifest, ModelInfo, file_record
 from ldm_deploy.engine.samplers import NoiseSchedule
-from ldm_deploy.engine.spec import ModelFacts, component_specs
-from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.engine.spec import VAE_SCALE, ModelFacts, component_specs
+from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.engine_dir import staging_dir
 from ldm_deploy.export.source import SourceModel, load_source
@@ -27,23 +27,17 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     log.info("loading %s", model)
     src = load_source(model, config.allow_pickle)
     info = model_info(src)
-    dims = config.dims(src.unet.config.sample_size)
+    multiple = size_multiple(src, config.backend)
+    dims = config.dims(src.unet.config.sample_size, multiple)
     specs = component_specs(info.facts)
-    # Trace with CFG batching (cfg 2, one image) near the tuned size, made odd: the
-    # U-Net then takes diffusers' explicit-upsample-size path, which the graph needs to serve
-    # sizes that its downsamplings do not divide (e.g. 264 px -> 33 latents -> 17 -> 9 -> 5).
-    trace_dims = {k: r.opt | 1 for k, r in dims.items()} | {"batch": 1, "cfg": 2}
-
-    from ldm_deploy.export.components import WRAPPERS, example_inputs
-    from ldm_deploy.export.onnx_export import export_onnx
+    exporter = EXPORTERS[config.backend](src, config, dims, multiple)
 
     with staging_dir(out, config.force) as tmp:
         files = {}
         for i, name in enumerate(COMPONENTS, 1):
             t = time.perf_counter()
-            log.info("[%d/%d] %s: tracing to ONNX", i, len(COMPONENTS), name)
-            module = WRAPPERS[name](src).eval()
-            written = export_onnx(module, specs[name], example_inputs(specs[name], trace_dims), tmp / f"{name}.onnx")
+            log.info("[%d/%d] %s: %s", i, len(COMPONENTS), name, exporter.doing)
+            written = exporter(name, specs[name], tmp)
             files[name] = {p.name: file_record(p) for p in written}
             size = sum(r["bytes"] for r in files[name].values()) / 2**20
             log.info("[%d/%d] %s: %.1f MiB in %.1f s", i, len(COMPONENTS), name, size, time.perf_counter() - t)
@@ -52,16 +46,104 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
         manifest = Manifest(
             model=info,
             backend=config.backend,
-            precision="fp32",
+            precision=config.dtype_name,
             dims=dims,
             files=files,
             tokenizer_pad_id=pad_id,
+            size_multiple=multiple,
+            build=exporter.build_facts(),
             tools=tool_versions(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
     return out
+
+
+def size_multiple(src: SourceModel, backend: str) -> int:
+    """Image sides the engine accepts are multiples of this many px. ONNX graphs trace
+    diffusers' explicit-upsample-size path and take any multiple of 8; torch.export cannot
+    keep both of the U-Net's branches, so torch engines need sides its downsamplings divide."""
+    if backend == "onnxruntime":
+        return VAE_SCALE
+    return VAE_SCALE * 2 ** (len(src.unet.config.block_out_channels) - 1)
+
+
+class OnnxExporter:
+    doing = "tracing to ONNX"
+
+    def __init__(self, src, config, dims, multiple):
+        self.src = src
+        # Trace with CFG batching (cfg 2, one image) near the tuned size, made odd: the
+        # U-Net then takes diffusers' explicit-upsample-size path, which the graph needs to serve
+        # sizes that its downsamplings do not divide (e.g. 264 px -> 33 latents -> 17 -> 9 -> 5).
+        self.trace_dims = {k: r.opt | 1 for k, r in dims.items()} | {"batch": 1, "cfg": 2}
+
+    def __call__(self, name, spec, tmp: Path) -> list[Path]:
+        from ldm_deploy.export.components import WRAPPERS, example_inputs
+        from ldm_deploy.export.onnx_export import export_onnx
+
+        module = WRAPPERS[name](self.src, torch_dtype("fp32")).eval()
+        return export_onnx(module, spec, example_inputs(spec, self.trace_dims), tmp / f"{name}.onnx")
+
+    def build_facts(self) -> dict:
+        from ldm_deploy.export.onnx_export import OPSET
+
+        return {"opset": OPSET}
+
+
+class TorchExporter:
+    doing = "torch.export + AOTInductor (minutes for a full-size U-Net)"
+
+    def __init__(self, src, config, dims, multiple):
+        import torch
+
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: PyTorch sees no CUDA GPU here; export with --device cpu")
+        self.src, self.config, self.dims, self.multiple = src, config, dims, multiple
+        self.dtype = torch_dtype(config.dtype_name)
+        # torch.export specialises sizes 0 and 1: trace with batch 2, cfg 2, latent sides at
+        # the tuned size (a multiple of the required one).
+        self.trace_dims = {k: r.opt for k, r in dims.items()} | {"batch": 2, "cfg": 2}
+        self.modes = {}
+        self.prepare_unet()
+
+    def prepare_unet(self) -> None:
+        import torch
+
+        unet, c = self.src.unet, self.config
+        if c.fuse_qkv:
+            unet.fuse_qkv_projections()
+        if c.attention == "triton":
+            from ldm_deploy.kernels.processor import use_fused_attention
+
+            use_fused_attention(unet)
+        if c.channels_last:
+            unet.to(memory_format=torch.channels_last)
+
+    def __call__(self, name, spec, tmp: Path) -> list[Path]:
+        from ldm_deploy.export.components import WRAPPERS, example_inputs
+        from ldm_deploy.export.torch_export import export_aoti
+
+        module = WRAPPERS[name](self.src, self.dtype).to(self.config.device).eval()
+        example = tuple(t.to(self.config.device) for t in example_inputs(spec, self.trace_dims))
+        path = tmp / f"{name}.pt2"
+        self.modes[name] = export_aoti(module, spec, example, path, self.dims, self.multiple)
+        return [path]
+
+    def build_facts(self) -> dict:
+        c = self.config
+        return {"device": c.device, "attention": c.attention, "channels_last": c.channels_last,
+                "fuse_qkv": c.fuse_qkv, "modes": self.modes}
+
+
+EXPORTERS = {"onnxruntime": OnnxExporter, "torch": TorchExporter}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16}[name]
 
 
 def model_info(src: SourceModel) -> ModelInfo:

@@ -1,5 +1,9 @@
 """The four exported components as torch modules whose forward signatures follow the I/O specs
-(`ldm_deploy.engine.spec.component_specs`): same names, same order, same meaning."""
+(`ldm_deploy.engine.spec.component_specs`): same names, same order, same meaning.
+
+Each takes the dtype its model body runs in. Interfaces stay float32 whatever it is: latents,
+coefficients and the sampler update are fp32, only the networks run in fp16 on GPUs. (For
+float32 the casts are no-ops and leave no trace in the exported graph.)"""
 
 from __future__ import annotations
 
@@ -12,12 +16,12 @@ from ldm_deploy.engine.samplers import update
 class TextEncoder(nn.Module):
     """(K, B, 77) token ids -> (K, B, 77, D) last hidden states (after the final layer norm)."""
 
-    def __init__(self, clip):
+    def __init__(self, clip, dtype=torch.float32):
         super().__init__()
-        self.clip = clip
+        self.clip = clip.to(dtype)
 
     def forward(self, input_ids):
-        hidden = self.clip(input_ids.flatten(0, 1))[0]  # (K*B, 77, D)
+        hidden = self.clip(input_ids.flatten(0, 1))[0].float()  # (K*B, 77, D)
         return hidden.reshape(*input_ids.shape, hidden.shape[-1])
 
 
@@ -29,15 +33,17 @@ class UnetStep(nn.Module):
     work rather than wasting it.
     """
 
-    def __init__(self, unet):
+    def __init__(self, unet, dtype=torch.float32):
         super().__init__()
-        self.unet = unet
+        self.unet = unet.to(dtype)
+        self.dtype = dtype
 
     def forward(self, latents, text_embeddings, coeffs, state, noise):
         k = text_embeddings.shape[0]
         x_in = update.model_input(coeffs, latents)  # (B, C, h, w)
         x_in = x_in.unsqueeze(0).expand(k, *x_in.shape).flatten(0, 1)  # (K*B, C, h, w)
-        out = self.unet(x_in, coeffs[update.T], encoder_hidden_states=text_embeddings.flatten(0, 1)).sample
+        emb = text_embeddings.flatten(0, 1).to(self.dtype)  # (K*B, 77, D)
+        out = self.unet(x_in.to(self.dtype), coeffs[update.T], encoder_hidden_states=emb).sample.float()
         out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
         model_out = update.guide(out[0], out[-1], coeffs)
         return update.update(coeffs, latents, state, noise, model_out)
@@ -46,13 +52,14 @@ class UnetStep(nn.Module):
 class VaeDecoder(nn.Module):
     """(B, 4, h, w) final latents -> (B, 3, 8h, 8w) images in [0, 1], as diffusers postprocesses."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, dtype=torch.float32):
         super().__init__()
-        self.vae = vae
+        self.vae = vae.to(dtype)
+        self.dtype = dtype
         self.scaling = float(vae.config.scaling_factor)
 
     def forward(self, latents):
-        images = self.vae.decode(latents / self.scaling).sample
+        images = self.vae.decode((latents / self.scaling).to(self.dtype)).sample.float()
         return (images * 0.5 + 0.5).clamp(0, 1)
 
 
@@ -62,22 +69,23 @@ class VaeEncoder(nn.Module):
     z = scaling * (mean + std * sample_noise) is diffusers' `latent_dist.sample()`; the start is
     image_scale * z + noise_scale * start_noise, the sampler's `add_noise` at the first step."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, dtype=torch.float32):
         super().__init__()
-        self.vae = vae
+        self.vae = vae.to(dtype)
+        self.dtype = dtype
         self.scaling = float(vae.config.scaling_factor)
 
     def forward(self, images, sample_noise, start_noise, start_coeffs):
-        dist = self.vae.encode(images).latent_dist
-        z = self.scaling * (dist.mean + dist.std * sample_noise)
+        dist = self.vae.encode(images.to(self.dtype)).latent_dist
+        z = self.scaling * (dist.mean.float() + dist.std.float() * sample_noise)
         return start_coeffs[0] * z + start_coeffs[1] * start_noise
 
 
 WRAPPERS = {
-    "text_encoder": lambda m: TextEncoder(m.text_encoder),
-    "unet_step": lambda m: UnetStep(m.unet),
-    "vae_decoder": lambda m: VaeDecoder(m.vae),
-    "vae_encoder": lambda m: VaeEncoder(m.vae),
+    "text_encoder": lambda m, dtype: TextEncoder(m.text_encoder, dtype),
+    "unet_step": lambda m, dtype: UnetStep(m.unet, dtype),
+    "vae_decoder": lambda m, dtype: VaeDecoder(m.vae, dtype),
+    "vae_encoder": lambda m, dtype: VaeEncoder(m.vae, dtype),
 }
 
 

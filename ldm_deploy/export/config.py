@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from ldm_deploy.engine.spec import VAE_SCALE, DimRange
 from ldm_deploy.errors import UserError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "torch")
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "fp16")
+ATTENTION = ("sdpa", "triton")
 
 
 @dataclass(frozen=True)
@@ -18,9 +21,22 @@ class ExportConfig:
     min_size / max_size: image side in pixels, a multiple of 8 (the VAE's factor).
     opt_size: the size tuned for; None means the model's native size (512 for SD 1.5).
     max_batch: the most images one call makes (the U-Net then runs 2 * max_batch with CFG).
+
+    torch backend only (AOTInductor packages are compiled for one device):
+    device: "cpu" or "cuda".
+    precision: "fp16" runs the U-Net, VAE and text encoder bodies in half precision (latents,
+      coefficients and the sampler update stay fp32); None picks fp16 on cuda, fp32 on cpu.
+    attention: "triton" puts our fused attention op into the U-Net; "sdpa" keeps PyTorch's.
+    channels_last: U-Net convolutions in NHWC memory layout (often faster on tensor cores).
+    fuse_qkv: one projection GEMM for q, k, v in self-attention (diffusers' fuse_qkv_projections).
     """
 
     backend: str = "onnxruntime"
+    device: str = "cpu"
+    precision: str | None = None
+    attention: str = "sdpa"
+    channels_last: bool = False
+    fuse_qkv: bool = False
     min_size: int = 256
     max_size: int = 1024
     opt_size: int | None = None
@@ -32,9 +48,25 @@ class ExportConfig:
     def __post_init__(self):
         check_config(self)
 
-    def dims(self, native_latent: int) -> dict[str, DimRange]:
-        opt = self.opt_size or min(max(native_latent * VAE_SCALE, self.min_size), self.max_size)
-        side = DimRange(self.min_size // VAE_SCALE, opt // VAE_SCALE, self.max_size // VAE_SCALE)
+    @property
+    def dtype_name(self) -> str:
+        if self.precision:
+            return self.precision
+        return "fp16" if self.device == "cuda" else "fp32"
+
+    def dims(self, native_latent: int, multiple: int = VAE_SCALE) -> dict[str, DimRange]:
+        """Dim ranges; image sides are kept to multiples of `multiple` px (8, or more where an
+        exporter must: see `size_multiple` in build.py)."""
+        lo = -(-self.min_size // multiple) * multiple
+        hi = self.max_size // multiple * multiple
+        if lo > hi:
+            raise UserError(
+                f"no image size in [{self.min_size}, {self.max_size}] is a multiple of {multiple} px, "
+                f"which this backend needs for this model; widen --min-size / --max-size"
+            )
+        opt = self.opt_size or native_latent * VAE_SCALE
+        opt = min(max(opt // multiple * multiple, lo), hi)
+        side = DimRange(lo // VAE_SCALE, opt // VAE_SCALE, hi // VAE_SCALE)
         return {
             "batch": DimRange(1, self.opt_batch, self.max_batch),
             "cfg": DimRange(1, 2, 2),
@@ -50,6 +82,17 @@ def check_config(c: ExportConfig) -> None:
         v = getattr(c, name)
         if v < VAE_SCALE or v % VAE_SCALE:
             raise UserError(f"--{name.replace('_', '-')} {v} must be a positive multiple of {VAE_SCALE}")
+    for name, value, allowed in (("device", c.device, DEVICES), ("precision", c.precision, PRECISIONS + (None,)),
+                                 ("attention", c.attention, ATTENTION)):
+        if value not in allowed:
+            raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
+    if c.backend == "onnxruntime" and (c.device, c.dtype_name, c.attention) != ("cpu", "fp32", "sdpa"):
+        raise UserError(
+            "--device / --precision / --attention apply to --backend torch; ONNX engines are fp32 graphs "
+            "that ONNX Runtime places on its own devices"
+        )
+    if c.device == "cpu" and c.dtype_name == "fp16":
+        raise UserError("fp16 engines need --device cuda; CPU engines are fp32")
     if c.min_size > c.max_size:
         raise UserError(f"--min-size {c.min_size} is larger than --max-size {c.max_size}")
     if c.opt_size and not c.min_size <= c.opt_size <= c.max_size:

@@ -16,7 +16,7 @@ import numpy as np
 from ldm_deploy.errors import BackendUnavailable
 
 # name -> module under ldm_deploy.engine.backends; the module defines `create()`.
-BACKENDS = {"onnxruntime": "onnxruntime"}
+BACKENDS = {"onnxruntime": "onnxruntime", "torch": "torch"}
 
 
 @dataclass(frozen=True)

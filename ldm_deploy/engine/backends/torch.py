@@ -1,0 +1,192 @@
+"""PyTorch: AOTInductor packages (`.pt2`), device arrays are torch tensors, and on CUDA the
+whole denoising loop is captured as one CUDA graph.
+
+Loading needs torch, not diffusers. The graph cache is keyed by what makes a capture valid:
+the loop's shapes, steps, sampler and batch (the pipeline's key) plus which buffer sits in which
+slot of which step. The pipeline allocates fresh buffers per call, so a cached graph owns its own
+static twins of them: inputs are copied in before a replay and outputs copied out after it,
+device to device, with no host synchronisation inside.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldm_deploy.engine.backends import Run
+from ldm_deploy.errors import BackendUnavailable, EngineError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Component:
+    name: str
+    run: object  # callable: positional inputs in spec order -> list of outputs
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str = "auto", cuda_graph: bool = True):
+        try:
+            import torch
+        except ImportError:
+            raise BackendUnavailable("the torch backend needs PyTorch: pip install torch") from None
+        self.torch = torch
+        self.device_name = device
+        self.cuda_graph = cuda_graph
+        self.graphs: dict[tuple, "CapturedLoop | None"] = {}
+
+    def load(self, engine_dir: Path, manifest, component: str) -> Component:
+        torch = self.torch
+        built_for = manifest.build.get("device", "cpu")
+        if self.device_name == "auto":
+            self.device_name = built_for
+        if self.device_name != built_for:
+            raise BackendUnavailable(
+                f"this engine was compiled for {built_for}; re-export with --device {self.device_name}"
+            )
+        if built_for == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("this engine was compiled for CUDA, and PyTorch sees no CUDA GPU here")
+        self.device = torch.device(built_for)
+        path = Path(engine_dir) / f"{component}.pt2"
+        mode = manifest.build.get("modes", {}).get(component, "aoti")
+        try:
+            if mode == "aoti":
+                runner = torch._inductor.aoti_load_package(str(path))
+            else:
+                log.warning("%s runs uncompiled (AOTInductor failed when the engine was exported)", component)
+                runner = _eager(torch.export.load(str(path)).module())
+        except Exception as e:  # torch raises RuntimeError / zipfile errors for damaged packages
+            raise EngineError(f"PyTorch could not load {path} ({type(e).__name__}: {str(e)[:300]}); "
+                              "re-export the engine") from None
+        spec = manifest.specs()[component]
+        return Component(component, runner, tuple(t.name for t in spec.inputs), tuple(t.name for t in spec.outputs))
+
+    def empty(self, shape, dtype=np.float32):
+        return self.torch.empty(tuple(shape), dtype=_torch_dtype(self.torch, dtype), device=self.device)
+
+    def upload(self, array: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def download(self, array) -> np.ndarray:
+        return array.cpu().numpy()
+
+    def run(self, component: Component, run: Run) -> None:
+        with self.torch.inference_mode():
+            call(component, run)
+
+    def run_steps(self, component: Component, runs: list[Run], key: tuple, on_step) -> None:
+        if self.device.type != "cuda" or not self.cuda_graph:
+            for i, run in enumerate(runs):
+                self.run(component, run)
+                on_step(i)
+            return
+        full_key = (key, slots(runs))
+        if full_key not in self.graphs:
+            self.graphs[full_key] = self.capture(component, runs)
+        loop = self.graphs[full_key]
+        if loop is None:  # capture failed once for this key: run plainly, already logged
+            for i, run in enumerate(runs):
+                self.run(component, run)
+                on_step(i)
+            return
+        loop.replay(runs)
+        for i in range(len(runs)):
+            on_step(i)
+
+    def capture(self, component: Component, runs: list[Run]) -> "CapturedLoop | None":
+        try:
+            return CapturedLoop(self, component, runs)
+        except Exception as e:  # capture is an optimisation: fall back, say so once
+            log.warning("CUDA graph capture failed (%s: %s); running the loop step by step", type(e).__name__, e)
+            return None
+
+
+def slots(runs: list[Run]) -> tuple:
+    """Which distinct buffer (numbered by first appearance) fills each slot of each run."""
+    ids: dict[int, int] = {}
+    out = []
+    for run in runs:
+        for name, t in list(run.inputs.items()) + list(run.outputs.items()):
+            out.append((name, ids.setdefault(id(t), len(ids))))
+    return tuple(out)
+
+
+def buffers(runs: list[Run]) -> list:
+    """The distinct buffers of `runs`, in first-appearance order (the numbering of `slots`)."""
+    seen: dict[int, object] = {}
+    for run in runs:
+        for t in list(run.inputs.values()) + list(run.outputs.values()):
+            seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+class CapturedLoop:
+    """The N runs of a loop recorded as one CUDA graph over static twins of their buffers."""
+
+    def __init__(self, backend: TorchBackend, component: Component, runs: list[Run]):
+        torch = backend.torch
+        live = buffers(runs)
+        self.twins = [t.clone() for t in live]
+        index = {id(t): i for i, t in enumerate(live)}
+        # Copy in what some step reads; copy out what some step writes.
+        self.reads = sorted({index[id(v)] for r in runs for v in r.inputs.values()})
+        self.writes = sorted({index[id(v)] for r in runs for v in r.outputs.values()})
+        static = [Run({k: self.twins[index[id(v)]] for k, v in r.inputs.items()},
+                      {k: self.twins[index[id(v)]] for k, v in r.outputs.items()}) for r in runs]
+        # Warm up on a side stream (lazy init, workspace allocation), then capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for run in static:
+                backend.run(component, run)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            for run in static:
+                call(component, run)
+
+    def replay(self, runs: list[Run]) -> None:
+        live = buffers(runs)
+        for i in self.reads:
+            self.twins[i].copy_(live[i], non_blocking=True)
+        self.graph.replay()
+        for i in self.writes:
+            live[i].copy_(self.twins[i], non_blocking=True)
+
+
+def call(component: Component, run: Run) -> None:
+    """Run once and copy the results into the bound output buffers."""
+    outs = component.run(*[run.inputs[n] for n in component.inputs])
+    if not isinstance(outs, (list, tuple)):  # a one-output package returns the bare tensor
+        outs = (outs,)
+    for name, value in zip(component.outputs, outs, strict=True):
+        out = run.outputs[name]
+        if out.shape != value.shape:  # copy_ would broadcast silently
+            raise RuntimeError(f"{component.name}.{name}: produced {tuple(value.shape)}, bound {tuple(out.shape)}")
+        out.copy_(value)
+
+
+def _eager(module):
+    import torch
+
+    def run(*args):
+        with torch.inference_mode():
+            return module(*args)
+
+    return run
+
+
+def _torch_dtype(torch, dtype):
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}[np.dtype(dtype)]
+
+
+def create(**options) -> TorchBackend:
+    return TorchBackend(**options)

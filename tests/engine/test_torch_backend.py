@@ -1,0 +1,117 @@
+"""The torch backend on the CPU: an AOTInductor engine of the tiny SD 1.x model must give the
+ONNX Runtime engine's and diffusers' images; and the pure parts of the CUDA-graph plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TEST_CONFIG
+from ldm_deploy.engine.backends import Run
+from ldm_deploy.engine.backends.torch import buffers, slots
+from ldm_deploy.engine.manifest import read_manifest
+from ldm_deploy.engine.spec import DimRange, component_specs, ModelFacts
+from ldm_deploy.errors import InvalidRequest, UserError
+from ldm_deploy.export.build import export_engine
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export.torch_export import dynamic_shapes, export_dims
+
+
+@pytest.fixture(scope="module")
+def torch_engine(model_dirs, tmp_path_factory):
+    from dataclasses import replace
+
+    out = tmp_path_factory.mktemp("torch") / "tiny-sd1"
+    return export_engine(str(model_dirs["tiny-sd1"]), out, replace(TEST_CONFIG, backend="torch"))
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(torch_engine):
+    from ldm_deploy import Pipeline
+
+    return Pipeline.load(torch_engine)
+
+
+def test_manifest_of_a_torch_engine(torch_engine):
+    m = read_manifest(torch_engine)
+    assert m.backend == "torch" and m.precision == "fp32"
+    assert m.build["device"] == "cpu" and set(m.build["modes"].values()) == {"aoti"}
+    assert m.size_multiple == 16  # 8 px per latent x 2: the tiny U-Net downsamples once
+    assert set(m.files["unet_step"]) == {"unet_step.pt2"}
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_karras"])
+def test_torch_engine_matches_onnxruntime(torch_pipe, pipelines, sampler):
+    kw = dict(seed=3, steps=4, width=128, height=64, sampler=sampler, output_type="np", progress=False,
+              num_images=2, negative_prompt="blurry")
+    ours = torch_pipe("a cat on a mat", **kw)
+    onnx = pipelines["tiny-sd1"]("a cat on a mat", **kw)
+    np.testing.assert_allclose(ours, onnx, atol=1e-4, rtol=0)
+
+
+def test_torch_engine_matches_diffusers(torch_pipe, model_dirs, torch_noise):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(model_dirs["tiny-sd1"], safety_checker=None,
+                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
+    latents = torch.randn((1, 4, 8, 16), generator=torch.Generator().manual_seed(1))
+    want = ref("a red house", num_inference_steps=5, height=64, width=128, latents=latents.clone(),
+               output_type="np").images
+    got = torch_pipe("a red house", steps=5, height=64, width=128, sampler="dpmpp_2m", latents=latents.numpy(),
+                     output_type="np", progress=False)
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
+
+
+def test_torch_engine_img2img_matches_onnxruntime(torch_pipe, pipelines):
+    from PIL import Image
+
+    init = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    kw = dict(init_image=init, strength=0.5, seed=1, steps=4, output_type="np", progress=False)
+    np.testing.assert_allclose(torch_pipe("x", **kw), pipelines["tiny-sd1"]("x", **kw), atol=1e-4, rtol=0)
+
+
+def test_torch_engine_needs_sizes_its_unet_divides(torch_pipe):
+    with pytest.raises(InvalidRequest, match="multiple of 16"):
+        torch_pipe("x", width=72, height=64)
+
+
+def test_export_dims_make_latent_sides_multiples():
+    ranges = {"batch": DimRange(1, 1, 4), "cfg": DimRange(1, 2, 2), "latent_height": DimRange(32, 64, 128),
+              "latent_width": DimRange(32, 64, 128)}
+    dims = export_dims(ranges, multiple=64)  # SD 1.5: three downsamplings
+    spec = component_specs(ModelFacts(4, 77, 768))["vae_encoder"]
+    images, sample_noise = dynamic_shapes(spec, dims)[:2]
+    # images are (B, 3, 8 * 8 * blocks, ...): the exporter sees both factors
+    assert str(images[2]) == str(dims["latent_height"] * 8)
+    assert set(images) == {0, 2, 3} and set(sample_noise) == {0, 2, 3}
+    assert dynamic_shapes(spec, dims)[3] is None  # start_coeffs: static (2,)
+
+
+def test_graph_slots_name_buffers_by_first_use():
+    a, b, c, d = (torch.zeros(1) for _ in range(4))
+    runs = [Run({"x": a, "n": c}, {"y": b}), Run({"x": b, "n": d}, {"y": a})]
+    assert slots(runs) == (("x", 0), ("n", 1), ("y", 2), ("x", 2), ("n", 3), ("y", 0))
+    assert [id(t) for t in buffers(runs)] == [id(a), id(c), id(b), id(d)]
+    # Same structure with other tensors: same key, so a captured graph is reused.
+    e, f, g, h = (torch.zeros(1) for _ in range(4))
+    assert slots([Run({"x": e, "n": g}, {"y": f}), Run({"x": f, "n": h}, {"y": e})]) == slots(runs)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(device="cuda"), "apply to --backend torch"),
+    (dict(backend="torch", precision="fp16"), "fp16 engines need --device cuda"),
+    (dict(backend="torch", attention="flash9"), "unknown attention"),
+])
+def test_export_option_combinations(kw, message):
+    with pytest.raises(UserError, match=message):
+        ExportConfig(**kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_export_without_a_gpu_is_a_clear_error(model_dirs, tmp_path):
+    with pytest.raises(UserError, match="sees no CUDA GPU"):
+        export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", ExportConfig(backend="torch", device="cuda"))
+    assert not (tmp_path / "e").exists()
