@@ -23,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"), help="U-Net attention kernel")
     t.add_argument("--channels-last", action="store_true", help="NHWC convolutions in the U-Net")
     t.add_argument("--fuse-qkv", action="store_true", help="one GEMM for the q, k, v projections")
+    p.add_argument("--no-img2img", action="store_true", help="skip the VAE encoder: txt2img only, a shorter export")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
             attention=args.attention,
             channels_last=args.channels_last,
             fuse_qkv=args.fuse_qkv,
+            img2img=not args.no_img2img,
             min_size=args.min_size,
             max_size=args.max_size,
             opt_size=args.opt_size,

@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 COMPONENTS = ("text_encoder", "unet_step", "vae_decoder", "vae_encoder")
+REQUIRED = ("text_encoder", "unet_step", "vae_decoder", "tokenizer")  # vae_encoder: img2img only
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,11 @@ def read_manifest(engine_dir: Path) -> Manifest:
 def verify_files(engine_dir: Path, manifest: Manifest, hashes: bool = True) -> None:
     """Check that every recorded file exists with the recorded size (and hash)."""
     rebuild = f"re-export it with `ldm-export --model {manifest.model.source} --out {engine_dir} --force`"
-    for comp in COMPONENTS + ("tokenizer",):
+    for comp in REQUIRED:
         if comp not in manifest.files:
             raise EngineError(f"{engine_dir} has no {comp} component; {rebuild}")
-        for name, rec in manifest.files[comp].items():
+    for comp, files in manifest.files.items():
+        for name, rec in files.items():
             path = Path(engine_dir) / name
             if not path.is_file():
                 raise EngineError(f"{path} is missing; {rebuild}")

@@ -172,6 +172,11 @@ class Pipeline:
 
     def encode(self, init, req, sp, generator, latents, shape):
         """img2img start: the VAE-encoded image noised to the first executed step."""
+        if "vae_encoder" not in self.manifest.files:
+            raise InvalidRequest(
+                f"{self.engine_dir} was exported without the VAE encoder (--no-img2img); "
+                "re-export without that flag to use --init-image"
+            )
         if "vae_encoder" not in self.components:
             self.components["vae_encoder"] = self.backend.load(self.engine_dir, self.manifest, "vae_encoder")
         be = self.backend

@@ -32,15 +32,16 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     specs = component_specs(info.facts)
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
 
+    components = COMPONENTS if config.img2img else tuple(c for c in COMPONENTS if c != "vae_encoder")
     with staging_dir(out, config.force) as tmp:
         files = {}
-        for i, name in enumerate(COMPONENTS, 1):
+        for i, name in enumerate(components, 1):
             t = time.perf_counter()
-            log.info("[%d/%d] %s: %s", i, len(COMPONENTS), name, exporter.doing)
+            log.info("[%d/%d] %s: %s", i, len(components), name, exporter.doing)
             written = exporter(name, specs[name], tmp)
             files[name] = {p.name: file_record(p) for p in written}
             size = sum(r["bytes"] for r in files[name].values()) / 2**20
-            log.info("[%d/%d] %s: %.1f MiB in %.1f s", i, len(COMPONENTS), name, size, time.perf_counter() - t)
+            log.info("[%d/%d] %s: %.1f MiB in %.1f s", i, len(components), name, size, time.perf_counter() - t)
         pad_id = write_tokenizer(src, info.text_length, tmp / TOKENIZER)
         files["tokenizer"] = {TOKENIZER: file_record(tmp / TOKENIZER)}
         manifest = Manifest(

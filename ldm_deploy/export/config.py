@@ -37,6 +37,7 @@ class ExportConfig:
     attention: str = "sdpa"
     channels_last: bool = False
     fuse_qkv: bool = False
+    img2img: bool = True  # export the VAE encoder too (False: txt2img only, a shorter export)
     min_size: int = 256
     max_size: int = 1024
     opt_size: int | None = None

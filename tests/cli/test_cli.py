@@ -203,3 +203,17 @@ def test_console_scripts_exit_codes(engine_dirs, tmp_path):
     cmd = [exe] if exe else [sys.executable, "-m", "ldm_deploy.cli.run"]
     p = subprocess.run(cmd + ["x", "--engine", str(tmp_path / "none")], capture_output=True, text=True)
     assert p.returncode == 2 and "ldm-run: error:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_txt2img_only_engine_refuses_img2img_clearly(model_dirs, tmp_path, capsys):
+    eng = tmp_path / "t2i"
+    code, err = export(capsys, ["--model", str(model_dirs["tiny-sd1"]), "--out", str(eng), "--no-img2img",
+                                "--min-size", "64", "--max-size", "128"])
+    assert code == 0, err
+    assert not (eng / "vae_encoder.onnx").exists()
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), "red").save(init)
+    code, err = run(capsys, ["x", "--engine", str(eng), "--steps", "1", "--out", str(tmp_path / "a.png"), "-q"])
+    assert code == 0, err
+    code, err = run(capsys, ["x", "--engine", str(eng), "--init-image", str(init), "--out", str(tmp_path / "b.png"), "-q"])
+    assert code != 0 and "without the VAE encoder" in err

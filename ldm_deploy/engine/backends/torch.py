@@ -59,7 +59,9 @@ class TorchBackend:
         mode = manifest.build.get("modes", {}).get(component, "aoti")
         try:
             if mode == "aoti":
-                runner = torch._inductor.aoti_load_package(str(path))
+                # The single-threaded runner is the one that CUDA graphs can capture: the default
+                # one queries events from its model pool, which stream capture forbids.
+                runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=built_for == "cuda")
             else:
                 log.warning("%s runs uncompiled (AOTInductor failed when the engine was exported)", component)
                 runner = _eager(torch.export.load(str(path)).module())
