@@ -4,10 +4,18 @@ and the diffusers pipelines that serve as the oracle."""
 from __future__ import annotations
 
 import logging
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. triton.jit reads this when a
+# kernel is decorated, so it must be set before anything imports ldm_deploy.kernels: here, in the
+# first conftest pytest loads. With a GPU the kernel tests run on it instead.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import numpy as np
 import pytest
-import torch
 
 from ldm_deploy.export.build import export_engine
 from ldm_deploy.export.config import ExportConfig
