@@ -6,23 +6,37 @@ import argparse
 import sys
 
 from ldm_deploy.cli.common import run_main, setup_logging
+from ldm_deploy.export.tensorrt_build import DEFAULT_TIMING_CACHE
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-export", description=__doc__.split(": ", 1)[1])
     p.add_argument("--model", required=True, help="diffusers folder, or a hub id such as org/name")
     p.add_argument("--out", required=True, help="engine directory to create")
-    p.add_argument("--backend", default="onnxruntime", help="engine kind to build (default: onnxruntime)")
+    p.add_argument("--backend", default="onnxruntime",
+                   help="engine kind to build: onnxruntime (default), tensorrt (NVIDIA GPUs), torch")
     p.add_argument("--min-size", type=int, default=256, help="smallest image side the engine accepts (px)")
     p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px)")
     p.add_argument("--opt-size", type=int, default=None, help="side to tune for (default: the model's native size)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
     t = p.add_argument_group("torch backend")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for")
-    t.add_argument("--precision", default=None, choices=("fp32", "fp16"), help="default: fp16 on cuda, fp32 on cpu")
-    t.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"), help="U-Net attention kernel")
+    t.add_argument("--precision", default=None, choices=("fp32", "fp16"),
+                   help="torch and tensorrt; default: fp16 on cuda and for tensorrt, fp32 on cpu")
+    p.add_argument("--attention", default=None, choices=("sdpa", "ort", "triton"),
+                   help="U-Net attention: sdpa (plain ops), ort (ONNX Runtime's fused MultiHeadAttention; "
+                        "onnxruntime), triton (our fused kernel; torch). Default: the backend's measured best")
     t.add_argument("--channels-last", action="store_true", help="NHWC convolutions in the U-Net")
     t.add_argument("--fuse-qkv", action="store_true", help="one GEMM for the q, k, v projections")
+    r = p.add_argument_group("tensorrt backend")
+    r.add_argument("--opt-level", type=int, default=3,
+                   help="TensorRT builder optimization level 0..5: higher builds longer, may run faster (default 3)")
+    r.add_argument("--static-shapes", action="store_true",
+                   help="build for exactly --opt-size and one image: kernels for one shape, no other size")
+    r.add_argument("--refit", action="store_true", help="keep weights refittable (for LoRA); can run slower")
+    r.add_argument("--timing-cache", default=DEFAULT_TIMING_CACHE,
+                   help=f"folder that keeps kernel timings between builds (default {DEFAULT_TIMING_CACHE})")
+    r.add_argument("--no-timing-cache", action="store_true", help="time every kernel afresh")
     p.add_argument("--no-img2img", action="store_true", help="skip the VAE encoder: txt2img only, a shorter export")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
@@ -37,6 +51,14 @@ def main(argv=None) -> int:
 
     def go():
         from ldm_deploy.export.config import ExportConfig
+        from ldm_deploy.export.tensorrt_build import TensorRTOptions
+
+        tensorrt = TensorRTOptions(
+            optimization_level=args.opt_level,
+            static_shapes=args.static_shapes,
+            refit=args.refit,
+            timing_cache=None if args.no_timing_cache else args.timing_cache,
+        )
 
         config = ExportConfig(
             backend=args.backend,
@@ -45,6 +67,7 @@ def main(argv=None) -> int:
             attention=args.attention,
             channels_last=args.channels_last,
             fuse_qkv=args.fuse_qkv,
+            tensorrt=tensorrt,
             img2img=not args.no_img2img,
             min_size=args.min_size,
             max_size=args.max_size,

@@ -32,7 +32,7 @@ class Pipeline:
     >>> images = pipe("a photo of an astronaut", steps=30, seed=7)
     """
 
-    def __init__(self, engine_dir: Path, manifest, backend, verify: bool):
+    def __init__(self, engine_dir: Path, manifest, backend):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
@@ -45,13 +45,19 @@ class Pipeline:
         }
 
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "auto", verify: bool = True, **backend_options) -> "Pipeline":
-        """Load an engine directory. `backend` "auto" takes the one it was built for.
-        `verify` checks every file's size and SHA-256 against the manifest first."""
+    def load(cls, engine_dir: str | Path, backend: str = "auto", verify: bool = True, rebuild_stale: bool = False,
+             **backend_options) -> "Pipeline":
+        """Load an engine directory. `backend` "auto" takes the one it was built for (a TensorRT
+        engine runs its ONNX graphs on ONNX Runtime where TensorRT or a GPU is missing).
+        `verify` checks every file's size and SHA-256 against the manifest first.
+        `rebuild_stale` (TensorRT): rebuild plans made for another GPU or TensorRT version from
+        the ONNX graphs in the engine directory instead of refusing them."""
         manifest = read_manifest(Path(engine_dir))
         verify_files(Path(engine_dir), manifest, hashes=verify)
-        name = manifest.backend if backend == "auto" else backend
-        return cls(engine_dir, manifest, backends.create(name, **backend_options), verify)
+        name = backends.auto(manifest) if backend == "auto" else backend
+        if name == "tensorrt":
+            backend_options["rebuild_stale"] = rebuild_stale
+        return cls(engine_dir, manifest, backends.create(name, **backend_options))
 
     @property
     def default_size(self) -> tuple[int, int]:

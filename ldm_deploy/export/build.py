@@ -16,6 +16,7 @@ from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.engine_dir import staging_dir
 from ldm_deploy.export.source import SourceModel, load_source
+from ldm_deploy.export.tensorrt_build import TensorRTExporter
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,11 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
 
 
 def size_multiple(src: SourceModel, backend: str) -> int:
-    """Image sides the engine accepts are multiples of this many px. ONNX graphs trace
-    diffusers' explicit-upsample-size path and take any multiple of 8; torch.export cannot
-    keep both of the U-Net's branches, so torch engines need sides its downsamplings divide."""
-    if backend == "onnxruntime":
+    """Image sides the engine accepts are multiples of this many px. ONNX graphs (and the
+    TensorRT plans built from them) trace diffusers' explicit-upsample-size path and take any
+    multiple of 8; torch.export cannot keep both of the U-Net's branches, so torch engines need
+    sides its downsamplings divide."""
+    if backend in ("onnxruntime", "tensorrt"):
         return VAE_SCALE
     return VAE_SCALE * 2 ** (len(src.unet.config.block_out_channels) - 1)
 
@@ -73,8 +75,14 @@ def size_multiple(src: SourceModel, backend: str) -> int:
 class OnnxExporter:
     doing = "tracing to ONNX"
 
-    def __init__(self, src, config, dims, multiple):
+    def __init__(self, src, config, dims, multiple, dtypes: dict[str, str] | None = None):
         self.src = src
+        self.dtypes = dtypes or {}  # component -> body precision ("fp16" for TensorRT); default fp32
+        self.attention = config.attention_kind
+        if self.attention == "ort":
+            from ldm_deploy.kernels.processor import use_fused_attention
+
+            use_fused_attention(src.unet)  # its op is what the "ort" symbolic rewrites
         # Trace with CFG batching (cfg 2, one image) near the tuned size, made odd: the
         # U-Net then takes diffusers' explicit-upsample-size path, which the graph needs to serve
         # sizes that its downsamplings do not divide (e.g. 264 px -> 33 latents -> 17 -> 9 -> 5).
@@ -84,13 +92,19 @@ class OnnxExporter:
         from ldm_deploy.export.components import WRAPPERS, example_inputs
         from ldm_deploy.export.onnx_export import export_onnx
 
-        module = WRAPPERS[name](self.src, torch_dtype("fp32")).eval()
-        return export_onnx(module, spec, example_inputs(spec, self.trace_dims), tmp / f"{name}.onnx")
+        module = WRAPPERS[name](self.src, torch_dtype(self.dtypes.get(name, "fp32"))).eval()
+        example = example_inputs(spec, self.trace_dims)
+        if name == "unet_step" and self.attention == "ort":
+            from ldm_deploy.kernels.onnx_export import onnx_attention
+
+            with onnx_attention("ort"):
+                return export_onnx(module, spec, example, tmp / f"{name}.onnx", {"com.microsoft": 1})
+        return export_onnx(module, spec, example, tmp / f"{name}.onnx")
 
     def build_facts(self) -> dict:
         from ldm_deploy.export.onnx_export import OPSET
 
-        return {"opset": OPSET}
+        return {"opset": OPSET, "attention": self.attention}
 
 
 class TorchExporter:
@@ -115,7 +129,7 @@ class TorchExporter:
         unet, c = self.src.unet, self.config
         if c.fuse_qkv:
             unet.fuse_qkv_projections()
-        if c.attention == "triton":
+        if c.attention_kind == "triton":
             from ldm_deploy.kernels.processor import use_fused_attention
 
             use_fused_attention(unet)
@@ -134,11 +148,11 @@ class TorchExporter:
 
     def build_facts(self) -> dict:
         c = self.config
-        return {"device": c.device, "attention": c.attention, "channels_last": c.channels_last,
+        return {"device": c.device, "attention": c.attention_kind, "channels_last": c.channels_last,
                 "fuse_qkv": c.fuse_qkv, "modes": self.modes}
 
 
-EXPORTERS = {"onnxruntime": OnnxExporter, "torch": TorchExporter}
+EXPORTERS = {"onnxruntime": OnnxExporter, "torch": TorchExporter, "tensorrt": TensorRTExporter}
 
 
 def torch_dtype(name: str):

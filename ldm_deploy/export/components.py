@@ -18,7 +18,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, clip, dtype=torch.float32):
         super().__init__()
-        self.clip = clip.to(dtype)
+        self.clip = cast(clip, dtype)
 
     def forward(self, input_ids):
         hidden = self.clip(input_ids.flatten(0, 1))[0].float()  # (K*B, 77, D)
@@ -35,7 +35,7 @@ class UnetStep(nn.Module):
 
     def __init__(self, unet, dtype=torch.float32):
         super().__init__()
-        self.unet = unet.to(dtype)
+        self.unet = cast(unet, dtype)
         self.dtype = dtype
 
     def forward(self, latents, text_embeddings, coeffs, state, noise):
@@ -54,7 +54,7 @@ class VaeDecoder(nn.Module):
 
     def __init__(self, vae, dtype=torch.float32):
         super().__init__()
-        self.vae = vae.to(dtype)
+        self.vae = cast(vae, dtype)
         self.dtype = dtype
         self.scaling = float(vae.config.scaling_factor)
 
@@ -71,7 +71,7 @@ class VaeEncoder(nn.Module):
 
     def __init__(self, vae, dtype=torch.float32):
         super().__init__()
-        self.vae = vae.to(dtype)
+        self.vae = cast(vae, dtype)
         self.dtype = dtype
         self.scaling = float(vae.config.scaling_factor)
 
@@ -79,6 +79,11 @@ class VaeEncoder(nn.Module):
         dist = self.vae.encode(images.to(self.dtype)).latent_dist
         z = self.scaling * (dist.mean.float() + dist.std.float() * sample_noise)
         return start_coeffs[0] * z + start_coeffs[1] * start_noise
+
+
+def cast(module, dtype):
+    # Loaded modules are float32 already; diffusers warns on every .to(dtype), needed or not.
+    return module if dtype == torch.float32 else module.to(dtype)
 
 
 WRAPPERS = {

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 from ldm_deploy.engine.spec import VAE_SCALE, DimRange
 from ldm_deploy.errors import UserError
+from ldm_deploy.export.tensorrt_build import TensorRTOptions, check_build_options, static_dims
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+DEFAULT_ATTENTION = {"onnxruntime": "sdpa", "torch": "sdpa", "tensorrt": "sdpa"}
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16")
-ATTENTION = ("sdpa", "triton")
+# sdpa: PyTorch's attention (exported to ONNX as MatMul / Softmax / MatMul); triton: our fused
+# kernel (torch backend); ort: ONNX Runtime's fused MultiHeadAttention operator (onnxruntime).
+ATTENTION = {"onnxruntime": ("sdpa", "ort"), "torch": ("sdpa", "triton"), "tensorrt": ("sdpa",)}
 
 
 @dataclass(frozen=True)
@@ -26,17 +30,23 @@ class ExportConfig:
     device: "cpu" or "cuda".
     precision: "fp16" runs the U-Net, VAE and text encoder bodies in half precision (latents,
       coefficients and the sampler update stay fp32); None picks fp16 on cuda, fp32 on cpu.
-    attention: "triton" puts our fused attention op into the U-Net; "sdpa" keeps PyTorch's.
+      Also for tensorrt, where None means fp16.
+    attention: "sdpa" keeps PyTorch's; "triton" (torch) puts our fused Triton op into the U-Net;
+      "ort" (onnxruntime) writes ONNX Runtime's fused MultiHeadAttention operator.
     channels_last: U-Net convolutions in NHWC memory layout (often faster on tensor cores).
     fuse_qkv: one projection GEMM for q, k, v in self-attention (diffusers' fuse_qkv_projections).
+
+    tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
+    static shapes, refit, timing cache).
     """
 
     backend: str = "onnxruntime"
     device: str = "cpu"
     precision: str | None = None
-    attention: str = "sdpa"
+    attention: str | None = None  # None: the backend's measured default
     channels_last: bool = False
     fuse_qkv: bool = False
+    tensorrt: TensorRTOptions = TensorRTOptions()
     img2img: bool = True  # export the VAE encoder too (False: txt2img only, a shorter export)
     min_size: int = 256
     max_size: int = 1024
@@ -50,10 +60,14 @@ class ExportConfig:
         check_config(self)
 
     @property
+    def attention_kind(self) -> str:
+        return self.attention or DEFAULT_ATTENTION[self.backend]
+
+    @property
     def dtype_name(self) -> str:
         if self.precision:
             return self.precision
-        return "fp16" if self.device == "cuda" else "fp32"
+        return "fp16" if self.device == "cuda" or self.backend == "tensorrt" else "fp32"
 
     def dims(self, native_latent: int, multiple: int = VAE_SCALE) -> dict[str, DimRange]:
         """Dim ranges; image sides are kept to multiples of `multiple` px (8, or more where an
@@ -68,12 +82,13 @@ class ExportConfig:
         opt = self.opt_size or native_latent * VAE_SCALE
         opt = min(max(opt // multiple * multiple, lo), hi)
         side = DimRange(lo // VAE_SCALE, opt // VAE_SCALE, hi // VAE_SCALE)
-        return {
+        dims = {
             "batch": DimRange(1, self.opt_batch, self.max_batch),
             "cfg": DimRange(1, 2, 2),
             "latent_height": side,
             "latent_width": side,
         }
+        return static_dims(dims) if self.tensorrt.static_shapes else dims
 
 
 def check_config(c: ExportConfig) -> None:
@@ -84,15 +99,25 @@ def check_config(c: ExportConfig) -> None:
         if v < VAE_SCALE or v % VAE_SCALE:
             raise UserError(f"--{name.replace('_', '-')} {v} must be a positive multiple of {VAE_SCALE}")
     for name, value, allowed in (("device", c.device, DEVICES), ("precision", c.precision, PRECISIONS + (None,)),
-                                 ("attention", c.attention, ATTENTION)):
+                                 (f"attention for --backend {c.backend}", c.attention, ATTENTION[c.backend] + (None,))):
         if value not in allowed:
             raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
-    if c.backend == "onnxruntime" and (c.device, c.dtype_name, c.attention) != ("cpu", "fp32", "sdpa"):
+    if c.backend == "onnxruntime" and (c.device, c.dtype_name) != ("cpu", "fp32"):
         raise UserError(
-            "--device / --precision / --attention apply to --backend torch; ONNX engines are fp32 graphs "
+            "--device / --precision apply to --backend torch; ONNX engines are fp32 graphs "
             "that ONNX Runtime places on its own devices"
         )
-    if c.device == "cpu" and c.dtype_name == "fp16":
+    torch_only = (c.device, c.channels_last, c.fuse_qkv)
+    if c.backend == "tensorrt" and torch_only != ("cpu", False, False):
+        raise UserError(
+            "--device / --channels-last / --fuse-qkv apply to --backend torch; TensorRT plans "
+            "always run on the GPU and choose their own kernels"
+        )
+    if c.backend != "tensorrt" and c.tensorrt != TensorRTOptions():
+        raise UserError("--opt-level / --static-shapes / --refit / --timing-cache apply to --backend tensorrt")
+    if c.backend == "tensorrt":
+        check_build_options(c.tensorrt, c.dtype_name)
+    if c.backend == "torch" and c.device == "cpu" and c.dtype_name == "fp16":
         raise UserError("fp16 engines need --device cuda; CPU engines are fp32")
     if c.min_size > c.max_size:
         raise UserError(f"--min-size {c.min_size} is larger than --max-size {c.max_size}")

@@ -19,7 +19,8 @@ OPSET = 17
 PROTO_LIMIT = 2**31 - 1
 
 
-def export_onnx(module: torch.nn.Module, spec: ComponentSpec, example: tuple, path: Path) -> list[Path]:
+def export_onnx(module: torch.nn.Module, spec: ComponentSpec, example: tuple, path: Path,
+                custom_opsets: dict[str, int] | None = None) -> list[Path]:
     """Export `module` to `path`; returns the files written (the graph, and its data file if any)."""
     import onnx
 
@@ -39,6 +40,7 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,
+            custom_opsets=custom_opsets,
         )
         model = onnx.load(str(raw), load_external_data=True)
         name_dims(model.graph, spec)

@@ -65,15 +65,40 @@ def _plain_symbolic(g, q, k, v, scale):
     return g.op("MatMul", g.op("Softmax", scores, axis_i=-1), v)
 
 
-def _register(fused: bool) -> None:
-    register_custom_op_symbolic(OP_NAME, _fused_symbolic if fused else _plain_symbolic, MIN_OPSET)
+@symbolic_helper.parse_args("v", "v", "v", "f")
+def _ort_symbolic(g, q, k, v, scale):
+    # ONNX Runtime's fused com.microsoft::MultiHeadAttention (CPU and CUDA kernels): it never
+    # writes the (B, H, Lq, Lk) scores to memory, which at 4096 tokens is 1 GiB per call in fp32.
+    # The heads fold into its batch (num_heads 1), so the node needs no static head count:
+    # (B, H, L, D) -> (B*H, L, D) -> MultiHeadAttention -> (B*H, Lq, D) -> (B, H, Lq, D).
+    def shape(x, lo, hi):
+        return g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([lo])),
+                    g.op("Constant", value_t=torch.tensor([hi])))
+
+    minus_one = g.op("Constant", value_t=torch.tensor([-1]))
+
+    def fold(x):
+        return g.op("Reshape", x, g.op("Concat", minus_one, shape(x, 2, 4), axis_i=0))
+
+    out = g.op("com.microsoft::MultiHeadAttention", fold(q), fold(k), fold(v), num_heads_i=1, scale_f=scale)
+    return g.op("Reshape", out, g.op("Concat", shape(q, 0, 3), shape(q, 3, 4), axis_i=0))
+
+
+_SYMBOLICS = {"plain": _plain_symbolic, "fused": _fused_symbolic, "ort": _ort_symbolic}
+
+
+def _register(mode) -> None:
+    mode = {False: "plain", True: "fused"}.get(mode, mode)
+    register_custom_op_symbolic(OP_NAME, _SYMBOLICS[mode], MIN_OPSET)
 
 
 @contextlib.contextmanager
-def onnx_attention(fused: bool = False) -> Iterator[None]:
+def onnx_attention(fused: bool | str = False) -> Iterator[None]:
     """Within this context the TorchScript exporter writes each `ldm_deploy::attention` as
-    MatMul/Softmax/MatMul (`fused=False`) or as one `ldm_deploy::FusedAttention` node
-    (`fused=True`; pass `custom_opsets={"ldm_deploy": 1}` to torch.onnx.export). Nests."""
+    MatMul/Softmax/MatMul (`fused=False` or "plain"), as one `ldm_deploy::FusedAttention` node
+    (`fused=True` or "fused"; pass `custom_opsets={"ldm_deploy": 1}` to torch.onnx.export), or
+    as ONNX Runtime's `com.microsoft::MultiHeadAttention` ("ort";
+    `custom_opsets={"com.microsoft": 1}`). Nests."""
     _active.append(fused)
     _register(fused)
     try:

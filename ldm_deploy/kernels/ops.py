@@ -81,6 +81,9 @@ def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 
 
 def _log_fallback_once(reason: str) -> None:
+    # While the ONNX exporter traces, the op's value is only an example: its ONNX form is what runs.
+    if torch.onnx.is_in_onnx_export():
+        return
     if reason not in _logged_reasons:
         _logged_reasons.add(reason)
         logger.warning("ldm_deploy::attention falls back to torch SDPA for %s", reason)

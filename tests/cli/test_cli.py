@@ -191,6 +191,9 @@ def test_export_existing_out_needs_force(engine_dirs, model_dirs, capsys):
     (["--min-size", "100"], "multiple of 8"),
     (["--min-size", "512", "--max-size", "256"], "larger than --max-size"),
     (["--backend", "vulkan"], "unknown backend"),
+    (["--refit"], "apply to --backend tensorrt"),
+    (["--backend", "tensorrt", "--opt-level", "9"], "lies in 0..5"),
+    (["--backend", "tensorrt", "--device", "cuda"], "apply to --backend torch"),
 ])
 def test_export_bad_options(args, message, model_dirs, tmp_path, capsys):
     code, err = export(capsys, ["--model", str(model_dirs["tiny-sd1"]), "--out", str(tmp_path / "e"), *args])

@@ -103,7 +103,8 @@ def test_graph_slots_name_buffers_by_first_use():
 @pytest.mark.parametrize("kw,message", [
     (dict(device="cuda"), "apply to --backend torch"),
     (dict(backend="torch", precision="fp16"), "fp16 engines need --device cuda"),
-    (dict(backend="torch", attention="flash9"), "unknown attention"),
+    (dict(backend="torch", attention="flash9"), "unknown attention for --backend torch"),
+    (dict(attention="triton"), "unknown attention for --backend onnxruntime"),
 ])
 def test_export_option_combinations(kw, message):
     with pytest.raises(UserError, match=message):

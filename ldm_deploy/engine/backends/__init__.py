@@ -16,7 +16,7 @@ import numpy as np
 from ldm_deploy.errors import BackendUnavailable
 
 # name -> module under ldm_deploy.engine.backends; the module defines `create()`.
-BACKENDS = {"onnxruntime": "onnxruntime", "torch": "torch"}
+BACKENDS = {"onnxruntime": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,14 @@ class Backend(Protocol):
     def run_steps(self, component: Any, runs: list[Run], key: tuple, on_step: Callable[[int], None]) -> None:
         """Run the same component over a prepared sequence of bindings (the denoising loop).
         `key` names what makes a captured graph reusable (shapes, steps, sampler, batch)."""
+
+
+def auto(manifest) -> str:
+    """What backend "auto" means for an engine directory: the one it was built for, except that a
+    TensorRT engine runs its kept ONNX graphs on ONNX Runtime where TensorRT or a GPU is missing."""
+    from ldm_deploy.engine.backends.tensorrt import auto_backend
+
+    return auto_backend(manifest)
 
 
 def create(name: str, **options) -> Backend:

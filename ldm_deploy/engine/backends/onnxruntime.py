@@ -8,7 +8,6 @@ onnxruntime-gpu is not installed on any machine we test on.)
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np

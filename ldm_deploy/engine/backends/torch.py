@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.engine.backends import Run
+from ldm_deploy.engine.backends.capture import buffers, slots
 from ldm_deploy.errors import BackendUnavailable, EngineError
 
 log = logging.getLogger(__name__)
@@ -109,25 +110,6 @@ class TorchBackend:
         except Exception as e:  # capture is an optimisation: fall back, say so once
             log.warning("CUDA graph capture failed (%s: %s); running the loop step by step", type(e).__name__, e)
             return None
-
-
-def slots(runs: list[Run]) -> tuple:
-    """Which distinct buffer (numbered by first appearance) fills each slot of each run."""
-    ids: dict[int, int] = {}
-    out = []
-    for run in runs:
-        for name, t in list(run.inputs.items()) + list(run.outputs.items()):
-            out.append((name, ids.setdefault(id(t), len(ids))))
-    return tuple(out)
-
-
-def buffers(runs: list[Run]) -> list:
-    """The distinct buffers of `runs`, in first-appearance order (the numbering of `slots`)."""
-    seen: dict[int, object] = {}
-    for run in runs:
-        for t in list(run.inputs.values()) + list(run.outputs.values()):
-            seen.setdefault(id(t), t)
-    return list(seen.values())
 
 
 class CapturedLoop:
