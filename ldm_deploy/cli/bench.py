@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="images per call; images/s is measured at this batch")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every contender (default: each library's own)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    p.add_argument("--warmup-steps", type=int, default=2, help="steps per warm-up call (default 2)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps per warm-up call (default: --steps; 2 is enough on the CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; stages report the median (default 3)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
     p.add_argument("--negative-prompt", default="blurry, low quality")
@@ -99,14 +100,23 @@ def main(argv=None) -> int:
                 chart.check_available()
             except ImportError as e:
                 raise UserError(str(e)) from None
-        results = bench.run(cfg)
+        done: set[str] = set()
+
+        def save(results: dict, final: bool = False) -> None:
+            for name, c in results["contenders"].items():
+                if name not in done and (final or c.get("error") != bench.PENDING):
+                    done.add(name)
+                    log.info("%s", report.one_line(name, c))
+            if args.json:
+                bench.write_json(results, args.json)
+            if args.chart:
+                chart.write_chart(results, args.chart)
+
+        results = bench.run(cfg, on_progress=save)
+        save(results, final=True)
         print(report.render(results), flush=True)
-        if args.json:
-            bench.write_json(results, args.json)
-            log.info("wrote %s", args.json)
-        if args.chart:
-            chart.write_chart(results, args.chart)
-            log.info("wrote %s", args.chart)
+        for path in filter(None, (args.json, args.chart)):
+            log.info("wrote %s", path)
         failed.extend(n for n, c in results["contenders"].items() if "error" in c)
 
     code = run_main(go, "ldm-bench")

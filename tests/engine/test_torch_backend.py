@@ -9,7 +9,7 @@ import torch
 
 from conftest import TEST_CONFIG
 from ldm_deploy.engine.backends import Run
-from ldm_deploy.engine.backends.torch import buffers, slots
+from ldm_deploy.engine.backends.capture import buffers, slots
 from ldm_deploy.engine.manifest import read_manifest
 from ldm_deploy.engine.spec import DimRange, component_specs, ModelFacts
 from ldm_deploy.errors import InvalidRequest, UserError

@@ -161,3 +161,16 @@ class GraphCache:
         out = [v for v in self.items.values() if v is not None]
         self.items.clear()
         return out
+
+
+def run_loop(run_one: Callable, loop, component, runs: list[Run], on_step: Callable[[int], None]) -> None:
+    """Replay a captured loop, or without one (graphs off, or a capture that failed and was
+    logged) run the steps one by one; report every step either way."""
+    if loop is None:
+        for i, run in enumerate(runs):
+            run_one(component, run)
+            on_step(i)
+        return
+    loop.replay(runs)
+    for i in range(len(runs)):
+        on_step(i)

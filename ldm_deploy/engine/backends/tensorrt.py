@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.engine.backends import Run
-from ldm_deploy.engine.backends.capture import ALIGNMENT, GraphCache, align, buffers, graph_key, loop_plan
+from ldm_deploy.engine.backends.capture import ALIGNMENT, GraphCache, align, buffers, graph_key, loop_plan, run_loop
 from ldm_deploy.engine.spec import ComponentSpec, DimRange
 from ldm_deploy.errors import BackendUnavailable, EngineError, InvalidRequest
 
@@ -371,14 +371,7 @@ class TensorRTBackend:
         if self.cuda_graph and full_key not in self.graphs:
             self.free_loops(self.graphs.put(full_key, self.capture(component, runs)))
         loop = self.graphs.get(full_key) if self.cuda_graph else None
-        if loop is None:  # no graphs, or capture failed once for this key (already logged)
-            for i, run in enumerate(runs):
-                self.run(component, run)
-                on_step(i)
-            return
-        loop.replay(runs)
-        for i in range(len(runs)):
-            on_step(i)
+        run_loop(self.run, loop, component, runs, on_step)
 
     def capture(self, component: Component, runs: list[Run]) -> "CapturedLoop | None":
         self.prepare(component, runs[0])  # bad requests fail here, not as a capture failure

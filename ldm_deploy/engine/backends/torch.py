@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.engine.backends import Run
-from ldm_deploy.engine.backends.capture import buffers, slots
+from ldm_deploy.engine.backends.capture import GraphCache, buffers, graph_key, run_loop
 from ldm_deploy.errors import BackendUnavailable, EngineError
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class TorchBackend:
         self.torch = torch
         self.device_name = device
         self.cuda_graph = cuda_graph
-        self.graphs: dict[tuple, "CapturedLoop | None"] = {}
+        self.graphs = GraphCache()  # of CapturedLoop, or None where capture failed
 
     def load(self, engine_dir: Path, manifest, component: str) -> Component:
         torch = self.torch
@@ -86,23 +86,13 @@ class TorchBackend:
             call(component, run)
 
     def run_steps(self, component: Component, runs: list[Run], key: tuple, on_step) -> None:
-        if self.device.type != "cuda" or not self.cuda_graph:
-            for i, run in enumerate(runs):
-                self.run(component, run)
-                on_step(i)
-            return
-        full_key = (key, slots(runs))
-        if full_key not in self.graphs:
-            self.graphs[full_key] = self.capture(component, runs)
-        loop = self.graphs[full_key]
-        if loop is None:  # capture failed once for this key: run plainly, already logged
-            for i, run in enumerate(runs):
-                self.run(component, run)
-                on_step(i)
-            return
-        loop.replay(runs)
-        for i in range(len(runs)):
-            on_step(i)
+        loop = None
+        if self.device.type == "cuda" and self.cuda_graph:
+            full_key = graph_key(key, runs, lambda t: t.shape)
+            if full_key not in self.graphs:
+                self.graphs.put(full_key, self.capture(component, runs))  # evicted: freed by GC
+            loop = self.graphs.get(full_key)
+        run_loop(self.run, loop, component, runs, on_step)
 
     def capture(self, component: Component, runs: list[Run]) -> "CapturedLoop | None":
         try:
