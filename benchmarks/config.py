@@ -1,0 +1,111 @@
+"""What one `ldm-bench` run measures, checked in one place before anything slow starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm_deploy.engine.samplers import SAMPLERS
+from ldm_deploy.errors import UserError
+
+# torch.compile modes a `compile:MODE` contender may name.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. Every contender gets the same request.
+
+    contenders: "ours" (the engine at `engine`), "diffusers" (StableDiffusionPipeline on the
+        weights at `model`: eager fp32 on the CPU, fp16 + SDPA on CUDA), "compile:MODE" (the same
+        with torch.compile of its U-Net; "compile" alone means max-autotune, whose tuning of the
+        SD 1.5 U-Net can take many minutes: "default" compiles in about one).
+    baseline: the contender every ratio divides by; it must be one of `contenders`.
+    width, height, steps, guidance, sampler, batch: the request (batch = images per call; with
+        guidance > 1 the U-Net runs 2 x batch).
+    threads: CPU threads for every contender (ONNX Runtime intra-op, torch, OpenMP); None
+        leaves each library's default, which may differ between them.
+    warmup, warmup_steps: untimed calls before timing, each of `warmup_steps` steps (None: as
+        many as timed) at the timed shape, so every arena and autotuner has seen the shapes.
+        Backends that capture the loop as a CUDA graph key it by step count: fewer warm-up steps
+        leave the capture inside the first timed call. On the CPU, 2 steps warm up as well.
+    repeats: timed calls; stages report their median and half-range. 3 keeps a CPU run of SD 1.5
+        at 256 px, 20 steps, within 15 minutes; use more where runs are cheap.
+    time_budget_s: wall-clock cap for the whole run; each contender's process gets what is left
+        and a contender that would start with too little is skipped (reported, not silently).
+    """
+
+    engine: str | None = None
+    model: str | None = None
+    contenders: tuple[str, ...] = ("ours", "diffusers")
+    baseline: str = "diffusers"
+    device: str = "cpu"
+    width: int = 256
+    height: int = 256
+    steps: int = 20
+    guidance: float = 7.5
+    sampler: str = "dpmpp_2m_karras"
+    batch: int = 1
+    threads: int | None = None
+    warmup: int = 1
+    warmup_steps: int | None = None
+    repeats: int = 3
+    prompt: str = "a photo of an astronaut riding a horse on mars"
+    negative_prompt: str = "blurry, low quality"
+    seed: int = 0
+    time_budget_s: float | None = None
+
+
+def parse_contender(name: str) -> tuple[str, str | None]:
+    """"ours" -> ("ours", None); "diffusers" -> ("diffusers", None);
+    "compile" / "compile:MODE" -> ("diffusers", MODE)."""
+    if name in ("ours", "diffusers"):
+        return name, None
+    if name == "compile":
+        return "diffusers", "max-autotune"
+    kind, _, mode = name.partition(":")
+    if kind == "compile" and mode in COMPILE_MODES:
+        return "diffusers", mode
+    raise UserError(
+        f"unknown contender {name!r}; choose from ours, diffusers, compile, compile:MODE "
+        f"with MODE one of {', '.join(COMPILE_MODES)}"
+    )
+
+
+def check_config(c: BenchConfig) -> None:
+    """Raise UserError, saying how to fix it, for anything that would fail later."""
+    if not c.contenders:
+        raise UserError("no contenders to measure")
+    if len(set(c.contenders)) != len(c.contenders):
+        raise UserError(f"a contender is named twice in {', '.join(c.contenders)}")
+    kinds = [parse_contender(n)[0] for n in c.contenders]
+    if c.baseline not in c.contenders:
+        raise UserError(f"the baseline {c.baseline!r} is not among the contenders ({', '.join(c.contenders)})")
+    if c.device not in DEVICES:
+        raise UserError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
+    if "ours" in kinds:
+        if not c.engine:
+            raise UserError("contender 'ours' needs --engine (an engine directory made by ldm-export)")
+        if not (Path(c.engine) / "manifest.json").is_file():
+            raise UserError(f"{c.engine} is not an engine directory (no manifest.json); make one with ldm-export")
+    if "diffusers" in kinds:
+        if not c.model:
+            raise UserError("the diffusers contenders need --model (the diffusers folder the engine was made from)")
+        if not (Path(c.model) / "model_index.json").is_file():
+            raise UserError(f"{c.model} is not a diffusers model folder (no model_index.json)")
+    for name, value in (("width", c.width), ("height", c.height)):
+        if value < 8 or value % 8:
+            raise UserError(f"--{name} {value} must be a positive multiple of 8")
+    for name, value, low in (("steps", c.steps, 1), ("batch", c.batch, 1), ("repeats", c.repeats, 1),
+                             ("warmup", c.warmup, 0), ("warmup-steps", c.warmup_steps, 1)):
+        if value is not None and value < low:
+            raise UserError(f"--{name} must be at least {low}, got {value}")
+    if c.threads is not None and c.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {c.threads}")
+    if c.sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {c.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not c.guidance >= 0:
+        raise UserError(f"--guidance must be 0 or more, got {c.guidance}")
+    if c.time_budget_s is not None and c.time_budget_s <= 0:
+        raise UserError(f"--time-budget must be positive, got {c.time_budget_s}")

@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# The GPU suite: everything a lent GPU machine checks and measures, in ONE call of at most
+# 10 minutes, most important first, each stage under its own time budget. Writes under $OUT:
+# suite.log, bench.json + bench.png (the peers), attention.json (the kernels), torch_check.json
+# (the torch backend), bench_more.json + bench_more.png (ours and torch.compile max-autotune);
+# prints a short table last. ldm-bench
+# rewrites its JSON after every contender and logs a one-line summary of each, so a call cut
+# short still returns what it measured.
+#
+# The GPU machine (../shared/GPU.md) has Python 3.12, torch 2.11 (CUDA), triton 3.6, transformers,
+# onnxruntime (CPU only), matplotlib, and no diffusers, and it cannot download anything. So carry
+# diffusers' wheel. Here, in the repo root, once (wheels/ must be git-ignored to be carried):
+#
+#   echo /wheels/ >> .git/info/exclude
+#   pip download diffusers==0.42.1 --no-deps -d wheels/
+#
+# diffusers' other requirements are all on that machine (filelock, huggingface-hub >= 1.32: it
+# has 1.33, numpy, regex, requests, safetensors >= 0.8, Pillow), except importlib_metadata,
+# which diffusers imports only on Python < 3.8, so it is not carried (seen working, 2026-11-26).
+# Then, with the device tool:
+#
+#   run(command="bash benchmarks/gpu_suite.sh", carry=["wheels"], timeout_s=600)
+#
+# On the machine the suite installs it with `pip install --no-deps --target /tmp/site wheels/*.whl`
+# (--target: a fresh folder on PYTHONPATH, the image's own environment untouched).
+#
+# Stages (SUITE_STAGES picks among peers,attention,tests,torch,more; all by default), all under
+# SUITE_BUDGET_S (default 540 s; the device tool may grant less than the timeout asked for when
+# the machine was slow to start: then the later stages are cut, and say so):
+#   setup      GPU, clocks, versions; the carried wheels; the SD 1.5-architecture random-weight
+#              model (exact U-Net / VAE / CLIP-L shapes; about 30 s)
+#   peers      ldm-bench on CUDA, 512x512, 50 steps, CFG (U-Net batch 2): diffusers fp16 + SDPA
+#              eager (the baseline) and diffusers + torch.compile(unet, mode="default") (about
+#              45 s to compile). Each contender first checks text encoder, U-Net and VAE decoder
+#              against a float32 reference (TF32 off) on the same inputs, then times: the U-Net
+#              step with CUDA events over 10 back-to-back steps, stages and end to end per call.
+#              Budget 200 s.
+#   attention  python -m benchmarks.attention --json $OUT/attention.json $SUITE_ATTENTION_ARGS
+#              (the kernels' own checks and microbenchmark), if benchmarks/attention.py exists. 150 s.
+#   tests      pytest -m gpu (they compare with references). 120 s.
+#   torch      if ldm_deploy/engine/backends/torch.py exists: ldm-export --backend torch --device
+#              cuda $SUITE_EXPORT_ARGS, leaving 100 s (the text encoder alone took 62 s on an H200);
+#              then, if benchmarks/torch_backend_check.py exists, its checks -> $OUT/torch_check.json.
+#   more       ldm-bench again: diffusers (the baseline, measured again), ours if the engine was
+#              built, then torch.compile mode "max-autotune" with whatever time is left (its
+#              autotuning of the SD 1.5 U-Net takes minutes; cut short, it says how long it had).
+#              SUITE_MORE replaces that list of contenders.
+#
+# Locally, as a dry run of the flow on the CPU (minutes, tiny model):
+#   PYTHON=.venv/bin/python SUITE_DEVICE=cpu SUITE_PRESET=tiny-sd1 SUITE_SIZE=64 SUITE_STEPS=3 \
+#     SUITE_STAGES=peers,torch,more SUITE_MORE=diffusers,ours SUITE_EXPORT_ARGS="--min-size 64 --max-size 256" \
+#     OUT=/tmp/suite bash benchmarks/gpu_suite.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/out/gpu_suite}
+BUDGET=${SUITE_BUDGET_S:-540}
+DEVICE=${SUITE_DEVICE:-cuda}
+PRESET=${SUITE_PRESET:-sd15}
+SIZE=${SUITE_SIZE:-512}
+STEPS=${SUITE_STEPS:-50}
+WORK=${SUITE_WORK:-/tmp/ldm-suite}
+STAGES=${SUITE_STAGES:-peers,attention,tests,torch,more}
+mkdir -p "$OUT" "$WORK"
+exec > >(tee -a "$OUT/suite.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+STATUS=()
+
+left() { echo $(( BUDGET - SECONDS )); }
+# stage NAME BUDGET_S CMD...: run CMD under min(BUDGET_S, time left); record how it went.
+stage() {
+  local name=$1 want=$2; shift 2
+  local have; have=$(left)
+  local limit=$(( want < have ? want : have ))
+  if (( limit < 20 )); then STATUS+=("$name: skipped (${have} s left)"); return 1; fi
+  echo "=== $name (budget ${limit} s, $(left) s left of ${BUDGET})" >&2
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  local took=$(( SECONDS - t0 ))
+  case $rc in
+    0) STATUS+=("$name: ok in ${took} s") ;;
+    124|137) STATUS+=("$name: TIMED OUT after ${took} s") ;;
+    *) STATUS+=("$name: FAILED (exit $rc) after ${took} s") ;;
+  esac
+  return $rc
+}
+
+echo "=== environment"
+date -u +"%Y-%m-%dT%H:%M:%SZ"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null \
+  || echo "no nvidia-smi"
+git rev-parse --short HEAD 2>/dev/null || echo "(no git here)"
+if compgen -G "wheels/*.whl" > /dev/null; then
+  stage "install carried wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site wheels/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+"$PY" - <<'EOF'
+import importlib.metadata as md, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "triton", "diffusers", "transformers", "onnxruntime", "matplotlib"):
+    try:
+        print(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name} MISSING")
+EOF
+
+MODEL=$WORK/$PRESET
+if [ ! -f "$MODEL/model_index.json" ]; then
+  stage "random-weight $PRESET model" 180 "$PY" -m ldm_deploy.export.random_model --preset "$PRESET" --out "$MODEL"
+fi
+
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+# bench NAME CONTENDERS BUDGET_S [ARGS...]: one ldm-bench run; JSON + PNG under $OUT, table to $WORK.
+bench() {
+  local name=$1 contenders=$2 budget=$3; shift 3
+  (( budget > $(left) - 5 )) && budget=$(( $(left) - 5 ))
+  stage "ldm-bench $name ($contenders)" "$budget" "$PY" -m ldm_deploy.cli.bench --device "$DEVICE" \
+    --model "$MODEL" "$@" --contenders "$contenders" --baseline diffusers --width "$SIZE" --height "$SIZE" \
+    --steps "$STEPS" --guidance 7.5 --warmup 1 --repeats 3 --time-budget $(( budget - 10 )) \
+    --json "$OUT/$name.json" --chart "$OUT/$name.png" > "$WORK/$name.txt"
+}
+
+# 1. The peers first: they are what every later number is a ratio to.
+want peers && bench bench diffusers,compile:default 200
+
+# 2. Kernels and the GPU-marked tests.
+if want attention && [ -f benchmarks/attention.py ]; then
+  # As a module, not `python benchmarks/attention.py`: a script's folder goes first on sys.path,
+  # where benchmarks/config.py, stats.py ... would shadow any top-level module of those names.
+  # shellcheck disable=SC2086  # SUITE_ATTENTION_ARGS: e.g. "--unet", word-split on purpose
+  stage "attention kernels: check + benchmark" 150 "$PY" -m benchmarks.attention --json "$OUT/attention.json" \
+    ${SUITE_ATTENTION_ARGS:-}
+fi
+if want tests && grep -rqs "mark.gpu" tests; then
+  stage "GPU-marked tests" 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+fi
+
+# 3. Our torch backend (if it exists), then ours and torch.compile max-autotune against the
+#    baseline measured again in the same ldm-bench run, with whatever time is left.
+ENGINE_ARGS=()
+MORE=diffusers,compile:max-autotune
+if want torch && [ -f ldm_deploy/engine/backends/torch.py ]; then
+  ENGINE=$WORK/$PRESET-torch
+  # shellcheck disable=SC2086  # SUITE_EXPORT_ARGS: extra ldm-export flags, word-split on purpose
+  if stage "export torch engine" $(( $(left) - 100 )) "$PY" -m ldm_deploy.cli.export --model "$MODEL" \
+       --out "$ENGINE" --backend torch --device "$DEVICE" ${SUITE_EXPORT_ARGS:-} --force; then
+    ENGINE_ARGS=(--engine "$ENGINE")
+    MORE=diffusers,ours,compile:max-autotune
+    if [ -f benchmarks/torch_backend_check.py ]; then  # the torch backend's own GPU checks
+      stage "torch backend checks" 90 "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
+        --model "$MODEL" --json "$OUT/torch_check.json"
+    fi
+  fi
+fi
+want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGINE_ARGS[@]}"
+
+echo
+echo "=== stages"
+printf '%s\n' "${STATUS[@]}"
+if [ -f "$OUT/attention.json" ]; then
+  echo; echo "=== attention kernels ($OUT/attention.json)"
+  "$PY" -m benchmarks.suite_summary "$OUT/attention.json"
+fi
+for name in bench bench_more; do
+  if [ -s "$WORK/$name.txt" ]; then
+    echo; echo "=== ldm-bench $name (all numbers in $OUT/$name.json, chart in $OUT/$name.png)"
+    cat "$WORK/$name.txt"
+  fi
+done
+echo "suite: $SECONDS s"
