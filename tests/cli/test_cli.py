@@ -39,6 +39,9 @@ def test_run_writes_png_with_parameters(engine_dirs, tmp_path, capsys):
     assert code == 0, err
     im = Image.open(out)
     assert im.size == (64, 96)
+    from ldm_deploy.engine.images import current_umask
+
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as any file saved here, not 0600
     params = im.info["parameters"].splitlines()
     assert params[0] == "a photo of an astronaut"
     assert params[1] == "Negative prompt: blurry"
