@@ -82,7 +82,10 @@ class OnnxExporter:
         if self.attention == "ort":
             from ldm_deploy.kernels.processor import use_fused_attention
 
-            use_fused_attention(src.unet)  # its op is what the "ort" symbolic rewrites
+            # The op these processors call is what the "ort" symbolic rewrites: every attention of
+            # the U-Net, and the VAE's mid-block attention (4096 tokens at 512 px).
+            use_fused_attention(src.unet)
+            use_fused_attention(src.vae)
         # Trace with CFG batching (cfg 2, one image) near the tuned size, made odd: the
         # U-Net then takes diffusers' explicit-upsample-size path, which the graph needs to serve
         # sizes that its downsamplings do not divide (e.g. 264 px -> 33 latents -> 17 -> 9 -> 5).
@@ -94,7 +97,7 @@ class OnnxExporter:
 
         module = WRAPPERS[name](self.src, torch_dtype(self.dtypes.get(name, "fp32"))).eval()
         example = example_inputs(spec, self.trace_dims)
-        if name == "unet_step" and self.attention == "ort":
+        if self.attention == "ort" and name != "text_encoder":
             from ldm_deploy.kernels.onnx_export import onnx_attention
 
             with onnx_attention("ort"):
