@@ -116,3 +116,24 @@ def test_cuda_export_without_a_gpu_is_a_clear_error(model_dirs, tmp_path):
     with pytest.raises(UserError, match="sees no CUDA GPU"):
         export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", ExportConfig(backend="torch", device="cuda"))
     assert not (tmp_path / "e").exists()
+
+
+def test_aoti_failure_falls_back_to_the_exported_program(model_dirs, pipelines, tmp_path, monkeypatch, caplog):
+    """Where AOTInductor cannot compile a component, the engine keeps its exported program, says
+    so in the manifest and the log, and still gives the same images."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected compile failure")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail)
+    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False)
+    out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
+    m = read_manifest(out)
+    assert set(m.build["modes"].values()) == {"exported"}
+    assert "AOTInductor failed (RuntimeError: injected compile failure)" in caplog.text
+
+    from ldm_deploy import Pipeline
+
+    kw = dict(seed=2, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
+    got = Pipeline.load(out)("a boat", **kw)
+    assert "runs uncompiled" in caplog.text
+    np.testing.assert_allclose(got, pipelines["tiny-sd1"]("a boat", **kw), atol=1e-4, rtol=0)
