@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="output.png", help="PNG path; with several images, NAME-0.png, NAME-1.png, ...")
     p.add_argument("--backend", default="auto", help="default: the engine's own (a TensorRT engine runs "
                    "on ONNX Runtime where TensorRT or a GPU is missing)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of the engine files (about 1 s per GB; sizes are still checked)")
     p.add_argument("--rebuild-stale", action="store_true", help="tensorrt: rebuild plans made for another GPU "
                    "or TensorRT version from the engine's ONNX graphs (minutes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
         paths = output_paths(args.out, args.num_images)
         if not paths[0].parent.is_dir():
             raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")
-        pipe = Pipeline.load(args.engine, backend=args.backend, rebuild_stale=args.rebuild_stale)
+        pipe = Pipeline.load(args.engine, backend=args.backend, verify=not args.no_verify,
+                             rebuild_stale=args.rebuild_stale)
         images = pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,

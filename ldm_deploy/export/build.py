@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +41,8 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
         for i, name in enumerate(components, 1):
             t = time.perf_counter()
             log.info("[%d/%d] %s: %s", i, len(components), name, exporter.doing)
-            written = exporter(name, specs[name], tmp)
+            with heartbeat(f"[{i}/{len(components)}] {name}: still working"):
+                written = exporter(name, specs[name], tmp)
             files[name] = {p.name: file_record(p) for p in written}
             size = sum(r["bytes"] for r in files[name].values()) / 2**20
             log.info("[%d/%d] %s: %.1f MiB in %.1f s", i, len(components), name, size, time.perf_counter() - t)
@@ -60,6 +63,26 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
     return out
+
+
+@contextlib.contextmanager
+def heartbeat(message: str, every: float = 15.0):
+    """Log `message` with the elapsed time every `every` seconds while the block runs: a full-size
+    U-Net traces for a minute or more in one blocking call, and silence looks like a hang."""
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def beat():
+        while not done.wait(every):
+            log.info("%s (%.0f s)", message, time.perf_counter() - t0)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def size_multiple(src: SourceModel, backend: str) -> int:

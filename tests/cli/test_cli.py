@@ -154,6 +154,23 @@ def test_run_damaged_engine(damage, message, engine_dirs, tmp_path, capsys):
     assert message in err
 
 
+def test_no_verify_skips_hashes_but_still_checks_sizes(engine_dirs, tmp_path, capsys):
+    eng = copy_engine(engine_dirs["tiny-sd1"], tmp_path / "engine")
+    manifest = json.loads((eng / "manifest.json").read_text())
+    # A hash that no longer matches: refused by default, accepted with --no-verify.
+    manifest["files"]["vae_decoder"]["vae_decoder.onnx"]["sha256"] = "0" * 64
+    (eng / "manifest.json").write_text(json.dumps(manifest))
+    args = ["x", "--engine", str(eng), "--steps", "1", "--width", "64", "--height", "64", "-q"]
+    code, err = run(capsys, args + ["--out", str(tmp_path / "a.png")])
+    assert code != 0 and "corrupted" in err
+    code, err = run(capsys, args + ["--out", str(tmp_path / "b.png"), "--no-verify"])
+    assert code == 0, err
+    data = (eng / "unet_step.onnx").read_bytes()
+    (eng / "unet_step.onnx").write_bytes(data[:-10])
+    code, err = run(capsys, args + ["--out", str(tmp_path / "c.png"), "--no-verify"])
+    assert code != 0 and "truncated" in err
+
+
 def test_export_bad_model_paths(tmp_path, capsys):
     code, err = export(capsys, ["--model", str(tmp_path / "nope"), "--out", str(tmp_path / "e")])
     assert code != 0 and "does not exist" in err

@@ -112,3 +112,17 @@ def test_interrupted_export_process_leaves_nothing(model_dirs, tmp_path):
 def test_manifest_is_plain_json(engine_dirs):
     d = json.loads((engine_dirs["tiny-sd1"] / "manifest.json").read_text())
     assert d["format_version"] == FORMAT_VERSION and d["tokenizer"]["file"] == "tokenizer.json"
+
+
+def test_heartbeat_logs_while_a_long_step_runs(caplog):
+    import logging
+
+    from ldm_deploy.export.build import heartbeat
+
+    with caplog.at_level(logging.INFO, logger="ldm_deploy.export.build"):
+        with heartbeat("unet_step: still working", every=0.05):
+            time.sleep(0.3)
+        beats = caplog.text.count("unet_step: still working")
+        time.sleep(0.15)
+    assert beats >= 3
+    assert caplog.text.count("unet_step: still working") == beats  # stops with the block
