@@ -57,17 +57,36 @@ def run(cfg: BenchConfig, on_progress: Callable[[dict], None] | None = None) -> 
         return out
 
     with tempfile.TemporaryDirectory(prefix="ldm-bench-") as tmp:
-        for name in cfg.contenders:
-            timeout = None if deadline is None else deadline - time.monotonic() - REPORT_RESERVE_S
-            if timeout is not None and timeout < MIN_CHILD_S:
-                raw[name] = {"error": f"skipped: {max(timeout, 0):.0f} s of the time budget left"}
-                log.warning("%s: %s", name, raw[name]["error"])
-                continue
-            log.info("== %s%s", name, "" if timeout is None else f" (at most {timeout:.0f} s)")
-            raw[name] = run_child(contender_spec(name, cfg), Path(tmp), timeout)
-            if on_progress is not None:
-                on_progress(results(pending=PENDING))
+        for turn in range(cfg.rounds):
+            for name in cfg.contenders:
+                if "error" in raw.get(name, {}):
+                    continue  # failed or skipped in an earlier round: reported once
+                timeout = None if deadline is None else deadline - time.monotonic() - REPORT_RESERVE_S
+                if timeout is not None and timeout < MIN_CHILD_S:
+                    raw[name] = {"error": f"skipped: {max(timeout, 0):.0f} s of the time budget left"}
+                    log.warning("%s: %s", name, raw[name]["error"])
+                    continue
+                rounds = f" (round {turn + 1}/{cfg.rounds})" if cfg.rounds > 1 else ""
+                log.info("== %s%s%s", name, rounds, "" if timeout is None else f" (at most {timeout:.0f} s)")
+                result = run_child(contender_spec(name, cfg), Path(tmp), timeout)
+                raw[name] = pool(raw[name], result) if name in raw else result
+                if on_progress is not None:
+                    on_progress(results(pending=PENDING))
     return results()
+
+
+def pool(earlier: dict, later: dict) -> dict:
+    """One contender's result over several rounds: timed samples joined, the highest peak
+    memory kept; a failure in any round is the result."""
+    if "error" in later:
+        return later
+    out = dict(earlier)
+    out["runs"] = earlier["runs"] + later["runs"]
+    out["unet_step"] = earlier["unet_step"] + later["unet_step"]
+    for key in ("peak_rss_bytes", "device_peak_bytes", "wall_s"):
+        if key in later:
+            out[key] = max(earlier.get(key, 0), later[key])
+    return out
 
 
 def contender_spec(name: str, cfg: BenchConfig) -> dict:

@@ -32,6 +32,10 @@ class BenchConfig:
         leave the capture inside the first timed call. On the CPU, 2 steps warm up as well.
     repeats: timed calls; stages report their median and half-range. 3 keeps a CPU run of SD 1.5
         at 256 px, 20 steps, within 15 minutes; use more where runs are cheap.
+    rounds: the contenders take turns this many times (A B A B ...), each turn a fresh process
+        doing `repeats` timed calls, and every stage pools the samples of all turns. On shared
+        machines whose speed drifts over minutes, this spreads the drift over all contenders
+        instead of letting it land on whichever ran at a slow moment.
     time_budget_s: wall-clock cap for the whole run; each contender's process gets what is left
         and a contender that would start with too little is skipped (reported, not silently).
     """
@@ -51,6 +55,7 @@ class BenchConfig:
     warmup: int = 1
     warmup_steps: int | None = None
     repeats: int = 3
+    rounds: int = 1
     prompt: str = "a photo of an astronaut riding a horse on mars"
     negative_prompt: str = "blurry, low quality"
     seed: int = 0
@@ -97,7 +102,7 @@ def check_config(c: BenchConfig) -> None:
     for name, value in (("width", c.width), ("height", c.height)):
         if value < 8 or value % 8:
             raise UserError(f"--{name} {value} must be a positive multiple of 8")
-    for name, value, low in (("steps", c.steps, 1), ("batch", c.batch, 1), ("repeats", c.repeats, 1),
+    for name, value, low in (("steps", c.steps, 1), ("batch", c.batch, 1), ("repeats", c.repeats, 1), ("rounds", c.rounds, 1),
                              ("warmup", c.warmup, 0), ("warmup-steps", c.warmup_steps, 1)):
         if value is not None and value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}")

@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="steps per warm-up call (default: --steps; 2 is enough on the CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; stages report the median (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="contenders take turns this many times (A B A B), samples pooled: spreads a "
+                        "shared machine's drift over all of them (default 1)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
     p.add_argument("--negative-prompt", default="blurry, low quality")
     p.add_argument("--seed", type=int, default=0)
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
             engine=args.engine, model=args.model, contenders=default_contenders(args), baseline=args.baseline,
             device=args.device, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
             sampler=args.sampler, batch=args.batch, threads=args.threads, warmup=args.warmup,
-            warmup_steps=args.warmup_steps, repeats=args.repeats, prompt=args.prompt,
+            warmup_steps=args.warmup_steps, repeats=args.repeats, rounds=args.rounds, prompt=args.prompt,
             negative_prompt=args.negative_prompt, seed=args.seed, time_budget_s=args.time_budget,
         )
         check_outputs(args.json, args.chart)

@@ -78,3 +78,29 @@ def test_our_contender_never_imports_torch():
 def test_gpu_suite_script_parses():
     script = bench_cli.benchmarks_root() / "benchmarks" / "gpu_suite.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_rounds_take_turns_and_pool_the_samples(engine_dirs, model_dirs, tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    code = bench_cli.main([
+        "--engine", str(engine_dirs["tiny-sd1"]), "--contenders", "ours", "--baseline", "ours",
+        "--width", "64", "--height", "64", "--steps", "2", "--warmup-steps", "1", "--repeats", "1",
+        "--rounds", "2", "--threads", "1", "--json", str(out_json),
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "== ours (round 2/2)" in captured.err
+    c = json.loads(out_json.read_text())["contenders"]["ours"]
+    assert len(c["samples"]["runs"]) == 2  # one timed call per round
+    assert c["stages"]["unet_step"]["n"] == 4  # two steps per call, two rounds
+
+
+def test_pool_joins_samples_and_keeps_the_highest_peak():
+    from benchmarks.bench import pool
+
+    a = {"runs": [{"end_to_end": 1.0}], "unet_step": [0.1], "peak_rss_bytes": 5, "load_s": 2.0}
+    b = {"runs": [{"end_to_end": 2.0}], "unet_step": [0.2], "peak_rss_bytes": 7, "load_s": 9.0}
+    pooled = pool(a, b)
+    assert pooled["runs"] == a["runs"] + b["runs"] and pooled["unet_step"] == [0.1, 0.2]
+    assert pooled["peak_rss_bytes"] == 7 and pooled["load_s"] == 2.0
+    assert pool(a, {"error": "exit code 1"}) == {"error": "exit code 1"}
