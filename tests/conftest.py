@@ -22,6 +22,24 @@ from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.random_model import make_random_model
 
 PRESETS = ("tiny-sd1", "tiny-sd2")
+
+
+def diffusers_schedulers() -> dict:
+    """Our sampler name -> the diffusers scheduler class (and from_config options) it must equal."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    return {
+        "ddim": (DDIMScheduler, {}),
+        "euler": (EulerDiscreteScheduler, {}),
+        "euler_a": (EulerAncestralDiscreteScheduler, {}),
+        "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    }
 # Test engines accept 64..512 px so parity runs can use small images.
 TEST_CONFIG = ExportConfig(min_size=64, max_size=512, opt_size=128, max_batch=2)
 

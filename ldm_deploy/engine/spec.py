@@ -36,6 +36,9 @@ class TensorSpec:
         """The concrete shape for the given dim values."""
         return tuple(d if isinstance(d, int) else d.factor * dims[d.name] for d in self.shape)
 
+    def nbytes(self, dims: dict[str, int]) -> int:
+        return int(np.prod(self.resolve(dims))) * np.dtype(self.dtype).itemsize
+
     def dynamic_axes(self) -> dict[int, str]:
         """ONNX dynamic axes: axis -> symbolic name (factor folded into the name)."""
         return {
@@ -66,13 +69,6 @@ class ComponentSpec:
         opt = {k: r.opt for k, r in ranges.items()}
         hi = {k: r.max for k, r in ranges.items()}
         return {t.name: (t.resolve(lo), t.resolve(opt), t.resolve(hi)) for t in self.inputs}
-
-    def buffer_bytes(self, dims: dict[str, int]) -> int:
-        """Bytes of all inputs and outputs at the given dims."""
-        return sum(
-            int(np.prod(t.resolve(dims))) * np.dtype(t.dtype).itemsize
-            for t in self.inputs + self.outputs
-        )
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,9 @@ generator seeded alike, so no diffusers code is patched.
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-)
+from diffusers import DDIMScheduler
 
+from conftest import diffusers_schedulers
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS, NoiseSchedule, plan
 from ldm_deploy.engine.samplers.update import GUIDANCE, T, guide, model_input, update
 from ldm_deploy.errors import InvalidRequest
@@ -42,13 +38,7 @@ SD1 = {
 # stabilityai/stable-diffusion-2-1 (768, v-prediction): a DDIM config, also without timestep_spacing.
 SD2 = {**SD1, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 
-DIFFUSERS = {
-    "ddim": (DDIMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-}
+DIFFUSERS = diffusers_schedulers()
 SHAPE = (1, 4, 8, 8)  # one 64x64-pixel latent: enough values for max-abs errors to show
 SEED = 1234
 TOL = 1e-5  # max abs at values up to 15 (sigma_max 14.6), where a float32 ulp is ~1e-6

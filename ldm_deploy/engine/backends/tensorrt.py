@@ -91,9 +91,8 @@ def buffer_plan(spec: ComponentSpec, dims: dict[str, int], alignment: int = ALIG
     """Every input and output of `spec` at `dims`: shape, dtype and bytes."""
     out = {}
     for t in spec.inputs + spec.outputs:
-        shape = t.resolve(dims)
-        nbytes = int(np.prod(shape)) * np.dtype(t.dtype).itemsize
-        out[t.name] = TensorBuffer(shape, np.dtype(t.dtype), nbytes, align(nbytes, alignment))
+        nbytes = t.nbytes(dims)
+        out[t.name] = TensorBuffer(t.resolve(dims), np.dtype(t.dtype), nbytes, align(nbytes, alignment))
     return out
 
 
