@@ -22,9 +22,10 @@ def open_image(path: str | Path) -> Image.Image:
         raise InvalidRequest(f"cannot read the init image {path}: {e}") from None
 
 
-def init_image_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) diffusers uses when none is given: rounded down to a multiple of 8."""
-    return tuple(v - v % VAE_SCALE for v in image.size)
+def init_image_size(image: Image.Image, multiple: int = VAE_SCALE) -> tuple[int, int]:
+    """(width, height) diffusers uses when none is given: rounded down to a multiple of the
+    VAE's factor (8 for SD 1.x / 2.x)."""
+    return tuple(v - v % multiple for v in image.size)
 
 
 def to_model_input(image: Image.Image, width: int, height: int) -> np.ndarray:

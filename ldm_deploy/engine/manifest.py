@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm_deploy.engine.samplers import NoiseSchedule
-from ldm_deploy.engine.spec import DimRange, ModelFacts, component_specs
+from ldm_deploy.engine.spec import VAE_SCALE, DimRange, ModelFacts, component_specs
 from ldm_deploy.errors import EngineError
 
 FORMAT_VERSION = 1
@@ -34,10 +34,11 @@ class ModelInfo:
     text_width: int
     sample_size: int  # the latent side the model was trained at (64 for SD 1.5 at 512)
     noise_schedule: NoiseSchedule
+    vae_scale: int = VAE_SCALE  # image side / latent side (engines written before it: 8)
 
     @property
     def facts(self) -> ModelFacts:
-        return ModelFacts(self.latent_channels, self.text_length, self.text_width)
+        return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import Request, check_request
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, plan
-from ldm_deploy.engine.spec import VAE_SCALE
 from ldm_deploy.engine.tokenizer import PromptTokenizer
 from ldm_deploy.errors import InvalidRequest
 
@@ -62,7 +61,8 @@ class Pipeline:
     @property
     def default_size(self) -> tuple[int, int]:
         d = self.manifest.dims
-        return d["latent_width"].opt * VAE_SCALE, d["latent_height"].opt * VAE_SCALE
+        s = self.manifest.model.vae_scale
+        return d["latent_width"].opt * s, d["latent_height"].opt * s
 
     def __call__(
         self,
@@ -99,7 +99,7 @@ class Pipeline:
         init = images.open_image(init_image) if isinstance(init_image, (str, Path)) else init_image
         if init is not None and init.mode != "RGB":
             init = init.convert("RGB")
-        default_w, default_h = images.init_image_size(init) if init is not None else self.default_size
+        default_w, default_h = images.init_image_size(init, self.manifest.model.vae_scale) if init is not None else self.default_size
         seed = secrets.randbelow(2**32) if seed is None else int(seed)
         n = len(prompts) * num_images
         req = Request(
@@ -114,7 +114,8 @@ class Pipeline:
             strength=float(strength) if init is not None else 1.0,
         )
         check_request(req, self.manifest, img2img=init is not None)
-        shape = (n, self.manifest.model.latent_channels, req.height // VAE_SCALE, req.width // VAE_SCALE)
+        m = self.manifest.model
+        shape = (n, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
         if latents is not None and tuple(latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
         gen = generator if generator is not None else noise.seeded(req.seeds)
@@ -133,7 +134,7 @@ class Pipeline:
         """Run one request; returns (B, H, W, 3) float32 in [0, 1]."""
         be, m = self.backend, self.manifest.model
         b = req.batch
-        shape = (b, m.latent_channels, req.height // VAE_SCALE, req.width // VAE_SCALE)
+        shape = (b, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
 
         # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from ldm_deploy.engine.manifest import Manifest
 from ldm_deploy.engine.samplers import SAMPLERS
-from ldm_deploy.engine.spec import VAE_SCALE
 from ldm_deploy.errors import InvalidRequest
 
 
@@ -46,7 +45,7 @@ def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
         raise InvalidRequest("num_images must be at least 1")
     for name, value, dim in (("width", r.width, "latent_width"), ("height", r.height, "latent_height")):
         rng = manifest.dims[dim]
-        lo, hi = rng.min * VAE_SCALE, rng.max * VAE_SCALE
+        lo, hi = rng.min * manifest.model.vae_scale, rng.max * manifest.model.vae_scale
         step = manifest.size_multiple
         if value % step:
             raise InvalidRequest(

@@ -14,7 +14,8 @@ import numpy as np
 
 from ldm_deploy.engine.samplers.update import COLUMNS
 
-# The VAE shrinks each side by this factor (Rombach et al.; every SD 1.x / 2.x model).
+# The VAE shrinks each side by this factor in every SD 1.x / 2.x model (Rombach et al.); a
+# model's own factor is `ModelFacts.vae_scale` (our 64 px shapes model uses 4).
 VAE_SCALE = 8
 
 
@@ -92,18 +93,19 @@ class ModelFacts:
     latent_channels: int  # 4 for SD 1.x / 2.x
     text_length: int  # 77 tokens
     text_width: int  # 768 (CLIP-L, SD 1.x) or 1024 (OpenCLIP-H, SD 2.x)
+    vae_scale: int = VAE_SCALE  # image side / latent side
 
 
 def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
     """The four components. Dims: cfg (2 with classifier-free guidance: [uncond, cond];
-    1 without), batch (images), latent_height / latent_width (image size / 8).
+    1 without), batch (images), latent_height / latent_width (image size / vae_scale).
 
     Text tensors carry cfg and batch as two axes rather than one (cfg * batch) axis: every
     exporter (ONNX, torch.export) can then express the shapes without a division."""
     c, L, D = facts.latent_channels, facts.text_length, facts.text_width
     k, b = Sym("cfg"), Sym("batch")
     lh, lw = Sym("latent_height"), Sym("latent_width")
-    ih, iw = Sym("latent_height", VAE_SCALE), Sym("latent_width", VAE_SCALE)
+    ih, iw = Sym("latent_height", facts.vae_scale), Sym("latent_width", facts.vae_scale)
     latents = (b, c, lh, lw)
 
     def f32(name, shape):

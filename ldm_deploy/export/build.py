@@ -13,7 +13,7 @@ from pathlib import Path
 from ldm_deploy import __version__
 from ldm_deploy.engine.manifest import COMPONENTS, MANIFEST, TOKENIZER, Manifest, ModelInfo, file_record
 from ldm_deploy.engine.samplers import NoiseSchedule
-from ldm_deploy.engine.spec import VAE_SCALE, ModelFacts, component_specs
+from ldm_deploy.engine.spec import ModelFacts, component_specs
 from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.engine_dir import staging_dir
@@ -31,7 +31,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     src = load_source(model, config.allow_pickle)
     info = model_info(src)
     multiple = size_multiple(src, config.backend)
-    dims = config.dims(src.unet.config.sample_size, multiple)
+    dims = config.dims(src.unet.config.sample_size, multiple, info.vae_scale)
     specs = component_specs(info.facts)
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
 
@@ -88,11 +88,16 @@ def heartbeat(message: str, every: float = 15.0):
 def size_multiple(src: SourceModel, backend: str) -> int:
     """Image sides the engine accepts are multiples of this many px. ONNX graphs (and the
     TensorRT plans built from them) trace diffusers' explicit-upsample-size path and take any
-    multiple of 8; torch.export cannot keep both of the U-Net's branches, so torch engines need
+    multiple of the VAE's factor (8); torch.export cannot keep both of the U-Net's branches, so torch engines need
     sides its downsamplings divide."""
     if backend in ("onnxruntime", "tensorrt"):
-        return VAE_SCALE
-    return VAE_SCALE * 2 ** (len(src.unet.config.block_out_channels) - 1)
+        return vae_scale(src)
+    return vae_scale(src) * 2 ** (len(src.unet.config.block_out_channels) - 1)
+
+
+def vae_scale(src: SourceModel) -> int:
+    """Image side / latent side: 2 per downsampling of the VAE (8 for SD 1.x / 2.x)."""
+    return 2 ** (len(src.vae.config.block_out_channels) - 1)
 
 
 class OnnxExporter:
@@ -169,7 +174,8 @@ class TorchExporter:
         module = WRAPPERS[name](self.src, self.dtype).to(self.config.device).eval()
         example = tuple(t.to(self.config.device) for t in example_inputs(spec, self.trace_dims))
         path = tmp / f"{name}.pt2"
-        self.modes[name] = export_aoti(module, spec, example, path, self.dims, self.multiple)
+        latent_multiple = self.multiple // vae_scale(self.src)
+        self.modes[name] = export_aoti(module, spec, example, path, self.dims, latent_multiple)
         return [path]
 
     def build_facts(self) -> dict:
@@ -200,7 +206,8 @@ def model_info(src: SourceModel) -> ModelInfo:
             "built from it clamps x0 to [-1, 1]; our DDIM does not (as SD 1.x / 2.x releases run it)",
             src.path,
         )
-    facts = ModelFacts(src.unet.config.in_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size)
+    facts = ModelFacts(src.unet.config.in_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,
+                       vae_scale(src))
     return ModelInfo(
         family=src.family,
         source=src.source,
@@ -212,6 +219,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         text_width=facts.text_width,
         sample_size=int(src.unet.config.sample_size),
         noise_schedule=schedule,
+        vae_scale=facts.vae_scale,
     )
 
 

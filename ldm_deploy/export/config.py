@@ -72,9 +72,9 @@ class ExportConfig:
             return self.precision
         return "fp16" if self.device == "cuda" or self.backend == "tensorrt" else "fp32"
 
-    def dims(self, native_latent: int, multiple: int = VAE_SCALE) -> dict[str, DimRange]:
-        """Dim ranges; image sides are kept to multiples of `multiple` px (8, or more where an
-        exporter must: see `size_multiple` in build.py)."""
+    def dims(self, native_latent: int, multiple: int = VAE_SCALE, vae_scale: int = VAE_SCALE) -> dict[str, DimRange]:
+        """Dim ranges; image sides are kept to multiples of `multiple` px (the VAE's factor, or
+        more where an exporter must: see `size_multiple` in build.py)."""
         lo = -(-self.min_size // multiple) * multiple
         hi = self.max_size // multiple * multiple
         if lo > hi:
@@ -82,9 +82,9 @@ class ExportConfig:
                 f"no image size in [{self.min_size}, {self.max_size}] is a multiple of {multiple} px, "
                 f"which this backend needs for this model; widen --min-size / --max-size"
             )
-        opt = self.opt_size or native_latent * VAE_SCALE
+        opt = self.opt_size or native_latent * vae_scale
         opt = min(max(opt // multiple * multiple, lo), hi)
-        side = DimRange(lo // VAE_SCALE, opt // VAE_SCALE, hi // VAE_SCALE)
+        side = DimRange(lo // vae_scale, opt // vae_scale, hi // vae_scale)
         dims = {
             "batch": DimRange(1, self.opt_batch, self.max_batch),
             "cfg": DimRange(1, 2, 2),

@@ -148,8 +148,6 @@ def check_architecture(path, unet, vae, text_encoder) -> None:
             f"{path}: the U-Net takes {uc.in_channels} channels but the VAE makes {vc.latent_channels}; "
             "inpainting and depth models are not supported yet"
         )
-    if 2 ** (len(vc.block_out_channels) - 1) != 8:
-        raise ModelSourceError(f"{path}: the VAE does not downsample by 8, as every SD 1.x / 2.x VAE does")
     if uc.cross_attention_dim != text_encoder.config.hidden_size:
         raise ModelSourceError(
             f"{path}: the U-Net attends to {uc.cross_attention_dim}-wide text embeddings but the text "

@@ -10,16 +10,16 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from ldm_deploy.engine.spec import VAE_SCALE, ComponentSpec, DimRange
+from ldm_deploy.engine.spec import ComponentSpec, DimRange
 
 log = logging.getLogger(__name__)
 
 
-def export_dims(ranges: dict[str, DimRange], multiple: int) -> dict[str, object]:
-    """torch.export Dims for the spec's named dims. Latent sides are `m * Dim` with
-    m = multiple / 8, so that code which branches on divisibility (diffusers' U-Net asks whether
-    the side divides by 2**upsamplers) sees a fact, not a guard on a free symbol."""
-    m = multiple // VAE_SCALE
+def export_dims(ranges: dict[str, DimRange], m: int) -> dict[str, object]:
+    """torch.export Dims for the spec's named dims. Latent sides are `m * Dim` (m: the latent
+    multiple, image multiple / VAE factor), so that code which branches on divisibility
+    (diffusers' U-Net asks whether the side divides by 2**upsamplers) sees a fact, not a guard
+    on a free symbol."""
     out = {}
     for name, r in ranges.items():
         if name.startswith("latent_") and m > 1:
@@ -43,11 +43,11 @@ def dynamic_shapes(spec: ComponentSpec, dims: dict[str, object]) -> tuple:
 
 
 def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, path: Path,
-                ranges: dict[str, DimRange], multiple: int) -> str:
+                ranges: dict[str, DimRange], latent_multiple: int) -> str:
     """Export and AOT-compile `module` for the device its example inputs are on; returns the
     mode written to `path`: "aoti" (a compiled package), or "exported" (the exported program,
     run eagerly at load time) where AOTInductor fails, with a warning naming the cause."""
-    dims = export_dims(ranges, multiple)
+    dims = export_dims(ranges, latent_multiple)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(spec, dims), strict=False)

@@ -81,7 +81,7 @@ def test_torch_engine_needs_sizes_its_unet_divides(torch_pipe):
 def test_export_dims_make_latent_sides_multiples():
     ranges = {"batch": DimRange(1, 1, 4), "cfg": DimRange(1, 2, 2), "latent_height": DimRange(32, 64, 128),
               "latent_width": DimRange(32, 64, 128)}
-    dims = export_dims(ranges, multiple=64)  # SD 1.5: three downsamplings
+    dims = export_dims(ranges, 8)  # SD 1.5: 64 px sides = 8 latent px (three downsamplings)
     spec = component_specs(ModelFacts(4, 77, 768))["vae_encoder"]
     images, sample_noise = dynamic_shapes(spec, dims)[:2]
     # images are (B, 3, 8 * 8 * blocks, ...): the exporter sees both factors
