@@ -1,4 +1,5 @@
-"""`ldm-run`: prompts (and an init image) -> PNG images, from an engine directory."""
+"""`ldm-run`: prompts (and an init image) -> PNG images, from an engine directory (or a
+diffusers folder, exported to the cache on first use; with neither, our bundled shapes model)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="ldm-run", description=__doc__.split(": ", 1)[1])
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--engine", required=True, help="engine directory made by ldm-export")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--engine", help="engine directory made by ldm-export")
+    which.add_argument("--model", help="diffusers folder: its ONNX Runtime engine is exported into the cache "
+                       "(~/.cache/ldm-deploy) on first use. With neither --engine nor --model: the bundled "
+                       "64x64 shapes model (try \"a red circle on a blue background\")")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
@@ -47,6 +52,18 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
+def engine_dir(args) -> str:
+    if args.engine:
+        return args.engine
+    from ldm_deploy.cache import engine_for
+
+    if args.model:
+        return str(engine_for(args.model))
+    from ldm_deploy import shapes
+
+    return str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -59,7 +76,7 @@ def main(argv=None) -> int:
         paths = output_paths(args.out, args.num_images)
         if not paths[0].parent.is_dir():
             raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")
-        pipe = Pipeline.load(args.engine, backend=args.backend, verify=not args.no_verify,
+        pipe = Pipeline.load(engine_dir(args), backend=args.backend, verify=not args.no_verify,
                              rebuild_stale=args.rebuild_stale)
         images = pipe(
             args.prompt,

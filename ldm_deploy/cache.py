@@ -1,0 +1,85 @@
+"""Engines exported on first use and kept in the user's cache directory.
+
+`ldm-run --model FOLDER` (and `ldm-run` with nothing named: the bundled shapes model) exports
+the model's ONNX Runtime engine once, into
+
+    $LDM_DEPLOY_CACHE, else $XDG_CACHE_HOME/ldm-deploy, else ~/.cache/ldm-deploy
+        engines/<model folder name, or "shapes">-<key>/
+
+and later runs load it. The key hashes the package version, the export settings and every file
+of the model folder by (path, size, modification time), so a changed model or a new release
+exports afresh; nothing is ever half-written (the export stages and renames, see engine_dir).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from ldm_deploy import __version__
+from ldm_deploy.errors import EngineError, UserError
+
+log = logging.getLogger(__name__)
+
+# The export settings of cached engines: ONNX Runtime on the CPU, the model's native size and
+# around it, up to 4 images a call.
+CACHE_EXPORT = dict(backend="onnxruntime", max_batch=4)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LDM_DEPLOY_CACHE"):
+        return Path(os.environ["LDM_DEPLOY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ldm-deploy"
+
+
+def model_key(model: Path, settings: dict) -> str:
+    """16 hex digits over the package version, the settings and the model's files."""
+    h = hashlib.sha256(f"{__version__}\n{sorted(settings.items())}\n".encode())
+    for f in sorted(p for p in model.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(model)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def engine_for(model: str | Path, export_settings: dict | None = None, name: str | None = None) -> Path:
+    """The cached engine of a diffusers folder, exported now if there is none (or a damaged one).
+    `name` (default: the folder's name) starts the engine directory's name."""
+    model = Path(model).expanduser().resolve()
+    if not (model / "model_index.json").is_file():
+        raise UserError(f"--model {model}: not a diffusers folder (it has no model_index.json)")
+    settings = {**CACHE_EXPORT, **(export_settings or {})}
+    out = cache_dir() / "engines" / f"{name or model.name}-{model_key(model, settings)}"
+    if out.is_dir():
+        try:
+            from ldm_deploy.engine.manifest import read_manifest
+
+            read_manifest(out)
+            return out
+        except EngineError as e:
+            log.warning("the cached engine %s is damaged (%s); exporting it again", out, e)
+    export(model, out, settings)
+    return out
+
+
+def export(model: Path, out: Path, settings: dict) -> None:
+    import importlib.util
+
+    missing = [m for m in ("torch", "diffusers", "transformers", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(
+            f"the first run of a model exports its engine, which needs {', '.join(missing)}: "
+            "pip install 'ldm-deploy[export]' (CPU PyTorch first: pip install torch --index-url "
+            "https://download.pytorch.org/whl/cpu), or pass --engine DIR"
+        )
+    from ldm_deploy.export.build import export_engine
+    from ldm_deploy.export.config import ExportConfig
+
+    log.info("first run of %s: exporting its engine to %s (once; later runs reuse it)", model, out)
+    try:
+        export_engine(str(model), out, ExportConfig(**settings, force=out.exists()))
+    except UserError:
+        if not out.is_dir():  # another process may have finished the same export first
+            raise

@@ -1,0 +1,59 @@
+"""The engine cache behind `ldm-run --model` and the bundled model: keys, location, repairs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from ldm_deploy import cache
+from ldm_deploy.cli import run
+from ldm_deploy.errors import UserError
+
+
+def test_cache_dir_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "a"))
+    assert cache.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("LDM_DEPLOY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "ldm-deploy"
+
+
+def test_key_changes_with_the_model_and_the_settings(tmp_path):
+    m = tmp_path / "model"
+    (m / "unet").mkdir(parents=True)
+    (m / "unet" / "w.safetensors").write_bytes(b"1234")
+    key = cache.model_key(m, {"max_batch": 4})
+    assert cache.model_key(m, {"max_batch": 4}) == key
+    assert cache.model_key(m, {"max_batch": 2}) != key
+    (m / "unet" / "w.safetensors").write_bytes(b"12345")
+    assert cache.model_key(m, {"max_batch": 4}) != key
+
+
+def test_not_a_diffusers_folder(tmp_path, capsys):
+    assert run.main(["x", "--model", str(tmp_path)]) == 2
+    assert "not a diffusers folder" in capsys.readouterr().err
+    with pytest.raises(UserError):
+        cache.engine_for(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_model_flag_exports_once_and_repairs_a_damaged_engine(model_dirs, monkeypatch, tmp_path):
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    settings = dict(min_size=64, max_size=128, img2img=False)
+    engine = cache.engine_for(model_dirs["tiny-sd1"], settings)
+    assert engine.parent == tmp_path / "cache" / "engines" and engine.name.startswith("tiny-sd1-")
+    stamp = os.stat(engine / "manifest.json").st_mtime_ns
+    assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
+    assert os.stat(engine / "manifest.json").st_mtime_ns == stamp
+    (engine / "manifest.json").write_text("{not json")
+    assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
+    assert os.stat(engine / "manifest.json").st_mtime_ns != stamp
+    assert [p.name for p in engine.parent.iterdir()] == [engine.name]  # no staging left behind
+    shutil.rmtree(engine)
+    out = tmp_path / "x.png"
+    # through the CLI: --model exports with the cache's default settings (sizes 256..1024)
+    assert run.main(["a cat", "--model", str(model_dirs["tiny-sd1"]), "--steps", "2", "--width", "256",
+                     "--height", "256", "-q", "--out", str(out)]) == 0
+    assert out.is_file()
