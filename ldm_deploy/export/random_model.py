@@ -94,10 +94,32 @@ PRESETS = {
 }
 
 
-def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0) -> Path:
-    """Build a random-weight model of the preset's architecture and save it as a diffusers folder."""
+def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict) -> None:
+    """The layout `StableDiffusionPipeline.from_pretrained` (and `ldm-export`) reads."""
     import json
 
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    text.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", scheduler["_class_name"]],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0) -> Path:
+    """Build a random-weight model of the preset's architecture and save it as a diffusers folder."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -118,24 +140,7 @@ def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0) 
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **cfg["text"]))
     tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77, pad_token=cfg["pad_token"])
 
-    unet.save_pretrained(out / "unet")
-    vae.save_pretrained(out / "vae")
-    text.save_pretrained(out / "text_encoder")
-    tokenizer.save_pretrained(out / "tokenizer")
-    (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"], indent=2))
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "scheduler": ["diffusers", cfg["scheduler"]["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    save_diffusers_folder(out, unet, vae, text, tokenizer, cfg["scheduler"])
     return out
 
 
