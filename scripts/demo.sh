@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 mkdir -p out
-ldm-run "a red circle on a blue background" --out out/red-circle.png
-echo "demo: wrote out/red-circle.png"
+cd out
+ldm-run "a red circle on a blue background"
+echo "demo: wrote out/output.png"
