@@ -151,9 +151,14 @@ def loop_runs(steps=3, shared_noise=False, shape=(1, 4, 8, 8)):
     rows = [np.zeros(9, np.float32) for _ in range(steps)]
     fresh = [np.zeros(shape, np.float32) for _ in range(steps)]
     noise = [fresh[0]] * steps if shared_noise else fresh
+    return ping_pong_runs(x, x2, s, s2, emb, rows, noise)
+
+
+def ping_pong_runs(x, x2, s, s2, emb, rows, noise) -> list[Run]:
+    """One Run per step: latents and state swap buffers each step, row i and noise i bound."""
     runs = []
-    for i in range(steps):
-        runs.append(Run({"latents": x, "text_embeddings": emb, "coeffs": rows[i], "state": s, "noise": noise[i]},
+    for row, n in zip(rows, noise):
+        runs.append(Run({"latents": x, "text_embeddings": emb, "coeffs": row, "state": s, "noise": n},
                         {"latents_out": x2, "state_out": s2}))
         x, x2, s, s2 = x2, x, s2, s
     return runs
@@ -249,12 +254,7 @@ def test_a_captured_loop_binds_each_steps_row_and_noise_on_the_gpu():
         emb = mem.upload(np.zeros((2, 1, 77, 32), np.float32))
         rows = [mem.upload(np.full(9, offset + i, np.float32)) for i in range(steps)]
         noise = [mem.upload(np.full(shape, offset + 10 * i, np.float32)) for i in range(steps)]
-        runs = []
-        for i in range(steps):
-            runs.append(Run({"latents": x, "text_embeddings": emb, "coeffs": rows[i], "state": s, "noise": noise[i]},
-                            {"latents_out": x2, "state_out": s2}))
-            x, x2, s, s2 = x2, x, s2, s
-        return runs
+        return ping_pong_runs(x, x2, s, s2, emb, rows, noise)
 
     def enqueue(addresses):
         mem.copy(addresses["latents_out"], addresses["noise"], int(np.prod(shape)) * 4)
