@@ -28,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
                         "onnxruntime), triton (our fused kernel; torch). Default: the backend's measured best")
     t.add_argument("--channels-last", action="store_true", help="NHWC convolutions in the U-Net")
     t.add_argument("--fuse-qkv", action="store_true", help="one GEMM for the q, k, v projections")
+    t.add_argument("--jobs", type=int, default=0,
+                   help="components compiled at once, each in its own process (default: one per 5 CPU cores)")
     r = p.add_argument_group("tensorrt backend")
     r.add_argument("--opt-level", type=int, default=3,
                    help="TensorRT builder optimization level 0..5: higher builds longer, may run faster (default 3)")
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
             attention=args.attention,
             channels_last=args.channels_last,
             fuse_qkv=args.fuse_qkv,
+            jobs=args.jobs,
             tensorrt=tensorrt,
             img2img=not args.no_img2img,
             min_size=args.min_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timezone
@@ -36,16 +37,13 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
 
     components = COMPONENTS if config.img2img else tuple(c for c in COMPONENTS if c != "vae_encoder")
+    jobs = export_jobs(config, len(components))
     with staging_dir(out, config.force) as tmp:
-        files = {}
-        for i, name in enumerate(components, 1):
-            t = time.perf_counter()
-            log.info("[%d/%d] %s: %s", i, len(components), name, exporter.doing)
-            with heartbeat(f"[{i}/{len(components)}] {name}: still working"):
-                written = exporter(name, specs[name], tmp)
-            files[name] = {p.name: file_record(p) for p in written}
-            size = sum(r["bytes"] for r in files[name].values()) / 2**20
-            log.info("[%d/%d] %s: %.1f MiB in %.1f s", i, len(components), name, size, time.perf_counter() - t)
+        if jobs > 1:
+            written = export_in_processes(model, config, dims, multiple, exporter, components, specs, tmp, jobs)
+        else:
+            written = export_in_turn(exporter, components, specs, tmp)
+        files = {name: {p.name: file_record(p) for p in paths} for name, paths in written.items()}
         pad_id = write_tokenizer(src, info.text_length, tmp / TOKENIZER)
         files["tokenizer"] = {TOKENIZER: file_record(tmp / TOKENIZER)}
         manifest = Manifest(
@@ -63,6 +61,79 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
     return out
+
+
+def export_in_turn(exporter, components, specs, tmp: Path) -> dict[str, list[Path]]:
+    written = {}
+    for i, name in enumerate(components, 1):
+        t = time.perf_counter()
+        log.info("[%d/%d] %s: %s", i, len(components), name, exporter.doing)
+        with heartbeat(f"[{i}/{len(components)}] {name}: still working"):
+            written[name] = exporter(name, specs[name], tmp)
+        log_written(f"[{i}/{len(components)}] {name}", written[name], time.perf_counter() - t)
+    return written
+
+
+def log_written(what: str, paths: list[Path], seconds: float) -> None:
+    log.info("%s: %.1f MiB in %.1f s", what, sum(p.stat().st_size for p in paths) / 2**20, seconds)
+
+
+def export_jobs(config: ExportConfig, n_components: int) -> int:
+    """How many components compile at once. Only torch engines compile in parallel: an
+    AOTInductor build is mostly single-threaded Python and one C++ compile, so separate processes
+    overlap well, each with its own share of the cores for Triton / C++ kernel compiles. Auto
+    (jobs 0): one process per 5 cores, so 2-core machines keep compiling in turn."""
+    if config.backend != "torch":
+        return 1
+    jobs = config.jobs or (os.cpu_count() or 1) // 5
+    return max(1, min(jobs, n_components))
+
+
+def export_in_processes(model, config, dims, multiple, exporter, components, specs, tmp: Path,
+                        jobs: int) -> dict[str, list[Path]]:
+    """Each component in its own (spawned) process, which loads the source itself: an exporter
+    holds no state between components but its record of AOTInductor fallbacks (`modes`)."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log.info("exporting %s: %d at a time, each in its own process (%s)", ", ".join(components), jobs,
+             exporter.doing)
+    t0 = time.perf_counter()
+    written = {}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(export_one, model, config, dims, multiple, name, specs[name], tmp, threads,
+                               logging.getLogger().getEffectiveLevel()): name for name in components}
+        with heartbeat(f"exporting {len(components)} components: still working"):
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name = pending.pop(future)
+                    try:
+                        written[name], exporter.modes[name] = future.result()
+                    except BaseException:
+                        for other in pending:
+                            other.cancel()
+                        raise
+                    log_written(f"[{len(written)}/{len(components)}] {name}", written[name],
+                                time.perf_counter() - t0)
+    return {name: written[name] for name in components}
+
+
+def export_one(model, config, dims, multiple, name, spec, tmp: Path, threads: int, log_level: int):
+    """Worker of export_in_processes: -> (files written, AOTInductor mode)."""
+    import torch
+
+    from ldm_deploy.cli.common import setup_logging
+
+    setup_logging(log_level <= logging.DEBUG)
+    torch._inductor.config.compile_threads = threads
+    src = load_source(model, config.allow_pickle)
+    exporter = EXPORTERS[config.backend](src, config, dims, multiple)
+    t = time.perf_counter()
+    paths = exporter(name, spec, tmp)
+    log.info("%s: compiled in %.1f s", name, time.perf_counter() - t)
+    return paths, exporter.modes[name]
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ class ExportConfig:
       "ort" (onnxruntime) writes ONNX Runtime's fused MultiHeadAttention operator.
     channels_last: U-Net convolutions in NHWC memory layout (often faster on tensor cores).
     fuse_qkv: one projection GEMM for q, k, v in self-attention (diffusers' fuse_qkv_projections).
+    jobs: components compiled at once, each in its own process; 0 picks one per 5 CPU cores.
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache).
@@ -49,6 +50,7 @@ class ExportConfig:
     attention: str | None = None  # None: the backend's measured default
     channels_last: bool = False
     fuse_qkv: bool = False
+    jobs: int = 0
     tensorrt: TensorRTOptions = TensorRTOptions()
     img2img: bool = True  # export the VAE encoder too (False: txt2img only, a shorter export)
     min_size: int = 256
@@ -116,6 +118,10 @@ def check_config(c: ExportConfig) -> None:
             "--device / --channels-last / --fuse-qkv apply to --backend torch; TensorRT plans "
             "always run on the GPU and choose their own kernels"
         )
+    if c.jobs and c.backend != "torch":
+        raise UserError("--jobs applies to --backend torch (AOTInductor compiles); other backends export in turn")
+    if c.jobs < 0:
+        raise UserError(f"--jobs {c.jobs}: give a number of processes, or 0 for one per 5 CPU cores")
     if c.backend != "tensorrt" and c.tensorrt != TensorRTOptions():
         raise UserError("--opt-level / --static-shapes / --refit / --timing-cache apply to --backend tensorrt")
     if c.backend == "tensorrt":

@@ -22,8 +22,10 @@ from ldm_deploy.export.torch_export import dynamic_shapes, export_dims
 def torch_engine(model_dirs, tmp_path_factory):
     from dataclasses import replace
 
+    # Two components at a time, each in its own process (the parallel path; auto would pick
+    # one at a time on a 2-core machine). Every test below then checks what it produced.
     out = tmp_path_factory.mktemp("torch") / "tiny-sd1"
-    return export_engine(str(model_dirs["tiny-sd1"]), out, replace(TEST_CONFIG, backend="torch"))
+    return export_engine(str(model_dirs["tiny-sd1"]), out, replace(TEST_CONFIG, backend="torch", jobs=2))
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,8 @@ def test_graph_slots_name_buffers_by_first_use():
     (dict(backend="torch", precision="fp16"), "fp16 engines need --device cuda"),
     (dict(backend="torch", attention="flash9"), "unknown attention for --backend torch"),
     (dict(attention="triton"), "unknown attention for --backend onnxruntime"),
+    (dict(jobs=2), "--jobs applies to --backend torch"),
+    (dict(backend="torch", jobs=-1), "give a number of processes"),
 ])
 def test_export_option_combinations(kw, message):
     with pytest.raises(UserError, match=message):
@@ -125,7 +129,8 @@ def test_aoti_failure_falls_back_to_the_exported_program(model_dirs, pipelines, 
         raise RuntimeError("injected compile failure")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail)
-    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False)
+    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
+                          jobs=1)  # in this process, where the patch is
     out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
     m = read_manifest(out)
     assert set(m.build["modes"].values()) == {"exported"}
