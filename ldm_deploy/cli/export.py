@@ -19,6 +19,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px)")
     p.add_argument("--opt-size", type=int, default=None, help="side to tune for (default: the model's native size)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
+    p.add_argument("--static-shapes", action="store_true",
+                   help="tensorrt, torch: build for exactly --opt-size and one image: kernels for one shape, "
+                        "no other size (a much shorter torch compile)")
     t = p.add_argument_group("torch backend")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for")
     t.add_argument("--precision", default=None, choices=("fp32", "fp16"),
@@ -33,8 +36,6 @@ def parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("tensorrt backend")
     r.add_argument("--opt-level", type=int, default=3,
                    help="TensorRT builder optimization level 0..5: higher builds longer, may run faster (default 3)")
-    r.add_argument("--static-shapes", action="store_true",
-                   help="build for exactly --opt-size and one image: kernels for one shape, no other size")
     r.add_argument("--refit", action="store_true", help="keep weights refittable (for LoRA); can run slower")
     r.add_argument("--timing-cache", default=DEFAULT_TIMING_CACHE,
                    help=f"folder that keeps kernel timings between builds (default {DEFAULT_TIMING_CACHE})")

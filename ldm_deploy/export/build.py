@@ -221,7 +221,8 @@ class TorchExporter:
         self.dtype = torch_dtype(config.dtype_name)
         # torch.export specialises sizes 0 and 1: trace with batch 2, cfg 2, latent sides at
         # the tuned size (a multiple of the required one).
-        self.trace_dims = {k: r.opt for k, r in dims.items()} | {"batch": 2, "cfg": 2}
+        # A static engine's batch is 1, and its trace must be too.
+        self.trace_dims = {k: r.opt for k, r in dims.items()} | {"batch": min(2, dims["batch"].max), "cfg": 2}
         self.modes = {}
         self.prepare_unet()
 

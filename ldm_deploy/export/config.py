@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ldm_deploy.engine.spec import VAE_SCALE, DimRange
 from ldm_deploy.errors import UserError
@@ -41,7 +41,8 @@ class ExportConfig:
     jobs: components compiled at once, each in its own process; 0 picks one per 5 CPU cores.
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
-    static shapes, refit, timing cache).
+    static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
+    size and batch 1 let AOTInductor compile without symbolic sizes (minutes faster on a GPU).
     """
 
     backend: str = "onnxruntime"
@@ -122,8 +123,11 @@ def check_config(c: ExportConfig) -> None:
         raise UserError("--jobs applies to --backend torch (AOTInductor compiles); other backends export in turn")
     if c.jobs < 0:
         raise UserError(f"--jobs {c.jobs}: give a number of processes, or 0 for one per 5 CPU cores")
-    if c.backend != "tensorrt" and c.tensorrt != TensorRTOptions():
-        raise UserError("--opt-level / --static-shapes / --refit / --timing-cache apply to --backend tensorrt")
+    if c.backend == "torch" and replace(c.tensorrt, static_shapes=False) != TensorRTOptions():
+        raise UserError("--opt-level / --refit / --timing-cache apply to --backend tensorrt")
+    if c.backend == "onnxruntime" and c.tensorrt != TensorRTOptions():
+        raise UserError("--opt-level / --static-shapes / --refit / --timing-cache apply to --backend tensorrt "
+                        "(and --static-shapes to torch); ONNX Runtime takes any shape the graph allows")
     if c.backend == "tensorrt":
         check_build_options(c.tensorrt, c.dtype_name)
     if c.backend == "torch" and c.device == "cpu" and c.dtype_name == "fp16":

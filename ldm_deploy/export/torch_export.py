@@ -22,10 +22,10 @@ def export_dims(ranges: dict[str, DimRange], m: int) -> dict[str, object]:
     on a free symbol."""
     out = {}
     for name, r in ranges.items():
-        if name.startswith("latent_") and m > 1:
-            out[name] = m * Dim(f"{name}_blocks", min=max(r.min // m, 1), max=r.max // m)
-        elif r.min == r.max:
+        if r.min == r.max:
             out[name] = r.min  # static
+        elif name.startswith("latent_") and m > 1:
+            out[name] = m * Dim(f"{name}_blocks", min=max(r.min // m, 1), max=r.max // m)
         else:
             out[name] = Dim(name, min=r.min, max=r.max)
     return out
