@@ -30,15 +30,14 @@ def tiles_for(head_dim: int) -> list[tuple[int, int, int, int]]:
 
 
 def source(dtype: str, heads: int, head_dim: int, scale: float,
-           tile: tuple[int, int, int, int], exp16: bool = False) -> tuple[triton.compiler.ASTSource, dict]:
-    """(ASTSource, compile options) for `triton.compile`; dtype is "fp16" or "bf16"; exp16: the
-    fp16 exp2 (attn_fwd's EXP16; ignored for bf16)."""
+           tile: tuple[int, int, int, int]) -> tuple[triton.compiler.ASTSource, dict]:
+    """(ASTSource, compile options) for `triton.compile`; dtype is "fp16" or "bf16"."""
     block_m, block_n, num_warps, num_stages = tile
     ptr = "*" + dtype
     row = heads * head_dim
     constants = {"sm_scale": scale, "H": heads, "HEAD_DIM": head_dim,
                  "BLOCK_D": block_d(head_dim), "ALIGN": 1,
-                 "BLOCK_M": block_m, "BLOCK_N": block_n, "EXP16": int(exp16)}
+                 "BLOCK_M": block_m, "BLOCK_N": block_n}
     for t, seq in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")):
         constants |= {f"stride_{t}h": head_dim, f"stride_{t}{seq}": row, f"stride_{t}d": 1}
     runtime = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr} | {n: "i32" for n in RUNTIME_SCALARS}

@@ -102,17 +102,8 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _exp2_f16(x):
-    # 2**x for fp32 x, as fp16, two values per instruction: ex2.approx.f16x2 (sm_75+) halves the
-    # special-function-unit work that the fp32 exp2 costs (one per score; see EXP16 in attn_fwd).
-    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                     dtype=tl.float16, is_pure=True, pack=2)
-
-
-@triton.jit
 def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, offs_n, offs_d, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
-                EXP16: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr):
     # One key block: scores (BLOCK_M, BLOCK_N) in fp32, online-softmax update of (m_i, l_i, acc).
     rows = start_n + offs_n
     k = _load_rows(k_ptrs, rows, Lk, offs_d, HEAD_DIM, BLOCK_D, MASK_N)  # (BLOCK_N, BLOCK_D)
@@ -121,17 +112,11 @@ def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, offs_n, offs_d, q
         qk = tl.where(rows[None, :] < Lk, qk, float("-inf"))
     # Scores in the log2 domain: exp(s * scale) == exp2(s * scale * log2(e)).
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(v_ptrs, rows, Lk, offs_d, HEAD_DIM, BLOCK_D, MASK_N)  # (BLOCK_N, BLOCK_D)
-    if EXP16 and v.dtype == tl.float16:  # decided at compile time; bf16 keeps the fp32 exp2
-        # p in fp16 from the start; the row sum adds exactly the values the p @ v product uses.
-        p16 = _exp2_f16(qk * qk_scale - m_ij[:, None])
-        l_i = l_i * alpha + tl.sum(p16.to(tl.float32), 1)
-        acc = tl.dot(p16, v, acc * alpha[:, None])
-    else:
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_ij
 
 
@@ -144,17 +129,12 @@ def attn_fwd(Q, K, V, sm_scale,
              H, Lq, Lk,
              Out,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXP16: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Out[b, h] = softmax(Q[b, h] @ K[b, h]^T * sm_scale) @ V[b, h] for one BLOCK_M query tile.
 
     Grid: (cdiv(Lq, BLOCK_M), B * H); the query-tile index varies fastest, so programs that read
     the same K, V run together and share them through L2. Pointer arguments come first, then
     scalars, then the output: the order TensorRT's ahead-of-time plugins launch with.
-
-    EXP16 (fp16 inputs on a GPU only; the launcher checks): the softmax numerators come from the
-    fp16 exp2 instruction, two per issue. With head dims of 40..64 a Hopper SM spends as many
-    cycles on one exp2 per score (16 per clock) as on the two products' tensor-core work, so exp2
-    throughput, not the tensor cores, bounds the kernel there.
     """
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -186,12 +166,12 @@ def attn_fwd(Q, K, V, sm_scale,
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q,
                                     k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
                                     start_n, Lk, offs_n, offs_d, qk_scale,
-                                    HEAD_DIM, BLOCK_D, False, EXP16)
+                                    HEAD_DIM, BLOCK_D, False)
     if n_full < Lk:
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q,
                                     k_ptrs + n_full * stride_kn, v_ptrs + n_full * stride_vn,
                                     n_full, Lk, offs_n, offs_d, qk_scale,
-                                    HEAD_DIM, BLOCK_D, True, EXP16)
+                                    HEAD_DIM, BLOCK_D, True)
 
     acc = acc / l_i[:, None]
     o_ptrs = _tile_ptrs(Out, off_b, off_h, offs_m, offs_d,
@@ -226,9 +206,8 @@ def is_interpreter() -> bool:
 
 
 attn_fwd_tuned = triton.autotune(
-    # Every tile with the fp32 and the fp16 exp2 (EXP16; for bf16 inputs both compile alike).
-    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "EXP16": e}, num_warps=w, num_stages=s)
-             for m, n, w, s in AUTOTUNE_TILES for e in (0, 1)],
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+             for m, n, w, s in AUTOTUNE_TILES],
     key=["Lq", "Lk", "H", "HEAD_DIM"],  # the autotuner adds the tensors' dtypes itself
 )(attn_fwd)
 
@@ -267,14 +246,13 @@ def grid(B: int, H: int, Lq: int):
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                     out: torch.Tensor | None = None,
-                    tile: tuple[int, int, int, int] | None = None, exp16: bool = False) -> torch.Tensor:
+                    tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v with the Triton kernel; any strides, no copies.
 
     q: (B, H, Lq, D), k, v: (B, H, Lk, D) on a CUDA device (or the CPU under TRITON_INTERPRET=1),
     D <= 256. Writes into `out` when given (any strides, shape of q), else into `new_output(q)`.
     Autotuned on (Lq, Lk, H, head dim, dtype) unless `tile` = (BLOCK_M, BLOCK_N, num_warps,
-    num_stages) fixes the config (and `exp16` the exp2 flavour, see attn_fwd); INTERPRETER_TILE
-    in the interpreter, which cannot run the fp16 exp2's inline assembly.
+    num_stages) fixes the config; INTERPRETER_TILE in the interpreter.
     """
     check_inputs(q, k, v)
     if out is None:
@@ -287,7 +265,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if is_interpreter():
         block_m, block_n, _, _ = tile or INTERPRETER_TILE
         attn_fwd[grid(B, H, Lq)({"BLOCK_M": block_m})](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, EXP16=0)
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
     elif tile is None:
         # wrap_triton lets torch.compile / torch.export / AOTInductor see the kernel itself
         # (when called inside the torch op); outside tracing it launches directly.
@@ -295,6 +273,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     else:
         block_m, block_n, num_warps, num_stages = tile
         wrap_triton(attn_fwd)[grid(B, H, Lq)](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, EXP16=int(exp16),
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=num_warps, num_stages=num_stages)
     return out
