@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: everything a lent GPU machine checks and measures, in ONE call of at most
 # 10 minutes, most important first, each stage under its own time budget. Writes under $OUT:
-# suite.log, bench.json + bench.png (the peers), attention.json (the kernels), torch_check.json
-# (the torch backend), bench_more.json + bench_more.png (ours and torch.compile max-autotune);
+# suite.log, bench.json + bench.png (the peers), attention.json (the kernels), torch_smoke.json and
+# torch_check.json (the torch backend), bench_more.json + bench_more.png (ours and torch.compile max-autotune);
 # prints a short table last. ldm-bench
 # rewrites its JSON after every contender and logs a one-line summary of each, so a call cut
 # short still returns what it measured.
@@ -39,8 +39,12 @@
 #              (the kernels' own checks and microbenchmark), if benchmarks/attention.py exists. 150 s.
 #   tests      pytest -m gpu (they compare with references). 120 s.
 #   torch      if ldm_deploy/engine/backends/torch.py exists: ldm-export --backend torch --device
-#              cuda $SUITE_EXPORT_ARGS, leaving 100 s (the text encoder alone took 62 s on an H200);
-#              then, if benchmarks/torch_backend_check.py exists, its checks -> $OUT/torch_check.json.
+#              cuda ${SUITE_EXPORT_ARGS:-"--no-img2img --static-shapes"}, leaving 100 s. Static shapes
+#              because a dynamic-shape export does not fit: on an H200 (2026-11-26, components in 3
+#              processes) the static export took 171 s (U-Net 130 s of compile), while the dynamic
+#              one's U-Net had not finished after 244 s. Then benchmarks.torch_smoke (each component
+#              loaded and run once, each in its own process: a crash is a result, not the end)
+#              -> $OUT/torch_smoke.json, and benchmarks.torch_backend_check -> $OUT/torch_check.json.
 #   more       ldm-bench again: diffusers (the baseline, measured again), ours if the engine was
 #              built, then torch.compile mode "max-autotune" with whatever time is left (its
 #              autotuning of the SD 1.5 U-Net takes minutes; cut short, it says how long it had).
@@ -64,7 +68,9 @@ WORK=${SUITE_WORK:-/tmp/ldm-suite}
 STAGES=${SUITE_STAGES:-peers,attention,tests,torch,more}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/suite.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# PYTHONFAULTHANDLER: a process that dies of a signal (the first torch engine on a GPU did, with
+# SIGSEGV) prints its Python stack first.
+export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 STATUS=()
 
 left() { echo $(( BUDGET - SECONDS )); }
@@ -145,9 +151,12 @@ if want torch && [ -f ldm_deploy/engine/backends/torch.py ]; then
   ENGINE=$WORK/$PRESET-torch
   # shellcheck disable=SC2086  # SUITE_EXPORT_ARGS: extra ldm-export flags, word-split on purpose
   if stage "export torch engine" $(( $(left) - 100 )) "$PY" -m ldm_deploy.cli.export --model "$MODEL" \
-       --out "$ENGINE" --backend torch --device "$DEVICE" ${SUITE_EXPORT_ARGS:-} --force; then
+       --out "$ENGINE" --backend torch --device "$DEVICE" ${SUITE_EXPORT_ARGS:---no-img2img --static-shapes} \
+       --force; then
     ENGINE_ARGS=(--engine "$ENGINE")
     MORE=diffusers,ours,compile:max-autotune
+    stage "torch engine smoke test" 100 "$PY" -m benchmarks.torch_smoke --engine "$ENGINE" --toy \
+      --json "$OUT/torch_smoke.json"
     if [ -f benchmarks/torch_backend_check.py ]; then  # the torch backend's own GPU checks
       stage "torch backend checks" 90 "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
         --model "$MODEL" --json "$OUT/torch_check.json"

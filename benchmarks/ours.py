@@ -71,6 +71,7 @@ def run(spec: dict) -> dict:
     # Time the SHA-256 check inside load by wrapping the name the pipeline module calls.
     verify = pipeline_module.verify_files
     pipeline_module.verify_files = rec.wrap(verify, "verify")
+    log.info("ours: loading %s (%s)", engine, backend)
     start = time.perf_counter()
     try:
         pipe = pipeline_module.Pipeline.load(engine, backend=backend,

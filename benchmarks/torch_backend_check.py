@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -92,6 +93,11 @@ def timing(pipe, prompt, size, steps, repeats=3) -> dict:
     return {"end_to_end_s_median": float(np.median(times)), "steps": steps, "size": size, "runs": times}
 
 
+def step(what: str) -> None:
+    """A progress line, flushed: if the process dies (a crash in native code), the log says where."""
+    print(f"torch_backend_check: {what}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", required=True)
@@ -104,13 +110,19 @@ def main(argv=None) -> None:
 
     from ldm_deploy import Pipeline
 
+    if not torch.cuda.is_available():
+        print("torch_backend_check: no CUDA device; these checks are for CUDA engines", file=sys.stderr)
+        return
     prompt = "a photo of an astronaut riding a horse on mars"
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    step("loading the engine")
     pipe = Pipeline.load(args.engine)
     report["load"] = {"manifest_build": pipe.manifest.build, "precision": pipe.manifest.precision}
     latents = np.random.default_rng(0).standard_normal((1, 4, args.size // 8, args.size // 8)).astype(np.float32)
+    step("our image")
     ours = pipe(prompt, steps=args.steps, width=args.size, height=args.size, latents=latents, sampler="euler",
                 output_type="np", progress=False)
+    step("diffusers fp16 and fp32 images")
     ref16 = diffusers_images(args.model, torch.float16, prompt, latents, args.steps, args.size)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -121,7 +133,9 @@ def main(argv=None) -> None:
         "diffusers_fp16_vs_diffusers_fp32": compare(ref16, ref32),
         "image_std": float(ours.std()),
     }
+    step("host syncs inside the loop")
     report["sync"] = sync_check(pipe, prompt, args.size, args.steps)
+    step("timing, 50 steps")
     report["timing_50_steps"] = timing(pipe, prompt, args.size, 50)
     text = json.dumps(report, indent=2)
     print(text)

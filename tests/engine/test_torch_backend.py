@@ -122,6 +122,30 @@ def test_cuda_export_without_a_gpu_is_a_clear_error(model_dirs, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_static_torch_engine(model_dirs, pipelines, tmp_path):
+    """--static-shapes on a torch engine: one size, one image per pass, guidance on or off (cfg
+    keeps 1..2); the same images as the dynamic ONNX Runtime engine; any other size is a clear
+    error."""
+    from ldm_deploy import Pipeline
+    from ldm_deploy.export.tensorrt_build import TensorRTOptions
+
+    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
+                          tensorrt=TensorRTOptions(static_shapes=True))
+    m = read_manifest(export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config))
+    assert m.dims == {"batch": DimRange(1, 1, 1), "cfg": DimRange(1, 2, 2),
+                      "latent_height": DimRange(8, 8, 8), "latent_width": DimRange(8, 8, 8)}
+    pipe = Pipeline.load(tmp_path / "e")
+    kw = dict(seed=4, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
+    for guidance in (7.5, 1.0):
+        np.testing.assert_allclose(pipe("a red kite", guidance=guidance, **kw),
+                                   pipelines["tiny-sd1"]("a red kite", guidance=guidance, **kw), atol=1e-4, rtol=0)
+    with pytest.raises(InvalidRequest, match="outside this engine's range"):
+        pipe("a red kite", **(kw | {"width": 128}))
+    # Two images from a one-image engine: two passes, the same images as one batch of two.
+    np.testing.assert_allclose(pipe("a red kite", num_images=2, **kw),
+                               pipelines["tiny-sd1"]("a red kite", num_images=2, **kw), atol=1e-4, rtol=0)
+
+
 def test_aoti_failure_falls_back_to_the_exported_program(model_dirs, pipelines, tmp_path, monkeypatch, caplog):
     """Where AOTInductor cannot compile a component, the engine keeps its exported program, says
     so in the manifest and the log, and still gives the same images."""
