@@ -60,6 +60,24 @@ def breakdown(rec: Recorder, end_to_end: float) -> dict:
     }
 
 
+def saved_graphs() -> set[str]:
+    """The ONNX Runtime optimised graphs in the cache now (see ldm_deploy/engine/backends/ort_cache.py)."""
+    from ldm_deploy.engine.backends import ort_cache
+
+    root = ort_cache.root()
+    return {p.name for p in root.iterdir() if not p.name.startswith(".")} if root.is_dir() else set()
+
+
+def ort_cache_note(before: set[str], after: set[str]) -> str:
+    from ldm_deploy.engine.backends import ort_cache
+
+    if not ort_cache.enabled():
+        return f"load optimised every graph ({ort_cache.ENV}=0: no saved graphs)"
+    if after - before:
+        return "load optimised the graphs and saved them in the cache (later loads read them: faster)"
+    return "load read ONNX Runtime's optimised graphs saved in the cache by an earlier load"
+
+
 def run(spec: dict) -> dict:
     """Measure our engine per `spec` (see `bench.contender_spec`); returns the raw samples."""
     from ldm_deploy.engine import pipeline as pipeline_module
@@ -72,6 +90,7 @@ def run(spec: dict) -> dict:
     verify = pipeline_module.verify_files
     pipeline_module.verify_files = rec.wrap(verify, "verify")
     log.info("ours: loading %s (%s)", engine, backend)
+    cached_before = saved_graphs()
     start = time.perf_counter()
     try:
         pipe = pipeline_module.Pipeline.load(engine, backend=backend,
@@ -113,6 +132,8 @@ def run(spec: dict) -> dict:
         "unet_step_how": step_how,
         "notes": [f"load includes the SHA-256 check of every engine file ({verify_s:.1f} s)"],
     }
+    if backend == "onnxruntime":
+        out["notes"].append(ort_cache_note(cached_before, saved_graphs()))
     torch = sys.modules.get("torch")  # present only if the backend itself needs it
     if torch is not None and torch.cuda.is_initialized():
         out["device_peak_bytes"] = torch.cuda.max_memory_allocated()

@@ -14,6 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import tempfile
+
+# Tests never write to the user's cache (exported engines, ONNX Runtime's optimised graphs): one
+# fresh cache folder per test session; tests about the cache point it elsewhere themselves.
+os.environ["LDM_DEPLOY_CACHE"] = tempfile.mkdtemp(prefix="ldm-deploy-test-cache-")
+
 import numpy as np
 import pytest
 

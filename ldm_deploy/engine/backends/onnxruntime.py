@@ -8,11 +8,12 @@ onnxruntime-gpu is not installed on any machine we test on.)
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.engine.backends import Run
+from ldm_deploy.engine.backends import Run, ort_cache
 from ldm_deploy.errors import BackendUnavailable, EngineError
 
 log = logging.getLogger(__name__)
@@ -37,20 +38,71 @@ class OnnxRuntimeBackend:
         self.threads = threads
 
     def load(self, engine_dir: Path, manifest, component: str):
+        path = Path(engine_dir) / f"{component}.onnx"
+        cached = self.cache_entry(manifest, component)
+        if cached is not None and ort_cache.is_complete(cached):
+            try:
+                # Saved fully optimised: optimising again would only repeat the work.
+                session = self.session(cached / ort_cache.MODEL, self.options(optimize=False))
+                ort_cache.touch(cached)
+                log.debug("%s: ONNX Runtime's saved optimised graph from %s", component, cached)
+                return session
+            except Exception as e:  # damaged or from an incompatible build: optimise afresh
+                log.warning("%s: the cached optimised graph in %s could not be loaded (%s); optimising again",
+                            component, cached, str(e)[:200])
+                shutil.rmtree(cached, ignore_errors=True)
+        if cached is None:
+            return self.open(path, self.options(optimize=True))
+        stage = ort_cache.staging(cached)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        opts = self.options(optimize=True)
+        opts.optimized_model_filepath = str(stage / ort_cache.MODEL)
+        # Weights beside the graph, as in the engine: one protobuf holds at most 2 GB.
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", ort_cache.WEIGHTS)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            session = self.session(path, opts)
+        except Exception:  # e.g. a full disk while saving: the graph itself may be fine
+            shutil.rmtree(stage, ignore_errors=True)
+            return self.open(path, self.options(optimize=True))
+        if ort_cache.commit(stage, cached):
+            log.info("%s: saved ONNX Runtime's optimised graph (%.1f GB) in %s, so that later loads skip "
+                     "optimising (%s=0 turns this off)", component, ort_cache.size(cached) / 1e9, cached.parent,
+                     ort_cache.ENV)
+            ort_cache.prune(keep=cached)
+        return session
+
+    def options(self, optimize: bool):
         opts = self.ort.SessionOptions()
-        opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        level = self.ort.GraphOptimizationLevel
+        opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         opts.log_severity_level = 3  # errors only: ORT warns about every unused initializer
         if self.threads:
             opts.intra_op_num_threads = self.threads
-        path = Path(engine_dir) / f"{component}.onnx"
+        return opts
+
+    def session(self, path: Path, opts):
+        return self.ort.InferenceSession(str(path), opts, providers=self.providers)
+
+    def open(self, path: Path, opts):
+        """A session of the engine's own graph; a file ONNX Runtime cannot read is the engine's fault."""
         try:
-            session = self.ort.InferenceSession(str(path), opts, providers=self.providers)
+            return self.session(path, opts)
         except Exception as e:  # ORT raises its own exception types for bad files
             raise EngineError(
                 f"ONNX Runtime could not load {path} ({type(e).__name__}: {str(e)[:300]}); the file is "
                 "damaged or not an ONNX graph; re-export the engine with ldm-export --force"
             ) from None
-        return session
+
+    def cache_entry(self, manifest, component: str) -> Path | None:
+        """Where this component's optimised graph is (or will be) kept; None: no caching (turned
+        off, or a GPU provider, whose optimised graphs are its own)."""
+        if self.device != "cpu" or not ort_cache.enabled():
+            return None
+        key = ort_cache.graph_key(manifest.files.get(component, {}), self.ort.__version__, "ORT_ENABLE_ALL",
+                                  ort_cache.cpu_identity())
+        return ort_cache.entry(component, key)
 
     def empty(self, shape, dtype=np.float32):
         return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, 0)
