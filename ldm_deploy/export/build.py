@@ -78,15 +78,37 @@ def log_written(what: str, paths: list[Path], seconds: float) -> None:
     log.info("%s: %.1f MiB in %.1f s", what, sum(p.stat().st_size for p in paths) / 2**20, seconds)
 
 
+#: Host memory to allow per export process: each loads the whole source model (fp32: 4.3 GB for
+#: SD 1.5) and compiles; an SD 1.5 ONNX export peaks at 7.6 GB (benchmarks/RESULTS.md).
+JOB_MEMORY = 8 * 2**30
+
+
 def export_jobs(config: ExportConfig, n_components: int) -> int:
     """How many components compile at once. Only torch engines compile in parallel: an
     AOTInductor build is mostly single-threaded Python and one C++ compile, so separate processes
     overlap well, each with its own share of the cores for Triton / C++ kernel compiles. Auto
-    (jobs 0): one process per 5 cores, so 2-core machines keep compiling in turn."""
+    (jobs 0): one process per 5 cores and per JOB_MEMORY of available memory, so small machines
+    keep compiling in turn. (On an H200 host, 16 cores: the SD 1.5 export took 171 s with 3.)"""
     if config.backend != "torch":
         return 1
-    jobs = config.jobs or (os.cpu_count() or 1) // 5
+    jobs = config.jobs
+    if not jobs:
+        jobs = (os.cpu_count() or 1) // 5
+        memory = available_memory()
+        if memory is not None:
+            jobs = min(jobs, memory // JOB_MEMORY)
     return max(1, min(jobs, n_components))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes (Linux's MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def export_in_processes(model, config, dims, multiple, exporter, components, specs, tmp: Path,
@@ -104,20 +126,28 @@ def export_in_processes(model, config, dims, multiple, exporter, components, spe
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         pending = {pool.submit(export_one, model, config, dims, multiple, name, specs[name], tmp, threads,
                                logging.getLogger().getEffectiveLevel()): name for name in components}
-        with heartbeat(f"exporting {len(components)} components: still working"):
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    name = pending.pop(future)
-                    try:
+        try:
+            with heartbeat(f"exporting {len(components)} components: still working"):
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        name = pending.pop(future)
                         written[name], exporter.modes[name] = future.result()
-                    except BaseException:
-                        for other in pending:
-                            other.cancel()
-                        raise
-                    log_written(f"[{len(written)}/{len(components)}] {name}", written[name],
-                                time.perf_counter() - t0)
+                        log_written(f"[{len(written)}/{len(components)}] {name}", written[name],
+                                    time.perf_counter() - t0)
+        except BaseException:  # one failed, or Ctrl-C: stop the others now, not after their compiles
+            stop_workers(pool)
+            raise
     return {name: written[name] for name in components}
+
+
+def stop_workers(pool) -> None:
+    """Cancel what has not started and terminate the processes compiling the rest. (The executor
+    has no public way to stop running work before Python 3.14's terminate_workers.)"""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
 
 
 def export_one(model, config, dims, multiple, name, spec, tmp: Path, threads: int, log_level: int):

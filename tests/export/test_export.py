@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -109,6 +110,56 @@ def test_interrupted_export_process_leaves_nothing(model_dirs, tmp_path):
     rest = p.stderr.read()
     assert p.wait(timeout=60) != 0
     assert "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from Linux's /proc")
+def test_interrupted_parallel_torch_export_stops_its_workers(model_dirs, tmp_path):
+    """Ctrl-C while torch components compile in worker processes: the workers are stopped, not
+    left compiling, and nothing is written."""
+    out = tmp_path / "engine"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ldm_deploy.cli.export", "--model", str(model_dirs["tiny-sd1"]), "--out", str(out),
+         "--backend", "torch", "--jobs", "2", "--no-img2img", "--min-size", "64", "--max-size", "128"],
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    for line in p.stderr:
+        if "at a time, each in its own process" in line:
+            break
+    deadline = time.monotonic() + 60
+    while len(workers := children(p.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # the workers are loading the model or compiling
+    p.send_signal(signal.SIGINT)  # to the parent alone, as `kill -INT` does
+    rest = p.stderr.read()
+    assert p.wait(timeout=60) != 0
+    assert "Traceback" not in rest
+    assert "compiled in" not in rest  # no worker went on to finish its component (each takes 10 s+)
+    deadline = time.monotonic() + 15  # terminated processes take a moment to go
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers and not any(alive(w) for w in workers)
     assert list(tmp_path.iterdir()) == []
 
 
