@@ -12,7 +12,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ldm_deploy import __version__
-from ldm_deploy.engine.manifest import COMPONENTS, MANIFEST, TOKENIZER, Manifest, ModelInfo, file_record
+from ldm_deploy.engine.manifest import (
+    COMPONENTS,
+    MANIFEST,
+    TOKENIZER,
+    Manifest,
+    ModelInfo,
+    file_record,
+)
 from ldm_deploy.engine.samplers import NoiseSchedule
 from ldm_deploy.engine.spec import ModelFacts, component_specs
 from ldm_deploy.errors import ModelSourceError, UserError
