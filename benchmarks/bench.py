@@ -25,7 +25,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.config import BenchConfig, check_config, parse_contender
+from benchmarks.config import OURS_VARIANTS, BenchConfig, check_config, parse_contender
 from benchmarks.stats import COMPONENT_STAGES, STAGES, run_overheads, stage_ratios, summarize
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,11 @@ def pool(earlier: dict, later: dict) -> dict:
 def contender_spec(name: str, cfg: BenchConfig) -> dict:
     """What the child process for contender `name` needs (JSON-serialisable)."""
     kind, mode = parse_contender(name)
-    return asdict(cfg) | {"name": name, "kind": kind, "compile": mode,
+    spec = asdict(cfg) | {"name": name, "kind": kind, "compile": mode if kind == "diffusers" else None,
                           "warmup_steps": cfg.warmup_steps or cfg.steps}
+    if kind == "ours" and mode:
+        spec["backend"], spec["backend_options"] = OURS_VARIANTS[mode]
+    return spec
 
 
 def child_env(threads: int | None) -> dict:

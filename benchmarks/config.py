@@ -62,9 +62,13 @@ class BenchConfig:
     time_budget_s: float | None = None
 
 
+#: "ours:VARIANT" -> (backend, load options): the engine run on another backend than its own.
+OURS_VARIANTS = {"openvino": ("openvino", {}), "openvino-bf16": ("openvino", {"precision": "bf16"})}
+
+
 def parse_contender(name: str) -> tuple[str, str | None]:
-    """"ours" -> ("ours", None); "diffusers" -> ("diffusers", None);
-    "compile" / "compile:MODE" -> ("diffusers", MODE)."""
+    """"ours" -> ("ours", None); "ours:openvino" / "ours:openvino-bf16" -> ("ours", VARIANT);
+    "diffusers" -> ("diffusers", None); "compile" / "compile:MODE" -> ("diffusers", MODE)."""
     if name in ("ours", "diffusers"):
         return name, None
     if name == "compile":
@@ -72,9 +76,11 @@ def parse_contender(name: str) -> tuple[str, str | None]:
     kind, _, mode = name.partition(":")
     if kind == "compile" and mode in COMPILE_MODES:
         return "diffusers", mode
+    if kind == "ours" and mode in OURS_VARIANTS:
+        return "ours", mode
     raise UserError(
-        f"unknown contender {name!r}; choose from ours, diffusers, compile, compile:MODE "
-        f"with MODE one of {', '.join(COMPILE_MODES)}"
+        f"unknown contender {name!r}; choose from ours, ours:VARIANT with VARIANT one of "
+        f"{', '.join(OURS_VARIANTS)}, diffusers, compile, compile:MODE with MODE one of {', '.join(COMPILE_MODES)}"
     )
 
 
@@ -89,6 +95,8 @@ def check_config(c: BenchConfig) -> None:
         raise UserError(f"the baseline {c.baseline!r} is not among the contenders ({', '.join(c.contenders)})")
     if c.device not in DEVICES:
         raise UserError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
+    if c.device != "cpu" and any(parse_contender(n)[1] in OURS_VARIANTS for n in c.contenders):
+        raise UserError("the ours:openvino contenders run on the CPU; measure them with --device cpu")
     if "ours" in kinds:
         if not c.engine:
             raise UserError("contender 'ours' needs --engine (an engine directory made by ldm-export)")

@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def backend_options(backend: str, device: str, threads: int | None) -> dict:
-    """Load options for the engine's backend; only ONNX Runtime takes a device and thread count."""
-    if backend != "onnxruntime":
+    """Load options for the engine's backend: ONNX Runtime takes a device and a thread count,
+    OpenVINO (CPU only) a thread count."""
+    if backend not in ("onnxruntime", "openvino"):
         return {}
-    return {"device": device} | ({"threads": threads} if threads else {})
+    return ({"device": device} if backend == "onnxruntime" else {}) | ({"threads": threads} if threads else {})
 
 
 def device_sync(be):
@@ -94,7 +95,8 @@ def run(spec: dict) -> dict:
     start = time.perf_counter()
     try:
         pipe = pipeline_module.Pipeline.load(engine, backend=backend,
-                                             **backend_options(backend, spec["device"], spec.get("threads")))
+                                             **backend_options(backend, spec["device"], spec.get("threads")),
+                                             **spec.get("backend_options", {}))
     finally:
         pipeline_module.verify_files = verify
     load_s = time.perf_counter() - start
@@ -123,7 +125,7 @@ def run(spec: dict) -> dict:
         steps = [r["loop"] / spec["steps"] for r in runs]
         step_how = "loop / steps (the loop runs as one graph)"
     out = {
-        "label": f"ldm-deploy {backend} {manifest.get('precision', '')}".strip(),
+        "label": f"ldm-deploy {backend} {spec.get('backend_options', {}).get('precision') or manifest.get('precision', '')}".strip(),
         "load_s": load_s,
         "verify_s": verify_s,
         "rss_after_load_bytes": rss_after_load,

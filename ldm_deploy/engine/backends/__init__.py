@@ -13,10 +13,10 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ldm_deploy.errors import BackendUnavailable
+from ldm_deploy.errors import BackendUnavailable, UserError
 
 # name -> module under ldm_deploy.engine.backends; the module defines `create()`.
-BACKENDS = {"onnxruntime": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt"}
+BACKENDS = {"onnxruntime": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt", "openvino": "openvino"}
 
 
 @dataclass(frozen=True)
@@ -63,4 +63,10 @@ def create(name: str, **options) -> Backend:
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module = importlib.import_module(f"ldm_deploy.engine.backends.{BACKENDS[name]}")
-    return module.create(**options)
+    try:
+        return module.create(**options)
+    except TypeError as e:  # an option this backend does not have (e.g. threads for torch)
+        if "unexpected keyword argument" not in str(e):
+            raise
+        option = str(e).rsplit("'", 2)[-2]
+        raise UserError(f"the {name} backend has no option {option!r}") from None

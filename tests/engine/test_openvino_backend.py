@@ -1,0 +1,72 @@
+"""The openvino backend runs the ONNX engines: fp32 gives ONNX Runtime's images; bf16 (where the
+CPU has bf16 units) computes in bf16 and stays close; options it does not have are clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ldm_deploy import Pipeline
+from ldm_deploy.engine import backends
+from ldm_deploy.errors import UserError
+
+openvino = pytest.importorskip("openvino", reason="the openvino backend's tests need OpenVINO (in the test extra)")
+
+KW = dict(seed=6, steps=4, width=96, height=64, sampler="dpmpp_2m_karras", output_type="np", progress=False,
+          num_images=2, negative_prompt="fog")
+
+
+def has_bf16() -> bool:
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.fixture(scope="module")
+def ov_fp32(engine_dirs):
+    return Pipeline.load(engine_dirs["tiny-sd1"], backend="openvino")
+
+
+def test_fp32_gives_onnxruntime_images(ov_fp32, pipelines):
+    ours = ov_fp32("a windmill by a canal", **KW)
+    np.testing.assert_allclose(ours, pipelines["tiny-sd1"]("a windmill by a canal", **KW), atol=1e-4, rtol=0)
+
+
+def test_fp32_img2img_gives_onnxruntime_images(ov_fp32, pipelines):
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 64 * 96 * 3).reshape(64, 96, 3).astype(np.uint8)
+    init = Image.fromarray(ramp)
+    kw = KW | {"init_image": init, "strength": 0.6}
+    np.testing.assert_allclose(ov_fp32("a windmill", **kw), pipelines["tiny-sd1"]("a windmill", **kw),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not has_bf16(), reason="this CPU has no bf16 arithmetic (Intel AMX or AVX512-BF16)")
+def test_bf16_computes_in_bf16_and_stays_close(engine_dirs, ov_fp32):
+    bf16 = Pipeline.load(engine_dirs["tiny-sd1"], backend="openvino", precision="bf16")
+    a, b = bf16("a windmill by a canal", **KW), ov_fp32("a windmill by a canal", **KW)
+    diff = float(np.abs(a - b).max())
+    assert 0 < diff < 0.05  # not fp32 (the hint took effect), yet the same picture
+
+
+def test_options_it_lacks_are_clear_errors(engine_dirs):
+    with pytest.raises(UserError, match="unknown precision 'fp16'"):
+        backends.create("openvino", precision="fp16")
+    with pytest.raises(UserError, match="the torch backend has no option 'threads'"):
+        backends.create("torch", threads=2)
+
+
+def test_ldm_run_on_openvino(engine_dirs, tmp_path):
+    out = tmp_path / "mill.png"
+    run = [sys.executable, "-m", "ldm_deploy.cli.run", "a windmill", "--engine", str(engine_dirs["tiny-sd1"]),
+           "--backend", "openvino", "--threads", "2", "--steps", "3", "--width", "64", "--height", "64",
+           "--seed", "1", "--out", str(out), "-q"]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.stat().st_size > 0
+    wrong = subprocess.run(run[:-3] + ["--backend", "onnxruntime", "--precision", "bf16", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and "--precision is a choice of the openvino backend" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
