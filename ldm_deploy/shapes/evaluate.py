@@ -1,6 +1,7 @@
 """How well an engine of the shapes model follows prompts, judged by `judge.read`.
 
     python -m ldm_deploy.shapes.evaluate [--engine DIR] [--seeds 8] [--guidance 1 3 7.5]
+                                         [--backend openvino --precision bf16]
 
 prints, per guidance scale, the share of images whose foreground and background colours are the
 asked ones, and whose largest object of the asked colour has the asked shape, over the held-out
@@ -72,13 +73,16 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=8, help="images per prompt")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 7.5])
+    p.add_argument("--backend", default="auto", help="e.g. openvino, to judge another runtime on the same engine")
+    p.add_argument("--precision", default=None, help="openvino: fp32 (default) or bf16")
     args = p.parse_args(argv)
 
     from ldm_deploy import shapes
     from ldm_deploy.cache import engine_for
     from ldm_deploy.engine.pipeline import Pipeline
 
-    pipe = Pipeline.load(args.engine or engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
+    pipe = Pipeline.load(args.engine or engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"),
+                         backend=args.backend, **({"precision": args.precision} if args.precision else {}))
     print(f"held-out prompts ({len(data.HELD_OUT)} triples x {args.seeds} seeds, {args.steps} steps):")
     for g in args.guidance:
         print(f"  guidance {g:>4}: {held_out_rates(pipe, args.seeds, g, args.steps)}")

@@ -74,7 +74,9 @@ class OpenVinoBackend:
             raise EngineError(f"{engine_dir} has no {path.name}: the openvino backend runs ONNX engines "
                               "(ldm-export --backend onnxruntime)")
         try:
-            compiled = self.core.compile_model(self.core.read_model(str(path)), "CPU", self.config())
+            # By path, not a read model: with a compiled blob in CACHE_DIR, OpenVINO then never
+            # reads the ONNX graph (load time, and a second copy of the weights in memory).
+            compiled = self.core.compile_model(str(path), "CPU", self.config())
         except RuntimeError as e:  # OpenVINO's errors for bad or unsupported graphs
             raise EngineError(f"OpenVINO could not load {path} ({str(e).strip().splitlines()[0][:300]})") from None
         spec = manifest.specs()[component]
