@@ -95,3 +95,13 @@ def test_prune_removes_least_recently_used(cache):
     removed = ort_cache.prune(max_bytes=2500, keep=cache / "kept-old")
     assert [p.name for p in removed] == ["oldest", "middle"]
     assert sorted(p.name for p in cache.iterdir()) == [".staging-other-123", "kept-old", "newest"]
+
+
+def test_unwritable_cache_still_loads(engine_dirs, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("")  # the cache path runs through a file: no folder can be made there
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(blocker / "cache"))
+    monkeypatch.delenv(ort_cache.ENV, raising=False)
+    got = Pipeline.load(engine_dirs["tiny-sd1"])("a lighthouse", **KW)
+    assert "cannot save ONNX Runtime's optimised graph" in caplog.text
+    assert got.shape == (1, 64, 64, 3)

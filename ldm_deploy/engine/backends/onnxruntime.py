@@ -55,7 +55,11 @@ class OnnxRuntimeBackend:
             return self.open(path, self.options(optimize=True))
         stage = ort_cache.staging(cached)
         shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
+        try:
+            stage.mkdir(parents=True)
+        except OSError as e:  # a cache folder we cannot write: run without saving
+            log.warning("%s: cannot save ONNX Runtime's optimised graph in %s (%s)", component, stage.parent, e)
+            return self.open(path, self.options(optimize=True))
         opts = self.options(optimize=True)
         opts.optimized_model_filepath = str(stage / ort_cache.MODEL)
         # Weights beside the graph, as in the engine: one protobuf holds at most 2 GB.
