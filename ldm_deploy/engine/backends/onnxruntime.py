@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.engine.backends import Run, ort_cache
+from ldm_deploy.engine.backends.capture import run_loop
 from ldm_deploy.errors import BackendUnavailable, EngineError
 
 log = logging.getLogger(__name__)
@@ -40,26 +41,38 @@ class OnnxRuntimeBackend:
     def load(self, engine_dir: Path, manifest, component: str):
         path = Path(engine_dir) / f"{component}.onnx"
         cached = self.cache_entry(manifest, component)
-        if cached is not None and ort_cache.is_complete(cached):
-            try:
-                # Saved fully optimised: optimising again would only repeat the work.
-                session = self.session(cached / ort_cache.MODEL, self.options(optimize=False))
-                ort_cache.touch(cached)
-                log.debug("%s: ONNX Runtime's saved optimised graph from %s", component, cached)
-                return session
-            except Exception as e:  # damaged or from an incompatible build: optimise afresh
-                log.warning("%s: the cached optimised graph in %s could not be loaded (%s); optimising again",
-                            component, cached, str(e)[:200])
-                shutil.rmtree(cached, ignore_errors=True)
-        if cached is None:
-            return self.open(path, self.options(optimize=True))
+        session = None
+        if cached is not None:
+            session = self.load_saved(cached, component) or self.optimise_and_save(path, cached, component)
+        return session or self.open(path, self.options(optimize=True))
+
+    def load_saved(self, cached: Path, component: str):
+        """A session of the optimised graph saved in the cache, or None (none there, or damaged:
+        then removed)."""
+        if not ort_cache.is_complete(cached):
+            return None
+        try:
+            # Saved fully optimised: optimising again would only repeat the work.
+            session = self.session(cached / ort_cache.MODEL, self.options(optimize=False))
+        except Exception as e:  # damaged or from an incompatible build: optimise afresh
+            log.warning("%s: the cached optimised graph in %s could not be loaded (%s); optimising again",
+                        component, cached, str(e)[:200])
+            shutil.rmtree(cached, ignore_errors=True)
+            return None
+        ort_cache.touch(cached)
+        log.debug("%s: ONNX Runtime's saved optimised graph from %s", component, cached)
+        return session
+
+    def optimise_and_save(self, path: Path, cached: Path, component: str):
+        """A session of the engine's graph that also saves ONNX Runtime's optimised graph into the
+        cache; None where saving failed (an unwritable cache, a full disk), to load without."""
         stage = ort_cache.staging(cached)
         shutil.rmtree(stage, ignore_errors=True)
         try:
             stage.mkdir(parents=True)
-        except OSError as e:  # a cache folder we cannot write: run without saving
+        except OSError as e:
             log.warning("%s: cannot save ONNX Runtime's optimised graph in %s (%s)", component, stage.parent, e)
-            return self.open(path, self.options(optimize=True))
+            return None
         opts = self.options(optimize=True)
         opts.optimized_model_filepath = str(stage / ort_cache.MODEL)
         # Weights beside the graph, as in the engine: one protobuf holds at most 2 GB.
@@ -67,9 +80,9 @@ class OnnxRuntimeBackend:
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             session = self.session(path, opts)
-        except Exception:  # e.g. a full disk while saving: the graph itself may be fine
+        except Exception:  # the graph itself may be fine: open() says so, or why not
             shutil.rmtree(stage, ignore_errors=True)
-            return self.open(path, self.options(optimize=True))
+            return None
         if ort_cache.commit(stage, cached):
             log.info("%s: saved ONNX Runtime's optimised graph (%.1f GB) in %s, so that later loads skip "
                      "optimising (%s=0 turns this off)", component, ort_cache.size(cached) / 1e9, cached.parent,
@@ -128,9 +141,7 @@ class OnnxRuntimeBackend:
     def run_steps(self, session, runs: list[Run], key: tuple, on_step) -> None:
         # No graph capture here: ONNX Runtime's CUDA graphs need fixed input addresses for
         # every run, which a ping-pong step loop does not have.
-        for i, run in enumerate(runs):
-            self.run(session, run)
-            on_step(i)
+        run_loop(self.run, None, session, runs, on_step)
 
 
 def create(**options) -> OnnxRuntimeBackend:

@@ -8,7 +8,7 @@ computes the convolutions and matrix products in the precision asked for (its
 INFERENCE_PRECISION_HINT), keeping accumulations and the sampler update's arithmetic in fp32. OpenVINO's
 own default on AMX machines is bf16; this backend's is fp32, so that an fp32 engine gives fp32
 results unless bf16 is asked for. Measured on a 2-core Xeon with AMX, SD 1.5 U-Net step at 256x256
-with CFG: fp32 1.25-1.30 s (ONNX Runtime: 1.30 s), bf16 0.34-0.36 s (benchmarks/RESULTS.md).
+with CFG: fp32 1.25-1.37 s (ONNX Runtime: 1.30 s), bf16 0.34-0.40 s (benchmarks/RESULTS.md).
 
 Compiled models are cached by OpenVINO itself (CACHE_DIR) under <cache_dir()>/openvino, so later
 loads skip compiling. Device arrays are numpy arrays: everything stays on the host.
@@ -24,6 +24,7 @@ import numpy as np
 
 from ldm_deploy.cache import cache_dir
 from ldm_deploy.engine.backends import Run
+from ldm_deploy.engine.backends.capture import run_loop
 from ldm_deploy.errors import BackendUnavailable, EngineError, UserError
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,7 @@ class OpenVinoBackend:
             np.copyto(run.outputs[name], by_name[name], casting="same_kind")
 
     def run_steps(self, component: Component, runs: list[Run], key: tuple, on_step) -> None:
-        for i, run in enumerate(runs):
-            self.run(component, run)
-            on_step(i)
+        run_loop(self.run, None, component, runs, on_step)  # step by step: no graphs on the CPU
 
 
 def create(**options) -> OpenVinoBackend:
