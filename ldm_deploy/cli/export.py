@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default=None, choices=("sdpa", "ort", "triton"),
                    help="U-Net attention: sdpa (plain ops), ort (ONNX Runtime's fused MultiHeadAttention; "
                         "onnxruntime), triton (our fused kernel; torch). Default: the backend's measured best")
+    p.add_argument("--conv", default=None, choices=("direct", "winograd"),
+                   help="U-Net 3x3 convolutions: winograd (fewer multiplications; onnxruntime) or direct. "
+                        "Default: the backend's measured best")
     t.add_argument("--channels-last", action="store_true", help="NHWC convolutions in the U-Net")
     t.add_argument("--fuse-qkv", action="store_true", help="one GEMM for the q, k, v projections")
     t.add_argument("--jobs", type=int, default=0,
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
             device=args.device,
             precision=args.precision,
             attention=args.attention,
+            conv=args.conv,
             channels_last=args.channels_last,
             fuse_qkv=args.fuse_qkv,
             jobs=args.jobs,

@@ -226,6 +226,10 @@ class OnnxExporter:
         # U-Net then takes diffusers' explicit-upsample-size path, which the graph needs to serve
         # sizes that its downsamplings do not divide (e.g. 264 px -> 33 latents -> 17 -> 9 -> 5).
         self.trace_dims = {k: r.opt | 1 for k, r in dims.items()} | {"batch": 1, "cfg": 2}
+        # Winograd tiles are chosen per convolution from its size at the smallest image.
+        self.backend, self.conv = config.backend, config.conv_kind
+        self.probe_dims = {k: r.min for k, r in dims.items()} | {"batch": 1, "cfg": 1}
+        self.conv_counts = {}
 
     def __call__(self, name, spec, tmp: Path) -> list[Path]:
         from ldm_deploy.export.components import WRAPPERS, example_inputs
@@ -233,6 +237,8 @@ class OnnxExporter:
 
         module = WRAPPERS[name](self.src, torch_dtype(self.dtypes.get(name, "fp32"))).eval()
         example = example_inputs(spec, self.trace_dims)
+        if name == "unet_step":
+            self.rewrite_unet(module, lambda: module(*example_inputs(spec, self.probe_dims)))
         if self.attention == "ort" and name != "text_encoder":
             from ldm_deploy.kernels.onnx_export import onnx_attention
 
@@ -240,10 +246,24 @@ class OnnxExporter:
                 return export_onnx(module, spec, example, tmp / f"{name}.onnx", {"com.microsoft": 1})
         return export_onnx(module, spec, example, tmp / f"{name}.onnx")
 
+    def rewrite_unet(self, module, probe) -> None:
+        """The U-Net's graph form for ONNX Runtime's CPU kernels: linear layers as Gemm, and
+        (by default) the wide 3x3 convolutions as Winograd matrix products. Same arithmetic up
+        to rounding; each measured faster (benchmarks/RESULTS.md)."""
+        if self.backend != "onnxruntime":
+            return
+        from ldm_deploy.export.gemm import use_gemm
+
+        use_gemm(module)
+        if self.conv == "winograd":
+            from ldm_deploy.export.winograd import use_winograd
+
+            self.conv_counts = dict(use_winograd(module, probe))
+
     def build_facts(self) -> dict:
         from ldm_deploy.export.onnx_export import OPSET
 
-        return {"opset": OPSET, "attention": self.attention}
+        return {"opset": OPSET, "attention": self.attention, "conv": self.conv, "convolutions": self.conv_counts}
 
 
 class TorchExporter:

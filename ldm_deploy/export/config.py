@@ -18,6 +18,11 @@ PRECISIONS = ("fp32", "fp16")
 # sdpa: PyTorch's attention (exported to ONNX as MatMul / Softmax / MatMul); triton: our fused
 # kernel (torch backend); ort: ONNX Runtime's fused MultiHeadAttention operator (onnxruntime).
 ATTENTION = {"onnxruntime": ("sdpa", "ort"), "torch": ("sdpa", "triton"), "tensorrt": ("sdpa",)}
+# How the U-Net's 3x3 convolutions are written: "direct" (ONNX Conv / torch conv2d) or "winograd"
+# (fewer multiplications as plain matrix products: ldm_deploy/export/winograd.py). Measured on
+# ONNX Runtime's CPU kernels only; TensorRT and Inductor choose their own convolution algorithms.
+DEFAULT_CONV = {"onnxruntime": "winograd", "torch": "direct", "tensorrt": "direct"}
+CONVS = {"onnxruntime": ("direct", "winograd"), "torch": ("direct",), "tensorrt": ("direct",)}
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class ExportConfig:
       Also for tensorrt, where None means fp16.
     attention: "sdpa" keeps PyTorch's; "triton" (torch) puts our fused Triton op into the U-Net;
       "ort" (onnxruntime) writes ONNX Runtime's fused MultiHeadAttention operator.
+    conv: "winograd" (onnxruntime) writes the U-Net's wide 3x3 convolutions as Winograd matrix
+      products, "direct" as ONNX Conv; None: the backend's measured default.
     channels_last: U-Net convolutions in NHWC memory layout (often faster on tensor cores).
     fuse_qkv: one projection GEMM for q, k, v in self-attention (diffusers' fuse_qkv_projections).
     jobs: components compiled at once, each in its own process; 0 picks one per 5 CPU cores.
@@ -49,6 +56,7 @@ class ExportConfig:
     device: str = "cpu"
     precision: str | None = None
     attention: str | None = None  # None: the backend's measured default
+    conv: str | None = None  # None: the backend's measured default
     channels_last: bool = False
     fuse_qkv: bool = False
     jobs: int = 0
@@ -68,6 +76,10 @@ class ExportConfig:
     @property
     def attention_kind(self) -> str:
         return self.attention or DEFAULT_ATTENTION[self.backend]
+
+    @property
+    def conv_kind(self) -> str:
+        return self.conv or DEFAULT_CONV[self.backend]
 
     @property
     def dtype_name(self) -> str:
@@ -105,7 +117,8 @@ def check_config(c: ExportConfig) -> None:
         if v < VAE_SCALE or v % VAE_SCALE:
             raise UserError(f"--{name.replace('_', '-')} {v} must be a positive multiple of {VAE_SCALE}")
     for name, value, allowed in (("device", c.device, DEVICES), ("precision", c.precision, PRECISIONS + (None,)),
-                                 (f"attention for --backend {c.backend}", c.attention, ATTENTION[c.backend] + (None,))):
+                                 (f"attention for --backend {c.backend}", c.attention, ATTENTION[c.backend] + (None,)),
+                                 (f"conv for --backend {c.backend}", c.conv, CONVS[c.backend] + (None,))):
         if value not in allowed:
             raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
     if c.backend == "onnxruntime" and (c.device, c.dtype_name) != ("cpu", "fp32"):
