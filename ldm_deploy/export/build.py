@@ -304,7 +304,9 @@ class TorchExporter:
         example = tuple(t.to(self.config.device) for t in example_inputs(spec, self.trace_dims))
         path = tmp / f"{name}.pt2"
         latent_multiple = self.multiple // vae_scale(self.src)
-        self.modes[name] = export_aoti(module, spec, example, path, self.dims, latent_multiple)
+        # fp16 bodies: Inductor's fused kernels round differently from eager ones.
+        tolerance = 2e-2 if self.dtype == torch_dtype("fp16") else 1e-3
+        self.modes[name] = export_aoti(module, spec, example, path, self.dims, latent_multiple, tolerance)
         return [path]
 
     def build_facts(self) -> dict:

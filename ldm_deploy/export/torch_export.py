@@ -43,20 +43,31 @@ def dynamic_shapes(spec: ComponentSpec, dims: dict[str, object]) -> tuple:
 
 
 def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, path: Path,
-                ranges: dict[str, DimRange], latent_multiple: int) -> str:
+                ranges: dict[str, DimRange], latent_multiple: int, tolerance: float = 1e-3) -> str:
     """Export and AOT-compile `module` for the device its example inputs are on; returns the
-    mode written to `path`: "aoti" (a compiled package), or "exported" (the exported program,
-    run eagerly at load time) where AOTInductor fails, with a warning naming the cause."""
+    mode written to `path`: "aoti" (a compiled package, which has run once in a process of its
+    own and matched the exported program to `tolerance`: aoti_check.py), or "exported" (the
+    exported program, run eagerly at load time) where compiling or that run failed, with a
+    warning naming the cause."""
+    from ldm_deploy.export.aoti_check import check_package
+
     dims = export_dims(ranges, latent_multiple)
+    device = example[0].device.type
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(spec, dims), strict=False)
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-            return "aoti"
+            expected = program.module()(*example)
+            problem = check_package(path, example, list(expected) if isinstance(expected, (list, tuple))
+                                    else [expected], device, tolerance)
         except Exception as e:  # an Inductor failure is ours to report, not the user's to fix
-            log.warning("%s: AOTInductor failed (%s: %s); saving the exported program, which runs uncompiled",
-                        spec.name, type(e).__name__, str(e)[:300])
-            Path(path).unlink(missing_ok=True)
-            torch.export.save(program, str(path))
-            return "exported"
+            problem = f"failed to compile ({type(e).__name__}: {str(e)[:300]})"
+        if problem is None:
+            return "aoti"
+        log.warning("%s: the AOTInductor package %s; saving the exported program instead, which runs "
+                    "uncompiled (slower)", spec.name, problem)
+        Path(path).unlink(missing_ok=True)
+        torch.export.save(program, str(path))
+        return "exported"
+

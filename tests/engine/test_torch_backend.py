@@ -158,7 +158,7 @@ def test_aoti_failure_falls_back_to_the_exported_program(model_dirs, pipelines, 
     out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
     m = read_manifest(out)
     assert set(m.build["modes"].values()) == {"exported"}
-    assert "AOTInductor failed (RuntimeError: injected compile failure)" in caplog.text
+    assert "failed to compile (RuntimeError: injected compile failure)" in caplog.text
 
     from ldm_deploy import Pipeline
 
@@ -166,3 +166,33 @@ def test_aoti_failure_falls_back_to_the_exported_program(model_dirs, pipelines, 
     got = Pipeline.load(out)("a boat", **kw)
     assert "runs uncompiled" in caplog.text
     np.testing.assert_allclose(got, pipelines["tiny-sd1"]("a boat", **kw), atol=1e-4, rtol=0)
+
+
+def test_a_package_that_fails_its_test_run_is_not_shipped(model_dirs, tmp_path, monkeypatch, caplog):
+    """Each compiled package runs once in a process of its own before the engine keeps it; one
+    that cannot (here: its file damaged after compiling) is replaced by the exported program."""
+    compile_package = torch._inductor.aoti_compile_and_package
+
+    def damaged(program, package_path, **kwargs):
+        compile_package(program, package_path=package_path, **kwargs)
+        with open(package_path, "r+b") as f:
+            f.write(b"not a zip" * 64)
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", damaged)
+    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
+                          jobs=1)
+    m = read_manifest(export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config))
+    assert set(m.build["modes"].values()) == {"exported"}
+    assert "the AOTInductor package failed while loading it" in caplog.text
+
+
+def test_test_run_outcomes_read_as_sentences():
+    from ldm_deploy.export.aoti_check import describe
+
+    assert describe(0, "loading\ncalling\nchecking\nok\n", "") is None
+    assert describe(-11, "loading\ncalling\n", "Fatal Python error") == "crashed (SIGSEGV) while running it"
+    assert describe(-6, "loading\n", "") == "crashed (SIGABRT) while loading it"
+    assert describe(3, "loading\ncalling\nchecking\n", "output 0 differs from the eager program by 3e-01\n") == (
+        "failed while comparing its outputs: output 0 differs from the eager program by 3e-01")
+    assert describe(1, "", "") == "failed while starting (exit 1)"
