@@ -155,6 +155,12 @@ def stop_workers(pool) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
+    # Reap them and let the executor's manager thread see them gone now: left to interpreter
+    # exit, that thread sometimes met the closed pipes and printed a traceback after the
+    # "interrupted" message.
+    for process in processes:
+        process.join(timeout=10)
+    pool.shutdown(wait=True)
 
 
 def export_one(model, config, dims, multiple, name, spec, tmp: Path, threads: int, log_level: int):
