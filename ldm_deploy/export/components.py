@@ -41,7 +41,9 @@ class UnetStep(nn.Module):
     def forward(self, latents, text_embeddings, coeffs, state, noise):
         k = text_embeddings.shape[0]
         x_in = update.model_input(coeffs, latents)  # (B, C, h, w)
-        x_in = x_in.unsqueeze(0).expand(k, *x_in.shape).flatten(0, 1)  # (K*B, C, h, w)
+        # repeat, not expand + flatten: flattening a broadcast view depends on whether B is 1,
+        # which torch.export would then have to guard (and refuse batch 1 for).
+        x_in = x_in.repeat(k, 1, 1, 1)  # (K*B, C, h, w), K-major
         emb = text_embeddings.flatten(0, 1).to(self.dtype)  # (K*B, 77, D)
         out = self.unet(x_in.to(self.dtype), coeffs[update.T], encoder_hidden_states=emb).sample.float()
         out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
