@@ -137,3 +137,12 @@ def test_direct_convolutions_stay_onnx_conv(engine_dirs, tmp_path, model_dirs):
     assert read_manifest(direct).build["conv"] == "direct"
     ops = {n.op_type for n in onnx.load(str(direct / "unet_step.onnx"), load_external_data=False).graph.node}
     assert "Conv" in ops
+
+
+def test_winograd_is_refused_where_it_was_not_measured():
+    from ldm_deploy.errors import UserError
+    from ldm_deploy.export.config import ExportConfig
+
+    assert ExportConfig().conv_kind == "winograd" and ExportConfig(backend="torch").conv_kind == "direct"
+    with pytest.raises(UserError, match="conv for --backend torch 'winograd'; choose one of direct"):
+        ExportConfig(backend="torch", conv="winograd")
