@@ -5,7 +5,7 @@ followed by a separate Add for the bias: one more pass over every output. On a 2
 exporter writes Gemm, whose bias ONNX Runtime adds inside the matrix product. GEGLU's single
 projection to 2 x inner channels, split in half afterwards (two Slice copies), becomes two
 projections of inner channels each. The same multiplications, fewer passes over memory:
-together with the Winograd convolutions, 0.94x the U-Net step time (benchmarks/RESULTS.md).
+together with the Winograd convolutions, 0.95x the U-Net step time (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ldm_deploy.export.rewrite import replace_module
 
 
 class FlatLinear(nn.Linear):
@@ -53,13 +55,10 @@ def use_gemm(model: nn.Module) -> int:
     returns how many modules changed."""
     from diffusers.models.activations import GEGLU
 
-    changed = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, GEGLU):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, SplitGEGLU(module))
-            changed += 1
-        elif type(module) is nn.Linear:
-            module.__class__ = FlatLinear  # same parameters; only forward differs
-            changed += 1
-    return changed
+    geglus = [name for name, module in model.named_modules() if isinstance(module, GEGLU)]
+    for name in geglus:
+        replace_module(model, name, SplitGEGLU(model.get_submodule(name)))
+    linears = [module for module in model.modules() if type(module) is nn.Linear]
+    for module in linears:
+        module.__class__ = FlatLinear  # same parameters; only forward differs
+    return len(geglus) + len(linears)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_deploy.export.rewrite import replace_module
+
 log = logging.getLogger(__name__)
 
 # (B^T, G, A^T) for F(m, 3): the standard points 0, +-1 (m = 2) and 0, +-1, +-2 (m = 4).
@@ -67,7 +69,7 @@ def choose(channels: int, side: int) -> int | None:
     `side` at the smallest image the engine takes, or None to keep it direct."""
     if channels < MIN_CHANNELS:
         return None
-    return next((m for m, least in MIN_SIDE.items() if side >= least), None)
+    return next((m for m, least in sorted(MIN_SIDE.items(), reverse=True) if side >= least), None)
 
 
 class WinogradConv2d(nn.Module):
@@ -75,6 +77,8 @@ class WinogradConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, m: int):
         super().__init__()
+        if not applies(conv):
+            raise ValueError(f"Winograd F({m},3) computes plain 3x3 convolutions (stride 1, padding 1), not {conv}")
         bt, g, at = (torch.tensor(x, dtype=torch.float64) for x in MATRICES[m])
         self.m, self.a = m, m + 2
         w = conv.weight.detach().double()  # (K, C, 3, 3)
@@ -116,7 +120,8 @@ class WinogradConv2d(nn.Module):
 def use_winograd(model: nn.Module, probe) -> Counter:
     """Swap `model`'s eligible convolutions for Winograd ones, in place; `probe()` must run the
     model once at the smallest size the engine takes (it measures each convolution's input).
-    Returns how many got each tile, e.g. Counter({"F(4,3)": 9, "F(2,3)": 12, "direct": 31})."""
+    Returns how many got each tile, e.g. Counter({"F(4,3)": 11, "direct": 38}) (SD 1.5 from 256 px).
+    The model is changed in place: the exporters trace the source model's own modules."""
     sides: dict[str, int] = {}
 
     def measure(name):
@@ -137,7 +142,6 @@ def use_winograd(model: nn.Module, probe) -> Counter:
         m = choose(min(conv.in_channels, conv.out_channels), side)
         counts[f"F({m},3)" if m else "direct"] += 1
         if m:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, WinogradConv2d(conv, m))
+            replace_module(model, name, WinogradConv2d(conv, m))
     log.info("winograd convolutions: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return counts

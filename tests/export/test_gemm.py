@@ -4,10 +4,12 @@ ONNX Runtime engines carry Gemm where diffusers' 3-D linears would export MatMul
 from __future__ import annotations
 
 import onnx
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.activations import GEGLU
 
+from ldm_deploy.engine.manifest import read_manifest
 from ldm_deploy.export.gemm import FlatLinear, SplitGEGLU, use_gemm
 
 
@@ -17,11 +19,12 @@ def test_rewritten_unet_gives_the_same_output(model_dirs):
     x, text = torch.randn(2, 4, 10, 14, generator=g), torch.randn(2, 77, 48, generator=g)
     t = torch.tensor([10, 900])
     geglus = sum(isinstance(m, GEGLU) for m in unet.modules())
+    linears = sum(type(m) is torch.nn.Linear for m in unet.modules()) - geglus  # each GEGLU holds one
     with torch.no_grad():
         want = unet(x, t, encoder_hidden_states=text).sample
         changed = use_gemm(unet)
         got = unet(x, t, encoder_hidden_states=text).sample
-    assert changed > 0
+    assert changed == geglus + linears
     assert not any(type(m) is torch.nn.Linear or isinstance(m, GEGLU) for m in unet.modules())
     assert geglus > 0 and sum(isinstance(m, SplitGEGLU) for m in unet.modules()) == geglus
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -35,6 +38,13 @@ def test_flat_linear_takes_any_leading_shape():
     assert torch.allclose(lin(x), want, atol=1e-6) and torch.allclose(lin(x[0, 0]), want[0, 0], atol=1e-6)
 
 
-def test_onnxruntime_engines_use_gemm(engine_dirs):
-    ops = [n.op_type for n in onnx.load(str(engine_dirs["tiny-sd1"] / "unet_step.onnx"), load_external_data=False).graph.node]
-    assert ops.count("Gemm") >= 8  # q/k/v/out, the GEGLU halves and the feed-forward output, ...
+@pytest.mark.parametrize("preset", ["tiny-sd1", "tiny-sd2"])
+def test_onnxruntime_engines_multiply_weights_only_in_gemm(engine_dirs, preset):
+    # Without the rewrite, every 3-D linear layer with a bias (attention out, GEGLU, feed-forward,
+    # SD 2's proj_in / proj_out) exports as MatMul with a weight initializer, then an Add.
+    graph = onnx.load(str(engine_dirs[preset] / "unet_step.onnx"), load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    weighted = {n.output[0]: n.name for n in graph.node if n.op_type == "MatMul" and set(n.input) & weights}
+    assert not [weighted[i] for n in graph.node if n.op_type == "Add" for i in n.input if i in weighted]
+    assert sum(n.op_type == "Gemm" for n in graph.node) >= 10
+    assert read_manifest(engine_dirs[preset]).build["linear"] == "gemm"

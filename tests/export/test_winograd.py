@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -113,6 +114,8 @@ def test_engine_with_winograd_gives_diffusers_images(small_tiles, model_dirs, tm
     engine = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", replace(TEST_CONFIG, conv="winograd"))
     build = read_manifest(engine).build
     assert build["conv"] == "winograd" and build["convolutions"]["F(4,3)"] > 0 and build["convolutions"]["F(2,3)"] > 0
+    ops = [n.op_type for n in onnx.load(str(engine / "unet_step.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Conv") == conv_count(model_dirs) - build["convolutions"]["F(4,3)"] - build["convolutions"]["F(2,3)"]
     ours = Pipeline.load(engine)
     ref = StableDiffusionPipeline.from_pretrained(model_dirs["tiny-sd1"], safety_checker=None,
                                                   requires_safety_checker=False)
@@ -135,8 +138,16 @@ def test_direct_convolutions_stay_onnx_conv(engine_dirs, tmp_path, model_dirs):
     assert set(read_manifest(engine_dirs["tiny-sd1"]).build["convolutions"]) == {"direct"}
     direct = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", replace(TEST_CONFIG, conv="direct", img2img=False))
     assert read_manifest(direct).build["conv"] == "direct"
-    ops = {n.op_type for n in onnx.load(str(direct / "unet_step.onnx"), load_external_data=False).graph.node}
-    assert "Conv" in ops
+    ops = [n.op_type for n in onnx.load(str(direct / "unet_step.onnx"), load_external_data=False).graph.node]
+    assert ops.count("Conv") == conv_count(model_dirs)
+
+
+def conv_count(model_dirs) -> int:
+    """Every nn.Conv2d of the tiny SD 1 U-Net: each exports as one Conv node when left direct."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dirs["tiny-sd1"] / "unet")
+    return sum(isinstance(m, torch.nn.Conv2d) for m in unet.modules())
 
 
 def test_winograd_is_refused_where_it_was_not_measured():
@@ -146,3 +157,8 @@ def test_winograd_is_refused_where_it_was_not_measured():
     assert ExportConfig().conv_kind == "winograd" and ExportConfig(backend="torch").conv_kind == "direct"
     with pytest.raises(UserError, match="conv for --backend torch 'winograd'; choose one of direct"):
         ExportConfig(backend="torch", conv="winograd")
+
+
+def test_winograd_refuses_convolutions_it_does_not_compute():
+    with pytest.raises(ValueError, match="plain 3x3"):
+        WinogradConv2d(torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), 4)
