@@ -56,35 +56,51 @@ def export_onnx(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
         return [path, data]
 
 
-def weight_bytes(graph, base: Path) -> int:
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+def all_tensors(graph):
+    """The graph's initializers and the tensors in node attributes (Constant values), subgraphs
+    included: the exporter may write any of them to files of their own."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from all_tensors(sub)
 
-    total = 0
-    for t in graph.initializer:
-        if uses_external_data(t):
-            info = ExternalDataInfo(t)
-            total += info.length or (base / info.location).stat().st_size
-        else:
-            total += len(t.raw_data)
-    return total
+
+def external_span(tensor, base: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of a tensor whose data lies outside the graph."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    file = base / info.location
+    offset = info.offset or 0
+    return file, offset, info.length if info.length is not None else file.stat().st_size - offset
+
+
+def weight_bytes(graph, base: Path) -> int:
+    """Bytes of tensor data, inline (raw_data: what the TorchScript exporter writes) or not."""
+    from onnx.external_data_helper import uses_external_data
+
+    return sum(external_span(t, base)[2] if uses_external_data(t) else len(t.raw_data) for t in all_tensors(graph))
 
 
 def gather_weights(graph, base: Path, data: Path, min_bytes: int = 1024) -> None:
-    """Write every initializer of `min_bytes` or more into the one file `data`, in turn, and point
-    the graph at it. Tensors the exporter left in files of their own are copied file to file in
+    """Write every tensor of `min_bytes` or more into the one file `data`, in turn, and point the
+    graph at it. Tensors the exporter left in files of their own are copied file to file in
     1 MiB pieces: reading each into memory instead raised the SD 1.5 export's peak by 2.6 GB
     (freed buffers the allocator keeps)."""
     from onnx import TensorProto
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.external_data_helper import uses_external_data
 
     with open(data, "wb") as out:
-        for t in graph.initializer:
+        for t in all_tensors(graph):
             offset = out.tell()
             if uses_external_data(t):
-                info = ExternalDataInfo(t)
-                with open(base / info.location, "rb") as f:
-                    f.seek(info.offset or 0)
-                    length = info.length or (base / info.location).stat().st_size - (info.offset or 0)
+                file, start, length = external_span(t, base)
+                with open(file, "rb") as f:
+                    f.seek(start)
                     copy_bytes(f, out, length)
             elif len(t.raw_data) >= min_bytes:
                 length = len(t.raw_data)

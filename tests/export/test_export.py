@@ -81,6 +81,41 @@ def test_large_graphs_use_one_external_data_file(model_dirs, tmp_path, monkeypat
     assert images.shape == (1, 64, 64, 3)
 
 
+def test_weights_in_files_of_their_own_are_gathered_into_one(tmp_path):
+    """What the exporter writes for graphs over 2 GiB: each tensor in a file of its own (one of
+    them a Constant node's value). Gathered into one data file, the graph computes the same."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    c = rng.standard_normal((32,)).astype(np.float32) * 100
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c, "c")),
+         helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "c"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [numpy_helper.from_array(w, "w")])
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    onnx.save_model(helper.make_model(graph), str(raw / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    assert len(list(raw.iterdir())) == 3  # the graph, w, c
+
+    model = onnx.load(str(raw / "m.onnx"), load_external_data=False)
+    assert onnx_export.weight_bytes(model.graph, raw) == w.nbytes + c.nbytes
+    out = tmp_path / "out"
+    out.mkdir()
+    onnx_export.gather_weights(model.graph, raw, out / "m.onnx.data")
+    onnx.save_model(model, str(out / "m.onnx"))
+    assert sorted(p.name for p in out.iterdir()) == ["m.onnx", "m.onnx.data"]
+    assert (out / "m.onnx.data").stat().st_size == w.nbytes + c.nbytes
+
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    got = ort.InferenceSession(str(out / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ w + c, rtol=1e-5, atol=1e-4)
+
+
 def test_failed_export_leaves_nothing(model_dirs, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
