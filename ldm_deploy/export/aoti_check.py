@@ -45,6 +45,8 @@ def check_package(path: Path, example: tuple, expected: list, device: str, toler
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return f"did not finish its test run in {timeout:.0f} s"
+    if p.returncode == -signal.SIGINT:  # Ctrl-C reached the child too: the user's, not the package's
+        raise KeyboardInterrupt
     return describe(p.returncode, p.stdout, p.stderr)
 
 
@@ -54,6 +56,8 @@ def describe(returncode: int, stdout: str, stderr: str) -> str | None:
     phase = next((PHASES[w] for w in reversed(said) if w in PHASES), "starting")
     if returncode == 0:
         return None
+    if "ok" in said:
+        phase = "exiting, after a correct run"
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -84,12 +88,15 @@ def main(argv: list[str]) -> int:
         return 3
     for i, (got, want) in enumerate(zip(outs, data["expected"], strict=True)):
         got = got.float().cpu()
+        if not torch.isfinite(want).all():
+            print(f"output {i}: the eager program itself gives non-finite values", file=sys.stderr)
+            return 3
         if got.shape != want.shape or not torch.isfinite(got).all():
             print(f"output {i}: shape {tuple(got.shape)} (expected {tuple(want.shape)}), "
                   f"finite: {bool(torch.isfinite(got).all())}", file=sys.stderr)
             return 3
         error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-        if error > float(tolerance):
+        if not error <= float(tolerance):
             print(f"output {i} differs from the eager program by {error:.2e} (relative; allowed {tolerance})",
                   file=sys.stderr)
             return 3

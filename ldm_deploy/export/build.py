@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -160,6 +162,9 @@ def stop_workers(pool) -> None:
     # "interrupted" message.
     for process in processes:
         process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
     pool.shutdown(wait=True)
 
 
@@ -170,6 +175,9 @@ def export_one(model, config, dims, multiple, name, spec, tmp: Path, threads: in
     from ldm_deploy.cli.common import setup_logging
 
     setup_logging(log_level <= logging.DEBUG)
+    # Terminated (stop_workers): exit through Python, so that a package's test run in progress
+    # (aoti_check, a process of its own) is killed with us rather than left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     torch._inductor.config.compile_threads = threads
     src = load_source(model, config.allow_pickle)
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
@@ -258,6 +266,7 @@ class OnnxExporter:
         to rounding; each measured faster (benchmarks/RESULTS.md)."""
         if self.backend != "onnxruntime":
             return
+        # In place: for fp32 the wrapper holds the source model's own U-Net (components.cast).
         from ldm_deploy.export.gemm import use_gemm
 
         use_gemm(module)
@@ -269,7 +278,8 @@ class OnnxExporter:
     def build_facts(self) -> dict:
         from ldm_deploy.export.onnx_export import OPSET
 
-        return {"opset": OPSET, "attention": self.attention, "conv": self.conv, "convolutions": self.conv_counts}
+        facts = {"opset": OPSET, "attention": self.attention, "conv": self.conv, "convolutions": self.conv_counts}
+        return facts | ({"linear": "gemm"} if self.backend == "onnxruntime" else {})
 
 
 class TorchExporter:

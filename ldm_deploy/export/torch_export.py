@@ -58,11 +58,12 @@ def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
         program = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(spec, dims), strict=False)
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(path))
-            expected = program.module()(*example)
-            problem = check_package(path, example, list(expected) if isinstance(expected, (list, tuple))
-                                    else [expected], device, tolerance)
         except Exception as e:  # an Inductor failure is ours to report, not the user's to fix
             problem = f"failed to compile ({type(e).__name__}: {str(e)[:300]})"
+        else:
+            expected = program.module()(*example)
+            expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+            problem = check_package(path, example, expected, device, tolerance)
         if problem is None:
             return "aoti"
         log.warning("%s: the AOTInductor package %s; saving the exported program instead, which runs "

@@ -182,9 +182,14 @@ def test_a_package_that_fails_its_test_run_is_not_shipped(model_dirs, tmp_path, 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", damaged)
     config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
                           jobs=1)
-    m = read_manifest(export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config))
-    assert set(m.build["modes"].values()) == {"exported"}
+    out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
+    assert set(read_manifest(out).build["modes"].values()) == {"exported"}
     assert "the AOTInductor package failed while loading it" in caplog.text
+
+    from ldm_deploy import Pipeline
+
+    images = Pipeline.load(out)("a boat", seed=2, steps=2, width=64, height=64, output_type="np", progress=False)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
 def test_test_run_outcomes_read_as_sentences():
@@ -196,3 +201,4 @@ def test_test_run_outcomes_read_as_sentences():
     assert describe(3, "loading\ncalling\nchecking\n", "output 0 differs from the eager program by 3e-01\n") == (
         "failed while comparing its outputs: output 0 differs from the eager program by 3e-01")
     assert describe(1, "", "") == "failed while starting (exit 1)"
+    assert describe(-11, "loading\ncalling\nchecking\nok\n", "") == "crashed (SIGSEGV) while exiting, after a correct run"
