@@ -50,6 +50,7 @@ def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
     exported program, run eagerly at load time) where compiling or that run failed, with a
     warning naming the cause."""
     from ldm_deploy.export.aoti_check import check_package
+    from ldm_deploy.export.components import example_inputs
 
     dims = export_dims(ranges, latent_multiple)
     device = example[0].device.type
@@ -61,9 +62,10 @@ def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
         except Exception as e:  # an Inductor failure is ours to report, not the user's to fix
             problem = f"failed to compile ({type(e).__name__}: {str(e)[:300]})"
         else:
-            expected = program.module()(*example)
-            expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
-            problem = check_package(path, example, expected, device, tolerance)
+            smallest = tuple(t.to(example[0].device) for t in example_inputs(spec, {k: r.min for k, r in ranges.items()}))
+            cases = {"at_the_trace_size": example, "at_the_smallest_size_one_image": smallest}
+            problem = check_package(path, {name: (inputs, outputs(program, inputs)) for name, inputs in cases.items()},
+                                    device, tolerance)
         if problem is None:
             return "aoti"
         log.warning("%s: the AOTInductor package %s; saving the exported program instead, which runs "
@@ -72,3 +74,7 @@ def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
         torch.export.save(program, str(path))
         return "exported"
 
+
+def outputs(program, inputs: tuple) -> list:
+    out = program.module()(*inputs)
+    return list(out) if isinstance(out, (list, tuple)) else [out]

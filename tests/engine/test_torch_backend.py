@@ -203,4 +203,6 @@ def test_test_run_outcomes_read_as_sentences():
     assert describe(3, "loading\ncalling\nchecking\n", "output 0 differs from the eager program by 3e-01\n") == (
         "failed while comparing its outputs: output 0 differs from the eager program by 3e-01")
     assert describe(1, "", "") == "failed while starting (exit 1)"
+    assert describe(-11, "loading\ncase=at_the_trace_size calling\nchecking\ncase=at_the_smallest_size_one_image calling\n",
+                    "") == "crashed (SIGSEGV) while running it at the smallest size one image"
     assert describe(-11, "loading\ncalling\nchecking\nok\n", "") == "crashed (SIGSEGV) while exiting, after a correct run"
