@@ -162,3 +162,15 @@ def test_winograd_is_refused_where_it_was_not_measured():
 def test_winograd_refuses_convolutions_it_does_not_compute():
     with pytest.raises(ValueError, match="plain 3x3"):
         WinogradConv2d(torch.nn.Conv2d(8, 8, 3, padding=1, stride=2), 4)
+
+
+def test_openvino_bf16_advises_a_direct_export(small_tiles, model_dirs, tmp_path, caplog, engine_dirs):
+    openvino = pytest.importorskip("openvino", reason="the openvino backend's tests need OpenVINO (in the test extra)")
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16 arithmetic (Intel AMX or AVX512-BF16)")
+    engine = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", replace(TEST_CONFIG, img2img=False))
+    Pipeline.load(engine, backend="openvino", precision="bf16")
+    assert "export with --conv direct for this backend" in caplog.text
+    caplog.clear()
+    Pipeline.load(engine_dirs["tiny-sd1"], backend="openvino", precision="bf16")  # no Winograd layer in it
+    assert "--conv direct" not in caplog.text

@@ -74,6 +74,12 @@ class OpenVinoBackend:
         if not path.is_file():
             raise EngineError(f"{engine_dir} has no {path.name}: the openvino backend runs ONNX engines "
                               "(ldm-export --backend onnxruntime)")
+        winograd = any(kind != "direct" for kind in manifest.build.get("convolutions", {}))
+        if component == "unet_step" and self.precision == "bf16" and winograd:
+            # Measured (benchmarks/RESULTS.md): the transforms cost more than AMX's direct
+            # convolutions; the graph is ONNX Runtime's default.
+            log.warning("this engine's U-Net has Winograd convolutions, which run 1.07x as long in OpenVINO "
+                        "bf16 as direct ones; export with --conv direct for this backend")
         try:
             # By path, not a read model: with a compiled blob in CACHE_DIR, OpenVINO then never
             # reads the ONNX graph (load time, and a second copy of the weights in memory).
