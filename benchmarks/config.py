@@ -63,7 +63,9 @@ class BenchConfig:
 
 
 #: "ours:VARIANT" -> (backend, load options): the engine run on another backend than its own.
-OURS_VARIANTS = {"openvino": ("openvino", {}), "openvino-bf16": ("openvino", {"precision": "bf16"})}
+OURS_VARIANTS = {"openvino": ("openvino", {}), "openvino-bf16": ("openvino", {"precision": "bf16"}),
+                 # torch engines' exported programs (--no-aoti, or AOTInductor fallbacks), eager or compiled
+                 "eager": ("torch", {"compile": False}), "compiled": ("torch", {"compile": True})}
 
 
 def parse_contender(name: str) -> tuple[str, str | None]:
@@ -95,7 +97,7 @@ def check_config(c: BenchConfig) -> None:
         raise UserError(f"the baseline {c.baseline!r} is not among the contenders ({', '.join(c.contenders)})")
     if c.device not in DEVICES:
         raise UserError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
-    if c.device != "cpu" and any(parse_contender(n)[1] in OURS_VARIANTS for n in c.contenders):
+    if c.device != "cpu" and any(str(parse_contender(n)[1]).startswith("openvino") for n in c.contenders):
         raise UserError("the ours:openvino contenders run on the CPU; measure them with --device cpu")
     if "ours" in kinds:
         if not c.engine:

@@ -158,12 +158,12 @@ if want torch && [ -f ldm_deploy/engine/backends/torch.py ]; then
     MORE=diffusers,ours,compile:max-autotune
     # The export test-runs each package (aoti_check.py) and logs any failure; the smoke test (each
     # component with either runner, and a toy model as a control) only where some component fell back.
-    if ! "$PY" -c "import json, sys; sys.exit(set(json.load(open('$ENGINE/manifest.json'))['build']['modes'].values()) != {'aoti'})"; then
+    if ! "$PY" -c "import json, sys; b = json.load(open('$ENGINE/manifest.json'))['build']; sys.exit(b.get('aoti') is not False and set(b['modes'].values()) != {'aoti'})"; then
       stage "torch engine smoke test" 100 "$PY" -m benchmarks.torch_smoke --engine "$ENGINE" --toy \
         --json "$OUT/torch_smoke.json"
     fi
     if [ -f benchmarks/torch_backend_check.py ]; then  # the torch backend's own GPU checks
-      stage "torch backend checks" 90 "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
+      stage "torch backend checks" "${SUITE_CHECK_S:-90}" "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
         --model "$MODEL" --json "$OUT/torch_check.json"
     fi
   fi

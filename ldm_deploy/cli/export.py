@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--fuse-qkv", action="store_true", help="one GEMM for the q, k, v projections")
     t.add_argument("--jobs", type=int, default=0,
                    help="components compiled at once, each in its own process (default: one per 5 CPU cores)")
+    t.add_argument("--no-aoti", action="store_true",
+                   help="save exported programs without AOTInductor packages (seconds, not minutes); "
+                        "the runtime compiles them with torch.compile on a GPU")
     r = p.add_argument_group("tensorrt backend")
     r.add_argument("--opt-level", type=int, default=3,
                    help="TensorRT builder optimization level 0..5: higher builds longer, may run faster (default 3)")
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
             channels_last=args.channels_last,
             fuse_qkv=args.fuse_qkv,
             jobs=args.jobs,
+            aoti=not args.no_aoti,
             tensorrt=tensorrt,
             img2img=not args.no_img2img,
             min_size=args.min_size,

@@ -322,13 +322,14 @@ class TorchExporter:
         latent_multiple = self.multiple // vae_scale(self.src)
         # fp16 bodies: Inductor's fused kernels round differently from eager ones.
         tolerance = 2e-2 if self.dtype == torch_dtype("fp16") else 1e-3
-        self.modes[name] = export_aoti(module, spec, example, path, self.dims, latent_multiple, tolerance)
+        self.modes[name] = export_aoti(module, spec, example, path, self.dims, latent_multiple, tolerance,
+                                       aoti=self.config.aoti)
         return [path]
 
     def build_facts(self) -> dict:
         c = self.config
         return {"device": c.device, "attention": c.attention_kind, "channels_last": c.channels_last,
-                "fuse_qkv": c.fuse_qkv, "modes": self.modes}
+                "fuse_qkv": c.fuse_qkv, "aoti": c.aoti, "modes": self.modes}
 
 
 EXPORTERS = {"onnxruntime": OnnxExporter, "torch": TorchExporter, "tensorrt": TensorRTExporter}

@@ -46,6 +46,9 @@ class ExportConfig:
     channels_last: U-Net convolutions in NHWC memory layout (often faster on tensor cores).
     fuse_qkv: one projection GEMM for q, k, v in self-attention (diffusers' fuse_qkv_projections).
     jobs: components compiled at once, each in its own process; 0 picks one per 5 CPU cores.
+    aoti: compile each component ahead of time with AOTInductor (minutes); False saves the
+      exported programs alone (seconds), which the backend compiles with torch.compile when it
+      loads them on a GPU.
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
@@ -60,6 +63,7 @@ class ExportConfig:
     channels_last: bool = False
     fuse_qkv: bool = False
     jobs: int = 0
+    aoti: bool = True
     tensorrt: TensorRTOptions = TensorRTOptions()
     img2img: bool = True  # export the VAE encoder too (False: txt2img only, a shorter export)
     min_size: int = 256
@@ -126,6 +130,8 @@ def check_config(c: ExportConfig) -> None:
             "--device / --precision apply to --backend torch; ONNX engines are fp32 graphs "
             "that ONNX Runtime places on its own devices"
         )
+    if not c.aoti and c.backend != "torch":
+        raise UserError("--no-aoti applies to --backend torch (AOTInductor packages)")
     torch_only = (c.device, c.channels_last, c.fuse_qkv)
     if c.backend == "tensorrt" and torch_only != ("cpu", False, False):
         raise UserError(

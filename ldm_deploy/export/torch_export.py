@@ -43,12 +43,13 @@ def dynamic_shapes(spec: ComponentSpec, dims: dict[str, object]) -> tuple:
 
 
 def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, path: Path,
-                ranges: dict[str, DimRange], latent_multiple: int, tolerance: float = 1e-3) -> str:
+                ranges: dict[str, DimRange], latent_multiple: int, tolerance: float = 1e-3,
+                aoti: bool = True) -> str:
     """Export and AOT-compile `module` for the device its example inputs are on; returns the
     mode written to `path`: "aoti" (a compiled package, which has run once in a process of its
     own and matched the exported program to `tolerance`: aoti_check.py), or "exported" (the
-    exported program, run eagerly at load time) where compiling or that run failed, with a
-    warning naming the cause."""
+    exported program, which the backend runs eagerly or compiles with torch.compile) where
+    compiling or that run failed, with a warning naming the cause, or where `aoti` is False."""
     from ldm_deploy.export.aoti_check import check_package
     from ldm_deploy.export.components import example_inputs
 
@@ -57,6 +58,9 @@ def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, example, dynamic_shapes=dynamic_shapes(spec, dims), strict=False)
+        if not aoti:
+            torch.export.save(program, str(path))
+            return "exported"
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(path))
         except Exception as e:  # an Inductor failure is ours to report, not the user's to fix
@@ -68,8 +72,8 @@ def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
                                     device, tolerance)
         if problem is None:
             return "aoti"
-        log.warning("%s: the AOTInductor package %s; saving the exported program instead, which runs "
-                    "uncompiled (slower)", spec.name, problem)
+        log.warning("%s: the AOTInductor package %s; saving the exported program instead (on a GPU the "
+                    "backend compiles it with torch.compile when it loads it)", spec.name, problem)
         Path(path).unlink(missing_ok=True)
         torch.export.save(program, str(path))
         return "exported"

@@ -34,7 +34,11 @@ class Component:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, device: str = "auto", cuda_graph: bool = True):
+    def __init__(self, device: str = "auto", cuda_graph: bool = True, compile: bool | None = None):
+        """compile: what to do with components the engine holds as exported programs (no
+        AOTInductor package: `ldm-export --no-aoti`, or AOTInductor failed there): True compiles
+        them with torch.compile on their first call, False runs them eagerly; None compiles on
+        CUDA only (Triton is there; a CPU compile needs a C++ toolchain and rarely pays)."""
         try:
             import torch
         except ImportError:
@@ -42,6 +46,7 @@ class TorchBackend:
         self.torch = torch
         self.device_name = device
         self.cuda_graph = cuda_graph
+        self.compile = compile
         self.graphs = GraphCache()  # of CapturedLoop, or None where capture failed
 
     def load(self, engine_dir: Path, manifest, component: str) -> Component:
@@ -64,8 +69,16 @@ class TorchBackend:
                 # one queries events from its model pool, which stream capture forbids.
                 runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=built_for == "cuda")
             else:
-                log.warning("%s runs uncompiled (AOTInductor failed when the engine was exported)", component)
-                runner = _eager(torch.export.load(str(path)).module())
+                module = torch.export.load(str(path)).module()
+                chosen = manifest.build.get("aoti") is False
+                say = log.info if chosen else log.warning  # a failed AOTInductor build is news
+                why = "exported with --no-aoti" if chosen else "AOTInductor failed when the engine was exported"
+                if self.compile if self.compile is not None else built_for == "cuda":
+                    say("%s: compiling with torch.compile on its first call, a minute or so (%s)", component, why)
+                    module = torch.compile(module)
+                else:
+                    say("%s runs uncompiled (%s)", component, why)
+                runner = _eager(module)
         except Exception as e:  # torch raises RuntimeError / zipfile errors for damaged packages
             raise EngineError(f"PyTorch could not load {path} ({type(e).__name__}: {str(e)[:300]}); "
                               "re-export the engine") from None
