@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite: everything a lent GPU machine checks and measures, in ONE call of at most
 # 10 minutes, most important first, each stage under its own time budget. Writes under $OUT:
-# suite.log, bench.json + bench.png (the peers), attention.json (the kernels), torch_smoke.json and
-# torch_check.json (the torch backend), bench_more.json + bench_more.png (ours and torch.compile max-autotune);
+# suite.log, bench.json + bench.png (the peers), attention.json (the kernels), torch_smoke.json,
+# torch_check.json and torch_check_compiled.json (the torch backend), bench_more.json + bench_more.png (ours and torch.compile max-autotune);
 # prints a short table last. ldm-bench
 # rewrites its JSON after every contender and logs a one-line summary of each, so a call cut
 # short still returns what it measured.
@@ -38,22 +38,27 @@
 #   attention  python -m benchmarks.attention --json $OUT/attention.json $SUITE_ATTENTION_ARGS
 #              (the kernels' own checks and microbenchmark), if benchmarks/attention.py exists. 150 s.
 #   tests      pytest -m gpu (they compare with references). 120 s.
-#   torch      if ldm_deploy/engine/backends/torch.py exists: ldm-export --backend torch --device
-#              cuda ${SUITE_EXPORT_ARGS:-"--no-img2img --static-shapes"}, leaving 100 s. Static shapes
-#              because a dynamic-shape export does not fit: on an H200 (2026-11-26, components in 3
-#              processes) the static export took 171 s (U-Net 130 s of compile), while the dynamic
-#              one's U-Net had not finished after 244 s. The export test-runs every package and logs
-#              which one failed, where; only if one fell back, benchmarks.torch_smoke (each component
-#              loaded and run once with either runner, each in its own process, and a toy model as
-#              a control) -> $OUT/torch_smoke.json. Then benchmarks.torch_backend_check -> $OUT/torch_check.json.
-#   more       ldm-bench again: diffusers (the baseline, measured again), ours if the engine was
-#              built, then torch.compile mode "max-autotune" with whatever time is left (its
+#   torch      ldm-export --backend torch --device cuda ${SUITE_EXPORT_ARGS:-"--no-img2img
+#              --static-shapes --no-aoti"}, leaving 100 s (about 60 s). No AOTInductor packages by
+#              default: on the lent H100 and H200 (torch 2.11, CUDA 13, 2026-11-26) every package
+#              died of SIGSEGV while loading, a toy model's too, after 120-185 s of compiling; with
+#              AOTInductor the export test-runs each package and falls back to the exported program.
+#              Static shapes because a dynamic AOTInductor export did not fit (H200: U-Net not done
+#              after 244 s). Then, where the engine holds exported programs, benchmarks.torch_smoke
+#              (any packages loaded with either runner; a toy model compiled and loaded as a
+#              control: does AOTInductor work on this machine?) -> $OUT/torch_smoke.json; and
+#              benchmarks.torch_backend_check (images against diffusers fp16/fp32, host syncs in
+#              the loop, 50-step time) as loaded by default -> $OUT/torch_check.json (90 s,
+#              SUITE_CHECK_S) and with --compile (torch.compile of the exported programs)
+#              -> $OUT/torch_check_compiled.json (150 s, SUITE_CHECK_COMPILED_S).
+#   more       ldm-bench again: diffusers (the baseline, measured again), ours and ours:compiled
+#              if the engine was built, then torch.compile mode "max-autotune" with whatever time is left (its
 #              autotuning of the SD 1.5 U-Net takes minutes; cut short, it says how long it had).
 #              SUITE_MORE replaces that list of contenders.
 #
 # Locally, as a dry run of the flow on the CPU (minutes, tiny model):
 #   PYTHON=.venv/bin/python SUITE_DEVICE=cpu SUITE_PRESET=tiny-sd1 SUITE_SIZE=64 SUITE_STEPS=3 \
-#     SUITE_STAGES=peers,torch,more SUITE_MORE=diffusers,ours SUITE_EXPORT_ARGS="--min-size 64 --max-size 256" \
+#     SUITE_STAGES=peers,torch,more SUITE_MORE=diffusers,ours SUITE_EXPORT_ARGS="--min-size 64 --opt-size 64 --static-shapes --no-img2img" \
 #     OUT=/tmp/suite bash benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -152,20 +157,24 @@ if want torch && [ -f ldm_deploy/engine/backends/torch.py ]; then
   ENGINE=$WORK/$PRESET-torch
   # shellcheck disable=SC2086  # SUITE_EXPORT_ARGS: extra ldm-export flags, word-split on purpose
   if stage "export torch engine" $(( $(left) - 100 )) "$PY" -m ldm_deploy.cli.export --model "$MODEL" \
-       --out "$ENGINE" --backend torch --device "$DEVICE" ${SUITE_EXPORT_ARGS:---no-img2img --static-shapes} \
+       --out "$ENGINE" --backend torch --device "$DEVICE" ${SUITE_EXPORT_ARGS:---no-img2img --static-shapes --no-aoti} \
        --force; then
     ENGINE_ARGS=(--engine "$ENGINE")
-    MORE=diffusers,ours,compile:max-autotune
-    # The export test-runs each package (aoti_check.py) and logs any failure; the smoke test (each
-    # component with either runner, and a toy model as a control) only where some component fell back.
-    if ! "$PY" -c "import json, sys; b = json.load(open('$ENGINE/manifest.json'))['build']; sys.exit(b.get('aoti') is not False and set(b['modes'].values()) != {'aoti'})"; then
+    MORE=diffusers,ours,ours:compiled,compile:max-autotune
+    # An export with AOTInductor test-runs each package (aoti_check.py) and logs any failure. Where
+    # the engine holds exported programs (--no-aoti, or a package fell back), the smoke test loads
+    # any packages with either runner and compiles and loads a toy model: does AOTInductor work
+    # on this machine at all? (On the lent H100 and H200, torch 2.11, it did not: SIGSEGV.)
+    if ! "$PY" -c "import json, sys; sys.exit(set(json.load(open('$ENGINE/manifest.json'))['build']['modes'].values()) != {'aoti'})"; then
       stage "torch engine smoke test" 100 "$PY" -m benchmarks.torch_smoke --engine "$ENGINE" --toy \
         --json "$OUT/torch_smoke.json"
     fi
-    if [ -f benchmarks/torch_backend_check.py ]; then  # the torch backend's own GPU checks
-      stage "torch backend checks" "${SUITE_CHECK_S:-90}" "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
-        --model "$MODEL" --json "$OUT/torch_check.json"
-    fi
+    # The torch backend's own GPU checks (images against diffusers, host syncs, 50-step time), as
+    # loaded by default and with torch.compile of the exported programs.
+    stage "torch backend checks" "${SUITE_CHECK_S:-90}" "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
+      --model "$MODEL" --json "$OUT/torch_check.json"
+    stage "torch backend checks, compiled" "${SUITE_CHECK_COMPILED_S:-150}" "$PY" -m benchmarks.torch_backend_check \
+      --engine "$ENGINE" --model "$MODEL" --compile --json "$OUT/torch_check_compiled.json"
   fi
 fi
 want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGINE_ARGS[@]}"

@@ -27,6 +27,14 @@ def backend_options(backend: str, device: str, threads: int | None) -> dict:
     return ({"device": device} if backend == "onnxruntime" else {}) | ({"threads": threads} if threads else {})
 
 
+def label(backend: str, options: dict, manifest: dict) -> str:
+    """"ldm-deploy torch fp16", "ldm-deploy openvino bf16", "ldm-deploy torch fp16 torch.compile"."""
+    words = ["ldm-deploy", backend, options.get("precision") or manifest.get("precision", "")]
+    if options.get("compile"):
+        words.append("torch.compile")
+    return " ".join(w for w in words if w)
+
+
 def device_sync(be):
     """The backend's way to wait for its device, or None on the host. (The Backend interface has
     no `synchronize` yet; the torch backend on CUDA is recognised by its attributes meanwhile.)"""
@@ -125,7 +133,7 @@ def run(spec: dict) -> dict:
         steps = [r["loop"] / spec["steps"] for r in runs]
         step_how = "loop / steps (the loop runs as one graph)"
     out = {
-        "label": f"ldm-deploy {backend} {spec.get('backend_options', {}).get('precision') or manifest.get('precision', '')}".strip(),
+        "label": label(backend, spec.get("backend_options", {}), manifest),
         "load_s": load_s,
         "verify_s": verify_s,
         "rss_after_load_bytes": rss_after_load,

@@ -6,7 +6,10 @@
    graph, a second call's loop runs under torch's sync debug mode "error" and is profiled,
    counting cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize calls.
 
-    python -m benchmarks.torch_backend_check --engine E --model M --json out.json
+    python -m benchmarks.torch_backend_check --engine E --model M --json out.json [--compile]
+
+The JSON is rewritten after each check, and each progress line gives the seconds since start:
+a run cut short by its time limit still says what it measured and where the time went.
 """
 
 from __future__ import annotations
@@ -93,9 +96,18 @@ def timing(pipe, prompt, size, steps, repeats=3) -> dict:
     return {"end_to_end_s_median": float(np.median(times)), "steps": steps, "size": size, "runs": times}
 
 
+START = time.perf_counter()
+
+
 def step(what: str) -> None:
     """A progress line, flushed: if the process dies (a crash in native code), the log says where."""
-    print(f"torch_backend_check: {what}", file=sys.stderr, flush=True)
+    print(f"torch_backend_check: [{time.perf_counter() - START:.0f} s] {what}", file=sys.stderr, flush=True)
+
+
+def save(report: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 def main(argv=None) -> None:
@@ -105,6 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", default=None)
+    p.add_argument("--compile", action="store_true", help="load with torch.compile of exported programs")
     args = p.parse_args(argv)
     import torch
 
@@ -116,32 +129,36 @@ def main(argv=None) -> None:
     prompt = "a photo of an astronaut riding a horse on mars"
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     step("loading the engine")
-    pipe = Pipeline.load(args.engine)
-    report["load"] = {"manifest_build": pipe.manifest.build, "precision": pipe.manifest.precision}
+    pipe = Pipeline.load(args.engine, **({"compile": True} if args.compile else {}))
+    report["load"] = {"manifest_build": pipe.manifest.build, "precision": pipe.manifest.precision,
+                      "compile": args.compile}
     latents = np.random.default_rng(0).standard_normal((1, 4, args.size // 8, args.size // 8)).astype(np.float32)
     step("our image")
     ours = pipe(prompt, steps=args.steps, width=args.size, height=args.size, latents=latents, sampler="euler",
                 output_type="np", progress=False)
     step("diffusers fp16 and fp32 images")
     ref16 = diffusers_images(args.model, torch.float16, prompt, latents, args.steps, args.size)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    # The fp32 reference without TF32; then the flags go back, since torch.compile guards on them
+    # (a changed flag recompiles every compiled component on its next call).
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     ref32 = diffusers_images(args.model, torch.float32, prompt, latents, args.steps, args.size)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     report["images"] = {
         "ours_fp16_vs_diffusers_fp16": compare(ours, ref16),
         "ours_fp16_vs_diffusers_fp32": compare(ours, ref32),
         "diffusers_fp16_vs_diffusers_fp32": compare(ref16, ref32),
         "image_std": float(ours.std()),
     }
+    save(report, args.json)
     step("host syncs inside the loop")
     report["sync"] = sync_check(pipe, prompt, args.size, args.steps)
+    save(report, args.json)
     step("timing, 50 steps")
     report["timing_50_steps"] = timing(pipe, prompt, args.size, 50)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
+    save(report, args.json)
+    step("done")
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

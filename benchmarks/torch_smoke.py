@@ -73,6 +73,13 @@ def run_case(code: str, args: list[str], timeout: float) -> dict:
     return {"status": status, "seconds": round(time.perf_counter() - t, 1), "log": lines[-25:]}
 
 
+def save(args, manifest, cases: dict) -> None:
+    """Rewritten after every case: a run cut short by its time limit keeps what it found."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"engine": args.engine, "build": manifest.build, "cases": cases}, f, indent=2)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", required=True)
@@ -88,17 +95,22 @@ def main(argv=None) -> int:
     if args.toy and manifest.build.get("device") == "cuda":
         cases["toy model"] = run_case(TOY, [], args.timeout)
         print(f"toy model: {cases['toy model']['status']}", flush=True)
+        if cases["toy model"]["status"] != "ok":
+            print("\n".join("    " + ln for ln in cases["toy model"]["log"]), flush=True)
+        save(args, manifest, cases)
+    modes = manifest.build.get("modes", {})
     for name in manifest.files:
-        if not name.endswith("tokenizer") and f"{name}.pt2" in manifest.files[name]:
+        if modes.get(name, "aoti") != "aoti":
+            print(f"{name}: no AOTInductor package in this engine ({modes[name]}); not loaded here", flush=True)
+        elif not name.endswith("tokenizer") and f"{name}.pt2" in manifest.files[name]:
             for single in (True, False):
                 case = f"{name} (run_single_threaded={single})"
                 cases[case] = run_case(CHILD, [args.engine, name, "1" if single else "0"], args.timeout)
                 print(f"{case}: {cases[case]['status']}", flush=True)
                 if cases[case]["status"] != "ok":
                     print("\n".join("    " + ln for ln in cases[case]["log"]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"engine": args.engine, "build": manifest.build, "cases": cases}, f, indent=2)
+                save(args, manifest, cases)
+    save(args, manifest, cases)
     return 0 if all(c["status"] == "ok" for c in cases.values()) else 1
 
 

@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                    help="openvino: compute in bf16 on CPUs with bf16 units (Intel AMX: ~3.5x faster, "
                         "images differ slightly); default fp32")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="torch engines: compile the components held as exported programs (ldm-export --no-aoti, "
+                        "or where AOTInductor failed) with torch.compile on their first call (a minute or so)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime, openvino: CPU threads (default: all)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the engine files (about 1 s per GB; sizes are still checked)")
@@ -86,6 +89,8 @@ def main(argv=None) -> int:
                 raise UserError("--precision is a choice of the openvino backend (--backend openvino); "
                                 "other engines have their precision from ldm-export")
             options["precision"] = args.precision
+        if args.torch_compile:
+            options["compile"] = True
         if args.threads is not None and args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         pipe = Pipeline.load(engine_dir(args), backend=args.backend, verify=not args.no_verify,

@@ -283,11 +283,11 @@ class OnnxExporter:
 
 
 class TorchExporter:
-    doing = "torch.export + AOTInductor (minutes for a full-size U-Net)"
-
     def __init__(self, src, config, dims, multiple):
         import torch
 
+        self.doing = ("torch.export + AOTInductor (minutes for a full-size U-Net)" if config.aoti
+                      else "torch.export (no AOTInductor package: --no-aoti)")
         if config.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: PyTorch sees no CUDA GPU here; export with --device cpu")
         self.src, self.config, self.dims, self.multiple = src, config, dims, multiple

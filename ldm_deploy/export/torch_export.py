@@ -48,7 +48,7 @@ def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
     """Export and AOT-compile `module` for the device its example inputs are on; returns the
     mode written to `path`: "aoti" (a compiled package, which has run once in a process of its
     own and matched the exported program to `tolerance`: aoti_check.py), or "exported" (the
-    exported program, which the backend runs eagerly or compiles with torch.compile) where
+    exported program, which the backend runs eagerly or compiles with torch.compile on request) where
     compiling or that run failed, with a warning naming the cause, or where `aoti` is False."""
     from ldm_deploy.export.aoti_check import check_package
     from ldm_deploy.export.components import example_inputs
@@ -72,8 +72,8 @@ def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, pa
                                     device, tolerance)
         if problem is None:
             return "aoti"
-        log.warning("%s: the AOTInductor package %s; saving the exported program instead (on a GPU the "
-                    "backend compiles it with torch.compile when it loads it)", spec.name, problem)
+        log.warning("%s: the AOTInductor package %s; saving the exported program instead, which runs "
+                    "eagerly, or compiled on its first call with ldm-run --torch-compile", spec.name, problem)
         Path(path).unlink(missing_ok=True)
         torch.export.save(program, str(path))
         return "exported"

@@ -80,6 +80,7 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--init-image", "NOTANIMAGE"], "cannot read the init image"),
     (["--init-image", "MISSING"], "cannot read the init image"),
     (["--out", "NOWHERE/x.png"], "does not exist"),
+    (["--torch-compile"], "the onnxruntime backend has no option 'compile'"),
 ])
 def test_run_bad_input(args, message, engine_dirs, tmp_path, capsys):
     init = tmp_path / "init.png"
@@ -214,6 +215,7 @@ def test_export_existing_out_needs_force(engine_dirs, model_dirs, capsys):
     (["--refit"], "apply to --backend tensorrt"),
     (["--backend", "tensorrt", "--opt-level", "9"], "lies in 0..5"),
     (["--backend", "tensorrt", "--device", "cuda"], "apply to --backend torch"),
+    (["--no-aoti"], "--no-aoti applies to --backend torch"),
 ])
 def test_export_bad_options(args, message, model_dirs, tmp_path, capsys):
     code, err = export(capsys, ["--model", str(model_dirs["tiny-sd1"]), "--out", str(tmp_path / "e"), *args])

@@ -109,6 +109,7 @@ def test_graph_slots_name_buffers_by_first_use():
     (dict(attention="triton"), "unknown attention for --backend onnxruntime"),
     (dict(jobs=2), "--jobs applies to --backend torch"),
     (dict(backend="torch", jobs=-1), "give a number of processes"),
+    (dict(aoti=False), "--no-aoti applies to --backend torch"),
 ])
 def test_export_option_combinations(kw, message):
     with pytest.raises(UserError, match=message):
@@ -206,3 +207,27 @@ def test_test_run_outcomes_read_as_sentences():
     assert describe(-11, "loading\ncase=at_the_trace_size calling\nchecking\ncase=at_the_smallest_size_one_image calling\n",
                     "") == "crashed (SIGSEGV) while running it at the smallest size one image"
     assert describe(-11, "loading\ncalling\nchecking\nok\n", "") == "crashed (SIGSEGV) while exiting, after a correct run"
+
+
+def test_no_aoti_engine_runs_eager_and_compiled(model_dirs, pipelines, tmp_path, caplog):
+    """`--no-aoti`: the engine holds exported programs (an export of seconds), says so in its
+    manifest, and gives the ONNX Runtime engine's images both eagerly (the default) and with
+    torch.compile of each component (compile=True, `ldm-run --torch-compile`)."""
+    import logging
+
+    from ldm_deploy import Pipeline
+
+    caplog.set_level(logging.INFO)
+    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
+                          aoti=False)
+    out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
+    m = read_manifest(out)
+    assert m.build["aoti"] is False and set(m.build["modes"].values()) == {"exported"}
+    assert "no AOTInductor package: --no-aoti" in caplog.text and "AOTInductor (minutes" not in caplog.text
+
+    kw = dict(seed=5, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
+    want = pipelines["tiny-sd1"]("a lighthouse", **kw)
+    np.testing.assert_allclose(Pipeline.load(out)("a lighthouse", **kw), want, atol=1e-4, rtol=0)
+    assert "unet_step runs uncompiled (exported with --no-aoti; --torch-compile compiles it)" in caplog.text
+    np.testing.assert_allclose(Pipeline.load(out, compile=True)("a lighthouse", **kw), want, atol=1e-4, rtol=0)
+    assert "unet_step: compiling with torch.compile on its first call" in caplog.text

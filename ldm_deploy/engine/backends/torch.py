@@ -34,11 +34,12 @@ class Component:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, device: str = "auto", cuda_graph: bool = True, compile: bool | None = None):
+    def __init__(self, device: str = "auto", cuda_graph: bool = True, compile: bool = False):
         """compile: what to do with components the engine holds as exported programs (no
         AOTInductor package: `ldm-export --no-aoti`, or AOTInductor failed there): True compiles
-        them with torch.compile on their first call, False runs them eagerly; None compiles on
-        CUDA only (Triton is there; a CPU compile needs a C++ toolchain and rarely pays)."""
+        them with torch.compile on their first call (a minute or so for a U-Net), False runs them
+        eagerly. False is the measured default: on an H100 the eager U-Net inside one CUDA graph
+        took 12.3 ms per step (benchmarks/RESULTS.md); the compiled one has not been timed yet."""
         try:
             import torch
         except ImportError:
@@ -73,7 +74,9 @@ class TorchBackend:
                 chosen = manifest.build.get("aoti") is False
                 say = log.info if chosen else log.warning  # a failed AOTInductor build is news
                 why = "exported with --no-aoti" if chosen else "AOTInductor failed when the engine was exported"
-                if self.compile if self.compile is not None else built_for == "cuda":
+                if not self.compile:
+                    why += "; --torch-compile compiles it"
+                if self.compile:
                     say("%s: compiling with torch.compile on its first call, a minute or so (%s)", component, why)
                     module = torch.compile(module)
                 else:
