@@ -69,7 +69,7 @@ OURS_VARIANTS = {"openvino": ("openvino", {}), "openvino-bf16": ("openvino", {"p
 
 
 def parse_contender(name: str) -> tuple[str, str | None]:
-    """"ours" -> ("ours", None); "ours:openvino" / "ours:openvino-bf16" -> ("ours", VARIANT);
+    """"ours" -> ("ours", None); "ours:VARIANT" (openvino, openvino-bf16, eager, compiled) -> ("ours", VARIANT);
     "diffusers" -> ("diffusers", None); "compile" / "compile:MODE" -> ("diffusers", MODE)."""
     if name in ("ours", "diffusers"):
         return name, None

@@ -36,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", help="engine directory made by ldm-export (contender 'ours')")
     p.add_argument("--model", help="the diffusers folder the engine was made from (the peers' weights)")
     p.add_argument("--contenders", default=None,
-                   help="comma-separated: ours, diffusers, compile:MODE (default: ours,diffusers on the CPU; "
+                   help="comma-separated: ours, ours:VARIANT (openvino, openvino-bf16: an ONNX engine on "
+                        "OpenVINO; eager, compiled: a torch engine's exported programs without / with "
+                        "torch.compile), diffusers, compile:MODE (default: ours,diffusers on the CPU; "
                         "diffusers,compile:default and ours if --engine on CUDA)")
     p.add_argument("--baseline", default="diffusers", help="the contender every ratio divides by")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
