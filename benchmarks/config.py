@@ -97,7 +97,8 @@ def check_config(c: BenchConfig) -> None:
         raise UserError(f"the baseline {c.baseline!r} is not among the contenders ({', '.join(c.contenders)})")
     if c.device not in DEVICES:
         raise UserError(f"unknown device {c.device!r}; choose one of {', '.join(DEVICES)}")
-    if c.device != "cpu" and any(str(parse_contender(n)[1]).startswith("openvino") for n in c.contenders):
+    variants = [v for k, v in map(parse_contender, c.contenders) if k == "ours" and v]
+    if c.device != "cpu" and any(OURS_VARIANTS[v][0] == "openvino" for v in variants):
         raise UserError("the ours:openvino contenders run on the CPU; measure them with --device cpu")
     if "ours" in kinds:
         if not c.engine:

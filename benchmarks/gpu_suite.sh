@@ -39,17 +39,17 @@
 #              (the kernels' own checks and microbenchmark), if benchmarks/attention.py exists. 150 s.
 #   tests      pytest -m gpu (they compare with references). 120 s.
 #   torch      ldm-export --backend torch --device cuda ${SUITE_EXPORT_ARGS:-"--no-img2img
-#              --static-shapes --no-aoti"}, leaving 100 s (about 60 s). No AOTInductor packages by
-#              default: on the lent H100 and H200 (torch 2.11, CUDA 13, 2026-11-26) every package
-#              died of SIGSEGV while loading, a toy model's too, after 120-185 s of compiling; with
-#              AOTInductor the export test-runs each package and falls back to the exported program.
-#              Static shapes because a dynamic AOTInductor export did not fit (H200: U-Net not done
-#              after 244 s). Then, where the engine holds exported programs, benchmarks.torch_smoke
-#              (any packages loaded with either runner; a toy model compiled and loaded as a
-#              control: does AOTInductor work on this machine?) -> $OUT/torch_smoke.json; and
-#              benchmarks.torch_backend_check (images against diffusers fp16/fp32, host syncs in
+#              --static-shapes"}, leaving 100 s. The export first compiles and test-runs a toy
+#              AOTInductor package (seconds): on the lent H100 and H200 (torch 2.11, CUDA 13,
+#              2026-11-26) every package died of SIGSEGV while loading, a toy's too, so the export
+#              then saves the exported programs without compiling (60 s on the H100, against 224 s
+#              of compiling packages that crashed); where the toy works, it compiles each package
+#              and test-runs it, falling back per component. Static shapes because a dynamic
+#              AOTInductor export did not fit (H200: U-Net not done after 244 s). Then, only where
+#              a package fell back after a good probe, benchmarks.torch_smoke -> $OUT/torch_smoke.json;
+#              and benchmarks.torch_backend_check (images against diffusers fp16/fp32, host syncs in
 #              the loop, 50-step time) as loaded by default -> $OUT/torch_check.json (90 s,
-#              SUITE_CHECK_S) and with --compile (torch.compile of the exported programs)
+#              SUITE_CHECK_S) and with --compile (torch.compile of exported programs)
 #              -> $OUT/torch_check_compiled.json (150 s, SUITE_CHECK_COMPILED_S).
 #   more       ldm-bench again: diffusers (the baseline, measured again), ours and ours:compiled
 #              if the engine was built, then torch.compile mode "max-autotune" with whatever time is left (its
@@ -157,24 +157,34 @@ if want torch && [ -f ldm_deploy/engine/backends/torch.py ]; then
   ENGINE=$WORK/$PRESET-torch
   # shellcheck disable=SC2086  # SUITE_EXPORT_ARGS: extra ldm-export flags, word-split on purpose
   if stage "export torch engine" $(( $(left) - 100 )) "$PY" -m ldm_deploy.cli.export --model "$MODEL" \
-       --out "$ENGINE" --backend torch --device "$DEVICE" ${SUITE_EXPORT_ARGS:---no-img2img --static-shapes --no-aoti} \
+       --out "$ENGINE" --backend torch --device "$DEVICE" ${SUITE_EXPORT_ARGS:---no-img2img --static-shapes} \
        --force; then
     ENGINE_ARGS=(--engine "$ENGINE")
-    MORE=diffusers,ours,ours:compiled,compile:max-autotune
-    # An export with AOTInductor test-runs each package (aoti_check.py) and logs any failure. Where
-    # the engine holds exported programs (--no-aoti, or a package fell back), the smoke test loads
-    # any packages with either runner and compiles and loads a toy model: does AOTInductor work
-    # on this machine at all? (On the lent H100 and H200, torch 2.11, it did not: SIGSEGV.)
-    if ! "$PY" -c "import json, sys; sys.exit(set(json.load(open('$ENGINE/manifest.json'))['build']['modes'].values()) != {'aoti'})"; then
+    # What the export did: "aoti" (every component an AOTInductor package), "exported" (no
+    # packages: --no-aoti, or the toy package it tries first failed, as on the lent H100 and H200
+    # with torch 2.11), or "fallback" (some package failed its test run after a good probe).
+    KIND=$("$PY" - "$ENGINE/manifest.json" <<'PYEOF'
+import json, sys
+build = json.load(open(sys.argv[1]))["build"]
+modes = set(build["modes"].values())
+print("aoti" if modes == {"aoti"} else "exported" if build.get("aoti") is False else "fallback")
+PYEOF
+)
+    echo "torch engine: $KIND"
+    MORE=diffusers,ours,compile:max-autotune
+    [ "$KIND" != aoti ] && MORE=diffusers,ours,ours:compiled,compile:max-autotune
+    if [ "$KIND" = fallback ]; then  # each package with either runner, and a toy, each in its own process
       stage "torch engine smoke test" 100 "$PY" -m benchmarks.torch_smoke --engine "$ENGINE" --toy \
         --json "$OUT/torch_smoke.json"
     fi
     # The torch backend's own GPU checks (images against diffusers, host syncs, 50-step time), as
-    # loaded by default and with torch.compile of the exported programs.
+    # loaded by default and, where it holds exported programs, with torch.compile of them.
     stage "torch backend checks" "${SUITE_CHECK_S:-90}" "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
       --model "$MODEL" --json "$OUT/torch_check.json"
-    stage "torch backend checks, compiled" "${SUITE_CHECK_COMPILED_S:-150}" "$PY" -m benchmarks.torch_backend_check \
-      --engine "$ENGINE" --model "$MODEL" --compile --json "$OUT/torch_check_compiled.json"
+    if [ "$KIND" != aoti ]; then
+      stage "torch backend checks, compiled" "${SUITE_CHECK_COMPILED_S:-150}" "$PY" -m benchmarks.torch_backend_check \
+        --engine "$ENGINE" --model "$MODEL" --compile --json "$OUT/torch_check_compiled.json"
+    fi
   fi
 fi
 want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGINE_ARGS[@]}"

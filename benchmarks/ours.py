@@ -28,10 +28,11 @@ def backend_options(backend: str, device: str, threads: int | None) -> dict:
 
 
 def label(backend: str, options: dict, manifest: dict) -> str:
-    """"ldm-deploy torch fp16", "ldm-deploy openvino bf16", "ldm-deploy torch fp16 torch.compile"."""
+    """"ldm-deploy torch fp16", "ldm-deploy openvino bf16", "ldm-deploy torch fp16 torch.compile"
+    (the last only where the engine holds exported programs for torch.compile to compile)."""
     words = ["ldm-deploy", backend, options.get("precision") or manifest.get("precision", "")]
-    if options.get("compile"):
-        words.append("torch.compile")
+    if options.get("compile") and "exported" in manifest.get("build", {}).get("modes", {}).values():
+        words.append("torch.compile")  # (AOTInductor packages are compiled already)
     return " ".join(w for w in words if w)
 
 

@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
                    help="components compiled at once, each in its own process (default: one per 5 CPU cores)")
     t.add_argument("--no-aoti", action="store_true",
                    help="save exported programs without AOTInductor packages (seconds, not minutes); "
-                        "the runtime compiles them with torch.compile on a GPU")
+                        "the runtime runs them eagerly, or compiled with ldm-run --torch-compile")
     r = p.add_argument_group("tensorrt backend")
     r.add_argument("--opt-level", type=int, default=3,
                    help="TensorRT builder optimization level 0..5: higher builds longer, may run faster (default 3)")

@@ -89,11 +89,19 @@ def main(argv=None) -> int:
                 raise UserError("--precision is a choice of the openvino backend (--backend openvino); "
                                 "other engines have their precision from ldm-export")
             options["precision"] = args.precision
-        if args.torch_compile:
-            options["compile"] = True
         if args.threads is not None and args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
-        pipe = Pipeline.load(engine_dir(args), backend=args.backend, verify=not args.no_verify,
+        directory = engine_dir(args)  # for --model: its ONNX Runtime engine, exported into the cache
+        if args.torch_compile:
+            from ldm_deploy.engine import backends
+            from ldm_deploy.engine.manifest import read_manifest
+
+            name = args.backend if args.backend != "auto" else backends.auto(read_manifest(Path(directory)))
+            if name != "torch":
+                raise UserError(f"--torch-compile applies to torch engines (ldm-export --backend torch); "
+                                f"this one runs on {name}")
+            options["compile"] = True
+        pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
                              rebuild_stale=args.rebuild_stale, **options)
         images = pipe(
             args.prompt,

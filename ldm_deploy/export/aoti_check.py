@@ -50,6 +50,25 @@ def check_package(path: Path, cases: dict[str, tuple], device: str, tolerance: f
     return describe(p.returncode, p.stdout, p.stderr)
 
 
+def probe(device: str) -> str | None:
+    """Does AOTInductor work on this machine at all? A two-layer model compiled, packaged and
+    test-run like a component (seconds): None if it ran and matched, else what went wrong. On
+    the lent H100 and H200 (torch 2.11, CUDA 13) every package, a toy's too, died of SIGSEGV while
+    loading, after minutes of compiling the real components: the exporter asks this first."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(device).eval()
+    x = torch.randn(4, 64, device=device)
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.pt2"
+        try:
+            torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)), package_path=str(path))
+        except Exception as e:  # an Inductor failure: report it, as for a component
+            return f"failed to compile ({type(e).__name__}: {str(e)[:300]})"
+        return check_package(path, {"toy": ((x,), [model(x)])}, device, 1e-3, timeout=300)
+
+
 def describe(returncode: int, stdout: str, stderr: str) -> str | None:
     """The child's outcome as a sentence: None for success."""
     said = stdout.split()

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,7 +44,10 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     multiple = size_multiple(src, config.backend)
     dims = config.dims(src.unet.config.sample_size, multiple, info.vae_scale)
     specs = component_specs(info.facts)
+    config, aoti_problem = settle_aoti(config)
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
+    if aoti_problem:
+        exporter.aoti_problem = aoti_problem
 
     components = COMPONENTS if config.img2img else tuple(c for c in COMPONENTS if c != "vae_encoder")
     jobs = export_jobs(config, len(components))
@@ -72,6 +76,32 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     return out
 
 
+# Devices whose AOTInductor is tried on a toy package before the components' (minutes each)
+# are compiled: where it has been seen to crash every package.
+PROBED_DEVICES = ("cuda",)
+
+
+def settle_aoti(config: ExportConfig) -> tuple[ExportConfig, str | None]:
+    """The config to export with, and why AOTInductor was given up, if it was: a torch engine
+    for a probed device whose toy package fails (aoti_check.probe) is exported as with --no-aoti."""
+    if config.backend != "torch" or not config.aoti or config.device not in PROBED_DEVICES:
+        return config, None
+    import torch
+
+    if config.device == "cuda" and not torch.cuda.is_available():
+        return config, None  # TorchExporter says so, as a UserError
+    from ldm_deploy.export.aoti_check import probe
+
+    log.info("trying AOTInductor on a toy model first (seconds)")
+    problem = probe(config.device)
+    if problem is None:
+        return config, None
+    log.warning("AOTInductor does not work on this machine: a toy package %s. Saving the exported "
+                "programs without packages (as --no-aoti), which the torch backend runs eagerly, or "
+                "compiled with ldm-run --torch-compile", problem)
+    return replace(config, aoti=False), problem
+
+
 def export_in_turn(exporter, components, specs, tmp: Path) -> dict[str, list[Path]]:
     written = {}
     for i, name in enumerate(components, 1):
@@ -97,8 +127,9 @@ def export_jobs(config: ExportConfig, n_components: int) -> int:
     AOTInductor build is mostly single-threaded Python and one C++ compile, so separate processes
     overlap well, each with its own share of the cores for Triton / C++ kernel compiles. Auto
     (jobs 0): one process per 5 cores and per JOB_MEMORY of available memory, so small machines
-    keep compiling in turn. (On an H200 host, 16 cores: the SD 1.5 export took 171 s with 3.)"""
-    if config.backend != "torch":
+    keep compiling in turn. (On an H200 host, 16 cores: the SD 1.5 export took 171 s with 3.)
+    Without AOTInductor (--no-aoti, or a failed probe) there is nothing to compile: auto is 1."""
+    if config.backend != "torch" or (not config.aoti and not config.jobs):
         return 1
     jobs = config.jobs
     if not jobs:
@@ -287,7 +318,7 @@ class TorchExporter:
         import torch
 
         self.doing = ("torch.export + AOTInductor (minutes for a full-size U-Net)" if config.aoti
-                      else "torch.export (no AOTInductor package: --no-aoti)")
+                      else "torch.export (exported programs, no AOTInductor packages)")
         if config.device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: PyTorch sees no CUDA GPU here; export with --device cpu")
         self.src, self.config, self.dims, self.multiple = src, config, dims, multiple
@@ -297,6 +328,7 @@ class TorchExporter:
         # A static engine's batch is 1, and its trace must be too.
         self.trace_dims = {k: r.opt for k, r in dims.items()} | {"batch": min(2, dims["batch"].max), "cfg": 2}
         self.modes = {}
+        self.aoti_problem = None  # set by export_engine where AOTInductor failed its probe
         self.prepare_unet()
 
     def prepare_unet(self) -> None:
@@ -314,7 +346,7 @@ class TorchExporter:
 
     def __call__(self, name, spec, tmp: Path) -> list[Path]:
         from ldm_deploy.export.components import WRAPPERS, example_inputs
-        from ldm_deploy.export.torch_export import export_aoti
+        from ldm_deploy.export.torch_export import export_component
 
         module = WRAPPERS[name](self.src, self.dtype).to(self.config.device).eval()
         example = tuple(t.to(self.config.device) for t in example_inputs(spec, self.trace_dims))
@@ -322,14 +354,15 @@ class TorchExporter:
         latent_multiple = self.multiple // vae_scale(self.src)
         # fp16 bodies: Inductor's fused kernels round differently from eager ones.
         tolerance = 2e-2 if self.dtype == torch_dtype("fp16") else 1e-3
-        self.modes[name] = export_aoti(module, spec, example, path, self.dims, latent_multiple, tolerance,
-                                       aoti=self.config.aoti)
+        self.modes[name] = export_component(module, spec, example, path, self.dims, latent_multiple, tolerance,
+                                            aoti=self.config.aoti)
         return [path]
 
     def build_facts(self) -> dict:
         c = self.config
         return {"device": c.device, "attention": c.attention_kind, "channels_last": c.channels_last,
-                "fuse_qkv": c.fuse_qkv, "aoti": c.aoti, "modes": self.modes}
+                "fuse_qkv": c.fuse_qkv, "aoti": c.aoti, "modes": self.modes} | (
+                    {"aoti_problem": self.aoti_problem} if self.aoti_problem else {})
 
 
 EXPORTERS = {"onnxruntime": OnnxExporter, "torch": TorchExporter, "tensorrt": TensorRTExporter}

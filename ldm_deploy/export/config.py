@@ -47,8 +47,8 @@ class ExportConfig:
     fuse_qkv: one projection GEMM for q, k, v in self-attention (diffusers' fuse_qkv_projections).
     jobs: components compiled at once, each in its own process; 0 picks one per 5 CPU cores.
     aoti: compile each component ahead of time with AOTInductor (minutes); False saves the
-      exported programs alone (seconds), which the backend compiles with torch.compile when it
-      loads them on a GPU.
+      exported programs alone (seconds), which the backend runs eagerly, or compiles with
+      torch.compile on request (ldm-run --torch-compile).
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one

@@ -1,5 +1,6 @@
-"""torch.export + AOTInductor: a component wrapper -> one `.pt2` package, loadable without
-diffusers (`torch._inductor.aoti_load_package`), with dynamic shapes from its I/O spec."""
+"""torch.export + AOTInductor: a component wrapper -> one `.pt2` file, an AOTInductor package
+(`torch._inductor.aoti_load_package`) or the exported program (`torch.export.load`), loadable
+without diffusers, with dynamic shapes from its I/O spec."""
 
 from __future__ import annotations
 
@@ -42,14 +43,15 @@ def dynamic_shapes(spec: ComponentSpec, dims: dict[str, object]) -> tuple:
     return tuple(shapes)
 
 
-def export_aoti(module: torch.nn.Module, spec: ComponentSpec, example: tuple, path: Path,
-                ranges: dict[str, DimRange], latent_multiple: int, tolerance: float = 1e-3,
-                aoti: bool = True) -> str:
-    """Export and AOT-compile `module` for the device its example inputs are on; returns the
-    mode written to `path`: "aoti" (a compiled package, which has run once in a process of its
-    own and matched the exported program to `tolerance`: aoti_check.py), or "exported" (the
-    exported program, which the backend runs eagerly or compiles with torch.compile on request) where
-    compiling or that run failed, with a warning naming the cause, or where `aoti` is False."""
+def export_component(module: torch.nn.Module, spec: ComponentSpec, example: tuple, path: Path,
+                     ranges: dict[str, DimRange], latent_multiple: int, tolerance: float = 1e-3,
+                     aoti: bool = True) -> str:
+    """Export `module` (and, with `aoti`, AOT-compile it) for the device its example inputs are
+    on; returns the mode written to `path`: "aoti" (a compiled package, which has run once in a
+    process of its own and matched the exported program to `tolerance`: aoti_check.py), or
+    "exported" (the exported program, which the backend runs eagerly, or compiles with
+    torch.compile on request) where `aoti` is False, or where compiling or that run failed, with
+    a warning naming the cause."""
     from ldm_deploy.export.aoti_check import check_package
     from ldm_deploy.export.components import example_inputs
 

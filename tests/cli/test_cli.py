@@ -80,7 +80,7 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--init-image", "NOTANIMAGE"], "cannot read the init image"),
     (["--init-image", "MISSING"], "cannot read the init image"),
     (["--out", "NOWHERE/x.png"], "does not exist"),
-    (["--torch-compile"], "the onnxruntime backend has no option 'compile'"),
+    (["--torch-compile"], "--torch-compile applies to torch engines (ldm-export --backend torch); this one runs on onnxruntime"),
 ])
 def test_run_bad_input(args, message, engine_dirs, tmp_path, capsys):
     init = tmp_path / "init.png"

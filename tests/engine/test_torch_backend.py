@@ -173,7 +173,7 @@ def test_a_package_that_fails_its_test_run_is_not_shipped(tmp_path, monkeypatch,
     """Each compiled package runs once in a process of its own before the engine keeps it; one
     that cannot (here: its file damaged after compiling) is replaced by the exported program."""
     from ldm_deploy.engine.spec import ComponentSpec, DimRange, Sym, TensorSpec
-    from ldm_deploy.export.torch_export import export_aoti
+    from ldm_deploy.export.torch_export import export_component
 
     compile_package = torch._inductor.aoti_compile_and_package
 
@@ -188,7 +188,7 @@ def test_a_package_that_fails_its_test_run_is_not_shipped(tmp_path, monkeypatch,
     spec = ComponentSpec("toy", inputs=(TensorSpec("x", "float32", rows),), outputs=(TensorSpec("y", "float32", rows),))
     module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).eval()
     path = tmp_path / "toy.pt2"
-    mode = export_aoti(module, spec, (torch.randn(2, 8),), path, {"batch": DimRange(1, 2, 4)}, 1)
+    mode = export_component(module, spec, (torch.randn(2, 8),), path, {"batch": DimRange(1, 2, 4)}, 1)
     assert mode == "exported"
     assert "toy: the AOTInductor package failed while loading it" in caplog.text
     x = torch.randn(3, 8)
@@ -223,11 +223,51 @@ def test_no_aoti_engine_runs_eager_and_compiled(model_dirs, pipelines, tmp_path,
     out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
     m = read_manifest(out)
     assert m.build["aoti"] is False and set(m.build["modes"].values()) == {"exported"}
-    assert "no AOTInductor package: --no-aoti" in caplog.text and "AOTInductor (minutes" not in caplog.text
+    assert "no AOTInductor packages" in caplog.text and "AOTInductor (minutes" not in caplog.text
 
     kw = dict(seed=5, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
     want = pipelines["tiny-sd1"]("a lighthouse", **kw)
     np.testing.assert_allclose(Pipeline.load(out)("a lighthouse", **kw), want, atol=1e-4, rtol=0)
     assert "unet_step runs uncompiled (exported with --no-aoti; --torch-compile compiles it)" in caplog.text
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     np.testing.assert_allclose(Pipeline.load(out, compile=True)("a lighthouse", **kw), want, atol=1e-4, rtol=0)
     assert "unet_step: compiling with torch.compile on its first call" in caplog.text
+    assert counters["stats"]["unique_graphs"] >= graphs + 3  # Dynamo did capture each component
+
+
+def test_aoti_probe_passes_where_aoti_works():
+    """The toy package that decides whether a GPU export tries AOTInductor: on this CPU it
+    compiles, loads in a process of its own and matches eager."""
+    from ldm_deploy.export.aoti_check import probe
+
+    assert probe("cpu") is None
+
+
+def test_a_failed_aoti_probe_exports_programs_and_says_why(model_dirs, pipelines, tmp_path, monkeypatch, caplog):
+    """Where the toy package fails (as it crashed on the lent GPUs), no component is compiled:
+    the engine holds exported programs, the manifest and both logs say why, and the images are
+    the same."""
+    import logging
+
+    from ldm_deploy import Pipeline
+    from ldm_deploy.export import aoti_check, build
+
+    compiles = []  # export_component would catch an exception raised here, so count the calls
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(build, "PROBED_DEVICES", ("cpu",))
+    monkeypatch.setattr(aoti_check, "probe", lambda device: "crashed (SIGSEGV) while loading it")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: compiles.append(a))
+    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
+                          jobs=1)
+    out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
+    m = read_manifest(out)
+    assert m.build["aoti"] is False and set(m.build["modes"].values()) == {"exported"}
+    assert m.build["aoti_problem"] == "crashed (SIGSEGV) while loading it" and not compiles
+    assert "AOTInductor does not work on this machine: a toy package crashed (SIGSEGV) while loading it" in caplog.text
+
+    kw = dict(seed=6, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
+    got = Pipeline.load(out)("a windmill", **kw)
+    assert "AOTInductor did not work where the engine was exported: a toy package crashed" in caplog.text
+    np.testing.assert_allclose(got, pipelines["tiny-sd1"]("a windmill", **kw), atol=1e-4, rtol=0)

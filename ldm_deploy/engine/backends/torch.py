@@ -1,5 +1,6 @@
-"""PyTorch: AOTInductor packages (`.pt2`), device arrays are torch tensors, and on CUDA the
-whole denoising loop is captured as one CUDA graph.
+"""PyTorch: AOTInductor packages or exported programs (`.pt2`; the latter run eagerly, or
+through torch.compile on request), device arrays are torch tensors, and on CUDA the whole
+denoising loop is captured as one CUDA graph.
 
 Loading needs torch, not diffusers. The graph cache is keyed by what makes a capture valid:
 the loop's shapes, steps, sampler and batch (the pipeline's key) plus which buffer sits in which
@@ -71,16 +72,13 @@ class TorchBackend:
                 runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=built_for == "cuda")
             else:
                 module = torch.export.load(str(path)).module()
-                chosen = manifest.build.get("aoti") is False
-                say = log.info if chosen else log.warning  # a failed AOTInductor build is news
-                why = "exported with --no-aoti" if chosen else "AOTInductor failed when the engine was exported"
-                if not self.compile:
-                    why += "; --torch-compile compiles it"
+                why, news = exported_why(manifest.build)
+                say = log.warning if news else log.info
                 if self.compile:
                     say("%s: compiling with torch.compile on its first call, a minute or so (%s)", component, why)
                     module = torch.compile(module)
                 else:
-                    say("%s runs uncompiled (%s)", component, why)
+                    say("%s runs uncompiled (%s; --torch-compile compiles it)", component, why)
                 runner = _eager(module)
         except Exception as e:  # torch raises RuntimeError / zipfile errors for damaged packages
             raise EngineError(f"PyTorch could not load {path} ({type(e).__name__}: {str(e)[:300]}); "
@@ -162,6 +160,16 @@ def call(component: Component, run: Run) -> None:
         if out.shape != value.shape:  # copy_ would broadcast silently
             raise RuntimeError(f"{component.name}.{name}: produced {tuple(value.shape)}, bound {tuple(out.shape)}")
         out.copy_(value)
+
+
+def exported_why(build: dict) -> tuple[str, bool]:
+    """Why an engine holds a component as an exported program, and whether that is news (a
+    failure at export) rather than the user's choice (--no-aoti)."""
+    if build.get("aoti_problem"):  # the toy package failed at export: no component was compiled
+        return f"AOTInductor did not work where the engine was exported: a toy package {build['aoti_problem']}", True
+    if build.get("aoti") is False:
+        return "exported with --no-aoti", False
+    return "AOTInductor failed when the engine was exported", True
 
 
 def _eager(module):
