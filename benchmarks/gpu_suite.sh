@@ -2,10 +2,12 @@
 # The GPU suite: everything a lent GPU machine checks and measures, in ONE call of at most
 # 10 minutes, most important first, each stage under its own time budget. Writes under $OUT:
 # suite.log, bench.json + bench.png (the peers), attention.json (the kernels), torch_smoke.json,
-# torch_check.json and torch_check_compiled.json (the torch backend), bench_more.json + bench_more.png (ours and torch.compile max-autotune);
+# torch_check.json and torch_check_compiled.json (the torch backend), torch_variants.json (its
+# options), bench_more.json + bench_more.png (ours and torch.compile max-autotune);
 # prints a short table last. ldm-bench
 # rewrites its JSON after every contender and logs a one-line summary of each, so a call cut
-# short still returns what it measured.
+# short still returns what it measured. The device tool brings back at most 8 files from $OUT:
+# a call that runs every stage writes 10, so pick stages (SUITE_STAGES) per call.
 #
 # The GPU machine (../shared/GPU.md) has Python 3.12, torch 2.11 (CUDA), triton 3.6, transformers,
 # onnxruntime (CPU only), matplotlib, and no diffusers, and it cannot download anything. So carry
@@ -55,6 +57,11 @@
 #              if the engine was built, then torch.compile mode "max-autotune" with whatever time is left (its
 #              autotuning of the SD 1.5 U-Net takes minutes; cut short, it says how long it had).
 #              SUITE_MORE replaces that list of contenders.
+#   variants   benchmarks.torch_variants: the torch engine's options (torch.compile, CUDA graph off,
+#              channels-last, fused QKV, our Triton attention), one change at a time from the
+#              default, each exported once (about 60 s) and timed on whole calls in a process of
+#              its own -> $OUT/torch_variants.json, rewritten after each. With what time is left;
+#              alone: SUITE_STAGES=variants (add SUITE_VARIANTS="--variants default,compiled").
 #
 # Locally, as a dry run of the flow on the CPU (minutes, tiny model):
 #   PYTHON=.venv/bin/python SUITE_DEVICE=cpu SUITE_PRESET=tiny-sd1 SUITE_SIZE=64 SUITE_STEPS=3 \
@@ -71,7 +78,7 @@ PRESET=${SUITE_PRESET:-sd15}
 SIZE=${SUITE_SIZE:-512}
 STEPS=${SUITE_STEPS:-50}
 WORK=${SUITE_WORK:-/tmp/ldm-suite}
-STAGES=${SUITE_STAGES:-peers,attention,tests,torch,more}
+STAGES=${SUITE_STAGES:-peers,attention,tests,torch,more,variants}
 mkdir -p "$OUT" "$WORK"
 exec > >(tee -a "$OUT/suite.log") 2>&1
 # PYTHONFAULTHANDLER: a process that dies of a signal (the first torch engine on a GPU did, with
@@ -188,6 +195,13 @@ PYEOF
   fi
 fi
 want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGINE_ARGS[@]}"
+
+# 4. The torch engine's options, one change at a time from the default, each timed on a whole
+#    call in a process of its own (the measurements behind its defaults), with what time is left.
+# shellcheck disable=SC2086  # SUITE_VARIANTS: e.g. "--variants default,compiled", word-split on purpose
+want variants && stage "torch option variants" $(( $(left) - 5 )) "$PY" -m benchmarks.torch_variants \
+  --model "$MODEL" --work "$WORK/variants" --device "$DEVICE" --size "$SIZE" --steps "$STEPS" \
+  --json "$OUT/torch_variants.json" ${SUITE_VARIANTS:-}
 
 echo
 echo "=== stages"

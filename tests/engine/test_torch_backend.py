@@ -271,3 +271,22 @@ def test_a_failed_aoti_probe_exports_programs_and_says_why(model_dirs, pipelines
     got = Pipeline.load(out)("a windmill", **kw)
     assert "AOTInductor did not work where the engine was exported: a toy package crashed" in caplog.text
     np.testing.assert_allclose(got, pipelines["tiny-sd1"]("a windmill", **kw), atol=1e-4, rtol=0)
+
+
+def test_exported_program_with_our_attention_loads_in_a_fresh_process(model_dirs, pipelines, tmp_path):
+    """An exported U-Net that calls `ldm_deploy::attention` (`--attention triton --no-aoti`) loads
+    where nothing has imported the kernels yet (a fresh process, as `ldm-run`), and gives the
+    ONNX Runtime engine's image (on the CPU the op runs SDPA)."""
+    import subprocess
+    import sys
+
+    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
+                          attention="triton", aoti=False)
+    out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
+    kw = dict(seed=7, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
+    image = tmp_path / "image.npy"
+    code = ("import sys, numpy as np; from ldm_deploy import Pipeline; "
+            f"np.save(sys.argv[2], Pipeline.load(sys.argv[1])('a red barn', **{kw!r}))")
+    p = subprocess.run([sys.executable, "-c", code, str(out), str(image)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    np.testing.assert_allclose(np.load(image), pipelines["tiny-sd1"]("a red barn", **kw), atol=1e-4, rtol=0)

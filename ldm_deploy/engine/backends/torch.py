@@ -71,6 +71,10 @@ class TorchBackend:
                 # one queries events from its model pool, which stream capture forbids.
                 runner = torch._inductor.aoti_load_package(str(path), run_single_threaded=built_for == "cuda")
             else:
+                if manifest.build.get("attention") == "triton":
+                    # The program calls ldm_deploy::attention by name (a package has the kernel
+                    # compiled in): without the op registered, torch.export.load cannot read it.
+                    import ldm_deploy.kernels.ops  # noqa: F401
                 module = torch.export.load(str(path)).module()
                 why, news = exported_why(manifest.build)
                 say = log.warning if news else log.info

@@ -1,0 +1,30 @@
+"""benchmarks.torch_variants on the CPU: each variant exported or loaded once, timed, and its
+image compared with the default engine's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import torch_variants
+
+
+def test_variants_are_timed_and_give_the_default_image(model_dirs, tmp_path):
+    out = tmp_path / "variants.json"
+    code = torch_variants.main(["--model", str(model_dirs["tiny-sd1"]), "--work", str(tmp_path / "work"),
+                                "--json", str(out), "--device", "cpu", "--size", "64", "--steps", "2",
+                                "--repeats", "1", "--variants", "channels-last"])  # default goes first
+    report = json.loads(out.read_text())
+    assert code == 0 and list(report["variants"]) == ["default", "channels-last"]
+    variant = report["variants"]["channels-last"]
+    assert variant["export_flags"] == ["--channels-last"] and variant["median_s"] > 0
+    assert variant["vs_default"] == pytest.approx(variant["median_s"] / report["variants"]["default"]["median_s"])
+    assert variant["image_vs_default"]["max_abs"] < 1e-4  # the same arithmetic, in another layout
+    assert (tmp_path / "work" / "engine-channels-last" / "manifest.json").is_file()
+
+
+def test_unknown_variant_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        torch_variants.main(["--model", "m", "--work", str(tmp_path), "--json", str(tmp_path / "j"),
+                             "--variants", "warp-speed"])
