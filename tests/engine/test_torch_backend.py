@@ -18,6 +18,21 @@ from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.torch_export import dynamic_shapes, export_dims
 
 
+def small_config(**options) -> ExportConfig:
+    """A torch export of the tiny model at 64..128 px, txt2img only: what most tests here need."""
+    return ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
+                        **options)
+
+
+def assert_same_image(engine, pipelines, prompt: str, seed: int, **load_options) -> None:
+    """`engine` (loaded with `load_options`) gives the ONNX Runtime engine's image at 64 px."""
+    from ldm_deploy import Pipeline
+
+    kw = dict(seed=seed, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
+    np.testing.assert_allclose(Pipeline.load(engine, **load_options)(prompt, **kw), pipelines["tiny-sd1"](prompt, **kw),
+                               atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def torch_engine(model_dirs, tmp_path_factory):
     from dataclasses import replace
@@ -130,8 +145,7 @@ def test_static_torch_engine(model_dirs, pipelines, tmp_path):
     from ldm_deploy import Pipeline
     from ldm_deploy.export.tensorrt_build import TensorRTOptions
 
-    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
-                          tensorrt=TensorRTOptions(static_shapes=True))
+    config = small_config(tensorrt=TensorRTOptions(static_shapes=True))
     m = read_manifest(export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config))
     assert m.dims == {"batch": DimRange(1, 1, 1), "cfg": DimRange(1, 2, 2),
                       "latent_height": DimRange(8, 8, 8), "latent_width": DimRange(8, 8, 8)}
@@ -154,19 +168,14 @@ def test_aoti_failure_falls_back_to_the_exported_program(model_dirs, pipelines, 
         raise RuntimeError("injected compile failure")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fail)
-    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
-                          jobs=1)  # in this process, where the patch is
+    config = small_config(jobs=1)  # in this process, where the patch is
     out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
     m = read_manifest(out)
     assert set(m.build["modes"].values()) == {"exported"}
     assert "failed to compile (RuntimeError: injected compile failure)" in caplog.text
 
-    from ldm_deploy import Pipeline
-
-    kw = dict(seed=2, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
-    got = Pipeline.load(out)("a boat", **kw)
+    assert_same_image(out, pipelines, "a boat", seed=2)
     assert "runs uncompiled" in caplog.text
-    np.testing.assert_allclose(got, pipelines["tiny-sd1"]("a boat", **kw), atol=1e-4, rtol=0)
 
 
 def test_a_package_that_fails_its_test_run_is_not_shipped(tmp_path, monkeypatch, caplog):
@@ -215,24 +224,19 @@ def test_no_aoti_engine_runs_eager_and_compiled(model_dirs, pipelines, tmp_path,
     torch.compile of each component (compile=True, `ldm-run --torch-compile`)."""
     import logging
 
-    from ldm_deploy import Pipeline
-
     caplog.set_level(logging.INFO)
-    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
-                          aoti=False)
+    config = small_config(aoti=False)
     out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
     m = read_manifest(out)
     assert m.build["aoti"] is False and set(m.build["modes"].values()) == {"exported"}
     assert "no AOTInductor packages" in caplog.text and "AOTInductor (minutes" not in caplog.text
 
-    kw = dict(seed=5, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
-    want = pipelines["tiny-sd1"]("a lighthouse", **kw)
-    np.testing.assert_allclose(Pipeline.load(out)("a lighthouse", **kw), want, atol=1e-4, rtol=0)
+    assert_same_image(out, pipelines, "a lighthouse", seed=5)
     assert "unet_step runs uncompiled (exported with --no-aoti; --torch-compile compiles it)" in caplog.text
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
-    np.testing.assert_allclose(Pipeline.load(out, compile=True)("a lighthouse", **kw), want, atol=1e-4, rtol=0)
+    assert_same_image(out, pipelines, "a lighthouse", seed=5, compile=True)
     assert "unet_step: compiling with torch.compile on its first call" in caplog.text
     assert counters["stats"]["unique_graphs"] >= graphs + 3  # Dynamo did capture each component
 
@@ -251,7 +255,6 @@ def test_a_failed_aoti_probe_exports_programs_and_says_why(model_dirs, pipelines
     the same."""
     import logging
 
-    from ldm_deploy import Pipeline
     from ldm_deploy.export import aoti_check, build
 
     compiles = []  # export_component would catch an exception raised here, so count the calls
@@ -259,18 +262,15 @@ def test_a_failed_aoti_probe_exports_programs_and_says_why(model_dirs, pipelines
     monkeypatch.setattr(build, "PROBED_DEVICES", ("cpu",))
     monkeypatch.setattr(aoti_check, "probe", lambda device: "crashed (SIGSEGV) while loading it")
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: compiles.append(a))
-    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
-                          jobs=1)
+    config = small_config(jobs=1)
     out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
     m = read_manifest(out)
     assert m.build["aoti"] is False and set(m.build["modes"].values()) == {"exported"}
     assert m.build["aoti_problem"] == "crashed (SIGSEGV) while loading it" and not compiles
     assert "AOTInductor does not work on this machine: a toy package crashed (SIGSEGV) while loading it" in caplog.text
 
-    kw = dict(seed=6, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
-    got = Pipeline.load(out)("a windmill", **kw)
+    assert_same_image(out, pipelines, "a windmill", seed=6)
     assert "AOTInductor did not work where the engine was exported: a toy package crashed" in caplog.text
-    np.testing.assert_allclose(got, pipelines["tiny-sd1"]("a windmill", **kw), atol=1e-4, rtol=0)
 
 
 def test_exported_program_with_our_attention_loads_in_a_fresh_process(model_dirs, pipelines, tmp_path):
@@ -280,8 +280,7 @@ def test_exported_program_with_our_attention_loads_in_a_fresh_process(model_dirs
     import subprocess
     import sys
 
-    config = ExportConfig(backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False,
-                          attention="triton", aoti=False)
+    config = small_config(attention="triton", aoti=False)
     out = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config)
     kw = dict(seed=7, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
     image = tmp_path / "image.npy"
