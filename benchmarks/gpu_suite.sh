@@ -26,11 +26,15 @@
 # On the machine the suite installs it with `pip install --no-deps --target /tmp/site wheels/*.whl`
 # (--target: a fresh folder on PYTHONPATH, the image's own environment untouched).
 #
-# Stages (SUITE_STAGES picks among peers,attention,tests,torch,more; all by default), all under
+# Stages (SUITE_STAGES picks among peers,attention,tests,torch,more,variants, all by default, and
+# aoti), all under
 # SUITE_BUDGET_S (default 540 s; the device tool may grant less than the timeout asked for when
 # the machine was slow to start: then the later stages are cut, and say so):
 #   setup      GPU, clocks, versions; the carried wheels; the SD 1.5-architecture random-weight
 #              model (exact U-Net / VAE / CLIP-L shapes; about 30 s)
+#   aoti       (only when named) benchmarks.aoti_probe in the background from the start: a toy
+#              AOTInductor package under several settings -> $OUT/aoti_probe.json (why packages
+#              crash on the lent machines, and whether some setting avoids it). SUITE_AOTI_S: 240.
 #   peers      ldm-bench on CUDA, 512x512, 50 steps, CFG (U-Net batch 2): diffusers fp16 + SDPA
 #              eager (the baseline) and diffusers + torch.compile(unet, mode="default") (about
 #              45 s to compile). Each contender first checks text encoder, U-Net and VAE decoder
@@ -59,7 +63,8 @@
 #              SUITE_MORE replaces that list of contenders.
 #   variants   benchmarks.torch_variants: the torch engine's options (torch.compile, CUDA graph off,
 #              channels-last, fused QKV, our Triton attention), one change at a time from the
-#              default, each exported once (about 60 s) and timed on whole calls in a process of
+#              default, and torch.compile with channels-last; the engines exported first, 4 at a
+#              time (about 60 s each alone), then each variant timed on whole calls in a process of
 #              its own -> $OUT/torch_variants.json, rewritten after each. With what time is left;
 #              alone: SUITE_STAGES=variants (add SUITE_VARIANTS="--variants default,compiled").
 #
@@ -125,12 +130,24 @@ for name in ("torch", "triton", "diffusers", "transformers", "onnxruntime", "mat
         print(f"{name} MISSING")
 EOF
 
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+# Why AOTInductor packages crash here: a toy under several settings, in the background (CPU work
+# and a few GPU kernels, done before the later stages time anything; not a default stage, since
+# it would share the host with the peers' launch-bound timing).
+AOTI_PID=
+if want aoti; then
+  echo "=== AOTInductor probe, in the background -> $OUT/aoti_probe.json"
+  timeout --kill-after=10 "${SUITE_AOTI_S:-240}" "$PY" -m benchmarks.aoti_probe --device "$DEVICE" \
+    --json "$OUT/aoti_probe.json" > "$WORK/aoti_probe.txt" 2>&1 &
+  AOTI_PID=$!
+fi
+
 MODEL=$WORK/$PRESET
 if [ ! -f "$MODEL/model_index.json" ]; then
   stage "random-weight $PRESET model" 180 "$PY" -m ldm_deploy.export.random_model --preset "$PRESET" --out "$MODEL"
 fi
 
-want() { [[ ",$STAGES," == *",$1,"* ]]; }
+
 # bench NAME CONTENDERS BUDGET_S [ARGS...]: one ldm-bench run; JSON + PNG under $OUT, table to $WORK.
 bench() {
   local name=$1 contenders=$2 budget=$3; shift 3
@@ -202,6 +219,12 @@ want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGI
 want variants && stage "torch option variants" $(( $(left) - 5 )) "$PY" -m benchmarks.torch_variants \
   --model "$MODEL" --work "$WORK/variants" --device "$DEVICE" --size "$SIZE" --steps "$STEPS" \
   --json "$OUT/torch_variants.json" ${SUITE_VARIANTS:-}
+
+if [ -n "$AOTI_PID" ]; then
+  wait "$AOTI_PID"; rc=$?
+  STATUS+=("AOTInductor probe: $([ $rc = 0 ] && echo ok || echo "exit $rc")")
+  echo; echo "=== AOTInductor probe"; cat "$WORK/aoti_probe.txt"
+fi
 
 echo
 echo "=== stages"

@@ -2,12 +2,14 @@
 the torch backend's defaults (issue 5 asks for measured defaults).
 
     python -m benchmarks.torch_variants --model M --work DIR --json out.json \
-        [--variants default,compiled,no-graph,channels-last,fuse-qkv,triton-attention] [--device cuda]
+        [--variants default,compiled,channels-last,compiled+channels-last,...] [--device cuda]
 
 Each variant changes one thing from the default engine (exported programs, `--no-aoti`, static
 shapes at --size, run eagerly inside one CUDA graph): an export option (its own engine, exported
-once into DIR) or a load option (the default engine, loaded differently). Each is timed in a
-process of its own: one warm-up call (compiles, captures the graph), then --repeats calls, prompt
+once into DIR) or a load option (the default engine, loaded differently); "a+b" makes both
+changes. The engines are exported first, --export-jobs at a time (an export is mostly one core
+of tracing and writing; the GPU machine has 16), then each variant is timed in a process of its
+own: one warm-up call (compiles, captures the graph), then --repeats calls, prompt
 to image, with the device synchronised at both ends; the median and the ratio to the default's go
 into the JSON, with the image's max abs difference and PSNR against the default's (same seed,
 Euler). The JSON is rewritten after every variant, so a run cut short keeps what it measured.
@@ -26,7 +28,7 @@ import numpy as np
 
 from benchmarks.torch_backend_check import psnr
 
-# name -> (ldm-export flags, Pipeline.load options)
+# name -> (ldm-export flags, Pipeline.load options); "a+b" combines two of them
 VARIANTS = {
     "default": ((), {}),
     "compiled": ((), {"compile": True}),
@@ -35,6 +37,8 @@ VARIANTS = {
     "fuse-qkv": (("--fuse-qkv",), {}),
     "triton-attention": (("--attention", "triton"), {}),
 }
+# Most telling first: a call cut short keeps those.
+DEFAULT = "default,compiled,channels-last,compiled+channels-last,triton-attention,fuse-qkv,no-graph"
 
 CHILD = """
 import json, sys, time, numpy as np
@@ -58,26 +62,68 @@ print(json.dumps({"first_call_s": first, "seconds": times}))
 """
 
 
+def variant(name: str) -> tuple[tuple[str, ...], dict]:
+    """The export flags and load options of a variant name such as "compiled+channels-last"."""
+    flags, options = (), {}
+    for part in name.split("+"):
+        more_flags, more_options = VARIANTS[part]
+        flags, options = flags + more_flags, {**options, **more_options}
+    return flags, options
+
+
 def engine_name(flags: tuple[str, ...]) -> str:
     """The engine directory's name for these export flags: "engine", "engine--channels-last"..."""
     return "-".join(("engine",) + tuple(f.strip("-") for f in flags)).replace(" ", "")
 
 
-def export(model: str, work: Path, flags: tuple[str, ...], device: str, size: int, timeout: float) -> Path:
-    out = work / engine_name(flags)
-    if not (out / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "ldm_deploy.cli.export", "--model", model, "--out", str(out),
-                        "--backend", "torch", "--device", device, "--no-img2img", "--static-shapes", "--no-aoti",
-                        "--min-size", str(min(size, 256)), "--opt-size", str(size), "--force", *flags],
-                       check=True, timeout=timeout)
-    return out
+def export_command(model: str, out: Path, flags: tuple[str, ...], device: str, size: int) -> list[str]:
+    return [sys.executable, "-m", "ldm_deploy.cli.export", "--model", model, "--out", str(out),
+            "--backend", "torch", "--device", device, "--no-img2img", "--static-shapes", "--no-aoti",
+            "--min-size", str(min(size, 256)), "--opt-size", str(size), "--force", *flags]
 
 
-def measure(name: str, args, report: dict) -> dict:
-    flags, options = VARIANTS[name]
-    t = time.perf_counter()
-    engine = export(args.model, args.work, flags, args.device, args.size, args.timeout)
-    export_s = time.perf_counter() - t
+def export_all(names: list[str], args) -> dict[tuple, dict]:
+    """Export each engine the variants need that DIR lacks, --export-jobs at a time; returns
+    export flags -> {"export_s": seconds} or {"error": why}."""
+    todo = {}
+    for name in names:
+        flags = variant(name)[0]
+        todo.setdefault(flags, args.work / engine_name(flags))
+    done = {f: {"export_s": 0.0} for f, out in todo.items() if (out / "manifest.json").is_file()}
+    waiting = [f for f in todo if f not in done]
+    running: dict[tuple, tuple] = {}  # flags -> (process, start, log file)
+    while waiting or running:
+        while waiting and len(running) < args.export_jobs:
+            flags = waiting.pop(0)
+            log = open(args.work / f"{engine_name(flags)}.log", "w")
+            cmd = export_command(args.model, todo[flags], flags, args.device, args.size)
+            running[flags] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter(), log)
+            print(f"torch_variants: exporting {engine_name(flags)}", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        for flags, (proc, start, log) in list(running.items()):
+            took = time.perf_counter() - start
+            if proc.poll() is None and took < args.timeout:
+                continue
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+            del running[flags]
+            if proc.returncode == 0:
+                done[flags] = {"export_s": round(took, 1)}
+            else:
+                tail = Path(log.name).read_text().strip().splitlines() or [f"exit {proc.returncode}"]
+                done[flags] = {"error": f"export failed: {tail[-1][:300]}"}
+            print(f"torch_variants: exported {engine_name(flags)}: {done[flags]}", file=sys.stderr, flush=True)
+    return done
+
+
+def measure(name: str, args, report: dict, exports: dict) -> dict:
+    flags, options = variant(name)
+    if "error" in exports[flags]:
+        return dict(exports[flags])
+    export_s = exports[flags]["export_s"]
+    engine = args.work / engine_name(flags)
     image = args.work / f"{name}.npy"
     p = subprocess.run([sys.executable, "-c", CHILD, str(engine), json.dumps(options), str(args.size),
                         str(args.steps), str(args.repeats), str(image)],
@@ -101,26 +147,30 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="diffusers folder")
     p.add_argument("--work", required=True, type=Path, help="folder for the engines and images (reused)")
     p.add_argument("--json", required=True)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from {', '.join(VARIANTS)}, or "
+                   "two joined by '+' (default: %(default)s)")
     p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--export-jobs", type=int, default=4, help="exports at a time")
     p.add_argument("--timeout", type=float, default=600, help="seconds per export and per timed process")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if any(part not in VARIANTS for part in n.split("+"))]
     if unknown:
-        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}, "
+                "or join two with '+'")
     if "default" in names:  # the baseline every ratio divides by goes first
         names.remove("default")
     names.insert(0, "default")
     args.work.mkdir(parents=True, exist_ok=True)
     report = {"device": args.device, "size": args.size, "steps": args.steps, "variants": {}}
+    exports = export_all(names, args)
     for name in names:
         print(f"torch_variants: {name}", file=sys.stderr, flush=True)
         try:
-            report["variants"][name] = measure(name, args, report)
+            report["variants"][name] = measure(name, args, report, exports)
         except (subprocess.SubprocessError, OSError) as e:
             report["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(f"torch_variants: {name}: {json.dumps(report['variants'][name])}", file=sys.stderr, flush=True)

@@ -28,3 +28,9 @@ def test_unknown_variant_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         torch_variants.main(["--model", "m", "--work", str(tmp_path), "--json", str(tmp_path / "j"),
                              "--variants", "warp-speed"])
+
+
+def test_variants_combine_with_plus():
+    flags, options = torch_variants.variant("compiled+channels-last")
+    assert flags == ("--channels-last",) and options == {"compile": True}
+    assert torch_variants.engine_name(flags) == "engine-channels-last"
