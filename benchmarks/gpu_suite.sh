@@ -2,7 +2,7 @@
 # The GPU suite: everything a lent GPU machine checks and measures, in ONE call of at most
 # 10 minutes, most important first, each stage under its own time budget. Writes under $OUT:
 # suite.log, bench.json + bench.png (the peers), attention.json (the kernels), torch_smoke.json,
-# torch_check.json and torch_check_compiled.json (the torch backend), torch_variants.json (its
+# torch_check.json (the torch backend), torch_variants.json (its
 # options), bench_more.json + bench_more.png (ours and torch.compile max-autotune);
 # prints a short table last. ldm-bench
 # rewrites its JSON after every contender and logs a one-line summary of each, so a call cut
@@ -54,11 +54,10 @@
 #              AOTInductor export did not fit (H200: U-Net not done after 244 s). Then, only where
 #              a package fell back after a good probe, benchmarks.torch_smoke -> $OUT/torch_smoke.json;
 #              and benchmarks.torch_backend_check (images against diffusers fp16/fp32, host syncs in
-#              the loop, 50-step time) as loaded by default -> $OUT/torch_check.json (90 s,
-#              SUITE_CHECK_S) and with --compile (torch.compile of exported programs)
-#              -> $OUT/torch_check_compiled.json (150 s, SUITE_CHECK_COMPILED_S).
-#   more       ldm-bench again: diffusers (the baseline, measured again), ours and ours:compiled
-#              if the engine was built, then torch.compile mode "max-autotune" with whatever time is left (its
+#              the loop, 50-step time) as loaded by default (exported programs: torch.compile'd on
+#              the first call, a minute or two) -> $OUT/torch_check.json (200 s, SUITE_CHECK_S).
+#   more       ldm-bench again: diffusers (the baseline, measured again), ours (and ours:eager
+#              where it holds exported programs) if the engine was built, then torch.compile mode "max-autotune" with whatever time is left (its
 #              autotuning of the SD 1.5 U-Net takes minutes; cut short, it says how long it had).
 #              SUITE_MORE replaces that list of contenders.
 #   variants   benchmarks.torch_variants: the torch engine's options (torch.compile, CUDA graph off,
@@ -66,7 +65,7 @@
 #              default, and torch.compile with channels-last; the engines exported first, 4 at a
 #              time (about 60 s each alone), then each variant timed on whole calls in a process of
 #              its own -> $OUT/torch_variants.json, rewritten after each. With what time is left;
-#              alone: SUITE_STAGES=variants (add SUITE_VARIANTS="--variants default,compiled").
+#              alone: SUITE_STAGES=variants (add SUITE_VARIANTS="--variants default,eager").
 #
 # Locally, as a dry run of the flow on the CPU (minutes, tiny model):
 #   PYTHON=.venv/bin/python SUITE_DEVICE=cpu SUITE_PRESET=tiny-sd1 SUITE_SIZE=64 SUITE_STEPS=3 \
@@ -196,26 +195,22 @@ PYEOF
 )
     echo "torch engine: $KIND"
     MORE=diffusers,ours,compile:max-autotune
-    [ "$KIND" != aoti ] && MORE=diffusers,ours,ours:compiled,compile:max-autotune
+    [ "$KIND" != aoti ] && MORE=diffusers,ours,ours:eager,compile:max-autotune
     if [ "$KIND" = fallback ]; then  # each package with either runner, and a toy, each in its own process
       stage "torch engine smoke test" 100 "$PY" -m benchmarks.torch_smoke --engine "$ENGINE" --toy \
         --json "$OUT/torch_smoke.json"
     fi
     # The torch backend's own GPU checks (images against diffusers, host syncs, 50-step time), as
-    # loaded by default and, where it holds exported programs, with torch.compile of them.
-    stage "torch backend checks" "${SUITE_CHECK_S:-90}" "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
+    # loaded by default: exported programs are compiled on their first call.
+    stage "torch backend checks" "${SUITE_CHECK_S:-200}" "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
       --model "$MODEL" --json "$OUT/torch_check.json"
-    if [ "$KIND" != aoti ]; then
-      stage "torch backend checks, compiled" "${SUITE_CHECK_COMPILED_S:-150}" "$PY" -m benchmarks.torch_backend_check \
-        --engine "$ENGINE" --model "$MODEL" --compile --json "$OUT/torch_check_compiled.json"
-    fi
   fi
 fi
 want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGINE_ARGS[@]}"
 
 # 4. The torch engine's options, one change at a time from the default, each timed on a whole
 #    call in a process of its own (the measurements behind its defaults), with what time is left.
-# shellcheck disable=SC2086  # SUITE_VARIANTS: e.g. "--variants default,compiled", word-split on purpose
+# shellcheck disable=SC2086  # SUITE_VARIANTS: e.g. "--variants default,eager", word-split on purpose
 want variants && stage "torch option variants" $(( $(left) - 5 )) "$PY" -m benchmarks.torch_variants \
   --model "$MODEL" --work "$WORK/variants" --device "$DEVICE" --size "$SIZE" --steps "$STEPS" \
   --json "$OUT/torch_variants.json" ${SUITE_VARIANTS:-}

@@ -29,9 +29,14 @@ def backend_options(backend: str, device: str, threads: int | None) -> dict:
 
 def label(backend: str, options: dict, manifest: dict) -> str:
     """"ldm-deploy torch fp16", "ldm-deploy openvino bf16", "ldm-deploy torch fp16 torch.compile"
-    (the last only where the engine holds exported programs for torch.compile to compile)."""
+    (the last only where the engine holds exported programs for torch.compile to compile: asked
+    for, or by default on CUDA)."""
+    from ldm_deploy.engine.backends.torch import compiles
+
     words = ["ldm-deploy", backend, options.get("precision") or manifest.get("precision", "")]
-    if options.get("compile") and "exported" in manifest.get("build", {}).get("modes", {}).values():
+    build = manifest.get("build", {})
+    if (backend == "torch" and compiles(options.get("compile"), build.get("device", "cpu"))
+            and "exported" in build.get("modes", {}).values()):
         words.append("torch.compile")  # (AOTInductor packages are compiled already)
     return " ".join(w for w in words if w)
 

@@ -118,7 +118,8 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", default=None)
-    p.add_argument("--compile", action="store_true", help="load with torch.compile of exported programs")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile of exported programs on or off (default: the backend's, on for CUDA)")
     args = p.parse_args(argv)
     import torch
 

@@ -2,10 +2,11 @@
 the torch backend's defaults (issue 5 asks for measured defaults).
 
     python -m benchmarks.torch_variants --model M --work DIR --json out.json \
-        [--variants default,compiled,channels-last,compiled+channels-last,...] [--device cuda]
+        [--variants default,eager,no-channels-last,eager+no-channels-last,...] [--device cuda]
 
 Each variant changes one thing from the default engine (exported programs, `--no-aoti`, static
-shapes at --size, run eagerly inside one CUDA graph): an export option (its own engine, exported
+shapes at --size, inside one CUDA graph; on CUDA channels-last and compiled by torch.compile, the
+defaults these measurements chose, on the CPU neither): an export option (its own engine, exported
 once into DIR) or a load option (the default engine, loaded differently); "a+b" makes both
 changes. The engines are exported first, --export-jobs at a time (an export is mostly one core
 of tracing and writing; the GPU machine has 16), then each variant is timed in a process of its
@@ -31,14 +32,16 @@ from benchmarks.torch_backend_check import psnr
 # name -> (ldm-export flags, Pipeline.load options); "a+b" combines two of them
 VARIANTS = {
     "default": ((), {}),
+    "eager": ((), {"compile": False}),
     "compiled": ((), {"compile": True}),
     "no-graph": ((), {"cuda_graph": False}),
     "channels-last": (("--channels-last",), {}),
+    "no-channels-last": (("--no-channels-last",), {}),
     "fuse-qkv": (("--fuse-qkv",), {}),
     "triton-attention": (("--attention", "triton"), {}),
 }
 # Most telling first: a call cut short keeps those.
-DEFAULT = "default,compiled,channels-last,compiled+channels-last,triton-attention,fuse-qkv,no-graph"
+DEFAULT = "default,eager,no-channels-last,eager+no-channels-last,triton-attention,fuse-qkv,no-graph"
 
 CHILD = """
 import json, sys, time, numpy as np

@@ -39,9 +39,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
                    help="openvino: compute in bf16 on CPUs with bf16 units (Intel AMX: ~3.5x faster, "
                         "images differ slightly); default fp32")
-    p.add_argument("--torch-compile", action="store_true",
+    p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch engines: compile the components held as exported programs (ldm-export --no-aoti, "
-                        "or where AOTInductor failed) with torch.compile on their first call (a minute or so)")
+                        "or where AOTInductor failed) with torch.compile on their first call (a minute or so); "
+                        "default: on for CUDA engines, off on the CPU")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime, openvino: CPU threads (default: all)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the engine files (about 1 s per GB; sizes are still checked)")
@@ -92,15 +93,16 @@ def main(argv=None) -> int:
         if args.threads is not None and args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         directory = engine_dir(args)  # for --model: its ONNX Runtime engine, exported into the cache
-        if args.torch_compile:
+        if args.torch_compile is not None:
             from ldm_deploy.engine import backends
             from ldm_deploy.engine.manifest import read_manifest
 
             name = args.backend if args.backend != "auto" else backends.auto(read_manifest(Path(directory)))
             if name != "torch":
-                raise UserError(f"--torch-compile applies to torch engines (ldm-export --backend torch); "
+                flag = "--torch-compile" if args.torch_compile else "--no-torch-compile"
+                raise UserError(f"{flag} applies to torch engines (ldm-export --backend torch); "
                                 f"this one runs on {name}")
-            options["compile"] = True
+            options["compile"] = args.torch_compile
         pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
                              rebuild_stale=args.rebuild_stale, **options)
         images = pipe(

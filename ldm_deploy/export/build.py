@@ -341,7 +341,7 @@ class TorchExporter:
             from ldm_deploy.kernels.processor import use_fused_attention
 
             use_fused_attention(unet)
-        if c.channels_last:
+        if c.nhwc:
             unet.to(memory_format=torch.channels_last)
 
     def __call__(self, name, spec, tmp: Path) -> list[Path]:
@@ -360,7 +360,7 @@ class TorchExporter:
 
     def build_facts(self) -> dict:
         c = self.config
-        return {"device": c.device, "attention": c.attention_kind, "channels_last": c.channels_last,
+        return {"device": c.device, "attention": c.attention_kind, "channels_last": c.nhwc,
                 "fuse_qkv": c.fuse_qkv, "aoti": c.aoti, "modes": self.modes} | (
                     {"aoti_problem": self.aoti_problem} if self.aoti_problem else {})
 

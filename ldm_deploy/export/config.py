@@ -43,12 +43,13 @@ class ExportConfig:
       "ort" (onnxruntime) writes ONNX Runtime's fused MultiHeadAttention operator.
     conv: "winograd" (onnxruntime) writes the U-Net's wide 3x3 convolutions as Winograd matrix
       products, "direct" as ONNX Conv; None: the backend's measured default.
-    channels_last: U-Net convolutions in NHWC memory layout (often faster on tensor cores).
+    channels_last: U-Net convolutions in NHWC memory layout; None: on for cuda (a 50-step call
+      took 0.88x the time eagerly and 0.88x compiled on an H100, benchmarks/RESULTS.md), off on cpu.
     fuse_qkv: one projection GEMM for q, k, v in self-attention (diffusers' fuse_qkv_projections).
     jobs: components compiled at once, each in its own process; 0 picks one per 5 CPU cores.
     aoti: compile each component ahead of time with AOTInductor (minutes); False saves the
-      exported programs alone (seconds), which the backend runs eagerly, or compiles with
-      torch.compile on request (ldm-run --torch-compile).
+      exported programs alone (seconds), which the backend compiles with torch.compile on
+      their first call on cuda, and runs eagerly on cpu (ldm-run --[no-]torch-compile).
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
@@ -60,7 +61,7 @@ class ExportConfig:
     precision: str | None = None
     attention: str | None = None  # None: the backend's measured default
     conv: str | None = None  # None: the backend's measured default
-    channels_last: bool = False
+    channels_last: bool | None = None  # None: the measured default for the device
     fuse_qkv: bool = False
     jobs: int = 0
     aoti: bool = True
@@ -84,6 +85,11 @@ class ExportConfig:
     @property
     def conv_kind(self) -> str:
         return self.conv or DEFAULT_CONV[self.backend]
+
+    @property
+    def nhwc(self) -> bool:
+        """Whether the U-Net's convolutions run channels-last."""
+        return self.channels_last if self.channels_last is not None else (self.backend, self.device) == ("torch", "cuda")
 
     @property
     def dtype_name(self) -> str:
@@ -132,7 +138,7 @@ def check_config(c: ExportConfig) -> None:
         )
     if not c.aoti and c.backend != "torch":
         raise UserError("--no-aoti applies to --backend torch (AOTInductor packages)")
-    torch_only = (c.device, c.channels_last, c.fuse_qkv)
+    torch_only = (c.device, bool(c.channels_last), c.fuse_qkv)
     if c.backend == "tensorrt" and torch_only != ("cpu", False, False):
         raise UserError(
             "--device / --channels-last / --fuse-qkv apply to --backend torch; TensorRT plans "

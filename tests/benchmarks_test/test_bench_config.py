@@ -80,3 +80,18 @@ def test_ours_only_needs_no_model(folders):
 
 def test_every_engine_sampler_has_its_diffusers_scheduler():
     assert set(SCHEDULERS) == set(SAMPLERS)
+
+
+def test_our_label_says_what_runs():
+    """"torch.compile" in our label where exported programs get compiled: asked for, or by
+    default on CUDA; never for packages, which AOTInductor compiled already."""
+    from benchmarks.ours import label
+
+    def manifest(device, mode):
+        return {"precision": "fp16", "build": {"device": device, "modes": {"unet_step": mode}}}
+
+    assert label("torch", {}, manifest("cuda", "exported")) == "ldm-deploy torch fp16 torch.compile"
+    assert label("torch", {"compile": False}, manifest("cuda", "exported")) == "ldm-deploy torch fp16"
+    assert label("torch", {}, manifest("cpu", "exported")) == "ldm-deploy torch fp16"
+    assert label("torch", {"compile": True}, manifest("cpu", "exported")).endswith("torch.compile")
+    assert label("torch", {"compile": True}, manifest("cuda", "aoti")) == "ldm-deploy torch fp16"

@@ -81,6 +81,7 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--init-image", "MISSING"], "cannot read the init image"),
     (["--out", "NOWHERE/x.png"], "does not exist"),
     (["--torch-compile"], "--torch-compile applies to torch engines (ldm-export --backend torch); this one runs on onnxruntime"),
+    (["--no-torch-compile"], "--no-torch-compile applies to torch engines"),
 ])
 def test_run_bad_input(args, message, engine_dirs, tmp_path, capsys):
     init = tmp_path / "init.png"

@@ -131,6 +131,19 @@ def test_export_option_combinations(kw, message):
         ExportConfig(**kw)
 
 
+def test_measured_defaults_differ_by_device():
+    """Channels-last and torch.compile are on by default for CUDA torch engines (measured faster
+    on an H100, benchmarks/RESULTS.md) and off on the CPU; either can be set explicitly."""
+    from ldm_deploy.engine.backends.torch import compiles
+
+    assert ExportConfig(backend="torch", device="cuda").nhwc
+    assert not ExportConfig(backend="torch", device="cuda", channels_last=False).nhwc
+    assert not ExportConfig(backend="torch").nhwc and ExportConfig(backend="torch", channels_last=True).nhwc
+    assert not ExportConfig().nhwc and not ExportConfig(backend="tensorrt", channels_last=False).nhwc
+    assert compiles(None, "cuda") and not compiles(None, "cpu")
+    assert compiles(True, "cpu") and not compiles(False, "cuda")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
 def test_cuda_export_without_a_gpu_is_a_clear_error(model_dirs, tmp_path):
     with pytest.raises(UserError, match="sees no CUDA GPU"):
@@ -220,8 +233,9 @@ def test_test_run_outcomes_read_as_sentences():
 
 def test_no_aoti_engine_runs_eager_and_compiled(model_dirs, pipelines, tmp_path, caplog):
     """`--no-aoti`: the engine holds exported programs (an export of seconds), says so in its
-    manifest, and gives the ONNX Runtime engine's images both eagerly (the default) and with
-    torch.compile of each component (compile=True, `ldm-run --torch-compile`)."""
+    manifest, and gives the ONNX Runtime engine's images both eagerly (the default on the CPU)
+    and with torch.compile of each component (compile=True, `ldm-run --torch-compile`, the
+    default on CUDA)."""
     import logging
 
     caplog.set_level(logging.INFO)
