@@ -23,6 +23,15 @@
 #
 #   run(command="bash benchmarks/gpu_suite.sh", carry=["wheels"], timeout_s=600)
 #
+# A session has 15 minutes of device time, machine start included: pick stages. Measured so far
+# (benchmarks/RESULTS.md): the peers, the kernels, the torch engine's checks and options. Still
+# missing for issue 5: torch.compile max-autotune of diffusers' U-Net, whose autotuning did not
+# finish in 71 s on an H100. One call that gives it the most time (--no-aoti skips the toy
+# package, which crashes there):
+#
+#   SUITE_STAGES=torch,more SUITE_CHECK_S=0 SUITE_MORE=diffusers,ours,compile:max-autotune \
+#     SUITE_EXPORT_ARGS="--no-aoti --no-img2img --static-shapes" SUITE_BUDGET_S=580 bash benchmarks/gpu_suite.sh
+#
 # On the machine the suite installs it with `pip install --no-deps --target /tmp/site wheels/*.whl`
 # (--target: a fresh folder on PYTHONPATH, the image's own environment untouched).
 #
