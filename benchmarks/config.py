@@ -64,12 +64,13 @@ class BenchConfig:
 
 #: "ours:VARIANT" -> (backend, load options): the engine run on another backend than its own.
 OURS_VARIANTS = {"openvino": ("openvino", {}), "openvino-bf16": ("openvino", {"precision": "bf16"}),
+                 "openvino-static": ("openvino", {"static_shapes": True}),
                  # torch engines' exported programs (--no-aoti, or AOTInductor fallbacks), eager or compiled
                  "eager": ("torch", {"compile": False}), "compiled": ("torch", {"compile": True})}
 
 
 def parse_contender(name: str) -> tuple[str, str | None]:
-    """"ours" -> ("ours", None); "ours:VARIANT" (openvino, openvino-bf16, eager, compiled) -> ("ours", VARIANT);
+    """"ours" -> ("ours", None); "ours:VARIANT" (openvino, openvino-bf16, openvino-static, eager, compiled) -> ("ours", VARIANT);
     "diffusers" -> ("diffusers", None); "compile" / "compile:MODE" -> ("diffusers", MODE)."""
     if name in ("ours", "diffusers"):
         return name, None

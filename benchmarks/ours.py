@@ -38,6 +38,8 @@ def label(backend: str, options: dict, manifest: dict) -> str:
     if (backend == "torch" and compiles(options.get("compile"), build.get("device", "cpu"))
             and "exported" in build.get("modes", {}).values()):
         words.append("torch.compile")  # (AOTInductor packages are compiled already)
+    if options.get("static_shapes"):
+        words.append("static shapes")
     return " ".join(w for w in words if w)
 
 

@@ -70,3 +70,20 @@ def test_ldm_run_on_openvino(engine_dirs, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "--precision is a choice of the openvino backend" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_static_shapes_give_onnxruntime_images_and_recompile_per_size(engine_dirs, pipelines, caplog):
+    """Static shapes: each component compiled for its call's exact sizes, and again when they
+    change (another image size, guidance off); the images stay ONNX Runtime's."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    ov = Pipeline.load(engine_dirs["tiny-sd1"], backend="openvino", static_shapes=True)
+    ort = pipelines["tiny-sd1"]
+    for kw in (KW, KW | {"width": 64, "height": 96, "num_images": 1, "guidance": 0}):
+        np.testing.assert_allclose(ov("a windmill by a canal", **kw), ort("a windmill by a canal", **kw),
+                                   atol=1e-4, rtol=0)
+    compiles = caplog.text.count("unet_step: compiling for this call's sizes")
+    assert compiles == 2  # once per size: none for the steps in between
+    ov("a windmill by a canal", **KW)
+    assert caplog.text.count("unet_step: compiling for this call's sizes") == 3  # back to the first size

@@ -12,11 +12,20 @@ with CFG: fp32 1.25-1.37 s (ONNX Runtime: 1.30 s), bf16 0.34-0.40 s (benchmarks/
 
 Compiled models are cached by OpenVINO itself (CACHE_DIR) under <cache_dir()>/openvino, so later
 loads skip compiling. Device arrays are numpy arrays: everything stays on the host.
+
+    Pipeline.load(engine, backend="openvino", static_shapes=True)     # ldm-run --backend openvino --static-shapes
+
+compiles each component for the exact shapes of its first call, and again whenever they change
+(what optimum-intel does): measured on the 2-core machine at 512 px, a U-Net step took 4.76-4.97 s
+static against 5.44 s with dynamic shapes (ONNX Runtime: 5.22 s), for an 11 s compile per size
+and about 1.5x the memory (benchmarks/RESULTS.md). Static compiles are not cached on disk: each
+size's blob would be the size of the weights.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +44,17 @@ PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # ours -> OpenVINO's INFERENCE_PRE
 @dataclass
 class Component:
     name: str
-    request: object  # openvino.InferRequest
+    request: object | None  # openvino.InferRequest; with static shapes, for `shapes` (None: none yet)
     outputs: tuple[str, ...]
+    path: Path | None = None  # static shapes: the graph, compiled anew for each new set of input shapes
+    shapes: tuple | None = None  # ((input name, shape), ...) that `request` was compiled for
 
 
 class OpenVinoBackend:
     name = "openvino"
 
-    def __init__(self, device: str = "auto", threads: int | None = None, precision: str = "fp32"):
+    def __init__(self, device: str = "auto", threads: int | None = None, precision: str = "fp32",
+                 static_shapes: bool = False):
         try:
             import openvino
         except ImportError:
@@ -58,13 +70,13 @@ class OpenVinoBackend:
         self.device = "cpu"
         self.threads = threads
         self.precision = precision
+        self.static_shapes = static_shapes
 
-    def config(self) -> dict:
+    def config(self, cache: bool = True) -> dict:
         config = {
             "INFERENCE_PRECISION_HINT": PRECISIONS[self.precision],
             "PERFORMANCE_HINT": "LATENCY",  # one request at a time, all cores on it
-            "CACHE_DIR": str(cache_dir() / "openvino"),
-        }
+        } | ({"CACHE_DIR": str(cache_dir() / "openvino")} if cache else {})
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         return config
@@ -80,14 +92,33 @@ class OpenVinoBackend:
             # convolutions; the graph is ONNX Runtime's default.
             log.warning("this engine's U-Net has Winograd convolutions, which run 1.07x as long in OpenVINO "
                         "bf16 as direct ones; export with --conv direct for this backend")
+        outputs = tuple(t.name for t in manifest.specs()[component].outputs)
+        if self.static_shapes:
+            return Component(component, None, outputs, path=path)  # compiled on its first call
         try:
             # By path, not a read model: with a compiled blob in CACHE_DIR, OpenVINO then never
             # reads the ONNX graph (load time, and a second copy of the weights in memory).
             compiled = self.core.compile_model(str(path), "CPU", self.config())
         except RuntimeError as e:  # OpenVINO's errors for bad or unsupported graphs
             raise EngineError(f"OpenVINO could not load {path} ({str(e).strip().splitlines()[0][:300]})") from None
-        spec = manifest.specs()[component]
-        return Component(component, compiled.create_infer_request(), tuple(t.name for t in spec.outputs))
+        return Component(component, compiled.create_infer_request(), outputs)
+
+    def compile_for(self, component: Component, shapes: tuple) -> None:
+        """Compile `component` for exactly these input shapes, in place of what it held."""
+        component.request = component.shapes = None  # the old compile's memory goes first
+        sizes = dict(shapes)
+        log.info("%s: compiling for this call's sizes (OpenVINO static shapes: once per size)", component.name)
+        log.debug("%s: input shapes %s", component.name, sizes)
+        t = time.perf_counter()
+        try:
+            model = self.core.read_model(str(component.path))
+            model.reshape({port.get_any_name(): list(sizes[port.get_any_name()]) for port in model.inputs})
+            compiled = self.core.compile_model(model, "CPU", self.config(cache=False))
+        except RuntimeError as e:
+            raise EngineError(f"OpenVINO could not compile {component.path} for {sizes} "
+                              f"({str(e).strip().splitlines()[0][:300]})") from None
+        component.request, component.shapes = compiled.create_infer_request(), shapes
+        log.debug("%s: compiled in %.1f s", component.name, time.perf_counter() - t)
 
     def empty(self, shape, dtype=np.float32):
         return np.empty(tuple(shape), dtype)
@@ -99,6 +130,10 @@ class OpenVinoBackend:
         return np.array(array, copy=True)
 
     def run(self, component: Component, run: Run) -> None:
+        if component.path is not None:
+            shapes = tuple(sorted((name, tuple(a.shape)) for name, a in run.inputs.items()))
+            if shapes != component.shapes:
+                self.compile_for(component, shapes)
         # share_inputs: OpenVINO reads our arrays in place; outputs are its own, copied out.
         results = component.request.infer(run.inputs, share_inputs=True)
         by_name = {port.get_any_name(): value for port, value in results.items()}
