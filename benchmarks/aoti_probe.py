@@ -107,8 +107,9 @@ def run_setting(setting: str, device: str, timeout: float) -> dict:
     folder = Path(tempfile.mkdtemp(prefix=f"aoti-{setting}-"))
     t = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "benchmarks.aoti_probe", "--child", setting, device,
-                            str(folder)], capture_output=True, text=True, timeout=timeout)
+        cmd = [sys.executable, "-X", "faulthandler", "-m", "benchmarks.aoti_probe", "--child", setting, device,
+               str(folder)]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"outcome": f"did not finish in {timeout:.0f} s", "seconds": round(time.perf_counter() - t, 1)}
     finally:

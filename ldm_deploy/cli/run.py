@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--static-shapes", action="store_true",
                    help="openvino: compile each component for the exact sizes of the call (again when they "
                         "change): faster steps (0.9x at 512 px on a 2-core CPU), seconds of compiling per size, "
-                        "about 1.5x the memory")
+                        "about 1.5x ONNX Runtime's memory")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime, openvino: CPU threads (default: all)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the engine files (about 1 s per GB; sizes are still checked)")

@@ -82,6 +82,7 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--out", "NOWHERE/x.png"], "does not exist"),
     (["--torch-compile"], "--torch-compile applies to torch engines (ldm-export --backend torch); this one runs on onnxruntime"),
     (["--no-torch-compile"], "--no-torch-compile applies to torch engines"),
+    (["--static-shapes"], "--static-shapes is a choice of the openvino backend"),
 ])
 def test_run_bad_input(args, message, engine_dirs, tmp_path, capsys):
     init = tmp_path / "init.png"

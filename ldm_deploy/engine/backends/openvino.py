@@ -18,8 +18,8 @@ loads skip compiling. Device arrays are numpy arrays: everything stays on the ho
 compiles each component for the exact shapes of its first call, and again whenever they change
 (what optimum-intel does): measured on the 2-core machine at 512 px, a U-Net step took 4.76-4.97 s
 static against 5.44 s with dynamic shapes (ONNX Runtime: 5.22 s), for an 11 s compile per size
-and about 1.5x the memory (benchmarks/RESULTS.md). Static compiles are not cached on disk: each
-size's blob would be the size of the weights.
+and about 1.5x ONNX Runtime's memory (benchmarks/RESULTS.md). Static compiles are not cached on
+disk: each size's blob would be the size of the weights.
 """
 
 from __future__ import annotations
