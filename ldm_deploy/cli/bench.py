@@ -37,8 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the diffusers folder the engine was made from (the peers' weights)")
     p.add_argument("--contenders", default=None,
                    help="comma-separated: ours, ours:VARIANT (openvino, openvino-bf16, openvino-static: an "
-                        "ONNX engine on OpenVINO, fp32, bf16, or compiled for the call's exact sizes; eager, compiled: a torch engine's exported programs without / with "
-                        "torch.compile), diffusers, compile:MODE (default: ours,diffusers on the CPU; "
+                        "ONNX engine on OpenVINO, fp32, bf16, or compiled for the call's exact sizes; eager, "
+                        "compiled: a torch engine's exported programs without / with torch.compile), diffusers, compile:MODE (default: ours,diffusers on the CPU; "
                         "diffusers,compile:default and ours if --engine on CUDA)")
     p.add_argument("--baseline", default="diffusers", help="the contender every ratio divides by")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -1,6 +1,6 @@
 """PyTorch: AOTInductor packages or exported programs (`.pt2`; the latter compiled by
-torch.compile on CUDA and run eagerly on the CPU, unless told otherwise), device arrays are torch tensors, and on CUDA the whole
-denoising loop is captured as one CUDA graph.
+torch.compile on CUDA and run eagerly on the CPU, unless told otherwise), device arrays are
+torch tensors, and on CUDA the whole denoising loop is captured as one CUDA graph.
 
 Loading needs torch, not diffusers. The graph cache is keyed by what makes a capture valid:
 the loop's shapes, steps, sampler and batch (the pipeline's key) plus which buffer sits in which
