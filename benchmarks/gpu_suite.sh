@@ -41,9 +41,10 @@
 # the machine was slow to start: then the later stages are cut, and say so):
 #   setup      GPU, clocks, versions; the carried wheels; the SD 1.5-architecture random-weight
 #              model (exact U-Net / VAE / CLIP-L shapes; about 30 s)
-#   aoti       (only when named) benchmarks.aoti_probe in the background from the start: a toy
-#              AOTInductor package under several settings -> $OUT/aoti_probe.json (why packages
-#              crash on the lent machines, and whether some setting avoids it). SUITE_AOTI_S: 240.
+#   aoti       (only when named) benchmarks.aoti_probe, started in the background before the model
+#              is made and waited for before the next stage: a toy AOTInductor package under
+#              several settings -> $OUT/aoti_probe.json (why packages crash on the lent machines,
+#              and whether some setting avoids it). SUITE_AOTI_S: 240.
 #   peers      ldm-bench on CUDA, 512x512, 50 steps, CFG (U-Net batch 2): diffusers fp16 + SDPA
 #              eager (the baseline) and diffusers + torch.compile(unet, mode="default") (about
 #              45 s to compile). Each contender first checks text encoder, U-Net and VAE decoder
@@ -66,12 +67,13 @@
 #              the loop, 50-step time) as loaded by default (exported programs: torch.compile'd on
 #              the first call, a minute or two) -> $OUT/torch_check.json (200 s, SUITE_CHECK_S).
 #   more       ldm-bench again: diffusers (the baseline, measured again), ours (and ours:eager
-#              where it holds exported programs) if the engine was built, then torch.compile mode "max-autotune" with whatever time is left (its
-#              autotuning of the SD 1.5 U-Net takes minutes; cut short, it says how long it had).
+#              where it holds exported programs) if the engine was built, then torch.compile mode
+#              "max-autotune" with whatever time is left (its autotuning of the SD 1.5 U-Net takes
+#              minutes; cut short, it says how long it had).
 #              SUITE_MORE replaces that list of contenders.
-#   variants   benchmarks.torch_variants: the torch engine's options (torch.compile, CUDA graph off,
-#              channels-last, fused QKV, our Triton attention), one change at a time from the
-#              default, and torch.compile with channels-last; the engines exported first, 4 at a
+#   variants   benchmarks.torch_variants: the torch engine's options, one change at a time from
+#              the default (on CUDA: channels-last, compiled, one CUDA graph): eager, NCHW, both,
+#              our Triton attention, fused QKV, CUDA graph off; the engines exported first, 4 at a
 #              time (about 60 s each alone), then each variant timed on whole calls in a process of
 #              its own -> $OUT/torch_variants.json, rewritten after each. With what time is left;
 #              alone: SUITE_STAGES=variants (add SUITE_VARIANTS="--variants default,eager").
@@ -139,13 +141,15 @@ for name in ("torch", "triton", "diffusers", "transformers", "onnxruntime", "mat
 EOF
 
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
-# Why AOTInductor packages crash here: a toy under several settings, in the background (CPU work
-# and a few GPU kernels, done before the later stages time anything; not a default stage, since
-# it would share the host with the peers' launch-bound timing).
+# Why AOTInductor packages crash here: a toy under several settings, in the background while the
+# model is made, and waited for before any later stage (it would share the host with timings).
+# Not a default stage.
 AOTI_PID=
 if want aoti; then
   echo "=== AOTInductor probe, in the background -> $OUT/aoti_probe.json"
-  timeout --kill-after=10 "${SUITE_AOTI_S:-240}" "$PY" -m benchmarks.aoti_probe --device "$DEVICE" \
+  AOTI_S=${SUITE_AOTI_S:-240}
+  (( AOTI_S > $(left) - 20 )) && AOTI_S=$(( $(left) - 20 ))
+  timeout --kill-after=10 "$AOTI_S" "$PY" -m benchmarks.aoti_probe --device "$DEVICE" --timeout "$AOTI_S" \
     --json "$OUT/aoti_probe.json" > "$WORK/aoti_probe.txt" 2>&1 &
   AOTI_PID=$!
 fi
@@ -155,6 +159,15 @@ if [ ! -f "$MODEL/model_index.json" ]; then
   stage "random-weight $PRESET model" 180 "$PY" -m ldm_deploy.export.random_model --preset "$PRESET" --out "$MODEL"
 fi
 
+if [ -n "$AOTI_PID" ]; then
+  t0=$SECONDS; wait "$AOTI_PID"; rc=$?
+  case $rc in
+    0) STATUS+=("AOTInductor probe: ok (waited $(( SECONDS - t0 )) s after the model)") ;;
+    124|137) STATUS+=("AOTInductor probe: TIMED OUT") ;;
+    *) STATUS+=("AOTInductor probe: FAILED (exit $rc)") ;;
+  esac
+  echo "=== AOTInductor probe"; cat "$WORK/aoti_probe.txt"
+fi
 
 # bench NAME CONTENDERS BUDGET_S [ARGS...]: one ldm-bench run; JSON + PNG under $OUT, table to $WORK.
 bench() {
@@ -223,12 +236,6 @@ want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGI
 want variants && stage "torch option variants" $(( $(left) - 5 )) "$PY" -m benchmarks.torch_variants \
   --model "$MODEL" --work "$WORK/variants" --device "$DEVICE" --size "$SIZE" --steps "$STEPS" \
   --json "$OUT/torch_variants.json" ${SUITE_VARIANTS:-}
-
-if [ -n "$AOTI_PID" ]; then
-  wait "$AOTI_PID"; rc=$?
-  STATUS+=("AOTInductor probe: $([ $rc = 0 ] && echo ok || echo "exit $rc")")
-  echo; echo "=== AOTInductor probe"; cat "$WORK/aoti_probe.txt"
-fi
 
 echo
 echo "=== stages"

@@ -7,7 +7,7 @@ the torch backend's defaults (issue 5 asks for measured defaults).
 Each variant changes one thing from the default engine (exported programs, `--no-aoti`, static
 shapes at --size, inside one CUDA graph; on CUDA channels-last and compiled by torch.compile, the
 defaults these measurements chose, on the CPU neither): an export option (its own engine, exported
-once into DIR) or a load option (the default engine, loaded differently); "a+b" makes both
+into DIR) or a load option (the default engine, loaded differently); "a+b" makes both
 changes. The engines are exported first, --export-jobs at a time (an export is mostly one core
 of tracing and writing; the GPU machine has 16), then each variant is timed in a process of its
 own: one warm-up call (compiles, captures the graph), then --repeats calls, prompt
@@ -86,39 +86,50 @@ def export_command(model: str, out: Path, flags: tuple[str, ...], device: str, s
 
 
 def export_all(names: list[str], args) -> dict[tuple, dict]:
-    """Export each engine the variants need that DIR lacks, --export-jobs at a time; returns
-    export flags -> {"export_s": seconds} or {"error": why}."""
-    todo = {}
-    for name in names:
-        flags = variant(name)[0]
-        todo.setdefault(flags, args.work / engine_name(flags))
-    done = {f: {"export_s": 0.0} for f, out in todo.items() if (out / "manifest.json").is_file()}
-    waiting = [f for f in todo if f not in done]
+    """Export each engine the variants need, --export-jobs at a time (always afresh: an engine
+    left in DIR may predate the defaults it would be timed as); returns export flags ->
+    {"export_s": seconds} or {"error": why}."""
+    waiting = list(dict.fromkeys(variant(name)[0] for name in names))
+    done: dict[tuple, dict] = {}
     running: dict[tuple, tuple] = {}  # flags -> (process, start, log file)
-    while waiting or running:
-        while waiting and len(running) < args.export_jobs:
-            flags = waiting.pop(0)
-            log = open(args.work / f"{engine_name(flags)}.log", "w")
-            cmd = export_command(args.model, todo[flags], flags, args.device, args.size)
-            running[flags] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter(), log)
-            print(f"torch_variants: exporting {engine_name(flags)}", file=sys.stderr, flush=True)
-        time.sleep(0.5)
-        for flags, (proc, start, log) in list(running.items()):
-            took = time.perf_counter() - start
-            if proc.poll() is None and took < args.timeout:
-                continue
-            if proc.returncode is None:
-                proc.kill()
-                proc.wait()
+    try:
+        while waiting or running:
+            while waiting and len(running) < args.export_jobs:
+                flags = waiting.pop(0)
+                log = open(args.work / f"{engine_name(flags)}.log", "w")  # noqa: SIM115 (closed below)
+                cmd = export_command(args.model, args.work / engine_name(flags), flags, args.device, args.size)
+                running[flags] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+                                  time.perf_counter(), log)
+                print(f"torch_variants: exporting {engine_name(flags)}", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+            for flags, (proc, start, log) in list(running.items()):
+                took = time.perf_counter() - start
+                if proc.poll() is None and took < args.timeout:
+                    continue
+                del running[flags]
+                done[flags] = finish(proc, log, took, args.timeout)
+                print(f"torch_variants: exported {engine_name(flags)}: {done[flags]}", file=sys.stderr, flush=True)
+    finally:  # Ctrl-C or a failed start: no export outlives us
+        for proc, _, log in running.values():
+            proc.kill()
+            proc.wait()
             log.close()
-            del running[flags]
-            if proc.returncode == 0:
-                done[flags] = {"export_s": round(took, 1)}
-            else:
-                tail = Path(log.name).read_text().strip().splitlines() or [f"exit {proc.returncode}"]
-                done[flags] = {"error": f"export failed: {tail[-1][:300]}"}
-            print(f"torch_variants: exported {engine_name(flags)}: {done[flags]}", file=sys.stderr, flush=True)
     return done
+
+
+def finish(proc, log, took: float, timeout: float) -> dict:
+    """The outcome of one export process, stopped first if it ran out of time."""
+    timed_out = proc.poll() is None
+    if timed_out:
+        proc.kill()
+    proc.wait()
+    log.close()
+    if timed_out:
+        return {"error": f"export did not finish in {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = Path(log.name).read_text().strip().splitlines() or [f"exit {proc.returncode}"]
+        return {"error": f"export failed: {tail[-1][:300]}"}
+    return {"export_s": round(took, 1)}
 
 
 def measure(name: str, args, report: dict, exports: dict) -> dict:
@@ -148,7 +159,7 @@ def measure(name: str, args, report: dict, exports: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="diffusers folder")
-    p.add_argument("--work", required=True, type=Path, help="folder for the engines and images (reused)")
+    p.add_argument("--work", required=True, type=Path, help="folder for the engines, their logs and images")
     p.add_argument("--json", required=True)
     p.add_argument("--variants", default=DEFAULT, help=f"comma-separated, from {', '.join(VARIANTS)}, or "
                    "two joined by '+' (default: %(default)s)")

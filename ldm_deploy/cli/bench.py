@@ -38,8 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--contenders", default=None,
                    help="comma-separated: ours, ours:VARIANT (openvino, openvino-bf16, openvino-static: an "
                         "ONNX engine on OpenVINO, fp32, bf16, or compiled for the call's exact sizes; eager, "
-                        "compiled: a torch engine's exported programs without / with torch.compile), diffusers, compile:MODE (default: ours,diffusers on the CPU; "
-                        "diffusers,compile:default and ours if --engine on CUDA)")
+                        "compiled: a torch engine's exported programs without / with torch.compile), "
+                        "diffusers, compile:MODE (default: ours,diffusers on the CPU; diffusers,compile:default "
+                        "and ours if --engine on CUDA)")
     p.add_argument("--baseline", default="diffusers", help="the contender every ratio divides by")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--width", type=int, default=256)

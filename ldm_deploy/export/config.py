@@ -89,7 +89,9 @@ class ExportConfig:
     @property
     def nhwc(self) -> bool:
         """Whether the U-Net's convolutions run channels-last."""
-        return self.channels_last if self.channels_last is not None else (self.backend, self.device) == ("torch", "cuda")
+        if self.backend != "torch":
+            return False
+        return self.channels_last if self.channels_last is not None else self.device == "cuda"
 
     @property
     def dtype_name(self) -> str:
@@ -144,6 +146,8 @@ def check_config(c: ExportConfig) -> None:
             "--device / --channels-last / --fuse-qkv apply to --backend torch; TensorRT plans "
             "always run on the GPU and choose their own kernels"
         )
+    if c.backend == "onnxruntime" and (c.channels_last or c.fuse_qkv):
+        raise UserError("--channels-last / --fuse-qkv apply to --backend torch; ONNX engines do not take them")
     if c.jobs and c.backend != "torch":
         raise UserError("--jobs applies to --backend torch (AOTInductor compiles); other backends export in turn")
     if c.jobs < 0:

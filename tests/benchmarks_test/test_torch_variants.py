@@ -34,3 +34,16 @@ def test_variants_combine_with_plus():
     flags, options = torch_variants.variant("compiled+channels-last")
     assert flags == ("--channels-last",) and options == {"compile": True}
     assert torch_variants.engine_name(flags) == "engine-channels-last"
+
+
+def test_failed_and_timed_out_exports_are_reported(model_dirs, tmp_path):
+    """An export that fails, or runs out of --timeout, becomes its variant's error (the run
+    goes on and says so in its exit code); no export process is left behind."""
+    out = tmp_path / "variants.json"
+    code = torch_variants.main(["--model", str(tmp_path / "no-such-model"), "--work", str(tmp_path / "a"),
+                                "--json", str(out), "--device", "cpu", "--variants", "default"])
+    assert code == 1 and "export failed" in json.loads(out.read_text())["variants"]["default"]["error"]
+    code = torch_variants.main(["--model", str(model_dirs["tiny-sd1"]), "--work", str(tmp_path / "b"),
+                                "--json", str(out), "--device", "cpu", "--variants", "default", "--timeout", "1"])
+    report = json.loads(out.read_text())
+    assert code == 1 and report["variants"]["default"]["error"] == "export did not finish in 1 s"

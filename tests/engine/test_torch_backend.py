@@ -125,6 +125,8 @@ def test_graph_slots_name_buffers_by_first_use():
     (dict(jobs=2), "--jobs applies to --backend torch"),
     (dict(backend="torch", jobs=-1), "give a number of processes"),
     (dict(aoti=False), "--no-aoti applies to --backend torch"),
+    (dict(channels_last=True), "--channels-last / --fuse-qkv apply to --backend torch"),
+    (dict(fuse_qkv=True), "--channels-last / --fuse-qkv apply to --backend torch"),
 ])
 def test_export_option_combinations(kw, message):
     with pytest.raises(UserError, match=message):
@@ -231,7 +233,7 @@ def test_test_run_outcomes_read_as_sentences():
     assert describe(-11, "loading\ncalling\nchecking\nok\n", "") == "crashed (SIGSEGV) while exiting, after a correct run"
 
 
-def test_no_aoti_engine_runs_eager_and_compiled(model_dirs, pipelines, tmp_path, caplog):
+def test_no_aoti_engine_runs_eager_and_compiled(model_dirs, pipelines, tmp_path, caplog, monkeypatch):
     """`--no-aoti`: the engine holds exported programs (an export of seconds), says so in its
     manifest, and gives the ONNX Runtime engine's images both eagerly (the default on the CPU)
     and with torch.compile of each component (compile=True, `ldm-run --torch-compile`, the
@@ -253,6 +255,17 @@ def test_no_aoti_engine_runs_eager_and_compiled(model_dirs, pipelines, tmp_path,
     assert_same_image(out, pipelines, "a lighthouse", seed=5, compile=True)
     assert "unet_step: compiling with torch.compile on its first call" in caplog.text
     assert counters["stats"]["unique_graphs"] >= graphs + 3  # Dynamo did capture each component
+
+    # Where compiling fails on the first call (no working compiler, say), each component runs
+    # uncompiled instead, with a warning, and the image is the same.
+    def compile_that_fails(module, **kw):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails)
+    assert_same_image(out, pipelines, "a lighthouse", seed=5, compile=True)
+    assert "unet_step: torch.compile failed (RuntimeError: no C++ compiler found); running it uncompiled" in caplog.text
 
 
 def test_aoti_probe_passes_where_aoti_works():

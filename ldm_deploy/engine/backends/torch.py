@@ -84,10 +84,10 @@ class TorchBackend:
                 if compile:
                     say("%s: compiling with torch.compile on its first call, a minute or so (%s; "
                         "--no-torch-compile runs it uncompiled)", component, why)
-                    module = torch.compile(module)
+                    runner = _compiled(module, component)
                 else:
                     say("%s runs uncompiled (%s; --torch-compile compiles it)", component, why)
-                runner = _eager(module)
+                    runner = _eager(module)
         except Exception as e:  # torch raises RuntimeError / zipfile errors for damaged packages
             raise EngineError(f"PyTorch could not load {path} ({type(e).__name__}: {str(e)[:300]}); "
                               "re-export the engine") from None
@@ -183,6 +183,28 @@ def exported_why(build: dict) -> tuple[str, bool]:
     if build.get("aoti") is False:
         return "exported with --no-aoti", False
     return "AOTInductor failed when the engine was exported", True
+
+
+def _compiled(module, name: str):
+    """torch.compile of `module`, run like `_eager`; where compiling fails (no working Triton or C++
+    compiler, an Inductor error), the component runs uncompiled from then on, with one warning."""
+    import torch
+
+    state = {"run": torch.compile(module)}
+
+    def run(*args):
+        with torch.inference_mode():
+            try:
+                return state["run"](*args)
+            except Exception as e:  # Dynamo / Inductor raise many types; eager says if it was ours
+                if state["run"] is module:
+                    raise
+                log.warning("%s: torch.compile failed (%s: %s); running it uncompiled", name, type(e).__name__,
+                            str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+                state["run"] = module
+                return module(*args)
+
+    return run
 
 
 def _eager(module):
