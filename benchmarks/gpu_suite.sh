@@ -95,6 +95,7 @@ STEPS=${SUITE_STEPS:-50}
 WORK=${SUITE_WORK:-/tmp/ldm-suite}
 STAGES=${SUITE_STAGES:-peers,attention,tests,torch,more,variants}
 mkdir -p "$OUT" "$WORK"
+rm -f "$WORK/bench.txt" "$WORK/bench_more.txt"  # tables from an earlier call in the same folder
 exec > >(tee -a "$OUT/suite.log") 2>&1
 # PYTHONFAULTHANDLER: a process that dies of a signal (the first torch engine on a GPU did, with
 # SIGSEGV) prints its Python stack first.
