@@ -28,10 +28,11 @@ PHASES = {"loading": "loading it", "calling": "running it", "checking": "compari
 
 
 def check_package(path: Path, cases: dict[str, tuple], device: str, tolerance: float,
-                  timeout: float = 900) -> str | None:
+                  timeout: float = 900, single_threaded: bool | None = None) -> str | None:
     """None if the package at `path` loads and reproduces, for each case (a name_in_one_word ->
     (inputs, expected outputs)), the expected outputs (to `tolerance`, relative to each output's largest
-    magnitude) in a fresh process; otherwise what went wrong."""
+    magnitude) in a fresh process; otherwise what went wrong. single_threaded: the runner to load
+    it with; None: the backend's (single-threaded on CUDA, which graph capture needs)."""
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,8 +40,9 @@ def check_package(path: Path, cases: dict[str, tuple], device: str, tolerance: f
         torch.save({name: {"inputs": [t.detach().cpu() for t in inputs],
                            "expected": [t.detach().float().cpu() for t in expected]}
                     for name, (inputs, expected) in cases.items()}, file)
+        single = device == "cuda" if single_threaded is None else single_threaded
         cmd = [sys.executable, "-X", "faulthandler", "-m", __name__, str(path), str(file), device,
-               "1" if device == "cuda" else "0", str(tolerance)]
+               "1" if single else "0", str(tolerance)]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -50,23 +52,33 @@ def check_package(path: Path, cases: dict[str, tuple], device: str, tolerance: f
     return describe(p.returncode, p.stdout, p.stderr)
 
 
-def probe(device: str) -> str | None:
-    """Does AOTInductor work on this machine at all? A two-layer model compiled, packaged and
-    test-run like a component (seconds): None if it ran and matched, else what went wrong. On
-    the lent H100 and H200 (torch 2.11, CUDA 13) every package, a toy's too, died of SIGSEGV while
-    loading, after minutes of compiling the real components: the exporter asks this first."""
+def toy(device: str) -> tuple:
+    """The probe's two-layer model (eval mode) and an input for it."""
     import torch
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(device).eval()
-    x = torch.randn(4, 64, device=device)
+    return model, torch.randn(4, 64, device=device)
+
+
+def probe(device: str, inductor_configs: dict | None = None, single_threaded: bool | None = None) -> str | None:
+    """Does AOTInductor work on this machine at all? A two-layer model compiled, packaged and
+    test-run like a component (seconds): None if it ran and matched, else what went wrong. On
+    the lent H100 and H200 (torch 2.11, CUDA 13) every package, a toy's too, died of SIGSEGV while
+    loading, after minutes of compiling the real components: the exporter asks this first.
+    inductor_configs and single_threaded try other settings (benchmarks/aoti_probe.py)."""
+    import torch
+
+    model, x = toy(device)
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.pt2"
         try:
-            torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)), package_path=str(path))
+            torch._inductor.aoti_compile_and_package(torch.export.export(model, (x,)), package_path=str(path),
+                                                     inductor_configs=inductor_configs or {})
         except Exception as e:  # an Inductor failure: report it, as for a component
             return f"failed to compile ({type(e).__name__}: {str(e)[:300]})"
-        return check_package(path, {"toy": ((x,), [model(x)])}, device, 1e-3, timeout=300)
+        return check_package(path, {"toy": ((x,), [model(x)])}, device, 1e-3, timeout=300,
+                             single_threaded=single_threaded)
 
 
 def describe(returncode: int, stdout: str, stderr: str) -> str | None:
