@@ -110,6 +110,36 @@ def time_per_call(fns, calls: int, repeats: int, warmup: int) -> list[float]:
     return samples
 
 
+def tile_timings(autotuner) -> list[dict]:
+    """The autotuner's own timing of every config for the shape it tuned last (Triton's
+    do_bench, not a CUDA graph: for ranking tiles, not for the table), fastest first."""
+    from ldm_deploy.kernels.attention import Tile
+
+    rows = []
+    for config, timing in getattr(autotuner, "configs_timings", {}).items():
+        kw = config.kwargs
+        tile = Tile(kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages,
+                    bool(kw["PIPELINE"]))
+        ms = timing[0] if isinstance(timing, (list, tuple)) else timing  # [median, p20, p80]
+        rows.append({"tile": tile._asdict(), "ms": ms})
+    return sorted(rows, key=lambda r: r["ms"])
+
+
+def tile_contenders(tiles: list[dict]) -> dict:
+    """ours:plain and ours:pipelined: our kernel fixed to the fastest tile of each kind, so that
+    the table shows what issuing the next q k^T before the softmax (PIPELINE) is worth."""
+    from ldm_deploy.kernels.attention import Tile, flash_attention
+
+    picks = {}
+    for row in tiles:  # fastest first
+        tile = Tile(**row["tile"])
+        name = "ours:pipelined" if tile.pipeline else "ours:plain"
+        if name not in picks and row["ms"] != float("inf"):
+            picks[name] = tile
+    return {name: (lambda q, k, v, scale, tile=tile: flash_attention(q, k, v, scale, tile=tile))
+            for name, tile in sorted(picks.items())}
+
+
 def bench_shape(s: AttentionShape, dtype: torch.dtype, args) -> dict:
     from ldm_deploy.kernels.attention import attn_fwd_tuned
 
@@ -119,12 +149,16 @@ def bench_shape(s: AttentionShape, dtype: torch.dtype, args) -> dict:
     scale = s.D ** -0.5
     ref = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1) @ v.float()
     row = {"shape": s._asdict(), "flops": s.flops, "results": {}}
-    for name, fn in contenders().items():
+    todo = list(contenders().items())
+    while todo:
+        name, fn = todo.pop(0)
         result = {}
         try:
             err = rel_error(fn(q, k, v, scale), ref)
             if name == "ours":
                 row["config"] = str(attn_fwd_tuned.best_config)  # the autotuner's pick
+                row["tiles"] = tile_timings(attn_fwd_tuned)
+                todo[:0] = tile_contenders(row["tiles"]).items()  # timed next to ours
             result["rel_error"] = err
             result["correct"] = err < args.tolerance
             calls = [lambda qkv=qkv: fn(*qkv, scale) for qkv in sets]
@@ -173,13 +207,13 @@ def bench_unet(dtype: torch.dtype, args) -> dict:
 
 
 def print_table(rows: list[dict], unet: dict | None) -> None:
-    names = list(rows[0]["results"])
+    names = list(dict.fromkeys(n for row in rows for n in row["results"]))
     head = f"{'shape':<22}{'GFLOP':>8}" + "".join(f"{n + ' us':>14}{'TF/s':>6}" for n in names)
     print(head + f"{'fastest':>10}{'speedup':>9}")
     for row in rows:
         line = f"{row['shape']['name']:<22}{row['flops'] / 1e9:>8.2f}"
         for n in names:
-            r = row["results"][n]
+            r = row["results"].get(n, {})
             if "seconds" in r:
                 mark = "" if r["correct"] else "!"
                 line += f"{r['seconds']['median'] * 1e6:>13.1f}{mark:1}{r['tflops']:>6.0f}"
@@ -193,11 +227,19 @@ def print_table(rows: list[dict], unet: dict | None) -> None:
         print(line)
     print("us: median time per call in a CUDA graph; TF/s = 4*B*H*Lq*Lk*D / time; "
           "! = failed the correctness check; speedup = fastest SDPA time / our time")
+    print("ours = autotuned; ours:plain / ours:pipelined = the fastest tile without / with the "
+          "next q k^T issued before the softmax")
     if unet:
         print(f"SD 1.5-size U-Net step, batch 2, 64x64: SDPA "
               f"{unet['sdpa']['seconds']['median'] * 1e3:.2f} ms, ours "
               f"{unet['ours']['seconds']['median'] * 1e3:.2f} ms, speedup {unet['speedup']:.2f}x "
               f"(output vs SDPA rel. error {unet['ours']['rel_error_vs_sdpa']:.1e})")
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     from ldm_deploy.kernels.attention import sd_shapes
 
     shapes = [s for s in sd_shapes() if not args.only or args.only in s.name]
+    head = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "dtype": args.dtype}
     rows = []
     for s in shapes:
         row = bench_shape(s, dtype, args)
@@ -233,15 +277,11 @@ def main(argv: list[str] | None = None) -> int:
                  {n: round(r["seconds"]["median"] * 1e6, 1) if "seconds" in r else r.get("error")
                   for n, r in row["results"].items()},
                  row.get("speedup"), row.get("fastest_sdpa"), row.get("config"))
+        write_json(args.json, head | {"rows": rows, "unet": None})  # a cut run keeps its rows
     unet = bench_unet(dtype, args) if args.unet else None
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}, {args.dtype}")
+    write_json(args.json, head | {"rows": rows, "unet": unet})
+    print(f"{head['device']}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}")
     print_table(rows, unet)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "dtype": args.dtype, "rows": rows,
-                       "unet": unet}, f, indent=1)
     return 0
 
 

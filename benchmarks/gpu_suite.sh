@@ -32,11 +32,21 @@
 #   SUITE_STAGES=torch,more SUITE_CHECK_S=0 SUITE_MORE=diffusers,ours,compile:max-autotune \
 #     SUITE_EXPORT_ARGS="--no-aoti --no-img2img --static-shapes" SUITE_BUDGET_S=580 bash benchmarks/gpu_suite.sh
 #
+# Still missing for issue 3: our kernel at >= 1.0x cuDNN on the two big SD 1.x self-attentions
+# (4096x40 at 0.82-0.85x, 1024x80 at 0.84-0.85x). The kernel now has a pipelined variant (the
+# next block's q k^T issued before this block's softmax, so that the tensor cores and the
+# exponentials overlap; never timed yet). One call that times it against the plain tiles
+# (attention.json: ours:plain / ours:pipelined columns) and profiles both next to cuDNN
+# (ncu-attention.csv; about a minute), with a U-Net step each way:
+#
+#   SUITE_STAGES=attention,profile SUITE_ATTENTION_ARGS="--only sd1 --unet" SUITE_BUDGET_S=400 \
+#     bash benchmarks/gpu_suite.sh
+#
 # On the machine the suite installs it with `pip install --no-deps --target /tmp/site wheels/*.whl`
 # (--target: a fresh folder on PYTHONPATH, the image's own environment untouched).
 #
 # Stages (SUITE_STAGES picks among peers,attention,tests,torch,more,variants, all by default, and
-# aoti), all under
+# aoti and profile), all under
 # SUITE_BUDGET_S (default 540 s; the device tool may grant less than the timeout asked for when
 # the machine was slow to start: then the later stages are cut, and say so):
 #   setup      GPU, clocks, versions; the carried wheels; the SD 1.5-architecture random-weight
@@ -52,7 +62,12 @@
 #              step with CUDA events over 10 back-to-back steps, stages and end to end per call.
 #              Budget 200 s.
 #   attention  python -m benchmarks.attention --json $OUT/attention.json $SUITE_ATTENTION_ARGS
-#              (the kernels' own checks and microbenchmark), if benchmarks/attention.py exists. 150 s.
+#              (the kernels' own checks and microbenchmark), if benchmarks/attention.py exists.
+#              SUITE_ATTENTION_S: 150 (autotuning 12 tiles per shape: all 16 shapes need more).
+#   profile    (only when named) Nsight Compute on one call each of our kernel (a plain and a
+#              pipelined tile) and cuDNN / flash SDPA, sd1 self 4096x40 by default
+#              (SUITE_PROFILE_ARGS: benchmarks.attention_profile's options) -> $OUT/ncu-attention.csv:
+#              occupancy, pipe utilisation and warp stall reasons. 120 s.
 #   tests      pytest -m gpu (they compare with references). 120 s.
 #   torch      ldm-export --backend torch --device cuda ${SUITE_EXPORT_ARGS:-"--no-img2img
 #              --static-shapes"}, leaving 100 s. The export first compiles and test-runs a toy
@@ -188,8 +203,21 @@ if want attention && [ -f benchmarks/attention.py ]; then
   # As a module, not `python benchmarks/attention.py`: a script's folder goes first on sys.path,
   # where benchmarks/config.py, stats.py ... would shadow any top-level module of those names.
   # shellcheck disable=SC2086  # SUITE_ATTENTION_ARGS: e.g. "--unet", word-split on purpose
-  stage "attention kernels: check + benchmark" 150 "$PY" -m benchmarks.attention --json "$OUT/attention.json" \
-    ${SUITE_ATTENTION_ARGS:-}
+  stage "attention kernels: check + benchmark" "${SUITE_ATTENTION_S:-150}" "$PY" -m benchmarks.attention \
+    --json "$OUT/attention.json" ${SUITE_ATTENTION_ARGS:-}
+fi
+if want profile; then
+  if command -v ncu > /dev/null; then
+    # Only the calls inside the script's NVTX range "profile" (warm-up and compiles are outside).
+    # shellcheck disable=SC2086  # SUITE_PROFILE_ARGS: word-split on purpose
+    stage "attention kernels: Nsight Compute" 120 ncu --nvtx --nvtx-include "profile/" \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats \
+      --csv --page details --log-file "$OUT/ncu-attention.log" \
+      "$PY" -m benchmarks.attention_profile ${SUITE_PROFILE_ARGS:-} > "$OUT/ncu-attention.csv"
+  else
+    STATUS+=("profile: skipped (no ncu on PATH)")
+  fi
 fi
 if want tests && grep -rqs "mark.gpu" tests; then
   stage "GPU-marked tests" 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import triton
 
-from ldm_deploy.kernels.attention import AUTOTUNE_TILES, attn_fwd, block_d
+from ldm_deploy.kernels.attention import AUTOTUNE_TILES, Tile, attn_fwd, block_d
 
 #: The kernel's runtime parameters, in attn_fwd's order: 3 input pointers, then the scalar
 #: arguments (whose values `runtime_args` describes), then the output pointer.
@@ -20,24 +20,28 @@ RUNTIME_SCALARS = ("stride_qb", "stride_kb", "stride_vb", "stride_ob", "Lq", "Lk
 SMEM_BUDGET = 160 * 1024
 
 
-def tiles_for(head_dim: int) -> list[tuple[int, int, int, int]]:
-    """Autotune tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) that fit SMEM_BUDGET for this head
-    dim. The JIT autotuner skips a config that fails to compile; an ahead-of-time build cannot,
-    so prune up front."""
-    bd = block_d(head_dim)
-    return [(m, n, w, s) for m, n, w, s in AUTOTUNE_TILES
-            if 2 * bd * (m + 2 * s * n) <= SMEM_BUDGET]
+def shared_bytes(tile: Tile, head_dim: int) -> int:
+    """Shared memory Triton plans for a 16-bit attn_fwd (matches the sm_90 builds): the q tile,
+    num_stages K and V tiles each, and one more K tile when pipelined."""
+    rows = tile.block_m + 2 * tile.num_stages * tile.block_n + tile.pipeline * tile.block_n
+    return 2 * block_d(head_dim) * rows
+
+
+def tiles_for(head_dim: int) -> list[Tile]:
+    """Autotune tiles that fit SMEM_BUDGET for this head dim. The JIT autotuner skips a config
+    that fails to compile; an ahead-of-time build cannot, so prune up front."""
+    return [t for t in AUTOTUNE_TILES if shared_bytes(t, head_dim) <= SMEM_BUDGET]
 
 
 def source(dtype: str, heads: int, head_dim: int, scale: float,
-           tile: tuple[int, int, int, int]) -> tuple[triton.compiler.ASTSource, dict]:
+           tile: Tile) -> tuple[triton.compiler.ASTSource, dict]:
     """(ASTSource, compile options) for `triton.compile`; dtype is "fp16" or "bf16"."""
-    block_m, block_n, num_warps, num_stages = tile
+    block_m, block_n, num_warps, num_stages, pipeline = Tile(*tile)
     ptr = "*" + dtype
     row = heads * head_dim
     constants = {"sm_scale": scale, "H": heads, "HEAD_DIM": head_dim,
                  "BLOCK_D": block_d(head_dim), "ALIGN": 1,
-                 "BLOCK_M": block_m, "BLOCK_N": block_n}
+                 "BLOCK_M": block_m, "BLOCK_N": block_n, "PIPELINE": pipeline}
     for t, seq in (("q", "m"), ("k", "n"), ("v", "n"), ("o", "m")):
         constants |= {f"stride_{t}h": head_dim, f"stride_{t}{seq}": row, f"stride_{t}d": 1}
     runtime = {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr} | {n: "i32" for n in RUNTIME_SCALARS}

@@ -56,10 +56,23 @@ def sd_shapes(text_tokens: int = 77) -> list[AttentionShape]:
 #: Largest head dim the kernel takes; BLOCK_D = next power of two >= max(16, head_dim).
 MAX_HEAD_DIM = 256
 
-#: (BLOCK_M, BLOCK_N, num_warps, num_stages) under TRITON_INTERPRET=1 (no autotuning on the CPU):
-#: small, so that test shapes of a few dozen tokens still run several key blocks, a masked key
-#: tail and a masked query tail.
-INTERPRETER_TILE = (32, 32, 4, 1)
+
+
+class Tile(NamedTuple):
+    """One configuration of attn_fwd: query and key tile sizes (BLOCK_M, BLOCK_N), warps per
+    program, pipeline stages of the K / V loads, and whether the next key block's q k^T is
+    issued before this block's softmax (PIPELINE, see `_full_blocks_pipelined`)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    pipeline: bool = False
+
+
+#: The tile under TRITON_INTERPRET=1 (no autotuning on the CPU): small, so that test shapes of a
+#: few dozen tokens still run several key blocks, a masked key tail and a masked query tail.
+INTERPRETER_TILE = Tile(32, 32, 4, 1)
 
 
 def block_d(head_dim: int) -> int:
@@ -102,22 +115,55 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, offs_n, offs_d, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr):
-    # One key block: scores (BLOCK_M, BLOCK_N) in fp32, online-softmax update of (m_i, l_i, acc).
-    rows = start_n + offs_n
-    k = _load_rows(k_ptrs, rows, Lk, offs_d, HEAD_DIM, BLOCK_D, MASK_N)  # (BLOCK_N, BLOCK_D)
-    qk = tl.dot(q, tl.trans(k))
-    if MASK_N:
-        qk = tl.where(rows[None, :] < Lk, qk, float("-inf"))
+def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale):
+    # Online-softmax update of (m_i, l_i, acc) by one key block's scores qk (BLOCK_M, BLOCK_N),
+    # fp32, and its values v (BLOCK_N, BLOCK_D).
     # Scores in the log2 domain: exp(s * scale) == exp2(s * scale * log2(e)).
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_ptrs, rows, Lk, offs_d, HEAD_DIM, BLOCK_D, MASK_N)  # (BLOCK_N, BLOCK_D)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_ij
+
+
+@triton.jit
+def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, offs_n, offs_d, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr):
+    # One key block: scores (BLOCK_M, BLOCK_N) in fp32, then the softmax update.
+    rows = start_n + offs_n
+    k = _load_rows(k_ptrs, rows, Lk, offs_d, HEAD_DIM, BLOCK_D, MASK_N)  # (BLOCK_N, BLOCK_D)
+    qk = tl.dot(q, tl.trans(k))
+    if MASK_N:
+        qk = tl.where(rows[None, :] < Lk, qk, float("-inf"))
+    v = _load_rows(v_ptrs, rows, Lk, offs_d, HEAD_DIM, BLOCK_D, MASK_N)  # (BLOCK_N, BLOCK_D)
+    return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
+
+
+@triton.jit
+def _full_blocks_pipelined(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, stride_kn, stride_vn, Lk,
+                           offs_n, offs_d, qk_scale, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The full key blocks with the next block's q k^T issued before this block's softmax (as in
+    # FlashAttention-3's intra-warpgroup pipelining): on Hopper that product is an asynchronous
+    # wgmma, and ptxas schedules this block's exponentials while the tensor cores run it
+    # (checked in the sm_90 SASS: most of the block's MUFU.EX2 sit between the HGMMAs and
+    # their wait). Costs a second (BLOCK_M, BLOCK_N) fp32 score tile in registers.
+    if n_full > 0:
+        k = _load_rows(k_ptrs, offs_n, Lk, offs_d, HEAD_DIM, BLOCK_D, False)
+        qk = tl.dot(q, tl.trans(k))
+        for start_n in range(BLOCK_N, n_full, BLOCK_N):
+            k = _load_rows(k_ptrs + start_n * stride_kn, offs_n, Lk, offs_d, HEAD_DIM, BLOCK_D,
+                           False)
+            qk_next = tl.dot(q, tl.trans(k))
+            v = _load_rows(v_ptrs + (start_n - BLOCK_N) * stride_vn, offs_n, Lk, offs_d,
+                           HEAD_DIM, BLOCK_D, False)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
+            qk = qk_next
+        v = _load_rows(v_ptrs + (n_full - BLOCK_N) * stride_vn, offs_n, Lk, offs_d, HEAD_DIM,
+                       BLOCK_D, False)
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -129,7 +175,7 @@ def attn_fwd(Q, K, V, sm_scale,
              H, Lq, Lk,
              Out,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINE: tl.constexpr):
     """Out[b, h] = softmax(Q[b, h] @ K[b, h]^T * sm_scale) @ V[b, h] for one BLOCK_M query tile.
 
     Grid: (cdiv(Lq, BLOCK_M), B * H); the query-tile index varies fastest, so programs that read
@@ -162,11 +208,17 @@ def attn_fwd(Q, K, V, sm_scale,
 
     # Full key blocks without masks, then at most one masked tail (77 = 64 + 13).
     n_full = Lk - Lk % BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q,
-                                    k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
-                                    start_n, Lk, offs_n, offs_d, qk_scale,
-                                    HEAD_DIM, BLOCK_D, False)
+    if PIPELINE:
+        acc, l_i, m_i = _full_blocks_pipelined(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full,
+                                               stride_kn, stride_vn, Lk, offs_n, offs_d,
+                                               qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N)
+    else:
+        for start_n in range(0, n_full, BLOCK_N):
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q,
+                                        k_ptrs + start_n * stride_kn,
+                                        v_ptrs + start_n * stride_vn,
+                                        start_n, Lk, offs_n, offs_d, qk_scale,
+                                        HEAD_DIM, BLOCK_D, False)
     if n_full < Lk:
         acc, l_i, m_i = _attn_block(acc, l_i, m_i, q,
                                     k_ptrs + n_full * stride_kn, v_ptrs + n_full * stride_vn,
@@ -183,19 +235,24 @@ def attn_fwd(Q, K, V, sm_scale,
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Big query tiles for the long self-attentions, small
-# ones so that 64..256-token layers still fill the GPU, and a 32-key tile for the 77-token text.
-# Configs that exceed shared memory for the widest heads fail to compile and the autotuner
-# skips them.
+# Big query tiles for the long self-attentions, small ones so that 64..256-token layers still
+# fill the GPU, and a 32-key tile for the 77-token text. The pipelined tiles hold two score tiles
+# in registers, so they come with 8 warps or 64-query tiles (sm_90 builds without spills: 157 to
+# 244 registers for head dims 40 and 80). Configs that exceed shared memory for the widest heads
+# fail to compile and the autotuner skips them.
 AUTOTUNE_TILES = (
-    (128, 64, 4, 3),
-    (128, 64, 8, 3),
-    (128, 128, 8, 3),
-    (128, 32, 4, 4),
-    (64, 64, 4, 3),
-    (64, 64, 8, 2),
-    (64, 32, 4, 3),
-    (32, 64, 4, 3),
+    Tile(128, 64, 4, 3),
+    Tile(128, 64, 8, 3),
+    Tile(128, 128, 8, 3),
+    Tile(128, 32, 4, 4),
+    Tile(64, 64, 4, 3),
+    Tile(64, 64, 8, 2),
+    Tile(64, 32, 4, 3),
+    Tile(32, 64, 4, 3),
+    Tile(128, 64, 8, 3, pipeline=True),
+    Tile(64, 64, 4, 3, pipeline=True),
+    Tile(64, 64, 4, 2, pipeline=True),
+    Tile(64, 32, 4, 3, pipeline=True),
 )
 
 
@@ -206,8 +263,9 @@ def is_interpreter() -> bool:
 
 
 attn_fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-             for m, n, w, s in AUTOTUNE_TILES],
+    configs=[triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "PIPELINE": t.pipeline},
+                           num_warps=t.num_warps, num_stages=t.num_stages)
+             for t in AUTOTUNE_TILES],
     key=["Lq", "Lk", "H", "HEAD_DIM"],  # the autotuner adds the tensors' dtypes itself
 )(attn_fwd)
 
@@ -245,14 +303,13 @@ def grid(B: int, H: int, Lq: int):
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    out: torch.Tensor | None = None,
-                    tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, tile: Tile | None = None) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v with the Triton kernel; any strides, no copies.
 
     q: (B, H, Lq, D), k, v: (B, H, Lk, D) on a CUDA device (or the CPU under TRITON_INTERPRET=1),
     D <= 256. Writes into `out` when given (any strides, shape of q), else into `new_output(q)`.
-    Autotuned on (Lq, Lk, H, head dim, dtype) unless `tile` = (BLOCK_M, BLOCK_N, num_warps,
-    num_stages) fixes the config; INTERPRETER_TILE in the interpreter.
+    Autotuned on (Lq, Lk, H, head dim, dtype) unless `tile` fixes the config (in the interpreter
+    its warps and stages mean nothing); INTERPRETER_TILE in the interpreter.
     """
     check_inputs(q, k, v)
     if out is None:
@@ -262,17 +319,19 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     Lk = k.shape[2]
     args = (q, k, v, scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, Lq, Lk, out)
     meta = {"HEAD_DIM": D, "BLOCK_D": block_d(D), "ALIGN": alignment(q, k, v, out)}
-    if is_interpreter():
-        block_m, block_n, _, _ = tile or INTERPRETER_TILE
-        attn_fwd[grid(B, H, Lq)({"BLOCK_M": block_m})](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-    elif tile is None:
+    if tile is None and is_interpreter():
+        tile = INTERPRETER_TILE
+    if tile is None:
         # wrap_triton lets torch.compile / torch.export / AOTInductor see the kernel itself
         # (when called inside the torch op); outside tracing it launches directly.
         wrap_triton(attn_fwd_tuned)[grid(B, H, Lq)](*args, **meta)
+        return out
+    tile = Tile(*tile)
+    config = {"BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "PIPELINE": tile.pipeline}
+    if is_interpreter():
+        attn_fwd[grid(B, H, Lq)(config)](*args, **meta, **config)
     else:
-        block_m, block_n, num_warps, num_stages = tile
-        wrap_triton(attn_fwd)[grid(B, H, Lq)](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps, num_stages=num_stages)
+        wrap_triton(attn_fwd)[grid(B, H, Lq)](*args, **meta, **config,
+                                              num_warps=tile.num_warps,
+                                              num_stages=tile.num_stages)
     return out

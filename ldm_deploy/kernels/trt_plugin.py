@@ -70,7 +70,7 @@ def fused_attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDe
 
     batch, len_q, len_k = q.shape_expr[0], q.shape_expr[1], k.shape_expr[1]
     launch = trtp.KernelLaunchParams()
-    launch.grid_x = trtp.cdiv(len_q, tile[0])  # query tiles
+    launch.grid_x = trtp.cdiv(len_q, tile.block_m)  # query tiles
     launch.grid_y = batch * heads
     launch.block_x = options["num_warps"] * 32
     launch.shared_mem = compiled.metadata.shared

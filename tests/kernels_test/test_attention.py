@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,6 +40,8 @@ def scaled_down(shape: attention.AttentionShape) -> tuple[int, int, int]:
 
 
 SHAPES = attention.sd_shapes(TEXT)
+#: Every self-attention, and the 77-key cross-attention of the largest SD 1.x level.
+PIPELINED_SHAPES = [s for s in SHAPES if " self " in s.name] + [SHAPES[1]]
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
@@ -88,6 +91,34 @@ def test_kernel_matches_float64(shape, dtype):
     out = attention.flash_attention(q, k, v, scale)
     assert out.shape == q.shape and out.dtype == dtype
     assert rel_error(out, reference(q, k, v, scale)) < TOLERANCE[dtype]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", PIPELINED_SHAPES,
+                         ids=[s.name.replace(" ", "-") for s in PIPELINED_SHAPES])
+def test_pipelined_tile_matches_float64(shape, dtype):
+    """The PIPELINE path (next block's q k^T before this block's softmax) on every self-attention
+    and a 77-key cross-attention: several full key blocks, key lengths that are an exact
+    multiple of the tile, and the masked tail after the pipelined blocks."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"pipelined-{shape.name}-{dtype}".encode()))
+    Lq, Lk, D = scaled_down(shape)
+    q, k, v = projections(Lq, Lk, D, dtype, gen)
+    tile = attention.INTERPRETER_TILE._replace(pipeline=True)
+    out = attention.flash_attention(q, k, v, D ** -0.5, tile=tile)
+    assert rel_error(out, reference(q, k, v, D ** -0.5)) < TOLERANCE[dtype]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipelined"])
+def test_keys_shorter_than_one_tile(pipeline):
+    """Fewer keys than BLOCK_N (no full block at all) and exactly one full block."""
+    gen = torch.Generator().manual_seed(11)
+    tile = attention.INTERPRETER_TILE._replace(pipeline=pipeline)
+    for Lk in (5, tile.block_n):
+        q, k, v = projections(9, Lk, 40, torch.float32, gen)
+        out = attention.flash_attention(q, k, v, 40 ** -0.5, tile=tile)
+        assert rel_error(out, reference(q, k, v, 40 ** -0.5)) < TOLERANCE[torch.float32], Lk
 
 
 @needs_interpreter
@@ -319,3 +350,52 @@ def test_plugin_kernel_compiles_for_sm90():
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def loop_schedule(sass: str) -> tuple[int, int]:
+    """(exponentials issued between the first HGMMA of the main loop and the wait that follows
+    it, exponentials in the whole loop) in cuobjdump SASS; the main loop is the longest range
+    closed by a backward branch."""
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
+    loops = [(int(t, 16), a) for a, op in code
+             for t in re.findall(r"\bBRA (?:`\(.*?\) )?0x([0-9a-f]+)", op) if int(t, 16) < a]
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    body = [op for a, op in code if start <= a <= end]
+    first = next(i for i, op in enumerate(body) if "HGMMA" in op)
+    wait = next(i for i, op in enumerate(body) if i > first and "WARPGROUP.DEPBAR" in op)
+    return (sum("MUFU.EX2" in op for op in body[first:wait]),
+            sum("MUFU.EX2" in op for op in body))
+
+
+def test_pipelined_tile_overlaps_softmax_with_next_product_on_sm90(tmp_path):
+    """What PIPELINE is for, checked in the sm_90 machine code (compiled here, no GPU needed):
+    in the main loop, most of a block's exponentials are issued while the next block's q k^T
+    (an asynchronous HGMMA) is in flight, before the wait for it; in the plain kernel, none."""
+    script = textwrap.dedent("""
+        import sys
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from ldm_deploy.kernels import aot
+        for pipeline in (False, True):
+            tile = aot.Tile(64, 64, 4, 3, pipeline)
+            src, options = aot.source("fp16", 8, 40, 40 ** -0.5, tile)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+            assert compiled.metadata.shared == aot.shared_bytes(tile, 40), compiled.metadata.shared
+            with open(f"{sys.argv[1]}/{int(pipeline)}.cubin", "wb") as f:
+                f.write(compiled.asm["cubin"])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(ldm_deploy.__file__))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    plain, pipelined = (loop_schedule(subprocess.run(
+        [cuobjdump, "-sass", str(tmp_path / f"{p}.cubin")], capture_output=True, text=True,
+        check=True).stdout) for p in (0, 1))
+    # 64 x 64 scores over 128 threads: 32 exponentials per thread, plus the row rescales.
+    assert plain[0] == 0 and plain[1] >= 32, plain
+    assert pipelined[1] == plain[1] and pipelined[0] >= pipelined[1] // 2, pipelined
