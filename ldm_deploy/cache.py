@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from ldm_deploy import __version__
@@ -48,18 +49,23 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
     """The cached engine of a diffusers folder, exported now if there is none (or a damaged one).
     `name` (default: the folder's name) starts the engine directory's name."""
     model = Path(model).expanduser().resolve()
+    if not model.exists():
+        raise UserError(f"--model {model} does not exist; pass a diffusers folder (with "
+                        "model_index.json), or --engine DIR for an engine made by ldm-export")
     if not (model / "model_index.json").is_file():
         raise UserError(f"--model {model}: not a diffusers folder (it has no model_index.json)")
     settings = {**CACHE_EXPORT, **(export_settings or {})}
     out = cache_dir() / "engines" / f"{name or model.name}-{model_key(model, settings)}"
     if out.is_dir():
         try:
-            from ldm_deploy.engine.manifest import read_manifest
+            from ldm_deploy.engine.manifest import read_manifest, verify_files
 
-            read_manifest(out)
+            # Sizes only: the pipeline checks every file's SHA-256 when it loads the engine.
+            verify_files(out, read_manifest(out), hashes=False)
             return out
         except EngineError as e:
             log.warning("the cached engine %s is damaged (%s); exporting it again", out, e)
+            shutil.rmtree(out, ignore_errors=True)  # ours, and no longer an engine
     export(model, out, settings)
     return out
 

@@ -15,8 +15,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="engine directory to create")
     p.add_argument("--backend", default="onnxruntime",
                    help="engine kind to build: onnxruntime (default), tensorrt (NVIDIA GPUs), torch")
-    p.add_argument("--min-size", type=int, default=256, help="smallest image side the engine accepts (px)")
-    p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px)")
+    p.add_argument("--min-size", type=int, default=256, help="smallest image side the engine accepts (px; default 256)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px; default 1024)")
     p.add_argument("--opt-size", type=int, default=None, help="side to tune for (default: the model's native size)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
     p.add_argument("--static-shapes", action="store_true",
@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-img2img", action="store_true", help="skip the VAE encoder: txt2img only, a shorter export")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it is an existing engine directory (nothing else is replaced)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 

@@ -26,14 +26,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
-    p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default: random)")
+    p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default, or -1: random)")
     p.add_argument("--width", type=int, default=None, help="default: the engine's native size (img2img: the init image's)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--sampler", default="dpmpp_2m_karras", choices=SAMPLERS)
     p.add_argument("--init-image", default=None, help="start from this image (img2img)")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how much to change the init image, (0, 1]")
-    p.add_argument("--out", default="output.png", help="PNG path; with several images, NAME-0.png, NAME-1.png, ...")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img: how much to change the init image, (0, 1] (default 0.8)")
+    p.add_argument("--out", default=None,
+                   help="PNG path, or a folder to write into; with several images, NAME-0.png, NAME-1.png, ... "
+                        "(default: output.png, numbered output-2.png, output-3.png, ... so as not to overwrite)")
     p.add_argument("--backend", default="auto", help="default: the engine's own (a TensorRT engine runs "
                    "on ONNX Runtime where TensorRT or a GPU is missing); openvino runs ONNX engines on the CPU")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16"),
@@ -57,10 +60,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def output_paths(out: str, n: int) -> list[Path]:
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def output_paths(out: str | None, n: int) -> list[Path]:
+    """The PNG files of n images. `out`: a file name (".png" added when it has no suffix), or an
+    existing folder (or one ending in "/") to write output*.png into. With no `out`, or a
+    folder, existing files are kept: output.png, then output-2.png, output-3.png, ..."""
+    from ldm_deploy.errors import UserError
+
+    if out is not None and (out.endswith(("/", "\\")) or Path(out).is_dir()):
+        folder, out = Path(out), None
+    else:
+        folder = None
+    if out is None:
+        base = (folder or Path(".")) / "output.png"
+        for k in range(1, 100000):
+            p = base if k == 1 else base.with_name(f"output-{k}.png")
+            paths = names(p, n)
+            if not any(q.exists() for q in paths):
+                return paths
     p = Path(out)
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"--out {out}: ldm-run writes PNG files (with the generation parameters "
+                        f"inside, as AUTOMATIC1111 does); use a name ending in .png")
     if p.suffix.lower() != ".png":
         p = p.with_name(p.name + ".png")
+    return names(p, n)
+
+
+def names(p: Path, n: int) -> list[Path]:
     return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
@@ -85,6 +114,10 @@ def main(argv=None) -> int:
         from ldm_deploy.engine.pipeline import Pipeline
         from ldm_deploy.errors import UserError
 
+        if args.num_images < 1:
+            raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+        if args.strength is not None and args.init_image is None:
+            log.warning("--strength applies to img2img only (with --init-image); ignored")
         paths = output_paths(args.out, args.num_images)
         if not paths[0].parent.is_dir():
             raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")
@@ -125,7 +158,7 @@ def main(argv=None) -> int:
             num_images=args.num_images,
             sampler=args.sampler,
             init_image=args.init_image,
-            strength=args.strength,
+            strength=0.8 if args.strength is None else args.strength,
             progress=not args.quiet,
         )
         for image, path in zip(images, paths):

@@ -17,9 +17,44 @@ def open_image(path: str | Path) -> Image.Image:
     """Read an image file as RGB; a clear error if it cannot be read."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            rgb = to_rgb(im)
+            return im.copy() if rgb is im else rgb  # read before the file closes
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidRequest(f"cannot read the init image {path}: {e}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB. 16- and 32-bit integer greyscale ("I;16", "I") is scaled from
+    its bit depth (PIL's own conversion clips it at 255, turning most of it white); float
+    greyscale ("F") is taken as [0, 1]."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        a = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or a.max() <= 65535 else float(2**32 - 1)
+        image = Image.fromarray((np.clip(a, 0, top) / top * 255).round().astype(np.uint8), "L")
+    elif image.mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def as_init_image(init) -> Image.Image | None:
+    """The init image as 8-bit RGB from a path, a PIL image, or an (H, W, 3) / (H, W) array
+    (uint8, or floats in [0, 1] as diffusers' output_type="np" gives)."""
+    if init is None:
+        return None
+    if isinstance(init, (str, Path)):
+        return open_image(init)
+    if isinstance(init, Image.Image):
+        return to_rgb(init)
+    if isinstance(init, np.ndarray) and init.ndim in (2, 3) and (init.ndim == 2 or init.shape[2] in (1, 3, 4)):
+        a = init if init.ndim == 2 else init[..., :3] if init.shape[2] != 1 else init[..., 0]
+        if a.dtype != np.uint8:
+            a = (np.clip(a.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    what = f"an array of shape {init.shape}" if isinstance(init, np.ndarray) else type(init).__name__
+    raise InvalidRequest(f"init_image must be a path, a PIL image or an (H, W, 3) array; got {what}")
 
 
 def init_image_size(image: Image.Image, multiple: int = VAE_SCALE) -> tuple[int, int]:

@@ -112,11 +112,20 @@ def read_manifest(engine_dir: Path) -> Manifest:
     """Parse and check `manifest.json`; raises EngineError with the fix on any problem."""
     engine_dir = Path(engine_dir)
     rebuild = f"re-export it with `ldm-export --model <model> --out {engine_dir} --force`"
+    if engine_dir.is_file():
+        raise EngineError(f"{engine_dir} is a file; an engine is a directory made by ldm-export "
+                          f"(single-file checkpoints: convert to a diffusers folder, then ldm-export)")
     if not engine_dir.is_dir():
         raise EngineError(f"engine directory {engine_dir} does not exist; build one with ldm-export")
     path = engine_dir / MANIFEST
     if not path.is_file():
-        raise EngineError(f"{engine_dir} is not an engine directory (no {MANIFEST}); {rebuild}")
+        if (engine_dir / "model_index.json").is_file():
+            raise EngineError(
+                f"{engine_dir} is a diffusers model, not an engine directory: pass it as --model "
+                f"(ldm-run exports and caches an engine for it), or build an engine with "
+                f"`ldm-export --model {engine_dir} --out <engine dir>`")
+        raise EngineError(f"{engine_dir} is not an engine directory (no {MANIFEST}); build one with "
+                          f"`ldm-export --model <model> --out <engine dir>`")
     try:
         d = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

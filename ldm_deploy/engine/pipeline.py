@@ -54,6 +54,7 @@ class Pipeline:
         manifest = read_manifest(Path(engine_dir))
         verify_files(Path(engine_dir), manifest, hashes=verify)
         name = backends.auto(manifest) if backend == "auto" else backend
+        backends.check_compatible(name, manifest)
         if name == "tensorrt":
             backend_options["rebuild_stale"] = rebuild_stale
         return cls(engine_dir, manifest, backends.create(name, **backend_options))
@@ -96,11 +97,21 @@ class Pipeline:
             raise InvalidRequest(f"{len(negs)} negative prompts for {len(prompts)} prompts")
         if output_type not in ("pil", "np"):
             raise InvalidRequest(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        init = images.open_image(init_image) if isinstance(init_image, (str, Path)) else init_image
-        if init is not None and init.mode != "RGB":
-            init = init.convert("RGB")
-        default_w, default_h = images.init_image_size(init, self.manifest.model.vae_scale) if init is not None else self.default_size
-        seed = secrets.randbelow(2**32) if seed is None else int(seed)
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+            raise InvalidRequest(f"num_images must be a whole number of at least 1, got {num_images!r}")
+        init = images.as_init_image(init_image)
+        if init is not None:
+            default_w, default_h = images.init_image_size(init, self.manifest.model.vae_scale)
+            self.check_init_size(init, width, height)
+        else:
+            default_w, default_h = self.default_size
+        width, height = (whole("width", v, d) for v, d in ((width, default_w), (height, default_h)))
+        seed = random_seed() if seed is None or seed == -1 else whole("seed", seed, None)
+        if seed < 0:
+            raise InvalidRequest(f"seed must be 0 or more (or -1 for a random one), got {seed}")
+        if guidance <= 1.0 and any(negs):
+            log.warning("the negative prompt has no effect with guidance %s (<= 1 disables "
+                        "classifier-free guidance, which is what uses it)", guidance)
         n = len(prompts) * num_images
         req = Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),
@@ -109,8 +120,8 @@ class Pipeline:
             steps=int(steps),
             guidance=float(guidance),
             sampler=sampler,
-            width=int(width or default_w),
-            height=int(height or default_h),
+            width=width,
+            height=height,
             strength=float(strength) if init is not None else 1.0,
         )
         check_request(req, self.manifest, img2img=init is not None)
@@ -201,6 +212,20 @@ class Pipeline:
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
         return x
 
+    def check_init_size(self, init, width: int | None, height: int | None) -> None:
+        """An init image whose own size is out of the engine's range, with no size given to
+        resize it to: say so in its terms, not as a width the user never passed."""
+        m, dims = self.manifest.model, self.manifest.dims
+        w, h = images.init_image_size(init, m.vae_scale)
+        for name, given, value, dim in (("width", width, w, "latent_width"),
+                                        ("height", height, h, "latent_height")):
+            lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale
+            if given is None and not lo <= value <= hi:
+                raise InvalidRequest(
+                    f"the init image is {init.size[0]}x{init.size[1]}, and its {name} {value} is "
+                    f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
+                    f"height=) in range to resize it, or resize the image")
+
     def parameters(self, req: Request, i: int, img2img: bool) -> str:
         fields = {
             "Steps": req.steps,
@@ -209,12 +234,33 @@ class Pipeline:
             "Seed": req.seeds[i],
             "Size": f"{req.width}x{req.height}",
             "Model hash": self.manifest.model.weights_sha256[:10],
-            "Model": Path(self.manifest.model.source).name,
+            "Model": model_name(self.manifest.model.source),
         }
         if img2img:
             fields["Denoising strength"] = req.strength
         fields["Version"] = f"ldm-deploy {__version__}"
         return images.parameters_text(req.prompts[i], req.negative_prompts[i], fields)
+
+
+def model_name(source: str) -> str:
+    """What AUTOMATIC1111's "Model" field shows: the model folder's (or hub id's) last part, or
+    the folder above a generically named one (our bundled shapes/model -> "shapes")."""
+    path = Path(source)
+    return path.parent.name if path.name in ("model", "diffusers") and path.parent.name else path.name
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+def whole(name: str, value, default) -> int:
+    """value as an int (default when None); an InvalidRequest for fractions and non-numbers."""
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or value != value or int(value) != value:
+        raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def split(req: Request, latents, generator, max_batch: int):

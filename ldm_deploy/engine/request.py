@@ -37,8 +37,9 @@ def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
         raise InvalidRequest(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if r.steps < 1:
         raise InvalidRequest(f"steps must be at least 1, got {r.steps}")
-    if not r.guidance >= 0:  # also catches NaN
-        raise InvalidRequest(f"guidance must be 0 or more, got {r.guidance} (values <= 1 disable it)")
+    if not 0 <= r.guidance < float("inf"):  # also catches NaN
+        raise InvalidRequest(f"guidance must be a finite number, 0 or more, got {r.guidance} "
+                             "(values <= 1 disable it)")
     if img2img and not 0.0 < r.strength <= 1.0:
         raise InvalidRequest(f"strength must lie in (0, 1], got {r.strength}")
     if r.batch < 1:

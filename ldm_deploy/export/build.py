@@ -27,7 +27,7 @@ from ldm_deploy.engine.samplers import NoiseSchedule
 from ldm_deploy.engine.spec import ModelFacts, component_specs
 from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.config import ExportConfig
-from ldm_deploy.export.engine_dir import staging_dir
+from ldm_deploy.export.engine_dir import check_out, staging_dir
 from ldm_deploy.export.source import SourceModel, load_source
 from ldm_deploy.export.tensorrt_build import TensorRTExporter
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig()) -> Path:
     """Export `model` (a diffusers folder or hub id) to the engine directory `out`."""
     out = Path(out)
+    check_out(out, config.force, model)  # before minutes of loading (or downloading) the model
     t0 = time.perf_counter()
     log.info("loading %s", model)
     src = load_source(model, config.allow_pickle)
@@ -238,6 +239,14 @@ def heartbeat(message: str, every: float = 15.0):
         thread.join()
 
 
+def unlogged(module, inputs):
+    """module(*inputs) without our attention op's "falls back to SDPA" line: a probe's run on the
+    CPU, not what the engine will run."""
+    ops = sys.modules.get("ldm_deploy.kernels.ops")  # not imported: nothing to silence
+    with ops.fallback_unlogged() if ops else contextlib.nullcontext():
+        return module(*inputs)
+
+
 def size_multiple(src: SourceModel, backend: str) -> int:
     """Image sides the engine accepts are multiples of this many px. ONNX graphs (and the
     TensorRT plans built from them) trace diffusers' explicit-upsample-size path and take any
@@ -283,7 +292,7 @@ class OnnxExporter:
         module = WRAPPERS[name](self.src, torch_dtype(self.dtypes.get(name, "fp32"))).eval()
         example = example_inputs(spec, self.trace_dims)
         if name == "unet_step":
-            self.rewrite_unet(module, lambda: module(*example_inputs(spec, self.probe_dims)))
+            self.rewrite_unet(module, lambda: unlogged(module, example_inputs(spec, self.probe_dims)))
         if self.attention == "ort" and name != "text_encoder":
             from ldm_deploy.kernels.onnx_export import onnx_attention
 

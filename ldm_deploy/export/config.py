@@ -165,5 +165,7 @@ def check_config(c: ExportConfig) -> None:
         raise UserError(f"--min-size {c.min_size} is larger than --max-size {c.max_size}")
     if c.opt_size and not c.min_size <= c.opt_size <= c.max_size:
         raise UserError(f"--opt-size {c.opt_size} lies outside [{c.min_size}, {c.max_size}]")
+    if c.max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1 (images per call), got {c.max_batch}")
     if not 1 <= c.opt_batch <= c.max_batch:
         raise UserError(f"need 1 <= opt batch <= max batch, got {c.opt_batch} and {c.max_batch}")

@@ -54,7 +54,10 @@ def resolve(model: str) -> Path:
                 "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)"
             )
         return path
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+    first = model.split("/", 1)[0]
+    if model.count("/") != 1 or model.startswith((".", "/", "~")) or Path(first).is_dir() \
+            or path.suffix.lower() in (".safetensors", ".ckpt", ".bin", ".pt", ".pth"):
+        # Also a typo'd local path such as models/tiny-sdl, whose folder models/ exists.
         raise ModelSourceError(f"model path {model} does not exist (nor is it a hub id like 'org/name')")
     try:
         from huggingface_hub import snapshot_download
@@ -107,6 +110,20 @@ def hash_files(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def quiet_libraries() -> None:
+    """diffusers and transformers reset their loggers to WARNING when imported (after our CLI set
+    them to ERROR), then advise installing accelerate and draw a progress bar per component:
+    nothing a user of ldm-export can act on. Kept with -v (DEBUG)."""
+    if logging.getLogger().level <= logging.DEBUG:
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def load_source(model: str, allow_pickle: bool = False) -> SourceModel:
     """Load a Stable Diffusion 1.x / 2.x diffusers model in float32 on the CPU."""
     path = resolve(model)
@@ -115,6 +132,7 @@ def load_source(model: str, allow_pickle: bool = False) -> SourceModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    quiet_libraries()
     kw = dict(use_safetensors=None if allow_pickle else True)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)

@@ -80,9 +80,21 @@ def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
     return None
 
 
+@contextlib.contextmanager
+def fallback_unlogged() -> Iterator[None]:
+    """Run without the fallback's log line: for runs whose result is not what runs later (the
+    exporter's probes of the U-Net, whose graph form is what the engine runs)."""
+    previous = getattr(_state, "quiet", False)
+    _state.quiet = True
+    try:
+        yield
+    finally:
+        _state.quiet = previous
+
+
 def _log_fallback_once(reason: str) -> None:
     # While the ONNX exporter traces, the op's value is only an example: its ONNX form is what runs.
-    if torch.onnx.is_in_onnx_export():
+    if torch.onnx.is_in_onnx_export() or getattr(_state, "quiet", False):
         return
     if reason not in _logged_reasons:
         _logged_reasons.add(reason)

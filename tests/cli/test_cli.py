@@ -74,7 +74,7 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--height", "1024"], "outside this engine's range [64, 512]"),
     (["--width", "32"], "outside this engine's range"),
     (["--steps", "0"], "steps must be at least 1"),
-    (["--guidance", "-1"], "guidance must be 0 or more"),
+    (["--guidance", "-1"], "guidance must be a finite number, 0 or more"),
     (["--init-image", "INIT", "--strength", "0"], "strength must lie in (0, 1]"),
     (["--init-image", "INIT", "--strength", "1.5"], "strength must lie in (0, 1]"),
     (["--init-image", "NOTANIMAGE"], "cannot read the init image"),
@@ -83,19 +83,55 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--torch-compile"], "--torch-compile applies to torch engines (ldm-export --backend torch); this one runs on onnxruntime"),
     (["--no-torch-compile"], "--no-torch-compile applies to torch engines"),
     (["--static-shapes"], "--static-shapes is a choice of the openvino backend"),
+    (["--seed", "-2"], "seed must be 0 or more (or -1 for a random one)"),
+    (["--num-images", "0"], "--num-images must be at least 1"),
+    (["--width", "0"], "width 0 is outside this engine's range"),
+    (["--guidance", "inf"], "guidance must be a finite number"),
+    (["--out", "x.jpg"], "ldm-run writes PNG files"),
+    (["--backend", "torch"], "this engine was built for onnxruntime and runs on onnxruntime or openvino, not torch"),
+    (["--init-image", "BIG"], "the init image is 1200x72, and its width 1200 is outside this engine's range"),
 ])
 def test_run_bad_input(args, message, engine_dirs, tmp_path, capsys):
     init = tmp_path / "init.png"
     Image.new("RGB", (64, 64), "red").save(init)
     bad = tmp_path / "bad.png"
     bad.write_text("this is not a PNG")
+    Image.new("RGB", (1200, 72), "red").save(tmp_path / "big.png")
     subst = {"INIT": str(init), "NOTANIMAGE": str(bad), "MISSING": str(tmp_path / "missing.png"),
+             "BIG": str(tmp_path / "big.png"), "x.jpg": str(tmp_path / "x.jpg"),
              "NOWHERE/x.png": str(tmp_path / "nowhere" / "x.png")}
     args = [subst.get(a, a) for a in args]
-    code, err = run(capsys, ["a prompt", "--engine", str(engine_dirs["tiny-sd1"]), "--out", str(tmp_path / "o.png"),
-                             "-q", *args])
-    assert code != 0
+    out = [] if "--out" in args else ["--out", str(tmp_path / "o.png")]
+    code, err = run(capsys, ["a prompt", "--engine", str(engine_dirs["tiny-sd1"]), *out, "-q", *args])
+    assert code == 2
     assert message in err
+
+
+def test_run_output_names(engine_dirs, tmp_path, capsys, monkeypatch):
+    """No --out: output.png, then output-2.png ... (never overwritten); a folder: written into;
+    seed -1: a random seed, as in AUTOMATIC1111; --strength without an init image: a warning."""
+    monkeypatch.chdir(tmp_path)
+    base = ["a prompt", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "2", "-q"]
+    assert run(capsys, [*base, "--seed", "-1"])[0] == 0
+    code, err = run(capsys, [*base, "--strength", "0.5"])
+    assert code == 0 and "--strength applies to img2img only" in err
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["output-2.png", "output.png"]
+    seeds = {Image.open(p).info["parameters"].split("Seed: ")[1].split(",")[0] for p in tmp_path.glob("*.png")}
+    assert len(seeds) == 2  # -1 and no seed: random each
+    (tmp_path / "pics").mkdir()
+    assert run(capsys, [*base, "--out", "pics", "--num-images", "2"])[0] == 0
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["output-0.png", "output-1.png"]
+    code, err = run(capsys, [*base, "--guidance", "1", "--negative-prompt", "red", "--out", "x.png"])
+    assert code == 0 and "the negative prompt has no effect with guidance 1.0" in err
+
+
+def test_run_engine_path_is_a_model_or_a_file(model_dirs, tmp_path, capsys):
+    code, err = run(capsys, ["x", "--engine", str(model_dirs["tiny-sd1"])])
+    assert code == 2 and "is a diffusers model, not an engine directory: pass it as --model" in err
+    assert "--force" not in err  # which would have replaced the model
+    (tmp_path / "w.safetensors").write_bytes(b"0")
+    code, err = run(capsys, ["x", "--engine", str(tmp_path / "w.safetensors")])
+    assert code == 2 and "is a file; an engine is a directory" in err
 
 
 def test_run_output_not_writable(engine_dirs, tmp_path, capsys):
@@ -208,6 +244,30 @@ def test_export_refuses_pickle_weights_unless_asked(model_dirs, tmp_path, capsys
 def test_export_existing_out_needs_force(engine_dirs, model_dirs, capsys):
     code, err = export(capsys, ["--model", str(model_dirs["tiny-sd1"]), "--out", str(engine_dirs["tiny-sd1"])])
     assert code != 0 and "--force" in err
+
+
+def test_export_force_replaces_only_engine_directories(model_dirs, tmp_path, capsys):
+    """--force must never delete the model, a file, or a folder that is not an engine; and these
+    are refused before the model is loaded."""
+    model = tmp_path / "models" / "m"
+    shutil.copytree(model_dirs["tiny-sd1"], model)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"x")
+    for out, message in ((model, "is the model's folder or holds it"),
+                         (tmp_path / "models", "is the model's folder or holds it"),
+                         (tmp_path / "notes.txt", "is not a directory"),
+                         (tmp_path / "photos", "is not an engine directory (it has no manifest.json)")):
+        code, err = export(capsys, ["--model", str(model), "--out", str(out), "--force"])
+        assert code == 2 and message in err, err
+        assert "loading" not in err
+    assert (model / "model_index.json").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "photos" / "a.png").is_file()
+    other = tmp_path / "other-model"
+    shutil.copytree(model, other)
+    code, err = export(capsys, ["--model", str(model), "--out", str(other), "--force"])
+    assert code == 2 and "is a diffusers model (it has no manifest.json)" in err
+    assert (other / "model_index.json").is_file()
 
 
 @pytest.mark.parametrize("args,message", [

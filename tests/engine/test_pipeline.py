@@ -70,3 +70,57 @@ def test_pil_output_carries_parameters(pipelines):
 def test_long_prompt_is_truncated_with_a_warning(pipelines, caplog):
     pipelines["tiny-sd1"]("word " * 100, seed=0, **KW)
     assert "longer than 77 tokens" in caplog.text
+
+
+def test_init_image_from_an_array_is_the_same_as_from_pil(pipelines):
+    """img2img takes an (H, W, 3) array (uint8, or floats in [0, 1] as output_type="np" gives)
+    as diffusers does, with the same result as the PIL image of the same pixels."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    kw = dict(KW, seed=3, strength=0.5)
+    pipe = pipelines["tiny-sd1"]
+    expected = pipe("x", init_image=Image.fromarray(pixels), **kw)
+    np.testing.assert_array_equal(pipe("x", init_image=pixels, **kw), expected)
+    np.testing.assert_array_equal(pipe("x", init_image=pixels / 255.0, **kw), expected)
+
+
+def test_sixteen_bit_greyscale_init_image_keeps_its_tones(tmp_path):
+    """PIL's own conversion clips 16-bit values at 255 (a mid grey became white)."""
+    from PIL import Image
+
+    from ldm_deploy.engine.images import open_image
+
+    Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(tmp_path / "g16.png")
+    assert np.asarray(open_image(tmp_path / "g16.png"))[0, 0].tolist() == [117] * 3  # 30000/65535*255
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(seed=1.5), "seed must be a whole number"),
+    (dict(seed=-3), "seed must be 0 or more"),
+    (dict(width=64.5), "width must be a whole number"),
+    (dict(num_images=0), "num_images must be a whole number of at least 1"),
+    (dict(init_image=[1, 2, 3]), "init_image must be a path, a PIL image or an (H, W, 3) array; got list"),
+    (dict(guidance=float("inf")), "guidance must be a finite number"),
+])
+def test_bad_requests(pipelines, kw, message):
+    from ldm_deploy.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as e:
+        pipelines["tiny-sd1"]("x", **{**KW, **kw})
+    assert message in str(e.value)
+
+
+def test_seed_minus_one_is_random(pipelines):
+    pipe = pipelines["tiny-sd1"]
+    seeds = {pipe("x", seed=-1, **dict(KW, output_type="pil"))[0].info["parameters"].split("Seed: ")[1][:12]
+             for _ in range(2)}
+    assert len(seeds) == 2
+
+
+def test_model_name_in_parameters():
+    from ldm_deploy.engine.pipeline import model_name
+
+    assert model_name("/x/ldm_deploy/shapes/model") == "shapes"
+    assert model_name("runwayml/stable-diffusion-v1-5") == "stable-diffusion-v1-5"
+    assert model_name("/models/tiny-sd1") == "tiny-sd1"

@@ -34,7 +34,7 @@ def test_key_changes_with_the_model_and_the_settings(tmp_path):
 def test_not_a_diffusers_folder(tmp_path, capsys):
     assert run.main(["x", "--model", str(tmp_path)]) == 2
     assert "not a diffusers folder" in capsys.readouterr().err
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match="does not exist"):
         cache.engine_for(tmp_path / "missing")
 
 
@@ -51,6 +51,16 @@ def test_model_flag_exports_once_and_repairs_a_damaged_engine(model_dirs, monkey
     assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
     assert os.stat(engine / "manifest.json").st_mtime_ns != stamp
     assert [p.name for p in engine.parent.iterdir()] == [engine.name]  # no staging left behind
+    # A truncated component file (the manifest intact) is found by its size and exported again.
+    unet = engine / "unet_step.onnx"
+    size = unet.stat().st_size
+    os.truncate(unet, 100)
+    assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
+    assert unet.stat().st_size == size
+    # So is one whose manifest is gone (no longer an engine directory: replaced, not refused).
+    (engine / "manifest.json").unlink()
+    assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
+    assert (engine / "manifest.json").is_file()
     shutil.rmtree(engine)
     out = tmp_path / "x.png"
     # through the CLI: --model exports with the cache's default settings (sizes 256..1024)

@@ -58,6 +58,23 @@ def auto(manifest) -> str:
     return auto_backend(manifest)
 
 
+#: Engine kind (the manifest's backend) -> the backends that can run it. ONNX Runtime and OpenVINO
+#: run the ONNX graphs that onnxruntime and tensorrt engines hold; a torch engine holds none.
+RUNS = {"onnxruntime": ("onnxruntime", "openvino"), "tensorrt": ("tensorrt", "onnxruntime", "openvino"),
+        "torch": ("torch",)}
+
+
+def check_compatible(name: str, manifest) -> None:
+    """A UserError with the fix when backend `name` cannot run this engine (instead of a
+    missing-file error from deep inside the backend)."""
+    can = RUNS.get(manifest.backend, ())
+    if name in BACKENDS and name not in can:
+        raise UserError(
+            f"this engine was built for {manifest.backend} and runs on {' or '.join(can)}, not "
+            f"{name}: drop --backend (backend='auto'), or re-export the model with "
+            f"`ldm-export --backend {name if name != 'openvino' else 'onnxruntime'}`")
+
+
 def create(name: str, **options) -> Backend:
     """Instantiate a backend by name; raises BackendUnavailable with the reason."""
     if name not in BACKENDS:

@@ -48,6 +48,7 @@ class TorchBackend:
         except ImportError:
             raise BackendUnavailable("the torch backend needs PyTorch: pip install torch") from None
         self.torch = torch
+        self._said: set[str] = set()  # what load() has told the user about this engine
         self.device_name = device
         self.cuda_graph = cuda_graph
         self.compile = compile
@@ -80,13 +81,15 @@ class TorchBackend:
                     import ldm_deploy.kernels.ops  # noqa: F401
                 module = torch.export.load(str(path)).module()
                 why, news = exported_why(manifest.build)
-                say = log.warning if news else log.info
+                # Once per engine, not per component: the reason is the engine's.
+                say = log.debug if why in self._said else log.warning if news else log.info
+                self._said.add(why)
                 if compile:
-                    say("%s: compiling with torch.compile on its first call, a minute or so (%s; "
-                        "--no-torch-compile runs it uncompiled)", component, why)
+                    say("exported programs compile with torch.compile on their first call, a "
+                        "minute or so (%s; --no-torch-compile runs them uncompiled)", why)
                     runner = _compiled(module, component)
                 else:
-                    say("%s runs uncompiled (%s; --torch-compile compiles it)", component, why)
+                    say("exported programs run uncompiled (%s; --torch-compile compiles them)", why)
                     runner = _eager(module)
         except Exception as e:  # torch raises RuntimeError / zipfile errors for damaged packages
             raise EngineError(f"PyTorch could not load {path} ({type(e).__name__}: {str(e)[:300]}); "
