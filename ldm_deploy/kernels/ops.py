@@ -46,12 +46,19 @@ def kernel_on_cpu() -> Iterator[None]:
     """
     if not kernel.is_interpreter():
         raise RuntimeError("kernel_on_cpu() needs TRITON_INTERPRET=1 set before importing triton")
-    previous = getattr(_state, "cpu", False)
-    _state.cpu = True
+    with _flag("cpu"):
+        yield
+
+
+@contextlib.contextmanager
+def _flag(name: str) -> Iterator[None]:
+    """Set a thread-local flag of this module for the duration of the block."""
+    previous = getattr(_state, name, False)
+    setattr(_state, name, True)
     try:
         yield
     finally:
-        _state.cpu = previous
+        setattr(_state, name, previous)
 
 
 def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -84,12 +91,8 @@ def fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | 
 def fallback_unlogged() -> Iterator[None]:
     """Run without the fallback's log line: for runs whose result is not what runs later (the
     exporter's probes of the U-Net, whose graph form is what the engine runs)."""
-    previous = getattr(_state, "quiet", False)
-    _state.quiet = True
-    try:
+    with _flag("quiet"):
         yield
-    finally:
-        _state.quiet = previous
 
 
 def _log_fallback_once(reason: str) -> None:
