@@ -50,7 +50,7 @@
 # SUITE_BUDGET_S (default 540 s; the device tool may grant less than the timeout asked for when
 # the machine was slow to start: then the later stages are cut, and say so):
 #   setup      GPU, clocks, versions; the carried wheels; the SD 1.5-architecture random-weight
-#              model (exact U-Net / VAE / CLIP-L shapes; about 30 s)
+#              model (exact U-Net / VAE / CLIP-L shapes; about 30 s) where a stage needs it
 #   aoti       (only when named) benchmarks.aoti_probe, started in the background before the model
 #              is made and waited for before the next stage: a toy AOTInductor package under
 #              several settings -> $OUT/aoti_probe.json (why packages crash on the lent machines,
@@ -171,7 +171,8 @@ if want aoti; then
 fi
 
 MODEL=$WORK/$PRESET
-if [ ! -f "$MODEL/model_index.json" ]; then
+# Only the stages that run a whole model need it (attention, tests, profile make their own).
+if { want peers || want torch || want more || want variants; } && [ ! -f "$MODEL/model_index.json" ]; then
   stage "random-weight $PRESET model" 180 "$PY" -m ldm_deploy.export.random_model --preset "$PRESET" --out "$MODEL"
 fi
 
