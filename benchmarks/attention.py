@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 import torch
@@ -237,9 +238,11 @@ def print_table(rows: list[dict], unet: dict | None) -> None:
 
 
 def write_json(path: str | None, data: dict) -> None:
+    """Whole or not at all: a run cut while writing keeps the previous file."""
     if path:
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(data, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             fn(q, k, v, shape.D ** -0.5)
             torch.cuda.synchronize()
             torch.cuda.nvtx.range_pop()
-            print(f"{shape.name} {name}: profiled", file=sys.stderr)  # stdout: ncu's CSV
+            print(f"{shape.name} {name}: profiled", file=sys.stderr)  # beside ncu's own lines
     return 0
 
 

@@ -211,11 +211,16 @@ if want profile; then
   if command -v ncu > /dev/null; then
     # Only the calls inside the script's NVTX range "profile" (warm-up and compiles are outside).
     # shellcheck disable=SC2086  # SUITE_PROFILE_ARGS: word-split on purpose
-    stage "attention kernels: Nsight Compute" 120 ncu --nvtx --nvtx-include "profile/" \
-      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-      --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats \
-      --csv --page details --log-file "$OUT/ncu-attention.log" \
-      "$PY" -m benchmarks.attention_profile ${SUITE_PROFILE_ARGS:-} > "$OUT/ncu-attention.csv"
+    # The report goes to a file (--export), then to CSV (--import): ncu's own messages stay in the
+    # log, the CSV holds only metrics.
+    if stage "attention kernels: Nsight Compute" 120 ncu --nvtx --nvtx-include "profile/" \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats \
+        --export "$WORK/ncu-attention" --force-overwrite \
+        "$PY" -m benchmarks.attention_profile ${SUITE_PROFILE_ARGS:-}; then
+      ncu --import "$WORK/ncu-attention.ncu-rep" --csv --page details > "$OUT/ncu-attention.csv" \
+        || STATUS+=("profile: the report did not convert to CSV")
+    fi
   else
     STATUS+=("profile: skipped (no ncu on PATH)")
   fi

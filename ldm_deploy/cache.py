@@ -65,7 +65,11 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
             return out
         except EngineError as e:
             log.warning("the cached engine %s is damaged (%s); exporting it again", out, e)
-            shutil.rmtree(out, ignore_errors=True)  # ours, and no longer an engine
+            try:
+                shutil.rmtree(out)  # ours, and no longer an engine
+            except OSError as err:
+                raise UserError(f"cannot remove the damaged cached engine {out} ({err.strerror}); "
+                                "delete it by hand, or point LDM_DEPLOY_CACHE elsewhere") from None
     export(model, out, settings)
     return out
 

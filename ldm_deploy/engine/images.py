@@ -24,34 +24,53 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB. 16- and 32-bit integer greyscale ("I;16", "I") is scaled from
-    its bit depth (PIL's own conversion clips it at 255, turning most of it white); float
-    greyscale ("F") is taken as [0, 1]."""
+    """Any PIL image -> 8-bit RGB. Integer greyscale ("I;16", "I") is scaled from the bit depth its
+    values need (8, 16 or 32 bits: PIL's own conversion clips at 255, turning a 16-bit image
+    mostly white); float greyscale ("F") is taken as [0, 1], or as 0..255 when it exceeds 1."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16") or image.mode == "I":
-        a = np.asarray(image).astype(np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or a.max() <= 65535 else float(2**32 - 1)
-        image = Image.fromarray((np.clip(a, 0, top) / top * 255).round().astype(np.uint8), "L")
-    elif image.mode == "F":
-        a = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8), "L")
-    return image.convert("RGB")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = Image.fromarray(to_uint8(np.asarray(image), what=f"a mode {image.mode} image"), "L")
+    try:
+        return image.convert("RGB")
+    except ValueError:  # premultiplied "La", "RGBa", ...: PIL has no conversion
+        raise InvalidRequest(f"cannot use an init image of mode {image.mode}: PIL cannot convert "
+                             "it to RGB; pass an RGB (or greyscale) image") from None
+
+
+def to_uint8(a: np.ndarray, what: str) -> np.ndarray:
+    """Pixel values -> uint8: unsigned 8-bit as they are; other integers scaled from the
+    smallest of 8, 16 or 32 bits that holds them; floats taken as [0, 1] (diffusers'
+    output_type="np"), or as 0..255 when they exceed 1."""
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_):
+        a = a.astype(np.float64)
+        if a.size and a.min() < 0:
+            raise InvalidRequest(f"{what} has negative pixel values; pass 0..255 (or floats in [0, 1])")
+        top = next((t for t in (255.0, 65535.0) if a.size == 0 or a.max() <= t), 2.0**32 - 1)
+    elif np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise InvalidRequest(f"{what} has NaN or infinite pixel values")
+        top = 1.0 if a.size == 0 or a.max() <= 1.0 else 255.0
+    else:
+        raise InvalidRequest(f"{what} has pixels of type {a.dtype}; pass uint8, or floats in [0, 1]")
+    return (np.clip(a, 0, top) / top * 255).round().astype(np.uint8)
 
 
 def as_init_image(init) -> Image.Image | None:
-    """The init image as 8-bit RGB from a path, a PIL image, or an (H, W, 3) / (H, W) array
-    (uint8, or floats in [0, 1] as diffusers' output_type="np" gives)."""
+    """The init image as 8-bit RGB from a path, a PIL image, or an (H, W, 3), (H, W, 4) or
+    (H, W) array (uint8, 16-bit, or floats in [0, 1] as diffusers' output_type="np" gives)."""
     if init is None:
         return None
     if isinstance(init, (str, Path)):
         return open_image(init)
     if isinstance(init, Image.Image):
         return to_rgb(init)
-    if isinstance(init, np.ndarray) and init.ndim in (2, 3) and (init.ndim == 2 or init.shape[2] in (1, 3, 4)):
-        a = init if init.ndim == 2 else init[..., :3] if init.shape[2] != 1 else init[..., 0]
-        if a.dtype != np.uint8:
-            a = (np.clip(a.astype(np.float64), 0, 1) * 255).round().astype(np.uint8)
+    if isinstance(init, np.ndarray) and (init.ndim == 2 or init.ndim == 3 and init.shape[2] in (1, 3, 4)):
+        a = to_uint8(init if init.ndim == 2 else init[..., :3] if init.shape[2] != 1 else init[..., 0],
+                     what="the init image array")
         return Image.fromarray(a).convert("RGB")
     what = f"an array of shape {init.shape}" if isinstance(init, np.ndarray) else type(init).__name__
     raise InvalidRequest(f"init_image must be a path, a PIL image or an (H, W, 3) array; got {what}")

@@ -6,6 +6,7 @@ tokenize -> text encoder -> sampler table (host) -> N x unet_step -> VAE decoder
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from dataclasses import replace
 from pathlib import Path
@@ -52,9 +53,9 @@ class Pipeline:
         `rebuild_stale` (TensorRT): rebuild plans made for another GPU or TensorRT version from
         the ONNX graphs in the engine directory instead of refusing them."""
         manifest = read_manifest(Path(engine_dir))
-        verify_files(Path(engine_dir), manifest, hashes=verify)
         name = backends.auto(manifest) if backend == "auto" else backend
-        backends.check_compatible(name, manifest)
+        backends.check_compatible(name, manifest)  # before hashing gigabytes
+        verify_files(Path(engine_dir), manifest, hashes=verify)
         if name == "tensorrt":
             backend_options["rebuild_stale"] = rebuild_stale
         return cls(engine_dir, manifest, backends.create(name, **backend_options))
@@ -246,7 +247,8 @@ def model_name(source: str) -> str:
     """What AUTOMATIC1111's "Model" field shows: the model folder's (or hub id's) last part, or
     the folder above a generically named one (our bundled shapes/model -> "shapes")."""
     path = Path(source)
-    return path.parent.name if path.name in ("model", "diffusers") and path.parent.name else path.name
+    generic = path.is_absolute() and path.name in ("model", "diffusers") and path.parent.name
+    return path.parent.name if generic else path.name
 
 
 def random_seed() -> int:
@@ -258,7 +260,7 @@ def whole(name: str, value, default) -> int:
     if value is None:
         value = default
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or value != value or int(value) != value:
+            or not math.isfinite(value) or int(value) != value:
         raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
     return int(value)
 

@@ -26,7 +26,10 @@ def check_out(out: Path, force: bool, model: str | Path | None = None) -> None:
         return
     if not force:
         raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out")
-    if not out.is_dir() or out.is_symlink():
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link; pass the folder it points to "
+                        f"({os.path.realpath(out)}), or another --out")
+    if not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; --force replaces only engine "
                         "directories. Choose another --out")
     if not (out / MANIFEST).is_file() and any(out.iterdir()):

@@ -54,17 +54,22 @@ def resolve(model: str) -> Path:
                 "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)"
             )
         return path
-    first = model.split("/", 1)[0]
-    if model.count("/") != 1 or model.startswith((".", "/", "~")) or Path(first).is_dir() \
+    if model.count("/") != 1 or model.startswith((".", "/", "~")) \
             or path.suffix.lower() in (".safetensors", ".ckpt", ".bin", ".pt", ".pth"):
-        # Also a typo'd local path such as models/tiny-sdl, whose folder models/ exists.
         raise ModelSourceError(f"model path {model} does not exist (nor is it a hub id like 'org/name')")
+    # org/name with a local folder org/: a typo'd local path (models/tiny-sdl) more likely than
+    # a hub id, but it may be one (stabilityai/... next to local clones), so the hub is still tried.
+    local = Path(model.split("/", 1)[0]).is_dir()
     try:
         from huggingface_hub import snapshot_download
 
         patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
         return Path(snapshot_download(model, allow_patterns=patterns))
     except Exception as e:  # network, auth, missing repo: all the user's to fix
+        if local:
+            raise ModelSourceError(
+                f"model path {model} does not exist (and fetching it as a hub id failed: "
+                f"{type(e).__name__}); check the folder's name") from None
         raise ModelSourceError(
             f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             "Check the id and your network, or pass a local diffusers folder"
@@ -146,7 +151,7 @@ def load_source(model: str, allow_pickle: bool = False) -> SourceModel:
     for m in (unet, vae, text_encoder):
         m.eval().float()
     return SourceModel(
-        source=model,
+        source=str(path.resolve()) if Path(model).expanduser().exists() else model,
         path=path,
         unet=unet,
         vae=vae,

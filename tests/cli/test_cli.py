@@ -263,6 +263,9 @@ def test_export_force_replaces_only_engine_directories(model_dirs, tmp_path, cap
         assert "loading" not in err
     assert (model / "model_index.json").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
     assert (tmp_path / "photos" / "a.png").is_file()
+    (tmp_path / "link").symlink_to(tmp_path / "photos")
+    code, err = export(capsys, ["--model", str(model), "--out", str(tmp_path / "link"), "--force"])
+    assert code == 2 and "is a symbolic link; pass the folder it points to" in err
     other = tmp_path / "other-model"
     shutil.copytree(model, other)
     code, err = export(capsys, ["--model", str(model), "--out", str(other), "--force"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ldm_deploy.engine.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -95,6 +96,21 @@ def test_sixteen_bit_greyscale_init_image_keeps_its_tones(tmp_path):
     assert np.asarray(open_image(tmp_path / "g16.png"))[0, 0].tolist() == [117] * 3  # 30000/65535*255
 
 
+@pytest.mark.parametrize("pixels,expected", [
+    (np.full((4, 4, 3), 100, np.int64), 100),  # integers within 0..255: 8-bit
+    (np.full((4, 4), 30000, np.uint16), 117),  # 16-bit
+    (np.full((4, 4, 3), 0.5), 128),  # floats in [0, 1], as output_type="np" gives
+    (np.full((4, 4, 3), 100.0), 100),  # floats beyond 1: 0..255
+    (Image.fromarray(np.full((4, 4), 100, np.int32)), 100),  # mode "I" holding 8-bit values
+    (Image.fromarray(np.full((4, 4), 0.5, np.float32)), 128),  # mode "F"
+    (Image.new("LA", (4, 4), (9, 255)), 9),
+], ids=["int64", "uint16", "float01", "float255", "mode-I", "mode-F", "mode-LA"])
+def test_init_image_values(pixels, expected):
+    from ldm_deploy.engine.images import as_init_image
+
+    assert np.asarray(as_init_image(pixels))[0, 0].tolist() == [expected] * 3
+
+
 @pytest.mark.parametrize("kw,message", [
     (dict(seed=1.5), "seed must be a whole number"),
     (dict(seed=-3), "seed must be 0 or more"),
@@ -102,6 +118,8 @@ def test_sixteen_bit_greyscale_init_image_keeps_its_tones(tmp_path):
     (dict(num_images=0), "num_images must be a whole number of at least 1"),
     (dict(init_image=[1, 2, 3]), "init_image must be a path, a PIL image or an (H, W, 3) array; got list"),
     (dict(guidance=float("inf")), "guidance must be a finite number"),
+    (dict(width=float("inf")), "width must be a whole number"),
+    (dict(init_image=np.full((64, 64, 3), -1)), "negative pixel values"),
 ])
 def test_bad_requests(pipelines, kw, message):
     from ldm_deploy.errors import InvalidRequest
@@ -124,3 +142,4 @@ def test_model_name_in_parameters():
     assert model_name("/x/ldm_deploy/shapes/model") == "shapes"
     assert model_name("runwayml/stable-diffusion-v1-5") == "stable-diffusion-v1-5"
     assert model_name("/models/tiny-sd1") == "tiny-sd1"
+    assert model_name("org/model") == "model"  # a hub id: its own name

@@ -329,7 +329,9 @@ def test_tiles_fit_shared_memory():
     for head_dim in (40, 64, 80, 160):
         tiles = aot.tiles_for(head_dim)
         assert tiles and set(tiles) <= set(attention.AUTOTUNE_TILES)
-    assert (128, 128, 8, 3) not in aot.tiles_for(160)
+    assert attention.Tile(128, 128, 8, 3) not in aot.tiles_for(160)
+    assert attention.Tile(64, 64, 4, 3, True) in aot.tiles_for(40)
+    assert attention.Tile(64, 64, 4, 3, True) not in aot.tiles_for(160)  # 2 * 256 * 512 bytes
 
 
 def test_plugin_kernel_compiles_for_sm90():
@@ -340,10 +342,10 @@ def test_plugin_kernel_compiles_for_sm90():
         from triton.backends.compiler import GPUTarget
         from ldm_deploy.kernels import aot
         for dtype, heads, head_dim in (("fp16", 8, 40), ("bf16", 5, 64), ("fp16", 8, 160)):
-            src, options = aot.source(dtype, heads, head_dim, head_dim ** -0.5,
-                                      aot.tiles_for(head_dim)[-1])
-            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-            assert "ld.global.v4" in ptx, (dtype, head_dim)
+            for tile in {aot.tiles_for(head_dim)[0], aot.tiles_for(head_dim)[-1]}:  # plain, last
+                src, options = aot.source(dtype, heads, head_dim, head_dim ** -0.5, tile)
+                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+                assert "ld.global.v4" in ptx, (dtype, head_dim, tile)
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -58,12 +58,14 @@ def test_sd_shapes_match_fp32(shape, dtype):
 
 
 @pytest.mark.parametrize("head_dim,heads", [(40, 8), (64, 5), (80, 8), (160, 8)])
-def test_every_tile_on_masked_tails(head_dim, heads):
-    """Whatever config the autotuner picks must be right: 144 queries (tail for BLOCK_M 128),
-    77 keys (tail for every BLOCK_N)."""
+@pytest.mark.parametrize("keys", [77, 256, 333])
+def test_every_tile_on_masked_tails(head_dim, heads, keys):
+    """Whatever config the autotuner picks must be right: 144 queries (tail for BLOCK_M 128);
+    77 keys (tail for every BLOCK_N), 256 (exact multiples: several full blocks, the pipelined
+    loop, no tail) and 333 (several full blocks, then a tail)."""
     from triton.runtime.errors import OutOfResources
 
-    q, k, v = projections(2, heads, 144, 77, head_dim, torch.float16)
+    q, k, v = projections(2, heads, 144, keys, head_dim, torch.float16)
     ran = []
     for tile in attention.AUTOTUNE_TILES:
         out = attention.new_output(q).fill_(float("nan"))
@@ -73,7 +75,7 @@ def test_every_tile_on_masked_tails(head_dim, heads):
             continue  # the autotuner skips this tile for this head dim too
         assert rel_error(out, q, k, v, head_dim ** -0.5) < TOLERANCE, tile
         ran.append(tile)
-    assert ran
+    assert ran and (head_dim == 160 or any(t.pipeline for t in ran))
 
 
 def test_op_uses_kernel_and_falls_back_for_fp32(monkeypatch, caplog):
