@@ -1,8 +1,10 @@
 """Host-side random numbers: a seed gives the same image on every backend.
 
-A generator is anything with `standard_normal(shape) -> array`: numpy's `Generator` is one.
-Like diffusers' `generator` argument, it is either one generator for the whole batch, or a list
-of one per image (then image i draws only from its own, so a batch equals single runs).
+A generator is anything with `standard_normal(shape) -> array`: numpy's `Generator` is one. A
+torch.Generator is taken too (the caller has torch; the runtime does not import it otherwise): it
+draws as diffusers draws from it, so the same generator gives diffusers' noise. Like diffusers'
+`generator` argument, it is either one generator for the whole batch, or a list of one per image
+(then image i draws only from its own, so a batch equals single runs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,19 @@ def draw(generator, shape: tuple[int, ...]) -> np.ndarray:
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        parts = [np.asarray(g.standard_normal((1,) + tuple(shape[1:]))) for g in generator]
+        parts = [normal(g, (1,) + tuple(shape[1:])) for g in generator]
         return np.concatenate(parts).astype(np.float32)
-    return np.asarray(generator.standard_normal(tuple(shape))).astype(np.float32)
+    return normal(generator, tuple(shape)).astype(np.float32)
+
+
+def normal(generator, shape: tuple[int, ...]) -> np.ndarray:
+    if hasattr(generator, "standard_normal"):
+        return np.asarray(generator.standard_normal(shape))
+    if type(generator).__module__.split(".")[0] == "torch" and type(generator).__name__ == "Generator":
+        import torch  # the caller's: it made the generator
+
+        # diffusers' randn_tensor: float32 on the generator's device, one draw for the batch.
+        return torch.randn(shape, generator=generator, device=generator.device,
+                           dtype=torch.float32).cpu().numpy()
+    raise TypeError(f"a generator needs standard_normal(shape) (numpy's Generator has it) or must "
+                    f"be a torch.Generator; got {type(generator).__name__}")

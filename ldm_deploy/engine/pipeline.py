@@ -83,15 +83,31 @@ class Pipeline:
         generator=None,
         output_type: str = "pil",
         progress: bool = True,
+        **diffusers_names,
     ):
         """Generate images. Returns a list of PIL images, or for output_type="np" a
         (B, H, W, 3) float32 array in [0, 1], as diffusers does.
 
-        init_image (a PIL image or a path) switches to img2img with `strength`. latents: the
-        initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for img2img:
-        the noise added to the encoded image). generator: overrides `seed`; one object with
-        `standard_normal(shape)` or a list of one per image (see `noise.py`).
+        init_image (a path, a PIL image or an array) switches to img2img with `strength`.
+        latents: the initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for
+        img2img: the noise added to the encoded image). generator: overrides `seed`; a
+        torch.Generator (the same noise, so the same image, as diffusers given that generator),
+        any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
+        diffusers' names are taken too: num_inference_steps, guidance_scale,
+        num_images_per_prompt, image.
         """
+        given = {"steps": steps != 30, "guidance": guidance != 7.5, "num_images": num_images != 1,
+                 "init_image": init_image is not None}
+        for theirs, value in diffusers_names.items():
+            ours = DIFFUSERS_NAMES.get(theirs)
+            if ours is None:
+                raise TypeError(f"Pipeline.__call__() got an unexpected keyword argument {theirs!r}")
+            if given[ours]:
+                raise InvalidRequest(f"{theirs} and {ours} name the same setting; pass one")
+        steps = diffusers_names.get("num_inference_steps", steps)
+        guidance = diffusers_names.get("guidance_scale", guidance)
+        num_images = diffusers_names.get("num_images_per_prompt", num_images)
+        init_image = diffusers_names.get("image", init_image)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negs) != len(prompts):
@@ -201,7 +217,10 @@ class Pipeline:
         be = self.backend
         pixels = images.to_model_input(init, req.width, req.height)
         pixels = np.repeat(pixels, req.batch, axis=0)
-        sample_noise = noise.draw(generator, shape)
+        if isinstance(generator, (list, tuple)):  # one per image: each image samples its own
+            sample_noise = noise.draw(generator, shape)
+        else:  # one for the batch: as diffusers, one sample of the image's latent, repeated
+            sample_noise = np.repeat(noise.draw(generator, (1,) + tuple(shape[1:])), shape[0], axis=0)
         start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
         x = be.empty(shape)
         inputs = {
@@ -241,6 +260,11 @@ class Pipeline:
             fields["Denoising strength"] = req.strength
         fields["Version"] = f"ldm-deploy {__version__}"
         return images.parameters_text(req.prompts[i], req.negative_prompts[i], fields)
+
+
+#: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
+DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
+                   "num_images_per_prompt": "num_images", "image": "init_image"}
 
 
 def model_name(source: str) -> str:

@@ -85,3 +85,34 @@ def test_img2img_matches_diffusers(preset, sampler, strength, reference, pipelin
     assert ours.shape == ref.shape == (1, H, W, 3)
     assert_not_saturated(ref)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a"])
+def test_diffusers_call_unchanged_gives_diffusers_image(sampler, reference, pipelines, init_image):
+    """Code written for diffusers runs unchanged: its keyword names, and a torch.Generator that
+    draws the start noise (and euler_a's step noise) exactly as diffusers does."""
+    common = dict(num_inference_steps=4, guidance_scale=7.5, output_type="np", height=H, width=W)
+    ref = with_scheduler(reference["tiny-sd1"], 0, sampler)(
+        "a red barn", generator=torch.Generator().manual_seed(21), **common).images
+    ours = pipelines["tiny-sd1"]("a red barn", generator=torch.Generator().manual_seed(21),
+                                 sampler=sampler, progress=False, **common)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+    common = dict(image=init_image, strength=0.7, num_inference_steps=5, guidance_scale=7.5,
+                  num_images_per_prompt=2, output_type="np")
+    ref = with_scheduler(reference["tiny-sd1"], 1, sampler)(
+        "a watercolor", generator=torch.Generator().manual_seed(4), **common).images
+    ours = pipelines["tiny-sd1"]("a watercolor", generator=torch.Generator().manual_seed(4),
+                                 sampler=sampler, progress=False, **common)
+    assert ours.shape == ref.shape == (2, H, W, 3)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+
+def test_diffusers_names_clash_with_ours(pipelines):
+    from ldm_deploy.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="num_inference_steps and steps name the same setting"):
+        pipelines["tiny-sd1"]("x", steps=3, num_inference_steps=4)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'eta'"):
+        pipelines["tiny-sd1"]("x", eta=0.0)
