@@ -1,14 +1,14 @@
 """Engines exported on first use and kept in the user's cache directory.
 
-`ldm-run --model FOLDER` (and `ldm-run` with nothing named: the bundled shapes model) exports
-the model's ONNX Runtime engine once, into
+`ldm-run --model FOLDER` or `--model FILE.safetensors` (and `ldm-run` with nothing named: the
+bundled shapes model) exports the model's ONNX Runtime engine once, into
 
     $LDM_DEPLOY_CACHE, else $XDG_CACHE_HOME/ldm-deploy, else ~/.cache/ldm-deploy
-        engines/<model folder name, or "shapes">-<key>/
+        engines/<model folder or file name, or "shapes">-<key>/
 
 and later runs load it. The key hashes the package version, the export settings and every file
-of the model folder by (path, size, modification time), so a changed model or a new release
-exports afresh; nothing is ever half-written (the export stages and renames, see engine_dir).
+of the model folder (or the checkpoint file) by (path, size, modification time), so a changed
+model or a new release exports afresh; nothing is ever half-written (the export stages and renames, see engine_dir).
 """
 
 from __future__ import annotations
@@ -39,23 +39,30 @@ def cache_dir() -> Path:
 def model_key(model: Path, settings: dict) -> str:
     """16 hex digits over the package version, the settings and the model's files."""
     h = hashlib.sha256(f"{__version__}\n{sorted(settings.items())}\n".encode())
-    for f in sorted(p for p in model.rglob("*") if p.is_file()):
+    root, files = (model.parent, [model]) if model.is_file() else (model, sorted(model.rglob("*")))
+    for f in (f for f in files if f.is_file()):
         st = f.stat()
-        h.update(f"{f.relative_to(model)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
 def engine_for(model: str | Path, export_settings: dict | None = None, name: str | None = None) -> Path:
-    """The cached engine of a diffusers folder, exported now if there is none (or a damaged one).
-    `name` (default: the folder's name) starts the engine directory's name."""
+    """The cached engine of a diffusers folder or single-file checkpoint, exported now if there
+    is none (or a damaged one). `name` (default: the folder's or file's name) starts the engine
+    directory's name."""
     model = Path(model).expanduser().resolve()
     if not model.exists():
-        raise UserError(f"--model {model} does not exist; pass a diffusers folder (with "
-                        "model_index.json), or --engine DIR for an engine made by ldm-export")
-    if not (model / "model_index.json").is_file():
+        raise UserError(f"--model {model} does not exist; pass a diffusers folder (with model_index.json) "
+                        "or a .safetensors checkpoint, or --engine DIR for an engine made by ldm-export")
+    if model.is_file():
+        if model.suffix.lower() != ".safetensors":
+            raise UserError(f"--model {model}: not a .safetensors checkpoint; export other files with "
+                            "ldm-export (pickle checkpoints need its --allow-pickle), then pass --engine DIR")
+    elif not (model / "model_index.json").is_file():
         raise UserError(f"--model {model}: not a diffusers folder (it has no model_index.json)")
     settings = {**CACHE_EXPORT, **(export_settings or {})}
-    out = cache_dir() / "engines" / f"{name or model.name}-{model_key(model, settings)}"
+    stem = model.stem if model.is_file() else model.name
+    out = cache_dir() / "engines" / f"{name or stem}-{model_key(model, settings)}"
     if out.is_dir():
         try:
             from ldm_deploy.engine.manifest import read_manifest, verify_files

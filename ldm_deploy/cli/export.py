@@ -11,7 +11,8 @@ from ldm_deploy.export.tensorrt_build import DEFAULT_TIMING_CACHE
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-export", description=__doc__.split(": ", 1)[1])
-    p.add_argument("--model", required=True, help="diffusers folder, or a hub id such as org/name")
+    p.add_argument("--model", required=True,
+                   help="diffusers folder, hub id such as org/name, or single-file checkpoint (.safetensors)")
     p.add_argument("--out", required=True, help="engine directory to create")
     p.add_argument("--backend", default="onnxruntime",
                    help="engine kind to build: onnxruntime (default), tensorrt (NVIDIA GPUs), torch")
@@ -50,6 +51,12 @@ def parser() -> argparse.ArgumentParser:
                    help=f"folder that keeps kernel timings between builds (default {DEFAULT_TIMING_CACHE})")
     r.add_argument("--no-timing-cache", action="store_true", help="time every kernel afresh")
     p.add_argument("--no-img2img", action="store_true", help="skip the VAE encoder: txt2img only, a shorter export")
+    p.add_argument("--config", dest="model_config", default=None,
+                   help="single-file checkpoints of an architecture other than SD 1.5's or 2.1's: a diffusers "
+                        "folder or hub id whose configs describe it (its weights are not read)")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="what the U-Net predicts, overriding the model's (SD 2.x checkpoints: v_prediction "
+                        "for the 768 px models, epsilon for the 512 px base models)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
     p.add_argument("--force", action="store_true",
@@ -90,6 +97,8 @@ def main(argv=None) -> int:
             opt_size=args.opt_size,
             max_batch=args.max_batch,
             allow_pickle=args.allow_pickle,
+            model_config=args.model_config,
+            prediction_type=args.prediction_type,
             force=args.force,
         )
         from ldm_deploy.export.build import export_engine

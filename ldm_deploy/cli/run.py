@@ -1,5 +1,6 @@
 """`ldm-run`: prompts (and an init image) -> PNG images, from an engine directory (or a
-diffusers folder, exported to the cache on first use; with neither, our bundled shapes model)."""
+diffusers folder or checkpoint, exported to the cache on first use; with neither, our bundled
+shapes model)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="what to draw")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--engine", help="engine directory made by ldm-export")
-    which.add_argument("--model", help="diffusers folder: its ONNX Runtime engine is exported into the cache "
+    which.add_argument("--model", help="diffusers folder or .safetensors checkpoint (SD 1.x / 2.x): its ONNX "
+                       "Runtime engine is exported into the cache "
                        "(~/.cache/ldm-deploy) on first use. With neither --engine nor --model: the bundled "
                        "64x64 shapes model (try \"a red circle on a blue background\")")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")

@@ -267,10 +267,16 @@ DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "num_images_per_prompt": "num_images", "image": "init_image"}
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 def model_name(source: str) -> str:
-    """What AUTOMATIC1111's "Model" field shows: the model folder's (or hub id's) last part, or
-    the folder above a generically named one (our bundled shapes/model -> "shapes")."""
+    """What AUTOMATIC1111's "Model" field shows: the checkpoint file's name without its suffix,
+    the model folder's (or hub id's) last part, or the folder above a generically named one (our
+    bundled shapes/model -> "shapes")."""
     path = Path(source)
+    if path.is_absolute() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return path.stem  # a single-file checkpoint: its file name, as AUTOMATIC1111 shows it
     generic = path.is_absolute() and path.name in ("model", "diffusers") and path.parent.name
     return path.parent.name if generic else path.name
 

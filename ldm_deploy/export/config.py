@@ -51,6 +51,11 @@ class ExportConfig:
       exported programs alone (seconds), which the backend compiles with torch.compile on
       their first call on cuda, and runs eagerly on cpu (ldm-run --[no-]torch-compile).
 
+    model_config: for a single-file checkpoint of an architecture other than SD 1.5's or 2.1's, a
+      diffusers folder or hub id whose configs describe it (diffusers' from_single_file `config`).
+    prediction_type: "epsilon" or "v_prediction", overriding the model's (SD 2.x single files
+      are taken as v-prediction unless their training step marks a 512 px base model).
+
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
     size and batch 1 let AOTInductor compile without symbolic sizes (minutes faster on a GPU).
@@ -73,6 +78,8 @@ class ExportConfig:
     max_batch: int = 4
     opt_batch: int = 1
     allow_pickle: bool = False
+    model_config: str | None = None  # single-file checkpoints: a diffusers folder (or hub id) of configs
+    prediction_type: str | None = None  # None: the model's own (its scheduler config, or inferred)
     force: bool = False
 
     def __post_init__(self):
@@ -161,6 +168,8 @@ def check_config(c: ExportConfig) -> None:
         check_build_options(c.tensorrt, c.dtype_name)
     if c.backend == "torch" and c.device == "cpu" and c.dtype_name == "fp16":
         raise UserError("fp16 engines need --device cuda; CPU engines are fp32")
+    if c.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise UserError(f"unknown prediction type {c.prediction_type!r}; choose epsilon or v_prediction")
     if c.min_size > c.max_size:
         raise UserError(f"--min-size {c.min_size} is larger than --max-size {c.max_size}")
     if c.opt_size and not c.min_size <= c.opt_size <= c.max_size:

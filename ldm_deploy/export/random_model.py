@@ -91,6 +91,25 @@ PRESETS = {
         scheduler=SD1_SCHEDULER,
         pad_token="<|endoftext|>",
     ),
+    # The real SD 2.1 architecture (768x768, v-prediction; 865M U-Net with linear projections
+    # and 64-channel heads, OpenCLIP ViT-H/14's text tower without its last layer, the SD 1.x VAE).
+    "sd21": dict(
+        unet=dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True,
+            sample_size=96,
+        ),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                  hidden_act="gelu", projection_dim=512),
+        vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=768),
+        scheduler=SD2_SCHEDULER,
+        pad_token="!",
+    ),
 }
 
 
@@ -118,29 +137,51 @@ def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def unet_config(preset: str) -> dict:
+    """The U-Net's diffusers config (UNet2DConditionModel's arguments)."""
+    return dict(in_channels=4, out_channels=4, **PRESETS[preset]["unet"])
+
+
+def vae_config(preset: str) -> dict:
+    """The VAE's diffusers config (AutoencoderKL's arguments)."""
+    cfg = PRESETS[preset]["vae"]
+    blocks = len(cfg["block_out_channels"])
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        layers_per_block=1 if preset.startswith("tiny") else 2,
+        **cfg,
+    )
+
+
+def text_config(preset: str):
+    """The text encoder's transformers CLIPTextConfig."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **PRESETS[preset]["text"])
+
+
+def tokenizer(preset: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77, pad_token=PRESETS[preset]["pad_token"])
+
+
 def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0) -> Path:
     """Build a random-weight model of the preset's architecture and save it as a diffusers folder."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
-    cfg = PRESETS[preset]
     out = Path(out)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **cfg["unet"])
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg["vae"]["block_out_channels"]),
-        layers_per_block=2 if preset == "sd15" else 1,
-        **cfg["vae"],
-    )
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **cfg["text"]))
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77, pad_token=cfg["pad_token"])
-
-    save_diffusers_folder(out, unet, vae, text, tokenizer, cfg["scheduler"])
+    unet = UNet2DConditionModel(**unet_config(preset))
+    vae = AutoencoderKL(**vae_config(preset))
+    text = CLIPTextModel(text_config(preset))
+    save_diffusers_folder(out, unet, vae, text, tokenizer(preset), PRESETS[preset]["scheduler"])
     return out
 
 

@@ -1,4 +1,5 @@
-"""Load the model to export: a diffusers folder, or a hub id through huggingface_hub's cache.
+"""Load the model to export: a diffusers folder, a hub id through huggingface_hub's cache, or a
+single-file checkpoint (single_file.py).
 
 Only safetensors weights are read unless the user passes `allow_pickle`: a pickle checkpoint
 (`.bin`, `.ckpt`) runs arbitrary code when loaded.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.export import single_file
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,16 @@ class SourceModel:
         return self.scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
 
 
-def resolve(model: str) -> Path:
-    """A local folder, or a hub id fetched into (or found in) the huggingface_hub cache."""
+def resolve(model: str, patterns=("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")) -> Path:
+    """A local folder or checkpoint file, or a hub id fetched into (or found in) the
+    huggingface_hub cache (the files matching `patterns`)."""
     path = Path(model).expanduser()
     if path.exists():
-        if path.is_file():
+        if path.is_file() and not single_file.is_single_file(path):
             raise ModelSourceError(
-                f"{model} is a single file; ldm-export reads diffusers folders (model_index.json, "
-                "unet/, vae/, text_encoder/, tokenizer/, scheduler/). Convert it first, e.g. with "
-                "diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)"
+                f"{model} is a file but not a checkpoint (.safetensors, or .ckpt with --allow-pickle); "
+                "pass a single-file Stable Diffusion checkpoint or a diffusers folder (model_index.json, "
+                "unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
         return path
     if model.count("/") != 1 or model.startswith((".", "/", "~")) \
@@ -63,8 +66,7 @@ def resolve(model: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        patterns = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
-        return Path(snapshot_download(model, allow_patterns=patterns))
+        return Path(snapshot_download(model, allow_patterns=list(patterns)))
     except Exception as e:  # network, auth, missing repo: all the user's to fix
         if local:
             raise ModelSourceError(
@@ -129,24 +131,25 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def load_source(model: str, allow_pickle: bool = False) -> SourceModel:
-    """Load a Stable Diffusion 1.x / 2.x diffusers model in float32 on the CPU."""
+def load_source(model: str, allow_pickle: bool = False, config: str | None = None,
+                prediction_type: str | None = None) -> SourceModel:
+    """Load a Stable Diffusion 1.x / 2.x model in float32 on the CPU. For a single-file
+    checkpoint, `config` names a diffusers folder (or hub id) of its architecture when it is not
+    SD 1.5's or 2.1's; `prediction_type` overrides the model's (its scheduler config's)."""
     path = resolve(model)
-    weights = check_layout(path, allow_pickle)
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     quiet_libraries()
-    kw = dict(use_safetensors=None if allow_pickle else True)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ModelSourceError(f"could not load the model at {path}: {e}") from None
+    if path.is_file():
+        configs = check_config(config) if config else None
+        weights = [path]
+        unet, vae, text_encoder, tokenizer, scheduler_config = single_file.load(
+            path, allow_pickle, configs, prediction_type)
+    else:
+        if config:
+            raise ModelSourceError("--config is for single-file checkpoints; a diffusers folder has its own")
+        weights = check_layout(path, allow_pickle)
+        unet, vae, text_encoder, tokenizer, scheduler_config = load_folder(path, allow_pickle)
+    if prediction_type:
+        scheduler_config["prediction_type"] = prediction_type
     check_architecture(path, unet, vae, text_encoder)
     for m in (unet, vae, text_encoder):
         m.eval().float()
@@ -160,6 +163,37 @@ def load_source(model: str, allow_pickle: bool = False) -> SourceModel:
         scheduler_config=scheduler_config,
         weights_sha256=hash_files(weights),
     )
+
+
+def load_folder(path: Path, allow_pickle: bool):
+    """-> (unet, vae, text_encoder, tokenizer, scheduler_config) of a diffusers folder."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(use_safetensors=None if allow_pickle else True)
+    try:
+        return (UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
+                AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+                CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+                CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"could not load the model at {path}: {e}") from None
+
+
+def check_config(config: str) -> Path:
+    """A diffusers folder of configs for a single-file checkpoint (its weights are not read):
+    local, or a hub id whose configs and tokenizer are fetched."""
+    path = resolve(config, patterns=("model_index.json", "*/*.json", "*/*.txt"))
+    if path.is_file():
+        raise ModelSourceError(f"--config {config} is a file; pass a diffusers folder or hub id whose "
+                               "configs describe the checkpoint's architecture")
+    if not (path / "model_index.json").is_file():
+        raise ModelSourceError(f"--config {config} is not a diffusers folder (it has no model_index.json)")
+    missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+    if missing:
+        raise ModelSourceError(f"--config {config} lacks the subfolder(s) {', '.join(missing)}")
+    return path
 
 
 def check_architecture(path, unet, vae, text_encoder) -> None:

@@ -1,0 +1,226 @@
+"""Single-file checkpoints (original Stable Diffusion names, as AUTOMATIC1111 and ComfyUI share
+them): read back to exactly the weights they hold, exported to an engine that gives diffusers'
+image of the same model, and everything else refused with a message that says what the file is."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_not_saturated
+from ldm_checkpoint import ldm_state, write_single_file
+from ldm_deploy.cli import export as export_cli
+from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.export import single_file
+from ldm_deploy.export.random_model import make_random_model
+from ldm_deploy.export.source import load_source
+
+OPEN_CLIP = {"tiny-sd1": False, "tiny-sd2": True}
+
+
+@pytest.fixture(scope="module")
+def files(model_dirs, tmp_path_factory):
+    """preset -> (single file of a seed-3 model, that model's folder). The session's seed-1
+    models serve as --config: their configs, not their weights."""
+    root = tmp_path_factory.mktemp("single")
+    out = {}
+    for preset, open_clip in OPEN_CLIP.items():
+        folder = make_random_model(root / preset, preset, seed=3)
+        write_single_file(folder, root / f"{preset}.safetensors", open_clip)
+        out[preset] = (root / f"{preset}.safetensors", folder)
+    return out
+
+
+def weights(src) -> dict:
+    return {f"{m}.{k}": v for m in ("unet", "vae", "text_encoder") for k, v in getattr(src, m).state_dict().items()}
+
+
+@pytest.mark.parametrize("preset", list(OPEN_CLIP))
+def test_single_file_loads_exactly_the_weights_it_holds(preset, files, model_dirs):
+    path, folder = files[preset]
+    ours, ref = weights(load_source(str(path), config=str(model_dirs[preset]))), weights(load_source(str(folder)))
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref), [k for k in ref if not torch.equal(ours[k], ref[k])][:3]
+    # and not the config folder's (seed 1) weights
+    assert not torch.equal(ours["unet.conv_in.weight"], weights(load_source(str(model_dirs[preset])))["unet.conv_in.weight"])
+
+
+def test_fp16_single_file_and_pickle_checkpoint(files, model_dirs, tmp_path):
+    """Most shared checkpoints are fp16; old ones are .ckpt pickles wrapped in {"state_dict": ...}."""
+    _, folder = files["tiny-sd1"]
+    ref = weights(load_source(str(folder)))
+    half = write_single_file(folder, tmp_path / "half.safetensors", False, dtype=torch.float16)
+    got = weights(load_source(str(tmp_path / "half.safetensors"), config=str(model_dirs["tiny-sd1"])))
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], ref[k].half().float()) for k in ref)
+    torch.save({"state_dict": half, "global_step": 470000}, tmp_path / "old.ckpt")
+    with pytest.raises(ModelSourceError, match="--allow-pickle"):
+        load_source(str(tmp_path / "old.ckpt"), config=str(model_dirs["tiny-sd1"]))
+    got = weights(load_source(str(tmp_path / "old.ckpt"), allow_pickle=True, config=str(model_dirs["tiny-sd1"])))
+    assert all(torch.equal(got[k], ref[k].half().float()) for k in ref)
+
+
+def test_exported_single_file_gives_diffusers_image_of_the_model(files, model_dirs, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_deploy import Pipeline
+
+    path, folder = files["tiny-sd2"]
+    out = tmp_path / "engine"
+    code = export_cli.main(["--model", str(path), "--config", str(model_dirs["tiny-sd2"]), "--out", str(out),
+                            "--min-size", "64", "--max-size", "128", "--no-img2img"])
+    assert code == 0, capsys.readouterr().err
+    latents = torch.randn((1, 4, 12, 16), generator=torch.Generator().manual_seed(3))
+    ref = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a lighthouse at dusk", num_inference_steps=4, guidance_scale=7.5, height=96, width=128,
+               latents=latents.clone(), output_type="np").images
+    got = Pipeline.load(out)("a lighthouse at dusk", steps=4, guidance=7.5, sampler="ddim", height=96, width=128,
+                             latents=latents.numpy(), output_type="np", progress=False)
+    assert_not_saturated(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
+
+
+def test_export_without_config_names_the_architecture_mismatch(files, tmp_path, capsys):
+    """A tiny checkpoint is detected as SD 1.x and built as SD 1.5: the shapes differ, and the
+    message says to pass --config."""
+    code = export_cli.main(["--model", str(files["tiny-sd1"][0]), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "do not fit the SD 1.x architecture" in err and "--config" in err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("preset,family", [("sd15", "sd1"), ("sd21", "sd2")])
+def test_bundled_configs_take_a_full_size_checkpoints_every_weight(preset, family, tmp_path):
+    """The SD 1.5 / 2.1 architectures we build single files into, checked at full size on the meta
+    device (shapes, no memory): the checkpoint's keys pick the family, and diffusers' converters
+    map every weight of it onto the modules built from our configs, shape for shape (the text
+    encoder's extras aside: ldm_checkpoint.text_extras)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    prediction = "v_prediction" if family == "sd2" else "epsilon"
+    single_file.write_configs(tmp_path, family, prediction)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tmp_path, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(tmp_path, subfolder="vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(tmp_path, subfolder="text_encoder"))
+    state = ldm_state(unet, vae, text, open_clip=family == "sd2")
+    ck = single_file.Checkpoint(tmp_path / "model.safetensors", state, None)
+    assert single_file.family(ck) == family
+    text_weights = convert_open_clip_checkpoint(text, state) if family == "sd2" else convert_ldm_clip_checkpoint(state)
+    for module, converted in ((unet, convert_ldm_unet_checkpoint(state, unet.config)),
+                              (vae, convert_ldm_vae_checkpoint(state, vae.config)),
+                              (text, {k.removeprefix("text_model."): v for k, v in text_weights.items()})):
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        assert {k: tuple(converted[k].shape) for k in expected if k in converted} == expected
+        # passed over by the loader (single_file.convert): what diffusers' CLIPTextModel has no place for
+        assert set(converted) - set(expected) <= {"embeddings.position_ids", "text_projection.weight"}
+    assert unet.config.sample_size == (96 if family == "sd2" else 64)
+    assert (text.config.hidden_size, text.config.num_hidden_layers) == ((1024, 23) if family == "sd2" else (768, 12))
+
+
+def checkpoint(shapes: dict) -> single_file.Checkpoint:
+    """Real tensors of the given shapes under the given names (zeros: only keys and shapes matter)."""
+    return single_file.Checkpoint(single_file.Path("x.safetensors"), {k: torch.zeros(s) for k, s in shapes.items()}, None)
+
+
+UNET_KEY = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}
+VAE_KEY = {"first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}
+CLIP_KEY = {"cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)}
+OPEN_CLIP_KEY = {"cond_stage_model.model.ln_final.weight": (1024,)}
+
+
+@pytest.mark.parametrize("keys,message", [
+    ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,), **UNET_KEY}, "SDXL"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "is a LoRA"),
+    ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "is a VAE"),
+    ({"emb_params": (2, 768)}, "not a Stable Diffusion model"),
+    ({**UNET_KEY, **CLIP_KEY}, "no VAE weights"),
+    ({**UNET_KEY, **VAE_KEY}, "no text encoder weights"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), **VAE_KEY, **CLIP_KEY}, "inpainting"),
+])
+def test_what_is_not_a_whole_sd_checkpoint_is_named(keys, message):
+    with pytest.raises(ModelSourceError, match=message):
+        single_file.family(checkpoint(keys))
+
+
+def test_family_and_prediction_type(caplog):
+    sd1 = checkpoint({**UNET_KEY, **VAE_KEY, **CLIP_KEY})
+    assert single_file.family(sd1) == "sd1"
+    assert single_file.prediction_type(sd1, "sd1", None) == "epsilon"
+    sd2 = checkpoint({**UNET_KEY, **VAE_KEY, **OPEN_CLIP_KEY})
+    assert single_file.family(sd2) == "sd2"
+    with caplog.at_level(logging.WARNING):
+        assert single_file.prediction_type(sd2, "sd2", None) == "v_prediction"
+    assert "--prediction-type epsilon" in caplog.text
+    assert single_file.prediction_type(sd2, "sd2", "epsilon") == "epsilon"
+    sd2.global_step = single_file.SD2_BASE_STEP
+    assert single_file.prediction_type(sd2, "sd2", None) == "epsilon"
+    sd2.global_step, sd2.state["v_pred"] = None, torch.zeros(())
+    assert single_file.prediction_type(sd2, "sd2", None) == "v_prediction"
+
+
+def test_unreadable_and_misnamed_files(tmp_path, model_dirs, capsys):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelSourceError, match="could not read the checkpoint"):
+        load_source(str(bad))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelSourceError, match="not a checkpoint"):
+        load_source(str(text))
+    with pytest.raises(ModelSourceError, match="--config is for single-file checkpoints"):
+        load_source(str(model_dirs["tiny-sd1"]), config=str(model_dirs["tiny-sd2"]))
+    with pytest.raises(ModelSourceError, match="not a diffusers folder"):
+        load_source(str(bad), config=str(tmp_path))
+
+
+def test_prediction_type_overrides_a_folders_scheduler(model_dirs):
+    assert load_source(str(model_dirs["tiny-sd2"]), prediction_type="epsilon").scheduler_config["prediction_type"] \
+        == "epsilon"
+
+
+def test_run_with_a_checkpoint_as_model(files, tmp_path, capsys, monkeypatch):
+    """ldm-run --model takes a .safetensors file as it takes a folder; what it cannot export it
+    says so (here: a tiny file, which needs ldm-export --config), and pickles go to ldm-export."""
+    from ldm_deploy.cli import run as run_cli
+
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    code = run_cli.main(["a cat", "--model", str(files["tiny-sd1"][0]), "--out", str(tmp_path / "a.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "--config" in err
+    (tmp_path / "old.ckpt").write_bytes(b"\0")
+    code = run_cli.main(["a cat", "--model", str(tmp_path / "old.ckpt"), "--out", str(tmp_path / "a.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a .safetensors checkpoint" in err and "--allow-pickle" in err
+
+
+def test_checkpoint_names_in_cache_and_png():
+    from ldm_deploy.engine.pipeline import model_name
+
+    assert model_name("/models/dreamshaper_8.safetensors") == "dreamshaper_8"
+    assert model_name("/models/v1-5-pruned-emaonly.ckpt") == "v1-5-pruned-emaonly"
+
+
+def test_cache_key_follows_the_checkpoint_file(files, tmp_path):
+    import os
+    import shutil
+
+    from ldm_deploy.cache import model_key
+
+    path = tmp_path / "m.safetensors"
+    shutil.copy(files["tiny-sd1"][0], path)
+    key = model_key(path, {})
+    assert model_key(path, {}) == key
+    os.utime(path, ns=(1, 1))
+    assert model_key(path, {}) != key
