@@ -1,4 +1,5 @@
-"""Host-side random numbers: a seed gives the same image on every backend.
+"""Host-side random numbers: a seed gives the same image on every backend, and the image
+diffusers gives with `generator=torch.Generator().manual_seed(seed)` (torch_random.py).
 
 A generator is anything with `standard_normal(shape) -> array`: numpy's `Generator` is one. A
 torch.Generator is taken too (the caller has torch; the runtime does not import it otherwise): it
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ldm_deploy.engine.torch_random import TorchCpuRandom
 
-def seeded(seeds) -> list[np.random.Generator]:
-    return [np.random.default_rng(s) for s in seeds]
+
+def seeded(seeds) -> list[TorchCpuRandom]:
+    """One generator per image, as diffusers' list of `torch.Generator().manual_seed(s)`."""
+    return [TorchCpuRandom(s) for s in seeds]
 
 
 def draw(generator, shape: tuple[int, ...]) -> np.ndarray:
