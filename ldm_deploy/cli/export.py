@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                    help="what the U-Net predicts, overriding the model's (SD 2.x checkpoints: v_prediction "
                         "for the 768 px models, epsilon for the 512 px base models)")
+    p.add_argument("--vae", default=None,
+                   help="a VAE to use instead of the model's: a file (e.g. vae-ft-mse-840000-ema-pruned.safetensors) "
+                        "or a diffusers VAE folder")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
     p.add_argument("--force", action="store_true",
@@ -99,6 +102,7 @@ def main(argv=None) -> int:
             allow_pickle=args.allow_pickle,
             model_config=args.model_config,
             prediction_type=args.prediction_type,
+            vae=args.vae,
             force=args.force,
         )
         from ldm_deploy.export.build import export_engine

@@ -40,7 +40,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     check_out(out, config.force, model)  # before minutes of loading (or downloading) the model
     t0 = time.perf_counter()
     log.info("loading %s", model)
-    src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type)
+    src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
     info = model_info(src)
     multiple = size_multiple(src, config.backend)
     dims = config.dims(src.unet.config.sample_size, multiple, info.vae_scale)
@@ -211,7 +211,7 @@ def export_one(model, config, dims, multiple, name, spec, tmp: Path, threads: in
     # (aoti_check, a process of its own) is killed with us rather than left running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     torch._inductor.config.compile_threads = threads
-    src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type)
+    src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
     t = time.perf_counter()
     paths = exporter(name, spec, tmp)

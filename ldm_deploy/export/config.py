@@ -55,6 +55,8 @@ class ExportConfig:
       diffusers folder or hub id whose configs describe it (diffusers' from_single_file `config`).
     prediction_type: "epsilon" or "v_prediction", overriding the model's (SD 2.x single files
       are taken as v-prediction unless their training step marks a 512 px base model).
+    vae: a VAE to use instead of the model's (AUTOMATIC1111's "SD VAE"): one file under the
+      original names, such as vae-ft-mse-840000-ema-pruned.safetensors, or a diffusers VAE folder.
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
@@ -80,6 +82,7 @@ class ExportConfig:
     allow_pickle: bool = False
     model_config: str | None = None  # single-file checkpoints: a diffusers folder (or hub id) of configs
     prediction_type: str | None = None  # None: the model's own (its scheduler config, or inferred)
+    vae: str | None = None  # a replacement VAE: a file or a diffusers AutoencoderKL folder
     force: bool = False
 
     def __post_init__(self):

@@ -172,7 +172,6 @@ def convert(state: dict, config: Path):
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
         convert_open_clip_checkpoint,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -180,9 +179,8 @@ def convert(state: dict, config: Path):
     unet_config = UNet2DConditionModel.load_config(config, subfolder="unet")
     unet = UNet2DConditionModel.from_config(unet_config)
     load_weights(unet, convert_ldm_unet_checkpoint(state, unet_config), "U-Net")
-    vae_config = AutoencoderKL.load_config(config, subfolder="vae")
-    vae = AutoencoderKL.from_config(vae_config)
-    load_weights(vae, convert_ldm_vae_checkpoint(state, vae_config), "VAE")
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config, subfolder="vae"))
+    load_vae(vae, state)
     text = CLIPTextModel(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder"))
     open_clip = any(k.startswith(OPEN_CLIP) for k in state)
     weights = convert_open_clip_checkpoint(text, state) if open_clip else convert_ldm_clip_checkpoint(state)
@@ -191,6 +189,17 @@ def convert(state: dict, config: Path):
     # Unused: old checkpoints' position_ids, OpenCLIP's projection, logit scale and last layer.
     load_weights(text, weights, "text encoder", unused_ok=True)
     return unet, vae, text, CLIPTokenizer.from_pretrained(config, subfolder="tokenizer")
+
+
+def load_vae(vae, state: dict) -> None:
+    """The VAE's weights of a whole checkpoint (first_stage_model.*) or of a VAE file (the same
+    names without the prefix), into `vae`."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    if not any(k.startswith(VAE) for k in state):  # a VAE file: no prefix; keep only its own weights
+        state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.",
+                                                                 "post_quant_conv."))}
+    load_weights(vae, convert_ldm_vae_checkpoint(state, vae.config), "VAE")
 
 
 def load_weights(module, weights: dict, name: str, unused_ok: bool = False) -> None:

@@ -132,24 +132,29 @@ def quiet_libraries() -> None:
 
 
 def load_source(model: str, allow_pickle: bool = False, config: str | None = None,
-                prediction_type: str | None = None) -> SourceModel:
+                prediction_type: str | None = None, vae_source: str | None = None) -> SourceModel:
     """Load a Stable Diffusion 1.x / 2.x model in float32 on the CPU. For a single-file
     checkpoint, `config` names a diffusers folder (or hub id) of its architecture when it is not
-    SD 1.5's or 2.1's; `prediction_type` overrides the model's (its scheduler config's)."""
+    SD 1.5's or 2.1's; `prediction_type` overrides the model's (its scheduler config's);
+    `vae_source` replaces the model's VAE weights (a VAE file or a diffusers AutoencoderKL folder)."""
     path = resolve(model)
     quiet_libraries()
     if path.is_file():
         configs = check_config(config) if config else None
         weights = [path]
-        unet, vae, text_encoder, tokenizer, scheduler_config = single_file.load(
+        unet, model_vae, text_encoder, tokenizer, scheduler_config = single_file.load(
             path, allow_pickle, configs, prediction_type)
     else:
         if config:
             raise ModelSourceError("--config is for single-file checkpoints; a diffusers folder has its own")
         weights = check_layout(path, allow_pickle)
-        unet, vae, text_encoder, tokenizer, scheduler_config = load_folder(path, allow_pickle)
+        unet, model_vae, text_encoder, tokenizer, scheduler_config = load_folder(path, allow_pickle)
     if prediction_type:
         scheduler_config["prediction_type"] = prediction_type
+    vae = model_vae
+    if vae_source:
+        vae, vae_files = load_vae(vae_source, model_vae.config, allow_pickle)
+        weights += vae_files
     check_architecture(path, unet, vae, text_encoder)
     for m in (unet, vae, text_encoder):
         m.eval().float()
@@ -179,6 +184,37 @@ def load_folder(path: Path, allow_pickle: bool):
                 json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ModelSourceError(f"could not load the model at {path}: {e}") from None
+
+
+def load_vae(source: str, config, allow_pickle: bool):
+    """A replacement VAE (AUTOMATIC1111's "SD VAE"), built like the model's own: -> (module, its
+    weight files). A diffusers AutoencoderKL folder, or one file under the original names (with or
+    without the first_stage_model. prefix), such as vae-ft-mse-840000-ema-pruned.safetensors."""
+    from diffusers import AutoencoderKL
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ModelSourceError(f"--vae {source} does not exist; pass a VAE file (.safetensors) or a "
+                               "diffusers AutoencoderKL folder")
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or (sorted(
+            [*path.glob("*.bin"), *path.glob("*.ckpt")]) if allow_pickle else [])
+        if not (path / "config.json").is_file() or not files:
+            raise ModelSourceError(f"--vae {source} is not a diffusers VAE folder (config.json and "
+                                   "*.safetensors weights)")
+        try:
+            vae = AutoencoderKL.from_pretrained(path, use_safetensors=None if allow_pickle else True)
+        except (OSError, ValueError) as e:
+            raise ModelSourceError(f"could not load the VAE at {path}: {e}") from None
+        return vae, files
+    if not single_file.is_single_file(path):
+        raise ModelSourceError(f"--vae {source} is not a checkpoint (.safetensors, or .ckpt with --allow-pickle)")
+    vae = AutoencoderKL.from_config(config)
+    try:
+        single_file.load_vae(vae, single_file.read(path, allow_pickle).state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ModelSourceError(f"--vae {source} does not fit the model's VAE: {single_file.first_line(e)}") from None
+    return vae, [path]
 
 
 def check_config(config: str) -> Path:

@@ -111,10 +111,7 @@ def ldm_state(unet, vae, text, open_clip: bool) -> dict:
     layers = unet.config.layers_per_block
     up_attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
     state = {UNET + unet_name(k, layers, up_attention): v for k, v in unet.state_dict().items()}
-    blocks = len(vae.config.block_out_channels)
-    for k, v in vae.state_dict().items():
-        name = vae_name(k, blocks)
-        state[VAE + name] = v[:, :, None, None] if ".attn_1." in name and v.ndim == 2 else v  # 1x1 convs
+    state.update({VAE + k: v for k, v in ldm_state_vae(vae).items()})
     text_state = open_clip_state(text) if open_clip else text_model_state(text)
     state.update({(OPEN_CLIP if open_clip else CLIP) + k: v for k, v in text_state.items()})
     state.update(text_extras(text, open_clip))
@@ -133,3 +130,23 @@ def write_single_file(folder, out, open_clip: bool, dtype=torch.float32) -> dict
     state = {k: v.to(dtype) for k, v in ldm_state(unet, vae, text, open_clip).items()}
     save_file(state, str(out))
     return state
+
+
+def write_vae_file(folder, out, prefix: str = "") -> None:
+    """The model's VAE alone under the original names, as VAE releases ship it
+    (vae-ft-mse-840000-ema-pruned.safetensors: no prefix)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    state = ldm_state_vae(vae)
+    save_file({prefix + k: v for k, v in state.items()}, str(out))
+
+
+def ldm_state_vae(vae) -> dict:
+    blocks = len(vae.config.block_out_channels)
+    out = {}
+    for k, v in vae.state_dict().items():
+        name = vae_name(k, blocks)
+        out[name] = (v[:, :, None, None] if ".attn_1." in name and v.ndim == 2 else v).contiguous()  # 1x1 convs
+    return out

@@ -224,3 +224,43 @@ def test_cache_key_follows_the_checkpoint_file(files, tmp_path):
     assert model_key(path, {}) == key
     os.utime(path, ns=(1, 1))
     assert model_key(path, {}) != key
+
+
+def test_replacement_vae_from_a_file_or_a_folder(files, model_dirs, tmp_path):
+    """--vae (AUTOMATIC1111's "SD VAE"): the VAE's weights come from it, everything else from the
+    model, and the engine's weight hash covers it."""
+    from ldm_checkpoint import write_vae_file
+
+    model, other = str(model_dirs["tiny-sd1"]), files["tiny-sd1"][1]
+    base, want = load_source(model), weights(load_source(str(other)))
+    kept = weights(base)
+    for source in ("bare", "prefixed", "folder"):
+        if source == "folder":
+            vae = other / "vae"
+        else:
+            vae = tmp_path / f"{source}.safetensors"
+            write_vae_file(other, vae, prefix="first_stage_model." if source == "prefixed" else "")
+        src = load_source(model, vae_source=str(vae))
+        got = weights(src)
+        for k, v in got.items():
+            expected = want[k] if k.startswith("vae.") else kept[k]
+            assert torch.equal(v, expected), (source, k)
+        assert src.weights_sha256 != base.weights_sha256
+
+
+def test_replacement_vae_that_does_not_fit(files, model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ldm_checkpoint import write_vae_file
+
+    model = str(model_dirs["tiny-sd1"])
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        load_source(model, vae_source=str(tmp_path / "nope.safetensors"))
+    vae = tmp_path / "vae.safetensors"
+    write_vae_file(files["tiny-sd1"][1], vae)
+    state = load_file(vae)
+    save_file({k: v for k, v in state.items() if not k.startswith("decoder.")}, str(vae))
+    with pytest.raises(ModelSourceError, match="does not fit the model's VAE.*lacks"):
+        load_source(model, vae_source=str(vae))
+    with pytest.raises(ModelSourceError, match="not a diffusers VAE folder"):
+        load_source(model, vae_source=str(tmp_path))
