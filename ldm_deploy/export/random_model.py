@@ -35,6 +35,15 @@ SD2_SCHEDULER = {
     "prediction_type": "v_prediction",
 }
 
+# What SD 1.x and 2.x share: the U-Net's blocks and the VAE.
+SD_UNET = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32)
+
 PRESETS = {
     # SD 1.x-like: epsilon, conv projections in the transformer blocks, one head count.
     "tiny-sd1": dict(
@@ -76,37 +85,21 @@ PRESETS = {
     ),
     # The real SD 1.5 architecture (860M U-Net, CLIP ViT-L/14 text encoder, 84M VAE).
     "sd15": dict(
-        unet=dict(
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            sample_size=64,
-        ),
+        unet=dict(**SD_UNET, cross_attention_dim=768, attention_head_dim=8, sample_size=64),
         text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                   hidden_act="quick_gelu", projection_dim=768),
-        vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512),
+        vae=dict(**SD_VAE, sample_size=512),
         scheduler=SD1_SCHEDULER,
         pad_token="<|endoftext|>",
     ),
     # The real SD 2.1 architecture (768x768, v-prediction; 865M U-Net with linear projections
     # and 64-channel heads, OpenCLIP ViT-H/14's text tower without its last layer, the SD 1.x VAE).
     "sd21": dict(
-        unet=dict(
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=1024,
-            attention_head_dim=(5, 10, 20, 20),
-            use_linear_projection=True,
-            sample_size=96,
-        ),
+        unet=dict(**SD_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                  use_linear_projection=True, sample_size=96),
         text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
                   hidden_act="gelu", projection_dim=512),
-        vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=768),
+        vae=dict(**SD_VAE, sample_size=768),
         scheduler=SD2_SCHEDULER,
         pad_token="!",
     ),
