@@ -107,7 +107,7 @@ def prediction_type(ck: Checkpoint, fam: str, override: str | None) -> str:
     if ck.global_step == SD2_BASE_STEP:
         return "epsilon"
     log.warning("%s: an SD 2.x checkpoint; assuming v-prediction (the 768 px models, as diffusers does). "
-                "For a 512 px base model pass --prediction-type epsilon", ck.path.name)
+                "For a 512 px base model export it with ldm-export --prediction-type epsilon", ck.path.name)
     return "v_prediction"
 
 
