@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ldm_deploy.cli.common import run_main, setup_logging
+from ldm_deploy.export.single_file import PREDICTION_TYPES
 from ldm_deploy.export.tensorrt_build import DEFAULT_TIMING_CACHE
 
 
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="model_config", default=None,
                    help="single-file checkpoints of an architecture other than SD 1.5's or 2.1's: a diffusers "
                         "folder or hub id whose configs describe it (its weights are not read)")
-    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+    p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
                    help="what the U-Net predicts, overriding the model's (SD 2.x checkpoints: v_prediction "
                         "for the 768 px models, epsilon for the 512 px base models)")
     p.add_argument("--vae", default=None,

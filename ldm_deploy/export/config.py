@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 from ldm_deploy.engine.spec import VAE_SCALE, DimRange
 from ldm_deploy.errors import UserError
+from ldm_deploy.export.single_file import PREDICTION_TYPES
 from ldm_deploy.export.tensorrt_build import TensorRTOptions, check_build_options, static_dims
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
@@ -171,8 +172,8 @@ def check_config(c: ExportConfig) -> None:
         check_build_options(c.tensorrt, c.dtype_name)
     if c.backend == "torch" and c.device == "cpu" and c.dtype_name == "fp16":
         raise UserError("fp16 engines need --device cuda; CPU engines are fp32")
-    if c.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise UserError(f"unknown prediction type {c.prediction_type!r}; choose epsilon or v_prediction")
+    if c.prediction_type not in (None, *PREDICTION_TYPES):
+        raise UserError(f"unknown prediction type {c.prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
     if c.min_size > c.max_size:
         raise UserError(f"--min-size {c.min_size} is larger than --max-size {c.max_size}")
     if c.opt_size and not c.min_size <= c.opt_size <= c.max_size:

@@ -42,7 +42,7 @@ SD_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
 
 PRESETS = {
     # SD 1.x-like: epsilon, conv projections in the transformer blocks, one head count.
@@ -59,7 +59,7 @@ PRESETS = {
         ),
         text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
                   hidden_act="quick_gelu", projection_dim=32),
-        vae=dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=256),
+        vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256),
         scheduler=SD1_SCHEDULER,
         pad_token="<|endoftext|>",
     ),
@@ -79,7 +79,7 @@ PRESETS = {
         ),
         text=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2,
                   hidden_act="gelu", projection_dim=48),
-        vae=dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=256),
+        vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256),
         scheduler=SD2_SCHEDULER,
         pad_token="!",
     ),
@@ -145,7 +145,6 @@ def vae_config(preset: str) -> dict:
         latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * blocks,
         up_block_types=("UpDecoderBlock2D",) * blocks,
-        layers_per_block=1 if preset.startswith("tiny") else 2,
         **cfg,
     )
 

@@ -32,21 +32,38 @@ CONV_IN = UNET + "input_blocks.0.0.weight"  # [320, 4, 3, 3]; 9 input channels: 
 # The training step stable-diffusion-2(-1)-base checkpoints record: the SD 2.x models trained for
 # epsilon at 512 px (the 768 px ones predict v). diffusers' single-file loader uses the same rule.
 SD2_BASE_STEP = 875000
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler names
+
+
+# Keys that name other model families: refused by name rather than as "incomplete".
+OTHER_FAMILIES = {"SD3": UNET + "joint_blocks.", "Flux": UNET + "double_blocks.",
+                  "SDXL": "conditioner.embedders.1."}
+LABEL_EMB = UNET + "label_emb.0.0.weight"  # [*, 2816] SDXL, [*, 2560] its refiner, else unCLIP-like
+# Stability's newer training code saves SD 2.x's text encoder here; diffusers reads the other name.
+SGM_OPEN_CLIP = "conditioner.embedders.0.model."
+# What a whole checkpoint's loader reads; the rest (EMA copies, training state) stays on disk.
+WANTED = (UNET, VAE, CLIP, OPEN_CLIP, SGM_OPEN_CLIP, "v_pred")
 
 
 @dataclass
 class Checkpoint:
     path: Path
     state: dict  # weight name -> torch tensor, without the .ckpt "state_dict" wrapper
-    global_step: int | None
+    global_step: int | None = None
+    metadata: dict | None = None  # a .safetensors header's (ModelSpec: modelspec.prediction_type...)
+    names: tuple = ()  # every weight name in the file, read or not
+
+    def __post_init__(self):
+        self.names = self.names or tuple(self.state)
 
 
 def is_single_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES
 
 
-def read(path: Path, allow_pickle: bool) -> Checkpoint:
+def read(path: Path, allow_pickle: bool, wanted: tuple[str, ...] | None = None) -> Checkpoint:
+    """The file's weights (of a .safetensors, only those whose names start with one of `wanted`:
+    an EMA copy doubles a file, and several export processes each read it)."""
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelSourceError(
@@ -54,17 +71,18 @@ def read(path: Path, allow_pickle: bool) -> Checkpoint:
             ".safetensors release, or pass --allow-pickle if you trust its source")
     try:
         if suffix in SAFE_SUFFIXES:
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            state = load_file(path)
-            step = None
-        else:
-            import torch
+            with safe_open(path, framework="pt") as f:
+                names = tuple(f.keys())
+                state = {k: f.get_tensor(k) for k in names if wanted is None or k.startswith(wanted)}
+                return Checkpoint(path, state, None, f.metadata() or {}, names)
+        import torch
 
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            step = state.get("global_step") if isinstance(state, dict) else None
-            while isinstance(state, dict) and "state_dict" in state:
-                state = state["state_dict"]
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        step = state.get("global_step") if isinstance(state, dict) else None
+        while isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
     except Exception as e:  # a truncated or foreign file: safetensors, pickle and zip errors alike
         raise ModelSourceError(f"could not read the checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
@@ -72,19 +90,24 @@ def read(path: Path, allow_pickle: bool) -> Checkpoint:
     return Checkpoint(path, state, int(step) if isinstance(step, int) else None)
 
 
-def family(ck: Checkpoint) -> str:
-    """"sd1" or "sd2" from the keys; a ModelSourceError naming what the file is otherwise."""
-    keys = ck.state.keys()
-    has = {prefix: any(k.startswith(prefix) for k in keys) for prefix in (UNET, VAE, CLIP, OPEN_CLIP)}
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelSourceError(f"{ck.path} is an SDXL checkpoint; only SD 1.x / 2.x are supported yet")
-    if not has[UNET]:
-        kind = "a LoRA" if any(k.startswith(("lora_", "lora.")) or ".lora_" in k for k in keys) else \
-            "a VAE" if any(k.startswith(("encoder.", "decoder.")) for k in keys) else "not a Stable Diffusion model"
-        raise ModelSourceError(f"{ck.path} is {kind} (it has no {UNET}* weights); ldm-export needs a whole "
-                               "Stable Diffusion checkpoint (U-Net, VAE and text encoder)")
-    missing = [name for name, prefix in (("VAE", VAE), ("text encoder", (CLIP, OPEN_CLIP)))
-               if not any(has[p] for p in ((prefix,) if isinstance(prefix, str) else prefix))]
+def family(ck: Checkpoint, vae_given: bool = False) -> str:
+    """"sd1" or "sd2" from the names; a ModelSourceError naming what the file is otherwise.
+    `vae_given`: a replacement VAE will be loaded, so the file need not hold one."""
+    names = ck.names
+    for name, prefix in OTHER_FAMILIES.items():
+        if any(k.startswith(prefix) for k in names):
+            raise ModelSourceError(f"{ck.path} is a {name} checkpoint; only SD 1.x / 2.x are supported yet")
+    if not any(k.startswith(UNET) for k in names):
+        raise ModelSourceError(f"{ck.path} is {partial_kind(names)} (it has no {UNET}* weights); ldm-export "
+                               "needs a whole Stable Diffusion checkpoint (U-Net, VAE and text encoder)")
+    if LABEL_EMB in ck.state:
+        width = ck.state[LABEL_EMB].shape[1]
+        kind = {2816: "an SDXL", 2560: "an SDXL refiner"}.get(width, "a class-conditioned (unCLIP or upscaler)")
+        raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x text-to-image models "
+                               "are supported yet")
+    missing = [] if vae_given or any(k.startswith(VAE) for k in names) else ["VAE"]
+    if not any(k.startswith((CLIP, OPEN_CLIP, SGM_OPEN_CLIP)) for k in names):
+        missing.append("text encoder")
     if missing:
         raise ModelSourceError(f"{ck.path} holds no {' and no '.join(missing)} weights; ldm-export needs a "
                                "whole checkpoint (or a diffusers folder)")
@@ -92,22 +115,38 @@ def family(ck: Checkpoint) -> str:
         raise ModelSourceError(
             f"{ck.path}: the U-Net takes {ck.state[CONV_IN].shape[1]} input channels (an inpainting or "
             "depth model); only text-to-image models (4 channels) are supported yet")
-    sd2 = has[OPEN_CLIP] or (CROSS_KEY in ck.state and ck.state[CROSS_KEY].shape[-1] == 1024)
+    sd2 = any(k.startswith((OPEN_CLIP, SGM_OPEN_CLIP)) for k in names) or \
+        (CROSS_KEY in ck.state and ck.state[CROSS_KEY].shape[-1] == 1024)
     return "sd2" if sd2 else "sd1"
 
 
+def partial_kind(names) -> str:
+    """What a file without U-Net weights is, for the message."""
+    if any(k.startswith(("lora_", "lora.")) or ".lora_" in k for k in names):
+        return "a LoRA"
+    if any(k.startswith(("encoder.", "decoder.")) for k in names):
+        return "a VAE (pass it as --vae, beside a whole checkpoint)"
+    return "not a Stable Diffusion model"
+
+
 def prediction_type(ck: Checkpoint, fam: str, override: str | None) -> str:
-    """SD 1.x predicts noise; SD 2.x predicts v, except the 512 px base models."""
+    """What the U-Net predicts: the user's word, else what the file says (a ModelSpec header,
+    ComfyUI's `v_pred` key, the SD 2.x base models' training step), else the family's usual:
+    noise for SD 1.x, v for SD 2.x (its 768 px models; a warning says how to choose otherwise)."""
     if override:
         return override
+    spec = (ck.metadata or {}).get("modelspec.prediction_type", "").lower()
+    if spec in ("v", "v_prediction", "epsilon", "eps"):
+        return "v_prediction" if spec.startswith("v") else "epsilon"
+    if "v_pred" in ck.names:  # ComfyUI saves this key with v-prediction models
+        return "v_prediction"
     if fam == "sd1":
         return "epsilon"
-    if "v_pred" in ck.state:  # ComfyUI marks v-prediction checkpoints it saves with this key
-        return "v_prediction"
     if ck.global_step == SD2_BASE_STEP:
         return "epsilon"
-    log.warning("%s: an SD 2.x checkpoint; assuming v-prediction (the 768 px models, as diffusers does). "
-                "For a 512 px base model export it with ldm-export --prediction-type epsilon", ck.path.name)
+    log.warning("%s: an SD 2.x checkpoint that does not say what it predicts; assuming v (the 768 px "
+                "models, as diffusers does). For a 512 px base model export it with ldm-export "
+                "--prediction-type epsilon", ck.path.name)
     return "v_prediction"
 
 
@@ -141,10 +180,13 @@ def write_configs(folder: Path, fam: str, prediction: str) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction: str | None = None):
-    """-> (unet, vae, text_encoder, tokenizer, scheduler_config) in float32 on the CPU."""
-    ck = read(path, allow_pickle)
-    fam = family(ck)
+def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction: str | None = None,
+         vae_given: bool = False):
+    """-> (unet, vae, text_encoder, tokenizer, scheduler_config) in float32 on the CPU. With
+    `vae_given` the VAE is built but its weights are left to the caller's replacement."""
+    ck = read(path, allow_pickle, WANTED)
+    fam = family(ck, vae_given)
+    state = {OPEN_CLIP + k[len(SGM_OPEN_CLIP):] if k.startswith(SGM_OPEN_CLIP) else k: v for k, v in ck.state.items()}
     with tempfile.TemporaryDirectory(prefix="ldm-deploy-configs-") as tmp:
         if config is None:
             pred = prediction_type(ck, fam, prediction)
@@ -155,16 +197,17 @@ def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction:
         if prediction:
             scheduler_config["prediction_type"] = prediction
         try:
-            modules = convert(ck.state, config)
+            modules = convert(state, config, with_vae=not vae_given)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
             hint = "" if config != Path(tmp) else (
                 f" The checkpoint's weights do not fit the SD {fam[-1]}.x architecture; for a model of "
-                "another size pass --config with a diffusers folder (or hub id) of its architecture")
+                "another size export it with ldm-export --config (a diffusers folder or hub id of its "
+                "architecture)")
             raise ModelSourceError(f"could not load {path}: {type(e).__name__}: {first_line(e)}.{hint}") from None
     return (*modules, scheduler_config)
 
 
-def convert(state: dict, config: Path):
+def convert(state: dict, config: Path, with_vae: bool = True):
     """-> (unet, vae, text_encoder, tokenizer): each module built from `config`'s subfolder and
     given the checkpoint's weights, renamed by diffusers' converters. Loaded strictly here:
     diffusers' own single-file loaders leave weights the file lacks at their random values."""
@@ -174,28 +217,36 @@ def convert(state: dict, config: Path):
         convert_ldm_unet_checkpoint,
         convert_open_clip_checkpoint,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizerFast
 
     unet_config = UNet2DConditionModel.load_config(config, subfolder="unet")
     unet = UNet2DConditionModel.from_config(unet_config)
     load_weights(unet, convert_ldm_unet_checkpoint(state, unet_config), "U-Net")
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config, subfolder="vae"))
-    load_vae(vae, state)
+    if with_vae:
+        load_vae(vae, state)
     text = CLIPTextModel(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder"))
     open_clip = any(k.startswith(OPEN_CLIP) for k in state)
     weights = convert_open_clip_checkpoint(text, state) if open_clip else convert_ldm_clip_checkpoint(state)
-    if not hasattr(text, "text_model"):  # transformers >= 5.6 dropped CLIPTextModel's text_model level
-        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    # Files name CLIP's weights with or without the text_model. level, and transformers >= 5.6
+    # dropped it from CLIPTextModel: strip it, then add it back where this version has it.
+    weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    if hasattr(text, "text_model"):
+        weights = {("text_model." + k if k != "text_projection.weight" else k): v for k, v in weights.items()}
     # Unused: old checkpoints' position_ids, OpenCLIP's projection, logit scale and last layer.
     load_weights(text, weights, "text encoder", unused_ok=True)
-    return unet, vae, text, CLIPTokenizer.from_pretrained(config, subfolder="tokenizer")
+    # The fast tokenizer: the export saves its tokenizer.json (a slow one would be reloaded from
+    # the model's folder, which a single file does not have).
+    return unet, vae, text, CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer")
 
 
 def load_vae(vae, state: dict) -> None:
-    """The VAE's weights of a whole checkpoint (first_stage_model.*) or of a VAE file (the same
-    names without the prefix), into `vae`."""
+    """The VAE's weights of a whole checkpoint (first_stage_model.*), of a VAE file (the same
+    names without the prefix), or of a diffusers VAE's weight file, into `vae`."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
+    if any(k.startswith("decoder.up_blocks.") for k in state):  # a diffusers VAE's own file
+        return load_weights(vae, state, "VAE")
     if not any(k.startswith(VAE) for k in state):  # a VAE file: no prefix; keep only its own weights
         state = {k: v for k, v in state.items() if k.startswith(("encoder.", "decoder.", "quant_conv.",
                                                                  "post_quant_conv."))}

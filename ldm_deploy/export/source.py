@@ -143,7 +143,7 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
         configs = check_config(config) if config else None
         weights = [path]
         unet, model_vae, text_encoder, tokenizer, scheduler_config = single_file.load(
-            path, allow_pickle, configs, prediction_type)
+            path, allow_pickle, configs, prediction_type, vae_given=bool(vae_source))
     else:
         if config:
             raise ModelSourceError("--config is for single-file checkpoints; a diffusers folder has its own")
@@ -229,6 +229,10 @@ def check_config(config: str) -> Path:
     missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
     if missing:
         raise ModelSourceError(f"--config {config} lacks the subfolder(s) {', '.join(missing)}")
+    try:
+        json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"--config {config}: unreadable scheduler/scheduler_config.json ({e})") from None
     return path
 
 

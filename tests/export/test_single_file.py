@@ -89,7 +89,7 @@ def test_export_without_config_names_the_architecture_mismatch(files, tmp_path, 
     code = export_cli.main(["--model", str(files["tiny-sd1"][0]), "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "do not fit the SD 1.x architecture" in err and "--config" in err
+    assert "do not fit the SD 1.x architecture" in err and "ldm-export --config" in err
     assert not (tmp_path / "e").exists()
 
 
@@ -141,9 +141,15 @@ OPEN_CLIP_KEY = {"cond_stage_model.model.ln_final.weight": (1024,)}
 
 
 @pytest.mark.parametrize("keys,message", [
-    ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,), **UNET_KEY}, "SDXL"),
+    ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+      "conditioner.embedders.1.model.ln_final.weight": (1280,), **UNET_KEY}, "SDXL"),
+    ({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816), **UNET_KEY, **VAE_KEY, **CLIP_KEY}, "an SDXL"),
+    ({"model.diffusion_model.label_emb.0.0.weight": (1536, 2560), **UNET_KEY, **VAE_KEY, **CLIP_KEY}, "SDXL refiner"),
+    ({"model.diffusion_model.label_emb.0.0.weight": (1280, 1024), **UNET_KEY, **VAE_KEY, **OPEN_CLIP_KEY}, "unCLIP"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "SD3"),
+    ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "Flux"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, "is a LoRA"),
-    ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "is a VAE"),
+    ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "is a VAE.*--vae"),
     ({"emb_params": (2, 768)}, "not a Stable Diffusion model"),
     ({**UNET_KEY, **CLIP_KEY}, "no VAE weights"),
     ({**UNET_KEY, **VAE_KEY}, "no text encoder weights"),
@@ -166,8 +172,16 @@ def test_family_and_prediction_type(caplog):
     assert single_file.prediction_type(sd2, "sd2", "epsilon") == "epsilon"
     sd2.global_step = single_file.SD2_BASE_STEP
     assert single_file.prediction_type(sd2, "sd2", None) == "epsilon"
-    sd2.global_step, sd2.state["v_pred"] = None, torch.zeros(())
-    assert single_file.prediction_type(sd2, "sd2", None) == "v_prediction"
+    sd2.global_step = None
+    sd1.metadata = {"modelspec.prediction_type": "v"}  # ModelSpec, as Stability's files carry it
+    assert single_file.prediction_type(sd1, "sd1", None) == "v_prediction"
+    sd2.metadata = {"modelspec.prediction_type": "epsilon"}
+    assert single_file.prediction_type(sd2, "sd2", None) == "epsilon"
+    v_pred = checkpoint({**UNET_KEY, **VAE_KEY, **CLIP_KEY, "v_pred": ()})  # ComfyUI's mark
+    assert single_file.prediction_type(v_pred, "sd1", None) == "v_prediction"
+    sgm = checkpoint({**UNET_KEY, **VAE_KEY, "conditioner.embedders.0.model.ln_final.weight": (1024,)})
+    assert single_file.family(sgm) == "sd2"  # SD 2.x as Stability's newer code saves it
+    assert single_file.family(checkpoint({**UNET_KEY, **CLIP_KEY}), vae_given=True) == "sd1"
 
 
 def test_unreadable_and_misnamed_files(tmp_path, model_dirs, capsys):
@@ -198,7 +212,7 @@ def test_run_with_a_checkpoint_as_model(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
     code = run_cli.main(["a cat", "--model", str(files["tiny-sd1"][0]), "--out", str(tmp_path / "a.png")])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and "--config" in err
+    assert code == 2 and "Traceback" not in err and "ldm-export --config" in err
     (tmp_path / "old.ckpt").write_bytes(b"\0")
     code = run_cli.main(["a cat", "--model", str(tmp_path / "old.ckpt"), "--out", str(tmp_path / "a.png")])
     err = capsys.readouterr().err
@@ -264,3 +278,68 @@ def test_replacement_vae_that_does_not_fit(files, model_dirs, tmp_path):
         load_source(model, vae_source=str(vae))
     with pytest.raises(ModelSourceError, match="not a diffusers VAE folder"):
         load_source(model, vae_source=str(tmp_path))
+
+
+def test_without_config_the_bundled_architecture_is_built(files, monkeypatch):
+    """The path every real checkpoint takes (configs written by us, fast tokenizer, no folder of
+    the model's own), run on a tiny file by making the tiny architectures the bundled ones."""
+    from ldm_deploy.export import random_model
+
+    for family, tiny in (("sd15", "tiny-sd1"), ("sd21", "tiny-sd2")):
+        monkeypatch.setitem(random_model.PRESETS, family, random_model.PRESETS[tiny])
+    for preset in OPEN_CLIP:
+        path, folder = files[preset]
+        src, ref = load_source(str(path)), load_source(str(folder))
+        assert src.tokenizer.backend_tokenizer is not None
+        assert src.scheduler_config["prediction_type"] == ref.scheduler_config["prediction_type"]
+        ours, want = weights(src), weights(ref)
+        assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+
+
+def test_bundled_configs_are_the_published_ones(tmp_path):
+    """What the weights' shapes cannot check: activations, head counts, the noise schedule,
+    against stable-diffusion-v1-5's and stable-diffusion-2-1's published configs."""
+    import json
+
+    for family, pred in (("sd1", "epsilon"), ("sd2", "v_prediction")):
+        folder = tmp_path / family
+        single_file.write_configs(folder, family, pred)
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        text = json.loads((folder / "text_encoder" / "config.json").read_text())
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        assert (sched["beta_start"], sched["beta_end"], sched["beta_schedule"], sched["prediction_type"]) == \
+            (0.00085, 0.012, "scaled_linear", pred)
+        if family == "sd1":
+            assert (unet["attention_head_dim"], unet["cross_attention_dim"], unet["sample_size"]) == (8, 768, 64)
+            assert (text["hidden_act"], text["num_attention_heads"], text["num_hidden_layers"]) == ("quick_gelu", 12, 12)
+        else:
+            assert (list(unet["attention_head_dim"]), unet["use_linear_projection"], unet["sample_size"]) == \
+                ([5, 10, 20, 20], True, 96)
+            assert (text["hidden_act"], text["num_attention_heads"], text["num_hidden_layers"]) == ("gelu", 16, 23)
+        tokenizer = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+        assert tokenizer["pad_token"] == ("!" if family == "sd2" else "<|endoftext|>")
+
+
+def test_vae_given_for_a_checkpoint_without_one_and_diffusers_vae_file(files, model_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, other = files["tiny-sd1"]
+    no_vae = tmp_path / "no-vae.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if not k.startswith("first_stage_model.")}, str(no_vae))
+    with pytest.raises(ModelSourceError, match="no VAE"):
+        load_source(str(no_vae), config=str(model_dirs["tiny-sd1"]))
+    # the VAE's own diffusers weight file (as sd-vae-ft-mse ships it), not its folder
+    vae_file = next((other / "vae").glob("*.safetensors"))
+    got = weights(load_source(str(no_vae), config=str(model_dirs["tiny-sd1"]), vae_source=str(vae_file)))
+    want = weights(load_source(str(other)))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_broken_config_folder(files, model_dirs, tmp_path):
+    import shutil
+
+    config = tmp_path / "config"
+    shutil.copytree(model_dirs["tiny-sd1"], config)
+    (config / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(ModelSourceError, match="unreadable scheduler"):
+        load_source(str(files["tiny-sd1"][0]), config=str(config))
