@@ -267,6 +267,7 @@ DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "num_images_per_prompt": "num_images", "image": "init_image"}
 
 
+# export/single_file.py's SAFE_SUFFIXES + PICKLE_SUFFIXES (the runtime imports nothing of export/)
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 

@@ -19,8 +19,7 @@ from ldm_deploy.export import single_file
 log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+SAFE_SUFFIXES, PICKLE_SUFFIXES = single_file.SAFE_SUFFIXES, single_file.PICKLE_SUFFIXES
 
 
 @dataclass
@@ -58,7 +57,7 @@ def resolve(model: str, patterns=("model_index.json", "*/*.json", "*/*.txt", "*/
             )
         return path
     if model.count("/") != 1 or model.startswith((".", "/", "~")) \
-            or path.suffix.lower() in (".safetensors", ".ckpt", ".bin", ".pt", ".pth"):
+            or path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES:
         raise ModelSourceError(f"model path {model} does not exist (nor is it a hub id like 'org/name')")
     # org/name with a local folder org/: a typo'd local path (models/tiny-sdl) more likely than
     # a hub id, but it may be one (stabilityai/... next to local clones), so the hub is still tried.
