@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None,
                    help="a VAE to use instead of the model's: a file (e.g. vae-ft-mse-840000-ema-pruned.safetensors) "
                         "or a diffusers VAE folder")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA into the weights (kohya or diffusers layout; weight default 1); "
+                        "repeat for several")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
     p.add_argument("--force", action="store_true",
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
 
     def go():
         from ldm_deploy.export.config import ExportConfig
+        from ldm_deploy.export.lora import parse_spec
         from ldm_deploy.export.tensorrt_build import TensorRTOptions
 
         tensorrt = TensorRTOptions(
@@ -104,6 +108,7 @@ def main(argv=None) -> int:
             model_config=args.model_config,
             prediction_type=args.prediction_type,
             vae=args.vae,
+            loras=tuple(parse_spec(spec) for spec in args.lora),
             force=args.force,
         )
         from ldm_deploy.export.build import export_engine

@@ -27,11 +27,20 @@ from ldm_deploy.engine.samplers import NoiseSchedule
 from ldm_deploy.engine.spec import ModelFacts, component_specs
 from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export import lora
 from ldm_deploy.export.engine_dir import check_out, staging_dir
 from ldm_deploy.export.source import SourceModel, load_source
 from ldm_deploy.export.tensorrt_build import TensorRTExporter
 
 log = logging.getLogger(__name__)
+
+
+def load_model(model: str, config: ExportConfig) -> SourceModel:
+    """The source model as the engine will hold it: its VAE replaced, its LoRAs merged."""
+    src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
+    if config.loras:
+        lora.merge(src, config.loras, config.allow_pickle)
+    return src
 
 
 def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig()) -> Path:
@@ -40,7 +49,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     check_out(out, config.force, model)  # before minutes of loading (or downloading) the model
     t0 = time.perf_counter()
     log.info("loading %s", model)
-    src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
+    src = load_model(model, config)
     info = model_info(src)
     multiple = size_multiple(src, config.backend)
     dims = config.dims(src.unet.config.sample_size, multiple, info.vae_scale)
@@ -211,7 +220,7 @@ def export_one(model, config, dims, multiple, name, spec, tmp: Path, threads: in
     # (aoti_check, a process of its own) is killed with us rather than left running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     torch._inductor.config.compile_threads = threads
-    src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
+    src = load_model(model, config)
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
     t = time.perf_counter()
     paths = exporter(name, spec, tmp)

@@ -58,6 +58,7 @@ class ExportConfig:
       are taken as v-prediction unless their training step marks a 512 px base model).
     vae: a VAE to use instead of the model's (AUTOMATIC1111's "SD VAE"): one file under the
       original names, such as vae-ft-mse-840000-ema-pruned.safetensors, or a diffusers VAE folder.
+    loras: LoRA files and their weights, merged into the U-Net and text encoder (lora.py).
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
@@ -84,6 +85,7 @@ class ExportConfig:
     model_config: str | None = None  # single-file checkpoints: a diffusers folder (or hub id) of configs
     prediction_type: str | None = None  # None: the model's own (its scheduler config, or inferred)
     vae: str | None = None  # a replacement VAE: a file or a diffusers AutoencoderKL folder
+    loras: tuple[tuple[str, float], ...] = ()  # (file, weight) merged into the weights, in order
     force: bool = False
 
     def __post_init__(self):

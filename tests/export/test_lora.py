@@ -1,0 +1,131 @@
+"""LoRA files merged at export: each layer a file names moves by exactly weight * alpha / rank *
+up @ down, every other weight stays, in the kohya and the diffusers / PEFT layouts alike; files for
+other architectures or of other kinds are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm_deploy.cli import export as export_cli
+from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.export.build import load_model
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export.lora import parse_spec
+from ldm_deploy.export.source import load_source
+
+# (component, layer): a linear attention projection, SD 1.x's 1x1-conv proj_in, a 3x3 resnet
+# convolution (a "LoCon" LoRA), and a text encoder projection.
+LAYERS = [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+          ("unet", "down_blocks.0.attentions.0.proj_in"),
+          ("unet", "up_blocks.1.resnets.0.conv1"),
+          ("text_encoder", "encoder.layers.1.self_attn.v_proj")]
+RANK, ALPHA = 4, 2.0
+
+
+def designed(model) -> dict:
+    """(component, layer) -> (down, up) of the right shapes, random."""
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for component, name in LAYERS:
+        w = getattr(model, component).get_submodule(name).weight
+        down_shape = (RANK, w.shape[1], *w.shape[2:])
+        up_shape = (w.shape[0], RANK, *([1, 1] if w.ndim == 4 else []))
+        out[component, name] = (torch.randn(down_shape, generator=g), torch.randn(up_shape, generator=g))
+    return out
+
+
+def kohya_file(path, pairs: dict) -> None:
+    state = {}
+    for (component, name), (down, up) in pairs.items():
+        text_name = "text_model." + name if component == "text_encoder" else name  # as sd-scripts names it
+        key = f"lora_{'unet' if component == 'unet' else 'te'}_{text_name.replace('.', '_')}"
+        state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(ALPHA)}
+    save_file(state, str(path))
+
+
+def peft_file(path, pairs: dict) -> None:
+    state = {}
+    for (component, name), (down, up) in pairs.items():
+        state |= {f"{component}.{name}.lora_A.weight": down, f"{component}.{name}.lora_B.weight": up,
+                  f"{component}.{name}.alpha": torch.tensor(ALPHA)}
+    save_file(state, str(path))
+
+
+def params(src) -> dict:
+    return {(m, k): v.clone() for m in ("unet", "text_encoder", "vae") for k, v in getattr(src, m).state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_lora_moves_exactly_the_layers_it_names(layout, model_dirs, tmp_path):
+    model = str(model_dirs["tiny-sd1"])
+    base = load_source(model)
+    pairs = designed(base)
+    path = tmp_path / "style.safetensors"
+    (kohya_file if layout == "kohya" else peft_file)(path, pairs)
+    before = params(base)
+    src = load_model(model, ExportConfig(loras=((str(path), 0.7),)))
+    after = params(src)
+    changed = {(c, f"{name}.weight") for c, name in LAYERS}
+    for key, value in after.items():
+        if key in changed:
+            down, up = pairs[key[0], key[1].removesuffix(".weight")]
+            delta = (up.reshape(up.shape[0], -1) @ down.reshape(RANK, -1)).reshape(value.shape)
+            torch.testing.assert_close(value, before[key] + 0.7 * ALPHA / RANK * delta, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(value, before[key]), key
+    assert src.weights_sha256 != base.weights_sha256
+
+
+def test_two_loras_add_up_and_weights_count(model_dirs, tmp_path):
+    model = str(model_dirs["tiny-sd1"])
+    base = load_source(model)
+    kohya_file(tmp_path / "a.safetensors", designed(base))
+    one = params(load_model(model, ExportConfig(loras=((str(tmp_path / "a.safetensors"), 1.0),))))
+    twice = load_model(model, ExportConfig(loras=((str(tmp_path / "a.safetensors"), 0.5),) * 2))
+    key = ("unet", "down_blocks.0.attentions.0.proj_in.weight")
+    torch.testing.assert_close(params(twice)[key], one[key], rtol=1e-5, atol=1e-5)
+
+
+def test_lora_for_another_architecture_or_of_another_kind(model_dirs, tmp_path):
+    model = str(model_dirs["tiny-sd1"])
+    pairs = designed(load_source(model))
+    sd2 = load_source(str(model_dirs["tiny-sd2"]))  # tiny-sd2's layers have other widths
+    kohya_file(tmp_path / "sd1.safetensors", pairs)
+    with pytest.raises(ModelSourceError, match="another architecture"):
+        lora_merge(sd2, tmp_path / "sd1.safetensors")
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(tmp_path / "ldm.safetensors"))
+    with pytest.raises(ModelSourceError, match="1 of its 1 layers are not in this model"):
+        lora_merge(load_source(model), tmp_path / "ldm.safetensors")
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(ModelSourceError, match="LoHa"):
+        lora_merge(load_source(model), tmp_path / "loha.safetensors")
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4)}, str(tmp_path / "ckpt.safetensors"))
+    with pytest.raises(ModelSourceError, match="holds no LoRA weights"):
+        lora_merge(load_source(model), tmp_path / "ckpt.safetensors")
+
+
+def lora_merge(src, path, weight=1.0):
+    from ldm_deploy.export import lora
+
+    lora.merge(src, [(str(path), weight)], allow_pickle=False)
+
+
+def test_lora_spec_and_cli(model_dirs, tmp_path, capsys):
+    assert parse_spec("style.safetensors") == ("style.safetensors", 1.0)
+    assert parse_spec("style.safetensors:0.6") == ("style.safetensors", 0.6)
+    assert parse_spec(r"C:\loras\style.safetensors") == (r"C:\loras\style.safetensors", 1.0)
+    model = str(model_dirs["tiny-sd1"])
+    kohya_file(tmp_path / "s.safetensors", designed(load_source(model)))
+    args = ["--model", model, "--min-size", "64", "--max-size", "64", "--no-img2img"]
+    assert export_cli.main(args + ["--out", str(tmp_path / "plain")]) == 0
+    assert export_cli.main(args + ["--out", str(tmp_path / "lora"), "--lora", f"{tmp_path / 's.safetensors'}:0.8"]) == 0
+    hashes = [json.loads((tmp_path / e / "manifest.json").read_text())["model"]["weights_sha256"] for e in ("plain", "lora")]
+    assert hashes[0] != hashes[1]
+    code = export_cli.main(args + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "none.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no such file" in err and "Traceback" not in err and not (tmp_path / "x").exists()
