@@ -129,3 +129,33 @@ def test_lora_spec_and_cli(model_dirs, tmp_path, capsys):
     code = export_cli.main(args + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "none.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "no such file" in err and "Traceback" not in err and not (tmp_path / "x").exists()
+
+
+def test_kohya_names_reach_the_layers_diffusers_reads_them_as(model_dirs):
+    """diffusers' own reading of kohya names (its legacy attention-processor spelling undone) is
+    the oracle for ours: both must land on the same layer of the model."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    from ldm_deploy.export.lora import layers
+
+    src = load_source(str(model_dirs["tiny-sd1"]))
+    names = ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj",
+             "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_up_blocks_1_resnets_0_conv1",
+             "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0",
+             "lora_te_text_model_encoder_layers_1_self_attn_v_proj", "lora_te_text_model_encoder_layers_0_mlp_fc1"]
+    state = {f"{n}.{side}.weight": torch.zeros(1) for n in names for side in ("lora_down", "lora_up")}
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(state)
+    theirs = set()
+    for key in (k.removesuffix(".down.weight") for k in converted if k.endswith(".down.weight")):
+        component, _, name = key.replace(".processor", "").partition(".")
+        for q in ("q", "k", "v", "out"):  # the legacy attention-processor spelling
+            name = name.replace(f".to_{q}_lora", f".{q}_proj" if component == "text_encoder" else
+                                f".to_{q}" + (".0" if q == "out" else ""))
+        name = name.removesuffix(".lora_linear_layer").removesuffix(".lora")
+        module = getattr(src, component)
+        theirs.add((component, module.get_submodule(
+            name if hasattr(module, "text_model") else name.removeprefix("text_model."))))
+    ours = {("unet" if n.startswith("lora_unet_") else "text_encoder",
+             layers(src.unet if n.startswith("lora_unet_") else src.text_encoder)[n.split("_", 2)[2]]) for n in names}
+    assert {(c, id(m)) for c, m in ours} == {(c, id(m)) for c, m in theirs} and len(ours) == len(names)
