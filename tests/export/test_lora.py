@@ -159,3 +159,87 @@ def test_kohya_names_reach_the_layers_diffusers_reads_them_as(model_dirs):
     ours = {("unet" if n.startswith("lora_unet_") else "text_encoder",
              layers(src.unet if n.startswith("lora_unet_") else src.text_encoder)[n.split("_", 2)[2]]) for n in names}
     assert {(c, id(m)) for c, m in ours} == {(c, id(m)) for c, m in theirs} and len(ours) == len(names)
+
+
+def diffusers_spellings_file(path, pairs: dict, fp16: bool) -> None:
+    """The spellings diffusers' training scripts wrote before PEFT, fp16, alphas only in the
+    lora_adapter_metadata header (r 4, lora_alpha 2: half strength)."""
+    state = {}
+    for (component, name), (down, up) in pairs.items():
+        if name.endswith("attn1.to_q"):
+            stem = f"{component}.{name.removesuffix('.to_q')}.processor.to_q_lora"
+        elif name.endswith("self_attn.v_proj"):
+            stem = f"{component}.text_model.{name.removesuffix('.v_proj')}.to_v_lora"
+        else:
+            stem = f"{component}.{name}.lora_linear_layer"
+        state |= {f"{stem}.down.weight": down, f"{stem}.up.weight": up}
+    if fp16:
+        state = {k: v.half() for k, v in state.items()}
+    meta = {"unet.r": RANK, "unet.lora_alpha": ALPHA, "text_encoder.r": RANK, "text_encoder.lora_alpha": ALPHA}
+    save_file(state, str(path), metadata={"lora_adapter_metadata": json.dumps(meta)})
+
+
+def test_other_spellings_te1_fp16_and_header_alphas(model_dirs, tmp_path):
+    """The same deltas under diffusers' older spellings (fp16, header alphas) and kohya's lora_te1_
+    move the layers as the plain kohya file does; a kohya file without alphas merges at full
+    strength (alpha = rank)."""
+    model = str(model_dirs["tiny-sd1"])
+    base = load_source(model)
+    pairs = designed(base)
+    kohya_file(tmp_path / "k.safetensors", pairs)
+    want = params(load_model(model, ExportConfig(loras=((str(tmp_path / "k.safetensors"), 1.0),))))
+    half = {k: (d.half().float(), u.half().float()) for k, (d, u) in pairs.items()}
+    diffusers_spellings_file(tmp_path / "d.safetensors", half, fp16=True)
+    kohya_file(tmp_path / "kh.safetensors", half)
+    want_half = params(load_model(model, ExportConfig(loras=((str(tmp_path / "kh.safetensors"), 1.0),))))
+    got = params(load_model(model, ExportConfig(loras=((str(tmp_path / "d.safetensors"), 1.0),))))
+    assert all(torch.allclose(got[k], want_half[k], rtol=1e-5, atol=1e-5) for k in want_half)
+    from safetensors.torch import load_file
+
+    te1 = {k.replace("lora_te_", "lora_te1_"): v for k, v in load_file(tmp_path / "k.safetensors").items()}
+    save_file(te1, str(tmp_path / "te1.safetensors"))
+    got = params(load_model(model, ExportConfig(loras=((str(tmp_path / "te1.safetensors"), 1.0),))))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    no_alpha = {k: v for k, v in load_file(tmp_path / "k.safetensors").items() if not k.endswith(".alpha")}
+    save_file(no_alpha, str(tmp_path / "na.safetensors"))
+    got = params(load_model(model, ExportConfig(loras=((str(tmp_path / "na.safetensors"), ALPHA / RANK),))))
+    assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-5) for k in want)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"lora_unet_x.lora_magnitude_vector": (8,)}, "DoRA"),
+    ({"lora_unet_x.lora_mid.weight": (4, 4, 3, 3)}, "Tucker"),
+    ({"bundle_emb.style.string_to_param.*": (1, 32)}, "bundled embeddings"),
+    ({"lora_unet_down_blocks_0_resnets_0_conv1.lora_up.bias": (16,)}, "no LoRA layout we read"),
+])
+def test_files_holding_more_than_lora_pairs_are_refused(extra, message, model_dirs, tmp_path):
+    model = str(model_dirs["tiny-sd1"])
+    path = tmp_path / "x.safetensors"
+    kohya_file(path, designed(load_source(model)))
+    from safetensors.torch import load_file
+
+    save_file({**load_file(path), **{k: torch.zeros(s) for k, s in extra.items()}}, str(path))
+    with pytest.raises(ModelSourceError, match=message):
+        lora_merge(load_source(model), path)
+
+
+def test_bad_shapes_and_weights(model_dirs, tmp_path):
+    model = str(model_dirs["tiny-sd1"])
+    src = load_source(model)
+    layer = "down_blocks.0.resnets.0.time_emb_proj"  # [32, 128]: a transposed delta has its numel
+    w = src.unet.get_submodule(layer).weight
+    key = "lora_unet_" + layer.replace(".", "_")
+    save_file({f"{key}.lora_down.weight": torch.ones(RANK, w.shape[0]),
+               f"{key}.lora_up.weight": torch.ones(w.shape[1], RANK)}, str(tmp_path / "t.safetensors"))
+    with pytest.raises(ModelSourceError, match="another architecture"):
+        lora_merge(src, tmp_path / "t.safetensors")
+    save_file({f"{key}.lora_down.weight": torch.ones(RANK, w.shape[1]),
+               f"{key}.lora_up.weight": torch.ones(w.shape[0], RANK + 1)}, str(tmp_path / "r.safetensors"))
+    with pytest.raises(ModelSourceError, match="do not chain"):
+        lora_merge(src, tmp_path / "r.safetensors")
+    with pytest.raises(ModelSourceError, match="is a folder"):
+        lora_merge(src, tmp_path)
+    from ldm_deploy.errors import UserError
+
+    with pytest.raises(UserError, match="finite"):
+        parse_spec("style.safetensors:inf")
