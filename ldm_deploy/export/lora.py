@@ -116,7 +116,10 @@ def adapter_metadata(ck) -> dict:
     holds the alphas of files whose tensors carry none."""
     import json
 
-    meta = json.loads((ck.metadata or {}).get("lora_adapter_metadata", "{}") or "{}")
+    try:
+        meta = json.loads((ck.metadata or {}).get("lora_adapter_metadata", "{}") or "{}")
+    except ValueError:
+        raise ModelSourceError(f"{ck.path}: its lora_adapter_metadata header is not JSON") from None
     if any(meta.get(k) for k in meta if k.endswith(".alpha_pattern")):
         raise ModelSourceError(f"{ck.path}: per-layer alphas (PEFT alpha_pattern) are not supported yet")
     return meta
