@@ -43,6 +43,7 @@ class Pipeline:
             name: backend.load(self.engine_dir, manifest, name)
             for name in ("text_encoder", "unet_step", "vae_decoder")
         }
+        self.warned = set()  # advice given once per pipeline, not on every call of a loop
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", verify: bool = True, rebuild_stale: bool = False,
@@ -126,7 +127,8 @@ class Pipeline:
         seed = random_seed() if seed is None or seed == -1 else whole("seed", seed, None)
         if seed < 0:
             raise InvalidRequest(f"seed must be 0 or more (or -1 for a random one), got {seed}")
-        if guidance <= 1.0 and any(negs):
+        if guidance <= 1.0 and any(negs) and "negative" not in self.warned:
+            self.warned.add("negative")
             log.warning("the negative prompt has no effect with guidance %s (<= 1 disables "
                         "classifier-free guidance, which is what uses it)", guidance)
         n = len(prompts) * num_images

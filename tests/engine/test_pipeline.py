@@ -143,3 +143,16 @@ def test_model_name_in_parameters():
     assert model_name("runwayml/stable-diffusion-v1-5") == "stable-diffusion-v1-5"
     assert model_name("/models/tiny-sd1") == "tiny-sd1"
     assert model_name("org/model") == "model"  # a hub id: its own name
+
+
+def test_unused_negative_prompt_is_warned_about_once(engine_dirs, caplog):
+    import logging
+
+    from ldm_deploy import Pipeline
+
+    pipe = Pipeline.load(engine_dirs["tiny-sd1"])  # its own: the shared ones may have warned already
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            pipe("a cat", negative_prompt="dog", guidance=1.0, steps=1, width=64, height=64,
+                                  output_type="np", progress=False)
+    assert caplog.text.count("negative prompt has no effect") == 1
