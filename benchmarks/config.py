@@ -109,6 +109,9 @@ def check_config(c: BenchConfig) -> None:
     if "diffusers" in kinds:
         if not c.model:
             raise UserError("the diffusers contenders need --model (the diffusers folder the engine was made from)")
+        if Path(c.model).is_file():
+            raise UserError(f"{c.model} is a single file; the diffusers contenders load a diffusers folder. "
+                            f"Write one with: python -m ldm_deploy.export.single_file {c.model} --out FOLDER")
         if not (Path(c.model) / "model_index.json").is_file():
             raise UserError(f"{c.model} is not a diffusers model folder (no model_index.json)")
     for name, value in (("width", c.width), ("height", c.height)):

@@ -267,3 +267,60 @@ def load_weights(module, weights: dict, name: str, unused_ok: bool = False) -> N
 def first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
+
+
+def to_diffusers_folder(model: str, out: Path, allow_pickle: bool = False, config: str | None = None,
+                        prediction: str | None = None, vae: str | None = None) -> Path:
+    """Write a single-file checkpoint as a diffusers folder, offline (what diffusers'
+    from_single_file(...).save_pretrained(...) does, without fetching configs from the hub).
+    Appears whole or not at all."""
+    import os
+    import shutil
+
+    from ldm_deploy.export.random_model import save_diffusers_folder
+    from ldm_deploy.export.source import load_source
+
+    out = Path(out)
+    if out.exists():
+        raise ModelSourceError(f"{out} already exists; choose another folder")
+    src = load_source(model, allow_pickle, config, prediction, vae)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's
+    try:
+        save_diffusers_folder(tmp, src.unet, src.vae, src.text_encoder, src.tokenizer, src.scheduler_config)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv=None) -> int:
+    """python -m ldm_deploy.export.single_file FILE --out FOLDER: a checkpoint as a diffusers folder."""
+    import argparse
+
+    from ldm_deploy.cli.common import run_main, setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m ldm_deploy.export.single_file",
+                                description="write a single-file SD 1.x / 2.x checkpoint as a diffusers folder")
+    p.add_argument("model", help="the checkpoint (.safetensors; .ckpt with --allow-pickle)")
+    p.add_argument("--out", required=True, help="the diffusers folder to create")
+    p.add_argument("--config", default=None, help="as ldm-export --config")
+    p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES)
+    p.add_argument("--vae", default=None, help="as ldm-export --vae")
+    p.add_argument("--allow-pickle", action="store_true")
+    args = p.parse_args(argv)
+    setup_logging(False)
+
+    def go():
+        if not Path(args.model).expanduser().is_file():
+            raise ModelSourceError(f"{args.model} is not a file; pass a single-file checkpoint")
+        print(to_diffusers_folder(args.model, Path(args.out), args.allow_pickle, args.config,
+                                  args.prediction_type, args.vae))
+
+    return run_main(go, "single_file")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

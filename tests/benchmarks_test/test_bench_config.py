@@ -53,6 +53,7 @@ def test_unknown_contenders_are_refused(name):
     (dict(engine="/nonexistent"), "not an engine directory"),
     (dict(model=None), "need --model"),
     (dict(model="/nonexistent"), "not a diffusers model folder"),
+    (dict(model=__file__), "is a single file.*python -m ldm_deploy.export.single_file"),
     (dict(width=100), "--width 100 must be a positive multiple of 8"),
     (dict(height=0), "--height 0 must be"),
     (dict(steps=0), "--steps must be at least 1"),

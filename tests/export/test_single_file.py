@@ -343,3 +343,20 @@ def test_broken_config_folder(files, model_dirs, tmp_path):
     (config / "scheduler" / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ModelSourceError, match="unreadable scheduler"):
         load_source(str(files["tiny-sd1"][0]), config=str(config))
+
+
+def test_checkpoint_written_as_a_diffusers_folder(files, model_dirs, tmp_path, capsys):
+    """python -m ldm_deploy.export.single_file: diffusers' own pipeline loads the folder, with the
+    file's weights; an existing --out is left alone."""
+    from diffusers import StableDiffusionPipeline
+
+    path, folder = files["tiny-sd2"]
+    args = [str(path), "--out", str(tmp_path / "m"), "--config", str(model_dirs["tiny-sd2"])]
+    assert single_file.main(args) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m", safety_checker=None, requires_safety_checker=False)
+    want = weights(load_source(str(folder)))
+    got = {f"{m}.{k}": v for m in ("unet", "vae", "text_encoder") for k, v in getattr(pipe, m).state_dict().items()}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert single_file.main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*partial*"))
