@@ -107,9 +107,12 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
 
 
 def hash_files(files: list[Path]) -> str:
+    """SHA-256 over the files' names and contents; of one checkpoint file alone, its plain
+    SHA-256, whose first 10 digits are the "Model hash" AUTOMATIC1111 and CivitAI show for it."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode())
+        if len(files) > 1 or not single_file.is_single_file(f):
+            h.update(f.name.encode())
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 22):
                 h.update(chunk)

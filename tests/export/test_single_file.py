@@ -360,3 +360,12 @@ def test_checkpoint_written_as_a_diffusers_folder(files, model_dirs, tmp_path, c
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert single_file.main(args) == 2 and "already exists" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_model_hash_of_a_checkpoint_is_its_plain_sha256(files):
+    """So a PNG's "Model hash" (its first 10 digits) is the one AUTOMATIC1111 and CivitAI show."""
+    import hashlib
+
+    path = files["tiny-sd1"][0]
+    src = load_source(str(path), config=str(files["tiny-sd1"][1]))
+    assert src.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
