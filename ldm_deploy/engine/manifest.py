@@ -35,6 +35,9 @@ class ModelInfo:
     sample_size: int  # the latent side the model was trained at (64 for SD 1.5 at 512)
     noise_schedule: NoiseSchedule
     vae_scale: int = VAE_SCALE  # image side / latent side (engines written before it: 8)
+    vae: str = ""  # the replacement VAE's file or folder name (ldm-export --vae); "": the model's own
+    # LoRAs merged into the weights (ldm-export --lora), in order: {"name", "weight", "sha256"} each
+    loras: tuple = ()
 
     @property
     def facts(self) -> ModelFacts:
@@ -81,6 +84,7 @@ class Manifest:
     def from_dict(cls, d: dict) -> "Manifest":
         model = dict(d["model"])
         model["noise_schedule"] = NoiseSchedule.from_config(model["noise_schedule"])
+        model["loras"] = tuple(model.get("loras", ()))
         return cls(
             model=ModelInfo(**model),
             backend=d["backend"],
@@ -114,7 +118,8 @@ def read_manifest(engine_dir: Path) -> Manifest:
     rebuild = f"re-export it with `ldm-export --model <model> --out {engine_dir} --force`"
     if engine_dir.is_file():
         raise EngineError(f"{engine_dir} is a file; an engine is a directory made by ldm-export "
-                          f"(single-file checkpoints: convert to a diffusers folder, then ldm-export)")
+                          f"(a single-file checkpoint: export it with ldm-export --model FILE, or pass it "
+                          f"to ldm-run as --model)")
     if not engine_dir.is_dir():
         raise EngineError(f"engine directory {engine_dir} does not exist; build one with ldm-export")
     path = engine_dir / MANIFEST

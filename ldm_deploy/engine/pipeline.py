@@ -258,6 +258,8 @@ class Pipeline:
             "Model hash": self.manifest.model.weights_sha256[:10],
             "Model": model_name(self.manifest.model.source),
         }
+        if self.manifest.model.vae:  # AUTOMATIC1111 names a replacement VAE so
+            fields["VAE"] = Path(self.manifest.model.vae).stem
         if img2img:
             fields["Denoising strength"] = req.strength
         fields["Version"] = f"ldm-deploy {__version__}"

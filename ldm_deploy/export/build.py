@@ -419,6 +419,8 @@ def model_info(src: SourceModel) -> ModelInfo:
         sample_size=int(src.unet.config.sample_size),
         noise_schedule=schedule,
         vae_scale=facts.vae_scale,
+        vae=src.vae_source,
+        loras=tuple(src.loras),
     )
 
 

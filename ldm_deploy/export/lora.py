@@ -162,7 +162,9 @@ def merge(src, loras, allow_pickle: bool) -> None:
         with torch.no_grad():
             for p in found:
                 add(targets[p.component][p.name], p, weight, path)
-        digest.update(f"{hash_files([path])}:{weight}\n".encode())
+        sha = hash_files([path])
+        digest.update(f"{sha}:{weight}\n".encode())
+        src.loras.append({"name": path.stem, "weight": weight, "sha256": sha})
         log.info("merged %s (%d layers, weight %g)", path.name, len(found), weight)
     src.weights_sha256 = hashlib.sha256(f"{src.weights_sha256}\n{digest.hexdigest()}".encode()).hexdigest()
 

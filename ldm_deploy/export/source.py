@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm_deploy.errors import ModelSourceError
@@ -34,6 +34,8 @@ class SourceModel:
     tokenizer: object  # transformers CLIPTokenizer
     scheduler_config: dict
     weights_sha256: str
+    vae_source: str = ""  # the replacement VAE's file or folder name, if any
+    loras: list = field(default_factory=list)  # merged LoRAs: {"name", "weight", "sha256"} each
 
     @property
     def family(self) -> str:
@@ -169,6 +171,7 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
         weights_sha256=hash_files(weights),
+        vae_source=Path(vae_source).name if vae_source else "",
     )
 
 

@@ -4,6 +4,7 @@ other architectures or of other kinds are refused by name."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -123,9 +124,18 @@ def test_lora_spec_and_cli(model_dirs, tmp_path, capsys):
     kohya_file(tmp_path / "s.safetensors", designed(load_source(model)))
     args = ["--model", model, "--min-size", "64", "--max-size", "64", "--no-img2img"]
     assert export_cli.main(args + ["--out", str(tmp_path / "plain")]) == 0
-    assert export_cli.main(args + ["--out", str(tmp_path / "lora"), "--lora", f"{tmp_path / 's.safetensors'}:0.8"]) == 0
-    hashes = [json.loads((tmp_path / e / "manifest.json").read_text())["model"]["weights_sha256"] for e in ("plain", "lora")]
-    assert hashes[0] != hashes[1]
+    assert export_cli.main(args + ["--out", str(tmp_path / "lora"), "--lora", f"{tmp_path / 's.safetensors'}:0.8",
+                                   "--vae", str(model_dirs["tiny-sd2"] / "vae")]) == 0
+    plain, merged = (json.loads((tmp_path / e / "manifest.json").read_text())["model"] for e in ("plain", "lora"))
+    assert plain["weights_sha256"] != merged["weights_sha256"]
+    # the manifest says what is baked in; the PNG names the VAE as AUTOMATIC1111 does
+    sha = hashlib.sha256((tmp_path / "s.safetensors").read_bytes()).hexdigest()
+    assert merged["loras"] == [{"name": "s", "weight": 0.8, "sha256": sha}] and plain["loras"] == []
+    assert (merged["vae"], plain["vae"]) == ("vae", "")
+    from ldm_deploy import Pipeline
+
+    png = Pipeline.load(tmp_path / "lora")("a cat", steps=1, width=64, height=64, progress=False)[0]
+    assert "VAE: vae" in png.info["parameters"]
     code = export_cli.main(args + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "none.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "no such file" in err and "Traceback" not in err and not (tmp_path / "x").exists()
