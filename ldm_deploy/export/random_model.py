@@ -106,6 +106,21 @@ PRESETS = {
 }
 
 
+def model_index(scheduler_class: str) -> dict:
+    """model_index.json of a StableDiffusionPipeline folder (no safety checker)."""
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
 def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict) -> None:
     """The layout `StableDiffusionPipeline.from_pretrained` (and `ldm-export`) reads."""
     import json
@@ -116,17 +131,7 @@ def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict
     tokenizer.save_pretrained(out / "tokenizer")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "scheduler": ["diffusers", scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
+    index = model_index(scheduler["_class_name"])
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 

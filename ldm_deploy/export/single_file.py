@@ -155,6 +155,7 @@ def write_configs(folder: Path, fam: str, prediction: str) -> None:
     architecture, which diffusers' converter builds the modules from."""
     from ldm_deploy.export.random_model import (
         PRESETS,
+        model_index,
         text_config,
         tokenizer,
         unet_config,
@@ -173,11 +174,7 @@ def write_configs(folder: Path, fam: str, prediction: str) -> None:
         (folder / sub / name).write_text(json.dumps({"_class_name": cls, **cfg}, indent=2))
     text_config(preset).save_pretrained(folder / "text_encoder")
     tokenizer(preset).save_pretrained(folder / "tokenizer")
-    index = {"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", scheduler["_class_name"]],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    (folder / "model_index.json").write_text(json.dumps(model_index(scheduler["_class_name"]), indent=2))
 
 
 def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction: str | None = None,
