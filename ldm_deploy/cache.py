@@ -6,9 +6,10 @@ bundled shapes model) exports the model's ONNX Runtime engine once, into
     $LDM_DEPLOY_CACHE, else $XDG_CACHE_HOME/ldm-deploy, else ~/.cache/ldm-deploy
         engines/<model folder or file name, or "shapes">-<key>/
 
-and later runs load it. The key hashes the package version, the export settings and every file
-of the model folder (or the checkpoint file) by (path, size, modification time), so a changed
-model or a new release exports afresh; nothing is ever half-written (the export stages and renames, see engine_dir).
+and later runs load it. The key hashes the package version, the export settings (a replacement
+VAE and LoRAs among them, by absolute path and weight) and every file of the model folder (or the
+checkpoint file), the VAE and the LoRAs by (path, size, modification time), so a changed model or
+a new release exports afresh; nothing is ever half-written (the export stages and renames, see engine_dir).
 """
 
 from __future__ import annotations
@@ -36,14 +37,37 @@ def cache_dir() -> Path:
     return Path(base) / "ldm-deploy"
 
 
-def model_key(model: Path, settings: dict) -> str:
-    """16 hex digits over the package version, the settings and the model's files."""
+def model_key(model: Path, settings: dict, extra: tuple[Path, ...] = ()) -> str:
+    """16 hex digits over the package version, the settings and the files of the model and of
+    `extra` (what the export merges into it: a VAE file or folder, LoRA files)."""
     h = hashlib.sha256(f"{__version__}\n{sorted(settings.items())}\n".encode())
-    root, files = (model.parent, [model]) if model.is_file() else (model, sorted(model.rglob("*")))
-    for f in (f for f in files if f.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for i, source in enumerate((model, *extra)):
+        tag = f"{i}:" if i else ""  # the model's own lines as before extras existed: old keys hold
+        root, files = (source.parent, [source]) if source.is_file() else (source, sorted(source.rglob("*")))
+        for f in (f for f in files if f.is_file()):
+            st = f.stat()
+            h.update(f"{tag}{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def settle_paths(settings: dict) -> tuple[dict, tuple[Path, ...]]:
+    """Settings with the VAE, LoRA and config paths made absolute (the key must not hang on the working
+    directory), and those that exist, for model_key. Missing ones stay as given: the export names them."""
+    settings, extra = dict(settings), []
+
+    def absolute(path: str) -> str:
+        p = Path(path).expanduser()
+        if not p.exists():
+            return path
+        extra.append(p.resolve())
+        return str(p.resolve())
+
+    for key in ("vae", "model_config"):
+        if settings.get(key):
+            settings[key] = absolute(settings[key])
+    if settings.get("loras"):
+        settings["loras"] = tuple((absolute(path), weight) for path, weight in settings["loras"])
+    return settings, tuple(extra)
 
 
 def engine_for(model: str | Path, export_settings: dict | None = None, name: str | None = None) -> Path:
@@ -60,9 +84,9 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
                             "ldm-export (pickle checkpoints need its --allow-pickle), then pass --engine DIR")
     elif not (model / "model_index.json").is_file():
         raise UserError(f"--model {model}: not a diffusers folder (it has no model_index.json)")
-    settings = {**CACHE_EXPORT, **(export_settings or {})}
+    settings, extra = settle_paths({**CACHE_EXPORT, **(export_settings or {})})
     stem = model.stem if model.is_file() else model.name
-    out = cache_dir() / "engines" / f"{name or stem}-{model_key(model, settings)}"
+    out = cache_dir() / "engines" / f"{name or stem}-{model_key(model, settings, extra)}"
     if out.is_dir():
         try:
             from ldm_deploy.engine.manifest import read_manifest, verify_files

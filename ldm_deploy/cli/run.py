@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ldm_deploy.cli.common import run_main, setup_logging
+from ldm_deploy.errors import UserError
 
 log = logging.getLogger("ldm-run")
 
@@ -25,6 +26,15 @@ def parser() -> argparse.ArgumentParser:
                        "Runtime engine is exported into the cache "
                        "(~/.cache/ldm-deploy) on first use. With neither --engine nor --model: the bundled "
                        "64x64 shapes model (try \"a red circle on a blue background\")")
+    m = p.add_argument_group("with --model (set into its cached engine, as ldm-export does)")
+    m.add_argument("--vae", default=None, help="a VAE to use instead of the model's: a file or a diffusers VAE folder")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA into the weights (weight default 1); repeat for several")
+    m.add_argument("--config", dest="model_config", default=None,
+                   help="single-file checkpoints of another architecture than SD 1.5's or 2.1's: a diffusers "
+                        "folder or hub id with its configs")
+    m.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="what the U-Net predicts, overriding the model's")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
@@ -95,13 +105,32 @@ def names(p: Path, n: int) -> list[Path]:
     return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
+def model_settings(args) -> dict:
+    """The export settings given on the command line, as ExportConfig names them."""
+    return {"vae": args.vae, "loras": args.lora, "model_config": args.model_config,
+            "prediction_type": args.prediction_type}
+
+
+FLAGS = {"vae": "--vae", "loras": "--lora", "model_config": "--config", "prediction_type": "--prediction-type"}
+
+
 def engine_dir(args) -> str:
+    given = [FLAGS[key] for key, value in model_settings(args).items() if value]
+    if given and not args.model:
+        built = "has them built in: see its manifest" if args.engine else "is the bundled shapes model"
+        raise UserError(f"{', '.join(given)} set what --model exports into its cached engine; the engine "
+                        f"here {built}. Pass --model, or export with ldm-export {given[0]} ... --out DIR")
     if args.engine:
         return args.engine
     from ldm_deploy.cache import engine_for
 
     if args.model:
-        return str(engine_for(args.model))
+        from ldm_deploy.export.lora import parse_spec
+
+        settings = {key: value for key, value in model_settings(args).items() if value}
+        if "loras" in settings:
+            settings["loras"] = tuple(parse_spec(spec) for spec in settings["loras"])
+        return str(engine_for(args.model, settings))
     from ldm_deploy import shapes
 
     return str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
@@ -114,7 +143,6 @@ def main(argv=None) -> int:
     def go():
         from ldm_deploy.engine.images import save_png
         from ldm_deploy.engine.pipeline import Pipeline
-        from ldm_deploy.errors import UserError
 
         if args.num_images < 1:
             raise UserError(f"--num-images must be at least 1, got {args.num_images}")

@@ -253,3 +253,38 @@ def test_bad_shapes_and_weights(model_dirs, tmp_path):
 
     with pytest.raises(UserError, match="finite"):
         parse_spec("style.safetensors:inf")
+
+
+def test_ldm_run_model_merges_vae_and_lora_into_its_cached_engine(model_dirs, tmp_path, monkeypatch, capsys):
+    from ldm_deploy.cli import run as run_cli
+
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    model, vae = str(model_dirs["tiny-sd1"]), str(model_dirs["tiny-sd2"] / "vae")
+    kohya_file(tmp_path / "s.safetensors", designed(load_source(model)))
+    assert export_cli.main(["--model", model, "--min-size", "64", "--max-size", "64", "--no-img2img",
+                            "--out", str(tmp_path / "lora"), "--lora", f"{tmp_path / 's.safetensors'}:0.8",
+                            "--vae", vae]) == 0
+    exported = json.loads((tmp_path / "lora" / "manifest.json").read_text())["model"]
+
+    def run(*flags):
+        args = ["a cat", "--model", model, "--steps", "1", "--width", "256", "--height", "256", "-q",
+                "--out", str(tmp_path / "x.png"), *flags]
+        assert run_cli.main(args) == 0, capsys.readouterr().err
+        return sorted(p.name for p in (tmp_path / "cache" / "engines").iterdir())
+
+    engines = run("--lora", f"{tmp_path / 's.safetensors'}:0.8", "--vae", vae)
+    cached = json.loads((tmp_path / "cache" / "engines" / engines[0] / "manifest.json").read_text())["model"]
+    # the same weights as ldm-export merges, and the manifest says so
+    assert (cached["weights_sha256"], cached["loras"], cached["vae"]) == (
+        exported["weights_sha256"], exported["loras"], exported["vae"])
+    # a relative path to the same files finds the same engine; another weight is another engine
+    monkeypatch.chdir(tmp_path)
+    assert run("--lora", "s.safetensors:0.8", "--vae", vae) == engines
+    assert len(run("--lora", "s.safetensors:0.5", "--vae", vae)) == 2
+    # without --model the flags have nothing to go into
+    code = run_cli.main(["a cat", "--engine", str(tmp_path / "lora"), "--lora", "s.safetensors"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--lora set what --model exports" in err and "ldm-export --lora" in err
+    code = run_cli.main(["a cat", "--model", model, "--lora", "missing.safetensors"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.safetensors" in err and "Traceback" not in err

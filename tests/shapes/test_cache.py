@@ -31,6 +31,25 @@ def test_key_changes_with_the_model_and_the_settings(tmp_path):
     assert cache.model_key(m, {"max_batch": 4}) != key
 
 
+def test_key_follows_the_vae_and_lora_files(tmp_path, monkeypatch):
+    m = tmp_path / "model"
+    m.mkdir()
+    (m / "model_index.json").write_text("{}")
+    (tmp_path / "style.safetensors").write_bytes(b"1234")
+    monkeypatch.chdir(tmp_path)
+
+    def key(settings):
+        return cache.model_key(m, *cache.settle_paths(settings))
+
+    lora = {"loras": (("style.safetensors", 0.8),)}
+    first = key(lora)
+    assert key({"loras": ((str(tmp_path / "style.safetensors"), 0.8),)}) == first  # any spelling of the path
+    assert key({"loras": (("style.safetensors", 0.5),)}) != first
+    assert key({}) == cache.model_key(m, {}) != first
+    (tmp_path / "style.safetensors").write_bytes(b"12345")  # retrained: same name, new contents
+    assert key(lora) != first
+
+
 def test_not_a_diffusers_folder(tmp_path, capsys):
     assert run.main(["x", "--model", str(tmp_path)]) == 2
     assert "not a diffusers folder" in capsys.readouterr().err
