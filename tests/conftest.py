@@ -37,6 +37,7 @@ def diffusers_schedulers() -> dict:
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
         EulerDiscreteScheduler,
+        LCMScheduler,
     )
 
     return {
@@ -45,6 +46,10 @@ def diffusers_schedulers() -> dict:
         "euler_a": (EulerAncestralDiscreteScheduler, {}),
         "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
         "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+        "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+        "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler,
+                                {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+        "lcm": (LCMScheduler, {}),
     }
 # Test engines accept 64..512 px so parity runs can use small images.
 TEST_CONFIG = ExportConfig(min_size=64, max_size=512, opt_size=128, max_batch=2)

@@ -131,6 +131,10 @@ class Pipeline:
             self.warned.add("negative")
             log.warning("the negative prompt has no effect with guidance %s (<= 1 disables "
                         "classifier-free guidance, which is what uses it)", guidance)
+        if sampler == "lcm" and guidance > 3 and "lcm" not in self.warned:
+            self.warned.add("lcm")
+            log.warning("the lcm sampler is made for LCM-LoRA models, which draw best in 2-8 steps with "
+                        "guidance 1-2; guidance %s tends to burn the image", guidance)
         n = len(prompts) * num_images
         req = Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),

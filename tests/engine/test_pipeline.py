@@ -156,3 +156,9 @@ def test_unused_negative_prompt_is_warned_about_once(engine_dirs, caplog):
             pipe("a cat", negative_prompt="dog", guidance=1.0, steps=1, width=64, height=64,
                                   output_type="np", progress=False)
     assert caplog.text.count("negative prompt has no effect") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for guidance in (1.5, 7.5, 7.5):  # LCM-LoRA's guidance is 1-2: 7.5 is a slip worth a word
+            pipe("a cat", guidance=guidance, steps=1, sampler="lcm", width=64, height=64, output_type="np",
+                 progress=False)
+    assert caplog.text.count("the lcm sampler is made for LCM-LoRA models") == 1

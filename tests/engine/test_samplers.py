@@ -148,9 +148,10 @@ def test_plan_table():
         p = plan(sampler, schedule, 20, guidance=6.0, strength=0.5)
         assert p.rows.dtype == np.float32 and p.steps == 10
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
-        assert p.needs_noise == (sampler == "euler_a")
+        assert p.needs_noise == (sampler in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "lcm"))
     assert set(DISPLAY_NAMES) == set(SAMPLERS)
     assert DISPLAY_NAMES["dpmpp_2m_karras"] == "DPM++ 2M Karras"
+    assert DISPLAY_NAMES["dpmpp_2m_sde_karras"] == "DPM++ 2M SDE Karras"  # AUTOMATIC1111's names
 
 
 @pytest.mark.parametrize(
@@ -165,6 +166,7 @@ def test_plan_table():
         ({"steps": 4, "strength": 0.2}, "raise strength to at least 0.25 or use more steps"),
         ({"sampler": "ddim", "steps": 1000}, "steps_offset 1 runs past the model's last timestep 999"),
         ({"sampler": "dpmpp_2m", "steps": 1000}, "1000 steps is more than sampler 'dpmpp_2m' can space"),
+        ({"sampler": "lcm", "steps": 51}, "the lcm sampler takes at most 50 steps"),
     ],
 )
 def test_invalid_requests(kwargs, message):

@@ -1,12 +1,20 @@
 """DPM-Solver++(2M) (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler with its defaults:
 algorithm_type "dpmsolver++", solver_order 2, solver_type "midpoint", lower_order_final,
-final_sigmas_type "zero"; optionally with Karras sigmas ("DPM++ 2M Karras").
+final_sigmas_type "zero"; optionally with Karras sigmas ("DPM++ 2M Karras"), and its stochastic
+form, algorithm_type "sde-dpmsolver++" ("DPM++ 2M SDE").
 
 Works in VP space (x is diffusers' `latents`, fed to the U-Net unscaled). With
 lambda = log(alpha / sigma_vp) = -log(s) and h = lambda_next - lambda:
 
     first order:  x_next = (sigma_next / sigma) x + alpha_next (1 - e^-h) x0
     second order: the same with x0 -> x0 + (x0 - x0_prev) / (2 r),  r = (lambda - lambda_prev) / h
+
+The SDE form puts back part of the noise it removes, fresh each step (e = e^-h):
+
+    x_next = (sigma_next / sigma) e x + alpha_next (1 - e^2) x0' + sigma_next sqrt(1 - e^2) noise
+
+with x0' the same (first or second order) x0 estimate. diffusers draws that noise as a randn from
+the pipeline's generator, not from k-diffusion's Brownian tree: our images follow diffusers'.
 
 The first executed step has no x0_prev and is first order (also for img2img, which starts on a
 fresh scheduler); the last step is first order because its sigma is zero, and lands on x0.
@@ -48,8 +56,8 @@ def timesteps_and_sigmas(schedule, steps: int, karras: bool) -> tuple[np.ndarray
     return t, np.append(sigmas[t.astype(np.int64)], 0.0)
 
 
-def walk(schedule, steps: int, start: int, karras: bool = False) -> Walk:
-    """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M walk."""
+def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = False) -> Walk:
+    """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M (SDE) walk."""
     t, s = timesteps_and_sigmas(schedule, steps, karras)
     alpha = 1 / np.sqrt(s**2 + 1)
     sigma_vp = s * alpha
@@ -57,6 +65,7 @@ def walk(schedule, steps: int, start: int, karras: bool = False) -> Walk:
     c_x = np.zeros(steps)
     c_0 = np.ones(steps)  # the last step: x_next = x0
     c_p = np.zeros(steps)
+    c_n = np.zeros(steps)  # the last step adds no noise: sigma_next is 0
     # lam = -log(0) = +inf at the final sigma; the loop stops short of it (the last step is set
     # above). Two steps at one noise level (only near num_train_timesteps steps) divide by zero;
     # plan() rejects the result.
@@ -64,12 +73,17 @@ def walk(schedule, steps: int, start: int, karras: bool = False) -> Walk:
         lam = -np.log(s)
         for k in range(start, steps - 1):
             h = lam[k + 1] - lam[k]
-            a = -alpha[k + 1] * np.expm1(-h)  # alpha_next (1 - e^-h)
             c_x[k] = sigma_vp[k + 1] / sigma_vp[k]
+            if sde:
+                a = -alpha[k + 1] * np.expm1(-2 * h)  # alpha_next (1 - e^-2h)
+                c_x[k] *= np.exp(-h)
+                c_n[k] = sigma_vp[k + 1] * np.sqrt(-np.expm1(-2 * h))
+            else:
+                a = -alpha[k + 1] * np.expm1(-h)  # alpha_next (1 - e^-h)
             c_0[k] = a
             if k > start:
                 half_over_r = 0.5 * h / (lam[k] - lam[k - 1])
                 c_0[k] = a * (1 + half_over_r)
                 c_p[k] = -a * half_over_r
-    rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_p=c_p)
+    rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_p=c_p, c_n=c_n)
     return Walk(rows[start:], 1.0, float(alpha[start]), float(sigma_vp[start]))
