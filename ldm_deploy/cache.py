@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # The export settings of cached engines: ONNX Runtime on the CPU, the model's native size and
 # around it, up to 4 images a call.
 CACHE_EXPORT = dict(backend="onnxruntime", max_batch=4)
+# Raised when engines of the same package version must be exported again to have a new input
+# (2: the text encoder's `layer`, for clip skip).
+REVISION = 2
 
 
 def cache_dir() -> Path:
@@ -38,11 +41,11 @@ def cache_dir() -> Path:
 
 
 def model_key(model: Path, settings: dict, extra: tuple[Path, ...] = ()) -> str:
-    """16 hex digits over the package version, the settings and the files of the model and of
-    `extra` (what the export merges into it: a VAE file or folder, LoRA files)."""
-    h = hashlib.sha256(f"{__version__}\n{sorted(settings.items())}\n".encode())
+    """16 hex digits over the package version (and REVISION), the settings and the files of the
+    model and of `extra` (what the export merges into it: a VAE file or folder, LoRA files)."""
+    h = hashlib.sha256(f"{__version__}.{REVISION}\n{sorted(settings.items())}\n".encode())
     for i, source in enumerate((model, *extra)):
-        tag = f"{i}:" if i else ""  # the model's own lines as before extras existed: old keys hold
+        tag = f"{i}:" if i else ""
         root, files = (source.parent, [source]) if source.is_file() else (source, sorted(source.rglob("*")))
         for f in (f for f in files if f.is_file()):
             st = f.stat()

@@ -32,30 +32,11 @@ PRESETS = ("tiny-sd1", "tiny-sd2")
 
 def diffusers_schedulers() -> dict:
     """Our sampler name -> the diffusers scheduler class (and from_config options) it must equal."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        LCMScheduler,
-    )
+    import diffusers
 
-    return {
-        "ddim": (DDIMScheduler, {}),
-        "euler": (EulerDiscreteScheduler, {}),
-        "euler_a": (EulerAncestralDiscreteScheduler, {}),
-        "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-        "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-        "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-        "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler,
-                                {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
-        "lcm": (LCMScheduler, {}),
-    }
-# Test engines accept 64..512 px so parity runs can use small images.
-TEST_CONFIG = ExportConfig(min_size=64, max_size=512, opt_size=128, max_batch=2)
+    from benchmarks.peers import SCHEDULERS
 
-logging.getLogger("diffusers").setLevel(logging.ERROR)
-logging.getLogger("transformers").setLevel(logging.ERROR)
+    return {name: (getattr(diffusers, cls), options) for name, (cls, options) in SCHEDULERS.items()}
 
 
 @pytest.fixture(scope="session")

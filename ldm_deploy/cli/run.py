@@ -43,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--sampler", default="dpmpp_2m_karras", choices=SAMPLERS)
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N",
+                   help="take the text encoder's output N - 1 layers before its last, as AUTOMATIC1111's "
+                        "\"Clip skip\" counts (default 1: the last layer; 2, the penultimate, for models "
+                        "trained so, e.g. NovelAI-based anime models)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8)")
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
 
         if args.num_images < 1:
             raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+        if args.clip_skip < 1:
+            raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
         if args.strength is not None and args.init_image is None:
             log.warning("--strength applies to img2img only (with --init-image); ignored")
         paths = output_paths(args.out, args.num_images)
@@ -177,6 +183,10 @@ def main(argv=None) -> int:
             options["compile"] = args.torch_compile
         pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
                              rebuild_stale=args.rebuild_stale, **options)
+        layers = pipe.manifest.model.text_layers
+        if layers and args.clip_skip > layers:
+            raise UserError(f"--clip-skip {args.clip_skip}: this model's text encoder has {layers} layers; "
+                            f"pass 1 (the last) to {layers}")
         images = pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,
@@ -189,6 +199,7 @@ def main(argv=None) -> int:
             sampler=args.sampler,
             init_image=args.init_image,
             strength=0.8 if args.strength is None else args.strength,
+            clip_skip=args.clip_skip - 1,
             progress=not args.quiet,
         )
         for image, path in zip(images, paths):

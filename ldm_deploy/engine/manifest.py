@@ -38,10 +38,11 @@ class ModelInfo:
     vae: str = ""  # the replacement VAE's file or folder name (ldm-export --vae); "": the model's own
     # LoRAs merged into the weights (ldm-export --lora), in order: {"name", "weight", "sha256"} each
     loras: tuple = ()
+    text_layers: int = 0  # the text encoder's layers, for clip skip (engines written before it: 0, none)
 
     @property
     def facts(self) -> ModelFacts:
-        return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale)
+        return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale, self.text_layers)
 
 
 @dataclass(frozen=True)

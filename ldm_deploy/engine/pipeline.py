@@ -80,6 +80,7 @@ class Pipeline:
         sampler: str = "dpmpp_2m_karras",
         init_image=None,
         strength: float = 0.8,
+        clip_skip: int | None = None,
         latents: np.ndarray | None = None,
         generator=None,
         output_type: str = "pil",
@@ -90,6 +91,10 @@ class Pipeline:
         (B, H, W, 3) float32 array in [0, 1], as diffusers does.
 
         init_image (a path, a PIL image or an array) switches to img2img with `strength`.
+        clip_skip: text encoder layers skipped, as diffusers counts them (1: the penultimate
+        layer's output, AUTOMATIC1111's "Clip skip: 2"), for the prompt and the negative prompt
+        alike, as AUTOMATIC1111 and ComfyUI do (diffusers' StableDiffusionPipeline skips them
+        for the prompt only).
         latents: the initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for
         img2img: the noise added to the encoded image). generator: overrides `seed`; a
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
@@ -127,6 +132,7 @@ class Pipeline:
         seed = random_seed() if seed is None or seed == -1 else whole("seed", seed, None)
         if seed < 0:
             raise InvalidRequest(f"seed must be 0 or more (or -1 for a random one), got {seed}")
+        clip_skip = self.check_clip_skip(clip_skip)
         if guidance <= 1.0 and any(negs) and "negative" not in self.warned:
             self.warned.add("negative")
             log.warning("the negative prompt has no effect with guidance %s (<= 1 disables "
@@ -146,6 +152,7 @@ class Pipeline:
             width=width,
             height=height,
             strength=float(strength) if init is not None else 1.0,
+            clip_skip=clip_skip,
         )
         check_request(req, self.manifest, img2img=init is not None)
         m = self.manifest.model
@@ -173,9 +180,11 @@ class Pipeline:
         # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
         k = len(texts) // b
-        ids = be.upload(self.tokenizer(texts).reshape(k, b, m.text_length))
+        inputs = {"input_ids": be.upload(self.tokenizer(texts).reshape(k, b, m.text_length))}
+        if m.text_layers:  # which hidden state: the last layer's, or one `clip_skip` layers below
+            inputs["layer"] = be.upload(np.array([m.text_layers - req.clip_skip], np.int64))
         emb = be.empty((k, b, m.text_length, m.text_width))
-        be.run(self.components["text_encoder"], Run({"input_ids": ids}, {"text_embeddings": emb}))
+        be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": emb}))
 
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
@@ -252,6 +261,18 @@ class Pipeline:
                     f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
                     f"height=) in range to resize it, or resize the image")
 
+    def check_clip_skip(self, clip_skip) -> int:
+        """clip_skip as a whole number this engine can do (None: 0)."""
+        clip_skip = whole("clip_skip", clip_skip, 0)
+        layers = self.manifest.model.text_layers
+        if clip_skip and not layers:
+            raise InvalidRequest("this engine's text encoder returns its last layer only (it was exported "
+                                 "before clip skip); re-export it with ldm-export --force to use clip_skip")
+        if not 0 <= clip_skip < max(layers, 1):
+            raise InvalidRequest(f"clip_skip must be from 0 to {layers - 1} (this text encoder has {layers} "
+                                 f"layers), got {clip_skip}")
+        return clip_skip
+
     def parameters(self, req: Request, i: int, img2img: bool) -> str:
         fields = {
             "Steps": req.steps,
@@ -266,6 +287,8 @@ class Pipeline:
             fields["VAE"] = Path(self.manifest.model.vae).stem
         if img2img:
             fields["Denoising strength"] = req.strength
+        if req.clip_skip:
+            fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
         fields["Version"] = f"ldm-deploy {__version__}"
         return images.parameters_text(req.prompts[i], req.negative_prompts[i], fields)
 

@@ -20,6 +20,7 @@ class Request:
     width: int
     height: int
     strength: float  # 1.0 for txt2img
+    clip_skip: int = 0  # text encoder layers skipped (diffusers' clip_skip)
 
     @property
     def batch(self) -> int:

@@ -406,7 +406,7 @@ def model_info(src: SourceModel) -> ModelInfo:
             src.path,
         )
     facts = ModelFacts(src.unet.config.in_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,
-                       vae_scale(src))
+                       vae_scale(src), text_cfg.num_hidden_layers)
     return ModelInfo(
         family=src.family,
         source=src.source,
@@ -421,6 +421,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         vae_scale=facts.vae_scale,
         vae=src.vae_source,
         loras=tuple(src.loras),
+        text_layers=facts.text_layers,
     )
 
 

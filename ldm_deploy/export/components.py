@@ -14,14 +14,20 @@ from ldm_deploy.engine.samplers import update
 
 
 class TextEncoder(nn.Module):
-    """(K, B, 77) token ids -> (K, B, 77, D) last hidden states (after the final layer norm)."""
+    """(K, B, 77) token ids, (1,) layer -> (K, B, 77, D) hidden states of that layer, after the
+    final layer norm: `layer` = the number of layers is the last one (what diffusers uses
+    by default), one less is the penultimate (clip skip; diffusers' clip_skip=1), as diffusers'
+    encode_prompt computes it. The selection is a gather: exact in any precision."""
 
     def __init__(self, clip, dtype=torch.float32):
         super().__init__()
         self.clip = cast(clip, dtype)
 
-    def forward(self, input_ids):
-        hidden = self.clip(input_ids.flatten(0, 1))[0].float()  # (K*B, 77, D)
+    def forward(self, input_ids, layer):
+        out = self.clip(input_ids.flatten(0, 1), output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states).index_select(0, layer)[0]  # (L + 1, K*B, 77, D) -> one
+        # transformers 5 dropped CLIPTextModel's text_model wrapper (4.x: clip.text_model.final_layer_norm)
+        hidden = getattr(self.clip, "text_model", self.clip).final_layer_norm(hidden).float()
         return hidden.reshape(*input_ids.shape, hidden.shape[-1])
 
 
@@ -102,7 +108,9 @@ def example_inputs(spec, dims: dict[str, int]) -> tuple[torch.Tensor, ...]:
     out = []
     for t in spec.inputs:
         shape = t.resolve(dims)
-        if t.dtype == "int64":
+        if t.name == "layer":  # an index into the text encoder's hidden states: 0 exists in every model
+            out.append(torch.zeros(shape, dtype=torch.int64))
+        elif t.dtype == "int64":
             out.append(torch.randint(0, 1000, shape, generator=g))
         else:
             out.append(torch.rand(shape, generator=g))

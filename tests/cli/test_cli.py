@@ -35,7 +35,7 @@ def test_run_writes_png_with_parameters(engine_dirs, tmp_path, capsys):
     out = tmp_path / "astronaut.png"
     code, err = run(capsys, ["a photo of an astronaut", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "3",
                              "--seed", "7", "--negative-prompt", "blurry", "--sampler", "euler_a",
-                             "--width", "64", "--height", "96", "--out", str(out), "-q"])
+                             "--width", "64", "--height", "96", "--out", str(out), "-q", "--clip-skip", "2"])
     assert code == 0, err
     im = Image.open(out)
     assert im.size == (64, 96)
@@ -46,6 +46,7 @@ def test_run_writes_png_with_parameters(engine_dirs, tmp_path, capsys):
     assert params[0] == "a photo of an astronaut"
     assert params[1] == "Negative prompt: blurry"
     assert "Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x96" in params[2]
+    assert "Clip skip: 2," in params[2]
 
 
 def test_run_several_images_get_numbered_files_and_seeds(engine_dirs, tmp_path, capsys):
@@ -85,6 +86,8 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--static-shapes"], "--static-shapes is a choice of the openvino backend"),
     (["--seed", "-2"], "seed must be 0 or more (or -1 for a random one)"),
     (["--num-images", "0"], "--num-images must be at least 1"),
+    (["--clip-skip", "0"], "--clip-skip counts from 1 (the last layer: no skip), got 0"),
+    (["--clip-skip", "3"], "--clip-skip 3: this model's text encoder has 2 layers; pass 1 (the last) to 2"),
     (["--width", "0"], "width 0 is outside this engine's range"),
     (["--guidance", "inf"], "guidance must be a finite number"),
     (["--out", "x.jpg"], "ldm-run writes PNG files"),

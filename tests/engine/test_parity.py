@@ -116,3 +116,65 @@ def test_diffusers_names_clash_with_ours(pipelines):
         pipelines["tiny-sd1"]("x", steps=3, num_inference_steps=4)
     with pytest.raises(TypeError, match="unexpected keyword argument 'eta'"):
         pipelines["tiny-sd1"]("x", eta=0.0)
+
+
+def skipped_embeddings(pipe, texts, clip_skip):
+    """diffusers' encode_prompt with clip_skip, for any list of texts: the hidden state
+    clip_skip layers below the last, through the final layer norm. (diffusers 0.42 reaches that
+    norm as text_encoder.text_model.final_layer_norm, which transformers 5 no longer has.)"""
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        return pipe.text_encoder.final_layer_norm(hidden)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_clip_skip_matches_diffusers(preset, guidance, reference, pipelines, torch_noise):
+    """clip_skip=1 (AUTOMATIC1111's Clip skip 2) for the prompt and the negative prompt both, as
+    AUTOMATIC1111 and ComfyUI apply it; diffusers' StableDiffusionPipeline given those embeddings."""
+    prompt, negative, steps, seed = "a castle on a hill", "fog", 4, 8
+    latents = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(6))
+    pipe = with_scheduler(reference[preset], 0, "dpmpp_2m_karras")
+    embeds = {"prompt_embeds": skipped_embeddings(pipe, [prompt], 1)}
+    if guidance > 1:
+        embeds["negative_prompt_embeds"] = skipped_embeddings(pipe, [negative], 1)
+    ref = pipe(**embeds, num_inference_steps=steps, guidance_scale=guidance, height=H, width=W,
+               latents=latents.clone(), generator=torch.Generator().manual_seed(seed), output_type="np").images
+    kw = dict(steps=steps, guidance=guidance, width=W, height=H, latents=latents.numpy(), progress=False)
+    ours = pipelines[preset](prompt, negative_prompt=negative if guidance > 1 else None, clip_skip=1,
+                             generator=torch_noise(seed), **kw)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(np.asarray(ours[0], np.float32) / 255, ref[0], rtol=0, atol=TOL + 1 / 255)
+    ours = pipelines[preset](prompt, negative_prompt=negative if guidance > 1 else None, clip_skip=1,
+                             generator=torch_noise(seed), output_type="np", **kw)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+    plain = pipelines[preset](prompt, negative_prompt=negative if guidance > 1 else None, clip_skip=0,
+                              generator=torch_noise(seed), output_type="np", **kw)
+    assert np.abs(plain - ours).max() > 10 * TOL  # the skip changes the image
+
+
+def test_clip_skip_is_checked_and_recorded(pipelines, engine_dirs, tmp_path):
+    import json
+    import shutil
+
+    from ldm_deploy import Pipeline
+    from ldm_deploy.errors import InvalidRequest
+
+    pipe = pipelines["tiny-sd1"]
+    kw = dict(steps=1, width=64, height=64, progress=False)
+    assert "Clip skip: 2," in pipe("x", clip_skip=1, **kw)[0].info["parameters"]  # A1111's count
+    assert "Clip skip" not in pipe("x", **kw)[0].info["parameters"]
+    for bad, message in [(2, "clip_skip must be from 0 to 1 (this text encoder has 2 layers), got 2"),
+                         (-1, "from 0 to 1"), (0.5, "clip_skip must be a whole number")]:
+        with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
+            pipe("x", clip_skip=bad, **kw)
+    # An engine exported before clip skip existed says how to get it.
+    old = tmp_path / "old"
+    shutil.copytree(engine_dirs["tiny-sd1"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["model"]["text_layers"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidRequest, match=r"exported before clip skip\); re-export it with ldm-export --force"):
+        Pipeline.load(old, verify=False)("x", clip_skip=1, **kw)
