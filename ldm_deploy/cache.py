@@ -54,7 +54,7 @@ def model_key(model: Path, settings: dict, extra: tuple[Path, ...] = ()) -> str:
 
 
 def settle_paths(settings: dict) -> tuple[dict, tuple[Path, ...]]:
-    """Settings with the VAE, LoRA and config paths made absolute (the key must not hang on the working
+    """Settings with the VAE, LoRA, embedding and config paths made absolute (the key must not hang on the working
     directory), and those that exist, for model_key. Missing ones stay as given: the export names them."""
     settings, extra = dict(settings), []
 
@@ -68,8 +68,9 @@ def settle_paths(settings: dict) -> tuple[dict, tuple[Path, ...]]:
     for key in ("vae", "model_config"):
         if settings.get(key):
             settings[key] = absolute(settings[key])
-    if settings.get("loras"):
-        settings["loras"] = tuple((absolute(path), weight) for path, weight in settings["loras"])
+    for key in ("loras", "embeddings"):  # (path, weight or trigger word) pairs
+        if settings.get(key):
+            settings[key] = tuple((absolute(path), tail) for path, tail in settings[key])
     return settings, tuple(extra)
 
 

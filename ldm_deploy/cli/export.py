@@ -64,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge a LoRA into the weights (kohya or diffusers layout; weight default 1); "
                         "repeat for several")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
+                   help="add a textual inversion embedding (AUTOMATIC1111 or diffusers layout), triggered by "
+                        "its file name (or WORD) in prompts; repeat for several")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
     p.add_argument("--force", action="store_true",
@@ -78,6 +81,7 @@ def main(argv=None) -> int:
 
     def go():
         from ldm_deploy.export.config import ExportConfig
+        from ldm_deploy.export import embeddings
         from ldm_deploy.export.lora import parse_spec
         from ldm_deploy.export.tensorrt_build import TensorRTOptions
 
@@ -109,6 +113,7 @@ def main(argv=None) -> int:
             prediction_type=args.prediction_type,
             vae=args.vae,
             loras=tuple(parse_spec(spec) for spec in args.lora),
+            embeddings=tuple(embeddings.parse_spec(spec) for spec in args.embedding),
             force=args.force,
         )
         from ldm_deploy.export.build import export_engine

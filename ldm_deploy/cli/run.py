@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--vae", default=None, help="a VAE to use instead of the model's: a file or a diffusers VAE folder")
     m.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge a LoRA into the weights (weight default 1); repeat for several")
+    m.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
+                   help="add a textual inversion embedding, triggered by its file name (or WORD); repeatable")
     m.add_argument("--config", dest="model_config", default=None,
                    help="single-file checkpoints of another architecture than SD 1.5's or 2.1's: a diffusers "
                         "folder or hub id with its configs")
@@ -111,11 +113,12 @@ def names(p: Path, n: int) -> list[Path]:
 
 def model_settings(args) -> dict:
     """The export settings given on the command line, as ExportConfig names them."""
-    return {"vae": args.vae, "loras": args.lora, "model_config": args.model_config,
+    return {"vae": args.vae, "loras": args.lora, "embeddings": args.embedding, "model_config": args.model_config,
             "prediction_type": args.prediction_type}
 
 
-FLAGS = {"vae": "--vae", "loras": "--lora", "model_config": "--config", "prediction_type": "--prediction-type"}
+FLAGS = {"vae": "--vae", "loras": "--lora", "embeddings": "--embedding", "model_config": "--config",
+         "prediction_type": "--prediction-type"}
 
 
 def engine_dir(args) -> str:
@@ -129,11 +132,13 @@ def engine_dir(args) -> str:
     from ldm_deploy.cache import engine_for
 
     if args.model:
-        from ldm_deploy.export.lora import parse_spec
+        from ldm_deploy.export import embeddings, lora
 
         settings = {key: value for key, value in model_settings(args).items() if value}
         if "loras" in settings:
-            settings["loras"] = tuple(parse_spec(spec) for spec in settings["loras"])
+            settings["loras"] = tuple(lora.parse_spec(spec) for spec in settings["loras"])
+        if "embeddings" in settings:
+            settings["embeddings"] = tuple(embeddings.parse_spec(spec) for spec in settings["embeddings"])
         return str(engine_for(args.model, settings))
     from ldm_deploy import shapes
 

@@ -38,6 +38,8 @@ class ModelInfo:
     vae: str = ""  # the replacement VAE's file or folder name (ldm-export --vae); "": the model's own
     # LoRAs merged into the weights (ldm-export --lora), in order: {"name", "weight", "sha256"} each
     loras: tuple = ()
+    # textual inversions added (ldm-export --embedding), in order: {"name", "word", "vectors", "sha256"} each
+    embeddings: tuple = ()
     text_layers: int = 0  # the text encoder's layers, for clip skip (engines written before it: 0, none)
 
     @property
@@ -86,6 +88,7 @@ class Manifest:
         model = dict(d["model"])
         model["noise_schedule"] = NoiseSchedule.from_config(model["noise_schedule"])
         model["loras"] = tuple(model.get("loras", ()))
+        model["embeddings"] = tuple(model.get("embeddings", ()))
         return cls(
             model=ModelInfo(**model),
             backend=d["backend"],

@@ -5,6 +5,7 @@ tokenize -> text encoder -> sampler table (host) -> N x unet_step -> VAE decoder
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -37,7 +38,8 @@ class Pipeline:
         self.manifest = manifest
         self.backend = backend
         self.specs = manifest.specs()
-        self.tokenizer = PromptTokenizer(self.engine_dir / TOKENIZER, manifest.model.text_length)
+        self.tokenizer = PromptTokenizer(self.engine_dir / TOKENIZER, manifest.model.text_length,
+                                         manifest.model.embeddings)
         # vae_encoder is loaded on the first img2img call: txt2img never needs it.
         self.components = {
             name: backend.load(self.engine_dir, manifest, name)
@@ -289,6 +291,10 @@ class Pipeline:
             fields["Denoising strength"] = req.strength
         if req.clip_skip:
             fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
+        texts = f"{req.prompts[i]}\n{req.negative_prompts[i]}".lower()
+        used = [f"{e['word']}: {e['sha256'][:12]}" for e in self.manifest.model.embeddings if e["word"].lower() in texts]
+        if used:  # AUTOMATIC1111's field, JSON-quoted as it quotes values with commas or colons
+            fields["TI hashes"] = json.dumps(", ".join(used))
         fields["Version"] = f"ldm-deploy {__version__}"
         return images.parameters_text(req.prompts[i], req.negative_prompts[i], fields)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ class PromptTokenizer:
     """Pads to the text encoder's length and truncates longer prompts with a warning, as
     diffusers does (the tokenizer.json carries the padding and truncation settings)."""
 
-    def __init__(self, path: Path, length: int):
+    def __init__(self, path: Path, length: int, embeddings: tuple = ()):
         from tokenizers import Tokenizer
 
         try:
@@ -24,9 +25,17 @@ class PromptTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise EngineError(f"{path} is not a readable tokenizer ({e}); re-export the engine") from None
         self.length = length
+        # Textual inversions of several vectors: the trigger word -> its tokens, written out as
+        # diffusers' maybe_convert_prompt does ("word" -> "word word_1 word_2"; the tokenizer
+        # knows each of them as an added token). In any case, as the tokenizer (which lowercases)
+        # and AUTOMATIC1111 match it; diffusers' case-sensitive replace would leave "Word" one vector.
+        self.expand = [(re.compile(re.escape(e["word"]), re.IGNORECASE),
+                        " ".join([e["word"]] + [f"{e['word']}_{i}" for i in range(1, e["vectors"])]))
+                       for e in embeddings if e["vectors"] > 1]
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """(E,) prompts -> (E, length) int64 ids."""
+        prompts = [self.expanded(p) for p in prompts]
         encodings = self.tok.encode_batch(prompts)
         for prompt, enc in zip(prompts, encodings):
             if enc.overflowing:
@@ -37,3 +46,8 @@ class PromptTokenizer:
                     self.length, dropped,
                 )
         return np.array([enc.ids for enc in encodings], dtype=np.int64)
+
+    def expanded(self, prompt: str) -> str:
+        for word, tokens in self.expand:
+            prompt = word.sub(lambda _: tokens, prompt)
+        return prompt

@@ -27,7 +27,7 @@ from ldm_deploy.engine.samplers import NoiseSchedule
 from ldm_deploy.engine.spec import ModelFacts, component_specs
 from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.config import ExportConfig
-from ldm_deploy.export import lora
+from ldm_deploy.export import embeddings, lora
 from ldm_deploy.export.engine_dir import check_out, staging_dir
 from ldm_deploy.export.source import SourceModel, load_source
 from ldm_deploy.export.tensorrt_build import TensorRTExporter
@@ -40,6 +40,8 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
     src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
     if config.loras:
         lora.merge(src, config.loras, config.allow_pickle)
+    if config.embeddings:
+        embeddings.add(src, config.embeddings, config.allow_pickle)
     return src
 
 
@@ -421,6 +423,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         vae_scale=facts.vae_scale,
         vae=src.vae_source,
         loras=tuple(src.loras),
+        embeddings=tuple(src.embeddings),
         text_layers=facts.text_layers,
     )
 
@@ -428,13 +431,10 @@ def model_info(src: SourceModel) -> ModelInfo:
 def write_tokenizer(src: SourceModel, max_length: int, path: Path) -> int:
     """Save the tokenizer as one tokenizer.json with diffusers' padding and truncation baked
     in (pad to max_length, truncate), so the runtime needs only the `tokenizers` library."""
-    tok = src.tokenizer
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:  # a slow (pure Python) tokenizer: load the fast one from the same files
-        from transformers import CLIPTokenizerFast
+    from ldm_deploy.export.source import fast_tokenizer
 
-        tok = CLIPTokenizerFast.from_pretrained(src.path, subfolder="tokenizer")
-        backend = tok.backend_tokenizer
+    tok = fast_tokenizer(src)
+    backend = tok.backend_tokenizer
     backend.enable_truncation(max_length=max_length)
     backend.enable_padding(length=max_length, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
     backend.save(str(path))

@@ -59,6 +59,8 @@ class ExportConfig:
     vae: a VAE to use instead of the model's (AUTOMATIC1111's "SD VAE"): one file under the
       original names, such as vae-ft-mse-840000-ema-pruned.safetensors, or a diffusers VAE folder.
     loras: LoRA files and their weights, merged into the U-Net and text encoder (lora.py).
+    embeddings: textual inversion files and their trigger words (None: from the file), added to
+      the tokenizer and text encoder (embeddings.py).
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
@@ -86,6 +88,7 @@ class ExportConfig:
     prediction_type: str | None = None  # None: the model's own (its scheduler config, or inferred)
     vae: str | None = None  # a replacement VAE: a file or a diffusers AutoencoderKL folder
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) merged into the weights, in order
+    embeddings: tuple[tuple[str, str | None], ...] = ()  # (file, trigger word or None), in order
     force: bool = False
 
     def __post_init__(self):

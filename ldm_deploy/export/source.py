@@ -36,6 +36,8 @@ class SourceModel:
     weights_sha256: str
     vae_source: str = ""  # the replacement VAE's file or folder name, if any
     loras: list = field(default_factory=list)  # merged LoRAs: {"name", "weight", "sha256"} each
+    # added textual inversions: {"name", "word", "vectors", "sha256"} each
+    embeddings: list = field(default_factory=list)
 
     @property
     def family(self) -> str:
@@ -106,6 +108,17 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
         else:
             raise ModelSourceError(f"{path / sub} has no weight file (*.safetensors)")
     return weights
+
+
+def fast_tokenizer(src: SourceModel):
+    """src's tokenizer, backed by the `tokenizers` library (transformers 5's CLIPTokenizer is;
+    4.x loads a pure-Python one): what the engine's tokenizer.json is written from."""
+    tok = src.tokenizer
+    if getattr(tok, "backend_tokenizer", None) is None:
+        from transformers import CLIPTokenizerFast
+
+        tok = CLIPTokenizerFast.from_pretrained(src.path, subfolder="tokenizer")
+    return tok
 
 
 def hash_files(files: list[Path]) -> str:

@@ -255,15 +255,17 @@ def test_bad_shapes_and_weights(model_dirs, tmp_path):
         parse_spec("style.safetensors:inf")
 
 
-def test_ldm_run_model_merges_vae_and_lora_into_its_cached_engine(model_dirs, tmp_path, monkeypatch, capsys):
+def test_ldm_run_model_merges_vae_lora_and_embedding_into_its_cached_engine(model_dirs, tmp_path, monkeypatch,
+                                                                          capsys):
     from ldm_deploy.cli import run as run_cli
 
     monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
     model, vae = str(model_dirs["tiny-sd1"]), str(model_dirs["tiny-sd2"] / "vae")
     kohya_file(tmp_path / "s.safetensors", designed(load_source(model)))
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "myneg7.safetensors"))
     assert export_cli.main(["--model", model, "--min-size", "64", "--max-size", "64", "--no-img2img",
                             "--out", str(tmp_path / "lora"), "--lora", f"{tmp_path / 's.safetensors'}:0.8",
-                            "--vae", vae]) == 0
+                            "--vae", vae, "--embedding", str(tmp_path / "myneg7.safetensors")]) == 0
     exported = json.loads((tmp_path / "lora" / "manifest.json").read_text())["model"]
 
     def run(*flags):
@@ -272,15 +274,16 @@ def test_ldm_run_model_merges_vae_and_lora_into_its_cached_engine(model_dirs, tm
         assert run_cli.main(args) == 0, capsys.readouterr().err
         return sorted(p.name for p in (tmp_path / "cache" / "engines").iterdir())
 
-    engines = run("--lora", f"{tmp_path / 's.safetensors'}:0.8", "--vae", vae)
+    engines = run("--lora", f"{tmp_path / 's.safetensors'}:0.8", "--vae", vae, "--embedding",
+                  str(tmp_path / "myneg7.safetensors"))
     cached = json.loads((tmp_path / "cache" / "engines" / engines[0] / "manifest.json").read_text())["model"]
     # the same weights as ldm-export merges, and the manifest says so
-    assert (cached["weights_sha256"], cached["loras"], cached["vae"]) == (
-        exported["weights_sha256"], exported["loras"], exported["vae"])
+    assert (cached["weights_sha256"], cached["loras"], cached["vae"], cached["embeddings"]) == (
+        exported["weights_sha256"], exported["loras"], exported["vae"], exported["embeddings"])
     # a relative path to the same files finds the same engine; another weight is another engine
     monkeypatch.chdir(tmp_path)
-    assert run("--lora", "s.safetensors:0.8", "--vae", vae) == engines
-    assert len(run("--lora", "s.safetensors:0.5", "--vae", vae)) == 2
+    assert run("--lora", "s.safetensors:0.8", "--vae", vae, "--embedding", "myneg7.safetensors") == engines
+    assert len(run("--lora", "s.safetensors:0.5", "--vae", vae, "--embedding", "myneg7.safetensors")) == 2
     # without --model the flags have nothing to go into
     code = run_cli.main(["a cat", "--engine", str(tmp_path / "lora"), "--lora", "s.safetensors"])
     err = capsys.readouterr().err

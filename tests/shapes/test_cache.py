@@ -45,6 +45,8 @@ def test_key_follows_the_vae_and_lora_files(tmp_path, monkeypatch):
     first = key(lora)
     assert key({"loras": ((str(tmp_path / "style.safetensors"), 0.8),)}) == first  # any spelling of the path
     assert key({"loras": (("style.safetensors", 0.5),)}) != first
+    ti = key({"embeddings": (("style.safetensors", None),)})
+    assert ti == key({"embeddings": ((str(tmp_path / "style.safetensors"), None),)}) != first
     assert key({}) == cache.model_key(m, {}) != first
     (tmp_path / "style.safetensors").write_bytes(b"12345")  # retrained: same name, new contents
     assert key(lora) != first

@@ -1,0 +1,107 @@
+"""Textual inversion embeddings (AUTOMATIC1111's embeddings/ folder: EasyNegative, bad-hands-5,
+...), added to the tokenizer and the text encoder at export, as diffusers' load_textual_inversion
+adds them.
+
+An embedding is n learned token vectors. Its trigger word becomes a new token whose row of the
+text encoder's token table is the first vector; vectors 2..n become the tokens `word_1` ...
+`word_{n-1}`, and the runtime writes "word" in a prompt as "word word_1 ... word_{n-1}"
+(diffusers' maybe_convert_prompt), so the n vectors sit where the word was.
+
+File layouts (one embedding per file):
+    AUTOMATIC1111 .pt       {"string_to_param": {"*": (n, D)}, "name": ...}   (pickle)
+    AUTOMATIC1111 .safetensors  {"emb_params": (n, D)}
+    diffusers               {"<token>": (D,) or (n, D)}  (learned_embeds.safetensors / .bin)
+The trigger word is the file's name without its suffix, as AUTOMATIC1111 uses it, except for the
+diffusers layout, whose one key is its token; `FILE:WORD` names another.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.export import single_file
+from ldm_deploy.export.source import hash_files
+
+log = logging.getLogger(__name__)
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """"EasyNegative.safetensors" -> (file, None); "file.pt:badhand" -> (file, "badhand")."""
+    if Path(spec).expanduser().exists():
+        return spec, None
+    path, _, word = spec.rpartition(":")
+    if not path or not word or "/" in word or "\\" in word:
+        return spec, None
+    return path, word
+
+
+def vectors(ck, path: Path):
+    """(n, D) float32 vectors of the file's one embedding, and the token its layout names (or None)."""
+    import torch
+
+    state = ck.state
+    if "string_to_param" in state:
+        found, token = state["string_to_param"].get("*"), None
+    elif set(state) == {"emb_params"}:
+        found, token = state["emb_params"], None
+    elif {"clip_l", "clip_g"} <= set(state):
+        raise ModelSourceError(f"--embedding {path} is an SDXL embedding (clip_l / clip_g); only SD 1.x / 2.x "
+                               "embeddings are supported")
+    elif len(state) == 1:
+        token, found = next(iter(state.items()))
+    else:
+        raise ModelSourceError(
+            f"--embedding {path} is not a textual inversion embedding: it holds {len(state)} tensors "
+            f"({', '.join(list(state)[:3])}, ...); expected AUTOMATIC1111's string_to_param / emb_params or "
+            "diffusers' one {token: vectors}")
+    if not isinstance(found, torch.Tensor) or found.ndim not in (1, 2) or found.numel() == 0:
+        raise ModelSourceError(f"--embedding {path}: its vectors are not a (vectors, width) tensor")
+    return found.reshape(-1, found.shape[-1]).float(), token
+
+
+def add(src, embeddings, allow_pickle: bool) -> None:
+    """Add each (file, word or None) embedding to `src`'s tokenizer and text encoder in place,
+    record it in src.embeddings and fold it into the weight hash."""
+    import hashlib
+
+    import torch
+
+    from ldm_deploy.export.source import fast_tokenizer
+
+    tokenizer = src.tokenizer = fast_tokenizer(src)
+    text = src.text_encoder
+    width = text.get_input_embeddings().weight.shape[1]
+    digest = hashlib.sha256()
+    for spec, word in embeddings:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelSourceError(f"--embedding {spec}: no such file")
+        vecs, token = vectors(single_file.read(path, allow_pickle), path)
+        word = word or token or path.stem
+        if any(c.isspace() for c in word) or not word:
+            raise ModelSourceError(f"--embedding {spec}: its trigger word {word!r} has spaces; name one with "
+                                   f"--embedding {spec}:WORD")
+        if vecs.shape[1] != width:
+            kind = {768: "SD 1.x", 1024: "SD 2.x"}.get(vecs.shape[1], f"{vecs.shape[1]}-wide")
+            raise ModelSourceError(f"--embedding {path} was made for {kind} text encoders; this model's is "
+                                   f"{width}-wide")
+        tokens = [word] + [f"{word}_{i}" for i in range(1, len(vecs))]
+        vocab = tokenizer.get_vocab()
+        taken = [t for t in tokens if t in vocab]
+        if taken:
+            raise ModelSourceError(f"--embedding {spec}: {taken[0]!r} is already a token of this model (a word "
+                                   f"of its vocabulary or another embedding); name it with --embedding {spec}:WORD")
+        # As load_textual_inversion: grow the table, then one new token (and row) per vector.
+        text.resize_token_embeddings(len(tokenizer) + len(tokens))
+        table = text.get_input_embeddings().weight
+        with torch.no_grad():
+            for t, v in zip(tokens, vecs):
+                tokenizer.add_tokens(t)
+                table[tokenizer.convert_tokens_to_ids(t)] = v
+        sha = hash_files([path])
+        digest.update(f"{sha}:{word}\n".encode())
+        src.embeddings.append({"name": path.stem, "word": word, "vectors": len(vecs), "sha256": sha})
+        log.info("added the embedding %s as %r (%d vectors)", path.name, word, len(vecs))
+    src.weights_sha256 = hashlib.sha256(f"{src.weights_sha256}\nti\n{digest.hexdigest()}".encode()).hexdigest()
