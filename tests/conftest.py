@@ -39,6 +39,13 @@ def diffusers_schedulers() -> dict:
     return {name: (getattr(diffusers, cls), options) for name, (cls, options) in SCHEDULERS.items()}
 
 
+# Test engines accept 64..512 px so parity runs can use small images.
+TEST_CONFIG = ExportConfig(min_size=64, max_size=512, opt_size=128, max_batch=2)
+
+logging.getLogger("diffusers").setLevel(logging.ERROR)
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")

@@ -8,7 +8,7 @@ serves them all; changing sampler, steps or guidance never rebuilds an engine.
 
 Each sampler (one file each) equals the diffusers scheduler of the same name made with
 `Cls.from_config(scheduler_config)`, step for step: DDIMScheduler (eta 0), EulerDiscreteScheduler,
-EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
+EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
 the Karras variants, algorithm_type "sde-dpmsolver++" for the SDE ones), LCMScheduler. `schedule.py` holds the schedule math they share.
 """
 
@@ -19,7 +19,7 @@ from functools import partial
 
 import numpy as np
 
-from ldm_deploy.engine.samplers import ddim, dpmpp_2m, euler, euler_ancestral, lcm
+from ldm_deploy.engine.samplers import ddim, dpmpp_2m, euler, euler_ancestral, heun, lcm
 from ldm_deploy.engine.samplers.schedule import img2img_start
 from ldm_deploy.engine.samplers.update import COLUMNS, GUIDANCE
 from ldm_deploy.errors import InvalidRequest
@@ -29,6 +29,7 @@ _REGISTRY = {
     "ddim": ("DDIM", ddim.walk),
     "euler": ("Euler", euler.walk),
     "euler_a": ("Euler a", euler_ancestral.walk),
+    "heun": ("Heun", heun.walk),
     "dpmpp_2m": ("DPM++ 2M", partial(dpmpp_2m.walk, karras=False)),
     "dpmpp_2m_karras": ("DPM++ 2M Karras", partial(dpmpp_2m.walk, karras=True)),
     "dpmpp_2m_sde": ("DPM++ 2M SDE", partial(dpmpp_2m.walk, sde=True)),
