@@ -53,17 +53,24 @@ def model_key(model: Path, settings: dict, extra: tuple[Path, ...] = ()) -> str:
     return h.hexdigest()[:16]
 
 
+def absolute_path(p: Path) -> Path:
+    """Absolute, with ".." resolved as written but symlinks kept (unlike Path.resolve)."""
+    return Path(os.path.abspath(p))
+
+
 def settle_paths(settings: dict) -> tuple[dict, tuple[Path, ...]]:
-    """Settings with the VAE, LoRA, embedding and config paths made absolute (the key must not hang on the working
-    directory), and those that exist, for model_key. Missing ones stay as given: the export names them."""
+    """Settings with the VAE, LoRA, embedding and config paths made absolute (the key must not
+    hang on the working directory), and those that exist, for model_key. Missing ones stay as
+    given: the export names them. Symlinks stay links (a hub cache's point to blobs named by
+    hash, without the suffix that says what a file is); the key's stat follows them."""
     settings, extra = dict(settings), []
 
     def absolute(path: str) -> str:
         p = Path(path).expanduser()
         if not p.exists():
             return path
-        extra.append(p.resolve())
-        return str(p.resolve())
+        extra.append(absolute_path(p))
+        return str(absolute_path(p))
 
     for key in ("vae", "model_config"):
         if settings.get(key):
@@ -78,17 +85,17 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
     """The cached engine of a diffusers folder or single-file checkpoint, exported now if there
     is none (or a damaged one). `name` (default: the folder's or file's name) starts the engine
     directory's name."""
-    model = Path(model).expanduser().resolve()
+    model = absolute_path(Path(model).expanduser())
     if not model.exists():
         raise UserError(f"--model {model} does not exist; pass a diffusers folder (with model_index.json) "
                         "or a .safetensors checkpoint, or --engine DIR for an engine made by ldm-export")
+    settings, extra = settle_paths({**CACHE_EXPORT, **(export_settings or {})})
     if model.is_file():
-        if model.suffix.lower() != ".safetensors":
-            raise UserError(f"--model {model}: not a .safetensors checkpoint; export other files with "
-                            "ldm-export (pickle checkpoints need its --allow-pickle), then pass --engine DIR")
+        if model.suffix.lower() != ".safetensors" and not settings.get("allow_pickle"):
+            raise UserError(f"--model {model}: not a .safetensors checkpoint; a pickle checkpoint (.ckpt) runs "
+                            "code from the file when loaded: pass --allow-pickle if you trust its source")
     elif not (model / "model_index.json").is_file():
         raise UserError(f"--model {model}: not a diffusers folder (it has no model_index.json)")
-    settings, extra = settle_paths({**CACHE_EXPORT, **(export_settings or {})})
     stem = model.stem if model.is_file() else model.name
     out = cache_dir() / "engines" / f"{name or stem}-{model_key(model, settings, extra)}"
     if out.is_dir():

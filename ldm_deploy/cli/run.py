@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
                    help="merge a LoRA into the weights (weight default 1); repeat for several")
     m.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
                    help="add a textual inversion embedding, triggered by its file name (or WORD); repeatable")
+    m.add_argument("--allow-pickle", action="store_true",
+                   help="load .ckpt / .pt / .bin pickle files (model, VAE, LoRAs, embeddings): runs code from "
+                        "the file, only for sources you trust")
     m.add_argument("--config", dest="model_config", default=None,
                    help="single-file checkpoints of another architecture than SD 1.5's or 2.1's: a diffusers "
                         "folder or hub id with its configs")
@@ -114,11 +117,11 @@ def names(p: Path, n: int) -> list[Path]:
 def model_settings(args) -> dict:
     """The export settings given on the command line, as ExportConfig names them."""
     return {"vae": args.vae, "loras": args.lora, "embeddings": args.embedding, "model_config": args.model_config,
-            "prediction_type": args.prediction_type}
+            "prediction_type": args.prediction_type, "allow_pickle": args.allow_pickle}
 
 
 FLAGS = {"vae": "--vae", "loras": "--lora", "embeddings": "--embedding", "model_config": "--config",
-         "prediction_type": "--prediction-type"}
+         "prediction_type": "--prediction-type", "allow_pickle": "--allow-pickle"}
 
 
 def engine_dir(args) -> str:

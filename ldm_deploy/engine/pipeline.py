@@ -134,7 +134,7 @@ class Pipeline:
         seed = random_seed() if seed is None or seed == -1 else whole("seed", seed, None)
         if seed < 0:
             raise InvalidRequest(f"seed must be 0 or more (or -1 for a random one), got {seed}")
-        clip_skip = self.check_clip_skip(clip_skip)
+        clip_skip = whole("clip_skip", clip_skip, 0)
         if guidance <= 1.0 and any(negs) and "negative" not in self.warned:
             self.warned.add("negative")
             log.warning("the negative prompt has no effect with guidance %s (<= 1 disables "
@@ -183,8 +183,8 @@ class Pipeline:
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
         k = len(texts) // b
         inputs = {"input_ids": be.upload(self.tokenizer(texts).reshape(k, b, m.text_length))}
-        if m.text_layers:  # which hidden state: the last layer's, or one `clip_skip` layers below
-            inputs["layer"] = be.upload(np.array([m.text_layers - req.clip_skip], np.int64))
+        if m.text_layers:  # engines from before clip skip have no such input
+            inputs["clip_skip"] = be.upload(np.array([req.clip_skip], np.int64))
         emb = be.empty((k, b, m.text_length, m.text_width))
         be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": emb}))
 
@@ -262,18 +262,6 @@ class Pipeline:
                     f"the init image is {init.size[0]}x{init.size[1]}, and its {name} {value} is "
                     f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
                     f"height=) in range to resize it, or resize the image")
-
-    def check_clip_skip(self, clip_skip) -> int:
-        """clip_skip as a whole number this engine can do (None: 0)."""
-        clip_skip = whole("clip_skip", clip_skip, 0)
-        layers = self.manifest.model.text_layers
-        if clip_skip and not layers:
-            raise InvalidRequest("this engine's text encoder returns its last layer only (it was exported "
-                                 "before clip skip); re-export it with ldm-export --force to use clip_skip")
-        if not 0 <= clip_skip < max(layers, 1):
-            raise InvalidRequest(f"clip_skip must be from 0 to {layers - 1} (this text encoder has {layers} "
-                                 f"layers), got {clip_skip}")
-        return clip_skip
 
     def parameters(self, req: Request, i: int, img2img: bool) -> str:
         fields = {

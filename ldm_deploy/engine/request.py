@@ -45,6 +45,16 @@ def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
         raise InvalidRequest(f"strength must lie in (0, 1], got {r.strength}")
     if r.batch < 1:
         raise InvalidRequest("num_images must be at least 1")
+    layers = manifest.model.text_layers
+    if r.clip_skip < 0:
+        raise InvalidRequest(f"clip_skip counts the text encoder layers skipped (0: none, 1: the "
+                             f"penultimate layer's output), got {r.clip_skip}")
+    if r.clip_skip and not layers:
+        raise InvalidRequest("this engine's text encoder returns its last layer only (it was exported "
+                             "before clip skip); re-export it with ldm-export --force to use clip_skip")
+    if r.clip_skip >= max(layers, 1):
+        raise InvalidRequest(f"clip_skip must be from 0 to {layers - 1} (this text encoder has {layers} "
+                             f"layers), got {r.clip_skip}")
     for name, value, dim in (("width", r.width, "latent_width"), ("height", r.height, "latent_height")):
         rng = manifest.dims[dim]
         lo, hi = rng.min * manifest.model.vae_scale, rng.max * manifest.model.vae_scale

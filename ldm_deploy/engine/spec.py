@@ -95,8 +95,8 @@ class ModelFacts:
     text_width: int  # 768 (CLIP-L, SD 1.x) or 1024 (OpenCLIP-H, SD 2.x)
     vae_scale: int = VAE_SCALE  # image side / latent side
     # The text encoder's layers (12 CLIP-L, 23 OpenCLIP-H as SD 2.x runs it). With it the text
-    # encoder takes `layer`, which hidden state to return (clip skip); 0: engines from before
-    # that input, which return the last layer's only.
+    # encoder takes `clip_skip`; 0: engines from before that input, which return the last
+    # layer's hidden states only.
     text_layers: int = 0
 
 
@@ -116,12 +116,11 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
         return TensorSpec(name, "float32", shape)
 
     return {
-        # layer: which hidden state, final layer norm applied: text_layers is the last layer's
-        # (no clip skip), text_layers - n skips n layers (diffusers' clip_skip=n).
+        # clip_skip: layers skipped from the last (diffusers' clip_skip; 0: none), 0..text_layers - 1.
         "text_encoder": ComponentSpec(
             "text_encoder",
             inputs=(TensorSpec("input_ids", "int64", (k, b, L)),
-                    *([TensorSpec("layer", "int64", (1,))] if facts.text_layers else [])),
+                    *([TensorSpec("clip_skip", "int64", (1,))] if facts.text_layers else [])),
             outputs=(f32("text_embeddings", (k, b, L, D)),),
         ),
         # One denoising step: CFG batching, U-Net, guidance, x0 conversion, sampler update.

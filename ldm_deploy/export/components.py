@@ -14,20 +14,25 @@ from ldm_deploy.engine.samplers import update
 
 
 class TextEncoder(nn.Module):
-    """(K, B, 77) token ids, (1,) layer -> (K, B, 77, D) hidden states of that layer, after the
-    final layer norm: `layer` = the number of layers is the last one (what diffusers uses
-    by default), one less is the penultimate (clip skip; diffusers' clip_skip=1), as diffusers'
-    encode_prompt computes it. The selection is a gather: exact in any precision."""
+    """(K, B, 77) token ids, (1,) clip_skip -> (K, B, 77, D) hidden states of the layer
+    clip_skip layers below the last, after the final layer norm, as diffusers' encode_prompt
+    computes them (0: the last layer's, what diffusers uses by default; 1: the penultimate).
+    The selection is a gather: exact in any precision. Without clip_skip: the last layer's
+    (the graph of engines from before clip skip, kept for the tests of their runtime path)."""
 
     def __init__(self, clip, dtype=torch.float32):
         super().__init__()
         self.clip = cast(clip, dtype)
 
-    def forward(self, input_ids, layer):
-        out = self.clip(input_ids.flatten(0, 1), output_hidden_states=True)
-        hidden = torch.stack(out.hidden_states).index_select(0, layer)[0]  # (L + 1, K*B, 77, D) -> one
-        # transformers 5 dropped CLIPTextModel's text_model wrapper (4.x: clip.text_model.final_layer_norm)
-        hidden = getattr(self.clip, "text_model", self.clip).final_layer_norm(hidden).float()
+    def forward(self, input_ids, clip_skip=None):
+        ids = input_ids.flatten(0, 1)
+        if clip_skip is None:
+            hidden = self.clip(ids)[0].float()  # (K*B, 77, D)
+        else:
+            states = self.clip(ids, output_hidden_states=True).hidden_states  # L + 1: embeddings, each layer
+            hidden = torch.stack(states).index_select(0, len(states) - 1 - clip_skip)[0]
+            # transformers 5 dropped CLIPTextModel's text_model wrapper (4.x: clip.text_model.final_layer_norm)
+            hidden = getattr(self.clip, "text_model", self.clip).final_layer_norm(hidden).float()
         return hidden.reshape(*input_ids.shape, hidden.shape[-1])
 
 
@@ -108,7 +113,7 @@ def example_inputs(spec, dims: dict[str, int]) -> tuple[torch.Tensor, ...]:
     out = []
     for t in spec.inputs:
         shape = t.resolve(dims)
-        if t.name == "layer":  # an index into the text encoder's hidden states: 0 exists in every model
+        if t.name == "clip_skip":  # 0: the checks compare the whole text encoder
             out.append(torch.zeros(shape, dtype=torch.int64))
         elif t.dtype == "int64":
             out.append(torch.randint(0, 1000, shape, generator=g))

@@ -88,8 +88,10 @@ def add(src, embeddings, allow_pickle: bool) -> None:
             raise ModelSourceError(f"--embedding {path} was made for {kind} text encoders; this model's is "
                                    f"{width}-wide")
         tokens = [word] + [f"{word}_{i}" for i in range(1, len(vecs))]
-        vocab = tokenizer.get_vocab()
-        taken = [t for t in tokens if t in vocab]
+        # The tokenizer lowercases the text and finds added tokens inside words, so a word of the
+        # vocabulary, or of another embedding, in any case, would take over the words that hold it.
+        vocab = {t.lower() for t in tokenizer.get_vocab()}
+        taken = [t for t in tokens if t.lower() in vocab or f"{t.lower()}</w>" in vocab]
         if taken:
             raise ModelSourceError(f"--embedding {spec}: {taken[0]!r} is already a token of this model (a word "
                                    f"of its vocabulary or another embedding); name it with --embedding {spec}:WORD")

@@ -69,6 +69,10 @@ def read(path: Path, allow_pickle: bool, wanted: tuple[str, ...] | None = None) 
         raise ModelSourceError(
             f"{path} is a pickle checkpoint; loading a pickle runs code from the file. Use the model's "
             ".safetensors release, or pass --allow-pickle if you trust its source")
+    if suffix not in SAFE_SUFFIXES and not allow_pickle:  # read as a pickle below
+        raise ModelSourceError(
+            f"{path} is not a .safetensors file, so it would be read as a pickle, which runs code from "
+            "the file. Pass a .safetensors file, or --allow-pickle if you trust its source")
     try:
         if suffix in SAFE_SUFFIXES:
             from safetensors import safe_open

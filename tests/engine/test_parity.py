@@ -155,26 +155,33 @@ def test_clip_skip_matches_diffusers(preset, guidance, reference, pipelines, tor
     assert np.abs(plain - ours).max() > 10 * TOL  # the skip changes the image
 
 
-def test_clip_skip_is_checked_and_recorded(pipelines, engine_dirs, tmp_path):
-    import json
-    import shutil
+def test_clip_skip_is_checked_and_recorded(pipelines, model_dirs, tmp_path, monkeypatch):
+    from dataclasses import replace
 
     from ldm_deploy import Pipeline
     from ldm_deploy.errors import InvalidRequest
+    from ldm_deploy.export import build
+    from ldm_deploy.export.config import ExportConfig
 
     pipe = pipelines["tiny-sd1"]
     kw = dict(steps=1, width=64, height=64, progress=False)
     assert "Clip skip: 2," in pipe("x", clip_skip=1, **kw)[0].info["parameters"]  # A1111's count
     assert "Clip skip" not in pipe("x", **kw)[0].info["parameters"]
     for bad, message in [(2, "clip_skip must be from 0 to 1 (this text encoder has 2 layers), got 2"),
-                         (-1, "from 0 to 1"), (0.5, "clip_skip must be a whole number")]:
+                         (-1, "clip_skip counts the text encoder layers skipped"),
+                         (0.5, "clip_skip must be a whole number")]:
         with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
             pipe("x", clip_skip=bad, **kw)
-    # An engine exported before clip skip existed says how to get it.
-    old = tmp_path / "old"
-    shutil.copytree(engine_dirs["tiny-sd1"], old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["model"]["text_layers"]
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    # An engine exported before clip skip existed (no text_layers, a text encoder without the
+    # clip_skip input) draws what a new one draws without a skip, and says how to get one.
+    config = ExportConfig(min_size=64, max_size=64, img2img=False)
+    new = build.export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "new", config)
+    info = build.model_info
+    monkeypatch.setattr(build, "model_info", lambda src: replace(info(src), text_layers=0))
+    old = build.export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "old", config)
+    old_pipe = Pipeline.load(old)
+    assert old_pipe.manifest.specs()["text_encoder"].inputs[-1].name == "input_ids"
+    np.testing.assert_allclose(old_pipe("x", seed=3, output_type="np", **kw),
+                               Pipeline.load(new)("x", seed=3, output_type="np", **kw), rtol=0, atol=1e-5)
     with pytest.raises(InvalidRequest, match=r"exported before clip skip\); re-export it with ldm-export --force"):
-        Pipeline.load(old, verify=False)("x", clip_skip=1, **kw)
+        old_pipe("x", clip_skip=1, **kw)

@@ -87,6 +87,7 @@ def test_spec_and_refusals(files, model_dirs, tmp_path, capsys):
     save_file({"emb_params": vectors(2, 5, width=768)}, str(tmp_path / "sd15.safetensors"))
     save_file({"clip_l": vectors(2, 5), "clip_g": vectors(2, 6)}, str(tmp_path / "xl.safetensors"))
     save_file({"a": vectors(1, 5), "b": vectors(1, 6)}, str(tmp_path / "two.safetensors"))
+    torch.save({"string_to_param": {"*": vectors(1, 7)}}, tmp_path / "blob")  # a hub cache's file: no suffix
     easyneg = str(files / "easyneg.safetensors")
     cases = [
         ([str(tmp_path / "sd15.safetensors")], "was made for SD 1.x text encoders; this model's is 32-wide"),
@@ -94,8 +95,11 @@ def test_spec_and_refusals(files, model_dirs, tmp_path, capsys):
         ([str(tmp_path / "two.safetensors")], "is not a textual inversion embedding: it holds 2 tensors"),
         ([str(tmp_path / "none.safetensors")], "no such file"),
         ([easyneg, easyneg], "'easyneg' is already a token of this model"),
+        ([easyneg, f"{easyneg}:EasyNeg"], "'EasyNeg' is already a token of this model"),
+        ([f"{easyneg}:Style"], "'Style' is already a token of this model"),
         ([f"{easyneg}:two words"], "has spaces"),
         ([str(files / "badhand.pt")], "is a pickle checkpoint"),  # no --allow-pickle
+        ([str(tmp_path / "blob")], "is not a .safetensors file, so it would be read as a pickle"),
     ]
     for embeddings, message in cases:
         out = tmp_path / "e"

@@ -52,6 +52,21 @@ def test_key_follows_the_vae_and_lora_files(tmp_path, monkeypatch):
     assert key(lora) != first
 
 
+def test_paths_keep_their_symlinks_and_pickles_need_consent(tmp_path, monkeypatch):
+    # A hub cache: snapshots/<rev>/x.safetensors -> blobs/<sha256>, a name without suffix.
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "0123abcd").write_bytes(b"1234")
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "EasyNegative.safetensors").symlink_to(tmp_path / "blobs" / "0123abcd")
+    monkeypatch.chdir(tmp_path / "snap")
+    settings, extra = cache.settle_paths({"embeddings": (("../snap/EasyNegative.safetensors", None),)})
+    assert settings["embeddings"] == ((str(tmp_path / "snap" / "EasyNegative.safetensors"), None),)
+    assert extra == (tmp_path / "snap" / "EasyNegative.safetensors",)
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    with pytest.raises(UserError, match="pass --allow-pickle if you trust its source"):
+        cache.engine_for(tmp_path / "model.ckpt")
+
+
 def test_not_a_diffusers_folder(tmp_path, capsys):
     assert run.main(["x", "--model", str(tmp_path)]) == 2
     assert "not a diffusers folder" in capsys.readouterr().err
