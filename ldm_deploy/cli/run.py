@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
                    help="take the text encoder's output N - 1 layers before its last, as AUTOMATIC1111's "
                         "\"Clip skip\" counts (default 1: the last layer; 2, the penultimate, for models "
                         "trained so, e.g. NovelAI-based anime models)")
+    p.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction, default=True,
+                   help="read AUTOMATIC1111's emphasis in prompts: (word) x1.1, [word] /1.1, (word:1.3) "
+                        "(default on; off: brackets are plain text, as diffusers reads them)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8)")
@@ -208,6 +211,7 @@ def main(argv=None) -> int:
             init_image=args.init_image,
             strength=0.8 if args.strength is None else args.strength,
             clip_skip=args.clip_skip - 1,
+            prompt_weighting=args.prompt_weighting,
             progress=not args.quiet,
         )
         for image, path in zip(images, paths):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import secrets
 from dataclasses import replace
 from pathlib import Path
@@ -83,6 +84,7 @@ class Pipeline:
         init_image=None,
         strength: float = 0.8,
         clip_skip: int | None = None,
+        prompt_weighting: bool = False,
         latents: np.ndarray | None = None,
         generator=None,
         output_type: str = "pil",
@@ -97,6 +99,8 @@ class Pipeline:
         layer's output, AUTOMATIC1111's "Clip skip: 2"), for the prompt and the negative prompt
         alike, as AUTOMATIC1111 and ComfyUI do (diffusers' StableDiffusionPipeline skips them
         for the prompt only).
+        prompt_weighting: read AUTOMATIC1111's emphasis, "(word)", "[word]", "(word:1.3)", in the
+        prompt and the negative prompt (off: brackets are plain text, as diffusers reads them).
         latents: the initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for
         img2img: the noise added to the encoded image). generator: overrides `seed`; a
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
@@ -155,6 +159,7 @@ class Pipeline:
             height=height,
             strength=float(strength) if init is not None else 1.0,
             clip_skip=clip_skip,
+            prompt_weighting=bool(prompt_weighting),
         )
         check_request(req, self.manifest, img2img=init is not None)
         m = self.manifest.model
@@ -182,9 +187,17 @@ class Pipeline:
         # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
         k = len(texts) // b
-        inputs = {"input_ids": be.upload(self.tokenizer(texts).reshape(k, b, m.text_length))}
-        if m.text_layers:  # engines from before clip skip have no such input
+        if req.prompt_weighting:
+            ids, weights = self.tokenizer.weighted(texts)
+        else:
+            ids, weights = self.tokenizer(texts), np.ones((len(texts), m.text_length), np.float32)
+        inputs = {"input_ids": be.upload(ids.reshape(k, b, m.text_length))}
+        if m.text_layers:  # engines from before clip skip and emphasis have no such inputs
             inputs["clip_skip"] = be.upload(np.array([req.clip_skip], np.int64))
+            inputs["token_weights"] = be.upload(weights.reshape(k, b, m.text_length))
+        elif np.any(weights != 1):
+            raise InvalidRequest("this engine's text encoder cannot weigh tokens (it was exported before prompt "
+                                 "emphasis); re-export it with ldm-export --force, or turn prompt weighting off")
         emb = be.empty((k, b, m.text_length, m.text_width))
         be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": emb}))
 
@@ -279,6 +292,8 @@ class Pipeline:
             fields["Denoising strength"] = req.strength
         if req.clip_skip:
             fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
+        if not req.prompt_weighting and re.search(r"[()\[\]]", req.prompts[i] + req.negative_prompts[i]):
+            fields["Emphasis"] = "None"  # AUTOMATIC1111's setting that reads brackets as plain text
         texts = f"{req.prompts[i]}\n{req.negative_prompts[i]}".lower()
         used = [f"{e['word']}: {e['sha256'][:12]}" for e in self.manifest.model.embeddings if e["word"].lower() in texts]
         if used:  # AUTOMATIC1111's field, JSON-quoted as it quotes values with commas or colons

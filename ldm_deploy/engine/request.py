@@ -21,6 +21,7 @@ class Request:
     height: int
     strength: float  # 1.0 for txt2img
     clip_skip: int = 0  # text encoder layers skipped (diffusers' clip_skip)
+    prompt_weighting: bool = False  # read AUTOMATIC1111's (emphasis:1.2) in prompts
 
     @property
     def batch(self) -> int:

@@ -95,8 +95,8 @@ class ModelFacts:
     text_width: int  # 768 (CLIP-L, SD 1.x) or 1024 (OpenCLIP-H, SD 2.x)
     vae_scale: int = VAE_SCALE  # image side / latent side
     # The text encoder's layers (12 CLIP-L, 23 OpenCLIP-H as SD 2.x runs it). With it the text
-    # encoder takes `clip_skip`; 0: engines from before that input, which return the last
-    # layer's hidden states only.
+    # encoder takes `clip_skip` and `token_weights`; 0: engines from before those inputs, which
+    # return the last layer's hidden states only, unweighted.
     text_layers: int = 0
 
 
@@ -117,10 +117,12 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
 
     return {
         # clip_skip: layers skipped from the last (diffusers' clip_skip; 0: none), 0..text_layers - 1.
+        # token_weights: each token's emphasis (1: none; engine/prompt_weights.py).
         "text_encoder": ComponentSpec(
             "text_encoder",
             inputs=(TensorSpec("input_ids", "int64", (k, b, L)),
-                    *([TensorSpec("clip_skip", "int64", (1,))] if facts.text_layers else [])),
+                    *([TensorSpec("clip_skip", "int64", (1,)), f32("token_weights", (k, b, L))]
+                      if facts.text_layers else [])),
             outputs=(f32("text_embeddings", (k, b, L, D)),),
         ),
         # One denoising step: CFG batching, U-Net, guidance, x0 conversion, sampler update.

@@ -25,6 +25,11 @@ class PromptTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise EngineError(f"{path} is not a readable tokenizer ({e}); re-export the engine") from None
         self.length = length
+        # For prompts with emphasis: each piece tokenized alone, without padding or specials.
+        self.raw = Tokenizer.from_file(str(path))
+        self.raw.no_padding()
+        self.raw.no_truncation()
+        self.start, self.end, self.pad = self.tok.encode("").ids[:3]  # "" -> start, end, padding...
         # Textual inversions of several vectors: the trigger word -> its tokens, written out as
         # diffusers' maybe_convert_prompt does ("word" -> "word word_1 word_2"; the tokenizer
         # knows each of them as an added token). In any case, as the tokenizer (which lowercases)
@@ -46,6 +51,30 @@ class PromptTokenizer:
                     self.length, dropped,
                 )
         return np.array([enc.ids for enc in encodings], dtype=np.int64)
+
+    def weighted(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(E,) prompts with AUTOMATIC1111 emphasis -> (E, length) int64 ids and (E, length)
+        float32 weights. Each (text, weight) piece is tokenized alone, as AUTOMATIC1111 does;
+        the start, end and padding tokens weigh 1. A prompt without emphasis gets the ids of
+        __call__ and weights of 1."""
+        from ldm_deploy.engine.prompt_weights import parse
+
+        ids = np.full((len(prompts), self.length), self.pad, np.int64)
+        weights = np.ones((len(prompts), self.length), np.float32)
+        room = self.length - 2
+        for row, prompt in enumerate(prompts):
+            tokens, token_weights = [], []
+            for text, weight in parse(self.expanded(prompt)):
+                piece = self.raw.encode(text, add_special_tokens=False).ids
+                tokens += piece
+                token_weights += [weight] * len(piece)
+            if len(tokens) > room:
+                log.warning("the prompt is longer than %d tokens; this part was cut off: %r",
+                            self.length, self.raw.decode(tokens[room:]))
+            tokens, token_weights = tokens[:room], token_weights[:room]
+            ids[row, : len(tokens) + 2] = [self.start, *tokens, self.end]
+            weights[row, 1 : len(tokens) + 1] = token_weights
+        return ids, weights
 
     def expanded(self, prompt: str) -> str:
         for word, tokens in self.expand:

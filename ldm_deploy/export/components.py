@@ -14,17 +14,21 @@ from ldm_deploy.engine.samplers import update
 
 
 class TextEncoder(nn.Module):
-    """(K, B, 77) token ids, (1,) clip_skip -> (K, B, 77, D) hidden states of the layer
-    clip_skip layers below the last, after the final layer norm, as diffusers' encode_prompt
-    computes them (0: the last layer's, what diffusers uses by default; 1: the penultimate).
-    The selection is a gather: exact in any precision. Without clip_skip: the last layer's
-    (the graph of engines from before clip skip, kept for the tests of their runtime path)."""
+    """(K, B, 77) token ids, (1,) clip_skip, (K, B, 77) token weights -> (K, B, 77, D) hidden
+    states of the layer clip_skip layers below the last, after the final layer norm, as
+    diffusers' encode_prompt computes them (0: the last layer's, what diffusers uses by default;
+    1: the penultimate), each token's scaled by its weight and the prompt's rescaled to its
+    unweighted mean (AUTOMATIC1111's prompt emphasis, engine/prompt_weights.py).
+
+    The selection is a gather and weights of 1 multiply by exactly 1 (and by mean / mean = 1):
+    without skip or weights the result is bit for bit the plain encoder's. Without clip_skip
+    and weights: the graph of engines from before them, kept for the tests of that path."""
 
     def __init__(self, clip, dtype=torch.float32):
         super().__init__()
         self.clip = cast(clip, dtype)
 
-    def forward(self, input_ids, clip_skip=None):
+    def forward(self, input_ids, clip_skip=None, token_weights=None):
         ids = input_ids.flatten(0, 1)
         if clip_skip is None:
             hidden = self.clip(ids)[0].float()  # (K*B, 77, D)
@@ -33,6 +37,11 @@ class TextEncoder(nn.Module):
             hidden = torch.stack(states).index_select(0, len(states) - 1 - clip_skip)[0]
             # transformers 5 dropped CLIPTextModel's text_model wrapper (4.x: clip.text_model.final_layer_norm)
             hidden = getattr(self.clip, "text_model", self.clip).final_layer_norm(hidden).float()
+        if token_weights is not None:
+            mean = hidden.mean(dim=(1, 2), keepdim=True)  # (K*B, 1, 1): per prompt
+            hidden = hidden * token_weights.flatten(0, 1).unsqueeze(-1)
+            weighted = hidden.mean(dim=(1, 2), keepdim=True)
+            hidden = hidden * torch.where(weighted == 0, 1.0, mean / weighted)  # 0: never divide by it
         return hidden.reshape(*input_ids.shape, hidden.shape[-1])
 
 

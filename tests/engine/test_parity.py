@@ -155,7 +155,7 @@ def test_clip_skip_matches_diffusers(preset, guidance, reference, pipelines, tor
     assert np.abs(plain - ours).max() > 10 * TOL  # the skip changes the image
 
 
-def test_clip_skip_is_checked_and_recorded(pipelines, model_dirs, tmp_path, monkeypatch):
+def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_dirs, tmp_path, monkeypatch):
     from dataclasses import replace
 
     from ldm_deploy import Pipeline
@@ -185,3 +185,6 @@ def test_clip_skip_is_checked_and_recorded(pipelines, model_dirs, tmp_path, monk
                                Pipeline.load(new)("x", seed=3, output_type="np", **kw), rtol=0, atol=1e-5)
     with pytest.raises(InvalidRequest, match=r"exported before clip skip\); re-export it with ldm-export --force"):
         old_pipe("x", clip_skip=1, **kw)
+    old_pipe("x", prompt_weighting=True, **kw)  # nothing to weigh: runs
+    with pytest.raises(InvalidRequest, match="cannot weigh tokens .* or turn prompt weighting off"):
+        old_pipe("(x:1.2)", prompt_weighting=True, **kw)

@@ -1,0 +1,73 @@
+"""AUTOMATIC1111's prompt emphasis: "(word)", "[word]", "(word:1.3)", as its web UI and ComfyUI read
+prompts.
+
+    (text)      weight x 1.1        ((text)) x 1.21, and so on
+    [text]      weight / 1.1
+    (text:1.3)  weight x 1.3
+    \\( \\) \\[ \\]  the characters themselves
+
+Unclosed brackets apply to the end of the prompt. `parse` gives (text, weight) pieces; the
+tokenizer gives each piece's tokens its weight, and the text encoder multiplies each token's
+hidden state by it, then rescales the prompt's hidden states to their unweighted mean
+(AUTOMATIC1111's "Original" emphasis).
+"""
+
+from __future__ import annotations
+
+import re
+
+# One match per piece: an escape, a bracket, a weight closing a round bracket, a run of text,
+# or a lone colon.
+PIECE = re.compile(r"""
+\\\(|\\\)|\\\[|\\]|\\\\|\\|
+\(|\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|]|
+[^\\()\[\]:]+|
+:
+""", re.X)
+# AUTOMATIC1111 starts a new 75-token chunk at BREAK; we encode one chunk, where it is a space.
+BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+ROUND, SQUARE = 1.1, 1 / 1.1
+
+
+def parse(text: str) -> list[tuple[str, float]]:
+    """'an (important) word' -> [('an ', 1.0), ('important', 1.1), (' word', 1.0)]."""
+    pieces: list[list] = []
+    round_open: list[int] = []  # where each open bracket's range starts in `pieces`
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for m in PIECE.finditer(text):
+        s, weight = m.group(0), m.group(1)
+        if s.startswith("\\"):
+            pieces.append([s[1:], 1.0])
+        elif s == "(":
+            round_open.append(len(pieces))
+        elif s == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            try:
+                scale(round_open.pop(), float(weight))
+            except ValueError:  # "(a:1.2.3)" (AUTOMATIC1111 fails on it): no emphasis
+                pass
+        elif s == ")" and round_open:
+            scale(round_open.pop(), ROUND)
+        elif s == "]" and square_open:
+            scale(square_open.pop(), SQUARE)
+        else:
+            pieces.append([BREAK.sub(" ", s), 1.0])
+    for start in round_open:
+        scale(start, ROUND)
+    for start in square_open:
+        scale(start, SQUARE)
+    merged: list[list] = []
+    for piece in pieces:
+        if merged and merged[-1][1] == piece[1]:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [(t, w) for t, w in merged] or [("", 1.0)]
