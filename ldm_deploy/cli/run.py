@@ -55,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction, default=True,
                    help="read AUTOMATIC1111's emphasis in prompts: (word) x1.1, [word] /1.1, (word:1.3) "
                         "(default on; off: brackets are plain text, as diffusers reads them)")
+    p.add_argument("--hires-scale", type=float, default=None, metavar="X",
+                   help="AUTOMATIC1111's hires fix: draw at --width x --height, enlarge X times (Lanczos) and "
+                        "redraw (e.g. 2: 512 px -> 1024 px without the repeated subjects of drawing 1024 directly)")
+    p.add_argument("--hires-steps", type=int, default=None, help="steps of the redraw (default: --steps)")
+    p.add_argument("--hires-strength", type=float, default=0.7, help="denoising strength of the redraw (default 0.7)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8)")
@@ -212,6 +217,9 @@ def main(argv=None) -> int:
             strength=0.8 if args.strength is None else args.strength,
             clip_skip=args.clip_skip - 1,
             prompt_weighting=args.prompt_weighting,
+            hires_scale=args.hires_scale,
+            hires_steps=args.hires_steps,
+            hires_strength=args.hires_strength,
             progress=not args.quiet,
         )
         for image, path in zip(images, paths):

@@ -14,9 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ldm_deploy import __version__
-from ldm_deploy.engine import backends, images, noise
+from ldm_deploy.engine import backends, hires, images, noise
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import Request, check_request
@@ -85,6 +86,9 @@ class Pipeline:
         strength: float = 0.8,
         clip_skip: int | None = None,
         prompt_weighting: bool = False,
+        hires_scale: float | None = None,
+        hires_steps: int | None = None,
+        hires_strength: float = 0.7,
         latents: np.ndarray | None = None,
         generator=None,
         output_type: str = "pil",
@@ -99,6 +103,8 @@ class Pipeline:
         layer's output, AUTOMATIC1111's "Clip skip: 2"), for the prompt and the negative prompt
         alike, as AUTOMATIC1111 and ComfyUI do (diffusers' StableDiffusionPipeline skips them
         for the prompt only).
+        hires_scale: AUTOMATIC1111's hires fix (hires.py): draw at width x height, enlarge each side
+        hires_scale times, and redraw as img2img with hires_strength in hires_steps (default: steps).
         prompt_weighting: read AUTOMATIC1111's emphasis, "(word)", "[word]", "(word:1.3)", in the
         prompt and the negative prompt (off: brackets are plain text, as diffusers reads them).
         latents: the initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for
@@ -162,6 +168,10 @@ class Pipeline:
             prompt_weighting=bool(prompt_weighting),
         )
         check_request(req, self.manifest, img2img=init is not None)
+        fix = None
+        if hires_scale is not None:
+            fix = hires.Hires(hires_scale, hires_steps, hires_strength)
+            hires.check(fix, init is not None, req.width, req.height, req.steps, self.manifest)
         m = self.manifest.model
         shape = (n, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
         if latents is not None and tuple(latents.shape) != shape:
@@ -171,12 +181,30 @@ class Pipeline:
             self.generate(sub_req, init, sub_latents, sub_gen, progress)
             for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
         ])
+        if fix is not None:
+            out = self.hires_fix(req, out, fix, generator, progress)
         if output_type == "np":
             return out
         pils = images.to_pil(out)
         for i, im in enumerate(pils):
-            im.info["parameters"] = self.parameters(req, i, init is not None)
+            im.info["parameters"] = self.parameters(req, i, init is not None, fix)
         return pils
+
+    def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool) -> np.ndarray:
+        """The second pass of each image: its 8-bit first pass, resized, redrawn as img2img with
+        its own seed (a generator given: the rest of its draws, as diffusers' img2img would make)."""
+        w, h = hires.target_size(req.width, req.height, fix.scale, self.manifest.size_multiple)
+        out = []
+        for i, image in enumerate(images.to_pil(first)):
+            gen = generator[i] if isinstance(generator, (list, tuple)) else generator
+            out.append(self(
+                req.prompts[i], negative_prompt=req.negative_prompts[i], steps=fix.steps or req.steps,
+                guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
+                init_image=image.resize((w, h), resample=Image.LANCZOS), strength=fix.strength,
+                clip_skip=req.clip_skip, prompt_weighting=req.prompt_weighting, generator=gen,
+                output_type="np", progress=progress,
+            ))
+        return np.concatenate(out)
 
     def generate(self, req: Request, init, latents, generator, progress: bool) -> np.ndarray:
         """Run one request; returns (B, H, W, 3) float32 in [0, 1]."""
@@ -276,7 +304,7 @@ class Pipeline:
                     f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
                     f"height=) in range to resize it, or resize the image")
 
-    def parameters(self, req: Request, i: int, img2img: bool) -> str:
+    def parameters(self, req: Request, i: int, img2img: bool, fix=None) -> str:
         fields = {
             "Steps": req.steps,
             "Sampler": DISPLAY_NAMES[req.sampler],
@@ -290,6 +318,8 @@ class Pipeline:
             fields["VAE"] = Path(self.manifest.model.vae).stem
         if img2img:
             fields["Denoising strength"] = req.strength
+        if fix is not None:
+            fields.update(hires.fields(fix))
         if req.clip_skip:
             fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
         if not req.prompt_weighting and re.search(r"[()\[\]]", req.prompts[i] + req.negative_prompts[i]):

@@ -48,6 +48,12 @@ def test_run_writes_png_with_parameters(engine_dirs, tmp_path, capsys):
     assert "Steps: 3, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x96" in params[2]
     assert "Clip skip: 2," in params[2]
 
+    out = tmp_path / "big.png"
+    code, err = run(capsys, ["a lighthouse", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "2", "--width", "64",
+                             "--height", "64", "--hires-scale", "2", "--hires-steps", "2", "--out", str(out), "-q"])
+    assert code == 0, err
+    assert Image.open(out).size == (128, 128) and "Hires upscale: 2.0, Hires steps: 2" in Image.open(out).info["parameters"]
+
 
 def test_run_several_images_get_numbered_files_and_seeds(engine_dirs, tmp_path, capsys):
     out = tmp_path / "many.png"
@@ -87,6 +93,7 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--seed", "-2"], "seed must be 0 or more (or -1 for a random one)"),
     (["--num-images", "0"], "--num-images must be at least 1"),
     (["--clip-skip", "0"], "--clip-skip counts from 1 (the last layer: no skip), got 0"),
+    (["--hires-scale", "1"], "hires_scale must be a number above 1"),
     (["--clip-skip", "3"], "--clip-skip 3: this model's text encoder has 2 layers; pass 1 (the last) to 2"),
     (["--width", "0"], "width 0 is outside this engine's range"),
     (["--guidance", "inf"], "guidance must be a finite number"),

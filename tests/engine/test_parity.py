@@ -6,6 +6,8 @@ to 2e-3 max abs per pixel on [0, 1]."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,43 @@ def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_
     old_pipe("x", prompt_weighting=True, **kw)  # nothing to weigh: runs
     with pytest.raises(InvalidRequest, match="cannot weigh tokens .* or turn prompt weighting off"):
         old_pipe("(x:1.2)", prompt_weighting=True, **kw)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a"])
+def test_hires_fix_is_txt2img_then_img2img_of_the_enlarged_image(sampler, reference, pipelines):
+    """AUTOMATIC1111's hires fix with a Lanczos upscaler: diffusers' txt2img, its 8-bit image
+    resized, then diffusers' img2img with the same seed."""
+    seeds, steps = [21, 22], 3
+    ours = pipelines["tiny-sd1"]("a lighthouse", seed=21, num_images=2, steps=steps, width=64, height=64,
+                                 sampler=sampler, hires_scale=1.5, hires_steps=4, hires_strength=0.6, progress=False)
+    for seed, image in zip(seeds, ours):
+        first = with_scheduler(reference["tiny-sd1"], 0, sampler)(
+            "a lighthouse", num_inference_steps=steps, guidance_scale=7.5, height=64, width=64,
+            generator=torch.Generator().manual_seed(seed)).images[0]
+        want = with_scheduler(reference["tiny-sd1"], 1, sampler)(
+            "a lighthouse", image=first.resize((96, 96), resample=Image.LANCZOS), strength=0.6,
+            num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed),
+            output_type="np").images[0]
+        assert image.size == (96, 96)
+        # Our 8-bit image against diffusers' floats: half a level of rounding on top of TOL (the
+        # first pass's 8-bit images agreed, or the difference would show here; seen: 2.0e-3).
+        np.testing.assert_allclose(np.asarray(image, np.float32) / 255, want, rtol=0, atol=TOL + 0.5 / 255)
+        assert "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 4, Hires upscaler: Lanczos" \
+            in image.info["parameters"] and "Size: 64x64" in image.info["parameters"]
+
+
+def test_hires_fix_refuses_what_it_cannot_do(pipelines, init_image):
+    from ldm_deploy.errors import InvalidRequest
+
+    pipe = pipelines["tiny-sd1"]
+    for kw, message in [
+        (dict(hires_scale=1.0), "hires_scale must be a number above 1"),
+        (dict(hires_scale=16.0), "hires fix at 16.0x makes 1024x1024, beyond this engine's largest size 512x512"),
+        (dict(hires_scale=2.0, hires_steps=0), "hires_steps must be a whole number of at least 1"),
+        (dict(hires_scale=2.0, hires_strength=0.0), "hires_strength must be in (0, 1]"),
+        (dict(hires_scale=2.0, hires_steps=1), "hires fix with strength 0.7 in 1 steps runs no denoising step; "
+                                               "give it at least 2 hires steps"),
+        (dict(hires_scale=2.0, init_image=init_image), "hires fix enlarges a txt2img result"),
+    ]:
+        with pytest.raises(InvalidRequest, match=re.escape(message)):
+            pipe("x", steps=2, width=64, height=64, progress=False, **kw)
