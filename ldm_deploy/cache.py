@@ -97,7 +97,8 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
     elif not (model / "model_index.json").is_file():
         raise UserError(f"--model {model}: not a diffusers folder (it has no model_index.json)")
     stem = model.stem if model.is_file() else model.name
-    out = cache_dir() / "engines" / f"{name or stem}-{model_key(model, settings, extra)}"
+    keyed = {k: v for k, v in settings.items() if k != "allow_pickle"}  # consent, not a setting of the engine
+    out = cache_dir() / "engines" / f"{name or stem}-{model_key(model, keyed, extra)}"
     if out.is_dir():
         try:
             from ldm_deploy.engine.manifest import read_manifest, verify_files

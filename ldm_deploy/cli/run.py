@@ -58,8 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hires-scale", type=float, default=None, metavar="X",
                    help="AUTOMATIC1111's hires fix: draw at --width x --height, enlarge X times (Lanczos) and "
                         "redraw (e.g. 2: 512 px -> 1024 px without the repeated subjects of drawing 1024 directly)")
-    p.add_argument("--hires-steps", type=int, default=None, help="steps of the redraw (default: --steps)")
-    p.add_argument("--hires-strength", type=float, default=0.7, help="denoising strength of the redraw (default 0.7)")
+    p.add_argument("--hires-steps", type=int, default=None,
+                   help="steps the redraw runs, as AUTOMATIC1111 counts them (default, or 0: --steps)")
+    p.add_argument("--hires-strength", type=float, default=None, help="denoising strength of the redraw (default 0.7)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8)")

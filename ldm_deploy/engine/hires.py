@@ -3,8 +3,11 @@
 A model asked for 1024 px directly repeats its subject (it was trained at 512); drawn at 512 and
 enlarged, the composition holds and img2img at the large size adds the detail. As AUTOMATIC1111
 with an image upscaler ("Lanczos"): the first pass's 8-bit image is resized with Lanczos, encoded
-by the VAE, noised to `strength` and denoised with the same prompt, seed and sampler; that is,
-diffusers' StableDiffusionImg2ImgPipeline on the resized image (the tests check exactly that).
+by the VAE, noised to `strength` and denoised with the same prompt, seed and sampler, in
+exactly the hires steps (AUTOMATIC1111's count: see img2img_steps); that is, diffusers'
+StableDiffusionImg2ImgPipeline on the resized image (the tests check exactly that). The second
+pass draws its noise afresh from the image's seed (AUTOMATIC1111 goes on with the first pass's
+random stream), so its images are not AUTOMATIC1111's bit for bit; no sampler here is anyway.
 AUTOMATIC1111's default upscaler, "Latent", resizes latents instead: not done here.
 """
 
@@ -13,16 +16,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from ldm_deploy.errors import InvalidRequest
 
 UPSCALER = "Lanczos"
 
 
+MAX_SCALE = 8  # AUTOMATIC1111's slider stops at 4; a bound keeps int(side * scale) finite
+
+
 @dataclass(frozen=True)
 class Hires:
     scale: float  # AUTOMATIC1111's "Upscale by"
-    steps: int | None  # the second pass's steps; None: the first pass's
+    steps: int  # the second pass's steps, run exactly; 0: as many as the first pass
     strength: float  # its denoising strength
+
+
+def number(name: str, value, whole: bool = False) -> float:
+    """A finite int or float (numpy's too), not a bool or a string; an InvalidRequest otherwise."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value) and (not whole or int(value) == value)
+    if not ok:
+        kind = "a whole number" if whole else "a number"
+        raise InvalidRequest(f"{name} must be {kind}, got {value!r}")
+    return int(value) if whole else float(value)
 
 
 def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:
@@ -30,22 +48,28 @@ def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[i
     return tuple(int(v * scale) // multiple * multiple for v in (width, height))
 
 
-def check(h: Hires, img2img: bool, width: int, height: int, steps: int, manifest) -> tuple[int, int]:
+def img2img_steps(h: Hires, steps: int) -> tuple[int, float]:
+    """(steps, strength) of the img2img call that runs exactly the hires steps, as AUTOMATIC1111
+    counts them: a schedule of int(n / strength) steps (strength at most 0.999), of which the
+    last n run. img2img runs the last int(steps * strength) of its schedule; (n + 0.5) / total
+    makes that exactly n whatever the rounding."""
+    n = h.steps or steps
+    total = int(n / min(h.strength, 0.999))
+    return total, min((n + 0.5) / total, 1.0)
+
+
+def check(h: Hires, img2img: bool, width: int, height: int, manifest) -> tuple[int, int]:
     """The target size, or an InvalidRequest saying what to change."""
     if img2img:
         raise InvalidRequest("hires fix enlarges a txt2img result; with an init image, ask for the size you "
                              "want instead (img2img resizes the init image to it)")
-    if isinstance(h.scale, bool) or not isinstance(h.scale, (int, float)) or not math.isfinite(h.scale) \
-            or h.scale <= 1:
-        raise InvalidRequest(f"hires_scale must be a number above 1 (2 doubles each side), got {h.scale!r}")
-    if h.steps is not None and (isinstance(h.steps, bool) or not isinstance(h.steps, int) or h.steps < 1):
-        raise InvalidRequest(f"hires_steps must be a whole number of at least 1 (or none: as steps), got {h.steps!r}")
-    if not 0 < h.strength <= 1:
+    if not 1 < number("hires_scale", h.scale) <= MAX_SCALE:
+        raise InvalidRequest(f"hires_scale must be above 1 and at most {MAX_SCALE} (2 doubles each side), "
+                             f"got {h.scale!r}")
+    if number("hires_steps", h.steps, whole=True) < 0:
+        raise InvalidRequest(f"hires_steps must be 0 (as many as steps) or more, got {h.steps!r}")
+    if not 0 < number("hires_strength", h.strength) <= 1:
         raise InvalidRequest(f"hires_strength must be in (0, 1], got {h.strength!r} (AUTOMATIC1111's default: 0.7)")
-    steps = h.steps or steps
-    if int(steps * h.strength) < 1:  # img2img runs the last int(steps * strength) steps
-        raise InvalidRequest(f"hires fix with strength {h.strength} in {steps} steps runs no denoising step; "
-                             f"give it at least {math.ceil(1 / h.strength)} hires steps")
     if "vae_encoder" not in manifest.files:
         raise InvalidRequest("hires fix redraws through img2img, and this engine was exported without the VAE "
                              "encoder (--no-img2img); re-export it without that flag")

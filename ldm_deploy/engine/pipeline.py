@@ -88,7 +88,7 @@ class Pipeline:
         prompt_weighting: bool = False,
         hires_scale: float | None = None,
         hires_steps: int | None = None,
-        hires_strength: float = 0.7,
+        hires_strength: float | None = None,
         latents: np.ndarray | None = None,
         generator=None,
         output_type: str = "pil",
@@ -104,7 +104,8 @@ class Pipeline:
         alike, as AUTOMATIC1111 and ComfyUI do (diffusers' StableDiffusionPipeline skips them
         for the prompt only).
         hires_scale: AUTOMATIC1111's hires fix (hires.py): draw at width x height, enlarge each side
-        hires_scale times, and redraw as img2img with hires_strength in hires_steps (default: steps).
+        hires_scale times, and redraw as img2img with hires_strength (default 0.7) in exactly
+        hires_steps steps (default, or 0: steps). `latents` are the first pass's.
         prompt_weighting: read AUTOMATIC1111's emphasis, "(word)", "[word]", "(word:1.3)", in the
         prompt and the negative prompt (off: brackets are plain text, as diffusers reads them).
         latents: the initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for
@@ -145,6 +146,8 @@ class Pipeline:
         if seed < 0:
             raise InvalidRequest(f"seed must be 0 or more (or -1 for a random one), got {seed}")
         clip_skip = whole("clip_skip", clip_skip, 0)
+        if not isinstance(prompt_weighting, (bool, np.bool_)):
+            raise InvalidRequest(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
         if guidance <= 1.0 and any(negs) and "negative" not in self.warned:
             self.warned.add("negative")
             log.warning("the negative prompt has no effect with guidance %s (<= 1 disables "
@@ -165,13 +168,17 @@ class Pipeline:
             height=height,
             strength=float(strength) if init is not None else 1.0,
             clip_skip=clip_skip,
-            prompt_weighting=bool(prompt_weighting),
+            prompt_weighting=prompt_weighting,
         )
         check_request(req, self.manifest, img2img=init is not None)
         fix = None
         if hires_scale is not None:
-            fix = hires.Hires(hires_scale, hires_steps, hires_strength)
-            hires.check(fix, init is not None, req.width, req.height, req.steps, self.manifest)
+            fix = hires.Hires(hires_scale, 0 if hires_steps is None else hires_steps,
+                              0.7 if hires_strength is None else hires_strength)
+            hires.check(fix, init is not None, req.width, req.height, self.manifest)
+        elif hires_steps is not None or hires_strength is not None:
+            raise InvalidRequest("hires_steps and hires_strength set the hires fix's second pass; "
+                                 "give hires_scale too (e.g. 2), or leave them out")
         m = self.manifest.model
         shape = (n, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
         if latents is not None and tuple(latents.shape) != shape:
@@ -194,13 +201,14 @@ class Pipeline:
         """The second pass of each image: its 8-bit first pass, resized, redrawn as img2img with
         its own seed (a generator given: the rest of its draws, as diffusers' img2img would make)."""
         w, h = hires.target_size(req.width, req.height, fix.scale, self.manifest.size_multiple)
+        steps, strength = hires.img2img_steps(fix, req.steps)
         out = []
         for i, image in enumerate(images.to_pil(first)):
             gen = generator[i] if isinstance(generator, (list, tuple)) else generator
             out.append(self(
-                req.prompts[i], negative_prompt=req.negative_prompts[i], steps=fix.steps or req.steps,
+                req.prompts[i], negative_prompt=req.negative_prompts[i], steps=steps,
                 guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
-                init_image=image.resize((w, h), resample=Image.LANCZOS), strength=fix.strength,
+                init_image=image.resize((w, h), resample=Image.LANCZOS), strength=strength,
                 clip_skip=req.clip_skip, prompt_weighting=req.prompt_weighting, generator=gen,
                 output_type="np", progress=progress,
             ))

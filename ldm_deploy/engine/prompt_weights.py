@@ -49,11 +49,8 @@ def parse(text: str) -> list[tuple[str, float]]:
             round_open.append(len(pieces))
         elif s == "[":
             square_open.append(len(pieces))
-        elif weight is not None and round_open:
-            try:
-                scale(round_open.pop(), float(weight))
-            except ValueError:  # "(a:1.2.3)" (AUTOMATIC1111 fails on it): no emphasis
-                pass
+        elif weight is not None and round_open and number(weight) is not None:
+            scale(round_open.pop(), number(weight))
         elif s == ")" and round_open:
             scale(round_open.pop(), ROUND)
         elif s == "]" and square_open:
@@ -71,3 +68,12 @@ def parse(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(piece)
     return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def number(text: str) -> float | None:
+    """The weight in "(word:1.3)", or None where it does not parse ("1.2.3", on which AUTOMATIC1111
+    fails): the piece then stays text, the bracket open."""
+    try:
+        return float(text)
+    except ValueError:
+        return None

@@ -69,8 +69,8 @@ class PromptTokenizer:
                 tokens += piece
                 token_weights += [weight] * len(piece)
             if len(tokens) > room:
-                log.warning("the prompt is longer than %d tokens; this part was cut off: %r",
-                            self.length, self.raw.decode(tokens[room:]))
+                dropped = "".join(self.raw.id_to_token(t) for t in tokens[room:]).replace("</w>", " ").strip()
+                log.warning("the prompt is longer than %d tokens; this part was cut off: %r", self.length, dropped)
             tokens, token_weights = tokens[:room], token_weights[:room]
             ids[row, : len(tokens) + 2] = [self.start, *tokens, self.end]
             weights[row, 1 : len(tokens) + 1] = token_weights

@@ -195,17 +195,19 @@ def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a"])
 def test_hires_fix_is_txt2img_then_img2img_of_the_enlarged_image(sampler, reference, pipelines):
     """AUTOMATIC1111's hires fix with a Lanczos upscaler: diffusers' txt2img, its 8-bit image
-    resized, then diffusers' img2img with the same seed."""
+    resized, then diffusers' img2img with the same seed, running exactly the hires steps as
+    AUTOMATIC1111 does: the last 4 of a schedule of int(4 / 0.6) = 6."""
     seeds, steps = [21, 22], 3
     ours = pipelines["tiny-sd1"]("a lighthouse", seed=21, num_images=2, steps=steps, width=64, height=64,
-                                 sampler=sampler, hires_scale=1.5, hires_steps=4, hires_strength=0.6, progress=False)
+                                 sampler=sampler, hires_scale=1.5, hires_steps=np.int64(4), hires_strength=0.6,
+                                 progress=False)
     for seed, image in zip(seeds, ours):
         first = with_scheduler(reference["tiny-sd1"], 0, sampler)(
             "a lighthouse", num_inference_steps=steps, guidance_scale=7.5, height=64, width=64,
             generator=torch.Generator().manual_seed(seed)).images[0]
         want = with_scheduler(reference["tiny-sd1"], 1, sampler)(
-            "a lighthouse", image=first.resize((96, 96), resample=Image.LANCZOS), strength=0.6,
-            num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed),
+            "a lighthouse", image=first.resize((96, 96), resample=Image.LANCZOS), strength=4.5 / 6,
+            num_inference_steps=6, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed),
             output_type="np").images[0]
         assert image.size == (96, 96)
         # Our 8-bit image against diffusers' floats: half a level of rounding on top of TOL (the
@@ -220,13 +222,18 @@ def test_hires_fix_refuses_what_it_cannot_do(pipelines, init_image):
 
     pipe = pipelines["tiny-sd1"]
     for kw, message in [
-        (dict(hires_scale=1.0), "hires_scale must be a number above 1"),
-        (dict(hires_scale=16.0), "hires fix at 16.0x makes 1024x1024, beyond this engine's largest size 512x512"),
-        (dict(hires_scale=2.0, hires_steps=0), "hires_steps must be a whole number of at least 1"),
+        (dict(hires_scale=1.0), "hires_scale must be above 1 and at most 8"),
+        (dict(hires_scale=1e306), "hires_scale must be above 1 and at most 8"),
+        (dict(hires_scale=True), "hires_scale must be a number, got True"),
+        (dict(hires_scale=5, width=128, height=128), "hires fix at 5x makes 640x640, beyond this engine's "
+                                                     "largest size 512x512"),
+        (dict(hires_scale=2.0, hires_steps=-1), "hires_steps must be 0 (as many as steps) or more"),
+        (dict(hires_scale=2.0, hires_steps=1.5), "hires_steps must be a whole number, got 1.5"),
         (dict(hires_scale=2.0, hires_strength=0.0), "hires_strength must be in (0, 1]"),
-        (dict(hires_scale=2.0, hires_steps=1), "hires fix with strength 0.7 in 1 steps runs no denoising step; "
-                                               "give it at least 2 hires steps"),
+        (dict(hires_scale=2.0, hires_strength="0.5"), "hires_strength must be a number, got '0.5'"),
+        (dict(hires_strength=0.5), "hires_steps and hires_strength set the hires fix's second pass; give hires_scale"),
+        (dict(prompt_weighting="false"), "prompt_weighting must be True or False, got 'false'"),
         (dict(hires_scale=2.0, init_image=init_image), "hires fix enlarges a txt2img result"),
     ]:
         with pytest.raises(InvalidRequest, match=re.escape(message)):
-            pipe("x", steps=2, width=64, height=64, progress=False, **kw)
+            pipe("x", **{"steps": 2, "width": 64, "height": 64, "progress": False, **kw})

@@ -31,14 +31,16 @@ W, H = 128, 128
     ("a [[dog]] and a (cat:0.8), 1:2", [("a ", 1.0), ("dog", 1 / 1.1 / 1.1), (" and a ", 1.0), ("cat", 0.8),
                                         (", 1:2", 1.0)]),
     ("masterpiece BREAK a tree", [("masterpiece a tree", 1.0)]),  # one chunk: BREAK only separates
+    ("(a:1.2.3) b", [("a:1.2.3) b", 1.1)]),  # a weight that does not parse is text; the bracket stays open
 ])
 def test_parse(text, pieces):
     assert parse(text) == pieces
 
 
-def a1111_embeddings(pipe, prompt):
+def a1111_embeddings(pipe, prompt, clip_skip=0):
     """AUTOMATIC1111's weighting, in torch: each piece tokenized alone, start + tokens + end,
-    padded; hidden states times their token's weight, rescaled to the unweighted mean."""
+    padded; hidden states (clip_skip layers below the last, through the final layer norm) times
+    their token's weight, rescaled to the unweighted mean."""
     tok = pipe.tokenizer
     ids, weights = [tok.bos_token_id], [1.0]
     for text, weight in parse(prompt):
@@ -48,7 +50,8 @@ def a1111_embeddings(pipe, prompt):
     pad = tok.model_max_length - len(ids)
     ids, weights = ids + [tok.pad_token_id] * pad, weights + [1.0] * (pad + 1)
     with torch.no_grad():
-        z = pipe.text_encoder(torch.tensor([ids]))[0]
+        text = pipe.text_encoder
+        z = text.final_layer_norm(text(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1 - clip_skip])
         mean = z.mean()
         z = z * torch.tensor(weights)[None, :, None]
         return z * (mean / z.mean())
@@ -78,7 +81,8 @@ def biased(model_dirs, tmp_path_factory):
     return model, engine
 
 
-def test_weighted_prompt_matches_diffusers_given_a1111_embeddings(biased):
+@pytest.mark.parametrize("clip_skip", [0, 1])
+def test_weighted_prompt_matches_diffusers_given_a1111_embeddings(biased, clip_skip):
     from ldm_deploy import Pipeline
 
     model, engine = biased
@@ -89,19 +93,26 @@ def test_weighted_prompt_matches_diffusers_given_a1111_embeddings(biased):
     cls, options = diffusers_schedulers()["euler"]
     ref.scheduler = cls.from_config(ref.scheduler.config, **options)
     latents = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(2))
-    want = ref(prompt_embeds=a1111_embeddings(ref, prompt), negative_prompt_embeds=a1111_embeddings(ref, negative),
+    want = ref(prompt_embeds=a1111_embeddings(ref, prompt, clip_skip),
+               negative_prompt_embeds=a1111_embeddings(ref, negative, clip_skip),
                num_inference_steps=4, guidance_scale=7.5, height=H, width=W, latents=latents.clone(),
                output_type="np").images
     kw = dict(negative_prompt=negative, steps=4, guidance=7.5, sampler="euler", width=W, height=H,
               latents=latents.numpy(), output_type="np", progress=False)
     pipe = Pipeline.load(engine)
-    got = pipe(prompt, prompt_weighting=True, **kw)
+    got = pipe(prompt, prompt_weighting=True, clip_skip=clip_skip, **kw)
     assert_not_saturated(want)
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
-    assert np.abs(pipe(prompt, **kw) - got).max() > 10 * TOL  # off: the brackets are plain text, another image
+    assert np.abs(pipe(prompt, clip_skip=clip_skip, **kw) - got).max() > 10 * TOL  # off: brackets are text
 
 
 def test_plain_prompts_are_untouched_and_pngs_say_how_brackets_were_read(pipelines):
+    # SD 2.x's tokenizer pads with id 0 after the end token, SD 1.x's with the end token itself.
+    for preset in ("tiny-sd2", "tiny-sd1"):
+        tok = pipelines[preset].tokenizer
+        ids, weights = tok.weighted(["a (cat)", "a cat"])
+        np.testing.assert_array_equal(ids[0], tok(["a cat"])[0])
+        assert weights[0, 2] == np.float32(1.1) and weights[1, 2] == 1 and ids[0, -1] == tok.pad
     pipe = pipelines["tiny-sd1"]
     kw = dict(negative_prompt="blurry", steps=2, width=64, height=64, seed=5, progress=False)
     # No emphasis: the same ids, weights of exactly 1, the same image to the bit.
@@ -123,4 +134,4 @@ def test_long_weighted_prompts_are_cut_with_a_warning(pipelines, caplog):
         ids, weights = tok.weighted(["(red:1.2) " + "cat " * 80 + "(dog:1.5)"])
     assert ids.shape == weights.shape == (1, 77)
     assert ids[0, -1] == tok.end and weights[0, 1] == np.float32(1.2) and np.all(weights[0, 2:76] == 1)
-    assert "this part was cut off" in caplog.text and "dog" in caplog.text
+    assert "this part was cut off: 'cat cat" in caplog.text and "dog'" in caplog.text and "</w>" not in caplog.text
