@@ -6,6 +6,7 @@ to 2e-3 max abs per pixel on [0, 1]."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_
     from dataclasses import replace
 
     from ldm_deploy import Pipeline
-    from ldm_deploy.errors import InvalidRequest
+    from ldm_deploy.errors import EngineError, InvalidRequest
     from ldm_deploy.export import build
     from ldm_deploy.export.config import ExportConfig
 
@@ -188,6 +189,13 @@ def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_
     with pytest.raises(InvalidRequest, match=r"exported before clip skip\); re-export it with ldm-export --force"):
         old_pipe("x", clip_skip=1, **kw)
     old_pipe("x", prompt_weighting=True, **kw)  # nothing to weigh: runs
+    # A manifest whose format does not match its graphs is refused when loaded, not mid-run.
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["model"]["text_layers"] = 2
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="its text_encoder takes the inputs input_ids, where this ldm-deploy gives "
+                                          "input_ids, clip_skip, token_weights: it was exported by another version"):
+        Pipeline.load(old, verify=False)
     with pytest.raises(InvalidRequest, match="cannot weigh tokens .* or turn prompt weighting off"):
         old_pipe("(x:1.2)", prompt_weighting=True, **kw)
 

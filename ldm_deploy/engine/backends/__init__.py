@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ldm_deploy.errors import BackendUnavailable, UserError
+from ldm_deploy.errors import BackendUnavailable, EngineError, UserError
 
 # name -> module under ldm_deploy.engine.backends; the module defines `create()`.
 BACKENDS = {"onnxruntime": "onnxruntime", "torch": "torch", "tensorrt": "tensorrt", "openvino": "openvino"}
@@ -87,3 +87,14 @@ def create(name: str, **options) -> Backend:
             raise
         option = str(e).rsplit("'", 2)[-2]
         raise UserError(f"the {name} backend has no option {option!r}") from None
+
+
+def check_inputs(engine_dir, manifest, component: str, names: list[str]) -> None:
+    """An EngineError where a component's graph takes other inputs than its spec gives it: an
+    engine written by another version of ldm-deploy than its manifest's format says (the run
+    would fail inside the backend with a message about tensor names)."""
+    want = [t.name for t in manifest.specs()[component].inputs]
+    if sorted(names) != sorted(want):
+        raise EngineError(f"{engine_dir}: its {component} takes the inputs {', '.join(names)}, where this "
+                          f"ldm-deploy gives {', '.join(want)}: it was exported by another version; re-export it "
+                          f"with `ldm-export --model {manifest.model.source} --out {engine_dir} --force`")

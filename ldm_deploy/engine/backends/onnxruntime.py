@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_deploy.engine.backends import Run, ort_cache
+from ldm_deploy.engine.backends import Run, check_inputs, ort_cache
 from ldm_deploy.engine.backends.capture import run_loop
 from ldm_deploy.errors import BackendUnavailable, EngineError
 
@@ -44,7 +44,9 @@ class OnnxRuntimeBackend:
         session = None
         if cached is not None:
             session = self.load_saved(cached, component) or self.optimise_and_save(path, cached, component)
-        return session or self.open(path, self.options(optimize=True))
+        session = session or self.open(path, self.options(optimize=True))
+        check_inputs(engine_dir, manifest, component, [i.name for i in session.get_inputs()])
+        return session
 
     def load_saved(self, cached: Path, component: str):
         """A session of the optimised graph saved in the cache, or None (none there, or damaged:
