@@ -211,6 +211,14 @@ def stop_workers(pool) -> None:
     pool.shutdown(wait=True)
 
 
+def quiet_exit(*_) -> None:
+    """A worker's SIGTERM handler: exit, with stderr closed first. The parent stopped us on
+    purpose and has said so; what dying prints is noise after that (a traceback, or C++'s
+    "terminate called" where the SystemExit meets a C++ frame, seen under load)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    sys.exit(1)
+
+
 def export_one(model, config, dims, multiple, name, spec, tmp: Path, threads: int, log_level: int):
     """Worker of export_in_processes: -> (files written, AOTInductor mode)."""
     import torch
@@ -220,7 +228,7 @@ def export_one(model, config, dims, multiple, name, spec, tmp: Path, threads: in
     setup_logging(log_level <= logging.DEBUG)
     # Terminated (stop_workers): exit through Python, so that a package's test run in progress
     # (aoti_check, a process of its own) is killed with us rather than left running.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    signal.signal(signal.SIGTERM, quiet_exit)
     torch._inductor.config.compile_threads = threads
     src = load_model(model, config)
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
