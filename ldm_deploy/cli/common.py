@@ -1,4 +1,5 @@
-"""What every command shares: logging to stderr, and user errors without tracebacks."""
+"""What every command shares: logging to stderr, user errors without tracebacks, and the model
+options ldm-export and ldm-run --model both take."""
 
 from __future__ import annotations
 
@@ -29,3 +30,45 @@ def run_main(fn: Callable[[], None], prog: str) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+# What goes into an engine besides the model itself: ldm-export's options, and ldm-run's with
+# --model (which exports into the cache). flag -> ExportConfig field.
+MODEL_OPTIONS = {"--config": "model_config", "--prediction-type": "prediction_type", "--vae": "vae",
+                 "--lora": "loras", "--embedding": "embeddings", "--allow-pickle": "allow_pickle"}
+
+
+def add_model_options(p) -> None:
+    """The MODEL_OPTIONS on a parser or argument group."""
+    from ldm_deploy.export.single_file import PREDICTION_TYPES
+
+    p.add_argument("--config", dest="model_config", default=None,
+                   help="single-file checkpoints of an architecture other than SD 1.5's or 2.1's: a diffusers "
+                        "folder or hub id whose configs describe it (its weights are not read)")
+    p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
+                   help="what the U-Net predicts, overriding the model's (SD 2.x checkpoints: v_prediction "
+                        "for the 768 px models, epsilon for the 512 px base models)")
+    p.add_argument("--vae", default=None,
+                   help="a VAE to use instead of the model's: a file (e.g. vae-ft-mse-840000-ema-pruned.safetensors) "
+                        "or a diffusers VAE folder")
+    p.add_argument("--lora", dest="loras", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA into the weights (kohya or diffusers layout; weight default 1); "
+                        "repeat for several")
+    p.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="FILE[:WORD]",
+                   help="add a textual inversion embedding (AUTOMATIC1111 or diffusers layout), triggered by "
+                        "its file name (or WORD) in prompts; repeat for several")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .ckpt / .pt / .bin pickle files (model, VAE, LoRAs, embeddings): runs code from "
+                        "the file, only for sources you trust")
+
+
+def model_options(args) -> dict:
+    """The MODEL_OPTIONS given, as ExportConfig fields (LoRA and embedding specs parsed)."""
+    from ldm_deploy.export import embeddings, lora
+
+    given = {field: getattr(args, field) for field in MODEL_OPTIONS.values() if getattr(args, field)}
+    if "loras" in given:
+        given["loras"] = tuple(lora.parse_spec(spec) for spec in given["loras"])
+    if "embeddings" in given:
+        given["embeddings"] = tuple(embeddings.parse_spec(spec) for spec in given["embeddings"])
+    return given

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldm_deploy.cli.common import run_main, setup_logging
-from ldm_deploy.export.single_file import PREDICTION_TYPES
+from ldm_deploy.cli.common import add_model_options, model_options, run_main, setup_logging
 from ldm_deploy.export.tensorrt_build import DEFAULT_TIMING_CACHE
 
 
@@ -52,23 +51,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"folder that keeps kernel timings between builds (default {DEFAULT_TIMING_CACHE})")
     r.add_argument("--no-timing-cache", action="store_true", help="time every kernel afresh")
     p.add_argument("--no-img2img", action="store_true", help="skip the VAE encoder: txt2img only, a shorter export")
-    p.add_argument("--config", dest="model_config", default=None,
-                   help="single-file checkpoints of an architecture other than SD 1.5's or 2.1's: a diffusers "
-                        "folder or hub id whose configs describe it (its weights are not read)")
-    p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
-                   help="what the U-Net predicts, overriding the model's (SD 2.x checkpoints: v_prediction "
-                        "for the 768 px models, epsilon for the 512 px base models)")
-    p.add_argument("--vae", default=None,
-                   help="a VAE to use instead of the model's: a file (e.g. vae-ft-mse-840000-ema-pruned.safetensors) "
-                        "or a diffusers VAE folder")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="merge a LoRA into the weights (kohya or diffusers layout; weight default 1); "
-                        "repeat for several")
-    p.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
-                   help="add a textual inversion embedding (AUTOMATIC1111 or diffusers layout), triggered by "
-                        "its file name (or WORD) in prompts; repeat for several")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load .bin / .ckpt pickle weights (runs code from the file: only for sources you trust)")
+    add_model_options(p)
     p.add_argument("--force", action="store_true",
                    help="replace --out if it is an existing engine directory (nothing else is replaced)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -81,8 +64,6 @@ def main(argv=None) -> int:
 
     def go():
         from ldm_deploy.export.config import ExportConfig
-        from ldm_deploy.export import embeddings
-        from ldm_deploy.export.lora import parse_spec
         from ldm_deploy.export.tensorrt_build import TensorRTOptions
 
         tensorrt = TensorRTOptions(
@@ -108,13 +89,8 @@ def main(argv=None) -> int:
             max_size=args.max_size,
             opt_size=args.opt_size,
             max_batch=args.max_batch,
-            allow_pickle=args.allow_pickle,
-            model_config=args.model_config,
-            prediction_type=args.prediction_type,
-            vae=args.vae,
-            loras=tuple(parse_spec(spec) for spec in args.lora),
-            embeddings=tuple(embeddings.parse_spec(spec) for spec in args.embedding),
             force=args.force,
+            **model_options(args),
         )
         from ldm_deploy.export.build import export_engine
 

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm_deploy.cli.common import run_main, setup_logging
+from ldm_deploy.cli.common import MODEL_OPTIONS, add_model_options, model_options, run_main, setup_logging
 from ldm_deploy.errors import UserError
 
 log = logging.getLogger("ldm-run")
@@ -27,19 +27,7 @@ def parser() -> argparse.ArgumentParser:
                        "(~/.cache/ldm-deploy) on first use. With neither --engine nor --model: the bundled "
                        "64x64 shapes model (try \"a red circle on a blue background\")")
     m = p.add_argument_group("with --model (set into its cached engine, as ldm-export does)")
-    m.add_argument("--vae", default=None, help="a VAE to use instead of the model's: a file or a diffusers VAE folder")
-    m.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="merge a LoRA into the weights (weight default 1); repeat for several")
-    m.add_argument("--embedding", action="append", default=[], metavar="FILE[:WORD]",
-                   help="add a textual inversion embedding, triggered by its file name (or WORD); repeatable")
-    m.add_argument("--allow-pickle", action="store_true",
-                   help="load .ckpt / .pt / .bin pickle files (model, VAE, LoRAs, embeddings): runs code from "
-                        "the file, only for sources you trust")
-    m.add_argument("--config", dest="model_config", default=None,
-                   help="single-file checkpoints of another architecture than SD 1.5's or 2.1's: a diffusers "
-                        "folder or hub id with its configs")
-    m.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                   help="what the U-Net predicts, overriding the model's")
+    add_model_options(m)
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
@@ -123,18 +111,8 @@ def names(p: Path, n: int) -> list[Path]:
     return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
-def model_settings(args) -> dict:
-    """The export settings given on the command line, as ExportConfig names them."""
-    return {"vae": args.vae, "loras": args.lora, "embeddings": args.embedding, "model_config": args.model_config,
-            "prediction_type": args.prediction_type, "allow_pickle": args.allow_pickle}
-
-
-FLAGS = {"vae": "--vae", "loras": "--lora", "embeddings": "--embedding", "model_config": "--config",
-         "prediction_type": "--prediction-type", "allow_pickle": "--allow-pickle"}
-
-
 def engine_dir(args) -> str:
-    given = [FLAGS[key] for key, value in model_settings(args).items() if value]
+    given = [flag for flag, field in MODEL_OPTIONS.items() if getattr(args, field)]
     if given and not args.model:
         built = "has them built in: see its manifest" if args.engine else "is the bundled shapes model"
         raise UserError(f"{', '.join(given)} set what --model exports into its cached engine; the engine "
@@ -144,14 +122,7 @@ def engine_dir(args) -> str:
     from ldm_deploy.cache import engine_for
 
     if args.model:
-        from ldm_deploy.export import embeddings, lora
-
-        settings = {key: value for key, value in model_settings(args).items() if value}
-        if "loras" in settings:
-            settings["loras"] = tuple(lora.parse_spec(spec) for spec in settings["loras"])
-        if "embeddings" in settings:
-            settings["embeddings"] = tuple(embeddings.parse_spec(spec) for spec in settings["embeddings"])
-        return str(engine_for(args.model, settings))
+        return str(engine_for(args.model, model_options(args)))
     from ldm_deploy import shapes
 
     return str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
