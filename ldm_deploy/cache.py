@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 # around it, up to 4 images a call.
 CACHE_EXPORT = dict(backend="onnxruntime", max_batch=4)
 # Raised when engines of the same package version must be exported again to have a new input
-# (3: the text encoder's clip_skip and token_weights).
-REVISION = 3
+# (3: the text encoder's clip_skip and token_weights; 4: prompts of several chunks).
+REVISION = 4
 
 
 def cache_dir() -> Path:

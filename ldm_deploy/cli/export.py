@@ -20,9 +20,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px; default 1024)")
     p.add_argument("--opt-size", type=int, default=None, help="side to tune for (default: the model's native size)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
+    p.add_argument("--max-prompt-tokens", type=int, default=300,
+                   help="longest prompt taken whole, in tokens, rounded up to chunks of 75 encoded one by one "
+                        "as AUTOMATIC1111 does; longer ones are cut with a warning (default 300; 75: "
+                        "diffusers' one chunk)")
     p.add_argument("--static-shapes", action="store_true",
-                   help="tensorrt, torch: build for exactly --opt-size and one image: kernels for one shape, "
-                        "no other size (a much shorter torch compile)")
+                   help="tensorrt, torch: build for exactly --opt-size, one image and one 75-token prompt chunk: "
+                        "kernels for one shape, no other size (a much shorter torch compile)")
     t = p.add_argument_group("torch backend")
     t.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device to compile for")
     t.add_argument("--precision", default=None, choices=("fp32", "fp16"),
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
             max_size=args.max_size,
             opt_size=args.opt_size,
             max_batch=args.max_batch,
+            max_prompt_tokens=args.max_prompt_tokens,
             force=args.force,
             **model_options(args),
         )

@@ -41,10 +41,12 @@ class ModelInfo:
     # textual inversions added (ldm-export --embedding), in order: {"name", "word", "vectors", "sha256"} each
     embeddings: tuple = ()
     text_layers: int = 0  # the text encoder's layers, for clip skip (engines written before it: 0, none)
+    long_prompts: bool = False  # the U-Net step takes dims["text_chunks"] chunks of text (before it: one)
 
     @property
     def facts(self) -> ModelFacts:
-        return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale, self.text_layers)
+        return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale, self.text_layers,
+                          self.long_prompts)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ class Manifest:
 
     def specs(self):
         return component_specs(self.model.facts)
+
+    @property
+    def max_text_chunks(self) -> int:
+        """The most 75-token chunks of prompt the engine takes (1: one, as diffusers)."""
+        return self.dims["text_chunks"].max if self.model.long_prompts else 1
 
     def to_dict(self) -> dict:
         m = self.model
@@ -89,6 +96,8 @@ class Manifest:
         model["noise_schedule"] = NoiseSchedule.from_config(model["noise_schedule"])
         model["loras"] = tuple(model.get("loras", ()))
         model["embeddings"] = tuple(model.get("embeddings", ()))
+        if model.get("long_prompts") and "text_chunks" not in d["dims"]:
+            raise KeyError("dims.text_chunks")
         return cls(
             model=ModelInfo(**model),
             backend=d["backend"],

@@ -106,6 +106,8 @@ class Pipeline:
         hires_scale: AUTOMATIC1111's hires fix (hires.py): draw at width x height, enlarge each side
         hires_scale times, and redraw as img2img with hires_strength (default 0.7) in exactly
         hires_steps steps (default, or 0: steps). `latents` are the first pass's.
+        Prompts longer than 75 tokens are encoded in chunks of 75, as AUTOMATIC1111 does
+        (tokenizer.py), up to the engine's `ldm-export --max-prompt-tokens`.
         prompt_weighting: read AUTOMATIC1111's emphasis, "(word)", "[word]", "(word:1.3)", in the
         prompt and the negative prompt (off: brackets are plain text, as diffusers reads them).
         latents: the initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for
@@ -223,19 +225,7 @@ class Pipeline:
         # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
         k = len(texts) // b
-        if req.prompt_weighting:
-            ids, weights = self.tokenizer.weighted(texts)
-        else:
-            ids, weights = self.tokenizer(texts), np.ones((len(texts), m.text_length), np.float32)
-        inputs = {"input_ids": be.upload(ids.reshape(k, b, m.text_length))}
-        if m.text_layers:  # engines from before clip skip and emphasis have no such inputs
-            inputs["clip_skip"] = be.upload(np.array([req.clip_skip], np.int64))
-            inputs["token_weights"] = be.upload(weights.reshape(k, b, m.text_length))
-        elif np.any(weights != 1):
-            raise InvalidRequest("this engine's text encoder cannot weigh tokens (it was exported before prompt "
-                                 "emphasis); re-export it with ldm-export --force, or turn prompt weighting off")
-        emb = be.empty((k, b, m.text_length, m.text_width))
-        be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": emb}))
+        emb = self.encode_text(texts, k, req)
 
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
@@ -253,6 +243,27 @@ class Pipeline:
         decoded = be.empty((b, 3, req.height, req.width))
         be.run(self.components["vae_decoder"], Run({"latents": x}, {"images": decoded}))
         return be.download(decoded).transpose(0, 2, 3, 1)
+
+    def encode_text(self, texts: list[str], k: int, req: Request):
+        """(K*B,) texts -> (K, B, n * 77, D) embeddings, the text encoder run once a chunk."""
+        be, m = self.backend, self.manifest.model
+        ids, weights = self.tokenizer(texts, req.prompt_weighting, self.manifest.max_text_chunks)  # (K*B, n, 77)
+        if not m.text_layers and np.any(weights != 1):  # engines from before clip skip and emphasis
+            raise InvalidRequest("this engine's text encoder cannot weigh tokens (it was exported before prompt "
+                                 "emphasis); re-export it with ldm-export --force, or turn prompt weighting off")
+        shape = (k, len(texts) // k, m.text_length)
+        chunks = []
+        for i in range(ids.shape[1]):
+            inputs = {"input_ids": be.upload(np.ascontiguousarray(ids[:, i]).reshape(shape))}
+            if m.text_layers:
+                inputs["clip_skip"] = be.upload(np.array([req.clip_skip], np.int64))
+                inputs["token_weights"] = be.upload(np.ascontiguousarray(weights[:, i]).reshape(shape))
+            chunks.append(be.empty((*shape, m.text_width)))
+            be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": chunks[-1]}))
+        if len(chunks) == 1:
+            return chunks[0]
+        # A few hundred KB, once a call: through the host, so backends need no concatenation.
+        return be.upload(np.concatenate([be.download(c) for c in chunks], axis=2))
 
     def denoise(self, x, emb, sp, step_noise, shape, req, progress):
         """The N-step loop: ping-pong latents and state between two buffer pairs."""

@@ -98,15 +98,21 @@ class ModelFacts:
     # encoder takes `clip_skip` and `token_weights`; 0: engines from before those inputs, which
     # return the last layer's hidden states only, unweighted.
     text_layers: int = 0
+    # With it the U-Net step takes text of any number of 77-token chunks (dim `text_chunks`):
+    # prompts longer than 75 tokens, encoded chunk by chunk as AUTOMATIC1111 does (tokenizer.py).
+    # False: engines from before it, whose U-Net step takes one chunk.
+    long_prompts: bool = False
 
 
 def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
     """The four components. Dims: cfg (2 with classifier-free guidance: [uncond, cond];
-    1 without), batch (images), latent_height / latent_width (image size / vae_scale).
+    1 without), batch (images), latent_height / latent_width (image size / vae_scale),
+    text_chunks (77-token chunks of text the U-Net step attends to; the text encoder runs once a chunk).
 
     Text tensors carry cfg and batch as two axes rather than one (cfg * batch) axis: every
     exporter (ONNX, torch.export) can then express the shapes without a division."""
     c, L, D = facts.latent_channels, facts.text_length, facts.text_width
+    text = Sym("text_chunks", L) if facts.long_prompts else L  # (n * 77) tokens
     k, b = Sym("cfg"), Sym("batch")
     lh, lw = Sym("latent_height"), Sym("latent_width")
     ih, iw = Sym("latent_height", facts.vae_scale), Sym("latent_width", facts.vae_scale)
@@ -130,7 +136,7 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
             "unet_step",
             inputs=(
                 f32("latents", latents),
-                f32("text_embeddings", (k, b, L, D)),
+                f32("text_embeddings", (k, b, text, D)),
                 f32("coeffs", (len(COLUMNS),)),
                 f32("state", latents),
                 f32("noise", latents),

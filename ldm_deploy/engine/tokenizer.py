@@ -1,4 +1,9 @@
-"""Prompt -> token ids with the `tokenizers` library and the engine's tokenizer.json."""
+"""Prompt -> token ids with the `tokenizers` library and the engine's tokenizer.json, in chunks
+of 77 as AUTOMATIC1111 makes them: start, 75 tokens of prompt, end (padded with the end token
+then the model's pad token). A prompt of up to 75 tokens is one chunk, diffusers' ids exactly;
+a longer one takes as many chunks as it needs, each encoded alone by the text encoder, and the
+U-Net attends to them all. Where a chunk would end within COMMA_BACKTRACK tokens of a comma,
+the words after the comma move to the next chunk; BREAK (with emphasis on) starts one."""
 
 from __future__ import annotations
 
@@ -8,28 +13,35 @@ from pathlib import Path
 
 import numpy as np
 
+from ldm_deploy.engine.prompt_weights import BREAK_PIECE, parse
 from ldm_deploy.errors import EngineError
 
 log = logging.getLogger(__name__)
 
+# AUTOMATIC1111's default "comma padding backtrack": at most this many tokens move.
+COMMA_BACKTRACK = 20
+
 
 class PromptTokenizer:
-    """Pads to the text encoder's length and truncates longer prompts with a warning, as
-    diffusers does (the tokenizer.json carries the padding and truncation settings)."""
+    """Calls give (E, n, 77) ids and weights for E prompts, n chunks: as many as the longest
+    prompt needs, at most the engine's; shorter prompts are padded with empty chunks (the
+    encoding of ""), as AUTOMATIC1111 pads the shorter of prompt and negative prompt."""
 
     def __init__(self, path: Path, length: int, embeddings: tuple = ()):
         from tokenizers import Tokenizer
 
         try:
-            self.tok = Tokenizer.from_file(str(path))
+            tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise EngineError(f"{path} is not a readable tokenizer ({e}); re-export the engine") from None
         self.length = length
-        # For prompts with emphasis: each piece tokenized alone, without padding or specials.
-        self.raw = Tokenizer.from_file(str(path))
-        self.raw.no_padding()
-        self.raw.no_truncation()
-        self.start, self.end, self.pad = self.tok.encode("").ids[:3]  # "" -> start, end, padding...
+        self.room = length - 2  # prompt tokens in a chunk: 75
+        self.start, self.end, self.pad = tok.encode("").ids[:3]  # "" -> start, end, padding...
+        # Each piece of prompt is tokenized alone, without padding or specials.
+        tok.no_padding()
+        tok.no_truncation()
+        self.raw = tok
+        self.comma = tok.token_to_id(",</w>")
         # Textual inversions of several vectors: the trigger word -> its tokens, written out as
         # diffusers' maybe_convert_prompt does ("word" -> "word word_1 word_2"; the tokenizer
         # knows each of them as an added token). In any case, as the tokenizer (which lowercases)
@@ -37,44 +49,68 @@ class PromptTokenizer:
         self.expand = [(re.compile(re.escape(e["word"]), re.IGNORECASE),
                         " ".join([e["word"]] + [f"{e['word']}_{i}" for i in range(1, e["vectors"])]))
                        for e in embeddings if e["vectors"] > 1]
+        # Their first token -> their vector count: they never straddle two chunks.
+        self.vectors = {tok.token_to_id(e["word"]): e["vectors"] for e in embeddings if e["vectors"] > 1}
 
-    def __call__(self, prompts: list[str]) -> np.ndarray:
-        """(E,) prompts -> (E, length) int64 ids."""
-        prompts = [self.expanded(p) for p in prompts]
-        encodings = self.tok.encode_batch(prompts)
-        for prompt, enc in zip(prompts, encodings):
-            if enc.overflowing:
-                tokens = [t for o in enc.overflowing for t in o.tokens if not t.startswith("<|")]
-                dropped = "".join(tokens).replace("</w>", " ").strip()
-                log.warning(
-                    "the prompt is longer than %d tokens; this part was cut off: %r",
-                    self.length, dropped,
-                )
-        return np.array([enc.ids for enc in encodings], dtype=np.int64)
-
-    def weighted(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(E,) prompts with AUTOMATIC1111 emphasis -> (E, length) int64 ids and (E, length)
-        float32 weights. Each (text, weight) piece is tokenized alone, as AUTOMATIC1111 does;
-        the start, end and padding tokens weigh 1. A prompt without emphasis gets the ids of
-        __call__ and weights of 1."""
-        from ldm_deploy.engine.prompt_weights import parse
-
-        ids = np.full((len(prompts), self.length), self.pad, np.int64)
-        weights = np.ones((len(prompts), self.length), np.float32)
-        room = self.length - 2
-        for row, prompt in enumerate(prompts):
-            tokens, token_weights = [], []
-            for text, weight in parse(self.expanded(prompt)):
-                piece = self.raw.encode(text, add_special_tokens=False).ids
-                tokens += piece
-                token_weights += [weight] * len(piece)
-            if len(tokens) > room:
-                dropped = "".join(self.raw.id_to_token(t) for t in tokens[room:]).replace("</w>", " ").strip()
-                log.warning("the prompt is longer than %d tokens; this part was cut off: %r", self.length, dropped)
-            tokens, token_weights = tokens[:room], token_weights[:room]
-            ids[row, : len(tokens) + 2] = [self.start, *tokens, self.end]
-            weights[row, 1 : len(tokens) + 1] = token_weights
+    def __call__(self, prompts: list[str], weighting: bool = False, max_chunks: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(E,) prompts -> (E, n, length) int64 ids and float32 weights (1 but where emphasis
+        weighs a token: `weighting` reads AUTOMATIC1111's, prompt_weights.py)."""
+        chunked = [self.chunks(p, weighting, max_chunks) for p in prompts]
+        n = max(len(c) for c in chunked)
+        ids = np.full((len(prompts), n, self.length), self.pad, np.int64)
+        weights = np.ones((len(prompts), n, self.length), np.float32)
+        for row, chunks in enumerate(chunked):
+            for i in range(n):
+                tokens, token_weights = chunks[i] if i < len(chunks) else ([], [])
+                ids[row, i, : len(tokens) + 2] = [self.start, *tokens, self.end]
+                weights[row, i, 1 : len(tokens) + 1] = token_weights
         return ids, weights
+
+    def chunks(self, prompt: str, weighting: bool, max_chunks: int) -> list[tuple[list[int], list[float]]]:
+        """One prompt -> its chunks' (tokens, weights), without start, end and padding; those
+        past max_chunks are cut off with a warning. With one chunk allowed, the cut falls where
+        diffusers' does, after 75 tokens (no comma backtrack)."""
+        pieces = parse(self.expanded(prompt)) if weighting else [(self.expanded(prompt), 1.0)]
+        backtrack = COMMA_BACKTRACK if max_chunks > 1 else 0
+        chunks: list[tuple[list[int], list[float]]] = []
+        tokens: list[int] = []
+        weights: list[float] = []
+        comma = -1  # where the current chunk's last comma is
+
+        def close(keep: int | None = None) -> None:
+            """End the current chunk after `keep` tokens (all); the rest start the next."""
+            nonlocal tokens, weights, comma
+            keep = len(tokens) if keep is None else keep
+            chunks.append((tokens[:keep], weights[:keep]))
+            tokens, weights, comma = tokens[keep:], weights[keep:], -1
+
+        for text, weight in pieces:
+            if (text, weight) == BREAK_PIECE:
+                close()
+                continue
+            ids = self.raw.encode(text, add_special_tokens=False).ids
+            i = 0
+            while i < len(ids):
+                if ids[i] == self.comma:
+                    comma = len(tokens)
+                elif len(tokens) == self.room and comma >= 0 and len(tokens) - comma <= backtrack:
+                    close(comma + 1)  # the words after the comma go on in the next chunk
+                if len(tokens) == self.room:
+                    close()
+                n = self.vectors.get(ids[i], 1)
+                if len(tokens) + n > self.room:
+                    close()
+                tokens += ids[i : i + n]
+                weights += [weight] * n
+                i += n
+        if tokens or not chunks:
+            close()
+        if len(chunks) > max_chunks:
+            dropped = [t for c in chunks[max_chunks:] for t in c[0]]
+            text = "".join(self.raw.id_to_token(t) for t in dropped).replace("</w>", " ").strip()
+            log.warning("the prompt is longer than %d tokens, the most this engine takes (ldm-export "
+                        "--max-prompt-tokens sets it); this part was cut off: %r", max_chunks * self.room, text)
+        return chunks[:max_chunks]
 
     def expanded(self, prompt: str) -> str:
         for word, tokens in self.expand:

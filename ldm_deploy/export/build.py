@@ -54,7 +54,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     src = load_model(model, config)
     info = model_info(src)
     multiple = size_multiple(src, config.backend)
-    dims = config.dims(src.unet.config.sample_size, multiple, info.vae_scale)
+    dims = config.dims(src.unet.config.sample_size, multiple, info.vae_scale, info.text_length - 2)
     specs = component_specs(info.facts)
     config, aoti_problem = settle_aoti(config)
     exporter = EXPORTERS[config.backend](src, config, dims, multiple)
@@ -354,7 +354,8 @@ class TorchExporter:
         # torch.export specialises sizes 0 and 1: trace with batch 2, cfg 2, latent sides at
         # the tuned size (a multiple of the required one).
         # A static engine's batch is 1, and its trace must be too.
-        self.trace_dims = {k: r.opt for k, r in dims.items()} | {"batch": min(2, dims["batch"].max), "cfg": 2}
+        self.trace_dims = {k: r.opt for k, r in dims.items()} | {"batch": min(2, dims["batch"].max), "cfg": 2,
+                                                                 "text_chunks": min(2, dims["text_chunks"].max)}
         self.modes = {}
         self.aoti_problem = None  # set by export_engine where AOTInductor failed its probe
         self.prepare_unet()
@@ -416,7 +417,7 @@ def model_info(src: SourceModel) -> ModelInfo:
             src.path,
         )
     facts = ModelFacts(src.unet.config.in_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,
-                       vae_scale(src), text_cfg.num_hidden_layers)
+                       vae_scale(src), text_cfg.num_hidden_layers, long_prompts=True)
     return ModelInfo(
         family=src.family,
         source=src.source,
@@ -433,6 +434,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         loras=tuple(src.loras),
         embeddings=tuple(src.embeddings),
         text_layers=facts.text_layers,
+        long_prompts=facts.long_prompts,
     )
 
 

@@ -24,6 +24,8 @@ ATTENTION = {"onnxruntime": ("sdpa", "ort"), "torch": ("sdpa", "triton"), "tenso
 # ONNX Runtime's CPU kernels only; TensorRT and Inductor choose their own convolution algorithms.
 DEFAULT_CONV = {"onnxruntime": "winograd", "torch": "direct", "tensorrt": "direct"}
 CONVS = {"onnxruntime": ("direct", "winograd"), "torch": ("direct",), "tensorrt": ("direct",)}
+# Tokens of prompt in one chunk of CLIP's 77: all but the start and end tokens.
+CHUNK_TOKENS = 75
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class ExportConfig:
     min_size / max_size: image side in pixels, a multiple of 8 (the VAE's factor).
     opt_size: the size tuned for; None means the model's native size (512 for SD 1.5).
     max_batch: the most images one call makes (the U-Net then runs 2 * max_batch with CFG).
+    max_prompt_tokens: the longest prompt taken whole, in tokens, rounded up to whole chunks of
+      75 (AUTOMATIC1111's: each chunk is encoded alone, the U-Net attends to them all); longer ones
+      are cut with a warning. 75 takes one chunk, as diffusers does.
 
     torch backend only (AOTInductor packages are compiled for one device):
     device: "cpu" or "cuda".
@@ -83,6 +88,7 @@ class ExportConfig:
     opt_size: int | None = None
     max_batch: int = 4
     opt_batch: int = 1
+    max_prompt_tokens: int = 300
     allow_pickle: bool = False
     model_config: str | None = None  # single-file checkpoints: a diffusers folder (or hub id) of configs
     prediction_type: str | None = None  # None: the model's own (its scheduler config, or inferred)
@@ -115,9 +121,11 @@ class ExportConfig:
             return self.precision
         return "fp16" if self.device == "cuda" or self.backend == "tensorrt" else "fp32"
 
-    def dims(self, native_latent: int, multiple: int = VAE_SCALE, vae_scale: int = VAE_SCALE) -> dict[str, DimRange]:
+    def dims(self, native_latent: int, multiple: int = VAE_SCALE, vae_scale: int = VAE_SCALE,
+             chunk_tokens: int = CHUNK_TOKENS) -> dict[str, DimRange]:
         """Dim ranges; image sides are kept to multiples of `multiple` px (the VAE's factor, or
-        more where an exporter must: see `size_multiple` in build.py)."""
+        more where an exporter must: see `size_multiple` in build.py); prompts to whole chunks of
+        `chunk_tokens` (the text encoder's length less its start and end tokens)."""
         lo = -(-self.min_size // multiple) * multiple
         hi = self.max_size // multiple * multiple
         if lo > hi:
@@ -133,6 +141,7 @@ class ExportConfig:
             "cfg": DimRange(1, 2, 2),
             "latent_height": side,
             "latent_width": side,
+            "text_chunks": DimRange(1, 1, -(-self.max_prompt_tokens // chunk_tokens)),
         }
         return static_dims(dims) if self.tensorrt.static_shapes else dims
 
@@ -185,5 +194,8 @@ def check_config(c: ExportConfig) -> None:
         raise UserError(f"--opt-size {c.opt_size} lies outside [{c.min_size}, {c.max_size}]")
     if c.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (images per call), got {c.max_batch}")
+    if c.max_prompt_tokens < CHUNK_TOKENS:
+        raise UserError(f"--max-prompt-tokens must be at least {CHUNK_TOKENS} (one chunk, diffusers' limit), "
+                        f"got {c.max_prompt_tokens}")
     if not 1 <= c.opt_batch <= c.max_batch:
         raise UserError(f"need 1 <= opt batch <= max batch, got {c.opt_batch} and {c.max_batch}")

@@ -45,7 +45,7 @@ OPT_LEVELS = range(6)  # TensorRT's builder optimization levels
 DEFAULT_TIMING_CACHE = "~/.cache/ldm-deploy/tensorrt"
 # Dims a static-shape engine pins to their tuned value. cfg keeps its range: guidance <= 1 runs
 # only the conditional half, and pinning cfg would refuse those requests (LCM / turbo models).
-STATIC_DIMS = ("batch", "latent_height", "latent_width")
+STATIC_DIMS = ("batch", "latent_height", "latent_width", "text_chunks")
 
 
 @dataclass(frozen=True)

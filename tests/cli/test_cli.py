@@ -173,6 +173,7 @@ def copy_engine(src, dst):
     ("truncated_unet", "truncated"),
     ("corrupted_unet", "corrupted"),
     ("incomplete_manifest", "incomplete or corrupted"),
+    ("no_text_chunks", "incomplete or corrupted (KeyError: 'dims.text_chunks')"),
 ])
 def test_run_damaged_engine(damage, message, engine_dirs, tmp_path, capsys):
     eng = copy_engine(engine_dirs["tiny-sd1"], tmp_path / "engine")
@@ -188,6 +189,10 @@ def test_run_damaged_engine(damage, message, engine_dirs, tmp_path, capsys):
     elif damage == "incomplete_manifest":
         d = json.loads(manifest.read_text())
         del d["model"]
+        manifest.write_text(json.dumps(d))
+    elif damage == "no_text_chunks":  # long prompts need the range of chunks
+        d = json.loads(manifest.read_text())
+        del d["dims"]["text_chunks"]
         manifest.write_text(json.dumps(d))
     elif damage == "missing_unet":
         (eng / "unet_step.onnx").unlink()
@@ -286,6 +291,7 @@ def test_export_force_replaces_only_engine_directories(model_dirs, tmp_path, cap
 @pytest.mark.parametrize("args,message", [
     (["--min-size", "100"], "multiple of 8"),
     (["--min-size", "512", "--max-size", "256"], "larger than --max-size"),
+    (["--max-prompt-tokens", "50"], "--max-prompt-tokens must be at least 75 (one chunk, diffusers' limit), got 50"),
     (["--backend", "vulkan"], "unknown backend"),
     (["--refit"], "apply to --backend tensorrt"),
     (["--backend", "tensorrt", "--opt-level", "9"], "lies in 0..5"),

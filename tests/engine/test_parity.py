@@ -158,7 +158,8 @@ def test_clip_skip_matches_diffusers(preset, guidance, reference, pipelines, tor
     assert np.abs(plain - ours).max() > 10 * TOL  # the skip changes the image
 
 
-def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_dirs, tmp_path, monkeypatch):
+def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_dirs, tmp_path, monkeypatch, caplog):
+    import logging
     from dataclasses import replace
 
     from ldm_deploy import Pipeline
@@ -175,15 +176,20 @@ def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_
                          (0.5, "clip_skip must be a whole number")]:
         with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
             pipe("x", clip_skip=bad, **kw)
-    # An engine exported before clip skip existed (no text_layers, a text encoder without the
-    # clip_skip input) draws what a new one draws without a skip, and says how to get one.
+    # An engine exported before clip skip and long prompts existed (no text_layers, a text encoder
+    # without the clip_skip input, a U-Net step of one chunk of text) draws what a new one draws
+    # without a skip, says how to get one, and cuts long prompts at 75 tokens, as it did.
     config = ExportConfig(min_size=64, max_size=64, img2img=False)
     new = build.export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "new", config)
     info = build.model_info
-    monkeypatch.setattr(build, "model_info", lambda src: replace(info(src), text_layers=0))
+    monkeypatch.setattr(build, "model_info", lambda src: replace(info(src), text_layers=0, long_prompts=False))
     old = build.export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "old", config)
     old_pipe = Pipeline.load(old)
     assert old_pipe.manifest.specs()["text_encoder"].inputs[-1].name == "input_ids"
+    assert old_pipe.manifest.specs()["unet_step"].tensor("text_embeddings").shape[2] == 77
+    with caplog.at_level(logging.WARNING):
+        old_pipe("cat " * 80, **kw)
+    assert "longer than 75 tokens" in caplog.text
     np.testing.assert_allclose(old_pipe("x", seed=3, output_type="np", **kw),
                                Pipeline.load(new)("x", seed=3, output_type="np", **kw), rtol=0, atol=1e-5)
     with pytest.raises(InvalidRequest, match=r"exported before clip skip\); re-export it with ldm-export --force"):

@@ -59,6 +59,13 @@ def test_backend_refuses_a_cpu_device_before_anything_else():
 
 def test_bound_shapes_give_the_dims():
     assert dims_of(UNET, unet_shapes()) == {"batch": 2, "cfg": 2, "latent_height": 16, "latent_width": 24}
+    long = component_specs(ModelFacts(4, 77, 32, long_prompts=True))["unet_step"]  # text of 77-token chunks
+    shapes = unet_shapes() | {"text_embeddings": (2, 2, 231, 32)}
+    assert dims_of(long, shapes)["text_chunks"] == 3
+    with pytest.raises(ValueError, match="axis 2 is 100, not a multiple of 77"):
+        dims_of(long, shapes | {"text_embeddings": (2, 2, 100, 32)})
+    with pytest.raises(InvalidRequest, match=r"text_chunks 5 is outside .*\[1, 4\]"):
+        check_profile("unet_step", {"text_chunks": 5}, DIMS)
     images = SPECS["vae_decoder"]
     assert dims_of(images, {"latents": (1, 4, 8, 9), "images": (1, 3, 64, 72)})["latent_width"] == 9
 

@@ -58,12 +58,15 @@ def test_manifest_of_a_torch_engine(torch_engine):
     assert set(m.files["unet_step"]) == {"unet_step.pt2"}
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_karras"])
-def test_torch_engine_matches_onnxruntime(torch_pipe, pipelines, sampler):
+@pytest.mark.parametrize("sampler, prompt", [
+    ("euler_a", "a cat on a mat"), ("dpmpp_2m_karras", "a cat on a mat"),
+    ("euler", "a cat on a mat by the fire in a house on a hill " * 9),  # 126 tokens: two chunks, 154 keys
+])
+def test_torch_engine_matches_onnxruntime(torch_pipe, pipelines, sampler, prompt):
     kw = dict(seed=3, steps=4, width=128, height=64, sampler=sampler, output_type="np", progress=False,
               num_images=2, negative_prompt="blurry")
-    ours = torch_pipe("a cat on a mat", **kw)
-    onnx = pipelines["tiny-sd1"]("a cat on a mat", **kw)
+    ours = torch_pipe(prompt, **kw)
+    onnx = pipelines["tiny-sd1"](prompt, **kw)
     np.testing.assert_allclose(ours, onnx, atol=1e-4, rtol=0)
 
 
@@ -162,8 +165,8 @@ def test_static_torch_engine(model_dirs, pipelines, tmp_path):
 
     config = small_config(tensorrt=TensorRTOptions(static_shapes=True))
     m = read_manifest(export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config))
-    assert m.dims == {"batch": DimRange(1, 1, 1), "cfg": DimRange(1, 2, 2),
-                      "latent_height": DimRange(8, 8, 8), "latent_width": DimRange(8, 8, 8)}
+    assert m.dims == {"batch": DimRange(1, 1, 1), "cfg": DimRange(1, 2, 2), "latent_height": DimRange(8, 8, 8),
+                      "latent_width": DimRange(8, 8, 8), "text_chunks": DimRange(1, 1, 1)}
     pipe = Pipeline.load(tmp_path / "e")
     kw = dict(seed=4, steps=3, width=64, height=64, sampler="euler", output_type="np", progress=False)
     for guidance in (7.5, 1.0):

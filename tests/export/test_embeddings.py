@@ -70,9 +70,12 @@ def test_engine_draws_what_diffusers_draws_after_load_textual_inversion(files, m
     plain = Pipeline.load(tmp_path / "plain")(prompt, **kw)
     assert np.abs(plain - got).max() > 10 * TOL  # the embeddings are what moved the image
     # All three vectors whatever the case the word is written in, as the tokenizer matches it.
-    ids = pipe.tokenizer(["EasyNeg", "easyneg"])
+    ids = pipe.tokenizer(["EasyNeg", "easyneg"])[0][:, 0]
     np.testing.assert_array_equal(ids[0], ids[1])
     assert list(ids[0][1:5]) == [49408, 49409, 49410, 49407]  # three new tokens, then the end
+    # A word's vectors stay together: where they would straddle two chunks, they start the next.
+    ids = pipe.tokenizer(["cat " * 73 + "easyneg"], max_chunks=2)[0][0]
+    assert ids[0, 74] == ids[0, 75] == 49407 and list(ids[1, 1:5]) == [49408, 49409, 49410, 49407]
     # PNGs name the embeddings a prompt used, with AUTOMATIC1111's hash (SHA-256, 12 digits)
     params = pipe("a <cat-toy>", negative_prompt="EasyNeg", steps=1, width=64, height=64,
                   progress=False)[0].info["parameters"]

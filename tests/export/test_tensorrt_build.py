@@ -33,8 +33,8 @@ from ldm_deploy.export.tensorrt_build import (
 )
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-SPECS = component_specs(ModelFacts(4, 77, 32))
-DIMS = TEST_CONFIG.dims(16)  # latent sides 8..64 (tuned 16), batch 1..2, cfg 1..2
+SPECS = component_specs(ModelFacts(4, 77, 32, long_prompts=True))
+DIMS = TEST_CONFIG.dims(16)  # latent sides 8..64 (tuned 16), batch 1..2, cfg 1..2, text chunks 1..4
 H100 = RuntimeFacts("10.8.0.43", "NVIDIA H100 80GB HBM3", "9.0")
 
 
@@ -42,15 +42,17 @@ def test_profiles_come_from_the_spec_and_the_engine_ranges():
     unet = plan_profile(SPECS["unet_step"], DIMS)
     assert set(unet) == {"latents", "text_embeddings", "state", "noise"}  # coeffs (9,) is fixed
     assert unet["latents"] == ((1, 4, 8, 8), (1, 4, 16, 16), (2, 4, 64, 64))
-    assert unet["text_embeddings"] == ((1, 1, 77, 32), (2, 1, 77, 32), (2, 2, 77, 32))
+    assert unet["text_embeddings"] == ((1, 1, 77, 32), (2, 1, 77, 32), (2, 2, 308, 32))  # 4 chunks of 77
+    text = plan_profile(SPECS["text_encoder"], DIMS)  # run once a chunk
+    assert text["input_ids"] == ((1, 1, 77), (2, 1, 77), (2, 2, 77))
     vae = plan_profile(SPECS["vae_encoder"], DIMS)
     assert vae["images"] == ((1, 3, 64, 64), (1, 3, 128, 128), (2, 3, 512, 512)) and "start_coeffs" not in vae
 
 
-def test_static_shapes_pin_size_and_batch_but_not_guidance():
+def test_static_shapes_pin_size_batch_and_prompt_chunks_but_not_guidance():
     pinned = static_dims(DIMS)
     assert pinned["latent_height"] == pinned["latent_width"] == DimRange(16, 16, 16)
-    assert pinned["batch"] == DimRange(1, 1, 1) and pinned["cfg"] == DIMS["cfg"]
+    assert pinned["batch"] == pinned["text_chunks"] == DimRange(1, 1, 1) and pinned["cfg"] == DIMS["cfg"]
     unet = plan_profile(SPECS["unet_step"], pinned)
     assert unet["latents"] == ((1, 4, 16, 16),) * 3  # min = opt = max
     assert unet["text_embeddings"] == ((1, 1, 77, 32), (2, 1, 77, 32), (2, 1, 77, 32))

@@ -75,7 +75,8 @@ def check_profile(component: str, dims: dict[str, int], ranges: dict[str, DimRan
             what = f"[{r.min}, {r.max}]" if r.min < r.max else f"only {r.min} (static shapes)"
             raise InvalidRequest(
                 f"{component}: {name} {value} is outside what this TensorRT engine was built for: {what}; "
-                "re-export with wider --min-size / --max-size / --max-batch (or without --static-shapes)"
+                "re-export with wider --min-size / --max-size / --max-batch / --max-prompt-tokens (or without "
+                "--static-shapes)"
             )
 
 
