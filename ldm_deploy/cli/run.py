@@ -44,11 +44,15 @@ def parser() -> argparse.ArgumentParser:
                    help="read AUTOMATIC1111's emphasis in prompts: (word) x1.1, [word] /1.1, (word:1.3) "
                         "(default on; off: brackets are plain text, as diffusers reads them)")
     p.add_argument("--hires-scale", type=float, default=None, metavar="X",
-                   help="AUTOMATIC1111's hires fix: draw at --width x --height, enlarge X times (Lanczos) and "
+                   help="AUTOMATIC1111's hires fix: draw at --width x --height, enlarge X times (--hires-upscaler) and "
                         "redraw (e.g. 2: 512 px -> 1024 px without the repeated subjects of drawing 1024 directly)")
     p.add_argument("--hires-steps", type=int, default=None,
                    help="steps the redraw runs, as AUTOMATIC1111 counts them (default, or 0: --steps)")
     p.add_argument("--hires-strength", type=float, default=None, help="denoising strength of the redraw (default 0.7)")
+    p.add_argument("--hires-upscaler", default=None, metavar="NAME",
+                   help="how the first pass is enlarged, as AUTOMATIC1111 names it: Lanczos (default: the image), "
+                        "or Latent, 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
+                        "'Latent (nearest)', 'Latent (nearest-exact)' (the latents; use --hires-strength 0.5 or more)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8)")
@@ -192,6 +196,7 @@ def main(argv=None) -> int:
             hires_scale=args.hires_scale,
             hires_steps=args.hires_steps,
             hires_strength=args.hires_strength,
+            hires_upscaler=args.hires_upscaler,
             progress=not args.quiet,
         )
         for image, path in zip(images, paths):

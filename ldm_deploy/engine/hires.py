@@ -8,7 +8,10 @@ exactly the hires steps (AUTOMATIC1111's count: see img2img_steps); that is, dif
 StableDiffusionImg2ImgPipeline on the resized image (the tests check exactly that). The second
 pass draws its noise afresh from the image's seed (AUTOMATIC1111 goes on with the first pass's
 random stream), so its images are not AUTOMATIC1111's bit for bit; no sampler here is anyway.
-AUTOMATIC1111's default upscaler, "Latent", resizes latents instead: not done here.
+AUTOMATIC1111's "Latent" upscalers (its default is "Latent") resize the first pass's latents
+instead, with torch's interpolate (latent_resize.py), and redraw them without decoding and
+encoding them: diffusers' img2img given those latents as its image. They need a strength of
+about 0.5 or more; below it the redraw stays blurred, as in AUTOMATIC1111.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
 from ldm_deploy.errors import InvalidRequest
 
-UPSCALER = "Lanczos"
+UPSCALER = "Lanczos"  # the default: an image upscaler, as diffusers' img2img of the resized image
+UPSCALERS = (UPSCALER, *LATENT_UPSCALERS)  # AUTOMATIC1111's names
 
 
 MAX_SCALE = 8  # AUTOMATIC1111's slider stops at 4; a bound keeps int(side * scale) finite
@@ -31,6 +36,12 @@ class Hires:
     scale: float  # AUTOMATIC1111's "Upscale by"
     steps: int  # the second pass's steps, run exactly; 0: as many as the first pass
     strength: float  # its denoising strength
+    upscaler: str = UPSCALER  # one of UPSCALERS
+
+    @property
+    def latent(self) -> bool:
+        """Whether the upscaler resizes latents (no VAE decode and encode between the passes)."""
+        return self.upscaler in LATENT_UPSCALERS
 
 
 def number(name: str, value, whole: bool = False) -> float:
@@ -70,9 +81,11 @@ def check(h: Hires, img2img: bool, width: int, height: int, manifest) -> tuple[i
         raise InvalidRequest(f"hires_steps must be 0 (as many as steps) or more, got {h.steps!r}")
     if not 0 < number("hires_strength", h.strength) <= 1:
         raise InvalidRequest(f"hires_strength must be in (0, 1], got {h.strength!r} (AUTOMATIC1111's default: 0.7)")
-    if "vae_encoder" not in manifest.files:
+    if h.upscaler not in UPSCALERS:
+        raise InvalidRequest(f"unknown hires upscaler {h.upscaler!r}; choose one of {', '.join(UPSCALERS)}")
+    if "vae_encoder" not in manifest.files and not h.latent:
         raise InvalidRequest("hires fix redraws through img2img, and this engine was exported without the VAE "
-                             "encoder (--no-img2img); re-export it without that flag")
+                             "encoder (--no-img2img); re-export it without that flag, or use a Latent upscaler")
     w, h2 = target_size(width, height, h.scale, manifest.size_multiple)
     s = manifest.model.vae_scale
     hi_w, hi_h = manifest.dims["latent_width"].max * s, manifest.dims["latent_height"].max * s
@@ -82,7 +95,13 @@ def check(h: Hires, img2img: bool, width: int, height: int, manifest) -> tuple[i
     return w, h2
 
 
+def upscaler_name(name: str) -> str:
+    """AUTOMATIC1111's spelling of an upscaler named in any letter case (the name unchanged if
+    it is none of them, for check to refuse)."""
+    return next((u for u in UPSCALERS if u.lower() == str(name).lower()), name)
+
+
 def fields(h: Hires) -> dict:
     """AUTOMATIC1111's infotext fields for a hires-fixed image (no steps: as the first pass's)."""
     return {"Denoising strength": h.strength, "Hires upscale": h.scale,
-            **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": UPSCALER}
+            **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": h.upscaler}

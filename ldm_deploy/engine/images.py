@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,31 @@ def to_uint8(a: np.ndarray, what: str) -> np.ndarray:
     return (np.clip(a, 0, top) / top * 255).round().astype(np.uint8)
 
 
-def as_init_image(init) -> Image.Image | None:
+@dataclass(frozen=True)
+class InitLatents:
+    """Latents given for the init image, as diffusers' img2img takes them: (1, C, h, w) float32,
+    encoded and scaled (what output_type="latent" gives); img2img noises them without the VAE
+    encoder. The hires fix's "Latent" upscalers pass theirs so."""
+
+    array: np.ndarray
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(w, h) of the latents."""
+        return self.array.shape[3], self.array.shape[2]
+
+
+def as_init_image(init) -> Image.Image | InitLatents | None:
     """The init image as 8-bit RGB from a path, a PIL image, or an (H, W, 3), (H, W, 4) or
-    (H, W) array (uint8, 16-bit, or floats in [0, 1] as diffusers' output_type="np" gives)."""
-    if init is None:
-        return None
+    (H, W) array (uint8, 16-bit, or floats in [0, 1] as diffusers' output_type="np" gives); or
+    InitLatents from a (1, C, h, w) float array."""
+    if init is None or isinstance(init, InitLatents):
+        return init
+    if isinstance(init, np.ndarray) and init.ndim == 4:
+        if init.shape[0] != 1 or not np.issubdtype(init.dtype, np.floating) or not np.isfinite(init).all():
+            raise InvalidRequest(f"init latents must be one finite (1, C, h, w) float array, as diffusers' "
+                                 f"output_type='latent' gives; got {init.dtype} of shape {init.shape}")
+        return InitLatents(init.astype(np.float32))
     if isinstance(init, (str, Path)):
         return open_image(init)
     if isinstance(init, Image.Image):
@@ -73,12 +94,15 @@ def as_init_image(init) -> Image.Image | None:
                      what="the init image array")
         return Image.fromarray(a).convert("RGB")
     what = f"an array of shape {init.shape}" if isinstance(init, np.ndarray) else type(init).__name__
-    raise InvalidRequest(f"init_image must be a path, a PIL image or an (H, W, 3) array; got {what}")
+    raise InvalidRequest(f"init_image must be a path, a PIL image, an (H, W, 3) array or (1, C, h, w) "
+                         f"latents; got {what}")
 
 
-def init_image_size(image: Image.Image, multiple: int = VAE_SCALE) -> tuple[int, int]:
+def init_image_size(image: Image.Image | InitLatents, multiple: int = VAE_SCALE) -> tuple[int, int]:
     """(width, height) diffusers uses when none is given: rounded down to a multiple of the
-    VAE's factor (8 for SD 1.x / 2.x)."""
+    VAE's factor (8 for SD 1.x / 2.x); for latents, theirs times that factor."""
+    if isinstance(image, InitLatents):
+        return tuple(v * multiple for v in image.size)
     return tuple(v - v % multiple for v in image.size)
 
 

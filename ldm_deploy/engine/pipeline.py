@@ -19,6 +19,7 @@ from PIL import Image
 from ldm_deploy import __version__
 from ldm_deploy.engine import backends, hires, images, noise
 from ldm_deploy.engine.backends import Run
+from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import Request, check_request
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, plan
@@ -89,6 +90,7 @@ class Pipeline:
         hires_scale: float | None = None,
         hires_steps: int | None = None,
         hires_strength: float | None = None,
+        hires_upscaler: str | None = None,
         latents: np.ndarray | None = None,
         generator=None,
         output_type: str = "pil",
@@ -111,7 +113,9 @@ class Pipeline:
         prompt_weighting: read AUTOMATIC1111's emphasis, "(word)", "[word]", "(word:1.3)", in the
         prompt and the negative prompt (off: brackets are plain text, as diffusers reads them).
         latents: the initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for
-        img2img: the noise added to the encoded image). generator: overrides `seed`; a
+        img2img: the noise added to the encoded image). init_image may also be latents, a
+        (1, C, H/8, W/8) float array as diffusers' img2img takes them (output_type="latent" gives
+        them): img2img then skips the VAE encoder. generator: overrides `seed`; a
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
@@ -176,18 +180,20 @@ class Pipeline:
         fix = None
         if hires_scale is not None:
             fix = hires.Hires(hires_scale, 0 if hires_steps is None else hires_steps,
-                              0.7 if hires_strength is None else hires_strength)
+                              0.7 if hires_strength is None else hires_strength,
+                              hires.upscaler_name(hires_upscaler or hires.UPSCALER))
             hires.check(fix, init is not None, req.width, req.height, self.manifest)
-        elif hires_steps is not None or hires_strength is not None:
-            raise InvalidRequest("hires_steps and hires_strength set the hires fix's second pass; "
+        elif hires_steps is not None or hires_strength is not None or hires_upscaler is not None:
+            raise InvalidRequest("hires_steps, hires_strength and hires_upscaler set the hires fix's second pass; "
                                  "give hires_scale too (e.g. 2), or leave them out")
         m = self.manifest.model
         shape = (n, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
         if latents is not None and tuple(latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
         gen = generator if generator is not None else noise.seeded(req.seeds)
-        out = np.concatenate([  # (B, H, W, 3), in chunks of the engine's largest batch
-            self.generate(sub_req, init, sub_latents, sub_gen, progress)
+        decode = fix is None or not fix.latent  # a Latent upscaler takes the first pass's latents
+        out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
+            self.generate(sub_req, init, sub_latents, sub_gen, progress, decode)
             for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
         ])
         if fix is not None:
@@ -200,24 +206,31 @@ class Pipeline:
         return pils
 
     def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool) -> np.ndarray:
-        """The second pass of each image: its 8-bit first pass, resized, redrawn as img2img with
-        its own seed (a generator given: the rest of its draws, as diffusers' img2img would make)."""
+        """The second pass of each image: its 8-bit first pass, resized (a Latent upscaler: its
+        latents, resized), redrawn as img2img with its own seed (a generator given: the rest of
+        its draws, as diffusers' img2img would make)."""
         w, h = hires.target_size(req.width, req.height, fix.scale, self.manifest.size_multiple)
         steps, strength = hires.img2img_steps(fix, req.steps)
+        if fix.latent:  # (B, C, h, w) -> one (1, C, H/8, W/8) each
+            s = self.manifest.model.vae_scale
+            mode, antialias = LATENT_UPSCALERS[fix.upscaler]
+            inits = [images.InitLatents(x[None]) for x in resize(first, h // s, w // s, mode, antialias)]
+        else:
+            inits = [image.resize((w, h), resample=Image.LANCZOS) for image in images.to_pil(first)]
         out = []
-        for i, image in enumerate(images.to_pil(first)):
+        for i, init in enumerate(inits):
             gen = generator[i] if isinstance(generator, (list, tuple)) else generator
             out.append(self(
                 req.prompts[i], negative_prompt=req.negative_prompts[i], steps=steps,
                 guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
-                init_image=image.resize((w, h), resample=Image.LANCZOS), strength=strength,
-                clip_skip=req.clip_skip, prompt_weighting=req.prompt_weighting, generator=gen,
-                output_type="np", progress=progress,
+                init_image=init, strength=strength, clip_skip=req.clip_skip,
+                prompt_weighting=req.prompt_weighting, generator=gen, output_type="np", progress=progress,
             ))
         return np.concatenate(out)
 
-    def generate(self, req: Request, init, latents, generator, progress: bool) -> np.ndarray:
-        """Run one request; returns (B, H, W, 3) float32 in [0, 1]."""
+    def generate(self, req: Request, init, latents, generator, progress: bool, decode: bool = True) -> np.ndarray:
+        """Run one request; returns (B, H, W, 3) float32 in [0, 1] (decode False: the final
+        latents, (B, C, H/8, W/8), as diffusers' output_type="latent")."""
         be, m = self.backend, self.manifest.model
         b = req.batch
         shape = (b, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
@@ -239,6 +252,8 @@ class Pipeline:
         else:
             step_noise = [be.upload(np.zeros(shape, np.float32))] * sp.steps
         x = self.denoise(x, emb, sp, step_noise, shape, req, progress)
+        if not decode:
+            return be.download(x)
 
         decoded = be.empty((b, 3, req.height, req.width))
         be.run(self.components["vae_decoder"], Run({"latents": x}, {"images": decoded}))
@@ -284,6 +299,11 @@ class Pipeline:
 
     def encode(self, init, req, sp, generator, latents, shape):
         """img2img start: the VAE-encoded image noised to the first executed step."""
+        be = self.backend
+        if isinstance(init, images.InitLatents):  # encoded already: noise them, as diffusers draws it
+            start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+            z = np.repeat(init.array, req.batch, axis=0)
+            return be.upload(np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start_noise)
         if "vae_encoder" not in self.manifest.files:
             raise InvalidRequest(
                 f"{self.engine_dir} was exported without the VAE encoder (--no-img2img); "
@@ -291,7 +311,6 @@ class Pipeline:
             )
         if "vae_encoder" not in self.components:
             self.components["vae_encoder"] = self.backend.load(self.engine_dir, self.manifest, "vae_encoder")
-        be = self.backend
         pixels = images.to_model_input(init, req.width, req.height)
         pixels = np.repeat(pixels, req.batch, axis=0)
         if isinstance(generator, (list, tuple)):  # one per image: each image samples its own
@@ -314,6 +333,15 @@ class Pipeline:
         resize it to: say so in its terms, not as a width the user never passed."""
         m, dims = self.manifest.model, self.manifest.dims
         w, h = images.init_image_size(init, m.vae_scale)
+        if isinstance(init, images.InitLatents):
+            if init.array.shape[1] != m.latent_channels:
+                raise InvalidRequest(f"init latents have {init.array.shape[1]} channels; this model's have "
+                                     f"{m.latent_channels}")
+            for name, given, value in (("width", width, w), ("height", height, h)):
+                if given is not None and given != value:
+                    raise InvalidRequest(f"init latents of {init.size[0]}x{init.size[1]} make {w}x{h} images, "
+                                         f"not {name} {given}: latents are not resized; leave width and height out")
+            return  # their size is the request's, checked against the engine's range with it
         for name, given, value, dim in (("width", width, w, "latent_width"),
                                         ("height", height, h, "latent_height")):
             lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale

@@ -53,6 +53,11 @@ def test_run_writes_png_with_parameters(engine_dirs, tmp_path, capsys):
                              "--height", "64", "--hires-scale", "2", "--hires-steps", "2", "--out", str(out), "-q"])
     assert code == 0, err
     assert Image.open(out).size == (128, 128) and "Hires upscale: 2.0, Hires steps: 2" in Image.open(out).info["parameters"]
+    code, err = run(capsys, ["a lighthouse", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "2", "--width", "64",
+                             "--height", "64", "--hires-scale", "2", "--hires-upscaler", "latent (bicubic)",
+                             "--out", str(out), "-q"])
+    assert code == 0, err
+    assert "Hires upscaler: Latent (bicubic)," in Image.open(out).info["parameters"]
 
 
 def test_run_several_images_get_numbered_files_and_seeds(engine_dirs, tmp_path, capsys):
@@ -94,6 +99,7 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--num-images", "0"], "--num-images must be at least 1"),
     (["--clip-skip", "0"], "--clip-skip counts from 1 (the last layer: no skip), got 0"),
     (["--hires-scale", "1"], "hires_scale must be above 1 and at most 8"),
+    (["--hires-scale", "2", "--hires-upscaler", "ESRGAN_4x"], "unknown hires upscaler 'ESRGAN_4x'; choose one of"),
     (["--clip-skip", "3"], "--clip-skip 3: this model's text encoder has 2 layers; pass 1 (the last) to 2"),
     (["--width", "0"], "width 0 is outside this engine's range"),
     (["--guidance", "inf"], "guidance must be a finite number"),

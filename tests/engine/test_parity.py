@@ -231,6 +231,55 @@ def test_hires_fix_is_txt2img_then_img2img_of_the_enlarged_image(sampler, refere
             in image.info["parameters"] and "Size: 64x64" in image.info["parameters"]
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Latent (nearest-exact)"])
+def test_hires_fix_with_a_latent_upscaler_redraws_the_resized_latents(upscaler, reference, pipelines, model_dirs,
+                                                                      tmp_path):
+    """AUTOMATIC1111's "Latent" upscalers: diffusers' txt2img latents, resized by torch's
+    interpolate, then diffusers' img2img given those latents as its image (no VAE round trip),
+    running exactly the hires steps: the last 3 of int(3 / 0.7) = 4."""
+    from ldm_deploy import Pipeline
+    from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
+    from ldm_deploy.export.build import export_engine
+    from ldm_deploy.export.config import ExportConfig
+
+    mode, antialias = LATENT_UPSCALERS[upscaler]
+    kw = dict(seed=31, steps=3, width=96, height=64, sampler="euler", hires_scale=2, hires_steps=3,
+              hires_upscaler=upscaler.upper(), output_type="np", progress=False)  # any letter case
+    ours = pipelines["tiny-sd1"]("a lighthouse", **kw)
+    first = with_scheduler(reference["tiny-sd1"], 0, "euler")(
+        "a lighthouse", num_inference_steps=3, guidance_scale=7.5, height=64, width=96,
+        generator=torch.Generator().manual_seed(31), output_type="latent").images
+    resized = torch.nn.functional.interpolate(first, size=(16, 24), mode=mode, antialias=antialias)
+    want = with_scheduler(reference["tiny-sd1"], 1, "euler")(
+        "a lighthouse", image=resized, strength=3.5 / 4, num_inference_steps=4, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(31), output_type="np").images
+    assert_not_saturated(want)
+    np.testing.assert_allclose(ours, want, rtol=0, atol=TOL)
+    image = pipelines["tiny-sd1"]("a lighthouse", **(kw | {"output_type": "pil"}))[0]
+    assert f"Hires upscale: 2, Hires steps: 3, Hires upscaler: {upscaler}," in image.info["parameters"]
+    # No VAE encoder needed: an engine exported without it (--no-img2img) draws the same.
+    if upscaler == "Latent":
+        txt2img = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e",
+                                ExportConfig(min_size=64, max_size=192, img2img=False))
+        np.testing.assert_allclose(Pipeline.load(txt2img)("a lighthouse", **kw), ours, rtol=0, atol=1e-5)
+
+
+def test_init_latents_are_checked(pipelines):
+    from ldm_deploy.errors import InvalidRequest
+
+    pipe = pipelines["tiny-sd1"]
+    latents = np.zeros((1, 4, 8, 8), np.float32)
+    assert pipe("x", init_image=latents, steps=2, progress=False)[0].size == (64, 64)  # their size
+    for init, kw, message in [
+        (latents, dict(width=128), "init latents of 8x8 make 64x64 images, not width 128: latents are not resized"),
+        (np.zeros((1, 3, 8, 8), np.float32), {}, "init latents have 3 channels; this model's have 4"),
+        (np.zeros((2, 4, 8, 8), np.float32), {}, "init latents must be one finite (1, C, h, w) float array"),
+        (latents.astype(np.int64), {}, "init latents must be one finite (1, C, h, w) float array"),
+    ]:
+        with pytest.raises(InvalidRequest, match=re.escape(message)):
+            pipe("x", init_image=init, steps=2, progress=False, **kw)
+
+
 def test_hires_fix_refuses_what_it_cannot_do(pipelines, init_image):
     from ldm_deploy.errors import InvalidRequest
 
@@ -245,7 +294,11 @@ def test_hires_fix_refuses_what_it_cannot_do(pipelines, init_image):
         (dict(hires_scale=2.0, hires_steps=1.5), "hires_steps must be a whole number, got 1.5"),
         (dict(hires_scale=2.0, hires_strength=0.0), "hires_strength must be in (0, 1]"),
         (dict(hires_scale=2.0, hires_strength="0.5"), "hires_strength must be a number, got '0.5'"),
-        (dict(hires_strength=0.5), "hires_steps and hires_strength set the hires fix's second pass; give hires_scale"),
+        (dict(hires_strength=0.5), "hires_steps, hires_strength and hires_upscaler set the hires fix's second pass; "
+                                   "give hires_scale"),
+        (dict(hires_upscaler="Latent"), "give hires_scale too"),
+        (dict(hires_scale=2.0, hires_upscaler="ESRGAN"), "unknown hires upscaler 'ESRGAN'; choose one of Lanczos, "
+                                                          "Latent, Latent (antialiased)"),
         (dict(prompt_weighting="false"), "prompt_weighting must be True or False, got 'false'"),
         (dict(hires_scale=2.0, init_image=init_image), "hires fix enlarges a txt2img result"),
     ]:
