@@ -4,12 +4,17 @@
 bundled shapes model) exports the model's ONNX Runtime engine once, into
 
     $LDM_DEPLOY_CACHE, else $XDG_CACHE_HOME/ldm-deploy, else ~/.cache/ldm-deploy
-        engines/<model folder or file name, or "shapes">-<key>/
+        engines/<model folder or file name, or "shapes">-<identity>/
 
-and later runs load it. The key hashes the package version, the export settings (a replacement
-VAE and LoRAs among them, by absolute path and weight) and every file of the model folder (or the
-checkpoint file), the VAE and the LoRAs by (path, size, modification time), so a changed model or
-a new release exports afresh; nothing is ever half-written (the export stages and renames, see engine_dir).
+and later runs load it. One folder per model and export settings (identity: the model's absolute
+path and the settings, a replacement VAE and LoRAs among them by absolute path and weight). Its
+`cache-key` file holds what the engine was exported from: the package version and every file of
+the model folder (or the checkpoint file), the VAE and the LoRAs by (path, size, modification
+time). When that changes (a new release, a changed model), the engine is exported again in its
+place, so a model never holds more than one engine per settings (an SD 1.5 engine is about 4 GB).
+Nothing is ever half-written (the export stages and renames, see engine_dir). Folders of
+releases before this layout (named by the key, no `cache-key` file) are removed when their
+model's engine is next exported.
 """
 
 from __future__ import annotations
@@ -38,6 +43,14 @@ def cache_dir() -> Path:
         return Path(os.environ["LDM_DEPLOY_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ldm-deploy"
+
+
+KEY_FILE = "cache-key"
+
+
+def identity(model: Path, settings: dict) -> str:
+    """16 hex digits over the model's path and the settings: which engine folder is the model's."""
+    return hashlib.sha256(f"{model}\n{sorted(settings.items())}\n".encode()).hexdigest()[:16]
 
 
 def model_key(model: Path, settings: dict, extra: tuple[Path, ...] = ()) -> str:
@@ -98,23 +111,61 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
         raise UserError(f"--model {model}: not a diffusers folder (it has no model_index.json)")
     stem = model.stem if model.is_file() else model.name
     keyed = {k: v for k, v in settings.items() if k != "allow_pickle"}  # consent, not a setting of the engine
-    out = cache_dir() / "engines" / f"{name or stem}-{model_key(model, keyed, extra)}"
+    out = cache_dir() / "engines" / f"{name or stem}-{identity(model, keyed)}"
+    key = model_key(model, keyed, extra)
     if out.is_dir():
-        try:
-            from ldm_deploy.engine.manifest import read_manifest, verify_files
-
-            # Sizes only: the pipeline checks every file's SHA-256 when it loads the engine.
-            verify_files(out, read_manifest(out), hashes=False)
-            return out
-        except EngineError as e:
-            log.warning("the cached engine %s is damaged (%s); exporting it again", out, e)
+        if read_key(out) == key:
             try:
-                shutil.rmtree(out)  # ours, and no longer an engine
-            except OSError as err:
-                raise UserError(f"cannot remove the damaged cached engine {out} ({err.strerror}); "
-                                "delete it by hand, or point LDM_DEPLOY_CACHE elsewhere") from None
+                from ldm_deploy.engine.manifest import read_manifest, verify_files
+
+                # Sizes only: the pipeline checks every file's SHA-256 when it loads the engine.
+                verify_files(out, read_manifest(out), hashes=False)
+                return out
+            except EngineError as e:
+                log.warning("the cached engine %s is damaged (%s); exporting it again", out, e)
+        else:
+            log.warning("the cached engine %s was exported by another ldm-deploy release or from files of %s "
+                        "that have changed since; exporting it again in its place", out, model)
+        remove(out, "stale")
     export(model, out, settings)
+    (out / KEY_FILE).write_text(key + "\n")
+    remove_legacy(out.parent, model, keep=out)
     return out
+
+
+def read_key(folder: Path) -> str | None:
+    try:
+        return (folder / KEY_FILE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def remove(folder: Path, what: str) -> None:
+    """Remove a cached engine of ours, or say how to."""
+    try:
+        shutil.rmtree(folder)
+    except OSError as err:
+        raise UserError(f"cannot remove the {what} cached engine {folder} ({err.strerror}); "
+                        "delete it by hand, or point LDM_DEPLOY_CACHE elsewhere") from None
+
+
+def remove_legacy(engines: Path, model: Path, keep: Path) -> None:
+    """Remove the engines of `model` that releases before the cache-key layout left in the
+    cache (folders named by the key, which this release never reads), saying what was freed."""
+    from ldm_deploy.engine.manifest import read_manifest
+
+    for folder in engines.iterdir():
+        if folder == keep or folder.name.startswith(".") or not folder.is_dir() or (folder / KEY_FILE).exists():
+            continue
+        try:
+            source = Path(read_manifest(folder).model.source)
+        except EngineError:
+            continue
+        if source.is_absolute() and source.resolve() == model.resolve():
+            freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, the cached engine of %s that an earlier ldm-deploy exported (%.1f GB)",
+                     folder, model, freed / 1e9)
 
 
 def export(model: Path, out: Path, settings: dict) -> None:

@@ -103,3 +103,31 @@ def test_model_flag_exports_once_and_repairs_a_damaged_engine(model_dirs, monkey
     assert run.main(["a cat", "--model", str(model_dirs["tiny-sd1"]), "--steps", "2", "--width", "256",
                      "--height", "256", "-q", "--out", str(out)]) == 0
     assert out.is_file()
+
+
+def test_a_model_keeps_one_engine_per_settings(model_dirs, monkeypatch, tmp_path, caplog):
+    """A new release (or changed model files) exports the engine again in the same folder; other
+    settings get their own; folders an earlier release named by its key go once their model's
+    engine is exported again, other models' stay."""
+    import logging
+
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO)
+    settings = dict(min_size=64, max_size=128, img2img=False)
+    engine = cache.engine_for(model_dirs["tiny-sd1"], settings)
+    engines = engine.parent
+    # Folders as releases before the cache-key layout left them: this model's, and another's.
+    legacy = shutil.copytree(engine, engines / "tiny-sd1-0123456789abcdef")
+    (legacy / cache.KEY_FILE).unlink()
+    other = cache.engine_for(model_dirs["tiny-sd2"], settings)
+    other_legacy = shutil.copytree(other, engines / "tiny-sd2-0123456789abcdef")
+    (other_legacy / cache.KEY_FILE).unlink()
+    stamp = os.stat(engine / "manifest.json").st_mtime_ns
+    monkeypatch.setattr(cache, "REVISION", cache.REVISION + 1)  # a new release
+    assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
+    assert os.stat(engine / "manifest.json").st_mtime_ns != stamp
+    assert "was exported by another ldm-deploy release" in caplog.text
+    assert f"removed {legacy}, the cached engine of" in caplog.text
+    assert sorted(p.name for p in engines.iterdir()) == sorted([engine.name, other.name, other_legacy.name])
+    wider = cache.engine_for(model_dirs["tiny-sd1"], settings | {"max_size": 192})
+    assert wider != engine and engine.is_dir()
