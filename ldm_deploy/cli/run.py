@@ -41,8 +41,9 @@ def parser() -> argparse.ArgumentParser:
                         "\"Clip skip\" counts (default 1: the last layer; 2, the penultimate, for models "
                         "trained so, e.g. NovelAI-based anime models)")
     p.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction, default=True,
-                   help="read AUTOMATIC1111's emphasis in prompts: (word) x1.1, [word] /1.1, (word:1.3) "
-                        "(default on; off: brackets are plain text, as diffusers reads them)")
+                   help="read AUTOMATIC1111's prompt syntax: emphasis (word) x1.1, [word] /1.1, (word:1.3), BREAK, "
+                        "and prompt editing [from:to:when], [a|b] (default on; off: brackets are plain text, as "
+                        "diffusers reads them)")
     p.add_argument("--hires-scale", type=float, default=None, metavar="X",
                    help="AUTOMATIC1111's hires fix: draw at --width x --height, enlarge X times (--hires-upscaler) and "
                         "redraw (e.g. 2: 512 px -> 1024 px without the repeated subjects of drawing 1024 directly)")

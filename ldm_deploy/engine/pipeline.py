@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_deploy import __version__
-from ldm_deploy.engine import backends, hires, images, noise
+from ldm_deploy.engine import backends, hires, images, noise, prompt_schedule
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
@@ -110,8 +110,9 @@ class Pipeline:
         hires_steps steps (default, or 0: steps). `latents` are the first pass's.
         Prompts longer than 75 tokens are encoded in chunks of 75, as AUTOMATIC1111 does
         (tokenizer.py), up to the engine's `ldm-export --max-prompt-tokens`.
-        prompt_weighting: read AUTOMATIC1111's emphasis, "(word)", "[word]", "(word:1.3)", in the
-        prompt and the negative prompt (off: brackets are plain text, as diffusers reads them).
+        prompt_weighting: read AUTOMATIC1111's emphasis, "(word)", "[word]", "(word:1.3)", BREAK,
+        and prompt editing, "[from:to:when]", "[a|b]" (prompt_schedule.py), in the prompt and the
+        negative prompt (off: brackets are plain text, as diffusers reads them).
         latents: the initial unit-variance noise (B, C, H/8, W/8), as diffusers' `latents` (for
         img2img: the noise added to the encoded image). init_image may also be latents, a
         (1, C, H/8, W/8) float array as diffusers' img2img takes them (output_type="latent" gives
@@ -238,9 +239,13 @@ class Pipeline:
         # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
         k = len(texts) // b
-        emb = self.encode_text(texts, k, req)
-
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)
+        # Each U-Net step's texts (prompt editing changes them), each distinct set encoded once.
+        per_step = step_texts(texts, req, sp.steps)
+        distinct = list(dict.fromkeys(per_step))
+        emb = dict(zip(distinct, self.encode_text(distinct, k, req)))
+        step_emb = [emb[t] for t in per_step]
+
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
         if init is not None:
             x = self.encode(init, req, sp, generator, latents, shape)
@@ -251,7 +256,7 @@ class Pipeline:
             step_noise = [be.upload(noise.draw(generator, shape)) for _ in range(sp.steps)]
         else:
             step_noise = [be.upload(np.zeros(shape, np.float32))] * sp.steps
-        x = self.denoise(x, emb, sp, step_noise, shape, req, progress)
+        x = self.denoise(x, step_emb, sp, step_noise, shape, req, progress)
         if not decode:
             return be.download(x)
 
@@ -259,36 +264,44 @@ class Pipeline:
         be.run(self.components["vae_decoder"], Run({"latents": x}, {"images": decoded}))
         return be.download(decoded).transpose(0, 2, 3, 1)
 
-    def encode_text(self, texts: list[str], k: int, req: Request):
-        """(K*B,) texts -> (K, B, n * 77, D) embeddings, the text encoder run once a chunk."""
+    def encode_text(self, sets: list[tuple[str, ...]], k: int, req: Request) -> list:
+        """Sets of (K*B,) texts -> a (K, B, n * 77, D) embedding each, the text encoder run once a
+        chunk; n is the same for all (shorter texts get chunks of "", tokenizer.py)."""
         be, m = self.backend, self.manifest.model
-        ids, weights = self.tokenizer(texts, req.prompt_weighting, self.manifest.max_text_chunks)  # (K*B, n, 77)
+        flat = [t for texts in sets for t in texts]
+        ids, weights = self.tokenizer(flat, req.prompt_weighting, self.manifest.max_text_chunks)  # (S*K*B, n, 77)
         if not m.text_layers and np.any(weights != 1):  # engines from before clip skip and emphasis
             raise InvalidRequest("this engine's text encoder cannot weigh tokens (it was exported before prompt "
                                  "emphasis); re-export it with ldm-export --force, or turn prompt weighting off")
-        shape = (k, len(texts) // k, m.text_length)
-        chunks = []
-        for i in range(ids.shape[1]):
-            inputs = {"input_ids": be.upload(np.ascontiguousarray(ids[:, i]).reshape(shape))}
-            if m.text_layers:
-                inputs["clip_skip"] = be.upload(np.array([req.clip_skip], np.int64))
-                inputs["token_weights"] = be.upload(np.ascontiguousarray(weights[:, i]).reshape(shape))
-            chunks.append(be.empty((*shape, m.text_width)))
-            be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": chunks[-1]}))
-        if len(chunks) == 1:
-            return chunks[0]
-        # A few hundred KB, once a call: through the host, so backends need no concatenation.
-        return be.upload(np.concatenate([be.download(c) for c in chunks], axis=2))
+        e = len(sets[0])
+        shape = (k, e // k, m.text_length)
+        out = []
+        for first in range(0, len(flat), e):
+            rows = slice(first, first + e)
+            chunks = []
+            for i in range(ids.shape[1]):
+                inputs = {"input_ids": be.upload(np.ascontiguousarray(ids[rows, i]).reshape(shape))}
+                if m.text_layers:
+                    inputs["clip_skip"] = be.upload(np.array([req.clip_skip], np.int64))
+                    inputs["token_weights"] = be.upload(np.ascontiguousarray(weights[rows, i]).reshape(shape))
+                chunks.append(be.empty((*shape, m.text_width)))
+                be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": chunks[-1]}))
+            # Several chunks: a few hundred KB, once a call, through the host, so that backends
+            # need no concatenation.
+            out.append(chunks[0] if len(chunks) == 1 else
+                       be.upload(np.concatenate([be.download(c) for c in chunks], axis=2)))
+        return out
 
-    def denoise(self, x, emb, sp, step_noise, shape, req, progress):
-        """The N-step loop: ping-pong latents and state between two buffer pairs."""
+    def denoise(self, x, step_emb, sp, step_noise, shape, req, progress):
+        """The N-step loop: ping-pong latents and state between two buffer pairs; step_emb:
+        each step's text embeddings (one buffer for all, but where the prompt is edited)."""
         be = self.backend
         state, x_next, state_next = be.upload(np.zeros(shape, np.float32)), be.empty(shape), be.empty(shape)
         rows = [be.upload(r) for r in sp.rows]
         runs = []
         for i in range(sp.steps):
             runs.append(Run(
-                {"latents": x, "text_embeddings": emb, "coeffs": rows[i], "state": state, "noise": step_noise[i]},
+                {"latents": x, "text_embeddings": step_emb[i], "coeffs": rows[i], "state": state, "noise": step_noise[i]},
                 {"latents_out": x_next, "state_out": state_next},
             ))
             x, x_next, state, state_next = x_next, x, state_next, state
@@ -397,6 +410,16 @@ def model_name(source: str) -> str:
         return path.stem  # a single-file checkpoint: its file name, as AUTOMATIC1111 shows it
     generic = path.is_absolute() and path.name in ("model", "diffusers") and path.parent.name
     return path.parent.name if generic else path.name
+
+
+def step_texts(texts: list[str], req: Request, steps: int) -> list[tuple[str, ...]]:
+    """Each of `steps` U-Net steps' texts: with prompt_weighting, AUTOMATIC1111's prompt editing
+    ([from:to:when], [a|b]; prompt_schedule.py) over the request's steps, its step counted as
+    AUTOMATIC1111's denoiser counts its calls (Heun's second evaluation is a step too)."""
+    if not req.prompt_weighting:
+        return [tuple(texts)] * steps
+    schedules = [prompt_schedule.schedule(t, req.steps) for t in texts]
+    return [tuple(prompt_schedule.text_at(s, i) for s in schedules) for i in range(steps)]
 
 
 def random_seed() -> int:

@@ -118,7 +118,7 @@ def test_init_image_values(pixels, expected):
     (dict(seed=-3), "seed must be 0 or more"),
     (dict(width=64.5), "width must be a whole number"),
     (dict(num_images=0), "num_images must be a whole number of at least 1"),
-    (dict(init_image=[1, 2, 3]), "init_image must be a path, a PIL image or an (H, W, 3) array; got list"),
+    (dict(init_image=[1, 2, 3]), "init_image must be a path, a PIL image, an (H, W, 3) array or (1, C, h, w) latents; got list"),
     (dict(guidance=float("inf")), "guidance must be a finite number"),
     (dict(width=float("inf")), "width must be a whole number"),
     (dict(init_image=np.full((64, 64, 3), -1)), "negative pixel values"),

@@ -1,0 +1,122 @@
+"""AUTOMATIC1111's prompt editing: the schedules against the examples AUTOMATIC1111 documents for
+its own parser, and the image against diffusers' pipeline given each step's embeddings (swapped
+by its step-end callback)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+from conftest import assert_not_saturated
+from ldm_deploy.engine.prompt_schedule import schedule, text_at
+
+TOL = 2e-3
+
+
+@pytest.mark.parametrize("prompt, pairs", [
+    # The docstring of AUTOMATIC1111's get_learned_conditioning_prompt_schedules, 10 steps. (Its
+    # "a [{b|d{:.5] c", which it marks as not handled, is left out.)
+    ("test", [(10, "test")]),
+    ("a [b:3]", [(3, "a "), (10, "a b")]),
+    ("a [b: 3]", [(3, "a "), (10, "a b")]),
+    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+    ("a [unbalanced", [(10, "a [unbalanced")]),
+    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+    ("[a|(b:1.1)]", [(i, "a" if i % 2 else "(b:1.1)") for i in range(1, 11)]),
+    # and ours: a "|" outside an alternation fails AUTOMATIC1111's grammar, so all is text;
+    # brackets nested past any sense are text too; a when past the end is the end.
+    ("a | b [c:d:3]", [(10, "a | b [c:d:3]")]),
+    ("(" * 80 + "[a:b:3]", [(10, "(" * 80 + "[a:b:3]")]),
+    ("[a:b:30] c", [(10, "a c")]),
+    ("x [a:b:1e0]", [(1, "x a"), (10, "x b")]),
+])
+def test_schedule_matches_automatic1111s_examples(prompt, pairs):
+    assert schedule(prompt, 10) == pairs
+
+
+def test_automatic1111s_header_example_at_100_steps():
+    prompt = ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+              "[ in background:0.25] [shoddy:masterful:0.5]")
+    assert schedule(prompt, 100) == [
+        (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+        (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+        (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+        (75, "fantasy landscape with a lake and an oak in background masterful"),
+        (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
+    ]
+
+
+def test_steps_count_from_zero_as_automatic1111s_denoiser_does():
+    pairs = schedule("a [red:blue:2] house", 4)
+    assert [text_at(pairs, i) for i in range(5)] == ["a red house"] * 3 + ["a blue house"] * 2
+    pairs = schedule("[red|blue]", 4)
+    assert [text_at(pairs, i) for i in range(4)] == ["red", "red", "blue", "red"]
+
+
+def embeddings(pipe, text):
+    ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+A, B = "a red lighthouse", "a photo of a cat on the moon, highly detailed"
+
+
+@pytest.mark.parametrize("prompt, texts", [
+    (f"[{A}:{B}:1]", [A, A, B, B, B]),  # steps 0 and 1, then the rest
+    (f"[{A}:{B}:0.5]", [A, A, A, B, B]),  # int(0.5 * 5) = 2
+    (f"[{A}|{B}]", [A, A, B, A, B]),
+])
+def test_edited_prompt_matches_diffusers_given_each_steps_embeddings(prompt, texts, model_dirs, pipelines):
+    ref = StableDiffusionPipeline.from_pretrained(model_dirs["tiny-sd1"], safety_checker=None,
+                                                  requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    negative = embeddings(ref, "blurry")
+
+    def swap(pipe, i, t, kwargs):  # after step i: step i + 1's [uncond, cond]
+        nxt = texts[min(i + 1, len(texts) - 1)]
+        return {"prompt_embeds": torch.cat([negative, embeddings(ref, nxt)])}
+
+    latents = torch.randn((1, 4, 12, 16), generator=torch.Generator().manual_seed(4))
+    want = ref(prompt_embeds=embeddings(ref, texts[0]), negative_prompt_embeds=negative, num_inference_steps=5,
+               guidance_scale=7.5, height=96, width=128, latents=latents.clone(), output_type="np",
+               callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+    kw = dict(negative_prompt="blurry", steps=5, sampler="euler", width=128, height=96, latents=latents.numpy(),
+              output_type="np", progress=False)
+    got = pipelines["tiny-sd1"](prompt, prompt_weighting=True, **kw)
+    assert_not_saturated(want)
+    # Tighter than the other parity tests (seen: 2.4e-6), so that an edit of the last few steps,
+    # which moves this tiny model's image by ~3e-3, cannot pass unseen.
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL / 20)
+    for text in (A, B):  # either text all through gives another image
+        assert np.abs(pipelines["tiny-sd1"](text, **kw) - got).max() > TOL / 2
+    # Prompt weighting off (the API's default, as diffusers): the brackets are text, nothing is edited.
+    plain = pipelines["tiny-sd1"](prompt, **kw)
+    np.testing.assert_array_equal(plain, pipelines["tiny-sd1"](prompt.replace("[", "\\[").replace("]", "\\]"),
+                                                                prompt_weighting=True, **kw))
+
+
+def test_edits_of_different_lengths_share_one_chunk_count(pipelines):
+    """Texts of one, then two chunks: every step's embeddings get two (the short one padded with
+    a chunk of ""), so the loop keeps one shape; as the one-chunk prompt padded so alone."""
+    from ldm_deploy.engine import pipeline
+    from ldm_deploy.engine.request import Request
+
+    long = "a dog on the moon " * 20
+    req = Request(prompts=(f"[a cat:{long}:1]",), negative_prompts=("",), seeds=(1,), steps=3, guidance=7.5,
+                  sampler="euler", width=64, height=64, strength=1.0, prompt_weighting=True)
+    per_step = pipeline.step_texts(["", req.prompts[0]], req, 3)
+    assert per_step == [("", "a cat"), ("", "a cat"), ("", long)]
+    pipe = pipelines["tiny-sd1"]
+    embs = pipe.encode_text(list(dict.fromkeys(per_step)), 2, req)
+    assert [pipe.backend.download(e).shape for e in embs] == [(2, 1, 154, 32)] * 2
+    alone = pipe.encode_text([("", "a cat")], 2, req)[0]
+    np.testing.assert_array_equal(pipe.backend.download(embs[0])[:, :, :77], pipe.backend.download(alone))
+    assert pipe(req.prompts[0], prompt_weighting=True, steps=3, width=64, height=64, progress=False)
