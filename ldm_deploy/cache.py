@@ -6,22 +6,25 @@ bundled shapes model) exports the model's ONNX Runtime engine once, into
     $LDM_DEPLOY_CACHE, else $XDG_CACHE_HOME/ldm-deploy, else ~/.cache/ldm-deploy
         engines/<model folder or file name, or "shapes">-<identity>/
 
-and later runs load it. One folder per model and export settings (identity: the model's absolute
-path and the settings, a replacement VAE and LoRAs among them by absolute path and weight). Its
-`cache-key` file holds what the engine was exported from: the package version and every file of
-the model folder (or the checkpoint file), the VAE and the LoRAs by (path, size, modification
-time). When that changes (a new release, a changed model), the engine is exported again in its
-place, so a model never holds more than one engine per settings (an SD 1.5 engine is about 4 GB).
-Nothing is ever half-written (the export stages and renames, see engine_dir). Folders of
-releases before this layout (named by the key, no `cache-key` file) are removed when their
-model's engine is next exported.
+and later runs load it. One folder per release, model and export settings (identity: the package
+version and REVISION, the model's absolute path and the settings, a replacement VAE and LoRAs
+among them by absolute path and weight), so that two installed releases never replace each
+other's engines. Its RECORD file says what the engine was exported from, with the files of the
+model folder (or the checkpoint file), the VAE and the LoRAs by (path, size, modification time):
+when they change, the engine is exported again in its place. Once a release has exported a
+model's engine, the engines that older releases made of the same model and settings are removed
+(an SD 1.5 engine is about 4 GB), as are the folders of releases before RECORD existed (named by
+their key). Nothing is ever half-written: the export stages and renames (see engine_dir), the
+record inside.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -45,12 +48,13 @@ def cache_dir() -> Path:
     return Path(base) / "ldm-deploy"
 
 
-KEY_FILE = "cache-key"
+RECORD = "ldm-deploy-cache.json"
 
 
 def identity(model: Path, settings: dict) -> str:
-    """16 hex digits over the model's path and the settings: which engine folder is the model's."""
-    return hashlib.sha256(f"{model}\n{sorted(settings.items())}\n".encode()).hexdigest()[:16]
+    """16 hex digits over the release, the model's path and the settings: the engine's folder."""
+    text = f"{__version__}.{REVISION}\n{model}\n{sorted(settings.items())}\n"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def model_key(model: Path, settings: dict, extra: tuple[Path, ...] = ()) -> str:
@@ -112,32 +116,33 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
     stem = model.stem if model.is_file() else model.name
     keyed = {k: v for k, v in settings.items() if k != "allow_pickle"}  # consent, not a setting of the engine
     out = cache_dir() / "engines" / f"{name or stem}-{identity(model, keyed)}"
-    key = model_key(model, keyed, extra)
+    record = {"version": __version__, "revision": REVISION, "model": str(model),
+              "settings": repr(sorted(keyed.items())), "files": model_key(model, keyed, extra)}
     if out.is_dir():
-        if read_key(out) == key:
-            try:
-                from ldm_deploy.engine.manifest import read_manifest, verify_files
+        try:
+            from ldm_deploy.engine.manifest import read_manifest, verify_files
 
-                # Sizes only: the pipeline checks every file's SHA-256 when it loads the engine.
-                verify_files(out, read_manifest(out), hashes=False)
-                return out
-            except EngineError as e:
-                log.warning("the cached engine %s is damaged (%s); exporting it again", out, e)
+            # Sizes only: the pipeline checks every file's SHA-256 when it loads the engine.
+            verify_files(out, read_manifest(out), hashes=False)
+        except EngineError as e:
+            log.warning("the cached engine %s is damaged (%s); exporting it again", out, e)
+            remove(out, "damaged")
         else:
-            log.warning("the cached engine %s was exported by another ldm-deploy release or from files of %s "
-                        "that have changed since; exporting it again in its place", out, model)
-        remove(out, "stale")
-    export(model, out, settings)
-    (out / KEY_FILE).write_text(key + "\n")
-    remove_legacy(out.parent, model, keep=out)
+            if read_record(out).get("files") == record["files"]:
+                return out
+            log.warning("the model files of the cached engine %s have changed since it was exported; "
+                        "exporting it again in its place", out)
+    export(model, out, settings, record)
+    prune(out.parent, record, name or stem, keep=out)
     return out
 
 
-def read_key(folder: Path) -> str | None:
+def read_record(folder: Path) -> dict:
     try:
-        return (folder / KEY_FILE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def remove(folder: Path, what: str) -> None:
@@ -149,26 +154,44 @@ def remove(folder: Path, what: str) -> None:
                         "delete it by hand, or point LDM_DEPLOY_CACHE elsewhere") from None
 
 
-def remove_legacy(engines: Path, model: Path, keep: Path) -> None:
-    """Remove the engines of `model` that releases before the cache-key layout left in the
-    cache (folders named by the key, which this release never reads), saying what was freed."""
+def release(record: dict) -> tuple:
+    """(version numbers, revision) of a record, for ordering releases."""
+    return tuple(int(n) for n in re.findall(r"\d+", str(record.get("version", "")))), record.get("revision", 0)
+
+
+def prune(engines: Path, record: dict, stem: str, keep: Path) -> None:
+    """Remove the cached engines `keep` supersedes: those older releases exported of the same
+    model and settings (newer releases' stay theirs), and those of releases before RECORD
+    (folders named <stem>-<16 hex digits>, ONNX Runtime engines of the same model). Anything
+    else, an engine someone exported there with ldm-export among it, stays."""
     from ldm_deploy.engine.manifest import read_manifest
 
-    for folder in engines.iterdir():
-        if folder == keep or folder.name.startswith(".") or not folder.is_dir() or (folder / KEY_FILE).exists():
+    legacy = re.compile(re.escape(stem) + r"-[0-9a-f]{16}")
+    model = Path(record["model"])
+    for folder in sorted(engines.iterdir()):
+        if folder == keep or folder.name.startswith(".") or not folder.is_dir():
             continue
-        try:
-            source = Path(read_manifest(folder).model.source)
-        except EngineError:
-            continue
-        if source.is_absolute() and source.resolve() == model.resolve():
-            freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            shutil.rmtree(folder, ignore_errors=True)
-            log.info("removed %s, the cached engine of %s that an earlier ldm-deploy exported (%.1f GB)",
-                     folder, model, freed / 1e9)
+        other = read_record(folder)
+        if other:
+            same = (other.get("model"), other.get("settings")) == (record["model"], record["settings"])
+            if not same or release(other) >= release(record):
+                continue
+        else:
+            try:
+                manifest = read_manifest(folder)
+            except EngineError:
+                continue
+            source = Path(manifest.model.source)
+            if not (legacy.fullmatch(folder.name) and manifest.backend == "onnxruntime" and source.is_absolute()
+                    and source.resolve() == model.resolve()):
+                continue
+        freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning("removed %s, the cached engine of %s that an earlier ldm-deploy exported (%.1f GB freed)",
+                    folder, model, freed / 1e9)
 
 
-def export(model: Path, out: Path, settings: dict) -> None:
+def export(model: Path, out: Path, settings: dict, record: dict) -> None:
     import importlib.util
 
     missing = [m for m in ("torch", "diffusers", "transformers", "onnx") if importlib.util.find_spec(m) is None]
@@ -183,7 +206,8 @@ def export(model: Path, out: Path, settings: dict) -> None:
 
     log.info("first run of %s: exporting its engine to %s (once; later runs reuse it)", model, out)
     try:
-        export_engine(str(model), out, ExportConfig(**settings, force=out.exists()))
+        export_engine(str(model), out, ExportConfig(**settings, force=out.exists()),
+                      extra_files={RECORD: json.dumps(record, indent=2)})
     except UserError:
         if not out.is_dir():  # another process may have finished the same export first
             raise

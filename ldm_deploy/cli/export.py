@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px; default 1024)")
     p.add_argument("--opt-size", type=int, default=None, help="side to tune for (default: the model's native size)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
-    p.add_argument("--max-prompt-tokens", type=int, default=300,
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt taken whole, in tokens, rounded up to chunks of 75 encoded one by one "
                         "as AUTOMATIC1111 does; longer ones are cut with a warning (default 300; 75: "
                         "diffusers' one chunk)")

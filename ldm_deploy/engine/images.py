@@ -80,7 +80,10 @@ def as_init_image(init) -> Image.Image | InitLatents | None:
     InitLatents from a (1, C, h, w) float array."""
     if init is None or isinstance(init, InitLatents):
         return init
-    if isinstance(init, np.ndarray) and init.ndim == 4:
+    if isinstance(init, np.ndarray) and init.ndim == 4 and init.shape[0] == 1 and init.shape[3] in (1, 3, 4) \
+            and init.shape[1] > 4:
+        init = init[0]  # one (1, H, W, 3) image, as output_type="np" gives (latents have 4 channels first)
+    elif isinstance(init, np.ndarray) and init.ndim == 4:
         if init.shape[0] != 1 or not np.issubdtype(init.dtype, np.floating) or not np.isfinite(init).all():
             raise InvalidRequest(f"init latents must be one finite (1, C, h, w) float array, as diffusers' "
                                  f"output_type='latent' gives; got {init.dtype} of shape {init.shape}")

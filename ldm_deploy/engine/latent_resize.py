@@ -26,7 +26,7 @@ def resize(x: np.ndarray, height: int, width: int, mode: str, antialias: bool = 
     """(B, C, h, w) -> (B, C, height, width) float32."""
     rows = weights(x.shape[2], height, mode, antialias)  # (height, h)
     cols = weights(x.shape[3], width, mode, antialias)  # (width, w)
-    return np.einsum("oh,bchw,pw->bcop", rows, x.astype(np.float64), cols).astype(np.float32)
+    return (rows @ x.astype(np.float64) @ cols.T).astype(np.float32)  # (H, h) @ (B, C, h, w) @ (w, W)
 
 
 def weights(n_in: int, n_out: int, mode: str, antialias: bool = False) -> np.ndarray:

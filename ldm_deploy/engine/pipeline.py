@@ -98,7 +98,8 @@ class Pipeline:
         **diffusers_names,
     ):
         """Generate images. Returns a list of PIL images, or for output_type="np" a
-        (B, H, W, 3) float32 array in [0, 1], as diffusers does.
+        (B, H, W, 3) float32 array in [0, 1], or for "latent" the (B, C, H/8, W/8) final latents
+        (undecoded), as diffusers does.
 
         init_image (a path, a PIL image or an array) switches to img2img with `strength`.
         clip_skip: text encoder layers skipped, as diffusers counts them (1: the penultimate
@@ -138,8 +139,8 @@ class Pipeline:
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negs) != len(prompts):
             raise InvalidRequest(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-        if output_type not in ("pil", "np"):
-            raise InvalidRequest(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if output_type not in ("pil", "np", "latent"):
+            raise InvalidRequest(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise InvalidRequest(f"num_images must be a whole number of at least 1, got {num_images!r}")
         init = images.as_init_image(init_image)
@@ -192,21 +193,23 @@ class Pipeline:
         if latents is not None and tuple(latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
         gen = generator if generator is not None else noise.seeded(req.seeds)
-        decode = fix is None or not fix.latent  # a Latent upscaler takes the first pass's latents
+        # A Latent upscaler takes the first pass's latents; output_type="latent" wants the last's.
+        decode = (fix is None and output_type != "latent") or (fix is not None and not fix.latent)
         out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
             self.generate(sub_req, init, sub_latents, sub_gen, progress, decode)
             for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
         ])
         if fix is not None:
-            out = self.hires_fix(req, out, fix, generator, progress)
-        if output_type == "np":
+            out = self.hires_fix(req, out, fix, generator, progress, "latent" if output_type == "latent" else "np")
+        if output_type != "pil":
             return out
         pils = images.to_pil(out)
         for i, im in enumerate(pils):
             im.info["parameters"] = self.parameters(req, i, init is not None, fix)
         return pils
 
-    def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool) -> np.ndarray:
+    def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool,
+                  output_type: str = "np") -> np.ndarray:
         """The second pass of each image: its 8-bit first pass, resized (a Latent upscaler: its
         latents, resized), redrawn as img2img with its own seed (a generator given: the rest of
         its draws, as diffusers' img2img would make)."""
@@ -225,7 +228,7 @@ class Pipeline:
                 req.prompts[i], negative_prompt=req.negative_prompts[i], steps=steps,
                 guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
                 init_image=init, strength=strength, clip_skip=req.clip_skip,
-                prompt_weighting=req.prompt_weighting, generator=gen, output_type="np", progress=progress,
+                prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
             ))
         return np.concatenate(out)
 
@@ -354,7 +357,12 @@ class Pipeline:
                 if given is not None and given != value:
                     raise InvalidRequest(f"init latents of {init.size[0]}x{init.size[1]} make {w}x{h} images, "
                                          f"not {name} {given}: latents are not resized; leave width and height out")
-            return  # their size is the request's, checked against the engine's range with it
+            for name, value, dim in (("width", w, "latent_width"), ("height", h, "latent_height")):
+                lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale
+                if not lo <= value <= hi:
+                    raise InvalidRequest(f"init latents of {init.size[0]}x{init.size[1]} make {w}x{h} images, "
+                                         f"and {name} {value} is outside this engine's range [{lo}, {hi}]")
+            return
         for name, given, value, dim in (("width", width, w, "latent_width"),
                                         ("height", height, h, "latent_height")):
             lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale

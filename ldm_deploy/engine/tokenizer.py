@@ -3,7 +3,8 @@ of 77 as AUTOMATIC1111 makes them: start, 75 tokens of prompt, end (padded with 
 then the model's pad token). A prompt of up to 75 tokens is one chunk, diffusers' ids exactly;
 a longer one takes as many chunks as it needs, each encoded alone by the text encoder, and the
 U-Net attends to them all. Where a chunk would end within COMMA_BACKTRACK tokens of a comma,
-the words after the comma move to the next chunk; BREAK (with emphasis on) starts one."""
+the words after the comma move to the next chunk; BREAK (with emphasis on) starts one; a
+textual inversion's vectors never straddle two."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ COMMA_BACKTRACK = 20
 
 class PromptTokenizer:
     """Calls give (E, n, 77) ids and weights for E prompts, n chunks: as many as the longest
-    prompt needs, at most the engine's; shorter prompts are padded with empty chunks (the
-    encoding of ""), as AUTOMATIC1111 pads the shorter of prompt and negative prompt."""
+    prompt needs, at most the engine's. A shorter prompt whose chunk count divides n repeats its
+    own chunks: attention over a sequence repeated k times is attention over it once, so it
+    draws as though alone, as AUTOMATIC1111 (which then runs prompt and negative prompt apart)
+    and ComfyUI (which repeats them so) draw it. Otherwise it is padded with chunks of "", as
+    AUTOMATIC1111's "Pad prompt/negative prompt to be same length" option does."""
 
     def __init__(self, path: Path, length: int, embeddings: tuple = ()):
         from tokenizers import Tokenizer
@@ -60,6 +64,8 @@ class PromptTokenizer:
         ids = np.full((len(prompts), n, self.length), self.pad, np.int64)
         weights = np.ones((len(prompts), n, self.length), np.float32)
         for row, chunks in enumerate(chunked):
+            if n % len(chunks) == 0:
+                chunks = chunks * (n // len(chunks))
             for i in range(n):
                 tokens, token_weights = chunks[i] if i < len(chunks) else ([], [])
                 ids[row, i, : len(tokens) + 2] = [self.start, *tokens, self.end]
@@ -68,8 +74,9 @@ class PromptTokenizer:
 
     def chunks(self, prompt: str, weighting: bool, max_chunks: int) -> list[tuple[list[int], list[float]]]:
         """One prompt -> its chunks' (tokens, weights), without start, end and padding; those
-        past max_chunks are cut off with a warning. With one chunk allowed, the cut falls where
-        diffusers' does, after 75 tokens (no comma backtrack)."""
+        past max_chunks are cut off with a warning. With one chunk allowed, as before long
+        prompts: the cut falls where diffusers' does, after 75 tokens (no comma backtrack, no
+        embedding moved whole), and BREAK only separates."""
         pieces = parse(self.expanded(prompt)) if weighting else [(self.expanded(prompt), 1.0)]
         backtrack = COMMA_BACKTRACK if max_chunks > 1 else 0
         chunks: list[tuple[list[int], list[float]]] = []
@@ -86,7 +93,8 @@ class PromptTokenizer:
 
         for text, weight in pieces:
             if (text, weight) == BREAK_PIECE:
-                close()
+                if max_chunks > 1:
+                    close()
                 continue
             ids = self.raw.encode(text, add_special_tokens=False).ids
             i = 0
@@ -97,7 +105,7 @@ class PromptTokenizer:
                     close(comma + 1)  # the words after the comma go on in the next chunk
                 if len(tokens) == self.room:
                     close()
-                n = self.vectors.get(ids[i], 1)
+                n = self.vectors.get(ids[i], 1) if max_chunks > 1 else 1
                 if len(tokens) + n > self.room:
                     close()
                 tokens += ids[i : i + n]
@@ -108,8 +116,10 @@ class PromptTokenizer:
         if len(chunks) > max_chunks:
             dropped = [t for c in chunks[max_chunks:] for t in c[0]]
             text = "".join(self.raw.id_to_token(t) for t in dropped).replace("</w>", " ").strip()
-            log.warning("the prompt is longer than %d tokens, the most this engine takes (ldm-export "
-                        "--max-prompt-tokens sets it); this part was cut off: %r", max_chunks * self.room, text)
+            log.warning("the prompt needs %d chunks of %d tokens (BREAK, and commas near a chunk's end, start "
+                        "new ones) and this engine takes %d (ldm-export --max-prompt-tokens sets it; engines "
+                        "with --static-shapes or from before long prompts take one); this part was cut off: %r",
+                        len(chunks), self.room, max_chunks, text)
         return chunks[:max_chunks]
 
     def expanded(self, prompt: str) -> str:

@@ -45,8 +45,11 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
     return src
 
 
-def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig()) -> Path:
-    """Export `model` (a diffusers folder, hub id or single-file checkpoint) to the engine directory `out`."""
+def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig(),
+                  extra_files: dict[str, str] | None = None) -> Path:
+    """Export `model` (a diffusers folder, hub id or single-file checkpoint) to the engine directory
+    `out`. extra_files: name -> text, written beside the engine's files, in place with them at
+    once (the cache's record of what it was exported from)."""
     out = Path(out)
     check_out(out, config.force, model)  # before minutes of loading (or downloading) the model
     t0 = time.perf_counter()
@@ -83,6 +86,8 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
             tools=tool_versions(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2))
     log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
     return out

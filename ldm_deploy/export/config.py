@@ -26,6 +26,7 @@ DEFAULT_CONV = {"onnxruntime": "winograd", "torch": "direct", "tensorrt": "direc
 CONVS = {"onnxruntime": ("direct", "winograd"), "torch": ("direct",), "tensorrt": ("direct",)}
 # Tokens of prompt in one chunk of CLIP's 77: all but the start and end tokens.
 CHUNK_TOKENS = 75
+DEFAULT_PROMPT_TOKENS = 300  # four chunks
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class ExportConfig:
     max_batch: the most images one call makes (the U-Net then runs 2 * max_batch with CFG).
     max_prompt_tokens: the longest prompt taken whole, in tokens, rounded up to whole chunks of
       75 (AUTOMATIC1111's: each chunk is encoded alone, the U-Net attends to them all); longer ones
-      are cut with a warning. 75 takes one chunk, as diffusers does.
+      are cut with a warning. 75 takes one chunk, as diffusers does. None: 300, or with static
+      shapes one chunk.
 
     torch backend only (AOTInductor packages are compiled for one device):
     device: "cpu" or "cuda".
@@ -88,7 +90,7 @@ class ExportConfig:
     opt_size: int | None = None
     max_batch: int = 4
     opt_batch: int = 1
-    max_prompt_tokens: int = 300
+    max_prompt_tokens: int | None = None  # None: DEFAULT_PROMPT_TOKENS (one chunk for static shapes)
     allow_pickle: bool = False
     model_config: str | None = None  # single-file checkpoints: a diffusers folder (or hub id) of configs
     prediction_type: str | None = None  # None: the model's own (its scheduler config, or inferred)
@@ -141,7 +143,7 @@ class ExportConfig:
             "cfg": DimRange(1, 2, 2),
             "latent_height": side,
             "latent_width": side,
-            "text_chunks": DimRange(1, 1, -(-self.max_prompt_tokens // chunk_tokens)),
+            "text_chunks": DimRange(1, 1, -(-(self.max_prompt_tokens or DEFAULT_PROMPT_TOKENS) // chunk_tokens)),
         }
         return static_dims(dims) if self.tensorrt.static_shapes else dims
 
@@ -194,8 +196,11 @@ def check_config(c: ExportConfig) -> None:
         raise UserError(f"--opt-size {c.opt_size} lies outside [{c.min_size}, {c.max_size}]")
     if c.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (images per call), got {c.max_batch}")
-    if c.max_prompt_tokens < CHUNK_TOKENS:
+    if c.max_prompt_tokens is not None and c.max_prompt_tokens < CHUNK_TOKENS:
         raise UserError(f"--max-prompt-tokens must be at least {CHUNK_TOKENS} (one chunk, diffusers' limit), "
                         f"got {c.max_prompt_tokens}")
+    if c.tensorrt.static_shapes and (c.max_prompt_tokens or 0) > CHUNK_TOKENS:
+        raise UserError(f"--static-shapes builds for one chunk of {CHUNK_TOKENS} prompt tokens; leave out "
+                        f"--max-prompt-tokens, or build without --static-shapes for longer prompts")
     if not 1 <= c.opt_batch <= c.max_batch:
         raise UserError(f"need 1 <= opt batch <= max batch, got {c.opt_batch} and {c.max_batch}")

@@ -298,6 +298,8 @@ def test_export_force_replaces_only_engine_directories(model_dirs, tmp_path, cap
     (["--min-size", "100"], "multiple of 8"),
     (["--min-size", "512", "--max-size", "256"], "larger than --max-size"),
     (["--max-prompt-tokens", "50"], "--max-prompt-tokens must be at least 75 (one chunk, diffusers' limit), got 50"),
+    (["--backend", "torch", "--static-shapes", "--max-prompt-tokens", "150"],
+     "--static-shapes builds for one chunk of 75 prompt tokens; leave out --max-prompt-tokens"),
     (["--backend", "vulkan"], "unknown backend"),
     (["--refit"], "apply to --backend tensorrt"),
     (["--backend", "tensorrt", "--opt-level", "9"], "lies in 0..5"),

@@ -51,21 +51,29 @@ def test_chunks_follow_automatic1111s_rules(pipelines, model_dirs, caplog):
     assert weights[1, 2] == np.float32(1.5) and np.sum(weights != 1) == 1
     assert chunks("BREAK a cat", weighting=True)[0] == [[], raw(model_dirs["tiny-sd1"], "a cat")]
     assert len(chunks("a cat BREAK a dog")[0]) == 1  # emphasis off: BREAK is a word, as in AUTOMATIC1111
-    # Prompts of a call share the count of chunks: the shorter get chunks of "", as diffusers encodes it.
-    ids, _ = tok(["cat " * 80, "dog"], False, 4)
+    # Prompts of a call share the count of chunks: a shorter one whose count divides it repeats its
+    # own (it then draws as alone); another gets chunks of "", as diffusers encodes "".
+    ids, _ = tok(["cat " * 80, "dog", "cat " * 160, "cat " * 80 + "dog"], False, 4)  # 2, 1, 3, 2 chunks
     empty = CLIPTokenizer.from_pretrained(model_dirs["tiny-sd1"] / "tokenizer")("", padding="max_length").input_ids
-    assert ids.shape == (2, 2, 77) and ids[1, 1].tolist() == empty
+    assert ids.shape == (4, 3, 77)
+    assert (ids[1] == ids[1, 0]).all() and ids[1, 0, 1] == dog
+    assert ids[0, 2].tolist() == ids[3, 2].tolist() == empty and ids[3, 1, 6] == dog
     # Past the engine's chunks: cut with a warning; at one chunk, where diffusers cuts.
     with caplog.at_level(logging.WARNING):
         assert chunks("cat " * 60 + ", " + "dog " * 30, max_chunks=1)[0] == [[cat] * 60 + [comma] + [dog] * 14]
-        assert "longer than 75 tokens, the most this engine takes (ldm-export --max-prompt-tokens sets it); " \
-               "this part was cut off: 'dog dog" in caplog.text
-        assert len(chunks("cat " * 400)[0]) == 4 and "longer than 300 tokens" in caplog.text
+        assert "the prompt needs 2 chunks of 75 tokens (BREAK, and commas near a chunk's end, start new ones) and " \
+               "this engine takes 1 (ldm-export --max-prompt-tokens sets it;" in caplog.text
+        assert "this part was cut off: 'dog dog" in caplog.text
+        assert len(chunks("cat " * 400)[0]) == 4
+        assert "needs 6 chunks of 75 tokens" in caplog.text and "this engine takes 4" in caplog.text
+    # One chunk allowed (engines from before long prompts, static shapes): BREAK only separates, as before.
+    assert chunks("a cat BREAK a dog", weighting=True, max_chunks=1)[0] == [raw(model_dirs["tiny-sd1"], "a cat a dog")]
+    assert chunks("BREAK a cat", weighting=True, max_chunks=1)[0] == [raw(model_dirs["tiny-sd1"], "a cat")]
 
 
 def chunked_embeddings(pipe, prompt: str, chunks: int) -> torch.Tensor:
     """(1, chunks * 77, D): the prompt's tokens 75 at a time, each chunk start + tokens + end +
-    padding (a chunk past the prompt: ""), each through diffusers' text encoder alone."""
+    padding, each through diffusers' text encoder alone."""
     tok = pipe.tokenizer
     ids = tok(prompt, add_special_tokens=False).input_ids
     rows = []
@@ -84,8 +92,8 @@ def test_long_prompt_matches_diffusers_given_chunked_embeddings(preset, guidance
     ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config, use_karras_sigmas=True)
     negative = "blurry" if guidance > 1 else None
     embeds = {"prompt_embeds": chunked_embeddings(ref, LONG, 2)}
-    if negative:  # one chunk, and a second of "" to match the prompt's two
-        embeds["negative_prompt_embeds"] = chunked_embeddings(ref, negative, 2)
+    if negative:  # one chunk, twice over: as alone (attention over a repeated sequence is over it once)
+        embeds["negative_prompt_embeds"] = chunked_embeddings(ref, negative, 1).repeat(1, 2, 1)
     latents = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(5))
     want = ref(**embeds, num_inference_steps=4, guidance_scale=guidance, height=H, width=W, latents=latents.clone(),
                generator=torch.Generator().manual_seed(9), output_type="np").images
@@ -97,3 +105,19 @@ def test_long_prompt_matches_diffusers_given_chunked_embeddings(preset, guidance
     # The second chunk is what moved it from the first chunk's image.
     first = ref.tokenizer.decode(ref.tokenizer(LONG, add_special_tokens=False).input_ids[:75])
     assert np.abs(pipelines[preset](first, generator=torch_noise(9), **kw) - got).max() > 10 * TOL
+
+
+def test_a_repeated_text_is_attended_to_as_once(model_dirs):
+    """Why a shorter prompt may repeat its chunks: diffusers' U-Net given a text's embeddings
+    twice over predicts what it predicts given them once (softmax weights halve, values repeat)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dirs["tiny-sd1"] / "unet")
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        once = unet(x, 500, encoder_hidden_states=text).sample
+        twice = unet(x, 500, encoder_hidden_states=text.repeat(1, 2, 1)).sample
+        other = unet(x, 500, encoder_hidden_states=torch.cat([text, torch.zeros_like(text)], 1)).sample
+    torch.testing.assert_close(twice, once, rtol=0, atol=1e-5)
+    assert (other - once).abs().max() > 1e-3  # padding with anything else is not neutral

@@ -189,7 +189,7 @@ def test_clip_skip_is_checked_and_recorded_and_old_engines_run(pipelines, model_
     assert old_pipe.manifest.specs()["unet_step"].tensor("text_embeddings").shape[2] == 77
     with caplog.at_level(logging.WARNING):
         old_pipe("cat " * 80, **kw)
-    assert "longer than 75 tokens" in caplog.text
+    assert "the prompt needs 2 chunks of 75 tokens" in caplog.text and "this engine takes 1" in caplog.text
     np.testing.assert_allclose(old_pipe("x", seed=3, output_type="np", **kw),
                                Pipeline.load(new)("x", seed=3, output_type="np", **kw), rtol=0, atol=1e-5)
     with pytest.raises(InvalidRequest, match=r"exported before clip skip\); re-export it with ldm-export --force"):
@@ -259,6 +259,9 @@ def test_hires_fix_with_a_latent_upscaler_redraws_the_resized_latents(upscaler, 
     assert f"Hires upscale: 2, Hires steps: 3, Hires upscaler: {upscaler}," in image.info["parameters"]
     # No VAE encoder needed: an engine exported without it (--no-img2img) draws the same.
     if upscaler == "Latent":
+        # Each image of a batch, as alone with its seed.
+        two = pipelines["tiny-sd1"]("a lighthouse", **(kw | {"seed": 30, "num_images": 2}))
+        np.testing.assert_allclose(two[1:], ours, rtol=0, atol=1e-5)
         txt2img = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e",
                                 ExportConfig(min_size=64, max_size=192, img2img=False))
         np.testing.assert_allclose(Pipeline.load(txt2img)("a lighthouse", **kw), ours, rtol=0, atol=1e-5)
@@ -268,13 +271,19 @@ def test_init_latents_are_checked(pipelines):
     from ldm_deploy.errors import InvalidRequest
 
     pipe = pipelines["tiny-sd1"]
-    latents = np.zeros((1, 4, 8, 8), np.float32)
+    latents = pipe("x", steps=2, width=64, height=64, seed=1, output_type="latent", progress=False)
+    assert latents.shape == (1, 4, 8, 8) and latents.dtype == np.float32
+    decoded = pipe("x", steps=2, width=64, height=64, seed=1, output_type="np", progress=False)
     assert pipe("x", init_image=latents, steps=2, progress=False)[0].size == (64, 64)  # their size
+    # A (1, H, W, 3) image, as output_type="np" gives, is an image, not latents.
+    assert pipe("x", init_image=decoded, steps=2, progress=False)[0].size == (64, 64)
     for init, kw, message in [
         (latents, dict(width=128), "init latents of 8x8 make 64x64 images, not width 128: latents are not resized"),
         (np.zeros((1, 3, 8, 8), np.float32), {}, "init latents have 3 channels; this model's have 4"),
         (np.zeros((2, 4, 8, 8), np.float32), {}, "init latents must be one finite (1, C, h, w) float array"),
         (latents.astype(np.int64), {}, "init latents must be one finite (1, C, h, w) float array"),
+        (np.zeros((1, 4, 4, 8), np.float32), {}, "init latents of 8x4 make 64x32 images, and height 32 is outside "
+                                                 "this engine's range [64, 512]"),
     ]:
         with pytest.raises(InvalidRequest, match=re.escape(message)):
             pipe("x", init_image=init, steps=2, progress=False, **kw)
@@ -300,6 +309,7 @@ def test_hires_fix_refuses_what_it_cannot_do(pipelines, init_image):
         (dict(hires_scale=2.0, hires_upscaler="ESRGAN"), "unknown hires upscaler 'ESRGAN'; choose one of Lanczos, "
                                                           "Latent, Latent (antialiased)"),
         (dict(prompt_weighting="false"), "prompt_weighting must be True or False, got 'false'"),
+        (dict(output_type="pt"), "output_type must be 'pil', 'np' or 'latent', got 'pt'"),
         (dict(hires_scale=2.0, init_image=init_image), "hires fix enlarges a txt2img result"),
     ]:
         with pytest.raises(InvalidRequest, match=re.escape(message)):

@@ -70,9 +70,9 @@ def test_pil_output_carries_parameters(pipelines):
 
 def test_long_prompt_is_truncated_with_a_warning(pipelines, caplog):
     pipelines["tiny-sd1"]("word " * 100, seed=0, **KW)  # two chunks of the engine's four
-    assert "longer than" not in caplog.text
+    assert "cut off" not in caplog.text
     pipelines["tiny-sd1"]("word " * 400, seed=0, **KW)
-    assert "longer than 300 tokens" in caplog.text
+    assert "the prompt needs 6 chunks of 75 tokens" in caplog.text and "this engine takes 4" in caplog.text
 
 
 def test_init_image_from_an_array_is_the_same_as_from_pil(pipelines):

@@ -66,7 +66,7 @@ def test_tokenizer_matches_transformers(engine_dirs, model_dirs, caplog):
         ours = PromptTokenizer(engine_dirs[p] / "tokenizer.json", 77)
         want = ref(prompts, padding="max_length", max_length=77, truncation=True).input_ids
         assert ours(prompts)[0][:, 0].tolist() == want  # one chunk: cut as diffusers cuts
-    assert "longer than 75 tokens" in caplog.text and "moon" in caplog.text
+    assert "chunks of 75 tokens" in caplog.text and "this engine takes 1" in caplog.text and "moon" in caplog.text
 
 
 def test_large_graphs_use_one_external_data_file(model_dirs, tmp_path, monkeypatch):

@@ -105,29 +105,44 @@ def test_model_flag_exports_once_and_repairs_a_damaged_engine(model_dirs, monkey
     assert out.is_file()
 
 
-def test_a_model_keeps_one_engine_per_settings(model_dirs, monkeypatch, tmp_path, caplog):
-    """A new release (or changed model files) exports the engine again in the same folder; other
-    settings get their own; folders an earlier release named by its key go once their model's
-    engine is exported again, other models' stay."""
+def test_a_model_keeps_one_engine_per_release_and_settings(model_dirs, monkeypatch, tmp_path, caplog):
+    """Changed model files export the engine again in its folder; another release exports its own
+    (two installed releases never replace each other's), and a newer one removes the older's of
+    the same model and settings, and the key-named folders of releases before the record, but
+    nothing else: other models' engines, other settings', newer releases', ldm-export's."""
+    import json
     import logging
 
+    from ldm_deploy.export.build import export_engine
+    from ldm_deploy.export.config import ExportConfig
+
     monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.WARNING)
+    model = shutil.copytree(model_dirs["tiny-sd1"], tmp_path / "tiny-sd1")
     settings = dict(min_size=64, max_size=128, img2img=False)
-    engine = cache.engine_for(model_dirs["tiny-sd1"], settings)
+    engine = cache.engine_for(model, settings)
     engines = engine.parent
-    # Folders as releases before the cache-key layout left them: this model's, and another's.
-    legacy = shutil.copytree(engine, engines / "tiny-sd1-0123456789abcdef")
-    (legacy / cache.KEY_FILE).unlink()
-    other = cache.engine_for(model_dirs["tiny-sd2"], settings)
-    other_legacy = shutil.copytree(other, engines / "tiny-sd2-0123456789abcdef")
-    (other_legacy / cache.KEY_FILE).unlink()
+    assert json.loads((engine / cache.RECORD).read_text())["model"] == str(model)
+    # Changed model files: exported again, in place.
     stamp = os.stat(engine / "manifest.json").st_mtime_ns
-    monkeypatch.setattr(cache, "REVISION", cache.REVISION + 1)  # a new release
-    assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
-    assert os.stat(engine / "manifest.json").st_mtime_ns != stamp
-    assert "was exported by another ldm-deploy release" in caplog.text
-    assert f"removed {legacy}, the cached engine of" in caplog.text
-    assert sorted(p.name for p in engines.iterdir()) == sorted([engine.name, other.name, other_legacy.name])
-    wider = cache.engine_for(model_dirs["tiny-sd1"], settings | {"max_size": 192})
-    assert wider != engine and engine.is_dir()
+    os.utime(model / "model_index.json", ns=(1, 1))
+    assert cache.engine_for(model, settings) == engine
+    assert os.stat(engine / "manifest.json").st_mtime_ns != stamp and "have changed since" in caplog.text
+    # What the next release must leave: a key-named folder of an earlier release of another model,
+    # an engine ldm-export wrote there, another settings' engine; and one it must remove.
+    other = shutil.copytree(cache.engine_for(model_dirs["tiny-sd2"], settings), engines / "tiny-sd2-0123456789abcdef")
+    (other / cache.RECORD).unlink()
+    mine = export_engine(str(model), engines / "mine", ExportConfig(min_size=64, max_size=128, img2img=False))
+    wider = cache.engine_for(model, settings | {"max_size": 192})
+    legacy = shutil.copytree(engine, engines / "tiny-sd1-0123456789abcdef")
+    (legacy / cache.RECORD).unlink()
+    monkeypatch.setattr(cache, "REVISION", cache.REVISION + 1)  # the next release
+    newer = cache.engine_for(model, settings)
+    assert newer != engine and not engine.exists() and not legacy.exists()
+    assert f"removed {engine}, the cached engine of {model} that an earlier ldm-deploy exported" in caplog.text
+    assert other.is_dir() and mine.is_dir() and wider.is_dir()
+    # The older release, run again, exports its own once and leaves the newer's alone.
+    monkeypatch.setattr(cache, "REVISION", cache.REVISION - 1)
+    assert cache.engine_for(model, settings) == engine and newer.is_dir()
+    stamp = os.stat(engine / "manifest.json").st_mtime_ns
+    assert cache.engine_for(model, settings) == engine and os.stat(engine / "manifest.json").st_mtime_ns == stamp
