@@ -156,7 +156,9 @@ def remove(folder: Path, what: str) -> None:
 
 def release(record: dict) -> tuple:
     """(version numbers, revision) of a record, for ordering releases."""
-    return tuple(int(n) for n in re.findall(r"\d+", str(record.get("version", "")))), record.get("revision", 0)
+    revision = record.get("revision", 0)
+    return (tuple(int(n) for n in re.findall(r"[0-9]+", str(record.get("version", "")))),
+            revision if isinstance(revision, int) else 0)
 
 
 def prune(engines: Path, record: dict, stem: str, keep: Path) -> None:
@@ -187,8 +189,9 @@ def prune(engines: Path, record: dict, stem: str, keep: Path) -> None:
                 continue
         freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         shutil.rmtree(folder, ignore_errors=True)
-        log.warning("removed %s, the cached engine of %s that an earlier ldm-deploy exported (%.1f GB freed)",
-                    folder, model, freed / 1e9)
+        if not folder.exists():
+            log.warning("removed %s, the cached engine of %s that an earlier ldm-deploy exported (%.1f GB freed)",
+                        folder, model, freed / 1e9)
 
 
 def export(model: Path, out: Path, settings: dict, record: dict) -> None:

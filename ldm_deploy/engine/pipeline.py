@@ -22,7 +22,7 @@ from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import Request, check_request
-from ldm_deploy.engine.samplers import DISPLAY_NAMES, plan
+from ldm_deploy.engine.samplers import DISPLAY_NAMES, EVALUATIONS_PER_STEP, plan
 from ldm_deploy.engine.tokenizer import PromptTokenizer
 from ldm_deploy.errors import InvalidRequest
 
@@ -95,6 +95,7 @@ class Pipeline:
         generator=None,
         output_type: str = "pil",
         progress: bool = True,
+        _hires_pass: tuple[int, int] | None = None,
         **diffusers_names,
     ):
         """Generate images. Returns a list of PIL images, or for output_type="np" a
@@ -121,7 +122,8 @@ class Pipeline:
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
-        num_images_per_prompt, image.
+        num_images_per_prompt, image. (_hires_pass: internal, (first pass steps, hires steps)
+        when this call is the hires fix's second pass.)
         """
         given = {"steps": steps != 30, "guidance": guidance != 7.5, "num_images": num_images != 1,
                  "init_image": init_image is not None}
@@ -177,6 +179,7 @@ class Pipeline:
             strength=float(strength) if init is not None else 1.0,
             clip_skip=clip_skip,
             prompt_weighting=prompt_weighting,
+            **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
         )
         check_request(req, self.manifest, img2img=init is not None)
         fix = None
@@ -229,6 +232,7 @@ class Pipeline:
                 guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
                 init_image=init, strength=strength, clip_skip=req.clip_skip,
                 prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
+                _hires_pass=(req.steps, fix.steps or req.steps),
             ))
         return np.concatenate(out)
 
@@ -420,14 +424,18 @@ def model_name(source: str) -> str:
     return path.parent.name if generic else path.name
 
 
-def step_texts(texts: list[str], req: Request, steps: int) -> list[tuple[str, ...]]:
-    """Each of `steps` U-Net steps' texts: with prompt_weighting, AUTOMATIC1111's prompt editing
-    ([from:to:when], [a|b]; prompt_schedule.py) over the request's steps, its step counted as
-    AUTOMATIC1111's denoiser counts its calls (Heun's second evaluation is a step too)."""
+def step_texts(texts: list[str], req: Request, evaluations: int) -> list[tuple[str, ...]]:
+    """The texts of each of `evaluations` U-Net evaluations: with prompt_weighting,
+    AUTOMATIC1111's prompt editing ([from:to:when], [a|b]; prompt_schedule.py), scheduled over
+    the request's steps times the sampler's evaluations a step (Heun: 2, as AUTOMATIC1111's
+    total_steps), each evaluation counted, as its denoiser counts its calls."""
     if not req.prompt_weighting:
-        return [tuple(texts)] * steps
-    schedules = [prompt_schedule.schedule(t, req.steps) for t in texts]
-    return [tuple(prompt_schedule.text_at(s, i) for s in schedules) for i in range(steps)]
+        return [tuple(texts)] * evaluations
+    per_step = EVALUATIONS_PER_STEP.get(req.sampler, 1)
+    steps = (req.edit_steps or req.steps) * per_step
+    first = req.first_pass_steps * per_step if req.first_pass_steps else None
+    schedules = [prompt_schedule.schedule(t, steps, first) for t in texts]
+    return [tuple(prompt_schedule.text_at(s, i) for s in schedules) for i in range(evaluations)]
 
 
 def random_seed() -> int:

@@ -21,7 +21,11 @@ class Request:
     height: int
     strength: float  # 1.0 for txt2img
     clip_skip: int = 0  # text encoder layers skipped (diffusers' clip_skip)
-    prompt_weighting: bool = False  # read AUTOMATIC1111's (emphasis:1.2) in prompts
+    prompt_weighting: bool = False  # read AUTOMATIC1111's (emphasis:1.2) and [prompt:editing:0.5] in prompts
+    # Prompt editing's step count (0: steps) and, in the hires fix's second pass, the first
+    # pass's (prompt_schedule.py); the hires pass runs the last edit_steps of `steps`.
+    edit_steps: int = 0
+    first_pass_steps: int | None = None
 
     @property
     def batch(self) -> int:

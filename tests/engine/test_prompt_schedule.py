@@ -29,12 +29,32 @@ TOL = 2e-3
     ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
     ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
     ("[a|(b:1.1)]", [(i, "a" if i % 2 else "(b:1.1)") for i in range(1, 11)]),
-    # and ours: a "|" outside an alternation fails AUTOMATIC1111's grammar, so all is text;
-    # brackets nested past any sense are text too; a when past the end is the end.
-    ("a | b [c:d:3]", [(10, "a | b [c:d:3]")]),
-    ("(" * 80 + "[a:b:3]", [(10, "(" * 80 + "[a:b:3]")]),
-    ("[a:b:30] c", [(10, "a c")]),
+    # Its timelines since 1.6: a decimal point makes a fraction (1.0: all the steps), none a
+    # count; a step before the first (0, or a fraction that rounds to 0) is "to" throughout.
+    ("[a:b:1.0]", [(10, "a")]),
+    ("[a:b:1.5]", [(10, "a")]),
+    ("[a:b:0]", [(10, "b")]),
+    ("[a:b:0.05]", [(10, "b")]),
+    ("[a:b:5e-1]", [(10, "b")]),
     ("x [a:b:1e0]", [(1, "x a"), (10, "x b")]),
+    ("[a:b:30] c", [(10, "a c")]),
+    ("[a:b:1e999]", [(10, "a")]),  # (AUTOMATIC1111 fails on it)
+    # Spaces around the number.
+    ("portrait, [cat:dog:0.5 ]", [(5, "portrait, cat"), (10, "portrait, dog")]),
+    ("[ cat : dog : 0.5 ]", [(5, " cat "), (10, " dog ")]),
+    # Its grammar fails, and all is text: a broken construct inside another, a "|" outside an
+    # alternation, a backslash escaping nothing, non-ASCII digits; and brackets nested past sense.
+    ("a [(cat:dog:0.5] house", [(10, "a [(cat:dog:0.5] house")]),
+    ("a [cat (small|dog] house", [(10, "a [cat (small|dog] house")]),
+    ("[(16:9]", [(10, "[(16:9]")]),
+    ("a | b [c:d:3]", [(10, "a | b [c:d:3]")]),
+    ("[a:b:3] \\\\", [(3, "a \\\\"), (10, "b \\\\")]),  # an escaped backslash
+    ("[a:b:3] \\", [(10, "[a:b:3] \\")]),  # a backslash escaping nothing
+    ("[a:b:3] \\\n", [(10, "[a:b:3] \\\n")]),
+    ("[a:b:\u0663]", [(10, "[a:b:\u0663]")]),
+    ("(" * 80 + "[a:b:3]", [(10, "(" * 80 + "[a:b:3]")]),
+    # Stray brackets at the top level are text, colons in words too.
+    ("ratio 16:9, (a:1.2) [b:c:2]", [(2, "ratio 16:9, (a:1.2) b"), (10, "ratio 16:9, (a:1.2) c")]),
 ])
 def test_schedule_matches_automatic1111s_examples(prompt, pairs):
     assert schedule(prompt, 10) == pairs
@@ -50,6 +70,33 @@ def test_automatic1111s_header_example_at_100_steps():
         (75, "fantasy landscape with a lake and an oak in background masterful"),
         (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
     ]
+
+
+def test_the_hires_pass_counts_past_the_first():
+    """In the hires fix's second pass (20 steps after 20), fractions count from 1.0 and counts
+    from the first pass's 20, as AUTOMATIC1111's new timelines do."""
+    assert schedule("[sketch:photo:0.5]", 20, 20) == [(20, "photo")]
+    assert schedule("[a:b:1.5]", 20, 20) == [(10, "a"), (20, "b")]
+    assert schedule("[a:b:25]", 20, 20) == [(5, "a"), (20, "b")]
+
+
+def test_evaluations_are_scheduled_as_automatic1111_counts_them():
+    from dataclasses import replace
+
+    from ldm_deploy.engine.pipeline import step_texts
+    from ldm_deploy.engine.request import Request
+
+    req = Request(prompts=("[a:b:0.5]",), negative_prompts=("",), seeds=(1,), steps=4, guidance=7.5,
+                  sampler="euler", width=64, height=64, strength=1.0, prompt_weighting=True)
+    assert [t[1] for t in step_texts(["", "[a:b:0.5]"], req, 4)] == ["a", "a", "a", "b"]
+    # Heun: 7 evaluations of a schedule over 2 x 4 (AUTOMATIC1111's total_steps).
+    heun = step_texts(["", "[a:b:0.5]"], replace(req, sampler="heun"), 7)
+    assert [t[1] for t in heun] == ["a"] * 5 + ["b"] * 2
+    # The hires pass: 3 steps after 4, its evaluations counted afresh.
+    hires = replace(req, prompts=("[a:b:1.5]",), steps=9, edit_steps=3, first_pass_steps=4)
+    assert [t[1] for t in step_texts(["", "[a:b:1.5]"], hires, 3)] == ["a", "a", "b"]
+    # Without prompt weighting, nothing is read.
+    assert step_texts(["", "[a:b:0.5]"], replace(req, prompt_weighting=False), 2) == [("", "[a:b:0.5]")] * 2
 
 
 def test_steps_count_from_zero_as_automatic1111s_denoiser_does():
@@ -104,8 +151,8 @@ def test_edited_prompt_matches_diffusers_given_each_steps_embeddings(prompt, tex
 
 
 def test_edits_of_different_lengths_share_one_chunk_count(pipelines):
-    """Texts of one, then two chunks: every step's embeddings get two (the short one padded with
-    a chunk of ""), so the loop keeps one shape; as the one-chunk prompt padded so alone."""
+    """Texts of one, then two chunks: every step's embeddings get two (the short one's chunk
+    twice over), so the loop keeps one shape."""
     from ldm_deploy.engine import pipeline
     from ldm_deploy.engine.request import Request
 
@@ -117,6 +164,9 @@ def test_edits_of_different_lengths_share_one_chunk_count(pipelines):
     pipe = pipelines["tiny-sd1"]
     embs = pipe.encode_text(list(dict.fromkeys(per_step)), 2, req)
     assert [pipe.backend.download(e).shape for e in embs] == [(2, 1, 154, 32)] * 2
-    alone = pipe.encode_text([("", "a cat")], 2, req)[0]
-    np.testing.assert_array_equal(pipe.backend.download(embs[0])[:, :, :77], pipe.backend.download(alone))
-    assert pipe(req.prompts[0], prompt_weighting=True, steps=3, width=64, height=64, progress=False)
+    alone = pipe.backend.download(pipe.encode_text([("", "a cat")], 2, req)[0])
+    short = pipe.backend.download(embs[0])
+    np.testing.assert_array_equal(short[:, :, :77], alone)
+    np.testing.assert_array_equal(short[:, :, 77:], alone)
+    image = pipe(req.prompts[0], prompt_weighting=True, steps=3, width=64, height=64, output_type="np", progress=False)
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()

@@ -162,9 +162,11 @@ def loop_runs(steps=3, shared_noise=False, shape=(1, 4, 8, 8)):
 
 
 def ping_pong_runs(x, x2, s, s2, emb, rows, noise) -> list[Run]:
-    """One Run per step: latents and state swap buffers each step, row i and noise i bound."""
+    """One Run per step: latents and state swap buffers each step, row i and noise i bound;
+    emb: one buffer for all steps, or a list of one per step (prompt editing)."""
     runs = []
-    for row, n in zip(rows, noise):
+    embs = emb if isinstance(emb, list) else [emb] * len(rows)
+    for row, n, emb in zip(rows, noise, embs):
         runs.append(Run({"latents": x, "text_embeddings": emb, "coeffs": row, "state": s, "noise": n},
                         {"latents_out": x2, "state_out": s2}))
         x, x2, s, s2 = x2, x, s2, s
@@ -202,6 +204,30 @@ def test_capture_plan_keeps_a_shared_noise_buffer_single():
     assert {step["noise"] for step in plan.steps} == {Place("buffer:4", 0)}
     one = loop_plan(loop_runs(steps=1), lambda a: a.nbytes)  # nothing to gain from a table
     assert not [a for a in one.arenas if a.startswith("table:")]
+
+
+def test_capture_plan_binds_each_steps_text_where_prompts_are_edited():
+    """Prompt editing: steps read one of two text buffers (a a a b b), each copied in once, or a
+    new one each (a b c d), which become one table; the pattern is part of the graph's key."""
+    shape = (1, 4, 8, 8)
+    x, x2, s, s2 = (np.zeros(shape, np.float32) for _ in range(4))
+    texts = [np.zeros((2, 1, 154, 32), np.float32) for _ in range(4)]
+    rows, noise = [np.zeros(9, np.float32) for _ in range(5)], [np.zeros(shape, np.float32) for _ in range(5)]
+    runs = ping_pong_runs(x, x2, s, s2, [texts[0]] * 3 + [texts[1]] * 2, rows, noise)
+    plan = loop_plan(runs, lambda a: a.nbytes)
+    places = [step["text_embeddings"] for step in plan.steps]
+    assert places[0] == places[1] == places[2] != places[3] == places[4]
+    assert all(p.arena.startswith("buffer:") for p in places)
+    copied = {p for _, p, n in plan.copy_in if n == texts[0].nbytes}
+    assert copied == {places[0], places[3]} and plan.arenas[places[3].arena] == align(texts[0].nbytes)
+    every = loop_plan(ping_pong_runs(x, x2, s, s2, texts, rows[:4], noise[:4]), lambda a: a.nbytes)
+    row = align(texts[0].nbytes)
+    assert every.arenas["table:text_embeddings"] == 4 * row
+    assert [step["text_embeddings"] for step in every.steps] == [Place("table:text_embeddings", i * row)
+                                                                for i in range(4)]
+    other = ping_pong_runs(x, x2, s, s2, [texts[0]] * 2 + [texts[1]] * 3, rows, noise)
+    key = (shape, True, "euler", 5)
+    assert graph_key(key, runs, np.shape) != graph_key(key, other, np.shape)
 
 
 def test_graph_keys_name_what_makes_a_capture_valid():

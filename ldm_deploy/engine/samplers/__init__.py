@@ -37,6 +37,8 @@ _REGISTRY = {
     "lcm": ("LCM", lcm.walk),
 }
 SAMPLERS = tuple(_REGISTRY)
+# U-Net evaluations a step, where not one (Heun's last step has one: its table has 2n - 1 rows).
+EVALUATIONS_PER_STEP = {"heun": 2}
 DISPLAY_NAMES = {name: display for name, (display, _) in _REGISTRY.items()}
 
 
