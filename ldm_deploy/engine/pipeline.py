@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_deploy import __version__
-from ldm_deploy.engine import backends, hires, images, noise, prompt_schedule
+from ldm_deploy.engine import backends, extra_networks, hires, images, noise, prompt_schedule
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
@@ -245,6 +245,8 @@ class Pipeline:
 
         # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
+        if req.prompt_weighting:  # AUTOMATIC1111's syntax: its <lora:...> tags are not words
+            texts = [self.without_tags(t) for t in texts]
         k = len(texts) // b
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)
         # Each U-Net step's texts (prompt editing changes them), each distinct set encoded once.
@@ -270,6 +272,17 @@ class Pipeline:
         decoded = be.empty((b, 3, req.height, req.width))
         be.run(self.components["vae_decoder"], Run({"latents": x}, {"images": decoded}))
         return be.download(decoded).transpose(0, 2, 3, 1)
+
+    def without_tags(self, text: str) -> str:
+        """The text without AUTOMATIC1111's extra-network tags, saying once where a tag asks for
+        what the engine does not hold (extra_networks.py)."""
+        stripped, tags = extra_networks.strip(text)
+        for kind, arguments in tags:
+            message = extra_networks.advice(kind, arguments, self.manifest.model.loras)
+            if message and message not in self.warned:
+                self.warned.add(message)
+                log.warning(message)
+        return stripped
 
     def encode_text(self, sets: list[tuple[str, ...]], k: int, req: Request) -> list:
         """Sets of (K*B,) texts -> a (K, B, n * 77, D) embedding each, the text encoder run once a
@@ -396,6 +409,10 @@ class Pipeline:
             fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
         if not req.prompt_weighting and re.search(r"[()\[\]]", req.prompts[i] + req.negative_prompts[i]):
             fields["Emphasis"] = "None"  # AUTOMATIC1111's setting that reads brackets as plain text
+        loras = [f"{lora['name']}: {lora['a1111_hash'][:12]}" for lora in self.manifest.model.loras
+                 if lora.get("a1111_hash")]  # merged: in every image (engines before the hash: none)
+        if loras:
+            fields["Lora hashes"] = json.dumps(", ".join(loras))
         texts = f"{req.prompts[i]}\n{req.negative_prompts[i]}".lower()
         used = [f"{e['word']}: {e['sha256'][:12]}" for e in self.manifest.model.embeddings if e["word"].lower() in texts]
         if used:  # AUTOMATIC1111's field, JSON-quoted as it quotes values with commas or colons

@@ -137,6 +137,21 @@ def layers(module) -> dict[str, object]:
     return out
 
 
+def a1111_hash(path: Path) -> str:
+    """AUTOMATIC1111's hash of a LoRA file, which its "Lora hashes" infotext carries (12 digits)
+    and CivitAI finds LoRAs by: of a .safetensors file the SHA-256 of what follows its header
+    (kohya's "addnet" hash, whatever the metadata says), of any other file of all of it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if path.suffix.lower() == ".safetensors":
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def merge(src, loras, allow_pickle: bool) -> None:
     """Add each (file, weight) LoRA to `src`'s U-Net and text encoder in place, and fold the
     files and weights into its weight hash (the engine's "Model hash")."""
@@ -164,7 +179,7 @@ def merge(src, loras, allow_pickle: bool) -> None:
                 add(targets[p.component][p.name], p, weight, path)
         sha = hash_files([path])
         digest.update(f"{sha}:{weight}\n".encode())
-        src.loras.append({"name": path.stem, "weight": weight, "sha256": sha})
+        src.loras.append({"name": path.stem, "weight": weight, "sha256": sha, "a1111_hash": a1111_hash(path)})
         log.info("merged %s (%d layers, weight %g)", path.name, len(found), weight)
     src.weights_sha256 = hashlib.sha256(f"{src.weights_sha256}\n{digest.hexdigest()}".encode()).hexdigest()
 

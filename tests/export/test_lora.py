@@ -130,7 +130,8 @@ def test_lora_spec_and_cli(model_dirs, tmp_path, capsys):
     assert plain["weights_sha256"] != merged["weights_sha256"]
     # the manifest says what is baked in; the PNG names the VAE as AUTOMATIC1111 does
     sha = hashlib.sha256((tmp_path / "s.safetensors").read_bytes()).hexdigest()
-    assert merged["loras"] == [{"name": "s", "weight": 0.8, "sha256": sha}] and plain["loras"] == []
+    assert [{k: v for k, v in lora.items() if k != "a1111_hash"} for lora in merged["loras"]] == [
+        {"name": "s", "weight": 0.8, "sha256": sha}] and plain["loras"] == []
     assert (merged["vae"], plain["vae"]) == ("vae", "")
     from ldm_deploy import Pipeline
 
@@ -277,6 +278,13 @@ def test_ldm_run_model_merges_vae_lora_and_embedding_into_its_cached_engine(mode
     engines = run("--lora", f"{tmp_path / 's.safetensors'}:0.8", "--vae", vae, "--embedding",
                   str(tmp_path / "myneg7.safetensors"))
     cached = json.loads((tmp_path / "cache" / "engines" / engines[0] / "manifest.json").read_text())["model"]
+    # PNGs carry AUTOMATIC1111's "Lora hashes": of a .safetensors file, the SHA-256 past its header
+    data = (tmp_path / "s.safetensors").read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    assert exported["loras"][0]["a1111_hash"] == addnet != exported["loras"][0]["sha256"]
+    from PIL import Image
+
+    assert f'Lora hashes: "s: {addnet[:12]}"' in Image.open(tmp_path / "x.png").info["parameters"]
     # the same weights as ldm-export merges, and the manifest says so
     assert (cached["weights_sha256"], cached["loras"], cached["vae"], cached["embeddings"]) == (
         exported["weights_sha256"], exported["loras"], exported["vae"], exported["embeddings"])
