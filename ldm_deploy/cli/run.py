@@ -19,7 +19,11 @@ def parser() -> argparse.ArgumentParser:
     from ldm_deploy.engine.samplers import SAMPLERS
 
     p = argparse.ArgumentParser(prog="ldm-run", description=__doc__.split(": ", 1)[1])
-    p.add_argument("prompt", help="what to draw")
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw (with --from-png: the image's)")
+    p.add_argument("--from-png", metavar="FILE", default=None,
+                   help="draw again from the generation parameters in a PNG made by ldm-run or AUTOMATIC1111 "
+                        "(its prompt, negative prompt, steps, sampler, CFG scale, seed, size, clip skip, hires "
+                        "fix); options given here override them")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--engine", help="engine directory made by ldm-export")
     which.add_argument("--model", help="diffusers folder or .safetensors checkpoint (SD 1.x / 2.x): its ONNX "
@@ -133,8 +137,39 @@ def engine_dir(args) -> str:
     return str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
 
 
+# ldm-run options a PNG's parameters may set: dest -> the default when neither sets it.
+FROM_PNG = {"negative_prompt": "", "steps": 30, "guidance": 7.5, "seed": None, "width": None, "height": None,
+            "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
+            "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "strength": None}
+UNSET = object()
+
+
+def from_png(args, directory: Path) -> None:
+    """Fill what the command line left UNSET from --from-png's parameters, then from defaults."""
+    if args.from_png is not None:
+        from ldm_deploy.engine import infotext
+        from ldm_deploy.engine.manifest import read_manifest
+
+        prompt, negative, fields = infotext.parse(infotext.read_png(args.from_png))
+        given = {k for k in FROM_PNG if getattr(args, k) is not UNSET}
+        values, warnings = infotext.settings(fields, read_manifest(directory).model.weights_sha256, given)
+        for warning in warnings:
+            log.warning("%s", warning)
+        if args.prompt is None:
+            args.prompt = prompt
+        if "negative_prompt" not in given:
+            values["negative_prompt"] = negative
+        for key, value in values.items():
+            setattr(args, key, value)
+    for key, default in FROM_PNG.items():
+        if getattr(args, key) is UNSET:
+            setattr(args, key, default)
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    # Options a PNG may set start UNSET (argparse keeps what a namespace holds), so that those
+    # given on the command line can be told from defaults.
+    args = parser().parse_args(argv, namespace=argparse.Namespace(**{k: UNSET for k in FROM_PNG}))
     setup_logging(args.verbose)
 
     def go():
@@ -143,10 +178,8 @@ def main(argv=None) -> int:
 
         if args.num_images < 1:
             raise UserError(f"--num-images must be at least 1, got {args.num_images}")
-        if args.clip_skip < 1:
-            raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
-        if args.strength is not None and args.init_image is None:
-            log.warning("--strength applies to img2img only (with --init-image); ignored")
+        if args.prompt is None and args.from_png is None:
+            raise UserError("give a prompt, or --from-png FILE to draw a PNG's again")
         paths = output_paths(args.out, args.num_images)
         if not paths[0].parent.is_dir():
             raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")
@@ -164,6 +197,7 @@ def main(argv=None) -> int:
         if args.threads is not None and args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         directory = engine_dir(args)  # for --model: its ONNX Runtime engine, exported into the cache
+        from_png(args, Path(directory))
         if args.torch_compile is not None:
             from ldm_deploy.engine import backends
             from ldm_deploy.engine.manifest import read_manifest
@@ -176,6 +210,10 @@ def main(argv=None) -> int:
             options["compile"] = args.torch_compile
         pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
                              rebuild_stale=args.rebuild_stale, **options)
+        if args.clip_skip < 1:
+            raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
+        if args.strength is not None and args.init_image is None:
+            log.warning("--strength applies to img2img only (with --init-image); ignored")
         layers = pipe.manifest.model.text_layers
         if layers and args.clip_skip > layers:
             raise UserError(f"--clip-skip {args.clip_skip}: this model's text encoder has {layers} layers; "

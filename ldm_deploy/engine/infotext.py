@@ -1,0 +1,135 @@
+"""AUTOMATIC1111's generation parameters ("infotext"), read back: `ldm-run --from-png` draws an
+image again from the `parameters` text of a PNG that ldm-deploy, AUTOMATIC1111 or a tool writing
+its format (Forge, SD.Next, CivitAI's downloads) made.
+
+The text is the prompt (any number of lines), then a line starting "Negative prompt:" (it too may
+go on over lines), then one line of "Key: value" fields, values with commas JSON-quoted:
+
+    a lighthouse at dusk
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x768, ...
+
+`settings` turns the fields into ldm-run's options, with a warning for each one that would make
+the image come out otherwise here (another model, a sampler or upscaler not offered, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ldm_deploy.errors import UserError
+
+# One field: a name of words, then a quoted value or anything up to the next comma.
+FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+SIZE = re.compile(r"^(\d+)x(\d+)$")
+# Fields whose difference changes nothing here, or that say how the image was made elsewhere.
+QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lora hashes", "Emphasis",
+         "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
+         "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt"}
+
+
+def read_png(path: str | Path) -> str:
+    """The `parameters` text of a PNG, or a UserError saying why there is none."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = im.info.get("parameters")
+    except (OSError, ValueError) as e:
+        raise UserError(f"--from-png {path}: cannot read it ({e})") from None
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"--from-png {path}: it has no generation parameters (no 'parameters' text chunk, "
+                        "as AUTOMATIC1111 and ldm-run write them; image sites often strip it)")
+    return text
+
+
+def parse(text: str) -> tuple[str, str, dict[str, str]]:
+    """Infotext -> (prompt, negative prompt, {field: value}), as AUTOMATIC1111 reads its own: the
+    last line holds the fields where at least three parse."""
+    lines = text.strip().split("\n")
+    fields: dict[str, str] = {}
+    if len(FIELD.findall(lines[-1])) >= 3:
+        for key, value in FIELD.findall(lines.pop()):
+            if len(value) > 1 and value[0] == value[-1] == '"':
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError:
+                    pass
+            fields[key.strip()] = value.strip()
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt).strip(), "\n".join(negative).strip(), fields
+
+
+def settings(fields: dict[str, str], model_hash: str, given: set = frozenset()) -> tuple[dict, list[str]]:
+    """The fields -> ({ldm-run option: value}, [warnings]). model_hash: the engine's weight hash,
+    compared with the image's "Model hash"; given: options set otherwise (the command line's),
+    whose fields are not read."""
+    from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
+    from ldm_deploy.engine.samplers import DISPLAY_NAMES
+
+    out, warnings = {}, []
+
+    def number(key, kind):
+        try:
+            return kind(fields[key])
+        except ValueError:
+            raise UserError(f"the image's {key} is {fields[key]!r}, not a number") from None
+
+    if "Steps" in fields:
+        out["steps"] = number("Steps", int)
+    if "CFG scale" in fields:
+        out["guidance"] = number("CFG scale", float)
+    if "Seed" in fields:
+        out["seed"] = number("Seed", int)
+    if "Size" in fields:
+        m = SIZE.match(fields["Size"])
+        if not m:
+            raise UserError(f"the image's Size is {fields['Size']!r}, not WIDTHxHEIGHT")
+        out["width"], out["height"] = int(m.group(1)), int(m.group(2))
+    if "Clip skip" in fields:
+        out["clip_skip"] = number("Clip skip", int)
+    if fields.get("Emphasis") == "None":
+        out["prompt_weighting"] = False
+    if "Sampler" in fields and "sampler" not in given:
+        out["sampler"] = sampler(fields["Sampler"], fields.get("Schedule type"), DISPLAY_NAMES)
+    if "Hires upscale" in fields:
+        out["hires_scale"] = number("Hires upscale", float)
+        if "Hires steps" in fields:
+            out["hires_steps"] = number("Hires steps", int)
+        if "Denoising strength" in fields:
+            out["hires_strength"] = number("Denoising strength", float)
+        upscaler = upscaler_name(fields.get("Hires upscaler", UPSCALERS[0]))
+        if upscaler in UPSCALERS:
+            out["hires_upscaler"] = upscaler
+        else:
+            warnings.append(f"the image's hires upscaler {fields['Hires upscaler']!r} is not offered here "
+                            f"(one of {', '.join(UPSCALERS)}); Lanczos enlarges it instead")
+    elif "Denoising strength" in fields:
+        out["strength"] = number("Denoising strength", float)  # img2img: with --init-image
+    theirs = fields.get("Model hash", "")
+    if theirs and not model_hash.startswith(theirs.lower()):
+        warnings.append(f"the image was drawn by a model with hash {theirs} ({fields.get('Model', 'unnamed')}); "
+                        f"this engine's is {model_hash[:10]}: another model, or the same weights in another "
+                        "format (a diffusers folder hashes otherwise than its checkpoint file)")
+    other = [k for k in fields if k not in QUIET]
+    if other:
+        warnings.append(f"the image's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not taken here, "
+                        "so the image may differ")
+    return {k: v for k, v in out.items() if k not in given}, warnings
+
+
+def sampler(name: str, schedule: str | None, display_names: dict) -> str:
+    """AUTOMATIC1111's sampler (and, since its 1.9, separate schedule type) -> ours."""
+    ours = {display.lower(): key for key, display in display_names.items()}
+    full = f"{name} {schedule}" if schedule and schedule not in ("Automatic", "Uniform") else name
+    key = ours.get(full.lower())
+    if key is None:
+        raise UserError(f"the image's sampler {full!r} is not offered here; pass --sampler with one of "
+                        f"{', '.join(display_names)} ({', '.join(display_names.values())})")
+    return key

@@ -1,0 +1,82 @@
+"""AUTOMATIC1111's generation parameters read back (`ldm-run --from-png`): its format as it
+documents and writes it, and our own PNGs drawn again to the pixel."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_deploy.cli import run as run_cli
+from ldm_deploy.engine.infotext import parse, settings
+from ldm_deploy.errors import UserError
+
+A1111 = ("masterpiece, a cat\non a (red:1.2) sofa\n"
+         "Negative prompt: blurry, lowres\nworst quality\n"
+         'Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, '
+         'Model hash: abcdef1234, Model: dreamshaper_8, Denoising strength: 0.5, Clip skip: 2, '
+         'Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent (nearest-exact), '
+         'Lora hashes: "detail: 0123456789ab, style: ba9876543210", ENSD: 31337, Version: v1.10.1')
+
+
+def test_parse_reads_automatic1111s_format():
+    prompt, negative, fields = parse(A1111)
+    assert prompt == "masterpiece, a cat\non a (red:1.2) sofa"
+    assert negative == "blurry, lowres\nworst quality"
+    assert fields["Lora hashes"] == "detail: 0123456789ab, style: ba9876543210"  # unquoted
+    assert fields["Size"] == "512x768" and fields["Version"] == "v1.10.1" and len(fields) == 16
+    assert parse("just a prompt\nNegative prompt: x") == ("just a prompt", "x", {})  # no field line
+    assert parse("a: b, c\nSteps: 2") == ("a: b, c\nSteps: 2", "", {})  # under three fields: prompt
+
+
+def test_settings_map_fields_to_options_and_say_what_differs():
+    out, warnings = settings(parse(A1111)[2], "abcdef1234" + "0" * 54)
+    assert out == {"steps": 20, "guidance": 7.0, "seed": 1234, "width": 512, "height": 768, "clip_skip": 2,
+                   "sampler": "dpmpp_2m_karras", "hires_scale": 2.0, "hires_steps": 10, "hires_strength": 0.5,
+                   "hires_upscaler": "Latent (nearest-exact)"}
+    assert warnings == ["the image's ENSD is not taken here, so the image may differ"]
+    fields = {"Sampler": "Euler a", "Steps": "4", "Seed": "1", "Denoising strength": "0.3", "Emphasis": "None",
+              "Model hash": "0123456789", "Hires upscale": "1.5", "Hires upscaler": "R-ESRGAN 4x+"}
+    out, warnings = settings(fields, "f" * 64, given={"steps"})
+    assert out == {"seed": 1, "prompt_weighting": False, "sampler": "euler_a", "hires_scale": 1.5,
+                   "hires_strength": 0.3}
+    assert "hires upscaler 'R-ESRGAN 4x+' is not offered here" in warnings[0]
+    assert "drawn by a model with hash 0123456789 (unnamed); this engine's is ffffffffff" in warnings[1]
+    assert settings({"Denoising strength": "0.4", "Steps": "2", "Seed": "3"}, "")[0]["strength"] == 0.4
+    with pytest.raises(UserError, match=r"sampler 'DPM\+\+ 2M Exponential' is not offered here; pass --sampler"):
+        settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, "")
+    assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, "", given={"sampler"})[0] == {}
+    with pytest.raises(UserError, match="the image's Steps is 'twenty', not a number"):
+        settings({"Steps": "twenty"}, "")
+
+
+def test_a_png_draws_again_to_the_pixel(engine_dirs, tmp_path, capsys, caplog):
+    engine = str(engine_dirs["tiny-sd1"])
+    first = tmp_path / "a.png"
+    assert run_cli.main(["a (lighthouse:1.2) [at dusk|at dawn]", "--engine", engine, "--steps", "3",
+                         "--sampler", "heun", "--clip-skip", "2", "--seed", "5", "--width", "96", "--height", "64",
+                         "--negative-prompt", "fog, rain", "--hires-scale", "2", "--hires-upscaler", "latent",
+                         "--hires-steps", "2", "--out", str(first), "-q"]) == 0, capsys.readouterr().err
+    again = tmp_path / "b.png"
+    with caplog.at_level(logging.WARNING):
+        assert run_cli.main(["--from-png", str(first), "--engine", engine, "--out", str(again), "-q"]) == 0
+    assert not caplog.text  # nothing it cannot take
+    a, b = Image.open(first), Image.open(again)
+    assert a.info["parameters"] == b.info["parameters"] and a.size == (192, 128)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Options given override the image's; the prompt too.
+    assert run_cli.main(["a tree", "--from-png", str(first), "--engine", engine, "--steps", "2",
+                         "--out", str(again), "-q"]) == 0
+    text = Image.open(again).info["parameters"]
+    assert text.startswith("a tree\nNegative prompt: fog, rain\nSteps: 2, Sampler: Heun") and "Clip skip: 2" in text
+
+
+def test_from_png_needs_parameters(engine_dirs, tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    code = run_cli.main(["--from-png", str(tmp_path / "plain.png"), "--engine", str(engine_dirs["tiny-sd1"])])
+    err = capsys.readouterr().err
+    assert code == 2 and "it has no generation parameters" in err and "Traceback" not in err
+    code = run_cli.main(["--engine", str(engine_dirs["tiny-sd1"])])
+    assert code == 2 and "give a prompt, or --from-png" in capsys.readouterr().err
