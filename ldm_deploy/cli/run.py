@@ -144,15 +144,16 @@ FROM_PNG = {"negative_prompt": "", "steps": 30, "guidance": 7.5, "seed": None, "
 UNSET = object()
 
 
-def from_png(args, directory: Path) -> None:
-    """Fill what the command line left UNSET from --from-png's parameters, then from defaults."""
+def from_png(args) -> dict:
+    """Fill what the command line left UNSET from --from-png's parameters, then from defaults;
+    returns the PNG's fields (none without --from-png)."""
+    fields = {}
     if args.from_png is not None:
         from ldm_deploy.engine import infotext
-        from ldm_deploy.engine.manifest import read_manifest
 
         prompt, negative, fields = infotext.parse(infotext.read_png(args.from_png))
         given = {k for k in FROM_PNG if getattr(args, k) is not UNSET}
-        values, warnings = infotext.settings(fields, read_manifest(directory).model.weights_sha256, given)
+        values, warnings = infotext.settings(fields, given)
         for warning in warnings:
             log.warning("%s", warning)
         if args.prompt is None:
@@ -164,6 +165,7 @@ def from_png(args, directory: Path) -> None:
     for key, default in FROM_PNG.items():
         if getattr(args, key) is UNSET:
             setattr(args, key, default)
+    return fields
 
 
 def main(argv=None) -> int:
@@ -180,6 +182,9 @@ def main(argv=None) -> int:
             raise UserError(f"--num-images must be at least 1, got {args.num_images}")
         if args.prompt is None and args.from_png is None:
             raise UserError("give a prompt, or --from-png FILE to draw a PNG's again")
+        fields = from_png(args)  # before a --model export: its mistakes are found in seconds
+        if args.clip_skip < 1:
+            raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
         paths = output_paths(args.out, args.num_images)
         if not paths[0].parent.is_dir():
             raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")
@@ -197,7 +202,6 @@ def main(argv=None) -> int:
         if args.threads is not None and args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
         directory = engine_dir(args)  # for --model: its ONNX Runtime engine, exported into the cache
-        from_png(args, Path(directory))
         if args.torch_compile is not None:
             from ldm_deploy.engine import backends
             from ldm_deploy.engine.manifest import read_manifest
@@ -210,8 +214,12 @@ def main(argv=None) -> int:
             options["compile"] = args.torch_compile
         pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
                              rebuild_stale=args.rebuild_stale, **options)
-        if args.clip_skip < 1:
-            raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
+        if fields:
+            from ldm_deploy.engine.infotext import model_warning
+
+            warning = model_warning(fields, pipe.manifest.model.weights_sha256)
+            if warning:
+                log.warning("%s", warning)
         if args.strength is not None and args.init_image is None:
             log.warning("--strength applies to img2img only (with --init-image); ignored")
         layers = pipe.manifest.model.text_layers

@@ -24,6 +24,9 @@ from ldm_deploy.errors import UserError
 # One field: a name of words, then a quoted value or anything up to the next comma.
 FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 SIZE = re.compile(r"^(\d+)x(\d+)$")
+# AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
+AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
+                       "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
 # Fields whose difference changes nothing here, or that say how the image was made elsewhere.
 QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lora hashes", "Emphasis",
          "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
@@ -36,8 +39,9 @@ def read_png(path: str | Path) -> str:
 
     try:
         with Image.open(path) as im:
+            im.load()  # text chunks after the image data
             text = im.info.get("parameters")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"--from-png {path}: cannot read it ({e})") from None
     if not isinstance(text, str) or not text.strip():
         raise UserError(f"--from-png {path}: it has no generation parameters (no 'parameters' text chunk, "
@@ -66,68 +70,78 @@ def parse(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt).strip(), "\n".join(negative).strip(), fields
 
 
-def settings(fields: dict[str, str], model_hash: str, given: set = frozenset()) -> tuple[dict, list[str]]:
-    """The fields -> ({ldm-run option: value}, [warnings]). model_hash: the engine's weight hash,
-    compared with the image's "Model hash"; given: options set otherwise (the command line's),
-    whose fields are not read."""
+def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, list[str]]:
+    """The fields -> ({ldm-run option: value}, [warnings]). given: options set otherwise (the
+    command line's), whose fields are not read."""
     from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
     from ldm_deploy.engine.samplers import DISPLAY_NAMES
 
     out, warnings = {}, []
 
-    def number(key, kind):
+    def number(key, kind, option):
+        if option in given:
+            return None  # set on the command line: the field is not read
         try:
             return kind(fields[key])
         except ValueError:
             raise UserError(f"the image's {key} is {fields[key]!r}, not a number") from None
 
     if "Steps" in fields:
-        out["steps"] = number("Steps", int)
+        out["steps"] = number("Steps", int, "steps")
     if "CFG scale" in fields:
-        out["guidance"] = number("CFG scale", float)
+        out["guidance"] = number("CFG scale", float, "guidance")
     if "Seed" in fields:
-        out["seed"] = number("Seed", int)
+        out["seed"] = number("Seed", int, "seed")
     if "Size" in fields:
         m = SIZE.match(fields["Size"])
         if not m:
             raise UserError(f"the image's Size is {fields['Size']!r}, not WIDTHxHEIGHT")
         out["width"], out["height"] = int(m.group(1)), int(m.group(2))
     if "Clip skip" in fields:
-        out["clip_skip"] = number("Clip skip", int)
+        out["clip_skip"] = number("Clip skip", int, "clip_skip")
     if fields.get("Emphasis") == "None":
         out["prompt_weighting"] = False
     if "Sampler" in fields and "sampler" not in given:
         out["sampler"] = sampler(fields["Sampler"], fields.get("Schedule type"), DISPLAY_NAMES)
     if "Hires upscale" in fields:
-        out["hires_scale"] = number("Hires upscale", float)
+        out["hires_scale"] = number("Hires upscale", float, "hires_scale")
         if "Hires steps" in fields:
-            out["hires_steps"] = number("Hires steps", int)
+            out["hires_steps"] = number("Hires steps", int, "hires_steps")
         if "Denoising strength" in fields:
-            out["hires_strength"] = number("Denoising strength", float)
+            out["hires_strength"] = number("Denoising strength", float, "hires_strength")
         upscaler = upscaler_name(fields.get("Hires upscaler", UPSCALERS[0]))
-        if upscaler in UPSCALERS:
+        if upscaler in ("None", "hires_upscaler"):
+            upscaler = UPSCALERS[0]
+        if upscaler in UPSCALERS or "hires_upscaler" in given:
             out["hires_upscaler"] = upscaler
         else:
             warnings.append(f"the image's hires upscaler {fields['Hires upscaler']!r} is not offered here "
                             f"(one of {', '.join(UPSCALERS)}); Lanczos enlarges it instead")
     elif "Denoising strength" in fields:
-        out["strength"] = number("Denoising strength", float)  # img2img: with --init-image
-    theirs = fields.get("Model hash", "")
-    if theirs and not model_hash.startswith(theirs.lower()):
-        warnings.append(f"the image was drawn by a model with hash {theirs} ({fields.get('Model', 'unnamed')}); "
-                        f"this engine's is {model_hash[:10]}: another model, or the same weights in another "
-                        "format (a diffusers folder hashes otherwise than its checkpoint file)")
+        out["strength"] = number("Denoising strength", float, "strength")  # img2img: with --init-image
     other = [k for k in fields if k not in QUIET]
     if other:
         warnings.append(f"the image's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not taken here, "
                         "so the image may differ")
-    return {k: v for k, v in out.items() if k not in given}, warnings
+    return {k: v for k, v in out.items() if k not in given and v is not None}, warnings
+
+
+def model_warning(fields: dict[str, str], model_hash: str) -> str | None:
+    """A warning where the image's "Model hash" is not the engine's weight hash."""
+    theirs = fields.get("Model hash", "")
+    if theirs and not model_hash.startswith(theirs.lower()):
+        return (f"the image was drawn by a model with hash {theirs} ({fields.get('Model', 'unnamed')}); this "
+                f"engine's is {model_hash[:10]}: another model, the same weights in another format (a diffusers "
+                "folder hashes otherwise than its checkpoint file), or with LoRAs or embeddings merged")
+    return None
 
 
 def sampler(name: str, schedule: str | None, display_names: dict) -> str:
     """AUTOMATIC1111's sampler (and, since its 1.9, separate schedule type) -> ours."""
     ours = {display.lower(): key for key, display in display_names.items()}
-    full = f"{name} {schedule}" if schedule and schedule not in ("Automatic", "Uniform") else name
+    if schedule == "Automatic":  # AUTOMATIC1111 1.9+: the sampler's own default schedule
+        schedule = AUTOMATIC_SCHEDULES.get(name)
+    full = f"{name} {schedule}" if schedule and schedule != "Uniform" else name
     key = ours.get(full.lower())
     if key is None:
         raise UserError(f"the image's sampler {full!r} is not offered here; pass --sampler with one of "

@@ -245,8 +245,9 @@ class Pipeline:
 
         # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
         texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
-        if req.prompt_weighting:  # AUTOMATIC1111's syntax: its <lora:...> tags are not words
-            texts = [self.without_tags(t) for t in texts]
+        if req.prompt_weighting:  # AUTOMATIC1111's syntax: its <lora:...> tags are not words (in the
+            # prompt: as there, a negative prompt's are read as text)
+            texts = texts[: len(texts) - b] + [self.without_tags(t) for t in texts[len(texts) - b:]]
         k = len(texts) // b
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)
         # Each U-Net step's texts (prompt editing changes them), each distinct set encoded once.
@@ -407,7 +408,8 @@ class Pipeline:
             fields.update(hires.fields(fix))
         if req.clip_skip:
             fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
-        if not req.prompt_weighting and re.search(r"[()\[\]]", req.prompts[i] + req.negative_prompts[i]):
+        if not req.prompt_weighting and re.search(r"[()\[\]]|<\w+:[^>]+>|\bBREAK\b",
+                                                  req.prompts[i] + req.negative_prompts[i]):
             fields["Emphasis"] = "None"  # AUTOMATIC1111's setting that reads brackets as plain text
         loras = [f"{lora['name']}: {lora['a1111_hash'][:12]}" for lora in self.manifest.model.loras
                  if lora.get("a1111_hash")]  # merged: in every image (engines before the hash: none)

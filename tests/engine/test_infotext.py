@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ldm_deploy.cli import run as run_cli
-from ldm_deploy.engine.infotext import parse, settings
+from ldm_deploy.engine.infotext import model_warning, parse, settings
 from ldm_deploy.errors import UserError
 
 A1111 = ("masterpiece, a cat\non a (red:1.2) sofa\n"
@@ -32,24 +32,28 @@ def test_parse_reads_automatic1111s_format():
 
 
 def test_settings_map_fields_to_options_and_say_what_differs():
-    out, warnings = settings(parse(A1111)[2], "abcdef1234" + "0" * 54)
+    out, warnings = settings(parse(A1111)[2])
+    assert model_warning(parse(A1111)[2], "abcdef1234" + "0" * 54) is None
     assert out == {"steps": 20, "guidance": 7.0, "seed": 1234, "width": 512, "height": 768, "clip_skip": 2,
                    "sampler": "dpmpp_2m_karras", "hires_scale": 2.0, "hires_steps": 10, "hires_strength": 0.5,
                    "hires_upscaler": "Latent (nearest-exact)"}
     assert warnings == ["the image's ENSD is not taken here, so the image may differ"]
     fields = {"Sampler": "Euler a", "Steps": "4", "Seed": "1", "Denoising strength": "0.3", "Emphasis": "None",
               "Model hash": "0123456789", "Hires upscale": "1.5", "Hires upscaler": "R-ESRGAN 4x+"}
-    out, warnings = settings(fields, "f" * 64, given={"steps"})
+    out, warnings = settings(fields | {"Steps": "many"}, given={"steps"})  # overridden: not read
     assert out == {"seed": 1, "prompt_weighting": False, "sampler": "euler_a", "hires_scale": 1.5,
                    "hires_strength": 0.3}
     assert "hires upscaler 'R-ESRGAN 4x+' is not offered here" in warnings[0]
-    assert "drawn by a model with hash 0123456789 (unnamed); this engine's is ffffffffff" in warnings[1]
-    assert settings({"Denoising strength": "0.4", "Steps": "2", "Seed": "3"}, "")[0]["strength"] == 0.4
-    with pytest.raises(UserError, match=r"sampler 'DPM\+\+ 2M Exponential' is not offered here; pass --sampler"):
-        settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, "")
-    assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, "", given={"sampler"})[0] == {}
+    assert "drawn by a model with hash 0123456789 (unnamed); this engine's is ffffffffff" in model_warning(fields, "f" * 64)
+    # AUTOMATIC1111 1.9's "Automatic" schedule is the sampler's own: Karras for DPM++ 2M
+    assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Automatic"})[0] == {"sampler": "dpmpp_2m_karras"}
+    assert settings({"Sampler": "DPM++ 2M"})[0] == {"sampler": "dpmpp_2m"}  # before 1.9: uniform
+    assert settings({"Denoising strength": "0.4", "Steps": "2", "Seed": "3"})[0]["strength"] == 0.4
+    with pytest.raises(UserError, match=r"sampler 'DPM\+\+ 2M SDE Exponential' is not offered here; pass --sampler"):
+        settings({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic"})  # its own: Exponential
+    assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, given={"sampler"})[0] == {}
     with pytest.raises(UserError, match="the image's Steps is 'twenty', not a number"):
-        settings({"Steps": "twenty"}, "")
+        settings({"Steps": "twenty"})
 
 
 def test_a_png_draws_again_to_the_pixel(engine_dirs, tmp_path, capsys, caplog):
