@@ -24,6 +24,9 @@ from ldm_deploy.errors import UserError
 # One field: a name of words, then a quoted value or anything up to the next comma.
 FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 SIZE = re.compile(r"^(\d+)x(\d+)$")
+# Number fields -> (ldm-run option, type); Clip skip counts as ldm-run's --clip-skip does.
+NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
+           "Clip skip": ("clip_skip", int)}
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
@@ -86,19 +89,14 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         except ValueError:
             raise UserError(f"the image's {key} is {fields[key]!r}, not a number") from None
 
-    if "Steps" in fields:
-        out["steps"] = number("Steps", int, "steps")
-    if "CFG scale" in fields:
-        out["guidance"] = number("CFG scale", float, "guidance")
-    if "Seed" in fields:
-        out["seed"] = number("Seed", int, "seed")
+    for key, (option, kind) in NUMBERS.items():
+        if key in fields:
+            out[option] = number(key, kind, option)
     if "Size" in fields:
         m = SIZE.match(fields["Size"])
         if not m:
             raise UserError(f"the image's Size is {fields['Size']!r}, not WIDTHxHEIGHT")
         out["width"], out["height"] = int(m.group(1)), int(m.group(2))
-    if "Clip skip" in fields:
-        out["clip_skip"] = number("Clip skip", int, "clip_skip")
     if fields.get("Emphasis") == "None":
         out["prompt_weighting"] = False
     if "Sampler" in fields and "sampler" not in given:
@@ -110,7 +108,7 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         if "Denoising strength" in fields:
             out["hires_strength"] = number("Denoising strength", float, "hires_strength")
         upscaler = upscaler_name(fields.get("Hires upscaler", UPSCALERS[0]))
-        if upscaler in ("None", "hires_upscaler"):
+        if upscaler == "None":  # AUTOMATIC1111's plain resize: Lanczos
             upscaler = UPSCALERS[0]
         if upscaler in UPSCALERS or "hires_upscaler" in given:
             out["hires_upscaler"] = upscaler
