@@ -26,11 +26,16 @@ def advice(kind: str, arguments: str, loras: tuple) -> str | None:
     tag = f"<{kind}:{arguments}>"
     if kind not in LORA_KINDS:
         return f"the prompt's {tag} is not applied: ldm-deploy runs no {kind} extra networks"
-    name, *rest = arguments.split(":")
-    try:
-        weight = float(rest[0]) if rest and "=" not in rest[0] else 1.0
-    except ValueError:
-        weight = 1.0
+    name, weights = lora_weights(arguments)
+    if weights is None:
+        return f"the prompt's {tag} is not applied: its weights are not numbers"
+    if weights == (0.0, 0.0):
+        return None  # off: nothing to apply
+    te, unet = weights
+    if te != unet:
+        return f"the prompt's {tag} is not applied: its text encoder and U-Net weights differ ({te:g}, " \
+               f"{unet:g}), and --lora merges one weight into both"
+    weight = te
     merged = {lora["name"]: lora["weight"] for lora in loras}
     fix = f"export it with --lora {name}.safetensors:{weight:g} (ldm-export, or ldm-run --model)"
     if name not in merged:
@@ -41,3 +46,23 @@ def advice(kind: str, arguments: str, loras: tuple) -> str | None:
         return f"the prompt's {tag} is not applied at {weight:g}: this engine has {name} merged at weight " \
                f"{merged[name]:g}; for another weight, {fix}"
     return None
+
+
+def lora_weights(arguments: str) -> tuple[str, tuple[float, float] | None]:
+    """"name:0.8:0.5", "name:te=0.8:unet=0.5", ... -> (name, (text encoder weight, U-Net weight)),
+    as AUTOMATIC1111 reads them: the first weight 1 by default, the U-Net's the first's; None
+    where a weight is not a number."""
+    name, *items = arguments.split(":")
+    positional, named = [], {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if eq:
+            named[key.strip()] = value
+        else:
+            positional.append(item)
+    try:
+        te = float(named.get("te", positional[0] if positional else 1.0))
+        unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+    except ValueError:
+        return name, None
+    return name, (te, unet)

@@ -20,7 +20,7 @@ def test_tags_come_out_of_the_text():
 
 def test_advice_names_what_the_engine_holds():
     assert advice("lora", "detail:0.8", LORAS) is None  # merged at that weight: applied
-    assert advice("lyco", "detail:0.8:0.5", LORAS) is None  # the text encoder's weight is the one compared
+    assert advice("lyco", "detail:0.8:0.8", LORAS) is None
     assert advice("lora", "detail", ({"name": "detail", "weight": 1.0},)) is None  # default weight 1
     assert advice("lora", "detail:0.5", LORAS) == (
         "the prompt's <lora:detail:0.5> is not applied at 0.5: this engine has detail merged at weight 0.8; "
@@ -29,6 +29,11 @@ def test_advice_names_what_the_engine_holds():
         "the prompt's <lora:style:1> is not applied: LoRAs are merged into an engine when it is exported, and "
         "this one holds only detail; export it with --lora style.safetensors:1 (ldm-export, or ldm-run --model)")
     assert "this one holds none;" in advice("lora", "style:te=1", ())
+    # AUTOMATIC1111's named and second weights: te= the text encoder's, unet= (or the second) the U-Net's
+    assert advice("lora", "detail:te=0.8", LORAS) is None and advice("lora", "detail:0:0", ()) is None
+    assert "its text encoder and U-Net weights differ (0.8, 0.2)" in advice("lora", "detail:0.8:0.2", LORAS)
+    assert "weights differ (1, 0)" in advice("lora", "detail:unet=0", LORAS)
+    assert "its weights are not numbers" in advice("lora", "detail:abc", LORAS)
     assert advice("hypernet", "x:1", LORAS) == "the prompt's <hypernet:x:1> is not applied: ldm-deploy runs no " \
                                                "hypernet extra networks"
 
