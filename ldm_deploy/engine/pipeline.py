@@ -197,7 +197,7 @@ class Pipeline:
             raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
         gen = generator if generator is not None else noise.seeded(req.seeds)
         # A Latent upscaler takes the first pass's latents; output_type="latent" wants the last's.
-        decode = (fix is None and output_type != "latent") or (fix is not None and not fix.latent)
+        decode = output_type != "latent" if fix is None else not fix.latent
         out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
             self.generate(sub_req, init, sub_latents, sub_gen, progress, decode)
             for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
@@ -287,7 +287,8 @@ class Pipeline:
 
     def encode_text(self, sets: list[tuple[str, ...]], k: int, req: Request) -> list:
         """Sets of (K*B,) texts -> a (K, B, n * 77, D) embedding each, the text encoder run once a
-        chunk; n is the same for all (shorter texts get chunks of "", tokenizer.py)."""
+        chunk; n is the same for all (shorter texts repeat their chunks or get chunks of "",
+        tokenizer.py)."""
         be, m = self.backend, self.manifest.model
         flat = [t for texts in sets for t in texts]
         ids, weights = self.tokenizer(flat, req.prompt_weighting, self.manifest.max_text_chunks)  # (S*K*B, n, 77)
@@ -296,6 +297,7 @@ class Pipeline:
                                  "emphasis); re-export it with ldm-export --force, or turn prompt weighting off")
         e = len(sets[0])
         shape = (k, e // k, m.text_length)
+        clip_skip = be.upload(np.array([req.clip_skip], np.int64)) if m.text_layers else None
         out = []
         for first in range(0, len(flat), e):
             rows = slice(first, first + e)
@@ -303,7 +305,7 @@ class Pipeline:
             for i in range(ids.shape[1]):
                 inputs = {"input_ids": be.upload(np.ascontiguousarray(ids[rows, i]).reshape(shape))}
                 if m.text_layers:
-                    inputs["clip_skip"] = be.upload(np.array([req.clip_skip], np.int64))
+                    inputs["clip_skip"] = clip_skip
                     inputs["token_weights"] = be.upload(np.ascontiguousarray(weights[rows, i]).reshape(shape))
                 chunks.append(be.empty((*shape, m.text_width)))
                 be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": chunks[-1]}))
