@@ -14,14 +14,14 @@ from ldm_deploy.engine.spec import VAE_SCALE
 from ldm_deploy.errors import InvalidRequest, UserError
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, what: str = "init image") -> Image.Image:
     """Read an image file as RGB; a clear error if it cannot be read."""
     try:
         with Image.open(path) as im:
             rgb = to_rgb(im)
             return im.copy() if rgb is im else rgb  # read before the file closes
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidRequest(f"cannot read the init image {path}: {e}") from None
+        raise InvalidRequest(f"cannot read the {what} {path}: {e}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -116,6 +116,32 @@ def to_model_input(image: Image.Image, width: int, height: int) -> np.ndarray:
         image = image.resize((width, height), resample=Image.LANCZOS)
     a = np.asarray(image, dtype=np.float32) / 255.0
     return (2.0 * a - 1.0).transpose(2, 0, 1)[None]
+
+
+def as_mask(mask) -> Image.Image | None:
+    """An inpainting mask as an 8-bit greyscale image (white: redraw, black: keep), from a path,
+    a PIL image or an (H, W), (H, W, 1) or (H, W, 3) array (uint8, or floats in [0, 1])."""
+    if mask is None:
+        return None
+    if isinstance(mask, (str, Path)):
+        return open_image(mask, "mask").convert("L")
+    if isinstance(mask, Image.Image):
+        return to_rgb(mask).convert("L")
+    if isinstance(mask, np.ndarray) and (mask.ndim == 2 or mask.ndim == 3 and mask.shape[2] in (1, 3, 4)):
+        a = to_uint8(mask if mask.ndim == 2 else mask[..., :3] if mask.shape[2] != 1 else mask[..., 0],
+                     what="the mask array")
+        return Image.fromarray(a).convert("L")
+    what = f"an array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
+    raise InvalidRequest(f"mask must be a path, a PIL image or an (H, W) array; got {what}")
+
+
+def mask_to_model_input(mask: Image.Image, width: int, height: int) -> np.ndarray:
+    """Greyscale mask -> (1, 1, H, W) float32 of 0 (keep) and 1 (redraw), as diffusers' mask
+    processor makes it: resized with Lanczos (only when the size differs), then cut at 0.5."""
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), resample=Image.LANCZOS)
+    a = np.asarray(mask, dtype=np.float32) / 255.0
+    return (a >= 0.5).astype(np.float32)[None, None]
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:

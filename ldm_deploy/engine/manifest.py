@@ -42,11 +42,13 @@ class ModelInfo:
     embeddings: tuple = ()
     text_layers: int = 0  # the text encoder's layers, for clip skip (engines written before it: 0, none)
     long_prompts: bool = False  # the U-Net step takes dims["text_chunks"] chunks of text (before it: one)
+    masks: bool = False  # the U-Net step takes an inpainting mask (before it: none)
+    inpainting: bool = False  # an inpainting U-Net (9 channels in: latents, mask, masked image)
 
     @property
     def facts(self) -> ModelFacts:
         return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale, self.text_layers,
-                          self.long_prompts)
+                          self.long_prompts, self.masks, self.inpainting)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ class Pipeline:
         num_images: int = 1,
         sampler: str = "dpmpp_2m_karras",
         init_image=None,
-        strength: float = 0.8,
+        mask=None,
+        strength: float | None = None,
         clip_skip: int | None = None,
         prompt_weighting: bool = False,
         hires_scale: float | None = None,
@@ -102,7 +103,12 @@ class Pipeline:
         (B, H, W, 3) float32 array in [0, 1], or for "latent" the (B, C, H/8, W/8) final latents
         (undecoded), as diffusers does.
 
-        init_image (a path, a PIL image or an array) switches to img2img with `strength`.
+        init_image (a path, a PIL image or an array) switches to img2img with `strength` (default 0.8).
+        mask (a path, a PIL image or an (H, W) array; white: redraw, black: keep) inpaints the init
+        image, as diffusers' StableDiffusionInpaintPipeline does (strength then defaults to 1.0):
+        an inpainting model takes the mask and the masked image at every step; any other model
+        has the kept part put back at each step's noise level. An inpainting model given no mask
+        redraws the whole image (txt2img: from a blank one), as AUTOMATIC1111 runs them.
         clip_skip: text encoder layers skipped, as diffusers counts them (1: the penultimate
         layer's output, AUTOMATIC1111's "Clip skip: 2"), for the prompt and the negative prompt
         alike, as AUTOMATIC1111 and ComfyUI do (diffusers' StableDiffusionPipeline skips them
@@ -122,11 +128,11 @@ class Pipeline:
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
-        num_images_per_prompt, image. (_hires_pass: internal, (first pass steps, hires steps)
+        num_images_per_prompt, image, mask_image. (_hires_pass: internal, (first pass steps, hires steps)
         when this call is the hires fix's second pass.)
         """
         given = {"steps": steps != 30, "guidance": guidance != 7.5, "num_images": num_images != 1,
-                 "init_image": init_image is not None}
+                 "init_image": init_image is not None, "mask": mask is not None}
         for theirs, value in diffusers_names.items():
             ours = DIFFUSERS_NAMES.get(theirs)
             if ours is None:
@@ -137,6 +143,7 @@ class Pipeline:
         guidance = diffusers_names.get("guidance_scale", guidance)
         num_images = diffusers_names.get("num_images_per_prompt", num_images)
         init_image = diffusers_names.get("image", init_image)
+        mask = diffusers_names.get("mask_image", mask)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negs) != len(prompts):
@@ -146,6 +153,10 @@ class Pipeline:
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise InvalidRequest(f"num_images must be a whole number of at least 1, got {num_images!r}")
         init = images.as_init_image(init_image)
+        mask = images.as_mask(mask)
+        self.check_mask(init, mask, hires_scale)
+        if strength is None:
+            strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting and img2img defaults
         if init is not None:
             default_w, default_h = images.init_image_size(init, self.manifest.model.vae_scale)
             self.check_init_size(init, width, height)
@@ -199,7 +210,7 @@ class Pipeline:
         # A Latent upscaler takes the first pass's latents; output_type="latent" wants the last's.
         decode = output_type != "latent" if fix is None else not fix.latent
         out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
-            self.generate(sub_req, init, sub_latents, sub_gen, progress, decode)
+            self.generate(sub_req, init, sub_latents, sub_gen, progress, decode, mask)
             for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
         ])
         if fix is not None:
@@ -236,7 +247,8 @@ class Pipeline:
             ))
         return np.concatenate(out)
 
-    def generate(self, req: Request, init, latents, generator, progress: bool, decode: bool = True) -> np.ndarray:
+    def generate(self, req: Request, init, latents, generator, progress: bool, decode: bool = True,
+                 mask=None) -> np.ndarray:
         """Run one request; returns (B, H, W, 3) float32 in [0, 1] (decode False: the final
         latents, (B, C, H/8, W/8), as diffusers' output_type="latent")."""
         be, m = self.backend, self.manifest.model
@@ -257,7 +269,10 @@ class Pipeline:
         step_emb = [emb[t] for t in per_step]
 
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
-        if init is not None:
+        step_masks = None  # per step: the U-Net step's mask and image_latents (engines with masks)
+        if m.inpainting or mask is not None:
+            x, step_masks = self.inpaint_start(init, mask, req, sp, generator, latents, shape)
+        elif init is not None:
             x = self.encode(init, req, sp, generator, latents, shape)
         else:
             start = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
@@ -266,7 +281,11 @@ class Pipeline:
             step_noise = [be.upload(noise.draw(generator, shape)) for _ in range(sp.steps)]
         else:
             step_noise = [be.upload(np.zeros(shape, np.float32))] * sp.steps
-        x = self.denoise(x, step_emb, sp, step_noise, shape, req, progress)
+        if m.masks and step_masks is None:  # nothing masked: mask 1 keeps every step's output as it is
+            keep = {"mask": be.upload(np.ones((b, 1, *shape[2:]), np.float32)),
+                    "image_latents": be.upload(np.zeros(shape, np.float32))}
+            step_masks = [keep] * sp.steps
+        x = self.denoise(x, step_emb, sp, step_noise, shape, req, progress, step_masks)
         if not decode:
             return be.download(x)
 
@@ -315,16 +334,18 @@ class Pipeline:
                        be.upload(np.concatenate([be.download(c) for c in chunks], axis=2)))
         return out
 
-    def denoise(self, x, step_emb, sp, step_noise, shape, req, progress):
+    def denoise(self, x, step_emb, sp, step_noise, shape, req, progress, step_masks=None):
         """The N-step loop: ping-pong latents and state between two buffer pairs; step_emb:
-        each step's text embeddings (one buffer for all, but where the prompt is edited)."""
+        each step's text embeddings (one buffer for all, but where the prompt is edited);
+        step_masks: each step's mask inputs (engines with masks)."""
         be = self.backend
         state, x_next, state_next = be.upload(np.zeros(shape, np.float32)), be.empty(shape), be.empty(shape)
         rows = [be.upload(r) for r in sp.rows]
         runs = []
         for i in range(sp.steps):
             runs.append(Run(
-                {"latents": x, "text_embeddings": step_emb[i], "coeffs": rows[i], "state": state, "noise": step_noise[i]},
+                {"latents": x, "text_embeddings": step_emb[i], "coeffs": rows[i], "state": state, "noise": step_noise[i],
+                 **(step_masks[i] if step_masks else {})},
                 {"latents_out": x_next, "state_out": state_next},
             ))
             x, x_next, state, state_next = x_next, x, state_next, state
@@ -340,13 +361,7 @@ class Pipeline:
             start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
             z = np.repeat(init.array, req.batch, axis=0)
             return be.upload(np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start_noise)
-        if "vae_encoder" not in self.manifest.files:
-            raise InvalidRequest(
-                f"{self.engine_dir} was exported without the VAE encoder (--no-img2img); "
-                "re-export without that flag to use --init-image"
-            )
-        if "vae_encoder" not in self.components:
-            self.components["vae_encoder"] = self.backend.load(self.engine_dir, self.manifest, "vae_encoder")
+        self.load_vae_encoder()
         pixels = images.to_model_input(init, req.width, req.height)
         pixels = np.repeat(pixels, req.batch, axis=0)
         if isinstance(generator, (list, tuple)):  # one per image: each image samples its own
@@ -363,6 +378,73 @@ class Pipeline:
         }
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
         return x
+
+    def load_vae_encoder(self) -> None:
+        if "vae_encoder" not in self.manifest.files:
+            raise InvalidRequest(
+                f"{self.engine_dir} was exported without the VAE encoder (--no-img2img); "
+                "re-export without that flag to use --init-image"
+            )
+        if "vae_encoder" not in self.components:
+            self.components["vae_encoder"] = self.backend.load(self.engine_dir, self.manifest, "vae_encoder")
+
+    def encode_latents(self, pixels: np.ndarray, sample_noise: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) in [-1, 1] -> the scaled latents (B, C, H/8, W/8) of that VAE sample."""
+        be = self.backend
+        self.load_vae_encoder()
+        out = be.empty(sample_noise.shape)
+        inputs = {"images": be.upload(pixels.astype(np.float32)), "sample_noise": be.upload(sample_noise),
+                  "start_noise": be.upload(np.zeros_like(sample_noise)),
+                  "start_coeffs": be.upload(np.array([1.0, 0.0], np.float32))}
+        be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
+        return be.download(out)
+
+    def inpaint_start(self, init, mask, req, sp, generator, latents, shape):
+        """Inpainting's start latents and each step's (mask, image_latents), as diffusers'
+        StableDiffusionInpaintPipeline makes them, its noise drawn in its order: the image's VAE
+        sample (not for an inpainting model at strength 1), the start noise, the masked image's
+        VAE sample. Like diffusers, the one image's latents are sampled once for the batch, with
+        the first generator of a list. No mask: all of it is redrawn; no image: a blank one."""
+        be, m = self.backend, self.manifest.model
+        b, c, h, w = shape
+        given = isinstance(init, images.InitLatents)  # (a Latent hires pass): no image to mask
+        pixels = (images.to_model_input(init, req.width, req.height) if init is not None and not given
+                  else np.zeros((1, 3, req.height, req.width), np.float32))  # (1, 3, H, W)
+        redraw = (images.mask_to_model_input(mask, req.width, req.height) if mask is not None
+                  else np.ones((1, 1, req.height, req.width), np.float32))  # (1, 1, H, W): 1 redraws
+        first = generator[0] if isinstance(generator, (list, tuple)) else generator
+        z = None
+        if given:
+            z = np.repeat(init.array, b, axis=0)
+        elif not m.inpainting or req.strength < 1:
+            z = np.repeat(self.encode_latents(pixels, noise.draw(first, (1, c, h, w))), b, axis=0)
+        start = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+        if req.strength == 1:
+            x = start * np.float32(sp.init_noise_scale)
+        else:
+            x = np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start
+        masked = self.encode_latents(pixels * (redraw < 0.5), noise.draw(first, (1, c, h, w)))
+        small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
+        mask_buffer = be.upload(np.repeat(small, b, axis=0))  # (B, 1, h, w)
+        if m.inpainting:  # the masked image, beside the latents at every step
+            known = [be.upload(np.repeat(masked, b, axis=0))] * sp.steps
+        else:  # the image where it is kept, noised to the level the next step starts from
+            known = [be.upload(np.float32(a) * z + np.float32(s) * start) for a, s in sp.known_levels()]
+        return be.upload(x), [{"mask": mask_buffer, "image_latents": k} for k in known]
+
+    def check_mask(self, init, mask, hires_scale) -> None:
+        if mask is None:
+            return
+        if init is None:
+            raise InvalidRequest("a mask needs the image it masks: pass init_image (ldm-run --init-image)")
+        if isinstance(init, images.InitLatents):
+            raise InvalidRequest("a mask needs an init image, not latents: pass the image itself")
+        if hires_scale is not None:
+            raise InvalidRequest("the hires fix draws a new image; it does not inpaint: leave out the mask "
+                                 "or hires_scale (--hires-scale)")
+        if not self.manifest.model.masks:
+            raise InvalidRequest("this engine's U-Net step takes no mask (it was exported before inpainting); "
+                                 "re-export it with ldm-export --force to inpaint")
 
     def check_init_size(self, init, width: int | None, height: int | None) -> None:
         """An init image whose own size is out of the engine's range, with no size given to
@@ -427,7 +509,7 @@ class Pipeline:
 
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
-                   "num_images_per_prompt": "num_images", "image": "init_image"}
+                   "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask"}
 
 
 # export/single_file.py's SAFE_SUFFIXES + PICKLE_SUFFIXES (the runtime imports nothing of export/)

@@ -102,6 +102,12 @@ class ModelFacts:
     # prompts longer than 75 tokens, encoded chunk by chunk as AUTOMATIC1111 does (tokenizer.py).
     # False: engines from before it, whose U-Net step takes one chunk.
     long_prompts: bool = False
+    # With it the U-Net step takes `mask` and `image_latents` (inpainting, below). False: engines
+    # from before it, which draw without masks.
+    masks: bool = False
+    # The U-Net is an inpainting one (SD 1.5 / 2.0 inpainting and their fine-tunes): it takes the
+    # mask and the masked image's latents beside the latents, 2 * latent_channels + 1 channels.
+    inpainting: bool = False
 
 
 def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
@@ -132,6 +138,12 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
             outputs=(f32("text_embeddings", (k, b, L, D)),),
         ),
         # One denoising step: CFG batching, U-Net, guidance, x0 conversion, sampler update.
+        # Inpainting (facts.masks), as diffusers' StableDiffusionInpaintPipeline: mask is 1 where
+        # the image is redrawn. An inpainting U-Net takes [mask, image_latents] (the masked
+        # image's latents) beside the latents; any other U-Net's step ends by putting the known
+        # part back, (1 - mask) * image_latents + mask * latents_out, image_latents being the
+        # image's latents noised to the next step's level. Without a mask: mask 1, which keeps
+        # latents_out bit for bit.
         "unet_step": ComponentSpec(
             "unet_step",
             inputs=(
@@ -140,6 +152,7 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
                 f32("coeffs", (len(COLUMNS),)),
                 f32("state", latents),
                 f32("noise", latents),
+                *([f32("mask", (b, 1, lh, lw)), f32("image_latents", latents)] if facts.masks else []),
             ),
             outputs=(f32("latents_out", latents), f32("state_out", latents)),
         ),

@@ -64,7 +64,11 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     if aoti_problem:
         exporter.aoti_problem = aoti_problem
 
-    components = COMPONENTS if config.img2img else tuple(c for c in COMPONENTS if c != "vae_encoder")
+    if info.inpainting and not config.img2img:
+        log.warning("%s is an inpainting model, whose every step takes the masked image's latents: "
+                    "exporting its VAE encoder despite --no-img2img", model)
+    img2img = config.img2img or info.inpainting
+    components = COMPONENTS if img2img else tuple(c for c in COMPONENTS if c != "vae_encoder")
     jobs = export_jobs(config, len(components))
     with staging_dir(out, config.force) as tmp:
         if jobs > 1:
@@ -421,8 +425,9 @@ def model_info(src: SourceModel) -> ModelInfo:
             "built from it clamps x0 to [-1, 1]; our DDIM does not (as SD 1.x / 2.x releases run it)",
             src.path,
         )
-    facts = ModelFacts(src.unet.config.in_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,
-                       vae_scale(src), text_cfg.num_hidden_layers, long_prompts=True)
+    facts = ModelFacts(src.vae.config.latent_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,
+                       vae_scale(src), text_cfg.num_hidden_layers, long_prompts=True, masks=True,
+                       inpainting=src.unet.config.in_channels != src.vae.config.latent_channels)
     return ModelInfo(
         family=src.family,
         source=src.source,
@@ -440,6 +445,8 @@ def model_info(src: SourceModel) -> ModelInfo:
         embeddings=tuple(src.embeddings),
         text_layers=facts.text_layers,
         long_prompts=facts.long_prompts,
+        masks=facts.masks,
+        inpainting=facts.inpainting,
     )
 
 

@@ -51,16 +51,23 @@ class UnetStep(nn.Module):
     text_embeddings is (K, B, 77, D) with K = 2 ([uncond, cond]) under guidance or K = 1
     ([cond]) without; the latents are repeated K times, so skipping guidance halves the U-Net's
     work rather than wasting it.
+
+    mask (B, 1, h, w) and image_latents (B, C, h, w), as diffusers' StableDiffusionInpaintPipeline
+    uses them: an inpainting U-Net (2C + 1 channels in) takes them beside the latents; any other
+    gets the known part put back after the update (spec.py).
     """
 
     def __init__(self, unet, dtype=torch.float32):
         super().__init__()
         self.unet = cast(unet, dtype)
         self.dtype = dtype
+        self.inpainting = unet.config.in_channels != unet.config.out_channels
 
-    def forward(self, latents, text_embeddings, coeffs, state, noise):
+    def forward(self, latents, text_embeddings, coeffs, state, noise, mask=None, image_latents=None):
         k = text_embeddings.shape[0]
         x_in = update.model_input(coeffs, latents)  # (B, C, h, w)
+        if self.inpainting:
+            x_in = torch.cat([x_in, mask, image_latents], dim=1)  # (B, 2C + 1, h, w)
         # repeat, not expand + flatten: flattening a broadcast view depends on whether B is 1,
         # which torch.export would then have to guard (and refuse batch 1 for).
         x_in = x_in.repeat(k, 1, 1, 1)  # (K*B, C, h, w), K-major
@@ -68,7 +75,10 @@ class UnetStep(nn.Module):
         out = self.unet(x_in.to(self.dtype), coeffs[update.T], encoder_hidden_states=emb).sample.float()
         out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
         model_out = update.guide(out[0], out[-1], coeffs)
-        return update.update(coeffs, latents, state, noise, model_out)
+        x_next, x0 = update.update(coeffs, latents, state, noise, model_out)
+        if mask is not None and not self.inpainting:  # diffusers' order of operations, so that a
+            x_next = (1 - mask) * image_latents + mask * x_next  # mask of 1 keeps x_next exactly
+        return x_next, x0
 
 
 class VaeDecoder(nn.Module):
@@ -124,6 +134,8 @@ def example_inputs(spec, dims: dict[str, int]) -> tuple[torch.Tensor, ...]:
         shape = t.resolve(dims)
         if t.name == "clip_skip":  # 0: the checks compare the whole text encoder
             out.append(torch.zeros(shape, dtype=torch.int64))
+        elif t.name == "mask":  # 0 / 1, as masks are (the traced graph does not depend on it)
+            out.append((torch.rand(shape, generator=g) < 0.5).float())
         elif t.name == "token_weights":  # 1: random weights would make the mean rescale of a
             out.append(torch.ones(shape))  # random model (mean ~1e-8) compare rounding noise
         elif t.dtype == "int64":

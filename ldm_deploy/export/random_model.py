@@ -106,10 +106,13 @@ PRESETS = {
 }
 
 
-def model_index(scheduler_class: str) -> dict:
-    """model_index.json of a StableDiffusionPipeline folder (no safety checker)."""
+def model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline") -> dict:
+    """model_index.json of a StableDiffusionPipeline (or -InpaintPipeline) folder (no safety checker)."""
+    import diffusers
+
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": pipeline,
+        "_diffusers_version": diffusers.__version__,  # as save_pretrained writes it (the inpainting loader reads it)
         "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -131,13 +134,16 @@ def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict
     tokenizer.save_pretrained(out / "tokenizer")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    index = model_index(scheduler["_class_name"])
+    inpainting = unet.config.in_channels != unet.config.out_channels
+    index = model_index(scheduler["_class_name"], "StableDiffusionInpaintPipeline" if inpainting else
+                        "StableDiffusionPipeline")
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def unet_config(preset: str) -> dict:
-    """The U-Net's diffusers config (UNet2DConditionModel's arguments)."""
-    return dict(in_channels=4, out_channels=4, **PRESETS[preset]["unet"])
+def unet_config(preset: str, inpainting: bool = False) -> dict:
+    """The U-Net's diffusers config (UNet2DConditionModel's arguments). inpainting: 9 channels in
+    (latents, mask, masked image latents), as SD 1.5 / 2.0 inpainting's."""
+    return dict(in_channels=9 if inpainting else 4, out_channels=4, **PRESETS[preset]["unet"])
 
 
 def vae_config(preset: str) -> dict:
@@ -167,15 +173,16 @@ def tokenizer(preset: str):
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77, pad_token=PRESETS[preset]["pad_token"])
 
 
-def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0) -> Path:
-    """Build a random-weight model of the preset's architecture and save it as a diffusers folder."""
+def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0, inpainting: bool = False) -> Path:
+    """Build a random-weight model of the preset's architecture (its inpainting variant) and save
+    it as a diffusers folder."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     out = Path(out)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(preset))
+    unet = UNet2DConditionModel(**unet_config(preset, inpainting))
     vae = AutoencoderKL(**vae_config(preset))
     text = CLIPTextModel(text_config(preset))
     save_diffusers_folder(out, unet, vae, text, tokenizer(preset), PRESETS[preset]["scheduler"])
@@ -187,8 +194,9 @@ def main(argv=None) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-sd1")
     p.add_argument("--out", required=True, help="folder to write the diffusers model to")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inpainting", action="store_true", help="an inpainting U-Net (9 channels in)")
     args = p.parse_args(argv)
-    print(make_random_model(args.out, args.preset, args.seed))
+    print(make_random_model(args.out, args.preset, args.seed, args.inpainting))
 
 
 if __name__ == "__main__":

@@ -258,10 +258,11 @@ def check_architecture(path, unet, vae, text_encoder) -> None:
     uc, vc = unet.config, vae.config
     if uc.get("addition_embed_type") is not None:
         raise ModelSourceError(f"{path} looks like SDXL (the U-Net has added conditioning); only SD 1.x / 2.x are supported yet")
-    if uc.in_channels != vc.latent_channels:
+    if uc.in_channels not in (vc.latent_channels, 2 * vc.latent_channels + 1):  # 2C + 1: inpainting
         raise ModelSourceError(
             f"{path}: the U-Net takes {uc.in_channels} channels but the VAE makes {vc.latent_channels}; "
-            "inpainting and depth models are not supported yet"
+            f"only text-to-image ({vc.latent_channels}) and inpainting ({2 * vc.latent_channels + 1}) models "
+            "are supported (depth models are not yet)"
         )
     if uc.cross_attention_dim != text_encoder.config.hidden_size:
         raise ModelSourceError(

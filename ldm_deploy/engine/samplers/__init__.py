@@ -75,21 +75,34 @@ class SamplerPlan:
 
     rows: (N, len(COLUMNS)) float32, one row per U-Net call, in the order they run.
     init_noise_scale: txt2img starts from x = init_noise_scale * noise.
-    image_scale, noise_scale: img2img starts from x = image_scale * z_image + noise_scale * noise.
-    needs_noise: whether any row has c_n != 0 (fresh noise must be drawn for each step).
+    levels: (N, 2), each row's (image, noise) scales of the scheduler's add_noise (Walk.levels).
     """
 
     rows: np.ndarray
     init_noise_scale: float
-    image_scale: float
-    noise_scale: float
+    levels: np.ndarray
 
     @property
     def steps(self) -> int:
         return len(self.rows)
 
     @property
+    def image_scale(self) -> float:
+        """img2img starts from x = image_scale * z_image + noise_scale * noise."""
+        return float(self.levels[0, 0])
+
+    @property
+    def noise_scale(self) -> float:
+        return float(self.levels[0, 1])
+
+    def known_levels(self) -> np.ndarray:
+        """(N, 2): after row i, where diffusers' inpainting with a text-to-image U-Net puts the
+        image's known part back: row i + 1's level, and after the last row the image itself."""
+        return np.concatenate([self.levels[1:], [[1.0, 0.0]]])
+
+    @property
     def needs_noise(self) -> bool:
+        """Whether any row has c_n != 0 (fresh noise must be drawn for each step)."""
         return bool(np.any(self.rows[:, COLUMNS.index("c_n")] != 0))
 
 
@@ -129,6 +142,5 @@ def plan(
     return SamplerPlan(
         rows=rows.astype(np.float32),
         init_noise_scale=walk.init_noise_scale,
-        image_scale=walk.image_scale,
-        noise_scale=walk.noise_scale,
+        levels=walk.levels,
     )

@@ -46,6 +46,5 @@ def walk(schedule, steps: int, start: int) -> Walk:
     c_0 = np.sqrt(a_prev) - c_x * np.sqrt(a_t)
     rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0)
 
-    # img2img: add_noise at the first executed timestep (VP forward process).
-    a_start = ac[t[start]]
-    return Walk(rows[start:], 1.0, float(np.sqrt(a_start)), float(np.sqrt(1 - a_start)))
+    # add_noise at each timestep (VP forward process).
+    return Walk(rows[start:], 1.0, np.stack([np.sqrt(a_t), np.sqrt(1 - a_t)], 1)[start:])

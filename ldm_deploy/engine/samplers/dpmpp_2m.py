@@ -86,4 +86,4 @@ def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = Fal
                 c_0[k] = a * (1 + half_over_r)
                 c_p[k] = -a * half_over_r
     rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_p=c_p, c_n=c_n)
-    return Walk(rows[start:], 1.0, float(alpha[start]), float(sigma_vp[start]))
+    return Walk(rows[start:], 1.0, np.stack([alpha[:-1], sigma_vp[:-1]], 1)[start:])

@@ -54,5 +54,9 @@ def walk(schedule, steps: int, start: int) -> Walk:
     c_in, p_x, p_m = sigma_space_input(schedule.prediction_type, s)
     ratio = s_next / s
     rows = table(steps, timestep=t, c_in=c_in, p_x=p_x, p_m=p_m, c_x=ratio, c_0=1 - ratio)
-    # img2img: sigma-space add_noise, x = z + s * noise.
-    return Walk(rows[start:], init, 1.0, float(sigmas[start]))
+    return Walk(rows[start:], init, sigma_levels(s)[start:])
+
+
+def sigma_levels(s: np.ndarray) -> np.ndarray:
+    """(N, 2) add_noise levels in sigma space: x = z + s * noise."""
+    return np.stack([np.ones_like(s), s], 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_deploy.engine.samplers.euler import sigma_schedule, sigma_space_input
+from ldm_deploy.engine.samplers.euler import sigma_levels, sigma_schedule, sigma_space_input
 from ldm_deploy.engine.samplers.schedule import Walk, table
 
 
@@ -26,4 +26,4 @@ def walk(schedule, steps: int, start: int) -> Walk:
     s_up = np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
     ratio = (s_next / s) ** 2  # s_down / s, in the closed form that cannot go negative
     rows = table(steps, timestep=t, c_in=c_in, p_x=p_x, p_m=p_m, c_x=ratio, c_0=1 - ratio, c_n=s_up)
-    return Walk(rows[start:], init, 1.0, float(sigmas[start]))
+    return Walk(rows[start:], init, sigma_levels(s)[start:])

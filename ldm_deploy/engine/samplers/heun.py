@@ -19,22 +19,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_deploy.engine.samplers.euler import sigma_schedule, sigma_space_input
+from ldm_deploy.engine.samplers.euler import sigma_levels, sigma_schedule, sigma_space_input
 from ldm_deploy.engine.samplers.schedule import Walk, table
 
 
 def walk(schedule, steps: int, start: int) -> Walk:
     """Coefficients for the calls of steps start..steps-1 of a `steps`-step Heun walk."""
     t, sigmas, init = sigma_schedule(schedule, steps)
-    rows = []
+    rows, s_rows = [], []  # s_rows: the sigma each row's input latents sit at
     for k in range(steps):
         s, s_next = sigmas[k], sigmas[k + 1]
         c_in, p_x, p_m = sigma_space_input(schedule.prediction_type, s)
         r = s_next / s
         rows.append(table(1, timestep=t[k], c_in=c_in, p_x=p_x, p_m=p_m, c_x=r, c_0=1 - r))
+        s_rows.append(s)
         if s_next > 0:  # the correction, at x' and s'
             c_in, p_x, p_m = sigma_space_input(schedule.prediction_type, s_next)
             half = (s - s_next) / (2 * s_next)
             rows.append(table(1, timestep=t[k + 1], c_in=c_in, p_x=p_x, p_m=p_m, c_x=1.0, c_0=half, c_p=-half))
+            s_rows.append(s_next)
     # Step k's first call is row 2k: every step before it has two.
-    return Walk(np.concatenate(rows)[2 * start:], init, 1.0, float(sigmas[start]))
+    return Walk(np.concatenate(rows)[2 * start:], init, sigma_levels(np.array(s_rows))[2 * start:])

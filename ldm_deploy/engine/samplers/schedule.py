@@ -27,12 +27,14 @@ class Walk(NamedTuple):
     """One sampler's answer for one request; `plan()` adds guidance and wraps it as a SamplerPlan.
 
     rows: (N, len(COLUMNS)) float64, the executed steps only; the guidance column is left 0.
+    levels: (N, 2) float64, each executed row's noise level as the scheduler's `add_noise` puts
+    an image there: x = levels[i, 0] * z + levels[i, 1] * noise (img2img starts at row 0's;
+    inpainting with a text-to-image U-Net puts the image's known part back at each row's).
     """
 
     rows: np.ndarray
     init_noise_scale: float
-    image_scale: float
-    noise_scale: float
+    levels: np.ndarray
 
 
 def table(n: int, **columns) -> np.ndarray:
