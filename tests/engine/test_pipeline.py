@@ -62,6 +62,21 @@ def test_guidance_at_most_one_runs_only_the_conditional_half(pipelines, monkeypa
     assert seen == [(2, 2)] * 3
 
 
+def test_latents_returned_are_the_last_steps_and_stay_so(pipelines):
+    """output_type="latent" returns a copy of the last step's output: ONNX Runtime's numpy() of a
+    CPU OrtValue is a view that does not keep the buffer alive, and once freed its first bytes
+    were reused (the same call then returned other numbers each time)."""
+    pipe = pipelines["tiny-sd1"]
+    be = pipe.backend
+    value = be.upload(np.arange(6, dtype=np.float32))
+    host = be.download(value)
+    assert host.flags.owndata and host.tolist() == [0, 1, 2, 3, 4, 5]
+    kw = dict(steps=3, seed=5, width=128, height=96, output_type="latent", progress=False)
+    first = pipe("a boat", **kw)
+    for _ in range(3):
+        np.testing.assert_array_equal(pipe("a boat", **kw), first)
+
+
 def test_pil_output_carries_parameters(pipelines):
     im = pipelines["tiny-sd1"]("a cat", negative_prompt="dog", seed=5, steps=2, width=64, height=64, progress=False)[0]
     text = im.info["parameters"]

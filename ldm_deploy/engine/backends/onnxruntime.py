@@ -130,7 +130,9 @@ class OnnxRuntimeBackend:
         return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
     def download(self, array) -> np.ndarray:
-        return array.numpy()
+        # A copy: numpy() of a CPU OrtValue is a view that does not keep its memory alive, so
+        # latents returned from a call's own buffers were read after ONNX Runtime freed them.
+        return array.numpy().copy()
 
     def run(self, session, run: Run) -> None:
         binding = session.io_binding()
