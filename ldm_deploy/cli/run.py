@@ -59,8 +59,11 @@ def parser() -> argparse.ArgumentParser:
                         "or Latent, 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
                         "'Latent (nearest)', 'Latent (nearest-exact)' (the latents; use --hires-strength 0.5 or more)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img)")
+    p.add_argument("--mask", default=None, metavar="FILE",
+                   help="inpaint the init image where this image is white (black: kept), as diffusers' "
+                        "inpainting pipeline does; with an inpainting model, or any other")
     p.add_argument("--strength", type=float, default=None,
-                   help="img2img: how much to change the init image, (0, 1] (default 0.8)")
+                   help="img2img: how much to change the init image, (0, 1] (default 0.8; with --mask 1.0)")
     p.add_argument("--out", default=None,
                    help="PNG path, or a folder to write into; with several images, NAME-0.png, NAME-1.png, ... "
                         "(default: output.png, numbered output-2.png, output-3.png, ... so as not to overwrite)")
@@ -182,6 +185,8 @@ def main(argv=None) -> int:
             raise UserError(f"--num-images must be at least 1, got {args.num_images}")
         if args.prompt is None and args.from_png is None:
             raise UserError("give a prompt, or --from-png FILE to draw a PNG's again")
+        if args.mask is not None and args.init_image is None:
+            raise UserError("--mask marks what to redraw of an image: give that image with --init-image")
         fields = from_png(args)  # before a --model export: its mistakes are found in seconds
         if args.clip_skip < 1:
             raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
@@ -237,7 +242,8 @@ def main(argv=None) -> int:
             num_images=args.num_images,
             sampler=args.sampler,
             init_image=args.init_image,
-            strength=0.8 if args.strength is None else args.strength,
+            mask=args.mask,
+            strength=args.strength,
             clip_skip=args.clip_skip - 1,
             prompt_weighting=args.prompt_weighting,
             hires_scale=args.hires_scale,

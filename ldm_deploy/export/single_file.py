@@ -115,10 +115,10 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
     if missing:
         raise ModelSourceError(f"{ck.path} holds no {' and no '.join(missing)} weights; ldm-export needs a "
                                "whole checkpoint (or a diffusers folder)")
-    if CONV_IN in ck.state and ck.state[CONV_IN].shape[1] != 4:
+    if CONV_IN in ck.state and ck.state[CONV_IN].shape[1] not in (4, 9):
         raise ModelSourceError(
-            f"{ck.path}: the U-Net takes {ck.state[CONV_IN].shape[1]} input channels (an inpainting or "
-            "depth model); only text-to-image models (4 channels) are supported yet")
+            f"{ck.path}: the U-Net takes {ck.state[CONV_IN].shape[1]} input channels (a depth or other "
+            "conditioned model); only text-to-image (4 channels) and inpainting (9) models are supported yet")
     sd2 = any(k.startswith((OPEN_CLIP, SGM_OPEN_CLIP)) for k in names) or \
         (CROSS_KEY in ck.state and ck.state[CROSS_KEY].shape[-1] == 1024)
     return "sd2" if sd2 else "sd1"
@@ -133,10 +133,16 @@ def partial_kind(names) -> str:
     return "not a Stable Diffusion model"
 
 
+def inpainting(ck: Checkpoint) -> bool:
+    """Whether the U-Net is an inpainting one: 9 channels in (latents, mask, masked image)."""
+    return CONV_IN in ck.state and ck.state[CONV_IN].shape[1] == 9
+
+
 def prediction_type(ck: Checkpoint, fam: str, override: str | None) -> str:
     """What the U-Net predicts: the user's word, else what the file says (a ModelSpec header,
     ComfyUI's `v_pred` key, the SD 2.x base models' training step), else the family's usual:
-    noise for SD 1.x, v for SD 2.x (its 768 px models; a warning says how to choose otherwise)."""
+    noise for SD 1.x and SD 2.x inpainting (512 px, as stable-diffusion-2-inpainting), v for
+    other SD 2.x (its 768 px models; a warning says how to choose otherwise)."""
     if override:
         return override
     spec = (ck.metadata or {}).get("modelspec.prediction_type", "").lower()
@@ -146,7 +152,7 @@ def prediction_type(ck: Checkpoint, fam: str, override: str | None) -> str:
         return "v_prediction"
     if fam == "sd1":
         return "epsilon"
-    if ck.global_step == SD2_BASE_STEP:
+    if ck.global_step == SD2_BASE_STEP or inpainting(ck):
         return "epsilon"
     log.warning("%s: an SD 2.x checkpoint that does not say what it predicts; assuming v (the 768 px "
                 "models, as diffusers does). For a 512 px base model export it with ldm-export "
@@ -154,9 +160,10 @@ def prediction_type(ck: Checkpoint, fam: str, override: str | None) -> str:
     return "v_prediction"
 
 
-def write_configs(folder: Path, fam: str, prediction: str) -> None:
+def write_configs(folder: Path, fam: str, prediction: str, inpaint: bool = False) -> None:
     """The diffusers folder (configs and tokenizer, no weights) of the SD 1.5 or SD 2.1
-    architecture, which diffusers' converter builds the modules from."""
+    architecture (inpaint: their inpainting U-Net's, 9 channels in), which diffusers' converter
+    builds the modules from."""
     from ldm_deploy.export.random_model import (
         PRESETS,
         model_index,
@@ -168,9 +175,9 @@ def write_configs(folder: Path, fam: str, prediction: str) -> None:
 
     preset = "sd15" if fam == "sd1" else "sd21"
     scheduler = {**PRESETS[preset]["scheduler"], "prediction_type": prediction}
-    unet = unet_config(preset)
+    unet = unet_config(preset, inpaint)
     if fam == "sd2" and prediction == "epsilon":
-        unet["sample_size"] = 64  # the base models' 512 px
+        unet["sample_size"] = 64  # the base and inpainting models' 512 px
     for sub, cfg, cls in (("unet", unet, "UNet2DConditionModel"), ("vae", vae_config(preset), "AutoencoderKL"),
                           ("scheduler", scheduler, scheduler["_class_name"])):
         (folder / sub).mkdir(parents=True)
@@ -178,7 +185,8 @@ def write_configs(folder: Path, fam: str, prediction: str) -> None:
         (folder / sub / name).write_text(json.dumps({"_class_name": cls, **cfg}, indent=2))
     text_config(preset).save_pretrained(folder / "text_encoder")
     tokenizer(preset).save_pretrained(folder / "tokenizer")
-    (folder / "model_index.json").write_text(json.dumps(model_index(scheduler["_class_name"]), indent=2))
+    pipeline = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+    (folder / "model_index.json").write_text(json.dumps(model_index(scheduler["_class_name"], pipeline), indent=2))
 
 
 def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction: str | None = None,
@@ -192,8 +200,9 @@ def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction:
         if config is None:
             pred = prediction_type(ck, fam, prediction)
             config = Path(tmp)
-            write_configs(config, fam, pred)
-            log.info("%s: a single-file SD %s.x checkpoint (%s)", path.name, fam[-1], pred)
+            write_configs(config, fam, pred, inpainting(ck))
+            log.info("%s: a single-file SD %s.x %scheckpoint (%s)", path.name, fam[-1],
+                     "inpainting " if inpainting(ck) else "", pred)
         scheduler_config = json.loads((config / "scheduler" / "scheduler_config.json").read_text())
         if prediction:
             scheduler_config["prediction_type"] = prediction

@@ -1,0 +1,203 @@
+"""Inpainting against diffusers' StableDiffusionInpaintPipeline, given the same generators: an
+inpainting model (9 channels in: latents, mask, masked image latents) and text-to-image models
+(the kept part put back at every step), every sampler, to 2e-3 max abs per pixel on [0, 1]."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionInpaintPipeline
+from PIL import Image
+
+from conftest import TEST_CONFIG, assert_not_saturated, diffusers_schedulers
+from ldm_deploy import Pipeline
+from ldm_deploy.cli import run as run_cli
+from ldm_deploy.errors import InvalidRequest
+from ldm_deploy.export import build
+from ldm_deploy.export.build import export_engine
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export.random_model import make_random_model
+
+TOL = 2e-3
+SCHEDULERS = diffusers_schedulers()
+W, H = 128, 96
+
+
+@pytest.fixture(scope="module")
+def inpainting(tmp_path_factory):
+    """(model folder, our pipeline) of a tiny SD 1.x inpainting model."""
+    root = tmp_path_factory.mktemp("inpainting")
+    folder = make_random_model(root / "model", "tiny-sd1", seed=1, inpainting=True)
+    engine = export_engine(str(folder), root / "engine", TEST_CONFIG)
+    return folder, Pipeline.load(engine)
+
+
+@pytest.fixture(scope="module")
+def reference(inpainting, model_dirs):
+    """Model name -> (diffusers' inpainting pipeline, its scheduler config)."""
+    out = {}
+    for name, folder in (("inpainting", inpainting[0]), *model_dirs.items()):
+        pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None,
+                                                              requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        out[name] = (pipe, dict(pipe.scheduler.config))
+    return out
+
+
+def diffusers_run(reference, name, sampler, **kwargs) -> np.ndarray:
+    pipe, config = reference[name]
+    cls, options = SCHEDULERS[sampler]
+    pipe.scheduler = cls.from_config(config, **options)
+    return pipe(height=H, width=W, output_type="np", **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    y, x = np.mgrid[0:H, 0:W]
+    rgb = np.stack([x / W, y / H, 0.5 + 0.5 * np.sin(x / 9.0) * np.cos(y / 7.0)], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def mask():
+    """Half the size of the image (both resize it), a rectangle with a grey ramp on its left
+    edge, so that where the 0.5 cut falls matters."""
+    m = np.zeros((H // 2, W // 2), np.float32)
+    m[10:36, 14:52] = 1.0
+    m[10:36, 8:14] = np.linspace(0.2, 0.9, 6)
+    return Image.fromarray((m * 255).round().astype(np.uint8))
+
+
+def ours(pipe, sampler, **kwargs) -> np.ndarray:
+    return pipe(sampler=sampler, output_type="np", progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpainting_model_matches_diffusers(sampler, strength, inpainting, reference, init_image, mask):
+    common = dict(prompt="a cat on a bench", image=init_image, mask_image=mask, strength=strength,
+                  num_inference_steps=5, guidance_scale=7.5)
+    ref = diffusers_run(reference, "inpainting", sampler, generator=torch.Generator().manual_seed(3), **common)
+    got = ours(inpainting[1], sampler, generator=torch.Generator().manual_seed(3), **common)
+    assert got.shape == ref.shape == (1, H, W, 3)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("preset,sampler,strength", [
+    *(("tiny-sd1", s, strength) for s in SCHEDULERS for strength in (1.0, 0.6)),
+    ("tiny-sd2", "dpmpp_2m_karras", 1.0), ("tiny-sd2", "heun", 0.6), ("tiny-sd2", "euler_a", 1.0),
+])
+def test_text_to_image_model_inpaints_as_diffusers(preset, sampler, strength, pipelines, reference, init_image, mask):
+    """diffusers puts the kept part back after every step, noised to the next step's level (Heun:
+    after each of its two calls, as its scheduler counts steps)."""
+    common = dict(prompt="a cat on a bench", image=init_image, mask_image=mask, strength=strength,
+                  num_inference_steps=5, guidance_scale=7.5)
+    ref = diffusers_run(reference, preset, sampler, generator=torch.Generator().manual_seed(4), **common)
+    got = ours(pipelines[preset], sampler, generator=torch.Generator().manual_seed(4), **common)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("name", ["inpainting", "tiny-sd1"])
+def test_batches_with_a_generator_each_and_seeds(name, inpainting, pipelines, reference, init_image, mask):
+    """A list of generators as diffusers takes them (the one image's latents sampled with the first),
+    unguided; our seeds are such a list: seed 7 for image 0, 8 for image 1."""
+    pipe = inpainting[1] if name == "inpainting" else pipelines[name]
+    common = dict(prompt="a red door", image=init_image, mask_image=mask, num_inference_steps=4,
+                  guidance_scale=1.0, num_images_per_prompt=2)
+    ref = diffusers_run(reference, name, "euler_a",
+                        generator=[torch.Generator().manual_seed(s) for s in (7, 8)], **common)
+    got = ours(pipe, "euler_a", seed=7, **common)
+    assert got.shape == ref.shape == (2, H, W, 3)
+    assert np.abs(ref[0] - ref[1]).max() > 0.05  # the two images differ
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpainting_model_without_a_mask_redraws_everything(strength, inpainting, reference, init_image):
+    """No mask: all of it is redrawn, as diffusers draws with a white mask (txt2img: from a blank
+    image, which at strength 1 only the masked image's latents see)."""
+    white = Image.new("L", (W, H), 255)
+    common = dict(prompt="a lighthouse", num_inference_steps=5, guidance_scale=7.5)
+    ref = diffusers_run(reference, "inpainting", "dpmpp_2m_karras", image=init_image, mask_image=white,
+                        strength=strength, generator=torch.Generator().manual_seed(9), **common)
+    if strength == 1.0:  # txt2img
+        got = ours(inpainting[1], "dpmpp_2m_karras", width=W, height=H, generator=torch.Generator().manual_seed(9),
+                   **common)
+    else:  # img2img
+        got = ours(inpainting[1], "dpmpp_2m_karras", init_image=init_image, strength=strength,
+                   generator=torch.Generator().manual_seed(9), **common)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+def test_text_to_image_model_keeps_the_unmasked_latents(pipelines, init_image):
+    """The last step puts the image's own latents back where the mask is black: those of an
+    all-black mask (nothing redrawn; to rounding, as ONNX Runtime fuses the blend), and elsewhere
+    something new."""
+    pipe = pipelines["tiny-sd1"]
+    m = np.zeros((H, W), np.uint8)
+    m[:, W // 2:] = 255  # redraw the right half
+    common = dict(prompt="a boat", init_image=init_image, steps=4, seed=5, output_type="latent", progress=False)
+    half = pipe(mask=m, **common)
+    none = pipe(mask=np.zeros((H, W), np.uint8), **common)
+    w = W // 8
+    np.testing.assert_allclose(half[..., : w // 2], none[..., : w // 2], rtol=1e-6, atol=1e-12)
+    assert np.abs(half[..., w // 2:] - none[..., w // 2:]).max() > 0.1
+
+
+def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
+    pipe = pipelines["tiny-sd1"]
+    with pytest.raises(InvalidRequest, match="needs the image it masks"):
+        pipe("x", mask=mask, steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="not latents"):
+        pipe("x", init_image=np.zeros((1, 4, H // 8, W // 8), np.float32), mask=mask, steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="does not inpaint"):
+        pipe("x", init_image=init_image, mask=mask, hires_scale=2, steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="mask must be a path"):
+        pipe("x", init_image=init_image, mask=[1, 0], steps=2, progress=False)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(InvalidRequest, match="cannot read the mask"):
+        pipe("x", init_image=init_image, mask=tmp_path / "broken.png", steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="mask_image and mask name the same setting"):
+        pipe("x", init_image=init_image, mask=mask, mask_image=mask, steps=2, progress=False)
+    assert inpainting[1].manifest.model.inpainting and not pipe.manifest.model.inpainting
+    assert pipe.manifest.model.masks and "vae_encoder" in inpainting[1].manifest.files
+
+
+def test_engines_from_before_masks_draw_as_before_and_refuse_masks(model_dirs, tmp_path, monkeypatch, init_image,
+                                                                   mask):
+    """A U-Net step without the mask inputs draws what a new one draws unmasked (mask 1 leaves
+    each step's latents as they are, bit for bit), and a mask is refused with the re-export."""
+    config = ExportConfig(min_size=64, max_size=64, img2img=False)
+    new = Pipeline.load(build.export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "new", config))
+    info = build.model_info
+    monkeypatch.setattr(build, "model_info", lambda src: dataclasses.replace(info(src), masks=False))
+    old = Pipeline.load(build.export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "old", config))
+    assert [t.name for t in old.manifest.specs()["unet_step"].inputs] == \
+        ["latents", "text_embeddings", "coeffs", "state", "noise"]
+    kw = dict(steps=3, seed=3, sampler="euler_a", output_type="latent", progress=False)
+    np.testing.assert_array_equal(old("a house", **kw), new("a house", **kw))
+    with pytest.raises(InvalidRequest, match="exported before inpainting.*re-export it with ldm-export --force"):
+        old("x", init_image=init_image, mask=mask, steps=2, progress=False)
+
+
+def test_ldm_run_inpaints(inpainting, init_image, mask, tmp_path, capsys):
+    init_image.save(tmp_path / "photo.png")
+    mask.save(tmp_path / "mask.png")
+    engine = str(inpainting[1].engine_dir)
+    code = run_cli.main(["a cat", "--engine", engine, "--init-image", str(tmp_path / "photo.png"), "--mask",
+                         str(tmp_path / "mask.png"), "--steps", "3", "--seed", "2", "--out", str(tmp_path / "o.png"),
+                         "--quiet"])
+    assert code == 0
+    want = inpainting[1]("a cat", init_image=init_image, mask=mask, steps=3, seed=2, progress=False)[0]
+    with Image.open(tmp_path / "o.png") as got:
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+        assert "Denoising strength: 1.0" in got.info["parameters"]
+    code = run_cli.main(["a cat", "--engine", engine, "--mask", str(tmp_path / "mask.png"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--init-image" in err and "Traceback" not in err
