@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 # around it, up to 4 images a call.
 CACHE_EXPORT = dict(backend="onnxruntime", max_batch=4)
 # Raised when engines of the same package version must be exported again to have a new input
-# (3: the text encoder's clip_skip and token_weights; 4: prompts of several chunks).
-REVISION = 4
+# (3: the text encoder's clip_skip and token_weights; 4: prompts of several chunks; 5: the U-Net
+# step's inpainting mask).
+REVISION = 5
 
 
 def cache_dir() -> Path:

@@ -41,6 +41,11 @@ def test_fp32_img2img_gives_onnxruntime_images(ov_fp32, pipelines):
     kw = KW | {"init_image": init, "strength": 0.6}
     np.testing.assert_allclose(ov_fp32("a windmill", **kw), pipelines["tiny-sd1"]("a windmill", **kw),
                                atol=1e-4, rtol=0)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[10:50, 20:70] = 255  # inpainting: the kept part put back after every step
+    kw = KW | {"init_image": init, "mask": mask}
+    np.testing.assert_allclose(ov_fp32("a windmill", **kw), pipelines["tiny-sd1"]("a windmill", **kw),
+                               atol=1e-4, rtol=0)
 
 
 @pytest.mark.skipif(not has_bf16(), reason="this CPU has no bf16 arithmetic (Intel AMX or AVX512-BF16)")

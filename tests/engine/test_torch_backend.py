@@ -93,6 +93,26 @@ def test_torch_engine_img2img_matches_onnxruntime(torch_pipe, pipelines):
     np.testing.assert_allclose(torch_pipe("x", **kw), pipelines["tiny-sd1"]("x", **kw), atol=1e-4, rtol=0)
 
 
+def test_torch_engines_inpaint_as_onnxruntime(torch_pipe, pipelines, model_dirs, tmp_path):
+    """A mask through the torch engine's U-Net step: the kept part put back (the AOTInductor
+    engine of the text-to-image model), and an inpainting U-Net's 9 channels (exported programs)."""
+    from PIL import Image
+
+    from ldm_deploy import Pipeline
+    from ldm_deploy.export.random_model import make_random_model
+
+    init = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 24:80] = 255
+    kw = dict(init_image=init, mask=mask, seed=1, steps=4, sampler="euler_a", output_type="np", progress=False)
+    np.testing.assert_allclose(torch_pipe("x", **kw), pipelines["tiny-sd1"]("x", **kw), atol=1e-4, rtol=0)
+
+    folder = make_random_model(tmp_path / "inpainting", "tiny-sd1", seed=1, inpainting=True)
+    ours = Pipeline.load(export_engine(str(folder), tmp_path / "torch", small_config(aoti=False)))
+    onnx = Pipeline.load(export_engine(str(folder), tmp_path / "onnx", ExportConfig(min_size=64, max_size=128)))
+    np.testing.assert_allclose(ours("x", **kw), onnx("x", **kw), atol=1e-4, rtol=0)
+
+
 def test_torch_engine_needs_sizes_its_unet_divides(torch_pipe):
     with pytest.raises(InvalidRequest, match="multiple of 16"):
         torch_pipe("x", width=72, height=64)

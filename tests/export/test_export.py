@@ -215,3 +215,35 @@ def test_heartbeat_logs_while_a_long_step_runs(caplog):
         time.sleep(0.15)
     assert beats >= 3
     assert caplog.text.count("unet_step: still working") == beats  # stops with the block
+
+
+def test_inpainting_model_exports_its_vae_encoder_and_other_conditioned_models_are_refused(tmp_path, caplog):
+    """An inpainting U-Net (2C + 1 channels in) is exported with the mask inputs and its VAE
+    encoder even under --no-img2img (every step needs the masked image's latents); a U-Net of
+    other channels (a depth model's 5) is named and refused."""
+    import logging
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ldm_deploy.errors import ModelSourceError
+    from ldm_deploy.export import random_model
+    from ldm_deploy.export.source import load_source
+
+    folder = random_model.make_random_model(tmp_path / "inpainting", "tiny-sd1", seed=2, inpainting=True)
+    with caplog.at_level(logging.WARNING):
+        out = export_engine(str(folder), tmp_path / "engine", ExportConfig(min_size=64, max_size=64, img2img=False))
+    assert "exporting its VAE encoder despite --no-img2img" in caplog.text
+    manifest = read_manifest(out)
+    assert "vae_encoder" in manifest.files and manifest.model.inpainting
+    assert [t.name for t in manifest.specs()["unet_step"].inputs][-2:] == ["mask", "image_latents"]
+
+    torch.manual_seed(0)
+    depth = tmp_path / "depth"
+    unet = UNet2DConditionModel(**{**random_model.unet_config("tiny-sd1"), "in_channels": 5})
+    random_model.save_diffusers_folder(depth, unet, AutoencoderKL(**random_model.vae_config("tiny-sd1")),
+                                       CLIPTextModel(random_model.text_config("tiny-sd1")),
+                                       random_model.tokenizer("tiny-sd1"), random_model.PRESETS["tiny-sd1"]["scheduler"])
+    with pytest.raises(ModelSourceError, match="takes 5 channels but the VAE makes 4.*depth models are not"):
+        load_source(str(depth))

@@ -153,7 +153,7 @@ OPEN_CLIP_KEY = {"cond_stage_model.model.ln_final.weight": (1024,)}
     ({"emb_params": (2, 768)}, "not a Stable Diffusion model"),
     ({**UNET_KEY, **CLIP_KEY}, "no VAE weights"),
     ({**UNET_KEY, **VAE_KEY}, "no text encoder weights"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), **VAE_KEY, **CLIP_KEY}, "inpainting"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 5, 3, 3), **VAE_KEY, **CLIP_KEY}, "5 input channels .a depth"),
 ])
 def test_what_is_not_a_whole_sd_checkpoint_is_named(keys, message):
     with pytest.raises(ModelSourceError, match=message):
@@ -182,6 +182,35 @@ def test_family_and_prediction_type(caplog):
     sgm = checkpoint({**UNET_KEY, **VAE_KEY, "conditioner.embedders.0.model.ln_final.weight": (1024,)})
     assert single_file.family(sgm) == "sd2"  # SD 2.x as Stability's newer code saves it
     assert single_file.family(checkpoint({**UNET_KEY, **CLIP_KEY}), vae_given=True) == "sd1"
+    # SD 2.x inpainting (stable-diffusion-2-inpainting, 512 px) predicts noise
+    inpainting = checkpoint({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), **VAE_KEY,
+                             **OPEN_CLIP_KEY})
+    assert single_file.family(inpainting) == "sd2" and single_file.inpainting(inpainting)
+    assert single_file.prediction_type(inpainting, "sd2", None) == "epsilon"
+
+
+def test_inpainting_checkpoint_loads_into_the_inpainting_architecture(tmp_path, monkeypatch):
+    """An inpainting checkpoint (9 channels into the U-Net) without --config: the bundled
+    architecture's inpainting variant is built and takes exactly the file's weights; the engine
+    knows it for an inpainting model."""
+    import json
+
+    from ldm_deploy.export import random_model
+    from ldm_deploy.export.build import model_info
+
+    monkeypatch.setitem(random_model.PRESETS, "sd15", random_model.PRESETS["tiny-sd1"])
+    folder = make_random_model(tmp_path / "inpainting", "tiny-sd1", seed=3, inpainting=True)
+    write_single_file(folder, tmp_path / "inpainting.safetensors", open_clip=False)
+    src, ref = load_source(str(tmp_path / "inpainting.safetensors")), load_source(str(folder))
+    assert src.unet.config.in_channels == 9
+    ours, want = weights(src), weights(ref)
+    assert ours.keys() == want.keys() and all(torch.equal(ours[k], want[k]) for k in want)
+    info = model_info(src)
+    assert info.inpainting and info.masks and info.latent_channels == 4
+    single_file.write_configs(tmp_path / "configs", "sd1", "epsilon", inpaint=True)
+    assert json.loads((tmp_path / "configs" / "unet" / "config.json").read_text())["in_channels"] == 9
+    assert json.loads((tmp_path / "configs" / "model_index.json").read_text())["_class_name"] == \
+        "StableDiffusionInpaintPipeline"
 
 
 def test_unreadable_and_misnamed_files(tmp_path, model_dirs, capsys):
