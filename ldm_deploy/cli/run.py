@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, metavar="FILE",
                    help="inpaint the init image where this image is white (black: kept), as diffusers' "
                         "inpainting pipeline does; with an inpainting model, or any other")
+    p.add_argument("--mask-crop", type=int, default=None, metavar="PAD",
+                   help="inpaint only the masked area (AUTOMATIC1111's 'Only masked', e.g. 32): the box around the "
+                        "mask, PAD px wider, is drawn at --width x --height (default: the model's size) and pasted back")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8; with --mask 1.0)")
     p.add_argument("--out", default=None,
@@ -187,6 +190,8 @@ def main(argv=None) -> int:
             raise UserError("give a prompt, or --from-png FILE to draw a PNG's again")
         if args.mask is not None and args.init_image is None:
             raise UserError("--mask marks what to redraw of an image: give that image with --init-image")
+        if args.mask_crop is not None and args.mask is None:
+            raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
         fields = from_png(args)  # before a --model export: its mistakes are found in seconds
         if args.clip_skip < 1:
             raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
@@ -243,6 +248,7 @@ def main(argv=None) -> int:
             sampler=args.sampler,
             init_image=args.init_image,
             mask=args.mask,
+            mask_crop=args.mask_crop,
             strength=args.strength,
             clip_skip=args.clip_skip - 1,
             prompt_weighting=args.prompt_weighting,

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ldm_deploy import __version__
 from ldm_deploy.engine import backends, extra_networks, hires, images, noise, prompt_schedule
+from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
@@ -85,6 +86,7 @@ class Pipeline:
         sampler: str = "dpmpp_2m_karras",
         init_image=None,
         mask=None,
+        mask_crop: int | None = None,
         strength: float | None = None,
         clip_skip: int | None = None,
         prompt_weighting: bool = False,
@@ -109,6 +111,10 @@ class Pipeline:
         an inpainting model takes the mask and the masked image at every step; any other model
         has the kept part put back at each step's noise level. An inpainting model given no mask
         redraws the whole image (txt2img: from a blank one), as AUTOMATIC1111 runs them.
+        mask_crop (pixels, e.g. 32): inpaint only the masked area (AUTOMATIC1111's "Only masked",
+        diffusers' padding_mask_crop): the box around the mask, widened by that much and to the
+        aspect of width x height (default: the engine's size), is drawn at width x height and pasted
+        back over the image through the mask (mask_crop.py); the images are the init image's size.
         clip_skip: text encoder layers skipped, as diffusers counts them (1: the penultimate
         layer's output, AUTOMATIC1111's "Clip skip: 2"), for the prompt and the negative prompt
         alike, as AUTOMATIC1111 and ComfyUI do (diffusers' StableDiffusionPipeline skips them
@@ -128,11 +134,11 @@ class Pipeline:
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
-        num_images_per_prompt, image, mask_image. (_hires_pass: internal, (first pass steps, hires steps)
+        num_images_per_prompt, image, mask_image, padding_mask_crop. (_hires_pass: internal, (first pass steps, hires steps)
         when this call is the hires fix's second pass.)
         """
         given = {"steps": steps != 30, "guidance": guidance != 7.5, "num_images": num_images != 1,
-                 "init_image": init_image is not None, "mask": mask is not None}
+                 "init_image": init_image is not None, "mask": mask is not None, "mask_crop": mask_crop is not None}
         for theirs, value in diffusers_names.items():
             ours = DIFFUSERS_NAMES.get(theirs)
             if ours is None:
@@ -144,6 +150,7 @@ class Pipeline:
         num_images = diffusers_names.get("num_images_per_prompt", num_images)
         init_image = diffusers_names.get("image", init_image)
         mask = diffusers_names.get("mask_image", mask)
+        mask_crop = diffusers_names.get("padding_mask_crop", mask_crop)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negs) != len(prompts):
@@ -155,6 +162,9 @@ class Pipeline:
         init = images.as_init_image(init_image)
         mask = images.as_mask(mask)
         self.check_mask(init, mask, hires_scale)
+        crop = None  # (pad, box, the original image, the original mask)
+        if mask_crop is not None:
+            crop, init, mask, width, height = self.crop_to_mask(init, mask, mask_crop, width, height, output_type)
         if strength is None:
             strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting and img2img defaults
         if init is not None:
@@ -215,12 +225,41 @@ class Pipeline:
         ])
         if fix is not None:
             out = self.hires_fix(req, out, fix, generator, progress, "latent" if output_type == "latent" else "np")
-        if output_type != "pil":
+        if crop is not None:  # each drawn crop pasted back into the image through the mask
+            pad, box, original, original_mask = crop
+            pils = [mask_crop_.overlay(original_mask, original, im, box) for im in images.to_pil(out)]
+            if output_type == "np":
+                return np.stack([np.asarray(im, np.float32) / 255 for im in pils])
+        elif output_type != "pil":
             return out
-        pils = images.to_pil(out)
+        else:
+            pils = images.to_pil(out)
         for i, im in enumerate(pils):
-            im.info["parameters"] = self.parameters(req, i, init is not None, fix)
+            im.info["parameters"] = self.parameters(req, i, init is not None, fix, crop and crop[0])
         return pils
+
+    def crop_to_mask(self, init, mask, pad, width, height, output_type):
+        """mask_crop: the box around the mask and the image and mask cut to it, resized to width x
+        height (default: the engine's size), as diffusers' padding_mask_crop makes them."""
+        pad = whole("mask_crop", pad, None)
+        if pad < 0:
+            raise InvalidRequest(f"mask_crop is the padding around the mask in pixels, 0 or more; got {pad}")
+        if mask is None:
+            raise InvalidRequest("mask_crop inpaints the area around a mask: give the mask too")
+        if output_type == "latent":
+            raise InvalidRequest("mask_crop pastes the drawn area back into the image, which latents cannot "
+                                 "show: use output_type 'pil' or 'np'")
+        if mask.size != init.size:
+            raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
+                                 f"{init.size[1]}: mask_crop needs them the same size")
+        if not mask.getbbox():
+            raise InvalidRequest("the mask is all black: nothing to inpaint (white marks what to redraw)")
+        default_w, default_h = self.default_size
+        width, height = whole("width", width, default_w), whole("height", height, default_h)
+        box = mask_crop_.crop_region(mask, width, height, pad)
+        cut_image = mask_crop_.fill_resize(init.crop(box), width, height)
+        cut_mask = mask_crop_.fill_resize(mask.crop(box), width, height).convert("L")
+        return (pad, box, init, mask), cut_image, cut_mask, width, height
 
     def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool,
                   output_type: str = "np") -> np.ndarray:
@@ -474,7 +513,7 @@ class Pipeline:
                     f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
                     f"height=) in range to resize it, or resize the image")
 
-    def parameters(self, req: Request, i: int, img2img: bool, fix=None) -> str:
+    def parameters(self, req: Request, i: int, img2img: bool, fix=None, crop_pad: int | None = None) -> str:
         fields = {
             "Steps": req.steps,
             "Sampler": DISPLAY_NAMES[req.sampler],
@@ -490,6 +529,8 @@ class Pipeline:
             fields["Denoising strength"] = req.strength
         if fix is not None:
             fields.update(hires.fields(fix))
+        if crop_pad is not None:  # AUTOMATIC1111's fields for it
+            fields.update({"Inpaint area": "Only masked", "Masked area padding": crop_pad})
         if req.clip_skip:
             fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
         if not req.prompt_weighting and re.search(r"[()\[\]]|<\w+:[^>]+>|\bBREAK\b",
@@ -509,7 +550,8 @@ class Pipeline:
 
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
-                   "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask"}
+                   "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask",
+                   "padding_mask_crop": "mask_crop"}
 
 
 # export/single_file.py's SAFE_SUFFIXES + PICKLE_SUFFIXES (the runtime imports nothing of export/)

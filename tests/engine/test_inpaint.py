@@ -150,6 +150,35 @@ def test_text_to_image_model_keeps_the_unmasked_latents(pipelines, init_image):
     assert np.abs(half[..., w // 2:] - none[..., w // 2:]).max() > 0.1
 
 
+@pytest.mark.parametrize("name", ["inpainting", "tiny-sd1"])
+@pytest.mark.parametrize("pad,size", [(8, (64, 64)), (40, (64, 128)), (0, (128, 64))])
+def test_only_the_masked_area_as_diffusers_padding_mask_crop(name, pad, size, inpainting, pipelines, reference,
+                                                             init_image):
+    """The box around the mask (padded, grown to the drawing's aspect, kept inside the image), drawn
+    at width x height and pasted back through the mask (soft where it is grey): diffusers' pixels,
+    but for 8-bit rounding (< 0.1% of them one level off)."""
+    pipe = inpainting[1] if name == "inpainting" else pipelines[name]
+    m = np.zeros((H, W), np.uint8)
+    m[30:50, 40:90] = 255
+    m[30:50, 36:40] = 128  # grey: redrawn (>= 0.5) and half pasted over
+    w, h = size
+    common = dict(prompt="a cat", image=init_image, mask_image=Image.fromarray(m), padding_mask_crop=pad,
+                  num_inference_steps=4, width=w, height=h)
+    pipe_ref, config = reference[name]
+    cls, options = SCHEDULERS["ddim"]
+    pipe_ref.scheduler = cls.from_config(config, **options)
+    ref = np.asarray(pipe_ref(generator=torch.Generator().manual_seed(3), **common).images[0], np.int16)
+    got = pipe(sampler="ddim", generator=torch.Generator().manual_seed(3), progress=False, **common)[0]
+    assert got.size == (W, H)
+    assert "Inpaint area: Only masked, Masked area padding: %d" % pad in got.info["parameters"]
+    diff = np.abs(np.asarray(got, np.int16) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert np.array_equal(np.asarray(got)[m == 0], np.asarray(init_image)[m == 0])  # the rest is the image's own
+    as_array = pipe(sampler="ddim", generator=torch.Generator().manual_seed(3), progress=False, output_type="np",
+                    **common)
+    np.testing.assert_array_equal(as_array[0], np.asarray(got, np.float32) / 255)
+
+
 def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
     pipe = pipelines["tiny-sd1"]
     with pytest.raises(InvalidRequest, match="needs the image it masks"):
@@ -165,6 +194,13 @@ def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
         pipe("x", init_image=init_image, mask=tmp_path / "broken.png", steps=2, progress=False)
     with pytest.raises(InvalidRequest, match="mask_image and mask name the same setting"):
         pipe("x", init_image=init_image, mask=mask, mask_image=mask, steps=2, progress=False)
+    for kw, message in [(dict(mask_crop=8), "give the mask too"),
+                        (dict(mask=mask, mask_crop=-1), "0 or more"),
+                        (dict(mask=mask, mask_crop=8), "the mask is 64x48 and the image 128x96"),
+                        (dict(mask=np.zeros((H, W), np.uint8), mask_crop=8), "all black"),
+                        (dict(mask=np.ones((H, W), np.uint8), mask_crop=8, output_type="latent"), "latents cannot")]:
+        with pytest.raises(InvalidRequest, match=message):
+            pipe("x", init_image=init_image, steps=2, progress=False, **kw)
     assert inpainting[1].manifest.model.inpainting and not pipe.manifest.model.inpainting
     assert pipe.manifest.model.masks and "vae_encoder" in inpainting[1].manifest.files
 
@@ -201,3 +237,43 @@ def test_ldm_run_inpaints(inpainting, init_image, mask, tmp_path, capsys):
     code = run_cli.main(["a cat", "--engine", engine, "--mask", str(tmp_path / "mask.png"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "--init-image" in err and "Traceback" not in err
+    code = run_cli.main(["a cat", "--engine", engine, "--init-image", str(tmp_path / "photo.png"), "--mask-crop", "32",
+                         "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "give --mask" in err and "Traceback" not in err
+    big = mask.resize((W, H))
+    big.save(tmp_path / "big-mask.png")
+    code = run_cli.main(["a cat", "--engine", engine, "--init-image", str(tmp_path / "photo.png"), "--mask",
+                         str(tmp_path / "big-mask.png"), "--mask-crop", "16", "--width", "64", "--height", "64",
+                         "--steps", "3", "--seed", "2", "--out", str(tmp_path / "c.png"), "--quiet"])
+    assert code == 0
+    want = inpainting[1]("a cat", init_image=init_image, mask=big, mask_crop=16, width=64, height=64, steps=3, seed=2,
+                         progress=False)[0]
+    with Image.open(tmp_path / "c.png") as got:
+        assert got.size == (W, H) and np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_crop_box_and_resizes_are_diffusers():
+    """The pure parts of mask_crop against diffusers' VaeImageProcessor on random masks: boxes
+    at the edges (shifted back in), every aspect, pads past the image; the fill and crop resizes."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ldm_deploy.engine import mask_crop
+
+    rng = np.random.default_rng(0)
+    processor = VaeImageProcessor()
+    for _ in range(300):
+        h, w = rng.integers(8, 80, size=2)
+        m = np.zeros((h, w), np.uint8)
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        m[y0:y0 + rng.integers(1, h), x0:x0 + rng.integers(1, w)] = rng.integers(1, 256)
+        mask = Image.fromarray(m)
+        width, height = (int(v) * 8 for v in rng.integers(4, 64, size=2))
+        pad = int(rng.choice([0, 3, 32, 200]))
+        assert mask_crop.crop_region(mask, width, height, pad) == \
+            VaeImageProcessor.get_crop_region(mask, width, height, pad=pad), (h, w, y0, x0, width, height, pad)
+    image = Image.fromarray(rng.integers(0, 256, (37, 61, 3), dtype=np.uint8))
+    for width, height in ((64, 64), (128, 32), (24, 96), (61, 37)):
+        for ours, theirs in ((mask_crop.fill_resize, processor._resize_and_fill),
+                             (mask_crop.crop_resize, processor._resize_and_crop)):
+            assert np.array_equal(np.asarray(ours(image, width, height)), np.asarray(theirs(image, width, height)))
