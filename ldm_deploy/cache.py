@@ -77,7 +77,7 @@ def absolute_path(p: Path) -> Path:
 
 
 def settle_paths(settings: dict) -> tuple[dict, tuple[Path, ...]]:
-    """Settings with the VAE, LoRA, embedding and config paths made absolute (the key must not
+    """Settings with the VAE, LoRA, embedding, ControlNet and config paths made absolute (the key must not
     hang on the working directory), and those that exist, for model_key. Missing ones stay as
     given: the export names them. Symlinks stay links (a hub cache's point to blobs named by
     hash, without the suffix that says what a file is); the key's stat follows them."""
@@ -96,6 +96,8 @@ def settle_paths(settings: dict) -> tuple[dict, tuple[Path, ...]]:
     for key in ("loras", "embeddings"):  # (path, weight or trigger word) pairs
         if settings.get(key):
             settings[key] = tuple((absolute(path), tail) for path, tail in settings[key])
+    if settings.get("controlnets"):
+        settings["controlnets"] = tuple(absolute(path) for path in settings["controlnets"])
     return settings, tuple(extra)
 
 

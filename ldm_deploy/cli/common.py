@@ -35,7 +35,8 @@ def run_main(fn: Callable[[], None], prog: str) -> int:
 # What goes into an engine besides the model itself: ldm-export's options, and ldm-run's with
 # --model (which exports into the cache). flag -> ExportConfig field.
 MODEL_OPTIONS = {"--config": "model_config", "--prediction-type": "prediction_type", "--vae": "vae",
-                 "--lora": "loras", "--embedding": "embeddings", "--allow-pickle": "allow_pickle"}
+                 "--lora": "loras", "--embedding": "embeddings", "--controlnet": "controlnets",
+                 "--allow-pickle": "allow_pickle"}
 
 
 def add_model_options(p) -> None:
@@ -57,6 +58,9 @@ def add_model_options(p) -> None:
     p.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="FILE[:WORD]",
                    help="add a textual inversion embedding (AUTOMATIC1111 or diffusers layout), triggered by "
                         "its file name (or WORD) in prompts; repeat for several")
+    p.add_argument("--controlnet", dest="controlnets", action="append", default=[], metavar="DIR",
+                   help="run a ControlNet (a diffusers ControlNet folder) beside the U-Net at every step; "
+                        "ldm-run --control-image gives its image; repeat for several")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt / .pt / .bin pickle files (model, VAE, LoRAs, embeddings): runs code from "
                         "the file, only for sources you trust")
@@ -71,4 +75,6 @@ def model_options(args) -> dict:
         given["loras"] = tuple(lora.parse_spec(spec) for spec in given["loras"])
     if "embeddings" in given:
         given["embeddings"] = tuple(embeddings.parse_spec(spec) for spec in given["embeddings"])
+    if "controlnets" in given:
+        given["controlnets"] = tuple(given["controlnets"])
     return given

@@ -67,6 +67,16 @@ def parser() -> argparse.ArgumentParser:
                         "mask, PAD px wider, is drawn at --width x --height (default: the model's size) and pasted back")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8; with --mask 1.0)")
+    p.add_argument("--control-image", action="append", default=None, metavar="FILE",
+                   help="engines with ControlNets (ldm-export --controlnet): the ControlNet's image (an edge map, "
+                        "a pose, a depth map, ... as it was trained on); repeat in the ControlNets' order, 'none' "
+                        "for one that is off. Without --init-image it sets the size drawn")
+    p.add_argument("--control-scale", type=float, action="append", default=None, metavar="X",
+                   help="how strongly each ControlNet steers (default 1.0, AUTOMATIC1111's weight; repeat for each)")
+    p.add_argument("--control-start", type=float, action="append", default=None, metavar="F",
+                   help="the fraction of the steps after which each ControlNet starts acting (default 0)")
+    p.add_argument("--control-end", type=float, action="append", default=None, metavar="F",
+                   help="the fraction of the steps after which it stops (default 1)")
     p.add_argument("--out", default=None,
                    help="PNG path, or a folder to write into; with several images, NAME-0.png, NAME-1.png, ... "
                         "(default: output.png, numbered output-2.png, output-3.png, ... so as not to overwrite)")
@@ -174,6 +184,20 @@ def from_png(args) -> dict:
     return fields
 
 
+def control_options(args) -> dict:
+    """--control-* as Pipeline keywords: one value for one ControlNet, a list for several."""
+    out = {}
+    for key, value in (("control_image", args.control_image), ("control_scale", args.control_scale),
+                       ("control_start", args.control_start), ("control_end", args.control_end)):
+        if value is not None:
+            if key == "control_image":
+                value = [None if v.lower() == "none" else v for v in value]
+            out[key] = value[0] if len(value) == 1 else value
+    if out.get("control_image") is not None:
+        out.setdefault("control_scale", 1.0)  # AUTOMATIC1111's weight (the API takes diffusers' defaults)
+    return out
+
+
 def main(argv=None) -> int:
     # Options a PNG may set start UNSET (argparse keeps what a namespace holds), so that those
     # given on the command line can be told from defaults.
@@ -249,6 +273,7 @@ def main(argv=None) -> int:
             init_image=args.init_image,
             mask=args.mask,
             mask_crop=args.mask_crop,
+            **control_options(args),
             strength=args.strength,
             clip_skip=args.clip_skip - 1,
             prompt_weighting=args.prompt_weighting,

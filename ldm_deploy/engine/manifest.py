@@ -44,11 +44,12 @@ class ModelInfo:
     long_prompts: bool = False  # the U-Net step takes dims["text_chunks"] chunks of text (before it: one)
     masks: bool = False  # the U-Net step takes an inpainting mask (before it: none)
     inpainting: bool = False  # an inpainting U-Net (9 channels in: latents, mask, masked image)
+    controlnets: tuple = ()  # ControlNets in the U-Net step (ldm-export --controlnet): {"name", "sha256"} each
 
     @property
     def facts(self) -> ModelFacts:
         return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale, self.text_layers,
-                          self.long_prompts, self.masks, self.inpainting)
+                          self.long_prompts, self.masks, self.inpainting, len(self.controlnets))
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Manifest:
         model["noise_schedule"] = NoiseSchedule.from_config(model["noise_schedule"])
         model["loras"] = tuple(model.get("loras", ()))
         model["embeddings"] = tuple(model.get("embeddings", ()))
+        model["controlnets"] = tuple(model.get("controlnets", ()))
         if model.get("long_prompts") and "text_chunks" not in d["dims"]:
             raise KeyError("dims.text_chunks")
         return cls(

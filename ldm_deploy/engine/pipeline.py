@@ -18,6 +18,7 @@ from PIL import Image
 
 from ldm_deploy import __version__
 from ldm_deploy.engine import backends, extra_networks, hires, images, noise, prompt_schedule
+from ldm_deploy.engine import controls
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
@@ -87,6 +88,10 @@ class Pipeline:
         init_image=None,
         mask=None,
         mask_crop: int | None = None,
+        control_image=None,
+        control_scale: float | list | None = None,
+        control_start: float | list = 0.0,
+        control_end: float | list = 1.0,
         strength: float | None = None,
         clip_skip: int | None = None,
         prompt_weighting: bool = False,
@@ -115,6 +120,12 @@ class Pipeline:
         diffusers' padding_mask_crop): the box around the mask, widened by that much and to the
         aspect of width x height (default: the engine's size), is drawn at width x height and pasted
         back over the image through the mask (mask_crop.py); the images are the init image's size.
+        control_image: for an engine with ControlNets (ldm-export --controlnet), each one's image
+        (one image, or a list of one per ControlNet, None where it is off), resized to the size
+        drawn, which it sets when there is no init image; control_scale (its residuals' weight;
+        default as diffusers' ControlNet pipelines: 1.0, img2img 0.8, with a mask 0.5),
+        control_start / control_end (the part of the steps it acts in), a number or a list of one
+        per ControlNet, as diffusers' ControlNet pipelines take them.
         clip_skip: text encoder layers skipped, as diffusers counts them (1: the penultimate
         layer's output, AUTOMATIC1111's "Clip skip: 2"), for the prompt and the negative prompt
         alike, as AUTOMATIC1111 and ComfyUI do (diffusers' StableDiffusionPipeline skips them
@@ -134,11 +145,14 @@ class Pipeline:
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
-        num_images_per_prompt, image, mask_image, padding_mask_crop. (_hires_pass: internal, (first pass steps, hires steps)
+        num_images_per_prompt, image, mask_image, padding_mask_crop, controlnet_conditioning_scale,
+        control_guidance_start, control_guidance_end. (_hires_pass: internal, (first pass steps, hires steps)
         when this call is the hires fix's second pass.)
         """
         given = {"steps": steps != 30, "guidance": guidance != 7.5, "num_images": num_images != 1,
-                 "init_image": init_image is not None, "mask": mask is not None, "mask_crop": mask_crop is not None}
+                 "init_image": init_image is not None, "mask": mask is not None, "mask_crop": mask_crop is not None,
+                 "control_scale": control_scale is not None, "control_start": control_start != 0.0,
+                 "control_end": control_end != 1.0}
         for theirs, value in diffusers_names.items():
             ours = DIFFUSERS_NAMES.get(theirs)
             if ours is None:
@@ -151,6 +165,9 @@ class Pipeline:
         init_image = diffusers_names.get("image", init_image)
         mask = diffusers_names.get("mask_image", mask)
         mask_crop = diffusers_names.get("padding_mask_crop", mask_crop)
+        control_scale = diffusers_names.get("controlnet_conditioning_scale", control_scale)
+        control_start = diffusers_names.get("control_guidance_start", control_start)
+        control_end = diffusers_names.get("control_guidance_end", control_end)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negs) != len(prompts):
@@ -167,9 +184,15 @@ class Pipeline:
             crop, init, mask, width, height = self.crop_to_mask(init, mask, mask_crop, width, height, output_type)
         if strength is None:
             strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting and img2img defaults
+        if control_scale is None:
+            control_scale = 0.5 if mask is not None else 0.8 if init is not None else 1.0
+        control = controls.Control.of(control_image, control_scale, control_start, control_end,
+                                      len(self.manifest.model.controlnets))
         if init is not None:
             default_w, default_h = images.init_image_size(init, self.manifest.model.vae_scale)
             self.check_init_size(init, width, height)
+        elif control.first_image is not None:  # as diffusers' ControlNet pipelines: the control image's size
+            default_w, default_h = images.init_image_size(control.first_image, self.manifest.model.vae_scale)
         else:
             default_w, default_h = self.default_size
         width, height = (whole("width", v, d) for v, d in ((width, default_w), (height, default_h)))
@@ -220,11 +243,12 @@ class Pipeline:
         # A Latent upscaler takes the first pass's latents; output_type="latent" wants the last's.
         decode = output_type != "latent" if fix is None else not fix.latent
         out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
-            self.generate(sub_req, init, sub_latents, sub_gen, progress, decode, mask)
+            self.generate(sub_req, init, sub_latents, sub_gen, progress, decode, mask, control)
             for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
         ])
         if fix is not None:
-            out = self.hires_fix(req, out, fix, generator, progress, "latent" if output_type == "latent" else "np")
+            out = self.hires_fix(req, out, fix, generator, progress, "latent" if output_type == "latent" else "np",
+                                 control)
         if crop is not None:  # each drawn crop pasted back into the image through the mask
             pad, box, original, original_mask = crop
             pils = [mask_crop_.overlay(original_mask, original, im, box) for im in images.to_pil(out)]
@@ -235,7 +259,7 @@ class Pipeline:
         else:
             pils = images.to_pil(out)
         for i, im in enumerate(pils):
-            im.info["parameters"] = self.parameters(req, i, init is not None, fix, crop and crop[0])
+            im.info["parameters"] = self.parameters(req, i, init is not None, fix, crop and crop[0], control)
         return pils
 
     def crop_to_mask(self, init, mask, pad, width, height, output_type):
@@ -262,10 +286,15 @@ class Pipeline:
         return (pad, box, init, mask), cut_image, cut_mask, width, height
 
     def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool,
-                  output_type: str = "np") -> np.ndarray:
+                  output_type: str = "np", control=None) -> np.ndarray:
         """The second pass of each image: its 8-bit first pass, resized (a Latent upscaler: its
         latents, resized), redrawn as img2img with its own seed (a generator given: the rest of
-        its draws, as diffusers' img2img would make)."""
+        its draws, as diffusers' img2img would make). ControlNets steer it too, their images
+        resized to the new size, as in AUTOMATIC1111."""
+        controls = {}
+        if control is not None and control.pictures:
+            controls = dict(control_image=list(control.pictures), control_scale=list(control.scales),
+                            control_start=list(control.starts), control_end=list(control.ends))
         w, h = hires.target_size(req.width, req.height, fix.scale, self.manifest.size_multiple)
         steps, strength = hires.img2img_steps(fix, req.steps)
         if fix.latent:  # (B, C, h, w) -> one (1, C, H/8, W/8) each
@@ -282,12 +311,12 @@ class Pipeline:
                 guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
                 init_image=init, strength=strength, clip_skip=req.clip_skip,
                 prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
-                _hires_pass=(req.steps, fix.steps or req.steps),
+                _hires_pass=(req.steps, fix.steps or req.steps), **controls,
             ))
         return np.concatenate(out)
 
     def generate(self, req: Request, init, latents, generator, progress: bool, decode: bool = True,
-                 mask=None) -> np.ndarray:
+                 mask=None, control=None) -> np.ndarray:
         """Run one request; returns (B, H, W, 3) float32 in [0, 1] (decode False: the final
         latents, (B, C, H/8, W/8), as diffusers' output_type="latent")."""
         be, m = self.backend, self.manifest.model
@@ -324,7 +353,13 @@ class Pipeline:
             keep = {"mask": be.upload(np.ones((b, 1, *shape[2:]), np.float32)),
                     "image_latents": be.upload(np.zeros(shape, np.float32))}
             step_masks = [keep] * sp.steps
-        x = self.denoise(x, step_emb, sp, step_noise, shape, req, progress, step_masks)
+        step_extra = step_masks or [{}] * sp.steps
+        if m.controlnets:  # each step's control images (one buffer) and scales
+            pictures, scales = control.inputs(b, req.width, req.height, sp.steps)
+            pictures = be.upload(pictures)
+            step_extra = [{**e, "control_images": pictures, "control_scales": be.upload(s)}
+                          for e, s in zip(step_extra, scales)]
+        x = self.denoise(x, step_emb, sp, step_noise, shape, req, progress, step_extra)
         if not decode:
             return be.download(x)
 
@@ -373,10 +408,10 @@ class Pipeline:
                        be.upload(np.concatenate([be.download(c) for c in chunks], axis=2)))
         return out
 
-    def denoise(self, x, step_emb, sp, step_noise, shape, req, progress, step_masks=None):
+    def denoise(self, x, step_emb, sp, step_noise, shape, req, progress, step_extra=None):
         """The N-step loop: ping-pong latents and state between two buffer pairs; step_emb:
         each step's text embeddings (one buffer for all, but where the prompt is edited);
-        step_masks: each step's mask inputs (engines with masks)."""
+        step_extra: each step's further inputs (masks, ControlNets' images and scales)."""
         be = self.backend
         state, x_next, state_next = be.upload(np.zeros(shape, np.float32)), be.empty(shape), be.empty(shape)
         rows = [be.upload(r) for r in sp.rows]
@@ -384,7 +419,7 @@ class Pipeline:
         for i in range(sp.steps):
             runs.append(Run(
                 {"latents": x, "text_embeddings": step_emb[i], "coeffs": rows[i], "state": state, "noise": step_noise[i],
-                 **(step_masks[i] if step_masks else {})},
+                 **(step_extra[i] if step_extra else {})},
                 {"latents_out": x_next, "state_out": state_next},
             ))
             x, x_next, state, state_next = x_next, x, state_next, state
@@ -513,7 +548,8 @@ class Pipeline:
                     f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
                     f"height=) in range to resize it, or resize the image")
 
-    def parameters(self, req: Request, i: int, img2img: bool, fix=None, crop_pad: int | None = None) -> str:
+    def parameters(self, req: Request, i: int, img2img: bool, fix=None, crop_pad: int | None = None,
+                   control=None) -> str:
         fields = {
             "Steps": req.steps,
             "Sampler": DISPLAY_NAMES[req.sampler],
@@ -531,6 +567,8 @@ class Pipeline:
             fields.update(hires.fields(fix))
         if crop_pad is not None:  # AUTOMATIC1111's fields for it
             fields.update({"Inpaint area": "Only masked", "Masked area padding": crop_pad})
+        if control is not None:
+            fields.update(control.fields(self.manifest.model.controlnets))
         if req.clip_skip:
             fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
         if not req.prompt_weighting and re.search(r"[()\[\]]|<\w+:[^>]+>|\bBREAK\b",
@@ -551,7 +589,8 @@ class Pipeline:
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask",
-                   "padding_mask_crop": "mask_crop"}
+                   "padding_mask_crop": "mask_crop", "controlnet_conditioning_scale": "control_scale",
+                   "control_guidance_start": "control_start", "control_guidance_end": "control_end"}
 
 
 # export/single_file.py's SAFE_SUFFIXES + PICKLE_SUFFIXES (the runtime imports nothing of export/)

@@ -108,6 +108,9 @@ class ModelFacts:
     # The U-Net is an inpainting one (SD 1.5 / 2.0 inpainting and their fine-tunes): it takes the
     # mask and the masked image's latents beside the latents, 2 * latent_channels + 1 channels.
     inpainting: bool = False
+    # ControlNets run inside the U-Net step: it then takes their control images and each step's
+    # scales (ldm-export --controlnet).
+    controlnets: int = 0
 
 
 def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
@@ -153,6 +156,9 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
                 f32("state", latents),
                 f32("noise", latents),
                 *([f32("mask", (b, 1, lh, lw)), f32("image_latents", latents)] if facts.masks else []),
+                # ControlNets: each one's image in [0, 1] and its scale at this step (0: off)
+                *([f32("control_images", (facts.controlnets, b, 3, ih, iw)),
+                   f32("control_scales", (facts.controlnets,))] if facts.controlnets else []),
             ),
             outputs=(f32("latents_out", latents), f32("state_out", latents)),
         ),

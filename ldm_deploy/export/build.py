@@ -27,7 +27,7 @@ from ldm_deploy.engine.samplers import NoiseSchedule
 from ldm_deploy.engine.spec import ModelFacts, component_specs
 from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.config import ExportConfig
-from ldm_deploy.export import embeddings, lora
+from ldm_deploy.export import controlnet, embeddings, lora
 from ldm_deploy.export.engine_dir import check_out, staging_dir
 from ldm_deploy.export.source import SourceModel, load_source
 from ldm_deploy.export.tensorrt_build import TensorRTExporter
@@ -42,6 +42,8 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
         lora.merge(src, config.loras, config.allow_pickle)
     if config.embeddings:
         embeddings.add(src, config.embeddings, config.allow_pickle)
+    if config.controlnets:
+        controlnet.load(src, config.controlnets, config.allow_pickle)
     return src
 
 
@@ -427,7 +429,8 @@ def model_info(src: SourceModel) -> ModelInfo:
         )
     facts = ModelFacts(src.vae.config.latent_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,
                        vae_scale(src), text_cfg.num_hidden_layers, long_prompts=True, masks=True,
-                       inpainting=src.unet.config.in_channels != src.vae.config.latent_channels)
+                       inpainting=src.unet.config.in_channels != src.vae.config.latent_channels,
+                       controlnets=len(src.controlnets))
     return ModelInfo(
         family=src.family,
         source=src.source,
@@ -447,6 +450,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         long_prompts=facts.long_prompts,
         masks=facts.masks,
         inpainting=facts.inpainting,
+        controlnets=tuple(src.controlnet_records),
     )
 
 

@@ -57,28 +57,48 @@ class UnetStep(nn.Module):
     gets the known part put back after the update (spec.py).
     """
 
-    def __init__(self, unet, dtype=torch.float32):
+    def __init__(self, unet, dtype=torch.float32, controlnets=()):
         super().__init__()
         self.unet = cast(unet, dtype)
         self.dtype = dtype
         self.inpainting = unet.config.in_channels != unet.config.out_channels
+        self.controlnets = nn.ModuleList(cast(net, dtype) for net in controlnets)
 
-    def forward(self, latents, text_embeddings, coeffs, state, noise, mask=None, image_latents=None):
+    def forward(self, latents, text_embeddings, coeffs, state, noise, mask=None, image_latents=None,
+                control_images=None, control_scales=None):
         k = text_embeddings.shape[0]
         x_in = update.model_input(coeffs, latents)  # (B, C, h, w)
-        if self.inpainting:
-            x_in = torch.cat([x_in, mask, image_latents], dim=1)  # (B, 2C + 1, h, w)
         # repeat, not expand + flatten: flattening a broadcast view depends on whether B is 1,
         # which torch.export would then have to guard (and refuse batch 1 for).
-        x_in = x_in.repeat(k, 1, 1, 1)  # (K*B, C, h, w), K-major
+        x_latent = x_in.repeat(k, 1, 1, 1)  # (K*B, C, h, w), K-major
+        if self.inpainting:
+            x_in = torch.cat([x_in, mask, image_latents], dim=1)  # (B, 2C + 1, h, w)
+        x_in = x_in.repeat(k, 1, 1, 1)
         emb = text_embeddings.flatten(0, 1).to(self.dtype)  # (K*B, 77, D)
-        out = self.unet(x_in.to(self.dtype), coeffs[update.T], encoder_hidden_states=emb).sample.float()
+        t = coeffs[update.T]
+        residuals = {}
+        if len(self.controlnets):
+            residuals = self.control(x_latent, t, emb, control_images, control_scales, k)
+        out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=emb, **residuals).sample.float()
         out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
         model_out = update.guide(out[0], out[-1], coeffs)
         x_next, x0 = update.update(coeffs, latents, state, noise, model_out)
         if mask is not None and not self.inpainting:  # diffusers' order of operations, so that a
             x_next = (1 - mask) * image_latents + mask * x_next  # mask of 1 keeps x_next exactly
         return x_next, x0
+
+    def control(self, x, t, emb, images, scales, k) -> dict:
+        """The ControlNets' residuals, summed, as the U-Net's keyword arguments. Each sees the
+        (K*B, C, h, w) latent input (an inpainting U-Net's extra channels not), as diffusers'
+        ControlNet pipelines give it, and its (B, 3, H, W) image repeated K times."""
+        down, mid = None, None
+        for i, net in enumerate(self.controlnets):
+            image = images[i].repeat(k, 1, 1, 1).to(self.dtype)  # (K*B, 3, H, W)
+            d, m = net(x.to(self.dtype), t, encoder_hidden_states=emb, controlnet_cond=image,
+                       conditioning_scale=scales[i].to(self.dtype), return_dict=False)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
 
 
 class VaeDecoder(nn.Module):
@@ -120,7 +140,7 @@ def cast(module, dtype):
 
 WRAPPERS = {
     "text_encoder": lambda m, dtype: TextEncoder(m.text_encoder, dtype),
-    "unet_step": lambda m, dtype: UnetStep(m.unet, dtype),
+    "unet_step": lambda m, dtype: UnetStep(m.unet, dtype, m.controlnets),
     "vae_decoder": lambda m, dtype: VaeDecoder(m.vae, dtype),
     "vae_encoder": lambda m, dtype: VaeEncoder(m.vae, dtype),
 }

@@ -68,6 +68,8 @@ class ExportConfig:
     loras: LoRA files and their weights, merged into the U-Net and text encoder (lora.py).
     embeddings: textual inversion files and their trigger words (None: from the file), added to
       the tokenizer and text encoder (embeddings.py).
+    controlnets: diffusers ControlNet folders, each run beside the U-Net at every step with its
+      control image and scale (controlnet.py).
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
@@ -97,6 +99,7 @@ class ExportConfig:
     vae: str | None = None  # a replacement VAE: a file or a diffusers AutoencoderKL folder
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) merged into the weights, in order
     embeddings: tuple[tuple[str, str | None], ...] = ()  # (file, trigger word or None), in order
+    controlnets: tuple[str, ...] = ()  # diffusers ControlNet folders, run inside the U-Net step
     force: bool = False
 
     def __post_init__(self):

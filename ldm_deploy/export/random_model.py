@@ -189,6 +189,25 @@ def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0, 
     return out
 
 
+def make_random_controlnet(out: str | Path, preset: str = "tiny-sd1", seed: int = 0,
+                           conditioning_embedding_out_channels=(16, 32, 96, 256)) -> Path:
+    """A random-weight diffusers ControlNet for the preset's U-Net, saved as a folder. Its zero
+    convolutions (zero at the start of training) get random weights too, so that it acts."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(UNet2DConditionModel(**unet_config(preset)),
+                                    conditioning_embedding_out_channels=conditioning_embedding_out_channels)
+    with torch.no_grad():
+        for module in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            for p in module.parameters():
+                p.normal_(0, 0.05)
+    net.save_pretrained(out)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-sd1")

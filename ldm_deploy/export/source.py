@@ -38,6 +38,8 @@ class SourceModel:
     loras: list = field(default_factory=list)  # merged LoRAs: {"name", "weight", "sha256"} each
     # added textual inversions: {"name", "word", "vectors", "sha256"} each
     embeddings: list = field(default_factory=list)
+    controlnets: list = field(default_factory=list)  # diffusers ControlNetModels (controlnet.py)
+    controlnet_records: list = field(default_factory=list)  # {"name", "sha256"} each
 
     @property
     def family(self) -> str:

@@ -1,0 +1,176 @@
+"""ControlNets inside the U-Net step against diffusers' ControlNet pipelines (txt2img, img2img,
+inpainting, several ControlNets), given the same generators, to 2e-3 max abs per pixel."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+
+from conftest import TEST_CONFIG, assert_not_saturated, diffusers_schedulers
+from ldm_deploy import Pipeline
+from ldm_deploy.cli import export as export_cli
+from ldm_deploy.cli import run as run_cli
+from ldm_deploy.errors import InvalidRequest, ModelSourceError
+from ldm_deploy.export.build import export_engine
+from ldm_deploy.export.random_model import make_random_controlnet
+
+TOL = 2e-3
+SCHEDULERS = diffusers_schedulers()
+W, H = 128, 96
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """Two random ControlNets for the tiny SD 1.x U-Net."""
+    root = tmp_path_factory.mktemp("controlnets")
+    return [make_random_controlnet(root / f"net{i}", "tiny-sd1", seed=5 + i) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def engines(nets, model_dirs, tmp_path_factory):
+    """Pipelines of the tiny SD 1.x model with the first ControlNet, and with both."""
+    root = tmp_path_factory.mktemp("controlnet-engines")
+    model = str(model_dirs["tiny-sd1"])
+    return {n: Pipeline.load(export_engine(model, root / f"n{n}", replace(TEST_CONFIG, controlnets=tuple(
+        str(p) for p in nets[:n])))) for n in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def reference(nets, model_dirs):
+    base = StableDiffusionPipeline.from_pretrained(model_dirs["tiny-sd1"], safety_checker=None,
+                                                   requires_safety_checker=False)
+    loaded = [ControlNetModel.from_pretrained(p) for p in nets]
+    out = {"one": loaded[0], "both": loaded, "config": dict(base.scheduler.config), "components": base.components}
+    return out
+
+
+def diffusers_run(reference, cls, controlnet, sampler, **kwargs) -> np.ndarray:
+    pipe = cls(**{**reference["components"], "controlnet": controlnet})
+    pipe.set_progress_bar_config(disable=True)
+    scheduler, options = SCHEDULERS[sampler]
+    pipe.scheduler = scheduler.from_config(reference["config"], **options)
+    return pipe(output_type="np", **kwargs).images
+
+
+def pattern(seed: int) -> Image.Image:
+    """A control image: black and white blobs, as edge or scribble maps are."""
+    y, x = np.mgrid[0:H, 0:W]
+    v = np.sin(x / (4.0 + seed)) * np.cos(y / (6.0 + seed))
+    return Image.fromarray(((v > 0) * 255).astype(np.uint8)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    y, x = np.mgrid[0:H, 0:W]
+    rgb = np.stack([x / W, y / H, 0.5 + 0.5 * np.sin(x / 9.0) * np.cos(y / 7.0)], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("sampler,guidance,scale,start,end", [
+    ("ddim", 7.5, 1.0, 0.0, 1.0), ("euler_a", 7.5, 0.7, 0.2, 0.8), ("dpmpp_2m_karras", 1.0, 1.3, 0.0, 0.5),
+    ("heun", 7.5, 0.5, 0.3, 1.0),
+])
+def test_txt2img_with_a_controlnet_matches_diffusers(sampler, guidance, scale, start, end, engines, reference):
+    common = dict(prompt="a house by a lake", num_inference_steps=5, guidance_scale=guidance,
+                  controlnet_conditioning_scale=scale, control_guidance_start=start, control_guidance_end=end)
+    ref = diffusers_run(reference, StableDiffusionControlNetPipeline, reference["one"], sampler, image=pattern(0),
+                        generator=torch.Generator().manual_seed(3), **common)
+    got = engines[1](control_image=pattern(0), sampler=sampler, generator=torch.Generator().manual_seed(3),
+                     output_type="np", progress=False, **common)
+    assert got.shape == ref.shape == (1, H, W, 3)  # the control image's size
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+def test_two_controlnets_img2img_and_inpainting_match_diffusers(engines, reference, init_image):
+    both = dict(controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.25],
+                control_guidance_end=[1.0, 0.75])
+    common = dict(prompt="a red barn", num_inference_steps=4, num_images_per_prompt=2, **both)
+    ref = diffusers_run(reference, StableDiffusionControlNetPipeline, reference["both"], "euler_a",
+                        image=[pattern(0), pattern(3)], generator=torch.Generator().manual_seed(8), **common)
+    got = engines[2](control_image=[pattern(0), pattern(3)], sampler="euler_a",
+                     generator=torch.Generator().manual_seed(8), output_type="np", progress=False, **common)
+    assert got.shape == (2, H, W, 3)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+    common = dict(prompt="a red barn", num_inference_steps=6, strength=0.6, controlnet_conditioning_scale=0.9)
+    ref = diffusers_run(reference, StableDiffusionControlNetImg2ImgPipeline, reference["one"], "dpmpp_2m_karras",
+                        image=init_image, control_image=pattern(1), generator=torch.Generator().manual_seed(2),
+                        **common)
+    got = engines[1](init_image=init_image, control_image=pattern(1), sampler="dpmpp_2m_karras",
+                     generator=torch.Generator().manual_seed(2), output_type="np", progress=False, **common)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+    mask = np.zeros((H, W), np.uint8)
+    mask[20:70, 30:100] = 255
+    common = dict(prompt="a red barn", num_inference_steps=5, height=H, width=W)
+    ref = diffusers_run(reference, StableDiffusionControlNetInpaintPipeline, reference["one"], "ddim",
+                        image=init_image, mask_image=Image.fromarray(mask), control_image=pattern(2),
+                        generator=torch.Generator().manual_seed(6), **common)
+    got = engines[1](init_image=init_image, mask=mask, control_image=pattern(2), sampler="ddim",
+                     generator=torch.Generator().manual_seed(6), output_type="np", progress=False, **common)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+def test_without_a_control_image_the_engine_draws_as_the_model_alone(engines, pipelines):
+    """A ControlNet given no image is off: scale 0, so the U-Net sees no residuals; one of two
+    off (None) leaves the other's effect alone."""
+    kw = dict(seed=4, steps=4, width=W, height=H, output_type="np", progress=False)
+    np.testing.assert_allclose(engines[1]("a boat", **kw), pipelines["tiny-sd1"]("a boat", **kw), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(engines[2]("a boat", control_image=[pattern(0), None], **kw),
+                               engines[1]("a boat", control_image=pattern(0), **kw), rtol=0, atol=1e-5)
+
+
+def test_control_settings_are_checked(engines, pipelines, tmp_path):
+    with pytest.raises(InvalidRequest, match="no ControlNet; export one"):
+        pipelines["tiny-sd1"]("x", control_image=pattern(0), steps=2, progress=False)
+    for kw, message in [(dict(control_image=pattern(0)), "has 2 ControlNets: give a list of 2"),
+                        (dict(control_image=[pattern(0)]), "1 control images for this engine's 2"),
+                        (dict(control_image=[pattern(0), None], control_scale=[1.0]), "control_scale: 1 values"),
+                        (dict(control_image=[pattern(0), None], control_start=0.5, control_end=0.5), "0 <= start < end"),
+                        (dict(control_image=[pattern(0), None], control_scale=float("nan")), "finite number"),
+                        (dict(control_image=[tmp_path / "missing.png", None]), "cannot read the control image"),
+                        (dict(control_image=[[1, 2], None]), "a control image must be")]:
+        with pytest.raises(InvalidRequest, match=message):
+            engines[2]("x", steps=2, progress=False, **kw)
+
+
+def test_controlnets_that_do_not_fit_are_refused(nets, model_dirs, tmp_path):
+    for given, message in [(nets[0], "made for another model: its cross_attention_dim is 32, the U-Net.s 48"),
+                           (tmp_path / "nothing", "does not exist"),
+                           (nets[0] / "config.json", "is a file")]:
+        config = replace(TEST_CONFIG, controlnets=(str(given),))
+        model = model_dirs["tiny-sd2" if given == nets[0] else "tiny-sd1"]
+        with pytest.raises(ModelSourceError, match=message):
+            export_engine(str(model), tmp_path / "e", config)
+
+
+def test_export_and_run_from_the_command_line(nets, model_dirs, engines, tmp_path, capsys):
+    out = tmp_path / "engine"
+    code = export_cli.main(["--model", str(model_dirs["tiny-sd1"]), "--controlnet", str(nets[0]), "--out", str(out),
+                            "--min-size", "64", "--max-size", "256", "--no-img2img", "--quiet"])
+    assert code == 0
+    pattern(0).save(tmp_path / "edges.png")
+    code = run_cli.main(["a house", "--engine", str(out), "--control-image", str(tmp_path / "edges.png"),
+                         "--control-scale", "0.8", "--control-end", "0.6", "--steps", "3", "--seed", "1",
+                         "--out", str(tmp_path / "o.png"), "--quiet"])
+    assert code == 0
+    pipe = Pipeline.load(out)
+    assert pipe.manifest.model.controlnets[0]["name"] == nets[0].name
+    want = pipe("a house", control_image=pattern(0), control_scale=0.8, control_end=0.6, steps=3, seed=1,
+                progress=False)[0]
+    with Image.open(tmp_path / "o.png") as got:
+        assert got.size == (W, H) and np.array_equal(np.asarray(got), np.asarray(want))
+        assert f'ControlNet 0: "Module: none, Model: {nets[0].name}, Weight: 0.8, Guidance Start: 0.0, ' \
+               'Guidance End: 0.6"' in got.info["parameters"]
