@@ -159,7 +159,7 @@ def test_controlnets_that_do_not_fit_are_refused(nets, model_dirs, tmp_path):
 def test_export_and_run_from_the_command_line(nets, model_dirs, engines, tmp_path, capsys):
     out = tmp_path / "engine"
     code = export_cli.main(["--model", str(model_dirs["tiny-sd1"]), "--controlnet", str(nets[0]), "--out", str(out),
-                            "--min-size", "64", "--max-size", "256", "--no-img2img", "--quiet"])
+                            "--min-size", "64", "--max-size", "256", "--no-img2img"])
     assert code == 0
     pattern(0).save(tmp_path / "edges.png")
     code = run_cli.main(["a house", "--engine", str(out), "--control-image", str(tmp_path / "edges.png"),
