@@ -18,13 +18,13 @@ def open_image(path: str | Path, what: str = "init image") -> Image.Image:
     """Read an image file as RGB; a clear error if it cannot be read."""
     try:
         with Image.open(path) as im:
-            rgb = to_rgb(im)
+            rgb = to_rgb(im, what)
             return im.copy() if rgb is im else rgb  # read before the file closes
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidRequest(f"cannot read the {what} {path}: {e}") from None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, what: str = "init image") -> Image.Image:
     """Any PIL image -> 8-bit RGB. Integer greyscale ("I;16", "I") is scaled from the bit depth its
     values need (8, 16 or 32 bits: PIL's own conversion clips at 255, turning a 16-bit image
     mostly white); float greyscale ("F") is taken as [0, 1], or as 0..255 when it exceeds 1."""
@@ -35,7 +35,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError:  # premultiplied "La", "RGBa", ...: PIL has no conversion
-        raise InvalidRequest(f"cannot use an init image of mode {image.mode}: PIL cannot convert "
+        raise InvalidRequest(f"cannot use {what} of mode {image.mode}: PIL cannot convert "
                              "it to RGB; pass an RGB (or greyscale) image") from None
 
 
@@ -118,29 +118,51 @@ def to_model_input(image: Image.Image, width: int, height: int) -> np.ndarray:
     return (2.0 * a - 1.0).transpose(2, 0, 1)[None]
 
 
-def as_mask(mask) -> Image.Image | None:
-    """An inpainting mask as an 8-bit greyscale image (white: redraw, black: keep), from a path,
-    a PIL image or an (H, W), (H, W, 1) or (H, W, 3) array (uint8, or floats in [0, 1])."""
+def as_mask(mask) -> Image.Image | np.ndarray | None:
+    """An inpainting mask, as diffusers' mask processor reads one (white or 1: redraw, black or 0:
+    keep): a path or PIL image stays an image, greyscale or RGB (it is resized before it is made
+    grey, as there); an (H, W) or (H, W, 1) array (bool, integers or floats) is cut at 0.5 as it
+    is -> an (H, W) float32 array of 0 and 1."""
     if mask is None:
         return None
     if isinstance(mask, (str, Path)):
-        return open_image(mask, "mask").convert("L")
+        return open_image(mask, "mask")
     if isinstance(mask, Image.Image):
-        return to_rgb(mask).convert("L")
-    if isinstance(mask, np.ndarray) and (mask.ndim == 2 or mask.ndim == 3 and mask.shape[2] in (1, 3, 4)):
-        a = to_uint8(mask if mask.ndim == 2 else mask[..., :3] if mask.shape[2] != 1 else mask[..., 0],
-                     what="the mask array")
-        return Image.fromarray(a).convert("L")
+        return mask if mask.mode == "L" else to_rgb(mask, "a mask")
+    if isinstance(mask, np.ndarray) and (mask.ndim == 2 or mask.ndim == 3 and mask.shape[2] == 1):
+        a = mask.reshape(mask.shape[:2])
+        if a.size == 0:
+            raise InvalidRequest(f"the mask array is empty (shape {mask.shape})")
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_) or not np.isfinite(a).all():
+            raise InvalidRequest(f"the mask array must hold finite numbers (0 keep, 1 redraw); got {a.dtype}")
+        return (a >= 0.5).astype(np.float32)
     what = f"an array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
     raise InvalidRequest(f"mask must be a path, a PIL image or an (H, W) array; got {what}")
 
 
-def mask_to_model_input(mask: Image.Image, width: int, height: int) -> np.ndarray:
-    """Greyscale mask -> (1, 1, H, W) float32 of 0 (keep) and 1 (redraw), as diffusers' mask
-    processor makes it: resized with Lanczos (only when the size differs), then cut at 0.5."""
+def mask_size(mask: Image.Image | np.ndarray) -> tuple[int, int]:
+    """(width, height) of a mask from as_mask."""
+    return mask.size if isinstance(mask, Image.Image) else (mask.shape[1], mask.shape[0])
+
+
+def mask_image(mask: Image.Image | np.ndarray) -> Image.Image:
+    """A mask from as_mask as a PIL image (an array: 0 and 255, greyscale)."""
+    return mask if isinstance(mask, Image.Image) else Image.fromarray((mask * 255).astype(np.uint8))
+
+
+def mask_to_model_input(mask: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
+    """A mask from as_mask -> (1, 1, H, W) float32 of 0 (keep) and 1 (redraw), as diffusers'
+    mask processor makes it: an image resized with Lanczos (only when the size differs), made
+    grey and cut at 0.5; an array (cut already) resized as torch's nearest interpolation."""
+    if isinstance(mask, np.ndarray):
+        if mask.shape != (height, width):  # floor(i * in / out), torch's "nearest"
+            rows = np.floor(np.arange(height, dtype=np.float32) * np.float32(mask.shape[0] / height)).astype(int)
+            cols = np.floor(np.arange(width, dtype=np.float32) * np.float32(mask.shape[1] / width)).astype(int)
+            mask = mask[np.minimum(rows, mask.shape[0] - 1)][:, np.minimum(cols, mask.shape[1] - 1)]
+        return mask.astype(np.float32)[None, None]
     if mask.size != (width, height):
         mask = mask.resize((width, height), resample=Image.LANCZOS)
-    a = np.asarray(mask, dtype=np.float32) / 255.0
+    a = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     return (a >= 0.5).astype(np.float32)[None, None]
 
 

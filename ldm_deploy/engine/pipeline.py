@@ -240,10 +240,13 @@ class Pipeline:
         if latents is not None and tuple(latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
         gen = generator if generator is not None else noise.seeded(req.seeds)
+        if isinstance(gen, (list, tuple)) and len(gen) != n:
+            raise InvalidRequest(f"{len(gen)} generators for {n} images; pass one generator, or a list of one per image")
+        shared = {}  # what chunks of one call share: inpainting's image latents, sampled once
         # A Latent upscaler takes the first pass's latents; output_type="latent" wants the last's.
         decode = output_type != "latent" if fix is None else not fix.latent
         out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
-            self.generate(sub_req, init, sub_latents, sub_gen, progress, decode, mask, control)
+            self.generate(sub_req, init, sub_latents, sub_gen, progress, decode, mask, control, shared)
             for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
         ])
         if fix is not None:
@@ -270,6 +273,7 @@ class Pipeline:
             raise InvalidRequest(f"mask_crop is the padding around the mask in pixels, 0 or more; got {pad}")
         if mask is None:
             raise InvalidRequest("mask_crop inpaints the area around a mask: give the mask too")
+        mask = images.mask_image(mask)
         if output_type == "latent":
             raise InvalidRequest("mask_crop pastes the drawn area back into the image, which latents cannot "
                                  "show: use output_type 'pil' or 'np'")
@@ -316,7 +320,7 @@ class Pipeline:
         return np.concatenate(out)
 
     def generate(self, req: Request, init, latents, generator, progress: bool, decode: bool = True,
-                 mask=None, control=None) -> np.ndarray:
+                 mask=None, control=None, shared=None) -> np.ndarray:
         """Run one request; returns (B, H, W, 3) float32 in [0, 1] (decode False: the final
         latents, (B, C, H/8, W/8), as diffusers' output_type="latent")."""
         be, m = self.backend, self.manifest.model
@@ -339,7 +343,8 @@ class Pipeline:
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
         step_masks = None  # per step: the U-Net step's mask and image_latents (engines with masks)
         if m.inpainting or mask is not None:
-            x, step_masks = self.inpaint_start(init, mask, req, sp, generator, latents, shape)
+            x, step_masks = self.inpaint_start(init, mask, req, sp, generator, latents, shape,
+                                               {} if shared is None else shared)
         elif init is not None:
             x = self.encode(init, req, sp, generator, latents, shape)
         else:
@@ -473,12 +478,15 @@ class Pipeline:
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
         return be.download(out)
 
-    def inpaint_start(self, init, mask, req, sp, generator, latents, shape):
+    def inpaint_start(self, init, mask, req, sp, generator, latents, shape, shared: dict):
         """Inpainting's start latents and each step's (mask, image_latents), as diffusers'
         StableDiffusionInpaintPipeline makes them, its noise drawn in its order: the image's VAE
         sample (not for an inpainting model at strength 1), the start noise, the masked image's
         VAE sample. Like diffusers, the one image's latents are sampled once for the batch, with
-        the first generator of a list. No mask: all of it is redrawn; no image: a blank one."""
+        the first generator of a list; `shared` keeps them for the call's later chunks (past the
+        engine's batch), which draw only their start noise. No mask: all of it is redrawn; no
+        image: a blank one. latents: the start noise (at strength < 1 added to the image, as for
+        img2img; diffusers' inpainting pipeline would start from them alone)."""
         be, m = self.backend, self.manifest.model
         b, c, h, w = shape
         given = isinstance(init, images.InitLatents)  # (a Latent hires pass): no image to mask
@@ -487,17 +495,21 @@ class Pipeline:
         redraw = (images.mask_to_model_input(mask, req.width, req.height) if mask is not None
                   else np.ones((1, 1, req.height, req.width), np.float32))  # (1, 1, H, W): 1 redraws
         first = generator[0] if isinstance(generator, (list, tuple)) else generator
-        z = None
-        if given:
-            z = np.repeat(init.array, b, axis=0)
-        elif not m.inpainting or req.strength < 1:
-            z = np.repeat(self.encode_latents(pixels, noise.draw(first, (1, c, h, w))), b, axis=0)
+        first_chunk = "masked" not in shared  # later chunks draw only their start noise
+        if first_chunk and given:
+            shared["z"] = init.array
+        elif first_chunk and (not m.inpainting or req.strength < 1):
+            shared["z"] = self.encode_latents(pixels, noise.draw(first, (1, c, h, w)))
+        z = np.repeat(shared["z"], b, axis=0) if "z" in shared else None
         start = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
         if req.strength == 1:
             x = start * np.float32(sp.init_noise_scale)
         else:
             x = np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start
-        masked = self.encode_latents(pixels * (redraw < 0.5), noise.draw(first, (1, c, h, w)))
+        if first_chunk:  # a text-to-image U-Net never sees the masked image: only its draw is kept
+            sample = noise.draw(first, (1, c, h, w))
+            shared["masked"] = self.encode_latents(pixels * (redraw < 0.5), sample) if m.inpainting else None
+        masked = shared["masked"]
         small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
         mask_buffer = be.upload(np.repeat(small, b, axis=0))  # (B, 1, h, w)
         if m.inpainting:  # the masked image, beside the latents at every step

@@ -117,6 +117,35 @@ def test_batches_with_a_generator_each_and_seeds(name, inpainting, pipelines, re
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
+def test_batches_past_the_engines_batch_sample_the_image_once(inpainting, pipelines, reference, init_image, mask):
+    """Three images on engines of batch 2: the second chunk reuses the first's image latents, as
+    diffusers samples them once for the whole batch."""
+    common = dict(prompt="a red door", image=init_image, mask_image=mask, num_inference_steps=3,
+                  guidance_scale=7.5, num_images_per_prompt=3)
+    for name, pipe in (("inpainting", inpainting[1]), ("tiny-sd1", pipelines["tiny-sd1"])):
+        assert pipe.manifest.dims["batch"].max == 2
+        ref = diffusers_run(reference, name, "dpmpp_2m_karras",
+                            generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)], **common)
+        got = ours(pipe, "dpmpp_2m_karras", seed=7, **common)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+def test_array_masks_are_read_as_diffusers_reads_them(inpainting, reference, init_image):
+    """Arrays are cut at 0.5 as they are (bool, 0 / 1 integers, floats) and resized by nearest
+    neighbour; given latents are the start noise, as diffusers' at strength 1."""
+    m = np.zeros((H // 2, W // 2), np.float32)
+    m[8:40, 12:50] = 1.0
+    latents = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(1))
+    common = dict(prompt="a cat", image=init_image, num_inference_steps=4, guidance_scale=7.5)
+    ref = diffusers_run(reference, "inpainting", "euler", mask_image=m, latents=latents.clone(),
+                        generator=torch.Generator().manual_seed(2), **common)
+    assert_not_saturated(ref)
+    for given in (m, m.astype(bool), m.astype(np.int64), m[..., None]):
+        got = ours(inpainting[1], "euler", mask_image=given, latents=latents.numpy(), width=W, height=H,
+                   generator=torch.Generator().manual_seed(2), **common)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_inpainting_model_without_a_mask_redraws_everything(strength, inpainting, reference, init_image):
     """No mask: all of it is redrawn, as diffusers draws with a white mask (txt2img: from a blank
@@ -187,6 +216,11 @@ def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
         pipe("x", init_image=np.zeros((1, 4, H // 8, W // 8), np.float32), mask=mask, steps=2, progress=False)
     with pytest.raises(InvalidRequest, match="does not inpaint"):
         pipe("x", init_image=init_image, mask=mask, hires_scale=2, steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="the mask array is empty"):
+        pipe("x", init_image=init_image, mask=np.zeros((0, 5)), steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="2 generators for 1 images"):
+        pipe("x", init_image=init_image, mask=mask, generator=[torch.Generator(), torch.Generator()], steps=2,
+             progress=False)
     with pytest.raises(InvalidRequest, match="mask must be a path"):
         pipe("x", init_image=init_image, mask=[1, 0], steps=2, progress=False)
     (tmp_path / "broken.png").write_bytes(b"not a png")
@@ -277,3 +311,21 @@ def test_crop_box_and_resizes_are_diffusers():
         for ours, theirs in ((mask_crop.fill_resize, processor._resize_and_fill),
                              (mask_crop.crop_resize, processor._resize_and_crop)):
             assert np.array_equal(np.asarray(ours(image, width, height)), np.asarray(theirs(image, width, height)))
+
+
+def test_masks_are_prepared_as_diffusers_mask_processor_prepares_them():
+    """Colour and greyscale images (resized, then made grey, then cut at 0.5) and arrays (cut, resized
+    by nearest neighbour), each at another size than drawn, against VaeImageProcessor's preprocess."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ldm_deploy.engine import images
+
+    processor = VaeImageProcessor(do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    rng = np.random.default_rng(1)
+    colour = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    grey = colour.convert("L")
+    values = rng.random((37, 53)).astype(np.float32)
+    for given in (colour, grey, values):
+        want = processor.preprocess(given, height=96, width=128).numpy()
+        got = images.mask_to_model_input(images.as_mask(given), 128, 96)
+        np.testing.assert_array_equal(got, want)
