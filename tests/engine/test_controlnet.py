@@ -174,3 +174,36 @@ def test_export_and_run_from_the_command_line(nets, model_dirs, engines, tmp_pat
         assert got.size == (W, H) and np.array_equal(np.asarray(got), np.asarray(want))
         assert f'ControlNet 0: "Module: none, Model: {nets[0].name}, Weight: 0.8, Guidance Start: 0.0, ' \
                'Guidance End: 0.6"' in got.info["parameters"]
+
+
+def test_hires_fix_steers_the_second_pass_too(engines):
+    """The hires fix's redraw gets the ControlNet and its image (resized to the new size), as
+    AUTOMATIC1111 runs it: the same as the first pass, enlarged, redrawn by hand with them."""
+    from ldm_deploy.engine import hires
+
+    pipe = engines[1]
+    kw = dict(steps=4, seed=3, control_image=pattern(1), control_scale=0.9, progress=False)
+    got = pipe("a tower", width=64, height=64, hires_scale=2, hires_strength=0.6, output_type="np", **kw)
+    first = pipe("a tower", width=64, height=64, output_type="pil", **kw)[0]
+    steps, strength = hires.img2img_steps(hires.Hires(2, 0, 0.6, hires.UPSCALER), 4)
+    want = pipe("a tower", init_image=first.resize((128, 128), Image.LANCZOS), strength=strength, width=128,
+                height=128, output_type="np", _hires_pass=(4, 4), **{**kw, "steps": steps})
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    unsteered = pipe("a tower", init_image=first.resize((128, 128), Image.LANCZOS), strength=strength, width=128,
+                     height=128, output_type="np", _hires_pass=(4, 4), steps=steps, seed=3, progress=False)
+    assert np.abs(got - unsteered).max() > 0.01
+
+
+def test_run_with_a_model_and_a_controlnet_exports_it_into_the_cache(nets, model_dirs, tmp_path):
+    pattern(0).resize((256, 256)).save(tmp_path / "edges.png")  # cached engines take 256 px and more
+    args = ["a house", "--model", str(model_dirs["tiny-sd1"]), "--controlnet", str(nets[0]), "--control-image",
+            str(tmp_path / "edges.png"), "--steps", "2", "--seed", "1", "--quiet"]
+    assert run_cli.main([*args, "--out", str(tmp_path / "a.png")]) == 0
+    assert run_cli.main([*args, "--control-scale", "0", "--out", str(tmp_path / "b.png")]) == 0
+    plain = ["a house", "--model", str(model_dirs["tiny-sd1"]), "--steps", "2", "--seed", "1", "--quiet",
+             "--width", "256", "--height", "256", "--out", str(tmp_path / "c.png")]
+    assert run_cli.main(plain) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png"), np.int16) for n in "abc")
+    assert np.abs(a - b).max() > 10 and np.abs(b - c).max() <= 1  # scale 0: the model alone
+    with Image.open(tmp_path / "a.png") as im:
+        assert f"Model: {nets[0].name}, Weight: 1.0" in im.info["parameters"]
