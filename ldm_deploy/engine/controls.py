@@ -22,12 +22,18 @@ class Control:
     ends: tuple[float, ...]
 
     @classmethod
-    def of(cls, image, scale, start, end, count: int) -> "Control":
-        """Checked settings for an engine of `count` ControlNets."""
+    def of(cls, image, scale, start, end, count: int, settings_given: bool = False) -> "Control":
+        """Checked settings for an engine of `count` ControlNets; settings_given: the call set a
+        scale, start or end, which without a control image would silently do nothing."""
+        if image is None and settings_given:
+            raise InvalidRequest("control_scale, control_start and control_end (diffusers' controlnet_conditioning_"
+                                 "scale, control_guidance_start / _end) set how ControlNets steer, but no control "
+                                 "image is given: pass control_image= (ldm-run --control-image; diffusers' ControlNet "
+                                 "txt2img pipeline calls it image=, which here is the init image)")
         if count == 0:
             if image is not None:
                 raise InvalidRequest("this engine has no ControlNet; export one into it with ldm-export "
-                                     "--controlnet DIR to use control images")
+                                     "--controlnet DIR (ldm-run --model: add --controlnet DIR) to use control images")
             return cls((), (), (), ())
         if image is None or not isinstance(image, (list, tuple)):
             if count > 1 and image is not None:
@@ -36,7 +42,7 @@ class Control:
             image = [image] * count if image is None else [image]
         if len(image) != count:
             raise InvalidRequest(f"{len(image)} control images for this engine's {count} ControlNets")
-        pictures = tuple(None if im is None else as_rgb(im) for im in image)
+        pictures = tuple(None if im is None else as_picture(im) for im in image)
         scales, starts, ends = (per_net(name, value, count) for name, value in
                                 (("control_scale", scale), ("control_start", start), ("control_end", end)))
         for s, e in zip(starts, ends):
@@ -49,6 +55,18 @@ class Control:
     def first_image(self):
         return next((p for p in self.pictures if p is not None), None)
 
+    def cropped(self, box, image_size: tuple[int, int], width: int, height: int) -> "Control":
+        """Each image cut to the inpainting box and resized into width x height as the init image
+        is (mask_crop; diffusers' ControlNet inpainting with padding_mask_crop)."""
+        from ldm_deploy.engine import mask_crop
+
+        for picture in self.pictures:
+            if picture is not None and picture.size != image_size:
+                raise InvalidRequest(f"the control image is {picture.size[0]}x{picture.size[1]} and the image "
+                                     f"{image_size[0]}x{image_size[1]}: mask_crop needs them the same size")
+        cut = tuple(None if p is None else mask_crop.fill_resize(p.crop(box), width, height) for p in self.pictures)
+        return Control(cut, self.scales, self.starts, self.ends)
+
     def inputs(self, batch: int, width: int, height: int, rows: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """(N, B, 3, H, W) control images in [0, 1] (zeros where off), resized as diffusers'
         control image processor resizes them (Lanczos), and each of the `rows` U-Net calls' (N,)
@@ -56,10 +74,10 @@ class Control:
         controlnet_keep counts them, else 0 (and 0 where a ControlNet has no image)."""
         out = np.zeros((len(self.pictures), batch, 3, height, width), np.float32)
         for i, picture in enumerate(self.pictures):
-            if picture is not None:
+            if picture is not None:  # resized in its own mode, then made RGB, as diffusers does
                 if picture.size != (width, height):
                     picture = picture.resize((width, height), resample=Image.LANCZOS)
-                out[i] = (np.asarray(picture, np.float32) / 255.0).transpose(2, 0, 1)
+                out[i] = (np.asarray(picture.convert("RGB"), np.float32) / 255.0).transpose(2, 0, 1)
         scales = []
         for r in range(rows):
             keep = [0.0 if r / rows < s or (r + 1) / rows > e else 1.0 for s, e in zip(self.starts, self.ends)]
@@ -77,12 +95,11 @@ class Control:
         return out
 
 
-def as_rgb(value) -> Image.Image:
-    """A control image: a path, a PIL image or an (H, W, 3) / (H, W) array, as RGB."""
-    if isinstance(value, (str, images.Path)):
-        return images.open_image(value, "control image")
-    if isinstance(value, Image.Image):
-        return images.to_rgb(value)
+def as_picture(value) -> Image.Image:
+    """A control image: a path or PIL image (kept in its mode until resized), or an (H, W, 3) /
+    (H, W) array (as RGB)."""
+    if isinstance(value, (str, images.Path, Image.Image)):
+        return images.as_picture(value, "control image")
     if isinstance(value, np.ndarray) and (value.ndim == 2 or value.ndim == 3 and value.shape[2] in (1, 3, 4)):
         a = images.to_uint8(value if value.ndim == 2 else value[..., :3] if value.shape[2] != 1 else value[..., 0],
                             what="the control image array")

@@ -35,7 +35,7 @@ def to_rgb(image: Image.Image, what: str = "init image") -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError:  # premultiplied "La", "RGBa", ...: PIL has no conversion
-        raise InvalidRequest(f"cannot use {what} of mode {image.mode}: PIL cannot convert "
+        raise InvalidRequest(f"cannot use the {what} of mode {image.mode}: PIL cannot convert "
                              "it to RGB; pass an RGB (or greyscale) image") from None
 
 
@@ -125,10 +125,8 @@ def as_mask(mask) -> Image.Image | np.ndarray | None:
     is -> an (H, W) float32 array of 0 and 1."""
     if mask is None:
         return None
-    if isinstance(mask, (str, Path)):
-        return open_image(mask, "mask")
-    if isinstance(mask, Image.Image):
-        return mask if mask.mode == "L" else to_rgb(mask, "a mask")
+    if isinstance(mask, (str, Path, Image.Image)):
+        return as_picture(mask, "mask")
     if isinstance(mask, np.ndarray) and (mask.ndim == 2 or mask.ndim == 3 and mask.shape[2] == 1):
         a = mask.reshape(mask.shape[:2])
         if a.size == 0:
@@ -138,6 +136,25 @@ def as_mask(mask) -> Image.Image | np.ndarray | None:
         return (a >= 0.5).astype(np.float32)
     what = f"an array of shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
     raise InvalidRequest(f"mask must be a path, a PIL image or an (H, W) array; got {what}")
+
+
+# Modes PIL resizes as they are; diffusers' processors resize an image before converting it.
+RESIZABLE = ("1", "L", "LA", "P", "RGB", "RGBA")
+
+
+def as_picture(value, what: str) -> Image.Image:
+    """A path or PIL image kept in its own mode where PIL resizes it so (RGBA: with its alpha
+    premultiplied), as diffusers' processors resize before they convert; other modes as RGB."""
+    if isinstance(value, Image.Image):
+        return value if value.mode in RESIZABLE else to_rgb(value, what)
+    try:
+        with Image.open(value) as im:
+            if im.mode not in RESIZABLE:
+                return to_rgb(im, what)
+            im.load()
+            return im.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequest(f"cannot read the {what} {value}: {e}") from None
 
 
 def mask_size(mask: Image.Image | np.ndarray) -> tuple[int, int]:

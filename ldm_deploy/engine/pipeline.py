@@ -184,15 +184,19 @@ class Pipeline:
             crop, init, mask, width, height = self.crop_to_mask(init, mask, mask_crop, width, height, output_type)
         if strength is None:
             strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting and img2img defaults
+        settings_given = control_scale is not None or control_start != 0.0 or control_end != 1.0
         if control_scale is None:
             control_scale = 0.5 if mask is not None else 0.8 if init is not None else 1.0
         control = controls.Control.of(control_image, control_scale, control_start, control_end,
-                                      len(self.manifest.model.controlnets))
+                                      len(self.manifest.model.controlnets), settings_given)
+        if crop is not None and control.pictures:  # the control images cut to the box, as the image
+            control = control.cropped(crop[1], crop[2].size, width, height)
         if init is not None:
             default_w, default_h = images.init_image_size(init, self.manifest.model.vae_scale)
             self.check_init_size(init, width, height)
         elif control.first_image is not None:  # as diffusers' ControlNet pipelines: the control image's size
             default_w, default_h = images.init_image_size(control.first_image, self.manifest.model.vae_scale)
+            self.check_init_size(control.first_image, width, height, "control image")
         else:
             default_w, default_h = self.default_size
         width, height = (whole("width", v, d) for v, d in ((width, default_w), (height, default_h)))
@@ -280,7 +284,7 @@ class Pipeline:
         if mask.size != init.size:
             raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
                                  f"{init.size[1]}: mask_crop needs them the same size")
-        if not mask.getbbox():
+        if not mask.convert("L").getbbox():
             raise InvalidRequest("the mask is all black: nothing to inpaint (white marks what to redraw)")
         default_w, default_h = self.default_size
         width, height = whole("width", width, default_w), whole("height", height, default_h)
@@ -532,7 +536,7 @@ class Pipeline:
             raise InvalidRequest("this engine's U-Net step takes no mask (it was exported before inpainting); "
                                  "re-export it with ldm-export --force to inpaint")
 
-    def check_init_size(self, init, width: int | None, height: int | None) -> None:
+    def check_init_size(self, init, width: int | None, height: int | None, what: str = "init image") -> None:
         """An init image whose own size is out of the engine's range, with no size given to
         resize it to: say so in its terms, not as a width the user never passed."""
         m, dims = self.manifest.model, self.manifest.dims
@@ -556,7 +560,7 @@ class Pipeline:
             lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale
             if given is None and not lo <= value <= hi:
                 raise InvalidRequest(
-                    f"the init image is {init.size[0]}x{init.size[1]}, and its {name} {value} is "
+                    f"the {what} is {init.size[0]}x{init.size[1]}, and its {name} {value} is "
                     f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
                     f"height=) in range to resize it, or resize the image")
 

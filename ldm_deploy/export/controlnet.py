@@ -1,7 +1,10 @@
 """ControlNets (Zhang et al. 2023) exported inside the U-Net step: `ldm-export --controlnet DIR`.
 
-Each is a diffusers ControlNetModel (a folder: config.json and its weights) made for the model's
-U-Net (its blocks' widths, its text width). In the step it sees what diffusers' ControlNet
+Each is a diffusers ControlNetModel folder (config.json and its weights), or one file: the
+original releases' names (ControlNet 1.0 / 1.1, as AUTOMATIC1111's models/ControlNet holds them:
+input_blocks.*, zero_convs.*, input_hint_block.*, with or without control_model.), renamed by
+diffusers' converter, or diffusers' names; a file's ControlNet is built for the model's U-Net. It
+must fit the U-Net (its blocks' widths, its text width). In the step it sees what diffusers' ControlNet
 pipelines give it: the latent model input, the timestep, the text embeddings and its control
 image in [0, 1]; its residuals, times each step's scale, are summed (several ControlNets, as
 diffusers' MultiControlNetModel sums them) and added to the U-Net's skip connections.
@@ -13,6 +16,7 @@ import logging
 from pathlib import Path
 
 from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.export import single_file
 from ldm_deploy.export.single_file import PICKLE_SUFFIXES, SAFE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -26,24 +30,22 @@ def load(src, paths: tuple[str, ...], allow_pickle: bool) -> None:
     quiet_libraries()
     for given in paths:
         path = Path(given).expanduser()
-        net, files = load_one(path, allow_pickle)
-        check_fits(net, src.unet, path)
+        net, files = load_one(path, allow_pickle, src.unet)
+        check_fits(net, src.unet, path, src.vae)
         src.controlnets.append(net.eval().float())
         src.controlnet_records.append({"name": path.name, "sha256": hash_files(files)})
         log.info("ControlNet %s", path.name)
 
 
-def load_one(path: Path, allow_pickle: bool):
-    """-> (ControlNetModel, its weight files) of a diffusers ControlNet folder."""
+def load_one(path: Path, allow_pickle: bool, unet):
+    """-> (ControlNetModel, its weight files) of a diffusers ControlNet folder or of one file."""
     from diffusers import ControlNetModel
 
     if not path.exists():
-        raise ModelSourceError(f"--controlnet {path} does not exist; pass a diffusers ControlNet folder "
-                               "(config.json and diffusion_pytorch_model.safetensors)")
+        raise ModelSourceError(f"--controlnet {path} does not exist; pass a ControlNet file (.safetensors) "
+                               "or a diffusers ControlNet folder (config.json and its weights)")
     if path.is_file():
-        raise ModelSourceError(f"--controlnet {path} is a file; pass the diffusers ControlNet folder it "
-                               "belongs in (config.json beside its weights); single-file ControlNets "
-                               "(AUTOMATIC1111's models/ControlNet) are not supported yet")
+        return load_file(path, allow_pickle, unet), [path]
     safe = sorted(f for f in path.iterdir() if f.suffix in SAFE_SUFFIXES)
     pickled = sorted(f for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if not (path / "config.json").is_file() or not (safe or pickled):
@@ -59,9 +61,68 @@ def load_one(path: Path, allow_pickle: bool):
     return net, safe or pickled
 
 
-def check_fits(net, unet, path: Path) -> None:
-    """The ControlNet's residuals must match the U-Net's skip connections and text width."""
+def load_file(path: Path, allow_pickle: bool, unet):
+    """A single-file ControlNet, built for `unet` (its config, 4 channels in) and given the file's
+    weights, all of them (a file that lacks one or holds one of another shape is refused)."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    state = single_file.read(path, allow_pickle).state
+    if HINT in state:  # diffusers' own names
+        weights = state
+    elif any(k.endswith(ORIGINAL_HINT) for k in state):
+        weights = convert_controlnet_checkpoint(state, dict(unet.config))
+        weights = {k: v for k, v in weights.items() if v is not None}  # the converter's None: not in the file
+    else:
+        raise ModelSourceError(f"--controlnet {path} is not a ControlNet (it has no {ORIGINAL_HINT} or {HINT} "
+                               "weight); pass a ControlNet file or a diffusers ControlNet folder")
+    net = ControlNetModel(**config_for(unet))
+    try:
+        single_file.load_weights(net, weights, "ControlNet")
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ModelSourceError(f"--controlnet {path} does not fit this model's U-Net: "
+                               f"{single_file.first_line(e)} (a ControlNet for SD 1.5 fits SD 1.x models, one "
+                               "for SD 2.1 SD 2.x)") from None
+    return net
+
+
+# The conditioning image's first convolution, under diffusers' names and the original ones.
+HINT = "controlnet_cond_embedding.conv_in.weight"
+ORIGINAL_HINT = "input_hint_block.0.weight"
+# What a ControlNet copies of its U-Net's config (diffusers' ControlNetModel.from_unet).
+FROM_UNET = ("flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention", "block_out_channels",
+             "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups",
+             "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+             "num_attention_heads", "use_linear_projection", "class_embed_type", "num_class_embeds",
+             "upcast_attention", "resnet_time_scale_shift", "projection_class_embeddings_input_dim",
+             "mid_block_type")
+
+
+def config_for(unet) -> dict:
+    """The config of a ControlNet for `unet`: its blocks, latents in (an inpainting U-Net's
+    ControlNets take the 4 latent channels too), a 3-channel image through the released
+    models' conditioning embedding (16, 32, 96, 256)."""
+    c = unet.config
+    return {**{k: c[k] for k in FROM_UNET if k in c}, "in_channels": c.out_channels, "conditioning_channels": 3,
+            "conditioning_embedding_out_channels": (16, 32, 96, 256)}
+
+
+def check_fits(net, unet, path: Path, vae) -> None:
+    """The ControlNet's residuals must match the U-Net's skip connections and text width, and its
+    image encoder take 3 channels and shrink them as the VAE does; global-pooling ones (shuffle),
+    which diffusers runs in guess mode, are not run here."""
     c, u = net.config, unet.config
+    if c.conditioning_channels != 3:
+        raise ModelSourceError(f"--controlnet {path} takes {c.conditioning_channels}-channel control images; "
+                               "only ControlNets of RGB images are supported")
+    shrink = 2 ** (len(c.conditioning_embedding_out_channels) - 1)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if shrink != scale:
+        raise ModelSourceError(f"--controlnet {path} shrinks its image {shrink} times, this model's VAE {scale} times: "
+                               "it was made for another model")
+    if c.get("global_pool_conditions"):
+        raise ModelSourceError(f"--controlnet {path} pools its image globally (a shuffle ControlNet), which "
+                               "diffusers runs in guess mode; that is not supported yet")
     for name in ("block_out_channels", "layers_per_block", "cross_attention_dim"):
         if _plain(c[name]) != _plain(u[name]):
             raise ModelSourceError(

@@ -192,7 +192,8 @@ def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0, 
 def make_random_controlnet(out: str | Path, preset: str = "tiny-sd1", seed: int = 0,
                            conditioning_embedding_out_channels=(16, 32, 96, 256)) -> Path:
     """A random-weight diffusers ControlNet for the preset's U-Net, saved as a folder. Its zero
-    convolutions (zero at the start of training) get random weights too, so that it acts."""
+    convolutions (zero at the start of training) get random weights too, so that it acts, and its
+    image encoder larger ones, so that what the control image shows matters."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
@@ -204,6 +205,8 @@ def make_random_controlnet(out: str | Path, preset: str = "tiny-sd1", seed: int 
         for module in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
             for p in module.parameters():
                 p.normal_(0, 0.05)
+        for p in net.controlnet_cond_embedding.parameters():
+            p.normal_(0, 0.3)
     net.save_pretrained(out)
     return out
 

@@ -60,7 +60,8 @@ def diffusers_run(reference, cls, controlnet, sampler, **kwargs) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     scheduler, options = SCHEDULERS[sampler]
     pipe.scheduler = scheduler.from_config(reference["config"], **options)
-    return pipe(output_type="np", **kwargs).images
+    out = pipe(**{"output_type": "np", **kwargs}).images
+    return out if isinstance(out, np.ndarray) else np.stack([np.asarray(im, np.float32) / 255 for im in out])
 
 
 def pattern(seed: int) -> Image.Image:
@@ -123,6 +124,40 @@ def test_two_controlnets_img2img_and_inpainting_match_diffusers(engines, referen
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
+def test_what_the_control_image_shows_steers_the_image(engines, reference):
+    """The test ControlNets answer their image (another image: another picture), and two of them
+    each get their own: swapping the images changes the result, as it does in diffusers."""
+    kw = dict(num_inference_steps=3, guidance_scale=7.5, output_type="np")
+    a = engines[1]("a house", control_image=pattern(0), seed=1, progress=False, **kw)
+    b = engines[1]("a house", control_image=pattern(2), seed=1, progress=False, **kw)
+    assert np.abs(a - b).max() > 0.05
+    swapped = engines[2]("a house", control_image=[pattern(3), pattern(0)], sampler="ddim",
+                         generator=torch.Generator().manual_seed(1), progress=False, **kw)
+    ref = diffusers_run(reference, StableDiffusionControlNetPipeline, reference["both"], "ddim", prompt="a house",
+                        image=[pattern(3), pattern(0)], generator=torch.Generator().manual_seed(1), **kw)
+    np.testing.assert_allclose(swapped, ref, rtol=0, atol=TOL)
+    straight = engines[2]("a house", control_image=[pattern(0), pattern(3)], sampler="ddim",
+                          generator=torch.Generator().manual_seed(1), progress=False, **kw)
+    assert np.abs(straight - swapped).max() > 0.05
+
+
+def test_only_the_masked_area_cuts_the_control_image_too(engines, reference, init_image):
+    """mask_crop: the control image is cut to the box and resized as the image is, as diffusers'
+    ControlNet inpainting pipeline does with padding_mask_crop."""
+    m = np.zeros((H, W), np.uint8)
+    m[30:60, 40:90] = 255
+    common = dict(prompt="a red barn", mask_image=Image.fromarray(m), padding_mask_crop=8, num_inference_steps=4,
+                  height=64, width=64, controlnet_conditioning_scale=0.9)
+    ref = diffusers_run(reference, StableDiffusionControlNetInpaintPipeline, reference["one"], "ddim",
+                        image=init_image, control_image=pattern(0), generator=torch.Generator().manual_seed(6),
+                        output_type="pil", **common)
+    got = engines[1](init_image=init_image, control_image=pattern(0), sampler="ddim",
+                     generator=torch.Generator().manual_seed(6), output_type="np", progress=False, **common)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1.5 / 255)  # 8-bit pastes: one level apart at most
+    with pytest.raises(InvalidRequest, match="the control image is 64x48 and the image 128x96"):
+        engines[1](init_image=init_image, control_image=pattern(0).resize((64, 48)), **common)
+
+
 def test_without_a_control_image_the_engine_draws_as_the_model_alone(engines, pipelines):
     """A ControlNet given no image is off: scale 0, so the U-Net sees no residuals; one of two
     off (None) leaves the other's effect alone."""
@@ -141,15 +176,32 @@ def test_control_settings_are_checked(engines, pipelines, tmp_path):
                         (dict(control_image=[pattern(0), None], control_start=0.5, control_end=0.5), "0 <= start < end"),
                         (dict(control_image=[pattern(0), None], control_scale=float("nan")), "finite number"),
                         (dict(control_image=[tmp_path / "missing.png", None]), "cannot read the control image"),
-                        (dict(control_image=[[1, 2], None]), "a control image must be")]:
+                        (dict(control_image=[[1, 2], None]), "a control image must be"),
+                        (dict(control_scale=0.5), "no control image is given: pass control_image="),
+                        (dict(control_end=0.5, init_image=pattern(0)), "no control image is given"),
+                        (dict(control_image=[pattern(0).resize((40, 40)), None]),
+                         "the control image is 40x40, and its width 40 is outside")]:
         with pytest.raises(InvalidRequest, match=message):
             engines[2]("x", steps=2, progress=False, **kw)
 
 
 def test_controlnets_that_do_not_fit_are_refused(nets, model_dirs, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from ldm_deploy.export.random_model import unet_config
+
+    unet = UNet2DConditionModel(**unet_config("tiny-sd1"))
+    odd = {"grey": ControlNetModel.from_unet(unet, conditioning_channels=1),
+           "shrinks4": ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96)),
+           "shuffle": ControlNetModel.from_unet(unet)}
+    odd["shuffle"].register_to_config(global_pool_conditions=True)
+    for name, net in odd.items():
+        net.save_pretrained(tmp_path / name)
     for given, message in [(nets[0], "made for another model: its cross_attention_dim is 32, the U-Net.s 48"),
                            (tmp_path / "nothing", "does not exist"),
-                           (nets[0] / "config.json", "is a file")]:
+                           (tmp_path / "grey", "takes 1-channel control images"),
+                           (tmp_path / "shrinks4", "shrinks its image 4 times, this model's VAE 8 times"),
+                           (tmp_path / "shuffle", "pools its image globally")]:
         config = replace(TEST_CONFIG, controlnets=(str(given),))
         model = model_dirs["tiny-sd2" if given == nets[0] else "tiny-sd1"]
         with pytest.raises(ModelSourceError, match=message):
@@ -207,3 +259,59 @@ def test_run_with_a_model_and_a_controlnet_exports_it_into_the_cache(nets, model
     assert np.abs(a - b).max() > 10 and np.abs(b - c).max() <= 1  # scale 0: the model alone
     with Image.open(tmp_path / "a.png") as im:
         assert f"Model: {nets[0].name}, Weight: 1.0" in im.info["parameters"]
+
+
+@pytest.mark.parametrize("layout", ["original", "control_model", "diffusers"])
+def test_single_file_controlnets_load_the_same_weights(layout, nets, engines, model_dirs, tmp_path):
+    """One file, as AUTOMATIC1111's models/ControlNet holds them (the original release's names, with
+    or without control_model.) or with diffusers' names: the same ControlNet as its folder, so the
+    same image; a file of something else is named and refused."""
+    from safetensors.torch import save_file
+
+    from ldm_checkpoint import controlnet_state
+
+    net = ControlNetModel.from_pretrained(nets[0])
+    state = ({k: v.contiguous() for k, v in net.state_dict().items()} if layout == "diffusers" else
+             controlnet_state(net, "control_model." if layout == "control_model" else ""))
+    save_file(state, str(tmp_path / "control_sd15_test.safetensors"))
+    pipe = Pipeline.load(export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", replace(
+        TEST_CONFIG, controlnets=(str(tmp_path / "control_sd15_test.safetensors"),), img2img=False)))
+    kw = dict(control_image=pattern(0), steps=3, seed=2, output_type="np", progress=False)
+    np.testing.assert_allclose(pipe("a house", **kw), engines[1]("a house", **kw), rtol=0, atol=1e-6)
+    assert pipe.manifest.model.controlnets[0]["name"] == "control_sd15_test.safetensors"
+
+
+def test_single_file_controlnets_that_are_not_or_do_not_fit_are_refused(nets, model_dirs, tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm_checkpoint import controlnet_state
+
+    state = controlnet_state(ControlNetModel.from_pretrained(nets[0]))
+    save_file({"emb_params": torch.zeros(2, 32)}, str(tmp_path / "embedding.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("zero_convs.0.")}, str(tmp_path / "cut.safetensors"))
+    save_file(state, str(tmp_path / "net.safetensors"))
+    (tmp_path / "net.pth").write_bytes(b"pickle")
+    for name, model, message in [("embedding.safetensors", "tiny-sd1", "is not a ControlNet"),
+                                 ("cut.safetensors", "tiny-sd1", "does not fit this model's U-Net: the checkpoint "
+                                                                 "lacks 2 ControlNet weight"),
+                                 ("net.safetensors", "tiny-sd2", "does not fit this model's U-Net"),
+                                 ("net.pth", "tiny-sd1", "pickle")]:
+        config = replace(TEST_CONFIG, controlnets=(str(tmp_path / name),), img2img=False)
+        with pytest.raises(ModelSourceError, match=message):
+            export_engine(str(model_dirs[model]), tmp_path / "e", config)
+
+
+def test_control_images_are_prepared_as_diffusers_prepares_them():
+    """Resized in their own mode (RGBA with its alpha premultiplied, as PIL resizes it), then made
+    RGB, in [0, 1]: diffusers' control image processor, for colour, transparent and grey images."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from ldm_deploy.engine.controls import Control
+
+    processor = VaeImageProcessor(do_convert_rgb=True, do_normalize=False)
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8), "RGBA")
+    for image in (rgba.convert("RGB"), rgba, rgba.convert("L")):
+        want = processor.preprocess(image, height=96, width=128).numpy()  # (1, 3, H, W)
+        got, _ = Control.of(image, 1.0, 0.0, 1.0, 1).inputs(1, 128, 96, 1)
+        np.testing.assert_array_equal(got[0], want)

@@ -150,3 +150,23 @@ def ldm_state_vae(vae) -> dict:
         name = vae_name(k, blocks)
         out[name] = (v[:, :, None, None] if ".attn_1." in name and v.ndim == 2 else v).contiguous()  # 1x1 convs
     return out
+
+
+def controlnet_state(net, prefix: str = "") -> dict:
+    """A diffusers ControlNetModel's weights under the original ControlNet release's names
+    (input_blocks / middle_block as the U-Net's, zero_convs, middle_block_out, input_hint_block),
+    each with `prefix` (the releases' "control_model." or none)."""
+    layers = net.config.layers_per_block
+    out = {}
+    for key, value in net.state_dict().items():
+        if m := re.match(r"controlnet_down_blocks\.(\d+)\.(weight|bias)", key):
+            name = f"zero_convs.{m[1]}.0.{m[2]}"
+        elif m := re.match(r"controlnet_mid_block\.(weight|bias)", key):
+            name = f"middle_block_out.0.{m[1]}"
+        elif m := re.match(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)", key):
+            index = {"conv_in": 0, "conv_out": 14}.get(m[1], 2 * int(m[2] or 0) + 2)
+            name = f"input_hint_block.{index}.{m[3]}"
+        else:
+            name = unet_name(key, layers, set())
+        out[prefix + name] = value.contiguous()
+    return out
