@@ -27,6 +27,8 @@ SCHEDULERS = {
     "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                             "use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
 }
 # ||out - ref|| / ||ref|| above which a reduced-precision component is flagged (fp16 lands near 1e-3).
 CHECK_TOLERANCE = 2e-2

@@ -45,11 +45,12 @@ class ModelInfo:
     masks: bool = False  # the U-Net step takes an inpainting mask (before it: none)
     inpainting: bool = False  # an inpainting U-Net (9 channels in: latents, mask, masked image)
     controlnets: tuple = ()  # ControlNets in the U-Net step (ldm-export --controlnet): {"name", "sha256"} each
+    history: bool = False  # the U-Net step takes state2, the x0 of two steps back (before it: none)
 
     @property
     def facts(self) -> ModelFacts:
         return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale, self.text_layers,
-                          self.long_prompts, self.masks, self.inpainting, len(self.controlnets))
+                          self.long_prompts, self.masks, self.inpainting, len(self.controlnets), self.history)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import Request, check_request
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, EVALUATIONS_PER_STEP, plan
+from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
 from ldm_deploy.errors import InvalidRequest
 
@@ -418,20 +419,30 @@ class Pipeline:
         return out
 
     def denoise(self, x, step_emb, sp, step_noise, shape, req, progress, step_extra=None):
-        """The N-step loop: ping-pong latents and state between two buffer pairs; step_emb:
-        each step's text embeddings (one buffer for all, but where the prompt is edited);
-        step_extra: each step's further inputs (masks, ControlNets' images and scales)."""
-        be = self.backend
-        state, x_next, state_next = be.upload(np.zeros(shape, np.float32)), be.empty(shape), be.empty(shape)
-        rows = [be.upload(r) for r in sp.rows]
+        """The N-step loop: latents ping-pong between two buffers, the x0 states rotate through
+        three (step i writes x0 into states[i % 3] and reads the two before it: state, state2;
+        engines without state2 ping-pong two); step_emb: each step's text embeddings (one buffer
+        for all, but where the prompt is edited); step_extra: each step's further inputs (masks,
+        ControlNets' images and scales)."""
+        be, history = self.backend, self.manifest.model.history
+        x_next = be.empty(shape)
+        states = [be.empty(shape)] + [be.upload(np.zeros(shape, np.float32)) for _ in range(2 if history else 1)]
+        table = sp.rows
+        if not history:  # rows of 9: no x0_prev2 column
+            if np.any(table[:, C_PP] != 0):
+                raise InvalidRequest(f"the {req.sampler} sampler needs an engine whose U-Net step keeps two steps' "
+                                     "x0 (exported since UniPC); re-export it with ldm-export --force")
+            table = table[:, :C_PP]
+        rows = [be.upload(np.ascontiguousarray(r)) for r in table]
+        n = len(states)
         runs = []
         for i in range(sp.steps):
-            runs.append(Run(
-                {"latents": x, "text_embeddings": step_emb[i], "coeffs": rows[i], "state": state, "noise": step_noise[i],
-                 **(step_extra[i] if step_extra else {})},
-                {"latents_out": x_next, "state_out": state_next},
-            ))
-            x, x_next, state, state_next = x_next, x, state_next, state
+            inputs = {"latents": x, "text_embeddings": step_emb[i], "coeffs": rows[i], "state": states[(i - 1) % n],
+                      "noise": step_noise[i], **(step_extra[i] if step_extra else {})}
+            if history:
+                inputs["state2"] = states[(i - 2) % n]
+            runs.append(Run(inputs, {"latents_out": x_next, "state_out": states[i % n]}))
+            x, x_next = x_next, x
         key = (shape, req.guided, req.sampler, sp.steps)
         with progress_bar(sp.steps, progress) as bar:
             be.run_steps(self.components["unet_step"], runs, key, lambda i: bar.update(1))

@@ -111,6 +111,9 @@ class ModelFacts:
     # ControlNets run inside the U-Net step: it then takes their control images and each step's
     # scales (ldm-export --controlnet).
     controlnets: int = 0
+    # With it the U-Net step also takes `state2`, the x0 of two steps back, and a coefficient row
+    # of len(COLUMNS) (UniPC's corrector). False: engines from before it (rows of 9, no state2).
+    history: bool = False
 
 
 def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
@@ -152,9 +155,10 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
             inputs=(
                 f32("latents", latents),
                 f32("text_embeddings", (k, b, text, D)),
-                f32("coeffs", (len(COLUMNS),)),
+                f32("coeffs", (len(COLUMNS) if facts.history else len(COLUMNS) - 1,)),
                 f32("state", latents),
                 f32("noise", latents),
+                *([f32("state2", latents)] if facts.history else []),
                 *([f32("mask", (b, 1, lh, lw)), f32("image_latents", latents)] if facts.masks else []),
                 # ControlNets: each one's image in [0, 1] and its scale at this step (0: off)
                 *([f32("control_images", (facts.controlnets, b, 3, ih, iw)),

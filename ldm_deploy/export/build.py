@@ -430,7 +430,7 @@ def model_info(src: SourceModel) -> ModelInfo:
     facts = ModelFacts(src.vae.config.latent_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,
                        vae_scale(src), text_cfg.num_hidden_layers, long_prompts=True, masks=True,
                        inpainting=src.unet.config.in_channels != src.vae.config.latent_channels,
-                       controlnets=len(src.controlnets))
+                       controlnets=len(src.controlnets), history=True)
     return ModelInfo(
         family=src.family,
         source=src.source,
@@ -451,6 +451,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         masks=facts.masks,
         inpainting=facts.inpainting,
         controlnets=tuple(src.controlnet_records),
+        history=facts.history,
     )
 
 

@@ -64,7 +64,7 @@ class UnetStep(nn.Module):
         self.inpainting = unet.config.in_channels != unet.config.out_channels
         self.controlnets = nn.ModuleList(cast(net, dtype) for net in controlnets)
 
-    def forward(self, latents, text_embeddings, coeffs, state, noise, mask=None, image_latents=None,
+    def forward(self, latents, text_embeddings, coeffs, state, noise, state2=None, mask=None, image_latents=None,
                 control_images=None, control_scales=None):
         k = text_embeddings.shape[0]
         x_in = update.model_input(coeffs, latents)  # (B, C, h, w)
@@ -82,7 +82,7 @@ class UnetStep(nn.Module):
         out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=emb, **residuals).sample.float()
         out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
         model_out = update.guide(out[0], out[-1], coeffs)
-        x_next, x0 = update.update(coeffs, latents, state, noise, model_out)
+        x_next, x0 = update.update(coeffs, latents, state, noise, model_out, state2)
         if mask is not None and not self.inpainting:  # diffusers' order of operations, so that a
             x_next = (1 - mask) * image_latents + mask * x_next  # mask of 1 keeps x_next exactly
         return x_next, x0

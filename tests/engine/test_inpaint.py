@@ -241,19 +241,24 @@ def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
 
 def test_engines_from_before_masks_draw_as_before_and_refuse_masks(model_dirs, tmp_path, monkeypatch, init_image,
                                                                    mask):
-    """A U-Net step without the mask inputs draws what a new one draws unmasked (mask 1 leaves
-    each step's latents as they are, bit for bit), and a mask is refused with the re-export."""
+    """A U-Net step without the mask inputs and state2 (engines of earlier releases) draws what a
+    new one draws unmasked (mask 1 leaves each step's latents as they are, and state2's column is
+    0, bit for bit); a mask, and UniPC (which needs state2), are refused with the re-export."""
     config = ExportConfig(min_size=64, max_size=64, img2img=False)
     new = Pipeline.load(build.export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "new", config))
     info = build.model_info
-    monkeypatch.setattr(build, "model_info", lambda src: dataclasses.replace(info(src), masks=False))
+    monkeypatch.setattr(build, "model_info", lambda src: dataclasses.replace(info(src), masks=False, history=False))
     old = Pipeline.load(build.export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "old", config))
     assert [t.name for t in old.manifest.specs()["unet_step"].inputs] == \
         ["latents", "text_embeddings", "coeffs", "state", "noise"]
-    kw = dict(steps=3, seed=3, sampler="euler_a", output_type="latent", progress=False)
-    np.testing.assert_array_equal(old("a house", **kw), new("a house", **kw))
+    assert old.manifest.specs()["unet_step"].tensor("coeffs").shape == (9,)
+    for sampler in ("euler_a", "dpmpp_2m_karras", "heun"):
+        kw = dict(steps=3, seed=3, sampler=sampler, output_type="latent", progress=False)
+        np.testing.assert_array_equal(old("a house", **kw), new("a house", **kw))
     with pytest.raises(InvalidRequest, match="exported before inpainting.*re-export it with ldm-export --force"):
         old("x", init_image=init_image, mask=mask, steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="the unipc sampler needs an engine whose U-Net step keeps two"):
+        old("x", sampler="unipc", steps=5, progress=False)  # (3 steps need no state2: they run)
 
 
 def test_ldm_run_inpaints(inpainting, init_image, mask, tmp_path, capsys):

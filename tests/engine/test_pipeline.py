@@ -65,12 +65,17 @@ def test_guidance_at_most_one_runs_only_the_conditional_half(pipelines, monkeypa
 def test_latents_returned_are_the_last_steps_and_stay_so(pipelines):
     """output_type="latent" returns a copy of the last step's output: ONNX Runtime's numpy() of a
     CPU OrtValue is a view that does not keep the buffer alive, and once freed its first bytes
-    were reused (the same call then returned other numbers each time)."""
+    were reused (the same call then returned other numbers each time). Uploads copy likewise."""
     pipe = pipelines["tiny-sd1"]
     be = pipe.backend
     value = be.upload(np.arange(6, dtype=np.float32))
     host = be.download(value)
     assert host.flags.owndata and host.tolist() == [0, 1, 2, 3, 4, 5]
+    # upload copies too: a CPU OrtValue would wrap the array, and two uploads of it be one buffer
+    array = np.zeros(3, np.float32)
+    first, second = be.upload(array), be.upload(array)
+    array[0] = 5
+    assert be.download(first).tolist() == be.download(second).tolist() == [0, 0, 0]
     kw = dict(steps=3, seed=5, width=128, height=96, output_type="latent", progress=False)
     first = pipe("a boat", **kw)
     for _ in range(3):

@@ -17,7 +17,7 @@ from diffusers import DDIMScheduler
 
 from conftest import diffusers_schedulers
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS, NoiseSchedule, plan
-from ldm_deploy.engine.samplers.update import C_0, C_P, GUIDANCE, T, guide, model_input, update
+from ldm_deploy.engine.samplers.update import C_0, C_P, C_PP, GUIDANCE, T, guide, model_input, update
 from ldm_deploy.errors import InvalidRequest
 
 # diffusers 0.42's schedulers call np.array() on torch tensors, which torch 2.13 warns about.
@@ -86,7 +86,7 @@ def our_trace(sampler, config, steps, strength, noise, image, residuals):
         x = np.float32(p.init_noise_scale) * noise
     else:
         x = np.float32(p.image_scale) * image + np.float32(p.noise_scale) * noise
-    x0 = np.zeros(SHAPE, np.float32)
+    x0 = x0_before = np.zeros(SHAPE, np.float32)
     generator = torch.Generator().manual_seed(SEED)
     trace = []
     for i, row in enumerate(p.rows):
@@ -94,7 +94,9 @@ def our_trace(sampler, config, steps, strength, noise, image, residuals):
         model_in = model_input(row, x)
         out = 0.5 * model_in + residuals[i]
         out = guide(out, out, row)  # no unconditional half: guidance must leave `cond` unchanged
-        x, x0 = update(row, x, x0, step_noise, out)
+        x0_now = x0
+        x, x0 = update(row, x, x0, step_noise, out, x0_before)  # x0 of two steps back: UniPC's
+        x0_before = x0_now
         assert x.dtype == np.float32
         trace.append((float(row[T]), model_in, x, x0))
     return trace
@@ -113,7 +115,7 @@ def check_against_diffusers(sampler, config, steps, strength):
     # Heun's correction, (s - s') / (2 s') (x0' - x0), reaches 7x at 3 steps.
     scale = max(np.abs(a).max() for step in got for a in step[1:])
     rows = plan(sampler, NoiseSchedule.from_config(config), steps, 7.5, strength or 1.0).rows
-    gain = max(1.0, float(np.abs(rows[:, [C_0, C_P]]).max()))
+    gain = max(1.0, float(np.abs(rows[:, [C_0, C_P, C_PP]]).max()))
     atol = TOL * max(1.0, scale / 15) * gain
     for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
         where = f"{sampler} steps={steps} strength={strength} step {i}"

@@ -127,7 +127,9 @@ class OnnxRuntimeBackend:
         return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.device, 0)
 
     def upload(self, array: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        # A copy: on the CPU an OrtValue wraps the numpy array's memory, so two uploads of one
+        # array would be one buffer (and a step writing one would change the other).
+        return self.ort.OrtValue.ortvalue_from_numpy(np.array(array, order="C", copy=True), self.device, 0)
 
     def download(self, array) -> np.ndarray:
         # A copy: numpy() of a CPU OrtValue is a view that does not keep its memory alive, so

@@ -9,7 +9,8 @@ serves them all; changing sampler, steps or guidance never rebuilds an engine.
 Each sampler (one file each) equals the diffusers scheduler of the same name made with
 `Cls.from_config(scheduler_config)`, step for step: DDIMScheduler (eta 0), EulerDiscreteScheduler,
 EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
-the Karras variants, algorithm_type "sde-dpmsolver++" for the SDE ones), LCMScheduler. `schedule.py` holds the schedule math they share.
+the Karras variants, algorithm_type "sde-dpmsolver++" for the SDE ones), LCMScheduler,
+UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras). `schedule.py` holds the schedule math they share.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from functools import partial
 
 import numpy as np
 
-from ldm_deploy.engine.samplers import ddim, dpmpp_2m, euler, euler_ancestral, heun, lcm
+from ldm_deploy.engine.samplers import ddim, dpmpp_2m, euler, euler_ancestral, heun, lcm, unipc
 from ldm_deploy.engine.samplers.schedule import img2img_start
 from ldm_deploy.engine.samplers.update import COLUMNS, GUIDANCE
 from ldm_deploy.errors import InvalidRequest
@@ -35,6 +36,8 @@ _REGISTRY = {
     "dpmpp_2m_sde": ("DPM++ 2M SDE", partial(dpmpp_2m.walk, sde=True)),
     "dpmpp_2m_sde_karras": ("DPM++ 2M SDE Karras", partial(dpmpp_2m.walk, karras=True, sde=True)),
     "lcm": ("LCM", lcm.walk),
+    "unipc": ("UniPC", unipc.walk),
+    "unipc_karras": ("UniPC Karras", partial(unipc.walk, karras=True)),
 }
 SAMPLERS = tuple(_REGISTRY)
 # U-Net evaluations a step, where not one (Heun's last step has one: its table has 2n - 1 rows).
