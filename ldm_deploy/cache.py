@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 CACHE_EXPORT = dict(backend="onnxruntime", max_batch=4)
 # Raised when engines of the same package version must be exported again to have a new input
 # (3: the text encoder's clip_skip and token_weights; 4: prompts of several chunks; 5: the U-Net
-# step's inpainting mask).
-REVISION = 5
+# step's inpainting mask; 6: its state2, for UniPC).
+REVISION = 6
 
 
 def cache_dir() -> Path:

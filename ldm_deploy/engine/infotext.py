@@ -101,6 +101,9 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         out["prompt_weighting"] = False
     if "Sampler" in fields and "sampler" not in given:
         out["sampler"] = sampler(fields["Sampler"], fields.get("Schedule type"), DISPLAY_NAMES)
+        if out["sampler"].startswith("unipc") and not fields.get("Version", "").startswith("ldm-deploy"):
+            warnings.append("the image's UniPC is AUTOMATIC1111's, which runs another variant (bh1, order 3) than "
+                            "diffusers' UniPC here, so the image will differ")
     if "Hires upscale" in fields:
         out["hires_scale"] = number("Hires upscale", float, "hires_scale")
         if "Hires steps" in fields:

@@ -231,12 +231,14 @@ class Pipeline:
             **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
         )
         check_request(req, self.manifest, img2img=init is not None)
+        self.check_history(req.sampler, req.steps, req.strength)
         fix = None
         if hires_scale is not None:
             fix = hires.Hires(hires_scale, 0 if hires_steps is None else hires_steps,
                               0.7 if hires_strength is None else hires_strength,
                               hires.upscaler_name(hires_upscaler or hires.UPSCALER))
             hires.check(fix, init is not None, req.width, req.height, self.manifest)
+            self.check_history(req.sampler, *hires.img2img_steps(fix, req.steps))  # before the first pass
         elif hires_steps is not None or hires_strength is not None or hires_upscaler is not None:
             raise InvalidRequest("hires_steps, hires_strength and hires_upscaler set the hires fix's second pass; "
                                  "give hires_scale too (e.g. 2), or leave them out")
@@ -428,10 +430,7 @@ class Pipeline:
         x_next = be.empty(shape)
         states = [be.empty(shape)] + [be.upload(np.zeros(shape, np.float32)) for _ in range(2 if history else 1)]
         table = sp.rows
-        if not history:  # rows of 9: no x0_prev2 column
-            if np.any(table[:, C_PP] != 0):
-                raise InvalidRequest(f"the {req.sampler} sampler needs an engine whose U-Net step keeps two steps' "
-                                     "x0 (exported since UniPC); re-export it with ldm-export --force")
+        if not history:  # rows of 9: no x0_prev2 column (check_history refused what needs it)
             table = table[:, :C_PP]
         rows = [be.upload(np.ascontiguousarray(r)) for r in table]
         n = len(states)
@@ -472,6 +471,15 @@ class Pipeline:
         }
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
         return x
+
+    def check_history(self, sampler: str, steps: int, strength: float) -> None:
+        """Engines without state2 (from before UniPC) run what needs no x0 of two steps back."""
+        if self.manifest.model.history:
+            return
+        rows = plan(sampler, self.manifest.model.noise_schedule, steps, 1.0, strength).rows
+        if np.any(rows[:, C_PP] != 0):
+            raise InvalidRequest(f"the {sampler} sampler needs an engine whose U-Net step keeps two steps' x0 "
+                                 "(exported since UniPC); re-export it with ldm-export --force")
 
     def load_vae_encoder(self) -> None:
         if "vae_encoder" not in self.manifest.files:

@@ -94,3 +94,57 @@ def test_static_shapes_give_onnxruntime_images_and_recompile_per_size(engine_dir
     assert compiles == 2  # once per size: none for the steps in between
     ov("a windmill by a canal", **KW)
     assert caplog.text.count("unet_step: compiling for this call's sizes") == 3  # back to the first size
+
+
+def test_capture_plan_replays_the_pipelines_own_loops(ov_fp32, monkeypatch):
+    """The CUDA-graph loop plan (capture.loop_plan), replayed on host arenas that start as garbage
+    (copies in, each step at its planned places, copies out), leaves every buffer as running the
+    steps one by one does, for the bindings the pipeline really makes (OpenVINO's buffers are numpy
+    arrays): UniPC's three rotating x0 buffers, inpainting's per-step image latents, an edited
+    prompt's per-step text, shared zero noise and per-step noise."""
+    from ldm_deploy.engine.backends.capture import loop_plan
+
+    recorded = []
+    real = type(ov_fp32.backend).run_steps
+    monkeypatch.setattr(type(ov_fp32.backend), "run_steps",
+                        lambda self, c, runs, key, on_step: (recorded.append(runs), real(self, c, runs, key, on_step)))
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:, 40:] = 255
+    init = np.linspace(0, 1, 64 * 96 * 3).reshape(64, 96, 3)
+    for kw in (dict(sampler="unipc", steps=6), dict(sampler="euler_a", steps=4, init_image=init, mask=mask),
+               dict(sampler="heun", steps=3, prompt_weighting=True)):
+        ov_fp32("a [cat:dog:0.5]", seed=1, width=96, height=64, output_type="np", progress=False, **kw)
+
+    def step(inputs: dict) -> dict:  # a stand-in for the U-Net step that reads every input
+        mix = sum(float(np.asarray(v, np.float64).mean()) * (i + 1) for i, (_, v) in enumerate(sorted(inputs.items())))
+        x = inputs["latents"]
+        return {"latents_out": (0.5 * x + np.float32(mix)).astype(np.float32),
+                "state_out": (x + 0.25 * inputs["state"] + 0.125 * inputs.get("state2", 0)).astype(np.float32)}
+
+    for runs in recorded:
+        want = {id(a): np.array(a) for r in runs for a in [*r.inputs.values(), *r.outputs.values()]}
+        for r in runs:  # one by one, on copies
+            out = step({k: want[id(v)] for k, v in r.inputs.items()})
+            for k, v in r.outputs.items():
+                want[id(v)][...] = out[k]
+        plan = loop_plan(runs, lambda a: a.nbytes)
+        arenas = {name: np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8) for name, size in plan.arenas.items()}
+        buffers = list({id(a): a for r in runs for a in [*r.inputs.values(), *r.outputs.values()]}.values())
+        got = [np.array(a) for a in buffers]
+
+        def view(place, like):
+            return arenas[place.arena][place.offset:place.offset + like.nbytes].view(like.dtype).reshape(like.shape)
+
+        for i, place, n in plan.copy_in:
+            view(place, got[i])[...] = got[i]
+        for r, places in zip(runs, plan.steps):
+            out = step({k: view(places[k], v).copy() for k, v in r.inputs.items()})
+            for k, v in r.outputs.items():
+                view(places[k], v)[...] = out[k]
+        for place, i, n in plan.copy_out:
+            got[i][...] = view(place, got[i])
+        for a, g in zip(buffers, got):
+            if any(a is v for r in runs for v in r.outputs.values()):
+                np.testing.assert_array_equal(g, want[id(a)])
+    assert any("state2" in r.inputs for runs in recorded for r in runs)
+    assert len({id(r.inputs["image_latents"]) for r in recorded[1]}) == 4  # one per step: a table

@@ -101,7 +101,9 @@ class TorchBackend:
         return self.torch.empty(tuple(shape), dtype=_torch_dtype(self.torch, dtype), device=self.device)
 
     def upload(self, array: np.ndarray):
-        return self.torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        # A copy: on the CPU from_numpy shares the array's memory (two uploads of one array
+        # would be one buffer).
+        return self.torch.from_numpy(np.array(array, order="C", copy=True)).to(self.device)
 
     def download(self, array) -> np.ndarray:
         return array.cpu().numpy()

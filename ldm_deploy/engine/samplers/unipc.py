@@ -13,6 +13,11 @@ Both are linear in x^c_{k-1} and the m's, and x_k itself is the predictor's outp
 so x^c_{k-1} need not be kept: one step is linear in x_k, m_k, m_{k-1} and m_{k-2}, which the
 U-Net step has as latents, its x0, state and state2 (columns c_x, c_0, c_p, c_pp). Each update is
 composed here as coefficients over those four.
+
+That takes the latents a step gets to be exactly what the step before made. Inpainting with a
+text-to-image U-Net replaces them where the mask is 0 with the image's own (pipeline.py), which
+keeps this exact only because masks are 0 or 1 (as diffusers cuts them): the kept part is
+replaced again after every step. A soft mask would need the corrected latents kept as a state.
 """
 
 from __future__ import annotations
@@ -36,14 +41,17 @@ def walk(schedule, steps: int, start: int, karras: bool = False) -> Walk:
         lam = -np.log(s)  # +inf at the final sigma 0
     rows = np.zeros((steps, 4))  # c_x, c_0, c_p, c_pp of each step
     order_before = 0  # the predictor order of the step before (0: none, the walk's first)
-    for k in range(start, steps):
-        if order_before:  # the corrected x^c_k, from x_k and what made it
-            x_c = corrected(k, order_before, lam, alpha, sigma_vp)
-        else:
-            x_c = X
-        order = 1 if k == start or k == steps - 1 else 2  # warm-up; lower_order_final
-        rows[k] = predicted(k, order, x_c, lam, alpha, sigma_vp)
-        order_before = order
+    # Two steps at one noise level (h = 0: only near num_train_timesteps steps) divide by zero;
+    # plan() rejects the non-finite rows with the advice.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for k in range(start, steps):
+            if order_before:  # the corrected x^c_k, from x_k and what made it
+                x_c = corrected(k, order_before, lam, alpha, sigma_vp)
+            else:
+                x_c = X
+            order = 1 if k == start or k == steps - 1 else 2  # warm-up; lower_order_final
+            rows[k] = predicted(k, order, x_c, lam, alpha, sigma_vp)
+            order_before = order
     c_x, c_0, c_p, c_pp = rows.T
     out = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_p=c_p, c_pp=c_pp)
     return Walk(out[start:], 1.0, np.stack([alpha[:-1], sigma_vp[:-1]], 1)[start:])
