@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # Our sampler name -> the diffusers scheduler of the same name (the tests' oracle too: tests/conftest.py).
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),

@@ -7,7 +7,7 @@ serves them all; changing sampler, steps or guidance never rebuilds an engine.
     plan("dpmpp_2m_karras", NoiseSchedule.from_config(scheduler_config), steps=30, guidance=7.5)
 
 Each sampler (one file each) equals the diffusers scheduler of the same name made with
-`Cls.from_config(scheduler_config)`, step for step: DDIMScheduler (eta 0), EulerDiscreteScheduler,
+`Cls.from_config(scheduler_config)`, step for step: DDIMScheduler (eta 0), DDPMScheduler, EulerDiscreteScheduler,
 EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
 the Karras variants, algorithm_type "sde-dpmsolver++" for the SDE ones), LCMScheduler,
 UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras). `schedule.py` holds the schedule math they share.
@@ -20,7 +20,7 @@ from functools import partial
 
 import numpy as np
 
-from ldm_deploy.engine.samplers import ddim, dpmpp_2m, euler, euler_ancestral, heun, lcm, unipc
+from ldm_deploy.engine.samplers import ddim, ddpm, dpmpp_2m, euler, euler_ancestral, heun, lcm, unipc
 from ldm_deploy.engine.samplers.schedule import img2img_start
 from ldm_deploy.engine.samplers.update import COLUMNS, GUIDANCE
 from ldm_deploy.errors import InvalidRequest
@@ -28,6 +28,7 @@ from ldm_deploy.errors import InvalidRequest
 # name -> (A1111-style display name written to PNG metadata, walk(schedule, steps, start)).
 _REGISTRY = {
     "ddim": ("DDIM", ddim.walk),
+    "ddpm": ("DDPM", ddpm.walk),
     "euler": ("Euler", euler.walk),
     "euler_a": ("Euler a", euler_ancestral.walk),
     "heun": ("Heun", heun.walk),
