@@ -30,8 +30,10 @@ _REGISTRY = {
     "ddim": ("DDIM", ddim.walk),
     "ddpm": ("DDPM", ddpm.walk),
     "euler": ("Euler", euler.walk),
+    "euler_karras": ("Euler Karras", partial(euler.walk, karras=True)),
     "euler_a": ("Euler a", euler_ancestral.walk),
     "heun": ("Heun", heun.walk),
+    "heun_karras": ("Heun Karras", partial(heun.walk, karras=True)),
     "dpmpp_2m": ("DPM++ 2M", partial(dpmpp_2m.walk, karras=False)),
     "dpmpp_2m_karras": ("DPM++ 2M Karras", partial(dpmpp_2m.walk, karras=True)),
     "dpmpp_2m_sde": ("DPM++ 2M SDE", partial(dpmpp_2m.walk, sde=True)),
@@ -42,7 +44,7 @@ _REGISTRY = {
 }
 SAMPLERS = tuple(_REGISTRY)
 # U-Net evaluations a step, where not one (Heun's last step has one: its table has 2n - 1 rows).
-EVALUATIONS_PER_STEP = {"heun": 2}
+EVALUATIONS_PER_STEP = {"heun": 2, "heun_karras": 2}
 DISPLAY_NAMES = {name: display for name, (display, _) in _REGISTRY.items()}
 
 

@@ -16,7 +16,9 @@ import numpy as np
 from ldm_deploy.engine.samplers.schedule import (
     Walk,
     alphas_cumprod,
+    karras_sigmas,
     sigma_at,
+    sigma_to_t,
     spaced_timesteps,
     table,
     train_sigmas,
@@ -26,13 +28,20 @@ from ldm_deploy.engine.samplers.schedule import (
 DEFAULT_SPACING = "linspace"
 
 
-def sigma_schedule(schedule, steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+def sigma_schedule(schedule, steps: int, karras: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """(timesteps (steps,), sigmas (steps + 1,) ending in 0, init_noise_sigma) of diffusers'
-    Euler schedulers with their defaults (linear interpolation, final sigma zero)."""
+    Euler schedulers with their defaults (linear interpolation, final sigma zero); karras: Karras
+    et al.'s sigmas between the spaced ones' extremes, at the timesteps they interpolate to
+    (use_karras_sigmas)."""
     spacing = schedule.timestep_spacing or DEFAULT_SPACING
     # The U-Net gets float32 timesteps (linspace keeps fractions); take sigma at exactly those.
     t = spaced_timesteps(spacing, steps, schedule).astype(np.float32).astype(np.float64)
-    sigmas = np.append(sigma_at(t, train_sigmas(alphas_cumprod(schedule))), 0.0)
+    train = train_sigmas(alphas_cumprod(schedule))
+    spaced = sigma_at(t, train)
+    if karras:  # (diffusers' float32 tables put its timesteps an ulp or so from these)
+        spaced = karras_sigmas(spaced[::-1], steps)
+        t = sigma_to_t(spaced, train).astype(np.float32).astype(np.float64)
+    sigmas = np.append(spaced, 0.0)
     # diffusers' init_noise_sigma: s_max for "linspace" / "trailing" (k-diffusion's convention),
     # sqrt(s_max^2 + 1), the std of x0 + s * eps for unit-variance x0, for "leading".
     s_max = sigmas.max()
@@ -47,9 +56,9 @@ def sigma_space_input(prediction_type: str, sigma: np.ndarray) -> tuple:
     return alpha, p_x * alpha, p_m
 
 
-def walk(schedule, steps: int, start: int) -> Walk:
+def walk(schedule, steps: int, start: int, karras: bool = False) -> Walk:
     """Coefficients for steps start..steps-1 of a `steps`-step Euler walk."""
-    t, sigmas, init = sigma_schedule(schedule, steps)
+    t, sigmas, init = sigma_schedule(schedule, steps, karras)
     s, s_next = sigmas[:-1], sigmas[1:]
     c_in, p_x, p_m = sigma_space_input(schedule.prediction_type, s)
     ratio = s_next / s
