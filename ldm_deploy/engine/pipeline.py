@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import secrets
 from dataclasses import replace
@@ -18,12 +17,12 @@ from PIL import Image
 
 from ldm_deploy import __version__
 from ldm_deploy.engine import backends, extra_networks, hires, images, noise, prompt_schedule
-from ldm_deploy.engine import controls
+from ldm_deploy.engine import controls, inpaint
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
-from ldm_deploy.engine.request import Request, check_request
+from ldm_deploy.engine.request import Request, check_request, whole
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, EVALUATIONS_PER_STEP, plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
@@ -179,10 +178,11 @@ class Pipeline:
             raise InvalidRequest(f"num_images must be a whole number of at least 1, got {num_images!r}")
         init = images.as_init_image(init_image)
         mask = images.as_mask(mask)
-        self.check_mask(init, mask, hires_scale)
+        inpaint.check(self.manifest.model, init, mask, hires_scale)
         crop = None  # (pad, box, the original image, the original mask)
         if mask_crop is not None:
-            crop, init, mask, width, height = self.crop_to_mask(init, mask, mask_crop, width, height, output_type)
+            crop, init, mask, width, height = inpaint.crop(init, mask, mask_crop, width, height, output_type,
+                                                           self.default_size)
         if strength is None:
             strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting and img2img defaults
         settings_given = control_scale is not None or control_start != 0.0 or control_end != 1.0
@@ -272,30 +272,6 @@ class Pipeline:
             im.info["parameters"] = self.parameters(req, i, init is not None, fix, crop and crop[0], control)
         return pils
 
-    def crop_to_mask(self, init, mask, pad, width, height, output_type):
-        """mask_crop: the box around the mask and the image and mask cut to it, resized to width x
-        height (default: the engine's size), as diffusers' padding_mask_crop makes them."""
-        pad = whole("mask_crop", pad, None)
-        if pad < 0:
-            raise InvalidRequest(f"mask_crop is the padding around the mask in pixels, 0 or more; got {pad}")
-        if mask is None:
-            raise InvalidRequest("mask_crop inpaints the area around a mask: give the mask too")
-        mask = images.mask_image(mask)
-        if output_type == "latent":
-            raise InvalidRequest("mask_crop pastes the drawn area back into the image, which latents cannot "
-                                 "show: use output_type 'pil' or 'np'")
-        if mask.size != init.size:
-            raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
-                                 f"{init.size[1]}: mask_crop needs them the same size")
-        if not mask.convert("L").getbbox():
-            raise InvalidRequest("the mask is all black: nothing to inpaint (white marks what to redraw)")
-        default_w, default_h = self.default_size
-        width, height = whole("width", width, default_w), whole("height", height, default_h)
-        box = mask_crop_.crop_region(mask, width, height, pad)
-        cut_image = mask_crop_.fill_resize(init.crop(box), width, height)
-        cut_mask = mask_crop_.fill_resize(mask.crop(box), width, height).convert("L")
-        return (pad, box, init, mask), cut_image, cut_mask, width, height
-
     def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool,
                   output_type: str = "np", control=None) -> np.ndarray:
         """The second pass of each image: its 8-bit first pass, resized (a Latent upscaler: its
@@ -350,8 +326,8 @@ class Pipeline:
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
         step_masks = None  # per step: the U-Net step's mask and image_latents (engines with masks)
         if m.inpainting or mask is not None:
-            x, step_masks = self.inpaint_start(init, mask, req, sp, generator, latents, shape,
-                                               {} if shared is None else shared)
+            x, step_masks = inpaint.start(be, m, self.encode_latents, init, mask, req, sp, generator, latents,
+                                          shape, {} if shared is None else shared)
         elif init is not None:
             x = self.encode(init, req, sp, generator, latents, shape)
         else:
@@ -501,60 +477,6 @@ class Pipeline:
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
         return be.download(out)
 
-    def inpaint_start(self, init, mask, req, sp, generator, latents, shape, shared: dict):
-        """Inpainting's start latents and each step's (mask, image_latents), as diffusers'
-        StableDiffusionInpaintPipeline makes them, its noise drawn in its order: the image's VAE
-        sample (not for an inpainting model at strength 1), the start noise, the masked image's
-        VAE sample. Like diffusers, the one image's latents are sampled once for the batch, with
-        the first generator of a list; `shared` keeps them for the call's later chunks (past the
-        engine's batch), which draw only their start noise. No mask: all of it is redrawn; no
-        image: a blank one. latents: the start noise (at strength < 1 added to the image, as for
-        img2img; diffusers' inpainting pipeline would start from them alone)."""
-        be, m = self.backend, self.manifest.model
-        b, c, h, w = shape
-        given = isinstance(init, images.InitLatents)  # (a Latent hires pass): no image to mask
-        pixels = (images.to_model_input(init, req.width, req.height) if init is not None and not given
-                  else np.zeros((1, 3, req.height, req.width), np.float32))  # (1, 3, H, W)
-        redraw = (images.mask_to_model_input(mask, req.width, req.height) if mask is not None
-                  else np.ones((1, 1, req.height, req.width), np.float32))  # (1, 1, H, W): 1 redraws
-        first = generator[0] if isinstance(generator, (list, tuple)) else generator
-        first_chunk = "masked" not in shared  # later chunks draw only their start noise
-        if first_chunk and given:
-            shared["z"] = init.array
-        elif first_chunk and (not m.inpainting or req.strength < 1):
-            shared["z"] = self.encode_latents(pixels, noise.draw(first, (1, c, h, w)))
-        z = np.repeat(shared["z"], b, axis=0) if "z" in shared else None
-        start = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
-        if req.strength == 1:
-            x = start * np.float32(sp.init_noise_scale)
-        else:
-            x = np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start
-        if first_chunk:  # a text-to-image U-Net never sees the masked image: only its draw is kept
-            sample = noise.draw(first, (1, c, h, w))
-            shared["masked"] = self.encode_latents(pixels * (redraw < 0.5), sample) if m.inpainting else None
-        masked = shared["masked"]
-        small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
-        mask_buffer = be.upload(np.repeat(small, b, axis=0))  # (B, 1, h, w)
-        if m.inpainting:  # the masked image, beside the latents at every step
-            known = [be.upload(np.repeat(masked, b, axis=0))] * sp.steps
-        else:  # the image where it is kept, noised to the level the next step starts from
-            known = [be.upload(np.float32(a) * z + np.float32(s) * start) for a, s in sp.known_levels()]
-        return be.upload(x), [{"mask": mask_buffer, "image_latents": k} for k in known]
-
-    def check_mask(self, init, mask, hires_scale) -> None:
-        if mask is None:
-            return
-        if init is None:
-            raise InvalidRequest("a mask needs the image it masks: pass init_image (ldm-run --init-image)")
-        if isinstance(init, images.InitLatents):
-            raise InvalidRequest("a mask needs an init image, not latents: pass the image itself")
-        if hires_scale is not None:
-            raise InvalidRequest("the hires fix draws a new image; it does not inpaint: leave out the mask "
-                                 "or hires_scale (--hires-scale)")
-        if not self.manifest.model.masks:
-            raise InvalidRequest("this engine's U-Net step takes no mask (it was exported before inpainting); "
-                                 "re-export it with ldm-export --force to inpaint")
-
     def check_init_size(self, init, width: int | None, height: int | None, what: str = "init image") -> None:
         """An init image whose own size is out of the engine's range, with no size given to
         resize it to: say so in its terms, not as a width the user never passed."""
@@ -659,16 +581,6 @@ def step_texts(texts: list[str], req: Request, evaluations: int) -> list[tuple[s
 
 def random_seed() -> int:
     return secrets.randbelow(2**32)
-
-
-def whole(name: str, value, default) -> int:
-    """value as an int (default when None); an InvalidRequest for fractions and non-numbers."""
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value) or int(value) != value:
-        raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
-    return int(value)
 
 
 def split(req: Request, latents, generator, max_batch: int):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from ldm_deploy.engine.manifest import Manifest
 from ldm_deploy.engine.samplers import SAMPLERS
@@ -73,3 +76,13 @@ def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
                 f"{name} {value} is outside this engine's range [{lo}, {hi}]; choose a size in range, "
                 "or re-export with --min-size / --max-size"
             )
+
+
+def whole(name: str, value, default) -> int:
+    """value as an int (default when None); an InvalidRequest for fractions and non-numbers."""
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value) or int(value) != value:
+        raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
+    return int(value)

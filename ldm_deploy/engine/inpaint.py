@@ -1,0 +1,98 @@
+"""Inpainting as diffusers' StableDiffusionInpaintPipeline does it: the checks, the start latents
+and each step's mask inputs, and the crop of AUTOMATIC1111's "Only masked" (mask_crop.py).
+
+The U-Net step takes `mask` and `image_latents` (spec.py): an inpainting U-Net beside its latents,
+any other by putting the kept part back after each step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ldm_deploy.engine import images, noise
+from ldm_deploy.engine import mask_crop as mask_crop_
+from ldm_deploy.engine.latent_resize import resize
+from ldm_deploy.engine.request import whole
+from ldm_deploy.errors import InvalidRequest
+
+
+def check(model, init, mask, hires_scale) -> None:
+    """A mask needs an image (not latents), no hires fix, and an engine whose step takes one."""
+    if mask is None:
+        return
+    if init is None:
+        raise InvalidRequest("a mask needs the image it masks: pass init_image (ldm-run --init-image)")
+    if isinstance(init, images.InitLatents):
+        raise InvalidRequest("a mask needs an init image, not latents: pass the image itself")
+    if hires_scale is not None:
+        raise InvalidRequest("the hires fix draws a new image; it does not inpaint: leave out the mask "
+                             "or hires_scale (--hires-scale)")
+    if not model.masks:
+        raise InvalidRequest("this engine's U-Net step takes no mask (it was exported before inpainting); "
+                             "re-export it with ldm-export --force to inpaint")
+
+
+def crop(init, mask, pad, width, height, output_type, default_size):
+    """mask_crop: ((pad, box, the image, the mask), the image and mask cut to the box and resized
+    to width x height (default: the engine's size), width, height), as diffusers'
+    padding_mask_crop makes them."""
+    pad = whole("mask_crop", pad, None)
+    if pad < 0:
+        raise InvalidRequest(f"mask_crop is the padding around the mask in pixels, 0 or more; got {pad}")
+    if mask is None:
+        raise InvalidRequest("mask_crop inpaints the area around a mask: give the mask too")
+    mask = images.mask_image(mask)
+    if output_type == "latent":
+        raise InvalidRequest("mask_crop pastes the drawn area back into the image, which latents cannot "
+                             "show: use output_type 'pil' or 'np'")
+    if mask.size != init.size:
+        raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
+                             f"{init.size[1]}: mask_crop needs them the same size")
+    if not mask.convert("L").getbbox():
+        raise InvalidRequest("the mask is all black: nothing to inpaint (white marks what to redraw)")
+    width, height = whole("width", width, default_size[0]), whole("height", height, default_size[1])
+    box = mask_crop_.crop_region(mask, width, height, pad)
+    cut_image = mask_crop_.fill_resize(init.crop(box), width, height)
+    cut_mask = mask_crop_.fill_resize(mask.crop(box), width, height).convert("L")
+    return (pad, box, init, mask), cut_image, cut_mask, width, height
+
+
+def start(be, model, encode_latents, init, mask, req, sp, generator, latents, shape, shared: dict):
+    """Inpainting's start latents and each step's (mask, image_latents), as diffusers'
+    StableDiffusionInpaintPipeline makes them, its noise drawn in its order: the image's VAE
+    sample (not for an inpainting model at strength 1), the start noise, the masked image's
+    VAE sample. Like diffusers, the one image's latents are sampled once for the batch, with
+    the first generator of a list; `shared` keeps them for the call's later chunks (past the
+    engine's batch), which draw only their start noise. No mask: all of it is redrawn; no
+    image: a blank one. latents: the start noise (at strength < 1 added to the image, as for
+    img2img; diffusers' inpainting pipeline would start from them alone). encode_latents:
+    (pixels, sample noise) -> the VAE's scaled latents."""
+    b, c, h, w = shape
+    given = isinstance(init, images.InitLatents)  # (a Latent hires pass): no image to mask
+    pixels = (images.to_model_input(init, req.width, req.height) if init is not None and not given
+              else np.zeros((1, 3, req.height, req.width), np.float32))  # (1, 3, H, W)
+    redraw = (images.mask_to_model_input(mask, req.width, req.height) if mask is not None
+              else np.ones((1, 1, req.height, req.width), np.float32))  # (1, 1, H, W): 1 redraws
+    first = generator[0] if isinstance(generator, (list, tuple)) else generator
+    first_chunk = "masked" not in shared  # later chunks draw only their start noise
+    if first_chunk and given:
+        shared["z"] = init.array
+    elif first_chunk and (not model.inpainting or req.strength < 1):
+        shared["z"] = encode_latents(pixels, noise.draw(first, (1, c, h, w)))
+    z = np.repeat(shared["z"], b, axis=0) if "z" in shared else None
+    start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+    if req.strength == 1:
+        x = start_noise * np.float32(sp.init_noise_scale)
+    else:
+        x = np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start_noise
+    if first_chunk:  # a text-to-image U-Net never sees the masked image: only its draw is kept
+        sample = noise.draw(first, (1, c, h, w))
+        shared["masked"] = encode_latents(pixels * (redraw < 0.5), sample) if model.inpainting else None
+    masked = shared["masked"]
+    small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
+    mask_buffer = be.upload(np.repeat(small, b, axis=0))  # (B, 1, h, w)
+    if model.inpainting:  # the masked image, beside the latents at every step
+        known = [be.upload(np.repeat(masked, b, axis=0))] * sp.steps
+    else:  # the image where it is kept, noised to the level the next step starts from
+        known = [be.upload(np.float32(a) * z + np.float32(s) * start_noise) for a, s in sp.known_levels()]
+    return be.upload(x), [{"mask": mask_buffer, "image_latents": k} for k in known]
