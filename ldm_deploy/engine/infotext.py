@@ -1,6 +1,6 @@
-"""AUTOMATIC1111's generation parameters ("infotext"), read back: `ldm-run --from-png` draws an
-image again from the `parameters` text of a PNG that ldm-deploy, AUTOMATIC1111 or a tool writing
-its format (Forge, SD.Next, CivitAI's downloads) made.
+"""AUTOMATIC1111's generation parameters ("infotext"), written into every PNG (`parameters`) and
+read back: `ldm-run --from-png` draws an image again from the `parameters` text of a PNG that
+ldm-deploy, AUTOMATIC1111 or a tool writing its format (Forge, SD.Next, CivitAI's downloads) made.
 
 The text is the prompt (any number of lines), then a line starting "Negative prompt:" (it too may
 go on over lines), then one line of "Key: value" fields, values with commas JSON-quoted:
@@ -148,3 +148,61 @@ def sampler(name: str, schedule: str | None, display_names: dict) -> str:
         raise UserError(f"the image's sampler {full!r} is not offered here; pass --sampler with one of "
                         f"{', '.join(display_names)} ({', '.join(display_names.values())})")
     return key
+
+
+def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None = None, control=None) -> str:
+    """The `parameters` text of image i of a request drawn by an engine of `model` (its manifest's
+    ModelInfo), in AUTOMATIC1111's format: what `ldm-run --from-png` and image browsers read."""
+    from ldm_deploy import __version__
+    from ldm_deploy.engine import hires, images
+    from ldm_deploy.engine.samplers import DISPLAY_NAMES
+
+    fields = {
+        "Steps": req.steps,
+        "Sampler": DISPLAY_NAMES[req.sampler],
+        "CFG scale": req.guidance,
+        "Seed": req.seeds[i],
+        "Size": f"{req.width}x{req.height}",
+        "Model hash": model.weights_sha256[:10],
+        "Model": model_name(model.source),
+    }
+    if model.vae:  # AUTOMATIC1111 names a replacement VAE so
+        fields["VAE"] = Path(model.vae).stem
+    if img2img:
+        fields["Denoising strength"] = req.strength
+    if fix is not None:
+        fields.update(hires.fields(fix))
+    if crop_pad is not None:  # AUTOMATIC1111's fields for it
+        fields.update({"Inpaint area": "Only masked", "Masked area padding": crop_pad})
+    if control is not None:
+        fields.update(control.fields(model.controlnets))
+    if req.clip_skip:
+        fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
+    if not req.prompt_weighting and re.search(r"[()\[\]]|<\w+:[^>]+>|\bBREAK\b",
+                                              req.prompts[i] + req.negative_prompts[i]):
+        fields["Emphasis"] = "None"  # AUTOMATIC1111's setting that reads brackets as plain text
+    loras = [f"{lora['name']}: {lora['a1111_hash'][:12]}" for lora in model.loras
+             if lora.get("a1111_hash")]  # merged: in every image (engines before the hash: none)
+    if loras:
+        fields["Lora hashes"] = json.dumps(", ".join(loras))
+    texts = f"{req.prompts[i]}\n{req.negative_prompts[i]}".lower()
+    used = [f"{e['word']}: {e['sha256'][:12]}" for e in model.embeddings if e["word"].lower() in texts]
+    if used:  # AUTOMATIC1111's field, JSON-quoted as it quotes values with commas or colons
+        fields["TI hashes"] = json.dumps(", ".join(used))
+    fields["Version"] = f"ldm-deploy {__version__}"
+    return images.parameters_text(req.prompts[i], req.negative_prompts[i], fields)
+
+
+# export/single_file.py's SAFE_SUFFIXES + PICKLE_SUFFIXES (the runtime imports nothing of export/)
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def model_name(source: str) -> str:
+    """What AUTOMATIC1111's "Model" field shows: the checkpoint file's name without its suffix,
+    the model folder's (or hub id's) last part, or the folder above a generically named one (our
+    bundled shapes/model -> "shapes")."""
+    path = Path(source)
+    if path.is_absolute() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return path.stem  # a single-file checkpoint: its file name, as AUTOMATIC1111 shows it
+    generic = path.is_absolute() and path.name in ("model", "diffusers") and path.parent.name
+    return path.parent.name if generic else path.name

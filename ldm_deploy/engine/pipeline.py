@@ -5,9 +5,7 @@ tokenize -> text encoder -> sampler table (host) -> N x unet_step -> VAE decoder
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import secrets
 from dataclasses import replace
 from pathlib import Path
@@ -15,15 +13,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm_deploy import __version__
 from ldm_deploy.engine import backends, extra_networks, hires, images, noise, prompt_schedule
-from ldm_deploy.engine import controls, inpaint
+from ldm_deploy.engine import controls, infotext, inpaint
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import Request, check_request, whole
-from ldm_deploy.engine.samplers import DISPLAY_NAMES, EVALUATIONS_PER_STEP, plan
+from ldm_deploy.engine.samplers import EVALUATIONS_PER_STEP, plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
 from ldm_deploy.errors import InvalidRequest
@@ -269,7 +266,8 @@ class Pipeline:
         else:
             pils = images.to_pil(out)
         for i, im in enumerate(pils):
-            im.info["parameters"] = self.parameters(req, i, init is not None, fix, crop and crop[0], control)
+            im.info["parameters"] = infotext.parameters(self.manifest.model, req, i, init is not None, fix,
+                                                        crop and crop[0], control)
         return pils
 
     def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool,
@@ -505,64 +503,11 @@ class Pipeline:
                     f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
                     f"height=) in range to resize it, or resize the image")
 
-    def parameters(self, req: Request, i: int, img2img: bool, fix=None, crop_pad: int | None = None,
-                   control=None) -> str:
-        fields = {
-            "Steps": req.steps,
-            "Sampler": DISPLAY_NAMES[req.sampler],
-            "CFG scale": req.guidance,
-            "Seed": req.seeds[i],
-            "Size": f"{req.width}x{req.height}",
-            "Model hash": self.manifest.model.weights_sha256[:10],
-            "Model": model_name(self.manifest.model.source),
-        }
-        if self.manifest.model.vae:  # AUTOMATIC1111 names a replacement VAE so
-            fields["VAE"] = Path(self.manifest.model.vae).stem
-        if img2img:
-            fields["Denoising strength"] = req.strength
-        if fix is not None:
-            fields.update(hires.fields(fix))
-        if crop_pad is not None:  # AUTOMATIC1111's fields for it
-            fields.update({"Inpaint area": "Only masked", "Masked area padding": crop_pad})
-        if control is not None:
-            fields.update(control.fields(self.manifest.model.controlnets))
-        if req.clip_skip:
-            fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
-        if not req.prompt_weighting and re.search(r"[()\[\]]|<\w+:[^>]+>|\bBREAK\b",
-                                                  req.prompts[i] + req.negative_prompts[i]):
-            fields["Emphasis"] = "None"  # AUTOMATIC1111's setting that reads brackets as plain text
-        loras = [f"{lora['name']}: {lora['a1111_hash'][:12]}" for lora in self.manifest.model.loras
-                 if lora.get("a1111_hash")]  # merged: in every image (engines before the hash: none)
-        if loras:
-            fields["Lora hashes"] = json.dumps(", ".join(loras))
-        texts = f"{req.prompts[i]}\n{req.negative_prompts[i]}".lower()
-        used = [f"{e['word']}: {e['sha256'][:12]}" for e in self.manifest.model.embeddings if e["word"].lower() in texts]
-        if used:  # AUTOMATIC1111's field, JSON-quoted as it quotes values with commas or colons
-            fields["TI hashes"] = json.dumps(", ".join(used))
-        fields["Version"] = f"ldm-deploy {__version__}"
-        return images.parameters_text(req.prompts[i], req.negative_prompts[i], fields)
-
-
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask",
                    "padding_mask_crop": "mask_crop", "controlnet_conditioning_scale": "control_scale",
                    "control_guidance_start": "control_start", "control_guidance_end": "control_end"}
-
-
-# export/single_file.py's SAFE_SUFFIXES + PICKLE_SUFFIXES (the runtime imports nothing of export/)
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
-def model_name(source: str) -> str:
-    """What AUTOMATIC1111's "Model" field shows: the checkpoint file's name without its suffix,
-    the model folder's (or hub id's) last part, or the folder above a generically named one (our
-    bundled shapes/model -> "shapes")."""
-    path = Path(source)
-    if path.is_absolute() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        return path.stem  # a single-file checkpoint: its file name, as AUTOMATIC1111 shows it
-    generic = path.is_absolute() and path.name in ("model", "diffusers") and path.parent.name
-    return path.parent.name if generic else path.name
 
 
 def step_texts(texts: list[str], req: Request, evaluations: int) -> list[tuple[str, ...]]:

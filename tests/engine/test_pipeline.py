@@ -159,7 +159,7 @@ def test_seed_minus_one_is_random(pipelines):
 
 
 def test_model_name_in_parameters():
-    from ldm_deploy.engine.pipeline import model_name
+    from ldm_deploy.engine.infotext import model_name
 
     assert model_name("/x/ldm_deploy/shapes/model") == "shapes"
     assert model_name("runwayml/stable-diffusion-v1-5") == "stable-diffusion-v1-5"

@@ -249,7 +249,7 @@ def test_run_with_a_checkpoint_as_model(files, tmp_path, capsys, monkeypatch):
 
 
 def test_checkpoint_names_in_cache_and_png():
-    from ldm_deploy.engine.pipeline import model_name
+    from ldm_deploy.engine.infotext import model_name
 
     assert model_name("/models/dreamshaper_8.safetensors") == "dreamshaper_8"
     assert model_name("/models/v1-5-pruned-emaonly.ckpt") == "v1-5-pruned-emaonly"
