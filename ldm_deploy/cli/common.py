@@ -58,9 +58,10 @@ def add_model_options(p) -> None:
     p.add_argument("--embedding", dest="embeddings", action="append", default=[], metavar="FILE[:WORD]",
                    help="add a textual inversion embedding (AUTOMATIC1111 or diffusers layout), triggered by "
                         "its file name (or WORD) in prompts; repeat for several")
-    p.add_argument("--controlnet", dest="controlnets", action="append", default=[], metavar="DIR",
-                   help="run a ControlNet (a diffusers ControlNet folder) beside the U-Net at every step; "
-                        "ldm-run --control-image gives its image; repeat for several")
+    p.add_argument("--controlnet", dest="controlnets", action="append", default=[], metavar="DIR|FILE",
+                   help="run a ControlNet beside the U-Net at every step: a diffusers ControlNet folder, or one "
+                        "file as AUTOMATIC1111's models/ControlNet holds them (.safetensors); ldm-run "
+                        "--control-image gives its image; repeat for several")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt / .pt / .bin pickle files (model, VAE, LoRAs, embeddings): runs code from "
                         "the file, only for sources you trust")
