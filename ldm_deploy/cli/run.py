@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-crop", type=int, default=None, metavar="PAD",
                    help="inpaint only the masked area (AUTOMATIC1111's 'Only masked', e.g. 32): the box around the "
                         "mask, PAD px wider, is drawn at --width x --height (default: the model's size) and pasted back")
+    p.add_argument("--mask-blur", type=float, default=None, metavar="PX",
+                   help="blur the mask by PX px first (AUTOMATIC1111's 'Mask blur', e.g. 4): with --mask-crop, a "
+                        "soft paste")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8; with --mask 1.0)")
     p.add_argument("--control-image", action="append", default=None, metavar="FILE",
@@ -156,7 +159,7 @@ def engine_dir(args) -> str:
 # ldm-run options a PNG's parameters may set: dest -> the default when neither sets it.
 FROM_PNG = {"negative_prompt": "", "steps": 30, "guidance": 7.5, "seed": None, "width": None, "height": None,
             "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
-            "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "strength": None}
+            "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "strength": None, "mask_blur": None}
 UNSET = object()
 
 
@@ -214,6 +217,8 @@ def main(argv=None) -> int:
             raise UserError("give a prompt, or --from-png FILE to draw a PNG's again")
         if args.mask is not None and args.init_image is None:
             raise UserError("--mask marks what to redraw of an image: give that image with --init-image")
+        if args.mask_blur is not UNSET and args.mask_blur is not None and args.mask is None:
+            raise UserError("--mask-blur blurs a mask: give --mask (and --init-image)")
         if args.mask_crop is not None and args.mask is None:
             raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
         fields = from_png(args)  # before a --model export: its mistakes are found in seconds
@@ -273,6 +278,7 @@ def main(argv=None) -> int:
             init_image=args.init_image,
             mask=args.mask,
             mask_crop=args.mask_crop,
+            mask_blur=args.mask_blur if args.mask is not None else None,  # a PNG's Mask blur: with a mask only
             **control_options(args),
             strength=args.strength,
             clip_skip=args.clip_skip - 1,

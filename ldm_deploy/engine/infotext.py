@@ -26,14 +26,14 @@ FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 SIZE = re.compile(r"^(\d+)x(\d+)$")
 # Number fields -> (ldm-run option, type); Clip skip counts as ldm-run's --clip-skip does.
 NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
-           "Clip skip": ("clip_skip", int)}
+           "Clip skip": ("clip_skip", int), "Mask blur": ("mask_blur", float)}
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
 # Fields whose difference changes nothing here, or that say how the image was made elsewhere.
 QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lora hashes", "Emphasis",
          "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
-         "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt"}
+         "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur"}
 
 
 def read_png(path: str | Path) -> str:
@@ -150,7 +150,8 @@ def sampler(name: str, schedule: str | None, display_names: dict) -> str:
     return key
 
 
-def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None = None, control=None) -> str:
+def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None = None, control=None,
+               mask_blur: float | None = None) -> str:
     """The `parameters` text of image i of a request drawn by an engine of `model` (its manifest's
     ModelInfo), in AUTOMATIC1111's format: what `ldm-run --from-png` and image browsers read."""
     from ldm_deploy import __version__
@@ -172,6 +173,8 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
         fields["Denoising strength"] = req.strength
     if fix is not None:
         fields.update(hires.fields(fix))
+    if mask_blur is not None:  # AUTOMATIC1111 writes whole pixels without a point
+        fields["Mask blur"] = int(mask_blur) if float(mask_blur).is_integer() else mask_blur
     if crop_pad is not None:  # AUTOMATIC1111's fields for it
         fields.update({"Inpaint area": "Only masked", "Masked area padding": crop_pad})
     if control is not None:

@@ -8,6 +8,7 @@ any other by putting the kept part back after each step.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageFilter
 
 from ldm_deploy.engine import images, noise
 from ldm_deploy.engine import mask_crop as mask_crop_
@@ -30,6 +31,17 @@ def check(model, init, mask, hires_scale) -> None:
     if not model.masks:
         raise InvalidRequest("this engine's U-Net step takes no mask (it was exported before inpainting); "
                              "re-export it with ldm-export --force to inpaint")
+
+
+def blur(mask, radius) -> Image.Image:
+    """The mask blurred by a Gaussian of `radius` px (PIL's GaussianBlur, as diffusers'
+    mask_processor.blur and AUTOMATIC1111's "Mask blur" do it); an array mask as its image."""
+    if mask is None:
+        raise InvalidRequest("mask_blur blurs a mask: give the mask too")
+    if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)) \
+            or not 0 <= radius < float("inf"):
+        raise InvalidRequest(f"mask_blur is a radius in pixels, 0 or more; got {radius!r}")
+    return images.mask_image(mask).filter(ImageFilter.GaussianBlur(radius))
 
 
 def crop(init, mask, pad, width, height, output_type, default_size):

@@ -85,6 +85,7 @@ class Pipeline:
         init_image=None,
         mask=None,
         mask_crop: int | None = None,
+        mask_blur: float | None = None,
         control_image=None,
         control_scale: float | list | None = None,
         control_start: float | list = 0.0,
@@ -117,6 +118,8 @@ class Pipeline:
         diffusers' padding_mask_crop): the box around the mask, widened by that much and to the
         aspect of width x height (default: the engine's size), is drawn at width x height and pasted
         back over the image through the mask (mask_crop.py); the images are the init image's size.
+        mask_blur (pixels): blur the mask first (AUTOMATIC1111's "Mask blur", diffusers'
+        mask_processor.blur), which softens the paste of mask_crop.
         control_image: for an engine with ControlNets (ldm-export --controlnet), each one's image
         (one image, or a list of one per ControlNet, None where it is off), resized to the size
         drawn, which it sets when there is no init image; control_scale (its residuals' weight;
@@ -175,6 +178,8 @@ class Pipeline:
             raise InvalidRequest(f"num_images must be a whole number of at least 1, got {num_images!r}")
         init = images.as_init_image(init_image)
         mask = images.as_mask(mask)
+        if mask_blur is not None:
+            mask = inpaint.blur(mask, mask_blur)
         inpaint.check(self.manifest.model, init, mask, hires_scale)
         crop = None  # (pad, box, the original image, the original mask)
         if mask_crop is not None:
@@ -267,7 +272,7 @@ class Pipeline:
             pils = images.to_pil(out)
         for i, im in enumerate(pils):
             im.info["parameters"] = infotext.parameters(self.manifest.model, req, i, init is not None, fix,
-                                                        crop and crop[0], control)
+                                                        crop and crop[0], control, mask_blur)
         return pils
 
     def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool,

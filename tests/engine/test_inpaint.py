@@ -208,6 +208,34 @@ def test_only_the_masked_area_as_diffusers_padding_mask_crop(name, pad, size, in
     np.testing.assert_array_equal(as_array[0], np.asarray(got, np.float32) / 255)
 
 
+@pytest.mark.parametrize("pad", [None, 8])
+def test_mask_blur_is_diffusers_mask_processor_blur(pad, pipelines, reference, init_image):
+    """mask_blur=4 is the mask through diffusers' mask_processor.blur(mask, 4) (AUTOMATIC1111's
+    "Mask blur: 4"): cut at 0.5 it moves the edge; with mask_crop the paste is soft."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    m = np.zeros((H, W), np.uint8)
+    m[30:60, 40:90] = 255
+    blurred = VaeImageProcessor.blur(Image.fromarray(m), 4)
+    crop = {} if pad is None else {"padding_mask_crop": pad, "width": 64, "height": 64}
+    common = dict(prompt="a cat", image=init_image, num_inference_steps=3, guidance_scale=7.5, **crop)
+    pipe_ref, config = reference["tiny-sd1"]
+    cls, options = SCHEDULERS["ddim"]
+    pipe_ref.scheduler = cls.from_config(config, **options)
+    size = {} if pad is not None else {"height": H, "width": W}
+    ref = pipe_ref(mask_image=blurred, generator=torch.Generator().manual_seed(3), output_type="pil", **common,
+                   **size).images[0]
+    got = pipelines["tiny-sd1"](mask=m, mask_blur=4, sampler="ddim", progress=False,
+                                generator=torch.Generator().manual_seed(3), **common)[0]
+    diff = np.abs(np.asarray(got, np.int16) - np.asarray(ref, np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert "Mask blur: 4," in got.info["parameters"]
+    with pytest.raises(InvalidRequest, match="mask_blur blurs a mask"):
+        pipelines["tiny-sd1"]("x", init_image=init_image, mask_blur=4, steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="a radius in pixels, 0 or more"):
+        pipelines["tiny-sd1"]("x", init_image=init_image, mask=m, mask_blur=-1, steps=2, progress=False)
+
+
 def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
     pipe = pipelines["tiny-sd1"]
     with pytest.raises(InvalidRequest, match="needs the image it masks"):
@@ -280,6 +308,10 @@ def test_ldm_run_inpaints(inpainting, init_image, mask, tmp_path, capsys):
                          "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "give --mask" in err and "Traceback" not in err
+    code = run_cli.main(["a cat", "--engine", engine, "--init-image", str(tmp_path / "photo.png"), "--mask-blur", "4",
+                         "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--mask-blur blurs a mask: give --mask" in err and "Traceback" not in err
     big = mask.resize((W, H))
     big.save(tmp_path / "big-mask.png")
     code = run_cli.main(["a cat", "--engine", engine, "--init-image", str(tmp_path / "photo.png"), "--mask",
