@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from-png", metavar="FILE", default=None,
                    help="draw again from the generation parameters in a PNG made by ldm-run or AUTOMATIC1111 "
                         "(its prompt, negative prompt, steps, sampler, CFG scale, seed, size, clip skip, hires "
-                        "fix); options given here override them")
+                        "fix, mask blur); options given here override them")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--engine", help="engine directory made by ldm-export")
     which.add_argument("--model", help="diffusers folder or .safetensors checkpoint (SD 1.x / 2.x): its ONNX "

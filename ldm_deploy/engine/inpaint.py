@@ -39,9 +39,12 @@ def blur(mask, radius) -> Image.Image:
     if mask is None:
         raise InvalidRequest("mask_blur blurs a mask: give the mask too")
     if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)) \
-            or not 0 <= radius < float("inf"):
-        raise InvalidRequest(f"mask_blur is a radius in pixels, 0 or more; got {radius!r}")
-    return images.mask_image(mask).filter(ImageFilter.GaussianBlur(radius))
+            or not 0 <= radius <= 10_000:
+        raise InvalidRequest(f"mask_blur is a radius in pixels, from 0 to 10000; got {radius!r}")
+    image = images.mask_image(mask)
+    if image.mode in ("1", "P"):  # modes PIL cannot blur
+        image = image.convert("L")
+    return image.filter(ImageFilter.GaussianBlur(float(radius)))
 
 
 def crop(init, mask, pad, width, height, output_type, default_size):

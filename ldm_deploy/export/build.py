@@ -423,8 +423,9 @@ def model_info(src: SourceModel) -> ModelInfo:
         raise ModelSourceError(f"{src.path}: prediction_type {schedule.prediction_type!r} is not supported yet")
     if src.scheduler_config.get("clip_sample", True):
         log.warning(
-            "%s: the scheduler config does not set clip_sample false, so diffusers' DDIMScheduler "
-            "built from it clamps x0 to [-1, 1]; our DDIM does not (as SD 1.x / 2.x releases run it)",
+            "%s: the scheduler config does not set clip_sample false, so diffusers' DDIMScheduler and "
+            "DDPMScheduler built from it clamp x0 to [-1, 1]; our ddim and ddpm do not (as SD 1.x / 2.x "
+            "releases run them)",
             src.path,
         )
     facts = ModelFacts(src.vae.config.latent_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,

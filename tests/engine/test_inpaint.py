@@ -232,8 +232,15 @@ def test_mask_blur_is_diffusers_mask_processor_blur(pad, pipelines, reference, i
     assert "Mask blur: 4," in got.info["parameters"]
     with pytest.raises(InvalidRequest, match="mask_blur blurs a mask"):
         pipelines["tiny-sd1"]("x", init_image=init_image, mask_blur=4, steps=2, progress=False)
-    with pytest.raises(InvalidRequest, match="a radius in pixels, 0 or more"):
-        pipelines["tiny-sd1"]("x", init_image=init_image, mask=m, mask_blur=-1, steps=2, progress=False)
+    for bad in (-1, 1e300):
+        with pytest.raises(InvalidRequest, match="a radius in pixels, from 0 to 10000"):
+            pipelines["tiny-sd1"]("x", init_image=init_image, mask=m, mask_blur=bad, steps=2, progress=False)
+    # palette and 1-bit masks (which PIL cannot blur as they are), numpy radii: as an L mask
+    kw = dict(init_image=init_image, steps=2, seed=1, output_type="np", progress=False)
+    want = pipelines["tiny-sd1"]("x", mask=Image.fromarray(m), mask_blur=2, **kw)
+    for given, radius in ((Image.fromarray(m).convert("P"), 2), (Image.fromarray(m).convert("1"), np.float32(2)),
+                          (Image.fromarray(m), np.int64(2))):
+        np.testing.assert_array_equal(pipelines["tiny-sd1"]("x", mask=given, mask_blur=radius, **kw), want)
 
 
 def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):

@@ -210,3 +210,11 @@ def test_trailing_drops_diffusers_bogus_step():
     assert len(scheduler.timesteps) == 62 and scheduler.timesteps[-1] == -1
     p = plan("ddim", NoiseSchedule.from_config({**SD1, "timestep_spacing": "trailing"}), 61, 7.5)
     np.testing.assert_array_equal(p.rows[:, T], scheduler.timesteps[:61].numpy())
+
+
+@pytest.mark.parametrize("sampler", ["euler_karras", "heun_karras"])
+def test_karras_sigmas_with_trailing_spacing_at_a_step_count_of_diffusers_extra_point(sampler):
+    """At 61 steps diffusers' trailing spacing makes one point more (t = -1, spaced_timesteps); the
+    plain samplers drop it with the bogus step it makes, but with Karras sigmas it is the low end of
+    diffusers' schedule (its sigma clamps to t = 0's), so ours takes that end too."""
+    check_against_diffusers(sampler, {**SD1, "timestep_spacing": "trailing"}, 61, None)

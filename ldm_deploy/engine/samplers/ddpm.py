@@ -8,6 +8,10 @@ the last), beta = 1 - a / a' (the step's own noise), the posterior of x' given x
     var = (1 - a') / (1 - a) beta
 
 fresh noise at every step whose timestep is above 0.
+
+Not supported: clip_sample (DDPMScheduler's default clamps x0 to [-1, 1]; Stable Diffusion
+configs turn it off, and export warns where one does not), thresholding, and variance types
+other than "fixed_small".
 """
 
 from __future__ import annotations

@@ -39,7 +39,10 @@ def sigma_schedule(schedule, steps: int, karras: bool = False) -> tuple[np.ndarr
     train = train_sigmas(alphas_cumprod(schedule))
     spaced = sigma_at(t, train)
     if karras:  # (diffusers' float32 tables put its timesteps an ulp or so from these)
-        spaced = karras_sigmas(spaced[::-1], steps)
+        low = spaced.min()
+        if spacing == "trailing" and len(np.arange(schedule.num_train_timesteps, 0, -schedule.num_train_timesteps / steps)) > steps:
+            low = train[0]  # diffusers' extra trailing point (t = -1, spaced_timesteps) sets its low end
+        spaced = karras_sigmas(np.array([low, spaced.max()]), steps)
         t = sigma_to_t(spaced, train).astype(np.float32).astype(np.float64)
     sigmas = np.append(spaced, 0.0)
     # diffusers' init_noise_sigma: s_max for "linspace" / "trailing" (k-diffusion's convention),
