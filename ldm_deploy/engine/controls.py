@@ -100,10 +100,8 @@ def as_picture(value) -> Image.Image:
     (H, W) array (as RGB)."""
     if isinstance(value, (str, images.Path, Image.Image)):
         return images.as_picture(value, "control image")
-    if isinstance(value, np.ndarray) and (value.ndim == 2 or value.ndim == 3 and value.shape[2] in (1, 3, 4)):
-        a = images.to_uint8(value if value.ndim == 2 else value[..., :3] if value.shape[2] != 1 else value[..., 0],
-                            what="the control image array")
-        return Image.fromarray(a).convert("RGB")
+    if images.is_image_array(value):
+        return images.array_to_rgb(value, "the control image array")
     what = f"an array of shape {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
     raise InvalidRequest(f"a control image must be a path, a PIL image or an (H, W, 3) array; got {what}")
 

@@ -16,12 +16,7 @@ from ldm_deploy.errors import InvalidRequest, UserError
 
 def open_image(path: str | Path, what: str = "init image") -> Image.Image:
     """Read an image file as RGB; a clear error if it cannot be read."""
-    try:
-        with Image.open(path) as im:
-            rgb = to_rgb(im, what)
-            return im.copy() if rgb is im else rgb  # read before the file closes
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidRequest(f"cannot read the {what} {path}: {e}") from None
+    return to_rgb(as_picture(path, what), what)
 
 
 def to_rgb(image: Image.Image, what: str = "init image") -> Image.Image:
@@ -92,13 +87,22 @@ def as_init_image(init) -> Image.Image | InitLatents | None:
         return open_image(init)
     if isinstance(init, Image.Image):
         return to_rgb(init)
-    if isinstance(init, np.ndarray) and (init.ndim == 2 or init.ndim == 3 and init.shape[2] in (1, 3, 4)):
-        a = to_uint8(init if init.ndim == 2 else init[..., :3] if init.shape[2] != 1 else init[..., 0],
-                     what="the init image array")
-        return Image.fromarray(a).convert("RGB")
+    if is_image_array(init):
+        return array_to_rgb(init, "the init image array")
     what = f"an array of shape {init.shape}" if isinstance(init, np.ndarray) else type(init).__name__
     raise InvalidRequest(f"init_image must be a path, a PIL image, an (H, W, 3) array or (1, C, h, w) "
                          f"latents; got {what}")
+
+
+def is_image_array(a) -> bool:
+    """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array."""
+    return isinstance(a, np.ndarray) and (a.ndim == 2 or a.ndim == 3 and a.shape[2] in (1, 3, 4))
+
+
+def array_to_rgb(a: np.ndarray, what: str) -> Image.Image:
+    """An image array (is_image_array: uint8, 16-bit, or floats in [0, 1]) as 8-bit RGB; alpha dropped."""
+    a = a if a.ndim == 2 else a[..., :3] if a.shape[2] != 1 else a[..., 0]
+    return Image.fromarray(to_uint8(a, what=what)).convert("RGB")
 
 
 def init_image_size(image: Image.Image | InitLatents, multiple: int = VAE_SCALE) -> tuple[int, int]:
