@@ -24,7 +24,7 @@ REQUIRED = ("text_encoder", "unet_step", "vae_decoder", "tokenizer")  # vae_enco
 
 @dataclass(frozen=True)
 class ModelInfo:
-    family: str  # "sd1" | "sd2"
+    family: str  # "sd1" | "sd2" | "sdxl"
     source: str  # the path or hub id it was exported from
     weights_sha256: str  # of the source weight files, in name order
     prediction_type: str  # "epsilon" | "v_prediction"
@@ -46,11 +46,15 @@ class ModelInfo:
     inpainting: bool = False  # an inpainting U-Net (9 channels in: latents, mask, masked image)
     controlnets: tuple = ()  # ControlNets in the U-Net step (ldm-export --controlnet): {"name", "sha256"} each
     history: bool = False  # the U-Net step takes state2, the x0 of two steps back (before it: none)
+    pooled_width: int = 0  # SDXL: the pooled text's width, which the U-Net step takes with time_ids
+    # SDXL base (its force_zeros_for_empty_prompt): no negative prompt is zero embeddings, not ""'s
+    zero_negative: bool = False
 
     @property
     def facts(self) -> ModelFacts:
         return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale, self.text_layers,
-                          self.long_prompts, self.masks, self.inpainting, len(self.controlnets), self.history)
+                          self.long_prompts, self.masks, self.inpainting, len(self.controlnets), self.history,
+                          self.pooled_width)
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,8 @@ class Pipeline:
         control_start = diffusers_names.get("control_guidance_start", control_start)
         control_end = diffusers_names.get("control_guidance_end", control_end)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        # SDXL base: no negative prompt at all is zero embeddings (diffusers' force_zeros_for_empty_prompt)
+        zero_negative = negative_prompt is None and self.manifest.model.zero_negative
         negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
         if len(negs) != len(prompts):
             raise InvalidRequest(f"{len(negs)} negative prompts for {len(prompts)} prompts")
@@ -230,6 +232,7 @@ class Pipeline:
             strength=float(strength) if init is not None else 1.0,
             clip_skip=clip_skip,
             prompt_weighting=prompt_weighting,
+            zero_negative=zero_negative,
             **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
         )
         check_request(req, self.manifest, img2img=init is not None)
@@ -297,7 +300,7 @@ class Pipeline:
         for i, init in enumerate(inits):
             gen = generator[i] if isinstance(generator, (list, tuple)) else generator
             out.append(self(
-                req.prompts[i], negative_prompt=req.negative_prompts[i], steps=steps,
+                req.prompts[i], negative_prompt=None if req.zero_negative else req.negative_prompts[i], steps=steps,
                 guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
                 init_image=init, strength=strength, clip_skip=req.clip_skip,
                 prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
@@ -324,6 +327,10 @@ class Pipeline:
         per_step = step_texts(texts, req, sp.steps)
         distinct = list(dict.fromkeys(per_step))
         emb = dict(zip(distinct, self.encode_text(distinct, k, req)))
+        if m.pooled_width:  # SDXL's six sizes: original (height, width), crop (top, left), target
+            sizes = be.upload(np.tile(np.array([req.height, req.width, 0, 0, req.height, req.width], np.float32),
+                                      (b, 1)))
+            emb = {t: {**e, "time_ids": sizes} for t, e in emb.items()}
         step_emb = [emb[t] for t in per_step]
 
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
@@ -369,10 +376,12 @@ class Pipeline:
                 log.warning(message)
         return stripped
 
-    def encode_text(self, sets: list[tuple[str, ...]], k: int, req: Request) -> list:
-        """Sets of (K*B,) texts -> a (K, B, n * 77, D) embedding each, the text encoder run once a
-        chunk; n is the same for all (shorter texts repeat their chunks or get chunks of "",
-        tokenizer.py)."""
+    def encode_text(self, sets: list[tuple[str, ...]], k: int, req: Request) -> list[dict]:
+        """Sets of (K*B,) texts -> the U-Net step's text inputs for each: "text_embeddings",
+        (K, B, n * 77, D), the text encoder run once a chunk; n is the same for all (shorter texts
+        repeat their chunks or get chunks of "", tokenizer.py). SDXL: also "pooled_embeddings",
+        (K, B, P), the first chunk's (as AUTOMATIC1111 takes it); with req.zero_negative, the
+        unconditional half of both is zeros."""
         be, m = self.backend, self.manifest.model
         flat = [t for texts in sets for t in texts]
         ids, weights = self.tokenizer(flat, req.prompt_weighting, self.manifest.max_text_chunks)  # (S*K*B, n, 77)
@@ -382,27 +391,36 @@ class Pipeline:
         e = len(sets[0])
         shape = (k, e // k, m.text_length)
         clip_skip = be.upload(np.array([req.clip_skip], np.int64)) if m.text_layers else None
+        zero = req.zero_negative and k == 2
         out = []
         for first in range(0, len(flat), e):
             rows = slice(first, first + e)
-            chunks = []
+            chunks, pooled = [], None
             for i in range(ids.shape[1]):
                 inputs = {"input_ids": be.upload(np.ascontiguousarray(ids[rows, i]).reshape(shape))}
                 if m.text_layers:
                     inputs["clip_skip"] = clip_skip
                     inputs["token_weights"] = be.upload(np.ascontiguousarray(weights[rows, i]).reshape(shape))
                 chunks.append(be.empty((*shape, m.text_width)))
-                be.run(self.components["text_encoder"], Run(inputs, {"text_embeddings": chunks[-1]}))
-            # Several chunks: a few hundred KB, once a call, through the host, so that backends
-            # need no concatenation.
-            out.append(chunks[0] if len(chunks) == 1 else
-                       be.upload(np.concatenate([be.download(c) for c in chunks], axis=2)))
+                outputs = {"text_embeddings": chunks[-1]}
+                if m.pooled_width:  # the first chunk's is kept; later ones' are written and dropped
+                    outputs["pooled_embeddings"] = be.empty((*shape[:2], m.pooled_width))
+                    pooled = outputs["pooled_embeddings"] if pooled is None else pooled
+                be.run(self.components["text_encoder"], Run(inputs, outputs))
+            # Several chunks (or zeros to put in): a few hundred KB, once a call, through the
+            # host, so that backends need no concatenation.
+            text = chunks[0] if len(chunks) == 1 and not zero else \
+                be.upload(unconditional_zeroed(np.concatenate([be.download(c) for c in chunks], axis=2), zero))
+            out.append({"text_embeddings": text})
+            if pooled is not None:
+                out[-1]["pooled_embeddings"] = be.upload(unconditional_zeroed(be.download(pooled), True)) \
+                    if zero else pooled
         return out
 
     def denoise(self, x, step_emb, sp, step_noise, shape, req, progress, step_extra=None):
         """The N-step loop: latents ping-pong between two buffers, the x0 states rotate through
         three (step i writes x0 into states[i % 3] and reads the two before it: state, state2;
-        engines without state2 ping-pong two); step_emb: each step's text embeddings (one buffer
+        engines without state2 ping-pong two); step_emb: each step's text inputs (the same buffers
         for all, but where the prompt is edited); step_extra: each step's further inputs (masks,
         ControlNets' images and scales)."""
         be, history = self.backend, self.manifest.model.history
@@ -415,7 +433,7 @@ class Pipeline:
         n = len(states)
         runs = []
         for i in range(sp.steps):
-            inputs = {"latents": x, "text_embeddings": step_emb[i], "coeffs": rows[i], "state": states[(i - 1) % n],
+            inputs = {"latents": x, **step_emb[i], "coeffs": rows[i], "state": states[(i - 1) % n],
                       "noise": step_noise[i], **(step_extra[i] if step_extra else {})}
             if history:
                 inputs["state2"] = states[(i - 2) % n]
@@ -527,6 +545,14 @@ def step_texts(texts: list[str], req: Request, evaluations: int) -> list[tuple[s
     first = req.first_pass_steps * per_step if req.first_pass_steps else None
     schedules = [prompt_schedule.schedule(t, steps, first) for t in texts]
     return [tuple(prompt_schedule.text_at(s, i) for s in schedules) for i in range(evaluations)]
+
+
+def unconditional_zeroed(text: np.ndarray, zero: bool) -> np.ndarray:
+    """(K, ...) text inputs with the unconditional half, K = 0, zeroed where `zero`."""
+    if zero:
+        text = text.copy()
+        text[0] = 0
+    return text
 
 
 def random_seed() -> int:

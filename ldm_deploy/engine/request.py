@@ -25,6 +25,9 @@ class Request:
     strength: float  # 1.0 for txt2img
     clip_skip: int = 0  # text encoder layers skipped (diffusers' clip_skip)
     prompt_weighting: bool = False  # read AUTOMATIC1111's (emphasis:1.2) and [prompt:editing:0.5] in prompts
+    # No negative prompt was given and the model draws "none" from zero embeddings (SDXL base,
+    # diffusers' force_zeros_for_empty_prompt); negative_prompts are then ""
+    zero_negative: bool = False
     # Prompt editing's step count (0: steps) and, in the hires fix's second pass, the first
     # pass's (prompt_schedule.py); the hires pass runs the last edit_steps of `steps`.
     edit_steps: int = 0

@@ -92,7 +92,7 @@ class ModelFacts:
 
     latent_channels: int  # 4 for SD 1.x / 2.x
     text_length: int  # 77 tokens
-    text_width: int  # 768 (CLIP-L, SD 1.x) or 1024 (OpenCLIP-H, SD 2.x)
+    text_width: int  # 768 (CLIP-L, SD 1.x), 1024 (OpenCLIP-H, SD 2.x), 2048 (SDXL: CLIP-L's and OpenCLIP-G's)
     vae_scale: int = VAE_SCALE  # image side / latent side
     # The text encoder's layers (12 CLIP-L, 23 OpenCLIP-H as SD 2.x runs it). With it the text
     # encoder takes `clip_skip` and `token_weights`; 0: engines from before those inputs, which
@@ -114,6 +114,10 @@ class ModelFacts:
     # With it the U-Net step also takes `state2`, the x0 of two steps back, and a coefficient row
     # of len(COLUMNS) (UniPC's corrector). False: engines from before it (rows of 9, no state2).
     history: bool = False
+    # SDXL: the width of the second text encoder's pooled projection (1280), which the text
+    # encoder also returns and the U-Net step takes with six size numbers (`time_ids`: original
+    # height and width, crop top and left, target height and width). 0: SD 1.x / 2.x.
+    pooled_width: int = 0
 
 
 def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
@@ -141,7 +145,8 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
             inputs=(TensorSpec("input_ids", "int64", (k, b, L)),
                     *([TensorSpec("clip_skip", "int64", (1,)), f32("token_weights", (k, b, L))]
                       if facts.text_layers else [])),
-            outputs=(f32("text_embeddings", (k, b, L, D)),),
+            outputs=(f32("text_embeddings", (k, b, L, D)),
+                     *([f32("pooled_embeddings", (k, b, facts.pooled_width))] if facts.pooled_width else [])),
         ),
         # One denoising step: CFG batching, U-Net, guidance, x0 conversion, sampler update.
         # Inpainting (facts.masks), as diffusers' StableDiffusionInpaintPipeline: mask is 1 where
@@ -160,6 +165,9 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
                 f32("noise", latents),
                 *([f32("state2", latents)] if facts.history else []),
                 *([f32("mask", (b, 1, lh, lw)), f32("image_latents", latents)] if facts.masks else []),
+                # SDXL: the first chunk's pooled text and each image's six size numbers
+                *([f32("pooled_embeddings", (k, b, facts.pooled_width)), f32("time_ids", (b, 6))]
+                  if facts.pooled_width else []),
                 # ControlNets: each one's image in [0, 1] and its scale at this step (0: off)
                 *([f32("control_images", (facts.controlnets, b, 3, ih, iw)),
                    f32("control_scales", (facts.controlnets,))] if facts.controlnets else []),

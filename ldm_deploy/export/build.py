@@ -388,7 +388,8 @@ class TorchExporter:
         from ldm_deploy.export.components import WRAPPERS, example_inputs
         from ldm_deploy.export.torch_export import export_component
 
-        module = WRAPPERS[name](self.src, self.dtype).to(self.config.device).eval()
+        dtype = torch_dtype("fp32") if name.startswith("vae") and self.src.vae_upcast else self.dtype
+        module = WRAPPERS[name](self.src, dtype).to(self.config.device).eval()
         example = tuple(t.to(self.config.device) for t in example_inputs(spec, self.trace_dims))
         path = tmp / f"{name}.pt2"
         latent_multiple = self.multiple // vae_scale(self.src)
@@ -428,10 +429,14 @@ def model_info(src: SourceModel) -> ModelInfo:
             "releases run them)",
             src.path,
         )
-    facts = ModelFacts(src.vae.config.latent_channels, text_cfg.max_position_embeddings, text_cfg.hidden_size,
-                       vae_scale(src), text_cfg.num_hidden_layers, long_prompts=True, masks=True,
+    width, layers, pooled = text_cfg.hidden_size, text_cfg.num_hidden_layers, 0
+    if src.text_encoder_2 is not None:  # SDXL: both encoders' hidden states side by side; clip skip in both
+        second = src.text_encoder_2.config
+        width, layers, pooled = width + second.hidden_size, min(layers, second.num_hidden_layers), second.projection_dim
+    facts = ModelFacts(src.vae.config.latent_channels, text_cfg.max_position_embeddings, width,
+                       vae_scale(src), layers, long_prompts=True, masks=True,
                        inpainting=src.unet.config.in_channels != src.vae.config.latent_channels,
-                       controlnets=len(src.controlnets), history=True)
+                       controlnets=len(src.controlnets), history=True, pooled_width=pooled)
     return ModelInfo(
         family=src.family,
         source=src.source,
@@ -453,6 +458,8 @@ def model_info(src: SourceModel) -> ModelInfo:
         inpainting=facts.inpainting,
         controlnets=tuple(src.controlnet_records),
         history=facts.history,
+        pooled_width=facts.pooled_width,
+        zero_negative=src.zero_negative,
     )
 
 

@@ -1,4 +1,4 @@
-"""The four exported components as torch modules whose forward signatures follow the I/O specs
+"""The four exported components (SDXL: their variants) as torch modules whose forward signatures follow the I/O specs
 (`ldm_deploy.engine.spec.component_specs`): same names, same order, same meaning.
 
 Each takes the dtype its model body runs in. Interfaces stay float32 whatever it is: latents,
@@ -38,11 +38,52 @@ class TextEncoder(nn.Module):
             # transformers 5 dropped CLIPTextModel's text_model wrapper (4.x: clip.text_model.final_layer_norm)
             hidden = getattr(self.clip, "text_model", self.clip).final_layer_norm(hidden).float()
         if token_weights is not None:
-            mean = hidden.mean(dim=(1, 2), keepdim=True)  # (K*B, 1, 1): per prompt
-            hidden = hidden * token_weights.flatten(0, 1).unsqueeze(-1)
-            weighted = hidden.mean(dim=(1, 2), keepdim=True)
-            hidden = hidden * torch.where(weighted == 0, 1.0, mean / weighted)  # 0: never divide by it
+            hidden = emphasis(hidden, token_weights.flatten(0, 1))
         return hidden.reshape(*input_ids.shape, hidden.shape[-1])
+
+
+class TextEncoderXL(nn.Module):
+    """SDXL's two text encoders as one, as diffusers' StableDiffusionXLPipeline.encode_prompt runs
+    them: (K, B, 77) token ids, (1,) clip_skip, (K, B, 77) token weights -> (K, B, 77, D1 + D2)
+    hidden states, each encoder's clip_skip + 2 layers from the end (0: the penultimate layer's,
+    as SDXL was trained; no final layer norm), side by side; and (K, B, P) the second encoder's
+    pooled, projected end token.
+
+    Both tokenizers split text alike (the same BPE); the second pads after the end token with its
+    own token ("!" in SDXL base), put in here. Emphasis weighs each encoder's hidden states and
+    restores each one's mean, as AUTOMATIC1111's two SDXL embedders do; the pooled vector is
+    not weighed (nor there)."""
+
+    def __init__(self, clip, clip_2, end_id: int, pad_2: int, dtype=torch.float32):
+        super().__init__()
+        self.clip, self.clip_2 = cast(clip, dtype), cast(clip_2, dtype)
+        self.end_id, self.pad_2 = end_id, pad_2
+
+    def forward(self, input_ids, clip_skip, token_weights):
+        ids = input_ids.flatten(0, 1)  # (K*B, 77)
+        is_end = (ids == self.end_id).long()
+        after_end = is_end.cumsum(-1) - is_end > 0  # past the first end token
+        ids_2 = torch.where(after_end, torch.full_like(ids, self.pad_2), ids)
+        weights = token_weights.flatten(0, 1)
+        hidden = []
+        for clip, tokens in ((self.clip, ids), (self.clip_2, ids_2)):
+            out = clip(tokens, output_hidden_states=True)
+            states = torch.stack(out.hidden_states)  # (L + 1, K*B, 77, D): embeddings, each layer
+            hidden.append(emphasis(states.index_select(0, len(out.hidden_states) - 2 - clip_skip)[0].float(),
+                                   weights))
+        pooled = out.text_embeds.float()  # (K*B, P): the second's
+        hidden = torch.cat(hidden, dim=-1)
+        return (hidden.reshape(*input_ids.shape, hidden.shape[-1]),
+                pooled.reshape(*input_ids.shape[:2], pooled.shape[-1]))
+
+
+def emphasis(hidden, weights):
+    """(N, 77, D) hidden states, (N, 77) weights -> each token's scaled by its weight and each
+    prompt's rescaled to its unweighted mean (AUTOMATIC1111's prompt emphasis)."""
+    mean = hidden.mean(dim=(1, 2), keepdim=True)  # (N, 1, 1): per prompt
+    hidden = hidden * weights.unsqueeze(-1)
+    weighted = hidden.mean(dim=(1, 2), keepdim=True)
+    return hidden * torch.where(weighted == 0, 1.0, mean / weighted)  # 0: never divide by it
 
 
 class UnetStep(nn.Module):
@@ -66,6 +107,11 @@ class UnetStep(nn.Module):
 
     def forward(self, latents, text_embeddings, coeffs, state, noise, state2=None, mask=None, image_latents=None,
                 control_images=None, control_scales=None):
+        return self.step(latents, text_embeddings, coeffs, state, noise, state2, mask, image_latents,
+                         control_images, control_scales)
+
+    def step(self, latents, text_embeddings, coeffs, state, noise, state2=None, mask=None, image_latents=None,
+             control_images=None, control_scales=None, added=None):
         k = text_embeddings.shape[0]
         x_in = update.model_input(coeffs, latents)  # (B, C, h, w)
         # repeat, not expand + flatten: flattening a broadcast view depends on whether B is 1,
@@ -79,7 +125,8 @@ class UnetStep(nn.Module):
         residuals = {}
         if len(self.controlnets):
             residuals = self.control(x_latent, t, emb, control_images, control_scales, k)
-        out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=emb, **residuals).sample.float()
+        extra = {} if added is None else {"added_cond_kwargs": added}
+        out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=emb, **extra, **residuals).sample.float()
         out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
         model_out = update.guide(out[0], out[-1], coeffs)
         x_next, x0 = update.update(coeffs, latents, state, noise, model_out, state2)
@@ -99,6 +146,19 @@ class UnetStep(nn.Module):
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+
+
+class UnetStepXL(UnetStep):
+    """SDXL's step: the same, with the U-Net's added conditioning: (K, B, P) pooled text and
+    (B, 6) sizes (original height and width, crop top and left, target height and width, as
+    diffusers' _get_add_time_ids lists them), taken after the step's other inputs, in the spec's order."""
+
+    def forward(self, latents, text_embeddings, coeffs, state, noise, state2, mask, image_latents,
+                pooled_embeddings, time_ids):
+        k = text_embeddings.shape[0]
+        added = {"text_embeds": pooled_embeddings.flatten(0, 1).to(self.dtype),  # (K*B, P)
+                 "time_ids": time_ids.repeat(k, 1).to(self.dtype)}  # (K*B, 6), K-major as the latents
+        return self.step(latents, text_embeddings, coeffs, state, noise, state2, mask, image_latents, added=added)
 
 
 class VaeDecoder(nn.Module):
@@ -138,9 +198,22 @@ def cast(module, dtype):
     return module if dtype == torch.float32 else module.to(dtype)
 
 
+def text_encoder(m, dtype):
+    if m.text_encoder_2 is None:
+        return TextEncoder(m.text_encoder, dtype)
+    return TextEncoderXL(m.text_encoder, m.text_encoder_2, int(m.tokenizer.eos_token_id),
+                         int(m.tokenizer_2.pad_token_id), dtype)
+
+
+def unet_step(m, dtype):
+    if m.text_encoder_2 is None:
+        return UnetStep(m.unet, dtype, m.controlnets)
+    return UnetStepXL(m.unet, dtype)
+
+
 WRAPPERS = {
-    "text_encoder": lambda m, dtype: TextEncoder(m.text_encoder, dtype),
-    "unet_step": lambda m, dtype: UnetStep(m.unet, dtype, m.controlnets),
+    "text_encoder": text_encoder,
+    "unet_step": unet_step,
     "vae_decoder": lambda m, dtype: VaeDecoder(m.vae, dtype),
     "vae_encoder": lambda m, dtype: VaeEncoder(m.vae, dtype),
 }
@@ -156,6 +229,8 @@ def example_inputs(spec, dims: dict[str, int]) -> tuple[torch.Tensor, ...]:
             out.append(torch.zeros(shape, dtype=torch.int64))
         elif t.name == "mask":  # 0 / 1, as masks are (the traced graph does not depend on it)
             out.append((torch.rand(shape, generator=g) < 0.5).float())
+        elif t.name == "time_ids":  # sizes, as SDXL's are (the traced graph does not depend on them)
+            out.append(torch.full(shape, 1024.0))
         elif t.name == "token_weights":  # 1: random weights would make the mean rescale of a
             out.append(torch.ones(shape))  # random model (mean ~1e-8) compare rounding noise
         elif t.dtype == "int64":

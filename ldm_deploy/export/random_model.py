@@ -1,8 +1,8 @@
 """Random-weight Stable Diffusion models with real architectures, saved as diffusers folders.
 
 No model hub is reachable from our CI machines, so tests and benchmarks build their models here:
-tiny ones that keep every structural feature of SD 1.x / 2.x, and the full SD 1.5 architecture
-(it times exactly like the real weights). All use the real CLIP tokenizer (49408 tokens).
+tiny ones that keep every structural feature of SD 1.x / 2.x / XL, and the full SD 1.5, 2.1 and
+XL architectures (they time exactly like the real weights). All use the real CLIP tokenizer (49408 tokens).
 
     python -m ldm_deploy.export.random_model --preset tiny-sd1 --out models/tiny-sd1
 """
@@ -43,6 +43,16 @@ SD_UNET = dict(
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
 )
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+# SDXL's (stabilityai/stable-diffusion-xl-base-1.0): Euler, leading spacing, epsilon.
+SDXL_SCHEDULER = {
+    **SD1_SCHEDULER,
+    "_class_name": "EulerDiscreteScheduler",
+    "interpolation_type": "linear",
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+}
+# SDXL's VAE: the SD VAE's shape, its own scale, and fp16 overflows in it (force_upcast).
+SDXL_VAE = dict(scaling_factor=0.13025, force_upcast=True)
 
 PRESETS = {
     # SD 1.x-like: epsilon, conv projections in the transformer blocks, one head count.
@@ -83,6 +93,35 @@ PRESETS = {
         scheduler=SD2_SCHEDULER,
         pad_token="!",
     ),
+    # SDXL-like: two text encoders of different widths (their hidden states concatenated: 32 + 48),
+    # the second's pooled projection (40) and six size numbers as added conditioning (6 * 8 + 40),
+    # attention only in the lower block, two transformer layers there, "!" padding the second.
+    "tiny-sdxl": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=80,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=88,
+            norm_num_groups=8,
+            sample_size=32,
+        ),
+        text=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                  hidden_act="quick_gelu", projection_dim=32),
+        text_2=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3,
+                    hidden_act="gelu", projection_dim=40),
+        vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256,
+                 **SDXL_VAE),
+        scheduler=SDXL_SCHEDULER,
+        pad_token="<|endoftext|>",
+        pad_token_2="!",
+    ),
     # The real SD 1.5 architecture (860M U-Net, CLIP ViT-L/14 text encoder, 84M VAE).
     "sd15": dict(
         unet=dict(**SD_UNET, cross_attention_dim=768, attention_head_dim=8, sample_size=64),
@@ -103,13 +142,47 @@ PRESETS = {
         scheduler=SD2_SCHEDULER,
         pad_token="!",
     ),
+    # The real SDXL base architecture (1024x1024; 2.6B U-Net with 1, 2 and 10 transformer layers a
+    # block, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders, the SD VAE).
+    "sdxl": dict(
+        unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  cross_attention_dim=2048, attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816, sample_size=128),
+        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                  hidden_act="quick_gelu", projection_dim=768),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                    hidden_act="gelu", projection_dim=1280),
+        vae=dict(**SD_VAE, sample_size=1024, **SDXL_VAE),
+        scheduler=SDXL_SCHEDULER,
+        pad_token="<|endoftext|>",
+        pad_token_2="!",
+    ),
 }
 
 
 def model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline") -> dict:
-    """model_index.json of a StableDiffusionPipeline (or -InpaintPipeline) folder (no safety checker)."""
+    """model_index.json of a StableDiffusionPipeline (or -InpaintPipeline) folder (no safety
+    checker), or a StableDiffusionXLPipeline one."""
     import diffusers
 
+    if pipeline == "StableDiffusionXLPipeline":
+        return {
+            "_class_name": pipeline,
+            "_diffusers_version": diffusers.__version__,
+            "force_zeros_for_empty_prompt": True,  # SDXL base's: no negative prompt is zeros, not ""
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+        }
     return {
         "_class_name": pipeline,
         "_diffusers_version": diffusers.__version__,  # as save_pretrained writes it (the inpainting loader reads it)
@@ -124,19 +197,24 @@ def model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline")
     }
 
 
-def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict) -> None:
-    """The layout `StableDiffusionPipeline.from_pretrained` (and `ldm-export`) reads."""
+def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict, text_2=None,
+                          tokenizer_2=None) -> None:
+    """The layout `StableDiffusionPipeline.from_pretrained` (and `ldm-export`) reads; with a second
+    text encoder and tokenizer, `StableDiffusionXLPipeline.from_pretrained`'s."""
     import json
 
     unet.save_pretrained(out / "unet")
     vae.save_pretrained(out / "vae")
     text.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "tokenizer")
+    if text_2 is not None:
+        text_2.save_pretrained(out / "text_encoder_2")
+        tokenizer_2.save_pretrained(out / "tokenizer_2")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
     inpainting = unet.config.in_channels != unet.config.out_channels
-    index = model_index(scheduler["_class_name"], "StableDiffusionInpaintPipeline" if inpainting else
-                        "StableDiffusionPipeline")
+    index = model_index(scheduler["_class_name"], "StableDiffusionXLPipeline" if text_2 is not None else
+                        "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline")
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -160,17 +238,20 @@ def vae_config(preset: str) -> dict:
     )
 
 
-def text_config(preset: str):
-    """The text encoder's transformers CLIPTextConfig."""
+def text_config(preset: str, key: str = "text"):
+    """The text encoder's transformers CLIPTextConfig (key "text_2": SDXL's second's, whose pooled
+    output is used: its eos_token_id is 2, as in the released SDXL configs, so transformers pools
+    at the highest id, the end token, as it does for them)."""
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **PRESETS[preset]["text"])
+    ids = dict(bos_token_id=0, eos_token_id=2) if key == "text_2" else {}
+    return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **ids, **PRESETS[preset][key])
 
 
-def tokenizer(preset: str):
+def tokenizer(preset: str, key: str = "pad_token"):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77, pad_token=PRESETS[preset]["pad_token"])
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=77, pad_token=PRESETS[preset][key])
 
 
 def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0, inpainting: bool = False) -> Path:
@@ -181,11 +262,20 @@ def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0, 
     from transformers import CLIPTextModel
 
     out = Path(out)
+    xl = "text_2" in PRESETS[preset]
+    if xl and inpainting:
+        raise ValueError("SDXL inpainting U-Nets are not supported")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(preset, inpainting))
     vae = AutoencoderKL(**vae_config(preset))
     text = CLIPTextModel(text_config(preset))
-    save_diffusers_folder(out, unet, vae, text, tokenizer(preset), PRESETS[preset]["scheduler"])
+    second = {}
+    if xl:
+        from transformers import CLIPTextModelWithProjection
+
+        second = dict(text_2=CLIPTextModelWithProjection(text_config(preset, "text_2")),
+                      tokenizer_2=tokenizer(preset, "pad_token_2"))
+    save_diffusers_folder(out, unet, vae, text, tokenizer(preset), PRESETS[preset]["scheduler"], **second)
     return out
 
 

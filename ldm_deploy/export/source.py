@@ -19,6 +19,7 @@ from ldm_deploy.export import single_file
 log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")  # SDXL's, beside those
 SAFE_SUFFIXES, PICKLE_SUFFIXES = single_file.SAFE_SUFFIXES, single_file.PICKLE_SUFFIXES
 
 
@@ -40,10 +41,26 @@ class SourceModel:
     embeddings: list = field(default_factory=list)
     controlnets: list = field(default_factory=list)  # diffusers ControlNetModels (controlnet.py)
     controlnet_records: list = field(default_factory=list)  # {"name", "sha256"} each
+    # SDXL's second text encoder (transformers CLIPTextModelWithProjection: hidden states and the
+    # pooled, projected end token) and its tokenizer (the same BPE; SDXL base pads it with "!")
+    text_encoder_2: object = None
+    tokenizer_2: object = None
+    # model_index.json's force_zeros_for_empty_prompt (SDXL base: true): no negative prompt gives
+    # zero embeddings rather than those of ""
+    zero_negative: bool = False
 
     @property
     def family(self) -> str:
+        if self.text_encoder_2 is not None:
+            return "sdxl"
         return "sd2" if self.text_encoder.config.hidden_size == 1024 or self.is_v_prediction else "sd1"
+
+    @property
+    def vae_upcast(self) -> bool:
+        """An SDXL VAE that overflows in fp16 (its config's force_upcast; the fp16-fix VAE's is
+        false): fp16 engines run it in fp32, as diffusers' fp16 SDXL pipelines do. (diffusers'
+        default is true for every VAE, but only its SDXL pipelines read it.)"""
+        return self.text_encoder_2 is not None and bool(self.vae.config.get("force_upcast", True))
 
     @property
     def is_v_prediction(self) -> bool:
@@ -90,11 +107,16 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
             f"{path} is not a diffusers Stable Diffusion folder: it has no model_index.json "
             f"(expected model_index.json and the subfolders {', '.join(SUBFOLDERS)})"
         )
-    missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+    xl = is_xl_folder(path)
+    if xl and not (path / "text_encoder").is_dir():
+        raise ModelSourceError(f"{path} has only SDXL's second text encoder: an SDXL refiner, which is not "
+                               "supported yet (SDXL base models and their fine-tunes are)")
+    missing = [s for s in SUBFOLDERS + (XL_SUBFOLDERS if xl else ()) if not (path / s).is_dir()]
     if missing:
-        raise ModelSourceError(f"{path} lacks the subfolder(s) {', '.join(missing)} of a Stable Diffusion model")
+        raise ModelSourceError(f"{path} lacks the subfolder(s) {', '.join(missing)} of a Stable Diffusion "
+                               f"{'XL ' if xl else ''}model")
     weights = []
-    for sub in ("unet", "vae", "text_encoder"):
+    for sub in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ()):
         files = sorted((path / sub).iterdir())
         safe = [f for f in files if f.suffix in SAFE_SUFFIXES]
         pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
@@ -158,6 +180,7 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
     `vae_source` replaces the model's VAE weights (a VAE file or a diffusers AutoencoderKL folder)."""
     path = resolve(model)
     quiet_libraries()
+    xl = {}
     if path.is_file():
         configs = check_config(config) if config else None
         weights = [path]
@@ -168,15 +191,18 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
             raise ModelSourceError("--config is for single-file checkpoints; a diffusers folder has its own")
         weights = check_layout(path, allow_pickle)
         unet, model_vae, text_encoder, tokenizer, scheduler_config = load_folder(path, allow_pickle)
+        if is_xl_folder(path):
+            xl = load_xl_parts(path, allow_pickle)
     if prediction_type:
         scheduler_config["prediction_type"] = prediction_type
     vae = model_vae
     if vae_source:
         vae, vae_files = load_vae(vae_source, model_vae.config, allow_pickle)
         weights += vae_files
-    check_architecture(path, unet, vae, text_encoder)
-    for m in (unet, vae, text_encoder):
-        m.eval().float()
+    check_architecture(path, unet, vae, text_encoder, xl.get("text_encoder_2"))
+    for m in (unet, vae, text_encoder, xl.get("text_encoder_2")):
+        if m is not None:
+            m.eval().float()
     return SourceModel(
         source=str(path.resolve()) if Path(model).expanduser().exists() else model,
         path=path,
@@ -187,6 +213,7 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
         scheduler_config=scheduler_config,
         weights_sha256=hash_files(weights),
         vae_source=Path(vae_source).name if vae_source else "",
+        **xl,
     )
 
 
@@ -203,6 +230,31 @@ def load_folder(path: Path, allow_pickle: bool):
                 CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
                 json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
     except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"could not load the model at {path}: {e}") from None
+
+
+def is_xl_folder(path: Path) -> bool:
+    """A diffusers folder of an SDXL pipeline: one with a second text encoder."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and bool((index.get("text_encoder_2") or [None])[0])
+
+
+def load_xl_parts(path: Path, allow_pickle: bool) -> dict:
+    """SDXL's second text encoder and tokenizer, and its force_zeros_for_empty_prompt (diffusers'
+    default: true), as SourceModel's fields."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = json.loads((path / "model_index.json").read_text())
+    try:
+        return dict(
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", use_safetensors=None if allow_pickle else True),
+            tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+            zero_negative=bool(index.get("force_zeros_for_empty_prompt", True)))
+    except (OSError, ValueError) as e:
         raise ModelSourceError(f"could not load the model at {path}: {e}") from None
 
 
@@ -256,10 +308,15 @@ def check_config(config: str) -> Path:
     return path
 
 
-def check_architecture(path, unet, vae, text_encoder) -> None:
+def check_architecture(path, unet, vae, text_encoder, text_encoder_2=None) -> None:
     uc, vc = unet.config, vae.config
+    if text_encoder_2 is not None:
+        check_xl(path, uc, vc, text_encoder, text_encoder_2)
+        return
     if uc.get("addition_embed_type") is not None:
-        raise ModelSourceError(f"{path} looks like SDXL (the U-Net has added conditioning); only SD 1.x / 2.x are supported yet")
+        raise ModelSourceError(f"{path} looks like SDXL (the U-Net has added conditioning) but has no second "
+                               "text encoder; SDXL models are read from diffusers folders (with text_encoder_2/ "
+                               "and tokenizer_2/)")
     if uc.in_channels not in (vc.latent_channels, 2 * vc.latent_channels + 1):  # 2C + 1: inpainting
         raise ModelSourceError(
             f"{path}: the U-Net takes {uc.in_channels} channels but the VAE makes {vc.latent_channels}; "
@@ -271,3 +328,28 @@ def check_architecture(path, unet, vae, text_encoder) -> None:
             f"{path}: the U-Net attends to {uc.cross_attention_dim}-wide text embeddings but the text "
             f"encoder makes {text_encoder.config.hidden_size}-wide ones"
         )
+
+
+def check_xl(path, uc, vc, text_encoder, text_encoder_2) -> None:
+    """An SDXL base U-Net: conditioned on both encoders' hidden states side by side, and on the
+    second's pooled projection with six size numbers (original size, crop corner, target size)."""
+    pooled = text_encoder_2.config.projection_dim
+    if uc.get("addition_embed_type") != "text_time":
+        raise ModelSourceError(f"{path} has two text encoders but its U-Net takes no SDXL size conditioning "
+                               f"(addition_embed_type {uc.get('addition_embed_type')!r}); not supported")
+    if uc.in_channels != vc.latent_channels:
+        raise ModelSourceError(f"{path}: the U-Net takes {uc.in_channels} channels; SDXL inpainting models "
+                               "are not supported yet (SDXL base models and their fine-tunes are)")
+    added = uc.projection_class_embeddings_input_dim - pooled
+    if added == 5 * uc.addition_time_embed_dim:
+        raise ModelSourceError(f"{path} is an SDXL refiner (its U-Net takes an aesthetic score), which is not "
+                               "supported yet (SDXL base models and their fine-tunes are)")
+    if added != 6 * uc.addition_time_embed_dim:
+        raise ModelSourceError(f"{path}: the U-Net's added conditioning takes "
+                               f"{uc.projection_class_embeddings_input_dim} numbers, not the pooled text "
+                               f"({pooled}) and six sizes of {uc.addition_time_embed_dim} SDXL gives it")
+    widths = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    if uc.cross_attention_dim != widths:
+        raise ModelSourceError(f"{path}: the U-Net attends to {uc.cross_attention_dim}-wide text embeddings but "
+                               f"the text encoders make {text_encoder.config.hidden_size} + "
+                               f"{text_encoder_2.config.hidden_size}")

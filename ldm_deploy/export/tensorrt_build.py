@@ -119,16 +119,18 @@ def plan_profile(spec: ComponentSpec, dims: dict[str, DimRange]) -> dict[str, tu
             if any(not isinstance(d, int) for d in spec.tensor(name).shape)}
 
 
-def component_precisions(precision: str) -> dict[str, str]:
+def component_precisions(precision: str, vae_fp32: bool = False) -> dict[str, str]:
     """Precision of each component's body in the ONNX the plans are built from.
 
     The text encoder stays fp32 in fp16 engines: it runs once per prompt (noise next to 30 U-Net
     steps), and the TorchScript exporter writes type-inconsistent fp16 CLIP graphs
     (LayerNormalization with an fp32 input and fp16 scale; seen with torch 2.13), which a strongly
-    typed build rejects."""
+    typed build rejects. `vae_fp32`: so do the VAE's, for VAEs whose config says fp16 overflows in
+    them (force_upcast: SDXL's), which diffusers then runs in fp32 too."""
     if precision == "fp32":
         return {c: "fp32" for c in COMPONENTS}
-    return {c: "fp32" if c == "text_encoder" else "fp16" for c in COMPONENTS}
+    kept = ("text_encoder", "vae_decoder", "vae_encoder") if vae_fp32 else ("text_encoder",)
+    return {c: "fp32" if c in kept else "fp16" for c in COMPONENTS}
 
 
 def nested_fraction(chain: list[tuple[int, int]]) -> float:
@@ -315,7 +317,7 @@ class TensorRTExporter:
         for caveat in check_build_options(self.options, config.dtype_name, dims):
             log.warning(caveat)
         self.facts = runtime_facts()
-        self.precisions = component_precisions(config.dtype_name)
+        self.precisions = component_precisions(config.dtype_name, src.vae_upcast)
         self.onnx = OnnxExporter(src, config, dims, multiple, dtypes=self.precisions)
         self.device_memory: dict[str, int] = {}
 
