@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 def load_model(model: str, config: ExportConfig) -> SourceModel:
     """The source model as the engine will hold it: its VAE replaced, its LoRAs merged."""
     src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
+    if src.family == "sdxl":
+        refuse_for_xl(model, config)
     if config.loras:
         lora.merge(src, config.loras, config.allow_pickle)
     if config.embeddings:
@@ -45,6 +47,18 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
     if config.controlnets:
         controlnet.load(src, config.controlnets, config.allow_pickle)
     return src
+
+
+def refuse_for_xl(model: str, config: ExportConfig) -> None:
+    """What SDXL engines do not take yet, said before any of it is read."""
+    for flag, given, what in (("--lora", config.loras, "LoRAs"), ("--embedding", config.embeddings,
+                                                                   "textual inversions"),
+                              ("--controlnet", config.controlnets, "ControlNets")):
+        if given:
+            raise ModelSourceError(
+                f"{flag}: {model} is an SDXL model, and SDXL {what} are not supported yet (SD 1.x / 2.x ones are)"
+                + ("; merge it with diffusers (load_lora_weights, fuse_lora, save_pretrained) and export that "
+                   "folder" if flag == "--lora" else ""))
 
 
 def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig(),

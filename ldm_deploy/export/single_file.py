@@ -38,6 +38,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler names
 # Keys that name other model families: refused by name rather than as "incomplete".
 OTHER_FAMILIES = {"SD3": UNET + "joint_blocks.", "Flux": UNET + "double_blocks.",
                   "SDXL": "conditioner.embedders.1."}
+XL_FILE = ("{} is an SDXL checkpoint; SDXL is exported from diffusers folders only yet. Convert it with "
+           "diffusers (StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(FOLDER), which fetches "
+           "SDXL's configs from the hub) and pass that folder")
 LABEL_EMB = UNET + "label_emb.0.0.weight"  # [*, 2816] SDXL, [*, 2560] its refiner, else unCLIP-like
 # Stability's newer training code saves SD 2.x's text encoder here; diffusers reads the other name.
 SGM_OPEN_CLIP = "conditioner.embedders.0.model."
@@ -100,15 +103,20 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
     names = ck.names
     for name, prefix in OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in names):
-            raise ModelSourceError(f"{ck.path} is a {name} checkpoint; only SD 1.x / 2.x are supported yet")
+            if name == "SDXL" and LABEL_EMB in ck.state and ck.state[LABEL_EMB].shape[1] == 2560:
+                break  # the refiner's, said below
+            raise ModelSourceError(XL_FILE.format(ck.path) if name == "SDXL" else
+                                   f"{ck.path} is a {name} checkpoint; only SD 1.x / 2.x / SDXL are supported yet")
     if not any(k.startswith(UNET) for k in names):
         raise ModelSourceError(f"{ck.path} is {partial_kind(names)} (it has no {UNET}* weights); ldm-export "
                                "needs a whole Stable Diffusion checkpoint (U-Net, VAE and text encoder)")
     if LABEL_EMB in ck.state:
         width = ck.state[LABEL_EMB].shape[1]
-        kind = {2816: "an SDXL", 2560: "an SDXL refiner"}.get(width, "a class-conditioned (unCLIP or upscaler)")
-        raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x text-to-image models "
-                               "are supported yet")
+        if width == 2816:
+            raise ModelSourceError(XL_FILE.format(ck.path))
+        kind = {2560: "an SDXL refiner"}.get(width, "a class-conditioned (unCLIP or upscaler)")
+        raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x / SDXL base text-to-image "
+                               "models are supported yet")
     missing = [] if vae_given or any(k.startswith(VAE) for k in names) else ["VAE"]
     if not any(k.startswith((CLIP, OPEN_CLIP, SGM_OPEN_CLIP)) for k in names):
         missing.append("text encoder")

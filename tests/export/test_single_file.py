@@ -142,8 +142,9 @@ OPEN_CLIP_KEY = {"cond_stage_model.model.ln_final.weight": (1024,)}
 
 @pytest.mark.parametrize("keys,message", [
     ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
-      "conditioner.embedders.1.model.ln_final.weight": (1280,), **UNET_KEY}, "SDXL"),
-    ({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816), **UNET_KEY, **VAE_KEY, **CLIP_KEY}, "an SDXL"),
+      "conditioner.embedders.1.model.ln_final.weight": (1280,), **UNET_KEY}, "SDXL.*from diffusers folders"),
+    ({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816), **UNET_KEY, **VAE_KEY, **CLIP_KEY},
+     "an SDXL checkpoint.*from_single_file"),
     ({"model.diffusion_model.label_emb.0.0.weight": (1536, 2560), **UNET_KEY, **VAE_KEY, **CLIP_KEY}, "SDXL refiner"),
     ({"model.diffusion_model.label_emb.0.0.weight": (1280, 1024), **UNET_KEY, **VAE_KEY, **OPEN_CLIP_KEY}, "unCLIP"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "SD3"),

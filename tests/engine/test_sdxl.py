@@ -1,0 +1,192 @@
+"""SDXL base models against diffusers' StableDiffusionXL(Img2Img, Inpaint)Pipeline, given the same
+noise: txt2img with every sampler, with and without a negative prompt (none at all: zero
+embeddings, diffusers' force_zeros_for_empty_prompt), clip skip, batches, img2img and inpainting,
+to 2e-3 max abs per pixel on [0, 1]. The tiny model's two text encoders differ in width (32, 48)
+and its pooled projection (40) in both, so that a mixed-up concatenation cannot pass."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from conftest import TEST_CONFIG, assert_not_saturated, diffusers_schedulers
+from ldm_deploy import Pipeline
+from ldm_deploy.cli import export as export_cli
+from ldm_deploy.cli import run as run_cli
+from ldm_deploy.engine.infotext import read_png
+from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.export.build import export_engine
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export.random_model import make_random_model
+
+TOL = 2e-3
+SCHEDULERS = diffusers_schedulers()
+W, H = 128, 96  # not square: the six sizes' order (height first) matters
+SCHEDULER_CONFIG = {}  # the model's, as the xl fixture loads it
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    """(model folder, our pipeline, diffusers' txt2img pipeline) of a tiny SDXL model."""
+    root = tmp_path_factory.mktemp("sdxl")
+    folder = make_random_model(root / "model", "tiny-sdxl", seed=1)
+    engine = export_engine(str(folder), root / "engine", TEST_CONFIG)
+    ref = StableDiffusionXLPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    SCHEDULER_CONFIG.update(ref.scheduler.config)
+    return folder, Pipeline.load(engine), ref
+
+
+def diffusers_run(pipe, sampler, **kwargs) -> np.ndarray:
+    cls, options = SCHEDULERS[sampler]
+    pipe.scheduler = cls.from_config(SCHEDULER_CONFIG, **options)  # not the last one's: its options stay
+    return pipe(output_type="np", **kwargs).images
+
+
+def ours(pipe, sampler, **kwargs) -> np.ndarray:
+    return pipe(sampler=sampler, output_type="np", progress=False, **kwargs)
+
+
+def noise(seed: int, batch: int = 1, size=(W, H)) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 4, size[1] // 8, size[0] // 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_txt2img_matches_diffusers(sampler, xl):
+    _, pipe, ref = xl
+    lat = noise(1)
+    neg = "blurry, dark" if sampler in ("euler", "dpmpp_2m_karras") else None
+    expected = diffusers_run(ref, sampler, prompt="a lighthouse on a cliff at dusk", negative_prompt=neg,
+                             num_inference_steps=6, guidance_scale=6.0, width=W, height=H,
+                             latents=torch.from_numpy(lat), generator=torch.Generator().manual_seed(5))
+    got = ours(pipe, sampler, prompt="a lighthouse on a cliff at dusk", negative_prompt=neg, steps=6, guidance=6.0,
+               width=W, height=H, latents=lat, generator=torch.Generator().manual_seed(5))
+    assert_not_saturated(expected)
+    assert np.abs(got - expected).max() < TOL
+
+
+def test_no_negative_prompt_is_zeros_and_empty_one_is_encoded(xl):
+    """SDXL base draws "no negative prompt" from zero embeddings, and "" from the encoded empty
+    prompt, as diffusers does; the two images differ."""
+    _, pipe, ref = xl
+    lat = noise(2)
+    got, expected = {}, {}
+    for neg in (None, ""):
+        got[neg] = ours(pipe, "euler", prompt="a red fox", negative_prompt=neg, steps=5, guidance=7.5, width=W,
+                        height=H, latents=lat)
+        expected[neg] = diffusers_run(ref, "euler", prompt="a red fox", negative_prompt=neg, num_inference_steps=5,
+                                      guidance_scale=7.5, width=W, height=H, latents=torch.from_numpy(lat))
+        assert np.abs(got[neg] - expected[neg]).max() < TOL
+    assert np.abs(got[None] - got[""]).max() > 0.05
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_batches_clip_skip_and_guidance_off_match_diffusers(guidance, xl):
+    """Two prompts, two images each (past the engine's batch of 2: in chunks), clip skip 1 (the
+    third layer from the end in SDXL), and guidance off (the conditional half only)."""
+    _, pipe, ref = xl
+    prompts = ["a cat", "a very long wooden boat on a calm lake"]
+    lat = noise(3, batch=4)
+    expected = diffusers_run(ref, "dpmpp_2m", prompt=prompts, num_images_per_prompt=2, num_inference_steps=5,
+                             guidance_scale=guidance, clip_skip=1, width=W, height=H, latents=torch.from_numpy(lat))
+    got = ours(pipe, "dpmpp_2m", prompt=prompts, num_images=2, steps=5, guidance=guidance, clip_skip=1, width=W,
+               height=H, latents=lat)
+    assert np.abs(got - expected).max() < TOL
+    plain = ours(pipe, "dpmpp_2m", prompt=prompts, num_images=2, steps=5, guidance=guidance, width=W, height=H,
+                 latents=lat)
+    assert np.abs(plain - got).max() > 0.01  # clip skip changed something
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    y, x = np.mgrid[0:H, 0:W]
+    rgb = np.stack([x / W, y / H, 0.5 + 0.5 * np.sin(x / 9.0) * np.cos(y / 7.0)], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m_karras", "euler_a"])
+def test_img2img_matches_diffusers(sampler, xl, init_image):
+    folder, pipe, ref = xl
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(ref)
+    expected = diffusers_run(img2img, sampler, prompt="an oil painting", image=init_image, strength=0.6,
+                             num_inference_steps=8, guidance_scale=7.5, generator=torch.Generator().manual_seed(9))
+    got = ours(pipe, sampler, prompt="an oil painting", init_image=init_image, strength=0.6, steps=8,
+               generator=torch.Generator().manual_seed(9))
+    assert_not_saturated(expected)
+    assert np.abs(got - expected).max() < TOL
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpainting_with_the_base_model_matches_diffusers(strength, xl, init_image):
+    """SDXL base (4 channels) inpaints as SD's text-to-image models do: the kept part put back at
+    every step, as StableDiffusionXLInpaintPipeline does (its default strength, 0.9999, is passed)."""
+    _, pipe, ref = xl
+    inpaint = StableDiffusionXLInpaintPipeline.from_pipe(ref)
+    mask = np.zeros((H, W), np.float32)
+    mask[20:70, 30:100] = 1
+    mask_image = Image.fromarray((mask * 255).astype(np.uint8))
+    expected = diffusers_run(inpaint, "euler", prompt="a red sofa", image=init_image, mask_image=mask_image,
+                             strength=strength, num_inference_steps=6, guidance_scale=7.5, width=W, height=H,
+                             generator=torch.Generator().manual_seed(4))
+    got = ours(pipe, "euler", prompt="a red sofa", init_image=init_image, mask=mask_image, strength=strength,
+               steps=6, guidance=7.5, generator=torch.Generator().manual_seed(4))
+    assert np.abs(got - expected).max() < TOL
+
+
+def test_manifest_and_cli_run(xl, tmp_path):
+    """The engine says what it holds; ldm-export and ldm-run take an SDXL folder, and the PNG's
+    parameters (no negative prompt) draw the same image again with --from-png."""
+    folder, pipe, _ = xl
+    m = pipe.manifest.model
+    assert (m.family, m.text_width, m.pooled_width, m.zero_negative) == ("sdxl", 80, 40, True)
+    assert {t.name for t in pipe.specs["unet_step"].inputs} >= {"pooled_embeddings", "time_ids"}
+    out = tmp_path / "fox.png"
+    engine = tmp_path / "engine"
+    assert export_cli.main(["--model", str(folder), "--out", str(engine), "--min-size", "64", "--max-size", "256"]) \
+        == 0
+    code = run_cli.main(["--engine", str(engine), "a fox", "--steps", "3", "--width", "64", "--height", "64",
+                         "--seed", "3", "--out", str(out)])
+    assert code == 0 and out.is_file()
+    params = read_png(out)
+    assert "Seed: 3" in params and "Negative prompt" not in params
+    again = tmp_path / "again.png"
+    assert run_cli.main(["--engine", str(engine), "--from-png", str(out), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_what_sdxl_engines_do_not_take_is_refused_by_name(xl, tmp_path):
+    folder = xl[0]
+    for config, message in ((ExportConfig(loras=(("style.safetensors", 1.0),)), "--lora.*SDXL LoRAs"),
+                            (ExportConfig(embeddings=(("word.safetensors", None),)), "--embedding.*SDXL textual"),
+                            (ExportConfig(controlnets=("canny",)), "--controlnet.*SDXL ControlNets")):
+        with pytest.raises(ModelSourceError, match=message):
+            export_engine(str(folder), tmp_path / "never", config)
+        assert not (tmp_path / "never").exists()
+
+
+def test_refiners_and_broken_sdxl_folders_are_refused(xl, tmp_path):
+    folder = xl[0]
+    refiner = tmp_path / "refiner"
+    shutil.copytree(folder, refiner)
+    shutil.rmtree(refiner / "text_encoder")
+    index = json.loads((refiner / "model_index.json").read_text())
+    (refiner / "model_index.json").write_text(json.dumps({**index, "text_encoder": [None, None]}))
+    with pytest.raises(ModelSourceError, match="SDXL refiner"):
+        export_engine(str(refiner), tmp_path / "e1", ExportConfig())
+    lacking = tmp_path / "lacking"
+    shutil.copytree(folder, lacking)
+    shutil.rmtree(lacking / "tokenizer_2")
+    with pytest.raises(ModelSourceError, match="lacks the subfolder.*tokenizer_2.*XL"):
+        export_engine(str(lacking), tmp_path / "e2", ExportConfig())
+    alone = tmp_path / "alone"  # an SDXL U-Net in an SD folder: no second text encoder
+    shutil.copytree(folder, alone)
+    shutil.rmtree(alone / "text_encoder_2")
+    (alone / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if "_2" not in k}))
+    with pytest.raises(ModelSourceError, match="looks like SDXL.*no second"):
+        export_engine(str(alone), tmp_path / "e3", ExportConfig())
