@@ -8,8 +8,10 @@ a float32 reference (TF32 off) on the same inputs; timing starts only after that
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 from benchmarks.recorder import Recorder
 
@@ -57,10 +59,13 @@ def run(spec: dict) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     start = time.perf_counter()
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        spec["model"], torch_dtype=dtype, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(spec["device"])
+    if is_xl(spec["model"]):  # fp16: its VAE runs in fp32 where its config says so (force_upcast)
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(spec["model"], torch_dtype=dtype)
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            spec["model"], torch_dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipe = pipe.to(spec["device"])
     sync()
     load_s = time.perf_counter() - start
     cls_name, options = SCHEDULERS[spec["sampler"]]
@@ -151,18 +156,28 @@ def timed_calls(pipe, spec: dict, rec: Recorder, torch) -> tuple[list[dict], lis
     return runs, steps
 
 
+def is_xl(model: str) -> bool:
+    """An SDXL diffusers folder (ldm_deploy.export.source's test, without importing it)."""
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool((index.get("text_encoder_2") or [None])[0])
+
+
 def unet_call(unet, inputs: dict):
     """The U-Net called exactly as the pipeline calls it (same arguments, same timestep dtype),
     so that a compiled U-Net meets the same guards here as in the loop: no recompilation."""
     return unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["emb"], timestep_cond=None,
-                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
+                cross_attention_kwargs=None, added_cond_kwargs=inputs.get("added"), return_dict=False)[0]
 
 
 def step_inputs(pipe, spec: dict) -> dict:
     """Seeded, non-degenerate inputs at the benchmark's shapes: token ids (K, 77) of the
     [negative,] positive prompt, latents x (K*B, 4, h, w) for one mid-schedule step and their text
     embeddings (K*B, 77, D), K = 2 with guidance (CFG) else 1; final latents z (B, 4, h, w) for
-    the decoder."""
+    the decoder. SDXL: the embeddings of both text encoders, as its pipeline makes them, and the
+    U-Net's added conditioning (pooled text (K*B, P), sizes (K*B, 6))."""
     import torch
 
     device, dtype = pipe.device, pipe.unet.dtype
@@ -172,12 +187,21 @@ def step_inputs(pipe, spec: dict) -> dict:
     ids = pipe.tokenizer(texts, padding="max_length", truncation=True,
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
     emb = pipe.text_encoder(ids.to(device))[0].repeat_interleave(b, dim=0)
+    added = None
+    if hasattr(pipe, "text_encoder_2"):
+        guided = spec["guidance"] > 1
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(spec["prompt"], device=device, num_images_per_prompt=b,
+                                                          do_classifier_free_guidance=guided,
+                                                          negative_prompt=spec["negative_prompt"])
+        emb, pooled = (torch.cat([neg, emb]), torch.cat([neg_pooled, pooled])) if guided else (emb, pooled)
+        sizes = torch.tensor([[spec["height"], spec["width"], 0, 0, spec["height"], spec["width"]]], dtype=emb.dtype)
+        added = {"text_embeds": pooled, "time_ids": sizes.repeat(len(emb), 1).to(device)}
     x = torch.randn((len(texts) * b, pipe.unet.config.in_channels, h, w), generator=g)
     z = torch.randn((b, pipe.unet.config.in_channels, h, w), generator=g) / pipe.vae.config.scaling_factor
     pipe.scheduler.set_timesteps(spec["steps"], device=device)
     t = pipe.scheduler.timesteps[len(pipe.scheduler.timesteps) // 2]  # a mid step, as the loop's dtype
-    return {"ids": ids.to(device), "x": x.to(device, dtype), "t": t,
-            "emb": emb, "z": z.to(device, dtype), "guidance": spec["guidance"]}
+    return {"ids": ids.to(device), "x": x.to(device, dtype), "t": t, "emb": emb, "added": added,
+            "z": z.to(device, dtype), "guidance": spec["guidance"]}
 
 
 def fp32_references(model: str, inputs: dict) -> dict:
@@ -191,7 +215,8 @@ def fp32_references(model: str, inputs: dict) -> dict:
     text = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").to(device)
     refs["text_encoder"] = text(inputs["ids"])[0].float()
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").to(device)
-    refs["unet"] = unet_call(unet, inputs | {"x": inputs["x"].float(), "emb": inputs["emb"].float()})
+    added = inputs["added"] and {k: v.float() for k, v in inputs["added"].items()}
+    refs["unet"] = unet_call(unet, inputs | {"x": inputs["x"].float(), "emb": inputs["emb"].float(), "added": added})
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae").to(device)
     refs["vae_decode"] = vae.decode(inputs["z"].float()).sample
     del text, unet, vae
@@ -260,7 +285,8 @@ def unet_flops(pipe, inputs: dict, torch) -> float | None:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(pipe.unet.config)
             meta = {"x": torch.empty(inputs["x"].shape), "emb": torch.empty(inputs["emb"].shape),
-                    "t": torch.tensor(500)}
+                    "t": torch.tensor(500),
+                    "added": inputs["added"] and {k: torch.empty(v.shape) for k, v in inputs["added"].items()}}
             with FlopCounterMode(display=False) as counter:
                 unet_call(unet, meta)
         return float(counter.get_total_flops())

@@ -17,7 +17,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="onnxruntime",
                    help="engine kind to build: onnxruntime (default), tensorrt (NVIDIA GPUs), torch")
     p.add_argument("--min-size", type=int, default=256, help="smallest image side the engine accepts (px; default 256)")
-    p.add_argument("--max-size", type=int, default=1024, help="largest image side the engine accepts (px; default 1024)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="largest image side the engine accepts (px; default 1024, SDXL 1536)")
     p.add_argument("--opt-size", type=int, default=None, help="side to tune for (default: the model's native size)")
     p.add_argument("--max-batch", type=int, default=4, help="most images per call (default 4)")
     p.add_argument("--max-prompt-tokens", type=int, default=None,

@@ -34,7 +34,9 @@ class ExportConfig:
     """What the engine will accept. Wider ranges cost nothing on ONNX Runtime; TensorRT builds
     kernels for the whole range and tunes them for `opt`.
 
-    min_size / max_size: image side in pixels, a multiple of 8 (the VAE's factor).
+    min_size / max_size: image side in pixels, a multiple of 8 (the VAE's factor). max_size None:
+      1024, or for models drawn at 1024 (SDXL) 1536, the long side of SDXL's widest trained
+      aspect (1536 x 640).
     opt_size: the size tuned for; None means the model's native size (512 for SD 1.5).
     max_batch: the most images one call makes (the U-Net then runs 2 * max_batch with CFG).
     max_prompt_tokens: the longest prompt taken whole, in tokens, rounded up to whole chunks of
@@ -88,7 +90,7 @@ class ExportConfig:
     tensorrt: TensorRTOptions = TensorRTOptions()
     img2img: bool = True  # export the VAE encoder too (False: txt2img only, a shorter export)
     min_size: int = 256
-    max_size: int = 1024
+    max_size: int | None = None
     opt_size: int | None = None
     max_batch: int = 4
     opt_batch: int = 1
@@ -131,13 +133,16 @@ class ExportConfig:
         """Dim ranges; image sides are kept to multiples of `multiple` px (the VAE's factor, or
         more where an exporter must: see `size_multiple` in build.py); prompts to whole chunks of
         `chunk_tokens` (the text encoder's length less its start and end tokens)."""
+        max_size = self.max_size or default_max_size(native_latent * vae_scale)
         lo = -(-self.min_size // multiple) * multiple
-        hi = self.max_size // multiple * multiple
+        hi = max_size // multiple * multiple
         if lo > hi:
             raise UserError(
-                f"no image size in [{self.min_size}, {self.max_size}] is a multiple of {multiple} px, "
+                f"no image size in [{self.min_size}, {max_size}] is a multiple of {multiple} px, "
                 f"which this backend needs for this model; widen --min-size / --max-size"
             )
+        if self.opt_size and self.opt_size > max_size:
+            raise UserError(f"--opt-size {self.opt_size} lies outside [{self.min_size}, {max_size}]")
         opt = self.opt_size or native_latent * vae_scale
         opt = min(max(opt // multiple * multiple, lo), hi)
         side = DimRange(lo // vae_scale, opt // vae_scale, hi // vae_scale)
@@ -151,10 +156,15 @@ class ExportConfig:
         return static_dims(dims) if self.tensorrt.static_shapes else dims
 
 
+def default_max_size(native_px: int) -> int:
+    """--max-size's default for a model drawn at native_px (see ExportConfig)."""
+    return 1536 if native_px >= 1024 else 1024
+
+
 def check_config(c: ExportConfig) -> None:
     if c.backend not in BACKENDS:
         raise UserError(f"unknown backend {c.backend!r}; choose one of {', '.join(BACKENDS)}")
-    for name in ("min_size", "max_size") + (("opt_size",) if c.opt_size else ()):
+    for name in ("min_size",) + (("max_size",) if c.max_size else ()) + (("opt_size",) if c.opt_size else ()):
         v = getattr(c, name)
         if v < VAE_SCALE or v % VAE_SCALE:
             raise UserError(f"--{name.replace('_', '-')} {v} must be a positive multiple of {VAE_SCALE}")
@@ -193,9 +203,9 @@ def check_config(c: ExportConfig) -> None:
         raise UserError("fp16 engines need --device cuda; CPU engines are fp32")
     if c.prediction_type not in (None, *PREDICTION_TYPES):
         raise UserError(f"unknown prediction type {c.prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
-    if c.min_size > c.max_size:
+    if c.max_size and c.min_size > c.max_size:
         raise UserError(f"--min-size {c.min_size} is larger than --max-size {c.max_size}")
-    if c.opt_size and not c.min_size <= c.opt_size <= c.max_size:
+    if c.opt_size and not c.min_size <= c.opt_size <= (c.max_size or c.opt_size):
         raise UserError(f"--opt-size {c.opt_size} lies outside [{c.min_size}, {c.max_size}]")
     if c.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (images per call), got {c.max_batch}")
