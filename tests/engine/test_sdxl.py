@@ -190,3 +190,42 @@ def test_refiners_and_broken_sdxl_folders_are_refused(xl, tmp_path):
     (alone / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if "_2" not in k}))
     with pytest.raises(ModelSourceError, match="looks like SDXL.*no second"):
         export_engine(str(alone), tmp_path / "e3", ExportConfig())
+
+
+def test_long_prompts_emphasis_editing_and_hires_run(xl):
+    """What has no diffusers oracle for SDXL runs, and emphasis of 1 changes nothing at all."""
+    _, pipe, _ = xl
+    kwargs = dict(steps=3, width=W, height=H, seed=3, output_type="np", progress=False)
+    plain = pipe("a cat on a mat", **kwargs)
+    assert np.array_equal(pipe("a (cat:1.0) on a mat", prompt_weighting=True, **kwargs), plain)
+    assert np.abs(pipe("a (cat:1.4) on a mat", prompt_weighting=True, **kwargs) - plain).max() > 1e-3
+    long = pipe(", ".join(["a red cat"] * 40), **kwargs)  # two chunks
+    edited = pipe("[a cat:a dog:0.5] on a mat", prompt_weighting=True, **kwargs)
+    hires = pipe("a cat on a mat", hires_scale=2, **kwargs)
+    assert long.shape == edited.shape == (1, H, W, 3) and hires.shape == (1, 2 * H, 2 * W, 3)
+    for out in (long, edited, hires):
+        assert np.isfinite(out).all() and out.std() > 0.01
+
+
+def test_torch_backend_draws_what_onnx_runtime_draws(xl, tmp_path):
+    """The same components through torch.export (exported programs: no AOTInductor compile here)."""
+    folder, pipe, _ = xl
+    engine = export_engine(str(folder), tmp_path / "torch", ExportConfig(
+        backend="torch", aoti=False, min_size=64, max_size=256, opt_size=128, max_batch=2))
+    kwargs = dict(prompt=["a cat", "a boat"], steps=4, width=W, height=H, seed=3, output_type="np", progress=False)
+    assert np.abs(Pipeline.load(engine)(**kwargs) - pipe(**kwargs)).max() < 1e-4
+
+
+def test_bench_measures_an_sdxl_engine_against_diffusers(xl, tmp_path, capsys):
+    from ldm_deploy.cli import bench as bench_cli
+
+    folder, pipe, _ = xl
+    out = tmp_path / "bench.json"
+    code = bench_cli.main(["--engine", str(pipe.engine_dir), "--model", str(folder), "--width", "64", "--height", "64",
+                           "--steps", "2", "--warmup-steps", "1", "--repeats", "1", "--threads", "1",
+                           "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())
+    assert set(results["contenders"]) == {"ours", "diffusers"}
+    assert results["contenders"]["diffusers"]["stages"]["unet_step"]["median"] > 0
+    assert results["unet_flops_per_step"] > 0

@@ -83,6 +83,9 @@ def test_fp16_engines_keep_the_text_encoder_fp32():
     assert component_precisions("fp16") == {"text_encoder": "fp32", "unet_step": "fp16", "vae_decoder": "fp16",
                                             "vae_encoder": "fp16"}
     assert set(component_precisions("fp32").values()) == {"fp32"}
+    # SDXL's VAE overflows in fp16 (force_upcast): it stays fp32, as diffusers runs it
+    assert component_precisions("fp16", vae_fp32=True) == {"text_encoder": "fp32", "unet_step": "fp16",
+                                                           "vae_decoder": "fp32", "vae_encoder": "fp32"}
 
 
 def test_progress_of_nested_phases_and_time_left():
@@ -164,3 +167,12 @@ def test_tensorrt_export_without_tensorrt_is_a_clear_error(model_dirs, tmp_path)
     with pytest.raises(BackendUnavailable, match="needs NVIDIA TensorRT"):
         export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", ExportConfig(backend="tensorrt"))
     assert not (tmp_path / "e").exists()
+
+
+def test_max_size_defaults_to_1536_for_1024_px_models():
+    """SDXL (drawn at 1024) gets room for its widest trained aspect, 1536 x 640; SD keeps 1024."""
+    assert ExportConfig().dims(128)["latent_width"] == DimRange(32, 128, 192)
+    assert ExportConfig().dims(64)["latent_width"] == DimRange(32, 64, 128)
+    assert ExportConfig(max_size=1024).dims(128)["latent_width"] == DimRange(32, 128, 128)
+    with pytest.raises(UserError, match="--opt-size 2048 lies outside"):
+        ExportConfig(opt_size=2048).dims(128)
