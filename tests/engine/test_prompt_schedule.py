@@ -163,9 +163,9 @@ def test_edits_of_different_lengths_share_one_chunk_count(pipelines):
     assert per_step == [("", "a cat"), ("", "a cat"), ("", long)]
     pipe = pipelines["tiny-sd1"]
     embs = pipe.encode_text(list(dict.fromkeys(per_step)), 2, req)
-    assert [pipe.backend.download(e).shape for e in embs] == [(2, 1, 154, 32)] * 2
+    assert [pipe.backend.download(e["text_embeddings"]).shape for e in embs] == [(2, 1, 154, 32)] * 2
     alone = pipe.backend.download(pipe.encode_text([("", "a cat")], 2, req)[0]["text_embeddings"])
-    short = pipe.backend.download(embs[0])
+    short = pipe.backend.download(embs[0]["text_embeddings"])
     np.testing.assert_array_equal(short[:, :, :77], alone)
     np.testing.assert_array_equal(short[:, :, 77:], alone)
     image = pipe(req.prompts[0], prompt_weighting=True, steps=3, width=64, height=64, output_type="np", progress=False)
