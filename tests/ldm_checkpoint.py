@@ -8,14 +8,17 @@ reading them back to the same weights is what checks these names.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."  # SDXL's
 
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -84,8 +87,20 @@ def open_clip_state(text) -> dict:
 
 def text_model_state(text) -> dict:
     """CLIP's names as the original checkpoints have them (text_model.embeddings...), whichever
-    way this transformers version nests CLIPTextModel."""
-    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.state_dict().items()}
+    way this transformers version nests CLIPTextModel; SDXL's second encoder's projection left out
+    (xl_text_state names it)."""
+    return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.state_dict().items()
+            if k != "text_projection.weight"}
+
+
+def xl_text_state(text, text_2) -> dict:
+    """SDXL's two text encoders under the names of its release (sgm's conditioner): CLIP ViT-L's
+    transformers names, OpenCLIP ViT-bigG's own with its (width, projection) matrix and logit scale."""
+    state = {XL_CLIP + k: v for k, v in text_model_state(text).items()}
+    state.update({XL_OPEN_CLIP + k: v for k, v in open_clip_state(text_2).items()})
+    state[XL_OPEN_CLIP + "text_projection"] = text_2.text_projection.weight.T
+    state[XL_OPEN_CLIP + "logit_scale"] = torch.ones((), device=device_of(text_2))
+    return state
 
 
 def text_extras(text, open_clip: bool) -> dict:
@@ -106,12 +121,16 @@ def device_of(module):
     return next(module.parameters()).device
 
 
-def ldm_state(unet, vae, text, open_clip: bool) -> dict:
-    """The three modules' weights under ldm names, as one state dict."""
+def ldm_state(unet, vae, text, open_clip: bool, text_2=None) -> dict:
+    """The three modules' weights under ldm names, as one state dict (SDXL: with its second text
+    encoder)."""
     layers = unet.config.layers_per_block
     up_attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
     state = {UNET + unet_name(k, layers, up_attention): v for k, v in unet.state_dict().items()}
     state.update({VAE + k: v for k, v in ldm_state_vae(vae).items()})
+    if text_2 is not None:
+        state.update(xl_text_state(text, text_2))
+        return {k: v.contiguous() for k, v in state.items()}
     text_state = open_clip_state(text) if open_clip else text_model_state(text)
     state.update({(OPEN_CLIP if open_clip else CLIP) + k: v for k, v in text_state.items()})
     state.update(text_extras(text, open_clip))
@@ -127,7 +146,12 @@ def write_single_file(folder, out, open_clip: bool, dtype=torch.float32) -> dict
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-    state = {k: v.to(dtype) for k, v in ldm_state(unet, vae, text, open_clip).items()}
+    text_2 = None
+    if (Path(folder) / "text_encoder_2").is_dir():  # SDXL
+        from transformers import CLIPTextModelWithProjection
+
+        text_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+    state = {k: v.to(dtype) for k, v in ldm_state(unet, vae, text, open_clip, text_2).items()}
     save_file(state, str(out))
     return state
 

@@ -36,16 +36,14 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler names
 
 
 # Keys that name other model families: refused by name rather than as "incomplete".
-OTHER_FAMILIES = {"SD3": UNET + "joint_blocks.", "Flux": UNET + "double_blocks.",
-                  "SDXL": "conditioner.embedders.1."}
-XL_FILE = ("{} is an SDXL checkpoint; SDXL is exported from diffusers folders only yet. Convert it with "
-           "diffusers (StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(FOLDER), which fetches "
-           "SDXL's configs from the hub) and pass that folder")
+OTHER_FAMILIES = {"SD3": UNET + "joint_blocks.", "Flux": UNET + "double_blocks."}
+# SDXL's text encoders: CLIP ViT-L under transformers' names, OpenCLIP ViT-bigG under its own.
+XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 LABEL_EMB = UNET + "label_emb.0.0.weight"  # [*, 2816] SDXL, [*, 2560] its refiner, else unCLIP-like
 # Stability's newer training code saves SD 2.x's text encoder here; diffusers reads the other name.
 SGM_OPEN_CLIP = "conditioner.embedders.0.model."
 # What a whole checkpoint's loader reads; the rest (EMA copies, training state) stays on disk.
-WANTED = (UNET, VAE, CLIP, OPEN_CLIP, SGM_OPEN_CLIP, "v_pred")
+WANTED = (UNET, VAE, CLIP, OPEN_CLIP, SGM_OPEN_CLIP, XL_CLIP, XL_OPEN_CLIP, "v_pred")
 
 
 @dataclass
@@ -98,27 +96,26 @@ def read(path: Path, allow_pickle: bool, wanted: tuple[str, ...] | None = None) 
 
 
 def family(ck: Checkpoint, vae_given: bool = False) -> str:
-    """"sd1" or "sd2" from the names; a ModelSourceError naming what the file is otherwise.
+    """"sd1", "sd2" or "sdxl" from the names; a ModelSourceError naming what the file is otherwise.
     `vae_given`: a replacement VAE will be loaded, so the file need not hold one."""
     names = ck.names
     for name, prefix in OTHER_FAMILIES.items():
         if any(k.startswith(prefix) for k in names):
-            if name == "SDXL" and LABEL_EMB in ck.state and ck.state[LABEL_EMB].shape[1] == 2560:
-                break  # the refiner's, said below
-            raise ModelSourceError(XL_FILE.format(ck.path) if name == "SDXL" else
-                                   f"{ck.path} is a {name} checkpoint; only SD 1.x / 2.x / SDXL are supported yet")
+            raise ModelSourceError(f"{ck.path} is a {name} checkpoint; only SD 1.x / 2.x / SDXL are supported yet")
     if not any(k.startswith(UNET) for k in names):
         raise ModelSourceError(f"{ck.path} is {partial_kind(names)} (it has no {UNET}* weights); ldm-export "
                                "needs a whole Stable Diffusion checkpoint (U-Net, VAE and text encoder)")
+    xl = any(k.startswith(XL_OPEN_CLIP) for k in names)
     if LABEL_EMB in ck.state:
         width = ck.state[LABEL_EMB].shape[1]
-        if width == 2816:
-            raise ModelSourceError(XL_FILE.format(ck.path))
         kind = {2560: "an SDXL refiner"}.get(width, "a class-conditioned (unCLIP or upscaler)")
-        raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x / SDXL base text-to-image "
-                               "models are supported yet")
+        if not xl:  # SDXL base's: pooled text and six sizes (1280 + 6 x 256); the refiner has no embedders.1
+            raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x / SDXL base text-to-image "
+                                   "models are supported yet")
     missing = [] if vae_given or any(k.startswith(VAE) for k in names) else ["VAE"]
-    if not any(k.startswith((CLIP, OPEN_CLIP, SGM_OPEN_CLIP)) for k in names):
+    if xl and not any(k.startswith(XL_CLIP) for k in names):
+        missing.append("first (CLIP ViT-L) text encoder")
+    if not xl and not any(k.startswith((CLIP, OPEN_CLIP, SGM_OPEN_CLIP)) for k in names):
         missing.append("text encoder")
     if missing:
         raise ModelSourceError(f"{ck.path} holds no {' and no '.join(missing)} weights; ldm-export needs a "
@@ -127,6 +124,11 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
         raise ModelSourceError(
             f"{ck.path}: the U-Net takes {ck.state[CONV_IN].shape[1]} input channels (a depth or other "
             "conditioned model); only text-to-image (4 channels) and inpainting (9) models are supported yet")
+    if xl:
+        if inpainting(ck):
+            raise ModelSourceError(f"{ck.path} is an SDXL inpainting checkpoint, which is not supported yet "
+                                   "(SDXL base models and their fine-tunes are)")
+        return "sdxl"
     sd2 = any(k.startswith((OPEN_CLIP, SGM_OPEN_CLIP)) for k in names) or \
         (CROSS_KEY in ck.state and ck.state[CROSS_KEY].shape[-1] == 1024)
     return "sd2" if sd2 else "sd1"
@@ -158,7 +160,7 @@ def prediction_type(ck: Checkpoint, fam: str, override: str | None) -> str:
         return "v_prediction" if spec.startswith("v") else "epsilon"
     if "v_pred" in ck.names:  # ComfyUI saves this key with v-prediction models
         return "v_prediction"
-    if fam == "sd1":
+    if fam in ("sd1", "sdxl"):
         return "epsilon"
     if ck.global_step == SD2_BASE_STEP or inpainting(ck):
         return "epsilon"
@@ -169,7 +171,7 @@ def prediction_type(ck: Checkpoint, fam: str, override: str | None) -> str:
 
 
 def write_configs(folder: Path, fam: str, prediction: str, inpaint: bool = False) -> None:
-    """The diffusers folder (configs and tokenizer, no weights) of the SD 1.5 or SD 2.1
+    """The diffusers folder (configs and tokenizers, no weights) of the SD 1.5, SD 2.1 or SDXL base
     architecture (inpaint: their inpainting U-Net's, 9 channels in), which diffusers' converter
     builds the modules from."""
     from ldm_deploy.export.random_model import (
@@ -181,7 +183,7 @@ def write_configs(folder: Path, fam: str, prediction: str, inpaint: bool = False
         vae_config,
     )
 
-    preset = "sd15" if fam == "sd1" else "sd21"
+    preset = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}[fam]
     scheduler = {**PRESETS[preset]["scheduler"], "prediction_type": prediction}
     unet = unet_config(preset, inpaint)
     if fam == "sd2" and prediction == "epsilon":
@@ -193,14 +195,19 @@ def write_configs(folder: Path, fam: str, prediction: str, inpaint: bool = False
         (folder / sub / name).write_text(json.dumps({"_class_name": cls, **cfg}, indent=2))
     text_config(preset).save_pretrained(folder / "text_encoder")
     tokenizer(preset).save_pretrained(folder / "tokenizer")
-    pipeline = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+    if fam == "sdxl":
+        text_config(preset, "text_2").save_pretrained(folder / "text_encoder_2")
+        tokenizer(preset, "pad_token_2").save_pretrained(folder / "tokenizer_2")
+    pipeline = "StableDiffusionXLPipeline" if fam == "sdxl" else \
+        "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
     (folder / "model_index.json").write_text(json.dumps(model_index(scheduler["_class_name"], pipeline), indent=2))
 
 
 def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction: str | None = None,
          vae_given: bool = False):
-    """-> (unet, vae, text_encoder, tokenizer, scheduler_config) in float32 on the CPU. With
-    `vae_given` the VAE is built but its weights are left to the caller's replacement."""
+    """-> (unet, vae, text_encoder, tokenizer, scheduler_config, xl) in float32 on the CPU; xl:
+    SDXL's further SourceModel fields (text_encoder_2, tokenizer_2, zero_negative), else empty.
+    With `vae_given` the VAE is built but its weights are left to the caller's replacement."""
     ck = read(path, allow_pickle, WANTED)
     fam = family(ck, vae_given)
     state = {OPEN_CLIP + k[len(SGM_OPEN_CLIP):] if k.startswith(SGM_OPEN_CLIP) else k: v for k, v in ck.state.items()}
@@ -209,7 +216,7 @@ def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction:
             pred = prediction_type(ck, fam, prediction)
             config = Path(tmp)
             write_configs(config, fam, pred, inpainting(ck))
-            log.info("%s: a single-file SD %s.x %scheckpoint (%s)", path.name, fam[-1],
+            log.info("%s: a single-file %s %scheckpoint (%s)", path.name, FAMILY_NAMES[fam],
                      "inpainting " if inpainting(ck) else "", pred)
         scheduler_config = json.loads((config / "scheduler" / "scheduler_config.json").read_text())
         if prediction:
@@ -218,17 +225,22 @@ def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction:
             modules = convert(state, config, with_vae=not vae_given)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
             hint = "" if config != Path(tmp) else (
-                f" The checkpoint's weights do not fit the SD {fam[-1]}.x architecture; for a model of "
+                f" The checkpoint's weights do not fit the {FAMILY_NAMES[fam]} architecture; for a model of "
                 "another size export it with ldm-export --config (a diffusers folder or hub id of its "
                 "architecture)")
             raise ModelSourceError(f"could not load {path}: {type(e).__name__}: {first_line(e)}.{hint}") from None
-    return (*modules, scheduler_config)
+    *modules, xl = modules
+    return (*modules, scheduler_config, xl)
+
+
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
 def convert(state: dict, config: Path, with_vae: bool = True):
-    """-> (unet, vae, text_encoder, tokenizer): each module built from `config`'s subfolder and
-    given the checkpoint's weights, renamed by diffusers' converters. Loaded strictly here:
-    diffusers' own single-file loaders leave weights the file lacks at their random values."""
+    """-> (unet, vae, text_encoder, tokenizer, xl): each module built from `config`'s subfolder
+    and given the checkpoint's weights, renamed by diffusers' converters; xl: for a config with a
+    second text encoder (SDXL), it and its tokenizer, as SourceModel's fields. Loaded strictly
+    here: diffusers' own single-file loaders leave weights the file lacks at their random values."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -246,16 +258,30 @@ def convert(state: dict, config: Path, with_vae: bool = True):
     text = CLIPTextModel(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder"))
     open_clip = any(k.startswith(OPEN_CLIP) for k in state)
     weights = convert_open_clip_checkpoint(text, state) if open_clip else convert_ldm_clip_checkpoint(state)
-    # Files name CLIP's weights with or without the text_model. level, and transformers >= 5.6
-    # dropped it from CLIPTextModel: strip it, then add it back where this version has it.
+    # Unused: old checkpoints' position_ids, OpenCLIP's projection, logit scale and last layer.
+    load_weights(text, nested(text, weights), "text encoder", unused_ok=True)
+    xl = {}
+    if (config / "text_encoder_2").is_dir():  # SDXL's OpenCLIP ViT-bigG, all its layers, and its projection
+        from transformers import CLIPTextModelWithProjection
+
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder_2"))
+        weights = convert_open_clip_checkpoint(text_2, state, prefix=XL_OPEN_CLIP)
+        load_weights(text_2, nested(text_2, weights), "second text encoder", unused_ok=True)  # logit scale
+        xl = dict(text_encoder_2=text_2, tokenizer_2=CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer_2"),
+                  zero_negative=True)
+    # The fast tokenizer: the export saves its tokenizer.json (a slow one would be reloaded from
+    # the model's folder, which a single file does not have).
+    return unet, vae, text, CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer"), xl
+
+
+def nested(text, weights: dict) -> dict:
+    """CLIP weights named as `text` names them. Files name them with or without the text_model.
+    level, and transformers >= 5.6 dropped it from CLIPTextModel: strip it, then add it back where
+    this version has it (the projection sits beside it)."""
     weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
     if hasattr(text, "text_model"):
         weights = {("text_model." + k if k != "text_projection.weight" else k): v for k, v in weights.items()}
-    # Unused: old checkpoints' position_ids, OpenCLIP's projection, logit scale and last layer.
-    load_weights(text, weights, "text encoder", unused_ok=True)
-    # The fast tokenizer: the export saves its tokenizer.json (a slow one would be reloaded from
-    # the model's folder, which a single file does not have).
-    return unet, vae, text, CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer")
+    return weights
 
 
 def load_vae(vae, state: dict) -> None:
@@ -305,7 +331,8 @@ def to_diffusers_folder(model: str, out: Path, allow_pickle: bool = False, confi
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run's
     try:
-        save_diffusers_folder(tmp, src.unet, src.vae, src.text_encoder, src.tokenizer, src.scheduler_config)
+        save_diffusers_folder(tmp, src.unet, src.vae, src.text_encoder, src.tokenizer, src.scheduler_config,
+                              src.text_encoder_2, src.tokenizer_2)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -319,7 +346,7 @@ def main(argv=None) -> int:
     from ldm_deploy.cli.common import run_main, setup_logging
 
     p = argparse.ArgumentParser(prog="python -m ldm_deploy.export.single_file",
-                                description="write a single-file SD 1.x / 2.x checkpoint as a diffusers folder")
+                                description="write a single-file SD 1.x / 2.x / SDXL checkpoint as a diffusers folder")
     p.add_argument("model", help="the checkpoint (.safetensors; .ckpt with --allow-pickle)")
     p.add_argument("--out", required=True, help="the diffusers folder to create")
     p.add_argument("--config", default=None, help="as ldm-export --config")

@@ -184,7 +184,7 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
     if path.is_file():
         configs = check_config(config) if config else None
         weights = [path]
-        unet, model_vae, text_encoder, tokenizer, scheduler_config = single_file.load(
+        unet, model_vae, text_encoder, tokenizer, scheduler_config, xl = single_file.load(
             path, allow_pickle, configs, prediction_type, vae_given=bool(vae_source))
     else:
         if config:

@@ -142,9 +142,14 @@ OPEN_CLIP_KEY = {"cond_stage_model.model.ln_final.weight": (1024,)}
 
 @pytest.mark.parametrize("keys,message", [
     ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
-      "conditioner.embedders.1.model.ln_final.weight": (1280,), **UNET_KEY}, "SDXL.*from diffusers folders"),
+      "conditioner.embedders.1.model.ln_final.weight": (1280,), **UNET_KEY}, "holds no VAE"),
+    ({"conditioner.embedders.1.model.ln_final.weight": (1280,), **UNET_KEY, **VAE_KEY},
+     "no first .CLIP ViT-L. text encoder"),
+    ({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+      "conditioner.embedders.1.model.ln_final.weight": (1280,), **VAE_KEY,
+      "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "SDXL inpainting"),
     ({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816), **UNET_KEY, **VAE_KEY, **CLIP_KEY},
-     "an SDXL checkpoint.*from_single_file"),
+     "class-conditioned"),
     ({"model.diffusion_model.label_emb.0.0.weight": (1536, 2560), **UNET_KEY, **VAE_KEY, **CLIP_KEY}, "SDXL refiner"),
     ({"model.diffusion_model.label_emb.0.0.weight": (1280, 1024), **UNET_KEY, **VAE_KEY, **OPEN_CLIP_KEY}, "unCLIP"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "SD3"),
@@ -399,3 +404,69 @@ def test_model_hash_of_a_checkpoint_is_its_plain_sha256(files):
     path = files["tiny-sd1"][0]
     src = load_source(str(path), config=str(files["tiny-sd1"][1]))
     assert src.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def xl_file(tmp_path_factory):
+    """(single file of a seed-3 tiny SDXL, its folder, a seed-1 one's folder for --config)."""
+    root = tmp_path_factory.mktemp("single-xl")
+    folder = make_random_model(root / "model", "tiny-sdxl", seed=3)
+    write_single_file(folder, root / "xl.safetensors", open_clip=False)
+    return root / "xl.safetensors", folder, make_random_model(root / "config", "tiny-sdxl", seed=1)
+
+
+def test_sdxl_single_file_loads_its_weights_and_draws_the_folders_image(xl_file, tmp_path, capsys):
+    """SDXL's release layout (sgm's conditioner.embedders.0 / .1 and label_emb) read back to the
+    very weights of its diffusers folder, both text encoders; the engine draws that folder's image."""
+    from ldm_deploy import Pipeline
+
+    path, folder, config = xl_file
+    ours, ref = load_source(str(path), config=str(config)), load_source(str(folder))
+    assert ours.family == "sdxl" and ours.zero_negative
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(ours, name).state_dict(), getattr(ref, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
+    engines = {}
+    for name, model, extra in (("file", path, ["--config", str(config)]), ("folder", folder, [])):
+        engines[name] = tmp_path / name
+        code = export_cli.main(["--model", str(model), *extra, "--out", str(engines[name]), "--min-size", "64",
+                                "--max-size", "128", "--no-img2img"])
+        assert code == 0, capsys.readouterr().err
+    kwargs = dict(prompt="a lighthouse", steps=3, width=96, height=64, seed=2, output_type="np", progress=False)
+    got, want = (Pipeline.load(engines[n])(**kwargs) for n in ("file", "folder"))
+    assert_not_saturated(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_bundled_sdxl_configs_take_a_full_size_checkpoints_every_weight(tmp_path):
+    """As for SD 1.5 / 2.1 above: SDXL base at full size on the meta device, its keys named as
+    the release names them, every weight mapped shape for shape onto the modules of our configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    single_file.write_configs(tmp_path, "sdxl", "epsilon")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNET2D := UNet2DConditionModel.load_config(tmp_path, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(tmp_path, subfolder="vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(tmp_path, subfolder="text_encoder"))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(tmp_path, subfolder="text_encoder_2"))
+    state = ldm_state(unet, vae, text, False, text_2)
+    ck = single_file.Checkpoint(tmp_path / "model.safetensors", state, None)
+    assert single_file.family(ck) == "sdxl" and single_file.prediction_type(ck, "sdxl", None) == "epsilon"
+    strip = lambda w: {k.removeprefix("text_model."): v for k, v in w.items()}  # noqa: E731
+    for module, converted in ((unet, convert_ldm_unet_checkpoint(state, unet.config)),
+                              (vae, convert_ldm_vae_checkpoint(state, vae.config)),
+                              (text, strip(convert_ldm_clip_checkpoint(state))),
+                              (text_2, strip(convert_open_clip_checkpoint(text_2, state, single_file.XL_OPEN_CLIP)))):
+        expected = {k.removeprefix("text_model."): tuple(v.shape) for k, v in module.state_dict().items()}
+        assert {k: tuple(converted[k].shape) for k in expected if k in converted} == expected
+        assert set(converted) - set(expected) <= {"logit_scale"}
+    assert UNET2D["sample_size"] == 128 and UNET2D["cross_attention_dim"] == 2048
+    assert sum(p.numel() for p in unet.parameters()) > 2.5e9  # SDXL's 2.6B U-Net
+    assert (text_2.config.hidden_size, text_2.config.num_hidden_layers, text_2.config.projection_dim) == (1280, 32, 1280)
