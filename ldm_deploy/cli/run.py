@@ -26,13 +26,15 @@ def parser() -> argparse.ArgumentParser:
                         "fix, mask blur); options given here override them")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--engine", help="engine directory made by ldm-export")
-    which.add_argument("--model", help="diffusers folder or .safetensors checkpoint (SD 1.x / 2.x): its ONNX "
+    which.add_argument("--model", help="diffusers folder or .safetensors checkpoint (SD 1.x / 2.x / XL): its ONNX "
                        "Runtime engine is exported into the cache "
                        "(~/.cache/ldm-deploy) on first use. With neither --engine nor --model: the bundled "
                        "64x64 shapes model (try \"a red circle on a blue background\")")
     m = p.add_argument_group("with --model (set into its cached engine, as ldm-export does)")
     add_model_options(m)
-    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from (none given: SDXL base draws from zero embeddings, as diffusers "
+                        "and AUTOMATIC1111 do; \"\" encodes the empty text, as ComfyUI does)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default, or -1: random)")
@@ -157,7 +159,7 @@ def engine_dir(args) -> str:
 
 
 # ldm-run options a PNG's parameters may set: dest -> the default when neither sets it.
-FROM_PNG = {"negative_prompt": "", "steps": 30, "guidance": 7.5, "seed": None, "width": None, "height": None,
+FROM_PNG = {"negative_prompt": None, "steps": 30, "guidance": 7.5, "seed": None, "width": None, "height": None,
             "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
             "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "strength": None, "mask_blur": None}
 UNSET = object()
@@ -177,8 +179,8 @@ def from_png(args) -> dict:
             log.warning("%s", warning)
         if args.prompt is None:
             args.prompt = prompt
-        if "negative_prompt" not in given:
-            values["negative_prompt"] = negative
+        if "negative_prompt" not in given:  # none written: none given (SDXL: zeros, as AUTOMATIC1111 draws it)
+            values["negative_prompt"] = negative or None
         for key, value in values.items():
             setattr(args, key, value)
     for key, default in FROM_PNG.items():
@@ -221,6 +223,7 @@ def main(argv=None) -> int:
             raise UserError("--mask-blur blurs a mask: give --mask (and --init-image)")
         if args.mask_crop is not None and args.mask is None:
             raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
+        given_here = {k for k in FROM_PNG if getattr(args, k) is not UNSET}  # on the command line
         fields = from_png(args)  # before a --model export: its mistakes are found in seconds
         if args.clip_skip < 1:
             raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
@@ -263,8 +266,14 @@ def main(argv=None) -> int:
             log.warning("--strength applies to img2img only (with --init-image); ignored")
         layers = pipe.manifest.model.text_layers
         if layers and args.clip_skip > layers:
+            first = "the penultimate, as SDXL is trained" if pipe.manifest.model.pooled_width else "the last"
             raise UserError(f"--clip-skip {args.clip_skip}: this model's text encoder has {layers} layers; "
-                            f"pass 1 (the last) to {layers}")
+                            f"pass 1 ({first}) to {layers}")
+        if "Clip skip" in fields and not fields.get("Version", "").startswith("ldm-deploy") \
+                and pipe.manifest.model.pooled_width and args.clip_skip != 1 and "clip_skip" not in given_here:
+            log.warning("the PNG's \"Clip skip: %s\" is left out: AUTOMATIC1111 does not apply it to SDXL models "
+                        "(pass --clip-skip to choose one)", fields["Clip skip"])
+            args.clip_skip = 1
         images = pipe(
             args.prompt,
             negative_prompt=args.negative_prompt,

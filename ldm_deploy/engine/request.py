@@ -58,8 +58,8 @@ def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
         raise InvalidRequest("num_images must be at least 1")
     layers = manifest.model.text_layers
     if r.clip_skip < 0:
-        raise InvalidRequest(f"clip_skip counts the text encoder layers skipped (0: none, 1: the "
-                             f"penultimate layer's output), got {r.clip_skip}")
+        raise InvalidRequest(f"clip_skip counts the text encoder layers skipped, as diffusers does (0: none; "
+                             f"1: the penultimate layer's output, or for SDXL the one below), got {r.clip_skip}")
     if r.clip_skip and not layers:
         raise InvalidRequest("this engine's text encoder returns its last layer only (it was exported "
                              "before clip skip); re-export it with ldm-export --force to use clip_skip")

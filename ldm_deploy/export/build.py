@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 def load_model(model: str, config: ExportConfig) -> SourceModel:
     """The source model as the engine will hold it: its VAE replaced, its LoRAs merged."""
+    from ldm_deploy.export.source import is_xl_folder
+
+    if Path(model).expanduser().is_dir() and is_xl_folder(Path(model).expanduser()):
+        refuse_for_xl(model, config)  # before loading gigabytes
     src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
     if src.family == "sdxl":
         refuse_for_xl(model, config)

@@ -61,8 +61,12 @@ class TextEncoderXL(nn.Module):
 
     def forward(self, input_ids, clip_skip, token_weights):
         ids = input_ids.flatten(0, 1)  # (K*B, 77)
-        is_end = (ids == self.end_id).long()
-        after_end = is_end.cumsum(-1) - is_end > 0  # past the first end token
+        # Past the first end token: an end token at any earlier position, counted with a float
+        # matrix product by a strictly upper triangle (MatMul: no CumSum or integer ArgMax, which
+        # not every ONNX consumer takes).
+        n = ids.shape[-1]
+        earlier = torch.ones(n, n, device=ids.device).triu(1)  # [i, j] = 1 where i < j
+        after_end = (ids == self.end_id).float() @ earlier > 0
         ids_2 = torch.where(after_end, torch.full_like(ids, self.pad_2), ids)
         weights = token_weights.flatten(0, 1)
         hidden = []

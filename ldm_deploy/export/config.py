@@ -133,7 +133,7 @@ class ExportConfig:
         """Dim ranges; image sides are kept to multiples of `multiple` px (the VAE's factor, or
         more where an exporter must: see `size_multiple` in build.py); prompts to whole chunks of
         `chunk_tokens` (the text encoder's length less its start and end tokens)."""
-        max_size = self.max_size or default_max_size(native_latent * vae_scale)
+        max_size = default_max_size(native_latent * vae_scale) if self.max_size is None else self.max_size
         lo = -(-self.min_size // multiple) * multiple
         hi = max_size // multiple * multiple
         if lo > hi:
@@ -164,7 +164,7 @@ def default_max_size(native_px: int) -> int:
 def check_config(c: ExportConfig) -> None:
     if c.backend not in BACKENDS:
         raise UserError(f"unknown backend {c.backend!r}; choose one of {', '.join(BACKENDS)}")
-    for name in ("min_size",) + (("max_size",) if c.max_size else ()) + (("opt_size",) if c.opt_size else ()):
+    for name in ("min_size",) + (("max_size",) if c.max_size is not None else ()) + (("opt_size",) if c.opt_size else ()):
         v = getattr(c, name)
         if v < VAE_SCALE or v % VAE_SCALE:
             raise UserError(f"--{name.replace('_', '-')} {v} must be a positive multiple of {VAE_SCALE}")
@@ -203,7 +203,7 @@ def check_config(c: ExportConfig) -> None:
         raise UserError("fp16 engines need --device cuda; CPU engines are fp32")
     if c.prediction_type not in (None, *PREDICTION_TYPES):
         raise UserError(f"unknown prediction type {c.prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
-    if c.max_size and c.min_size > c.max_size:
+    if c.max_size is not None and c.min_size > c.max_size:
         raise UserError(f"--min-size {c.min_size} is larger than --max-size {c.max_size}")
     if c.opt_size and not c.min_size <= c.opt_size <= (c.max_size or c.opt_size):
         raise UserError(f"--opt-size {c.opt_size} lies outside [{c.min_size}, {c.max_size}]")

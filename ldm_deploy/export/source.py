@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,12 @@ log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 XL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")  # SDXL's, beside those
+# What a hub model's export reads: the pipeline's configs, tokenizers and full-precision weights
+# (not the fp16 / EMA variants beside them, nor other folders: SDXL base's repository holds
+# gigabytes of both).
+HUB_PATTERNS = ("model_index.json", *(f"{sub}/*.{ext}" for sub in SUBFOLDERS + XL_SUBFOLDERS
+                                       for ext in ("json", "txt", "safetensors")))
+VARIANT = re.compile(r"\.(fp16|bf16|ema|non_ema)\.(safetensors|bin|ckpt)$")  # diffusers' variant names
 SAFE_SUFFIXES, PICKLE_SUFFIXES = single_file.SAFE_SUFFIXES, single_file.PICKLE_SUFFIXES
 
 
@@ -67,7 +74,7 @@ class SourceModel:
         return self.scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
 
 
-def resolve(model: str, patterns=("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")) -> Path:
+def resolve(model: str, patterns=HUB_PATTERNS) -> Path:
     """A local folder or checkpoint file, or a hub id fetched into (or found in) the
     huggingface_hub cache (the files matching `patterns`)."""
     path = Path(model).expanduser()
@@ -88,7 +95,8 @@ def resolve(model: str, patterns=("model_index.json", "*/*.json", "*/*.txt", "*/
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, allow_patterns=list(patterns)))
+        return Path(snapshot_download(model, allow_patterns=list(patterns), ignore_patterns=["*.fp16.*", "*.bf16.*",
+                                                                                              "*.ema.*", "*.non_ema.*"]))
     except Exception as e:  # network, auth, missing repo: all the user's to fix
         if local:
             raise ModelSourceError(
@@ -117,7 +125,7 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
                                f"{'XL ' if xl else ''}model")
     weights = []
     for sub in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ()):
-        files = sorted((path / sub).iterdir())
+        files = [f for f in sorted((path / sub).iterdir()) if not VARIANT.search(f.name)]  # what loads
         safe = [f for f in files if f.suffix in SAFE_SUFFIXES]
         pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
         if safe:
@@ -174,7 +182,7 @@ def quiet_libraries() -> None:
 
 def load_source(model: str, allow_pickle: bool = False, config: str | None = None,
                 prediction_type: str | None = None, vae_source: str | None = None) -> SourceModel:
-    """Load a Stable Diffusion 1.x / 2.x model in float32 on the CPU. For a single-file
+    """Load a Stable Diffusion 1.x / 2.x / XL model in float32 on the CPU. For a single-file
     checkpoint, `config` names a diffusers folder (or hub id) of its architecture when it is not
     SD 1.5's or 2.1's; `prediction_type` overrides the model's (its scheduler config's);
     `vae_source` replaces the model's VAE weights (a VAE file or a diffusers AutoencoderKL folder)."""

@@ -155,9 +155,39 @@ def test_manifest_and_cli_run(xl, tmp_path):
     assert code == 0 and out.is_file()
     params = read_png(out)
     assert "Seed: 3" in params and "Negative prompt" not in params
-    again = tmp_path / "again.png"
+    drawn = np.asarray(Image.open(out))
+    api = Pipeline.load(engine)("a fox", steps=3, width=64, height=64, seed=3, progress=False)[0]
+    assert np.array_equal(np.asarray(api), drawn)  # no --negative-prompt: zeros, as the API's None
+    again, empty = tmp_path / "again.png", tmp_path / "empty.png"
     assert run_cli.main(["--engine", str(engine), "--from-png", str(out), "--out", str(again)]) == 0
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert np.array_equal(np.asarray(Image.open(again)), drawn)
+    assert run_cli.main(["--engine", str(engine), "a fox", "--steps", "3", "--width", "64", "--height", "64",
+                         "--seed", "3", "--negative-prompt", "", "--out", str(empty)]) == 0
+    assert np.abs(np.asarray(Image.open(empty)).astype(int) - drawn).max() > 5  # "" is encoded: another image
+
+
+def test_from_png_leaves_out_automatic1111s_clip_skip_for_sdxl(xl, tmp_path, capsys):
+    """AUTOMATIC1111 writes its global "Clip skip: 2" into SDXL images it did not apply it to."""
+    from PIL.PngImagePlugin import PngInfo
+
+    _, pipe, _ = xl
+    info = PngInfo()
+    info.add_text("parameters", "a fox\nSteps: 3, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, Seed: 3, "
+                                "Size: 64x64, Model hash: 0123456789, Clip skip: 2, Version: v1.10.1")
+    Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=info)
+    out = tmp_path / "out.png"
+    assert run_cli.main(["--engine", str(pipe.engine_dir), "--from-png", str(tmp_path / "a1111.png"),
+                         "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "Clip skip: 2" in err and "left out" in err
+    plain = pipe("a fox", steps=3, guidance=7, width=64, height=64, seed=3, sampler="euler", progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(plain))
+
+
+def test_lora_tags_in_prompts_say_sdxl_loras_are_not_supported():
+    from ldm_deploy.engine.extra_networks import advice
+
+    assert "SDXL LoRAs are not supported" in advice("lora", "style:0.8", (), "sdxl")
 
 
 def test_what_sdxl_engines_do_not_take_is_refused_by_name(xl, tmp_path):
