@@ -20,14 +20,12 @@ def strip(prompt: str) -> tuple[str, list[tuple[str, str]]]:
     return TAG.sub("", prompt), tags
 
 
-def advice(kind: str, arguments: str, loras: tuple, family: str = "") -> str | None:
+def advice(kind: str, arguments: str, loras: tuple) -> str | None:
     """What to tell the user about one tag, given the engine's merged LoRAs ({"name", "weight"}
-    each) and model family; None where the engine holds what it asks for."""
+    each); None where the engine holds what it asks for."""
     tag = f"<{kind}:{arguments}>"
     if kind not in LORA_KINDS:
         return f"the prompt's {tag} is not applied: ldm-deploy runs no {kind} extra networks"
-    if family == "sdxl":
-        return f"the prompt's {tag} is not applied: SDXL LoRAs are not supported yet"
     name, weights = lora_weights(arguments)
     if weights is None:
         return f"the prompt's {tag} is not applied: its weights are not numbers"

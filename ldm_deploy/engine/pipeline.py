@@ -370,7 +370,7 @@ class Pipeline:
         what the engine does not hold (extra_networks.py)."""
         stripped, tags = extra_networks.strip(text)
         for kind, arguments in tags:
-            message = extra_networks.advice(kind, arguments, self.manifest.model.loras, self.manifest.model.family)
+            message = extra_networks.advice(kind, arguments, self.manifest.model.loras)
             if message and message not in self.warned:
                 self.warned.add(message)
                 log.warning(message)

@@ -55,14 +55,11 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
 
 def refuse_for_xl(model: str, config: ExportConfig) -> None:
     """What SDXL engines do not take yet, said before any of it is read."""
-    for flag, given, what in (("--lora", config.loras, "LoRAs"), ("--embedding", config.embeddings,
-                                                                   "textual inversions"),
+    for flag, given, what in (("--embedding", config.embeddings, "textual inversions"),
                               ("--controlnet", config.controlnets, "ControlNets")):
         if given:
             raise ModelSourceError(
-                f"{flag}: {model} is an SDXL model, and SDXL {what} are not supported yet (SD 1.x / 2.x ones are)"
-                + ("; merge it with diffusers (load_lora_weights, fuse_lora, save_pretrained) and export that "
-                   "folder" if flag == "--lora" else ""))
+                f"{flag}: {model} is an SDXL model, and SDXL {what} are not supported yet (SD 1.x / 2.x ones are)")
 
 
 def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig(),

@@ -3,10 +3,12 @@ fixed at export time: an engine's weights are compiled in).
 
 Two layouts are read:
 - kohya (sd-scripts, most shared files): `lora_unet_<module path, dots as underscores>.lora_down.weight`,
-  `.lora_up.weight` and `.alpha`; `lora_te_...` (or `lora_te1_`) for the text encoder.
+  `.lora_up.weight` and `.alpha`; `lora_te_...` (or `lora_te1_`) for the text encoder, `lora_te2_` for
+  SDXL's second. U-Net layers under diffusers' names or the original checkpoint's (SDXL's files:
+  `input_blocks_4_1_...`; lora_names.py).
 - diffusers: `unet.<module path>.lora_A.weight` / `.lora_B.weight`, or the older `.lora.down.weight`,
   `.lora_linear_layer.down.weight` and `processor.to_q_lora.down.weight` spellings; `text_encoder.`
-  likewise. Alphas from `.alpha` tensors or the `lora_adapter_metadata` header diffusers writes.
+  and `text_encoder_2.` likewise. Alphas from `.alpha` tensors or the `lora_adapter_metadata` header diffusers writes.
 
 Each pair adds `weight * alpha / rank * up @ down` to its layer's weight (for convolutions, the
 same product over the flattened kernel); without an alpha, alpha = rank (AUTOMATIC1111's rule). A
@@ -23,19 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_deploy.errors import ModelSourceError, UserError
-from ldm_deploy.export import single_file
+from ldm_deploy.export import lora_names, single_file
 from ldm_deploy.export.source import hash_files
 
 log = logging.getLogger(__name__)
 
-# kohya: lora_unet_<layer>.lora_down.weight; lora_te_ (or lora_te1_) for the text encoder.
-KOHYA = re.compile(r"^lora_(unet|te1?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# kohya: lora_unet_<layer>.lora_down.weight; lora_te_ (or lora_te1_) for the text encoder, lora_te2_ SDXL's second.
+KOHYA = re.compile(r"^lora_(unet|te1?|te2)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 # diffusers / PEFT: unet.<layer>.lora_A.weight, and the spellings diffusers wrote before PEFT.
-DIFFUSERS = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
+DIFFUSERS = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.(lora_A\.weight|lora_B\.weight|lora\.down\.weight|"
                        r"lora\.up\.weight|lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)$")
 # diffusers' old attention-processor spelling: ...attn1.processor.to_q_lora.down.weight.
-PROCESSOR = re.compile(r"^(unet|text_encoder)\.(.+?)\.(?:processor\.)?to_(q|k|v|out)_lora\.(down|up)\.weight$")
-COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "text_encoder": "text_encoder"}
+PROCESSOR = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.(?:processor\.)?to_(q|k|v|out)_lora\.(down|up)\.weight$")
+COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "text_encoder": "text_encoder",
+             "te2": "text_encoder_2", "text_encoder_2": "text_encoder_2"}
 # What else such files may hold, which a product of two matrices does not express.
 UNSUPPORTED = {".hada_w1_a": "a LoHa (LyCORIS) file", ".lokr_w1": "a LoKr (LyCORIS) file",
                ".dora_scale": "a DoRA file", ".lora_magnitude_vector": "a DoRA file",
@@ -46,7 +49,7 @@ UNSUPPORTED = {".hada_w1_a": "a LoHa (LyCORIS) file", ".lokr_w1": "a LoKr (LyCOR
 
 @dataclass
 class Pair:
-    component: str  # "unet" or "text_encoder"
+    component: str  # "unet", "text_encoder" or "text_encoder_2"
     name: str  # the layer, as the file names it
     down: object  # torch tensor [rank, in(, kh, kw)]
     up: object  # [out, rank(, 1, 1)]
@@ -75,7 +78,7 @@ def entry(key: str) -> tuple[str, str, str] | None:
         part = "alpha" if m[3] == "alpha" else "down" if m[3].startswith(("lora_A", "lora.down", "lora_linear_layer.down")) else "up"
         return COMPONENT[m[1]], m[2], part
     if m := PROCESSOR.match(key):
-        text = m[1] == "text_encoder"
+        text = m[1].startswith("text_encoder")
         layer = f"{m[3]}_proj" if text else f"to_{m[3]}" + (".0" if m[3] == "out" else "")
         return COMPONENT[m[1]], f"{m[2]}.{layer}", m[4]
     return None
@@ -153,14 +156,15 @@ def a1111_hash(path: Path) -> str:
 
 
 def merge(src, loras, allow_pickle: bool) -> None:
-    """Add each (file, weight) LoRA to `src`'s U-Net and text encoder in place, and fold the
+    """Add each (file, weight) LoRA to `src`'s U-Net and text encoders in place, and fold the
     files and weights into its weight hash (the engine's "Model hash")."""
     import hashlib
 
     import torch
 
     digest = hashlib.sha256()
-    targets = {"unet": layers(src.unet), "text_encoder": layers(src.text_encoder)}
+    targets = {"unet": layers(src.unet), "text_encoder": layers(src.text_encoder),
+               "text_encoder_2": layers(src.text_encoder_2) if src.text_encoder_2 is not None else {}}
     for spec, weight in loras:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -168,12 +172,15 @@ def merge(src, loras, allow_pickle: bool) -> None:
         if path.is_dir():
             raise ModelSourceError(f"--lora {spec} is a folder; pass the LoRA file (.safetensors)")
         found = pairs(single_file.read(path, allow_pickle))
+        for p in found:  # the original checkpoint's U-Net block names, as SDXL files have them
+            flat = p.name.replace(".", "_")
+            if p.component == "unet" and lora_names.is_ldm(flat):
+                p.name = lora_names.to_diffusers(flat, src.unet.config) or p.name
         missing = [p.name for p in found if p.name not in targets[p.component]]
         if missing:
             raise ModelSourceError(
                 f"--lora {path}: {len(missing)} of its {len(found)} layers are not in this model (e.g. "
-                f"{missing[0]}): a LoRA for another architecture, or one naming the original "
-                "checkpoint's blocks (input_blocks_...), which is not read yet")
+                f"{missing[0]}): a LoRA for another architecture")
         with torch.no_grad():
             for p in found:
                 add(targets[p.component][p.name], p, weight, path)

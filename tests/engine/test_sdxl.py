@@ -184,16 +184,9 @@ def test_from_png_leaves_out_automatic1111s_clip_skip_for_sdxl(xl, tmp_path, cap
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(plain))
 
 
-def test_lora_tags_in_prompts_say_sdxl_loras_are_not_supported():
-    from ldm_deploy.engine.extra_networks import advice
-
-    assert "SDXL LoRAs are not supported" in advice("lora", "style:0.8", (), "sdxl")
-
-
 def test_what_sdxl_engines_do_not_take_is_refused_by_name(xl, tmp_path):
     folder = xl[0]
-    for config, message in ((ExportConfig(loras=(("style.safetensors", 1.0),)), "--lora.*SDXL LoRAs"),
-                            (ExportConfig(embeddings=(("word.safetensors", None),)), "--embedding.*SDXL textual"),
+    for config, message in ((ExportConfig(embeddings=(("word.safetensors", None),)), "--embedding.*SDXL textual"),
                             (ExportConfig(controlnets=("canny",)), "--controlnet.*SDXL ControlNets")):
         with pytest.raises(ModelSourceError, match=message):
             export_engine(str(folder), tmp_path / "never", config)

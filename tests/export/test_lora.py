@@ -98,9 +98,9 @@ def test_lora_for_another_architecture_or_of_another_kind(model_dirs, tmp_path):
     kohya_file(tmp_path / "sd1.safetensors", pairs)
     with pytest.raises(ModelSourceError, match="another architecture"):
         lora_merge(sd2, tmp_path / "sd1.safetensors")
-    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32),
-               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(tmp_path / "ldm.safetensors"))
-    with pytest.raises(ModelSourceError, match="1 of its 1 layers are not in this model"):
+    save_file({"lora_unet_input_blocks_9_1_proj_in.lora_down.weight": torch.zeros(4, 32),
+               "lora_unet_input_blocks_9_1_proj_in.lora_up.weight": torch.zeros(32, 4)}, str(tmp_path / "ldm.safetensors"))
+    with pytest.raises(ModelSourceError, match="1 of its 1 layers are not in this model"):  # no 9th input block
         lora_merge(load_source(model), tmp_path / "ldm.safetensors")
     save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "loha.safetensors"))
     with pytest.raises(ModelSourceError, match="LoHa"):
@@ -299,3 +299,84 @@ def test_ldm_run_model_merges_vae_lora_and_embedding_into_its_cached_engine(mode
     code = run_cli.main(["a cat", "--model", model, "--lora", "missing.safetensors"])
     err = capsys.readouterr().err
     assert code == 2 and "missing.safetensors" in err and "Traceback" not in err
+
+
+# SDXL: (component, diffusers layer) of every kind the original block names take: attention in a
+# down, the mid and an up block, resnet convolutions and their shortcut, the down- and upsampler,
+# the added-conditioning MLP (label_emb), and both text encoders.
+XL_LAYERS = [("unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"),
+             ("unet", "mid_block.attentions.0.proj_in"),
+             ("unet", "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj"),
+             ("unet", "down_blocks.1.resnets.0.conv_shortcut"),
+             ("unet", "up_blocks.1.resnets.1.conv2"),
+             ("unet", "mid_block.resnets.1.conv1"),
+             ("unet", "down_blocks.0.downsamplers.0.conv"),
+             ("unet", "up_blocks.0.upsamplers.0.conv"),
+             ("unet", "add_embedding.linear_1"),
+             ("text_encoder", "encoder.layers.0.self_attn.q_proj"),
+             ("text_encoder_2", "encoder.layers.2.mlp.fc1")]
+
+
+def test_sdxl_lora_under_the_original_block_names_moves_exactly_its_layers(tmp_path):
+    """sd-scripts' SDXL files name U-Net layers as the original checkpoint does
+    (lora_unet_input_blocks_4_1_...); the names here come from the inverse of diffusers'
+    converter (tests/ldm_checkpoint.py), not from the mapping under test."""
+    from ldm_checkpoint import unet_name
+    from ldm_deploy.export.random_model import make_random_model
+
+    model = str(make_random_model(tmp_path / "xl", "tiny-sdxl", seed=1))
+    base = load_source(model)
+    g = torch.Generator().manual_seed(5)
+    config = base.unet.config
+    up_attention = {i for i, t in enumerate(config.up_block_types) if "CrossAttn" in t}
+    state, pairs = {}, {}
+    nested = {c: "text_model." if hasattr(getattr(base, c), "text_model") else "" for c in ("text_encoder",
+                                                                                           "text_encoder_2")}
+    for component, name in XL_LAYERS:
+        w = getattr(base, component).get_submodule(nested.get(component, "") + name).weight
+        down = torch.randn((RANK, w.shape[1], *w.shape[2:]), generator=g)
+        up = torch.randn((w.shape[0], RANK, *([1, 1] if w.ndim == 4 else [])), generator=g)
+        pairs[component, name] = (down, up)
+        if component == "unet":
+            key = "lora_unet_" + unet_name(name + ".weight", config.layers_per_block, up_attention)[:-7].replace(".", "_")
+        else:
+            key = f"lora_{'te1' if component == 'text_encoder' else 'te2'}_text_model_{name.replace('.', '_')}"
+        state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(ALPHA)}
+    assert any(k.startswith("lora_unet_input_blocks_") for k in state)
+    save_file(state, str(tmp_path / "xl-style.safetensors"))
+    before = {(m, k): v.clone() for m in ("unet", "text_encoder", "text_encoder_2")
+              for k, v in getattr(base, m).state_dict().items()}
+    src = load_model(model, ExportConfig(loras=((str(tmp_path / "xl-style.safetensors"), 0.6),)))
+    changed = {(c, f"{nested.get(c, '')}{name}.weight"): (c, name) for c, name in XL_LAYERS}
+    for key, old in before.items():
+        value = getattr(src, key[0]).state_dict()[key[1]]
+        if key in changed:
+            down, up = pairs[changed[key]]
+            delta = (up.reshape(up.shape[0], -1) @ down.reshape(RANK, -1)).reshape(value.shape)
+            torch.testing.assert_close(value, old + 0.6 * ALPHA / RANK * delta, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(value, old), key
+    assert src.loras[0]["name"] == "xl-style"
+
+
+def test_sd_lora_under_the_original_block_names_equals_diffusers_names(model_dirs, tmp_path):
+    """Some SD 1.x files name blocks as the original checkpoint does too: merged alike."""
+    model = str(model_dirs["tiny-sd1"])
+    pairs = designed(load_source(model))
+    kohya_file(tmp_path / "diffusers.safetensors", pairs)
+    from ldm_checkpoint import unet_name
+
+    base = load_source(model)
+    config = base.unet.config
+    up_attention = {i for i, t in enumerate(config.up_block_types) if "CrossAttn" in t}
+    state = {}
+    for (component, name), (down, up) in pairs.items():
+        if component == "unet":
+            key = "lora_unet_" + unet_name(name + ".weight", config.layers_per_block, up_attention)[:-7].replace(".", "_")
+        else:
+            key = f"lora_te_text_model_{name.replace('.', '_')}"
+        state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(ALPHA)}
+    save_file(state, str(tmp_path / "ldm.safetensors"))
+    a = params(load_model(model, ExportConfig(loras=((str(tmp_path / "diffusers.safetensors"), 1.0),))))
+    b = params(load_model(model, ExportConfig(loras=((str(tmp_path / "ldm.safetensors"), 1.0),))))
+    assert all(torch.equal(a[k], b[k]) for k in a)
