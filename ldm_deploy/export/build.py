@@ -55,11 +55,9 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
 
 def refuse_for_xl(model: str, config: ExportConfig) -> None:
     """What SDXL engines do not take yet, said before any of it is read."""
-    for flag, given, what in (("--embedding", config.embeddings, "textual inversions"),
-                              ("--controlnet", config.controlnets, "ControlNets")):
-        if given:
-            raise ModelSourceError(
-                f"{flag}: {model} is an SDXL model, and SDXL {what} are not supported yet (SD 1.x / 2.x ones are)")
+    if config.embeddings:
+        raise ModelSourceError(f"--embedding: {model} is an SDXL model, and SDXL textual inversions are not "
+                               "supported yet (SD 1.x / 2.x ones are)")
 
 
 def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig(),

@@ -128,7 +128,7 @@ class UnetStep(nn.Module):
         t = coeffs[update.T]
         residuals = {}
         if len(self.controlnets):
-            residuals = self.control(x_latent, t, emb, control_images, control_scales, k)
+            residuals = self.control(x_latent, t, emb, control_images, control_scales, k, added)
         extra = {} if added is None else {"added_cond_kwargs": added}
         out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=emb, **extra, **residuals).sample.float()
         out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
@@ -138,15 +138,16 @@ class UnetStep(nn.Module):
             x_next = (1 - mask) * image_latents + mask * x_next  # mask of 1 keeps x_next exactly
         return x_next, x0
 
-    def control(self, x, t, emb, images, scales, k) -> dict:
+    def control(self, x, t, emb, images, scales, k, added=None) -> dict:
         """The ControlNets' residuals, summed, as the U-Net's keyword arguments. Each sees the
         (K*B, C, h, w) latent input (an inpainting U-Net's extra channels not), as diffusers'
-        ControlNet pipelines give it, and its (B, 3, H, W) image repeated K times."""
+        ControlNet pipelines give it, its (B, 3, H, W) image repeated K times, and SDXL's added
+        conditioning as the U-Net does."""
         down, mid = None, None
         for i, net in enumerate(self.controlnets):
             image = images[i].repeat(k, 1, 1, 1).to(self.dtype)  # (K*B, 3, H, W)
             d, m = net(x.to(self.dtype), t, encoder_hidden_states=emb, controlnet_cond=image,
-                       conditioning_scale=scales[i].to(self.dtype), return_dict=False)
+                       conditioning_scale=scales[i].to(self.dtype), added_cond_kwargs=added, return_dict=False)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
@@ -158,11 +159,12 @@ class UnetStepXL(UnetStep):
     diffusers' _get_add_time_ids lists them), taken after the step's other inputs, in the spec's order."""
 
     def forward(self, latents, text_embeddings, coeffs, state, noise, state2, mask, image_latents,
-                pooled_embeddings, time_ids):
+                pooled_embeddings, time_ids, control_images=None, control_scales=None):
         k = text_embeddings.shape[0]
         added = {"text_embeds": pooled_embeddings.flatten(0, 1).to(self.dtype),  # (K*B, P)
                  "time_ids": time_ids.repeat(k, 1).to(self.dtype)}  # (K*B, 6), K-major as the latents
-        return self.step(latents, text_embeddings, coeffs, state, noise, state2, mask, image_latents, added=added)
+        return self.step(latents, text_embeddings, coeffs, state, noise, state2, mask, image_latents,
+                         control_images, control_scales, added=added)
 
 
 class VaeDecoder(nn.Module):
@@ -212,7 +214,7 @@ def text_encoder(m, dtype):
 def unet_step(m, dtype):
     if m.text_encoder_2 is None:
         return UnetStep(m.unet, dtype, m.controlnets)
-    return UnetStepXL(m.unet, dtype)
+    return UnetStepXL(m.unet, dtype, m.controlnets)
 
 
 WRAPPERS = {

@@ -95,7 +95,7 @@ FROM_UNET = ("flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_at
              "norm_eps", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
              "num_attention_heads", "use_linear_projection", "class_embed_type", "num_class_embeds",
              "upcast_attention", "resnet_time_scale_shift", "projection_class_embeddings_input_dim",
-             "mid_block_type")
+             "mid_block_type", "addition_embed_type", "addition_time_embed_dim")  # the last two: SDXL's
 
 
 def config_for(unet) -> dict:
@@ -123,12 +123,12 @@ def check_fits(net, unet, path: Path, vae) -> None:
     if c.get("global_pool_conditions"):
         raise ModelSourceError(f"--controlnet {path} pools its image globally (a shuffle ControlNet), which "
                                "diffusers runs in guess mode; that is not supported yet")
-    for name in ("block_out_channels", "layers_per_block", "cross_attention_dim"):
-        if _plain(c[name]) != _plain(u[name]):
+    for name in ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type"):
+        if _plain(c.get(name)) != _plain(u.get(name)):
             raise ModelSourceError(
-                f"--controlnet {path} was made for another model: its {name} is {_plain(c[name])}, the "
-                f"U-Net's {_plain(u[name])} (a ControlNet for SD 1.5 fits SD 1.x models, one for SD 2.1 "
-                "SD 2.x)")
+                f"--controlnet {path} was made for another model: its {name} is {_plain(c.get(name))}, the "
+                f"U-Net's {_plain(u.get(name))} (a ControlNet for SD 1.5 fits SD 1.x models, one for SD 2.1 "
+                "SD 2.x, one for SDXL SDXL)")
     if c.in_channels != u.out_channels:
         raise ModelSourceError(f"--controlnet {path} takes {c.in_channels}-channel latents; this model's "
                                f"have {u.out_channels}")

@@ -6,6 +6,7 @@ and its pooled projection (40) in both, so that a mixed-up concatenation cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -23,7 +24,7 @@ from ldm_deploy.engine.infotext import read_png
 from ldm_deploy.errors import ModelSourceError
 from ldm_deploy.export.build import export_engine
 from ldm_deploy.export.config import ExportConfig
-from ldm_deploy.export.random_model import make_random_model
+from ldm_deploy.export.random_model import make_random_controlnet, make_random_model
 
 TOL = 2e-3
 SCHEDULERS = diffusers_schedulers()
@@ -139,6 +140,38 @@ def test_inpainting_with_the_base_model_matches_diffusers(strength, xl, init_ima
     assert np.abs(got - expected).max() < TOL
 
 
+@pytest.fixture(scope="module")
+def xl_control(xl, tmp_path_factory):
+    """(ControlNet folder, our pipeline of the tiny SDXL with it)."""
+    root = tmp_path_factory.mktemp("sdxl-control")
+    net = make_random_controlnet(root / "net", "tiny-sdxl", seed=2)
+    engine = export_engine(str(xl[0]), root / "engine", dataclasses.replace(TEST_CONFIG, controlnets=(str(net),)))
+    return net, Pipeline.load(engine)
+
+
+@pytest.mark.parametrize("sampler,scale,end", [("euler", 0.7, 1.0), ("dpmpp_2m_karras", 1.0, 0.6)])
+def test_controlnet_matches_diffusers(sampler, scale, end, xl, xl_control):
+    """An SDXL ControlNet in the U-Net step, with SDXL's added conditioning, as diffusers'
+    StableDiffusionXLControlNetPipeline runs it; the control image sets the size."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    net_dir, pipe = xl_control
+    ref = StableDiffusionXLControlNetPipeline.from_pipe(xl[2], controlnet=ControlNetModel.from_pretrained(net_dir))
+    y, x = np.mgrid[0:H, 0:W]
+    control = Image.fromarray(((np.sin(x / 5.0) * np.cos(y / 7.0) > 0)[..., None] * [255, 255, 255]).astype(np.uint8))
+    lat = noise(6)
+    expected = diffusers_run(ref, sampler, prompt="a glass house", image=control, controlnet_conditioning_scale=scale,
+                             control_guidance_end=end, num_inference_steps=6, guidance_scale=7.5,
+                             latents=torch.from_numpy(lat))
+    got = ours(pipe, sampler, prompt="a glass house", control_image=control, control_scale=scale, control_end=end,
+               steps=6, guidance=7.5, latents=lat)
+    assert_not_saturated(expected)
+    assert np.abs(got - expected).max() < TOL
+    off = ours(pipe, sampler, prompt="a glass house", control_image=control, control_scale=0.0, steps=6,
+               guidance=7.5, latents=lat)
+    assert np.abs(off - got).max() > 0.01  # the ControlNet acts
+
+
 def test_manifest_and_cli_run(xl, tmp_path):
     """The engine says what it holds; ldm-export and ldm-run take an SDXL folder, and the PNG's
     parameters (no negative prompt) draw the same image again with --from-png."""
@@ -184,13 +217,14 @@ def test_from_png_leaves_out_automatic1111s_clip_skip_for_sdxl(xl, tmp_path, cap
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(plain))
 
 
-def test_what_sdxl_engines_do_not_take_is_refused_by_name(xl, tmp_path):
+def test_what_sdxl_engines_do_not_take_is_refused_by_name(xl, model_dirs, tmp_path):
     folder = xl[0]
-    for config, message in ((ExportConfig(embeddings=(("word.safetensors", None),)), "--embedding.*SDXL textual"),
-                            (ExportConfig(controlnets=("canny",)), "--controlnet.*SDXL ControlNets")):
-        with pytest.raises(ModelSourceError, match=message):
-            export_engine(str(folder), tmp_path / "never", config)
-        assert not (tmp_path / "never").exists()
+    with pytest.raises(ModelSourceError, match="--embedding.*SDXL textual"):
+        export_engine(str(folder), tmp_path / "never", ExportConfig(embeddings=(("word.safetensors", None),)))
+    sd_net = make_random_controlnet(tmp_path / "sd-net", "tiny-sd1")
+    with pytest.raises(ModelSourceError, match="made for another model"):  # an SD ControlNet on SDXL
+        export_engine(str(folder), tmp_path / "never", ExportConfig(controlnets=(str(sd_net),)))
+    assert not (tmp_path / "never").exists()
 
 
 def test_refiners_and_broken_sdxl_folders_are_refused(xl, tmp_path):
@@ -252,3 +286,23 @@ def test_bench_measures_an_sdxl_engine_against_diffusers(xl, tmp_path, capsys):
     assert set(results["contenders"]) == {"ours", "diffusers"}
     assert results["contenders"]["diffusers"]["stages"]["unet_step"]["median"] > 0
     assert results["unet_flops_per_step"] > 0
+
+
+def test_sdxl_controlnet_single_file_in_diffusers_names(xl, xl_control, tmp_path):
+    """SDXL ControlNets are mostly shared as one file under diffusers' names: built for the model's
+    U-Net (its added conditioning too) and given every weight."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from ldm_deploy.export import controlnet
+    from ldm_deploy.export.source import load_source
+
+    net_dir, _ = xl_control
+    ref = ControlNetModel.from_pretrained(net_dir)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "xl-canny.safetensors"))
+    src = load_source(str(xl[0]))
+    net, files = controlnet.load_one(tmp_path / "xl-canny.safetensors", False, src.unet)
+    controlnet.check_fits(net, src.unet, tmp_path / "xl-canny.safetensors", src.vae)
+    assert net.config.addition_embed_type == "text_time" and files == [tmp_path / "xl-canny.safetensors"]
+    got = net.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
