@@ -232,13 +232,15 @@ def compare(pipe, inputs: dict, refs: dict) -> dict:
     upcast = hasattr(pipe, "text_encoder_2") and vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:  # as SDXL's pipeline decodes: its __call__ runs such a VAE in fp32, then casts it back
         vae.to(torch.float32)
-    outs = {
-        "text_encoder": pipe.text_encoder(inputs["ids"])[0],
-        "unet": unet_call(pipe.unet, inputs),
-        "vae_decode": vae.decode(z.to(vae.dtype)).sample,
-    }
-    if upcast:
-        vae.to(torch.float16)
+    try:
+        outs = {
+            "text_encoder": pipe.text_encoder(inputs["ids"])[0],
+            "unet": unet_call(pipe.unet, inputs),
+            "vae_decode": vae.decode(z.to(vae.dtype)).sample,
+        }
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     checks = {}
     for name, out in outs.items():
         ref, out = refs[name], out.float()

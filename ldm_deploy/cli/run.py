@@ -179,8 +179,9 @@ def from_png(args) -> dict:
             log.warning("%s", warning)
         if args.prompt is None:
             args.prompt = prompt
-        if "negative_prompt" not in given:  # none written: none given (SDXL: zeros, as AUTOMATIC1111 draws it)
-            values["negative_prompt"] = negative or None
+        if "negative_prompt" not in given:  # none written: none given (SDXL: zeros, as AUTOMATIC1111 draws
+            # it), but where ours says the empty one was encoded
+            values["negative_prompt"] = negative or ("" if fields.get(infotext.EMPTY_NEGATIVE) == "encoded" else None)
         for key, value in values.items():
             setattr(args, key, value)
     for key, default in FROM_PNG.items():

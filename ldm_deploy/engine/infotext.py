@@ -31,9 +31,13 @@ NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
 # Fields whose difference changes nothing here, or that say how the image was made elsewhere.
+# Ours: an SDXL image whose empty negative prompt was encoded (given as ""), not zeros (none given),
+# which the text alone cannot tell apart (no "Negative prompt:" line either way).
+EMPTY_NEGATIVE = "Empty negative prompt"
 QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lora hashes", "Emphasis",
          "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
-         "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur"}
+         "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur",
+         EMPTY_NEGATIVE}
 
 
 def read_png(path: str | Path) -> str:
@@ -179,6 +183,8 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
         fields.update({"Inpaint area": "Only masked", "Masked area padding": crop_pad})
     if control is not None:
         fields.update(control.fields(model.controlnets))
+    if model.zero_negative and req.guided and not req.zero_negative and not req.negative_prompts[i]:
+        fields[EMPTY_NEGATIVE] = "encoded"
     if req.clip_skip:
         fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
     if not req.prompt_weighting and re.search(r"[()\[\]]|<\w+:[^>]+>|\bBREAK\b",

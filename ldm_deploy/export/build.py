@@ -430,6 +430,9 @@ def torch_dtype(name: str):
 
 def model_info(src: SourceModel) -> ModelInfo:
     text_cfg = src.text_encoder.config
+    if str(src.scheduler_config.get("_class_name", "")).startswith("EDM"):
+        raise ModelSourceError(f"{src.path}: an EDM model ({src.scheduler_config['_class_name']}, e.g. Playground "
+                               "v2.5), whose noise schedule is not supported yet")
     schedule = NoiseSchedule.from_config(src.scheduler_config)
     if schedule.beta_schedule not in ("scaled_linear", "linear"):
         raise ModelSourceError(f"{src.path}: beta_schedule {schedule.beta_schedule!r} is not supported yet")

@@ -73,6 +73,12 @@ def load_file(path: Path, allow_pickle: bool, unet):
     elif any(k.endswith(ORIGINAL_HINT) for k in state):
         weights = convert_controlnet_checkpoint(state, dict(unet.config))
         weights = {k: v for k, v in weights.items() if v is not None}  # the converter's None: not in the file
+        if unet.config.get("addition_embed_type"):  # SDXL's added-conditioning MLP, which the converter skips
+            for old, new in (("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")):
+                for part in ("weight", "bias"):
+                    key = next((k for k in state if k.endswith(old + part)), None)
+                    if key is not None:
+                        weights[new + part] = state[key]
     else:
         raise ModelSourceError(f"--controlnet {path} is not a ControlNet (it has no {ORIGINAL_HINT} or {HINT} "
                                "weight); pass a ControlNet file or a diffusers ControlNet folder")
@@ -82,7 +88,8 @@ def load_file(path: Path, allow_pickle: bool, unet):
     except (ValueError, RuntimeError, KeyError) as e:
         raise ModelSourceError(f"--controlnet {path} does not fit this model's U-Net: "
                                f"{single_file.first_line(e)} (a ControlNet for SD 1.5 fits SD 1.x models, one "
-                               "for SD 2.1 SD 2.x)") from None
+                               "for SD 2.1 SD 2.x, one for SDXL SDXL; SDXL's mid / small ControlNets need their "
+                               "diffusers folder, whose config.json holds their smaller blocks)") from None
     return net
 
 

@@ -36,6 +36,8 @@ def to_diffusers(name: str, config) -> str | None:
         if name == old or name.startswith(old + "_"):
             return new + name[len(old):]
     per_down = config.layers_per_block
+    if not isinstance(per_down, int):  # per-block counts (diffusers allows a list): not mapped
+        return None
     up_attention = {i for i, t in enumerate(config.up_block_types) if "CrossAttn" in t}
     if m := MIDDLE.match(name):
         index, rest = int(m[1]), m[2]

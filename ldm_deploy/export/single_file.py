@@ -36,7 +36,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers' scheduler names
 
 
 # Keys that name other model families: refused by name rather than as "incomplete".
-OTHER_FAMILIES = {"SD3": UNET + "joint_blocks.", "Flux": UNET + "double_blocks."}
+OTHER_FAMILIES = {"SD3": UNET + "joint_blocks.", "Flux": UNET + "double_blocks.",
+                  "Playground v2.5 (SDXL's layout, EDM's noise schedule and latent statistics)": "edm_mean"}
 # SDXL's text encoders: CLIP ViT-L under transformers' names, OpenCLIP ViT-bigG under its own.
 XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 LABEL_EMB = UNET + "label_emb.0.0.weight"  # [*, 2816] SDXL, [*, 2560] its refiner, else unCLIP-like
@@ -108,7 +109,8 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
     xl = any(k.startswith(XL_OPEN_CLIP) for k in names)
     if LABEL_EMB in ck.state:
         width = ck.state[LABEL_EMB].shape[1]
-        kind = {2560: "an SDXL refiner"}.get(width, "a class-conditioned (unCLIP or upscaler)")
+        kind = {2560: "an SDXL refiner", 2816: "an SDXL checkpoint without its second text encoder "
+                "(conditioner.embedders.1.); a partial"}.get(width, "a class-conditioned (unCLIP or upscaler)")
         if not xl:  # SDXL base's: pooled text and six sizes (1280 + 6 x 256); the refiner has no embedders.1
             raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x / SDXL base text-to-image "
                                    "models are supported yet")
@@ -268,10 +270,18 @@ def convert(state: dict, config: Path, with_vae: bool = True):
         weights = convert_open_clip_checkpoint(text_2, state, prefix=XL_OPEN_CLIP)
         load_weights(text_2, nested(text_2, weights), "second text encoder", unused_ok=True)  # logit scale
         xl = dict(text_encoder_2=text_2, tokenizer_2=CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer_2"),
-                  zero_negative=True)
+                  zero_negative=zero_negative(config))
     # The fast tokenizer: the export saves its tokenizer.json (a slow one would be reloaded from
     # the model's folder, which a single file does not have).
     return unet, vae, text, CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer"), xl
+
+
+def zero_negative(config: Path) -> bool:
+    """The config folder's force_zeros_for_empty_prompt (diffusers' default for SDXL: true)."""
+    try:
+        return bool(json.loads((config / "model_index.json").read_text()).get("force_zeros_for_empty_prompt", True))
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def nested(text, weights: dict) -> dict:

@@ -26,7 +26,7 @@ XL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")  # SDXL's, beside those
 # gigabytes of both).
 HUB_PATTERNS = ("model_index.json", *(f"{sub}/*.{ext}" for sub in SUBFOLDERS + XL_SUBFOLDERS
                                        for ext in ("json", "txt", "safetensors")))
-VARIANT = re.compile(r"\.(fp16|bf16|ema|non_ema)\.(safetensors|bin|ckpt)$")  # diffusers' variant names
+VARIANT = re.compile(r"\.(fp16|bf16|ema|non_ema)(-\d+-of-\d+)?\.(safetensors|bin|ckpt)$")  # diffusers' variant names
 SAFE_SUFFIXES, PICKLE_SUFFIXES = single_file.SAFE_SUFFIXES, single_file.PICKLE_SUFFIXES
 
 
@@ -95,8 +95,7 @@ def resolve(model: str, patterns=HUB_PATTERNS) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, allow_patterns=list(patterns), ignore_patterns=["*.fp16.*", "*.bf16.*",
-                                                                                              "*.ema.*", "*.non_ema.*"]))
+        return Path(snapshot_download(model, allow_patterns=list(patterns), ignore_patterns=[f"*.{v}{s}" for v in ("fp16", "bf16", "ema", "non_ema") for s in (".*", "-*")]))
     except Exception as e:  # network, auth, missing repo: all the user's to fix
         if local:
             raise ModelSourceError(
@@ -318,6 +317,9 @@ def check_config(config: str) -> Path:
 
 def check_architecture(path, unet, vae, text_encoder, text_encoder_2=None) -> None:
     uc, vc = unet.config, vae.config
+    if vc.get("latents_mean") is not None:
+        raise ModelSourceError(f"{path}: the VAE normalises its latents by a mean and std (Playground v2.5's "
+                               "EDM formulation), which is not supported yet")
     if text_encoder_2 is not None:
         check_xl(path, uc, vc, text_encoder, text_encoder_2)
         return

@@ -197,6 +197,9 @@ def test_manifest_and_cli_run(xl, tmp_path):
     assert run_cli.main(["--engine", str(engine), "a fox", "--steps", "3", "--width", "64", "--height", "64",
                          "--seed", "3", "--negative-prompt", "", "--out", str(empty)]) == 0
     assert np.abs(np.asarray(Image.open(empty)).astype(int) - drawn).max() > 5  # "" is encoded: another image
+    assert "Empty negative prompt: encoded" in read_png(empty)  # which the text alone could not tell
+    assert run_cli.main(["--engine", str(engine), "--from-png", str(empty), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(empty)))
 
 
 def test_from_png_leaves_out_automatic1111s_clip_skip_for_sdxl(xl, tmp_path, capsys):
@@ -247,6 +250,17 @@ def test_refiners_and_broken_sdxl_folders_are_refused(xl, tmp_path):
     (alone / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if "_2" not in k}))
     with pytest.raises(ModelSourceError, match="looks like SDXL.*no second"):
         export_engine(str(alone), tmp_path / "e3", ExportConfig())
+    edm = tmp_path / "edm"  # Playground v2.5: SDXL's layout, EDM's schedule and latent statistics
+    shutil.copytree(folder, edm)
+    scheduler = json.loads((edm / "scheduler" / "scheduler_config.json").read_text())
+    (edm / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**scheduler, "_class_name": "EDMDPMSolverMultistepScheduler"}))
+    with pytest.raises(ModelSourceError, match="an EDM model"):
+        export_engine(str(edm), tmp_path / "e4", ExportConfig())
+    vae = json.loads((edm / "vae" / "config.json").read_text())
+    (edm / "vae" / "config.json").write_text(json.dumps({**vae, "latents_mean": [0.0] * 4, "latents_std": [1.0] * 4}))
+    with pytest.raises(ModelSourceError, match="normalises its latents"):
+        export_engine(str(edm), tmp_path / "e5", ExportConfig())
 
 
 def test_long_prompts_emphasis_editing_and_hires_run(xl):
@@ -304,5 +318,13 @@ def test_sdxl_controlnet_single_file_in_diffusers_names(xl, xl_control, tmp_path
     net, files = controlnet.load_one(tmp_path / "xl-canny.safetensors", False, src.unet)
     controlnet.check_fits(net, src.unet, tmp_path / "xl-canny.safetensors", src.vae)
     assert net.config.addition_embed_type == "text_time" and files == [tmp_path / "xl-canny.safetensors"]
+    got = net.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+    # under the original release's names too (its added-conditioning MLP as label_emb)
+    from ldm_checkpoint import controlnet_state
+
+    save_file(controlnet_state(ref, "control_model."), str(tmp_path / "xl-original.safetensors"))
+    assert any("label_emb.0.0" in k for k in controlnet_state(ref))
+    net, _ = controlnet.load_one(tmp_path / "xl-original.safetensors", False, src.unet)
     got = net.state_dict()
     assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
