@@ -168,7 +168,7 @@ def model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline")
     checker), or a StableDiffusionXLPipeline one."""
     import diffusers
 
-    if pipeline == "StableDiffusionXLPipeline":
+    if pipeline.startswith("StableDiffusionXL"):
         return {
             "_class_name": pipeline,
             "_diffusers_version": diffusers.__version__,
@@ -213,8 +213,9 @@ def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
     inpainting = unet.config.in_channels != unet.config.out_channels
-    index = model_index(scheduler["_class_name"], "StableDiffusionXLPipeline" if text_2 is not None else
-                        "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline")
+    kind = "Inpaint" if inpainting else ""
+    index = model_index(scheduler["_class_name"], f"StableDiffusionXL{kind}Pipeline" if text_2 is not None else
+                        f"StableDiffusion{kind}Pipeline")
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -263,8 +264,6 @@ def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0, 
 
     out = Path(out)
     xl = "text_2" in PRESETS[preset]
-    if xl and inpainting:
-        raise ValueError("SDXL inpainting U-Nets are not supported")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(preset, inpainting))
     vae = AutoencoderKL(**vae_config(preset))

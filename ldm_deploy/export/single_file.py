@@ -127,9 +127,6 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
             f"{ck.path}: the U-Net takes {ck.state[CONV_IN].shape[1]} input channels (a depth or other "
             "conditioned model); only text-to-image (4 channels) and inpainting (9) models are supported yet")
     if xl:
-        if inpainting(ck):
-            raise ModelSourceError(f"{ck.path} is an SDXL inpainting checkpoint, which is not supported yet "
-                                   "(SDXL base models and their fine-tunes are)")
         return "sdxl"
     sd2 = any(k.startswith((OPEN_CLIP, SGM_OPEN_CLIP)) for k in names) or \
         (CROSS_KEY in ck.state and ck.state[CROSS_KEY].shape[-1] == 1024)
@@ -200,8 +197,7 @@ def write_configs(folder: Path, fam: str, prediction: str, inpaint: bool = False
     if fam == "sdxl":
         text_config(preset, "text_2").save_pretrained(folder / "text_encoder_2")
         tokenizer(preset, "pad_token_2").save_pretrained(folder / "tokenizer_2")
-    pipeline = "StableDiffusionXLPipeline" if fam == "sdxl" else \
-        "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+    pipeline = f"StableDiffusion{'XL' if fam == 'sdxl' else ''}{'Inpaint' if inpaint else ''}Pipeline"
     (folder / "model_index.json").write_text(json.dumps(model_index(scheduler["_class_name"], pipeline), indent=2))
 
 

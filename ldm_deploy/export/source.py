@@ -347,9 +347,10 @@ def check_xl(path, uc, vc, text_encoder, text_encoder_2) -> None:
     if uc.get("addition_embed_type") != "text_time":
         raise ModelSourceError(f"{path} has two text encoders but its U-Net takes no SDXL size conditioning "
                                f"(addition_embed_type {uc.get('addition_embed_type')!r}); not supported")
-    if uc.in_channels != vc.latent_channels:
-        raise ModelSourceError(f"{path}: the U-Net takes {uc.in_channels} channels; SDXL inpainting models "
-                               "are not supported yet (SDXL base models and their fine-tunes are)")
+    if uc.in_channels not in (vc.latent_channels, 2 * vc.latent_channels + 1):  # 2C + 1: inpainting
+        raise ModelSourceError(f"{path}: the U-Net takes {uc.in_channels} channels; only SDXL text-to-image "
+                               f"({vc.latent_channels}) and inpainting ({2 * vc.latent_channels + 1}) models are "
+                               "supported")
     added = uc.projection_class_embeddings_input_dim - pooled
     if added == 5 * uc.addition_time_embed_dim:
         raise ModelSourceError(f"{path} is an SDXL refiner (its U-Net takes an aesthetic score), which is not "

@@ -328,3 +328,25 @@ def test_sdxl_controlnet_single_file_in_diffusers_names(xl, xl_control, tmp_path
     net, _ = controlnet.load_one(tmp_path / "xl-original.safetensors", False, src.unet)
     got = net.state_dict()
     assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_sdxl_inpainting_model_matches_diffusers(strength, tmp_path_factory, init_image):
+    """An SDXL inpainting U-Net (9 channels in: latents, mask, masked image latents), as
+    StableDiffusionXLInpaintPipeline runs it (diffusers/stable-diffusion-xl-1.0-inpainting-0.1)."""
+    root = tmp_path_factory.mktemp("sdxl-inpainting")
+    folder = make_random_model(root / "model", "tiny-sdxl", seed=4, inpainting=True)
+    pipe = Pipeline.load(export_engine(str(folder), root / "engine", TEST_CONFIG))
+    assert pipe.manifest.model.inpainting and "vae_encoder" in pipe.manifest.files
+    ref = StableDiffusionXLInpaintPipeline.from_pretrained(folder)
+    ref.set_progress_bar_config(disable=True)
+    SCHEDULER_CONFIG.update(ref.scheduler.config)
+    mask = np.zeros((H, W), np.uint8)
+    mask[16:80, 24:90] = 255
+    kwargs = dict(prompt="a red sofa", image=init_image, mask_image=Image.fromarray(mask), strength=strength,
+                  width=W, height=H)
+    expected = diffusers_run(ref, "euler_a", num_inference_steps=6, guidance_scale=7.5,
+                             generator=torch.Generator().manual_seed(8), **kwargs)
+    got = ours(pipe, "euler_a", steps=6, guidance=7.5, generator=torch.Generator().manual_seed(8), **kwargs)
+    assert_not_saturated(expected)
+    assert np.abs(got - expected).max() < TOL
