@@ -42,6 +42,13 @@
 #   SUITE_STAGES=attention,profile SUITE_ATTENTION_ARGS="--only sd1 --unet" SUITE_BUDGET_S=400 \
 #     bash benchmarks/gpu_suite.sh
 #
+# SDXL (never measured yet): the same stages on the full SDXL base architecture (2.6B U-Net; about
+# a minute to build), 1024x1024, e.g. the peers and our torch engine (dry-run here on the CPU with
+# SUITE_PRESET=tiny-sdxl, flow as below):
+#
+#   SUITE_PRESET=sdxl SUITE_SIZE=1024 SUITE_STEPS=30 SUITE_STAGES=peers,torch SUITE_BUDGET_S=560 \
+#     bash benchmarks/gpu_suite.sh
+#
 # On the machine the suite installs it with `pip install --no-deps --target /tmp/site wheels/*.whl`
 # (--target: a fresh folder on PYTHONPATH, the image's own environment untouched).
 #

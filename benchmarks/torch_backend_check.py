@@ -34,10 +34,15 @@ def compare(ours, ref) -> dict:
 
 def diffusers_images(model, dtype, prompt, latents, steps, size):
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False).to("cuda")
+    from benchmarks.peers import is_xl
+
+    if is_xl(model):  # its VAE in fp32 where its config says so, as ours
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype).to("cuda")
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False).to("cuda")
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():

@@ -37,13 +37,7 @@ log = logging.getLogger(__name__)
 
 def load_model(model: str, config: ExportConfig) -> SourceModel:
     """The source model as the engine will hold it: its VAE replaced, its LoRAs merged."""
-    from ldm_deploy.export.source import is_xl_folder
-
-    if Path(model).expanduser().is_dir() and is_xl_folder(Path(model).expanduser()):
-        refuse_for_xl(model, config)  # before loading gigabytes
     src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
-    if src.family == "sdxl":
-        refuse_for_xl(model, config)
     if config.loras:
         lora.merge(src, config.loras, config.allow_pickle)
     if config.embeddings:
@@ -51,13 +45,6 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
     if config.controlnets:
         controlnet.load(src, config.controlnets, config.allow_pickle)
     return src
-
-
-def refuse_for_xl(model: str, config: ExportConfig) -> None:
-    """What SDXL engines do not take yet, said before any of it is read."""
-    if config.embeddings:
-        raise ModelSourceError(f"--embedding: {model} is an SDXL model, and SDXL textual inversions are not "
-                               "supported yet (SD 1.x / 2.x ones are)")
 
 
 def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig(),

@@ -222,8 +222,12 @@ def test_from_png_leaves_out_automatic1111s_clip_skip_for_sdxl(xl, tmp_path, cap
 
 def test_what_sdxl_engines_do_not_take_is_refused_by_name(xl, model_dirs, tmp_path):
     folder = xl[0]
-    with pytest.raises(ModelSourceError, match="--embedding.*SDXL textual"):
-        export_engine(str(folder), tmp_path / "never", ExportConfig(embeddings=(("word.safetensors", None),)))
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(2, 32)}, str(tmp_path / "sd.safetensors"))
+    with pytest.raises(ModelSourceError, match="made for SD 1.x / 2.x.*SDXL embeddings hold clip_l and clip_g"):
+        export_engine(str(folder), tmp_path / "never", ExportConfig(embeddings=((str(tmp_path / "sd.safetensors"),
+                                                                                  None),)))
     sd_net = make_random_controlnet(tmp_path / "sd-net", "tiny-sd1")
     with pytest.raises(ModelSourceError, match="made for another model"):  # an SD ControlNet on SDXL
         export_engine(str(folder), tmp_path / "never", ExportConfig(controlnets=(str(sd_net),)))
@@ -350,3 +354,30 @@ def test_sdxl_inpainting_model_matches_diffusers(strength, tmp_path_factory, ini
     got = ours(pipe, "euler_a", steps=6, guidance=7.5, generator=torch.Generator().manual_seed(8), **kwargs)
     assert_not_saturated(expected)
     assert np.abs(got - expected).max() < TOL
+
+
+def test_sdxl_textual_inversion_matches_diffusers(xl, tmp_path):
+    """An SDXL embedding (clip_l and clip_g vectors, two of each), loaded into both text encoders
+    as diffusers' load_textual_inversion loads it into each; the word in a prompt takes its vectors."""
+    from safetensors.torch import save_file
+
+    folder, _, ref = xl
+    g = torch.Generator().manual_seed(11)
+    clip_l, clip_g = torch.randn(2, 32, generator=g), torch.randn(2, 48, generator=g)
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(tmp_path / "glowy.safetensors"))
+    engine = export_engine(str(folder), tmp_path / "engine", dataclasses.replace(
+        TEST_CONFIG, embeddings=((str(tmp_path / "glowy.safetensors"), None),)))
+    pipe = Pipeline.load(engine)
+    want = StableDiffusionXLPipeline.from_pipe(ref)
+    want.load_textual_inversion(clip_l, token="glowy", text_encoder=want.text_encoder, tokenizer=want.tokenizer)
+    want.load_textual_inversion(clip_g, token="glowy", text_encoder=want.text_encoder_2, tokenizer=want.tokenizer_2)
+    lat = noise(12)
+    got = {}
+    for prompt in ("a glowy lamp in a room", "a lamp in a room"):
+        expected = diffusers_run(want, "euler", prompt=prompt, num_inference_steps=4, guidance_scale=7.5, width=W,
+                                 height=H, latents=torch.from_numpy(lat))
+        got[prompt] = ours(pipe, "euler", prompt=prompt, steps=4, guidance=7.5, width=W, height=H, latents=lat)
+        assert np.abs(got[prompt] - expected).max() < TOL, prompt
+    without = ours(xl[1], "euler", prompt="a glowy lamp in a room", steps=4, guidance=7.5, width=W, height=H,
+                   latents=lat)  # the engine without it: "glowy" is plain text there
+    assert np.abs(without - got["a glowy lamp in a room"]).max() > 0.01
