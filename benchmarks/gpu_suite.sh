@@ -267,7 +267,7 @@ PYEOF
     # The torch backend's own GPU checks (images against diffusers, host syncs, 50-step time), as
     # loaded by default: exported programs are compiled on their first call.
     stage "torch backend checks" "${SUITE_CHECK_S:-200}" "$PY" -m benchmarks.torch_backend_check --engine "$ENGINE" \
-      --model "$MODEL" --json "$OUT/torch_check.json"
+      --model "$MODEL" --size "$SIZE" --steps "$STEPS" --json "$OUT/torch_check.json"
   fi
 fi
 want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGINE_ARGS[@]}"

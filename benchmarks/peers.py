@@ -60,7 +60,8 @@ def run(spec: dict) -> dict:
 
     start = time.perf_counter()
     if is_xl(spec["model"]):  # fp16: its VAE runs in fp32 where its config says so (force_upcast)
-        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(spec["model"], torch_dtype=dtype)
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(spec["model"], torch_dtype=dtype,
+                                                                add_watermarker=False)
     else:
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
             spec["model"], torch_dtype=dtype, safety_checker=None, feature_extractor=None,

@@ -39,7 +39,8 @@ def diffusers_images(model, dtype, prompt, latents, steps, size):
     from benchmarks.peers import is_xl
 
     if is_xl(model):  # its VAE in fp32 where its config says so, as ours
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype).to("cuda")
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype,
+                                                         add_watermarker=False).to("cuda")
     else:
         pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False).to("cuda")

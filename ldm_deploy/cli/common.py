@@ -44,7 +44,7 @@ def add_model_options(p) -> None:
     from ldm_deploy.export.single_file import PREDICTION_TYPES
 
     p.add_argument("--config", dest="model_config", default=None,
-                   help="single-file checkpoints of an architecture other than SD 1.5's or 2.1's: a diffusers "
+                   help="single-file checkpoints of an architecture other than SD 1.5's, 2.1's or SDXL base's: a diffusers "
                         "folder or hub id whose configs describe it (its weights are not read)")
     p.add_argument("--prediction-type", default=None, choices=PREDICTION_TYPES,
                    help="what the U-Net predicts, overriding the model's (SD 2.x checkpoints: v_prediction "

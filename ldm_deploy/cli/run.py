@@ -44,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m_karras", choices=SAMPLERS)
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
                    help="take the text encoder's output N - 1 layers before its last, as AUTOMATIC1111's "
-                        "\"Clip skip\" counts (default 1: the last layer; 2, the penultimate, for models "
-                        "trained so, e.g. NovelAI-based anime models)")
+                        "\"Clip skip\" counts (default 1: the last layer, for SDXL the penultimate; 2, the "
+                        "penultimate, for models trained so, e.g. NovelAI-based anime models)")
     p.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction, default=True,
                    help="read AUTOMATIC1111's prompt syntax: emphasis (word) x1.1, [word] /1.1, (word:1.3), BREAK, "
                         "and prompt editing [from:to:when], [a|b] (default on; off: brackets are plain text, as "

@@ -127,7 +127,7 @@ class Pipeline:
         control_start / control_end (the part of the steps it acts in), a number or a list of one
         per ControlNet, as diffusers' ControlNet pipelines take them.
         clip_skip: text encoder layers skipped, as diffusers counts them (1: the penultimate
-        layer's output, AUTOMATIC1111's "Clip skip: 2"), for the prompt and the negative prompt
+        layer's output, AUTOMATIC1111's "Clip skip: 2"; SDXL: 0 is already the penultimate's), for the prompt and the negative prompt
         alike, as AUTOMATIC1111 and ComfyUI do (diffusers' StableDiffusionPipeline skips them
         for the prompt only).
         hires_scale: AUTOMATIC1111's hires fix (hires.py): draw at width x height, enlarge each side
@@ -190,8 +190,9 @@ class Pipeline:
         if strength is None:
             strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting and img2img defaults
         settings_given = control_scale is not None or control_start != 0.0 or control_end != 1.0
-        if control_scale is None:
-            control_scale = 0.5 if mask is not None else 0.8 if init is not None else 1.0
+        if control_scale is None:  # diffusers' SDXL ControlNet inpainting pipeline's is 1.0
+            xl_mask = mask is not None and self.manifest.model.pooled_width
+            control_scale = 0.5 if mask is not None and not xl_mask else 0.8 if init is not None and not xl_mask else 1.0
         control = controls.Control.of(control_image, control_scale, control_start, control_end,
                                       len(self.manifest.model.controlnets), settings_given)
         if crop is not None and control.pictures:  # the control images cut to the box, as the image

@@ -71,7 +71,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
                     "exporting its VAE encoder despite --no-img2img", model)
     img2img = config.img2img or info.inpainting
     components = COMPONENTS if img2img else tuple(c for c in COMPONENTS if c != "vae_encoder")
-    jobs = export_jobs(config, len(components))
+    jobs = export_jobs(config, len(components), source_bytes(src))
     with staging_dir(out, config.force) as tmp:
         if jobs > 1:
             written = export_in_processes(model, config, dims, multiple, exporter, components, specs, tmp, jobs)
@@ -145,7 +145,13 @@ def log_written(what: str, paths: list[Path], seconds: float) -> None:
 JOB_MEMORY = 8 * 2**30
 
 
-def export_jobs(config: ExportConfig, n_components: int) -> int:
+def source_bytes(src: SourceModel) -> int:
+    """The source model's fp32 weights in bytes (SD 1.5: 4.3 GB, SDXL: 13.5 GB)."""
+    modules = (src.unet, src.vae, src.text_encoder, src.text_encoder_2, *src.controlnets)
+    return sum(p.numel() * 4 for m in modules if m is not None for p in m.parameters())
+
+
+def export_jobs(config: ExportConfig, n_components: int, model_bytes: int = 0) -> int:
     """How many components compile at once. Only torch engines compile in parallel: an
     AOTInductor build is mostly single-threaded Python and one C++ compile, so separate processes
     overlap well, each with its own share of the cores for Triton / C++ kernel compiles. Auto
@@ -159,7 +165,8 @@ def export_jobs(config: ExportConfig, n_components: int) -> int:
         jobs = (os.cpu_count() or 1) // 5
         memory = available_memory()
         if memory is not None:
-            jobs = min(jobs, memory // JOB_MEMORY)
+            # SD 1.5's measured peak, scaled for larger models (SDXL: about 3x)
+            jobs = min(jobs, memory // max(JOB_MEMORY, JOB_MEMORY * model_bytes // (4_300_000_000)))
     return max(1, min(jobs, n_components))
 
 

@@ -62,8 +62,8 @@ class TextEncoderXL(nn.Module):
     def forward(self, input_ids, clip_skip, token_weights):
         ids = input_ids.flatten(0, 1)  # (K*B, 77)
         # Past the first end token: an end token at any earlier position, counted with a float
-        # matrix product by a strictly upper triangle (MatMul: no CumSum or integer ArgMax, which
-        # not every ONNX consumer takes).
+        # matrix product by a strictly upper triangle (MatMul rather than CumSum, which not every
+        # ONNX consumer takes; the pooling below is transformers' own, an ArgMax).
         n = ids.shape[-1]
         earlier = torch.ones(n, n, device=ids.device).triu(1)  # [i, j] = 1 where i < j
         after_end = (ids == self.end_id).float() @ earlier > 0

@@ -136,6 +136,9 @@ class ExportConfig:
         max_size = default_max_size(native_latent * vae_scale) if self.max_size is None else self.max_size
         lo = -(-self.min_size // multiple) * multiple
         hi = max_size // multiple * multiple
+        if self.max_size is None and self.min_size > max_size:
+            raise UserError(f"--min-size {self.min_size} is larger than the default --max-size for this model, "
+                            f"{max_size}; pass --max-size too")
         if lo > hi:
             raise UserError(
                 f"no image size in [{self.min_size}, {max_size}] is a multiple of {multiple} px, "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ldm_deploy.errors import ModelSourceError
 from ldm_deploy.export import single_file
+from ldm_deploy.export.single_file import first_line
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
             f"(expected model_index.json and the subfolders {', '.join(SUBFOLDERS)})"
         )
     xl = is_xl_folder(path)
-    if xl and not (path / "text_encoder").is_dir():
+    if xl and not (path / "text_encoder").is_dir() and refiner_index(path):
         raise ModelSourceError(f"{path} has only SDXL's second text encoder: an SDXL refiner, which is not "
                                "supported yet (SDXL base models and their fine-tunes are)")
     missing = [s for s in SUBFOLDERS + (XL_SUBFOLDERS if xl else ()) if not (path / s).is_dir()]
@@ -127,6 +128,9 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
         files = [f for f in sorted((path / sub).iterdir()) if not VARIANT.search(f.name)]  # what loads
         safe = [f for f in files if f.suffix in SAFE_SUFFIXES]
         pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+        variants = [f for f in sorted((path / sub).iterdir()) if VARIANT.search(f.name)]
+        if not (path / sub / "config.json").is_file():
+            raise ModelSourceError(f"{path / sub} has no config.json; the model folder is incomplete")
         if safe:
             weights += safe
         elif pickled and allow_pickle:
@@ -136,8 +140,16 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
                 f"{path / sub} holds only pickle weights ({pickled[0].name}); loading a pickle runs "
                 "arbitrary code. Convert it to safetensors, or pass --allow-pickle if you trust its source"
             )
+        elif variants:
+            raise ModelSourceError(
+                f"{path / sub} holds only variant weights ({variants[0].name}); ldm-export reads the full-precision "
+                "ones. Save them with diffusers (from_pretrained(..., variant=\"fp16\") then save_pretrained) and "
+                "export that folder")
         else:
             raise ModelSourceError(f"{path / sub} has no weight file (*.safetensors)")
+    for sub in ("tokenizer",) + (("tokenizer_2",) if xl else ()):
+        if not any((path / sub / f).is_file() for f in ("vocab.json", "tokenizer.json")):
+            raise ModelSourceError(f"{path / sub} holds no tokenizer (vocab.json and merges.txt, or tokenizer.json)")
     return weights
 
 
@@ -236,8 +248,16 @@ def load_folder(path: Path, allow_pickle: bool):
                 CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
                 CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
                 json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ModelSourceError(f"could not load the model at {path}: {e}") from None
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+        raise ModelSourceError(f"could not load the model at {path}: {first_line(e)}") from None
+
+
+def refiner_index(path: Path) -> bool:
+    """model_index.json names no first text encoder, as SDXL refiners' do."""
+    try:
+        return not (json.loads((path / "model_index.json").read_text()).get("text_encoder") or [None])[0]
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def is_xl_folder(path: Path) -> bool:
@@ -261,8 +281,8 @@ def load_xl_parts(path: Path, allow_pickle: bool) -> dict:
                 path, subfolder="text_encoder_2", use_safetensors=None if allow_pickle else True),
             tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
             zero_negative=bool(index.get("force_zeros_for_empty_prompt", True)))
-    except (OSError, ValueError) as e:
-        raise ModelSourceError(f"could not load the model at {path}: {e}") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelSourceError(f"could not load the model at {path}: {first_line(e)}") from None
 
 
 def load_vae(source: str, config, allow_pickle: bool):

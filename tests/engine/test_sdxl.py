@@ -21,7 +21,7 @@ from ldm_deploy import Pipeline
 from ldm_deploy.cli import export as export_cli
 from ldm_deploy.cli import run as run_cli
 from ldm_deploy.engine.infotext import read_png
-from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.build import export_engine
 from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export.random_model import make_random_controlnet, make_random_model
@@ -254,6 +254,18 @@ def test_refiners_and_broken_sdxl_folders_are_refused(xl, tmp_path):
     (alone / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if "_2" not in k}))
     with pytest.raises(ModelSourceError, match="looks like SDXL.*no second"):
         export_engine(str(alone), tmp_path / "e3", ExportConfig())
+    for name, damage, message in (
+            ("noconfig", lambda d: (d / "text_encoder_2" / "config.json").unlink(), "text_encoder_2 has no config.json"),
+            ("notok", lambda d: [f.unlink() for f in (d / "tokenizer_2").iterdir()], "tokenizer_2 holds no tokenizer"),
+            ("fp16", lambda d: (d / "unet" / "diffusion_pytorch_model.safetensors").rename(
+                d / "unet" / "diffusion_pytorch_model.fp16.safetensors"), "only variant weights.*variant=")):
+        broken = tmp_path / name
+        shutil.copytree(folder, broken)
+        damage(broken)
+        with pytest.raises(ModelSourceError, match=message):
+            export_engine(str(broken), tmp_path / f"e-{name}", ExportConfig())
+    with pytest.raises(UserError, match="--min-size 1104 is larger than the default --max-size for this model, 1024"):
+        export_engine(str(folder), tmp_path / "e-size", ExportConfig(min_size=1104))  # (tiny: drawn at 256)
     edm = tmp_path / "edm"  # Playground v2.5: SDXL's layout, EDM's schedule and latent statistics
     shutil.copytree(folder, edm)
     scheduler = json.loads((edm / "scheduler" / "scheduler_config.json").read_text())
