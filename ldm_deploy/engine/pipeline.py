@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm_deploy.engine import backends, extra_networks, hires, images, noise, prompt_schedule
-from ldm_deploy.engine import controls, infotext, inpaint
+from ldm_deploy.engine import backends, hires, images, noise
+from ldm_deploy.engine import controls, infotext, inpaint, text
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import Request, check_request, whole
-from ldm_deploy.engine.samplers import EVALUATIONS_PER_STEP, plan
+from ldm_deploy.engine.samplers import plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
 from ldm_deploy.errors import InvalidRequest
@@ -317,22 +317,8 @@ class Pipeline:
         b = req.batch
         shape = (b, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
 
-        # Text: (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
-        texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
-        if req.prompt_weighting:  # AUTOMATIC1111's syntax: its <lora:...> tags are not words (in the
-            # prompt: as there, a negative prompt's are read as text)
-            texts = texts[: len(texts) - b] + [self.without_tags(t) for t in texts[len(texts) - b:]]
-        k = len(texts) // b
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)
-        # Each U-Net step's texts (prompt editing changes them), each distinct set encoded once.
-        per_step = step_texts(texts, req, sp.steps)
-        distinct = list(dict.fromkeys(per_step))
-        emb = dict(zip(distinct, self.encode_text(distinct, k, req)))
-        if m.pooled_width:  # SDXL's six sizes: original (height, width), crop (top, left), target
-            sizes = be.upload(np.tile(np.array([req.height, req.width, 0, 0, req.height, req.width], np.float32),
-                                      (b, 1)))
-            emb = {t: {**e, "time_ids": sizes} for t, e in emb.items()}
-        step_emb = [emb[t] for t in per_step]
+        step_emb = text.step_inputs(self, req, sp.steps)  # each U-Net evaluation's text inputs
 
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
         step_masks = None  # per step: the U-Net step's mask and image_latents (engines with masks)
@@ -365,58 +351,6 @@ class Pipeline:
         decoded = be.empty((b, 3, req.height, req.width))
         be.run(self.components["vae_decoder"], Run({"latents": x}, {"images": decoded}))
         return be.download(decoded).transpose(0, 2, 3, 1)
-
-    def without_tags(self, text: str) -> str:
-        """The text without AUTOMATIC1111's extra-network tags, saying once where a tag asks for
-        what the engine does not hold (extra_networks.py)."""
-        stripped, tags = extra_networks.strip(text)
-        for kind, arguments in tags:
-            message = extra_networks.advice(kind, arguments, self.manifest.model.loras)
-            if message and message not in self.warned:
-                self.warned.add(message)
-                log.warning(message)
-        return stripped
-
-    def encode_text(self, sets: list[tuple[str, ...]], k: int, req: Request) -> list[dict]:
-        """Sets of (K*B,) texts -> the U-Net step's text inputs for each: "text_embeddings",
-        (K, B, n * 77, D), the text encoder run once a chunk; n is the same for all (shorter texts
-        repeat their chunks or get chunks of "", tokenizer.py). SDXL: also "pooled_embeddings",
-        (K, B, P), the first chunk's (as AUTOMATIC1111 takes it); with req.zero_negative, the
-        unconditional half of both is zeros."""
-        be, m = self.backend, self.manifest.model
-        flat = [t for texts in sets for t in texts]
-        ids, weights = self.tokenizer(flat, req.prompt_weighting, self.manifest.max_text_chunks)  # (S*K*B, n, 77)
-        if not m.text_layers and np.any(weights != 1):  # engines from before clip skip and emphasis
-            raise InvalidRequest("this engine's text encoder cannot weigh tokens (it was exported before prompt "
-                                 "emphasis); re-export it with ldm-export --force, or turn prompt weighting off")
-        e = len(sets[0])
-        shape = (k, e // k, m.text_length)
-        clip_skip = be.upload(np.array([req.clip_skip], np.int64)) if m.text_layers else None
-        zero = req.zero_negative and k == 2
-        out = []
-        for first in range(0, len(flat), e):
-            rows = slice(first, first + e)
-            chunks, pooled = [], None
-            for i in range(ids.shape[1]):
-                inputs = {"input_ids": be.upload(np.ascontiguousarray(ids[rows, i]).reshape(shape))}
-                if m.text_layers:
-                    inputs["clip_skip"] = clip_skip
-                    inputs["token_weights"] = be.upload(np.ascontiguousarray(weights[rows, i]).reshape(shape))
-                chunks.append(be.empty((*shape, m.text_width)))
-                outputs = {"text_embeddings": chunks[-1]}
-                if m.pooled_width:  # the first chunk's is kept; later ones' are written and dropped
-                    outputs["pooled_embeddings"] = be.empty((*shape[:2], m.pooled_width))
-                    pooled = outputs["pooled_embeddings"] if pooled is None else pooled
-                be.run(self.components["text_encoder"], Run(inputs, outputs))
-            # Several chunks (or zeros to put in): a few hundred KB, once a call, through the
-            # host, so that backends need no concatenation.
-            text = chunks[0] if len(chunks) == 1 and not zero else \
-                be.upload(unconditional_zeroed(np.concatenate([be.download(c) for c in chunks], axis=2), zero))
-            out.append({"text_embeddings": text})
-            if pooled is not None:
-                out[-1]["pooled_embeddings"] = be.upload(unconditional_zeroed(be.download(pooled), True)) \
-                    if zero else pooled
-        return out
 
     def denoise(self, x, step_emb, sp, step_noise, shape, req, progress, step_extra=None):
         """The N-step loop: latents ping-pong between two buffers, the x0 states rotate through
@@ -532,28 +466,6 @@ DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask",
                    "padding_mask_crop": "mask_crop", "controlnet_conditioning_scale": "control_scale",
                    "control_guidance_start": "control_start", "control_guidance_end": "control_end"}
-
-
-def step_texts(texts: list[str], req: Request, evaluations: int) -> list[tuple[str, ...]]:
-    """The texts of each of `evaluations` U-Net evaluations: with prompt_weighting,
-    AUTOMATIC1111's prompt editing ([from:to:when], [a|b]; prompt_schedule.py), scheduled over
-    the request's steps times the sampler's evaluations a step (Heun: 2, as AUTOMATIC1111's
-    total_steps), each evaluation counted, as its denoiser counts its calls."""
-    if not req.prompt_weighting:
-        return [tuple(texts)] * evaluations
-    per_step = EVALUATIONS_PER_STEP.get(req.sampler, 1)
-    steps = (req.edit_steps or req.steps) * per_step
-    first = req.first_pass_steps * per_step if req.first_pass_steps else None
-    schedules = [prompt_schedule.schedule(t, steps, first) for t in texts]
-    return [tuple(prompt_schedule.text_at(s, i) for s in schedules) for i in range(evaluations)]
-
-
-def unconditional_zeroed(text: np.ndarray, zero: bool) -> np.ndarray:
-    """(K, ...) text inputs with the unconditional half, K = 0, zeroed where `zero`."""
-    if zero:
-        text = text.copy()
-        text[0] = 0
-    return text
 
 
 def random_seed() -> int:

@@ -83,7 +83,7 @@ def test_the_hires_pass_counts_past_the_first():
 def test_evaluations_are_scheduled_as_automatic1111_counts_them():
     from dataclasses import replace
 
-    from ldm_deploy.engine.pipeline import step_texts
+    from ldm_deploy.engine.text import step_texts
     from ldm_deploy.engine.request import Request
 
     req = Request(prompts=("[a:b:0.5]",), negative_prompts=("",), seeds=(1,), steps=4, guidance=7.5,
@@ -153,18 +153,18 @@ def test_edited_prompt_matches_diffusers_given_each_steps_embeddings(prompt, tex
 def test_edits_of_different_lengths_share_one_chunk_count(pipelines):
     """Texts of one, then two chunks: every step's embeddings get two (the short one's chunk
     twice over), so the loop keeps one shape."""
-    from ldm_deploy.engine import pipeline
+    from ldm_deploy.engine import text
     from ldm_deploy.engine.request import Request
 
     long = "a dog on the moon " * 20
     req = Request(prompts=(f"[a cat:{long}:1]",), negative_prompts=("",), seeds=(1,), steps=3, guidance=7.5,
                   sampler="euler", width=64, height=64, strength=1.0, prompt_weighting=True)
-    per_step = pipeline.step_texts(["", req.prompts[0]], req, 3)
+    per_step = text.step_texts(["", req.prompts[0]], req, 3)
     assert per_step == [("", "a cat"), ("", "a cat"), ("", long)]
     pipe = pipelines["tiny-sd1"]
-    embs = pipe.encode_text(list(dict.fromkeys(per_step)), 2, req)
+    embs = text.encode(pipe, list(dict.fromkeys(per_step)), 2, req)
     assert [pipe.backend.download(e["text_embeddings"]).shape for e in embs] == [(2, 1, 154, 32)] * 2
-    alone = pipe.backend.download(pipe.encode_text([("", "a cat")], 2, req)[0]["text_embeddings"])
+    alone = pipe.backend.download(text.encode(pipe, [("", "a cat")], 2, req)[0]["text_embeddings"])
     short = pipe.backend.download(embs[0]["text_embeddings"])
     np.testing.assert_array_equal(short[:, :, :77], alone)
     np.testing.assert_array_equal(short[:, :, 77:], alone)
