@@ -8,12 +8,12 @@ a float32 reference (TF32 off) on the same inputs; timing starts only after that
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 from benchmarks.recorder import Recorder
+from ldm_deploy.export.source import is_xl_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def run(spec: dict) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     start = time.perf_counter()
-    if is_xl(spec["model"]):  # fp16: its VAE runs in fp32 where its config says so (force_upcast)
+    if is_xl_folder(Path(spec["model"])):  # fp16: its VAE runs in fp32 where its config says so (force_upcast)
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(spec["model"], torch_dtype=dtype,
                                                                 add_watermarker=False)
     else:
@@ -155,15 +155,6 @@ def timed_calls(pipe, spec: dict, rec: Recorder, torch) -> tuple[list[dict], lis
         steps += rec.durations("unet_step")
         log.info("diffusers: run %d/%d: %.2f s", i + 1, spec["repeats"], end_to_end)
     return runs, steps
-
-
-def is_xl(model: str) -> bool:
-    """An SDXL diffusers folder (ldm_deploy.export.source's test, without importing it)."""
-    try:
-        index = json.loads((Path(model) / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool((index.get("text_encoder_2") or [None])[0])
 
 
 def unet_call(unet, inputs: dict):

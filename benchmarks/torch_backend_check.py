@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -36,9 +37,9 @@ def diffusers_images(model, dtype, prompt, latents, steps, size):
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from benchmarks.peers import is_xl
+    from ldm_deploy.export.source import is_xl_folder
 
-    if is_xl(model):  # its VAE in fp32 where its config says so, as ours
+    if is_xl_folder(Path(model)):  # its VAE in fp32 where its config says so, as ours
         pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype,
                                                          add_watermarker=False).to("cuda")
     else:

@@ -129,8 +129,8 @@ class UnetStep(nn.Module):
         residuals = {}
         if len(self.controlnets):
             residuals = self.control(x_latent, t, emb, control_images, control_scales, k, added)
-        extra = {} if added is None else {"added_cond_kwargs": added}
-        out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=emb, **extra, **residuals).sample.float()
+        out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=emb, added_cond_kwargs=added,
+                        **residuals).sample.float()
         out = out.reshape(k, *latents.shape)  # (K, B, C, h, w): [uncond, cond] or [cond]
         model_out = update.guide(out[0], out[-1], coeffs)
         x_next, x0 = update.update(coeffs, latents, state, noise, model_out, state2)

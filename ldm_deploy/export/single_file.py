@@ -204,7 +204,7 @@ def write_configs(folder: Path, fam: str, prediction: str, inpaint: bool = False
 def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction: str | None = None,
          vae_given: bool = False):
     """-> (unet, vae, text_encoder, tokenizer, scheduler_config, xl) in float32 on the CPU; xl:
-    SDXL's further SourceModel fields (text_encoder_2, tokenizer_2, zero_negative), else empty.
+    SDXL's further SourceModel fields (text_encoder_2, tokenizer_2), else empty.
     With `vae_given` the VAE is built but its weights are left to the caller's replacement."""
     ck = read(path, allow_pickle, WANTED)
     fam = family(ck, vae_given)
@@ -265,19 +265,10 @@ def convert(state: dict, config: Path, with_vae: bool = True):
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder_2"))
         weights = convert_open_clip_checkpoint(text_2, state, prefix=XL_OPEN_CLIP)
         load_weights(text_2, nested(text_2, weights), "second text encoder", unused_ok=True)  # logit scale
-        xl = dict(text_encoder_2=text_2, tokenizer_2=CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer_2"),
-                  zero_negative=zero_negative(config))
+        xl = dict(text_encoder_2=text_2, tokenizer_2=CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer_2"))
     # The fast tokenizer: the export saves its tokenizer.json (a slow one would be reloaded from
     # the model's folder, which a single file does not have).
     return unet, vae, text, CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer"), xl
-
-
-def zero_negative(config: Path) -> bool:
-    """The config folder's force_zeros_for_empty_prompt (diffusers' default for SDXL: true)."""
-    try:
-        return bool(json.loads((config / "model_index.json").read_text()).get("force_zeros_for_empty_prompt", True))
-    except (OSError, ValueError, AttributeError):
-        return True
 
 
 def nested(text, weights: dict) -> dict:

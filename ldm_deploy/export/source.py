@@ -27,6 +27,7 @@ XL_SUBFOLDERS = ("text_encoder_2", "tokenizer_2")  # SDXL's, beside those
 # gigabytes of both).
 HUB_PATTERNS = ("model_index.json", *(f"{sub}/*.{ext}" for sub in SUBFOLDERS + XL_SUBFOLDERS
                                        for ext in ("json", "txt", "safetensors")))
+HUB_IGNORED = tuple(f"*.{v}{s}" for v in ("fp16", "bf16", "ema", "non_ema") for s in (".*", "-*"))  # and shards
 VARIANT = re.compile(r"\.(fp16|bf16|ema|non_ema)(-\d+-of-\d+)?\.(safetensors|bin|ckpt)$")  # diffusers' variant names
 SAFE_SUFFIXES, PICKLE_SUFFIXES = single_file.SAFE_SUFFIXES, single_file.PICKLE_SUFFIXES
 
@@ -96,7 +97,7 @@ def resolve(model: str, patterns=HUB_PATTERNS) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, allow_patterns=list(patterns), ignore_patterns=[f"*.{v}{s}" for v in ("fp16", "bf16", "ema", "non_ema") for s in (".*", "-*")]))
+        return Path(snapshot_download(model, allow_patterns=list(patterns), ignore_patterns=list(HUB_IGNORED)))
     except Exception as e:  # network, auth, missing repo: all the user's to fix
         if local:
             raise ModelSourceError(
@@ -115,8 +116,9 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
             f"{path} is not a diffusers Stable Diffusion folder: it has no model_index.json "
             f"(expected model_index.json and the subfolders {', '.join(SUBFOLDERS)})"
         )
-    xl = is_xl_folder(path)
-    if xl and not (path / "text_encoder").is_dir() and refiner_index(path):
+    index = read_index(path)
+    xl = names(index, "text_encoder_2")
+    if xl and not (path / "text_encoder").is_dir() and not names(index, "text_encoder"):
         raise ModelSourceError(f"{path} has only SDXL's second text encoder: an SDXL refiner, which is not "
                                "supported yet (SDXL base models and their fine-tunes are)")
     missing = [s for s in SUBFOLDERS + (XL_SUBFOLDERS if xl else ()) if not (path / s).is_dir()]
@@ -125,10 +127,10 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
                                f"{'XL ' if xl else ''}model")
     weights = []
     for sub in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ()):
-        files = [f for f in sorted((path / sub).iterdir()) if not VARIANT.search(f.name)]  # what loads
-        safe = [f for f in files if f.suffix in SAFE_SUFFIXES]
-        pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES]
-        variants = [f for f in sorted((path / sub).iterdir()) if VARIANT.search(f.name)]
+        files = sorted((path / sub).iterdir())
+        variants = [f for f in files if VARIANT.search(f.name)]  # diffusers loads the others
+        safe = [f for f in files if f.suffix in SAFE_SUFFIXES and f not in variants]
+        pickled = [f for f in files if f.suffix in PICKLE_SUFFIXES and f not in variants]
         if not (path / sub / "config.json").is_file():
             raise ModelSourceError(f"{path / sub} has no config.json; the model folder is incomplete")
         if safe:
@@ -218,6 +220,9 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
     if vae_source:
         vae, vae_files = load_vae(vae_source, model_vae.config, allow_pickle)
         weights += vae_files
+    if xl:  # diffusers' default for SDXL pipelines: true (the bundled single-file configs say so too)
+        xl["zero_negative"] = bool(read_index(path if path.is_dir() else configs).get("force_zeros_for_empty_prompt",
+                                                                                      True))
     check_architecture(path, unet, vae, text_encoder, xl.get("text_encoder_2"))
     for m in (unet, vae, text_encoder, xl.get("text_encoder_2")):
         if m is not None:
@@ -252,35 +257,34 @@ def load_folder(path: Path, allow_pickle: bool):
         raise ModelSourceError(f"could not load the model at {path}: {first_line(e)}") from None
 
 
-def refiner_index(path: Path) -> bool:
-    """model_index.json names no first text encoder, as SDXL refiners' do."""
+def read_index(folder: Path | None) -> dict:
+    """A diffusers folder's model_index.json ({} where there is none, or none readable)."""
     try:
-        return not (json.loads((path / "model_index.json").read_text()).get("text_encoder") or [None])[0]
-    except (OSError, ValueError, AttributeError):
-        return False
+        index = json.loads((folder / "model_index.json").read_text())
+    except (TypeError, OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def names(index: dict, component: str) -> bool:
+    """model_index.json names that component (a refiner's names no first text encoder)."""
+    return bool((index.get(component) or [None])[0])
 
 
 def is_xl_folder(path: Path) -> bool:
     """A diffusers folder of an SDXL pipeline: one with a second text encoder."""
-    try:
-        index = json.loads((path / "model_index.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(index, dict) and bool((index.get("text_encoder_2") or [None])[0])
+    return names(read_index(path), "text_encoder_2")
 
 
 def load_xl_parts(path: Path, allow_pickle: bool) -> dict:
-    """SDXL's second text encoder and tokenizer, and its force_zeros_for_empty_prompt (diffusers'
-    default: true), as SourceModel's fields."""
+    """SDXL's second text encoder and tokenizer, as SourceModel's fields."""
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    index = json.loads((path / "model_index.json").read_text())
     try:
         return dict(
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
                 path, subfolder="text_encoder_2", use_safetensors=None if allow_pickle else True),
-            tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
-            zero_negative=bool(index.get("force_zeros_for_empty_prompt", True)))
+            tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelSourceError(f"could not load the model at {path}: {first_line(e)}") from None
 
