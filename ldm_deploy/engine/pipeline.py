@@ -77,7 +77,7 @@ class Pipeline:
         negative_prompt: str | list[str] | None = None,
         steps: int = 30,
         guidance: float = 7.5,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         width: int | None = None,
         height: int | None = None,
         num_images: int = 1,
@@ -100,7 +100,7 @@ class Pipeline:
         latents: np.ndarray | None = None,
         generator=None,
         output_type: str = "pil",
-        progress: bool = True,
+        progress=True,
         _hires_pass: tuple[int, int] | None = None,
         **diffusers_names,
     ):
@@ -144,6 +144,9 @@ class Pipeline:
         them): img2img then skips the VAE encoder. generator: overrides `seed`; a
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
+        seed: image i gets seed + i (None or -1: a random one), or a list of one seed per image.
+        progress: True shows a progress bar; a function is called with (steps done, steps) after
+        each step of each pass instead (ldm-serve's progress).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
         num_images_per_prompt, image, mask_image, padding_mask_crop, controlnet_conditioning_scale,
         control_guidance_start, control_guidance_end. (_hires_pass: internal, (first pass steps, hires steps)
@@ -206,9 +209,8 @@ class Pipeline:
         else:
             default_w, default_h = self.default_size
         width, height = (whole("width", v, d) for v, d in ((width, default_w), (height, default_h)))
-        seed = random_seed() if seed is None or seed == -1 else whole("seed", seed, None)
-        if seed < 0:
-            raise InvalidRequest(f"seed must be 0 or more (or -1 for a random one), got {seed}")
+        n = len(prompts) * num_images
+        seeds = image_seeds(seed, n)
         clip_skip = whole("clip_skip", clip_skip, 0)
         if not isinstance(prompt_weighting, (bool, np.bool_)):
             raise InvalidRequest(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
@@ -220,11 +222,10 @@ class Pipeline:
             self.warned.add("lcm")
             log.warning("the lcm sampler is made for LCM-LoRA models, which draw best in 2-8 steps with "
                         "guidance 1-2; guidance %s tends to burn the image", guidance)
-        n = len(prompts) * num_images
         req = Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),
             negative_prompts=tuple(q for q in negs for _ in range(num_images)),
-            seeds=tuple(seed + i for i in range(n)),
+            seeds=seeds,
             steps=int(steps),
             guidance=float(guidance),
             sampler=sampler,
@@ -279,7 +280,7 @@ class Pipeline:
                                                         crop and crop[0], control, mask_blur)
         return pils
 
-    def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress: bool,
+    def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress,
                   output_type: str = "np", control=None) -> np.ndarray:
         """The second pass of each image: its 8-bit first pass, resized (a Latent upscaler: its
         latents, resized), redrawn as img2img with its own seed (a generator given: the rest of
@@ -309,7 +310,7 @@ class Pipeline:
             ))
         return np.concatenate(out)
 
-    def generate(self, req: Request, init, latents, generator, progress: bool, decode: bool = True,
+    def generate(self, req: Request, init, latents, generator, progress, decode: bool = True,
                  mask=None, control=None, shared=None) -> np.ndarray:
         """Run one request; returns (B, H, W, 3) float32 in [0, 1] (decode False: the final
         latents, (B, C, H/8, W/8), as diffusers' output_type="latent")."""
@@ -375,8 +376,13 @@ class Pipeline:
             runs.append(Run(inputs, {"latents_out": x_next, "state_out": states[i % n]}))
             x, x_next = x_next, x
         key = (shape, req.guided, req.sampler, sp.steps)
-        with progress_bar(sp.steps, progress) as bar:
-            be.run_steps(self.components["unet_step"], runs, key, lambda i: bar.update(1))
+        with progress_bar(sp.steps, bool(progress) and not callable(progress)) as bar:
+            def on_step(i: int) -> None:
+                bar.update(1)
+                if callable(progress):
+                    progress(i + 1, sp.steps)
+
+            be.run_steps(self.components["unet_step"], runs, key, on_step)
         return x
 
     def encode(self, init, req, sp, generator, latents, shape):
@@ -470,6 +476,22 @@ DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
 
 def random_seed() -> int:
     return secrets.randbelow(2**32)
+
+
+def image_seeds(seed, n: int) -> tuple[int, ...]:
+    """Each of n images' seed: seed + i (None or -1: a random seed), or a list of one per image
+    (what ldm-serve gives a batch of several requests)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise InvalidRequest(f"{len(seed)} seeds for {n} images; pass one seed, or a list of one per image")
+        seeds = tuple(whole("seed", s, None) for s in seed)
+    else:
+        first = random_seed() if seed is None or seed == -1 else whole("seed", seed, None)
+        seeds = tuple(first + i for i in range(n))
+    for s in seeds:
+        if s < 0:
+            raise InvalidRequest(f"seed must be 0 or more (or -1 for a random one), got {s}")
+    return seeds
 
 
 def split(req: Request, latents, generator, max_batch: int):

@@ -315,3 +315,25 @@ def test_control_images_are_prepared_as_diffusers_prepares_them():
         want = processor.preprocess(image, height=96, width=128).numpy()  # (1, 3, H, W)
         got, _ = Control.of(image, 1.0, 0.0, 1.0, 1).inputs(1, 128, 96, 1)
         np.testing.assert_array_equal(got[0], want)
+
+
+def test_served_controlnet_units(engines):
+    """ldm-serve takes the ControlNet extension's units (AUTOMATIC1111's alwayson_scripts), each
+    naming its model, and draws what the Pipeline draws given those images and settings."""
+    from serve_http import b64, call, pixels, running, unb64
+
+    pipe = engines[2]
+    names = [c["name"] for c in pipe.manifest.model.controlnets]
+    units = [{"enabled": True, "image": b64(pattern(2)), "module": "none", "model": f"{names[1]} [0123abcd]",
+              "weight": 1.2, "guidance_start": 0.2, "guidance_end": 0.8, "resize_mode": "Just Resize"},
+             {"enabled": True, "image": b64(pattern(1)), "model": names[0], "weight": 0.6}]
+    body = {"prompt": "a house", "steps": 4, "seed": 3, "width": W, "height": H, "sampler_name": "Euler",
+            "alwayson_scripts": {"controlnet": {"args": units}}}
+    with running(pipe) as server:
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+    assert status == 200, answer
+    want = pipe("a house", steps=4, seed=3, width=W, height=H, sampler="euler", guidance=7.0, prompt_weighting=True,
+                control_image=[pattern(1), pattern(2)], control_scale=[0.6, 1.2], control_start=[0.0, 0.2],
+                control_end=[1.0, 0.8], progress=False)
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+    assert "ControlNet 1" in want[0].info["parameters"]

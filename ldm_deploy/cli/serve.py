@@ -1,0 +1,124 @@
+"""`ldm-serve`: an engine behind HTTP: AUTOMATIC1111's API (/sdapi/v1/txt2img, img2img, ...) and
+OpenAI's image API (/v1/images/generations), requests drawn one call at a time by one worker,
+waiting txt2img requests batched together."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from ldm_deploy.cli.common import add_model_options, run_main, setup_logging
+from ldm_deploy.errors import UserError
+from ldm_deploy.serve.server import Auth
+
+log = logging.getLogger("ldm-serve")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm-serve", description=__doc__.split(": ", 1)[1])
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--engine", help="engine directory made by ldm-export")
+    which.add_argument("--model", help="diffusers folder or .safetensors checkpoint, exported into the cache on "
+                       "first use as ldm-run --model does (neither: the bundled shapes model)")
+    add_model_options(p.add_argument_group("with --model (set into its cached engine, as ldm-export does)"))
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every interface, with --api-auth or --api-key)")
+    p.add_argument("--port", type=int, default=7860, help="default 7860, AUTOMATIC1111's")
+    p.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS...]",
+                   help="HTTP Basic credentials, as AUTOMATIC1111's --api-auth (or $LDM_SERVE_API_AUTH)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="a Bearer key, as OpenAI clients send it (or $LDM_SERVE_API_KEY, kept out of `ps`)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait; more get 503 (default 16)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="images one call draws at most when batching waiting requests (default: the engine's "
+                        "largest batch, ldm-export --max-batch; 1: no batching)")
+    p.add_argument("--max-body-mb", type=float, default=64, help="largest request body (default 64 MB)")
+    p.add_argument("--warmup", action="store_true",
+                   help="draw one image before serving (torch engines compile on their first call)")
+    p.add_argument("--backend", default="auto", help="as ldm-run's")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime, openvino: CPU threads (default: all)")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the engine files")
+    p.add_argument("--rebuild-stale", action="store_true", help="tensorrt: rebuild plans made for another GPU")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def credentials(args) -> Auth:
+    users = []
+    text = args.api_auth or os.environ.get("LDM_SERVE_API_AUTH")
+    for pair in (text.split(",") if text else []):
+        user, sep, password = pair.strip().partition(":")
+        if not sep or not user or not password:
+            raise UserError(f"--api-auth takes USER:PASS pairs separated by commas, got {pair.strip()!r}")
+        users.append((user, password))
+    key = args.api_key or os.environ.get("LDM_SERVE_API_KEY")
+    return Auth(tuple(users), (key,) if key else ())
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def go():
+        from ldm_deploy import serve
+        from ldm_deploy.cli.run import engine_dir
+        from ldm_deploy.engine.pipeline import Pipeline
+
+        for name in ("queue_size", "max_batch", "threads"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not 0 <= args.port <= 65535:
+            raise UserError(f"--port must be from 0 to 65535, got {args.port}")
+        auth = credentials(args)
+        directory = engine_dir(args)
+        options = {"threads": args.threads} if args.threads else {}
+        pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
+                             rebuild_stale=args.rebuild_stale, **options)
+        if args.warmup:
+            start = time.perf_counter()
+            pipe("warm-up", steps=2, seed=0, progress=False)
+            log.info("warmed up in %.1f s", time.perf_counter() - start)
+        try:
+            server = serve.build(pipe, (args.host, args.port), auth, args.queue_size, args.max_batch,
+                                 int(args.max_body_mb * (1 << 20)))
+        except OSError as e:
+            raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pass another --port "
+                            "(or --host)") from None
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not (auth.users or auth.keys):
+            log.warning("listening on %s without --api-auth or --api-key: anyone who reaches this machine can "
+                        "draw on it", args.host)
+        serve_until_stopped(server, directory)
+
+    return run_main(go, "ldm-serve")
+
+
+def serve_until_stopped(server, directory) -> None:
+    """Serve until SIGTERM or Ctrl+C, then stop taking requests, finish those taken, and return."""
+    def stop(signum, frame):
+        log.info("stopping: finishing the requests taken")
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    log.info("serving %s on %s: AUTOMATIC1111's API at /sdapi/v1 (txt2img, img2img, ...), OpenAI's at "
+             "/v1/images/generations; GET /docs lists the endpoints. Ctrl+C stops", directory, server.url)
+    try:
+        server.serve_forever()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        server.worker.stop()
+        deadline = time.monotonic() + 30
+        while server.app.active and time.monotonic() < deadline:  # answers being written
+            time.sleep(0.05)
+        server.server_close()
+        log.info("stopped after %d requests", server.worker.served)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

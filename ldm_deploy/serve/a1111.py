@@ -1,0 +1,201 @@
+"""AUTOMATIC1111's HTTP API (`/sdapi/v1/...`, stable-diffusion-webui 1.10), on one engine.
+
+Clients written for its web UI's `--api` (webuiapi, image tools, bots, Krita and Photoshop
+plugins of that API) talk to ldm-serve unchanged: txt2img and img2img (inpainting, the hires fix,
+ControlNet units) answer with its JSON (`images` as base64 PNGs with their infotext, `parameters`,
+`info`), errors with its error body, and the listings (samplers, schedulers, models, upscalers,
+embeddings, LoRAs, options, progress) with its fields, describing the one engine served.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from PIL import PngImagePlugin
+
+from ldm_deploy import __version__
+from ldm_deploy.engine import infotext
+from ldm_deploy.engine.hires import UPSCALERS
+from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
+from ldm_deploy.engine.pipeline import random_seed
+from ldm_deploy.engine.samplers import DISPLAY_NAMES
+from ldm_deploy.errors import UserError
+from ldm_deploy.serve import a1111_request
+from ldm_deploy.serve.server import HttpError, Route
+from ldm_deploy.serve.worker import Job, QueueFull, ShuttingDown
+
+PREFIX = "/sdapi/v1"
+
+
+def error_body(status: int, message: str, kind: str | None = None) -> dict:
+    """AUTOMATIC1111's error body (its api_middleware's)."""
+    return {"error": kind or "HTTPException", "detail": message, "body": "", "errors": f"{status}: {message}"}
+
+
+class A1111:
+    def __init__(self, worker):
+        self.worker = worker
+        self.pipe = worker.pipe
+        self.model = self.pipe.manifest.model
+        self.name = infotext.model_name(self.model.source)
+        self.hash = self.model.weights_sha256[:10]
+
+    def routes(self) -> dict:
+        get = {"/samplers": self.samplers, "/schedulers": self.schedulers, "/sd-models": self.sd_models,
+               "/sd-vae": self.sd_vae, "/upscalers": self.upscalers, "/latent-upscale-modes": self.latent_modes,
+               "/embeddings": self.embeddings, "/loras": self.loras, "/options": self.options,
+               "/progress": self.progress, "/cmd-flags": lambda _: (200, {})}
+        post = {"/txt2img": self.txt2img, "/img2img": self.img2img, "/png-info": self.png_info,
+                "/options": self.set_options}
+        out = {("GET", PREFIX + p): Route(f, error_body) for p, f in get.items()}
+        out.update({("POST", PREFIX + p): Route(f, error_body, body=True) for p, f in post.items()})
+        out[("GET", "/internal/ping")] = Route(lambda _: (200, {}), error_body)
+        return out
+
+    # -- drawing --------------------------------------------------------------------------------
+
+    def txt2img(self, body: dict):
+        return self.draw(body, a1111_request.txt2img(body, self.model, self.pipe.default_size, random_seed), False)
+
+    def img2img(self, body: dict):
+        return self.draw(body, a1111_request.img2img(body, self.model, self.pipe.default_size, random_seed), True)
+
+    def draw(self, body: dict, options: dict, img2img: bool):
+        images = run(self.worker, options)
+        infotexts = [im.info.get("parameters", "") for im in images]
+        req_seeds = [options["seed"] + i for i in range(len(images))]
+        width, height = images[0].size
+        info = {
+            "prompt": options["prompt"], "all_prompts": [options["prompt"]] * len(images),
+            "negative_prompt": options["negative_prompt"] or "",
+            "all_negative_prompts": [options["negative_prompt"] or ""] * len(images),
+            "seed": req_seeds[0], "all_seeds": req_seeds, "subseed": -1, "all_subseeds": [-1] * len(images),
+            "subseed_strength": 0, "width": width, "height": height,
+            "sampler_name": DISPLAY_NAMES[options["sampler"]], "cfg_scale": options["guidance"],
+            "steps": options["steps"], "batch_size": a1111_request.integer(body, "batch_size", 1),
+            "restore_faces": False, "face_restoration_model": None, "sd_model_name": self.name,
+            "sd_model_hash": self.hash, "sd_vae_name": Path(self.model.vae).stem if self.model.vae else None,
+            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": options.get("strength", options.get("hires_strength")),
+            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": options["clip_skip"] + 1,
+            "is_using_inpainting_conditioning": bool(self.model.inpainting and img2img),
+            "version": f"ldm-deploy {__version__}",
+        }
+        parameters = dict(body)
+        if img2img and not body.get("include_init_images"):
+            parameters["init_images"] = parameters["mask"] = None
+        send = a1111_request.flag(body, "send_images", True)
+        return 200, {"images": [png_base64(im) for im in images] if send else [], "parameters": parameters,
+                     "info": json.dumps(info)}
+
+    # -- what is served -------------------------------------------------------------------------
+
+    def samplers(self, _):
+        out = {}
+        for key, display in DISPLAY_NAMES.items():
+            base = display[: -len(" Karras")] if display.endswith(" Karras") else display
+            item = out.setdefault(base, {"name": base, "aliases": [], "options": {}})
+            item["aliases"].append(key)
+            if display.endswith(" Karras") and infotext.AUTOMATIC_SCHEDULES.get(base) == "Karras":
+                item["options"]["scheduler"] = "karras"
+        return 200, list(out.values())
+
+    def schedulers(self, _):
+        return 200, [{"name": name, "label": label, "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
+                      "need_inner_model": False} for name, label in a1111_request.SCHEDULERS.items()]
+
+    def sd_models(self, _):
+        return 200, [{"title": f"{self.name} [{self.hash}]", "model_name": self.name, "hash": self.hash,
+                      "sha256": self.model.weights_sha256, "filename": self.model.source, "config": None}]
+
+    def sd_vae(self, _):
+        vae = self.model.vae
+        return 200, [{"model_name": Path(vae).stem, "filename": vae}] if vae else []
+
+    def upscalers(self, _):
+        return 200, [{"name": UPSCALERS[0], "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+    def latent_modes(self, _):
+        return 200, [{"name": name} for name in LATENT_UPSCALERS]
+
+    def embeddings(self, _):
+        loaded = {e["word"]: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                              "shape": self.model.text_width, "vectors": e["vectors"]} for e in self.model.embeddings}
+        return 200, {"loaded": loaded, "skipped": {}}
+
+    def loras(self, _):  # merged into the engine at ldm-export, at the weight given there
+        return 200, [{"name": lo["name"], "alias": lo["name"], "path": lo["name"],
+                      "metadata": {"weight": lo["weight"]}} for lo in self.model.loras]
+
+    def options(self, _):
+        return 200, {"sd_model_checkpoint": f"{self.name} [{self.hash}]",
+                     "sd_vae": Path(self.model.vae).stem if self.model.vae else "Automatic",
+                     "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoint_hash": self.model.weights_sha256}
+
+    def set_options(self, body: dict):
+        """Only what is so already: one engine is served, and settings go with each request."""
+        current = self.options(None)[1]
+        for key, value in body.items():
+            if key == "sd_model_checkpoint" and value in (current[key], self.name, self.hash):
+                continue
+            if key not in current or value != current[key]:
+                raise HttpError(422, f"options: {key} cannot be set here: this server serves one engine "
+                                     f"({current['sd_model_checkpoint']}) and takes settings with each request "
+                                     "(override_settings: CLIP_stop_at_last_layers)")
+        return 200, None
+
+    def progress(self, _):
+        now, (state, _) = time.time(), self.worker.snapshot()
+        fraction = state.step / state.steps if state.steps else 0.0
+        elapsed = now - state.started if state.started else 0.0
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        return 200, {"progress": fraction, "eta_relative": eta, "current_image": None, "textinfo": None,
+                     "state": {"skipped": False, "interrupted": False, "stopping_generation": False,
+                               "job": "txt2img/img2img" if state.running else "", "job_count": state.job_count,
+                               "job_timestamp": datetime.fromtimestamp(state.started).strftime("%Y%m%d%H%M%S")
+                               if state.started else "0", "job_no": 0, "sampling_step": state.step,
+                               "sampling_steps": state.steps}}
+
+    def png_info(self, body: dict):
+        image = a1111_request.picture(body.get("image"), "image")
+        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        text = items.pop("parameters", "")
+        if not text:
+            return 200, {"info": "", "items": items, "parameters": {}}
+        prompt, negative, fields = infotext.parse(text)
+        return 200, {"info": text, "items": items,
+                     "parameters": {"Prompt": prompt, "Negative prompt": negative, **fields}}
+
+
+def run(worker, options: dict) -> list:
+    """Queue a job and wait for its images; a full queue -> 503."""
+    try:
+        job = worker.submit(Job(options))
+    except QueueFull as e:
+        raise HttpError(503, str(e), "QueueFull", {"Retry-After": "5"}) from None
+    except ShuttingDown as e:
+        raise HttpError(503, str(e), "ShuttingDown") from None
+    job.done.wait()
+    if isinstance(job.error, UserError):
+        raise job.error  # the route family's "invalid request" answer
+    if job.error is not None:
+        raise HttpError(500, f"drawing failed: {type(job.error).__name__}: {job.error} (the server's log has "
+                             "the traceback)", type(job.error).__name__)
+    return job.images
+
+
+def png_base64(image) -> str:
+    """A PNG with its infotext (AUTOMATIC1111 writes it into the PNGs its API returns), base64."""
+    info = PngImagePlugin.PngInfo()
+    if "parameters" in image.info:
+        info.add_text("parameters", image.info["parameters"])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode()
+

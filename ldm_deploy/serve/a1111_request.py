@@ -1,0 +1,352 @@
+"""AUTOMATIC1111's txt2img / img2img request bodies -> Pipeline keywords.
+
+Its API (stable-diffusion-webui 1.10, `modules/api/models.py`) takes the fields of its processing
+classes, each optional with that class's default, and ignores fields it does not know. Here:
+the fields that draw the image are read with its API's defaults (steps 50, CFG scale 7, sampler
+"Euler", img2img denoising strength 0.75, mask blur 4, "Only masked" inpainting), but width and
+height, which default to the engine's size rather than 512 (an SDXL engine draws 1024 px, the
+shapes model 64); a field asking for what is not offered here (face restoration, tiling,
+variation seeds, styles, scripts, ControlNet preprocessors, ...) is refused by name rather than
+left out, so that no image comes back other than asked for. Fields that tune k-diffusion's
+samplers (eta, s_churn, s_noise, ...) or say where to save are accepted and have no effect.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+
+from PIL import Image, ImageOps
+
+from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
+from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES
+from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
+from ldm_deploy.errors import InvalidRequest
+
+# AUTOMATIC1111's scheduler names -> labels (those that fit our samplers' schedules).
+SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+# Its sampler aliases (k-diffusion's names) -> its display names.
+ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_heun": "Heun",
+           "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_lcm": "LCM", "ddim": "DDIM",
+           "unipc": "UniPC"}
+# The ControlNet extension's resize modes (names, old names, numbers) -> AUTOMATIC1111's img2img ones.
+CONTROL_RESIZE = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2, "Scale to Fit (Inner Fit)": 1,
+                  "Inner Fit (Scale to Fit)": 1, "Envelope (Outer Fit)": 2, "Outer Fit (Shrink to Fit)": 2,
+                  0: 0, 1: 1, 2: 2}
+# Fields that ask for what is not offered, and the value that asks for nothing.
+NOT_OFFERED = {"restore_faces": (None, False), "tiling": (None, False), "subseed_strength": (None, 0, 0.0),
+               "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
+               "script_name": (None, ""), "script_args": (None, []), "refiner_checkpoint": (None, "", "None"),
+               "firstphase_width": (None, 0), "firstphase_height": (None, 0), "firstpass_image": (None,),
+               "hr_checkpoint_name": (None, "", "Use same checkpoint"), "latent_mask": (None,),
+               "image_cfg_scale": (None,), "initial_noise_multiplier": (None, 1, 1.0)}
+WHY = {"restore_faces": "face restoration", "tiling": "tiling", "subseed_strength": "variation seeds",
+       "seed_resize_from_h": "seed resizing", "seed_resize_from_w": "seed resizing", "styles": "saved styles",
+       "script_name": "scripts", "script_args": "scripts", "refiner_checkpoint": "the refiner",
+       "firstphase_width": "the old hires fix's first phase size", "firstphase_height": "the old hires fix's "
+       "first phase size", "firstpass_image": "a given first pass", "hr_checkpoint_name": "another hires "
+       "checkpoint", "latent_mask": "a separate latent mask", "image_cfg_scale": "instruct-pix2pix's image CFG",
+       "initial_noise_multiplier": "an initial noise multiplier"}
+
+
+def txt2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
+    """A txt2img body -> Pipeline keywords (the seed drawn where it is -1). `model`: the engine's
+    ModelInfo; `size`: its default (width, height)."""
+    options, resizes = common(body, model, size, random_seed)
+    for mode, picture_size, what in resizes:
+        check_resize(mode, picture_size, (options["width"], options["height"]), what)
+    if flag(body, "enable_hr"):
+        options.update(hires(body, options))
+    else:
+        for k in ("hr_prompt", "hr_negative_prompt"):
+            text(body, k)
+    return options
+
+
+def img2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
+    """An img2img body (init_images, and mask for inpainting) -> Pipeline keywords."""
+    if flag(body, "enable_hr"):
+        raise InvalidRequest("enable_hr (the hires fix) is a txt2img field; img2img draws at width x height")
+    options, resizes = common(body, model, None, random_seed)
+    inits = body.get("init_images")
+    if not isinstance(inits, list) or not inits:
+        raise InvalidRequest("init_images: give the image to start from, as a list of one base64-encoded image")
+    pictures = [picture(v, f"init_images[{i}]") for i, v in enumerate(inits)]
+    if any(p.tobytes() != pictures[0].tobytes() or p.size != pictures[0].size for p in pictures[1:]):
+        raise InvalidRequest("init_images holds several images; one is drawn from here (send one request each)")
+    init = pictures[0].convert("RGB")
+    options["init_image"] = init
+    options["strength"] = number(body, "denoising_strength", 0.75)
+    size = (options.get("width") or init.size[0], options.get("height") or init.size[1])
+    for mode, picture_size, what in [(body.get("resize_mode", 0), init.size, "resize_mode"), *resizes]:
+        check_resize(mode, picture_size, size, what)
+    if body.get("mask") is not None:
+        mask = picture(body["mask"], "mask").convert("L")
+        if integer(body, "inpainting_mask_invert", 0):
+            mask = ImageOps.invert(mask)
+        options["mask"] = mask
+        options["mask_blur"] = mask_blur(body)
+        fill = integer(body, "inpainting_fill", 0)
+        if fill not in (0, 1):
+            raise InvalidRequest(f"inpainting_fill {fill} ({'latent noise' if fill == 2 else 'latent nothing'}) is "
+                                 "not offered; 1 (original) starts the masked part from the noised image")
+        if flag(body, "inpaint_full_res", True):
+            options["mask_crop"] = integer(body, "inpaint_full_res_padding", 0)
+    return options
+
+
+def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
+    """What both take -> (Pipeline keywords, [(resize mode, size, what)] of the control images)."""
+    for key, fine in NOT_OFFERED.items():
+        if key in body and body[key] not in fine:
+            raise InvalidRequest(f"{key} = {body[key]!r} asks for {WHY[key]}, which this server does not offer; "
+                                 f"leave it out")
+    scripts = body.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise InvalidRequest("alwayson_scripts must be an object of {script name: {\"args\": [...]}}")
+    unknown = [k for k in scripts if k.lower() != "controlnet"]
+    if unknown:
+        raise InvalidRequest(f"always on script {unknown[0]!r} is not offered here (only \"controlnet\", for the "
+                             "engine's own ControlNets)")
+    settings = body.get("override_settings") or {}
+    if not isinstance(settings, dict):
+        raise InvalidRequest("override_settings must be an object of {setting: value}")
+    batch, n_iter = integer(body, "batch_size", 1), integer(body, "n_iter", 1)
+    if batch < 1 or n_iter < 1:
+        raise InvalidRequest(f"batch_size and n_iter must be at least 1, got {batch} and {n_iter}")
+    seed = integer(body, "seed", -1)
+    options = {
+        "prompt": text(body, "prompt"),
+        "negative_prompt": text(body, "negative_prompt") or None,  # "" is AUTOMATIC1111's "none" (SDXL: zeros)
+        "steps": integer(body, "steps", 50),
+        "guidance": number(body, "cfg_scale", 7.0),
+        "seed": random_seed() if seed == -1 else seed,
+        "num_images": batch * n_iter,
+        "sampler": sampler(body.get("sampler_name") or body.get("sampler_index") or "Euler", body.get("scheduler")),
+        "prompt_weighting": True,  # AUTOMATIC1111's prompt syntax
+        "clip_skip": clip_skip(settings, model),
+    }
+    for key in ("width", "height"):
+        value = body.get(key)
+        if value is not None:
+            options[key] = integer(body, key, None)
+        elif size is not None:
+            options[key] = size[0 if key == "width" else 1]
+    resizes = []
+    if scripts:
+        control, resizes = controlnet(next(iter(scripts.values())), model)
+        options.update(control)
+    return options, resizes
+
+
+def hires(body: dict, options: dict) -> dict:
+    """AUTOMATIC1111's hires fix fields -> ours; its default upscaler is "Latent"."""
+    for key in ("hr_prompt", "hr_negative_prompt"):
+        given = text(body, key)
+        mine = options["prompt"] if key == "hr_prompt" else options["negative_prompt"] or ""
+        if given and given != mine:
+            raise InvalidRequest(f"{key}: the second pass draws with the same prompts here; leave it out")
+    name = body.get("hr_sampler_name")
+    if name not in (None, "", "Use same sampler") and sampler(name, body.get("hr_scheduler")) != options["sampler"]:
+        raise InvalidRequest("hr_sampler_name: the second pass draws with the same sampler here; leave it out")
+    scale = number(body, "hr_scale", 2.0)
+    targets = {k: integer(body, k, 0) for k in ("hr_resize_x", "hr_resize_y")}
+    if targets["hr_resize_x"] or targets["hr_resize_y"]:  # a size asked for: its scale, the same both ways
+        w, h = options.get("width"), options.get("height")
+        scales = {v / base for v, base in ((targets["hr_resize_x"], w), (targets["hr_resize_y"], h)) if v}
+        if len(scales) != 1:
+            raise InvalidRequest(f"hr_resize_x x hr_resize_y ({targets['hr_resize_x']}x{targets['hr_resize_y']}) "
+                                 f"is not {w}x{h} enlarged evenly; the hires fix here keeps the aspect (use hr_scale)")
+        scale = scales.pop()
+    upscaler = body.get("hr_upscaler") or "Latent"
+    name = upscaler_name(upscaler)
+    if name not in UPSCALERS and name != "None":
+        raise InvalidRequest(f"hr_upscaler {upscaler!r} is not offered; choose one of {', '.join(UPSCALERS)}")
+    return {"hires_scale": scale, "hires_steps": integer(body, "hr_second_pass_steps", 0),
+            "hires_strength": number(body, "denoising_strength", 0.7),
+            "hires_upscaler": UPSCALERS[0] if name == "None" else name}
+
+
+def sampler(name, scheduler) -> str:
+    """AUTOMATIC1111's sampler name (display name, alias, or with its schedule: "DPM++ 2M Karras")
+    and scheduler -> our sampler, as its get_sampler_and_scheduler resolves them; an unknown
+    name is refused (AUTOMATIC1111 would draw with DPM++ 2M instead)."""
+    if not isinstance(name, str) or (scheduler is not None and not isinstance(scheduler, str)):
+        raise InvalidRequest(f"sampler_name and scheduler must be text, got {name!r} and {scheduler!r}")
+    if name.lower() in SAMPLERS and scheduler in (None, "", "automatic", "Automatic"):
+        return name.lower()  # ours
+    name = ALIASES.get(name.lower(), name)
+    label = "Automatic"  # none given: each sampler's own default, as AUTOMATIC1111 1.9+ takes it
+    if scheduler:
+        label = SCHEDULERS.get(scheduler.lower()) or next(
+            (v for v in SCHEDULERS.values() if v.lower() == scheduler.lower()), None)
+        if label is None:
+            raise InvalidRequest(f"scheduler {scheduler!r} is not offered here; choose one of "
+                                 f"{', '.join(SCHEDULERS)}")
+    for suffix in SCHEDULERS.values():  # "DPM++ 2M Karras": the schedule in the name
+        if name.lower().endswith(" " + suffix.lower()) and label in ("Automatic", suffix):
+            name, label = name[: -len(suffix) - 1], suffix
+    if label == "Automatic":
+        label = AUTOMATIC_SCHEDULES.get(name)
+    full = f"{name} {label}" if label and label != "Uniform" else name
+    ours = {display.lower(): key for key, display in DISPLAY_NAMES.items()}.get(full.lower())
+    if ours is None:
+        raise InvalidRequest(f"sampler {full!r} is not offered here (GET /sdapi/v1/samplers lists those that are: "
+                             f"{', '.join(sorted(set(DISPLAY_NAMES.values())))})")
+    return ours
+
+
+def clip_skip(settings: dict, model) -> int:
+    """override_settings' CLIP_stop_at_last_layers (AUTOMATIC1111 counts the last layer as 1) -> the
+    layers skipped; AUTOMATIC1111 does not apply it to SDXL, nor does this."""
+    value = settings.get("CLIP_stop_at_last_layers", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"override_settings.CLIP_stop_at_last_layers must be a whole number from 1, got {value!r}")
+    return 0 if model.pooled_width else value - 1
+
+
+def controlnet(script: dict, model) -> tuple[dict, list]:
+    """The ControlNet extension's units ({"args": [unit, ...]}) -> control_image / scale / start /
+    end of the engine's ControlNets: a unit names its model (as the extension lists it, "name
+    [hash]", or the name alone) or, where the engine has one ControlNet, may leave it out.
+    Preprocessors are not run here: send the control image already made (module "none")."""
+    nets = [c["name"] for c in model.controlnets]
+    units = script.get("args") if isinstance(script, dict) else None
+    if not isinstance(units, list):
+        raise InvalidRequest('alwayson_scripts.controlnet must be {"args": [unit, ...]}')
+    if not nets:
+        if any(isinstance(u, dict) and u.get("enabled", True) for u in units):
+            raise InvalidRequest("this engine holds no ControlNet (ldm-export --controlnet adds one)")
+        return {}, []
+    pictures, scales = [None] * len(nets), [1.0] * len(nets)
+    starts, ends = [0.0] * len(nets), [1.0] * len(nets)
+    resizes = []
+    for i, unit in enumerate(units):
+        if not isinstance(unit, dict):
+            raise InvalidRequest(f"alwayson_scripts.controlnet.args[{i}] must be an object")
+        image = unit.get("image", unit.get("input_image"))
+        if isinstance(image, dict):
+            image = image.get("image")
+        if not unit.get("enabled", image is not None):
+            continue
+        where = f"ControlNet unit {i}"
+        module = unit.get("module") or "none"
+        if module.lower() != "none":
+            raise InvalidRequest(f"{where}: module {module!r}: preprocessors are not run here; send the control "
+                                 "image already made (an edge map, a pose, ...) with module \"none\"")
+        for key, fine in (("control_mode", ("Balanced", 0, None)), ("hr_option", ("Both", None)),
+                          ("mask", (None,)), ("effective_region_mask", (None,)), ("ipadapter_input", (None,))):
+            if unit.get(key) not in fine:
+                raise InvalidRequest(f"{where}: {key} {unit[key]!r} is not offered here; leave it out")
+        slot = slot_of(unit.get("model"), nets, where)
+        if image is None:
+            raise InvalidRequest(f"{where}: give its control image (\"image\": base64)")
+        pictures[slot] = picture(image, f"{where}'s image").convert("RGB")
+        scales[slot] = number(unit, "weight", 1.0)
+        starts[slot] = number(unit, "guidance_start", 0.0)
+        ends[slot] = number(unit, "guidance_end", unit.get("guidance", 1.0))
+        resize = CONTROL_RESIZE.get(unit.get("resize_mode", "Crop and Resize"))
+        if resize is None:
+            raise InvalidRequest(f"{where}: resize_mode {unit['resize_mode']!r} is not one the ControlNet extension "
+                                 f"knows ({', '.join(k for k in CONTROL_RESIZE if isinstance(k, str))})")
+        resizes.append((resize, pictures[slot].size, f"{where}'s resize_mode"))
+    if all(p is None for p in pictures):
+        return {}, []
+    one = len(nets) == 1
+    return {"control_image": pictures[0] if one else pictures, "control_scale": scales[0] if one else scales,
+            "control_start": starts[0] if one else starts, "control_end": ends[0] if one else ends}, resizes
+
+
+def slot_of(name, nets: list[str], where: str) -> int:
+    if name in (None, "", "None"):
+        if len(nets) == 1:
+            return 0
+        raise InvalidRequest(f"{where}: name its model; this engine holds {', '.join(nets)}")
+    stem = str(name).split(" [", 1)[0]
+    for i, net in enumerate(nets):
+        if stem in (net, net.rsplit(".", 1)[0]):
+            return i
+    raise InvalidRequest(f"{where}: model {name!r} is not in this engine, which holds {', '.join(nets)}")
+
+
+def check_resize(mode, image_size: tuple[int, int], size: tuple[int, int], what: str) -> None:
+    """AUTOMATIC1111's resize modes other than "just resize" (0) crop or pad: the same here only where
+    the image already has the aspect drawn (`size`: width, height)."""
+    if mode in (0, 3, None):  # 3: just resize, in latent space
+        return
+    if mode not in (1, 2):
+        raise InvalidRequest(f"{what} must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or "
+                             f"3 (just resize, latent upscale), got {mode!r}")
+    w, h = size
+    if abs(image_size[0] * h - image_size[1] * w) < max(w, h):  # the same aspect, to a pixel
+        return
+    raise InvalidRequest(f"{what} {mode} crops or pads the {image_size[0]}x{image_size[1]} image to {w}x{h}, "
+                         "which is not offered here; send it at that aspect, or use 0 (just resize)")
+
+
+def mask_blur(body: dict) -> float:
+    """mask_blur, or AUTOMATIC1111's separate x and y blurs (default 4), which must agree here."""
+    if body.get("mask_blur") is not None:
+        return number(body, "mask_blur", 4)
+    x, y = number(body, "mask_blur_x", 4), number(body, "mask_blur_y", 4)
+    if x != y:
+        raise InvalidRequest(f"mask_blur_x {x} and mask_blur_y {y} differ; the blur here is the same both ways")
+    return x
+
+
+def picture(value, what: str) -> Image.Image:
+    """A base64 image (plain, or a data: URL) -> a PIL image."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a base64-encoded image, got {type(value).__name__}")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    if value.startswith(("http://", "https://")):
+        raise InvalidRequest(f"{what}: images are not fetched from URLs here; send the image base64-encoded")
+    try:
+        data = base64.b64decode(value, validate=True)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except (binascii.Error, ValueError) as e:
+        raise InvalidRequest(f"{what} is not valid base64 ({e})") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise InvalidRequest(f"{what} is not an image PIL can read ({e})") from None
+
+
+def text(body: dict, key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be text, got {type(value).__name__}")
+    return value
+
+
+def integer(body: dict, key: str, default):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value:
+        raise InvalidRequest(f"{key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def number(body: dict, key: str, default) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def flag(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{key} must be true or false, got {value!r}")
+    return value

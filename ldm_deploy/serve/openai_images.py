@@ -1,0 +1,72 @@
+"""OpenAI's image generation API (`POST /v1/images/generations`), for the clients and gateways
+that speak it: a prompt, `n`, `size` "WIDTHxHEIGHT", images back as `b64_json`.
+
+Besides OpenAI's fields, the ones that make a diffusion image repeatable are taken too (as other
+servers of this API take them): `negative_prompt`, `seed`, `steps`, `guidance`, `sampler`.
+`model` may name the engine served or be left out; `quality`, `style` and `user` are accepted
+and change nothing; `response_format` "url" is refused (no image is kept to link to).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ldm_deploy.engine import infotext
+from ldm_deploy.engine.pipeline import random_seed
+from ldm_deploy.errors import InvalidRequest
+from ldm_deploy.serve import a1111_request as fields
+from ldm_deploy.serve.a1111 import png_base64, run
+from ldm_deploy.serve.server import Route
+
+KNOWN = {"prompt", "n", "size", "response_format", "model", "quality", "style", "user", "negative_prompt", "seed",
+         "steps", "guidance", "sampler"}
+
+
+def error_body(status: int, message: str, kind: str | None = None) -> dict:
+    """OpenAI's error body."""
+    return {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                      "param": None, "code": kind}}
+
+
+class OpenAIImages:
+    def __init__(self, worker):
+        self.worker = worker
+        self.pipe = worker.pipe
+        self.name = infotext.model_name(self.pipe.manifest.model.source)
+
+    def routes(self) -> dict:
+        return {("POST", "/v1/images/generations"): Route(self.generations, error_body, body=True, invalid=400),
+                ("GET", "/v1/models"): Route(self.models, error_body, invalid=400)}
+
+    def models(self, _):
+        return 200, {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
+                                                 "owned_by": "ldm-deploy"}]}
+
+    def generations(self, body: dict):
+        unknown = sorted(set(body) - KNOWN)
+        if unknown:
+            raise InvalidRequest(f"unknown field {unknown[0]!r}; this endpoint takes {', '.join(sorted(KNOWN))}")
+        prompt = fields.text(body, "prompt")
+        if not prompt:
+            raise InvalidRequest("prompt: say what to draw")
+        if body.get("model") not in (None, "", self.name):
+            raise InvalidRequest(f"model {body['model']!r} is not served here; this server serves {self.name!r}")
+        if body.get("response_format", "b64_json") != "b64_json":
+            raise InvalidRequest("response_format: only \"b64_json\" is offered (no image is kept to link to)")
+        width, height = self.pipe.default_size
+        size = body.get("size")
+        if size not in (None, "auto"):
+            w, _, h = str(size).partition("x")
+            if not (w.isdigit() and h.isdigit()):
+                raise InvalidRequest(f"size must be \"WIDTHxHEIGHT\" (e.g. \"{width}x{height}\"), got {size!r}")
+            width, height = int(w), int(h)
+        seed = fields.integer(body, "seed", -1)
+        n = fields.integer(body, "n", 1)
+        if n < 1:
+            raise InvalidRequest(f"n must be at least 1, got {n}")
+        options = {"prompt": prompt, "negative_prompt": fields.text(body, "negative_prompt") or None,
+                   "steps": fields.integer(body, "steps", 30), "guidance": fields.number(body, "guidance", 7.5),
+                   "seed": random_seed() if seed == -1 else seed, "num_images": n, "width": width,
+                   "height": height, "sampler": body.get("sampler") or "dpmpp_2m_karras", "prompt_weighting": True}
+        images = run(self.worker, options)
+        return 200, {"created": int(time.time()), "data": [{"b64_json": png_base64(im)} for im in images]}

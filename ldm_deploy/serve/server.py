@@ -1,0 +1,182 @@
+"""The HTTP server: the standard library's threading server, JSON in and out.
+
+Each connection gets a thread that reads the request, checks it and hands its job to the
+one worker thread (worker.py), then waits for the images. Routes are (method, path) ->
+function(body) -> (status, JSON value); a route family (AUTOMATIC1111's, OpenAI's) writes its
+own error bodies, so that each one's clients read our errors as they read theirs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from ldm_deploy.errors import UserError
+
+log = logging.getLogger("ldm-serve")
+
+
+class HttpError(Exception):
+    """Answer with this status and message (in the route family's error body)."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+@dataclass(frozen=True)
+class Route:
+    handler: Callable  # (body: dict | None) -> (status, JSON value)
+    errors: Callable  # (status, message, kind) -> JSON value: the family's error body
+    body: bool = False  # takes a JSON object
+    invalid: int = 422  # the status of a request's mistake (a UserError): AUTOMATIC1111's 422, OpenAI's 400
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Who may call: HTTP Basic users (AUTOMATIC1111's --api-auth user:pass,...) and/or Bearer
+    keys (OpenAI clients' Authorization: Bearer KEY). Neither: everyone."""
+
+    users: tuple[tuple[str, str], ...] = ()
+    keys: tuple[str, ...] = ()
+
+    def allows(self, header: str | None) -> bool:
+        if not self.users and not self.keys:
+            return True
+        if not header:
+            return False
+        scheme, _, value = header.partition(" ")
+        value = value.strip()
+        if scheme.lower() == "bearer":
+            return any(hmac.compare_digest(value.encode(), k.encode()) for k in self.keys)
+        if scheme.lower() == "basic" and self.users:
+            try:
+                user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            return any(hmac.compare_digest(user.encode(), u.encode()) & hmac.compare_digest(password.encode(), p.encode())
+                       for u, p in self.users)
+        return False
+
+
+def plain_error(status: int, message: str, kind: str | None = None) -> dict:
+    return {"error": kind or HTTPStatus(status).phrase, "detail": message}
+
+
+class App:
+    """The routes, the limits and the authentication of one server."""
+
+    def __init__(self, routes: dict[tuple[str, str], Route], auth: Auth = Auth(), max_body: int = 64 << 20,
+                 open_paths: tuple[str, ...] = ("/health",)):
+        self.routes, self.auth, self.max_body, self.open_paths = routes, auth, max_body, open_paths
+        self.active = 0  # requests being answered (a graceful stop waits for them)
+        self.lock = threading.Lock()
+
+    def handle(self, method: str, path: str, headers, read: Callable[[int], bytes]) -> tuple[int, object, dict]:
+        """-> (status, JSON value, extra headers)."""
+        path = path.split("?", 1)[0].rstrip("/") or "/"
+        route = self.routes.get((method, path))
+        errors = route.errors if route else self.family(path)
+        try:
+            if route is None:
+                if any(p == path for _, p in self.routes):
+                    allowed = ", ".join(sorted(m for m, p in self.routes if p == path))
+                    raise HttpError(405, f"{path} takes {allowed}, not {method}", headers={"Allow": allowed})
+                raise HttpError(404, f"no such endpoint: {method} {path} (GET /docs lists them)")
+            if path not in self.open_paths and not self.auth.allows(headers.get("Authorization")):
+                scheme = "Basic" if self.auth.users else "Bearer"
+                raise HttpError(401, "this server needs credentials (ldm-serve --api-auth / --api-key)",
+                                headers={"WWW-Authenticate": f'{scheme} realm="ldm-serve"'})
+            body = self.read_body(headers, read) if route.body else None
+            status, value = route.handler(body)
+            return status, value, {}
+        except HttpError as e:
+            return e.status, errors(e.status, e.message, e.kind), e.headers
+        except UserError as e:  # a mistake in the request: what is wrong and how to fix it
+            status = route.invalid if route else 422
+            return status, errors(status, str(e), type(e).__name__), {}
+
+    def family(self, path: str) -> Callable:
+        """The error body of the routes under the same first folder (/sdapi, /v1) as `path`."""
+        top = "/" + path.split("/")[1]
+        return next((r.errors for (_, p), r in self.routes.items() if p.startswith(top + "/")), plain_error)
+
+    def read_body(self, headers, read) -> dict:
+        try:
+            length = int(headers.get("Content-Length", ""))
+        except ValueError:
+            raise HttpError(411, "send the JSON body with a Content-Length") from None
+        if length > self.max_body:
+            raise HttpError(413, f"the body is {length} bytes; this server takes at most {self.max_body} "
+                                 "(ldm-serve --max-body-mb)")
+        raw = read(length)
+        try:
+            body = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HttpError(400, f"the body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}")
+        return body
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "ldm-serve"
+    timeout = 60  # seconds an idle kept-alive connection holds its thread
+    protocol_version = "HTTP/1.1"  # keep-alive: clients send many requests on one connection
+
+    def do_GET(self):
+        self.answer("GET")
+
+    def do_POST(self):
+        self.answer("POST")
+
+    def answer(self, method: str) -> None:
+        start = time.perf_counter()
+        app: App = self.server.app
+        with app.lock:
+            app.active += 1
+        try:
+            try:
+                status, value, headers = app.handle(method, self.path, self.headers, self.rfile.read)
+            except Exception:  # our bug: logged with its traceback, answered as a server error
+                log.exception("%s %s failed", method, self.path)
+                status, value, headers = 500, plain_error(500, "the server failed; its log says why"), {}
+            data = json.dumps(value).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+        finally:
+            with app.lock:
+                app.active -= 1
+        log.info("%s %s %s %d %.2fs", self.client_address[0], method, self.path.split("?", 1)[0], status,
+                 time.perf_counter() - start)
+
+    def log_message(self, format, *args):  # the standard library's own lines: ours are above
+        log.debug(format, *args)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: App):
+        super().__init__(address, Handler)
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"

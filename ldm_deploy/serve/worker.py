@@ -1,0 +1,216 @@
+"""One thread runs the pipeline; the HTTP threads hand it jobs through a bounded queue.
+
+A GPU serves one call at a time best (ONNX Runtime on the CPU already uses every core), and the
+backends are not made for calls from several threads, so a single worker runs every job, in
+the order they came. When it is free it takes the first job waiting and, where that job is plain
+txt2img, every other waiting job that differs from it only in prompt, negative prompt, seed and
+image count, up to the engine's batch size, and draws them in one call: more images per U-Net
+step, and each the image it would be alone (its noise comes from its own seed; only prompts of
+one 77-token chunk are batched, since longer ones would be padded to a common length).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ldm_deploy.engine.prompt_schedule import schedule
+from ldm_deploy.errors import InvalidRequest, UserError
+
+log = logging.getLogger("ldm-serve")
+
+# Pipeline keywords that may differ between the jobs of one call: each image has its own.
+PER_IMAGE = ("prompt", "negative_prompt", "seed", "num_images")
+# Keywords whose values are images: such jobs run alone.
+PICTURES = ("init_image", "mask", "control_image")
+
+
+class QueueFull(Exception):
+    """As many jobs wait as the server takes (ldm-serve --queue-size)."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new jobs."""
+
+
+@dataclass
+class Job:
+    """One request's Pipeline call: `options` are Pipeline keywords, with "seed" an int (the
+    first image's) and "num_images" set."""
+
+    options: dict
+    images: list | None = None  # the result: PIL images with their parameters
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    created: float = field(default_factory=time.monotonic)
+    group: tuple | None = None  # what jobs of one call share (None: it runs alone); set by the worker
+    grouped: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.options["num_images"]
+
+    def seeds(self) -> list[int]:
+        return [self.options["seed"] + i for i in range(self.count)]
+
+
+@dataclass
+class Progress:
+    """What /sdapi/v1/progress reports: the job running and its step."""
+
+    job_count: int = 0  # running and waiting
+    running: int = 0  # jobs in the call running now
+    started: float | None = None  # when the running call began (time.time())
+    step: int = 0
+    steps: int = 0
+    passes: int = 0  # passes of the running call finished (the hires fix has two)
+
+
+class Worker:
+    """Runs jobs on `pipe` in one thread. submit() queues a job (QueueFull when `queue_size`
+    wait already); the job's `done` is set when its images or its error are in."""
+
+    def __init__(self, pipe, queue_size: int = 16, max_batch: int | None = None):
+        self.pipe = pipe
+        self.queue_size = queue_size
+        self.max_batch = max_batch or pipe.manifest.dims["batch"].max  # images a call draws at most
+        self.waiting: deque[Job] = deque()
+        self.lock = threading.Condition()
+        self.progress = Progress()
+        self.stopping = False
+        self.served = 0  # jobs finished, for /health
+        self.calls = 0  # Pipeline calls made (fewer than jobs where jobs were batched)
+        self.thread = threading.Thread(target=self.loop, name="ldm-serve-worker", daemon=True)
+
+    def start(self) -> "Worker":
+        self.thread.start()
+        return self
+
+    def submit(self, job: Job) -> Job:
+        with self.lock:
+            if self.stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.waiting) >= self.queue_size:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already (ldm-serve --queue-size); "
+                                "try again shortly")
+            self.waiting.append(job)
+            self.progress.job_count += 1
+            self.lock.notify()
+        return job
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new jobs; finish those waiting, then end the thread."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def snapshot(self) -> tuple[Progress, int]:
+        """(a copy of the progress, jobs waiting), consistent with each other."""
+        with self.lock:
+            return Progress(**vars(self.progress)), len(self.waiting)
+
+    def loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.waiting and not self.stopping:
+                    self.lock.wait()
+                if not self.waiting:
+                    return
+                jobs = self.take()
+                self.progress = Progress(job_count=self.progress.job_count, running=len(jobs), started=time.time())
+            try:
+                self.run(jobs)
+            finally:
+                with self.lock:
+                    self.progress = Progress(job_count=self.progress.job_count - len(jobs))
+                    self.served += len(jobs)
+                for job in jobs:
+                    job.done.set()
+
+    def take(self) -> list[Job]:
+        """The first job waiting and those that can share its call (called with the lock held)."""
+        head = self.waiting.popleft()
+        jobs, total = [head], head.count
+        if self.group(head) is None:
+            return jobs
+        for job in list(self.waiting):
+            if total + job.count > self.max_batch:
+                continue
+            if self.group(job) == head.group:
+                self.waiting.remove(job)
+                jobs.append(job)
+                total += job.count
+        return jobs
+
+    def group(self, job: Job) -> tuple | None:
+        """What a job's call is made of but its prompts and seeds; None where it must run alone:
+        images in it, a prompt of more than one chunk or with prompt editing (a call's prompts
+        share a chunk count and a schedule), a setting that is not a plain value."""
+        if not job.grouped:
+            job.grouped, job.group = True, None
+            try:
+                if self.one_chunk(job.options):
+                    shared = tuple(sorted((k, v) for k, v in job.options.items() if k not in PER_IMAGE))
+                    hash(shared)
+                    job.group = shared + (("zero_negative", job.options.get("negative_prompt") is None),)
+            except (TypeError, UserError):  # unhashable values; texts the tokenizer refuses: alone
+                job.group = None
+        return job.group
+
+    def one_chunk(self, options: dict) -> bool:
+        if any(options.get(k) is not None for k in PICTURES):
+            return False
+        weighting = bool(options.get("prompt_weighting"))
+        steps = options.get("steps", 30)
+        for text in (options.get("prompt"), options.get("negative_prompt") or ""):
+            if not isinstance(text, str):
+                return False
+            if weighting and (len(schedule(text, steps)) != 1 or "<" in text):  # edited, or extra-network tags
+                return False
+            if len(self.pipe.tokenizer.chunks(text, weighting, 1 << 20)) != 1:
+                return False
+        return True
+
+    def run(self, jobs: list[Job]) -> None:
+        """One call for the jobs (several: their prompts and seeds side by side); a call of several
+        that fails is run again job by job, so that one job's mistake is only its own."""
+        if len(jobs) > 1:
+            try:
+                options = dict(jobs[0].options)
+                options["prompt"] = [j.options["prompt"] for j in jobs for _ in range(j.count)]
+                if options.get("negative_prompt") is not None:
+                    options["negative_prompt"] = [j.options["negative_prompt"] for j in jobs for _ in range(j.count)]
+                options["seed"] = [s for j in jobs for s in j.seeds()]
+                options["num_images"] = 1
+                images = self.call(options)
+                for job in jobs:
+                    job.images, images = images[: job.count], images[job.count:]
+                log.info("drew %d requests in one call (%d images)", len(jobs), sum(j.count for j in jobs))
+                return
+            except Exception:  # a mistake in one of them (or our bug): each alone says whose
+                pass
+        for job in jobs:
+            try:
+                job.images = self.call(job.options)
+            except UserError as e:
+                job.error = e
+            except Exception as e:  # our bug: kept for the log, answered as a server error
+                log.exception("the request failed")
+                job.error = e
+
+    def call(self, options: dict) -> list:
+        def on_step(done: int, total: int) -> None:
+            with self.lock:
+                if done == 1 and self.progress.step:  # a second pass (the hires fix)
+                    self.progress.passes += 1
+                self.progress.step, self.progress.steps = done, total
+
+        if not isinstance(options.get("prompt"), (str, list)):
+            raise InvalidRequest("prompt must be text")
+        self.calls += 1
+        return self.pipe(**options, progress=on_step)

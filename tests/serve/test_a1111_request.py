@@ -1,0 +1,161 @@
+"""AUTOMATIC1111's request fields -> Pipeline keywords, as its API (1.10) reads them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from serve_http import b64
+
+from ldm_deploy.engine.samplers import DISPLAY_NAMES
+from ldm_deploy.errors import InvalidRequest
+from ldm_deploy.serve import a1111_request as a1111
+
+MODEL = SimpleNamespace(pooled_width=0, controlnets=({"name": "canny", "sha256": "0"},
+                                                     {"name": "depth", "sha256": "1"}))
+XL = SimpleNamespace(pooled_width=1280, controlnets=())
+
+
+def seven():
+    return 7
+
+
+# AUTOMATIC1111 1.9+'s get_sampler_and_scheduler: no scheduler is "Automatic", each sampler's own
+# default (DPM++ 2M: Karras); a schedule in the name is split off; aliases are k-diffusion's names.
+@pytest.mark.parametrize("name,scheduler,ours", [
+    ("Euler", None, "euler"), ("Euler a", None, "euler_a"), ("k_euler_a", None, "euler_a"),
+    ("DPM++ 2M", None, "dpmpp_2m_karras"), ("DPM++ 2M", "Automatic", "dpmpp_2m_karras"),
+    ("DPM++ 2M", "uniform", "dpmpp_2m"), ("DPM++ 2M", "Uniform", "dpmpp_2m"), ("DPM++ 2M Karras", None, "dpmpp_2m_karras"),
+    ("DPM++ 2M", "karras", "dpmpp_2m_karras"), ("Euler", "karras", "euler_karras"), ("UniPC", None, "unipc"),
+    ("DDIM", None, "ddim"), ("LCM", None, "lcm"), ("dpmpp_2m_sde", None, "dpmpp_2m_sde"), ("Heun", "Karras", "heun_karras"),
+])
+def test_sampler_names(name, scheduler, ours):
+    assert a1111.sampler(name, scheduler) == ours
+
+
+def test_every_sampler_is_reachable_by_its_name_and_schedule():
+    for key, display in DISPLAY_NAMES.items():
+        base, karras = (display[:-7], True) if display.endswith(" Karras") else (display, False)
+        assert a1111.sampler(base, "karras" if karras else "uniform") == key
+
+
+@pytest.mark.parametrize("name,scheduler", [("DPM++ SDE", None), ("Euler", "exponential"),
+                                            ("DPM++ 2M SDE", None), ("nonsense", None), (3, None)])
+def test_samplers_not_offered_are_refused(name, scheduler):
+    # AUTOMATIC1111 draws an unknown name with DPM++ 2M; DPM++ 2M SDE's automatic schedule is
+    # exponential, which is not offered here
+    with pytest.raises(InvalidRequest, match="sampler|scheduler"):
+        a1111.sampler(name, scheduler)
+
+
+def test_txt2img_defaults_are_its_api_defaults_but_the_size():
+    options = a1111.txt2img({"prompt": "a cat"}, MODEL, (128, 96), seven)
+    assert options == {"prompt": "a cat", "negative_prompt": None, "steps": 50, "guidance": 7.0, "seed": 7,
+                       "num_images": 1, "sampler": "euler", "prompt_weighting": True, "clip_skip": 0,
+                       "width": 128, "height": 96}
+
+
+def test_txt2img_fields():
+    body = {"prompt": "a", "negative_prompt": "b", "steps": 12, "cfg_scale": 5, "seed": 3, "batch_size": 2,
+            "n_iter": 3, "width": 64, "height": 80, "sampler_name": "Euler a",
+            "override_settings": {"CLIP_stop_at_last_layers": 2}, "eta": 0, "s_noise": 1, "save_images": False,
+            "some_unknown_field": 1}
+    options = a1111.txt2img(body, MODEL, (128, 128), seven)
+    assert options == {"prompt": "a", "negative_prompt": "b", "steps": 12, "guidance": 5.0, "seed": 3,
+                       "num_images": 6, "sampler": "euler_a", "prompt_weighting": True, "clip_skip": 1,
+                       "width": 64, "height": 80}
+    # AUTOMATIC1111 does not apply its clip skip to SDXL
+    assert a1111.txt2img({"override_settings": {"CLIP_stop_at_last_layers": 2}}, XL, (1024, 1024),
+                         seven)["clip_skip"] == 0
+
+
+def test_hires_fields():
+    base = {"prompt": "a", "enable_hr": True, "width": 64, "height": 64}
+    options = a1111.txt2img(base, MODEL, (128, 128), seven)
+    assert (options["hires_scale"], options["hires_steps"], options["hires_strength"], options["hires_upscaler"]) \
+        == (2.0, 0, 0.7, "Latent")  # its default upscaler is Latent
+    options = a1111.txt2img({**base, "hr_resize_x": 96, "hr_resize_y": 96, "hr_upscaler": "Lanczos",
+                             "hr_second_pass_steps": 5, "denoising_strength": 0.5}, MODEL, (128, 128), seven)
+    assert (options["hires_scale"], options["hires_steps"], options["hires_strength"], options["hires_upscaler"]) \
+        == (1.5, 5, 0.5, "Lanczos")
+    with pytest.raises(InvalidRequest, match="evenly"):
+        a1111.txt2img({**base, "hr_resize_x": 96, "hr_resize_y": 128}, MODEL, (128, 128), seven)
+    with pytest.raises(InvalidRequest, match="hr_upscaler"):
+        a1111.txt2img({**base, "hr_upscaler": "R-ESRGAN 4x+"}, MODEL, (128, 128), seven)
+    with pytest.raises(InvalidRequest, match="hr_prompt"):
+        a1111.txt2img({**base, "hr_prompt": "other"}, MODEL, (128, 128), seven)
+
+
+@pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True), ("subseed_strength", 0.3),
+                                         ("styles", ["mine"]), ("script_name", "x/y/z plot"),
+                                         ("alwayson_scripts", {"ADetailer": {"args": []}})])
+def test_what_is_not_offered_is_refused_by_name(field, value):
+    with pytest.raises(InvalidRequest, match=field.split("_")[0] if field != "alwayson_scripts" else "ADetailer"):
+        a1111.txt2img({"prompt": "a", field: value}, MODEL, (128, 128), seven)
+
+
+@pytest.mark.parametrize("body,match", [({"steps": 2.5}, "steps"), ({"cfg_scale": "7"}, "cfg_scale"),
+                                        ({"batch_size": 0}, "batch_size"), ({"prompt": 3}, "prompt"),
+                                        ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "CLIP")])
+def test_bad_values(body, match):
+    with pytest.raises(InvalidRequest, match=match):
+        a1111.txt2img(body, MODEL, (128, 128), seven)
+
+
+def test_img2img_fields():
+    init = Image.new("RGB", (96, 64), (10, 20, 30))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (10, 10, 40, 40))
+    options = a1111.img2img({"prompt": "a", "init_images": [b64(init)], "mask": "data:image/png;base64," + b64(mask),
+                             "inpainting_mask_invert": 1}, MODEL, (128, 128), seven)
+    assert "width" not in options and "height" not in options  # the image's size
+    assert options["strength"] == 0.75 and options["mask_blur"] == 4 and options["mask_crop"] == 0
+    assert options["init_image"].tobytes() == init.tobytes()
+    assert options["mask"].getpixel((20, 20)) == 0 and options["mask"].getpixel((80, 50)) == 255  # inverted
+    options = a1111.img2img({"init_images": [b64(init)], "mask": b64(mask), "inpaint_full_res": False,
+                             "mask_blur_x": 2, "mask_blur_y": 2, "inpainting_fill": 1}, MODEL, (128, 128), seven)
+    assert "mask_crop" not in options and options["mask_blur"] == 2
+    plain = a1111.img2img({"init_images": [b64(init)], "denoising_strength": 0.3}, MODEL, (128, 128), seven)
+    assert "mask" not in plain and plain["strength"] == 0.3
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"init_images": []}, "init_images"), ({"init_images": ["not base64!"]}, "base64"),
+    ({"init_images": [b64(Image.new("RGB", (8, 8))), b64(Image.new("RGB", (8, 8), 9))]}, "several"),
+    ({"resize_mode": 1, "width": 64, "height": 64}, "crops or pads"), ({"mask_blur_x": 3}, "differ"),
+    ({"inpainting_fill": 2}, "latent noise"), ({"enable_hr": True}, "txt2img"),
+    ({"init_images": ["http://example.com/a.png"]}, "URL"),
+])
+def test_img2img_refusals(extra, match):
+    body = {"init_images": [b64(Image.new("RGB", (96, 64)))], "mask": b64(Image.new("L", (96, 64))), **extra}
+    with pytest.raises(InvalidRequest, match=match):
+        a1111.img2img(body, MODEL, (128, 128), seven)
+
+
+def test_resize_modes_that_crop_are_taken_at_the_same_aspect():
+    body = {"init_images": [b64(Image.new("RGB", (96, 64)))], "resize_mode": 1, "width": 192, "height": 128}
+    assert a1111.img2img(body, MODEL, (128, 128), seven)["width"] == 192
+
+
+def test_controlnet_units():
+    edges, depth = Image.new("RGB", (64, 64), (255, 255, 255)), Image.new("RGB", (64, 64), (99, 99, 99))
+    units = [{"enabled": True, "image": b64(edges), "module": "none", "model": "canny [abcd1234]", "weight": 0.5,
+              "guidance_start": 0.1, "guidance_end": 0.9, "resize_mode": "Just Resize"},
+             {"enabled": False, "image": b64(depth), "model": "depth"},
+             {"input_image": {"image": b64(depth)}, "model": "depth", "guidance": 0.7}]  # older names
+    options = a1111.txt2img({"alwayson_scripts": {"ControlNet": {"args": units}}}, MODEL, (64, 64), seven)
+    assert [p.getpixel((0, 0)) for p in options["control_image"]] == [(255, 255, 255), (99, 99, 99)]
+    assert options["control_scale"] == [0.5, 1.0] and options["control_start"] == [0.1, 0.0]
+    assert options["control_end"] == [0.9, 0.7]
+
+
+@pytest.mark.parametrize("unit,match", [
+    ({"module": "canny", "model": "canny"}, "preprocessors"), ({"model": "openpose"}, "not in this engine"),
+    ({}, "name its model"), ({"model": "canny", "control_mode": "ControlNet is more important"}, "control_mode"),
+    ({"model": "canny", "resize_mode": "Crop and Resize"}, "crops or pads"),
+])
+def test_controlnet_unit_refusals(unit, match):
+    unit = {"enabled": True, "image": b64(Image.new("RGB", (64, 32))), **unit}
+    with pytest.raises(InvalidRequest, match=match):
+        a1111.txt2img({"alwayson_scripts": {"controlnet": {"args": [unit]}}}, MODEL, (64, 64), seven)

@@ -1,0 +1,57 @@
+"""`ldm-serve` as a user starts it: it listens, answers, and on SIGTERM finishes and exits 0;
+its mistakes are one line and exit 2."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from serve_http import call
+
+from ldm_deploy.cli.serve import main
+
+SERVE = [sys.executable, "-m", "ldm_deploy.cli.serve"]
+
+
+def test_serves_then_stops_on_sigterm(engine_dirs):
+    proc = subprocess.Popen([*SERVE, "--engine", str(engine_dirs["tiny-sd1"]), "--port", "0", "--no-verify"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                break
+        url = re.search(r"http://[\d.]+:\d+", "".join(lines)).group(0)
+        status, answer, _ = call(url + "/sdapi/v1/txt2img", "POST", {"prompt": "a cat", "steps": 2, "seed": 1})
+        assert status == 200 and len(answer["images"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, rest
+    assert "stopped after 1 requests" in rest and "POST /sdapi/v1/txt2img 200" in "".join(lines) + rest
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--api-auth", "nopassword"], "USER:PASS"), (["--port", "70000"], "--port"), (["--queue-size", "0"], "queue-size"),
+    (["--engine", "/nonexistent"], "nonexistent"),
+])
+def test_mistakes(args, match, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldm-serve: error:") and match in err and "Traceback" not in err
+
+
+def test_port_in_use(engine_dirs, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--engine", str(engine_dirs["tiny-sd1"]), "--port", str(port), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err

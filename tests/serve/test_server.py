@@ -1,0 +1,261 @@
+"""ldm-serve over HTTP on the tiny SD 1.x engine: each answer's images are the ones the Pipeline
+(tested against diffusers elsewhere) draws for what the request asks, in AUTOMATIC1111's and
+OpenAI's formats; mistakes get their error bodies; waiting txt2img requests share calls."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from serve_http import b64, call, pixels, running, unb64
+
+from ldm_deploy import Pipeline
+from ldm_deploy.errors import InvalidRequest
+from ldm_deploy.serve import Auth
+from ldm_deploy.serve.a1111 import run
+from ldm_deploy.serve.server import HttpError
+from ldm_deploy.serve.worker import Job, QueueFull, Worker
+
+
+@pytest.fixture(scope="module")
+def pipe(engine_dirs):
+    """The server's own pipeline (the oracle is the session's `pipelines`, another instance)."""
+    return Pipeline.load(engine_dirs["tiny-sd1"])
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    with running(pipe) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def oracle(pipelines):
+    return pipelines["tiny-sd1"]
+
+
+@pytest.fixture(scope="module")
+def photo():
+    y, x = np.mgrid[0:64, 0:96]
+    rgb = np.stack([x / 96, y / 64, 0.5 + 0.5 * np.sin(x / 7.0)], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def test_txt2img_draws_what_the_pipeline_draws(server, oracle):
+    body = {"prompt": "a (red:1.2) cat", "negative_prompt": "blurry", "steps": 6, "cfg_scale": 6.5, "seed": 11,
+            "sampler_name": "Euler a", "batch_size": 2, "n_iter": 2, "width": 96, "height": 64}
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+    assert status == 200, answer
+    got = [unb64(s) for s in answer["images"]]
+    want = oracle("a (red:1.2) cat", negative_prompt="blurry", steps=6, guidance=6.5, seed=11, num_images=4,
+                  sampler="euler_a", width=96, height=64, prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels(got), pixels(want))
+    info = json.loads(answer["info"])
+    assert info["all_seeds"] == [11, 12, 13, 14] and info["seed"] == 11
+    assert (info["width"], info["height"], info["sampler_name"], info["steps"]) == (96, 64, "Euler a", 6)
+    assert info["infotexts"] == [im.info["parameters"] for im in want]
+    assert [im.info["parameters"] for im in got] == info["infotexts"]  # inside each PNG, as AUTOMATIC1111's
+    assert answer["parameters"] == body
+
+
+def test_txt2img_defaults(server, oracle):
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {"prompt": "a dog", "seed": 5, "steps": 4})
+    assert status == 200, answer
+    want = oracle("a dog", steps=4, guidance=7.0, seed=5, sampler="euler", prompt_weighting=True, progress=False)
+    assert unb64(answer["images"][0]).size == oracle.default_size
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+    random = json.loads(call(server.url + "/sdapi/v1/txt2img", "POST", {"steps": 1, "send_images": False})[1]["info"])
+    assert random["seed"] >= 0  # -1: drawn, and answered
+
+
+def test_hires_fix(server, oracle):
+    body = {"prompt": "a cat", "steps": 3, "seed": 2, "width": 64, "height": 64, "enable_hr": True,
+            "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 2, "denoising_strength": 0.6}
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+    assert status == 200, answer
+    want = oracle("a cat", steps=3, guidance=7.0, seed=2, sampler="euler", width=64, height=64, hires_scale=1.5,
+                  hires_steps=2, hires_strength=0.6, hires_upscaler="Lanczos", prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+
+
+def test_img2img_and_inpainting(server, oracle, photo):
+    mask = Image.new("L", photo.size, 0)
+    mask.paste(255, (20, 10, 60, 40))
+    body = {"prompt": "a cat", "steps": 5, "seed": 3, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+            "init_images": [b64(photo)], "denoising_strength": 0.6}
+    status, answer, _ = call(server.url + "/sdapi/v1/img2img", "POST", body)
+    assert status == 200, answer
+    want = oracle("a cat", steps=5, guidance=7.0, seed=3, sampler="dpmpp_2m_karras", init_image=photo, strength=0.6,
+                  prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+    assert answer["parameters"]["init_images"] is None  # as AUTOMATIC1111, unless include_init_images
+
+    # AUTOMATIC1111's API defaults: "Only masked" with no padding, mask blur 4, strength 0.75
+    status, answer, _ = call(server.url + "/sdapi/v1/img2img", "POST", {**body, "mask": b64(mask),
+                                                                       "denoising_strength": None})
+    assert status == 200, answer
+    want = oracle("a cat", steps=5, guidance=7.0, seed=3, sampler="dpmpp_2m_karras", init_image=photo, mask=mask,
+                  strength=0.75, mask_blur=4, mask_crop=0, prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+
+    status, answer, _ = call(server.url + "/sdapi/v1/img2img", "POST", {
+        **body, "mask": b64(mask), "inpaint_full_res": False, "inpainting_mask_invert": 1, "mask_blur": 0})
+    assert status == 200, answer
+    want = oracle("a cat", steps=5, guidance=7.0, seed=3, sampler="dpmpp_2m_karras", init_image=photo,
+                  mask=ImageOps.invert(mask), strength=0.6, mask_blur=0, prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+
+
+def test_openai_images(server, oracle):
+    status, answer, _ = call(server.url + "/v1/images/generations", "POST",
+                             {"prompt": "a cat", "n": 2, "size": "64x96", "seed": 5, "steps": 4})
+    assert status == 200, answer
+    want = oracle("a cat", steps=4, seed=5, num_images=2, width=64, height=96, prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels([unb64(d["b64_json"]) for d in answer["data"]]), pixels(want))
+    status, answer, _ = call(server.url + "/v1/images/generations", "POST", {"prompt": "a cat", "colour": "red"})
+    assert status == 400 and "colour" in answer["error"]["message"]
+    status, answer, _ = call(server.url + "/v1/images/generations", "POST", {"prompt": "a", "size": "40x40"})
+    assert status == 400 and "width 40" in answer["error"]["message"]  # the Pipeline's own check, OpenAI's body
+    assert call(server.url + "/v1/models")[1]["data"][0]["id"]
+
+
+@pytest.mark.parametrize("path,body,status,match", [
+    ("/sdapi/v1/txt2img", {"sampler_name": "DPM++ SDE"}, 422, "DPM\\+\\+ SDE"),
+    ("/sdapi/v1/txt2img", {"restore_faces": True}, 422, "face restoration"),
+    ("/sdapi/v1/txt2img", {"width": 100, "steps": 1}, 422, "multiple of 8"),
+    ("/sdapi/v1/img2img", {"init_images": ["%%%"]}, 422, "base64"),
+    ("/sdapi/v1/nothing", {}, 404, "no such endpoint"),
+])
+def test_a1111_errors(server, path, body, status, match):
+    got, answer, _ = call(server.url + path, "POST", body)
+    assert got == status
+    assert set(answer) == {"error", "detail", "body", "errors"}
+    assert pytest.importorskip("re").search(match, answer["detail"]), answer
+
+
+def test_http_errors(pipe, server):
+    status, answer, headers = call(server.url + "/sdapi/v1/txt2img")  # GET
+    assert status == 405 and headers["Allow"] == "POST"
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", raw=b"{not json")
+    assert status == 400 and "not JSON" in answer["detail"]
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", raw=b"[1, 2]")
+    assert status == 422
+    with running(pipe, max_body=100) as small:
+        status, answer, _ = call(small.url + "/sdapi/v1/txt2img", "POST", {"prompt": "x" * 200})
+        assert status == 413 and "--max-body-mb" in answer["detail"]
+
+
+def test_listings(server, pipe):
+    m = pipe.manifest.model
+    models = call(server.url + "/sdapi/v1/sd-models")[1]
+    assert models[0]["hash"] == m.weights_sha256[:10] and models[0]["sha256"] == m.weights_sha256
+    names = {s["name"] for s in call(server.url + "/sdapi/v1/samplers")[1]}
+    assert {"Euler", "Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= names
+    assert {s["name"] for s in call(server.url + "/sdapi/v1/schedulers")[1]} == {"automatic", "uniform", "karras"}
+    assert [u["name"] for u in call(server.url + "/sdapi/v1/upscalers")[1]] == ["Lanczos"]
+    assert "Latent (bicubic)" in [u["name"] for u in call(server.url + "/sdapi/v1/latent-upscale-modes")[1]]
+    assert call(server.url + "/sdapi/v1/embeddings")[1] == {"loaded": {}, "skipped": {}}
+    options = call(server.url + "/sdapi/v1/options")[1]
+    assert call(server.url + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": options["sd_model_checkpoint"]})[0] == 200
+    status, answer, _ = call(server.url + "/sdapi/v1/options", "POST", {"CLIP_stop_at_last_layers": 2})
+    assert status == 422 and "override_settings" in answer["detail"]
+    assert call(server.url + "/internal/ping")[:2] == (200, {})
+    health = call(server.url + "/health")[1]
+    assert health["status"] == "ok" and health["waiting"] == 0
+    assert "POST /sdapi/v1/txt2img" in call(server.url + "/docs")[1]["endpoints"]
+
+
+def test_png_info_reads_the_answer_back(server):
+    answer = call(server.url + "/sdapi/v1/txt2img", "POST", {"prompt": "a cat", "negative_prompt": "dog",
+                                                             "steps": 2, "seed": 9})[1]
+    info = call(server.url + "/sdapi/v1/png-info", "POST", {"image": answer["images"][0]})[1]
+    assert info["parameters"]["Prompt"] == "a cat" and info["parameters"]["Negative prompt"] == "dog"
+    assert info["parameters"]["Seed"] == "9" and info["info"].startswith("a cat\n")
+
+
+def test_credentials(pipe):
+    auth = Auth(users=(("ann", "s3cret"),), keys=("key-1",))
+    with running(pipe, auth=auth) as s:
+        url = s.url + "/sdapi/v1/sd-models"
+        status, answer, headers = call(url)
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic")
+        basic = "Basic " + base64.b64encode(b"ann:s3cret").decode()
+        assert call(url, headers={"Authorization": basic})[0] == 200
+        assert call(url, headers={"Authorization": "Bearer key-1"})[0] == 200
+        assert call(url, headers={"Authorization": "Bearer key-2"})[0] == 401
+        wrong = "Basic " + base64.b64encode(b"ann:guess").decode()
+        assert call(url, headers={"Authorization": wrong})[0] == 401
+        assert call(s.url + "/health")[0] == 200  # for load balancers' probes
+
+
+def test_progress_while_drawing(server):
+    seen = []
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            state = call(server.url + "/sdapi/v1/progress")[1]
+            if state["state"]["sampling_step"]:
+                seen.append(state)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    status, _, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {"prompt": "a", "steps": 150, "width": 64,
+                                                                  "height": 64, "send_images": False})
+    done.set()
+    thread.join()
+    assert status == 200 and seen
+    for state in seen:
+        assert state["state"]["sampling_steps"] == 150 and 0 < state["progress"] <= 1
+        assert state["state"]["job_count"] >= 1
+    idle = call(server.url + "/sdapi/v1/progress")[1]
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+
+
+def options(prompt, seed, **extra):
+    return {"prompt": prompt, "negative_prompt": "ugly", "steps": 4, "guidance": 7.0, "seed": seed,
+            "num_images": 1, "sampler": "euler_a", "width": 64, "height": 64, "prompt_weighting": True, **extra}
+
+
+def test_waiting_requests_share_a_call_and_keep_their_images(pipe, oracle):
+    worker = Worker(pipe, max_batch=4)  # not started: the jobs wait, as behind a long one
+    jobs = [worker.submit(Job(options(p, s))) for p, s in (("a cat", 3), ("a dog", 40), ("a (red) fox", 7))]
+    jobs.append(worker.submit(Job(options("a bird", 8, steps=5))))  # another step count: its own call
+    jobs.append(worker.submit(Job(options("a cow " * 40, 9))))  # two chunks of prompt: alone
+    worker.start()
+    for job in jobs:
+        assert job.done.wait(120) and job.error is None, job.error
+    worker.stop()
+    assert worker.calls == 3
+    for job in jobs:
+        want = oracle(**{**job.options, "progress": False})
+        got, want = pixels(job.images), pixels(want)
+        # the batch runs other matrix shapes: at most a level apart, in a few pixels
+        assert np.abs(got - want).max() <= 1 and np.mean(got != want) < 0.01
+        assert job.images[0].info["parameters"] == oracle(**{**job.options, "progress": False})[0].info["parameters"]
+
+
+def test_a_mistake_in_a_shared_call_is_only_its_own(pipe, oracle):
+    worker = Worker(pipe)
+    good, bad = worker.submit(Job(options("a cat", 3))), worker.submit(Job(options("a dog", -5)))
+    worker.start()
+    assert good.done.wait(120) and bad.done.wait(120)
+    worker.stop()
+    assert good.error is None and len(good.images) == 1
+    assert isinstance(bad.error, InvalidRequest) and "seed" in str(bad.error)
+
+
+def test_a_full_queue_is_503(pipe):
+    worker = Worker(pipe, queue_size=1)  # not started: nothing leaves the queue
+    worker.submit(Job(options("a cat", 1)))
+    with pytest.raises(QueueFull):
+        worker.submit(Job(options("a dog", 2)))
+    with pytest.raises(HttpError) as e:
+        run(worker, options("a dog", 2))
+    assert e.value.status == 503 and e.value.headers["Retry-After"]
