@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
                    help="images one call draws at most when batching waiting requests (default: the engine's "
                         "largest batch, ldm-export --max-batch; 1: no batching)")
     p.add_argument("--max-body-mb", type=float, default=64, help="largest request body (default 64 MB)")
+    p.add_argument("--max-steps", type=int, default=500, help="most steps a request may ask for (default 500)")
+    p.add_argument("--max-images", type=int, default=32, help="most images a request may ask for (default 32)")
     p.add_argument("--warmup", action="store_true",
                    help="draw one image before serving (torch engines compile on their first call)")
     p.add_argument("--backend", default="auto", help="as ldm-run's")
@@ -69,7 +71,9 @@ def main(argv=None) -> int:
         from ldm_deploy.cli.run import engine_dir
         from ldm_deploy.engine.pipeline import Pipeline
 
-        for name in ("queue_size", "max_batch", "threads"):
+        if not 0 < args.max_body_mb < 1 << 20:  # not inf or nan either
+            raise UserError(f"--max-body-mb must be a positive number of megabytes, got {args.max_body_mb}")
+        for name in ("queue_size", "max_batch", "threads", "max_steps", "max_images"):
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
             log.info("warmed up in %.1f s", time.perf_counter() - start)
         try:
             server = serve.build(pipe, (args.host, args.port), auth, args.queue_size, args.max_batch,
-                                 int(args.max_body_mb * (1 << 20)))
+                                 int(args.max_body_mb * (1 << 20)), args.max_steps, args.max_images)
         except OSError as e:
             raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pass another --port "
                             "(or --host)") from None
@@ -99,9 +103,10 @@ def main(argv=None) -> int:
 
 
 def serve_until_stopped(server, directory) -> None:
-    """Serve until SIGTERM or Ctrl+C, then stop taking requests, finish those taken, and return."""
+    """Serve until SIGTERM or Ctrl+C; then stop listening, finish the call running (the requests
+    still waiting are answered 503, to be sent again elsewhere), answer, and return."""
     def stop(signum, frame):
-        log.info("stopping: finishing the requests taken")
+        log.info("stopping: finishing the call running; the requests waiting are answered 503")
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -112,7 +117,8 @@ def serve_until_stopped(server, directory) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        server.worker.stop()
+        server.socket.close()  # new connections are refused at once, not left in the backlog
+        server.worker.stop(drain=False)
         deadline = time.monotonic() + 30
         while server.app.active and time.monotonic() < deadline:  # answers being written
             time.sleep(0.05)

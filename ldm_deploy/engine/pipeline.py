@@ -490,7 +490,8 @@ def image_seeds(seed, n: int) -> tuple[int, ...]:
         seeds = tuple(first + i for i in range(n))
     for s in seeds:
         if s < 0:
-            raise InvalidRequest(f"seed must be 0 or more (or -1 for a random one), got {s}")
+            random = " (or -1 for a random one)" if not isinstance(seed, (list, tuple)) else " (each of a list)"
+            raise InvalidRequest(f"seed must be 0 or more{random}, got {s}")
     return seeds
 
 

@@ -13,19 +13,20 @@ from ldm_deploy.serve.worker import Worker
 
 
 def build(pipe, address: tuple[str, int], auth: Auth = Auth(), queue_size: int = 16, max_batch: int | None = None,
-          max_body: int = 64 << 20) -> Server:
+          max_body: int = 64 << 20, max_steps: int = 500, max_images: int = 32) -> Server:
     """A server (not yet serving) of `pipe` at `address` (port 0: any free one), its worker
     started; server.worker.stop() after server.shutdown() finishes the jobs waiting."""
     from ldm_deploy.serve.a1111 import A1111
     from ldm_deploy.serve.openai_images import OpenAIImages
 
-    worker = Worker(pipe, queue_size, max_batch).start()
+    worker = Worker(pipe, queue_size, max_batch, max_steps, max_images).start()
     routes = {**A1111(worker).routes(), **OpenAIImages(worker).routes()}
 
-    def health(_):
+    def health(_):  # open without credentials: says nothing of the machine
         progress, waiting = worker.snapshot()
-        return 200, {"status": "ok", "engine": str(pipe.engine_dir), "waiting": waiting,
-                     "running": progress.running, "served": worker.served}
+        status = 200 if worker.alive and not worker.stopping else 503
+        return status, {"status": "ok" if status == 200 else "stopping" if worker.stopping else "failed",
+                        "waiting": waiting, "running": progress.running, "served": worker.served}
 
     def docs(_):
         return 200, {"endpoints": sorted(f"{m} {p}" for m, p in routes)}

@@ -27,7 +27,7 @@ from ldm_deploy.engine.samplers import DISPLAY_NAMES
 from ldm_deploy.errors import UserError
 from ldm_deploy.serve import a1111_request
 from ldm_deploy.serve.server import HttpError, Route
-from ldm_deploy.serve.worker import Job, QueueFull, ShuttingDown
+from ldm_deploy.serve.worker import Interrupted, Job, QueueFull, ShuttingDown
 
 PREFIX = "/sdapi/v1"
 
@@ -54,7 +54,12 @@ class A1111:
                 "/options": self.set_options}
         out = {("GET", PREFIX + p): Route(f, error_body) for p, f in get.items()}
         out.update({("POST", PREFIX + p): Route(f, error_body, body=True) for p, f in post.items()})
+        out[("POST", PREFIX + "/interrupt")] = Route(self.interrupt, error_body)
+        out[("POST", PREFIX + "/skip")] = Route(self.skip, error_body)
         out[("GET", "/internal/ping")] = Route(lambda _: (200, {}), error_body)
+        # the ControlNet extension's: what its clients ask before they name a model in a unit
+        out[("GET", "/controlnet/model_list")] = Route(self.controlnet_models, error_body)
+        out[("GET", "/controlnet/module_list")] = Route(lambda _: (200, {"module_list": ["none"]}), error_body)
         return out
 
     # -- drawing --------------------------------------------------------------------------------
@@ -97,14 +102,27 @@ class A1111:
     # -- what is served -------------------------------------------------------------------------
 
     def samplers(self, _):
+        """Its sampler names (the schedule apart, as since its 1.9), each with its k-diffusion
+        aliases and, where it has one, its own default schedule ("Automatic")."""
         out = {}
-        for key, display in DISPLAY_NAMES.items():
+        for display in DISPLAY_NAMES.values():
             base = display[: -len(" Karras")] if display.endswith(" Karras") else display
-            item = out.setdefault(base, {"name": base, "aliases": [], "options": {}})
-            item["aliases"].append(key)
-            if display.endswith(" Karras") and infotext.AUTOMATIC_SCHEDULES.get(base) == "Karras":
-                item["options"]["scheduler"] = "karras"
+            aliases = [a for a, name in a1111_request.ALIASES.items() if name == base]
+            item = out.setdefault(base, {"name": base, "aliases": aliases, "options": {}})
+            if base in infotext.AUTOMATIC_SCHEDULES:
+                item["options"]["scheduler"] = infotext.AUTOMATIC_SCHEDULES[base].lower()
         return 200, list(out.values())
+
+    def controlnet_models(self, _):
+        return 200, {"model_list": [f"{c['name']} [{c['sha256'][:8]}]" for c in self.model.controlnets]}
+
+    def interrupt(self, _):
+        self.worker.interrupt()
+        return 200, {}
+
+    def skip(self, _):  # one call runs at a time here: skipping it is interrupting it
+        self.worker.interrupt()
+        return 200, None
 
     def schedulers(self, _):
         return 200, [{"name": name, "label": label, "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
@@ -181,9 +199,15 @@ def run(worker, options: dict) -> list:
         raise HttpError(503, str(e), "QueueFull", {"Retry-After": "5"}) from None
     except ShuttingDown as e:
         raise HttpError(503, str(e), "ShuttingDown") from None
-    job.done.wait()
+    while not job.done.wait(1.0):
+        if not worker.alive:
+            raise HttpError(500, "the server's worker has stopped; its log says why")
     if isinstance(job.error, UserError):
         raise job.error  # the route family's "invalid request" answer
+    if isinstance(job.error, ShuttingDown):
+        raise HttpError(503, str(job.error), "ShuttingDown")
+    if isinstance(job.error, Interrupted):
+        raise HttpError(409, f"{job.error}: no image was finished", "Interrupted")
     if job.error is not None:
         raise HttpError(500, f"drawing failed: {type(job.error).__name__}: {job.error} (the server's log has "
                              "the traceback)", type(job.error).__name__)

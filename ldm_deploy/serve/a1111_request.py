@@ -3,9 +3,9 @@
 Its API (stable-diffusion-webui 1.10, `modules/api/models.py`) takes the fields of its processing
 classes, each optional with that class's default, and ignores fields it does not know. Here:
 the fields that draw the image are read with its API's defaults (steps 50, CFG scale 7, sampler
-"Euler", img2img denoising strength 0.75, mask blur 4, "Only masked" inpainting), but width and
-height, which default to the engine's size rather than 512 (an SDXL engine draws 1024 px, the
-shapes model 64); a field asking for what is not offered here (face restoration, tiling,
+"Euler", img2img denoising strength 0.75, mask blur 4, "Only masked" inpainting, masked content
+"fill"), but width and height, which default to the engine's size for txt2img and the image's for
+img2img, rather than 512 (an SDXL engine draws 1024 px, the shapes model 64); a field asking for what is not offered here (face restoration, tiling,
 variation seeds, styles, scripts, ControlNet preprocessors, ...) is refused by name rather than
 left out, so that no image comes back other than asked for. Fields that tune k-diffusion's
 samplers (eta, s_churn, s_noise, ...) or say where to save are accepted and have no effect.
@@ -18,7 +18,7 @@ import binascii
 import io
 import math
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
 from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES
@@ -31,6 +31,7 @@ SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"
 ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_heun": "Heun",
            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_lcm": "LCM", "ddim": "DDIM",
            "unipc": "UniPC"}
+MAX_PIXELS = 40_000_000  # an image's, decoded: 120 MB as RGB
 # The ControlNet extension's resize modes (names, old names, numbers) -> AUTOMATIC1111's img2img ones.
 CONTROL_RESIZE = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2, "Scale to Fit (Inner Fit)": 1,
                   "Inner Fit (Scale to Fit)": 1, "Envelope (Outer Fit)": 2, "Outer Fit (Shrink to Fit)": 2,
@@ -73,17 +74,16 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
     inits = body.get("init_images")
     if not isinstance(inits, list) or not inits:
         raise InvalidRequest("init_images: give the image to start from, as a list of one base64-encoded image")
-    pictures = [picture(v, f"init_images[{i}]") for i, v in enumerate(inits)]
-    if any(p.tobytes() != pictures[0].tobytes() or p.size != pictures[0].size for p in pictures[1:]):
+    if any(v != inits[0] for v in inits[1:]):
         raise InvalidRequest("init_images holds several images; one is drawn from here (send one request each)")
-    init = pictures[0].convert("RGB")
+    init = picture(inits[0], "init_images[0]").convert("RGB")
     options["init_image"] = init
     options["strength"] = number(body, "denoising_strength", 0.75)
     size = (options.get("width") or init.size[0], options.get("height") or init.size[1])
     for mode, picture_size, what in [(body.get("resize_mode", 0), init.size, "resize_mode"), *resizes]:
         check_resize(mode, picture_size, size, what)
     if body.get("mask") is not None:
-        mask = picture(body["mask"], "mask").convert("L")
+        mask = binary_mask(picture(body["mask"], "mask"))
         if integer(body, "inpainting_mask_invert", 0):
             mask = ImageOps.invert(mask)
         options["mask"] = mask
@@ -91,10 +91,40 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
         fill = integer(body, "inpainting_fill", 0)
         if fill not in (0, 1):
             raise InvalidRequest(f"inpainting_fill {fill} ({'latent noise' if fill == 2 else 'latent nothing'}) is "
-                                 "not offered; 1 (original) starts the masked part from the noised image")
+                                 "not offered; 0 (fill: the colours around it) or 1 (original: the image there)")
+        if fill == 0:
+            options["init_image"] = fill_masked(init, mask)
         if flag(body, "inpaint_full_res", True):
             options["mask_crop"] = integer(body, "inpaint_full_res_padding", 0)
     return options
+
+
+def binary_mask(image: Image.Image) -> Image.Image:
+    """A mask as AUTOMATIC1111 reads it: a transparent layer's alpha (strokes drawn on nothing), else
+    its grey; white past the middle (its mask_round), black else."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            image = alpha
+    return image.convert("L").point(lambda v: 255 if v > 128 else 0)
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """AUTOMATIC1111's "fill" (inpainting_fill 0): the part to redraw painted with the colours around
+    it, so that the drawing starts from them rather than from what was there. The kept pixels,
+    premultiplied by a keep-alpha, are blurred at falling radii (a blur of colour times alpha, over
+    the blur of alpha: each pixel the mean colour of the kept pixels near it) and laid over each
+    other, the finer on top where they reach; the kept pixels stay as they are."""
+    kept = image.convert("RGB")
+    kept.putalpha(ImageOps.invert(mask))
+    premultiplied = kept.convert("RGBa")
+    canvas = Image.new("RGBA", image.size)
+    for radius, times in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        layer = premultiplied.filter(ImageFilter.GaussianBlur(radius)) if radius else premultiplied
+        layer = layer.convert("RGBA")
+        for _ in range(times):
+            canvas.alpha_composite(layer)
+    return canvas.convert("RGB")
 
 
 def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
@@ -165,7 +195,7 @@ def hires(body: dict, options: dict) -> dict:
     if name not in UPSCALERS and name != "None":
         raise InvalidRequest(f"hr_upscaler {upscaler!r} is not offered; choose one of {', '.join(UPSCALERS)}")
     return {"hires_scale": scale, "hires_steps": integer(body, "hr_second_pass_steps", 0),
-            "hires_strength": number(body, "denoising_strength", 0.7),
+            "hires_strength": number(body, "denoising_strength", 0.75),  # its txt2img default
             "hires_upscaler": UPSCALERS[0] if name == "None" else name}
 
 
@@ -188,10 +218,14 @@ def sampler(name, scheduler) -> str:
     for suffix in SCHEDULERS.values():  # "DPM++ 2M Karras": the schedule in the name
         if name.lower().endswith(" " + suffix.lower()) and label in ("Automatic", suffix):
             name, label = name[: -len(suffix) - 1], suffix
-    if label == "Automatic":
+    automatic = label == "Automatic"
+    if automatic:
         label = AUTOMATIC_SCHEDULES.get(name)
     full = f"{name} {label}" if label and label != "Uniform" else name
     ours = {display.lower(): key for key, display in DISPLAY_NAMES.items()}.get(full.lower())
+    if ours is None and automatic and label:
+        raise InvalidRequest(f"{name}'s own schedule (scheduler \"automatic\") is {label}, which is not offered "
+                             f"here; pass scheduler \"karras\" or \"uniform\"")
     if ours is None:
         raise InvalidRequest(f"sampler {full!r} is not offered here (GET /sdapi/v1/samplers lists those that are: "
                              f"{', '.join(sorted(set(DISPLAY_NAMES.values())))})")
@@ -233,12 +267,12 @@ def controlnet(script: dict, model) -> tuple[dict, list]:
             continue
         where = f"ControlNet unit {i}"
         module = unit.get("module") or "none"
-        if module.lower() != "none":
+        if not isinstance(module, str) or module.lower() != "none":
             raise InvalidRequest(f"{where}: module {module!r}: preprocessors are not run here; send the control "
                                  "image already made (an edge map, a pose, ...) with module \"none\"")
         for key, fine in (("control_mode", ("Balanced", 0, None)), ("hr_option", ("Both", None)),
                           ("mask", (None,)), ("effective_region_mask", (None,)), ("ipadapter_input", (None,))):
-            if unit.get(key) not in fine:
+            if not any(unit.get(key) == f and type(unit.get(key)) is type(f) for f in fine):
                 raise InvalidRequest(f"{where}: {key} {unit[key]!r} is not offered here; leave it out")
         slot = slot_of(unit.get("model"), nets, where)
         if image is None:
@@ -247,7 +281,8 @@ def controlnet(script: dict, model) -> tuple[dict, list]:
         scales[slot] = number(unit, "weight", 1.0)
         starts[slot] = number(unit, "guidance_start", 0.0)
         ends[slot] = number(unit, "guidance_end", unit.get("guidance", 1.0))
-        resize = CONTROL_RESIZE.get(unit.get("resize_mode", "Crop and Resize"))
+        mode = unit.get("resize_mode", "Crop and Resize")
+        resize = CONTROL_RESIZE.get(mode) if isinstance(mode, (str, int)) else None
         if resize is None:
             raise InvalidRequest(f"{where}: resize_mode {unit['resize_mode']!r} is not one the ControlNet extension "
                                  f"knows ({', '.join(k for k in CONTROL_RESIZE if isinstance(k, str))})")
@@ -307,6 +342,9 @@ def picture(value, what: str) -> Image.Image:
     try:
         data = base64.b64decode(value, validate=True)
         image = Image.open(io.BytesIO(data))
+        if image.size[0] * image.size[1] > MAX_PIXELS:  # before decoding: a small file can hold a huge image
+            raise InvalidRequest(f"{what} is {image.size[0]}x{image.size[1]}; this server takes images of up to "
+                                 f"{MAX_PIXELS // 1_000_000} megapixels")
         image.load()
         return image
     except (binascii.Error, ValueError) as e:

@@ -67,6 +67,7 @@ class OpenAIImages:
         options = {"prompt": prompt, "negative_prompt": fields.text(body, "negative_prompt") or None,
                    "steps": fields.integer(body, "steps", 30), "guidance": fields.number(body, "guidance", 7.5),
                    "seed": random_seed() if seed == -1 else seed, "num_images": n, "width": width,
-                   "height": height, "sampler": body.get("sampler") or "dpmpp_2m_karras", "prompt_weighting": True}
+                   "height": height, "sampler": body.get("sampler") or "dpmpp_2m_karras", "prompt_weighting": True,
+                   "clip_skip": 0}  # as AUTOMATIC1111's requests have it, so that the two may share a call
         images = run(self.worker, options)
         return 200, {"created": int(time.time()), "data": [{"b64_json": png_base64(im)} for im in images]}

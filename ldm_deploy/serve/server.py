@@ -13,6 +13,7 @@ import binascii
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -81,12 +82,16 @@ class App:
         self.active = 0  # requests being answered (a graceful stop waits for them)
         self.lock = threading.Lock()
 
-    def handle(self, method: str, path: str, headers, read: Callable[[int], bytes]) -> tuple[int, object, dict]:
-        """-> (status, JSON value, extra headers)."""
+    def handle(self, method: str, path: str, headers, raw: bytes, problem: HttpError | None = None
+               ) -> tuple[int, object, dict]:
+        """A request (its body's bytes, or the problem that kept them from being read) -> (status,
+        JSON value, extra headers)."""
         path = path.split("?", 1)[0].rstrip("/") or "/"
         route = self.routes.get((method, path))
         errors = route.errors if route else self.family(path)
         try:
+            if problem is not None:
+                raise problem
             if route is None:
                 if any(p == path for _, p in self.routes):
                     allowed = ", ".join(sorted(m for m, p in self.routes if p == path))
@@ -96,7 +101,7 @@ class App:
                 scheme = "Basic" if self.auth.users else "Bearer"
                 raise HttpError(401, "this server needs credentials (ldm-serve --api-auth / --api-key)",
                                 headers={"WWW-Authenticate": f'{scheme} realm="ldm-serve"'})
-            body = self.read_body(headers, read) if route.body else None
+            body = parse(raw) if route.body else None
             status, value = route.handler(body)
             return status, value, {}
         except HttpError as e:
@@ -110,22 +115,32 @@ class App:
         top = "/" + path.split("/")[1]
         return next((r.errors for (_, p), r in self.routes.items() if p.startswith(top + "/")), plain_error)
 
-    def read_body(self, headers, read) -> dict:
-        try:
-            length = int(headers.get("Content-Length", ""))
-        except ValueError:
-            raise HttpError(411, "send the JSON body with a Content-Length") from None
-        if length > self.max_body:
-            raise HttpError(413, f"the body is {length} bytes; this server takes at most {self.max_body} "
-                                 "(ldm-serve --max-body-mb)")
-        raw = read(length)
-        try:
-            body = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HttpError(400, f"the body is not JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}")
-        return body
+
+def body_length(headers, max_body: int) -> int:
+    """The body's length from its one Content-Length (none: 0); an HttpError where it cannot be
+    read safely (after which the connection is closed: its bytes would be taken for the next request)."""
+    if headers.get("Transfer-Encoding"):
+        raise HttpError(411, "send the body with a Content-Length, not chunked")
+    values = set(headers.get_all("Content-Length") or [])
+    if not values:
+        return 0
+    if len(values) > 1 or not next(iter(values)).strip().isdigit():
+        raise HttpError(400, f"Content-Length must be one whole number of bytes, got {', '.join(values)}")
+    length = int(next(iter(values)))
+    if length > max_body:
+        raise HttpError(413, f"the body is {length} bytes; this server takes at most {max_body} "
+                             "(ldm-serve --max-body-mb)")
+    return length
+
+
+def parse(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
+        raise HttpError(400, f"the body is not JSON: {str(e)[:200]}") from None
+    if not isinstance(body, dict):
+        raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}")
+    return body
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -145,8 +160,16 @@ class Handler(BaseHTTPRequestHandler):
         with app.lock:
             app.active += 1
         try:
+            raw, problem = b"", None
             try:
-                status, value, headers = app.handle(method, self.path, self.headers, self.rfile.read)
+                raw = self.rfile.read(body_length(self.headers, app.max_body))
+            except HttpError as e:
+                problem, self.close_connection = e, True
+            except OSError:  # the client stalled past `timeout`, or went away: nobody to answer
+                self.close_connection = True
+                return
+            try:
+                status, value, headers = app.handle(method, self.path, self.headers, raw, problem)
             except Exception:  # our bug: logged with its traceback, answered as a server error
                 log.exception("%s %s failed", method, self.path)
                 status, value, headers = 500, plain_error(500, "the server failed; its log says why"), {}
@@ -156,6 +179,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             for k, v in headers.items():
                 self.send_header(k, v)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
         finally:
@@ -173,10 +198,12 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], app: App):
+        if ":" in address[0]:  # an IPv6 address (::1, ::)
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.app = app
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

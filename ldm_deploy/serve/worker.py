@@ -36,6 +36,10 @@ class ShuttingDown(Exception):
     """The server is stopping and takes no new jobs."""
 
 
+class Interrupted(Exception):
+    """The call was stopped by /sdapi/v1/interrupt."""
+
+
 @dataclass
 class Job:
     """One request's Pipeline call: `options` are Pipeline keywords, with "seed" an int (the
@@ -46,8 +50,7 @@ class Job:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
-    group: tuple | None = None  # what jobs of one call share (None: it runs alone); set by the worker
-    grouped: bool = False
+    group: tuple | None = None  # what jobs of one call share (None: it runs alone); set by submit()
 
     @property
     def count(self) -> int:
@@ -64,19 +67,21 @@ class Progress:
     job_count: int = 0  # running and waiting
     running: int = 0  # jobs in the call running now
     started: float | None = None  # when the running call began (time.time())
-    step: int = 0
+    step: int = 0  # of the running pass (a hires fix's second pass, a call's later chunks start again)
     steps: int = 0
-    passes: int = 0  # passes of the running call finished (the hires fix has two)
 
 
 class Worker:
     """Runs jobs on `pipe` in one thread. submit() queues a job (QueueFull when `queue_size`
     wait already); the job's `done` is set when its images or its error are in."""
 
-    def __init__(self, pipe, queue_size: int = 16, max_batch: int | None = None):
+    def __init__(self, pipe, queue_size: int = 16, max_batch: int | None = None, max_steps: int = 500,
+                 max_images: int = 32):
         self.pipe = pipe
         self.queue_size = queue_size
         self.max_batch = max_batch or pipe.manifest.dims["batch"].max  # images a call draws at most
+        self.max_steps, self.max_images = max_steps, max_images  # a request's, at most
+        self.interrupting = False  # stop the running call at its next step
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self.progress = Progress()
@@ -90,6 +95,9 @@ class Worker:
         return self
 
     def submit(self, job: Job) -> Job:
+        """Queue a job (its size checked, its batch group worked out here, outside the lock)."""
+        self.check(job.options)
+        job.group = self.group(job.options)
         with self.lock:
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -101,13 +109,30 @@ class Worker:
             self.lock.notify()
         return job
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Take no new jobs; finish those waiting, then end the thread."""
+    def stop(self, timeout: float | None = None, drain: bool = True) -> None:
+        """Take no new jobs; finish those waiting (drain) or answer them ShuttingDown, finish the
+        running call, then end the thread."""
         with self.lock:
             self.stopping = True
+            if not drain:
+                for job in self.waiting:
+                    job.error = ShuttingDown("the server is shutting down; send the request again to another")
+                    job.done.set()
+                self.progress.job_count -= len(self.waiting)
+                self.waiting.clear()
             self.lock.notify()
         if self.thread.is_alive():
             self.thread.join(timeout)
+
+    def interrupt(self) -> None:
+        """Stop the running call at its next step (a CUDA-graph backend: at the end of its pass)."""
+        with self.lock:
+            if self.progress.running:
+                self.interrupting = True
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
 
     def snapshot(self) -> tuple[Progress, int]:
         """(a copy of the progress, jobs waiting), consistent with each other."""
@@ -122,9 +147,14 @@ class Worker:
                 if not self.waiting:
                     return
                 jobs = self.take()
+                self.interrupting = False
                 self.progress = Progress(job_count=self.progress.job_count, running=len(jobs), started=time.time())
             try:
                 self.run(jobs)
+            except BaseException as e:  # our bug: every job taken is answered, and the thread goes on
+                log.exception("the worker failed")
+                for job in jobs:
+                    job.error = job.error or e
             finally:
                 with self.lock:
                     self.progress = Progress(job_count=self.progress.job_count - len(jobs))
@@ -136,31 +166,40 @@ class Worker:
         """The first job waiting and those that can share its call (called with the lock held)."""
         head = self.waiting.popleft()
         jobs, total = [head], head.count
-        if self.group(head) is None:
+        if head.group is None:
             return jobs
         for job in list(self.waiting):
             if total + job.count > self.max_batch:
                 continue
-            if self.group(job) == head.group:
+            if job.group == head.group:
                 self.waiting.remove(job)
                 jobs.append(job)
                 total += job.count
         return jobs
 
-    def group(self, job: Job) -> tuple | None:
+    def check(self, options: dict) -> None:
+        """A request's size against the server's limits (ldm-serve --max-steps, --max-images)."""
+        for key, most in (("steps", self.max_steps), ("hires_steps", self.max_steps),
+                          ("num_images", self.max_images)):
+            value = options.get(key)
+            if isinstance(value, int) and value > most:
+                flag = "--max-images" if key == "num_images" else "--max-steps"
+                raise InvalidRequest(f"{key} {value} is more than this server draws for one request ({most}; "
+                                     f"ldm-serve {flag})")
+
+    def group(self, options: dict) -> tuple | None:
         """What a job's call is made of but its prompts and seeds; None where it must run alone:
         images in it, a prompt of more than one chunk or with prompt editing (a call's prompts
-        share a chunk count and a schedule), a setting that is not a plain value."""
-        if not job.grouped:
-            job.grouped, job.group = True, None
-            try:
-                if self.one_chunk(job.options):
-                    shared = tuple(sorted((k, v) for k, v in job.options.items() if k not in PER_IMAGE))
-                    hash(shared)
-                    job.group = shared + (("zero_negative", job.options.get("negative_prompt") is None),)
-            except (TypeError, UserError):  # unhashable values; texts the tokenizer refuses: alone
-                job.group = None
-        return job.group
+        share a chunk count and a schedule), an inpainting model (its txt2img draws a masked image's
+        sample from the first image's noise only), a setting that is not a plain value."""
+        try:
+            if self.pipe.manifest.model.inpainting or not self.one_chunk(options):
+                return None
+            shared = tuple(sorted((k, v) for k, v in options.items() if k not in PER_IMAGE))
+            hash(shared)
+            return shared + (("zero_negative", options.get("negative_prompt") is None),)
+        except Exception:  # unhashable values, texts the tokenizer refuses, ...: the job runs alone
+            return None
 
     def one_chunk(self, options: dict) -> bool:
         if any(options.get(k) is not None for k in PICTURES):
@@ -192,13 +231,20 @@ class Worker:
                     job.images, images = images[: job.count], images[job.count:]
                 log.info("drew %d requests in one call (%d images)", len(jobs), sum(j.count for j in jobs))
                 return
-            except Exception:  # a mistake in one of them (or our bug): each alone says whose
-                pass
+            except Interrupted as e:
+                for job in jobs:
+                    job.error = e
+                return
+            except Exception as e:  # a mistake in one of them (or our bug): each alone says whose
+                log.info("the shared call of %d requests failed (%s: %s); drawing each alone", len(jobs),
+                         type(e).__name__, e)
         for job in jobs:
             try:
                 job.images = self.call(job.options)
             except UserError as e:
                 job.error = e
+            except Interrupted as e:  # this job only: the next one runs
+                job.error, self.interrupting = e, False
             except Exception as e:  # our bug: kept for the log, answered as a server error
                 log.exception("the request failed")
                 job.error = e
@@ -206,9 +252,9 @@ class Worker:
     def call(self, options: dict) -> list:
         def on_step(done: int, total: int) -> None:
             with self.lock:
-                if done == 1 and self.progress.step:  # a second pass (the hires fix)
-                    self.progress.passes += 1
                 self.progress.step, self.progress.steps = done, total
+                if self.interrupting:
+                    raise Interrupted("interrupted by /sdapi/v1/interrupt")
 
         if not isinstance(options.get("prompt"), (str, list)):
             raise InvalidRequest("prompt must be text")

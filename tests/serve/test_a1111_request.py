@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from PIL import Image
 from serve_http import b64
@@ -74,7 +75,7 @@ def test_hires_fields():
     base = {"prompt": "a", "enable_hr": True, "width": 64, "height": 64}
     options = a1111.txt2img(base, MODEL, (128, 128), seven)
     assert (options["hires_scale"], options["hires_steps"], options["hires_strength"], options["hires_upscaler"]) \
-        == (2.0, 0, 0.7, "Latent")  # its default upscaler is Latent
+        == (2.0, 0, 0.75, "Latent")  # its defaults: the Latent upscaler, txt2img's denoising strength 0.75
     options = a1111.txt2img({**base, "hr_resize_x": 96, "hr_resize_y": 96, "hr_upscaler": "Lanczos",
                              "hr_second_pass_steps": 5, "denoising_strength": 0.5}, MODEL, (128, 128), seven)
     assert (options["hires_scale"], options["hires_steps"], options["hires_strength"], options["hires_upscaler"]) \
@@ -108,7 +109,7 @@ def test_img2img_fields():
     mask = Image.new("L", (96, 64), 0)
     mask.paste(255, (10, 10, 40, 40))
     options = a1111.img2img({"prompt": "a", "init_images": [b64(init)], "mask": "data:image/png;base64," + b64(mask),
-                             "inpainting_mask_invert": 1}, MODEL, (128, 128), seven)
+                             "inpainting_mask_invert": 1, "inpainting_fill": 1}, MODEL, (128, 128), seven)
     assert "width" not in options and "height" not in options  # the image's size
     assert options["strength"] == 0.75 and options["mask_blur"] == 4 and options["mask_crop"] == 0
     assert options["init_image"].tobytes() == init.tobytes()
@@ -120,11 +121,42 @@ def test_img2img_fields():
     assert "mask" not in plain and plain["strength"] == 0.3
 
 
+def test_masks_as_it_reads_them():
+    grey = Image.new("L", (4, 1))
+    grey.putdata([0, 128, 129, 255])
+    assert np.asarray(a1111.binary_mask(grey)).ravel().tolist() == [0, 0, 255, 255]  # white past the middle
+    strokes = Image.new("RGBA", (4, 1), (0, 0, 0, 0))  # a stroke on a transparent layer: its alpha
+    strokes.putpixel((1, 0), (0, 0, 0, 255))
+    assert np.asarray(a1111.binary_mask(strokes)).ravel().tolist() == [0, 255, 0, 0]
+    opaque = Image.new("RGBA", (2, 1), (255, 255, 255, 255))  # opaque: its grey
+    assert np.asarray(a1111.binary_mask(opaque)).ravel().tolist() == [255, 255]
+
+
+def test_fill_paints_the_hole_with_the_colours_around_it():
+    image = Image.new("RGB", (128, 64), (200, 0, 0))
+    image.paste((0, 0, 200), (64, 0, 128, 64))  # red left half, blue right half
+    image.paste((0, 255, 0), (40, 16, 88, 48))  # a green thing, to be redrawn
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (40, 16, 88, 48))
+    filled = a1111.fill_masked(image, mask)
+    before, after = np.asarray(image, int), np.asarray(filled, int)
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(before[outside], after[outside])  # kept as it was
+    assert after[16:48, 40:88, 1].max() < 10  # no green left
+    left, right = after[32, 44], after[32, 84]  # near each side of the hole: that side's colour
+    assert left[0] > 150 and left[2] < 50 and right[2] > 150 and right[0] < 50
+    body = {"init_images": [b64(image)], "mask": b64(mask)}
+    assert np.array_equal(np.asarray(a1111.img2img(body, MODEL, (128, 128), seven)["init_image"]), after)
+    original = a1111.img2img({**body, "inpainting_fill": 1}, MODEL, (128, 128), seven)["init_image"]
+    assert original.tobytes() == image.tobytes()
+
+
 @pytest.mark.parametrize("extra,match", [
     ({"init_images": []}, "init_images"), ({"init_images": ["not base64!"]}, "base64"),
     ({"init_images": [b64(Image.new("RGB", (8, 8))), b64(Image.new("RGB", (8, 8), 9))]}, "several"),
     ({"resize_mode": 1, "width": 64, "height": 64}, "crops or pads"), ({"mask_blur_x": 3}, "differ"),
     ({"inpainting_fill": 2}, "latent noise"), ({"enable_hr": True}, "txt2img"),
+    ({"init_images": [b64(Image.new("L", (8000, 6000)))]}, "megapixels"),
     ({"init_images": ["http://example.com/a.png"]}, "URL"),
 ])
 def test_img2img_refusals(extra, match):
@@ -153,7 +185,8 @@ def test_controlnet_units():
 @pytest.mark.parametrize("unit,match", [
     ({"module": "canny", "model": "canny"}, "preprocessors"), ({"model": "openpose"}, "not in this engine"),
     ({}, "name its model"), ({"model": "canny", "control_mode": "ControlNet is more important"}, "control_mode"),
-    ({"model": "canny", "resize_mode": "Crop and Resize"}, "crops or pads"),
+    ({"model": "canny", "resize_mode": "Crop and Resize"}, "crops or pads"), ({"module": 5}, "preprocessors"),
+    ({"model": "canny", "resize_mode": [1]}, "resize_mode"), ({"model": "canny", "control_mode": True}, "control_mode"),
 ])
 def test_controlnet_unit_refusals(unit, match):
     unit = {"enabled": True, "image": b64(Image.new("RGB", (64, 32))), **unit}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 import time
 
@@ -18,8 +19,9 @@ from ldm_deploy import Pipeline
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve import Auth
 from ldm_deploy.serve.a1111 import run
+from ldm_deploy.serve.a1111_request import fill_masked
 from ldm_deploy.serve.server import HttpError
-from ldm_deploy.serve.worker import Job, QueueFull, Worker
+from ldm_deploy.serve.worker import Job, QueueFull, ShuttingDown, Worker
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +98,18 @@ def test_img2img_and_inpainting(server, oracle, photo):
     assert answer["parameters"]["init_images"] is None  # as AUTOMATIC1111, unless include_init_images
 
     # AUTOMATIC1111's API defaults: "Only masked" with no padding, mask blur 4, strength 0.75
+    # masked content "fill": the hole painted with the colours around it first
     status, answer, _ = call(server.url + "/sdapi/v1/img2img", "POST", {**body, "mask": b64(mask),
                                                                        "denoising_strength": None})
     assert status == 200, answer
-    want = oracle("a cat", steps=5, guidance=7.0, seed=3, sampler="dpmpp_2m_karras", init_image=photo, mask=mask,
-                  strength=0.75, mask_blur=4, mask_crop=0, prompt_weighting=True, progress=False)
+    want = oracle("a cat", steps=5, guidance=7.0, seed=3, sampler="dpmpp_2m_karras",
+                  init_image=fill_masked(photo, mask), mask=mask, strength=0.75, mask_blur=4, mask_crop=0,
+                  prompt_weighting=True, progress=False)
     assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
 
     status, answer, _ = call(server.url + "/sdapi/v1/img2img", "POST", {
-        **body, "mask": b64(mask), "inpaint_full_res": False, "inpainting_mask_invert": 1, "mask_blur": 0})
+        **body, "mask": b64(mask), "inpaint_full_res": False, "inpainting_mask_invert": 1, "mask_blur": 0,
+        "inpainting_fill": 1})
     assert status == 200, answer
     want = oracle("a cat", steps=5, guidance=7.0, seed=3, sampler="dpmpp_2m_karras", init_image=photo,
                   mask=ImageOps.invert(mask), strength=0.6, mask_blur=0, prompt_weighting=True, progress=False)
@@ -166,7 +171,8 @@ def test_listings(server, pipe):
     assert status == 422 and "override_settings" in answer["detail"]
     assert call(server.url + "/internal/ping")[:2] == (200, {})
     health = call(server.url + "/health")[1]
-    assert health["status"] == "ok" and health["waiting"] == 0
+    assert health["status"] == "ok" and health["waiting"] == 0 and "engine" not in health
+    assert call(server.url + "/controlnet/model_list")[1] == {"model_list": []}
     assert "POST /sdapi/v1/txt2img" in call(server.url + "/docs")[1]["endpoints"]
 
 
@@ -259,3 +265,72 @@ def test_a_full_queue_is_503(pipe):
     with pytest.raises(HttpError) as e:
         run(worker, options("a dog", 2))
     assert e.value.status == 503 and e.value.headers["Retry-After"]
+
+
+def exchange(server, data: bytes) -> bytes:
+    """Raw bytes to the server on one connection; everything it answers until it closes or pauses."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=5) as conn:
+        conn.sendall(data)
+        chunks = []
+        conn.settimeout(2)
+        try:
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def test_a_body_never_passes_for_the_next_request(server, pipe):
+    # a wrong path with a body, then a request on the same kept-alive connection: both answered
+    body = b'{"prompt": "cat"}'
+    answer = exchange(server, b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                              b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" % (len(body), body))
+    assert answer.count(b"HTTP/1.1 404") == 1 and answer.count(b"HTTP/1.1 200") == 1
+    # credentials missing: the body (here a whole request of its own) is read and dropped, never run
+    inner = b"GET /sdapi/v1/sd-models HTTP/1.1\r\nHost: x\r\n\r\n"
+    with running(pipe, auth=Auth(keys=("k",))) as guarded:
+        answer = exchange(guarded, b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                                   % (len(inner), inner))
+    assert answer.count(b"HTTP/1.1 401") == 1 and b"HTTP/1.1 200" not in answer
+    # a length that cannot be read safely: answered, and the connection closed
+    for length in (b"-1", b"12, 13", b"x"):
+        answer = exchange(server, b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n"
+                                  b"GET /health HTTP/1.1\r\n\r\n" % length)
+        assert answer.startswith(b"HTTP/1.1 400") and b"Connection: close" in answer
+        assert answer.count(b"HTTP/1.1") == 1
+
+
+def test_limits(server):
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {"steps": 501})
+    assert status == 422 and "--max-steps" in answer["detail"]
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {"batch_size": 8, "n_iter": 5})
+    assert status == 422 and "--max-images" in answer["detail"]
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", raw=b"[" * 100000 + b"]" * 100000)
+    assert status == 400
+
+
+def test_interrupt_stops_the_running_call(server):
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(call(
+        server.url + "/sdapi/v1/txt2img", "POST", {"prompt": "a", "steps": 400, "width": 64, "height": 64})))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while call(server.url + "/sdapi/v1/progress")[1]["state"]["sampling_step"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert call(server.url + "/sdapi/v1/interrupt", "POST")[:2] == (200, {})
+    thread.join()
+    status, answer, _ = answers[0]
+    assert status == 409 and answer["error"] == "Interrupted"
+    assert call(server.url + "/sdapi/v1/txt2img", "POST", {"steps": 2})[0] == 200  # the next one runs
+
+
+def test_stopping_answers_the_waiting_503(pipe):
+    worker = Worker(pipe)  # not started: the jobs wait
+    job = worker.submit(Job(options("a cat", 1)))
+    worker.stop(drain=False)
+    assert job.done.is_set() and isinstance(job.error, ShuttingDown)
+    with pytest.raises(ShuttingDown):
+        worker.submit(Job(options("a dog", 2)))
