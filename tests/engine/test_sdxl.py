@@ -393,3 +393,36 @@ def test_sdxl_textual_inversion_matches_diffusers(xl, tmp_path):
     without = ours(xl[1], "euler", prompt="a glowy lamp in a room", steps=4, guidance=7.5, width=W, height=H,
                    latents=lat)  # the engine without it: "glowy" is plain text there
     assert np.abs(without - got["a glowy lamp in a room"]).max() > 0.01
+
+
+def test_served_sdxl(xl):
+    """ldm-serve on SDXL: AUTOMATIC1111's empty negative prompt is its "none", zero embeddings, as
+    its web UI draws SDXL; its clip skip setting is not applied to SDXL, as there; waiting requests
+    with and without a negative prompt are batched apart and keep their images."""
+    from serve_http import call, pixels, running, unb64
+
+    from ldm_deploy.serve.worker import Job, Worker
+
+    pipe = xl[1]
+    body = {"prompt": "a fox", "negative_prompt": "", "steps": 3, "seed": 4, "width": W, "height": H,
+            "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    with running(pipe) as server:
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+    assert status == 200, answer
+    want = pipe("a fox", negative_prompt=None, steps=3, seed=4, width=W, height=H, guidance=7.0, sampler="euler",
+                prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+
+    worker = Worker(pipe)  # not started: the jobs wait together
+    common = {"steps": 3, "guidance": 7.0, "sampler": "euler", "width": W, "height": H, "num_images": 1,
+              "prompt_weighting": True, "clip_skip": 0}
+    jobs = [worker.submit(Job({**common, "prompt": p, "negative_prompt": n, "seed": s}))
+            for p, n, s in (("a fox", None, 1), ("a cat", "blurry", 2), ("a dog", None, 3))]
+    worker.start()
+    for job in jobs:
+        assert job.done.wait(120) and job.error is None, job.error
+    worker.stop()
+    assert worker.calls == 2  # the two without a negative prompt together
+    for job in jobs:
+        got, expected = pixels(job.images), pixels(pipe(**job.options, progress=False))
+        assert np.abs(got - expected).max() <= 1 and np.mean(got != expected) < 0.01
