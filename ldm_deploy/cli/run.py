@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                    help="blur the mask by PX px first (AUTOMATIC1111's 'Mask blur', e.g. 4): with --mask-crop, a "
                         "soft paste")
+    p.add_argument("--masked-content", default="original", choices=("original", "fill"),
+                   help="with --mask, AUTOMATIC1111's 'Masked content': original (the image there, noised; default) "
+                        "or fill (first painted with the blurred colours around it: for removing things)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8; with --mask 1.0)")
     p.add_argument("--control-image", action="append", default=None, metavar="FILE",
@@ -222,6 +225,8 @@ def main(argv=None) -> int:
             raise UserError("--mask marks what to redraw of an image: give that image with --init-image")
         if args.mask_blur is not UNSET and args.mask_blur is not None and args.mask is None:
             raise UserError("--mask-blur blurs a mask: give --mask (and --init-image)")
+        if args.masked_content != "original" and args.mask is None:
+            raise UserError("--masked-content fill paints the masked part of an image: give --mask (and --init-image)")
         if args.mask_crop is not None and args.mask is None:
             raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
         given_here = {k for k in FROM_PNG if getattr(args, k) is not UNSET}  # on the command line
@@ -289,6 +294,7 @@ def main(argv=None) -> int:
             mask=args.mask,
             mask_crop=args.mask_crop,
             mask_blur=args.mask_blur if args.mask is not None else None,  # a PNG's Mask blur: with a mask only
+            masked_content=args.masked_content,
             **control_options(args),
             strength=args.strength,
             clip_skip=args.clip_skip - 1,

@@ -8,7 +8,7 @@ any other by putting the kept part back after each step.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from ldm_deploy.engine import images, noise
 from ldm_deploy.engine import mask_crop as mask_crop_
@@ -45,6 +45,33 @@ def blur(mask, radius) -> Image.Image:
     if image.mode in ("1", "P"):  # modes PIL cannot blur
         image = image.convert("L")
     return image.filter(ImageFilter.GaussianBlur(float(radius)))
+
+
+MASKED_CONTENT = ("original", "fill")  # AUTOMATIC1111's "Masked content" choices offered
+
+
+def fill(init: Image.Image, mask, width: int, height: int) -> Image.Image:
+    """AUTOMATIC1111's masked content "fill": the image at the size drawn, the part to redraw
+    painted with the colours around it, so that the drawing starts from them rather than from
+    what was there. The kept pixels, premultiplied by a keep-alpha (the mask inverted, soft where
+    it is blurred), are blurred at falling radii (colour times alpha over alpha: each pixel the mean
+    colour of the kept pixels near it) and laid over each other, the finer on top where they reach;
+    kept pixels stay as they are."""
+    image = init.convert("RGB")
+    keep = ImageOps.invert(images.mask_image(mask).convert("L"))
+    if image.size != (width, height):  # as it will be drawn: the fill at that size, as AUTOMATIC1111's
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    if keep.size != (width, height):
+        keep = keep.resize((width, height), resample=Image.LANCZOS)
+    image.putalpha(keep)
+    premultiplied = image.convert("RGBa")
+    canvas = Image.new("RGBA", (width, height))
+    for radius, times in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        layer = premultiplied.filter(ImageFilter.GaussianBlur(radius)) if radius else premultiplied
+        layer = layer.convert("RGBA")
+        for _ in range(times):
+            canvas.alpha_composite(layer)
+    return canvas.convert("RGB")
 
 
 def crop(init, mask, pad, width, height, output_type, default_size):

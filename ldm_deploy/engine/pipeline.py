@@ -86,6 +86,7 @@ class Pipeline:
         mask=None,
         mask_crop: int | None = None,
         mask_blur: float | None = None,
+        masked_content: str = "original",
         control_image=None,
         control_scale: float | list | None = None,
         control_start: float | list = 0.0,
@@ -120,6 +121,9 @@ class Pipeline:
         back over the image through the mask (mask_crop.py); the images are the init image's size.
         mask_blur (pixels): blur the mask first (AUTOMATIC1111's "Mask blur", diffusers'
         mask_processor.blur), which softens the paste of mask_crop.
+        masked_content: AUTOMATIC1111's "Masked content": "original" (the image there, noised, as
+        diffusers inpaints) or "fill" (the hole first painted with the blurred colours around it,
+        at the size drawn, inpaint.fill).
         control_image: for an engine with ControlNets (ldm-export --controlnet), each one's image
         (one image, or a list of one per ControlNet, None where it is off), resized to the size
         drawn, which it sets when there is no init image; control_scale (its residuals' weight;
@@ -209,6 +213,13 @@ class Pipeline:
         else:
             default_w, default_h = self.default_size
         width, height = (whole("width", v, d) for v, d in ((width, default_w), (height, default_h)))
+        if masked_content not in inpaint.MASKED_CONTENT:
+            raise InvalidRequest(f"masked_content must be one of {', '.join(inpaint.MASKED_CONTENT)}, "
+                                 f"got {masked_content!r}")
+        if masked_content == "fill":
+            if mask is None:
+                raise InvalidRequest("masked_content \"fill\" paints the masked part of an image: give the mask too")
+            init = inpaint.fill(init, mask, width, height)
         n = len(prompts) * num_images
         seeds = image_seeds(seed, n)
         clip_skip = whole("clip_skip", clip_skip, 0)

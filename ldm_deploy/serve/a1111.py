@@ -65,9 +65,11 @@ class A1111:
     # -- drawing --------------------------------------------------------------------------------
 
     def txt2img(self, body: dict):
+        admit(self.worker)
         return self.draw(body, a1111_request.txt2img(body, self.model, self.pipe.default_size, random_seed), False)
 
     def img2img(self, body: dict):
+        admit(self.worker)  # before its images are decoded
         return self.draw(body, a1111_request.img2img(body, self.model, self.pipe.default_size, random_seed), True)
 
     def draw(self, body: dict, options: dict, img2img: bool):
@@ -191,14 +193,22 @@ class A1111:
                      "parameters": {"Prompt": prompt, "Negative prompt": negative, **fields}}
 
 
-def run(worker, options: dict) -> list:
-    """Queue a job and wait for its images; a full queue -> 503."""
+def admit(worker, job: Job | None = None) -> Job | None:
+    """Queue a job (none: only see that there is room); a full queue -> 503."""
     try:
-        job = worker.submit(Job(options))
+        if job is None:
+            worker.room()
+            return None
+        return worker.submit(job)
     except QueueFull as e:
         raise HttpError(503, str(e), "QueueFull", {"Retry-After": "5"}) from None
     except ShuttingDown as e:
         raise HttpError(503, str(e), "ShuttingDown") from None
+
+
+def run(worker, options: dict) -> list:
+    """Queue a job and wait for its images; a full queue -> 503."""
+    job = admit(worker, Job(options))
     while not job.done.wait(1.0):
         if not worker.alive:
             raise HttpError(500, "the server's worker has stopped; its log says why")

@@ -18,7 +18,7 @@ import binascii
 import io
 import math
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
 from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES
@@ -92,39 +92,23 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
         if fill not in (0, 1):
             raise InvalidRequest(f"inpainting_fill {fill} ({'latent noise' if fill == 2 else 'latent nothing'}) is "
                                  "not offered; 0 (fill: the colours around it) or 1 (original: the image there)")
-        if fill == 0:
-            options["init_image"] = fill_masked(init, mask)
+        options["masked_content"] = "fill" if fill == 0 else "original"
         if flag(body, "inpaint_full_res", True):
             options["mask_crop"] = integer(body, "inpaint_full_res_padding", 0)
     return options
 
 
 def binary_mask(image: Image.Image) -> Image.Image:
-    """A mask as AUTOMATIC1111 reads it: a transparent layer's alpha (strokes drawn on nothing), else
-    its grey; white past the middle (its mask_round), black else."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        alpha = image.convert("RGBA").getchannel("A")
+    """A mask as AUTOMATIC1111 takes it: an RGBA image with transparency is its alpha (strokes drawn
+    on a transparent layer), cut at the middle (its mask_round); else its grey (which the pipeline
+    cuts at 0.5, as diffusers' mask processor does, where AUTOMATIC1111 keeps it soft)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        alpha = image.getchannel("A")
         if alpha.getextrema() != (255, 255):
-            image = alpha
-    return image.convert("L").point(lambda v: 255 if v > 128 else 0)
-
-
-def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """AUTOMATIC1111's "fill" (inpainting_fill 0): the part to redraw painted with the colours around
-    it, so that the drawing starts from them rather than from what was there. The kept pixels,
-    premultiplied by a keep-alpha, are blurred at falling radii (a blur of colour times alpha, over
-    the blur of alpha: each pixel the mean colour of the kept pixels near it) and laid over each
-    other, the finer on top where they reach; the kept pixels stay as they are."""
-    kept = image.convert("RGB")
-    kept.putalpha(ImageOps.invert(mask))
-    premultiplied = kept.convert("RGBa")
-    canvas = Image.new("RGBA", image.size)
-    for radius, times in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
-        layer = premultiplied.filter(ImageFilter.GaussianBlur(radius)) if radius else premultiplied
-        layer = layer.convert("RGBA")
-        for _ in range(times):
-            canvas.alpha_composite(layer)
-    return canvas.convert("RGB")
+            return alpha.point(lambda v: 255 if v > 128 else 0)
+    return image.convert("L")
 
 
 def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
@@ -205,8 +189,10 @@ def sampler(name, scheduler) -> str:
     name is refused (AUTOMATIC1111 would draw with DPM++ 2M instead)."""
     if not isinstance(name, str) or (scheduler is not None and not isinstance(scheduler, str)):
         raise InvalidRequest(f"sampler_name and scheduler must be text, got {name!r} and {scheduler!r}")
-    if name.lower() in SAMPLERS and scheduler in (None, "", "automatic", "Automatic"):
-        return name.lower()  # ours
+    if name.lower() in SAMPLERS:  # ours: as it is, or its display name with the scheduler given
+        if scheduler in (None, "", "automatic", "Automatic"):
+            return name.lower()
+        name = DISPLAY_NAMES[name.lower()].removesuffix(" Karras")
     name = ALIASES.get(name.lower(), name)
     label = "Automatic"  # none given: each sampler's own default, as AUTOMATIC1111 1.9+ takes it
     if scheduler:

@@ -15,7 +15,7 @@ from ldm_deploy.engine import infotext
 from ldm_deploy.engine.pipeline import random_seed
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve import a1111_request as fields
-from ldm_deploy.serve.a1111 import png_base64, run
+from ldm_deploy.serve.a1111 import admit, png_base64, run
 from ldm_deploy.serve.server import Route
 
 KNOWN = {"prompt", "n", "size", "response_format", "model", "quality", "style", "user", "negative_prompt", "seed",
@@ -43,6 +43,7 @@ class OpenAIImages:
                                                  "owned_by": "ldm-deploy"}]}
 
     def generations(self, body: dict):
+        admit(self.worker)
         unknown = sorted(set(body) - KNOWN)
         if unknown:
             raise InvalidRequest(f"unknown field {unknown[0]!r}; this endpoint takes {', '.join(sorted(KNOWN))}")

@@ -13,6 +13,7 @@ import binascii
 import hmac
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -97,10 +98,8 @@ class App:
                     allowed = ", ".join(sorted(m for m, p in self.routes if p == path))
                     raise HttpError(405, f"{path} takes {allowed}, not {method}", headers={"Allow": allowed})
                 raise HttpError(404, f"no such endpoint: {method} {path} (GET /docs lists them)")
-            if path not in self.open_paths and not self.auth.allows(headers.get("Authorization")):
-                scheme = "Basic" if self.auth.users else "Bearer"
-                raise HttpError(401, "this server needs credentials (ldm-serve --api-auth / --api-key)",
-                                headers={"WWW-Authenticate": f'{scheme} realm="ldm-serve"'})
+            if not self.authorized(path, headers):
+                raise self.unauthorized()
             body = parse(raw) if route.body else None
             status, value = route.handler(body)
             return status, value, {}
@@ -109,6 +108,15 @@ class App:
         except UserError as e:  # a mistake in the request: what is wrong and how to fix it
             status = route.invalid if route else 422
             return status, errors(status, str(e), type(e).__name__), {}
+
+    def authorized(self, path: str, headers) -> bool:
+        path = path.split("?", 1)[0].rstrip("/") or "/"
+        return path in self.open_paths or self.auth.allows(headers.get("Authorization"))
+
+    def unauthorized(self) -> HttpError:
+        scheme = "Basic" if self.auth.users else "Bearer"
+        return HttpError(401, "this server needs credentials (ldm-serve --api-auth / --api-key)",
+                         headers={"WWW-Authenticate": f'{scheme} realm="ldm-serve"'})
 
     def family(self, path: str) -> Callable:
         """The error body of the routes under the same first folder (/sdapi, /v1) as `path`."""
@@ -124,7 +132,7 @@ def body_length(headers, max_body: int) -> int:
     values = set(headers.get_all("Content-Length") or [])
     if not values:
         return 0
-    if len(values) > 1 or not next(iter(values)).strip().isdigit():
+    if len(values) > 1 or not re.fullmatch(r"[0-9]{1,18}", next(iter(values)).strip()):
         raise HttpError(400, f"Content-Length must be one whole number of bytes, got {', '.join(values)}")
     length = int(next(iter(values)))
     if length > max_body:
@@ -162,7 +170,14 @@ class Handler(BaseHTTPRequestHandler):
         try:
             raw, problem = b"", None
             try:
-                raw = self.rfile.read(body_length(self.headers, app.max_body))
+                if not app.authorized(self.path, self.headers):  # no body read for strangers: closed after
+                    problem, self.close_connection = app.unauthorized(), True
+                else:
+                    length = body_length(self.headers, app.max_body)
+                    raw = self.rfile.read(length)
+                    if len(raw) != length:  # cut off: the client went away mid-body
+                        self.close_connection = True
+                        return
             except HttpError as e:
                 problem, self.close_connection = e, True
             except OSError:  # the client stalled past `timeout`, or went away: nobody to answer
@@ -174,15 +189,21 @@ class Handler(BaseHTTPRequestHandler):
                 log.exception("%s %s failed", method, self.path)
                 status, value, headers = 500, plain_error(500, "the server failed; its log says why"), {}
             data = json.dumps(value).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in headers.items():
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError as e:  # the client left before its answer
+                self.close_connection = True
+                log.info("%s %s %s %d: the client went away before the answer (%s)", self.client_address[0],
+                         method, self.path.split("?", 1)[0], status, type(e).__name__)
+                return
         finally:
             with app.lock:
                 app.active -= 1

@@ -94,6 +94,16 @@ class Worker:
         self.thread.start()
         return self
 
+    def room(self) -> None:
+        """QueueFull (or ShuttingDown) now, before a request's images are decoded, where submit()
+        would refuse it."""
+        with self.lock:
+            if self.stopping:
+                raise ShuttingDown("the server is shutting down")
+            if len(self.waiting) >= self.queue_size:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting already (ldm-serve --queue-size); "
+                                "try again shortly")
+
     def submit(self, job: Job) -> Job:
         """Queue a job (its size checked, its batch group worked out here, outside the lock)."""
         self.check(job.options)
@@ -258,5 +268,7 @@ class Worker:
 
         if not isinstance(options.get("prompt"), (str, list)):
             raise InvalidRequest("prompt must be text")
+        with self.lock:  # an interrupt is for the call running when it came, not this one
+            self.interrupting = False
         self.calls += 1
         return self.pipe(**options, progress=on_step)

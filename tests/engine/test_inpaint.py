@@ -373,3 +373,40 @@ def test_masks_are_prepared_as_diffusers_mask_processor_prepares_them():
         want = processor.preprocess(given, height=96, width=128).numpy()
         got = images.mask_to_model_input(images.as_mask(given), 128, 96)
         np.testing.assert_array_equal(got, want)
+
+
+def test_fill_paints_the_hole_with_the_colours_around_it():
+    from ldm_deploy.engine.inpaint import fill
+
+    image = Image.new("RGB", (128, 64), (200, 0, 0))
+    image.paste((0, 0, 200), (64, 0, 128, 64))  # red left half, blue right half
+    image.paste((0, 255, 0), (40, 16, 88, 48))  # a green thing, to be removed
+    hole = Image.new("L", image.size, 0)
+    hole.paste(255, (40, 16, 88, 48))
+    filled = fill(image, hole, 128, 64)
+    before, after = np.asarray(image, int), np.asarray(filled, int)
+    outside = np.asarray(hole) == 0
+    assert np.array_equal(before[outside], after[outside])  # kept as it was
+    assert after[16:48, 40:88, 1].max() < 10  # no green left
+    left, right = after[32, 44], after[32, 84]  # near each side of the hole: that side's colour
+    assert left[0] > 150 and left[2] < 50 and right[2] > 150 and right[0] < 50
+    assert fill(image, hole, 64, 32).size == (64, 32)  # at the size drawn
+
+
+def test_masked_content_fill(pipelines, init_image, mask):
+    """AUTOMATIC1111's masked content "fill": the image filled where the (blurred) mask is, at the
+    size drawn, then inpainted as any image."""
+    from ldm_deploy.engine.inpaint import blur, fill
+
+    pipe = pipelines["tiny-sd1"]
+    kw = dict(steps=3, seed=2, sampler="euler", output_type="np", progress=False)
+    got = pipe("x", init_image=init_image, mask=mask, mask_blur=4, masked_content="fill", **kw)
+    blurred = blur(mask, 4)
+    want = pipe("x", init_image=fill(init_image, blurred, W, H), mask=blurred, **kw)
+    assert np.array_equal(got, want)
+    assert not np.array_equal(got, pipe("x", init_image=init_image, mask=mask, mask_blur=4, **kw))
+    with pytest.raises(InvalidRequest, match="give the mask too"):
+        pipe("x", init_image=init_image, masked_content="fill", **kw)
+    with pytest.raises(InvalidRequest, match="masked_content must be one of"):
+        pipe("x", init_image=init_image, mask=mask, masked_content="latent noise", **kw)
+    assert run_cli.main(["x", "--init-image", "a.png", "--masked-content", "fill"]) == 2

@@ -3,11 +3,14 @@ its mistakes are one line and exit 2."""
 
 from __future__ import annotations
 
+import logging
+import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from serve_http import call
@@ -17,24 +20,35 @@ from ldm_deploy.cli.serve import main
 SERVE = [sys.executable, "-m", "ldm_deploy.cli.serve"]
 
 
+@pytest.fixture(autouse=True)
+def own_logging():
+    """main() points logging at this test's captured stderr; later tests must not log into it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
 def test_serves_then_stops_on_sigterm(engine_dirs):
     proc = subprocess.Popen([*SERVE, "--engine", str(engine_dirs["tiny-sd1"]), "--port", "0", "--no-verify"],
                             stderr=subprocess.PIPE, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [*map(lines.put, proc.stderr), lines.put(None)], daemon=True).start()
     try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "serving" in line:
-                break
-        url = re.search(r"http://[\d.]+:\d+", "".join(lines)).group(0)
+        seen = []
+        while not any("serving" in line for line in seen):
+            seen.append(lines.get(timeout=120))  # a server that never starts fails here, not hangs
+        url = re.search(r"http://[\d.]+:\d+", "".join(seen)).group(0)
         status, answer, _ = call(url + "/sdapi/v1/txt2img", "POST", {"prompt": "a cat", "steps": 2, "seed": 1})
         assert status == 200 and len(answer["images"]) == 1
         proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=60)[1]
+        assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
-    assert proc.returncode == 0, rest
-    assert "stopped after 1 requests" in rest and "POST /sdapi/v1/txt2img 200" in "".join(lines) + rest
+    while (line := lines.get(timeout=60)) is not None:  # to the end of its log
+        seen.append(line)
+    log = "".join(seen)
+    assert "stopped after 1 requests" in log and "POST /sdapi/v1/txt2img 200" in log
 
 
 @pytest.mark.parametrize("args,match", [
