@@ -53,7 +53,7 @@
 # (--target: a fresh folder on PYTHONPATH, the image's own environment untouched).
 #
 # Stages (SUITE_STAGES picks among peers,attention,tests,torch,more,variants, all by default, and
-# aoti and profile), all under
+# aoti, profile and serve), all under
 # SUITE_BUDGET_S (default 540 s; the device tool may grant less than the timeout asked for when
 # the machine was slow to start: then the later stages are cut, and say so):
 #   setup      GPU, clocks, versions; the carried wheels; the SD 1.5-architecture random-weight
@@ -179,7 +179,7 @@ fi
 
 MODEL=$WORK/$PRESET
 # Only the stages that run a whole model need it (attention, tests, profile make their own).
-if { want peers || want torch || want more || want variants; } && [ ! -f "$MODEL/model_index.json" ]; then
+if { want peers || want torch || want more || want variants || want serve; } && [ ! -f "$MODEL/model_index.json" ]; then
   stage "random-weight $PRESET model" 180 "$PY" -m ldm_deploy.export.random_model --preset "$PRESET" --out "$MODEL"
 fi
 
@@ -278,6 +278,20 @@ want more && bench bench_more "${SUITE_MORE:-$MORE}" $(( $(left) - 10 )) "${ENGI
 want variants && stage "torch option variants" $(( $(left) - 5 )) "$PY" -m benchmarks.torch_variants \
   --model "$MODEL" --work "$WORK/variants" --device "$DEVICE" --size "$SIZE" --steps "$STEPS" \
   --json "$OUT/torch_variants.json" ${SUITE_VARIANTS:-}
+
+# 5. ldm-serve under load on the GPU (not a default stage): an engine that takes batches (the
+#    torch engine above is --static-shapes, one image), waiting requests batched or drawn alone
+#    (benchmarks/serve.py) -> $OUT/serve.json. Never run on a GPU yet.
+#      SUITE_STAGES=serve SUITE_BUDGET_S=400 bash benchmarks/gpu_suite.sh
+if want serve; then
+  SERVE_ENGINE=$WORK/$PRESET-torch-batched
+  if stage "export torch engine for serving" $(( $(left) - 120 )) "$PY" -m ldm_deploy.cli.export --model "$MODEL" \
+       --out "$SERVE_ENGINE" --backend torch --device "$DEVICE" --no-aoti --no-img2img --max-batch 4 \
+       --min-size "$SIZE" --max-size "$SIZE" --opt-size "$SIZE" --force; then
+    stage "ldm-serve: batched vs alone" $(( $(left) - 5 )) "$PY" -m benchmarks.serve --engine "$SERVE_ENGINE" \
+      --size "$SIZE" --steps "${SUITE_SERVE_STEPS:-20}" --clients 4 --requests 4 --rounds 1 --json "$OUT/serve.json"
+  fi
+fi
 
 echo
 echo "=== stages"

@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=6, help="per client and round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     setup_logging(False)
     import logging
@@ -75,7 +76,8 @@ def main(argv=None) -> None:
         args.engine = str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
     pipe = Pipeline.load(args.engine, **({"threads": args.threads} if args.threads else {}))
     size = args.size or pipe.default_size[0]
-    pipe("warm-up", steps=2, width=size, height=size, progress=False)
+    for n in range(1, pipe.manifest.dims["batch"].max + 1):  # every batch a call may draw (torch: compiles)
+        pipe(["warm-up"] * n, steps=2, width=size, height=size, progress=False)
     results = {"batched": [], "alone": []}
     for _ in range(args.rounds):
         for mode, max_batch in (("alone", 1), ("batched", None)):
@@ -102,6 +104,13 @@ def main(argv=None) -> None:
         print(f"| {mode} | {', '.join(f'{r:.2f}' for r in rates)} | {statistics.median(lat):.3f} | "
               f"{lat[int(0.95 * (len(lat) - 1))]:.3f} | {', '.join(str(c) for _, _, c in runs)} |")
     print(f"batched / alone throughput (best rounds): {best['batched'] / best['alone']:.2f}x")
+    if args.json:
+        record = {"engine": args.engine, "size": size, "steps": args.steps, "clients": args.clients,
+                  "requests": args.requests, "ratio": best["batched"] / best["alone"],
+                  "rounds": {mode: [{"wall_s": w, "latencies_s": lat, "calls": c} for w, lat, c in runs]
+                             for mode, runs in results.items()}}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
