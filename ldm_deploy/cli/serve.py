@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=64, help="largest request body (default 64 MB)")
     p.add_argument("--max-steps", type=int, default=500, help="most steps a request may ask for (default 500)")
     p.add_argument("--max-images", type=int, default=32, help="most images a request may ask for (default 32)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="connections open at once (each holds a thread); more are answered 503 (default 64)")
     p.add_argument("--warmup", action="store_true",
                    help="draw one image before serving (torch engines compile on their first call)")
     p.add_argument("--backend", default="auto", help="as ldm-run's")
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
 
         if not 0 < args.max_body_mb < 1 << 20:  # not inf or nan either
             raise UserError(f"--max-body-mb must be a positive number of megabytes, got {args.max_body_mb}")
-        for name in ("queue_size", "max_batch", "threads", "max_steps", "max_images"):
+        for name in ("queue_size", "max_batch", "threads", "max_steps", "max_images", "max_connections"):
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -90,7 +92,8 @@ def main(argv=None) -> int:
             log.info("warmed up in %.1f s", time.perf_counter() - start)
         try:
             server = serve.build(pipe, (args.host, args.port), auth, args.queue_size, args.max_batch,
-                                 int(args.max_body_mb * (1 << 20)), args.max_steps, args.max_images)
+                                 int(args.max_body_mb * (1 << 20)), args.max_steps, args.max_images,
+                                 args.max_connections)
         except OSError as e:
             raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pass another --port "
                             "(or --host)") from None

@@ -13,7 +13,7 @@ from ldm_deploy.serve.worker import Worker
 
 
 def build(pipe, address: tuple[str, int], auth: Auth = Auth(), queue_size: int = 16, max_batch: int | None = None,
-          max_body: int = 64 << 20, max_steps: int = 500, max_images: int = 32) -> Server:
+          max_body: int = 64 << 20, max_steps: int = 500, max_images: int = 32, max_connections: int = 64) -> Server:
     """A server (not yet serving) of `pipe` at `address` (port 0: any free one), its worker
     started; server.worker.stop() after server.shutdown() finishes the jobs waiting."""
     from ldm_deploy.serve.a1111 import A1111
@@ -33,6 +33,6 @@ def build(pipe, address: tuple[str, int], auth: Auth = Auth(), queue_size: int =
 
     routes[("GET", "/health")] = Route(health, plain_error)
     routes[("GET", "/docs")] = Route(docs, plain_error)
-    server = Server(address, App(routes, auth, max_body))
+    server = Server(address, App(routes, auth, max_body), max_connections)
     server.worker = worker
     return server

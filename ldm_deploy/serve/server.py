@@ -214,15 +214,47 @@ class Handler(BaseHTTPRequestHandler):
         log.debug(format, *args)
 
 
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Retry-After: 5\r\nConnection: close\r\n\r\n%s")
+
+
 class Server(ThreadingHTTPServer):
+    """A thread per connection, up to `max_connections` at once (each holds a thread, and a kept-alive
+    idle one holds it for Handler.timeout); past that a connection is answered 503 and closed."""
+
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: App):
+    def __init__(self, address: tuple[str, int], app: App, max_connections: int = 64):
         if ":" in address[0]:  # an IPv6 address (::1, ::)
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.app = app
+        self.max_connections, self.connections = max_connections, 0
+        self.count_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self.count_lock:
+            full = self.connections >= self.max_connections
+            self.connections += not full
+        if full:
+            body = json.dumps(plain_error(503, f"{self.max_connections} connections are open already "
+                                               "(ldm-serve --max-connections); try again shortly")).encode()
+            try:
+                request.sendall(BUSY % (len(body), body))
+            except OSError:
+                pass
+            log.info("%s: refused, %d connections open", client_address[0], self.max_connections)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.count_lock:
+                self.connections -= 1
 
     @property
     def url(self) -> str:

@@ -343,3 +343,19 @@ def test_stopping_answers_the_waiting_503(pipe):
     assert job.done.is_set() and isinstance(job.error, ShuttingDown)
     with pytest.raises(ShuttingDown):
         worker.submit(Job(options("a dog", 2)))
+
+
+def test_connections_past_the_limit_are_503(pipe):
+    with running(pipe, max_connections=1) as server:
+        host, port = server.server_address[:2]
+        with socket.create_connection((host, port), timeout=60) as idle:  # kept open, holds the one thread
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+            status, answer, headers = call(server.url + "/health")
+            assert status == 503 and "--max-connections" in answer["detail"] and headers["Retry-After"]
+        deadline = threading.Event()
+        for _ in range(100):  # the idle connection's thread ends once it is closed
+            if call(server.url + "/health")[0] == 200:
+                break
+            deadline.wait(0.05)
+        assert call(server.url + "/health")[0] == 200
