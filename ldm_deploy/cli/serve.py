@@ -14,6 +14,7 @@ import time
 
 from ldm_deploy.cli.common import add_model_options, run_main, setup_logging
 from ldm_deploy.errors import UserError
+from ldm_deploy.serve.engines import Engines
 from ldm_deploy.serve.server import Auth
 
 log = logging.getLogger("ldm-serve")
@@ -22,7 +23,9 @@ log = logging.getLogger("ldm-serve")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm-serve", description=__doc__.split(": ", 1)[1])
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--engine", help="engine directory made by ldm-export")
+    which.add_argument("--engine", action="append", default=None,
+                       help="engine directory made by ldm-export; repeat to serve several (the first is the default; "
+                            "requests choose by override_settings.sd_model_checkpoint, or OpenAI's model)")
     which.add_argument("--model", help="diffusers folder or .safetensors checkpoint, exported into the cache on "
                        "first use as ldm-run --model does (neither: the bundled shapes model)")
     add_model_options(p.add_argument_group("with --model (set into its cached engine, as ldm-export does)"))
@@ -42,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=32, help="most images a request may ask for (default 32)")
     p.add_argument("--max-connections", type=int, default=64,
                    help="connections open at once (each holds a thread); more are answered 503 (default 64)")
+    p.add_argument("--keep-loaded", type=int, default=1, metavar="N",
+                   help="with several engines: how many stay loaded at once (default 1, as AUTOMATIC1111 keeps "
+                        "its checkpoints); the one used longest ago is let go first")
     p.add_argument("--warmup", action="store_true",
                    help="draw one image before serving (torch engines compile on their first call)")
     p.add_argument("--backend", default="auto", help="as ldm-run's")
@@ -75,23 +81,35 @@ def main(argv=None) -> int:
 
         if not 0 < args.max_body_mb < 1 << 20:  # not inf or nan either
             raise UserError(f"--max-body-mb must be a positive number of megabytes, got {args.max_body_mb}")
-        for name in ("queue_size", "max_batch", "threads", "max_steps", "max_images", "max_connections"):
+        for name in ("queue_size", "max_batch", "threads", "max_steps", "max_images", "max_connections", "keep_loaded"):
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if not 0 <= args.port <= 65535:
             raise UserError(f"--port must be from 0 to 65535, got {args.port}")
         auth = credentials(args)
-        directory = engine_dir(args)
+        if args.engine and len(args.engine) > 1:
+            directories = args.engine
+            args.engine = args.engine[0]
+            engine_dir(args)  # the same refusals as for one (--lora and such with --engine)
+        else:
+            if args.engine:
+                args.engine = args.engine[0]
+            directories = [engine_dir(args)]
         options = {"threads": args.threads} if args.threads else {}
-        pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
-                             rebuild_stale=args.rebuild_stale, **options)
+
+        def load(directory, verify=True):
+            return Pipeline.load(directory, backend=args.backend, verify=verify and not args.no_verify,
+                                 rebuild_stale=args.rebuild_stale, **options)
+
+        engines = Engines.read(directories, load, args.keep_loaded)
+        pipe = engines.pipeline(engines.default)  # the default, loaded now: its mistakes are found at once
         if args.warmup:
             start = time.perf_counter()
             pipe("warm-up", steps=2, seed=0, progress=False)
             log.info("warmed up in %.1f s", time.perf_counter() - start)
         try:
-            server = serve.build(pipe, (args.host, args.port), auth, args.queue_size, args.max_batch,
+            server = serve.build(engines, (args.host, args.port), auth, args.queue_size, args.max_batch,
                                  int(args.max_body_mb * (1 << 20)), args.max_steps, args.max_images,
                                  args.max_connections)
         except OSError as e:
@@ -100,7 +118,7 @@ def main(argv=None) -> int:
         if args.host not in ("127.0.0.1", "localhost", "::1") and not (auth.users or auth.keys):
             log.warning("listening on %s without --api-auth or --api-key: anyone who reaches this machine can "
                         "draw on it", args.host)
-        serve_until_stopped(server, directory)
+        serve_until_stopped(server, ", ".join(engines.titles()) if len(engines.names) > 1 else directories[0])
 
     return run_main(go, "ldm-serve")
 
@@ -108,7 +126,12 @@ def main(argv=None) -> int:
 def serve_until_stopped(server, directory) -> None:
     """Serve until SIGTERM or Ctrl+C; then stop listening, finish the call running (the requests
     still waiting are answered 503, to be sent again elsewhere), answer, and return."""
+    stopping = []
+
     def stop(signum, frame):
+        if stopping:  # once is enough (a supervisor may pass the signal on as well)
+            return
+        stopping.append(signum)
         log.info("stopping: finishing the call running; the requests waiting are answered 503")
         threading.Thread(target=server.shutdown, daemon=True).start()
 

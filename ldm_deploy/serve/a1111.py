@@ -24,7 +24,7 @@ from ldm_deploy.engine.hires import UPSCALERS
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
 from ldm_deploy.engine.pipeline import random_seed
 from ldm_deploy.engine.samplers import DISPLAY_NAMES
-from ldm_deploy.errors import UserError
+from ldm_deploy.errors import InvalidRequest, UserError
 from ldm_deploy.serve import a1111_request
 from ldm_deploy.serve.server import HttpError, Route
 from ldm_deploy.serve.worker import Interrupted, Job, QueueFull, ShuttingDown
@@ -40,10 +40,12 @@ def error_body(status: int, message: str, kind: str | None = None) -> dict:
 class A1111:
     def __init__(self, worker):
         self.worker = worker
-        self.pipe = worker.pipe
-        self.model = self.pipe.manifest.model
-        self.name = infotext.model_name(self.model.source)
-        self.hash = self.model.weights_sha256[:10]
+        self.engines = worker.engines
+
+    @property
+    def model(self):
+        """The default engine's ModelInfo (what the listings describe)."""
+        return self.engines.manifests[self.engines.default].model
 
     def routes(self) -> dict:
         get = {"/samplers": self.samplers, "/schedulers": self.schedulers, "/sd-models": self.sd_models,
@@ -66,14 +68,34 @@ class A1111:
 
     def txt2img(self, body: dict):
         admit(self.worker)
-        return self.draw(body, a1111_request.txt2img(body, self.model, self.pipe.default_size, random_seed), False)
+        engine = self.engine(body)
+        model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
+        return self.draw(body, a1111_request.txt2img(body, model, size, random_seed), engine, False)
 
     def img2img(self, body: dict):
         admit(self.worker)  # before its images are decoded
-        return self.draw(body, a1111_request.img2img(body, self.model, self.pipe.default_size, random_seed), True)
+        engine = self.engine(body)
+        model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
+        return self.draw(body, a1111_request.img2img(body, model, size, random_seed), engine, True)
 
-    def draw(self, body: dict, options: dict, img2img: bool):
-        images = run(self.worker, options)
+    def engine(self, body: dict) -> str:
+        """The engine a request draws with: override_settings' sd_model_checkpoint, or the default;
+        its sd_vae must be the engine's own (a VAE is exported into an engine)."""
+        settings = body.get("override_settings") or {}
+        if not isinstance(settings, dict):
+            return self.engines.default  # refused with its reason by a1111_request
+        engine = self.engines.find(settings.get("sd_model_checkpoint"))
+        vae = self.engines.manifests[engine].model.vae
+        wanted = settings.get("sd_vae")
+        if wanted not in (None, "", "Automatic", "None") and wanted not in (Path(vae).stem, Path(vae).name):
+            raise InvalidRequest(f"override_settings.sd_vae {wanted!r}: {engine}'s VAE is "
+                                 f"{Path(vae).stem if vae else 'its own'}; another is exported into an "
+                                 "engine (ldm-export --vae)")
+        return engine
+
+    def draw(self, body: dict, options: dict, engine: str, img2img: bool):
+        images = run(self.worker, options, engine)
+        model = self.engines.manifests[engine].model
         infotexts = [im.info.get("parameters", "") for im in images]
         req_seeds = [options["seed"] + i for i in range(len(images))]
         width, height = images[0].size
@@ -85,13 +107,13 @@ class A1111:
             "subseed_strength": 0, "width": width, "height": height,
             "sampler_name": DISPLAY_NAMES[options["sampler"]], "cfg_scale": options["guidance"],
             "steps": options["steps"], "batch_size": a1111_request.integer(body, "batch_size", 1),
-            "restore_faces": False, "face_restoration_model": None, "sd_model_name": self.name,
-            "sd_model_hash": self.hash, "sd_vae_name": Path(self.model.vae).stem if self.model.vae else None,
+            "restore_faces": False, "face_restoration_model": None, "sd_model_name": engine,
+            "sd_model_hash": model.weights_sha256[:10], "sd_vae_name": Path(model.vae).stem if model.vae else None,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": options.get("strength", options.get("hires_strength")),
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": options["clip_skip"] + 1,
-            "is_using_inpainting_conditioning": bool(self.model.inpainting and img2img),
+            "is_using_inpainting_conditioning": bool(model.inpainting and img2img),
             "version": f"ldm-deploy {__version__}",
         }
         parameters = dict(body)
@@ -131,8 +153,9 @@ class A1111:
                       "need_inner_model": False} for name, label in a1111_request.SCHEDULERS.items()]
 
     def sd_models(self, _):
-        return 200, [{"title": f"{self.name} [{self.hash}]", "model_name": self.name, "hash": self.hash,
-                      "sha256": self.model.weights_sha256, "filename": self.model.source, "config": None}]
+        return 200, [{"title": self.engines.title(name), "model_name": name, "hash": m.model.weights_sha256[:10],
+                      "sha256": m.model.weights_sha256, "filename": m.model.source, "config": None}
+                     for name, m in self.engines.manifests.items()]
 
     def sd_vae(self, _):
         vae = self.model.vae
@@ -154,20 +177,23 @@ class A1111:
                       "metadata": {"weight": lo["weight"]}} for lo in self.model.loras]
 
     def options(self, _):
-        return 200, {"sd_model_checkpoint": f"{self.name} [{self.hash}]",
+        return 200, {"sd_model_checkpoint": self.engines.title(self.engines.default),
                      "sd_vae": Path(self.model.vae).stem if self.model.vae else "Automatic",
                      "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoint_hash": self.model.weights_sha256}
 
     def set_options(self, body: dict):
-        """Only what is so already: one engine is served, and settings go with each request."""
+        """sd_model_checkpoint chooses the default engine, as it switches AUTOMATIC1111's model (it is
+        loaded with the first request that draws with it); other settings only as they are already,
+        since they go with each request here."""
         current = self.options(None)[1]
+        chosen = self.engines.find(body["sd_model_checkpoint"]) if "sd_model_checkpoint" in body else None
         for key, value in body.items():
-            if key == "sd_model_checkpoint" and value in (current[key], self.name, self.hash):
-                continue
-            if key not in current or value != current[key]:
-                raise HttpError(422, f"options: {key} cannot be set here: this server serves one engine "
-                                     f"({current['sd_model_checkpoint']}) and takes settings with each request "
-                                     "(override_settings: CLIP_stop_at_last_layers)")
+            if key not in ("sd_model_checkpoint", "sd_vae", "sd_checkpoint_hash") and \
+                    (key not in current or value != current[key]):
+                raise HttpError(422, f"options: {key} cannot be set here; settings go with each request "
+                                     "(override_settings: CLIP_stop_at_last_layers, sd_model_checkpoint)")
+        if chosen is not None:
+            self.engines.default = chosen
         return 200, None
 
     def progress(self, _):
@@ -206,9 +232,9 @@ def admit(worker, job: Job | None = None) -> Job | None:
         raise HttpError(503, str(e), "ShuttingDown") from None
 
 
-def run(worker, options: dict) -> list:
-    """Queue a job and wait for its images; a full queue -> 503."""
-    job = admit(worker, Job(options))
+def run(worker, options: dict, engine: str | None = None) -> list:
+    """Queue a job for the engine (None: the default) and wait for its images; a full queue -> 503."""
+    job = admit(worker, Job(options, engine))
     while not job.done.wait(1.0):
         if not worker.alive:
             raise HttpError(500, "the server's worker has stopped; its log says why")

@@ -3,7 +3,7 @@ that speak it: a prompt, `n`, `size` "WIDTHxHEIGHT", images back as `b64_json`.
 
 Besides OpenAI's fields, the ones that make a diffusion image repeatable are taken too (as other
 servers of this API take them): `negative_prompt`, `seed`, `steps`, `guidance`, `sampler`.
-`model` may name the engine served or be left out; `quality`, `style` and `user` are accepted
+`model` names one of the engines served (GET /v1/models), or none: the default; `quality`, `style` and `user` are accepted
 and change nothing; `response_format` "url" is refused (no image is kept to link to).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-from ldm_deploy.engine import infotext
 from ldm_deploy.engine.pipeline import random_seed
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve import a1111_request as fields
@@ -31,16 +30,15 @@ def error_body(status: int, message: str, kind: str | None = None) -> dict:
 class OpenAIImages:
     def __init__(self, worker):
         self.worker = worker
-        self.pipe = worker.pipe
-        self.name = infotext.model_name(self.pipe.manifest.model.source)
+        self.engines = worker.engines
 
     def routes(self) -> dict:
         return {("POST", "/v1/images/generations"): Route(self.generations, error_body, body=True, invalid=400),
                 ("GET", "/v1/models"): Route(self.models, error_body, invalid=400)}
 
     def models(self, _):
-        return 200, {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0,
-                                                 "owned_by": "ldm-deploy"}]}
+        return 200, {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ldm-deploy"}
+                                                for name in self.engines.names]}
 
     def generations(self, body: dict):
         admit(self.worker)
@@ -50,11 +48,10 @@ class OpenAIImages:
         prompt = fields.text(body, "prompt")
         if not prompt:
             raise InvalidRequest("prompt: say what to draw")
-        if body.get("model") not in (None, "", self.name):
-            raise InvalidRequest(f"model {body['model']!r} is not served here; this server serves {self.name!r}")
+        engine = self.engines.find(body.get("model"))
         if body.get("response_format", "b64_json") != "b64_json":
             raise InvalidRequest("response_format: only \"b64_json\" is offered (no image is kept to link to)")
-        width, height = self.pipe.default_size
+        width, height = self.engines.default_size(engine)
         size = body.get("size")
         if size not in (None, "auto"):
             w, _, h = str(size).partition("x")
@@ -70,5 +67,5 @@ class OpenAIImages:
                    "seed": random_seed() if seed == -1 else seed, "num_images": n, "width": width,
                    "height": height, "sampler": body.get("sampler") or "dpmpp_2m_karras", "prompt_weighting": True,
                    "clip_skip": 0}  # as AUTOMATIC1111's requests have it, so that the two may share a call
-        images = run(self.worker, options)
+        images = run(self.worker, options, engine)
         return 200, {"created": int(time.time()), "data": [{"b64_json": png_base64(im)} for im in images]}

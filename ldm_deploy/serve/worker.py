@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ldm_deploy.engine.prompt_schedule import schedule
 from ldm_deploy.errors import InvalidRequest, UserError
+from ldm_deploy.serve.engines import Engines
 
 log = logging.getLogger("ldm-serve")
 
@@ -46,6 +47,7 @@ class Job:
     first image's) and "num_images" set."""
 
     options: dict
+    engine: str | None = None  # the engine's name (engines.py); None: the default, set by submit()
     images: list | None = None  # the result: PIL images with their parameters
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -72,14 +74,15 @@ class Progress:
 
 
 class Worker:
-    """Runs jobs on `pipe` in one thread. submit() queues a job (QueueFull when `queue_size`
-    wait already); the job's `done` is set when its images or its error are in."""
+    """Runs jobs on the engines (an Engines, or one Pipeline) in one thread. submit() queues a job
+    (QueueFull when `queue_size` wait already); the job's `done` is set when its images or its
+    error are in."""
 
-    def __init__(self, pipe, queue_size: int = 16, max_batch: int | None = None, max_steps: int = 500,
+    def __init__(self, engines, queue_size: int = 16, max_batch: int | None = None, max_steps: int = 500,
                  max_images: int = 32):
-        self.pipe = pipe
+        self.engines = engines if isinstance(engines, Engines) else Engines.of(engines)
         self.queue_size = queue_size
-        self.max_batch = max_batch or pipe.manifest.dims["batch"].max  # images a call draws at most
+        self.max_batch = max_batch  # images a call draws at most (None: each engine's largest batch)
         self.max_steps, self.max_images = max_steps, max_images  # a request's, at most
         self.interrupting = False  # stop the running call at its next step
         self.waiting: deque[Job] = deque()
@@ -107,7 +110,8 @@ class Worker:
     def submit(self, job: Job) -> Job:
         """Queue a job (its size checked, its batch group worked out here, outside the lock)."""
         self.check(job.options)
-        job.group = self.group(job.options)
+        job.engine = job.engine or self.engines.default
+        job.group = self.group(job.options, job.engine)
         with self.lock:
             if self.stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -178,8 +182,9 @@ class Worker:
         jobs, total = [head], head.count
         if head.group is None:
             return jobs
+        most = self.max_batch or self.engines.manifests[head.engine].dims["batch"].max
         for job in list(self.waiting):
-            if total + job.count > self.max_batch:
+            if total + job.count > most:
                 continue
             if job.group == head.group:
                 self.waiting.remove(job)
@@ -197,21 +202,21 @@ class Worker:
                 raise InvalidRequest(f"{key} {value} is more than this server draws for one request ({most}; "
                                      f"ldm-serve {flag})")
 
-    def group(self, options: dict) -> tuple | None:
+    def group(self, options: dict, engine: str) -> tuple | None:
         """What a job's call is made of but its prompts and seeds; None where it must run alone:
         images in it, a prompt of more than one chunk or with prompt editing (a call's prompts
         share a chunk count and a schedule), an inpainting model (its txt2img draws a masked image's
         sample from the first image's noise only), a setting that is not a plain value."""
         try:
-            if self.pipe.manifest.model.inpainting or not self.one_chunk(options):
+            if self.engines.manifests[engine].model.inpainting or not self.one_chunk(options, engine):
                 return None
             shared = tuple(sorted((k, v) for k, v in options.items() if k not in PER_IMAGE))
             hash(shared)
-            return shared + (("zero_negative", options.get("negative_prompt") is None),)
+            return shared + (("zero_negative", options.get("negative_prompt") is None), ("engine", engine))
         except Exception:  # unhashable values, texts the tokenizer refuses, ...: the job runs alone
             return None
 
-    def one_chunk(self, options: dict) -> bool:
+    def one_chunk(self, options: dict, engine: str) -> bool:
         if any(options.get(k) is not None for k in PICTURES):
             return False
         weighting = bool(options.get("prompt_weighting"))
@@ -221,7 +226,7 @@ class Worker:
                 return False
             if weighting and (len(schedule(text, steps)) != 1 or "<" in text):  # edited, or extra-network tags
                 return False
-            if len(self.pipe.tokenizer.chunks(text, weighting, 1 << 20)) != 1:
+            if len(self.engines.tokenizer(engine).chunks(text, weighting, 1 << 20)) != 1:
                 return False
         return True
 
@@ -236,7 +241,7 @@ class Worker:
                     options["negative_prompt"] = [j.options["negative_prompt"] for j in jobs for _ in range(j.count)]
                 options["seed"] = [s for j in jobs for s in j.seeds()]
                 options["num_images"] = 1
-                images = self.call(options)
+                images = self.call(options, jobs[0].engine)
                 for job in jobs:
                     job.images, images = images[: job.count], images[job.count:]
                 log.info("drew %d requests in one call (%d images)", len(jobs), sum(j.count for j in jobs))
@@ -250,7 +255,7 @@ class Worker:
                          type(e).__name__, e)
         for job in jobs:
             try:
-                job.images = self.call(job.options)
+                job.images = self.call(job.options, job.engine)
             except UserError as e:
                 job.error = e
             except Interrupted as e:  # this job only: the next one runs
@@ -259,7 +264,7 @@ class Worker:
                 log.exception("the request failed")
                 job.error = e
 
-    def call(self, options: dict) -> list:
+    def call(self, options: dict, engine: str) -> list:
         def on_step(done: int, total: int) -> None:
             with self.lock:
                 self.progress.step, self.progress.steps = done, total
@@ -270,5 +275,6 @@ class Worker:
             raise InvalidRequest("prompt must be text")
         with self.lock:  # an interrupt is for the call running when it came, not this one
             self.interrupting = False
+        pipe = self.engines.pipeline(engine)
         self.calls += 1
-        return self.pipe(**options, progress=on_step)
+        return pipe(**options, progress=on_step)

@@ -69,3 +69,9 @@ def test_port_in_use(engine_dirs, capsys):
         assert main(["--engine", str(engine_dirs["tiny-sd1"]), "--port", str(port), "--no-verify"]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_model_options_with_engines_are_refused(engine_dirs, capsys):
+    engines = ["--engine", str(engine_dirs["tiny-sd1"]), "--engine", str(engine_dirs["tiny-sd2"])]
+    assert main([*engines, "--lora", "x.safetensors"]) == 2
+    assert "--lora" in capsys.readouterr().err

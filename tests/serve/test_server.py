@@ -359,3 +359,55 @@ def test_connections_past_the_limit_are_503(pipe):
                 break
             deadline.wait(0.05)
         assert call(server.url + "/health")[0] == 200
+
+
+@pytest.fixture
+def two(engine_dirs):
+    """The tiny SD 1.x and 2.x engines, one loaded at a time."""
+    from ldm_deploy.serve import Engines
+
+    return Engines.read([engine_dirs["tiny-sd1"], engine_dirs["tiny-sd2"]],
+                        lambda d, verify=True: Pipeline.load(d, verify=verify), keep=1)
+
+
+def test_several_engines(two, pipelines):
+    small = {"prompt": "a cat", "steps": 3, "seed": 4, "width": 64, "height": 64}
+    with running(two) as server:
+        models = call(server.url + "/sdapi/v1/sd-models")[1]
+        assert [m["model_name"] for m in models] == ["tiny-sd1", "tiny-sd2"]
+        status, first, _ = call(server.url + "/sdapi/v1/txt2img", "POST", small)
+        assert status == 200, first
+        status, second, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {
+            **small, "override_settings": {"sd_model_checkpoint": models[1]["title"]}})
+        assert status == 200, second
+        assert list(two.pipes) == ["tiny-sd2"]  # one kept loaded: the first let go
+        for answer, name in ((first, "tiny-sd1"), (second, "tiny-sd2")):
+            want = pipelines[name]("a cat", steps=3, seed=4, width=64, height=64, guidance=7.0, sampler="euler",
+                                   prompt_weighting=True, progress=False)
+            assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+            assert json.loads(answer["info"])["sd_model_name"] == name
+        # POST options chooses the default, as it switches AUTOMATIC1111's model
+        assert call(server.url + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": "tiny-sd2"})[0] == 200
+        assert call(server.url + "/sdapi/v1/options")[1]["sd_model_checkpoint"] == models[1]["title"]
+        third = call(server.url + "/sdapi/v1/txt2img", "POST", small)[1]
+        assert third["images"] == second["images"]
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {
+            **small, "override_settings": {"sd_model_checkpoint": "sd15"}})
+        assert status == 422 and models[0]["title"] in answer["detail"]
+        openai = call(server.url + "/v1/images/generations", "POST", {"prompt": "a cat", "model": "tiny-sd1",
+                                                                     "size": "64x64", "seed": 1, "steps": 2})[1]
+        want = pipelines["tiny-sd1"]("a cat", steps=2, seed=1, width=64, height=64, prompt_weighting=True,
+                                     progress=False)
+        assert np.array_equal(pixels([unb64(openai["data"][0]["b64_json"])]), pixels(want))
+        assert [m["id"] for m in call(server.url + "/v1/models")[1]["data"]] == ["tiny-sd1", "tiny-sd2"]
+
+
+def test_engines_are_never_batched_together(two):
+    worker = Worker(two)  # not started: the jobs wait together
+    jobs = [worker.submit(Job(options(p, s), engine)) for p, s, engine in
+            (("a cat", 1, "tiny-sd1"), ("a dog", 2, "tiny-sd2"), ("a fox", 3, "tiny-sd1"))]
+    worker.start()
+    for job in jobs:
+        assert job.done.wait(120) and job.error is None, job.error
+    worker.stop()
+    assert worker.calls == 2
