@@ -85,3 +85,13 @@ def assert_not_saturated(images: np.ndarray) -> None:
     """A parity check means little if the reference image is flat or clipped to 0 / 1."""
     inside = np.mean((images > 0.01) & (images < 0.99))
     assert inside > 0.5 and images.std() > 0.01, (inside, images.std())
+
+
+@pytest.fixture(autouse=True)
+def own_logging():
+    """A command's main() points logging at the test's captured stderr, which closes with the
+    test; later tests (and servers' threads) must not log into it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level

@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="with several engines: how many stay loaded at once (default 1, as AUTOMATIC1111 keeps "
                         "its checkpoints); the one used longest ago is let go first")
     p.add_argument("--warmup", action="store_true",
-                   help="draw one image before serving (torch engines compile on their first call)")
+                   help="draw one image with the default engine before serving (torch engines compile on their "
+                        "first call; other engines on their first request)")
     p.add_argument("--backend", default="auto", help="as ldm-run's")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime, openvino: CPU threads (default: all)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the engine files")
@@ -102,12 +103,14 @@ def main(argv=None) -> int:
             return Pipeline.load(directory, backend=args.backend, verify=verify and not args.no_verify,
                                  rebuild_stale=args.rebuild_stale, **options)
 
-        engines = Engines.read(directories, load, args.keep_loaded)
-        pipe = engines.pipeline(engines.default)  # the default, loaded now: its mistakes are found at once
+        engines = Engines.read(directories, load, args.keep_loaded, args.backend)
+        # the default loaded now (its mistakes found at once), held by `engines` alone: it is let go
+        # of when another takes its place
+        engines.pipeline(engines.default)
         if args.warmup:
             start = time.perf_counter()
-            pipe("warm-up", steps=2, seed=0, progress=False)
-            log.info("warmed up in %.1f s", time.perf_counter() - start)
+            engines.pipeline(engines.default)("warm-up", steps=2, seed=0, progress=False)
+            log.info("warmed up %s in %.1f s", engines.default, time.perf_counter() - start)
         try:
             server = serve.build(engines, (args.host, args.port), auth, args.queue_size, args.max_batch,
                                  int(args.max_body_mb * (1 << 20)), args.max_steps, args.max_images,

@@ -27,6 +27,7 @@ from ldm_deploy.engine.samplers import DISPLAY_NAMES
 from ldm_deploy.errors import InvalidRequest, UserError
 from ldm_deploy.serve import a1111_request
 from ldm_deploy.serve.server import HttpError, Route
+from ldm_deploy.serve.engines import EngineUnavailable
 from ldm_deploy.serve.worker import Interrupted, Job, QueueFull, ShuttingDown
 
 PREFIX = "/sdapi/v1"
@@ -137,8 +138,9 @@ class A1111:
                 item["options"]["scheduler"] = infotext.AUTOMATIC_SCHEDULES[base].lower()
         return 200, list(out.values())
 
-    def controlnet_models(self, _):
-        return 200, {"model_list": [f"{c['name']} [{c['sha256'][:8]}]" for c in self.model.controlnets]}
+    def controlnet_models(self, _):  # every engine's (a unit is checked against its request's engine)
+        names = [f"{c['name']} [{c['sha256'][:8]}]" for m in self.engines.manifests.values() for c in m.model.controlnets]
+        return 200, {"model_list": list(dict.fromkeys(names))}
 
     def interrupt(self, _):
         self.worker.interrupt()
@@ -185,15 +187,18 @@ class A1111:
         """sd_model_checkpoint chooses the default engine, as it switches AUTOMATIC1111's model (it is
         loaded with the first request that draws with it); other settings only as they are already,
         since they go with each request here."""
-        current = self.options(None)[1]
-        chosen = self.engines.find(body["sd_model_checkpoint"]) if "sd_model_checkpoint" in body else None
+        chosen = self.engines.find(body.get("sd_model_checkpoint"))
+        model = self.engines.manifests[chosen].model
+        vae = Path(model.vae).stem if model.vae else "Automatic"
+        current = {**self.options(None)[1], "sd_vae": vae, "sd_checkpoint_hash": model.weights_sha256}
         for key, value in body.items():
-            if key not in ("sd_model_checkpoint", "sd_vae", "sd_checkpoint_hash") and \
-                    (key not in current or value != current[key]):
-                raise HttpError(422, f"options: {key} cannot be set here; settings go with each request "
-                                     "(override_settings: CLIP_stop_at_last_layers, sd_model_checkpoint)")
-        if chosen is not None:
-            self.engines.default = chosen
+            if key == "sd_model_checkpoint" or (key == "sd_vae" and value in ("", "None", "Automatic", vae)):
+                continue
+            if key not in current or value != current[key]:
+                raise HttpError(422, f"options: {key} = {value!r} cannot be set here; settings go with each request "
+                                     "(override_settings: CLIP_stop_at_last_layers, sd_model_checkpoint), and a VAE "
+                                     "is exported into an engine")
+        self.engines.default = chosen
         return 200, None
 
     def progress(self, _):
@@ -242,6 +247,8 @@ def run(worker, options: dict, engine: str | None = None) -> list:
         raise job.error  # the route family's "invalid request" answer
     if isinstance(job.error, ShuttingDown):
         raise HttpError(503, str(job.error), "ShuttingDown")
+    if isinstance(job.error, EngineUnavailable):
+        raise HttpError(503, str(job.error), "EngineUnavailable")
     if isinstance(job.error, Interrupted):
         raise HttpError(409, f"{job.error}: no image was finished", "Interrupted")
     if job.error is not None:

@@ -238,16 +238,32 @@ class Server(ThreadingHTTPServer):
             full = self.connections >= self.max_connections
             self.connections += not full
         if full:
-            body = json.dumps(plain_error(503, f"{self.max_connections} connections are open already "
-                                               "(ldm-serve --max-connections); try again shortly")).encode()
-            try:
-                request.sendall(BUSY % (len(body), body))
-            except OSError:
-                pass
             log.info("%s: refused, %d connections open", client_address[0], self.max_connections)
-            self.shutdown_request(request)
+            threading.Thread(target=self.refuse, args=(request,), daemon=True).start()
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread to count down (one could not be started)
+            with self.count_lock:
+                self.connections -= 1
+            raise
+
+    def refuse(self, request) -> None:
+        """Answer 503 and close so that the client reads it: the answer, our side shut, then what it
+        sends read and dropped (closing with its request unread would reset the connection, and
+        the client would see that instead of the answer)."""
+        body = json.dumps(plain_error(503, f"{self.max_connections} connections are open already "
+                                           "(ldm-serve --max-connections); try again shortly")).encode()
+        try:
+            request.sendall(BUSY % (len(body), body))
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(2)
+            while request.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            request.close()
 
     def process_request_thread(self, request, client_address):
         try:

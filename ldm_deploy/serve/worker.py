@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ldm_deploy.engine.prompt_schedule import schedule
 from ldm_deploy.errors import InvalidRequest, UserError
-from ldm_deploy.serve.engines import Engines
+from ldm_deploy.serve.engines import Engines, EngineUnavailable
 
 log = logging.getLogger("ldm-serve")
 
@@ -246,7 +246,7 @@ class Worker:
                     job.images, images = images[: job.count], images[job.count:]
                 log.info("drew %d requests in one call (%d images)", len(jobs), sum(j.count for j in jobs))
                 return
-            except Interrupted as e:
+            except (Interrupted, EngineUnavailable) as e:
                 for job in jobs:
                     job.error = e
                 return
@@ -260,6 +260,8 @@ class Worker:
                 job.error = e
             except Interrupted as e:  # this job only: the next one runs
                 job.error, self.interrupting = e, False
+            except EngineUnavailable as e:
+                job.error = e
             except Exception as e:  # our bug: kept for the log, answered as a server error
                 log.exception("the request failed")
                 job.error = e

@@ -3,7 +3,6 @@ its mistakes are one line and exit 2."""
 
 from __future__ import annotations
 
-import logging
 import queue
 import re
 import signal
@@ -18,15 +17,6 @@ from serve_http import call
 from ldm_deploy.cli.serve import main
 
 SERVE = [sys.executable, "-m", "ldm_deploy.cli.serve"]
-
-
-@pytest.fixture(autouse=True)
-def own_logging():
-    """main() points logging at this test's captured stderr; later tests must not log into it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
 
 
 def test_serves_then_stops_on_sigterm(engine_dirs):

@@ -411,3 +411,55 @@ def test_engines_are_never_batched_together(two):
         assert job.done.wait(120) and job.error is None, job.error
     worker.stop()
     assert worker.calls == 2
+
+
+def test_an_engine_that_cannot_load_is_the_servers_fault(engine_dirs, pipelines, tmp_path):
+    import shutil
+
+    from ldm_deploy.serve import Engines
+
+    broken = tmp_path / "broken"
+    shutil.copytree(engine_dirs["tiny-sd2"], broken)
+    victim = next(p for p in broken.iterdir() if p.suffix == ".onnx")
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")  # same size, other contents: caught by SHA-256
+    loads = []
+
+    def load(directory, verify=True):
+        loads.append(directory)
+        return Pipeline.load(directory, verify=verify)
+
+    engines = Engines.read([engine_dirs["tiny-sd1"], broken], load, keep=1)
+    engines.pipeline("tiny-sd1")
+    small = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64}
+    with running(engines) as server:
+        for _ in range(2):
+            status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {
+                **small, "override_settings": {"sd_model_checkpoint": "tiny-sd2"}})
+            assert status == 503 and answer["error"] == "EngineUnavailable" and "tiny-sd2" in answer["detail"]
+        assert list(engines.pipes) == ["tiny-sd1"] and len(loads) == 1  # kept; the broken one tried once
+        assert call(server.url + "/sdapi/v1/txt2img", "POST", small)[0] == 200
+
+
+def test_checkpoint_names_and_options(two):
+    sd2 = two.manifests["tiny-sd2"].model.weights_sha256
+    assert two.find(f"tiny-sd2.safetensors [{sd2[:10]}]") == "tiny-sd2"  # as AUTOMATIC1111 titles a file
+    assert two.find(sd2[:10]) == two.find("tiny-sd2") == "tiny-sd2" and two.find(None) == "tiny-sd1"
+    with running(two) as server:
+        current = call(server.url + "/sdapi/v1/options")[1]
+        assert call(server.url + "/sdapi/v1/options", "POST", current)[0] == 200  # its own options back
+        status, answer, _ = call(server.url + "/sdapi/v1/options", "POST", {"sd_vae": "other-vae.safetensors"})
+        assert status == 422 and "sd_vae" in answer["detail"]
+        assert call(server.url + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": "tiny-sd2",
+                                                                "sd_vae": "Automatic"})[0] == 200
+        assert two.default == "tiny-sd2"
+
+
+def test_posts_past_the_connection_limit_read_their_503(pipe):
+    with running(pipe, max_connections=1) as server:
+        host, port = server.server_address[:2]
+        with socket.create_connection((host, port), timeout=60) as idle:
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+            for _ in range(5):
+                status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {"prompt": "x" * 5000})
+                assert status == 503 and "--max-connections" in answer["detail"]
