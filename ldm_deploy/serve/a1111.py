@@ -86,6 +86,8 @@ class A1111:
         if not isinstance(settings, dict):
             return self.engines.default  # refused with its reason by a1111_request
         engine = self.engines.find(settings.get("sd_model_checkpoint"))
+        if "sd_model_checkpoint" in settings and body.get("override_settings_restore_afterwards") is False:
+            self.engines.default = engine  # AUTOMATIC1111 keeps the checkpoint then
         vae = self.engines.manifests[engine].model.vae
         wanted = settings.get("sd_vae")
         if wanted not in (None, "", "Automatic", "None") and wanted not in (Path(vae).stem, Path(vae).name):

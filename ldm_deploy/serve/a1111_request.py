@@ -8,7 +8,8 @@ the fields that draw the image are read with its API's defaults (steps 50, CFG s
 img2img, rather than 512 (an SDXL engine draws 1024 px, the shapes model 64); a field asking for what is not offered here (face restoration, tiling,
 variation seeds, styles, scripts, ControlNet preprocessors, ...) is refused by name rather than
 left out, so that no image comes back other than asked for. Fields that tune k-diffusion's
-samplers (eta, s_churn, s_noise, ...) or say where to save are accepted and have no effect.
+samplers (eta, s_churn, s_noise, ...), instruct-pix2pix's image_cfg_scale (no such model is served)
+or say where to save are accepted and have no effect.
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ NOT_OFFERED = {"restore_faces": (None, False), "tiling": (None, False), "subseed
                "script_name": (None, ""), "script_args": (None, []), "refiner_checkpoint": (None, "", "None"),
                "firstphase_width": (None, 0), "firstphase_height": (None, 0), "firstpass_image": (None,),
                "hr_checkpoint_name": (None, "", "Use same checkpoint"), "latent_mask": (None,),
-               "image_cfg_scale": (None,), "initial_noise_multiplier": (None, 1, 1.0)}
+               "initial_noise_multiplier": (None, 1, 1.0)}
 WHY = {"restore_faces": "face restoration", "tiling": "tiling", "subseed_strength": "variation seeds",
        "seed_resize_from_h": "seed resizing", "seed_resize_from_w": "seed resizing", "styles": "saved styles",
        "script_name": "scripts", "script_args": "scripts", "refiner_checkpoint": "the refiner",
        "firstphase_width": "the old hires fix's first phase size", "firstphase_height": "the old hires fix's "
        "first phase size", "firstpass_image": "a given first pass", "hr_checkpoint_name": "another hires "
-       "checkpoint", "latent_mask": "a separate latent mask", "image_cfg_scale": "instruct-pix2pix's image CFG",
-       "initial_noise_multiplier": "an initial noise multiplier"}
+       "checkpoint", "latent_mask": "a separate latent mask", "initial_noise_multiplier": "an initial noise multiplier"}
 
 
 def txt2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
@@ -209,7 +209,8 @@ def sampler(name, scheduler) -> str:
         label = AUTOMATIC_SCHEDULES.get(name)
     full = f"{name} {label}" if label and label != "Uniform" else name
     ours = {display.lower(): key for key, display in DISPLAY_NAMES.items()}.get(full.lower())
-    if ours is None and automatic and label:
+    bases = {display.removesuffix(" Karras") for display in DISPLAY_NAMES.values()}
+    if ours is None and automatic and label and name in bases:
         raise InvalidRequest(f"{name}'s own schedule (scheduler \"automatic\") is {label}, which is not offered "
                              f"here; pass scheduler \"karras\" or \"uniform\"")
     if ours is None:
