@@ -25,7 +25,7 @@ from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
 from ldm_deploy.engine.pipeline import random_seed
 from ldm_deploy.engine.samplers import DISPLAY_NAMES
 from ldm_deploy.errors import InvalidRequest, UserError
-from ldm_deploy.serve import a1111_request
+from ldm_deploy.serve import a1111_request, fields
 from ldm_deploy.serve.server import HttpError, Route
 from ldm_deploy.serve.engines import EngineUnavailable
 from ldm_deploy.serve.worker import Interrupted, Job, QueueFull, ShuttingDown
@@ -109,7 +109,7 @@ class A1111:
             "seed": req_seeds[0], "all_seeds": req_seeds, "subseed": -1, "all_subseeds": [-1] * len(images),
             "subseed_strength": 0, "width": width, "height": height,
             "sampler_name": DISPLAY_NAMES[options["sampler"]], "cfg_scale": options["guidance"],
-            "steps": options["steps"], "batch_size": a1111_request.integer(body, "batch_size", 1),
+            "steps": options["steps"], "batch_size": fields.integer(body, "batch_size", 1),
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": engine,
             "sd_model_hash": model.weights_sha256[:10], "sd_vae_name": Path(model.vae).stem if model.vae else None,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
@@ -122,7 +122,7 @@ class A1111:
         parameters = dict(body)
         if img2img and not body.get("include_init_images"):
             parameters["init_images"] = parameters["mask"] = None
-        send = a1111_request.flag(body, "send_images", True)
+        send = fields.flag(body, "send_images", True)
         return 200, {"images": [png_base64(im) for im in images] if send else [], "parameters": parameters,
                      "info": json.dumps(info)}
 
@@ -216,14 +216,14 @@ class A1111:
                                "sampling_steps": state.steps}}
 
     def png_info(self, body: dict):
-        image = a1111_request.picture(body.get("image"), "image")
+        image = fields.picture(body.get("image"), "image")
         items = {k: v for k, v in image.info.items() if isinstance(v, str)}
         text = items.pop("parameters", "")
         if not text:
             return 200, {"info": "", "items": items, "parameters": {}}
-        prompt, negative, fields = infotext.parse(text)
+        prompt, negative, written = infotext.parse(text)
         return 200, {"info": text, "items": items,
-                     "parameters": {"Prompt": prompt, "Negative prompt": negative, **fields}}
+                     "parameters": {"Prompt": prompt, "Negative prompt": negative, **written}}
 
 
 def admit(worker, job: Job | None = None) -> Job | None:

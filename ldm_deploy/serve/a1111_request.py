@@ -14,17 +14,14 @@ or say where to save are accepted and have no effect.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import math
-
 from PIL import Image, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
 from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
+from ldm_deploy.serve.a1111_controlnet import controlnet
+from ldm_deploy.serve.fields import flag, integer, number, picture, text
 
 # AUTOMATIC1111's scheduler names -> labels (those that fit our samplers' schedules).
 SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
@@ -32,11 +29,6 @@ SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"
 ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_heun": "Heun",
            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_lcm": "LCM", "ddim": "DDIM",
            "unipc": "UniPC"}
-MAX_PIXELS = 40_000_000  # an image's, decoded: 120 MB as RGB
-# The ControlNet extension's resize modes (names, old names, numbers) -> AUTOMATIC1111's img2img ones.
-CONTROL_RESIZE = {"Just Resize": 0, "Crop and Resize": 1, "Resize and Fill": 2, "Scale to Fit (Inner Fit)": 1,
-                  "Inner Fit (Scale to Fit)": 1, "Envelope (Outer Fit)": 2, "Outer Fit (Shrink to Fit)": 2,
-                  0: 0, 1: 1, 2: 2}
 # Fields that ask for what is not offered, and the value that asks for nothing.
 NOT_OFFERED = {"restore_faces": (None, False), "tiling": (None, False), "subseed_strength": (None, 0, 0.0),
                "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
@@ -150,7 +142,7 @@ def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
             options[key] = size[0 if key == "width" else 1]
     resizes = []
     if scripts:
-        control, resizes = controlnet(next(iter(scripts.values())), model)
+        control, resizes = controlnet(next(iter(scripts.values())), model)  # a1111_controlnet.py
         options.update(control)
     return options, resizes
 
@@ -228,71 +220,6 @@ def clip_skip(settings: dict, model) -> int:
     return 0 if model.pooled_width else value - 1
 
 
-def controlnet(script: dict, model) -> tuple[dict, list]:
-    """The ControlNet extension's units ({"args": [unit, ...]}) -> control_image / scale / start /
-    end of the engine's ControlNets: a unit names its model (as the extension lists it, "name
-    [hash]", or the name alone) or, where the engine has one ControlNet, may leave it out.
-    Preprocessors are not run here: send the control image already made (module "none")."""
-    nets = [c["name"] for c in model.controlnets]
-    units = script.get("args") if isinstance(script, dict) else None
-    if not isinstance(units, list):
-        raise InvalidRequest('alwayson_scripts.controlnet must be {"args": [unit, ...]}')
-    if not nets:
-        if any(isinstance(u, dict) and u.get("enabled", True) for u in units):
-            raise InvalidRequest("this engine holds no ControlNet (ldm-export --controlnet adds one)")
-        return {}, []
-    pictures, scales = [None] * len(nets), [1.0] * len(nets)
-    starts, ends = [0.0] * len(nets), [1.0] * len(nets)
-    resizes = []
-    for i, unit in enumerate(units):
-        if not isinstance(unit, dict):
-            raise InvalidRequest(f"alwayson_scripts.controlnet.args[{i}] must be an object")
-        image = unit.get("image", unit.get("input_image"))
-        if isinstance(image, dict):
-            image = image.get("image")
-        if not unit.get("enabled", image is not None):
-            continue
-        where = f"ControlNet unit {i}"
-        module = unit.get("module") or "none"
-        if not isinstance(module, str) or module.lower() != "none":
-            raise InvalidRequest(f"{where}: module {module!r}: preprocessors are not run here; send the control "
-                                 "image already made (an edge map, a pose, ...) with module \"none\"")
-        for key, fine in (("control_mode", ("Balanced", 0, None)), ("hr_option", ("Both", None)),
-                          ("mask", (None,)), ("effective_region_mask", (None,)), ("ipadapter_input", (None,))):
-            if not any(unit.get(key) == f and type(unit.get(key)) is type(f) for f in fine):
-                raise InvalidRequest(f"{where}: {key} {unit[key]!r} is not offered here; leave it out")
-        slot = slot_of(unit.get("model"), nets, where)
-        if image is None:
-            raise InvalidRequest(f"{where}: give its control image (\"image\": base64)")
-        pictures[slot] = picture(image, f"{where}'s image").convert("RGB")
-        scales[slot] = number(unit, "weight", 1.0)
-        starts[slot] = number(unit, "guidance_start", 0.0)
-        ends[slot] = number(unit, "guidance_end", unit.get("guidance", 1.0))
-        mode = unit.get("resize_mode", "Crop and Resize")
-        resize = CONTROL_RESIZE.get(mode) if isinstance(mode, (str, int)) else None
-        if resize is None:
-            raise InvalidRequest(f"{where}: resize_mode {unit['resize_mode']!r} is not one the ControlNet extension "
-                                 f"knows ({', '.join(k for k in CONTROL_RESIZE if isinstance(k, str))})")
-        resizes.append((resize, pictures[slot].size, f"{where}'s resize_mode"))
-    if all(p is None for p in pictures):
-        return {}, []
-    one = len(nets) == 1
-    return {"control_image": pictures[0] if one else pictures, "control_scale": scales[0] if one else scales,
-            "control_start": starts[0] if one else starts, "control_end": ends[0] if one else ends}, resizes
-
-
-def slot_of(name, nets: list[str], where: str) -> int:
-    if name in (None, "", "None"):
-        if len(nets) == 1:
-            return 0
-        raise InvalidRequest(f"{where}: name its model; this engine holds {', '.join(nets)}")
-    stem = str(name).split(" [", 1)[0]
-    for i, net in enumerate(nets):
-        if stem in (net, net.rsplit(".", 1)[0]):
-            return i
-    raise InvalidRequest(f"{where}: model {name!r} is not in this engine, which holds {', '.join(nets)}")
-
-
 def check_resize(mode, image_size: tuple[int, int], size: tuple[int, int], what: str) -> None:
     """AUTOMATIC1111's resize modes other than "just resize" (0) crop or pad: the same here only where
     the image already has the aspect drawn (`size`: width, height)."""
@@ -316,62 +243,3 @@ def mask_blur(body: dict) -> float:
     if x != y:
         raise InvalidRequest(f"mask_blur_x {x} and mask_blur_y {y} differ; the blur here is the same both ways")
     return x
-
-
-def picture(value, what: str) -> Image.Image:
-    """A base64 image (plain, or a data: URL) -> a PIL image."""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{what} must be a base64-encoded image, got {type(value).__name__}")
-    if value.startswith("data:"):
-        value = value.partition(",")[2]
-    if value.startswith(("http://", "https://")):
-        raise InvalidRequest(f"{what}: images are not fetched from URLs here; send the image base64-encoded")
-    try:
-        data = base64.b64decode(value, validate=True)
-        image = Image.open(io.BytesIO(data))
-        if image.size[0] * image.size[1] > MAX_PIXELS:  # before decoding: a small file can hold a huge image
-            raise InvalidRequest(f"{what} is {image.size[0]}x{image.size[1]}; this server takes images of up to "
-                                 f"{MAX_PIXELS // 1_000_000} megapixels")
-        image.load()
-        return image
-    except (binascii.Error, ValueError) as e:
-        raise InvalidRequest(f"{what} is not valid base64 ({e})") from None
-    except (OSError, Image.DecompressionBombError) as e:
-        raise InvalidRequest(f"{what} is not an image PIL can read ({e})") from None
-
-
-def text(body: dict, key: str) -> str:
-    value = body.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InvalidRequest(f"{key} must be text, got {type(value).__name__}")
-    return value
-
-
-def integer(body: dict, key: str, default):
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or int(value) != value:
-        raise InvalidRequest(f"{key} must be a whole number, got {value!r}")
-    return int(value)
-
-
-def number(body: dict, key: str, default) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequest(f"{key} must be a number, got {value!r}")
-    return float(value)
-
-
-def flag(body: dict, key: str, default: bool = False) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{key} must be true or false, got {value!r}")
-    return value

@@ -13,7 +13,7 @@ import time
 
 from ldm_deploy.engine.pipeline import random_seed
 from ldm_deploy.errors import InvalidRequest
-from ldm_deploy.serve import a1111_request as fields
+from ldm_deploy.serve import fields
 from ldm_deploy.serve.a1111 import admit, png_base64, run
 from ldm_deploy.serve.server import Route
 

@@ -112,12 +112,8 @@ class Worker:
         self.check(job.options)
         job.engine = job.engine or self.engines.default
         job.group = self.group(job.options, job.engine)
-        with self.lock:
-            if self.stopping:
-                raise ShuttingDown("the server is shutting down")
-            if len(self.waiting) >= self.queue_size:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already (ldm-serve --queue-size); "
-                                "try again shortly")
+        with self.lock:  # (a reentrant lock: room() takes it too)
+            self.room()
             self.waiting.append(job)
             self.progress.job_count += 1
             self.lock.notify()

@@ -1,0 +1,73 @@
+"""Typed values of JSON request fields, each mistake naming its field; images from base64."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+
+from PIL import Image
+
+from ldm_deploy.errors import InvalidRequest
+
+MAX_PIXELS = 40_000_000  # an image's, decoded: 120 MB as RGB
+
+
+def picture(value, what: str) -> Image.Image:
+    """A base64 image (plain, or a data: URL) -> a PIL image."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a base64-encoded image, got {type(value).__name__}")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    if value.startswith(("http://", "https://")):
+        raise InvalidRequest(f"{what}: images are not fetched from URLs here; send the image base64-encoded")
+    try:
+        data = base64.b64decode(value, validate=True)
+        image = Image.open(io.BytesIO(data))
+        if image.size[0] * image.size[1] > MAX_PIXELS:  # before decoding: a small file can hold a huge image
+            raise InvalidRequest(f"{what} is {image.size[0]}x{image.size[1]}; this server takes images of up to "
+                                 f"{MAX_PIXELS // 1_000_000} megapixels")
+        image.load()
+        return image
+    except (binascii.Error, ValueError) as e:
+        raise InvalidRequest(f"{what} is not valid base64 ({e})") from None
+    except (OSError, Image.DecompressionBombError) as e:
+        raise InvalidRequest(f"{what} is not an image PIL can read ({e})") from None
+
+
+def text(body: dict, key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be text, got {type(value).__name__}")
+    return value
+
+
+def integer(body: dict, key: str, default):
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value:
+        raise InvalidRequest(f"{key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def number(body: dict, key: str, default) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequest(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def flag(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{key} must be true or false, got {value!r}")
+    return value
