@@ -24,6 +24,9 @@ from ldm_deploy.errors import UserError
 # One field: a name of words, then a quoted value or anything up to the next comma.
 FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 SIZE = re.compile(r"^(\d+)x(\d+)$")
+# A longer last line is not read as fields (FIELD's search grows with the square of its length;
+# AUTOMATIC1111's own are well under 2 KB, LoRA and ControlNet fields included).
+MAX_FIELDS_LINE = 8192
 # Number fields -> (ldm-run option, type); Clip skip counts as ldm-run's --clip-skip does.
 NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
            "Clip skip": ("clip_skip", int), "Mask blur": ("mask_blur", float)}
@@ -61,7 +64,7 @@ def parse(text: str) -> tuple[str, str, dict[str, str]]:
     last line holds the fields where at least three parse."""
     lines = text.strip().split("\n")
     fields: dict[str, str] = {}
-    if len(FIELD.findall(lines[-1])) >= 3:
+    if len(lines[-1]) <= MAX_FIELDS_LINE and len(FIELD.findall(lines[-1])) >= 3:
         for key, value in FIELD.findall(lines.pop()):
             if len(value) > 1 and value[0] == value[-1] == '"':
                 try:

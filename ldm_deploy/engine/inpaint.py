@@ -79,8 +79,8 @@ def crop(init, mask, pad, width, height, output_type, default_size):
     to width x height (default: the engine's size), width, height), as diffusers'
     padding_mask_crop makes them."""
     pad = whole("mask_crop", pad, None)
-    if pad < 0:
-        raise InvalidRequest(f"mask_crop is the padding around the mask in pixels, 0 or more; got {pad}")
+    if not 0 <= pad <= 100_000:
+        raise InvalidRequest(f"mask_crop is the padding around the mask in pixels, 0 to 100000; got {pad}")
     if mask is None:
         raise InvalidRequest("mask_crop inpaints the area around a mask: give the mask too")
     mask = images.mask_image(mask)

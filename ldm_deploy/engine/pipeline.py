@@ -19,7 +19,7 @@ from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
-from ldm_deploy.engine.request import Request, check_request, whole
+from ldm_deploy.engine.request import Request, check_request, check_size, whole
 from ldm_deploy.engine.samplers import plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
@@ -185,6 +185,9 @@ class Pipeline:
             raise InvalidRequest(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise InvalidRequest(f"num_images must be a whole number of at least 1, got {num_images!r}")
+        width = None if width is None else whole("width", width, None)
+        height = None if height is None else whole("height", height, None)
+        check_size(self.manifest, width, height)  # before anything is drawn or cut at that size
         init = images.as_init_image(init_image)
         mask = images.as_mask(mask)
         if mask_blur is not None:

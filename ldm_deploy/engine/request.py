@@ -66,7 +66,14 @@ def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
     if r.clip_skip >= max(layers, 1):
         raise InvalidRequest(f"clip_skip must be from 0 to {layers - 1} (this text encoder has {layers} "
                              f"layers), got {r.clip_skip}")
-    for name, value, dim in (("width", r.width, "latent_width"), ("height", r.height, "latent_height")):
+    check_size(manifest, r.width, r.height)
+
+
+def check_size(manifest: Manifest, width: int | None, height: int | None) -> None:
+    """Image sides against the engine's range and grid (None: not given, not checked)."""
+    for name, value, dim in (("width", width, "latent_width"), ("height", height, "latent_height")):
+        if value is None:
+            continue
         rng = manifest.dims[dim]
         lo, hi = rng.min * manifest.model.vae_scale, rng.max * manifest.model.vae_scale
         step = manifest.size_multiple

@@ -161,6 +161,8 @@ def hires(body: dict, options: dict) -> dict:
     targets = {k: integer(body, k, 0) for k in ("hr_resize_x", "hr_resize_y")}
     if targets["hr_resize_x"] or targets["hr_resize_y"]:  # a size asked for: its scale, the same both ways
         w, h = options.get("width"), options.get("height")
+        if not (w and h and w > 0 and h > 0):
+            raise InvalidRequest(f"width and height must be positive numbers of pixels, got {w} and {h}")
         scales = {v / base for v, base in ((targets["hr_resize_x"], w), (targets["hr_resize_y"], h)) if v}
         if len(scales) != 1:
             raise InvalidRequest(f"hr_resize_x x hr_resize_y ({targets['hr_resize_x']}x{targets['hr_resize_y']}) "

@@ -31,9 +31,11 @@ def picture(value, what: str) -> Image.Image:
         image.load()
         return image
     except (binascii.Error, ValueError) as e:
-        raise InvalidRequest(f"{what} is not valid base64 ({e})") from None
-    except (OSError, Image.DecompressionBombError) as e:
-        raise InvalidRequest(f"{what} is not an image PIL can read ({e})") from None
+        raise InvalidRequest(f"{what} is not valid base64 or not an image ({e})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL's decoders raise many kinds (SyntaxError, NotImplementedError, ...)
+        raise InvalidRequest(f"{what} is not an image PIL can read ({type(e).__name__}: {e})") from None
 
 
 def text(body: dict, key: str) -> str:
@@ -42,6 +44,10 @@ def text(body: dict, key: str) -> str:
         return ""
     if not isinstance(value, str):
         raise InvalidRequest(f"{key} must be text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" is valid JSON, not valid text)
+        raise InvalidRequest(f"{key} is not valid Unicode text") from None
     return value
 
 
@@ -49,8 +55,9 @@ def integer(body: dict, key: str, default):
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or int(value) != value:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, float) or not math.isfinite(value) or int(value) != value:
         raise InvalidRequest(f"{key} must be a whole number, got {value!r}")
     return int(value)
 
@@ -59,8 +66,12 @@ def number(body: dict, key: str, default) -> float:
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequest(f"{key} must be a number, got {value!r}")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an int past a float's range
+        finite = False
+    if not finite:
+        raise InvalidRequest(f"{key} must be a finite number, got {str(value)[:40]}")
     return float(value)
 
 

@@ -9,6 +9,7 @@ and change nothing; `response_format` "url" is refused (no image is kept to link
 
 from __future__ import annotations
 
+import re
 import time
 
 from ldm_deploy.engine.pipeline import random_seed
@@ -54,10 +55,10 @@ class OpenAIImages:
         width, height = self.engines.default_size(engine)
         size = body.get("size")
         if size not in (None, "auto"):
-            w, _, h = str(size).partition("x")
-            if not (w.isdigit() and h.isdigit()):
+            match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", str(size))
+            if not match:
                 raise InvalidRequest(f"size must be \"WIDTHxHEIGHT\" (e.g. \"{width}x{height}\"), got {size!r}")
-            width, height = int(w), int(h)
+            width, height = int(match.group(1)), int(match.group(2))
         seed = fields.integer(body, "seed", -1)
         n = fields.integer(body, "n", 1)
         if n < 1:

@@ -141,9 +141,14 @@ def body_length(headers, max_body: int) -> int:
     return length
 
 
+def not_json(name: str):
+    """NaN and Infinity, which Python's json reads and strict JSON parsers (clients') refuse."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse(raw: bytes) -> dict:
     try:
-        body = json.loads(raw or b"{}")
+        body = json.loads(raw or b"{}", parse_constant=not_json)
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
         raise HttpError(400, f"the body is not JSON: {str(e)[:200]}") from None
     if not isinstance(body, dict):
@@ -168,10 +173,10 @@ class Handler(BaseHTTPRequestHandler):
         with app.lock:
             app.active += 1
         try:
-            raw, problem = b"", None
+            raw, problem, unread = b"", None, False
             try:
                 if not app.authorized(self.path, self.headers):  # no body read for strangers: closed after
-                    problem, self.close_connection = app.unauthorized(), True
+                    problem, self.close_connection, unread = app.unauthorized(), True, True
                 else:
                     length = body_length(self.headers, app.max_body)
                     raw = self.rfile.read(length)
@@ -179,7 +184,7 @@ class Handler(BaseHTTPRequestHandler):
                         self.close_connection = True
                         return
             except HttpError as e:
-                problem, self.close_connection = e, True
+                problem, self.close_connection, unread = e, True, True
             except OSError:  # the client stalled past `timeout`, or went away: nobody to answer
                 self.close_connection = True
                 return
@@ -199,6 +204,9 @@ class Handler(BaseHTTPRequestHandler):
                     self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(data)
+                if unread:
+                    self.wfile.flush()
+                    drain(self.connection)
             except OSError as e:  # the client left before its answer
                 self.close_connection = True
                 log.info("%s %s %s %d: the client went away before the answer (%s)", self.client_address[0],
@@ -212,6 +220,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # the standard library's own lines: ours are above
         log.debug(format, *args)
+
+
+def drain(connection, seconds: float = 30) -> None:
+    """After answering a request whose body was not read: shut our side and read what the client
+    still sends (dropped) until it is done, so that it reads the answer rather than a reset
+    (closing with data unread resets the connection). At most `seconds`."""
+    connection.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + seconds
+    connection.settimeout(2)
+    try:
+        while time.monotonic() < deadline and connection.recv(1 << 16):
+            pass
+    except OSError:
+        pass
 
 
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -256,10 +278,7 @@ class Server(ThreadingHTTPServer):
                                            "(ldm-serve --max-connections); try again shortly")).encode()
         try:
             request.sendall(BUSY % (len(body), body))
-            request.shutdown(socket.SHUT_WR)
-            request.settimeout(2)
-            while request.recv(65536):
-                pass
+            drain(request)
         except OSError:
             pass
         finally:

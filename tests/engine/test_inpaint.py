@@ -264,7 +264,7 @@ def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
     with pytest.raises(InvalidRequest, match="mask_image and mask name the same setting"):
         pipe("x", init_image=init_image, mask=mask, mask_image=mask, steps=2, progress=False)
     for kw, message in [(dict(mask_crop=8), "give the mask too"),
-                        (dict(mask=mask, mask_crop=-1), "0 or more"),
+                        (dict(mask=mask, mask_crop=-1), "0 to 100000"),
                         (dict(mask=mask, mask_crop=8), "the mask is 64x48 and the image 128x96"),
                         (dict(mask=np.zeros((H, W), np.uint8), mask_crop=8), "all black"),
                         (dict(mask=np.ones((H, W), np.uint8), mask_crop=8, output_type="latent"), "latents cannot")]:

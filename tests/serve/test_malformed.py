@@ -1,0 +1,93 @@
+"""Malformed requests, as a fuzzing review found them: each is a clear 4xx, never a server error,
+and none holds the worker at a size it would refuse anyway."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+from serve_http import b64, call, running
+
+from ldm_deploy import Pipeline
+from ldm_deploy.engine import infotext
+from ldm_deploy.errors import InvalidRequest
+from ldm_deploy.serve import Auth
+from ldm_deploy.serve import a1111_request as a1111
+
+MODEL = SimpleNamespace(pooled_width=0, controlnets=())
+
+
+def seven():
+    return 7
+
+
+@pytest.fixture(scope="module")
+def server(engine_dirs):
+    with running(Pipeline.load(engine_dirs["tiny-sd1"]), max_body=1 << 20) as s:
+        yield s
+
+
+@pytest.mark.parametrize("body,match", [
+    ({"cfg_scale": 10 ** 400}, "cfg_scale"), ({"prompt": "\ud800"}, "Unicode"),
+    ({"enable_hr": True, "hr_resize_x": 128, "width": 0}, "positive"),
+])
+def test_translation_refusals(body, match):
+    with pytest.raises(InvalidRequest, match=match):
+        a1111.txt2img(body, MODEL, (64, 64), seven)
+
+
+def test_unreadable_images_are_refused():
+    broken = b64(Image.new("RGB", (8, 8)))[:40] + "A" * 40  # a PNG header, then nonsense
+    with pytest.raises(InvalidRequest, match="init_images\\[0\\]"):
+        a1111.img2img({"init_images": [broken]}, MODEL, (64, 64), seven)
+
+
+@pytest.mark.parametrize("path,body,status", [
+    ("/sdapi/v1/txt2img", {"steps": 10 ** 400}, 422), ("/sdapi/v1/txt2img", {"prompt": "\ud800", "steps": 1}, 422),
+    ("/sdapi/v1/txt2img", {"width": 10 ** 30, "steps": 1}, 422),
+    ("/v1/images/generations", {"prompt": "a", "size": "\u00b2x\u00b2"}, 400),
+    ("/v1/images/generations", {"prompt": "a", "n": 10 ** 400}, 400),
+])
+def test_over_http(server, path, body, status):
+    got, answer, _ = call(server.url + path, "POST", body)
+    assert got == status, answer
+
+
+def test_nan_is_not_json(server):
+    got, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", raw=b'{"eta": NaN, "steps": 1}')
+    assert got == 400 and "NaN" in answer["detail"]
+
+
+def test_inpainting_sizes_are_checked_before_anything_is_cut(pipelines):
+    image, mask = Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 255)
+    for size in ({"width": 100_000}, {"height": 0}):
+        with pytest.raises(InvalidRequest, match="outside this engine's range"):
+            pipelines["tiny-sd1"]("x", init_image=image, mask=mask, masked_content="fill", mask_crop=0, steps=1,
+                                  progress=False, **size)
+    with pytest.raises(InvalidRequest, match="0 to 100000"):
+        pipelines["tiny-sd1"]("x", init_image=image, mask=mask, mask_crop=10 ** 30, steps=1, progress=False)
+
+
+def test_an_overlong_fields_line_is_text():
+    line = "a" * (infotext.MAX_FIELDS_LINE + 1)
+    assert infotext.parse("a prompt\n" + line) == ("a prompt\n" + line, "", {})
+    assert infotext.parse("a prompt\nSteps: 2, Seed: 3, Size: 64x64")[2] == {"Steps": "2", "Seed": "3",
+                                                                              "Size": "64x64"}
+
+
+@pytest.mark.parametrize("refusal", ["401", "413"])
+def test_large_bodies_read_their_refusal(engine_dirs, refusal):
+    """A client still sending a large body reads the 401 or 413 rather than a reset."""
+    pipe = Pipeline.load(engine_dirs["tiny-sd1"])
+    options = {"auth": Auth(keys=("k",))} if refusal == "401" else {"max_body": 1000}
+    body = json.dumps({"prompt": "x", "init_images": ["A" * (4 << 20)]}).encode()
+    with running(pipe, **options) as server:
+        request = urllib.request.Request(server.url + "/sdapi/v1/img2img", body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == int(refusal)
+    assert ("credentials" if refusal == "401" else "--max-body-mb") in json.loads(e.value.read())["detail"]
