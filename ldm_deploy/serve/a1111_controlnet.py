@@ -60,7 +60,7 @@ def controlnet(script: dict, model) -> tuple[dict, list]:
         if resize is None:
             raise InvalidRequest(f"{where}: resize_mode {unit['resize_mode']!r} is not one the ControlNet extension "
                                  f"knows ({', '.join(k for k in CONTROL_RESIZE if isinstance(k, str))})")
-        resizes.append((resize, pictures[slot].size, f"{where}'s resize_mode"))
+        resizes.append((resize, slot, f"{where}'s resize_mode"))
     if all(p is None for p in pictures):
         return {}, []
     one = len(nets) == 1

@@ -48,8 +48,7 @@ def txt2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
     """A txt2img body -> Pipeline keywords (the seed drawn where it is -1). `model`: the engine's
     ModelInfo; `size`: its default (width, height)."""
     options, resizes = common(body, model, size, random_seed)
-    for mode, picture_size, what in resizes:
-        check_resize(mode, picture_size, (options["width"], options["height"]), what)
+    fit_controls(options, resizes, (options["width"], options["height"]))
     if flag(body, "enable_hr"):
         options.update(hires(body, options))
     else:
@@ -69,13 +68,17 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
     if any(v != inits[0] for v in inits[1:]):
         raise InvalidRequest("init_images holds several images; one is drawn from here (send one request each)")
     init = picture(inits[0], "init_images[0]").convert("RGB")
-    options["init_image"] = init
-    options["strength"] = number(body, "denoising_strength", 0.75)
     size = (options.get("width") or init.size[0], options.get("height") or init.size[1])
-    for mode, picture_size, what in [(body.get("resize_mode", 0), init.size, "resize_mode"), *resizes]:
-        check_resize(mode, picture_size, size, what)
+    mode = body.get("resize_mode", 0)
+    options["init_image"] = fit(mode, init, size, "resize_mode")
+    options["strength"] = number(body, "denoising_strength", 0.75)
+    fit_controls(options, resizes, size)
     if body.get("mask") is not None:
         mask = binary_mask(picture(body["mask"], "mask"))
+        if mask.size != init.size:
+            raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
+                                 f"{init.size[1]}; send them at the same size")
+        mask = fit(mode, mask, size, "resize_mode")  # as the image, as AUTOMATIC1111 does
         if integer(body, "inpainting_mask_invert", 0):
             mask = ImageOps.invert(mask)
         options["mask"] = mask
@@ -222,19 +225,35 @@ def clip_skip(settings: dict, model) -> int:
     return 0 if model.pooled_width else value - 1
 
 
-def check_resize(mode, image_size: tuple[int, int], size: tuple[int, int], what: str) -> None:
-    """AUTOMATIC1111's resize modes other than "just resize" (0) crop or pad: the same here only where
-    the image already has the aspect drawn (`size`: width, height)."""
+def fit(mode, image: Image.Image, size: tuple[int, int], what: str) -> Image.Image:
+    """An image for the size drawn (`size`: width, height) by AUTOMATIC1111's resize mode: 0 (or 3)
+    just resize, which the pipeline does; 1 crop and resize: enlarged (or shrunk) to cover the size,
+    then its middle cut out, as its img2img does; 2 resize and fill, only where the image has the
+    aspect drawn already (then it is a plain resize)."""
     if mode in (0, 3, None):  # 3: just resize, in latent space
-        return
-    if mode not in (1, 2):
+        return image
+    if mode not in (1, 2) or isinstance(mode, bool):
         raise InvalidRequest(f"{what} must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or "
                              f"3 (just resize, latent upscale), got {mode!r}")
     w, h = size
-    if abs(image_size[0] * h - image_size[1] * w) < max(w, h):  # the same aspect, to a pixel
-        return
-    raise InvalidRequest(f"{what} {mode} crops or pads the {image_size[0]}x{image_size[1]} image to {w}x{h}, "
-                         "which is not offered here; send it at that aspect, or use 0 (just resize)")
+    if w <= 0 or h <= 0 or abs(image.size[0] * h - image.size[1] * w) < max(w, h):  # the same aspect, to a pixel
+        return image
+    if mode == 2:
+        raise InvalidRequest(f"{what} 2 (resize and fill) pads the {image.size[0]}x{image.size[1]} image to "
+                             f"{w}x{h}, which is not offered here; send it at that aspect, or use 0 or 1")
+    scale = max(w / image.size[0], h / image.size[1])
+    cover = (max(w, round(image.size[0] * scale)), max(h, round(image.size[1] * scale)))
+    left, top = -((w - cover[0]) // 2), -((h - cover[1]) // 2)  # AUTOMATIC1111's rounding of the middle
+    return image.resize(cover, resample=Image.LANCZOS).crop((left, top, left + w, top + h))
+
+
+def fit_controls(options: dict, resizes: list, size: tuple[int, int]) -> None:
+    """The control images fitted by their units' resize modes (a1111_controlnet.py)."""
+    for mode, slot, what in resizes:
+        if isinstance(options["control_image"], list):
+            options["control_image"][slot] = fit(mode, options["control_image"][slot], size, what)
+        else:
+            options["control_image"] = fit(mode, options["control_image"], size, what)
 
 
 def mask_blur(body: dict) -> float:

@@ -145,7 +145,8 @@ def test_masked_content():
 @pytest.mark.parametrize("extra,match", [
     ({"init_images": []}, "init_images"), ({"init_images": ["not base64!"]}, "base64"),
     ({"init_images": [b64(Image.new("RGB", (8, 8))), b64(Image.new("RGB", (8, 8), 9))]}, "several"),
-    ({"resize_mode": 1, "width": 64, "height": 64}, "crops or pads"), ({"mask_blur_x": 3}, "differ"),
+    ({"resize_mode": 2, "width": 64, "height": 64}, "pads"), ({"mask_blur_x": 3}, "differ"),
+    ({"mask": b64(Image.new("L", (32, 32)))}, "same size"),
     ({"inpainting_fill": 2}, "latent noise"), ({"enable_hr": True}, "txt2img"),
     ({"init_images": [b64(Image.new("L", (8000, 6000)))]}, "megapixels"),
     ({"init_images": ["http://example.com/a.png"]}, "URL"),
@@ -157,8 +158,25 @@ def test_img2img_refusals(extra, match):
 
 
 def test_resize_modes_that_crop_are_taken_at_the_same_aspect():
-    body = {"init_images": [b64(Image.new("RGB", (96, 64)))], "resize_mode": 1, "width": 192, "height": 128}
+    body = {"init_images": [b64(Image.new("RGB", (96, 64)))], "resize_mode": 2, "width": 192, "height": 128}
     assert a1111.img2img(body, MODEL, (128, 128), seven)["width"] == 192
+
+
+def test_crop_and_resize_cuts_the_middle():
+    """AUTOMATIC1111's resize mode 1: the image made to cover the size drawn, its middle cut out."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (50, 100, 3), dtype=np.uint8))  # 100x50
+    mask = Image.fromarray(((rng.random((50, 100)) > 0.5) * 255).astype(np.uint8))
+    body = {"init_images": [b64(image)], "mask": b64(mask), "resize_mode": 1, "width": 50, "height": 50,
+            "inpainting_fill": 1}
+    options = a1111.img2img(body, MODEL, (128, 128), seven)
+    assert options["init_image"].tobytes() == image.crop((25, 0, 75, 50)).tobytes()  # no scaling: the middle
+    assert options["mask"].tobytes() == mask.crop((25, 0, 75, 50)).tobytes()  # the mask with it
+    assert a1111.fit(1, image, (100, 100), "x").size == (100, 100)  # enlarged to cover, then cut
+    unit = {"enabled": True, "image": b64(image), "model": "canny", "resize_mode": "Crop and Resize"}
+    control = a1111.txt2img({"alwayson_scripts": {"controlnet": {"args": [unit]}}, "width": 50, "height": 50},
+                            MODEL, (64, 64), seven)["control_image"][0]
+    assert control.tobytes() == image.crop((25, 0, 75, 50)).tobytes()
 
 
 def test_controlnet_units():
@@ -176,7 +194,7 @@ def test_controlnet_units():
 @pytest.mark.parametrize("unit,match", [
     ({"module": "canny", "model": "canny"}, "preprocessors"), ({"model": "openpose"}, "not in this engine"),
     ({}, "name its model"), ({"model": "canny", "control_mode": "ControlNet is more important"}, "control_mode"),
-    ({"model": "canny", "resize_mode": "Crop and Resize"}, "crops or pads"), ({"module": 5}, "preprocessors"),
+    ({"model": "canny", "resize_mode": "Resize and Fill"}, "pads"), ({"module": 5}, "preprocessors"),
     ({"model": "canny", "resize_mode": [1]}, "resize_mode"), ({"model": "canny", "control_mode": True}, "control_mode"),
 ])
 def test_controlnet_unit_refusals(unit, match):
