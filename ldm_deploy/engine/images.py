@@ -201,12 +201,18 @@ def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG with the image's `parameters` text (if any) atomically: a temp file, renamed."""
-    path = Path(path)
+def png_text(image: Image.Image) -> PngImagePlugin.PngInfo:
+    """The PNG text chunks of an image we made: its `parameters` (if any)."""
     info = PngImagePlugin.PngInfo()
     if "parameters" in image.info:
         info.add_text("parameters", image.info["parameters"])
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG with the image's `parameters` text (if any) atomically: a temp file, renamed."""
+    path = Path(path)
+    info = png_text(image)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:

@@ -10,9 +10,13 @@ draws as diffusers draws from it, so the same generator gives diffusers' noise. 
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 
+from ldm_deploy.engine.request import whole
 from ldm_deploy.engine.torch_random import TorchCpuRandom
+from ldm_deploy.errors import InvalidRequest
 
 
 def seeded(seeds) -> list[TorchCpuRandom]:
@@ -41,3 +45,24 @@ def normal(generator, shape: tuple[int, ...]) -> np.ndarray:
                            dtype=torch.float32).cpu().numpy()
     raise TypeError(f"a generator needs standard_normal(shape) (numpy's Generator has it) or must "
                     f"be a torch.Generator; got {type(generator).__name__}")
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+def image_seeds(seed, n: int) -> tuple[int, ...]:
+    """Each of n images' seed: seed + i (None or -1: a random seed), or a list of one per image
+    (what ldm-serve gives a batch of several requests)."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise InvalidRequest(f"{len(seed)} seeds for {n} images; pass one seed, or a list of one per image")
+        seeds = tuple(whole("seed", s, None) for s in seed)
+    else:
+        first = random_seed() if seed is None or seed == -1 else whole("seed", seed, None)
+        seeds = tuple(first + i for i in range(n))
+    for s in seeds:
+        if s < 0:
+            random = " (or -1 for a random one)" if not isinstance(seed, (list, tuple)) else " (each of a list)"
+            raise InvalidRequest(f"seed must be 0 or more{random}, got {s}")
+    return seeds

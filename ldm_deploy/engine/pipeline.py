@@ -6,7 +6,6 @@ tokenize -> text encoder -> sampler table (host) -> N x unet_step -> VAE decoder
 from __future__ import annotations
 
 import logging
-import secrets
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
-from ldm_deploy.engine.request import Request, check_request, check_size, whole
+from ldm_deploy.engine.request import Request, check_init_size, check_request, check_size, whole
 from ldm_deploy.engine.samplers import plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
@@ -209,13 +208,13 @@ class Pipeline:
             control = control.cropped(crop[1], crop[2].size, width, height)
         if init is not None:
             default_w, default_h = images.init_image_size(init, self.manifest.model.vae_scale)
-            self.check_init_size(init, width, height)
+            check_init_size(self.manifest, init, width, height)
         elif control.first_image is not None:  # as diffusers' ControlNet pipelines: the control image's size
             default_w, default_h = images.init_image_size(control.first_image, self.manifest.model.vae_scale)
-            self.check_init_size(control.first_image, width, height, "control image")
+            check_init_size(self.manifest, control.first_image, width, height, "control image")
         else:
             default_w, default_h = self.default_size
-        width, height = (whole("width", v, d) for v, d in ((width, default_w), (height, default_h)))
+        width, height = default_w if width is None else width, default_h if height is None else height
         if masked_content not in inpaint.MASKED_CONTENT:
             raise InvalidRequest(f"masked_content must be one of {', '.join(inpaint.MASKED_CONTENT)}, "
                                  f"got {masked_content!r}")
@@ -224,7 +223,7 @@ class Pipeline:
                 raise InvalidRequest("masked_content \"fill\" paints the masked part of an image: give the mask too")
             init = inpaint.fill(init, mask, width, height)
         n = len(prompts) * num_images
-        seeds = image_seeds(seed, n)
+        seeds = noise.image_seeds(seed, n)
         clip_skip = whole("clip_skip", clip_skip, 0)
         if not isinstance(prompt_weighting, (bool, np.bool_)):
             raise InvalidRequest(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
@@ -453,60 +452,11 @@ class Pipeline:
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
         return be.download(out)
 
-    def check_init_size(self, init, width: int | None, height: int | None, what: str = "init image") -> None:
-        """An init image whose own size is out of the engine's range, with no size given to
-        resize it to: say so in its terms, not as a width the user never passed."""
-        m, dims = self.manifest.model, self.manifest.dims
-        w, h = images.init_image_size(init, m.vae_scale)
-        if isinstance(init, images.InitLatents):
-            if init.array.shape[1] != m.latent_channels:
-                raise InvalidRequest(f"init latents have {init.array.shape[1]} channels; this model's have "
-                                     f"{m.latent_channels}")
-            for name, given, value in (("width", width, w), ("height", height, h)):
-                if given is not None and given != value:
-                    raise InvalidRequest(f"init latents of {init.size[0]}x{init.size[1]} make {w}x{h} images, "
-                                         f"not {name} {given}: latents are not resized; leave width and height out")
-            for name, value, dim in (("width", w, "latent_width"), ("height", h, "latent_height")):
-                lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale
-                if not lo <= value <= hi:
-                    raise InvalidRequest(f"init latents of {init.size[0]}x{init.size[1]} make {w}x{h} images, "
-                                         f"and {name} {value} is outside this engine's range [{lo}, {hi}]")
-            return
-        for name, given, value, dim in (("width", width, w, "latent_width"),
-                                        ("height", height, h, "latent_height")):
-            lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale
-            if given is None and not lo <= value <= hi:
-                raise InvalidRequest(
-                    f"the {what} is {init.size[0]}x{init.size[1]}, and its {name} {value} is "
-                    f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
-                    f"height=) in range to resize it, or resize the image")
-
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask",
                    "padding_mask_crop": "mask_crop", "controlnet_conditioning_scale": "control_scale",
                    "control_guidance_start": "control_start", "control_guidance_end": "control_end"}
-
-
-def random_seed() -> int:
-    return secrets.randbelow(2**32)
-
-
-def image_seeds(seed, n: int) -> tuple[int, ...]:
-    """Each of n images' seed: seed + i (None or -1: a random seed), or a list of one per image
-    (what ldm-serve gives a batch of several requests)."""
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != n:
-            raise InvalidRequest(f"{len(seed)} seeds for {n} images; pass one seed, or a list of one per image")
-        seeds = tuple(whole("seed", s, None) for s in seed)
-    else:
-        first = random_seed() if seed is None or seed == -1 else whole("seed", seed, None)
-        seeds = tuple(first + i for i in range(n))
-    for s in seeds:
-        if s < 0:
-            random = " (or -1 for a random one)" if not isinstance(seed, (list, tuple)) else " (each of a list)"
-            raise InvalidRequest(f"seed must be 0 or more{random}, got {s}")
-    return seeds
 
 
 def split(req: Request, latents, generator, max_batch: int):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ldm_deploy.engine import images
 from ldm_deploy.engine.manifest import Manifest
 from ldm_deploy.engine.samplers import SAMPLERS
 from ldm_deploy.errors import InvalidRequest
@@ -96,3 +97,32 @@ def whole(name: str, value, default) -> int:
             or not math.isfinite(value) or int(value) != value:
         raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
     return int(value)
+
+
+def check_init_size(manifest: Manifest, init, width: int | None, height: int | None, what: str = "init image") -> None:
+    """An init image whose own size is out of the engine's range, with no size given to
+    resize it to: say so in its terms, not as a width the user never passed."""
+    m, dims = manifest.model, manifest.dims
+    w, h = images.init_image_size(init, m.vae_scale)
+    if isinstance(init, images.InitLatents):
+        if init.array.shape[1] != m.latent_channels:
+            raise InvalidRequest(f"init latents have {init.array.shape[1]} channels; this model's have "
+                                 f"{m.latent_channels}")
+        for name, given, value in (("width", width, w), ("height", height, h)):
+            if given is not None and given != value:
+                raise InvalidRequest(f"init latents of {init.size[0]}x{init.size[1]} make {w}x{h} images, "
+                                     f"not {name} {given}: latents are not resized; leave width and height out")
+        for name, value, dim in (("width", w, "latent_width"), ("height", h, "latent_height")):
+            lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale
+            if not lo <= value <= hi:
+                raise InvalidRequest(f"init latents of {init.size[0]}x{init.size[1]} make {w}x{h} images, "
+                                     f"and {name} {value} is outside this engine's range [{lo}, {hi}]")
+        return
+    for name, given, value, dim in (("width", width, w, "latent_width"),
+                                    ("height", height, h, "latent_height")):
+        lo, hi = dims[dim].min * m.vae_scale, dims[dim].max * m.vae_scale
+        if given is None and not lo <= value <= hi:
+            raise InvalidRequest(
+                f"the {what} is {init.size[0]}x{init.size[1]}, and its {name} {value} is "
+                f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
+                f"height=) in range to resize it, or resize the image")

@@ -1,10 +1,10 @@
-"""AUTOMATIC1111's HTTP API (`/sdapi/v1/...`, stable-diffusion-webui 1.10), on one engine.
+"""AUTOMATIC1111's HTTP API (`/sdapi/v1/...`, stable-diffusion-webui 1.10), on the engines served.
 
 Clients written for its web UI's `--api` (webuiapi, image tools, bots, Krita and Photoshop
 plugins of that API) talk to ldm-serve unchanged: txt2img and img2img (inpainting, the hires fix,
 ControlNet units) answer with its JSON (`images` as base64 PNGs with their infotext, `parameters`,
 `info`), errors with its error body, and the listings (samplers, schedulers, models, upscalers,
-embeddings, LoRAs, options, progress) with its fields, describing the one engine served.
+embeddings, LoRAs, options, progress) with its fields, the engines as its checkpoints (engines.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from PIL import PngImagePlugin
-
 from ldm_deploy import __version__
-from ldm_deploy.engine import infotext
+from ldm_deploy.engine import images, infotext
 from ldm_deploy.engine.hires import UPSCALERS
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
-from ldm_deploy.engine.pipeline import random_seed
+from ldm_deploy.engine.noise import random_seed
 from ldm_deploy.engine.samplers import DISPLAY_NAMES
 from ldm_deploy.errors import InvalidRequest, UserError
 from ldm_deploy.serve import a1111_request, fields
@@ -92,7 +90,7 @@ class A1111:
         wanted = settings.get("sd_vae")
         if wanted not in (None, "", "Automatic", "None") and wanted not in (Path(vae).stem, Path(vae).name):
             raise InvalidRequest(f"override_settings.sd_vae {wanted!r}: {engine}'s VAE is "
-                                 f"{Path(vae).stem if vae else 'its own'}; another is exported into an "
+                                 f"{vae_name(self.engines.manifests[engine].model)}; another is exported into an "
                                  "engine (ldm-export --vae)")
         return engine
 
@@ -111,7 +109,7 @@ class A1111:
             "sampler_name": DISPLAY_NAMES[options["sampler"]], "cfg_scale": options["guidance"],
             "steps": options["steps"], "batch_size": fields.integer(body, "batch_size", 1),
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": engine,
-            "sd_model_hash": model.weights_sha256[:10], "sd_vae_name": Path(model.vae).stem if model.vae else None,
+            "sd_model_hash": model.weights_sha256[:10], "sd_vae_name": vae_name(model) if model.vae else None,
             "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
             "denoising_strength": options.get("strength", options.get("hires_strength")),
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
@@ -133,7 +131,7 @@ class A1111:
         aliases and, where it has one, its own default schedule ("Automatic")."""
         out = {}
         for display in DISPLAY_NAMES.values():
-            base = display[: -len(" Karras")] if display.endswith(" Karras") else display
+            base = display.removesuffix(" Karras")
             aliases = [a for a, name in a1111_request.ALIASES.items() if name == base]
             item = out.setdefault(base, {"name": base, "aliases": aliases, "options": {}})
             if base in infotext.AUTOMATIC_SCHEDULES:
@@ -163,7 +161,7 @@ class A1111:
 
     def sd_vae(self, _):
         vae = self.model.vae
-        return 200, [{"model_name": Path(vae).stem, "filename": vae}] if vae else []
+        return 200, [{"model_name": vae_name(self.model), "filename": vae}] if vae else []
 
     def upscalers(self, _):
         return 200, [{"name": UPSCALERS[0], "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
@@ -182,7 +180,7 @@ class A1111:
 
     def options(self, _):
         return 200, {"sd_model_checkpoint": self.engines.title(self.engines.default),
-                     "sd_vae": Path(self.model.vae).stem if self.model.vae else "Automatic",
+                     "sd_vae": vae_name(self.model),
                      "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoint_hash": self.model.weights_sha256}
 
     def set_options(self, body: dict):
@@ -191,7 +189,7 @@ class A1111:
         since they go with each request here."""
         chosen = self.engines.find(body.get("sd_model_checkpoint"))
         model = self.engines.manifests[chosen].model
-        vae = Path(model.vae).stem if model.vae else "Automatic"
+        vae = vae_name(model)
         current = {**self.options(None)[1], "sd_vae": vae, "sd_checkpoint_hash": model.weights_sha256}
         for key, value in body.items():
             if key == "sd_model_checkpoint" or (key == "sd_vae" and value in ("", "None", "Automatic", vae)):
@@ -224,6 +222,12 @@ class A1111:
         prompt, negative, written = infotext.parse(text)
         return 200, {"info": text, "items": items,
                      "parameters": {"Prompt": prompt, "Negative prompt": negative, **written}}
+
+
+def vae_name(model) -> str:
+    """An engine's VAE as AUTOMATIC1111 names it: the replacement's file name without suffix, or
+    "Automatic" (the model's own)."""
+    return Path(model.vae).stem if model.vae else "Automatic"
 
 
 def admit(worker, job: Job | None = None) -> Job | None:
@@ -261,10 +265,7 @@ def run(worker, options: dict, engine: str | None = None) -> list:
 
 def png_base64(image) -> str:
     """A PNG with its infotext (AUTOMATIC1111 writes it into the PNGs its API returns), base64."""
-    info = PngImagePlugin.PngInfo()
-    if "parameters" in image.info:
-        info.add_text("parameters", image.info["parameters"])
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", pnginfo=images.png_text(image))
     return base64.b64encode(buffer.getvalue()).decode()
 

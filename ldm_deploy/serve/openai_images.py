@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 
-from ldm_deploy.engine.pipeline import random_seed
+from ldm_deploy.engine.noise import random_seed
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve import fields
 from ldm_deploy.serve.a1111 import admit, png_base64, run

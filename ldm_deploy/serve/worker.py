@@ -51,7 +51,6 @@ class Job:
     images: list | None = None  # the result: PIL images with their parameters
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    created: float = field(default_factory=time.monotonic)
     group: tuple | None = None  # what jobs of one call share (None: it runs alone); set by submit()
 
     @property
@@ -157,7 +156,6 @@ class Worker:
                 if not self.waiting:
                     return
                 jobs = self.take()
-                self.interrupting = False
                 self.progress = Progress(job_count=self.progress.job_count, running=len(jobs), started=time.time())
             try:
                 self.run(jobs)
@@ -252,12 +250,10 @@ class Worker:
         for job in jobs:
             try:
                 job.images = self.call(job.options, job.engine)
-            except UserError as e:
+            except (UserError, EngineUnavailable) as e:
                 job.error = e
             except Interrupted as e:  # this job only: the next one runs
                 job.error, self.interrupting = e, False
-            except EngineUnavailable as e:
-                job.error = e
             except Exception as e:  # our bug: kept for the log, answered as a server error
                 log.exception("the request failed")
                 job.error = e
