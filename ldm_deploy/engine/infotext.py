@@ -158,9 +158,10 @@ def sampler(name: str, schedule: str | None, display_names: dict) -> str:
 
 
 def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None = None, control=None,
-               mask_blur: float | None = None) -> str:
+               mask_blur: float | None = None, refiner: dict | None = None) -> str:
     """The `parameters` text of image i of a request drawn by an engine of `model` (its manifest's
-    ModelInfo), in AUTOMATIC1111's format: what `ldm-run --from-png` and image browsers read."""
+    ModelInfo), in AUTOMATIC1111's format: what `ldm-run --from-png` and image browsers read.
+    refiner: the refiner's fields (refine.fields)."""
     from ldm_deploy import __version__
     from ldm_deploy.engine import hires, images
     from ldm_deploy.engine.samplers import DISPLAY_NAMES
@@ -180,6 +181,8 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
         fields["Denoising strength"] = req.strength
     if fix is not None:
         fields.update(hires.fields(fix))
+    if refiner:
+        fields.update(refiner)
     if mask_blur is not None:  # AUTOMATIC1111 writes whole pixels without a point
         fields["Mask blur"] = int(mask_blur) if float(mask_blur).is_integer() else mask_blur
     if crop_pad is not None:  # AUTOMATIC1111's fields for it

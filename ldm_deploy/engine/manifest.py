@@ -49,12 +49,14 @@ class ModelInfo:
     pooled_width: int = 0  # SDXL: the pooled text's width, which the U-Net step takes with time_ids
     # SDXL base (its force_zeros_for_empty_prompt): no negative prompt is zero embeddings, not ""'s
     zero_negative: bool = False
+    # An SDXL refiner: the U-Net step's time_ids hold an aesthetic score (spec.py)
+    aesthetic: bool = False
 
     @property
     def facts(self) -> ModelFacts:
         return ModelFacts(self.latent_channels, self.text_length, self.text_width, self.vae_scale, self.text_layers,
                           self.long_prompts, self.masks, self.inpainting, len(self.controlnets), self.history,
-                          self.pooled_width)
+                          self.pooled_width, self.aesthetic)
 
 
 @dataclass(frozen=True)

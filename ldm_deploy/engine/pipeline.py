@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_deploy.engine import backends, hires, images, noise
-from ldm_deploy.engine import controls, infotext, inpaint, text
+from ldm_deploy.engine import controls, infotext, inpaint, refine, text
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
@@ -97,6 +97,12 @@ class Pipeline:
         hires_steps: int | None = None,
         hires_strength: float | None = None,
         hires_upscaler: str | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        refiner: "Pipeline | None" = None,
+        refiner_switch_at: float | None = None,
         latents: np.ndarray | None = None,
         generator=None,
         output_type: str = "pil",
@@ -148,6 +154,17 @@ class Pipeline:
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
         seed: image i gets seed + i (None or -1: a random one), or a list of one seed per image.
+        aesthetic_score / negative_aesthetic_score: an SDXL refiner engine's aesthetic conditioning
+        of the prompt and of the negative prompt (diffusers' defaults: 6.0 and 2.5).
+        denoising_end / denoising_start (fractions in (0, 1)): SDXL's "ensemble of expert
+        denoisers", as diffusers' SDXL pipelines take them: denoising_end stops the walk where the
+        timestep falls below round(1000 * (1 - denoising_end)) (with output_type="latent": hand
+        those latents on); denoising_start runs the rest of it from init_image (those latents, or
+        an image, encoded and not noised; strength is then ignored).
+        refiner: another Pipeline (an SDXL refiner engine) to finish each image, AUTOMATIC1111's
+        "Refiner": this engine draws until refiner_switch_at (default 0.8) of the walk, the refiner
+        the rest, with the same prompts, seeds and settings (refine.py). Not with masks, the hires
+        fix or ControlNets.
         progress: True shows a progress bar; a function is called with (steps done, steps) after
         each step of each pass instead (ldm-serve's progress).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
@@ -223,6 +240,13 @@ class Pipeline:
                 raise InvalidRequest("masked_content \"fill\" paints the masked part of an image: give the mask too")
             init = inpaint.fill(init, mask, width, height)
         n = len(prompts) * num_images
+        m = self.manifest.model
+        if refiner is None and (aesthetic_score is not None or negative_aesthetic_score is not None) \
+                and not m.aesthetic:
+            raise InvalidRequest("aesthetic_score and negative_aesthetic_score condition SDXL refiners; this engine's "
+                                 "model takes none: leave them out (or give a refiner)")
+        if isinstance(init, images.InitLatents) and init.array.shape[0] not in (1, n):
+            raise InvalidRequest(f"init latents hold {init.array.shape[0]} images; give one, or one per image ({n})")
         seeds = noise.image_seeds(seed, n)
         clip_skip = whole("clip_skip", clip_skip, 0)
         if not isinstance(prompt_weighting, (bool, np.bool_)):
@@ -235,6 +259,7 @@ class Pipeline:
             self.warned.add("lcm")
             log.warning("the lcm sampler is made for LCM-LoRA models, which draw best in 2-8 steps with "
                         "guidance 1-2; guidance %s tends to burn the image", guidance)
+        denoising_end = refine.switch(self, refiner, refiner_switch_at, denoising_start, denoising_end)
         req = Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),
             negative_prompts=tuple(q for q in negs for _ in range(num_images)),
@@ -248,10 +273,14 @@ class Pipeline:
             clip_skip=clip_skip,
             prompt_weighting=prompt_weighting,
             zero_negative=zero_negative,
+            **({} if refiner is not None else aesthetic(aesthetic_score, negative_aesthetic_score)),
+            **denoising(denoising_start, denoising_end, init, mask, hires_scale, control),
             **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
         )
         check_request(req, self.manifest, img2img=init is not None)
         self.check_history(req.sampler, req.steps, req.strength)
+        plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
+             req.denoising_end)  # a switch that leaves no step, before anything is drawn
         fix = None
         if hires_scale is not None:
             fix = hires.Hires(hires_scale, 0 if hires_steps is None else hires_steps,
@@ -262,7 +291,6 @@ class Pipeline:
         elif hires_steps is not None or hires_strength is not None or hires_upscaler is not None:
             raise InvalidRequest("hires_steps, hires_strength and hires_upscaler set the hires fix's second pass; "
                                  "give hires_scale too (e.g. 2), or leave them out")
-        m = self.manifest.model
         shape = (n, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
         if latents is not None and tuple(latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
@@ -272,10 +300,14 @@ class Pipeline:
         shared = {}  # what chunks of one call share: inpainting's image latents, sampled once
         # A Latent upscaler takes the first pass's latents; output_type="latent" wants the last's.
         decode = output_type != "latent" if fix is None else not fix.latent
+        decode = decode and refiner is None  # the refiner takes this call's latents
         out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
-            self.generate(sub_req, init, sub_latents, sub_gen, progress, decode, mask, control, shared)
-            for sub_req, sub_latents, sub_gen in split(req, latents, gen, self.manifest.dims["batch"].max)
+            self.generate(sub_req, sub_init, sub_latents, sub_gen, progress, decode, mask, control, shared)
+            for sub_req, sub_latents, sub_gen, sub_init in split(req, latents, gen, self.manifest.dims["batch"].max, init)
         ])
+        if refiner is not None:
+            out = refine.finish(refiner, req, out, gen, progress, output_type, aesthetic_score,
+                                negative_aesthetic_score)
         if fix is not None:
             out = self.hires_fix(req, out, fix, generator, progress, "latent" if output_type == "latent" else "np",
                                  control)
@@ -290,7 +322,8 @@ class Pipeline:
             pils = images.to_pil(out)
         for i, im in enumerate(pils):
             im.info["parameters"] = infotext.parameters(self.manifest.model, req, i, init is not None, fix,
-                                                        crop and crop[0], control, mask_blur)
+                                                        crop and crop[0], control, mask_blur,
+                                                        refiner and refine.fields(refiner, req))
         return pils
 
     def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress,
@@ -331,7 +364,8 @@ class Pipeline:
         b = req.batch
         shape = (b, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
 
-        sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength)
+        sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
+                  req.denoising_end)
         step_emb = text.step_inputs(self, req, sp.steps)  # each U-Net evaluation's text inputs
 
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
@@ -402,8 +436,10 @@ class Pipeline:
         """img2img start: the VAE-encoded image noised to the first executed step."""
         be = self.backend
         if isinstance(init, images.InitLatents):  # encoded already: noise them, as diffusers draws it
+            z = np.repeat(init.array, req.batch // len(init.array), axis=0)
+            if req.denoising_start is not None:  # a refiner's part of the walk: they are noisy already
+                return be.upload(z)
             start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
-            z = np.repeat(init.array, req.batch, axis=0)
             return be.upload(np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start_noise)
         self.load_vae_encoder()
         pixels = images.to_model_input(init, req.width, req.height)
@@ -412,13 +448,16 @@ class Pipeline:
             sample_noise = noise.draw(generator, shape)
         else:  # one for the batch: as diffusers, one sample of the image's latent, repeated
             sample_noise = np.repeat(noise.draw(generator, (1,) + tuple(shape[1:])), shape[0], axis=0)
-        start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+        # denoising_start: the image's latents as they are (diffusers' add_noise=False draws no noise)
+        start = [1.0, 0.0] if req.denoising_start is not None else [sp.image_scale, sp.noise_scale]
+        start_noise = np.zeros(shape, np.float32) if req.denoising_start is not None else \
+            latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
         x = be.empty(shape)
         inputs = {
             "images": be.upload(pixels),
             "sample_noise": be.upload(sample_noise),
             "start_noise": be.upload(start_noise),
-            "start_coeffs": be.upload(np.array([sp.image_scale, sp.noise_scale], np.float32)),
+            "start_coeffs": be.upload(np.array(start, np.float32)),
         }
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
         return x
@@ -452,6 +491,32 @@ class Pipeline:
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
         return be.download(out)
 
+def aesthetic(score, negative) -> dict:
+    """The Request's aesthetic scores (an SDXL refiner's), checked."""
+    out = {}
+    for name, value in (("aesthetic_score", score), ("negative_aesthetic_score", negative)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value):
+            raise InvalidRequest(f"{name} must be a number (the refiner's defaults: 6.0 and 2.5), got {value!r}")
+        out[name] = float(value)
+    return out
+
+
+def denoising(start, end, init, mask, hires_scale, control) -> dict:
+    """The Request's part of the walk (denoising_start / denoising_end), with what it cannot go with."""
+    if start is None and end is None:
+        return {}
+    if start is not None and init is None:
+        raise InvalidRequest("denoising_start continues a walk from its latents: give them as init_image "
+                             "(the first model's output_type=\"latent\")")
+    if mask is not None or hires_scale is not None or control.first_image is not None:
+        raise InvalidRequest("denoising_start / denoising_end (a refiner's switch) do not go with masks, the hires "
+                             "fix or ControlNets here; leave one out")
+    return {"denoising_start": start, "denoising_end": end}
+
+
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask",
@@ -459,16 +524,19 @@ DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "control_guidance_start": "control_start", "control_guidance_end": "control_end"}
 
 
-def split(req: Request, latents, generator, max_batch: int):
-    """Yield (request, latents, generator) chunks of at most `max_batch` images."""
+def split(req: Request, latents, generator, max_batch: int, init=None):
+    """Yield (request, latents, generator, init image) chunks of at most `max_batch` images (init
+    latents of one per image: each chunk's)."""
     if req.batch <= max_batch:
-        yield req, latents, generator
+        yield req, latents, generator, init
         return
     for lo in range(0, req.batch, max_batch):
         sl = slice(lo, lo + max_batch)
         sub = replace(req, prompts=req.prompts[sl], negative_prompts=req.negative_prompts[sl], seeds=req.seeds[sl])
         gen = generator[sl] if isinstance(generator, (list, tuple)) else generator
-        yield sub, None if latents is None else latents[sl], gen
+        sub_init = images.InitLatents(init.array[sl]) \
+            if isinstance(init, images.InitLatents) and len(init.array) > 1 else init
+        yield sub, None if latents is None else latents[sl], gen, sub_init
 
 
 def progress_bar(total: int, enabled: bool):

@@ -33,6 +33,13 @@ class Request:
     # pass's (prompt_schedule.py); the hires pass runs the last edit_steps of `steps`.
     edit_steps: int = 0
     first_pass_steps: int | None = None
+    # An SDXL refiner's aesthetic conditioning (diffusers' defaults; AUTOMATIC1111's "SDXL low /
+    # high aesthetic score" settings)
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    # SDXL's ensemble of expert denoisers (samplers.plan): the part of the walk this call runs
+    denoising_start: float | None = None
+    denoising_end: float | None = None
 
     @property
     def batch(self) -> int:

@@ -118,6 +118,10 @@ class ModelFacts:
     # encoder also returns and the U-Net step takes with six size numbers (`time_ids`: original
     # height and width, crop top and left, target height and width). 0: SD 1.x / 2.x.
     pooled_width: int = 0
+    # An SDXL refiner: its U-Net takes an aesthetic score after four sizes (original height and
+    # width, crop top and left), and the unconditional half its own (the negative score), so
+    # time_ids are (cfg, batch, 5) rather than (batch, 6).
+    aesthetic: bool = False
 
 
 def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
@@ -166,8 +170,8 @@ def component_specs(facts: ModelFacts) -> dict[str, ComponentSpec]:
                 *([f32("state2", latents)] if facts.history else []),
                 *([f32("mask", (b, 1, lh, lw)), f32("image_latents", latents)] if facts.masks else []),
                 # SDXL: the first chunk's pooled text and each image's six size numbers
-                *([f32("pooled_embeddings", (k, b, facts.pooled_width)), f32("time_ids", (b, 6))]
-                  if facts.pooled_width else []),
+                *([f32("pooled_embeddings", (k, b, facts.pooled_width)),
+                   f32("time_ids", (k, b, 5) if facts.aesthetic else (b, 6))] if facts.pooled_width else []),
                 # ControlNets: each one's image in [0, 1] and its scale at this step (0: off)
                 *([f32("control_images", (facts.controlnets, b, 3, ih, iw)),
                    f32("control_scales", (facts.controlnets,))] if facts.controlnets else []),

@@ -32,11 +32,21 @@ def step_inputs(pipe, req: Request, evaluations: int) -> list[dict]:
     per_step = step_texts(texts, req, evaluations)
     distinct = list(dict.fromkeys(per_step))
     emb = dict(zip(distinct, encode(pipe, distinct, len(texts) // b, req)))
-    if m.pooled_width:  # SDXL's six sizes: original (height, width), crop (top, left), target
-        sizes = be.upload(np.tile(np.array([req.height, req.width, 0, 0, req.height, req.width], np.float32),
-                                  (b, 1)))
+    if m.pooled_width:
+        sizes = be.upload(time_ids(m, req))
         emb = {t: {**e, "time_ids": sizes} for t, e in emb.items()}
     return [emb[t] for t in per_step]
+
+
+def time_ids(m, req: Request) -> np.ndarray:
+    """SDXL's size conditioning, as diffusers' _get_add_time_ids gives it: (B, 6) original
+    (height, width), crop (top, left), target (height, width); a refiner's (K, B, 5) original
+    size, crop and aesthetic score, the unconditional half's the negative score."""
+    b = req.batch
+    if not m.aesthetic:
+        return np.tile(np.array([req.height, req.width, 0, 0, req.height, req.width], np.float32), (b, 1))
+    scores = [req.negative_aesthetic_score, req.aesthetic_score] if req.guided else [req.aesthetic_score]
+    return np.array([[[req.height, req.width, 0, 0, s]] * b for s in scores], np.float32)
 
 
 def without_tags(pipe, text: str) -> str:

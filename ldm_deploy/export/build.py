@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 def load_model(model: str, config: ExportConfig) -> SourceModel:
     """The source model as the engine will hold it: its VAE replaced, its LoRAs merged."""
     src = load_source(model, config.allow_pickle, config.model_config, config.prediction_type, config.vae)
+    if src.refiner and (config.loras or config.embeddings or config.controlnets):
+        what = "--lora" if config.loras else "--embedding" if config.embeddings else "--controlnet"
+        raise ModelSourceError(f"{model} is an SDXL refiner; {what} is not offered for refiners (they are "
+                               "made for base models: give it to the base model's export)")
     if config.loras:
         lora.merge(src, config.loras, config.allow_pickle)
     if config.embeddings:
@@ -423,7 +427,7 @@ def torch_dtype(name: str):
 
 
 def model_info(src: SourceModel) -> ModelInfo:
-    text_cfg = src.text_encoder.config
+    text_cfg = (src.text_encoder or src.text_encoder_2).config
     if str(src.scheduler_config.get("_class_name", "")).startswith("EDM"):
         raise ModelSourceError(f"{src.path}: an EDM model ({src.scheduler_config['_class_name']}, e.g. Playground "
                                "v2.5), whose noise schedule is not supported yet")
@@ -440,13 +444,15 @@ def model_info(src: SourceModel) -> ModelInfo:
             src.path,
         )
     width, layers, pooled = text_cfg.hidden_size, text_cfg.num_hidden_layers, 0
-    if src.text_encoder_2 is not None:  # SDXL: both encoders' hidden states side by side; clip skip in both
+    if src.refiner:  # the second encoder alone
+        pooled = text_cfg.projection_dim
+    elif src.text_encoder_2 is not None:  # SDXL: both encoders' hidden states side by side; clip skip in both
         second = src.text_encoder_2.config
         width, layers, pooled = width + second.hidden_size, min(layers, second.num_hidden_layers), second.projection_dim
     facts = ModelFacts(src.vae.config.latent_channels, text_cfg.max_position_embeddings, width,
                        vae_scale(src), layers, long_prompts=True, masks=True,
                        inpainting=src.unet.config.in_channels != src.vae.config.latent_channels,
-                       controlnets=len(src.controlnets), history=True, pooled_width=pooled)
+                       controlnets=len(src.controlnets), history=True, pooled_width=pooled, aesthetic=src.refiner)
     return ModelInfo(
         family=src.family,
         source=src.source,
@@ -470,6 +476,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         history=facts.history,
         pooled_width=facts.pooled_width,
         zero_negative=src.zero_negative,
+        aesthetic=facts.aesthetic,
     )
 
 

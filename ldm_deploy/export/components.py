@@ -52,11 +52,15 @@ class TextEncoderXL(nn.Module):
     Both tokenizers split text alike (the same BPE); the second pads after the end token with its
     own token ("!" in SDXL base), put in here. Emphasis weighs each encoder's hidden states and
     restores each one's mean, as AUTOMATIC1111's two SDXL embedders do; the pooled vector is
-    not weighed (nor there)."""
+    not weighed (nor there).
+
+    An SDXL refiner has the second encoder alone (clip None): its hidden states (D2 wide) and pooled
+    vector, as diffusers' StableDiffusionXLImg2ImgPipeline.encode_prompt gives them."""
 
     def __init__(self, clip, clip_2, end_id: int, pad_2: int, dtype=torch.float32):
         super().__init__()
-        self.clip, self.clip_2 = cast(clip, dtype), cast(clip_2, dtype)
+        self.clip = None if clip is None else cast(clip, dtype)
+        self.clip_2 = cast(clip_2, dtype)
         self.end_id, self.pad_2 = end_id, pad_2
 
     def forward(self, input_ids, clip_skip, token_weights):
@@ -71,6 +75,8 @@ class TextEncoderXL(nn.Module):
         weights = token_weights.flatten(0, 1)
         hidden = []
         for clip, tokens in ((self.clip, ids), (self.clip_2, ids_2)):
+            if clip is None:  # a refiner's
+                continue
             out = clip(tokens, output_hidden_states=True)
             states = torch.stack(out.hidden_states)  # (L + 1, K*B, 77, D): embeddings, each layer
             hidden.append(emphasis(states.index_select(0, len(out.hidden_states) - 2 - clip_skip)[0].float(),
@@ -156,13 +162,17 @@ class UnetStep(nn.Module):
 class UnetStepXL(UnetStep):
     """SDXL's step: the same, with the U-Net's added conditioning: (K, B, P) pooled text and
     (B, 6) sizes (original height and width, crop top and left, target height and width, as
-    diffusers' _get_add_time_ids lists them), taken after the step's other inputs, in the spec's order."""
+    diffusers' _get_add_time_ids lists them), taken after the step's other inputs, in the spec's order.
+    A refiner's: (K, B, 5) time_ids, four sizes and an aesthetic score, which differs between the
+    halves (diffusers' add_neg_time_ids with negative_aesthetic_score)."""
 
     def forward(self, latents, text_embeddings, coeffs, state, noise, state2, mask, image_latents,
                 pooled_embeddings, time_ids, control_images=None, control_scales=None):
         k = text_embeddings.shape[0]
+        # (K*B, 6) sizes repeated K-major as the latents; a refiner's (K, B, 5) flattened likewise
+        ids = time_ids.flatten(0, 1) if time_ids.dim() == 3 else time_ids.repeat(k, 1)
         added = {"text_embeds": pooled_embeddings.flatten(0, 1).to(self.dtype),  # (K*B, P)
-                 "time_ids": time_ids.repeat(k, 1).to(self.dtype)}  # (K*B, 6), K-major as the latents
+                 "time_ids": ids.to(self.dtype)}
         return self.step(latents, text_embeddings, coeffs, state, noise, state2, mask, image_latents,
                          control_images, control_scales, added=added)
 
@@ -208,7 +218,7 @@ def text_encoder(m, dtype):
     if m.text_encoder_2 is None:
         return TextEncoder(m.text_encoder, dtype)
     return TextEncoderXL(m.text_encoder, m.text_encoder_2, int(m.tokenizer.eos_token_id),
-                         int(m.tokenizer_2.pad_token_id), dtype)
+                         int(m.tokenizer_2.pad_token_id), dtype)  # a refiner's text_encoder: None
 
 
 def unet_step(m, dtype):

@@ -122,6 +122,33 @@ PRESETS = {
         pad_token="<|endoftext|>",
         pad_token_2="!",
     ),
+    # An SDXL refiner's shape: the second text encoder alone (its hidden states, 48, and pooled
+    # projection, 40) and an aesthetic score after four size numbers (40 + 5 * 8), as
+    # stabilityai/stable-diffusion-xl-refiner-1.0 is conditioned.
+    "tiny-sdxl-refiner": dict(
+        unet=dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=48,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,
+            norm_num_groups=8,
+            sample_size=32,
+        ),
+        text_2=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3,
+                    hidden_act="gelu", projection_dim=40),
+        vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256,
+                 **SDXL_VAE),
+        scheduler=SDXL_SCHEDULER,
+        pad_token_2="!",
+        refiner=True,
+    ),
     # The real SD 1.5 architecture (860M U-Net, CLIP ViT-L/14 text encoder, 84M VAE).
     "sd15": dict(
         unet=dict(**SD_UNET, cross_attention_dim=768, attention_head_dim=8, sample_size=64),
@@ -165,9 +192,25 @@ PRESETS = {
 
 def model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline") -> dict:
     """model_index.json of a StableDiffusionPipeline (or -InpaintPipeline) folder (no safety
-    checker), or a StableDiffusionXLPipeline one."""
+    checker), a StableDiffusionXLPipeline one, or an SDXL refiner's (StableDiffusionXLImg2ImgPipeline)."""
     import diffusers
 
+    if pipeline == "StableDiffusionXLImg2ImgPipeline":  # the refiner's: no first text encoder
+        return {
+            "_class_name": pipeline,
+            "_diffusers_version": diffusers.__version__,
+            "force_zeros_for_empty_prompt": False,
+            "requires_aesthetics_score": True,
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": [None, None],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": [None, None],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+        }
     if pipeline.startswith("StableDiffusionXL"):
         return {
             "_class_name": pipeline,
@@ -200,13 +243,15 @@ def model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline")
 def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict, text_2=None,
                           tokenizer_2=None) -> None:
     """The layout `StableDiffusionPipeline.from_pretrained` (and `ldm-export`) reads; with a second
-    text encoder and tokenizer, `StableDiffusionXLPipeline.from_pretrained`'s."""
+    text encoder and tokenizer, `StableDiffusionXLPipeline.from_pretrained`'s; with only those (text
+    and tokenizer None), an SDXL refiner's (`StableDiffusionXLImg2ImgPipeline`)."""
     import json
 
     unet.save_pretrained(out / "unet")
     vae.save_pretrained(out / "vae")
-    text.save_pretrained(out / "text_encoder")
-    tokenizer.save_pretrained(out / "tokenizer")
+    if text is not None:
+        text.save_pretrained(out / "text_encoder")
+        tokenizer.save_pretrained(out / "tokenizer")
     if text_2 is not None:
         text_2.save_pretrained(out / "text_encoder_2")
         tokenizer_2.save_pretrained(out / "tokenizer_2")
@@ -214,8 +259,9 @@ def save_diffusers_folder(out: Path, unet, vae, text, tokenizer, scheduler: dict
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
     inpainting = unet.config.in_channels != unet.config.out_channels
     kind = "Inpaint" if inpainting else ""
-    index = model_index(scheduler["_class_name"], f"StableDiffusionXL{kind}Pipeline" if text_2 is not None else
-                        f"StableDiffusion{kind}Pipeline")
+    pipeline = "StableDiffusionXLImg2ImgPipeline" if text is None else \
+        f"StableDiffusionXL{kind}Pipeline" if text_2 is not None else f"StableDiffusion{kind}Pipeline"
+    index = model_index(scheduler["_class_name"], pipeline)
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -267,14 +313,16 @@ def make_random_model(out: str | Path, preset: str = "tiny-sd1", seed: int = 0, 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(preset, inpainting))
     vae = AutoencoderKL(**vae_config(preset))
-    text = CLIPTextModel(text_config(preset))
+    refiner = PRESETS[preset].get("refiner", False)
+    text = None if refiner else CLIPTextModel(text_config(preset))
     second = {}
     if xl:
         from transformers import CLIPTextModelWithProjection
 
         second = dict(text_2=CLIPTextModelWithProjection(text_config(preset, "text_2")),
                       tokenizer_2=tokenizer(preset, "pad_token_2"))
-    save_diffusers_folder(out, unet, vae, text, tokenizer(preset), PRESETS[preset]["scheduler"], **second)
+    save_diffusers_folder(out, unet, vae, text, None if refiner else tokenizer(preset), PRESETS[preset]["scheduler"],
+                          **second)
     return out
 
 

@@ -40,8 +40,8 @@ class SourceModel:
     path: Path
     unet: object  # diffusers UNet2DConditionModel
     vae: object  # diffusers AutoencoderKL
-    text_encoder: object  # transformers CLIPTextModel
-    tokenizer: object  # transformers CLIPTokenizer
+    text_encoder: object  # transformers CLIPTextModel (an SDXL refiner: None)
+    tokenizer: object  # transformers CLIPTokenizer (an SDXL refiner: its only one, tokenizer_2's)
     scheduler_config: dict
     weights_sha256: str
     vae_source: str = ""  # the replacement VAE's file or folder name, if any
@@ -57,6 +57,12 @@ class SourceModel:
     # model_index.json's force_zeros_for_empty_prompt (SDXL base: true): no negative prompt gives
     # zero embeddings rather than those of ""
     zero_negative: bool = False
+
+    @property
+    def refiner(self) -> bool:
+        """An SDXL refiner: the second text encoder alone (also as text_encoder_2; its tokenizer is
+        `tokenizer`), and an aesthetic score among the U-Net's added conditioning."""
+        return self.text_encoder is None
 
     @property
     def family(self) -> str:
@@ -118,15 +124,15 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
         )
     index = read_index(path)
     xl = names(index, "text_encoder_2")
-    if xl and not (path / "text_encoder").is_dir() and not names(index, "text_encoder"):
-        raise ModelSourceError(f"{path} has only SDXL's second text encoder: an SDXL refiner, which is not "
-                               "supported yet (SDXL base models and their fine-tunes are)")
-    missing = [s for s in SUBFOLDERS + (XL_SUBFOLDERS if xl else ()) if not (path / s).is_dir()]
+    refiner = is_refiner_folder(path)
+    wanted = tuple(s for s in SUBFOLDERS + (XL_SUBFOLDERS if xl else ())
+                   if not (refiner and s in ("text_encoder", "tokenizer")))
+    missing = [s for s in wanted if not (path / s).is_dir()]
     if missing:
         raise ModelSourceError(f"{path} lacks the subfolder(s) {', '.join(missing)} of a Stable Diffusion "
-                               f"{'XL ' if xl else ''}model")
+                               f"{'XL refiner' if refiner else 'XL model' if xl else 'model'}")
     weights = []
-    for sub in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ()):
+    for sub in [s for s in ("unet", "vae", "text_encoder", "text_encoder_2") if s in wanted]:
         files = sorted((path / sub).iterdir())
         variants = [f for f in files if VARIANT.search(f.name)]  # diffusers loads the others
         safe = [f for f in files if f.suffix in SAFE_SUFFIXES and f not in variants]
@@ -149,7 +155,7 @@ def check_layout(path: Path, allow_pickle: bool) -> list[Path]:
                 "export that folder")
         else:
             raise ModelSourceError(f"{path / sub} has no weight file (*.safetensors)")
-    for sub in ("tokenizer",) + (("tokenizer_2",) if xl else ()):
+    for sub in [s for s in ("tokenizer", "tokenizer_2") if s in wanted]:
         if not any((path / sub / f).is_file() for f in ("vocab.json", "tokenizer.json")):
             raise ModelSourceError(f"{path / sub} holds no tokenizer (vocab.json and merges.txt, or tokenizer.json)")
     return weights
@@ -162,7 +168,7 @@ def fast_tokenizer(src: SourceModel):
     if getattr(tok, "backend_tokenizer", None) is None:
         from transformers import CLIPTokenizerFast
 
-        tok = CLIPTokenizerFast.from_pretrained(src.path, subfolder="tokenizer")
+        tok = CLIPTokenizerFast.from_pretrained(src.path, subfolder="tokenizer_2" if src.refiner else "tokenizer")
     return tok
 
 
@@ -211,9 +217,11 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
         if config:
             raise ModelSourceError("--config is for single-file checkpoints; a diffusers folder has its own")
         weights = check_layout(path, allow_pickle)
-        unet, model_vae, text_encoder, tokenizer, scheduler_config = load_folder(path, allow_pickle)
+        unet, model_vae, text_encoder, tokenizer, scheduler_config = load_folder(path, allow_pickle,
+                                                                                 is_refiner_folder(path))
         if is_xl_folder(path):
             xl = load_xl_parts(path, allow_pickle)
+            tokenizer = tokenizer or xl["tokenizer_2"]
     if prediction_type:
         scheduler_config["prediction_type"] = prediction_type
     vae = model_vae
@@ -241,8 +249,9 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
     )
 
 
-def load_folder(path: Path, allow_pickle: bool):
-    """-> (unet, vae, text_encoder, tokenizer, scheduler_config) of a diffusers folder."""
+def load_folder(path: Path, allow_pickle: bool, refiner: bool = False):
+    """-> (unet, vae, text_encoder, tokenizer, scheduler_config) of a diffusers folder (an SDXL
+    refiner's text_encoder and tokenizer: None; its own are load_xl_parts')."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -250,8 +259,8 @@ def load_folder(path: Path, allow_pickle: bool):
     try:
         return (UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
                 AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
-                CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
-                CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                None if refiner else CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+                None if refiner else CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
                 json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
         raise ModelSourceError(f"could not load the model at {path}: {first_line(e)}") from None
@@ -269,6 +278,12 @@ def read_index(folder: Path | None) -> dict:
 def names(index: dict, component: str) -> bool:
     """model_index.json names that component (a refiner's names no first text encoder)."""
     return bool((index.get(component) or [None])[0])
+
+
+def is_refiner_folder(path: Path) -> bool:
+    """A diffusers folder of an SDXL refiner: a second text encoder and no first."""
+    index = read_index(path)
+    return names(index, "text_encoder_2") and not names(index, "text_encoder") and not (path / "text_encoder").is_dir()
 
 
 def is_xl_folder(path: Path) -> bool:
@@ -368,6 +383,7 @@ def check_xl(path, uc, vc, text_encoder, text_encoder_2) -> None:
     """An SDXL base U-Net: conditioned on both encoders' hidden states side by side, and on the
     second's pooled projection with six size numbers (original size, crop corner, target size)."""
     pooled = text_encoder_2.config.projection_dim
+    refiner = text_encoder is None
     if uc.get("addition_embed_type") != "text_time":
         raise ModelSourceError(f"{path} has two text encoders but its U-Net takes no SDXL size conditioning "
                                f"(addition_embed_type {uc.get('addition_embed_type')!r}); not supported")
@@ -376,15 +392,21 @@ def check_xl(path, uc, vc, text_encoder, text_encoder_2) -> None:
                                f"({vc.latent_channels}) and inpainting ({2 * vc.latent_channels + 1}) models are "
                                "supported")
     added = uc.projection_class_embeddings_input_dim - pooled
-    if added == 5 * uc.addition_time_embed_dim:
-        raise ModelSourceError(f"{path} is an SDXL refiner (its U-Net takes an aesthetic score), which is not "
-                               "supported yet (SDXL base models and their fine-tunes are)")
-    if added != 6 * uc.addition_time_embed_dim:
+    if added == 5 * uc.addition_time_embed_dim and not refiner:
+        raise ModelSourceError(f"{path}: the U-Net takes an aesthetic score, as SDXL's refiner does, but the model "
+                               "has two text encoders (a refiner has the second alone)")
+    numbers = 5 if refiner else 6  # sizes (and the refiner's aesthetic score)
+    if added != numbers * uc.addition_time_embed_dim:
         raise ModelSourceError(f"{path}: the U-Net's added conditioning takes "
                                f"{uc.projection_class_embeddings_input_dim} numbers, not the pooled text "
-                               f"({pooled}) and six sizes of {uc.addition_time_embed_dim} SDXL gives it")
-    widths = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+                               f"({pooled}) and {'four sizes and an aesthetic score' if refiner else 'six sizes'} "
+                               f"of {uc.addition_time_embed_dim} SDXL {'refiners give' if refiner else 'gives'} it")
+    if refiner and uc.in_channels != vc.latent_channels:
+        raise ModelSourceError(f"{path}: an SDXL refiner whose U-Net takes {uc.in_channels} channels; "
+                               "only refiners of the image's latents alone are supported")
+    first = 0 if refiner else text_encoder.config.hidden_size
+    widths = first + text_encoder_2.config.hidden_size
     if uc.cross_attention_dim != widths:
         raise ModelSourceError(f"{path}: the U-Net attends to {uc.cross_attention_dim}-wide text embeddings but "
-                               f"the text encoders make {text_encoder.config.hidden_size} + "
-                               f"{text_encoder_2.config.hidden_size}")
+                               f"the text encoder{'' if refiner else 's'} make"
+                               f"{'s ' + str(widths) if refiner else f' {first} + {text_encoder_2.config.hidden_size}'}")

@@ -218,3 +218,75 @@ def test_karras_sigmas_with_trailing_spacing_at_a_step_count_of_diffusers_extra_
     plain samplers drop it with the bogus step it makes, but with Karras sigmas it is the low end of
     diffusers' schedule (its sigma clamps to t = 0's), so ours takes that end too."""
     check_against_diffusers(sampler, {**SD1, "timestep_spacing": "trailing"}, 61, None)
+
+
+def ensemble_diffusers(sampler, config, steps, switch, noise, residuals):
+    """The latents after each step of diffusers' SDXL "ensemble of expert denoisers": the base
+    pipeline's loop cut at denoising_end (StableDiffusionXLPipeline), then a fresh scheduler
+    from denoising_start on those latents (StableDiffusionXLImg2ImgPipeline.get_timesteps)."""
+    cls, extra = DIFFUSERS[sampler]
+    cutoff = int(round(1000 - switch * 1000))
+    first = cls.from_config(config, **extra)
+    first.set_timesteps(steps)
+    x = torch.from_numpy(noise) * first.init_noise_sigma
+    generator = torch.Generator().manual_seed(SEED)
+    noisy = {"generator": generator} if "generator" in inspect.signature(first.step).parameters else {}
+    trace, i = [], 0
+    for t in [t for t in first.timesteps if t >= cutoff]:
+        x = first.step(0.5 * first.scale_model_input(x, t) + torch.from_numpy(residuals[i]), t, x, **noisy).prev_sample
+        trace.append(x.numpy())
+        i += 1
+    second = cls.from_config(config, **extra)
+    second.set_timesteps(steps)
+    t_start = len(second.timesteps) - int((second.timesteps < cutoff).sum())
+    if hasattr(second, "set_begin_index"):
+        second.set_begin_index(t_start)
+    for t in second.timesteps[t_start:]:
+        x = second.step(0.5 * second.scale_model_input(x, t) + torch.from_numpy(residuals[i]), t, x, **noisy).prev_sample
+        trace.append(x.numpy())
+        i += 1
+    return trace
+
+
+@pytest.mark.parametrize("switch", [0.8, 0.5, 0.25])
+@pytest.mark.parametrize("config", [SD1, {**SD1, "timestep_spacing": "leading"}], ids=["sd1", "sdxl-leading"])
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s not in EVALUATIONS_PER_STEP])
+def test_denoising_end_and_start_match_diffusers_ensemble(sampler, config, switch):
+    steps = 12
+    noise, _, residuals = inputs(steps)
+    expected = ensemble_diffusers(sampler, config, steps, switch, noise, residuals)
+    schedule = NoiseSchedule.from_config(config)
+    first = plan(sampler, schedule, steps, 7.5, denoising_end=switch)
+    second = plan(sampler, schedule, steps, 7.5, denoising_start=switch, strength=0.3)  # strength ignored
+    assert first.steps + second.steps == len(expected) == steps
+    x = np.float32(first.init_noise_scale) * noise
+    generator = torch.Generator().manual_seed(SEED)
+    got, i = [], 0
+    for p in (first, second):  # the second starts afresh: no x0 history carried over
+        x0 = x0_before = np.zeros(SHAPE, np.float32)
+        for row in p.rows:
+            step_noise = torch.randn(SHAPE, generator=generator, dtype=torch.float32).numpy()
+            out = 0.5 * model_input(row, x) + residuals[i]
+            x0_now = x0
+            x, x0 = update(row, x, x0, step_noise, guide(out, out, row), x0_before)
+            x0_before = x0_now
+            got.append(x)
+            i += 1
+    scale = max(np.abs(a).max() for a in got)
+    for k, (a, b) in enumerate(zip(got, expected)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=TOL * max(1.0, scale / 15), err_msg=f"{sampler} step {k}")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"denoising_end": 1.0}, "must lie in (0, 1), got 1.0"),
+    ({"denoising_start": 0}, "must lie in (0, 1), got 0"),
+    ({"denoising_start": True}, "must lie in (0, 1), got True"),
+    ({"denoising_end": 0.0001}, "leaves the first model no step"),
+    ({"denoising_start": 0.9999}, "leaves the second no step"),
+    ({"denoising_end": 0.5, "sampler": "heun"}, "two U-Net calls a step"),
+])
+def test_denoising_fraction_errors(kwargs, message):
+    sampler = kwargs.pop("sampler", "euler")
+    with pytest.raises(InvalidRequest) as e:
+        plan(sampler, NoiseSchedule.from_config(SD1), 10, 7.5, **kwargs)
+    assert message in str(e.value)

@@ -113,7 +113,8 @@ class SamplerPlan:
 
 
 def plan(
-    sampler: str, schedule: NoiseSchedule, steps: int, guidance: float, strength: float = 1.0
+    sampler: str, schedule: NoiseSchedule, steps: int, guidance: float, strength: float = 1.0,
+    denoising_start: float | None = None, denoising_end: float | None = None,
 ) -> SamplerPlan:
     """The coefficient table for one generation.
 
@@ -123,6 +124,13 @@ def plan(
     image_scale / noise_scale, which keep a little of the image even at strength 1 (diffusers
     noises it to the first timestep, not to pure noise). Raises InvalidRequest for an unknown
     sampler or out-of-range numbers.
+
+    denoising_start / denoising_end (fractions in (0, 1)): SDXL's "ensemble of expert denoisers",
+    as diffusers' SDXL pipelines cut a walk: denoising_end runs only the steps whose timestep is
+    at or above round(n_train * (1 - denoising_end)) (the base model's part; its latents are
+    handed over as they are), denoising_start only those below it (the refiner's part, which
+    starts from those latents, strength ignored). Each restarts a multistep sampler's history as
+    diffusers' does (the refiner's first step is first order).
     """
     if sampler not in _REGISTRY:
         raise InvalidRequest(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -135,7 +143,11 @@ def plan(
             f"strength must be in (0, 1], got {strength!r}: 1 repaints the image fully, "
             "small values keep it close to the input"
         )
-    walk = _REGISTRY[sampler][1](schedule, int(steps), img2img_start(int(steps), strength))
+    walker = _REGISTRY[sampler][1]
+    start = img2img_start(int(steps), strength)
+    if denoising_start is not None:
+        start = split_steps(sampler, walker(schedule, int(steps), 0).rows, denoising_start, schedule)
+    walk = walker(schedule, int(steps), start)
     if not np.all(np.isfinite(walk.rows)):
         # Near num_train_timesteps steps, two steps can share a noise level (DPM-Solver divides
         # by their log-SNR gap).
@@ -143,10 +155,33 @@ def plan(
             f"{steps} steps is more than sampler {sampler!r} can space over this model's "
             f"{n_train} training timesteps; use fewer steps"
         )
-    rows = walk.rows.copy()
+    rows, levels = walk.rows.copy(), walk.levels
+    if denoising_end is not None:
+        rows = rows[:split_steps(sampler, rows, denoising_end, schedule)]
     rows[:, GUIDANCE] = guidance
     return SamplerPlan(
         rows=rows.astype(np.float32),
         init_noise_scale=walk.init_noise_scale,
-        levels=walk.levels,
+        levels=levels[:len(rows)],
     )
+
+
+def split_steps(sampler: str, rows: np.ndarray, fraction: float, schedule: NoiseSchedule) -> int:
+    """How many of a whole walk's rows (one per step) lie at or above the timestep cutoff
+    round(n_train * (1 - fraction)), as diffusers' SDXL pipelines cut a walk for denoising_end
+    and denoising_start; an InvalidRequest where that leaves either part empty."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (float, int, np.floating, np.integer)) \
+            or not 0 < fraction < 1:
+        raise InvalidRequest(f"denoising_start / denoising_end (the refiner switch) must lie in (0, 1), "
+                             f"got {fraction!r}")
+    if sampler in EVALUATIONS_PER_STEP:
+        raise InvalidRequest(f"the {sampler} sampler takes two U-Net calls a step, which a switch between models "
+                             "can split; choose another sampler for a refiner")
+    n = schedule.num_train_timesteps
+    cutoff = int(round(n - fraction * n))
+    above = int(np.sum(rows[:, COLUMNS.index("timestep")] >= cutoff))
+    if not 0 < above < len(rows):
+        raise InvalidRequest(f"a switch at {fraction} of {len(rows)} steps leaves "
+                             f"{'the first model' if above == 0 else 'the second'} no step; "
+                             "move it, or use more steps")
+    return above

@@ -1,0 +1,162 @@
+"""SDXL refiners against diffusers: a refiner engine's img2img against
+StableDiffusionXLImg2ImgPipeline (its text encoder alone, aesthetic scores in its size
+conditioning), and the base + refiner ensemble against diffusers' two pipelines cut at
+denoising_end / denoising_start, given the same generators, to 2e-3 max abs per pixel on [0, 1].
+The tiny refiner's text encoder (48 wide, pooled 40) is the tiny base's second one's shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from conftest import TEST_CONFIG, assert_not_saturated, diffusers_schedulers
+from ldm_deploy import Pipeline
+from ldm_deploy.errors import InvalidRequest, ModelSourceError
+from ldm_deploy.export.build import export_engine
+from ldm_deploy.export.config import ExportConfig
+from ldm_deploy.export.random_model import make_random_model
+
+TOL = 2e-3
+SCHEDULERS = diffusers_schedulers()
+W, H = 128, 96
+PROMPT = "a lighthouse on a cliff at dusk"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """{"base": (folder, ours, diffusers'), "refiner": (...)}: a tiny SDXL base and refiner."""
+    root = tmp_path_factory.mktemp("refiner")
+    out = {}
+    for name, preset, cls in (("base", "tiny-sdxl", StableDiffusionXLPipeline),
+                              ("refiner", "tiny-sdxl-refiner", StableDiffusionXLImg2ImgPipeline)):
+        folder = make_random_model(root / name, preset, seed=3)
+        engine = export_engine(str(folder), root / f"{name}-engine", TEST_CONFIG)
+        ref = cls.from_pretrained(folder)
+        ref.set_progress_bar_config(disable=True)
+        ref.original_config = dict(ref.scheduler.config)
+        out[name] = folder, Pipeline.load(engine), ref
+    return out
+
+
+def scheduled(ref, sampler):
+    """ref with the sampler's scheduler made from the model's config (not the last one's, whose
+    options, Karras sigmas say, would stay)."""
+    cls, options = SCHEDULERS[sampler]
+    ref.scheduler = cls.from_config(ref.original_config, **options)
+    return ref
+
+
+def photo(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((H, W, 3)) * 255).astype(np.uint8))
+
+
+def test_refiner_engine_records_its_conditioning(models):
+    _, pipe, _ = models["refiner"]
+    m = pipe.manifest.model
+    assert (m.family, m.aesthetic, m.text_width, m.pooled_width, m.zero_negative) == ("sdxl", True, 48, 40, False)
+    spec = {t.name: t for t in pipe.specs["unet_step"].inputs}
+    assert spec["time_ids"].shape[-1] == 5 and len(spec["time_ids"].shape) == 3
+
+
+@pytest.mark.parametrize("sampler, scores", [("euler", {}), ("dpmpp_2m_karras", {"aesthetic_score": 8.0}),
+                                             ("euler_a", {"aesthetic_score": 4.0, "negative_aesthetic_score": 1.0})])
+def test_refiner_img2img_matches_diffusers(models, sampler, scores):
+    _, pipe, ref = models["refiner"]
+    image = photo(1)
+    expected = scheduled(ref, sampler)(PROMPT, negative_prompt="blurry", image=image, strength=0.5,
+                                       num_inference_steps=8, guidance_scale=6.0, output_type="np",
+                                       generator=torch.Generator().manual_seed(7), **scores).images
+    got = pipe(PROMPT, negative_prompt="blurry", init_image=image, strength=0.5, steps=8, guidance=6.0,
+               sampler=sampler, output_type="np", progress=False, generator=torch.Generator().manual_seed(7),
+               **scores)
+    assert_not_saturated(expected)
+    assert np.abs(got - expected).max() < TOL
+
+
+def test_aesthetic_scores_change_the_image(models):
+    """The scores reach the U-Net: the negative one through the unconditional half."""
+    _, pipe, _ = models["refiner"]
+    draw = {k: pipe(PROMPT, init_image=photo(2), strength=0.6, steps=4, seed=1, output_type="np", progress=False,
+                    **kw) for k, kw in (("default", {}), ("high", {"aesthetic_score": 9.0}),
+                                        ("negative", {"negative_aesthetic_score": 0.5}))}
+    assert np.abs(draw["default"] - draw["high"]).max() > 1e-3
+    assert np.abs(draw["default"] - draw["negative"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler, switch", [("euler", 0.8), ("dpmpp_2m", 0.6), ("euler_a", 0.7)])
+def test_base_and_refiner_match_diffusers_ensemble(models, sampler, switch):
+    """diffusers' documented ensemble: the base to denoising_end with output_type="latent", the
+    refiner from denoising_start on those latents, one generator going on through both."""
+    _, base, ref_base = models["base"]
+    _, refiner, ref_refiner = models["refiner"]
+    lat = np.random.default_rng(4).standard_normal((2, 4, H // 8, W // 8)).astype(np.float32)
+    gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    handed = scheduled(ref_base, sampler)(PROMPT, negative_prompt="blurry", num_inference_steps=10, guidance_scale=6.0,
+                                          width=W, height=H, num_images_per_prompt=2, latents=torch.from_numpy(lat),
+                                          denoising_end=switch, output_type="latent", generator=gens).images
+    expected = scheduled(ref_refiner, sampler)([PROMPT] * 2, negative_prompt=["blurry"] * 2, image=handed,
+                                               num_inference_steps=10, guidance_scale=6.0, denoising_start=switch,
+                                               output_type="latent", generator=gens).images.numpy()
+    gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    got = base(PROMPT, negative_prompt="blurry", steps=10, guidance=6.0, width=W, height=H, num_images=2,
+               latents=lat, sampler=sampler, refiner=refiner, refiner_switch_at=switch, output_type="latent",
+               progress=False, generator=gens)
+    assert got.shape == expected.shape == (2, 4, H // 8, W // 8)
+    # The final latents: |x| reaches 40 with these random U-Nets, where float32 rounding is ~4e-6
+    assert np.abs(got - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+def test_the_two_calls_by_hand_equal_the_refiner_option(models):
+    """denoising_end with output_type="latent", then denoising_start: what refiner= runs; its PNGs
+    carry AUTOMATIC1111's Refiner fields."""
+    _, base, _ = models["base"]
+    _, refiner, _ = models["refiner"]
+    handed = base(PROMPT, seed=5, steps=8, width=W, height=H, denoising_end=0.75, output_type="latent", progress=False)
+    assert handed.shape == (1, 4, H // 8, W // 8)
+    by_hand = refiner(PROMPT, seed=5, steps=8, init_image=handed, denoising_start=0.75, output_type="np",
+                      progress=False)
+    [png] = base(PROMPT, seed=5, steps=8, width=W, height=H, refiner=refiner, refiner_switch_at=0.75, progress=False)
+    np.testing.assert_array_equal(np.asarray(png), (by_hand[0] * 255).round().astype(np.uint8))
+    text = png.info["parameters"]
+    assert f"Refiner: refiner [{refiner.manifest.model.weights_sha256[:10]}], Refiner switch at: 0.75" in text
+    assert f"Model hash: {base.manifest.model.weights_sha256[:10]}, Model: base" in text
+
+
+def test_refiner_defaults_switch_at_0_8(models):
+    _, base, _ = models["base"]
+    _, refiner, _ = models["refiner"]
+    [png] = base(PROMPT, seed=1, steps=5, width=W, height=H, refiner=refiner, progress=False)
+    assert "Refiner switch at: 0.8" in png.info["parameters"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"refiner_switch_at": 0.8}, "give the refiner too"),
+    ({"refiner": "refiner"}, "refiner must be a loaded Pipeline"),
+    ({"refiner": True, "refiner_switch_at": 1.5}, "must lie in (0, 1), got 1.5"),
+    ({"refiner": True, "denoising_end": 0.5}, "leave denoising_start and denoising_end out"),
+    ({"refiner": True, "hires_scale": 2}, "do not go with masks, the hires fix or ControlNets"),
+    ({"refiner": True, "steps": 2, "refiner_switch_at": 0.0001}, "leaves the first model no step"),
+    ({"refiner": True, "sampler": "heun"}, "two U-Net calls a step"),
+    ({"denoising_start": 0.5}, "give them as init_image"),
+    ({"aesthetic_score": 6.0}, "this engine's model takes none"),
+])
+def test_refiner_errors(models, kwargs, message):
+    _, base, _ = models["base"]
+    if kwargs.get("refiner") is True:
+        kwargs["refiner"] = models["refiner"][1]
+    with pytest.raises(InvalidRequest) as e:
+        base(PROMPT, steps=kwargs.pop("steps", 6), width=W, height=H, progress=False, **kwargs)
+    assert message in str(e.value)
+
+
+def test_refiner_refuses_networks_made_for_base_models(models, tmp_path):
+    folder, _, _ = models["refiner"]
+    lora = tmp_path / "x.safetensors"
+    lora.write_bytes(b"")
+    with pytest.raises(ModelSourceError) as e:
+        export_engine(str(folder), tmp_path / "e", ExportConfig(loras=((str(lora), 1.0),)))
+    assert "is an SDXL refiner; --lora is not offered for refiners" in str(e.value)
