@@ -60,6 +60,15 @@ def parser() -> argparse.ArgumentParser:
                    help="how the first pass is enlarged, as AUTOMATIC1111 names it: Lanczos (default: the image), "
                         "or Latent, 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
                         "'Latent (nearest)', 'Latent (nearest-exact)' (the latents; use --hires-strength 0.5 or more)")
+    p.add_argument("--refiner", default=None, metavar="DIR",
+                   help="an SDXL refiner's engine (ldm-export of the refiner) that finishes each image, as "
+                        "AUTOMATIC1111's Refiner: it draws the last part of the steps")
+    p.add_argument("--refiner-switch-at", type=float, default=None, metavar="F",
+                   help="the fraction of the walk after which the refiner draws (default 0.8)")
+    p.add_argument("--aesthetic-score", type=float, default=None, metavar="X",
+                   help="an SDXL refiner's aesthetic conditioning of the prompt (default 6.0)")
+    p.add_argument("--negative-aesthetic-score", type=float, default=None, metavar="X",
+                   help="... and of the negative prompt (default 2.5)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img)")
     p.add_argument("--mask", default=None, metavar="FILE",
                    help="inpaint the init image where this image is white (black: kept), as diffusers' "
@@ -164,7 +173,8 @@ def engine_dir(args) -> str:
 # ldm-run options a PNG's parameters may set: dest -> the default when neither sets it.
 FROM_PNG = {"negative_prompt": None, "steps": 30, "guidance": 7.5, "seed": None, "width": None, "height": None,
             "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
-            "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "strength": None, "mask_blur": None}
+            "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "strength": None, "mask_blur": None,
+            "refiner_switch_at": None}
 UNSET = object()
 
 
@@ -262,12 +272,21 @@ def main(argv=None) -> int:
             options["compile"] = args.torch_compile
         pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
                              rebuild_stale=args.rebuild_stale, **options)
+        refiner = None
+        if args.refiner is not None:
+            refiner = Pipeline.load(args.refiner, backend=args.backend, verify=not args.no_verify,
+                                    rebuild_stale=args.rebuild_stale, **options)
+        elif args.refiner_switch_at is not None and "refiner_switch_at" in given_here:
+            raise UserError("--refiner-switch-at is where a refiner takes over: give --refiner ENGINE too")
+        else:
+            args.refiner_switch_at = None  # a PNG's, without a refiner to switch to
         if fields:
-            from ldm_deploy.engine.infotext import model_warning
+            from ldm_deploy.engine.infotext import model_warning, refiner_warning
 
-            warning = model_warning(fields, pipe.manifest.model.weights_sha256)
-            if warning:
-                log.warning("%s", warning)
+            for warning in (model_warning(fields, pipe.manifest.model.weights_sha256),
+                            refiner_warning(fields, refiner and refiner.manifest.model.weights_sha256)):
+                if warning:
+                    log.warning("%s", warning)
         if args.strength is not None and args.init_image is None:
             log.warning("--strength applies to img2img only (with --init-image); ignored")
         layers = pipe.manifest.model.text_layers
@@ -303,6 +322,10 @@ def main(argv=None) -> int:
             hires_steps=args.hires_steps,
             hires_strength=args.hires_strength,
             hires_upscaler=args.hires_upscaler,
+            refiner=refiner,
+            refiner_switch_at=args.refiner_switch_at,
+            aesthetic_score=args.aesthetic_score,
+            negative_aesthetic_score=args.negative_aesthetic_score,
             progress=not args.quiet,
         )
         for image, path in zip(images, paths):

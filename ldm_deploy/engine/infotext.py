@@ -29,7 +29,8 @@ SIZE = re.compile(r"^(\d+)x(\d+)$")
 MAX_FIELDS_LINE = 8192
 # Number fields -> (ldm-run option, type); Clip skip counts as ldm-run's --clip-skip does.
 NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
-           "Clip skip": ("clip_skip", int), "Mask blur": ("mask_blur", float)}
+           "Clip skip": ("clip_skip", int), "Mask blur": ("mask_blur", float),
+           "Refiner switch at": ("refiner_switch_at", float)}
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
@@ -40,7 +41,7 @@ EMPTY_NEGATIVE = "Empty negative prompt"
 QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lora hashes", "Emphasis",
          "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
          "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur",
-         EMPTY_NEGATIVE}
+         "Refiner", "Refiner switch at", EMPTY_NEGATIVE}
 
 
 def read_png(path: str | Path) -> str:
@@ -132,6 +133,19 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         warnings.append(f"the image's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not taken here, "
                         "so the image may differ")
     return {k: v for k, v in out.items() if k not in given and v is not None}, warnings
+
+
+def refiner_warning(fields: dict[str, str], refiner_hash: str | None) -> str | None:
+    """A warning where the image's "Refiner" is not the refiner given (None: none given)."""
+    theirs = fields.get("Refiner")
+    if theirs is None:
+        return None if refiner_hash is None else "the image was drawn without a refiner; this one will change it"
+    if refiner_hash is None:
+        return f"the image was finished by the refiner {theirs}; pass --refiner ENGINE (its engine) to draw it again"
+    h = re.search(r"\[([0-9a-fA-F]+)\]\s*$", theirs)
+    if h and not refiner_hash.startswith(h.group(1).lower()):
+        return f"the image was finished by the refiner {theirs}; this refiner's hash is {refiner_hash[:10]}"
+    return None
 
 
 def model_warning(fields: dict[str, str], model_hash: str) -> str | None:

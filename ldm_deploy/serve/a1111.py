@@ -69,13 +69,20 @@ class A1111:
         admit(self.worker)
         engine = self.engine(body)
         model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
-        return self.draw(body, a1111_request.txt2img(body, model, size, random_seed), engine, False)
+        return self.draw(body, self.refiner(a1111_request.txt2img(body, model, size, random_seed)), engine, False)
 
     def img2img(self, body: dict):
         admit(self.worker)  # before its images are decoded
         engine = self.engine(body)
         model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
-        return self.draw(body, a1111_request.img2img(body, model, size, random_seed), engine, True)
+        return self.draw(body, self.refiner(a1111_request.img2img(body, model, size, random_seed)), engine, True)
+
+    def refiner(self, options: dict) -> dict:
+        """refiner_checkpoint (a title or name, as sd_model_checkpoint) -> the engine's name, which the
+        worker loads beside the request's (ldm-serve --keep-loaded 2 keeps both)."""
+        if "refiner" in options:
+            options["refiner"] = self.engines.find(options["refiner"])
+        return options
 
     def engine(self, body: dict) -> str:
         """The engine a request draws with: override_settings' sd_model_checkpoint, or the default;

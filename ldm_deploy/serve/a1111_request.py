@@ -32,13 +32,13 @@ ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Eul
 # Fields that ask for what is not offered, and the value that asks for nothing.
 NOT_OFFERED = {"restore_faces": (None, False), "tiling": (None, False), "subseed_strength": (None, 0, 0.0),
                "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
-               "script_name": (None, ""), "script_args": (None, []), "refiner_checkpoint": (None, "", "None"),
+               "script_name": (None, ""), "script_args": (None, []),
                "firstphase_width": (None, 0), "firstphase_height": (None, 0), "firstpass_image": (None,),
                "hr_checkpoint_name": (None, "", "Use same checkpoint"), "latent_mask": (None,),
                "initial_noise_multiplier": (None, 1, 1.0)}
 WHY = {"restore_faces": "face restoration", "tiling": "tiling", "subseed_strength": "variation seeds",
        "seed_resize_from_h": "seed resizing", "seed_resize_from_w": "seed resizing", "styles": "saved styles",
-       "script_name": "scripts", "script_args": "scripts", "refiner_checkpoint": "the refiner",
+       "script_name": "scripts", "script_args": "scripts",
        "firstphase_width": "the old hires fix's first phase size", "firstphase_height": "the old hires fix's "
        "first phase size", "firstpass_image": "a given first pass", "hr_checkpoint_name": "another hires "
        "checkpoint", "latent_mask": "a separate latent mask", "initial_noise_multiplier": "an initial noise multiplier"}
@@ -143,6 +143,12 @@ def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
             options[key] = integer(body, key, None)
         elif size is not None:
             options[key] = size[0 if key == "width" else 1]
+    refiner = body.get("refiner_checkpoint")
+    if refiner not in (None, "", "None", "none"):  # AUTOMATIC1111's "no refiner" values
+        if not isinstance(refiner, str):
+            raise InvalidRequest(f"refiner_checkpoint must be a checkpoint's title or name, got {refiner!r}")
+        options["refiner"] = refiner  # an engine's title or name: the app finds it
+        options["refiner_switch_at"] = number(body, "refiner_switch_at", 0.8)
     resizes = []
     if scripts:
         control, resizes = controlnet(next(iter(scripts.values())), model)  # a1111_controlnet.py

@@ -270,5 +270,7 @@ class Worker:
         with self.lock:  # an interrupt is for the call running when it came, not this one
             self.interrupting = False
         pipe = self.engines.pipeline(engine)
+        if options.get("refiner") is not None:  # another engine's name: loaded too (the first held here)
+            options = {**options, "refiner": self.engines.pipeline(options["refiner"])}
         self.calls += 1
         return pipe(**options, progress=on_step)

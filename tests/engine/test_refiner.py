@@ -6,6 +6,7 @@ The tiny refiner's text encoder (48 wide, pooled 40) is the tiny base's second o
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -160,3 +161,70 @@ def test_refiner_refuses_networks_made_for_base_models(models, tmp_path):
     with pytest.raises(ModelSourceError) as e:
         export_engine(str(folder), tmp_path / "e", ExportConfig(loras=((str(lora), 1.0),)))
     assert "is an SDXL refiner; --lora is not offered for refiners" in str(e.value)
+
+
+def test_ldm_run_refiner_and_from_png(models, tmp_path, capsys):
+    from ldm_deploy.cli import run as run_cli
+
+    _, base, _ = models["base"]
+    _, refiner, _ = models["refiner"]
+    out, again, plain = tmp_path / "a.png", tmp_path / "again.png", tmp_path / "plain.png"
+    args = ["--engine", str(base.engine_dir), PROMPT, "--steps", "6", "--width", str(W), "--height", str(H),
+            "--seed", "4", "--sampler", "euler", "-q"]
+    assert run_cli.main(args + ["--refiner", str(refiner.engine_dir), "--refiner-switch-at", "0.7",
+                                "--aesthetic-score", "7", "--out", str(out)]) == 0
+    api = base(PROMPT, steps=6, width=W, height=H, seed=4, sampler="euler", refiner=refiner, refiner_switch_at=0.7,
+               aesthetic_score=7.0, progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api))
+    # drawn again from its PNG: the switch read back (the aesthetic score is not written, as in AUTOMATIC1111)
+    assert run_cli.main(["--engine", str(base.engine_dir), "--from-png", str(out), "--refiner",
+                         str(refiner.engine_dir), "--aesthetic-score", "7", "--out", str(again), "-q"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(api))
+    capsys.readouterr()
+    assert run_cli.main(["--engine", str(base.engine_dir), "--from-png", str(out), "--out", str(plain), "-q"]) == 0
+    assert "finished by the refiner refiner [" in capsys.readouterr().err  # and drawn without it
+    assert "Refiner" not in Image.open(plain).info["parameters"]
+    assert run_cli.main(args + ["--refiner-switch-at", "0.5", "--out", str(plain)]) == 2
+    assert "give --refiner ENGINE too" in capsys.readouterr().err
+
+
+def test_export_cli_takes_a_refiner_folder(models, tmp_path):
+    from ldm_deploy.cli import export as export_cli
+
+    folder, pipe, _ = models["refiner"]
+    assert export_cli.main(["--model", str(folder), "--out", str(tmp_path / "e"), "--min-size", "64",
+                            "--max-size", "128"]) == 0
+    again = Pipeline.load(tmp_path / "e")
+    assert again.manifest.model.aesthetic
+    np.testing.assert_array_equal(
+        again(PROMPT, init_image=photo(3), strength=0.5, steps=3, seed=2, output_type="np", progress=False),
+        pipe(PROMPT, init_image=photo(3), strength=0.5, steps=3, seed=2, output_type="np", progress=False))
+
+
+def test_served_refiner_checkpoint(models):
+    """AUTOMATIC1111's API: refiner_checkpoint names another served engine, refiner_switch_at where it
+    takes over; the image is the API's with that refiner."""
+    from serve_http import call, running, unb64
+
+    from ldm_deploy.serve.engines import Engines
+
+    _, base, _ = models["base"]
+    _, refiner, _ = models["refiner"]
+    engines = Engines.read([base.engine_dir, refiner.engine_dir], lambda d, verify=True: Pipeline.load(d, verify=verify),
+                           keep=2)
+    with running(engines) as server:
+        url = server.url + "/sdapi/v1/txt2img"
+        body = {"prompt": PROMPT, "steps": 6, "seed": 3, "width": W, "height": H, "sampler_name": "Euler",
+                "refiner_checkpoint": "refiner", "refiner_switch_at": 0.7}
+        status, answer, _ = call(url, "POST", body)
+        assert status == 200, answer
+        api = base(PROMPT, steps=6, seed=3, width=W, height=H, sampler="euler", guidance=7.0, refiner=refiner,
+                   refiner_switch_at=0.7, prompt_weighting=True, progress=False)[0]
+        served = unb64(answer["images"][0])
+        assert np.array_equal(np.asarray(served), np.asarray(api))
+        assert f"Refiner: refiner [{refiner.manifest.model.weights_sha256[:10]}], Refiner switch at: 0.7" in \
+            served.info["parameters"]
+        status, answer, _ = call(url, "POST", {**body, "refiner_checkpoint": "nowhere"})
+        assert status == 422 and "checkpoint 'nowhere' is not served here" in json.dumps(answer)
+        status, answer, _ = call(url, "POST", {**body, "refiner_checkpoint": "None"})  # A1111's "no refiner"
+        assert status == 200 and "Refiner" not in unb64(answer["images"][0]).info["parameters"]
