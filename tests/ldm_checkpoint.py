@@ -15,6 +15,7 @@ import torch
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."  # SDXL's
+REFINER_OPEN_CLIP = "conditioner.embedders.0.model."  # an SDXL refiner's one text encoder
 
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
@@ -95,11 +96,13 @@ def text_model_state(text) -> dict:
 
 def xl_text_state(text, text_2) -> dict:
     """SDXL's two text encoders under the names of its release (sgm's conditioner): CLIP ViT-L's
-    transformers names, OpenCLIP ViT-bigG's own with its (width, projection) matrix and logit scale."""
-    state = {XL_CLIP + k: v for k, v in text_model_state(text).items()}
-    state.update({XL_OPEN_CLIP + k: v for k, v in open_clip_state(text_2).items()})
-    state[XL_OPEN_CLIP + "text_projection"] = text_2.text_projection.weight.T
-    state[XL_OPEN_CLIP + "logit_scale"] = torch.ones((), device=device_of(text_2))
+    transformers names, OpenCLIP ViT-bigG's own with its (width, projection) matrix and logit scale.
+    text None: a refiner's, the second alone as embedders.0."""
+    state = {} if text is None else {XL_CLIP + k: v for k, v in text_model_state(text).items()}
+    prefix = REFINER_OPEN_CLIP if text is None else XL_OPEN_CLIP
+    state.update({prefix + k: v for k, v in open_clip_state(text_2).items()})
+    state[prefix + "text_projection"] = text_2.text_projection.weight.T
+    state[prefix + "logit_scale"] = torch.ones((), device=device_of(text_2))
     return state
 
 
@@ -145,7 +148,8 @@ def write_single_file(folder, out, open_clip: bool, dtype=torch.float32) -> dict
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    refiner = not (Path(folder) / "text_encoder").is_dir()  # an SDXL refiner: the second encoder alone
+    text = None if refiner else CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
     text_2 = None
     if (Path(folder) / "text_encoder_2").is_dir():  # SDXL
         from transformers import CLIPTextModelWithProjection

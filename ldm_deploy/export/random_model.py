@@ -187,6 +187,23 @@ PRESETS = {
         pad_token="<|endoftext|>",
         pad_token_2="!",
     ),
+    # The real SDXL refiner architecture (stabilityai/stable-diffusion-xl-refiner-1.0: a 2.3B U-Net of
+    # 384..1536 channels with four transformer layers where it attends, at its two middle levels;
+    # OpenCLIP ViT-bigG/14 alone; an aesthetic score after four sizes, 1280 + 5 x 256), for its single files.
+    "sdxl-refiner": dict(
+        unet=dict(block_out_channels=(384, 768, 1536, 1536), layers_per_block=2,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  cross_attention_dim=1280, attention_head_dim=(6, 12, 24, 24), transformer_layers_per_block=4,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2560, sample_size=128),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                    hidden_act="gelu", projection_dim=1280),
+        vae=dict(**SD_VAE, sample_size=1024, **SDXL_VAE),
+        scheduler=SDXL_SCHEDULER,
+        pad_token_2="!",
+        refiner=True,
+    ),
 }
 
 

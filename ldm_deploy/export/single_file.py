@@ -107,13 +107,16 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
         raise ModelSourceError(f"{ck.path} is {partial_kind(names)} (it has no {UNET}* weights); ldm-export "
                                "needs a whole Stable Diffusion checkpoint (U-Net, VAE and text encoder)")
     xl = any(k.startswith(XL_OPEN_CLIP) for k in names)
-    if LABEL_EMB in ck.state:
+    # An SDXL refiner: SDXL's added conditioning and OpenCLIP ViT-bigG alone, as embedders.0
+    refiner = LABEL_EMB in ck.state and not xl and any(k.startswith(SGM_OPEN_CLIP) for k in names) \
+        and ck.state[LABEL_EMB].shape[1] != 2816
+    if LABEL_EMB in ck.state and not refiner:
         width = ck.state[LABEL_EMB].shape[1]
-        kind = {2560: "an SDXL refiner", 2816: "an SDXL checkpoint without its second text encoder "
-                "(conditioner.embedders.1.); a partial"}.get(width, "a class-conditioned (unCLIP or upscaler)")
-        if not xl:  # SDXL base's: pooled text and six sizes (1280 + 6 x 256); the refiner has no embedders.1
-            raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x / SDXL base text-to-image "
-                                   "models are supported yet")
+        kind = {2816: "an SDXL checkpoint without its second text encoder (conditioner.embedders.1.); a "
+                "partial"}.get(width, "a class-conditioned (unCLIP or upscaler)")
+        if not xl:  # SDXL base's: pooled text and six sizes (1280 + 6 x 256)
+            raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x / SDXL text-to-image "
+                                   "models and SDXL refiners are supported yet")
     missing = [] if vae_given or any(k.startswith(VAE) for k in names) else ["VAE"]
     if xl and not any(k.startswith(XL_CLIP) for k in names):
         missing.append("first (CLIP ViT-L) text encoder")
@@ -128,6 +131,8 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
             "conditioned model); only text-to-image (4 channels) and inpainting (9) models are supported yet")
     if xl:
         return "sdxl"
+    if refiner:
+        return "sdxl-refiner"
     sd2 = any(k.startswith((OPEN_CLIP, SGM_OPEN_CLIP)) for k in names) or \
         (CROSS_KEY in ck.state and ck.state[CROSS_KEY].shape[-1] == 1024)
     return "sd2" if sd2 else "sd1"
@@ -159,7 +164,7 @@ def prediction_type(ck: Checkpoint, fam: str, override: str | None) -> str:
         return "v_prediction" if spec.startswith("v") else "epsilon"
     if "v_pred" in ck.names:  # ComfyUI saves this key with v-prediction models
         return "v_prediction"
-    if fam in ("sd1", "sdxl"):
+    if fam in ("sd1", "sdxl", "sdxl-refiner"):
         return "epsilon"
     if ck.global_step == SD2_BASE_STEP or inpainting(ck):
         return "epsilon"
@@ -182,7 +187,7 @@ def write_configs(folder: Path, fam: str, prediction: str, inpaint: bool = False
         vae_config,
     )
 
-    preset = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}[fam]
+    preset = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl", "sdxl-refiner": "sdxl-refiner"}[fam]
     scheduler = {**PRESETS[preset]["scheduler"], "prediction_type": prediction}
     unet = unet_config(preset, inpaint)
     if fam == "sd2" and prediction == "epsilon":
@@ -192,12 +197,14 @@ def write_configs(folder: Path, fam: str, prediction: str, inpaint: bool = False
         (folder / sub).mkdir(parents=True)
         name = "scheduler_config.json" if sub == "scheduler" else "config.json"
         (folder / sub / name).write_text(json.dumps({"_class_name": cls, **cfg}, indent=2))
-    text_config(preset).save_pretrained(folder / "text_encoder")
-    tokenizer(preset).save_pretrained(folder / "tokenizer")
-    if fam == "sdxl":
+    if fam != "sdxl-refiner":  # a refiner has the second text encoder alone
+        text_config(preset).save_pretrained(folder / "text_encoder")
+        tokenizer(preset).save_pretrained(folder / "tokenizer")
+    if fam.startswith("sdxl"):
         text_config(preset, "text_2").save_pretrained(folder / "text_encoder_2")
         tokenizer(preset, "pad_token_2").save_pretrained(folder / "tokenizer_2")
-    pipeline = f"StableDiffusion{'XL' if fam == 'sdxl' else ''}{'Inpaint' if inpaint else ''}Pipeline"
+    pipeline = "StableDiffusionXLImg2ImgPipeline" if fam == "sdxl-refiner" else \
+        f"StableDiffusion{'XL' if fam == 'sdxl' else ''}{'Inpaint' if inpaint else ''}Pipeline"
     (folder / "model_index.json").write_text(json.dumps(model_index(scheduler["_class_name"], pipeline), indent=2))
 
 
@@ -208,7 +215,8 @@ def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction:
     With `vae_given` the VAE is built but its weights are left to the caller's replacement."""
     ck = read(path, allow_pickle, WANTED)
     fam = family(ck, vae_given)
-    state = {OPEN_CLIP + k[len(SGM_OPEN_CLIP):] if k.startswith(SGM_OPEN_CLIP) else k: v for k, v in ck.state.items()}
+    state = ck.state if fam == "sdxl-refiner" else \
+        {OPEN_CLIP + k[len(SGM_OPEN_CLIP):] if k.startswith(SGM_OPEN_CLIP) else k: v for k, v in ck.state.items()}
     with tempfile.TemporaryDirectory(prefix="ldm-deploy-configs-") as tmp:
         if config is None:
             pred = prediction_type(ck, fam, prediction)
@@ -231,7 +239,7 @@ def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction:
     return (*modules, scheduler_config, xl)
 
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
 
 
 def convert(state: dict, config: Path, with_vae: bool = True):
@@ -253,22 +261,26 @@ def convert(state: dict, config: Path, with_vae: bool = True):
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config, subfolder="vae"))
     if with_vae:
         load_vae(vae, state)
-    text = CLIPTextModel(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder"))
-    open_clip = any(k.startswith(OPEN_CLIP) for k in state)
-    weights = convert_open_clip_checkpoint(text, state) if open_clip else convert_ldm_clip_checkpoint(state)
-    # Unused: old checkpoints' position_ids, OpenCLIP's projection, logit scale and last layer.
-    load_weights(text, nested(text, weights), "text encoder", unused_ok=True)
+    refiner = not (config / "text_encoder").is_dir()  # an SDXL refiner: the second text encoder alone
+    text = tokenizer = None
+    if not refiner:
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder"))
+        open_clip = any(k.startswith(OPEN_CLIP) for k in state)
+        weights = convert_open_clip_checkpoint(text, state) if open_clip else convert_ldm_clip_checkpoint(state)
+        # Unused: old checkpoints' position_ids, OpenCLIP's projection, logit scale and last layer.
+        load_weights(text, nested(text, weights), "text encoder", unused_ok=True)
+        # The fast tokenizer: the export saves its tokenizer.json (a slow one would be reloaded from
+        # the model's folder, which a single file does not have).
+        tokenizer = CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer")
     xl = {}
     if (config / "text_encoder_2").is_dir():  # SDXL's OpenCLIP ViT-bigG, all its layers, and its projection
         from transformers import CLIPTextModelWithProjection
 
         text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config, subfolder="text_encoder_2"))
-        weights = convert_open_clip_checkpoint(text_2, state, prefix=XL_OPEN_CLIP)
+        weights = convert_open_clip_checkpoint(text_2, state, prefix=SGM_OPEN_CLIP if refiner else XL_OPEN_CLIP)
         load_weights(text_2, nested(text_2, weights), "second text encoder", unused_ok=True)  # logit scale
         xl = dict(text_encoder_2=text_2, tokenizer_2=CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer_2"))
-    # The fast tokenizer: the export saves its tokenizer.json (a slow one would be reloaded from
-    # the model's folder, which a single file does not have).
-    return unet, vae, text, CLIPTokenizerFast.from_pretrained(config, subfolder="tokenizer"), xl
+    return unet, vae, text, tokenizer, xl
 
 
 def nested(text, weights: dict) -> dict:

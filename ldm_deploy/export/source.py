@@ -221,16 +221,18 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
                                                                                  is_refiner_folder(path))
         if is_xl_folder(path):
             xl = load_xl_parts(path, allow_pickle)
-            tokenizer = tokenizer or xl["tokenizer_2"]
+    if text_encoder is None:  # an SDXL refiner: its one tokenizer is the engine's
+        tokenizer = xl["tokenizer_2"]
     if prediction_type:
         scheduler_config["prediction_type"] = prediction_type
     vae = model_vae
     if vae_source:
         vae, vae_files = load_vae(vae_source, model_vae.config, allow_pickle)
         weights += vae_files
-    if xl:  # diffusers' default for SDXL pipelines: true (the bundled single-file configs say so too)
+    if xl:  # diffusers' default for SDXL pipelines: true (the bundled single-file configs say so too);
+        # a refiner's (stable-diffusion-xl-refiner-1.0's model_index): false
         xl["zero_negative"] = bool(read_index(path if path.is_dir() else configs).get("force_zeros_for_empty_prompt",
-                                                                                      True))
+                                                                                      text_encoder is not None))
     check_architecture(path, unet, vae, text_encoder, xl.get("text_encoder_2"))
     for m in (unet, vae, text_encoder, xl.get("text_encoder_2")):
         if m is not None:
@@ -344,7 +346,8 @@ def check_config(config: str) -> Path:
                                "configs describe the checkpoint's architecture")
     if not (path / "model_index.json").is_file():
         raise ModelSourceError(f"--config {config} is not a diffusers folder (it has no model_index.json)")
-    missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+    refiner = is_refiner_folder(path)  # an SDXL refiner's configs: no first text encoder or tokenizer
+    missing = [s for s in SUBFOLDERS if not (path / s).is_dir() and not (refiner and s in ("text_encoder", "tokenizer"))]
     if missing:
         raise ModelSourceError(f"--config {config} lacks the subfolder(s) {', '.join(missing)}")
     try:

@@ -148,7 +148,8 @@ OPEN_CLIP_KEY = {"cond_stage_model.model.ln_final.weight": (1024,)}
     ({"model.diffusion_model.label_emb.0.0.weight": (1280, 2816), **UNET_KEY, **VAE_KEY, **CLIP_KEY},
      "SDXL checkpoint without its second text encoder"),
     ({"edm_mean": (1, 4, 1, 1), "conditioner.embedders.1.model.ln_final.weight": (1280,), **UNET_KEY}, "Playground v2.5"),
-    ({"model.diffusion_model.label_emb.0.0.weight": (1536, 2560), **UNET_KEY, **VAE_KEY, **CLIP_KEY}, "SDXL refiner"),
+    ({"model.diffusion_model.label_emb.0.0.weight": (1536, 2560), "conditioner.embedders.0.model.ln_final.weight":
+      (1280,), **UNET_KEY}, "holds no VAE"),  # an SDXL refiner's names, its VAE left out
     ({"model.diffusion_model.label_emb.0.0.weight": (1280, 1024), **UNET_KEY, **VAE_KEY, **OPEN_CLIP_KEY}, "unCLIP"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "SD3"),
     ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "Flux"),
@@ -170,6 +171,11 @@ def test_family_and_prediction_type(caplog):
     assert single_file.prediction_type(sd1, "sd1", None) == "epsilon"
     sd2 = checkpoint({**UNET_KEY, **VAE_KEY, **OPEN_CLIP_KEY})
     assert single_file.family(sd2) == "sd2"
+    sgm_sd2 = checkpoint({**UNET_KEY, **VAE_KEY, "conditioner.embedders.0.model.ln_final.weight": (1024,)})
+    assert single_file.family(sgm_sd2) == "sd2"  # Stability's newer trainer's names: no label_emb
+    refiner = checkpoint({**UNET_KEY, **VAE_KEY, "conditioner.embedders.0.model.ln_final.weight": (1280,),
+                          "model.diffusion_model.label_emb.0.0.weight": (1536, 2560)})
+    assert single_file.family(refiner) == "sdxl-refiner"
     with caplog.at_level(logging.WARNING):
         assert single_file.prediction_type(sd2, "sd2", None) == "v_prediction"
     assert "--prediction-type epsilon" in caplog.text
@@ -468,3 +474,63 @@ def test_bundled_sdxl_configs_take_a_full_size_checkpoints_every_weight(tmp_path
     assert UNET2D["sample_size"] == 128 and UNET2D["cross_attention_dim"] == 2048
     assert sum(p.numel() for p in unet.parameters()) > 2.5e9  # SDXL's 2.6B U-Net
     assert (text_2.config.hidden_size, text_2.config.num_hidden_layers, text_2.config.projection_dim) == (1280, 32, 1280)
+
+
+@pytest.fixture(scope="module")
+def refiner_file(tmp_path_factory):
+    """(single file of a seed-3 tiny SDXL refiner, its folder, a seed-1 one's folder for --config)."""
+    root = tmp_path_factory.mktemp("single-refiner")
+    folder = make_random_model(root / "model", "tiny-sdxl-refiner", seed=3)
+    write_single_file(folder, root / "refiner.safetensors", open_clip=False)
+    return root / "refiner.safetensors", folder, make_random_model(root / "config", "tiny-sdxl-refiner", seed=1)
+
+
+def test_sdxl_refiner_single_file_loads_its_weights_and_draws_the_folders_image(refiner_file, tmp_path, capsys):
+    """The refiner's release layout (OpenCLIP ViT-bigG alone as conditioner.embedders.0, label_emb
+    of the pooled text and five numbers) read back to the weights of its folder."""
+    from ldm_deploy import Pipeline
+
+    path, folder, config = refiner_file
+    ours, ref = load_source(str(path), config=str(config)), load_source(str(folder))
+    assert ours.family == "sdxl" and ours.refiner and not ours.zero_negative and ours.text_encoder is None
+    for name in ("unet", "vae", "text_encoder_2"):
+        a, b = getattr(ours, name).state_dict(), getattr(ref, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
+    engines = {}
+    for name, model, extra in (("file", path, ["--config", str(config)]), ("folder", folder, [])):
+        engines[name] = tmp_path / name
+        code = export_cli.main(["--model", str(model), *extra, "--out", str(engines[name]), "--min-size", "64",
+                                "--max-size", "128"])
+        assert code == 0, capsys.readouterr().err
+    image = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    kwargs = dict(prompt="a lighthouse", init_image=image, strength=0.6, steps=4, seed=2, output_type="np",
+                  progress=False)
+    got, want = (Pipeline.load(engines[n])(**kwargs) for n in ("file", "folder"))
+    assert_not_saturated(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_bundled_sdxl_refiner_configs_take_a_full_size_checkpoints_every_weight(tmp_path):
+    """stable-diffusion-xl-refiner-1.0's architecture on the meta device, named as its release
+    names it: the file is told from SDXL base and every weight maps onto our configs' modules."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    single_file.write_configs(tmp_path, "sdxl-refiner", "epsilon")
+    assert not (tmp_path / "text_encoder").exists() and (tmp_path / "tokenizer_2").is_dir()
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(tmp_path, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(tmp_path, subfolder="vae"))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(tmp_path, subfolder="text_encoder_2"))
+    state = ldm_state(unet, vae, None, False, text_2)
+    ck = single_file.Checkpoint(tmp_path / "refiner.safetensors", state, None)
+    assert single_file.family(ck) == "sdxl-refiner" and single_file.prediction_type(ck, "sdxl-refiner", None) == "epsilon"
+    assert tuple(state[single_file.LABEL_EMB].shape) == (1536, 2560)  # (4 x 384 time embedding, 1280 + 5 x 256)
+    strip = lambda w: {k.removeprefix("text_model."): v for k, v in w.items()}  # noqa: E731
+    for module, converted in ((unet, convert_ldm_unet_checkpoint(state, unet.config)),
+                              (text_2, strip(convert_open_clip_checkpoint(text_2, state, single_file.SGM_OPEN_CLIP)))):
+        expected = {k.removeprefix("text_model."): tuple(v.shape) for k, v in module.state_dict().items()}
+        assert {k: tuple(converted[k].shape) for k in expected if k in converted} == expected
+        assert set(converted) - set(expected) <= {"logit_scale"}
+    assert 2.2e9 < sum(p.numel() for p in unet.parameters()) < 2.5e9  # the refiner's 2.3B U-Net
