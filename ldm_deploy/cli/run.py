@@ -60,9 +60,10 @@ def parser() -> argparse.ArgumentParser:
                    help="how the first pass is enlarged, as AUTOMATIC1111 names it: Lanczos (default: the image), "
                         "or Latent, 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
                         "'Latent (nearest)', 'Latent (nearest-exact)' (the latents; use --hires-strength 0.5 or more)")
-    p.add_argument("--refiner", default=None, metavar="DIR",
-                   help="an SDXL refiner's engine (ldm-export of the refiner) that finishes each image, as "
-                        "AUTOMATIC1111's Refiner: it draws the last part of the steps")
+    p.add_argument("--refiner", default=None, metavar="DIR|MODEL",
+                   help="an SDXL refiner that finishes each image, as AUTOMATIC1111's Refiner (it draws the last "
+                        "part of the steps): its engine directory, or its diffusers folder or .safetensors file, "
+                        "exported into the cache as --model is")
     p.add_argument("--refiner-switch-at", type=float, default=None, metavar="F",
                    help="the fraction of the walk after which the refiner draws (default 0.8)")
     p.add_argument("--aesthetic-score", type=float, default=None, metavar="X",
@@ -170,6 +171,20 @@ def engine_dir(args) -> str:
     return str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
 
 
+def refiner_dir(args) -> str:
+    """--refiner: an engine directory, or a model (folder or checkpoint) whose ONNX Runtime engine
+    is exported into the cache as --model's is (no LoRA or other network: refiners take none)."""
+    path = Path(args.refiner).expanduser()
+    if (path / "manifest.json").is_file():
+        return str(path)
+    if not path.exists():
+        raise UserError(f"--refiner {args.refiner} does not exist; pass the refiner's engine directory (ldm-export), "
+                        "diffusers folder or .safetensors checkpoint")
+    from ldm_deploy.cache import engine_for
+
+    return str(engine_for(path, {"allow_pickle": True} if args.allow_pickle else {}))
+
+
 # ldm-run options a PNG's parameters may set: dest -> the default when neither sets it.
 FROM_PNG = {"negative_prompt": None, "steps": 30, "guidance": 7.5, "seed": None, "width": None, "height": None,
             "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
@@ -274,7 +289,7 @@ def main(argv=None) -> int:
                              rebuild_stale=args.rebuild_stale, **options)
         refiner = None
         if args.refiner is not None:
-            refiner = Pipeline.load(args.refiner, backend=args.backend, verify=not args.no_verify,
+            refiner = Pipeline.load(refiner_dir(args), backend=args.backend, verify=not args.no_verify,
                                     rebuild_stale=args.rebuild_stale, **options)
         elif args.refiner_switch_at is not None and "refiner_switch_at" in given_here:
             raise UserError("--refiner-switch-at is where a refiner takes over: give --refiner ENGINE too")

@@ -228,3 +228,21 @@ def test_served_refiner_checkpoint(models):
         assert status == 422 and "checkpoint 'nowhere' is not served here" in json.dumps(answer)
         status, answer, _ = call(url, "POST", {**body, "refiner_checkpoint": "None"})  # A1111's "no refiner"
         assert status == 200 and "Refiner" not in unb64(answer["images"][0]).info["parameters"]
+
+
+def test_ldm_run_refiner_given_as_a_model_is_exported_to_the_cache(models, tmp_path, monkeypatch, capsys):
+    from ldm_deploy.cli import run as run_cli
+
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    folder, refiner, _ = models["refiner"]
+    _, base, _ = models["base"]
+    out = tmp_path / "a.png"
+    args = ["--engine", str(base.engine_dir), PROMPT, "--steps", "4", "--width", "256", "--height", "256",
+            "--seed", "1", "--sampler", "euler", "-q", "--out", str(out)]
+    assert run_cli.main(args + ["--refiner", str(folder)]) == 0, capsys.readouterr().err
+    assert list((tmp_path / "cache" / "engines").iterdir())[0].name.startswith("refiner-")
+    api = base(PROMPT, steps=4, width=256, height=256, seed=1, sampler="euler", refiner=refiner, progress=False)[0]
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - np.asarray(api)).max() <= 1  # the same weights
+    capsys.readouterr()
+    assert run_cli.main(args + ["--refiner", str(tmp_path / "nowhere")]) == 2
+    assert f"--refiner {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
