@@ -241,10 +241,6 @@ class Pipeline:
             init = inpaint.fill(init, mask, width, height)
         n = len(prompts) * num_images
         m = self.manifest.model
-        if refiner is None and (aesthetic_score is not None or negative_aesthetic_score is not None) \
-                and not m.aesthetic:
-            raise InvalidRequest("aesthetic_score and negative_aesthetic_score condition SDXL refiners; this engine's "
-                                 "model takes none: leave them out (or give a refiner)")
         if isinstance(init, images.InitLatents) and init.array.shape[0] not in (1, n):
             raise InvalidRequest(f"init latents hold {init.array.shape[0]} images; give one, or one per image ({n})")
         seeds = noise.image_seeds(seed, n)
@@ -273,8 +269,8 @@ class Pipeline:
             clip_skip=clip_skip,
             prompt_weighting=prompt_weighting,
             zero_negative=zero_negative,
-            **({} if refiner is not None else aesthetic(aesthetic_score, negative_aesthetic_score)),
-            **denoising(denoising_start, denoising_end, init, mask, hires_scale, control),
+            **refine.scores(m, refiner, aesthetic_score, negative_aesthetic_score),
+            **refine.cut(denoising_start, denoising_end, init, mask, hires_scale, control),
             **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
         )
         check_request(req, self.manifest, img2img=init is not None)
@@ -490,32 +486,6 @@ class Pipeline:
                   "start_coeffs": be.upload(np.array([1.0, 0.0], np.float32))}
         be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
         return be.download(out)
-
-def aesthetic(score, negative) -> dict:
-    """The Request's aesthetic scores (an SDXL refiner's), checked."""
-    out = {}
-    for name, value in (("aesthetic_score", score), ("negative_aesthetic_score", negative)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(value):
-            raise InvalidRequest(f"{name} must be a number (the refiner's defaults: 6.0 and 2.5), got {value!r}")
-        out[name] = float(value)
-    return out
-
-
-def denoising(start, end, init, mask, hires_scale, control) -> dict:
-    """The Request's part of the walk (denoising_start / denoising_end), with what it cannot go with."""
-    if start is None and end is None:
-        return {}
-    if start is not None and init is None:
-        raise InvalidRequest("denoising_start continues a walk from its latents: give them as init_image "
-                             "(the first model's output_type=\"latent\")")
-    if mask is not None or hires_scale is not None or control.first_image is not None:
-        raise InvalidRequest("denoising_start / denoising_end (a refiner's switch) do not go with masks, the hires "
-                             "fix or ControlNets here; leave one out")
-    return {"denoising_start": start, "denoising_end": end}
-
 
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",

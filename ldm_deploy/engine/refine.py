@@ -12,6 +12,8 @@ the next, as one diffusers generator passed to both pipelines does.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ldm_deploy.engine import images
 from ldm_deploy.engine.infotext import model_name
 from ldm_deploy.engine.request import Request
@@ -45,23 +47,50 @@ def switch(pipe, refiner, at, denoising_start, denoising_end) -> float | None:
     return SWITCH_AT if at is None else at
 
 
+def scores(m, refiner, score, negative) -> dict:
+    """The Request's aesthetic scores, checked: an SDXL refiner's (m: the engine's ModelInfo); with a
+    refiner given they are the refiner's, which its call takes (none here)."""
+    out = {}
+    for name, value in (("aesthetic_score", score), ("negative_aesthetic_score", negative)):
+        if value is None:
+            continue
+        if not (refiner.manifest.model if refiner is not None else m).aesthetic:
+            raise InvalidRequest(f"aesthetic_score and negative_aesthetic_score condition SDXL refiners; this "
+                                 f"{'refiner' if refiner is not None else 'engine'}'s model takes none: leave them out")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value):
+            raise InvalidRequest(f"{name} must be a number (the refiner's defaults: 6.0 and 2.5), got {value!r}")
+        out[name] = float(value)
+    return {} if refiner is not None else out
+
+
+def cut(start, end, init, mask, hires_scale, control) -> dict:
+    """The Request's part of the walk (denoising_start / denoising_end), refused with what it
+    cannot go with here."""
+    if start is None and end is None:
+        return {}
+    if start is not None and init is None:
+        raise InvalidRequest("denoising_start continues a walk from its latents: give them as init_image "
+                             "(the first model's output_type=\"latent\")")
+    if mask is not None or hires_scale is not None or control.first_image is not None:
+        raise InvalidRequest("denoising_start / denoising_end (a refiner's switch) do not go with masks, the hires "
+                             "fix or ControlNets here; leave one out")
+    return {"denoising_start": start, "denoising_end": end}
+
+
 def finish(refiner, req: Request, latents, generator, progress, output_type: str, aesthetic_score,
            negative_aesthetic_score):
     """The refiner's part of each image: (B, C, h, w) latents from the base's walk, cut at
     req.denoising_end -> (B, H, W, 3) images in [0, 1], or output_type "latent": its latents.
     Same prompts, seeds, steps, sampler and guidance; the aesthetic scores are the refiner's
-    (a refiner that takes none, any other model of the family, is given none)."""
-    scores = {"aesthetic_score": aesthetic_score, "negative_aesthetic_score": negative_aesthetic_score} \
-        if refiner.manifest.model.aesthetic else {}
-    if not refiner.manifest.model.aesthetic and (aesthetic_score is not None or negative_aesthetic_score is not None):
-        raise InvalidRequest("aesthetic_score and negative_aesthetic_score condition SDXL refiners; this refiner's "
-                             "model takes none: leave them out")
+    (None: its defaults; scores() refused them for a refiner that takes none)."""
     return refiner(
         list(req.prompts), negative_prompt=None if req.zero_negative else list(req.negative_prompts),
         steps=req.steps, guidance=req.guidance, seed=list(req.seeds), sampler=req.sampler,
         init_image=images.InitLatents(latents), denoising_start=req.denoising_end, clip_skip=req.clip_skip,
         prompt_weighting=req.prompt_weighting, generator=generator, progress=progress,
-        output_type="latent" if output_type == "latent" else "np", **scores)
+        output_type="latent" if output_type == "latent" else "np", aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score)
 
 
 def fields(refiner, req: Request) -> dict:
