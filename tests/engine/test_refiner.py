@@ -246,3 +246,18 @@ def test_ldm_run_refiner_given_as_a_model_is_exported_to_the_cache(models, tmp_p
     capsys.readouterr()
     assert run_cli.main(args + ["--refiner", str(tmp_path / "nowhere")]) == 2
     assert f"--refiner {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_any_model_of_the_family_refines_and_others_are_refused(models, pipelines):
+    """As in AUTOMATIC1111, the refiner may be any model of the family (here the base itself: the
+    two halves of one walk then make the base's own image, but for the multistep restart, which
+    Euler has not); one of another latent space is refused, as are scores it cannot take."""
+    _, base, _ = models["base"]
+    alone = base(PROMPT, steps=6, seed=2, width=W, height=H, sampler="euler", output_type="np", progress=False)
+    twice = base(PROMPT, steps=6, seed=2, width=W, height=H, sampler="euler", output_type="np", progress=False,
+                 refiner=base, refiner_switch_at=0.5)
+    assert np.abs(alone - twice).max() < 1e-5
+    with pytest.raises(InvalidRequest, match="this refiner's model takes none"):
+        base(PROMPT, steps=6, width=W, height=H, refiner=base, aesthetic_score=7.0, progress=False)
+    with pytest.raises(InvalidRequest, match="draws in another latent space"):
+        base(PROMPT, steps=6, width=W, height=H, refiner=pipelines["tiny-sd1"], progress=False)
