@@ -57,8 +57,8 @@ def to_uint8(a: np.ndarray, what: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class InitLatents:
-    """Latents given for the init image, as diffusers' img2img takes them: (1, C, h, w) float32,
-    encoded and scaled (what output_type="latent" gives); img2img noises them without the VAE
+    """Latents given for the init image, as diffusers' img2img takes them: (1, C, h, w) float32 (or
+    one per image), encoded and scaled (what output_type="latent" gives); img2img noises them without the VAE
     encoder. The hires fix's "Latent" upscalers pass theirs so."""
 
     array: np.ndarray
@@ -72,16 +72,16 @@ class InitLatents:
 def as_init_image(init) -> Image.Image | InitLatents | None:
     """The init image as 8-bit RGB from a path, a PIL image, or an (H, W, 3), (H, W, 4) or
     (H, W) array (uint8, 16-bit, or floats in [0, 1] as diffusers' output_type="np" gives); or
-    InitLatents from a (1, C, h, w) float array."""
+    InitLatents from a (1, C, h, w) float array (or (B, C, h, w): one per image)."""
     if init is None or isinstance(init, InitLatents):
         return init
     if isinstance(init, np.ndarray) and init.ndim == 4 and init.shape[0] == 1 and init.shape[3] in (1, 3, 4) \
             and init.shape[1] > 4:
         init = init[0]  # one (1, H, W, 3) image, as output_type="np" gives (latents have 4 channels first)
     elif isinstance(init, np.ndarray) and init.ndim == 4:
-        if init.shape[0] != 1 or not np.issubdtype(init.dtype, np.floating) or not np.isfinite(init).all():
-            raise InvalidRequest(f"init latents must be one finite (1, C, h, w) float array, as diffusers' "
-                                 f"output_type='latent' gives; got {init.dtype} of shape {init.shape}")
+        if init.shape[0] < 1 or not np.issubdtype(init.dtype, np.floating) or not np.isfinite(init).all():
+            raise InvalidRequest(f"init latents must be a finite (1, C, h, w) float array (or one per image), as "
+                                 f"diffusers' output_type='latent' gives; got {init.dtype} of shape {init.shape}")
         return InitLatents(init.astype(np.float32))
     if isinstance(init, (str, Path)):
         return open_image(init)

@@ -255,7 +255,7 @@ class Pipeline:
             self.warned.add("lcm")
             log.warning("the lcm sampler is made for LCM-LoRA models, which draw best in 2-8 steps with "
                         "guidance 1-2; guidance %s tends to burn the image", guidance)
-        denoising_end = refine.switch(self, refiner, refiner_switch_at, denoising_start, denoising_end)
+        refiner, denoising_end = refine.switch(self, refiner, refiner_switch_at, denoising_start, denoising_end)
         req = Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),
             negative_prompts=tuple(q for q in negs for _ in range(num_images)),
@@ -270,11 +270,21 @@ class Pipeline:
             prompt_weighting=prompt_weighting,
             zero_negative=zero_negative,
             **refine.scores(m, refiner, aesthetic_score, negative_aesthetic_score),
-            **refine.cut(denoising_start, denoising_end, init, mask, hires_scale, control),
+            **refine.cut(m, denoising_start, denoising_end, init, mask, hires_scale, control, latents,
+                         refiner is not None),
             **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
         )
         check_request(req, self.manifest, img2img=init is not None)
         self.check_history(req.sampler, req.steps, req.strength)
+        if refiner is not None:  # where the switch leaves one model no step, the other draws alone
+            drawn = refine.parts(req, m)
+            if drawn == "refiner":
+                return refine.alone(refiner, req, init, latents, generator, output_type, progress, aesthetic_score,
+                                    negative_aesthetic_score)
+            if drawn == "base":
+                refiner, req = None, replace(req, denoising_end=None)
+            else:
+                refine.check(refiner, req)
         plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
              req.denoising_end)  # a switch that leaves no step, before anything is drawn
         fix = None
@@ -362,7 +372,8 @@ class Pipeline:
 
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
                   req.denoising_end)
-        step_emb = text.step_inputs(self, req, sp.steps)  # each U-Net evaluation's text inputs
+        # each U-Net evaluation's text inputs (a refiner's part: those of the walk's last steps)
+        step_emb = text.step_inputs(self, req, sp.steps, req.steps - sp.steps if req.denoising_start is not None else 0)
 
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
         step_masks = None  # per step: the U-Net step's mask and image_latents (engines with masks)

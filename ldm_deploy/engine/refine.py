@@ -16,35 +16,64 @@ import numpy as np
 
 from ldm_deploy.engine import images
 from ldm_deploy.engine.infotext import model_name
-from ldm_deploy.engine.request import Request
+from ldm_deploy.engine.request import Request, check_size
+from ldm_deploy.engine.samplers import cutoff, plan, rows_above
 from ldm_deploy.errors import InvalidRequest
 
 SWITCH_AT = 0.8  # AUTOMATIC1111's default "Switch at", and diffusers' example
 
 
-def switch(pipe, refiner, at, denoising_start, denoising_end) -> float | None:
-    """The base's denoising_end for a refiner switching at `at` (None: the default); the
-    refiner checked against the base's model. None where no refiner is given."""
+def switch(pipe, refiner, at, denoising_start, denoising_end):
+    """-> (the refiner, the base's denoising_end): the refiner checked against the base's model,
+    switching at `at` (None: 0.8; 0: it draws all, 1: never, as in AUTOMATIC1111). No refiner
+    given, or the base's own model (AUTOMATIC1111 then does not switch): (None, denoising_end)."""
     if refiner is None:
         if at is not None:
             raise InvalidRequest("refiner_switch_at is where a refiner takes over: give the refiner too")
-        return denoising_end
+        return None, denoising_end
     if not callable(refiner) or not hasattr(refiner, "manifest"):
         raise InvalidRequest(f"refiner must be a loaded Pipeline (Pipeline.load(engine_dir)), got "
                              f"{type(refiner).__name__}")
     if denoising_start is not None or denoising_end is not None:
         raise InvalidRequest("a refiner sets where the walk is cut (refiner_switch_at); leave denoising_start and "
                              "denoising_end out")
+    at = SWITCH_AT if at is None else at
+    if isinstance(at, bool) or not isinstance(at, (int, float, np.integer, np.floating)) or not 0 <= at <= 1:
+        raise InvalidRequest(f"refiner_switch_at must be a fraction of the walk from 0 (the refiner draws it all) "
+                             f"to 1 (it draws nothing), got {at!r}")
     a, b = pipe.manifest.model, refiner.manifest.model
+    if a.weights_sha256 == b.weights_sha256:  # the same model
+        return None, None
     if (a.latent_channels, a.vae_scale, a.vae_scaling_factor) != (b.latent_channels, b.vae_scale, b.vae_scaling_factor):
         raise InvalidRequest(f"the refiner ({model_name(b.source)}, {b.family}) draws in another latent space than "
                              f"this engine's model ({a.family}); give a refiner of the model's family")
-    sa, sb = a.noise_schedule, b.noise_schedule
-    if (sa.num_train_timesteps, sa.beta_start, sa.beta_end, sa.beta_schedule) != \
-            (sb.num_train_timesteps, sb.beta_start, sb.beta_end, sb.beta_schedule):
-        raise InvalidRequest(f"the refiner ({model_name(b.source)}) was trained on another noise schedule than this "
-                             "engine's model, so it cannot take over its latents")
-    return SWITCH_AT if at is None else at
+    if b.inpainting or a.inpainting:
+        raise InvalidRequest(f"{'the refiner' if b.inpainting else 'this engine'} is an inpainting model, which "
+                             "does not take part in a refiner's switch here; give text-to-image models")
+    if timesteps(a.noise_schedule) != timesteps(b.noise_schedule):
+        raise InvalidRequest(f"the refiner ({model_name(b.source)}) walks another noise schedule than this "
+                             "engine's model (its scheduler config), so it cannot take over its latents")
+    return refiner, float(at)
+
+
+def timesteps(schedule) -> dict:
+    """What places a walk's steps: the scheduler config but what the model predicts."""
+    return {k: v for k, v in schedule.to_dict().items() if k != "prediction_type"}
+
+
+def parts(req: Request, m) -> str:
+    """Who draws a request cut at req.denoising_end: "both", or where the cut leaves one of them
+    no step (img2img at a low strength, a few steps), "base" or "refiner" alone, as AUTOMATIC1111
+    then never switches, or switches before the first step."""
+    rows = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength).rows
+    above = rows_above(rows, cutoff(m.noise_schedule, req.denoising_end))
+    return "refiner" if above == 0 else "base" if above == len(rows) else "both"
+
+
+def check(refiner, req: Request) -> None:
+    """What the refiner cannot draw of the request, found before the base draws it."""
+    check_size(refiner.manifest, req.width, req.height)
+    refiner.check_history(req.sampler, req.steps, 1.0)
 
 
 def scores(m, refiner, score, negative) -> dict:
@@ -64,17 +93,25 @@ def scores(m, refiner, score, negative) -> dict:
     return {} if refiner is not None else out
 
 
-def cut(start, end, init, mask, hires_scale, control) -> dict:
+def cut(m, start, end, init, mask, hires_scale, control, latents, refining: bool) -> dict:
     """The Request's part of the walk (denoising_start / denoising_end), refused with what it
-    cannot go with here."""
+    cannot go with here (refining: the cut is a refiner's switch)."""
     if start is None and end is None:
         return {}
-    if start is not None and init is None:
-        raise InvalidRequest("denoising_start continues a walk from its latents: give them as init_image "
-                             "(the first model's output_type=\"latent\")")
+    what = "a refiner" if refining else "denoising_start / denoising_end"
     if mask is not None or hires_scale is not None or control.first_image is not None:
-        raise InvalidRequest("denoising_start / denoising_end (a refiner's switch) do not go with masks, the hires "
-                             "fix or ControlNets here; leave one out")
+        raise InvalidRequest(f"{what} does not go with masks, the hires fix or ControlNets here; leave one out")
+    if m.inpainting:
+        raise InvalidRequest(f"{what} does not go with inpainting models here")
+    if start is not None:
+        if init is None:
+            raise InvalidRequest("denoising_start continues a walk from its latents: give them as init_image "
+                                 "(the first model's output_type=\"latent\")")
+        if latents is not None:
+            raise InvalidRequest("denoising_start continues from init_image's latents as they are: no noise is "
+                                 "added, so leave latents out")
+        if end is not None and start >= end:
+            raise InvalidRequest(f"denoising_start ({start}) must be less than denoising_end ({end})")
     return {"denoising_start": start, "denoising_end": end}
 
 
@@ -90,6 +127,18 @@ def finish(refiner, req: Request, latents, generator, progress, output_type: str
         init_image=images.InitLatents(latents), denoising_start=req.denoising_end, clip_skip=req.clip_skip,
         prompt_weighting=req.prompt_weighting, generator=generator, progress=progress,
         output_type="latent" if output_type == "latent" else "np", aesthetic_score=aesthetic_score,
+        negative_aesthetic_score=negative_aesthetic_score)
+
+
+def alone(refiner, req: Request, init, latents, generator, output_type, progress, aesthetic_score,
+          negative_aesthetic_score):
+    """A walk switched before its first step: the refiner draws the request alone."""
+    return refiner(
+        list(req.prompts), negative_prompt=None if req.zero_negative else list(req.negative_prompts),
+        steps=req.steps, guidance=req.guidance, seed=list(req.seeds), width=req.width, height=req.height,
+        sampler=req.sampler, init_image=init, strength=req.strength if init is not None else None,
+        clip_skip=req.clip_skip, prompt_weighting=req.prompt_weighting, latents=latents, generator=generator,
+        output_type=output_type, progress=progress, aesthetic_score=aesthetic_score,
         negative_aesthetic_score=negative_aesthetic_score)
 
 

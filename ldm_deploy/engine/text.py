@@ -20,16 +20,17 @@ from ldm_deploy.errors import InvalidRequest
 log = logging.getLogger(__name__)
 
 
-def step_inputs(pipe, req: Request, evaluations: int) -> list[dict]:
+def step_inputs(pipe, req: Request, evaluations: int, offset: int = 0) -> list[dict]:
     """The text inputs of each of `evaluations` U-Net evaluations: the same buffers for all but
-    where the prompt is edited, each distinct set of texts encoded once."""
+    where the prompt is edited, each distinct set of texts encoded once. offset: evaluations of
+    the walk before the first (a refiner's part of it), which prompt editing counts."""
     be, m, b = pipe.backend, pipe.manifest.model, req.batch
     # (2, B) [uncond, cond] with guidance, (1, B) [cond] without (half the U-Net work).
     texts = list(req.negative_prompts) + list(req.prompts) if req.guided else list(req.prompts)
     if req.prompt_weighting:  # AUTOMATIC1111's syntax: its <lora:...> tags are not words (in the
         # prompt: as there, a negative prompt's are read as text)
         texts = texts[: len(texts) - b] + [without_tags(pipe, t) for t in texts[len(texts) - b:]]
-    per_step = step_texts(texts, req, evaluations)
+    per_step = step_texts(texts, req, evaluations, offset)
     distinct = list(dict.fromkeys(per_step))
     emb = dict(zip(distinct, encode(pipe, distinct, len(texts) // b, req)))
     if m.pooled_width:
@@ -103,7 +104,7 @@ def encode(pipe, sets: list[tuple[str, ...]], k: int, req: Request) -> list[dict
     return out
 
 
-def step_texts(texts: list[str], req: Request, evaluations: int) -> list[tuple[str, ...]]:
+def step_texts(texts: list[str], req: Request, evaluations: int, offset: int = 0) -> list[tuple[str, ...]]:
     """The texts of each of `evaluations` U-Net evaluations: with prompt_weighting,
     AUTOMATIC1111's prompt editing ([from:to:when], [a|b]; prompt_schedule.py), scheduled over
     the request's steps times the sampler's evaluations a step (Heun: 2, as AUTOMATIC1111's
@@ -114,7 +115,7 @@ def step_texts(texts: list[str], req: Request, evaluations: int) -> list[tuple[s
     steps = (req.edit_steps or req.steps) * per_step
     first = req.first_pass_steps * per_step if req.first_pass_steps else None
     schedules = [prompt_schedule.schedule(t, steps, first) for t in texts]
-    return [tuple(prompt_schedule.text_at(s, i) for s in schedules) for i in range(evaluations)]
+    return [tuple(prompt_schedule.text_at(s, offset + i) for s in schedules) for i in range(evaluations)]
 
 
 def unconditional_zeroed(text: np.ndarray, zero: bool) -> np.ndarray:

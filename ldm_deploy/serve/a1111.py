@@ -69,19 +69,31 @@ class A1111:
         admit(self.worker)
         engine = self.engine(body)
         model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
-        return self.draw(body, self.refiner(a1111_request.txt2img(body, model, size, random_seed)), engine, False)
+        return self.draw(body, self.refiner(a1111_request.txt2img(body, model, size, random_seed), engine), engine,
+                         False)
 
     def img2img(self, body: dict):
         admit(self.worker)  # before its images are decoded
         engine = self.engine(body)
         model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
-        return self.draw(body, self.refiner(a1111_request.img2img(body, model, size, random_seed)), engine, True)
+        return self.draw(body, self.refiner(a1111_request.img2img(body, model, size, random_seed), engine), engine,
+                         True)
 
-    def refiner(self, options: dict) -> dict:
+    def refiner(self, options: dict, engine: str) -> dict:
         """refiner_checkpoint (a title or name, as sd_model_checkpoint) -> the engine's name, which the
-        worker loads beside the request's (ldm-serve --keep-loaded 2 keeps both)."""
-        if "refiner" in options:
-            options["refiner"] = self.engines.find(options["refiner"])
+        worker loads beside the request's: both at once, so the server must keep two loaded. The
+        request's own engine is no refiner (AUTOMATIC1111 then does not switch)."""
+        if "refiner" not in options:
+            return options
+        name = self.engines.find(options["refiner"])
+        if name == engine:
+            options.pop("refiner")
+            options.pop("refiner_switch_at")
+            return options
+        if self.engines.keep < 2:
+            raise InvalidRequest(f"refiner_checkpoint {options['refiner']!r} draws with two engines at once; this "
+                                 "server keeps one loaded (start ldm-serve with --keep-loaded 2)")
+        options["refiner"] = name
         return options
 
     def engine(self, body: dict) -> str:

@@ -148,7 +148,8 @@ def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
         if not isinstance(refiner, str):
             raise InvalidRequest(f"refiner_checkpoint must be a checkpoint's title or name, got {refiner!r}")
         options["refiner"] = refiner  # an engine's title or name: the app finds it
-        options["refiner_switch_at"] = number(body, "refiner_switch_at", 0.8)
+        # none given: AUTOMATIC1111's API switches before the first step (the refiner draws it all)
+        options["refiner_switch_at"] = number(body, "refiner_switch_at", 0.0)
     resizes = []
     if scripts:
         control, resizes = controlnet(next(iter(scripts.values())), model)  # a1111_controlnet.py

@@ -32,8 +32,9 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("refiner")
     out = {}
     for name, preset, cls in (("base", "tiny-sdxl", StableDiffusionXLPipeline),
-                              ("refiner", "tiny-sdxl-refiner", StableDiffusionXLImg2ImgPipeline)):
-        folder = make_random_model(root / name, preset, seed=3)
+                              ("refiner", "tiny-sdxl-refiner", StableDiffusionXLImg2ImgPipeline),
+                              ("other", "tiny-sdxl", StableDiffusionXLPipeline)):  # another SDXL base model
+        folder = make_random_model(root / name, preset, seed=4 if name == "other" else 3)
         engine = export_engine(str(folder), root / f"{name}-engine", TEST_CONFIG)
         ref = cls.from_pretrained(folder)
         ref.set_progress_bar_config(disable=True)
@@ -112,16 +113,20 @@ def test_base_and_refiner_match_diffusers_ensemble(models, sampler, switch):
 
 
 def test_the_two_calls_by_hand_equal_the_refiner_option(models):
-    """denoising_end with output_type="latent", then denoising_start: what refiner= runs; its PNGs
-    carry AUTOMATIC1111's Refiner fields."""
+    """denoising_end with output_type="latent", then denoising_start with those latents, one per
+    image: what refiner= runs (here past the refiner's largest batch, 2); its PNGs carry
+    AUTOMATIC1111's Refiner fields."""
     _, base, _ = models["base"]
     _, refiner, _ = models["refiner"]
-    handed = base(PROMPT, seed=5, steps=8, width=W, height=H, denoising_end=0.75, output_type="latent", progress=False)
-    assert handed.shape == (1, 4, H // 8, W // 8)
-    by_hand = refiner(PROMPT, seed=5, steps=8, init_image=handed, denoising_start=0.75, output_type="np",
-                      progress=False)
-    [png] = base(PROMPT, seed=5, steps=8, width=W, height=H, refiner=refiner, refiner_switch_at=0.75, progress=False)
-    np.testing.assert_array_equal(np.asarray(png), (by_hand[0] * 255).round().astype(np.uint8))
+    handed = base(PROMPT, seed=5, steps=8, width=W, height=H, num_images=3, denoising_end=0.75, output_type="latent",
+                  progress=False)
+    assert handed.shape == (3, 4, H // 8, W // 8)
+    by_hand = refiner([PROMPT] * 3, seed=[5, 6, 7], steps=8, init_image=handed, denoising_start=0.75,
+                      output_type="np", progress=False)
+    pngs = base(PROMPT, seed=5, steps=8, width=W, height=H, num_images=3, refiner=refiner, refiner_switch_at=0.75,
+                progress=False)
+    np.testing.assert_array_equal(np.stack([np.asarray(p) for p in pngs]), (by_hand * 255).round().astype(np.uint8))
+    png = pngs[0]
     text = png.info["parameters"]
     assert f"Refiner: refiner [{refiner.manifest.model.weights_sha256[:10]}], Refiner switch at: 0.75" in text
     assert f"Model hash: {base.manifest.model.weights_sha256[:10]}, Model: base" in text
@@ -137,20 +142,28 @@ def test_refiner_defaults_switch_at_0_8(models):
 @pytest.mark.parametrize("kwargs, message", [
     ({"refiner_switch_at": 0.8}, "give the refiner too"),
     ({"refiner": "refiner"}, "refiner must be a loaded Pipeline"),
-    ({"refiner": True, "refiner_switch_at": 1.5}, "must lie in (0, 1), got 1.5"),
+    ({"refiner": True, "refiner_switch_at": 1.5}, "from 0 (the refiner draws it all) to 1 (it draws nothing), "
+                                                   "got 1.5"),
     ({"refiner": True, "denoising_end": 0.5}, "leave denoising_start and denoising_end out"),
-    ({"refiner": True, "hires_scale": 2}, "do not go with masks, the hires fix or ControlNets"),
-    ({"refiner": True, "steps": 2, "refiner_switch_at": 0.0001}, "leaves the first model no step"),
+    ({"refiner": True, "hires_scale": 2}, "a refiner does not go with masks, the hires fix or ControlNets"),
     ({"refiner": True, "sampler": "heun"}, "two U-Net calls a step"),
+    ({"refiner": True, "aesthetic_score": "high"}, "aesthetic_score must be a number"),
+    ({"refiner": True, "width": 1024}, "width 1024 is outside this engine's range"),
     ({"denoising_start": 0.5}, "give them as init_image"),
+    ({"denoising_start": 0.5, "init_image": np.zeros((1, 4, 12, 16), np.float32),
+      "latents": np.zeros((1, 4, 12, 16), np.float32)}, "leave latents out"),
+    ({"denoising_start": 0.6, "denoising_end": 0.5, "init_image": np.zeros((1, 4, 12, 16), np.float32)},
+     "denoising_start (0.6) must be less than denoising_end (0.5)"),
+    ({"denoising_end": 0.5, "hires_scale": 2}, "denoising_start / denoising_end does not go with masks"),
     ({"aesthetic_score": 6.0}, "this engine's model takes none"),
 ])
 def test_refiner_errors(models, kwargs, message):
     _, base, _ = models["base"]
     if kwargs.get("refiner") is True:
         kwargs["refiner"] = models["refiner"][1]
+    size = {"width": kwargs.pop("width", W), "height": H} if "init_image" not in kwargs else {}
     with pytest.raises(InvalidRequest) as e:
-        base(PROMPT, steps=kwargs.pop("steps", 6), width=W, height=H, progress=False, **kwargs)
+        base(PROMPT, steps=kwargs.pop("steps", 6), progress=False, **size, **kwargs)
     assert message in str(e.value)
 
 
@@ -228,6 +241,17 @@ def test_served_refiner_checkpoint(models):
         assert status == 422 and "checkpoint 'nowhere' is not served here" in json.dumps(answer)
         status, answer, _ = call(url, "POST", {**body, "refiner_checkpoint": "None"})  # A1111's "no refiner"
         assert status == 200 and "Refiner" not in unb64(answer["images"][0]).info["parameters"]
+        status, answer, _ = call(url, "POST", {**body, "refiner_checkpoint": "base"})  # the request's own model
+        assert status == 200 and "Refiner" not in unb64(answer["images"][0]).info["parameters"]
+        # no refiner_switch_at: AUTOMATIC1111's API switches before the first step
+        status, answer, _ = call(url, "POST", {k: v for k, v in body.items() if k != "refiner_switch_at"})
+        alone = refiner(PROMPT, steps=6, seed=3, width=W, height=H, sampler="euler", guidance=7.0,
+                        prompt_weighting=True, progress=False)[0]
+        assert status == 200 and np.array_equal(np.asarray(unb64(answer["images"][0])), np.asarray(alone))
+    one = Engines.read([base.engine_dir, refiner.engine_dir], lambda d, verify=True: Pipeline.load(d, verify=verify))
+    with running(one) as server:
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+        assert status == 422 and "--keep-loaded 2" in json.dumps(answer)
 
 
 def test_ldm_run_refiner_given_as_a_model_is_exported_to_the_cache(models, tmp_path, monkeypatch, capsys):
@@ -249,15 +273,51 @@ def test_ldm_run_refiner_given_as_a_model_is_exported_to_the_cache(models, tmp_p
 
 
 def test_any_model_of_the_family_refines_and_others_are_refused(models, pipelines):
-    """As in AUTOMATIC1111, the refiner may be any model of the family (here the base itself: the
-    two halves of one walk then make the base's own image, but for the multistep restart, which
-    Euler has not); one of another latent space is refused, as are scores it cannot take."""
+    """As in AUTOMATIC1111, the refiner may be any model of the family, and the base's own model
+    is no refiner (the walk is not switched); one of another latent space is refused, as are
+    aesthetic scores for a refiner that takes none."""
     _, base, _ = models["base"]
-    alone = base(PROMPT, steps=6, seed=2, width=W, height=H, sampler="euler", output_type="np", progress=False)
-    twice = base(PROMPT, steps=6, seed=2, width=W, height=H, sampler="euler", output_type="np", progress=False,
-                 refiner=base, refiner_switch_at=0.5)
-    assert np.abs(alone - twice).max() < 1e-5
+    _, other, _ = models["other"]
+    kwargs = dict(steps=6, seed=2, width=W, height=H, sampler="euler", progress=False)
+    [alone] = base(PROMPT, **kwargs)
+    [same] = base(PROMPT, **kwargs, refiner=Pipeline.load(base.engine_dir), refiner_switch_at=0.5)
+    assert np.array_equal(np.asarray(alone), np.asarray(same)) and "Refiner" not in same.info["parameters"]
+    [refined] = base(PROMPT, **kwargs, refiner=other, refiner_switch_at=0.5)
+    handed = base(PROMPT, **kwargs, denoising_end=0.5, output_type="latent")
+    by_hand = other(PROMPT, steps=6, seed=2, sampler="euler", init_image=handed, denoising_start=0.5,
+                    output_type="np", progress=False)
+    assert np.array_equal(np.asarray(refined), (by_hand[0] * 255).round().astype(np.uint8))
+    assert "Refiner: other [" in refined.info["parameters"]
     with pytest.raises(InvalidRequest, match="this refiner's model takes none"):
-        base(PROMPT, steps=6, width=W, height=H, refiner=base, aesthetic_score=7.0, progress=False)
+        base(PROMPT, **kwargs, refiner=other, aesthetic_score=7.0)
     with pytest.raises(InvalidRequest, match="draws in another latent space"):
-        base(PROMPT, steps=6, width=W, height=H, refiner=pipelines["tiny-sd1"], progress=False)
+        base(PROMPT, **kwargs, refiner=pipelines["tiny-sd1"])
+
+
+def test_a_switch_that_leaves_one_model_no_step_lets_the_other_draw_alone(models):
+    """AUTOMATIC1111 never switches where the base's part is the whole walk (1, or 4 LCM steps at
+    0.8: timesteps 999..259), and switches before the first step where it is empty (0, or img2img
+    at a low strength, whose first step is past the switch): then the refiner draws it all."""
+    _, base, _ = models["base"]
+    _, refiner, _ = models["refiner"]
+    kwargs = dict(steps=4, seed=3, width=W, height=H, output_type="np", progress=False)
+    for sampler, at in (("euler", 1.0), ("lcm", 0.8)):
+        np.testing.assert_array_equal(base(PROMPT, sampler=sampler, refiner=refiner, refiner_switch_at=at, **kwargs),
+                                      base(PROMPT, sampler=sampler, **kwargs))
+    np.testing.assert_array_equal(base(PROMPT, sampler="euler", refiner=refiner, refiner_switch_at=0.0, **kwargs),
+                                  refiner(PROMPT, sampler="euler", **kwargs))
+    image = photo(5)
+    low = dict(steps=30, seed=3, init_image=image, strength=0.2, sampler="euler", output_type="np", progress=False)
+    np.testing.assert_array_equal(base(PROMPT, refiner=refiner, **low), refiner(PROMPT, **low))
+
+
+def test_prompt_editing_counts_the_refiners_steps_from_the_walks_start():
+    """The refiner's part of a walk of 10 steps, switched at 0.8, is its steps 8 and 9: there
+    [dog:cat:0.5] reads "cat", as AUTOMATIC1111's step counter, which runs on across the switch."""
+    from ldm_deploy.engine import text
+    from ldm_deploy.engine.request import Request
+
+    req = Request(prompts=("a [dog:cat:0.5]",), negative_prompts=("",), seeds=(1,), steps=10, guidance=7.0,
+                  sampler="euler", width=64, height=64, strength=1.0, prompt_weighting=True)
+    assert text.step_texts(["", "a [dog:cat:0.5]"], req, 2, offset=8) == [("", "a cat")] * 2
+    assert text.step_texts(["", "a [dog:cat:0.5]"], req, 2) == [("", "a dog")] * 2

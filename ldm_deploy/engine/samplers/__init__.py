@@ -177,11 +177,20 @@ def split_steps(sampler: str, rows: np.ndarray, fraction: float, schedule: Noise
     if sampler in EVALUATIONS_PER_STEP:
         raise InvalidRequest(f"the {sampler} sampler takes two U-Net calls a step, which a switch between models "
                              "can split; choose another sampler for a refiner")
-    n = schedule.num_train_timesteps
-    cutoff = int(round(n - fraction * n))
-    above = int(np.sum(rows[:, COLUMNS.index("timestep")] >= cutoff))
+    above = rows_above(rows, cutoff(schedule, fraction))
     if not 0 < above < len(rows):
         raise InvalidRequest(f"a switch at {fraction} of {len(rows)} steps leaves "
                              f"{'the first model' if above == 0 else 'the second'} no step; "
                              "move it, or use more steps")
     return above
+
+
+def cutoff(schedule: NoiseSchedule, fraction: float) -> int:
+    """The timestep where a walk is cut at `fraction`, as diffusers' SDXL pipelines compute it."""
+    n = schedule.num_train_timesteps
+    return int(round(n - fraction * n))
+
+
+def rows_above(rows: np.ndarray, timestep: int) -> int:
+    """How many of the rows run at or above `timestep` (a walk's first ones: timesteps fall)."""
+    return int(np.sum(rows[:, COLUMNS.index("timestep")] >= timestep))
