@@ -171,18 +171,16 @@ def engine_dir(args) -> str:
     return str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
 
 
-def refiner_dir(args) -> str:
-    """--refiner: an engine directory, or a model (folder or checkpoint) whose ONNX Runtime engine
-    is exported into the cache as --model's is (no LoRA or other network: refiners take none)."""
+def refiner_dir(args) -> tuple[str, bool]:
+    """--refiner -> (its engine directory, whether it is a cached one): an engine directory, or a
+    model (folder or checkpoint) whose ONNX Runtime engine is exported into the cache as --model's
+    is (no LoRA or other network: refiners take none)."""
     path = Path(args.refiner).expanduser()
     if (path / "manifest.json").is_file():
-        return str(path)
-    if not path.exists():
-        raise UserError(f"--refiner {args.refiner} does not exist; pass the refiner's engine directory (ldm-export), "
-                        "diffusers folder or .safetensors checkpoint")
+        return str(path), False
     from ldm_deploy.cache import engine_for
 
-    return str(engine_for(path, {"allow_pickle": True} if args.allow_pickle else {}))
+    return str(engine_for(path, {"allow_pickle": True} if args.allow_pickle else {})), True
 
 
 # ldm-run options a PNG's parameters may set: dest -> the default when neither sets it.
@@ -274,6 +272,11 @@ def main(argv=None) -> int:
             options["static_shapes"] = True
         if args.threads is not None and args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
+        if args.refiner is None and args.refiner_switch_at is not None and "refiner_switch_at" in given_here:
+            raise UserError("--refiner-switch-at is where a refiner takes over: give --refiner ENGINE too")
+        if args.refiner is not None and not Path(args.refiner).expanduser().exists():
+            raise UserError(f"--refiner {args.refiner} does not exist; pass the refiner's engine directory "
+                            "(ldm-export), diffusers folder or .safetensors checkpoint")
         directory = engine_dir(args)  # for --model: its ONNX Runtime engine, exported into the cache
         if args.torch_compile is not None:
             from ldm_deploy.engine import backends
@@ -289,10 +292,11 @@ def main(argv=None) -> int:
                              rebuild_stale=args.rebuild_stale, **options)
         refiner = None
         if args.refiner is not None:
-            refiner = Pipeline.load(refiner_dir(args), backend=args.backend, verify=not args.no_verify,
-                                    rebuild_stale=args.rebuild_stale, **options)
-        elif args.refiner_switch_at is not None and "refiner_switch_at" in given_here:
-            raise UserError("--refiner-switch-at is where a refiner takes over: give --refiner ENGINE too")
+            refiner_engine, cached = refiner_dir(args)
+            # a refiner given as a model: its cached engine is ONNX Runtime's, whatever --backend says
+            refiner = Pipeline.load(refiner_engine, backend="auto" if cached else args.backend,
+                                    verify=not args.no_verify, rebuild_stale=args.rebuild_stale,
+                                    **({} if cached and args.backend != "auto" else options))
         else:
             args.refiner_switch_at = None  # a PNG's, without a refiner to switch to
         if fields:

@@ -108,6 +108,7 @@ class Pipeline:
         output_type: str = "pil",
         progress=True,
         _hires_pass: tuple[int, int] | None = None,
+        _first_step: int | None = None,
         **diffusers_names,
     ):
         """Generate images. Returns a list of PIL images, or for output_type="np" a
@@ -170,7 +171,8 @@ class Pipeline:
         diffusers' names are taken too: num_inference_steps, guidance_scale,
         num_images_per_prompt, image, mask_image, padding_mask_crop, controlnet_conditioning_scale,
         control_guidance_start, control_guidance_end. (_hires_pass: internal, (first pass steps, hires steps)
-        when this call is the hires fix's second pass.)
+        when this call is the hires fix's second pass; _first_step: a refiner's, the steps the base
+        drew, which prompt editing counts on from.)
         """
         given = {"steps": steps != 30, "guidance": guidance != 7.5, "num_images": num_images != 1,
                  "init_image": init_image is not None, "mask": mask is not None, "mask_crop": mask_crop is not None,
@@ -243,6 +245,8 @@ class Pipeline:
         m = self.manifest.model
         if isinstance(init, images.InitLatents) and init.array.shape[0] not in (1, n):
             raise InvalidRequest(f"init latents hold {init.array.shape[0]} images; give one, or one per image ({n})")
+        if isinstance(init, images.InitLatents) and len(init.array) > 1 and (m.inpainting or mask is not None):
+            raise InvalidRequest("inpainting starts every image from one image's latents: give one (1, C, h, w)")
         seeds = noise.image_seeds(seed, n)
         clip_skip = whole("clip_skip", clip_skip, 0)
         if not isinstance(prompt_weighting, (bool, np.bool_)):
@@ -273,20 +277,21 @@ class Pipeline:
             **refine.cut(m, denoising_start, denoising_end, init, mask, hires_scale, control, latents,
                          refiner is not None),
             **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
+            first_step=_first_step,
         )
         check_request(req, self.manifest, img2img=init is not None)
         self.check_history(req.sampler, req.steps, req.strength)
+        alone = False  # the switch comes before the base's first step: the refiner draws it all
         if refiner is not None:  # where the switch leaves one model no step, the other draws alone
             drawn = refine.parts(req, m)
-            if drawn == "refiner":
-                return refine.alone(refiner, req, init, latents, generator, output_type, progress, aesthetic_score,
-                                    negative_aesthetic_score)
             if drawn == "base":
                 refiner, req = None, replace(req, denoising_end=None)
             else:
-                refine.check(refiner, req)
-        plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
-             req.denoising_end)  # a switch that leaves no step, before anything is drawn
+                refine.check(refiner, req, init is not None)
+                alone = drawn == "refiner"
+        if not alone:
+            plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
+                 req.denoising_end)  # a switch that leaves no step, before anything is drawn
         fix = None
         if hires_scale is not None:
             fix = hires.Hires(hires_scale, 0 if hires_steps is None else hires_steps,
@@ -307,13 +312,17 @@ class Pipeline:
         # A Latent upscaler takes the first pass's latents; output_type="latent" wants the last's.
         decode = output_type != "latent" if fix is None else not fix.latent
         decode = decode and refiner is None  # the refiner takes this call's latents
-        out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
-            self.generate(sub_req, sub_init, sub_latents, sub_gen, progress, decode, mask, control, shared)
-            for sub_req, sub_latents, sub_gen, sub_init in split(req, latents, gen, self.manifest.dims["batch"].max, init)
-        ])
-        if refiner is not None:
-            out = refine.finish(refiner, req, out, gen, progress, output_type, aesthetic_score,
-                                negative_aesthetic_score)
+        scores = (aesthetic_score, negative_aesthetic_score)
+        if alone:
+            out = refine.alone(refiner, req, init, latents, gen, progress, output_type, *scores)
+        else:
+            out = np.concatenate([  # (B, H, W, 3) (or latents), in chunks of the engine's largest batch
+                self.generate(sub_req, sub_init, sub_latents, sub_gen, progress, decode, mask, control, shared)
+                for sub_req, sub_latents, sub_gen, sub_init in split(req, latents, gen, self.manifest.dims["batch"].max,
+                                                                     init)
+            ])
+        if refiner is not None and not alone:
+            out = refine.finish(refiner, m, req, out, gen, progress, output_type, *scores)
         if fix is not None:
             out = self.hires_fix(req, out, fix, generator, progress, "latent" if output_type == "latent" else "np",
                                  control)
@@ -373,7 +382,9 @@ class Pipeline:
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
                   req.denoising_end)
         # each U-Net evaluation's text inputs (a refiner's part: those of the walk's last steps)
-        step_emb = text.step_inputs(self, req, sp.steps, req.steps - sp.steps if req.denoising_start is not None else 0)
+        first = req.first_step if req.first_step is not None else \
+            req.steps - sp.steps if req.denoising_start is not None else 0
+        step_emb = text.step_inputs(self, req, sp.steps, first)
 
         # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
         step_masks = None  # per step: the U-Net step's mask and image_latents (engines with masks)

@@ -40,6 +40,9 @@ class Request:
     # SDXL's ensemble of expert denoisers (samplers.plan): the part of the walk this call runs
     denoising_start: float | None = None
     denoising_end: float | None = None
+    # A refiner's call: the steps the base drew before it, which prompt editing counts on from
+    # (None: those of the whole walk before denoising_start)
+    first_step: int | None = None
 
     @property
     def batch(self) -> int:

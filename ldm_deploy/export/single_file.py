@@ -107,12 +107,11 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
         raise ModelSourceError(f"{ck.path} is {partial_kind(names)} (it has no {UNET}* weights); ldm-export "
                                "needs a whole Stable Diffusion checkpoint (U-Net, VAE and text encoder)")
     xl = any(k.startswith(XL_OPEN_CLIP) for k in names)
-    # An SDXL refiner: SDXL's added conditioning and OpenCLIP ViT-bigG alone, as embedders.0
-    refiner = LABEL_EMB in ck.state and not xl and any(k.startswith(SGM_OPEN_CLIP) for k in names) \
-        and ck.state[LABEL_EMB].shape[1] != 2816
+    refiner = is_refiner(ck) and not xl
     if LABEL_EMB in ck.state and not refiner:
         width = ck.state[LABEL_EMB].shape[1]
-        kind = {2816: "an SDXL checkpoint without its second text encoder (conditioner.embedders.1.); a "
+        kind = {2816: "an SDXL checkpoint without its second text encoder (conditioner.embedders.1.); a partial",
+                2560: "an SDXL refiner checkpoint without its text encoder (conditioner.embedders.0.model.); a "
                 "partial"}.get(width, "a class-conditioned (unCLIP or upscaler)")
         if not xl:  # SDXL base's: pooled text and six sizes (1280 + 6 x 256)
             raise ModelSourceError(f"{ck.path} is {kind} checkpoint; only SD 1.x / 2.x / SDXL text-to-image "
@@ -136,6 +135,16 @@ def family(ck: Checkpoint, vae_given: bool = False) -> str:
     sd2 = any(k.startswith((OPEN_CLIP, SGM_OPEN_CLIP)) for k in names) or \
         (CROSS_KEY in ck.state and ck.state[CROSS_KEY].shape[-1] == 1024)
     return "sd2" if sd2 else "sd1"
+
+
+def is_refiner(ck: Checkpoint) -> bool:
+    """An SDXL refiner's names: OpenCLIP ViT-bigG as embedders.0, and SDXL's added conditioning
+    taking its pooled text (the projection's width) and five numbers (sizes and an aesthetic score)."""
+    projection = ck.state.get(SGM_OPEN_CLIP + "text_projection")
+    if LABEL_EMB not in ck.state or projection is None or projection.ndim != 2:
+        return False
+    rest = ck.state[LABEL_EMB].shape[1] - projection.shape[1]
+    return rest > 0 and rest % 5 == 0
 
 
 def partial_kind(names) -> str:

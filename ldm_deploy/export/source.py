@@ -347,7 +347,8 @@ def check_config(config: str) -> Path:
     if not (path / "model_index.json").is_file():
         raise ModelSourceError(f"--config {config} is not a diffusers folder (it has no model_index.json)")
     refiner = is_refiner_folder(path)  # an SDXL refiner's configs: no first text encoder or tokenizer
-    missing = [s for s in SUBFOLDERS if not (path / s).is_dir() and not (refiner and s in ("text_encoder", "tokenizer"))]
+    wanted = SUBFOLDERS + (XL_SUBFOLDERS if is_xl_folder(path) else ())
+    missing = [s for s in wanted if not (path / s).is_dir() and not (refiner and s in ("text_encoder", "tokenizer"))]
     if missing:
         raise ModelSourceError(f"--config {config} lacks the subfolder(s) {', '.join(missing)}")
     try:

@@ -280,8 +280,8 @@ def test_init_latents_are_checked(pipelines):
     for init, kw, message in [
         (latents, dict(width=128), "init latents of 8x8 make 64x64 images, not width 128: latents are not resized"),
         (np.zeros((1, 3, 8, 8), np.float32), {}, "init latents have 3 channels; this model's have 4"),
-        (np.zeros((2, 4, 8, 8), np.float32), {}, "init latents must be one finite (1, C, h, w) float array"),
-        (latents.astype(np.int64), {}, "init latents must be one finite (1, C, h, w) float array"),
+        (np.zeros((2, 4, 8, 8), np.float32), {}, "init latents hold 2 images; give one, or one per image (1)"),
+        (latents.astype(np.int64), {}, "init latents must be a finite (1, C, h, w) float array"),
         (np.zeros((1, 4, 4, 8), np.float32), {}, "init latents of 8x4 make 64x32 images, and height 32 is outside "
                                                  "this engine's range [64, 512]"),
     ]:

@@ -149,7 +149,10 @@ OPEN_CLIP_KEY = {"cond_stage_model.model.ln_final.weight": (1024,)}
      "SDXL checkpoint without its second text encoder"),
     ({"edm_mean": (1, 4, 1, 1), "conditioner.embedders.1.model.ln_final.weight": (1280,), **UNET_KEY}, "Playground v2.5"),
     ({"model.diffusion_model.label_emb.0.0.weight": (1536, 2560), "conditioner.embedders.0.model.ln_final.weight":
-      (1280,), **UNET_KEY}, "holds no VAE"),  # an SDXL refiner's names, its VAE left out
+      (1280,), "conditioner.embedders.0.model.text_projection": (1280, 1280), **UNET_KEY},
+     "holds no VAE"),  # an SDXL refiner's names, its VAE left out
+    ({"model.diffusion_model.label_emb.0.0.weight": (1536, 2560), **UNET_KEY, **VAE_KEY},
+     "SDXL refiner checkpoint without its text encoder"),
     ({"model.diffusion_model.label_emb.0.0.weight": (1280, 1024), **UNET_KEY, **VAE_KEY, **OPEN_CLIP_KEY}, "unCLIP"),
     ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536)}, "SD3"),
     ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9216, 3072)}, "Flux"),
@@ -174,6 +177,7 @@ def test_family_and_prediction_type(caplog):
     sgm_sd2 = checkpoint({**UNET_KEY, **VAE_KEY, "conditioner.embedders.0.model.ln_final.weight": (1024,)})
     assert single_file.family(sgm_sd2) == "sd2"  # Stability's newer trainer's names: no label_emb
     refiner = checkpoint({**UNET_KEY, **VAE_KEY, "conditioner.embedders.0.model.ln_final.weight": (1280,),
+                          "conditioner.embedders.0.model.text_projection": (1280, 1280),
                           "model.diffusion_model.label_emb.0.0.weight": (1536, 2560)})
     assert single_file.family(refiner) == "sdxl-refiner"
     with caplog.at_level(logging.WARNING):

@@ -144,8 +144,9 @@ def plan(
             "small values keep it close to the input"
         )
     walker = _REGISTRY[sampler][1]
-    start = img2img_start(int(steps), strength)
-    if denoising_start is not None:
+    if denoising_start is None:
+        start = img2img_start(int(steps), strength)
+    else:  # strength is ignored, as diffusers ignores it
         start = split_steps(sampler, walker(schedule, int(steps), 0).rows, denoising_start, schedule)
     walk = walker(schedule, int(steps), start)
     if not np.all(np.isfinite(walk.rows)):
