@@ -414,13 +414,34 @@ def test_model_hash_of_a_checkpoint_is_its_plain_sha256(files):
     assert src.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def file_and_folders(root, preset: str):
+    """(single file of a seed-3 tiny model of the preset, its folder, a seed-1 one's folder for --config)."""
+    folder = make_random_model(root / "model", preset, seed=3)
+    write_single_file(folder, root / "model.safetensors", open_clip=False)
+    return root / "model.safetensors", folder, make_random_model(root / "config", preset, seed=1)
+
+
+def same_weights(ours, ref, modules) -> None:
+    for name in modules:
+        a, b = getattr(ours, name).state_dict(), getattr(ref, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
+
+
+def export_file_and_folder(model_files, tmp_path, capsys, *flags) -> dict:
+    """{"file": its engine (exported with --config), "folder": the folder's}."""
+    path, folder, config = model_files
+    engines = {}
+    for name, model, extra in (("file", path, ["--config", str(config)]), ("folder", folder, [])):
+        engines[name] = tmp_path / name
+        code = export_cli.main(["--model", str(model), *extra, "--out", str(engines[name]), "--min-size", "64",
+                                "--max-size", "128", *flags])
+        assert code == 0, capsys.readouterr().err
+    return engines
+
+
 @pytest.fixture(scope="module")
 def xl_file(tmp_path_factory):
-    """(single file of a seed-3 tiny SDXL, its folder, a seed-1 one's folder for --config)."""
-    root = tmp_path_factory.mktemp("single-xl")
-    folder = make_random_model(root / "model", "tiny-sdxl", seed=3)
-    write_single_file(folder, root / "xl.safetensors", open_clip=False)
-    return root / "xl.safetensors", folder, make_random_model(root / "config", "tiny-sdxl", seed=1)
+    return file_and_folders(tmp_path_factory.mktemp("single-xl"), "tiny-sdxl")
 
 
 def test_sdxl_single_file_loads_its_weights_and_draws_the_folders_image(xl_file, tmp_path, capsys):
@@ -431,15 +452,8 @@ def test_sdxl_single_file_loads_its_weights_and_draws_the_folders_image(xl_file,
     path, folder, config = xl_file
     ours, ref = load_source(str(path), config=str(config)), load_source(str(folder))
     assert ours.family == "sdxl" and ours.zero_negative
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        a, b = getattr(ours, name).state_dict(), getattr(ref, name).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
-    engines = {}
-    for name, model, extra in (("file", path, ["--config", str(config)]), ("folder", folder, [])):
-        engines[name] = tmp_path / name
-        code = export_cli.main(["--model", str(model), *extra, "--out", str(engines[name]), "--min-size", "64",
-                                "--max-size", "128", "--no-img2img"])
-        assert code == 0, capsys.readouterr().err
+    same_weights(ours, ref, ("unet", "vae", "text_encoder", "text_encoder_2"))
+    engines = export_file_and_folder(xl_file, tmp_path, capsys, "--no-img2img")
     kwargs = dict(prompt="a lighthouse", steps=3, width=96, height=64, seed=2, output_type="np", progress=False)
     got, want = (Pipeline.load(engines[n])(**kwargs) for n in ("file", "folder"))
     assert_not_saturated(want)
@@ -482,11 +496,7 @@ def test_bundled_sdxl_configs_take_a_full_size_checkpoints_every_weight(tmp_path
 
 @pytest.fixture(scope="module")
 def refiner_file(tmp_path_factory):
-    """(single file of a seed-3 tiny SDXL refiner, its folder, a seed-1 one's folder for --config)."""
-    root = tmp_path_factory.mktemp("single-refiner")
-    folder = make_random_model(root / "model", "tiny-sdxl-refiner", seed=3)
-    write_single_file(folder, root / "refiner.safetensors", open_clip=False)
-    return root / "refiner.safetensors", folder, make_random_model(root / "config", "tiny-sdxl-refiner", seed=1)
+    return file_and_folders(tmp_path_factory.mktemp("single-refiner"), "tiny-sdxl-refiner")
 
 
 def test_sdxl_refiner_single_file_loads_its_weights_and_draws_the_folders_image(refiner_file, tmp_path, capsys):
@@ -497,15 +507,8 @@ def test_sdxl_refiner_single_file_loads_its_weights_and_draws_the_folders_image(
     path, folder, config = refiner_file
     ours, ref = load_source(str(path), config=str(config)), load_source(str(folder))
     assert ours.family == "sdxl" and ours.refiner and not ours.zero_negative and ours.text_encoder is None
-    for name in ("unet", "vae", "text_encoder_2"):
-        a, b = getattr(ours, name).state_dict(), getattr(ref, name).state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b), name
-    engines = {}
-    for name, model, extra in (("file", path, ["--config", str(config)]), ("folder", folder, [])):
-        engines[name] = tmp_path / name
-        code = export_cli.main(["--model", str(model), *extra, "--out", str(engines[name]), "--min-size", "64",
-                                "--max-size", "128"])
-        assert code == 0, capsys.readouterr().err
+    same_weights(ours, ref, ("unet", "vae", "text_encoder_2"))
+    engines = export_file_and_folder(refiner_file, tmp_path, capsys)
     image = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
     kwargs = dict(prompt="a lighthouse", init_image=image, strength=0.6, steps=4, seed=2, output_type="np",
                   progress=False)
