@@ -49,6 +49,16 @@ def test_profiles_come_from_the_spec_and_the_engine_ranges():
     assert vae["images"] == ((1, 3, 64, 64), (1, 3, 128, 128), (2, 3, 512, 512)) and "start_coeffs" not in vae
 
 
+def test_sdxl_and_refiner_size_conditioning_profiles():
+    """SDXL base's six sizes go with each image, (B, 6); a refiner's aesthetic score differs between
+    the guidance halves, so its five numbers are (K, B, 5)."""
+    for aesthetic, expected in ((False, ((1, 6), (1, 6), (2, 6))), (True, ((1, 1, 5), (2, 1, 5), (2, 2, 5)))):
+        specs = component_specs(ModelFacts(4, 77, 48, long_prompts=True, pooled_width=40, aesthetic=aesthetic))
+        unet = plan_profile(specs["unet_step"], DIMS)
+        assert unet["time_ids"] == expected
+        assert unet["pooled_embeddings"] == ((1, 1, 40), (2, 1, 40), (2, 2, 40))
+
+
 def test_static_shapes_pin_size_batch_and_prompt_chunks_but_not_guidance():
     pinned = static_dims(DIMS)
     assert pinned["latent_height"] == pinned["latent_width"] == DimRange(16, 16, 16)
