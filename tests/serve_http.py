@@ -55,3 +55,21 @@ def running(pipe, **options):
         server.shutdown()
         server.worker.stop()
         server.server_close()
+
+
+def form(fields: dict) -> tuple[bytes, dict]:
+    """A multipart/form-data body, as OpenAI's SDK sends its image edits: text fields, and PIL
+    images as PNG files -> (body, headers)."""
+    boundary = "----ldm-deploy-test-boundary"
+    parts = []
+    for name, value in fields.items():
+        if isinstance(value, Image.Image):
+            buffer = io.BytesIO()
+            value.save(buffer, format="PNG")
+            head = (f'Content-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+                    "Content-Type: image/png\r\n\r\n")
+            parts.append(head.encode() + buffer.getvalue())
+        else:
+            parts.append(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode())
+    body = b"".join(f"--{boundary}\r\n".encode() + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}

@@ -1,5 +1,5 @@
 """`ldm-serve`: an engine behind HTTP: AUTOMATIC1111's API (/sdapi/v1/txt2img, img2img, ...) and
-OpenAI's image API (/v1/images/generations), requests drawn one call at a time by one worker,
+OpenAI's image API (/v1/images/generations, /v1/images/edits), requests drawn one call at a time by one worker,
 waiting txt2img requests batched together."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def serve_until_stopped(server, directory) -> None:
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     log.info("serving %s on %s: AUTOMATIC1111's API at /sdapi/v1 (txt2img, img2img, ...), OpenAI's at "
-             "/v1/images/generations; GET /docs lists the endpoints. Ctrl+C stops", directory, server.url)
+             "/v1/images/generations and /edits; GET /docs lists the endpoints. Ctrl+C stops", directory, server.url)
     try:
         server.serve_forever()
     finally:

@@ -24,16 +24,26 @@ def picture(value, what: str) -> Image.Image:
         raise InvalidRequest(f"{what}: images are not fetched from URLs here; send the image base64-encoded")
     try:
         data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidRequest(f"{what} is not valid base64 or not an image ({e})") from None
+    return image_file(data, what)
+
+
+def image_file(data: bytes, what: str) -> Image.Image:
+    """An image file's bytes -> a PIL image, its size checked before it is decoded."""
+    try:
         image = Image.open(io.BytesIO(data))
         if image.size[0] * image.size[1] > MAX_PIXELS:  # before decoding: a small file can hold a huge image
             raise InvalidRequest(f"{what} is {image.size[0]}x{image.size[1]}; this server takes images of up to "
                                  f"{MAX_PIXELS // 1_000_000} megapixels")
         image.load()
         return image
-    except (binascii.Error, ValueError) as e:
-        raise InvalidRequest(f"{what} is not valid base64 or not an image ({e})") from None
+    except InvalidRequest:
+        raise
     except MemoryError:
         raise
+    except Image.UnidentifiedImageError:
+        raise InvalidRequest(f"{what} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from None
     except Exception as e:  # PIL's decoders raise many kinds (SyntaxError, NotImplementedError, ...)
         raise InvalidRequest(f"{what} is not an image PIL can read ({type(e).__name__}: {e})") from None
 

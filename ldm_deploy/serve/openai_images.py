@@ -1,5 +1,7 @@
-"""OpenAI's image generation API (`POST /v1/images/generations`), for the clients and gateways
-that speak it: a prompt, `n`, `size` "WIDTHxHEIGHT", images back as `b64_json`.
+"""OpenAI's image API (`POST /v1/images/generations`, `POST /v1/images/edits`), for the clients and
+gateways that speak it: a prompt, `n`, `size` "WIDTHxHEIGHT", images back as `b64_json`. An edit
+sends an image and a mask (multipart/form-data, as OpenAI's API takes them) whose fully
+transparent pixels are redrawn (no mask: the image's own transparent pixels): inpainting.
 
 Besides OpenAI's fields, the ones that make a diffusion image repeatable are taken too (as other
 servers of this API take them): `negative_prompt`, `seed`, `steps`, `guidance`, `sampler`.
@@ -16,10 +18,13 @@ from ldm_deploy.engine.noise import random_seed
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve import fields
 from ldm_deploy.serve.a1111 import admit, png_base64, run
+from ldm_deploy.serve.form import numbers
 from ldm_deploy.serve.server import Route
 
 KNOWN = {"prompt", "n", "size", "response_format", "model", "quality", "style", "user", "negative_prompt", "seed",
          "steps", "guidance", "sampler"}
+KNOWN_EDIT = KNOWN - {"style"} | {"image", "mask", "strength"}
+NUMBERS = {"n": int, "seed": int, "steps": int, "guidance": float, "strength": float}  # form fields are text
 
 
 def error_body(status: int, message: str, kind: str | None = None) -> dict:
@@ -35,6 +40,7 @@ class OpenAIImages:
 
     def routes(self) -> dict:
         return {("POST", "/v1/images/generations"): Route(self.generations, error_body, body=True, invalid=400),
+                ("POST", "/v1/images/edits"): Route(self.edits, error_body, form=True, invalid=400),
                 ("GET", "/v1/models"): Route(self.models, error_body, invalid=400)}
 
     def models(self, _):
@@ -43,30 +49,69 @@ class OpenAIImages:
 
     def generations(self, body: dict):
         admit(self.worker)
-        unknown = sorted(set(body) - KNOWN)
+        engine, options = self.options(body, KNOWN, None)
+        return self.draw(options, engine)
+
+    def edits(self, form: dict):
+        """An image and its mask (form fields, files) redrawn where the mask is transparent."""
+        admit(self.worker)  # before the images are decoded
+        form = numbers(form, NUMBERS)
+        if not isinstance(form.get("image"), bytes):
+            raise InvalidRequest("image: send the image to edit as a file field of the form")
+        image = fields.image_file(form["image"], "image")
+        if form.get("mask") is not None and not isinstance(form["mask"], bytes):
+            raise InvalidRequest("mask: send the mask as a file field of the form")
+        mask = fields.image_file(form["mask"], "mask") if form.get("mask") is not None else None
+        redraw = transparent(mask if mask is not None else image, "mask" if mask is not None else "image")
+        if redraw.size != image.size:
+            raise InvalidRequest(f"the mask is {redraw.size[0]}x{redraw.size[1]}, the image "
+                                 f"{image.size[0]}x{image.size[1]}: give them the same size")
+        engine, options = self.options(form, KNOWN_EDIT, image.size)
+        options.update(init_image=image.convert("RGB"), mask=redraw)
+        if form.get("strength") is not None:
+            options["strength"] = fields.number(form, "strength", 1.0)
+        return self.draw(options, engine)
+
+    def options(self, body: dict, known: set, size) -> tuple[str, dict]:
+        """-> (the engine, Pipeline keywords) of a request's fields; size: an edit's image's (w, h),
+        its default size."""
+        unknown = sorted(set(body) - known)
         if unknown:
-            raise InvalidRequest(f"unknown field {unknown[0]!r}; this endpoint takes {', '.join(sorted(KNOWN))}")
+            raise InvalidRequest(f"unknown field {unknown[0]!r}; this endpoint takes {', '.join(sorted(known))}")
         prompt = fields.text(body, "prompt")
         if not prompt:
             raise InvalidRequest("prompt: say what to draw")
         engine = self.engines.find(body.get("model"))
         if body.get("response_format", "b64_json") != "b64_json":
             raise InvalidRequest("response_format: only \"b64_json\" is offered (no image is kept to link to)")
-        width, height = self.engines.default_size(engine)
-        size = body.get("size")
-        if size not in (None, "auto"):
-            match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", str(size))
+        width, height = size or self.engines.default_size(engine)
+        given = body.get("size")
+        if given not in (None, "auto"):
+            match = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", str(given))
             if not match:
-                raise InvalidRequest(f"size must be \"WIDTHxHEIGHT\" (e.g. \"{width}x{height}\"), got {size!r}")
+                raise InvalidRequest(f"size must be \"WIDTHxHEIGHT\" (e.g. \"{width}x{height}\"), got {given!r}")
             width, height = int(match.group(1)), int(match.group(2))
         seed = fields.integer(body, "seed", -1)
         n = fields.integer(body, "n", 1)
         if n < 1:
             raise InvalidRequest(f"n must be at least 1, got {n}")
-        options = {"prompt": prompt, "negative_prompt": fields.text(body, "negative_prompt") or None,
-                   "steps": fields.integer(body, "steps", 30), "guidance": fields.number(body, "guidance", 7.5),
-                   "seed": random_seed() if seed == -1 else seed, "num_images": n, "width": width,
-                   "height": height, "sampler": body.get("sampler") or "dpmpp_2m_karras", "prompt_weighting": True,
-                   "clip_skip": 0}  # as AUTOMATIC1111's requests have it, so that the two may share a call
+        return engine, {"prompt": prompt, "negative_prompt": fields.text(body, "negative_prompt") or None,
+                        "steps": fields.integer(body, "steps", 30), "guidance": fields.number(body, "guidance", 7.5),
+                        "seed": random_seed() if seed == -1 else seed, "num_images": n, "width": width,
+                        "height": height, "sampler": body.get("sampler") or "dpmpp_2m_karras",
+                        "prompt_weighting": True,
+                        "clip_skip": 0}  # as AUTOMATIC1111's requests have it, so that the two may share a call
+
+    def draw(self, options: dict, engine: str):
         images = run(self.worker, options, engine)
         return 200, {"created": int(time.time()), "data": [{"b64_json": png_base64(im)} for im in images]}
+
+
+def transparent(image, what: str):
+    """-> an "L" mask, white where `image` is fully transparent (what OpenAI's API redraws)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "PA"):
+        raise InvalidRequest(f"the {what} has no transparency: OpenAI's edit API redraws the mask's fully "
+                             "transparent pixels (with no mask, the image's); send a PNG with an alpha channel")
+    return image.getchannel("A").point(lambda a: 255 if a == 0 else 0)

@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from ldm_deploy.errors import UserError
+from ldm_deploy.serve.form import parse_form
 
 log = logging.getLogger("ldm-serve")
 
@@ -40,6 +41,7 @@ class Route:
     handler: Callable  # (body: dict | None) -> (status, JSON value)
     errors: Callable  # (status, message, kind) -> JSON value: the family's error body
     body: bool = False  # takes a JSON object
+    form: bool = False  # takes a multipart/form-data body (form.py): {field: text or file bytes}
     invalid: int = 422  # the status of a request's mistake (a UserError): AUTOMATIC1111's 422, OpenAI's 400
 
 
@@ -100,7 +102,7 @@ class App:
                 raise HttpError(404, f"no such endpoint: {method} {path} (GET /docs lists them)")
             if not self.authorized(path, headers):
                 raise self.unauthorized()
-            body = parse(raw) if route.body else None
+            body = parse(raw) if route.body else parse_form(raw, headers.get("Content-Type")) if route.form else None
             status, value = route.handler(body)
             return status, value, {}
         except HttpError as e:

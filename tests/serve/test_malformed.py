@@ -91,3 +91,23 @@ def test_large_bodies_read_their_refusal(engine_dirs, refusal):
             urllib.request.urlopen(request, timeout=60)
     assert e.value.code == int(refusal)
     assert ("credentials" if refusal == "401" else "--max-body-mb") in json.loads(e.value.read())["detail"]
+
+
+BOUNDARY = "b0undary"
+
+
+@pytest.mark.parametrize("raw,content_type,match", [
+    (b"garbage", f"multipart/form-data; boundary={BOUNDARY}", "could not be read"),
+    (b"garbage", "multipart/form-data", "names no boundary"),
+    (b"x=1", "application/x-www-form-urlencoded", "send the body as multipart/form-data"),
+    (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na\r\n".encode(),  # never closed
+     f"multipart/form-data; boundary={BOUNDARY}", "send the image to edit as a file"),
+    (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n\xff\xfe\r\n--{BOUNDARY}--\r\n"
+     .encode("latin-1"), f"multipart/form-data; boundary={BOUNDARY}", "is not UTF-8 text"),
+    (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+     f"PNG?\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na\r\n--{BOUNDARY}--\r\n"
+     .encode(), f"multipart/form-data; boundary={BOUNDARY}", "not an image file PIL can read"),
+])
+def test_malformed_forms_are_400s(server, raw, content_type, match):
+    status, answer, _ = call(server.url + "/v1/images/edits", "POST", raw=raw, headers={"Content-Type": content_type})
+    assert status == 400 and match in answer["error"]["message"], answer

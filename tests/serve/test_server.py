@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from serve_http import b64, call, pixels, running, unb64
+from serve_http import b64, call, form, pixels, running, unb64
 
 from ldm_deploy import Pipeline
 from ldm_deploy.serve import Auth
@@ -123,6 +123,36 @@ def test_openai_images(server, oracle):
     status, answer, _ = call(server.url + "/v1/images/generations", "POST", {"prompt": "a", "size": "40x40"})
     assert status == 400 and "width 40" in answer["error"]["message"]  # the Pipeline's own check, OpenAI's body
     assert call(server.url + "/v1/models")[1]["data"][0]["id"]
+
+
+def test_openai_image_edits(server, oracle, photo):
+    """OpenAI's edit API: the mask's fully transparent pixels are redrawn (no mask: the image's own),
+    drawn as the Pipeline inpaints with that mask (strength 1, the image's size)."""
+    hole = Image.new("L", photo.size, 0)
+    hole.paste(255, (20, 10, 60, 40))
+    want = oracle("a cat", init_image=photo, mask=hole, steps=4, seed=5, num_images=2, prompt_weighting=True,
+                  progress=False)
+    see_through = photo.convert("RGBA")
+    see_through.putalpha(ImageOps.invert(hole))  # alpha 0 in the hole
+    url = server.url + "/v1/images/edits"
+    for fields in ({"image": see_through}, {"image": photo, "mask": see_through}):
+        raw, headers = form({**fields, "prompt": "a cat", "n": "2", "seed": "5", "steps": "4"})
+        status, answer, _ = call(url, "POST", raw=raw, headers=headers)
+        assert status == 200, answer
+        assert np.array_equal(pixels([unb64(d["b64_json"]) for d in answer["data"]]), pixels(want))
+    for fields, match in (
+            ({"image": photo}, "the image has no transparency"),
+            ({"image": photo, "mask": see_through.resize((32, 32))}, "give them the same size"),
+            ({"image": see_through, "steps": "many"}, "steps must be a whole number"),
+            ({"image": see_through, "guidance": "nan"}, "guidance must be a finite number"),
+            ({"image": see_through, "colour": "red"}, "unknown field 'colour'"),
+            ({"image": "not a file"}, "send the image to edit as a file"),
+            ({"mask": see_through}, "send the image to edit as a file")):
+        raw, headers = form({"prompt": "a cat", **fields})
+        status, answer, _ = call(url, "POST", raw=raw, headers=headers)
+        assert status == 400 and match in answer["error"]["message"], answer
+    status, answer, _ = call(url, "POST", {"prompt": "a cat"})  # JSON, not a form
+    assert status == 400 and "multipart/form-data" in answer["error"]["message"]
 
 
 @pytest.mark.parametrize("path,body,status,match", [
