@@ -88,7 +88,7 @@ class Engines:
             if text in (name, self.title(name), digest, digest[:10], str(self.dirs[name]), source) \
                     or (given_hash and digest.startswith(given_hash.lower())) or stem in (name, source):
                 return name
-        raise InvalidRequest(f"checkpoint {text!r} is not served here; this server serves "
+        raise InvalidRequest(f"checkpoint {text[:200]!r} is not served here; this server serves "
                              f"{', '.join(self.title(n) for n in self.names)}")
 
     def default_size(self, name: str) -> tuple[int, int]:

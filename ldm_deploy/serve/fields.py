@@ -68,7 +68,7 @@ def integer(body: dict, key: str, default):
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if not isinstance(value, float) or not math.isfinite(value) or int(value) != value:
-        raise InvalidRequest(f"{key} must be a whole number, got {value!r}")
+        raise InvalidRequest(f"{key} must be a whole number, got {repr(value)[:60]}")
     return int(value)
 
 
@@ -90,5 +90,5 @@ def flag(body: dict, key: str, default: bool = False) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise InvalidRequest(f"{key} must be true or false, got {value!r}")
+        raise InvalidRequest(f"{key} must be true or false, got {repr(value)[:60]}")
     return value

@@ -41,7 +41,8 @@ class Route:
     handler: Callable  # (body: dict | None) -> (status, JSON value)
     errors: Callable  # (status, message, kind) -> JSON value: the family's error body
     body: bool = False  # takes a JSON object
-    form: bool = False  # takes a multipart/form-data body (form.py): {field: text or file bytes}
+    # takes a multipart/form-data body (form.py): {field: text or file bytes}; these fields are files
+    form: tuple[str, ...] | None = None
     invalid: int = 422  # the status of a request's mistake (a UserError): AUTOMATIC1111's 422, OpenAI's 400
 
 
@@ -102,7 +103,8 @@ class App:
                 raise HttpError(404, f"no such endpoint: {method} {path} (GET /docs lists them)")
             if not self.authorized(path, headers):
                 raise self.unauthorized()
-            body = parse(raw) if route.body else parse_form(raw, headers.get("Content-Type")) if route.form else None
+            body = parse(raw) if route.body else \
+                parse_form(raw, headers.get("Content-Type"), route.form) if route.form is not None else None
             status, value = route.handler(body)
             return status, value, {}
         except HttpError as e:

@@ -111,3 +111,43 @@ BOUNDARY = "b0undary"
 def test_malformed_forms_are_400s(server, raw, content_type, match):
     status, answer, _ = call(server.url + "/v1/images/edits", "POST", raw=raw, headers={"Content-Type": content_type})
     assert status == 400 and match in answer["error"]["message"], answer
+
+
+def raw_form(*parts: bytes) -> bytes:
+    return b"".join(f"--{BOUNDARY}\r\n".encode() + p + b"\r\n" for p in parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+PROMPT_PART = b'Content-Disposition: form-data; name="prompt"\r\n\r\na'
+
+
+@pytest.mark.parametrize("raw,match", [
+    (raw_form(b'Content-Disposition: form-data; name*\r\n\r\nx', PROMPT_PART), "send the image to edit as a file"),
+    (raw_form(b'Content-Disposition: form-data; name="p"' + b"\r\n ;" * 5000 + b"\r\n\r\nx"), "longer than 8192"),
+    (raw_form(*[b"\r\n"] * 100), "more than 64 parts"),
+    (raw_form(b'Content-Disposition: form-data; name="image"\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n'
+              b"--c--"), "another multipart body"),
+    (raw_form(b'Content-Disposition: form-data; name="image"\r\nContent-Transfer-Encoding: base64\r\n\r\nAAAA'),
+     "Content-Transfer-Encoding"),
+    (raw_form(b'Content-Disposition: form-data; name="image[]"; filename="a.png"\r\n\r\nx',
+              b'Content-Disposition: form-data; name="image[]"; filename="b.png"\r\n\r\nx', PROMPT_PART), "sent twice"),
+    (raw_form(b'Content-Disposition: form-data; name="n"; x=' + b"(" * 5000 + b"\r\n\r\n2", PROMPT_PART),
+     "send the image to edit as a file"),
+])
+def test_hostile_forms_are_400s_at_once(server, raw, match):
+    status, answer, _ = call(server.url + "/v1/images/edits", "POST", raw=raw,
+                             headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    assert status == 400 and match in answer["error"]["message"], answer
+
+
+def test_an_image_part_without_a_file_name_is_a_file(server):
+    """curl -F 'image=<a.png' sends no filename: image and mask are read as files by their names."""
+    import io
+
+    image = Image.new("RGBA", (64, 64), (200, 0, 0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    raw = raw_form(b'Content-Disposition: form-data; name="image"\r\n\r\n' + buffer.getvalue(), PROMPT_PART,
+                   b'Content-Disposition: form-data; name="steps"\r\n\r\n1')
+    status, answer, _ = call(server.url + "/v1/images/edits", "POST", raw=raw,
+                             headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    assert status == 200, answer

@@ -140,13 +140,33 @@ def test_openai_image_edits(server, oracle, photo):
         status, answer, _ = call(url, "POST", raw=raw, headers=headers)
         assert status == 200, answer
         assert np.array_equal(pixels([unb64(d["b64_json"]) for d in answer["data"]]), pixels(want))
+    # the image's size, rounded down to the engine's grid as the Pipeline takes it; a PNG whose
+    # transparency is a tRNS colour (no alpha channel); gpt-image-1's fields accepted
+    odd = see_through.resize((100, 70))
+    raw, headers = form({"image": odd, "prompt": "a cat", "seed": "5", "steps": "4", "background": "auto"})
+    status, answer, _ = call(url, "POST", raw=raw, headers=headers)
+    assert status == 200, answer
+    hole_odd = odd.getchannel("A").point(lambda a: 255 if a == 0 else 0)
+    want = oracle("a cat", init_image=odd, mask=hole_odd, steps=4, seed=5, prompt_weighting=True, progress=False)
+    assert unb64(answer["data"][0]["b64_json"]).size == (96, 64)
+    assert np.array_equal(pixels([unb64(answer["data"][0]["b64_json"])]), pixels(want))
+    keyed = photo.copy()
+    keyed.paste((0, 255, 0), (20, 10, 60, 40))
+    keyed.info["transparency"] = (0, 255, 0)  # PNG's tRNS: this colour is transparent
+    raw, headers = form({"image": keyed, "prompt": "a cat", "seed": "5", "steps": "4", "n": "2"})
+    status, answer, _ = call(url, "POST", raw=raw, headers=headers)
+    want = oracle("a cat", init_image=keyed.convert("RGB"), mask=hole, steps=4, seed=5, num_images=2,
+                  prompt_weighting=True, progress=False)
+    assert status == 200 and np.array_equal(pixels([unb64(d["b64_json"]) for d in answer["data"]]), pixels(want))
     for fields, match in (
             ({"image": photo}, "the image has no transparency"),
+            ({"image": see_through, "n": photo}, "'n' is sent as a file"),
+            ({"image": see_through, "output_format": "jpeg"}, "only \"png\""),
             ({"image": photo, "mask": see_through.resize((32, 32))}, "give them the same size"),
             ({"image": see_through, "steps": "many"}, "steps must be a whole number"),
             ({"image": see_through, "guidance": "nan"}, "guidance must be a finite number"),
             ({"image": see_through, "colour": "red"}, "unknown field 'colour'"),
-            ({"image": "not a file"}, "send the image to edit as a file"),
+            ({"image": "not a file"}, "image is not an image file PIL can read"),
             ({"mask": see_through}, "send the image to edit as a file")):
         raw, headers = form({"prompt": "a cat", **fields})
         status, answer, _ = call(url, "POST", raw=raw, headers=headers)
