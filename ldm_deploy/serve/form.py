@@ -15,8 +15,10 @@ from ldm_deploy.errors import InvalidRequest
 
 MAX_PARTS = 64
 MAX_HEAD = 8192  # bytes of one part's headers
-BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]{1,200})"|([^\s;"]{1,200}))', re.IGNORECASE)
+MAX_TEXT = 256 << 10  # bytes of one text field (a prompt is a few hundred)
+BOUNDARY = re.compile(r'(?:^|;)\s*boundary\s*=\s*(?:"([^"]*)"|([^\s;"]*))', re.IGNORECASE)
 PARAM = re.compile(r'(?:^|;)\s*(name|filename)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))', re.IGNORECASE)
+DELIMITERS: dict = {}  # delimiter -> its compiled pattern (delimiter_at)
 PLAIN_ENCODINGS = ("", "7bit", "8bit", "binary")
 
 
@@ -27,12 +29,12 @@ def parse_form(raw: bytes, content_type: str | None, files: tuple[str, ...] = ()
     if not content_type or not content_type.lower().startswith("multipart/form-data"):
         raise InvalidRequest(f"send the body as multipart/form-data, as OpenAI's image edit API takes it "
                              f"(got Content-Type {str(content_type or 'none')[:80]})")
-    match = BOUNDARY.search(content_type)
-    if not match:
-        raise InvalidRequest("the multipart/form-data Content-Type names no boundary")
-    delimiter = b"--" + (match.group(1) or match.group(2)).encode("latin-1", "replace")
+    match = BOUNDARY.search(content_type.partition(";")[2])
+    boundary = match and (match.group(1) if match.group(1) is not None else match.group(2))
+    if not boundary or len(boundary) > 200:
+        raise InvalidRequest("the multipart/form-data Content-Type names no boundary (of 1 to 200 characters)")
     out = {}
-    for head, data in parts(raw, delimiter):
+    for head, data in parts(raw, b"--" + boundary.encode("latin-1", "replace")):
         name, filename = disposition(head)
         if name is None:
             continue
@@ -41,6 +43,8 @@ def parse_form(raw: bytes, content_type: str | None, files: tuple[str, ...] = ()
             raise InvalidRequest(f"form field {name[:40]!r} is sent twice; this server takes one of each "
                                  "(one image is edited at a time)")
         if filename is None and name not in files:
+            if len(data) > MAX_TEXT:
+                raise InvalidRequest(f"form field {name[:40]!r} holds {len(data)} bytes of text; at most {MAX_TEXT}")
             try:
                 data = data.decode("utf-8")
             except UnicodeDecodeError:
@@ -49,33 +53,47 @@ def parse_form(raw: bytes, content_type: str | None, files: tuple[str, ...] = ()
     return out
 
 
+def delimiter_at(raw: bytes, delimiter: bytes, pos: int) -> int:
+    """Where the next delimiter line starts from `pos` (at the body's start or after a CRLF, and
+    followed by "--" or the line's end, as RFC 2046 frames parts; content that only begins like
+    one is content), or -1. One regular expression, so that the search runs in C whatever the body."""
+    pattern = DELIMITERS.get(delimiter)
+    if pattern is None:  # a literal start: re finds it as fast as bytes.find
+        pattern = DELIMITERS[delimiter] = re.compile(re.escape(b"\r\n" + delimiter) + rb"(?=--|[ \t]*(?:\r\n|$))")
+    if pos == 0 and raw.startswith(delimiter) and pattern.match(b"\r\n" + raw[:len(delimiter) + 2 + 256]):
+        return 0
+    match = pattern.search(raw, max(pos - 2, 0))
+    return -1 if match is None else match.start() + 2
+
+
 def parts(raw: bytes, delimiter: bytes):
-    """Yield (headers as text, content) of each part between the delimiters (a body cut off
-    before its closing delimiter: what came of its last part)."""
-    pos = raw.find(delimiter)
-    if pos < 0:
+    """Yield (headers as text, content) of each part between the delimiters, the content sliced
+    once from the body (a body cut off before its closing delimiter: what came of its last part)."""
+    at = delimiter_at(raw, delimiter, 0)
+    if at < 0:
         raise InvalidRequest("the multipart/form-data body could not be read (its boundary never appears)")
-    pos += len(delimiter)
     count = 0
-    while not raw.startswith(b"--", pos):  # "--" after a delimiter closes the body
-        line = raw.find(b"\r\n", pos)
+    while not raw.startswith(b"--", at + len(delimiter)):  # "--" after a delimiter closes the body
+        line = raw.find(b"\r\n", at + len(delimiter))
         if line < 0:
             return
         start = line + 2
-        end = raw.find(b"\r\n" + delimiter, start)
-        part = raw[start:] if end < 0 else raw[start:end]
+        following = delimiter_at(raw, delimiter, start)
+        end = len(raw) if following < 0 else following - 2  # the CRLF before a delimiter is the delimiter's
         count += 1
         if count > MAX_PARTS:
             raise InvalidRequest(f"the form has more than {MAX_PARTS} parts")
-        split = part.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-        if part.startswith(b"\r\n"):  # no headers at all
-            split = -2
-        elif split < 0:
-            raise InvalidRequest(f"a form part's headers are missing their end, or longer than {MAX_HEAD} bytes")
-        yield part[:max(split, 0)].decode("latin-1"), part[split + 4:]
-        if end < 0:
+        if raw.startswith(b"\r\n", start):  # no headers at all
+            head_end = start - 2
+        else:
+            head_end = raw.find(b"\r\n\r\n", start, min(end, start + MAX_HEAD + 4))
+            if head_end < 0:
+                raise InvalidRequest(f"a form part's headers are missing their end (a blank line, CRLF), or are "
+                                     f"longer than {MAX_HEAD} bytes")
+        yield raw[start:max(head_end, start)].decode("latin-1"), raw[head_end + 4:max(end, head_end + 4)]
+        if following < 0:
             return
-        pos = end + 2 + len(delimiter)
+        at = following
 
 
 def disposition(head: str) -> tuple[str | None, str | None]:
@@ -100,6 +118,8 @@ def numbers(form: dict, kinds: dict) -> dict:
     out = dict(form)
     for name, kind in kinds.items():
         value = out.get(name)
+        if isinstance(value, str) and len(value) > 32:
+            raise InvalidRequest(f"{name} must be a number, got {value[:40]!r}...")
         if isinstance(value, str):
             try:
                 out[name] = kind(value.strip())

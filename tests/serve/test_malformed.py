@@ -151,3 +151,24 @@ def test_an_image_part_without_a_file_name_is_a_file(server):
     status, answer, _ = call(server.url + "/v1/images/edits", "POST", raw=raw,
                              headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
     assert status == 200, answer
+
+
+def test_form_framing_as_rfc_2046_has_it():
+    """A delimiter is one only at a line's start and followed by "--" or the line's end: content
+    that merely begins like one is content; the boundary is the Content-Type's own parameter."""
+    from ldm_deploy.serve.form import MAX_TEXT, numbers, parse_form
+
+    def body(*fields):
+        return raw_form(*[b'Content-Disposition: form-data; name="' + n + b'"\r\n\r\n' + v for n, v in fields])
+
+    ct = f"multipart/form-data; boundary={BOUNDARY}"
+    tricky = f"a\r\n--{BOUNDARY}x more\r\nb --{BOUNDARY}\r\nc".encode()
+    assert parse_form(body((b"prompt", tricky), (b"n", b"2")), ct) == {"prompt": tricky.decode(), "n": "2"}
+    assert parse_form(b"preamble\r\n" + body((b"n", b"3")), f"multipart/form-data; xboundary=x; boundary={BOUNDARY}") \
+        == {"n": "3"}
+    with pytest.raises(InvalidRequest, match="bytes of text; at most"):
+        parse_form(body((b"prompt", b"x" * (MAX_TEXT + 1))), ct)
+    with pytest.raises(InvalidRequest, match="n must be a number"):
+        numbers({"n": "9" * 100}, {"n": int})
+    with pytest.raises(InvalidRequest, match="names no boundary"):
+        parse_form(b"", "multipart/form-data; boundary=" + "b" * 201)
