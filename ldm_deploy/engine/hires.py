@@ -20,8 +20,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
-from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
+from ldm_deploy.engine import images
+from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.errors import InvalidRequest
 
 UPSCALER = "Lanczos"  # the default: an image upscaler, as diffusers' img2img of the resized image
@@ -105,3 +107,34 @@ def fields(h: Hires) -> dict:
     """AUTOMATIC1111's infotext fields for a hires-fixed image (no steps: as the first pass's)."""
     return {"Denoising strength": h.strength, "Hires upscale": h.scale,
             **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": h.upscaler}
+
+
+def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, output_type: str = "np",
+                control=None) -> np.ndarray:
+    """The second pass of each image: its 8-bit first pass, resized (a Latent upscaler: its
+    latents, resized), redrawn as img2img with its own seed (a generator given: the rest of
+    its draws, as diffusers' img2img would make). ControlNets steer it too, their images
+    resized to the new size, as in AUTOMATIC1111."""
+    controls = {}
+    if control is not None and control.pictures:
+        controls = dict(control_image=list(control.pictures), control_scale=list(control.scales),
+                        control_start=list(control.starts), control_end=list(control.ends))
+    w, h = target_size(req.width, req.height, fix.scale, pipe.manifest.size_multiple)
+    steps, strength = img2img_steps(fix, req.steps)
+    if fix.latent:  # (B, C, h, w) -> one (1, C, H/8, W/8) each
+        s = pipe.manifest.model.vae_scale
+        mode, antialias = LATENT_UPSCALERS[fix.upscaler]
+        inits = [images.InitLatents(x[None]) for x in resize(first, h // s, w // s, mode, antialias)]
+    else:
+        inits = [image.resize((w, h), resample=Image.LANCZOS) for image in images.to_pil(first)]
+    out = []
+    for i, init in enumerate(inits):
+        gen = generator[i] if isinstance(generator, (list, tuple)) else generator
+        out.append(pipe(
+            req.prompts[i], negative_prompt=None if req.zero_negative else req.negative_prompts[i], steps=steps,
+            guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
+            init_image=init, strength=strength, clip_skip=req.clip_skip,
+            prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
+            _hires_pass=(req.steps, fix.steps or req.steps), **controls,
+        ))
+    return np.concatenate(out)

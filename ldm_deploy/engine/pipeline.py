@@ -6,19 +6,16 @@ tokenize -> text encoder -> sampler table (host) -> N x unet_step -> VAE decoder
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ldm_deploy.engine import backends, hires, images, noise
 from ldm_deploy.engine import controls, infotext, inpaint, refine, text
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
-from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
-from ldm_deploy.engine.request import Request, check_init_size, check_request, check_size, whole
+from ldm_deploy.engine.request import Request, check_init_size, check_request, check_size, split, whole
 from ldm_deploy.engine.samplers import plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
@@ -283,12 +280,7 @@ class Pipeline:
         self.check_history(req.sampler, req.steps, req.strength)
         alone = False  # the switch comes before the base's first step: the refiner draws it all
         if refiner is not None:  # where the switch leaves one model no step, the other draws alone
-            drawn = refine.parts(req, m)
-            if drawn == "base":
-                refiner, req = None, replace(req, denoising_end=None)
-            else:
-                refine.check(refiner, req, init is not None)
-                alone = drawn == "refiner"
+            refiner, req, alone = refine.settle(refiner, req, m, init is not None)
         if not alone:
             plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
                  req.denoising_end)  # a switch that leaves no step, before anything is drawn
@@ -324,8 +316,8 @@ class Pipeline:
         if refiner is not None and not alone:
             out = refine.finish(refiner, m, req, out, gen, progress, output_type, *scores)
         if fix is not None:
-            out = self.hires_fix(req, out, fix, generator, progress, "latent" if output_type == "latent" else "np",
-                                 control)
+            out = hires.second_pass(self, req, out, fix, generator, progress,
+                                    "latent" if output_type == "latent" else "np", control)
         if crop is not None:  # each drawn crop pasted back into the image through the mask
             pad, box, original, original_mask = crop
             pils = [mask_crop_.overlay(original_mask, original, im, box) for im in images.to_pil(out)]
@@ -340,36 +332,6 @@ class Pipeline:
                                                         crop and crop[0], control, mask_blur,
                                                         refiner and refine.fields(refiner, req))
         return pils
-
-    def hires_fix(self, req: Request, first: np.ndarray, fix, generator, progress,
-                  output_type: str = "np", control=None) -> np.ndarray:
-        """The second pass of each image: its 8-bit first pass, resized (a Latent upscaler: its
-        latents, resized), redrawn as img2img with its own seed (a generator given: the rest of
-        its draws, as diffusers' img2img would make). ControlNets steer it too, their images
-        resized to the new size, as in AUTOMATIC1111."""
-        controls = {}
-        if control is not None and control.pictures:
-            controls = dict(control_image=list(control.pictures), control_scale=list(control.scales),
-                            control_start=list(control.starts), control_end=list(control.ends))
-        w, h = hires.target_size(req.width, req.height, fix.scale, self.manifest.size_multiple)
-        steps, strength = hires.img2img_steps(fix, req.steps)
-        if fix.latent:  # (B, C, h, w) -> one (1, C, H/8, W/8) each
-            s = self.manifest.model.vae_scale
-            mode, antialias = LATENT_UPSCALERS[fix.upscaler]
-            inits = [images.InitLatents(x[None]) for x in resize(first, h // s, w // s, mode, antialias)]
-        else:
-            inits = [image.resize((w, h), resample=Image.LANCZOS) for image in images.to_pil(first)]
-        out = []
-        for i, init in enumerate(inits):
-            gen = generator[i] if isinstance(generator, (list, tuple)) else generator
-            out.append(self(
-                req.prompts[i], negative_prompt=None if req.zero_negative else req.negative_prompts[i], steps=steps,
-                guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
-                init_image=init, strength=strength, clip_skip=req.clip_skip,
-                prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
-                _hires_pass=(req.steps, fix.steps or req.steps), **controls,
-            ))
-        return np.concatenate(out)
 
     def generate(self, req: Request, init, latents, generator, progress, decode: bool = True,
                  mask=None, control=None, shared=None) -> np.ndarray:
@@ -514,21 +476,6 @@ DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask",
                    "padding_mask_crop": "mask_crop", "controlnet_conditioning_scale": "control_scale",
                    "control_guidance_start": "control_start", "control_guidance_end": "control_end"}
-
-
-def split(req: Request, latents, generator, max_batch: int, init=None):
-    """Yield (request, latents, generator, init image) chunks of at most `max_batch` images (init
-    latents of one per image: each chunk's)."""
-    if req.batch <= max_batch:
-        yield req, latents, generator, init
-        return
-    for lo in range(0, req.batch, max_batch):
-        sl = slice(lo, lo + max_batch)
-        sub = replace(req, prompts=req.prompts[sl], negative_prompts=req.negative_prompts[sl], seeds=req.seeds[sl])
-        gen = generator[sl] if isinstance(generator, (list, tuple)) else generator
-        sub_init = images.InitLatents(init.array[sl]) \
-            if isinstance(init, images.InitLatents) and len(init.array) > 1 else init
-        yield sub, None if latents is None else latents[sl], gen, sub_init
 
 
 def progress_bar(total: int, enabled: bool):

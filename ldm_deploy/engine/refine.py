@@ -12,6 +12,8 @@ the next, as one diffusers generator passed to both pipelines does.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ldm_deploy.engine import images
@@ -70,11 +72,16 @@ def parts(req: Request, m) -> str:
     return "refiner" if above == 0 else "base" if above == len(rows) else "both"
 
 
-def check(refiner, req: Request, img2img: bool) -> None:
-    """What the refiner cannot draw of the request (sizes, clip skip, the sampler's history),
-    found before the base draws it."""
+def settle(refiner, req: Request, m, img2img: bool) -> tuple:
+    """-> (refiner, request, whether the refiner draws alone), where the switch leaves one model no
+    step (parts()): the base alone has no refiner and no cut. What the refiner cannot draw of the
+    request (sizes, clip skip, the sampler's history) is found here, before the base draws."""
+    drawn = parts(req, m)
+    if drawn == "base":
+        return None, replace(req, denoising_end=None), False
     check_request(req, refiner.manifest, img2img)
     refiner.check_history(req.sampler, req.steps, 1.0)
+    return refiner, req, drawn == "refiner"
 
 
 def scores(m, refiner, score, negative) -> dict:
@@ -116,34 +123,32 @@ def cut(m, start, end, init, mask, hires_scale, control, latents, refining: bool
     return {"denoising_start": start, "denoising_end": end}
 
 
-def finish(refiner, m, req: Request, latents, generator, progress, output_type: str, aesthetic_score,
-           negative_aesthetic_score):
+def finish(refiner, m, req: Request, latents, generator, progress, output_type: str, *scores):
     """The refiner's part of each image: (B, C, h, w) latents from the base's walk, cut at
     req.denoising_end -> (B, H, W, 3) images in [0, 1], or output_type "latent": its latents.
-    Same prompts, seeds, steps, sampler and guidance; the aesthetic scores are the refiner's
-    (None: its defaults; scores() refused them for a refiner that takes none). m: the base's
-    ModelInfo, whose steps drawn prompt editing counts on from (AUTOMATIC1111's step counter)."""
+    m: the base's ModelInfo, whose steps drawn prompt editing counts on from (AUTOMATIC1111's step
+    counter)."""
     drawn = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, None, req.denoising_end).steps
-    return refiner(
-        list(req.prompts), negative_prompt=None if req.zero_negative else list(req.negative_prompts),
-        steps=req.steps, guidance=req.guidance, seed=list(req.seeds), sampler=req.sampler,
-        init_image=images.InitLatents(latents), denoising_start=req.denoising_end, clip_skip=req.clip_skip,
-        prompt_weighting=req.prompt_weighting, generator=generator, progress=progress,
-        output_type="latent" if output_type == "latent" else "np", aesthetic_score=aesthetic_score,
-        negative_aesthetic_score=negative_aesthetic_score, _first_step=drawn)
+    return draw(refiner, req, generator, progress, output_type, scores, init_image=images.InitLatents(latents),
+                denoising_start=req.denoising_end, _first_step=drawn)
 
 
-def alone(refiner, req: Request, init, latents, generator, progress, output_type, aesthetic_score,
-          negative_aesthetic_score):
+def alone(refiner, req: Request, init, latents, generator, progress, output_type, *scores):
     """A walk switched before its first step: the refiner draws the request alone -> (B, H, W, 3)
     images in [0, 1] (output_type "latent": its latents), which the base writes its PNGs of."""
+    return draw(refiner, req, generator, progress, output_type, scores, width=req.width, height=req.height,
+                init_image=init, strength=req.strength if init is not None else None, latents=latents)
+
+
+def draw(refiner, req: Request, generator, progress, output_type, scores, **call):
+    """The refiner called with the request's prompts, seeds, steps, sampler and guidance, and the
+    aesthetic scores given (None: its defaults; scores() refused them for a refiner that takes none)."""
     return refiner(
         list(req.prompts), negative_prompt=None if req.zero_negative else list(req.negative_prompts),
-        steps=req.steps, guidance=req.guidance, seed=list(req.seeds), width=req.width, height=req.height,
-        sampler=req.sampler, init_image=init, strength=req.strength if init is not None else None,
-        clip_skip=req.clip_skip, prompt_weighting=req.prompt_weighting, latents=latents, generator=generator,
-        output_type="latent" if output_type == "latent" else "np", progress=progress, aesthetic_score=aesthetic_score,
-        negative_aesthetic_score=negative_aesthetic_score)
+        steps=req.steps, guidance=req.guidance, seed=list(req.seeds), sampler=req.sampler, clip_skip=req.clip_skip,
+        prompt_weighting=req.prompt_weighting, generator=generator, progress=progress,
+        output_type="latent" if output_type == "latent" else "np", aesthetic_score=scores[0],
+        negative_aesthetic_score=scores[1], **call)
 
 
 def fields(refiner, req: Request) -> dict:

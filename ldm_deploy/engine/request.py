@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -136,3 +136,18 @@ def check_init_size(manifest: Manifest, init, width: int | None, height: int | N
                 f"the {what} is {init.size[0]}x{init.size[1]}, and its {name} {value} is "
                 f"outside this engine's range [{lo}, {hi}]; pass --width / --height (width= / "
                 f"height=) in range to resize it, or resize the image")
+
+
+def split(req: Request, latents, generator, max_batch: int, init=None):
+    """Yield (request, latents, generator, init image) chunks of at most `max_batch` images (init
+    latents of one per image: each chunk's)."""
+    if req.batch <= max_batch:
+        yield req, latents, generator, init
+        return
+    for lo in range(0, req.batch, max_batch):
+        sl = slice(lo, lo + max_batch)
+        sub = replace(req, prompts=req.prompts[sl], negative_prompts=req.negative_prompts[sl], seeds=req.seeds[sl])
+        gen = generator[sl] if isinstance(generator, (list, tuple)) else generator
+        sub_init = images.InitLatents(init.array[sl]) \
+            if isinstance(init, images.InitLatents) and len(init.array) > 1 else init
+        yield sub, None if latents is None else latents[sl], gen, sub_init

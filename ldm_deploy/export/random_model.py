@@ -122,33 +122,6 @@ PRESETS = {
         pad_token="<|endoftext|>",
         pad_token_2="!",
     ),
-    # An SDXL refiner's shape: the second text encoder alone (its hidden states, 48, and pooled
-    # projection, 40) and an aesthetic score after four size numbers (40 + 5 * 8), as
-    # stabilityai/stable-diffusion-xl-refiner-1.0 is conditioned.
-    "tiny-sdxl-refiner": dict(
-        unet=dict(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=48,
-            attention_head_dim=(2, 4),
-            transformer_layers_per_block=(1, 2),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=80,
-            norm_num_groups=8,
-            sample_size=32,
-        ),
-        text_2=dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=3,
-                    hidden_act="gelu", projection_dim=40),
-        vae=dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=256,
-                 **SDXL_VAE),
-        scheduler=SDXL_SCHEDULER,
-        pad_token_2="!",
-        refiner=True,
-    ),
     # The real SD 1.5 architecture (860M U-Net, CLIP ViT-L/14 text encoder, 84M VAE).
     "sd15": dict(
         unet=dict(**SD_UNET, cross_attention_dim=768, attention_head_dim=8, sample_size=64),
@@ -187,25 +160,31 @@ PRESETS = {
         pad_token="<|endoftext|>",
         pad_token_2="!",
     ),
-    # The real SDXL refiner architecture (stabilityai/stable-diffusion-xl-refiner-1.0: a 2.3B U-Net of
-    # 384..1536 channels with four transformer layers where it attends, at its two middle levels;
-    # OpenCLIP ViT-bigG/14 alone; an aesthetic score after four sizes, 1280 + 5 x 256), for its single files.
-    "sdxl-refiner": dict(
-        unet=dict(block_out_channels=(384, 768, 1536, 1536), layers_per_block=2,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                  cross_attention_dim=1280, attention_head_dim=(6, 12, 24, 24), transformer_layers_per_block=4,
-                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                  projection_class_embeddings_input_dim=2560, sample_size=128),
-        text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                    hidden_act="gelu", projection_dim=1280),
-        vae=dict(**SD_VAE, sample_size=1024, **SDXL_VAE),
-        scheduler=SDXL_SCHEDULER,
-        pad_token_2="!",
-        refiner=True,
-    ),
 }
 
+
+# An SDXL refiner's shape: tiny-sdxl's second text encoder alone (its hidden states, 48, and pooled
+# projection, 40) and an aesthetic score after four size numbers (40 + 5 * 8), as
+# stabilityai/stable-diffusion-xl-refiner-1.0 is conditioned.
+PRESETS["tiny-sdxl-refiner"] = dict(
+    {k: v for k, v in PRESETS["tiny-sdxl"].items() if k not in ("text", "pad_token")},
+    unet={**PRESETS["tiny-sdxl"]["unet"], "cross_attention_dim": 48, "projection_class_embeddings_input_dim": 80},
+    refiner=True,
+)
+# The real SDXL refiner architecture (stabilityai/stable-diffusion-xl-refiner-1.0: a 2.3B U-Net of
+# 384..1536 channels with four transformer layers where it attends, at its two middle levels;
+# SDXL's OpenCLIP ViT-bigG/14 alone and its VAE; an aesthetic score after four sizes, 1280 + 5 x
+# 256), for its single files.
+PRESETS["sdxl-refiner"] = dict(
+    {k: v for k, v in PRESETS["sdxl"].items() if k not in ("text", "pad_token")},
+    unet=dict(block_out_channels=(384, 768, 1536, 1536), layers_per_block=2,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              cross_attention_dim=1280, attention_head_dim=(6, 12, 24, 24), transformer_layers_per_block=4,
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+              projection_class_embeddings_input_dim=2560, sample_size=128),
+    refiner=True,
+)
 
 def model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline") -> dict:
     """model_index.json of a StableDiffusionPipeline (or -InpaintPipeline) folder (no safety
