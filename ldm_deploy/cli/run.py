@@ -38,6 +38,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default, or -1: random)")
+    p.add_argument("--variation-strength", type=float, default=None, metavar="F",
+                   help="AUTOMATIC1111's variation seed: vary the seed's noise this far (0 to 1, e.g. 0.1) toward "
+                        "--variation-seed's; with --num-images, each image a variation of the one seed")
+    p.add_argument("--variation-seed", type=int, default=None, metavar="N",
+                   help="the seed the noise varies toward (image i: N + i; default, or -1: random)")
+    p.add_argument("--seed-resize-from", type=size, default=None, metavar="WxH",
+                   help="AUTOMATIC1111's 'Resize seed from': draw each seed's noise at WxH and paste it into the "
+                        "middle, so that an image drawn at WxH keeps its composition at --width x --height")
     p.add_argument("--width", type=int, default=None, help="default: the engine's native size (img2img: the init image's)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
@@ -80,9 +88,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                    help="blur the mask by PX px first (AUTOMATIC1111's 'Mask blur', e.g. 4): with --mask-crop, a "
                         "soft paste")
-    p.add_argument("--masked-content", default="original", choices=("original", "fill"),
-                   help="with --mask, AUTOMATIC1111's 'Masked content': original (the image there, noised; default) "
-                        "or fill (first painted with the blurred colours around it: for removing things)")
+    p.add_argument("--masked-content", default="original", choices=("original", "fill", "latent noise",
+                                                                     "latent nothing"),
+                   help="with --mask, AUTOMATIC1111's 'Masked content': original (the image there, noised; default), "
+                        "fill (first painted with the blurred colours around it: for removing things), 'latent "
+                        "noise' or 'latent nothing' (its latents there replaced by the seed's noise or by zeros: "
+                        "with --strength below 1)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8; with --mask 1.0)")
     p.add_argument("--control-image", action="append", default=None, metavar="FILE",
@@ -119,6 +130,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def size(text: str) -> tuple[int, int]:
+    """WxH (e.g. 512x768) -> (width, height), for argparse."""
+    w, x, h = text.lower().partition("x")
+    if not (x and w.isdigit() and h.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT (e.g. 512x768)")
+    return int(w), int(h)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -187,7 +206,7 @@ def refiner_dir(args) -> tuple[str, bool]:
 FROM_PNG = {"negative_prompt": None, "steps": 30, "guidance": 7.5, "seed": None, "width": None, "height": None,
             "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
             "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "strength": None, "mask_blur": None,
-            "refiner_switch_at": None}
+            "refiner_switch_at": None, "variation_seed": None, "variation_strength": 0.0, "seed_resize_from": None}
 UNSET = object()
 
 
@@ -249,7 +268,8 @@ def main(argv=None) -> int:
         if args.mask_blur is not UNSET and args.mask_blur is not None and args.mask is None:
             raise UserError("--mask-blur blurs a mask: give --mask (and --init-image)")
         if args.masked_content != "original" and args.mask is None:
-            raise UserError("--masked-content fill paints the masked part of an image: give --mask (and --init-image)")
+            raise UserError(f"--masked-content {args.masked_content} fills the masked part of an image: give --mask "
+                            "(and --init-image)")
         if args.mask_crop is not None and args.mask is None:
             raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
         given_here = {k for k in FROM_PNG if getattr(args, k) is not UNSET}  # on the command line
@@ -324,6 +344,9 @@ def main(argv=None) -> int:
             steps=args.steps,
             guidance=args.guidance,
             seed=args.seed,
+            variation_seed=args.variation_seed,
+            variation_strength=args.variation_strength,
+            seed_resize_from=args.seed_resize_from,
             width=args.width,
             height=args.height,
             num_images=args.num_images,

@@ -135,6 +135,6 @@ def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, o
             guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
             init_image=init, strength=strength, clip_skip=req.clip_skip,
             prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
-            _hires_pass=(req.steps, fix.steps or req.steps), **controls,
+            _hires_pass=(req.steps, fix.steps or req.steps), **req.variation(i), **controls,
         ))
     return np.concatenate(out)

@@ -30,7 +30,8 @@ MAX_FIELDS_LINE = 8192
 # Number fields -> (ldm-run option, type); Clip skip counts as ldm-run's --clip-skip does.
 NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
            "Clip skip": ("clip_skip", int), "Mask blur": ("mask_blur", float),
-           "Refiner switch at": ("refiner_switch_at", float)}
+           "Refiner switch at": ("refiner_switch_at", float), "Variation seed": ("variation_seed", int),
+           "Variation seed strength": ("variation_strength", float)}
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
@@ -41,7 +42,8 @@ EMPTY_NEGATIVE = "Empty negative prompt"
 QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lora hashes", "Emphasis",
          "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
          "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur",
-         "Refiner", "Refiner switch at", EMPTY_NEGATIVE}
+         "Refiner", "Refiner switch at", "Variation seed", "Variation seed strength", "Seed resize from",
+         EMPTY_NEGATIVE}
 
 
 def read_png(path: str | Path) -> str:
@@ -105,6 +107,11 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         if not m:
             raise UserError(f"the image's Size is {fields['Size']!r}, not WIDTHxHEIGHT")
         out["width"], out["height"] = int(m.group(1)), int(m.group(2))
+    if "Seed resize from" in fields and "seed_resize_from" not in given:
+        m = SIZE.match(fields["Seed resize from"])
+        if not m:
+            raise UserError(f"the image's Seed resize from is {fields['Seed resize from']!r}, not WIDTHxHEIGHT")
+        out["seed_resize_from"] = (int(m.group(1)), int(m.group(2)))
     if fields.get("Emphasis") == "None":
         out["prompt_weighting"] = False
     if "Sampler" in fields and "sampler" not in given:
@@ -191,6 +198,11 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
     }
     if model.vae:  # AUTOMATIC1111 names a replacement VAE so
         fields["VAE"] = Path(model.vae).stem
+    if req.variation_strength:  # AUTOMATIC1111's, where it writes them
+        fields["Variation seed"] = req.variation_seeds[i]
+        fields["Variation seed strength"] = req.variation_strength
+    if req.seed_resize_from:
+        fields["Seed resize from"] = "{}x{}".format(*req.seed_resize_from)
     if img2img:
         fields["Denoising strength"] = req.strength
     if fix is not None:

@@ -47,7 +47,8 @@ def blur(mask, radius) -> Image.Image:
     return image.filter(ImageFilter.GaussianBlur(float(radius)))
 
 
-MASKED_CONTENT = ("original", "fill")  # AUTOMATIC1111's "Masked content" choices offered
+# AUTOMATIC1111's "Masked content" choices (its API's inpainting_fill 1, 0, 2, 3)
+MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
 
 
 def fill(init: Image.Image, mask, width: int, height: int) -> Image.Image:
@@ -122,7 +123,11 @@ def start(be, model, encode_latents, init, mask, req, sp, generator, latents, sh
     elif first_chunk and (not model.inpainting or req.strength < 1):
         shared["z"] = encode_latents(pixels, noise.draw(first, (1, c, h, w)))
     z = np.repeat(shared["z"], b, axis=0) if "z" in shared else None
-    start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+    drawn = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+    start_noise = drawn if latents is not None else noise.varied(drawn, req)
+    small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
+    if z is not None and req.masked_content.startswith("latent"):
+        z = latent_fill(z, small, req.masked_content, drawn)
     if req.strength == 1:
         x = start_noise * np.float32(sp.init_noise_scale)
     else:
@@ -131,10 +136,20 @@ def start(be, model, encode_latents, init, mask, req, sp, generator, latents, sh
         sample = noise.draw(first, (1, c, h, w))
         shared["masked"] = encode_latents(pixels * (redraw < 0.5), sample) if model.inpainting else None
     masked = shared["masked"]
-    small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
     mask_buffer = be.upload(np.repeat(small, b, axis=0))  # (B, 1, h, w)
     if model.inpainting:  # the masked image, beside the latents at every step
         known = [be.upload(np.repeat(masked, b, axis=0))] * sp.steps
     else:  # the image where it is kept, noised to the level the next step starts from
         known = [be.upload(np.float32(a) * z + np.float32(s) * start_noise) for a, s in sp.known_levels()]
     return be.upload(x), [{"mask": mask_buffer, "image_latents": k} for k in known]
+
+
+def latent_fill(z: np.ndarray, redraw: np.ndarray, content: str, drawn: np.ndarray) -> np.ndarray:
+    """AUTOMATIC1111's masked content "latent noise" / "latent nothing": the image's latents z
+    (B, C, h, w), where the latent-size mask `redraw` (1, 1, h, w) is 1, replaced by the start noise
+    as drawn from the seeds (before any variation, as its create_random_tensors of the seeds draws
+    it) or by zeros, before they are noised to the first step. With "latent noise" that is the
+    noise then added, so the hole starts from it alone, louder than fresh noise, as in AUTOMATIC1111
+    (its fill and its start noise are one draw of the seed)."""
+    fill = drawn if content == "latent noise" else np.zeros_like(z)
+    return (z * (1 - redraw) + fill * redraw).astype(np.float32)

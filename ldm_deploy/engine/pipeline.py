@@ -74,6 +74,9 @@ class Pipeline:
         steps: int = 30,
         guidance: float = 7.5,
         seed: int | list[int] | None = None,
+        variation_seed: int | list[int] | None = None,
+        variation_strength: float = 0.0,
+        seed_resize_from: tuple[int, int] | None = None,
         width: int | None = None,
         height: int | None = None,
         num_images: int = 1,
@@ -125,8 +128,10 @@ class Pipeline:
         mask_blur (pixels): blur the mask first (AUTOMATIC1111's "Mask blur", diffusers'
         mask_processor.blur), which softens the paste of mask_crop.
         masked_content: AUTOMATIC1111's "Masked content": "original" (the image there, noised, as
-        diffusers inpaints) or "fill" (the hole first painted with the blurred colours around it,
-        at the size drawn, inpaint.fill).
+        diffusers inpaints), "fill" (the hole first painted with the blurred colours around it,
+        at the size drawn, inpaint.fill), "latent noise" (the image's latents there replaced by
+        each image's seed noise) or "latent nothing" (by zeros), as AUTOMATIC1111 does
+        (inpaint.latent_fill); the last two tell below strength 1.
         control_image: for an engine with ControlNets (ldm-export --controlnet), each one's image
         (one image, or a list of one per ControlNet, None where it is off), resized to the size
         drawn, which it sets when there is no init image; control_scale (its residuals' weight;
@@ -152,6 +157,12 @@ class Pipeline:
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
         seed: image i gets seed + i (None or -1: a random one), or a list of one seed per image.
+        variation_strength (0 to 1) and variation_seed: AUTOMATIC1111's "Variation seed", each
+        image's start noise slerped that far toward its variation seed's (image i: variation_seed
+        + i; None or -1: a random one), all images of one seed, as AUTOMATIC1111 draws a batch of
+        variations. seed_resize_from (width, height): its "Resize seed from": each seed's noise
+        drawn at that size and pasted into the middle, so that a seed keeps its composition at
+        another size (noise.vary).
         aesthetic_score / negative_aesthetic_score: an SDXL refiner engine's aesthetic conditioning
         of the prompt and of the negative prompt (diffusers' defaults: 6.0 and 2.5).
         denoising_end / denoising_start (fractions in (0, 1)): SDXL's "ensemble of expert
@@ -234,9 +245,10 @@ class Pipeline:
         if masked_content not in inpaint.MASKED_CONTENT:
             raise InvalidRequest(f"masked_content must be one of {', '.join(inpaint.MASKED_CONTENT)}, "
                                  f"got {masked_content!r}")
+        if masked_content != "original" and mask is None:
+            raise InvalidRequest(f"masked_content \"{masked_content}\" fills the masked part of an image: give the "
+                                 "mask too")
         if masked_content == "fill":
-            if mask is None:
-                raise InvalidRequest("masked_content \"fill\" paints the masked part of an image: give the mask too")
             init = inpaint.fill(init, mask, width, height)
         n = len(prompts) * num_images
         m = self.manifest.model
@@ -244,7 +256,8 @@ class Pipeline:
             raise InvalidRequest(f"init latents hold {init.array.shape[0]} images; give one, or one per image ({n})")
         if isinstance(init, images.InitLatents) and len(init.array) > 1 and (m.inpainting or mask is not None):
             raise InvalidRequest("inpainting starts every image from one image's latents: give one (1, C, h, w)")
-        seeds = noise.image_seeds(seed, n)
+        seeds, variation = noise.variation(seed, variation_seed, variation_strength, seed_resize_from, n,
+                                           generator, latents)
         clip_skip = whole("clip_skip", clip_skip, 0)
         if not isinstance(prompt_weighting, (bool, np.bool_)):
             raise InvalidRequest(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
@@ -275,6 +288,8 @@ class Pipeline:
                          refiner is not None),
             **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
             first_step=_first_step,
+            masked_content=masked_content,
+            **variation,
         )
         check_request(req, self.manifest, img2img=init is not None)
         self.check_history(req.sampler, req.steps, req.strength)
@@ -356,8 +371,7 @@ class Pipeline:
         elif init is not None:
             x = self.encode(init, req, sp, generator, latents, shape)
         else:
-            start = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
-            x = be.upload(start * np.float32(sp.init_noise_scale))
+            x = be.upload(noise.start(generator, shape, req, latents) * np.float32(sp.init_noise_scale))
         if sp.needs_noise:
             step_noise = [be.upload(noise.draw(generator, shape)) for _ in range(sp.steps)]
         else:
@@ -419,7 +433,7 @@ class Pipeline:
             z = np.repeat(init.array, req.batch // len(init.array), axis=0)
             if req.denoising_start is not None:  # a refiner's part of the walk: they are noisy already
                 return be.upload(z)
-            start_noise = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+            start_noise = noise.start(generator, shape, req, latents)
             return be.upload(np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start_noise)
         self.load_vae_encoder()
         pixels = images.to_model_input(init, req.width, req.height)
@@ -431,7 +445,7 @@ class Pipeline:
         # denoising_start: the image's latents as they are (diffusers' add_noise=False draws no noise)
         start = [1.0, 0.0] if req.denoising_start is not None else [sp.image_scale, sp.noise_scale]
         start_noise = np.zeros(shape, np.float32) if req.denoising_start is not None else \
-            latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
+            noise.start(generator, shape, req, latents)
         x = be.empty(shape)
         inputs = {
             "images": be.upload(pixels),

@@ -148,7 +148,7 @@ def draw(refiner, req: Request, generator, progress, output_type, scores, **call
         steps=req.steps, guidance=req.guidance, seed=list(req.seeds), sampler=req.sampler, clip_skip=req.clip_skip,
         prompt_weighting=req.prompt_weighting, generator=generator, progress=progress,
         output_type="latent" if output_type == "latent" else "np", aesthetic_score=scores[0],
-        negative_aesthetic_score=scores[1], **call)
+        negative_aesthetic_score=scores[1], **req.variation(), **call)
 
 
 def fields(refiner, req: Request) -> dict:

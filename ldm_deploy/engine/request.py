@@ -43,10 +43,25 @@ class Request:
     # A refiner's call: the steps the base drew before it, which prompt editing counts on from
     # (None: those of the whole walk before denoising_start)
     first_step: int | None = None
+    # AUTOMATIC1111's "Masked content" (inpaint.MASKED_CONTENT)
+    masked_content: str = "original"
+    # AUTOMATIC1111's variation seeds (noise.vary): each image's start noise slerped toward its
+    # variation seed's by variation_strength (0: none, and no variation seeds), and / or its seed's
+    # drawn at seed_resize_from (width, height) and pasted into the middle
+    variation_seeds: tuple[int, ...] = ()
+    variation_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None
 
     @property
     def batch(self) -> int:
         return len(self.prompts)
+
+    def variation(self, i: int | None = None) -> dict:
+        """The Pipeline keywords that vary the noise of its images (i: of image i alone) as this
+        request's is varied: for the calls it makes (the hires fix's second pass, a refiner)."""
+        seeds = self.variation_seeds if i is None else self.variation_seeds[i:i + 1]
+        return {"variation_seed": list(seeds) or None, "variation_strength": self.variation_strength,
+                "seed_resize_from": self.seed_resize_from}
 
     @property
     def guided(self) -> bool:
@@ -146,7 +161,8 @@ def split(req: Request, latents, generator, max_batch: int, init=None):
         return
     for lo in range(0, req.batch, max_batch):
         sl = slice(lo, lo + max_batch)
-        sub = replace(req, prompts=req.prompts[sl], negative_prompts=req.negative_prompts[sl], seeds=req.seeds[sl])
+        sub = replace(req, prompts=req.prompts[sl], negative_prompts=req.negative_prompts[sl], seeds=req.seeds[sl],
+                      variation_seeds=req.variation_seeds[sl])
         gen = generator[sl] if isinstance(generator, (list, tuple)) else generator
         sub_init = images.InitLatents(init.array[sl]) \
             if isinstance(init, images.InitLatents) and len(init.array) > 1 else init

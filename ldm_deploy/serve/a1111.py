@@ -117,19 +117,22 @@ class A1111:
         images = run(self.worker, options, engine)
         model = self.engines.manifests[engine].model
         infotexts = [im.info.get("parameters", "") for im in images]
-        req_seeds = [options["seed"] + i for i in range(len(images))]
+        varied = options.get("variation_strength", 0)
+        req_seeds = [options["seed"] + (0 if varied else i) for i in range(len(images))]
+        subseeds = [options["variation_seed"] + i for i in range(len(images))] if varied else [-1] * len(images)
+        resize = options.get("seed_resize_from") or (-1, -1)
         width, height = images[0].size
         info = {
             "prompt": options["prompt"], "all_prompts": [options["prompt"]] * len(images),
             "negative_prompt": options["negative_prompt"] or "",
             "all_negative_prompts": [options["negative_prompt"] or ""] * len(images),
-            "seed": req_seeds[0], "all_seeds": req_seeds, "subseed": -1, "all_subseeds": [-1] * len(images),
-            "subseed_strength": 0, "width": width, "height": height,
+            "seed": req_seeds[0], "all_seeds": req_seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
+            "subseed_strength": varied, "width": width, "height": height,
             "sampler_name": DISPLAY_NAMES[options["sampler"]], "cfg_scale": options["guidance"],
             "steps": options["steps"], "batch_size": fields.integer(body, "batch_size", 1),
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": engine,
             "sd_model_hash": model.weights_sha256[:10], "sd_vae_name": vae_name(model) if model.vae else None,
-            "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "sd_vae_hash": None, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
             "denoising_strength": options.get("strength", options.get("hires_strength")),
             "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": options["clip_skip"] + 1,

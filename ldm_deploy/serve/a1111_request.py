@@ -5,8 +5,8 @@ classes, each optional with that class's default, and ignores fields it does not
 the fields that draw the image are read with its API's defaults (steps 50, CFG scale 7, sampler
 "Euler", img2img denoising strength 0.75, mask blur 4, "Only masked" inpainting, masked content
 "fill"), but width and height, which default to the engine's size for txt2img and the image's for
-img2img, rather than 512 (an SDXL engine draws 1024 px, the shapes model 64); a field asking for what is not offered here (face restoration, tiling,
-variation seeds, styles, scripts, ControlNet preprocessors, ...) is refused by name rather than
+img2img, rather than 512 (an SDXL engine draws 1024 px, the shapes model 64); a field asking for what is not
+offered here (face restoration, tiling, styles, scripts, ControlNet preprocessors, ...) is refused by name rather than
 left out, so that no image comes back other than asked for. Fields that tune k-diffusion's
 samplers (eta, s_churn, s_noise, ...), instruct-pix2pix's image_cfg_scale (no such model is served)
 or say where to save are accepted and have no effect.
@@ -29,15 +29,15 @@ SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"
 ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_heun": "Heun",
            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_lcm": "LCM", "ddim": "DDIM",
            "unipc": "UniPC"}
+# Its inpainting_fill -> masked_content
+FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # Fields that ask for what is not offered, and the value that asks for nothing.
-NOT_OFFERED = {"restore_faces": (None, False), "tiling": (None, False), "subseed_strength": (None, 0, 0.0),
-               "seed_resize_from_h": (None, -1, 0), "seed_resize_from_w": (None, -1, 0), "styles": (None, []),
+NOT_OFFERED = {"restore_faces": (None, False), "tiling": (None, False), "styles": (None, []),
                "script_name": (None, ""), "script_args": (None, []),
                "firstphase_width": (None, 0), "firstphase_height": (None, 0), "firstpass_image": (None,),
                "hr_checkpoint_name": (None, "", "Use same checkpoint"), "latent_mask": (None,),
                "initial_noise_multiplier": (None, 1, 1.0)}
-WHY = {"restore_faces": "face restoration", "tiling": "tiling", "subseed_strength": "variation seeds",
-       "seed_resize_from_h": "seed resizing", "seed_resize_from_w": "seed resizing", "styles": "saved styles",
+WHY = {"restore_faces": "face restoration", "tiling": "tiling", "styles": "saved styles",
        "script_name": "scripts", "script_args": "scripts",
        "firstphase_width": "the old hires fix's first phase size", "firstphase_height": "the old hires fix's "
        "first phase size", "firstpass_image": "a given first pass", "hr_checkpoint_name": "another hires "
@@ -84,10 +84,10 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
         options["mask"] = mask
         options["mask_blur"] = mask_blur(body)
         fill = integer(body, "inpainting_fill", 0)
-        if fill not in (0, 1):
-            raise InvalidRequest(f"inpainting_fill {fill} ({'latent noise' if fill == 2 else 'latent nothing'}) is "
-                                 "not offered; 0 (fill: the colours around it) or 1 (original: the image there)")
-        options["masked_content"] = "fill" if fill == 0 else "original"
+        if fill not in FILLS:
+            raise InvalidRequest(f"inpainting_fill is 0 (fill: the colours around it), 1 (original: the image "
+                                 f"there), 2 (latent noise) or 3 (latent nothing); got {fill}")
+        options["masked_content"] = FILLS[fill]
         if flag(body, "inpaint_full_res", True):
             options["mask_crop"] = integer(body, "inpaint_full_res_padding", 0)
     return options
@@ -137,6 +137,7 @@ def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
         "prompt_weighting": True,  # AUTOMATIC1111's prompt syntax
         "clip_skip": clip_skip(settings, model),
     }
+    options.update(variation(body, random_seed))
     for key in ("width", "height"):
         value = body.get(key)
         if value is not None:
@@ -155,6 +156,20 @@ def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
         control, resizes = controlnet(next(iter(scripts.values())), model)  # a1111_controlnet.py
         options.update(control)
     return options, resizes
+
+
+def variation(body: dict, random_seed) -> dict:
+    """Its variation seed fields -> ours: subseed (-1: random) where subseed_strength is not 0,
+    seed_resize_from_w / _h where both are above 0 (its rule)."""
+    out = {}
+    strength = number(body, "subseed_strength", 0.0)
+    if strength:
+        subseed = integer(body, "subseed", -1)
+        out.update(variation_strength=strength, variation_seed=random_seed() if subseed == -1 else subseed)
+    w, h = integer(body, "seed_resize_from_w", -1), integer(body, "seed_resize_from_h", -1)
+    if w > 0 and h > 0:
+        out["seed_resize_from"] = (w, h)
+    return out
 
 
 def hires(body: dict, options: dict) -> dict:

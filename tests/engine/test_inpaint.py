@@ -408,5 +408,55 @@ def test_masked_content_fill(pipelines, init_image, mask):
     with pytest.raises(InvalidRequest, match="give the mask too"):
         pipe("x", init_image=init_image, masked_content="fill", **kw)
     with pytest.raises(InvalidRequest, match="masked_content must be one of"):
-        pipe("x", init_image=init_image, mask=mask, masked_content="latent noise", **kw)
+        pipe("x", init_image=init_image, mask=mask, masked_content="latent fluff", **kw)
     assert run_cli.main(["x", "--init-image", "a.png", "--masked-content", "fill"]) == 2
+
+
+# Samplers without step noise: diffusers given the masked image's latents draws no sample of them,
+# where ours draws it (and a text-to-image model drops it), so later draws would part.
+@pytest.mark.parametrize("name,sampler", [("tiny-sd1", "euler"), ("tiny-sd1", "unipc"), ("inpainting", "dpmpp_2m")])
+@pytest.mark.parametrize("content", ["latent noise", "latent nothing"])
+def test_latent_fills_are_diffusers_given_the_filled_image_latents(name, sampler, content, inpainting, pipelines,
+                                                                  reference, init_image, mask):
+    """AUTOMATIC1111's masked content "latent noise" / "latent nothing": the image's latents, where
+    the latent-size mask redraws, replaced by the start noise (its fill and start noise are one
+    draw of the seed) or by zeros. The oracle: diffusers' inpainting pipeline given those latents
+    as its image, the generator drawing on as ours does (the image's sample, the start noise, an
+    inpainting model's masked image's sample)."""
+    pipe, strength = inpainting[1] if name == "inpainting" else pipelines[name], 0.6
+    ref_pipe = reference[name][0]
+    with torch.no_grad():
+        pixels = ref_pipe.image_processor.preprocess(init_image, height=H, width=W)
+        redraw = ref_pipe.mask_processor.preprocess(mask, height=H, width=W)  # (1, 1, H, W), 0 / 1
+        shape = (1, 4, H // 8, W // 8)
+        g = torch.Generator().manual_seed(3)
+        scale = ref_pipe.vae.config.scaling_factor
+        z = ref_pipe.vae.encode(pixels).latent_dist.sample(g) * scale  # draw 1
+        start = torch.randn(shape, generator=g)  # draw 2: what diffusers adds, and the fill
+        masked = ref_pipe.vae.encode(pixels * (redraw < 0.5)).latent_dist.sample(g) * scale  # draw 3
+        small = torch.nn.functional.interpolate(redraw, size=shape[2:])
+        fill = start if content == "latent noise" else torch.zeros(shape)
+        filled = z * (1 - small) + fill * small
+        after_sample = torch.Generator().manual_seed(3)
+        torch.randn(shape, generator=after_sample)
+        common = dict(prompt="a cat on a bench", mask_image=mask, strength=strength, num_inference_steps=5,
+                      guidance_scale=7.5)
+        ref = diffusers_run(reference, name, sampler, image=filled, masked_image_latents=masked,
+                            generator=after_sample, **common)
+    got = ours(pipe, sampler, image=init_image, masked_content=content, seed=3, **common)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+    plain = ours(pipe, sampler, image=init_image, seed=3, **common)
+    assert np.abs(got - plain).max() > 0.02  # the fill shows
+
+
+def test_latent_fills_leave_strength_1_alone(pipelines, init_image, mask):
+    """At strength 1 the start is pure noise and the kept part is the image's: a fill of the hole
+    changes nothing (AUTOMATIC1111's k-diffusion start keeps a trace of it; ours, diffusers', none)."""
+    pipe = pipelines["tiny-sd1"]
+    kw = dict(prompt="x", init_image=init_image, mask=mask, steps=3, seed=4, strength=1.0)
+    plain = ours(pipe, "euler", **kw)
+    for content in ("latent noise", "latent nothing"):
+        np.testing.assert_allclose(ours(pipe, "euler", masked_content=content, **kw), plain, rtol=0, atol=1e-6)
+    with pytest.raises(InvalidRequest, match="latent noise.*give the mask too"):
+        pipe("x", init_image=init_image, masked_content="latent noise", steps=1, progress=False)

@@ -92,7 +92,7 @@ def test_hires_fields():
         a1111.txt2img({**base, "hr_prompt": "other"}, MODEL, (128, 128), seven)
 
 
-@pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True), ("subseed_strength", 0.3),
+@pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True),
                                          ("styles", ["mine"]), ("script_name", "x/y/z plot"),
                                          ("alwayson_scripts", {"ADetailer": {"args": []}})])
 def test_what_is_not_offered_is_refused_by_name(field, value):
@@ -140,6 +140,24 @@ def test_masked_content():
     body = {"init_images": [b64(Image.new("RGB", (64, 64)))], "mask": b64(Image.new("L", (64, 64), 255))}
     assert a1111.img2img(body, MODEL, (128, 128), seven)["masked_content"] == "fill"  # its API's default
     assert a1111.img2img({**body, "inpainting_fill": 1}, MODEL, (128, 128), seven)["masked_content"] == "original"
+    assert a1111.img2img({**body, "inpainting_fill": 2}, MODEL, (128, 128), seven)["masked_content"] == "latent noise"
+    assert a1111.img2img({**body, "inpainting_fill": 3}, MODEL, (128, 128), seven)["masked_content"] == \
+        "latent nothing"
+
+
+def test_variation_fields():
+    """subseed / subseed_strength / seed_resize_from_w, _h as AUTOMATIC1111 reads them: the
+    variation seed only with a strength (-1: a random one), the resize only where both sides > 0."""
+    options = a1111.txt2img({"prompt": "a", "subseed": 12, "subseed_strength": 0.25, "seed_resize_from_w": 512,
+                             "seed_resize_from_h": 768}, MODEL, (128, 128), seven)
+    assert (options["variation_seed"], options["variation_strength"], options["seed_resize_from"]) == \
+        (12, 0.25, (512, 768))
+    options = a1111.txt2img({"prompt": "a", "subseed": -1, "subseed_strength": 0.5}, MODEL, (128, 128), seven)
+    assert options["variation_seed"] == 7 and "seed_resize_from" not in options  # seven() draws 7
+    for body in ({"subseed": 12}, {"subseed_strength": 0, "seed_resize_from_w": 512},
+                 {"seed_resize_from_w": -1, "seed_resize_from_h": -1}):
+        options = a1111.txt2img({"prompt": "a", **body}, MODEL, (128, 128), seven)
+        assert not {"variation_seed", "variation_strength", "seed_resize_from"} & set(options)
 
 
 @pytest.mark.parametrize("extra,match", [
@@ -147,7 +165,7 @@ def test_masked_content():
     ({"init_images": [b64(Image.new("RGB", (8, 8))), b64(Image.new("RGB", (8, 8), 9))]}, "several"),
     ({"resize_mode": 2, "width": 64, "height": 64}, "pads"), ({"mask_blur_x": 3}, "differ"),
     ({"mask": b64(Image.new("L", (32, 32)))}, "same size"),
-    ({"inpainting_fill": 2}, "latent noise"), ({"enable_hr": True}, "txt2img"),
+    ({"inpainting_fill": 4}, "latent nothing"), ({"enable_hr": True}, "txt2img"),
     ({"init_images": [b64(Image.new("L", (8000, 6000)))]}, "megapixels"),
     ({"init_images": ["http://example.com/a.png"]}, "URL"),
 ])

@@ -71,6 +71,22 @@ def test_txt2img_defaults(server, oracle):
     assert random["seed"] >= 0  # -1: drawn, and answered
 
 
+def test_variation_seeds(server, oracle):
+    """AUTOMATIC1111's variation fields: a batch of variations of one seed, and its info."""
+    body = {"prompt": "a cat", "steps": 3, "seed": 4, "subseed": 30, "subseed_strength": 0.3, "batch_size": 2,
+            "seed_resize_from_w": 48, "seed_resize_from_h": 80, "width": 64, "height": 64}
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+    assert status == 200, answer
+    want = oracle("a cat", steps=3, guidance=7.0, seed=4, variation_seed=30, variation_strength=0.3, num_images=2,
+                  seed_resize_from=(48, 80), sampler="euler", width=64, height=64, prompt_weighting=True,
+                  progress=False)
+    assert np.array_equal(pixels([unb64(s) for s in answer["images"]]), pixels(want))
+    info = json.loads(answer["info"])
+    assert (info["all_seeds"], info["all_subseeds"], info["subseed_strength"]) == ([4, 4], [30, 31], 0.3)
+    assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (48, 80)
+    assert "Variation seed: 31, Variation seed strength: 0.3, Seed resize from: 48x80" in info["infotexts"][1]
+
+
 def test_hires_fix(server, oracle):
     body = {"prompt": "a cat", "steps": 3, "seed": 2, "width": 64, "height": 64, "enable_hr": True,
             "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 2, "denoising_strength": 0.6}

@@ -105,6 +105,20 @@ def test_waiting_requests_share_a_call_and_keep_their_images(pipe, oracle):
         assert job.images[0].info["parameters"] == oracle(**{**job.options, "progress": False})[0].info["parameters"]
 
 
+def test_variations_run_alone(pipe, oracle):
+    """A job of variations draws all its images from its one seed: it shares no call."""
+    worker = Worker(pipe, max_batch=4)
+    jobs = [worker.submit(Job({**options("a cat", 3), "num_images": 2, "variation_seed": 9,
+                                "variation_strength": 0.2})) for _ in range(2)]
+    worker.start()
+    for job in jobs:
+        assert job.done.wait(120) and job.error is None, job.error
+    worker.stop()
+    assert worker.calls == 2
+    want = oracle(**{**jobs[0].options, "progress": False})
+    assert np.array_equal(pixels(jobs[1].images), pixels(want))
+
+
 def test_a_mistake_in_a_shared_call_is_only_its_own(pipe, oracle):
     worker = Worker(pipe)
     good, bad = worker.submit(Job(options("a cat", 3))), worker.submit(Job(options("a dog", -5)))
