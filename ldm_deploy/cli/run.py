@@ -22,8 +22,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=None, help="what to draw (with --from-png: the image's)")
     p.add_argument("--from-png", metavar="FILE", default=None,
                    help="draw again from the generation parameters in a PNG made by ldm-run or AUTOMATIC1111 "
-                        "(its prompt, negative prompt, steps, sampler, CFG scale, seed, size, clip skip, hires "
-                        "fix, mask blur); options given here override them")
+                        "(its prompt, negative prompt, steps, sampler, CFG scale, seed, variation seed, size, clip "
+                        "skip, hires fix, mask blur); options given here override them")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--engine", help="engine directory made by ldm-export")
     which.add_argument("--model", help="diffusers folder or .safetensors checkpoint (SD 1.x / 2.x / XL): its ONNX "
@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
                         "and AUTOMATIC1111 do; \"\" encodes the empty text, as ComfyUI does)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
-    p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default, or -1: random)")
+    p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default, or -1: random; with "
+                   "--variation-strength every image the seed)")
     p.add_argument("--variation-strength", type=float, default=None, metavar="F",
                    help="AUTOMATIC1111's variation seed: vary the seed's noise this far (0 to 1, e.g. 0.1) toward "
                         "--variation-seed's; with --num-images, each image a variation of the one seed")
@@ -132,12 +133,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def size(text: str) -> tuple[int, int]:
-    """WxH (e.g. 512x768) -> (width, height), for argparse."""
+def size(text: str) -> tuple[int, int] | None:
+    """WxH (e.g. 512x768) -> (width, height), for argparse; 0x0 (a side 0): None."""
     w, x, h = text.lower().partition("x")
     if not (x and w.isdigit() and h.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT (e.g. 512x768)")
-    return int(w), int(h)
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT (e.g. 512x768; 0x0: none)")
+    return (int(w), int(h)) if int(w) and int(h) else None
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -274,6 +275,13 @@ def main(argv=None) -> int:
             raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
         given_here = {k for k in FROM_PNG if getattr(args, k) is not UNSET}  # on the command line
         fields = from_png(args)  # before a --model export: its mistakes are found in seconds
+        if not args.variation_strength and "variation_seed" not in given_here:
+            args.variation_seed = None  # a PNG's, its variation turned off here
+        if args.variation_strength is not None and not 0 <= args.variation_strength <= 1:
+            raise UserError(f"--variation-strength is from 0 to 1, got {args.variation_strength}")
+        if args.variation_seed is not None and not args.variation_strength:
+            raise UserError("--variation-seed is the seed the noise varies toward: give --variation-strength too "
+                            "(e.g. 0.1)")
         if args.clip_skip < 1:
             raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
         paths = output_paths(args.out, args.num_images)

@@ -108,10 +108,11 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
             raise UserError(f"the image's Size is {fields['Size']!r}, not WIDTHxHEIGHT")
         out["width"], out["height"] = int(m.group(1)), int(m.group(2))
     if "Seed resize from" in fields and "seed_resize_from" not in given:
-        m = SIZE.match(fields["Seed resize from"])
+        m = re.match(r"^(-?\d+)x(-?\d+)$", fields["Seed resize from"])
         if not m:
             raise UserError(f"the image's Seed resize from is {fields['Seed resize from']!r}, not WIDTHxHEIGHT")
-        out["seed_resize_from"] = (int(m.group(1)), int(m.group(2)))
+        w, h = int(m.group(1)), int(m.group(2))
+        out["seed_resize_from"] = (w, h) if w > 0 and h > 0 else None  # its "-1x-1" (1.3-1.5's API): none
     if fields.get("Emphasis") == "None":
         out["prompt_weighting"] = False
     if "Sampler" in fields and "sampler" not in given:

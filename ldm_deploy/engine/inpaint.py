@@ -120,11 +120,17 @@ def start(be, model, encode_latents, init, mask, req, sp, generator, latents, sh
     first_chunk = "masked" not in shared  # later chunks draw only their start noise
     if first_chunk and given:
         shared["z"] = init.array
-    elif first_chunk and (not model.inpainting or req.strength < 1):
+    sampled = not given and (not model.inpainting or req.strength < 1)  # the image's sample drawn
+    if first_chunk and sampled:
         shared["z"] = encode_latents(pixels, noise.draw(first, (1, c, h, w)))
+    if sampled and (req.variation_strength or req.seed_resize_from):
+        # variations: every image's start noise at the place of the first's in its seed's stream
+        # (after that sample), so that a batch of variations of one seed varies one noise
+        for g in generator[1:] if first_chunk else generator:
+            g.standard_normal((1, c, h, w))
     z = np.repeat(shared["z"], b, axis=0) if "z" in shared else None
     drawn = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
-    start_noise = drawn if latents is not None else noise.varied(drawn, req)
+    start_noise = drawn if latents is not None else noise.varied(drawn, req, generator)
     small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
     if z is not None and req.masked_content.startswith("latent"):
         z = latent_fill(z, small, req.masked_content, drawn)
@@ -147,9 +153,9 @@ def start(be, model, encode_latents, init, mask, req, sp, generator, latents, sh
 def latent_fill(z: np.ndarray, redraw: np.ndarray, content: str, drawn: np.ndarray) -> np.ndarray:
     """AUTOMATIC1111's masked content "latent noise" / "latent nothing": the image's latents z
     (B, C, h, w), where the latent-size mask `redraw` (1, 1, h, w) is 1, replaced by the start noise
-    as drawn from the seeds (before any variation, as its create_random_tensors of the seeds draws
-    it) or by zeros, before they are noised to the first step. With "latent noise" that is the
-    noise then added, so the hole starts from it alone, louder than fresh noise, as in AUTOMATIC1111
-    (its fill and its start noise are one draw of the seed)."""
+    as drawn (before any variation: its create_random_tensors of the seeds draws no variation) or by
+    zeros, before they are noised to the first step. With "latent noise" that is the noise then
+    added, so the hole starts from it alone, louder than fresh noise, as in AUTOMATIC1111 (its fill
+    and its start noise are one draw of the seed)."""
     fill = drawn if content == "latent noise" else np.zeros_like(z)
     return (z * (1 - redraw) + fill * redraw).astype(np.float32)

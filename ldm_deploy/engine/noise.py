@@ -10,7 +10,11 @@ draws as diffusers draws from it, so the same generator gives diffusers' noise. 
 AUTOMATIC1111's variation seeds vary each image's start noise (`start`, `vary`): toward the noise
 of its variation seed ("Variation strength"), and / or with its seed's noise drawn at another
 size and pasted into the middle ("Resize seed from"), as its ImageRNG.first does with its CPU
-random source (the one whose noise is torch's CPU generator's, as ours is).
+random source (the one whose noise is torch's CPU generator's, as ours is). Its start noise is
+its seed's first draw; ours is where diffusers' order puts it (img2img: after the image's VAE
+sample), so the variation seed's noise, and the seed's at the other size, are drawn at that same
+place in their streams: a small strength changes the image a little, and strength 1 is the
+variation seed's own start noise.
 """
 
 from __future__ import annotations
@@ -57,28 +61,32 @@ def start(generator, shape: tuple[int, ...], req, latents=None) -> np.ndarray:
     the generator and varied as the request asks (req.variation_strength, req.seed_resize_from)."""
     if latents is not None:
         return latents.astype(np.float32)
-    return varied(draw(generator, shape), req)
+    return varied(draw(generator, shape), req, generator)
 
 
-def varied(x: np.ndarray, req) -> np.ndarray:
-    """Drawn start noise x (B, C, h, w), varied as the request asks."""
+def varied(x: np.ndarray, req, generator) -> np.ndarray:
+    """Start noise x (B, C, h, w) just drawn from the images' generators (seeded(): one per
+    image), varied as the request asks."""
     if not (req.variation_strength or req.seed_resize_from):
         return x
-    return vary(x, req.seeds, req.variation_seeds, req.variation_strength, req.seed_resize_from,
+    return vary(x, generator, req.variation_seeds, req.variation_strength, req.seed_resize_from,
                 req.height // x.shape[2])
 
 
-def vary(x: np.ndarray, seeds, variation_seeds, strength: float, resize_from, scale: int) -> np.ndarray:
-    """AUTOMATIC1111's ImageRNG.first over drawn noise x (B, C, h, w): image i's noise, its seed's
-    first draw (at resize_from's (width, height) / scale where given, pasted into the middle of x[i],
-    cropped where larger), slerped toward its variation seed's first draw by `strength`."""
+def vary(x: np.ndarray, generators, variation_seeds, strength: float, resize_from, scale: int) -> np.ndarray:
+    """AUTOMATIC1111's ImageRNG.first over start noise x (B, C, h, w) just drawn from `generators`
+    (TorchCpuRandom, one per image): image i's noise (its seed's, drawn at resize_from's (width,
+    height) / scale where given, pasted into the middle of x[i], cropped where larger), slerped
+    toward its variation seed's by `strength`; those two drawn after the draws its generator made
+    before x (replay), so at the place in their streams where x[i] is in its seed's."""
     out = x.copy()
     c, h, w = x.shape[1:]
     small = (c, resize_from[1] // scale, resize_from[0] // scale) if resize_from else (c, h, w)
-    for i in range(len(x)):
-        own = x[i] if small == (c, h, w) else first_draw(seeds[i], small)
+    for i, g in enumerate(generators):
+        before = g.drawn[:-1]  # its draws before this one
+        own = x[i] if small == (c, h, w) else replay(g.seed, before, small)
         if strength:
-            own = slerp(strength, own, first_draw(variation_seeds[i], small))
+            own = slerp(strength, own, replay(variation_seeds[i], before, small))
         if small == (c, h, w):
             out[i] = own
         else:
@@ -86,9 +94,18 @@ def vary(x: np.ndarray, seeds, variation_seeds, strength: float, resize_from, sc
     return out
 
 
-def first_draw(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """`torch.randn(shape, generator=torch.Generator().manual_seed(seed))`, one image's (C, h, w)."""
-    return TorchCpuRandom(seed).standard_normal((1,) + tuple(shape))[0]
+def replay(seed: int, before, shape: tuple[int, ...]) -> np.ndarray:
+    """One image's (C, h, w) noise from the seed's generator after draws of the shapes `before`
+    (none: `torch.randn(shape, generator=torch.Generator().manual_seed(seed))`)."""
+    g = TorchCpuRandom(seed)
+    for s in before:
+        g.standard_normal(s)
+    return g.standard_normal((1,) + tuple(shape))[0]
+
+
+def from_seeds(generator) -> bool:
+    """Whether a call's generator is its seeds' own (seeded()): what variations vary."""
+    return isinstance(generator, (list, tuple)) and all(isinstance(g, TorchCpuRandom) for g in generator)
 
 
 def slerp(t: float, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -122,7 +139,8 @@ def variation(seed, variation_seed, strength, resize_from, n: int, generator, la
             or not 0 <= strength <= 1:
         raise InvalidRequest(f"variation_strength must be a number from 0 to 1 (AUTOMATIC1111's \"Variation "
                              f"strength\"), got {strength!r}")
-    if not strength and variation_seed not in (None, -1):
+    if not strength and variation_seed is not None and not (isinstance(variation_seed, (int, np.integer))
+                                                             and variation_seed == -1):
         raise InvalidRequest("variation_seed is the seed the noise varies toward: give variation_strength too "
                              "(e.g. 0.1)")
     if resize_from is not None:
@@ -131,6 +149,9 @@ def variation(seed, variation_seed, strength, resize_from, n: int, generator, la
         resize_from = tuple(whole("seed_resize_from", v, None) for v in resize_from)
         if not all(8 <= v <= 16384 for v in resize_from):
             raise InvalidRequest(f"seed_resize_from sides must be from 8 to 16384 pixels, got {resize_from}")
+    if (strength or resize_from) and generator is not None and not from_seeds(generator):
+        raise InvalidRequest("variation_strength and seed_resize_from vary the noise drawn from seeds; a generator "
+                             "given draws its own: pass seed instead")
     if (strength or resize_from) and latents is not None:
         raise InvalidRequest("latents are the start noise itself; variation_strength and seed_resize_from vary "
                              "the noise drawn from seeds: pass one or the other")

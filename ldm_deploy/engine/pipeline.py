@@ -250,6 +250,10 @@ class Pipeline:
                                  "mask too")
         if masked_content == "fill":
             init = inpaint.fill(init, mask, width, height)
+        if masked_content.startswith("latent") and strength >= 1 and "latent fill" not in self.warned:
+            self.warned.add("latent fill")
+            log.warning("masked content \"%s\" changes nothing at strength 1 (the start is noise anyway); "
+                        "give a strength below 1, e.g. 0.75", masked_content)
         n = len(prompts) * num_images
         m = self.manifest.model
         if isinstance(init, images.InitLatents) and init.array.shape[0] not in (1, n):

@@ -25,6 +25,8 @@ class TorchCpuRandom:
     `g = torch.Generator().manual_seed(seed)`, as float32."""
 
     def __init__(self, seed: int):
+        self.seed = seed
+        self.drawn: list[tuple[int, ...]] = []  # the shapes drawn so far (noise.vary replays them)
         key = np.random.RandomState(seed & 0xFFFFFFFF).get_state()[1]
         self.bits = np.random.MT19937()
         self.bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
@@ -32,6 +34,7 @@ class TorchCpuRandom:
 
     def standard_normal(self, shape) -> np.ndarray:
         shape = tuple(int(s) for s in shape)
+        self.drawn.append(shape)
         n = int(np.prod(shape))
         if n < BLOCK:
             return np.array([self.small() for _ in range(n)], np.float32).reshape(shape)

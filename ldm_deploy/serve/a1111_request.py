@@ -163,11 +163,15 @@ def variation(body: dict, random_seed) -> dict:
     seed_resize_from_w / _h where both are above 0 (its rule)."""
     out = {}
     strength = number(body, "subseed_strength", 0.0)
+    if not 0 <= strength <= 1:
+        raise InvalidRequest(f"subseed_strength is from 0 to 1, got {strength}")
     if strength:
         subseed = integer(body, "subseed", -1)
         out.update(variation_strength=strength, variation_seed=random_seed() if subseed == -1 else subseed)
     w, h = integer(body, "seed_resize_from_w", -1), integer(body, "seed_resize_from_h", -1)
     if w > 0 and h > 0:
+        if not (8 <= w <= 16384 and 8 <= h <= 16384):
+            raise InvalidRequest(f"seed_resize_from_w and _h are from 8 to 16384 pixels, got {w} and {h}")
         out["seed_resize_from"] = (w, h)
     return out
 

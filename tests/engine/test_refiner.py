@@ -315,6 +315,23 @@ def test_a_switch_that_leaves_one_model_no_step_lets_the_other_draw_alone(models
     assert "Refiner: refiner [" in text and "Refiner switch at: 0.8" in text
 
 
+def test_variations_go_on_into_the_refiner(models):
+    """Variation seeds vary the base's start noise; the refiner's part starts from its latents, and
+    where it draws alone it varies its own start noise as the base would have."""
+    _, base, _ = models["base"]
+    _, refiner, _ = models["refiner"]
+    kwargs = dict(steps=4, seed=3, width=W, height=H, sampler="euler", output_type="np", progress=False,
+                  variation_seed=8, variation_strength=0.3, num_images=2)
+    handed = base(PROMPT, denoising_end=0.5, **{**kwargs, "output_type": "latent"})
+    by_hand = refiner([PROMPT] * 2, seed=[3, 3], steps=4, sampler="euler", init_image=handed, denoising_start=0.5,
+                      output_type="np", progress=False)
+    np.testing.assert_array_equal(base(PROMPT, refiner=refiner, refiner_switch_at=0.5, **kwargs), by_hand)
+    np.testing.assert_array_equal(base(PROMPT, refiner=refiner, refiner_switch_at=0.0, **kwargs),
+                                  refiner(PROMPT, **kwargs))
+    assert not np.array_equal(refiner(PROMPT, **kwargs), refiner(PROMPT, **{**kwargs, "variation_strength": 0.0,
+                                                                            "variation_seed": None}))
+
+
 def test_prompt_editing_counts_the_refiners_steps_from_the_walks_start():
     """The refiner's part of a walk of 10 steps, switched at 0.8, is its steps 8 and 9: there
     [dog:cat:0.5] reads "cat", as AUTOMATIC1111's step counter, which runs on across the switch."""

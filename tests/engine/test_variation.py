@@ -16,6 +16,7 @@ from conftest import assert_not_saturated, diffusers_schedulers
 from ldm_deploy.cli import run as run_cli
 from ldm_deploy.engine import infotext, noise
 from ldm_deploy.engine.request import Request
+from ldm_deploy.engine.torch_random import TorchCpuRandom
 from ldm_deploy.errors import InvalidRequest
 
 TOL = 2e-3
@@ -88,6 +89,25 @@ def test_a_variation_seed_equal_to_the_seed_takes_its_linear_branch():
     np.testing.assert_allclose(ours, a1111_first(shape[1:], [5], [5], 0.3).numpy(), rtol=0, atol=2e-5)
 
 
+def test_the_variation_is_drawn_where_the_start_noise_is_in_its_seeds_stream():
+    """img2img's start noise comes after the image's VAE sample (diffusers' order): the variation
+    seed's noise, and the seed's at another size, are drawn at that place in their streams."""
+    def after_sample(seed, shape):
+        g = TorchCpuRandom(seed)
+        g.standard_normal((1, 4, 12, 16))
+        return g.standard_normal((1,) + shape)[0]
+
+    for strength, resize in ((1.0, None), (0.3, (96, 64))):
+        gens = noise.seeded([5, 5])
+        for g in gens:
+            g.standard_normal((1, 4, 12, 16))  # the image's sample
+        x = noise.start(gens, (2, 4, 12, 16), request([5, 5], [9, 10], strength, resize))
+        small = (4, 8, 12) if resize else (4, 12, 16)
+        for i, v in enumerate((9, 10)):
+            own = noise.slerp(strength, after_sample(5, small), after_sample(v, small))
+            np.testing.assert_array_equal(x[i, :, 2:10, 2:14] if resize else x[i], own)
+
+
 def test_seeds_of_a_batch_of_variations(pipelines):
     """As AUTOMATIC1111 draws a batch with a variation strength: every image the seed, variation
     seeds going up; without a strength, seeds going up."""
@@ -135,6 +155,38 @@ def test_full_strength_is_the_variation_seeds_image(pipelines):
     assert np.abs(close - pipe("a", seed=5, **kw)).max() < np.abs(close - pipe("a", seed=9, **kw)).max()
 
 
+def test_init_latents_at_full_strength_are_the_variation_seeds_image(pipelines):
+    pipe = pipelines["tiny-sd1"]
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kw = dict(init_image=latents, strength=0.7, steps=3, sampler="dpmpp_2m", output_type="np", progress=False)
+    np.testing.assert_allclose(pipe("a", seed=5, variation_seed=9, variation_strength=1.0, **kw),
+                               pipe("a", seed=9, **kw), rtol=0, atol=1e-5)
+
+
+def test_a_batch_of_inpainting_variations_varies_one_noise(pipelines):
+    """diffusers' inpainting draws the image's sample from the first image's generator alone; with
+    variations every image's noise is drawn after it, so a batch of one seed shares its noise (here
+    at a strength too small to show: the images are one, but for rounding)."""
+    pipe = pipelines["tiny-sd1"]
+    image = np.full((64, 64, 3), 0.4, np.float32)
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 16:48] = True
+    got = pipe("a", init_image=image, mask=mask, strength=0.7, seed=1, num_images=3, variation_seed=3,
+               variation_strength=1e-6, steps=2, sampler="euler_a", output_type="np", progress=False)
+    assert np.abs(got[1:] - got[0]).max() < 1e-4  # three images, past the engine's batch of 2
+    assert np.abs(got[0] - pipe("a", init_image=image, mask=mask, strength=0.7, seed=1, steps=2, sampler="euler_a",
+                                output_type="np", progress=False)[0]).max() < 1e-4  # and the seed's image
+
+
+def test_a_batch_past_the_engines_is_each_images_own(pipelines):
+    pipe = pipelines["tiny-sd1"]
+    kw = dict(seed=5, variation_strength=0.4, steps=2, width=64, height=64, sampler="euler_a", output_type="np",
+              progress=False, seed_resize_from=(48, 96))
+    three = pipe("a", variation_seed=9, num_images=3, **kw)  # chunks of 2 and 1
+    np.testing.assert_allclose(three[2:], pipe("a", variation_seed=11, **kw), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(three[1:2], pipe("a", variation_seed=10, **kw), rtol=0, atol=1e-4)
+
+
 def test_img2img_inpainting_and_the_hires_fix_vary_their_start_noise(pipelines, monkeypatch):
     """Every start noise is varied: img2img's and inpainting's added noise, the hires fix's second
     pass (with the image's seed and variation seed, as AUTOMATIC1111's hires pass makes its noise)."""
@@ -149,8 +201,8 @@ def test_img2img_inpainting_and_the_hires_fix_vary_their_start_noise(pipelines, 
     pipe("a", init_image=image, seed=1, **kw)
     pipe("a", init_image=image, mask=mask, strength=0.7, seed=1, **kw)
     pipe("a", seed=1, width=64, height=64, hires_scale=1.5, num_images=2, **kw)
-    assert [a[:3] for _, a in seen] == [((1,), (3,), 0.2)] * 2 + [((1, 1), (3, 4), 0.2)] + \
-        [((1,), (3,), 0.2), ((1,), (4,), 0.2)]  # the hires pass: image by image
+    assert [([g.seed for g in a[0]], a[1], a[2]) for _, a in seen] == [([1], (3,), 0.2)] * 2 + \
+        [([1, 1], (3, 4), 0.2)] + [([1], (3,), 0.2), ([1], (4,), 0.2)]  # the hires pass: image by image
     assert seen[-1][0] == (1, 4, 12, 12)
 
 
@@ -174,6 +226,27 @@ def test_infotext_and_from_png(pipelines, tmp_path):
     assert np.abs(np.asarray(Image.open(out), np.int16) - np.asarray(images[1], np.int16)).max() <= 1
 
 
+def test_pngs_of_automatic1111s_api_and_variations_turned_off(pipelines, tmp_path, capsys):
+    """Its 1.3-1.5 API wrote "Seed resize from: -1x-1" (none) into every image; a variation read
+    from a PNG is turned off by --variation-strength 0, a resize by --seed-resize-from 0x0."""
+    fields = infotext.parse("p\nSteps: 5, Sampler: Euler, CFG scale: 7.0, Seed: 1, Size: 64x64, "
+                            "Seed resize from: -1x-1")[2]
+    options, warnings = infotext.settings(fields)
+    assert options["seed"] == 1 and "seed_resize_from" not in options and not warnings
+    pipe = pipelines["tiny-sd1"]
+    image = pipe("a", seed=5, variation_seed=9, variation_strength=0.25, seed_resize_from=(96, 64), steps=1,
+                 width=64, height=64, progress=False)[0]
+    image.save(tmp_path / "v.png", pnginfo=_pnginfo(image.info["parameters"]))
+    plain = pipe("a", seed=5, steps=1, width=64, height=64, progress=False)[0]
+    out = tmp_path / "off.png"
+    assert run_cli.main(["--engine", str(pipe.engine_dir), "--from-png", str(tmp_path / "v.png"), "--out", str(out),
+                         "--variation-strength", "0", "--seed-resize-from", "0x0", "-q"]) == 0
+    from PIL import Image
+
+    assert np.abs(np.asarray(Image.open(out), np.int16) - np.asarray(plain, np.int16)).max() <= 1
+    assert "Variation" not in Image.open(out).info["parameters"]
+
+
 def _pnginfo(text):
     from PIL import PngImagePlugin
 
@@ -188,6 +261,9 @@ def _pnginfo(text):
     ({"seed_resize_from": (512,)}, r"\(width, height\)"), ({"seed_resize_from": (4, 512)}, "from 8 to 16384"),
     ({"seed_resize_from": (64.5, 64)}, "whole number"),
     ({"variation_strength": 0.2, "latents": np.zeros((1, 4, 8, 8), np.float32)}, "latents are the start noise"),
+    ({"variation_strength": 0.2, "generator": torch.Generator().manual_seed(1)}, "pass seed instead"),
+    ({"seed_resize_from": (64, 64), "generator": [np.random.default_rng(1)]}, "pass seed instead"),
+    ({"variation_seed": np.array([1, 2])}, "give variation_strength too"),
 ])
 def test_bad_variations_are_refused(kw, match, pipelines):
     with pytest.raises(InvalidRequest, match=match):
@@ -208,4 +284,6 @@ def test_cli_options(pipelines, tmp_path, capsys):
     assert exit_.value.code == 2
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
     assert run_cli.main(["a", "--engine", engine, "--variation-seed", "8", "--out", str(out)]) == 2
-    assert "give variation_strength too" in capsys.readouterr().err
+    assert "give --variation-strength too" in capsys.readouterr().err
+    assert run_cli.main(["a", "--engine", engine, "--variation-strength", "2", "--out", str(out)]) == 2
+    assert "--variation-strength is from 0 to 1" in capsys.readouterr().err

@@ -154,6 +154,11 @@ def test_variation_fields():
         (12, 0.25, (512, 768))
     options = a1111.txt2img({"prompt": "a", "subseed": -1, "subseed_strength": 0.5}, MODEL, (128, 128), seven)
     assert options["variation_seed"] == 7 and "seed_resize_from" not in options  # seven() draws 7
+    for body, match in (({"subseed_strength": 2}, "0 to 1"), ({"subseed_strength": 0.2, "subseed": "x"}, "subseed"),
+                        ({"seed_resize_from_w": 4, "seed_resize_from_h": 4}, "8 to 16384"),
+                        ({"subseed_strength": "0.2"}, "subseed_strength")):
+        with pytest.raises(InvalidRequest, match=match):
+            a1111.txt2img({"prompt": "a", **body}, MODEL, (128, 128), seven)
     for body in ({"subseed": 12}, {"subseed_strength": 0, "seed_resize_from_w": 512},
                  {"seed_resize_from_w": -1, "seed_resize_from_h": -1}):
         options = a1111.txt2img({"prompt": "a", **body}, MODEL, (128, 128), seven)
