@@ -36,7 +36,7 @@ def run_main(fn: Callable[[], None], prog: str) -> int:
 # --model (which exports into the cache). flag -> ExportConfig field.
 MODEL_OPTIONS = {"--config": "model_config", "--prediction-type": "prediction_type", "--vae": "vae",
                  "--lora": "loras", "--embedding": "embeddings", "--controlnet": "controlnets",
-                 "--allow-pickle": "allow_pickle"}
+                 "--tiling": "tiling", "--allow-pickle": "allow_pickle"}
 
 
 def add_model_options(p) -> None:
@@ -62,6 +62,9 @@ def add_model_options(p) -> None:
                    help="run a ControlNet beside the U-Net at every step: a diffusers ControlNet folder, or one "
                         "file as AUTOMATIC1111's models/ControlNet holds them (.safetensors); ldm-run "
                         "--control-image gives its image; repeat for several")
+    p.add_argument("--tiling", action="store_true",
+                   help="AUTOMATIC1111's Tiling: the U-Net's and VAE's convolutions pad circularly, so that images "
+                        "tile seamlessly (textures, patterns); the engine always draws so")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .ckpt / .pt / .bin pickle files (model, VAE, LoRAs, embeddings): runs code from "
                         "the file, only for sources you trust")

@@ -328,10 +328,11 @@ def main(argv=None) -> int:
         else:
             args.refiner_switch_at = None  # a PNG's, without a refiner to switch to
         if fields:
-            from ldm_deploy.engine.infotext import model_warning, refiner_warning
+            from ldm_deploy.engine.infotext import model_warning, refiner_warning, tiling_warning
 
             for warning in (model_warning(fields, pipe.manifest.model.weights_sha256),
-                            refiner_warning(fields, refiner and refiner.manifest.model.weights_sha256)):
+                            refiner_warning(fields, refiner and refiner.manifest.model.weights_sha256),
+                            tiling_warning(fields, pipe.manifest.model.tiling)):
                 if warning:
                     log.warning("%s", warning)
         if args.strength is not None and args.init_image is None:

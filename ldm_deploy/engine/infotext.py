@@ -43,7 +43,7 @@ QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lor
          "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
          "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur",
          "Refiner", "Refiner switch at", "Variation seed", "Variation seed strength", "Seed resize from",
-         EMPTY_NEGATIVE}
+         "Tiling", EMPTY_NEGATIVE}
 
 
 def read_png(path: str | Path) -> str:
@@ -136,7 +136,10 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
                             f"(one of {', '.join(UPSCALERS)}); Lanczos enlarges it instead")
     elif "Denoising strength" in fields:
         out["strength"] = number("Denoising strength", float, "strength")  # img2img: with --init-image
-    other = [k for k in fields if k not in QUIET]
+    if fields.get("RNG", "CPU") != "CPU":  # its noise source other than CPU, ours (GPU writes no field)
+        warnings.append(f"the image's noise came from AUTOMATIC1111's {fields['RNG']} random source; here seeds "
+                        "draw its CPU source's noise, so the image will differ")
+    other = [k for k in fields if k not in QUIET and k != "RNG"]
     if other:
         warnings.append(f"the image's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not taken here, "
                         "so the image may differ")
@@ -154,6 +157,16 @@ def refiner_warning(fields: dict[str, str], refiner_hash: str | None) -> str | N
     if h and not refiner_hash.startswith(h.group(1).lower()):
         return f"the image was finished by the refiner {theirs}; this refiner's hash is {refiner_hash[:10]}"
     return None
+
+
+def tiling_warning(fields: dict[str, str], tiles: bool) -> str | None:
+    """A warning where the image's "Tiling" is not the engine's (ldm-export --tiling)."""
+    theirs = fields.get("Tiling") == "True"
+    if theirs == tiles:
+        return None
+    return ("the image was drawn to tile (Tiling: True); this engine does not tile: export one with ldm-export "
+            "--tiling (ldm-run --model ... --tiling)" if theirs else
+            "this engine tiles (exported with --tiling) and the image was drawn without, so it will differ")
 
 
 def model_warning(fields: dict[str, str], model_hash: str) -> str | None:
@@ -220,6 +233,8 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
         fields[EMPTY_NEGATIVE] = "encoded"
     if req.clip_skip:
         fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
+    if model.tiling:
+        fields["Tiling"] = "True"
     if not req.prompt_weighting and re.search(r"[()\[\]]|<\w+:[^>]+>|\bBREAK\b",
                                               req.prompts[i] + req.negative_prompts[i]):
         fields["Emphasis"] = "None"  # AUTOMATIC1111's setting that reads brackets as plain text

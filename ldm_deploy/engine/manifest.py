@@ -51,6 +51,9 @@ class ModelInfo:
     zero_negative: bool = False
     # An SDXL refiner: the U-Net step's time_ids hold an aesthetic score (spec.py)
     aesthetic: bool = False
+    # AUTOMATIC1111's Tiling (ldm-export --tiling): the U-Net's and VAE's convolutions pad
+    # circularly, so images tile seamlessly
+    tiling: bool = False
 
     @property
     def facts(self) -> ModelFacts:

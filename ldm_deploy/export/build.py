@@ -29,6 +29,7 @@ from ldm_deploy.export.engine_dir import check_out, staging_dir
 from ldm_deploy.export.records import model_info, tool_versions, vae_scale, write_tokenizer
 from ldm_deploy.export.source import SourceModel, load_source
 from ldm_deploy.export.tensorrt_build import TensorRTExporter
+from ldm_deploy.export.tiling import make_seamless
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
         embeddings.add(src, config.embeddings, config.allow_pickle)
     if config.controlnets:
         controlnet.load(src, config.controlnets, config.allow_pickle)
+    if config.tiling:
+        log.info("tiling: %d convolutions pad circularly", make_seamless(src.unet, src.vae))
     return src
 
 
@@ -59,7 +62,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     t0 = time.perf_counter()
     log.info("loading %s", model)
     src = load_model(model, config)
-    info = model_info(src)
+    info = replace(model_info(src), tiling=config.tiling)
     multiple = size_multiple(src, config.backend)
     dims = config.dims(src.unet.config.sample_size, multiple, info.vae_scale, info.text_length - 2)
     specs = component_specs(info.facts)

@@ -102,6 +102,7 @@ class ExportConfig:
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) merged into the weights, in order
     embeddings: tuple[tuple[str, str | None], ...] = ()  # (file, trigger word or None), in order
     controlnets: tuple[str, ...] = ()  # diffusers ControlNet folders, run inside the U-Net step
+    tiling: bool = False  # AUTOMATIC1111's Tiling: convolutions pad circularly, images tile (tiling.py)
     force: bool = False
 
     def __post_init__(self):

@@ -6,7 +6,7 @@ the fields that draw the image are read with its API's defaults (steps 50, CFG s
 "Euler", img2img denoising strength 0.75, mask blur 4, "Only masked" inpainting, masked content
 "fill"), but width and height, which default to the engine's size for txt2img and the image's for
 img2img, rather than 512 (an SDXL engine draws 1024 px, the shapes model 64); a field asking for what is not
-offered here (face restoration, tiling, styles, scripts, ControlNet preprocessors, ...) is refused by name rather than
+offered here (face restoration, styles, scripts, ControlNet preprocessors, ...) is refused by name rather than
 left out, so that no image comes back other than asked for. Fields that tune k-diffusion's
 samplers (eta, s_churn, s_noise, ...), instruct-pix2pix's image_cfg_scale (no such model is served)
 or say where to save are accepted and have no effect.
@@ -32,12 +32,12 @@ ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Eul
 # Its inpainting_fill -> masked_content
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # Fields that ask for what is not offered, and the value that asks for nothing.
-NOT_OFFERED = {"restore_faces": (None, False), "tiling": (None, False), "styles": (None, []),
+NOT_OFFERED = {"restore_faces": (None, False), "styles": (None, []),
                "script_name": (None, ""), "script_args": (None, []),
                "firstphase_width": (None, 0), "firstphase_height": (None, 0), "firstpass_image": (None,),
                "hr_checkpoint_name": (None, "", "Use same checkpoint"), "latent_mask": (None,),
                "initial_noise_multiplier": (None, 1, 1.0)}
-WHY = {"restore_faces": "face restoration", "tiling": "tiling", "styles": "saved styles",
+WHY = {"restore_faces": "face restoration", "styles": "saved styles",
        "script_name": "scripts", "script_args": "scripts",
        "firstphase_width": "the old hires fix's first phase size", "firstphase_height": "the old hires fix's "
        "first phase size", "firstpass_image": "a given first pass", "hr_checkpoint_name": "another hires "
@@ -138,6 +138,11 @@ def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
         "clip_skip": clip_skip(settings, model),
     }
     options.update(variation(body, random_seed))
+    tiling = flag(body, "tiling", model.tiling)
+    if tiling != model.tiling:  # the engine draws one way: no image other than asked for
+        raise InvalidRequest("tiling: this engine does not tile; export one with ldm-export --tiling (and serve it)"
+                             if tiling else "tiling: this engine tiles (exported with ldm-export --tiling); send "
+                             "tiling true, or draw with an engine exported without it")
     for key in ("width", "height"):
         value = body.get(key)
         if value is not None:

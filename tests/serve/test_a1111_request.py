@@ -13,9 +13,9 @@ from ldm_deploy.engine.samplers import DISPLAY_NAMES
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve import a1111_request as a1111
 
-MODEL = SimpleNamespace(pooled_width=0, controlnets=({"name": "canny", "sha256": "0"},
+MODEL = SimpleNamespace(pooled_width=0, tiling=False, controlnets=({"name": "canny", "sha256": "0"},
                                                      {"name": "depth", "sha256": "1"}))
-XL = SimpleNamespace(pooled_width=1280, controlnets=())
+XL = SimpleNamespace(pooled_width=1280, tiling=False, controlnets=())
 
 
 def seven():
@@ -92,7 +92,7 @@ def test_hires_fields():
         a1111.txt2img({**base, "hr_prompt": "other"}, MODEL, (128, 128), seven)
 
 
-@pytest.mark.parametrize("field,value", [("restore_faces", True), ("tiling", True),
+@pytest.mark.parametrize("field,value", [("restore_faces", True),
                                          ("styles", ["mine"]), ("script_name", "x/y/z plot"),
                                          ("alwayson_scripts", {"ADetailer": {"args": []}})])
 def test_what_is_not_offered_is_refused_by_name(field, value):
@@ -143,6 +143,19 @@ def test_masked_content():
     assert a1111.img2img({**body, "inpainting_fill": 2}, MODEL, (128, 128), seven)["masked_content"] == "latent noise"
     assert a1111.img2img({**body, "inpainting_fill": 3}, MODEL, (128, 128), seven)["masked_content"] == \
         "latent nothing"
+
+
+def test_tiling_is_the_engines():
+    """An engine tiles or not (ldm-export --tiling): a request asking otherwise is refused."""
+    tiles = SimpleNamespace(pooled_width=0, tiling=True, controlnets=())
+    for model, asked in ((MODEL, None), (MODEL, False), (tiles, None), (tiles, True)):
+        assert "tiling" not in a1111.txt2img({"prompt": "a", "tiling": asked}, model, (128, 128), seven)
+    with pytest.raises(InvalidRequest, match="does not tile; export one with ldm-export --tiling"):
+        a1111.txt2img({"prompt": "a", "tiling": True}, MODEL, (128, 128), seven)
+    with pytest.raises(InvalidRequest, match="this engine tiles"):
+        a1111.txt2img({"prompt": "a", "tiling": False}, tiles, (128, 128), seven)
+    with pytest.raises(InvalidRequest, match="tiling must be true or false"):
+        a1111.txt2img({"prompt": "a", "tiling": "yes"}, MODEL, (128, 128), seven)
 
 
 def test_variation_fields():

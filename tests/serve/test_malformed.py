@@ -18,7 +18,7 @@ from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve import Auth
 from ldm_deploy.serve import a1111_request as a1111
 
-MODEL = SimpleNamespace(pooled_width=0, controlnets=())
+MODEL = SimpleNamespace(pooled_width=0, tiling=False, controlnets=())
 
 
 def seven():
