@@ -34,6 +34,12 @@ SCHEDULERS = {
     "lcm": ("LCMScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_exponential": ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}),
+    "dpmpp_2m_sde_exponential": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                 "use_exponential_sigmas": True}),
+    "euler_exponential": ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    "heun_exponential": ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}),
+    "unipc_exponential": ("UniPCMultistepScheduler", {"use_exponential_sigmas": True}),
 }
 # ||out - ref|| / ||ref|| above which a reduced-precision component is flagged (fp16 lands near 1e-3).
 CHECK_TOLERANCE = 2e-2

@@ -153,7 +153,7 @@ class A1111:
         aliases and, where it has one, its own default schedule ("Automatic")."""
         out = {}
         for display in DISPLAY_NAMES.values():
-            base = display.removesuffix(" Karras")
+            base = a1111_request.base_name(display)
             aliases = [a for a, name in a1111_request.ALIASES.items() if name == base]
             item = out.setdefault(base, {"name": base, "aliases": aliases, "options": {}})
             if base in infotext.AUTOMATIC_SCHEDULES:

@@ -24,7 +24,7 @@ from ldm_deploy.serve.a1111_controlnet import controlnet
 from ldm_deploy.serve.fields import flag, integer, number, picture, text
 
 # AUTOMATIC1111's scheduler names -> labels (those that fit our samplers' schedules).
-SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
+SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential"}
 # Its sampler aliases (k-diffusion's names) -> its display names.
 ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_heun": "Heun",
            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_lcm": "LCM", "ddim": "DDIM",
@@ -220,7 +220,7 @@ def sampler(name, scheduler) -> str:
     if name.lower() in SAMPLERS:  # ours: as it is, or its display name with the scheduler given
         if scheduler in (None, "", "automatic", "Automatic"):
             return name.lower()
-        name = DISPLAY_NAMES[name.lower()].removesuffix(" Karras")
+        name = base_name(DISPLAY_NAMES[name.lower()])
     name = ALIASES.get(name.lower(), name)
     label = "Automatic"  # none given: each sampler's own default, as AUTOMATIC1111 1.9+ takes it
     if scheduler:
@@ -237,14 +237,21 @@ def sampler(name, scheduler) -> str:
         label = AUTOMATIC_SCHEDULES.get(name)
     full = f"{name} {label}" if label and label != "Uniform" else name
     ours = {display.lower(): key for key, display in DISPLAY_NAMES.items()}.get(full.lower())
-    bases = {display.removesuffix(" Karras") for display in DISPLAY_NAMES.values()}
+    bases = {base_name(display) for display in DISPLAY_NAMES.values()}
     if ours is None and automatic and label and name in bases:
         raise InvalidRequest(f"{name}'s own schedule (scheduler \"automatic\") is {label}, which is not offered "
-                             f"here; pass scheduler \"karras\" or \"uniform\"")
+                             f"here; pass scheduler \"karras\", \"exponential\" or \"uniform\"")
     if ours is None:
         raise InvalidRequest(f"sampler {full!r} is not offered here (GET /sdapi/v1/samplers lists those that are: "
                              f"{', '.join(sorted(set(DISPLAY_NAMES.values())))})")
     return ours
+
+
+def base_name(display: str) -> str:
+    """A display name without its schedule ("DPM++ 2M Karras" -> "DPM++ 2M")."""
+    for label in ("Karras", "Exponential"):
+        display = display.removesuffix(" " + label)
+    return display
 
 
 def clip_skip(settings: dict, model) -> int:

@@ -49,8 +49,10 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Automatic"})[0] == {"sampler": "dpmpp_2m_karras"}
     assert settings({"Sampler": "DPM++ 2M"})[0] == {"sampler": "dpmpp_2m"}  # before 1.9: uniform
     assert settings({"Denoising strength": "0.4", "Steps": "2", "Seed": "3"})[0]["strength"] == 0.4
-    with pytest.raises(UserError, match=r"sampler 'DPM\+\+ 2M SDE Exponential' is not offered here; pass --sampler"):
-        settings({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic"})  # its own: Exponential
+    assert settings({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic"})[0] == \
+        {"sampler": "dpmpp_2m_sde_exponential"}  # its own: Exponential
+    with pytest.raises(UserError, match=r"sampler 'DPM\+\+ 3M SDE Exponential' is not offered here; pass --sampler"):
+        settings({"Sampler": "DPM++ 3M SDE", "Schedule type": "Automatic"})
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, given={"sampler"})[0] == {}
     with pytest.raises(UserError, match="the image's Steps is 'twenty', not a number"):
         settings({"Steps": "twenty"})

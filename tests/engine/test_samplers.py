@@ -120,7 +120,8 @@ def check_against_diffusers(sampler, config, steps, strength):
     for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
         where = f"{sampler} steps={steps} strength={strength} step {i}"
         # Karras timesteps come from sigmas, which diffusers holds in float32: an ulp apart
-        assert t == pytest.approx(t_ref, rel=1e-6, abs=1e-4) if "karras" in sampler else t == t_ref, where
+        from_sigmas = "karras" in sampler or "exponential" in sampler
+        assert t == pytest.approx(t_ref, rel=1e-6, abs=1e-4) if from_sigmas else t == t_ref, where
         np.testing.assert_allclose(model_in, model_in_ref, rtol=0, atol=atol, err_msg=where)
         np.testing.assert_allclose(x, x_ref, rtol=0, atol=atol, err_msg=where)
 

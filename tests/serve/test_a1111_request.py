@@ -38,18 +38,26 @@ def test_sampler_names(name, scheduler, ours):
 
 def test_every_sampler_is_reachable_by_its_name_and_schedule():
     for key, display in DISPLAY_NAMES.items():
-        base, karras = (display[:-7], True) if display.endswith(" Karras") else (display, False)
-        assert a1111.sampler(base, "karras" if karras else "uniform") == key
+        base = a1111.base_name(display)
+        schedule = display[len(base):].strip().lower() or "uniform"
+        assert a1111.sampler(base, schedule) == key
 
 
-@pytest.mark.parametrize("name,scheduler", [("DPM++ SDE", None), ("Euler", "exponential"),
-                                            ("DPM++ 2M SDE", None), ("nonsense", None), (3, None)])
+def test_dpmpp_2m_sdes_own_schedule_is_exponential():
+    """AUTOMATIC1111 1.9+'s "Automatic" schedule of DPM++ 2M SDE, what its clients send by default."""
+    assert a1111.sampler("DPM++ 2M SDE", None) == a1111.sampler("DPM++ 2M SDE", "Automatic") == \
+        a1111.sampler("DPM++ 2M SDE Exponential", None) == "dpmpp_2m_sde_exponential"
+    assert a1111.sampler("DPM++ 2M", "exponential") == "dpmpp_2m_exponential"
+    assert a1111.sampler("dpmpp_2m_sde_karras", "exponential") == "dpmpp_2m_sde_exponential"
+
+
+@pytest.mark.parametrize("name,scheduler", [("DPM++ SDE", None), ("Euler a", "exponential"),
+                                            ("DPM++ 3M SDE", None), ("nonsense", None), (3, None)])
 def test_samplers_not_offered_are_refused(name, scheduler):
     if name == "DPM++ SDE":  # not "its schedule is not offered": the sampler is not
         with pytest.raises(InvalidRequest, match="sampler 'DPM\\+\\+ SDE Karras' is not offered"):
             a1111.sampler(name, scheduler)
-    # AUTOMATIC1111 draws an unknown name with DPM++ 2M; DPM++ 2M SDE's automatic schedule is
-    # exponential, which is not offered here
+    # AUTOMATIC1111 draws an unknown name with DPM++ 2M
     with pytest.raises(InvalidRequest, match="is not offered here|must be text"):
         a1111.sampler(name, scheduler)
 

@@ -9,8 +9,10 @@ serves them all; changing sampler, steps or guidance never rebuilds an engine.
 Each sampler (one file each) equals the diffusers scheduler of the same name made with
 `Cls.from_config(scheduler_config)`, step for step: DDIMScheduler (eta 0), DDPMScheduler, EulerDiscreteScheduler,
 EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
-the Karras variants, algorithm_type "sde-dpmsolver++" for the SDE ones), LCMScheduler,
-UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras). `schedule.py` holds the schedule math they share.
+the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_type "sde-dpmsolver++"
+for the SDE ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
+use_exponential_sigmas for unipc_exponential); Euler and Heun take Karras and Exponential sigmas too.
+`schedule.py` holds the schedule math they share.
 """
 
 from __future__ import annotations
@@ -38,13 +40,18 @@ _REGISTRY = {
     "dpmpp_2m_karras": ("DPM++ 2M Karras", partial(dpmpp_2m.walk, karras=True)),
     "dpmpp_2m_sde": ("DPM++ 2M SDE", partial(dpmpp_2m.walk, sde=True)),
     "dpmpp_2m_sde_karras": ("DPM++ 2M SDE Karras", partial(dpmpp_2m.walk, karras=True, sde=True)),
+    "dpmpp_2m_exponential": ("DPM++ 2M Exponential", partial(dpmpp_2m.walk, exponential=True)),
+    "dpmpp_2m_sde_exponential": ("DPM++ 2M SDE Exponential", partial(dpmpp_2m.walk, sde=True, exponential=True)),
+    "euler_exponential": ("Euler Exponential", partial(euler.walk, exponential=True)),
+    "heun_exponential": ("Heun Exponential", partial(heun.walk, exponential=True)),
     "lcm": ("LCM", lcm.walk),
     "unipc": ("UniPC", unipc.walk),
     "unipc_karras": ("UniPC Karras", partial(unipc.walk, karras=True)),
+    "unipc_exponential": ("UniPC Exponential", partial(unipc.walk, exponential=True)),
 }
 SAMPLERS = tuple(_REGISTRY)
 # U-Net evaluations a step, where not one (Heun's last step has one: its table has 2n - 1 rows).
-EVALUATIONS_PER_STEP = {"heun": 2, "heun_karras": 2}
+EVALUATIONS_PER_STEP = {"heun": 2, "heun_karras": 2, "heun_exponential": 2}
 DISPLAY_NAMES = {name: display for name, (display, _) in _REGISTRY.items()}
 
 

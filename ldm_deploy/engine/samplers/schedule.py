@@ -111,6 +111,13 @@ def karras_sigmas(sigmas: np.ndarray, steps: int, rho: float = 7.0) -> np.ndarra
     return (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
 
 
+def exponential_sigmas(sigmas: np.ndarray, steps: int) -> np.ndarray:
+    """(steps,) descending sigmas evenly spaced in log sigma between the training extremes
+    (k-diffusion's get_sigmas_exponential, AUTOMATIC1111's "Exponential" schedule, diffusers'
+    use_exponential_sigmas)."""
+    return np.exp(np.linspace(np.log(sigmas[-1]), np.log(sigmas[0]), steps))
+
+
 def sigma_to_t(sigma: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     """Inverse of `sigma_at`, interpolating linearly in log sigma as diffusers' `_sigma_to_t`
     does (clamped to [0, num_train_timesteps - 1]); log sigma rises with t, so np.interp fits."""
