@@ -119,7 +119,7 @@ def check_against_diffusers(sampler, config, steps, strength):
     atol = TOL * max(1.0, scale / 15) * gain
     for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
         where = f"{sampler} steps={steps} strength={strength} step {i}"
-        # Karras timesteps come from sigmas, which diffusers holds in float32: an ulp apart
+        # Karras and Exponential timesteps come from sigmas, which diffusers holds in float32: an ulp apart
         from_sigmas = "karras" in sampler or "exponential" in sampler
         assert t == pytest.approx(t_ref, rel=1e-6, abs=1e-4) if from_sigmas else t == t_ref, where
         np.testing.assert_allclose(model_in, model_in_ref, rtol=0, atol=atol, err_msg=where)
