@@ -69,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
                    help="how the first pass is enlarged, as AUTOMATIC1111 names it: Lanczos (default: the image), "
                         "or Latent, 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
                         "'Latent (nearest)', 'Latent (nearest-exact)' (the latents; use --hires-strength 0.5 or more)")
+    p.add_argument("--hires-prompt", default=None, metavar="TEXT",
+                   help="the redraw's prompt (AUTOMATIC1111's 'Hires prompt'; default: the prompt)")
+    p.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
+                   help="the redraw's negative prompt (default: the negative prompt)")
+    p.add_argument("--hires-sampler", default=None, choices=SAMPLERS, metavar="SAMPLER",
+                   help="the redraw's sampler (AUTOMATIC1111's 'Hires sampler'; default: --sampler)")
     p.add_argument("--refiner", default=None, metavar="DIR|MODEL",
                    help="an SDXL refiner that finishes each image, as AUTOMATIC1111's Refiner (it draws the last "
                         "part of the steps): its engine directory, or its diffusers folder or .safetensors file, "
@@ -206,7 +212,8 @@ def refiner_dir(args) -> tuple[str, bool]:
 # ldm-run options a PNG's parameters may set: dest -> the default when neither sets it.
 FROM_PNG = {"negative_prompt": None, "steps": 30, "guidance": 7.5, "seed": None, "width": None, "height": None,
             "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
-            "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "strength": None, "mask_blur": None,
+            "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "hires_prompt": None,
+            "hires_negative_prompt": None, "hires_sampler": None, "strength": None, "mask_blur": None,
             "refiner_switch_at": None, "variation_seed": None, "variation_strength": 0.0, "seed_resize_from": None}
 UNSET = object()
 
@@ -373,6 +380,9 @@ def main(argv=None) -> int:
             hires_steps=args.hires_steps,
             hires_strength=args.hires_strength,
             hires_upscaler=args.hires_upscaler,
+            hires_prompt=args.hires_prompt,
+            hires_negative_prompt=args.hires_negative_prompt,
+            hires_sampler=args.hires_sampler,
             refiner=refiner,
             refiner_switch_at=args.refiner_switch_at,
             aesthetic_score=args.aesthetic_score,

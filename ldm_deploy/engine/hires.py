@@ -16,6 +16,7 @@ about 0.5 or more; below it the redraw stays blurred, as in AUTOMATIC1111.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from PIL import Image
 
 from ldm_deploy.engine import images
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
+from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
 
 UPSCALER = "Lanczos"  # the default: an image upscaler, as diffusers' img2img of the resized image
@@ -39,11 +41,35 @@ class Hires:
     steps: int  # the second pass's steps, run exactly; 0: as many as the first pass
     strength: float  # its denoising strength
     upscaler: str = UPSCALER  # one of UPSCALERS
+    # AUTOMATIC1111's "Hires prompt", "Hires negative prompt", "Hires sampler" (None: the first pass's)
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    sampler: str | None = None
 
     @property
     def latent(self) -> bool:
         """Whether the upscaler resizes latents (no VAE decode and encode between the passes)."""
         return self.upscaler in LATENT_UPSCALERS
+
+
+def of(scale, steps, strength, upscaler, prompt=None, negative_prompt=None, sampler=None) -> Hires | None:
+    """The Pipeline's hires_* keywords -> the hires fix asked for (None: none), defaults filled."""
+    if scale is None:
+        given = [k for k, v in (("hires_steps", steps), ("hires_strength", strength), ("hires_upscaler", upscaler),
+                                ("hires_prompt", prompt), ("hires_negative_prompt", negative_prompt),
+                                ("hires_sampler", sampler)) if v is not None]
+        if given:
+            raise InvalidRequest(f"{', '.join(given)} set the hires fix's second pass; give hires_scale too (e.g. 2), "
+                                 "or leave them out")
+        return None
+    for name, value in (("hires_prompt", prompt), ("hires_negative_prompt", negative_prompt)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"{name} must be text (None: the first pass's), got {type(value).__name__}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise InvalidRequest(f"unknown hires_sampler {sampler!r}; choose one of {', '.join(SAMPLERS)} (None: the "
+                             "first pass's)")
+    return Hires(scale, 0 if steps is None else steps, 0.7 if strength is None else strength,
+                 upscaler_name(upscaler or UPSCALER), prompt, negative_prompt, sampler)
 
 
 def number(name: str, value, whole: bool = False) -> float:
@@ -103,10 +129,23 @@ def upscaler_name(name: str) -> str:
     return next((u for u in UPSCALERS if u.lower() == str(name).lower()), name)
 
 
-def fields(h: Hires) -> dict:
-    """AUTOMATIC1111's infotext fields for a hires-fixed image (no steps: as the first pass's)."""
-    return {"Denoising strength": h.strength, "Hires upscale": h.scale,
-            **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": h.upscaler}
+def fields(h: Hires, req, i: int) -> dict:
+    """AUTOMATIC1111's infotext fields for hires-fixed image i of a request (no steps: as the
+    first pass's; the prompts and sampler where they are not the first pass's)."""
+    out = {"Denoising strength": h.strength, "Hires upscale": h.scale,
+           **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": h.upscaler}
+    if h.sampler is not None and h.sampler != req.sampler:
+        out["Hires sampler"] = DISPLAY_NAMES[h.sampler]
+    for key, mine, first in (("Hires prompt", h.prompt, req.prompts[i]),
+                             ("Hires negative prompt", h.negative_prompt, req.negative_prompts[i])):
+        if mine is not None and mine != first:
+            out[key] = quote(mine)
+    return out
+
+
+def quote(text: str) -> str:
+    """An infotext value as AUTOMATIC1111 quotes one: JSON where it holds a comma, colon or line break."""
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, output_type: str = "np",
@@ -130,9 +169,11 @@ def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, o
     out = []
     for i, init in enumerate(inits):
         gen = generator[i] if isinstance(generator, (list, tuple)) else generator
+        negative = fix.negative_prompt if fix.negative_prompt is not None else \
+            None if req.zero_negative else req.negative_prompts[i]
         out.append(pipe(
-            req.prompts[i], negative_prompt=None if req.zero_negative else req.negative_prompts[i], steps=steps,
-            guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=req.sampler,
+            req.prompts[i] if fix.prompt is None else fix.prompt, negative_prompt=negative, steps=steps,
+            guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=fix.sampler or req.sampler,
             init_image=init, strength=strength, clip_skip=req.clip_skip,
             prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
             _hires_pass=(req.steps, fix.steps or req.steps), **req.variation(i), **controls,

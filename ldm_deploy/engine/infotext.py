@@ -43,7 +43,7 @@ QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lor
          "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
          "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur",
          "Refiner", "Refiner switch at", "Variation seed", "Variation seed strength", "Seed resize from",
-         "Tiling", EMPTY_NEGATIVE}
+         "Tiling", "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", EMPTY_NEGATIVE}
 
 
 def read_png(path: str | Path) -> str:
@@ -126,6 +126,11 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
             out["hires_steps"] = number("Hires steps", int, "hires_steps")
         if "Denoising strength" in fields:
             out["hires_strength"] = number("Denoising strength", float, "hires_strength")
+        for key, option in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
+            if key in fields and option not in given:
+                out[option] = fields[key]
+        if "Hires sampler" in fields and "hires_sampler" not in given:
+            out["hires_sampler"] = sampler(fields["Hires sampler"], fields.get("Hires schedule type"), DISPLAY_NAMES)
         upscaler = upscaler_name(fields.get("Hires upscaler", UPSCALERS[0]))
         if upscaler == "None":  # AUTOMATIC1111's plain resize: Lanczos
             upscaler = UPSCALERS[0]
@@ -220,7 +225,7 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
     if img2img:
         fields["Denoising strength"] = req.strength
     if fix is not None:
-        fields.update(hires.fields(fix))
+        fields.update(hires.fields(fix, req, i))
     if refiner:
         fields.update(refiner)
     if mask_blur is not None:  # AUTOMATIC1111 writes whole pixels without a point

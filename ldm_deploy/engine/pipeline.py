@@ -97,6 +97,9 @@ class Pipeline:
         hires_steps: int | None = None,
         hires_strength: float | None = None,
         hires_upscaler: str | None = None,
+        hires_prompt: str | None = None,
+        hires_negative_prompt: str | None = None,
+        hires_sampler: str | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
         denoising_start: float | None = None,
@@ -144,7 +147,9 @@ class Pipeline:
         for the prompt only).
         hires_scale: AUTOMATIC1111's hires fix (hires.py): draw at width x height, enlarge each side
         hires_scale times, and redraw as img2img with hires_strength (default 0.7) in exactly
-        hires_steps steps (default, or 0: steps). `latents` are the first pass's.
+        hires_steps steps (default, or 0: steps), with hires_prompt, hires_negative_prompt and
+        hires_sampler where given (AUTOMATIC1111's "Hires prompt", ...; None: the first pass's).
+        `latents` are the first pass's.
         Prompts longer than 75 tokens are encoded in chunks of 75, as AUTOMATIC1111 does
         (tokenizer.py), up to the engine's `ldm-export --max-prompt-tokens`.
         prompt_weighting: read AUTOMATIC1111's emphasis, "(word)", "[word]", "(word:1.3)", BREAK,
@@ -303,16 +308,11 @@ class Pipeline:
         if not alone:
             plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
                  req.denoising_end)  # a switch that leaves no step, before anything is drawn
-        fix = None
-        if hires_scale is not None:
-            fix = hires.Hires(hires_scale, 0 if hires_steps is None else hires_steps,
-                              0.7 if hires_strength is None else hires_strength,
-                              hires.upscaler_name(hires_upscaler or hires.UPSCALER))
+        fix = hires.of(hires_scale, hires_steps, hires_strength, hires_upscaler, hires_prompt, hires_negative_prompt,
+                       hires_sampler)
+        if fix is not None:
             hires.check(fix, init is not None, req.width, req.height, self.manifest)
-            self.check_history(req.sampler, *hires.img2img_steps(fix, req.steps))  # before the first pass
-        elif hires_steps is not None or hires_strength is not None or hires_upscaler is not None:
-            raise InvalidRequest("hires_steps, hires_strength and hires_upscaler set the hires fix's second pass; "
-                                 "give hires_scale too (e.g. 2), or leave them out")
+            self.check_history(fix.sampler or req.sampler, *hires.img2img_steps(fix, req.steps))  # before pass 1
         shape = (n, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
         if latents is not None and tuple(latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")

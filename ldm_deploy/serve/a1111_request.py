@@ -182,15 +182,16 @@ def variation(body: dict, random_seed) -> dict:
 
 
 def hires(body: dict, options: dict) -> dict:
-    """AUTOMATIC1111's hires fix fields -> ours; its default upscaler is "Latent"."""
-    for key in ("hr_prompt", "hr_negative_prompt"):
+    """AUTOMATIC1111's hires fix fields -> ours; its default upscaler is "Latent"; hr_prompt,
+    hr_negative_prompt ("": the first pass's) and hr_sampler_name ("Use same sampler")."""
+    out = {}
+    for key, option in (("hr_prompt", "hires_prompt"), ("hr_negative_prompt", "hires_negative_prompt")):
         given = text(body, key)
-        mine = options["prompt"] if key == "hr_prompt" else options["negative_prompt"] or ""
-        if given and given != mine:
-            raise InvalidRequest(f"{key}: the second pass draws with the same prompts here; leave it out")
+        if given:  # "": the first pass's, as there
+            out[option] = given
     name = body.get("hr_sampler_name")
-    if name not in (None, "", "Use same sampler") and sampler(name, body.get("hr_scheduler")) != options["sampler"]:
-        raise InvalidRequest("hr_sampler_name: the second pass draws with the same sampler here; leave it out")
+    if name not in (None, "", "Use same sampler"):
+        out["hires_sampler"] = sampler(name, body.get("hr_scheduler"))
     scale = number(body, "hr_scale", 2.0)
     targets = {k: integer(body, k, 0) for k in ("hr_resize_x", "hr_resize_y")}
     if targets["hr_resize_x"] or targets["hr_resize_y"]:  # a size asked for: its scale, the same both ways
@@ -206,7 +207,7 @@ def hires(body: dict, options: dict) -> dict:
     name = upscaler_name(upscaler)
     if name not in UPSCALERS and name != "None":
         raise InvalidRequest(f"hr_upscaler {upscaler!r} is not offered; choose one of {', '.join(UPSCALERS)}")
-    return {"hires_scale": scale, "hires_steps": integer(body, "hr_second_pass_steps", 0),
+    return out | {"hires_scale": scale, "hires_steps": integer(body, "hr_second_pass_steps", 0),
             "hires_strength": number(body, "denoising_strength", 0.75),  # its txt2img default
             "hires_upscaler": UPSCALERS[0] if name == "None" else name}
 

@@ -231,6 +231,33 @@ def test_hires_fix_is_txt2img_then_img2img_of_the_enlarged_image(sampler, refere
             in image.info["parameters"] and "Size: 64x64" in image.info["parameters"]
 
 
+def test_hires_prompt_and_sampler_are_the_second_passs(reference, pipelines):
+    """AUTOMATIC1111's "Hires prompt", "Hires negative prompt" and "Hires sampler": diffusers'
+    txt2img, then its img2img of the enlarged image with the other prompts and scheduler."""
+    ours = pipelines["tiny-sd1"]("a lighthouse", negative_prompt="fog", seed=21, steps=3, width=64, height=64,
+                                 sampler="dpmpp_2m_karras", hires_scale=1.5, hires_steps=4, hires_strength=0.6,
+                                 hires_prompt="a lighthouse, at night: stars", hires_negative_prompt="sun",
+                                 hires_sampler="euler", progress=False)[0]
+    first = with_scheduler(reference["tiny-sd1"], 0, "dpmpp_2m_karras")(
+        "a lighthouse", negative_prompt="fog", num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
+        generator=torch.Generator().manual_seed(21)).images[0]
+    want = with_scheduler(reference["tiny-sd1"], 1, "euler")(
+        "a lighthouse, at night: stars", negative_prompt="sun", image=first.resize((96, 96), resample=Image.LANCZOS),
+        strength=4.5 / 6, num_inference_steps=6, guidance_scale=7.5, generator=torch.Generator().manual_seed(21),
+        output_type="np").images[0]
+    np.testing.assert_allclose(np.asarray(ours, np.float32) / 255, want, rtol=0, atol=TOL + 0.5 / 255)
+    text = ours.info["parameters"]
+    assert 'Hires sampler: Euler, Hires prompt: "a lighthouse, at night: stars", Hires negative prompt: sun' in text
+    from ldm_deploy.engine import infotext
+
+    options, warnings = infotext.settings(infotext.parse(text)[2])
+    assert (options["hires_prompt"], options["hires_negative_prompt"], options["hires_sampler"]) == \
+        ("a lighthouse, at night: stars", "sun", "euler") and not warnings
+    same = pipelines["tiny-sd1"]("a", seed=1, steps=1, width=64, height=64, hires_scale=1.5, hires_prompt="a",
+                                 hires_sampler="dpmpp_2m_karras", progress=False)[0].info["parameters"]
+    assert "Hires prompt" not in same and "Hires sampler" not in same  # as the first pass's: not written
+
+
 @pytest.mark.parametrize("upscaler", ["Latent", "Latent (nearest-exact)"])
 def test_hires_fix_with_a_latent_upscaler_redraws_the_resized_latents(upscaler, reference, pipelines, model_dirs,
                                                                       tmp_path):
@@ -303,8 +330,11 @@ def test_hires_fix_refuses_what_it_cannot_do(pipelines, init_image):
         (dict(hires_scale=2.0, hires_steps=1.5), "hires_steps must be a whole number, got 1.5"),
         (dict(hires_scale=2.0, hires_strength=0.0), "hires_strength must be in (0, 1]"),
         (dict(hires_scale=2.0, hires_strength="0.5"), "hires_strength must be a number, got '0.5'"),
-        (dict(hires_strength=0.5), "hires_steps, hires_strength and hires_upscaler set the hires fix's second pass; "
-                                   "give hires_scale"),
+        (dict(hires_strength=0.5), "hires_strength set the hires fix's second pass; give hires_scale"),
+        (dict(hires_prompt="a", hires_sampler="euler"), "hires_prompt, hires_sampler set the hires fix's second "
+                                                        "pass; give hires_scale too"),
+        (dict(hires_scale=2.0, hires_sampler="Euler"), "unknown hires_sampler 'Euler'; choose one of"),
+        (dict(hires_scale=2.0, hires_prompt=["a"]), "hires_prompt must be text (None: the first pass's), got list"),
         (dict(hires_upscaler="Latent"), "give hires_scale too"),
         (dict(hires_scale=2.0, hires_upscaler="ESRGAN"), "unknown hires upscaler 'ESRGAN'; choose one of Lanczos, "
                                                           "Latent, Latent (antialiased)"),

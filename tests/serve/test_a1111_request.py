@@ -96,8 +96,14 @@ def test_hires_fields():
         a1111.txt2img({**base, "hr_resize_x": 96, "hr_resize_y": 128}, MODEL, (128, 128), seven)
     with pytest.raises(InvalidRequest, match="hr_upscaler"):
         a1111.txt2img({**base, "hr_upscaler": "R-ESRGAN 4x+"}, MODEL, (128, 128), seven)
-    with pytest.raises(InvalidRequest, match="hr_prompt"):
-        a1111.txt2img({**base, "hr_prompt": "other"}, MODEL, (128, 128), seven)
+    options = a1111.txt2img({**base, "hr_prompt": "other", "hr_negative_prompt": "", "hr_sampler_name": "DPM++ 2M",
+                             "hr_scheduler": "karras"}, MODEL, (128, 128), seven)
+    assert (options["hires_prompt"], options["hires_sampler"]) == ("other", "dpmpp_2m_karras")
+    assert "hires_negative_prompt" not in options  # "": the first pass's
+    assert "hires_sampler" not in a1111.txt2img({**base, "hr_sampler_name": "Use same sampler"}, MODEL, (128, 128),
+                                                seven)
+    with pytest.raises(InvalidRequest, match="not offered"):
+        a1111.txt2img({**base, "hr_sampler_name": "DPM++ 3M SDE"}, MODEL, (128, 128), seven)
 
 
 @pytest.mark.parametrize("field,value", [("restore_faces", True),

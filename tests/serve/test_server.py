@@ -95,6 +95,14 @@ def test_hires_fix(server, oracle):
     want = oracle("a cat", steps=3, guidance=7.0, seed=2, sampler="euler", width=64, height=64, hires_scale=1.5,
                   hires_steps=2, hires_strength=0.6, hires_upscaler="Lanczos", prompt_weighting=True, progress=False)
     assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {**body, "hr_prompt": "a (black) cat",
+                                                                       "hr_sampler_name": "Euler a"})
+    assert status == 200, answer
+    want = oracle("a cat", steps=3, guidance=7.0, seed=2, sampler="euler", width=64, height=64, hires_scale=1.5,
+                  hires_steps=2, hires_strength=0.6, hires_upscaler="Lanczos", hires_prompt="a (black) cat",
+                  hires_sampler="euler_a", prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+    assert "Hires sampler: Euler a, Hires prompt: a (black) cat" in json.loads(answer["info"])["infotexts"][0]
 
 
 def test_img2img_and_inpainting(server, oracle, photo):
