@@ -160,7 +160,8 @@ def test_plan_table():
         p = plan(sampler, schedule, 20, guidance=6.0, strength=0.5)
         assert p.rows.dtype == np.float32
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
-        assert p.needs_noise == (sampler in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "lcm", "ddpm"))
+        assert p.needs_noise == (sampler in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
+                                             "lcm", "ddpm"))
         assert p.steps == (19 if sampler in EVALUATIONS_PER_STEP else 10)  # Heun: two calls a step, one for the last
     assert set(DISPLAY_NAMES) == set(SAMPLERS)
     assert DISPLAY_NAMES["dpmpp_2m_karras"] == "DPM++ 2M Karras"
