@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks.recorder import Recorder
+from ldm_deploy.engine.manifest import read_manifest
 from ldm_deploy.export.source import is_xl_folder
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ def run(spec: dict) -> dict:
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
             spec["model"], torch_dtype=dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
+    if spec.get("engine") and read_manifest(Path(spec["engine"])).model.tiling:
+        from ldm_deploy.export.tiling import make_seamless
+
+        make_seamless(pipe.unet, pipe.vae)  # like for like with a tiling engine (ldm-export --tiling)
     pipe = pipe.to(spec["device"])
     sync()
     load_s = time.perf_counter() - start

@@ -197,16 +197,17 @@ def engine_dir(args) -> str:
     return str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
 
 
-def refiner_dir(args) -> tuple[str, bool]:
+def refiner_dir(args, tiling: bool = False) -> tuple[str, bool]:
     """--refiner -> (its engine directory, whether it is a cached one): an engine directory, or a
     model (folder or checkpoint) whose ONNX Runtime engine is exported into the cache as --model's
-    is (no LoRA or other network: refiners take none)."""
+    is (no LoRA or other network: refiners take none; tiling as the base engine's)."""
     path = Path(args.refiner).expanduser()
     if (path / "manifest.json").is_file():
         return str(path), False
     from ldm_deploy.cache import engine_for
 
-    return str(engine_for(path, {"allow_pickle": True} if args.allow_pickle else {})), True
+    settings = {"allow_pickle": True} if args.allow_pickle else {}
+    return str(engine_for(path, settings | ({"tiling": True} if tiling else {}))), True
 
 
 # ldm-run options a PNG's parameters may set: dest -> the default when neither sets it.
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
                              rebuild_stale=args.rebuild_stale, **options)
         refiner = None
         if args.refiner is not None:
-            refiner_engine, cached = refiner_dir(args)
+            refiner_engine, cached = refiner_dir(args, pipe.manifest.model.tiling)
             # a refiner given as a model: its cached engine is ONNX Runtime's, whatever --backend says
             refiner = Pipeline.load(refiner_engine, backend="auto" if cached else args.backend,
                                     verify=not args.no_verify, rebuild_stale=args.rebuild_stale,

@@ -168,7 +168,7 @@ def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, o
         inits = [image.resize((w, h), resample=Image.LANCZOS) for image in images.to_pil(first)]
     out = []
     for i, init in enumerate(inits):
-        gen = generator[i] if isinstance(generator, (list, tuple)) else generator
+        gen = [generator[i]] if isinstance(generator, (list, tuple)) else generator
         negative = fix.negative_prompt if fix.negative_prompt is not None else \
             None if req.zero_negative else req.negative_prompts[i]
         out.append(pipe(

@@ -46,6 +46,10 @@ def switch(pipe, refiner, at, denoising_start, denoising_end):
     a, b = pipe.manifest.model, refiner.manifest.model
     if a.weights_sha256 == b.weights_sha256:  # the same model
         return None, None
+    if a.tiling != b.tiling:
+        raise InvalidRequest(f"{'this engine' if a.tiling else 'the refiner'} tiles (ldm-export --tiling) and "
+                             f"{'the refiner' if a.tiling else 'this engine'} does not; the refiner's steps would "
+                             "draw seams: give both the same tiling")
     if (a.latent_channels, a.vae_scale, a.vae_scaling_factor) != (b.latent_channels, b.vae_scale, b.vae_scaling_factor):
         raise InvalidRequest(f"the refiner ({model_name(b.source)}, {b.family}) draws in another latent space than "
                              f"this engine's model ({a.family}); give a refiner of the model's family")

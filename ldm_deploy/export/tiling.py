@@ -7,7 +7,7 @@ the far side where it would have seen zeros. The text encoder has no convolution
 their zero padding (the ControlNet extension's models are not the checkpoint's, so its Tiling leaves
 them so too). It changes the graphs, not the weights: an engine tiles or it does not
 (`ModelInfo.tiling`). The ONNX export writes the wrap as Slice and Concat, which every backend
-runs; the Winograd rewrite leaves such convolutions alone (winograd.is_plain).
+runs; the Winograd rewrite leaves such convolutions alone (winograd.applies).
 """
 
 from __future__ import annotations

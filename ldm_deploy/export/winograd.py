@@ -58,10 +58,11 @@ MIN_SIDE = {4: 32}  # tile m -> the least input side (at the engine's smallest i
 
 
 def applies(conv: nn.Module) -> bool:
-    """A plain 3x3 convolution: stride 1, padding 1 (zeros), no dilation, one group."""
+    """A plain 3x3 convolution: stride 1, padding 1 (zeros, or circular: tiling.py), no dilation,
+    one group."""
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
+            and conv.padding_mode in ("zeros", "circular"))
 
 
 def choose(channels: int, side: int) -> int | None:
@@ -90,6 +91,7 @@ class WinogradConv2d(nn.Module):
         bias = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
         self.register_buffer("bias", bias.float().clone())
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.circular = conv.padding_mode == "circular"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -97,7 +99,11 @@ class WinogradConv2d(nn.Module):
         th, tw = (h + m - 1) // m, (w + m - 1) // m  # tiles down and across
         # Channels last, zero-padded so that every tile's a x a window lies inside: one pixel of
         # the convolution's padding on the top/left, and up to a whole tile on the bottom/right.
-        x = F.pad(x, (1, tw * m - w + 1, 1, th * m - h + 1)).permute(0, 2, 3, 1)  # (n, th*m+2, tw*m+2, c)
+        if self.circular:  # the convolution's own pixel wrapped round, then the tiles' zeros
+            x = F.pad(F.pad(x, (1, 1, 1, 1), mode="circular"), (0, tw * m - w, 0, th * m - h))
+        else:
+            x = F.pad(x, (1, tw * m - w + 1, 1, th * m - h + 1))
+        x = x.permute(0, 2, 3, 1)  # (n, th*m+2, tw*m+2, c)
         wp = x.shape[2]
         offsets = torch.arange(a).unsqueeze(1)  # (a, 1): row r of tile i is pixel row m*i + r
         rows = (offsets + m * torch.arange(th).unsqueeze(0)).reshape(-1)  # (a * th,)

@@ -203,7 +203,8 @@ class A1111:
     def options(self, _):
         return 200, {"sd_model_checkpoint": self.engines.title(self.engines.default),
                      "sd_vae": vae_name(self.model),
-                     "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoint_hash": self.model.weights_sha256}
+                     "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoint_hash": self.model.weights_sha256,
+                     "tiling": self.model.tiling}
 
     def set_options(self, body: dict):
         """sd_model_checkpoint chooses the default engine, as it switches AUTOMATIC1111's model (it is
@@ -212,7 +213,8 @@ class A1111:
         chosen = self.engines.find(body.get("sd_model_checkpoint"))
         model = self.engines.manifests[chosen].model
         vae = vae_name(model)
-        current = {**self.options(None)[1], "sd_vae": vae, "sd_checkpoint_hash": model.weights_sha256}
+        current = {**self.options(None)[1], "sd_vae": vae, "sd_checkpoint_hash": model.weights_sha256,
+                   "tiling": model.tiling}
         for key, value in body.items():
             if key == "sd_model_checkpoint" or (key == "sd_vae" and value in ("", "None", "Automatic", vae)):
                 continue

@@ -138,7 +138,10 @@ def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
         "clip_skip": clip_skip(settings, model),
     }
     options.update(variation(body, random_seed))
-    tiling = flag(body, "tiling", model.tiling)
+    # its 1.6+: the request's tiling, else its Tiling option (override_settings), else the engine's
+    tiling = flag(body, "tiling", None)
+    if tiling is None:
+        tiling = flag(settings, "tiling", model.tiling)
     if tiling != model.tiling:  # the engine draws one way: no image other than asked for
         raise InvalidRequest("tiling: this engine does not tile; export one with ldm-export --tiling (and serve it)"
                              if tiling else "tiling: this engine tiles (exported with ldm-export --tiling); send "

@@ -82,6 +82,9 @@ class Engines:
         text = str(text)
         stem, _, bracket = text.partition(" [")
         given_hash = bracket[:-1] if bracket.endswith("]") else ""
+        for name in self.manifests:  # a name, title or folder first: engines of one checkpoint share its hash
+            if text in (name, self.title(name), str(self.dirs[name])):
+                return name
         for name, manifest in self.manifests.items():
             digest = manifest.model.weights_sha256
             source = Path(manifest.model.source).name

@@ -204,6 +204,12 @@ def test_img2img_inpainting_and_the_hires_fix_vary_their_start_noise(pipelines, 
     assert [([g.seed for g in a[0]], a[1], a[2]) for _, a in seen] == [([1], (3,), 0.2)] * 2 + \
         [([1, 1], (3, 4), 0.2)] + [([1], (3,), 0.2), ([1], (4,), 0.2)]  # the hires pass: image by image
     assert seen[-1][0] == (1, 4, 12, 12)
+    # the seeds' own generators given: the hires pass goes on with each image's (a list of one),
+    # its noise varied there too (seen: its start noise at the hires size)
+    seen.clear()
+    by_generators = pipe("a", generator=noise.seeded([1, 1]), width=64, height=64, hires_scale=1.5, num_images=2,
+                         **kw)
+    assert by_generators.shape == (2, 96, 96, 3) and [x for x, _ in seen[1:]] == [(1, 4, 12, 12)] * 2
 
 
 def test_infotext_and_from_png(pipelines, tmp_path):

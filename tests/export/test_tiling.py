@@ -116,6 +116,28 @@ def test_the_engine_records_it_and_pngs_carry_it(tiled, pipelines, tmp_path, cap
     assert "this engine does not tile" in capsys.readouterr().err
 
 
+def test_torch_engines_tile_as_onnx_runtimes(tiled, model_dirs, tmp_path):
+    """The torch backend's exported programs carry the circular padding too (no AOTInductor
+    compile here: minutes on a CPU)."""
+    from ldm_deploy.export.build import export_engine
+    from ldm_deploy.export.config import ExportConfig
+
+    engine = export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "torch", ExportConfig(
+        backend="torch", min_size=64, max_size=128, opt_size=64, max_batch=2, img2img=False, aoti=False, tiling=True))
+    kw = dict(steps=3, seed=2, width=64, height=64, sampler="euler", output_type="np", progress=False)
+    torch_pipe = Pipeline.load(engine)
+    assert torch_pipe.manifest.model.tiling
+    np.testing.assert_allclose(torch_pipe("a cat", **kw), tiled("a cat", **kw), rtol=0, atol=1e-4)
+
+
+def test_a_refiner_must_tile_as_the_base_does(tiled, pipelines):
+    from ldm_deploy.engine import refine
+    from ldm_deploy.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="tiles .* and the refiner does not"):
+        refine.switch(tiled, pipelines["tiny-sd2"], 0.8, None, None)
+
+
 def test_make_seamless_leaves_unpadded_convolutions(model_dirs):
     """Only convolutions that pad change (1x1 ones, and the VAE encoder's downsamplers, which pad
     by hand with zeros as the original model's do, have nothing to wrap)."""

@@ -70,6 +70,33 @@ def test_onnx_graph_takes_sizes_the_trace_never_saw(m, tmp_path):
         assert rel_error(got, conv, x) < REL_TOL[m], (n, h, w)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_circular_padding_wraps_round(m):
+    """Tiling's convolutions (padding_mode "circular", tiling.py) keep their Winograd tiles."""
+    conv, x = conv_and_input(*SHAPES[0])
+    conv.padding_mode = "circular"
+    with torch.no_grad():
+        got, want = WinogradConv2d(conv, m)(x), conv(x)
+    assert float((got - want).abs().max() / want.abs().max()) < REL_TOL[m]
+
+
+def test_a_tiling_unet_with_winograd_matches_the_stock_one(small_tiles, model_dirs):
+    from diffusers import UNet2DConditionModel
+
+    from ldm_deploy.export.tiling import make_seamless
+
+    unet = UNet2DConditionModel.from_pretrained(model_dirs["tiny-sd1"] / "unet").eval()
+    make_seamless(unet)
+    g = torch.Generator().manual_seed(1)
+    x, t, text = torch.randn(1, 4, 12, 10, generator=g), torch.tensor([300]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        want = unet(x, t, encoder_hidden_states=text).sample
+        counts = use_winograd(unet, lambda: unet(x[:, :, :8, :8], t, encoder_hidden_states=text))
+        got = unet(x, t, encoder_hidden_states=text).sample
+    assert counts["F(4,3)"] > 0 and counts["F(2,3)"] > 0
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
 def test_only_plain_3x3_convolutions_apply():
     assert applies(torch.nn.Conv2d(8, 8, 3, padding=1))
     assert not applies(torch.nn.Conv2d(8, 8, 1))

@@ -168,6 +168,10 @@ def test_tiling_is_the_engines():
         a1111.txt2img({"prompt": "a", "tiling": True}, MODEL, (128, 128), seven)
     with pytest.raises(InvalidRequest, match="this engine tiles"):
         a1111.txt2img({"prompt": "a", "tiling": False}, tiles, (128, 128), seven)
+    with pytest.raises(InvalidRequest, match="does not tile"):  # its Tiling option, AUTOMATIC1111 1.6+
+        a1111.txt2img({"prompt": "a", "override_settings": {"tiling": True}}, MODEL, (128, 128), seven)
+    assert "tiling" not in a1111.txt2img({"prompt": "a", "override_settings": {"tiling": True}}, tiles, (128, 128),
+                                         seven)
     with pytest.raises(InvalidRequest, match="tiling must be true or false"):
         a1111.txt2img({"prompt": "a", "tiling": "yes"}, MODEL, (128, 128), seven)
 

@@ -227,6 +227,18 @@ def test_an_engine_that_cannot_load_is_the_servers_fault(engine_dirs, pipelines,
         assert call(server.url + "/sdapi/v1/txt2img", "POST", small)[0] == 200
 
 
+def test_engines_of_one_checkpoint_are_found_by_their_own_titles(engine_dirs):
+    """Two engines of one checkpoint (say one exported with --tiling) share its hash: a title or
+    name finds its own engine before any hash matches the first."""
+    from ldm_deploy.engine.manifest import read_manifest
+    from ldm_deploy.serve.engines import Engines
+
+    manifest = read_manifest(engine_dirs["tiny-sd1"])
+    engines = Engines({"x": manifest, "x-2": manifest}, {"x": engine_dirs["tiny-sd1"], "x-2": engine_dirs["tiny-sd2"]})
+    assert engines.find(engines.title("x-2")) == engines.find("x-2") == "x-2"
+    assert engines.find(engines.title("x")) == engines.find(manifest.model.weights_sha256[:10]) == "x"
+
+
 def test_checkpoint_names_and_options(two):
     sd2 = two.manifests["tiny-sd2"].model.weights_sha256
     assert two.find(f"tiny-sd2.safetensors [{sd2[:10]}]") == "tiny-sd2"  # as AUTOMATIC1111 titles a file
