@@ -283,6 +283,9 @@ def main(argv=None) -> int:
             raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
         given_here = {k for k in FROM_PNG if getattr(args, k) is not UNSET}  # on the command line
         fields = from_png(args)  # before a --model export: its mistakes are found in seconds
+        if fields.get("Tiling") == "True" and args.model and not args.tiling:
+            log.info("the PNG was drawn to tile (Tiling: True): --model's engine is exported with --tiling")
+            args.tiling = True
         if not args.variation_strength and "variation_seed" not in given_here:
             args.variation_seed = None  # a PNG's, its variation turned off here
         if args.variation_strength is not None and not 0 <= args.variation_strength <= 1:

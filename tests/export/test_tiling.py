@@ -138,6 +138,20 @@ def test_a_refiner_must_tile_as_the_base_does(tiled, pipelines):
         refine.switch(tiled, pipelines["tiny-sd2"], 0.8, None, None)
 
 
+def test_from_png_with_a_model_exports_it_tiling(tiled, model_dirs, tmp_path):
+    """As AUTOMATIC1111's pasted infotext ticks its Tiling box: --model's cached engine tiles."""
+    [image] = tiled("a", steps=1, width=64, height=64, progress=False)
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", image.info["parameters"])
+    image.save(tmp_path / "tiled.png", pnginfo=info)
+    out = tmp_path / "again.png"
+    assert run_cli.main(["--model", str(model_dirs["tiny-sd1"]), "--from-png", str(tmp_path / "tiled.png"), "--out",
+                         str(out), "--width", "256", "--height", "256", "-q"]) == 0  # the cache's least size
+    assert "Tiling: True" in Image.open(out).info["parameters"]
+
+
 def test_make_seamless_leaves_unpadded_convolutions(model_dirs):
     """Only convolutions that pad change (1x1 ones, and the VAE encoder's downsamplers, which pad
     by hand with zeros as the original model's do, have nothing to wrap)."""
