@@ -25,7 +25,7 @@ from PIL import Image
 
 from ldm_deploy.engine import images
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
-from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
+from ldm_deploy.engine.samplers import DISPLAY_NAMES, EVALUATIONS_PER_STEP, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
 
 UPSCALER = "Lanczos"  # the default: an image upscaler, as diffusers' img2img of the resized image
@@ -144,8 +144,10 @@ def fields(h: Hires, req, i: int) -> dict:
 
 
 def quote(text: str) -> str:
-    """An infotext value as AUTOMATIC1111 quotes one: JSON where it holds a comma, colon or line break."""
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+    """An infotext value as AUTOMATIC1111 quotes one: JSON where it holds a comma, colon or line break
+    (and where it starts with a quote or a space, which its reader would otherwise lose)."""
+    quoted = any(c in text for c in ',:\n') or text.startswith('"') or text != text.strip()
+    return json.dumps(text, ensure_ascii=False) if quoted else text
 
 
 def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, output_type: str = "np",
@@ -176,6 +178,6 @@ def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, o
             guidance=req.guidance, seed=req.seeds[i], width=w, height=h, sampler=fix.sampler or req.sampler,
             init_image=init, strength=strength, clip_skip=req.clip_skip,
             prompt_weighting=req.prompt_weighting, generator=gen, output_type=output_type, progress=progress,
-            _hires_pass=(req.steps, fix.steps or req.steps), **req.variation(i), **controls,
+            _hires_pass=(req.steps * EVALUATIONS_PER_STEP.get(req.sampler, 1), fix.steps or req.steps), **req.variation(i), **controls,
         ))
     return np.concatenate(out)

@@ -69,12 +69,13 @@ def parse(text: str) -> tuple[str, str, dict[str, str]]:
     fields: dict[str, str] = {}
     if len(lines[-1]) <= MAX_FIELDS_LINE and len(FIELD.findall(lines[-1])) >= 3:
         for key, value in FIELD.findall(lines.pop()):
+            value = value.strip()
             if len(value) > 1 and value[0] == value[-1] == '"':
                 try:
-                    value = json.loads(value)
+                    value = json.loads(value)  # as quoted: spaces inside kept
                 except json.JSONDecodeError:
                     pass
-            fields[key.strip()] = value.strip()
+            fields[key.strip()] = value
     prompt, negative, in_negative = [], [], False
     for line in lines:
         if line.startswith("Negative prompt:"):
@@ -129,8 +130,10 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         for key, option in (("Hires prompt", "hires_prompt"), ("Hires negative prompt", "hires_negative_prompt")):
             if key in fields and option not in given:
                 out[option] = fields[key]
-        if "Hires sampler" in fields and "hires_sampler" not in given:
-            out["hires_sampler"] = sampler(fields["Hires sampler"], fields.get("Hires schedule type"), DISPLAY_NAMES)
+        if ("Hires sampler" in fields or "Hires schedule type" in fields) and "hires_sampler" not in given:
+            # its get_hr_sampler_and_scheduler: each the first pass's where the hires field is missing
+            out["hires_sampler"] = sampler(fields.get("Hires sampler", fields.get("Sampler", "Euler")),
+                                           fields.get("Hires schedule type", fields.get("Schedule type")), DISPLAY_NAMES)
         upscaler = upscaler_name(fields.get("Hires upscaler", UPSCALERS[0]))
         if upscaler == "None":  # AUTOMATIC1111's plain resize: Lanczos
             upscaler = UPSCALERS[0]
@@ -240,14 +243,15 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
         fields["Clip skip"] = req.clip_skip + 1  # AUTOMATIC1111 counts the last layer as 1
     if model.tiling:
         fields["Tiling"] = "True"
+    hires_texts = "" if fix is None else f"{fix.prompt or ''}\n{fix.negative_prompt or ''}"
     if not req.prompt_weighting and re.search(r"[()\[\]]|<\w+:[^>]+>|\bBREAK\b",
-                                              req.prompts[i] + req.negative_prompts[i]):
+                                              req.prompts[i] + req.negative_prompts[i] + hires_texts):
         fields["Emphasis"] = "None"  # AUTOMATIC1111's setting that reads brackets as plain text
     loras = [f"{lora['name']}: {lora['a1111_hash'][:12]}" for lora in model.loras
              if lora.get("a1111_hash")]  # merged: in every image (engines before the hash: none)
     if loras:
         fields["Lora hashes"] = json.dumps(", ".join(loras))
-    texts = f"{req.prompts[i]}\n{req.negative_prompts[i]}".lower()
+    texts = f"{req.prompts[i]}\n{req.negative_prompts[i]}\n{hires_texts}".lower()
     used = [f"{e['word']}: {e['sha256'][:12]}" for e in model.embeddings if e["word"].lower() in texts]
     if used:  # AUTOMATIC1111's field, JSON-quoted as it quotes values with commas or colons
         fields["TI hashes"] = json.dumps(", ".join(used))

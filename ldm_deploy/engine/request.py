@@ -30,7 +30,8 @@ class Request:
     # diffusers' force_zeros_for_empty_prompt); negative_prompts are then ""
     zero_negative: bool = False
     # Prompt editing's step count (0: steps) and, in the hires fix's second pass, the first
-    # pass's (prompt_schedule.py); the hires pass runs the last edit_steps of `steps`.
+    # pass's U-Net evaluations (its steps times its sampler's evaluations a step: Heun 2;
+    # prompt_schedule.py); the hires pass runs the last edit_steps of `steps`.
     edit_steps: int = 0
     first_pass_steps: int | None = None
     # An SDXL refiner's aesthetic conditioning (diffusers' defaults; AUTOMATIC1111's "SDXL low /

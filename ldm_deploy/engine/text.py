@@ -113,7 +113,7 @@ def step_texts(texts: list[str], req: Request, evaluations: int, offset: int = 0
         return [tuple(texts)] * evaluations
     per_step = EVALUATIONS_PER_STEP.get(req.sampler, 1)
     steps = (req.edit_steps or req.steps) * per_step
-    first = req.first_pass_steps * per_step if req.first_pass_steps else None
+    first = req.first_pass_steps or None  # the first pass's evaluations (its own sampler's count)
     schedules = [prompt_schedule.schedule(t, steps, first) for t in texts]
     return [tuple(prompt_schedule.text_at(s, offset + i) for s in schedules) for i in range(evaluations)]
 

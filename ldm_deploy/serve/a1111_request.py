@@ -192,9 +192,14 @@ def hires(body: dict, options: dict) -> dict:
         given = text(body, key)
         if given:  # "": the first pass's, as there
             out[option] = given
-    name = body.get("hr_sampler_name")
-    if name not in (None, "", "Use same sampler"):
-        out["hires_sampler"] = sampler(name, body.get("hr_scheduler"))
+    name, scheduler = body.get("hr_sampler_name"), body.get("hr_scheduler")
+    name = None if name in ("", "Use same sampler") else name
+    scheduler = None if scheduler in ("", "Use same scheduler") else scheduler
+    if name is not None or scheduler is not None:  # each the first pass's where not given, as its 1.9+
+        first = body.get("sampler_name") or body.get("sampler_index") or "Euler"
+        chosen = sampler(name or first, scheduler if scheduler is not None else body.get("scheduler"))
+        if chosen != options["sampler"]:
+            out["hires_sampler"] = chosen
     scale = number(body, "hr_scale", 2.0)
     targets = {k: integer(body, k, 0) for k in ("hr_resize_x", "hr_resize_y")}
     if targets["hr_resize_x"] or targets["hr_resize_y"]:  # a size asked for: its scale, the same both ways

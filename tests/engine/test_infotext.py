@@ -91,3 +91,19 @@ def test_from_png_needs_parameters(engine_dirs, tmp_path, capsys):
     assert code == 2 and "it has no generation parameters" in err and "Traceback" not in err
     code = run_cli.main(["--engine", str(engine_dirs["tiny-sd1"])])
     assert code == 2 and "give a prompt, or --from-png" in capsys.readouterr().err
+
+
+def test_hires_sampler_fields_as_automatic1111_pastes_them():
+    """Its get_hr_sampler_and_scheduler: the hires sampler and schedule type each the first
+    pass's where the hires field is missing; hires prompts round-trip through its quoting."""
+    from ldm_deploy.engine.hires import quote
+
+    base = {"Sampler": "Euler", "Steps": "4", "Seed": "1", "Hires upscale": "2"}
+    assert settings({**base, "Hires schedule type": "Karras"})[0]["hires_sampler"] == "euler_karras"
+    assert settings({**base, "Sampler": "DPM++ 2M", "Schedule type": "Karras",
+                     "Hires sampler": "Euler"})[0]["hires_sampler"] == "euler_karras"
+    assert "hires_sampler" not in settings(base)[0]
+    for text in ('"red car"', 'a "b" c, d', "x: y\nz", ' padded ', 'plain'):
+        line = f"Steps: 4, Seed: 1, Hires upscale: 2, Hires prompt: {quote(text)}, Hires negative prompt: n"
+        out = settings(parse(f"p\n{line}")[2])[0]
+        assert (out["hires_prompt"], out["hires_negative_prompt"]) == (text, "n"), text

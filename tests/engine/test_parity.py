@@ -256,6 +256,9 @@ def test_hires_prompt_and_sampler_are_the_second_passs(reference, pipelines):
     same = pipelines["tiny-sd1"]("a", seed=1, steps=1, width=64, height=64, hires_scale=1.5, hires_prompt="a",
                                  hires_sampler="dpmpp_2m_karras", progress=False)[0].info["parameters"]
     assert "Hires prompt" not in same and "Hires sampler" not in same  # as the first pass's: not written
+    plain = pipelines["tiny-sd1"]("a", seed=1, steps=1, width=64, height=64, hires_scale=1.5, hires_prompt="a (b:1.2)",
+                                  progress=False)[0].info["parameters"]
+    assert "Emphasis: None" in plain  # brackets read as text in the hires prompt alone
 
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Latent (nearest-exact)"])

@@ -95,6 +95,10 @@ def test_evaluations_are_scheduled_as_automatic1111_counts_them():
     # The hires pass: 3 steps after 4, its evaluations counted afresh.
     hires = replace(req, prompts=("[a:b:1.5]",), steps=9, edit_steps=3, first_pass_steps=4)
     assert [t[1] for t in step_texts(["", "[a:b:1.5]"], hires, 3)] == ["a", "a", "b"]
+    # After a Heun first pass of 10 steps (20 evaluations: first_pass_steps counts them, as
+    # hires.second_pass passes them), an Euler hires pass: step 15 lies in the first pass.
+    after_heun = replace(req, prompts=("[a:b:15]",), steps=10, edit_steps=10, first_pass_steps=20)
+    assert [t[1] for t in step_texts(["", "[a:b:15]"], after_heun, 3)] == ["b"] * 3
     # Without prompt weighting, nothing is read.
     assert step_texts(["", "[a:b:0.5]"], replace(req, prompt_weighting=False), 2) == [("", "[a:b:0.5]")] * 2
 

@@ -292,3 +292,26 @@ def test_denoising_fraction_errors(kwargs, message):
     with pytest.raises(InvalidRequest) as e:
         plan(sampler, NoiseSchedule.from_config(SD1), 10, 7.5, **kwargs)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("beta_schedule,beta_start,beta_end", [("scaled_linear", 0.00085, 0.012),
+                                                               ("linear", 0.0001, 0.02)])
+def test_exponential_timesteps_at_every_step_count(beta_schedule, beta_start, beta_end):
+    """diffusers truncates these timesteps: a last bit of its float32 table moves one by 1, so the
+    table is torch's linspace bit for bit, and every step count to 1000 gives diffusers' timesteps."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ldm_deploy.engine.samplers.dpmpp_2m import exponential_timesteps_and_sigmas
+    from ldm_deploy.engine.samplers.schedule import alphas_cumprod, torch_linspace
+
+    schedule = NoiseSchedule(beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end)
+    np.testing.assert_array_equal(torch_linspace(beta_start, beta_end, 1000),
+                                  torch.linspace(beta_start, beta_end, 1000, dtype=torch.float32).numpy())
+    ref = DPMSolverMultistepScheduler(beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
+                                      use_exponential_sigmas=True)
+    np.testing.assert_array_equal(alphas_cumprod(schedule), ref.alphas_cumprod.numpy())
+    for steps in range(1, 1001):
+        ref.set_timesteps(steps)
+        t, _ = exponential_timesteps_and_sigmas(schedule, steps)
+        np.testing.assert_array_equal(t, ref.timesteps.numpy(), err_msg=f"{steps} steps")

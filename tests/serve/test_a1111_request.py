@@ -104,6 +104,14 @@ def test_hires_fields():
                                                 seven)
     with pytest.raises(InvalidRequest, match="not offered"):
         a1111.txt2img({**base, "hr_sampler_name": "DPM++ 3M SDE"}, MODEL, (128, 128), seven)
+    # its 1.9+: the hires sampler and scheduler each the first pass's where not given
+    for extra, want in (({"hr_scheduler": "karras"}, "euler_karras"),
+                        ({"scheduler": "karras", "hr_sampler_name": "Heun"}, "heun_karras"),
+                        ({"sampler_name": "DPM++ 2M", "scheduler": "karras", "hr_scheduler": "exponential"},
+                         "dpmpp_2m_exponential"),
+                        ({"hr_sampler_name": "Use same sampler", "hr_scheduler": "Use same scheduler"}, None),
+                        ({"scheduler": "karras", "hr_sampler_name": "Euler"}, None)):  # as the first pass
+        assert a1111.txt2img({**base, **extra}, MODEL, (128, 128), seven).get("hires_sampler") == want, extra
 
 
 @pytest.mark.parametrize("field,value", [("restore_faces", True),

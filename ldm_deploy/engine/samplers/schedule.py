@@ -49,16 +49,16 @@ def table(n: int, **columns) -> np.ndarray:
 def alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
     """(num_train_timesteps,) float64 holding diffusers' float32 alphas_cumprod table.
 
-    diffusers builds betas and 1 - betas in float32 and stores the product in float32 (torch's CPU
-    cumprod accumulates in float64). An all-float64 table differs by up to ~1e-6 relative: ~1e-5
-    in sigma_max ~ 14.6, and enough to flip the rounding of a Karras timestep on some schedules
-    (the U-Net would then see t +- 1), so we round where diffusers rounds.
+    diffusers builds betas (torch.linspace: torch_linspace) and 1 - betas in float32 and stores the
+    product in float32 (torch's CPU cumprod accumulates in float64). An all-float64 table differs
+    by up to ~1e-6 relative: ~1e-5 in sigma_max ~ 14.6, and enough to flip the rounding of a Karras
+    timestep on some schedules (the U-Net would then see t +- 1), so we round where diffusers rounds.
     """
     n, b0, b1 = schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
     if schedule.beta_schedule == "linear":
-        betas = np.linspace(b0, b1, n, dtype=np.float32)
+        betas = torch_linspace(b0, b1, n)
     elif schedule.beta_schedule == "scaled_linear":  # the latent-diffusion schedule
-        betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float32) ** 2
+        betas = torch_linspace(b0**0.5, b1**0.5, n) ** 2
     else:
         raise InvalidRequest(
             f"beta_schedule {schedule.beta_schedule!r} is not supported; "
@@ -66,6 +66,17 @@ def alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
         )
     alphas = np.float32(1.0) - betas
     return np.cumprod(alphas.astype(np.float64)).astype(np.float32).astype(np.float64)
+
+
+def torch_linspace(start: float, end: float, n: int) -> np.ndarray:
+    """float32 `torch.linspace(start, end, n)` bit for bit, as diffusers builds its betas: ends and
+    step in float32, the first half counted up from start and the second down from end by a fused
+    multiply-add (exact in float64 here, then rounded to float32 once). numpy's linspace differs in
+    the last bit of about a third of them, which can move a timestep diffusers truncates by one."""
+    i = np.arange(n, dtype=np.float64)
+    a, b = np.float32(start), np.float32(end)
+    step = np.float64((b - a) / np.float32(n - 1)) if n > 1 else 0.0
+    return np.where(i < n // 2, np.float64(a) + step * i, np.float64(b) - step * (n - 1 - i)).astype(np.float32)
 
 
 def spaced_timesteps(spacing: str, steps: int, schedule: NoiseSchedule) -> np.ndarray:
