@@ -7,6 +7,8 @@ any other by putting the kept part back after each step.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
@@ -15,6 +17,8 @@ from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.latent_resize import resize
 from ldm_deploy.engine.request import whole
 from ldm_deploy.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
 
 
 def check(model, init, mask, hires_scale) -> None:
@@ -49,6 +53,21 @@ def blur(mask, radius) -> Image.Image:
 
 # AUTOMATIC1111's "Masked content" choices (its API's inpainting_fill 1, 0, 2, 3)
 MASKED_CONTENT = ("original", "fill", "latent noise", "latent nothing")
+
+
+def masked_content(content: str, init, mask, width: int, height: int, strength: float, warned: set):
+    """AUTOMATIC1111's "Masked content" checked -> the init image (with "fill": filled at the size
+    drawn); "latent noise" / "latent nothing" act on its latents later (latent_fill). `warned`:
+    the pipeline's warnings given once."""
+    if content not in MASKED_CONTENT:
+        raise InvalidRequest(f"masked_content must be one of {', '.join(MASKED_CONTENT)}, got {content!r}")
+    if content != "original" and mask is None:
+        raise InvalidRequest(f"masked_content \"{content}\" fills the masked part of an image: give the mask too")
+    if content.startswith("latent") and strength >= 1 and "latent fill" not in warned:
+        warned.add("latent fill")
+        log.warning("masked content \"%s\" changes nothing at strength 1 (the start is noise anyway); give a "
+                    "strength below 1, e.g. 0.75", content)
+    return fill(init, mask, width, height) if content == "fill" else init
 
 
 def fill(init: Image.Image, mask, width: int, height: int) -> Image.Image:

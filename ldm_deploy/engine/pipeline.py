@@ -247,18 +247,7 @@ class Pipeline:
         else:
             default_w, default_h = self.default_size
         width, height = default_w if width is None else width, default_h if height is None else height
-        if masked_content not in inpaint.MASKED_CONTENT:
-            raise InvalidRequest(f"masked_content must be one of {', '.join(inpaint.MASKED_CONTENT)}, "
-                                 f"got {masked_content!r}")
-        if masked_content != "original" and mask is None:
-            raise InvalidRequest(f"masked_content \"{masked_content}\" fills the masked part of an image: give the "
-                                 "mask too")
-        if masked_content == "fill":
-            init = inpaint.fill(init, mask, width, height)
-        if masked_content.startswith("latent") and strength >= 1 and "latent fill" not in self.warned:
-            self.warned.add("latent fill")
-            log.warning("masked content \"%s\" changes nothing at strength 1 (the start is noise anyway); "
-                        "give a strength below 1, e.g. 0.75", masked_content)
+        init = inpaint.masked_content(masked_content, init, mask, width, height, strength, self.warned)
         n = len(prompts) * num_images
         m = self.manifest.model
         if isinstance(init, images.InitLatents) and init.array.shape[0] not in (1, n):

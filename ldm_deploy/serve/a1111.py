@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ldm_deploy import __version__
-from ldm_deploy.engine import images, infotext
+from ldm_deploy.engine import images, infotext, noise
 from ldm_deploy.engine.hires import UPSCALERS
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
 from ldm_deploy.engine.noise import random_seed
@@ -117,9 +117,9 @@ class A1111:
         images = run(self.worker, options, engine)
         model = self.engines.manifests[engine].model
         infotexts = [im.info.get("parameters", "") for im in images]
-        varied = options.get("variation_strength", 0)
-        req_seeds = [options["seed"] + (0 if varied else i) for i in range(len(images))]
-        subseeds = [options["variation_seed"] + i for i in range(len(images))] if varied else [-1] * len(images)
+        varied = options.get("variation_strength", 0)  # seeds and variation seeds as the Pipeline numbers them
+        req_seeds = list(noise.image_seeds(options["seed"], len(images), same=bool(varied)))
+        subseeds = list(noise.image_seeds(options["variation_seed"], len(images))) if varied else [-1] * len(images)
         resize = options.get("seed_resize_from") or (-1, -1)
         width, height = images[0].size
         info = {
