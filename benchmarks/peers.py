@@ -41,6 +41,12 @@ SCHEDULERS = {
     "euler_exponential": ("EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
     "heun_exponential": ("HeunDiscreteScheduler", {"use_exponential_sigmas": True}),
     "unipc_exponential": ("UniPCMultistepScheduler", {"use_exponential_sigmas": True}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2_exponential": ("KDPM2DiscreteScheduler", {"use_exponential_sigmas": True}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2_a_exponential": ("KDPM2AncestralDiscreteScheduler", {"use_exponential_sigmas": True}),
 }
 # ||out - ref|| / ||ref|| above which a reduced-precision component is flagged (fp16 lands near 1e-3).
 CHECK_TOLERANCE = 2e-2

@@ -365,10 +365,8 @@ class Pipeline:
             x = self.encode(init, req, sp, generator, latents, shape)
         else:
             x = be.upload(noise.start(generator, shape, req, latents) * np.float32(sp.init_noise_scale))
-        if sp.needs_noise:
-            step_noise = [be.upload(noise.draw(generator, shape)) for _ in range(sp.steps)]
-        else:
-            step_noise = [be.upload(np.zeros(shape, np.float32))] * sp.steps
+        zeros = be.upload(np.zeros(shape, np.float32))
+        step_noise = [be.upload(noise.draw(generator, shape)) if draw else zeros for draw in sp.draws]
         if m.masks and step_masks is None:  # nothing masked: mask 1 keeps every step's output as it is
             keep = {"mask": be.upload(np.ones((b, 1, *shape[2:]), np.float32)),
                     "image_latents": be.upload(np.zeros(shape, np.float32))}

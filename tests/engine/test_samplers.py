@@ -90,7 +90,8 @@ def our_trace(sampler, config, steps, strength, noise, image, residuals):
     generator = torch.Generator().manual_seed(SEED)
     trace = []
     for i, row in enumerate(p.rows):
-        step_noise = torch.randn(SHAPE, generator=generator, dtype=torch.float32).numpy()
+        # diffusers' DPM2 a draws at its second call of a step only
+        step_noise = torch.randn(SHAPE, generator=generator, dtype=torch.float32).numpy() if p.draws[i] else 0 * x
         model_in = model_input(row, x)
         out = 0.5 * model_in + residuals[i]
         out = guide(out, out, row)  # no unconditional half: guidance must leave `cond` unchanged
@@ -119,8 +120,9 @@ def check_against_diffusers(sampler, config, steps, strength):
     atol = TOL * max(1.0, scale / 15) * gain
     for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
         where = f"{sampler} steps={steps} strength={strength} step {i}"
-        # Karras and Exponential timesteps come from sigmas, which diffusers holds in float32: an ulp apart
-        from_sigmas = "karras" in sampler or "exponential" in sampler
+        # Karras and Exponential timesteps come from sigmas, which diffusers holds in float32: an ulp
+        # apart; so do DPM2's midpoint timesteps
+        from_sigmas = "karras" in sampler or "exponential" in sampler or sampler.startswith("dpm2")
         assert t == pytest.approx(t_ref, rel=1e-6, abs=1e-4) if from_sigmas else t == t_ref, where
         np.testing.assert_allclose(model_in, model_in_ref, rtol=0, atol=atol, err_msg=where)
         np.testing.assert_allclose(x, x_ref, rtol=0, atol=atol, err_msg=where)
@@ -161,7 +163,9 @@ def test_plan_table():
         assert p.rows.dtype == np.float32
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
         assert p.needs_noise == (sampler in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
-                                             "lcm", "ddpm"))
+                                             "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential"))
+        if sampler.startswith("dpm2_a"):  # one draw a step, at its second call
+            np.testing.assert_array_equal(p.draws, np.arange(19) % 2 == 1)
         assert p.steps == (19 if sampler in EVALUATIONS_PER_STEP else 10)  # Heun: two calls a step, one for the last
     assert set(DISPLAY_NAMES) == set(SAMPLERS)
     assert DISPLAY_NAMES["dpmpp_2m_karras"] == "DPM++ 2M Karras"

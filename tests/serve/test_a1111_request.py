@@ -31,6 +31,8 @@ def seven():
     ("DPM++ 2M", "karras", "dpmpp_2m_karras"), ("Euler", "karras", "euler_karras"), ("UniPC", None, "unipc"),
     ("DDIM", None, "ddim"), ("LCM", None, "lcm"), ("dpmpp_2m_sde", None, "dpmpp_2m_sde"), ("Heun", "Karras", "heun_karras"),
     ("dpmpp_2m", "karras", "dpmpp_2m_karras"), ("euler", "karras", "euler_karras"), ("dpmpp_2m_karras", "uniform", "dpmpp_2m"),
+    ("DPM2", None, "dpm2"), ("DPM2 a", None, "dpm2_a"), ("k_dpm_2_a", "karras", "dpm2_a_karras"),
+    ("DPM2 a Karras", None, "dpm2_a_karras"), ("k_dpm_2", "exponential", "dpm2_exponential"),
 ])
 def test_sampler_names(name, scheduler, ours):
     assert a1111.sampler(name, scheduler) == ours

@@ -11,7 +11,8 @@ Each sampler (one file each) equals the diffusers scheduler of the same name mad
 EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
 the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_type "sde-dpmsolver++"
 for the SDE ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
-use_exponential_sigmas for unipc_exponential); Euler and Heun take Karras and Exponential sigmas too.
+use_exponential_sigmas for unipc_exponential), KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler
+(two rows a step); Euler, Heun and the DPM2s take Karras and Exponential sigmas too.
 `schedule.py` holds the schedule math they share.
 """
 
@@ -22,9 +23,9 @@ from functools import partial
 
 import numpy as np
 
-from ldm_deploy.engine.samplers import ddim, ddpm, dpmpp_2m, euler, euler_ancestral, heun, lcm, unipc
+from ldm_deploy.engine.samplers import ddim, ddpm, dpm2, dpmpp_2m, euler, euler_ancestral, heun, lcm, unipc
 from ldm_deploy.engine.samplers.schedule import img2img_start
-from ldm_deploy.engine.samplers.update import COLUMNS, GUIDANCE
+from ldm_deploy.engine.samplers.update import C_N, COLUMNS, GUIDANCE
 from ldm_deploy.errors import InvalidRequest
 
 # name -> (A1111-style display name written to PNG metadata, walk(schedule, steps, start)).
@@ -48,10 +49,16 @@ _REGISTRY = {
     "unipc": ("UniPC", unipc.walk),
     "unipc_karras": ("UniPC Karras", partial(unipc.walk, karras=True)),
     "unipc_exponential": ("UniPC Exponential", partial(unipc.walk, exponential=True)),
+    "dpm2": ("DPM2", dpm2.walk),
+    "dpm2_karras": ("DPM2 Karras", partial(dpm2.walk, karras=True)),
+    "dpm2_exponential": ("DPM2 Exponential", partial(dpm2.walk, exponential=True)),
+    "dpm2_a": ("DPM2 a", partial(dpm2.walk, ancestral=True)),
+    "dpm2_a_karras": ("DPM2 a Karras", partial(dpm2.walk, karras=True, ancestral=True)),
+    "dpm2_a_exponential": ("DPM2 a Exponential", partial(dpm2.walk, exponential=True, ancestral=True)),
 }
 SAMPLERS = tuple(_REGISTRY)
-# U-Net evaluations a step, where not one (Heun's last step has one: its table has 2n - 1 rows).
-EVALUATIONS_PER_STEP = {"heun": 2, "heun_karras": 2, "heun_exponential": 2}
+# U-Net evaluations a step, where not one (Heun's and DPM2's last step has one: 2n - 1 rows).
+EVALUATIONS_PER_STEP = {name: 2 for name in SAMPLERS if name.startswith(("heun", "dpm2"))}
 DISPLAY_NAMES = {name: display for name, (display, _) in _REGISTRY.items()}
 
 
@@ -89,11 +96,14 @@ class SamplerPlan:
     rows: (N, len(COLUMNS)) float32, one row per U-Net call, in the order they run.
     init_noise_scale: txt2img starts from x = init_noise_scale * noise.
     levels: (N, 2), each row's (image, noise) scales of the scheduler's add_noise (Walk.levels).
+    draws: (N,) bool, the rows before which the pipeline draws a step noise from the generator
+    (the others get zeros), so that the generator's stream runs as diffusers' does.
     """
 
     rows: np.ndarray
     init_noise_scale: float
     levels: np.ndarray
+    draws: np.ndarray
 
     @property
     def steps(self) -> int:
@@ -115,8 +125,8 @@ class SamplerPlan:
 
     @property
     def needs_noise(self) -> bool:
-        """Whether any row has c_n != 0 (fresh noise must be drawn for each step)."""
-        return bool(np.any(self.rows[:, COLUMNS.index("c_n")] != 0))
+        """Whether any step draws fresh noise."""
+        return bool(np.any(self.draws))
 
 
 def plan(
@@ -164,6 +174,7 @@ def plan(
             f"{n_train} training timesteps; use fewer steps"
         )
     rows, levels = walk.rows.copy(), walk.levels
+    draws = walk.draws if walk.draws is not None else np.full(len(rows), bool(np.any(rows[:, C_N] != 0)))
     if denoising_end is not None:
         rows = rows[:split_steps(sampler, rows, denoising_end, schedule)]
     rows[:, GUIDANCE] = guidance
@@ -171,6 +182,7 @@ def plan(
         rows=rows.astype(np.float32),
         init_noise_scale=walk.init_noise_scale,
         levels=levels[:len(rows)],
+        draws=draws[:len(rows)],
     )
 
 

@@ -30,11 +30,14 @@ class Walk(NamedTuple):
     levels: (N, 2) float64, each executed row's noise level as the scheduler's `add_noise` puts
     an image there: x = levels[i, 0] * z + levels[i, 1] * noise (img2img starts at row 0's;
     inpainting with a text-to-image U-Net puts the image's known part back at each row's).
+    draws: (N,) bool, the rows at which the scheduler draws fresh noise from the generator; None:
+    every row when any row adds noise (c_n != 0), none otherwise.
     """
 
     rows: np.ndarray
     init_noise_scale: float
     levels: np.ndarray
+    draws: np.ndarray | None = None
 
 
 def table(n: int, **columns) -> np.ndarray:
@@ -107,8 +110,11 @@ def spaced_timesteps(spacing: str, steps: int, schedule: NoiseSchedule) -> np.nd
 
 
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
-    """(num_train_timesteps,) sigma-space noise level of each training timestep, ascending."""
-    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+    """(num_train_timesteps,) sigma-space noise level of each training timestep, ascending, in
+    float32 as diffusers' sigma schedulers compute it (DPM2 a's s_down cancels all but a few bits
+    of s_next^2, so a last bit of a sigma shows in its midpoints)."""
+    table = alphas_cumprod.astype(np.float32)
+    return np.sqrt((1 - table) / table).astype(np.float64)
 
 
 def sigma_at(timesteps: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
