@@ -47,6 +47,9 @@ SCHEDULERS = {
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
     "dpm2_a_exponential": ("KDPM2AncestralDiscreteScheduler", {"use_exponential_sigmas": True}),
+    # (ours seeds its Brownian tree with the image's seed: diffusers' noise_sampler_seed)
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
 }
 # ||out - ref|| / ||ref|| above which a reduced-precision component is flagged (fp16 lands near 1e-3).
 CHECK_TOLERANCE = 2e-2

@@ -3,8 +3,10 @@ and the diffusers pipelines that serve as the oracle."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from unittest import mock
 
 import torch
 
@@ -79,6 +81,25 @@ class TorchNoise:
 @pytest.fixture(scope="session")
 def torch_noise():
     return TorchNoise
+
+
+def generator_samplers() -> list:
+    """Our samplers whose noise the generator draws: all but DPM++ SDE's, whose Brownian tree is
+    seeded by the image's seed (each file's sweep leaves them to test_dpmpp_sde_matches_diffusers)."""
+    return [s for s in diffusers_schedulers() if not s.startswith("dpmpp_sde")]
+
+
+@contextlib.contextmanager
+def torchs_float32_rounding():
+    """DPM++ SDE's exp and log of float32 scalars rounded as torch's (SLEEF's) are, not correctly:
+    its Brownian noise is queried at those noise levels rounded to 1e-6, and a level an ulp off
+    can move a query point (test_samplers.py's test_dpmpp_sde_with_our_rounding bounds what that
+    changes). diffusers' side runs with torch's own; this puts the same under ours."""
+    from ldm_deploy.engine.samplers import dpmpp_sde
+
+    with mock.patch.object(dpmpp_sde, "log", lambda x: np.float32(torch.tensor(np.float32(x)).log().item())), \
+            mock.patch.object(dpmpp_sde, "exp", lambda x: np.float32(torch.tensor(np.float32(x)).exp().item())):
+        yield
 
 
 def assert_not_saturated(images: np.ndarray) -> None:

@@ -16,7 +16,7 @@ from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import Request, check_init_size, check_request, check_size, split, whole
-from ldm_deploy.engine.samplers import plan
+from ldm_deploy.engine.samplers import brownian, plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
 from ldm_deploy.errors import InvalidRequest
@@ -367,6 +367,8 @@ class Pipeline:
             x = be.upload(noise.start(generator, shape, req, latents) * np.float32(sp.init_noise_scale))
         zeros = be.upload(np.zeros(shape, np.float32))
         step_noise = [be.upload(noise.draw(generator, shape)) if draw else zeros for draw in sp.draws]
+        if sp.brownian is not None:  # DPM++ SDE: a Brownian tree per image seed, not the generator
+            step_noise = [zeros if n is None else be.upload(n) for n in brownian.row_noise(sp.brownian, req.seeds, shape)]
         if m.masks and step_masks is None:  # nothing masked: mask 1 keeps every step's output as it is
             keep = {"mask": be.upload(np.ones((b, 1, *shape[2:]), np.float32)),
                     "image_latents": be.upload(np.zeros(shape, np.float32))}

@@ -1,6 +1,6 @@
 """Our engine on ONNX Runtime against diffusers' own pipelines, given the same noise.
 
-For both tiny models, every sampler, with and without a negative prompt, guided and not:
+For both tiny models, every sampler (some with and without a negative prompt, guided and not):
 txt2img against StableDiffusionPipeline and img2img against StableDiffusionImg2ImgPipeline,
 to 2e-3 max abs per pixel on [0, 1]."""
 
@@ -15,7 +15,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from conftest import PRESETS, assert_not_saturated, diffusers_schedulers
+from conftest import PRESETS, assert_not_saturated, diffusers_schedulers, generator_samplers, torchs_float32_rounding
 
 TOL = 2e-3
 SCHEDULERS = diffusers_schedulers()
@@ -51,9 +51,18 @@ def init_image():
     return Image.fromarray((rgb * 255).astype(np.uint8))
 
 
+# Guidance and negative prompts are the graph's, the same for every sampler: each sampler is run
+# guided; a few of them in every combination.
+GUIDED = [(7.5, None)]
+COMBINATIONS = [(7.5, "blurry, low quality"), (1.0, None), (1.0, "ugly")]
+
+
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("sampler", list(SCHEDULERS))
-@pytest.mark.parametrize("guidance,negative", [(7.5, None), (7.5, "blurry, low quality"), (1.0, None), (1.0, "ugly")])
+@pytest.mark.parametrize("sampler,guidance,negative", [
+    *((s, *g) for s in generator_samplers() for g in GUIDED),
+    *((s, *g) for s in ("ddim", "euler_a", "heun", "dpmpp_2m_karras", "dpmpp_2m_sde", "unipc", "lcm", "dpm2_a")
+      for g in COMBINATIONS),
+])
 def test_txt2img_matches_diffusers(preset, sampler, guidance, negative, reference, pipelines, torch_noise):
     steps, seed, prompt = 5, 11, "a photo of an astronaut riding a horse"
     latents = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(3))
@@ -73,7 +82,7 @@ def test_txt2img_matches_diffusers(preset, sampler, guidance, negative, referenc
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+@pytest.mark.parametrize("sampler", generator_samplers())
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_img2img_matches_diffusers(preset, sampler, strength, reference, pipelines, init_image, torch_noise):
     steps, seed, prompt = 6, 5, "a watercolor painting"
@@ -86,6 +95,35 @@ def test_img2img_matches_diffusers(preset, sampler, strength, reference, pipelin
         generator=torch_noise(seed), output_type="np", progress=False,
     )
     assert ours.shape == ref.shape == (1, H, W, 3)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+
+def test_dpmpp_sde_matches_diffusers(reference, pipelines, init_image, torch_noise):
+    """DPM++ SDE's noise is a Brownian tree's per image, seeded by the image's seed: a batch of two
+    (seeds 11, 12) against two diffusers runs with noise_sampler_seed 11 and 12; then img2img with
+    Karras sigmas on the other model."""
+    steps, prompt = 5, "a photo of an astronaut riding a horse"
+    latents = torch.randn((2, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(3))
+    pipe, config = reference["tiny-sd1"][0], reference["tiny-sd1"][2]
+    with torchs_float32_rounding():
+        ours = pipelines["tiny-sd1"](prompt, seed=11, num_images=2, steps=steps, guidance=7.5, sampler="dpmpp_sde",
+                                     width=W, height=H, latents=latents.numpy(), output_type="np", progress=False)
+        for i in range(2):
+            pipe.scheduler = SCHEDULERS["dpmpp_sde"][0].from_config(config, noise_sampler_seed=11 + i)
+            ref = pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=H, width=W,
+                       latents=latents[i:i + 1].clone(), output_type="np").images
+            assert_not_saturated(ref)
+            np.testing.assert_allclose(ours[i:i + 1], ref, rtol=0, atol=TOL)
+
+        pipe, config = reference["tiny-sd2"][1], reference["tiny-sd2"][2]
+        pipe.scheduler = SCHEDULERS["dpmpp_sde_karras"][0].from_config(config, noise_sampler_seed=5,
+                                                                       **SCHEDULERS["dpmpp_sde_karras"][1])
+        ref = pipe("a watercolor painting", image=init_image, strength=0.6, num_inference_steps=6, guidance_scale=7.5,
+                   generator=torch.Generator().manual_seed(5), output_type="np").images
+        ours = pipelines["tiny-sd2"]("a watercolor painting", init_image=init_image, strength=0.6, steps=6,
+                                     guidance=7.5, sampler="dpmpp_sde_karras", seed=5, generator=torch_noise(5),
+                                     output_type="np", progress=False)
     assert_not_saturated(ref)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
 

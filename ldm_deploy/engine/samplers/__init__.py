@@ -12,7 +12,7 @@ EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSol
 the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_type "sde-dpmsolver++"
 for the SDE ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
 use_exponential_sigmas for unipc_exponential), KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler
-(two rows a step); Euler, Heun and the DPM2s take Karras and Exponential sigmas too.
+(two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed); Euler, Heun and the DPM2s take Karras and Exponential sigmas too.
 `schedule.py` holds the schedule math they share.
 """
 
@@ -23,7 +23,7 @@ from functools import partial
 
 import numpy as np
 
-from ldm_deploy.engine.samplers import ddim, ddpm, dpm2, dpmpp_2m, euler, euler_ancestral, heun, lcm, unipc
+from ldm_deploy.engine.samplers import ddim, ddpm, dpm2, dpmpp_2m, dpmpp_sde, euler, euler_ancestral, heun, lcm, unipc
 from ldm_deploy.engine.samplers.schedule import img2img_start
 from ldm_deploy.engine.samplers.update import C_N, COLUMNS, GUIDANCE
 from ldm_deploy.errors import InvalidRequest
@@ -55,10 +55,12 @@ _REGISTRY = {
     "dpm2_a": ("DPM2 a", partial(dpm2.walk, ancestral=True)),
     "dpm2_a_karras": ("DPM2 a Karras", partial(dpm2.walk, karras=True, ancestral=True)),
     "dpm2_a_exponential": ("DPM2 a Exponential", partial(dpm2.walk, exponential=True, ancestral=True)),
+    "dpmpp_sde": ("DPM++ SDE", dpmpp_sde.walk),
+    "dpmpp_sde_karras": ("DPM++ SDE Karras", partial(dpmpp_sde.walk, karras=True)),
 }
 SAMPLERS = tuple(_REGISTRY)
 # U-Net evaluations a step, where not one (Heun's and DPM2's last step has one: 2n - 1 rows).
-EVALUATIONS_PER_STEP = {name: 2 for name in SAMPLERS if name.startswith(("heun", "dpm2"))}
+EVALUATIONS_PER_STEP = {name: 2 for name in SAMPLERS if name.startswith(("heun", "dpm2", "dpmpp_sde"))}
 DISPLAY_NAMES = {name: display for name, (display, _) in _REGISTRY.items()}
 
 
@@ -98,12 +100,14 @@ class SamplerPlan:
     levels: (N, 2), each row's (image, noise) scales of the scheduler's add_noise (Walk.levels).
     draws: (N,) bool, the rows before which the pipeline draws a step noise from the generator
     (the others get zeros), so that the generator's stream runs as diffusers' does.
+    brownian: Walk.brownian, for a sampler whose noise comes from a Brownian tree (`step_noise`).
     """
 
     rows: np.ndarray
     init_noise_scale: float
     levels: np.ndarray
     draws: np.ndarray
+    brownian: tuple | None = None
 
     @property
     def steps(self) -> int:
@@ -183,6 +187,7 @@ def plan(
         init_noise_scale=walk.init_noise_scale,
         levels=levels[:len(rows)],
         draws=draws[:len(rows)],
+        brownian=walk.brownian,
     )
 
 

@@ -29,15 +29,16 @@ from ldm_deploy.engine.samplers.schedule import (
 DEFAULT_SPACING = "linspace"
 
 
-def sigma_schedule(schedule, steps: int, karras: bool = False,
-                   exponential: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+def sigma_schedule(schedule, steps: int, karras: bool = False, exponential: bool = False,
+                   timestep_dtype=np.float32) -> tuple[np.ndarray, np.ndarray, float]:
     """(timesteps (steps,), sigmas (steps + 1,) ending in 0, init_noise_sigma) of diffusers'
     Euler schedulers with their defaults (linear interpolation, final sigma zero); karras: Karras
     et al.'s sigmas between the spaced ones' extremes, at the timesteps they interpolate to
-    (use_karras_sigmas); exponential: evenly spaced in log sigma between them (use_exponential_sigmas)."""
+    (use_karras_sigmas); exponential: evenly spaced in log sigma between them (use_exponential_sigmas).
+    timestep_dtype: the spaced timesteps' (DPMSolverSDEScheduler's are float64, the others' float32)."""
     spacing = schedule.timestep_spacing or DEFAULT_SPACING
     # The U-Net gets float32 timesteps (linspace keeps fractions); take sigma at exactly those.
-    t = spaced_timesteps(spacing, steps, schedule).astype(np.float32).astype(np.float64)
+    t = spaced_timesteps(spacing, steps, schedule).astype(timestep_dtype).astype(np.float64)
     train = train_sigmas(alphas_cumprod(schedule))
     spaced = sigma_at(t, train)
     if karras or exponential:  # (diffusers' float32 tables put its timesteps an ulp or so from these)

@@ -32,12 +32,16 @@ class Walk(NamedTuple):
     inpainting with a text-to-image U-Net puts the image's known part back at each row's).
     draws: (N,) bool, the rows at which the scheduler draws fresh noise from the generator; None:
     every row when any row adds noise (c_n != 0), none otherwise.
+    brownian: ((sigma_lo, sigma_hi), terms): a sampler whose noise is a Brownian motion's over
+    the noise levels (dpmpp_sde.py): each row's noise input is sum(w * unit_noise(a, b)) over its
+    terms ((w, a, b), ...) (brownian.py), from a tree over [sigma_lo, sigma_hi].
     """
 
     rows: np.ndarray
     init_noise_scale: float
     levels: np.ndarray
     draws: np.ndarray | None = None
+    brownian: tuple | None = None
 
 
 def table(n: int, **columns) -> np.ndarray:
