@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
-from conftest import TEST_CONFIG, assert_not_saturated, diffusers_schedulers, generator_samplers
+from conftest import TEST_CONFIG, assert_not_saturated, diffusers_schedulers, generator_samplers, torchs_float32_rounding
 from ldm_deploy import Pipeline
 from ldm_deploy.cli import run as run_cli
 from ldm_deploy.errors import InvalidRequest
@@ -98,6 +98,24 @@ def test_text_to_image_model_inpaints_as_diffusers(preset, sampler, strength, pi
                   num_inference_steps=5, guidance_scale=7.5)
     ref = diffusers_run(reference, preset, sampler, generator=torch.Generator().manual_seed(4), **common)
     got = ours(pipelines[preset], sampler, generator=torch.Generator().manual_seed(4), **common)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("name,strength", [("inpainting", 1.0), ("tiny-sd1", 0.6)])
+def test_dpmpp_sde_inpaints_as_diffusers(name, strength, inpainting, pipelines, reference, init_image, mask):
+    """DPM++ SDE's Brownian noise, seeded by the image's seed (diffusers' noise_sampler_seed), with an
+    inpainting model and with a text-to-image one (the kept part put back after each of its calls)."""
+    pipe = inpainting[1] if name == "inpainting" else pipelines[name]
+    common = dict(prompt="a cat on a bench", image=init_image, mask_image=mask, strength=strength,
+                  num_inference_steps=5, guidance_scale=7.5)
+    ref_pipe, config = reference[name]
+    ref_pipe.scheduler = SCHEDULERS["dpmpp_sde_karras"][0].from_config(config, noise_sampler_seed=3,
+                                                                       **SCHEDULERS["dpmpp_sde_karras"][1])
+    with torchs_float32_rounding():
+        ref = ref_pipe(height=H, width=W, output_type="np", generator=torch.Generator().manual_seed(3),
+                       **common).images
+        got = ours(pipe, "dpmpp_sde_karras", seed=3, generator=torch.Generator().manual_seed(3), **common)
     assert_not_saturated(ref)
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
