@@ -35,6 +35,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None,
                    help="what to steer away from (none given: SDXL base draws from zero embeddings, as diffusers "
                         "and AUTOMATIC1111 do; \"\" encodes the empty text, as ComfyUI does)")
+    p.add_argument("--style", action="append", default=[], metavar="NAME",
+                   help="merge a saved style of --styles-file into the prompts, as AUTOMATIC1111's Styles do (its "
+                        "text in place of {prompt}, or after a comma); repeat for more, applied in order")
+    p.add_argument("--styles-file", default="styles.csv", metavar="CSV",
+                   help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt) that --style names come from "
+                        "(default: styles.csv here)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default, or -1: random; with "
@@ -265,6 +271,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
 
     def go():
+        from ldm_deploy.engine import styles
         from ldm_deploy.engine.images import save_png
         from ldm_deploy.engine.pipeline import Pipeline
 
@@ -295,6 +302,14 @@ def main(argv=None) -> int:
                             "(e.g. 0.1)")
         if args.clip_skip < 1:
             raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
+        if args.style:  # before anything is loaded: a misspelt name is found at once
+            saved = styles.read(args.styles_file)
+            args.prompt, args.negative_prompt = styles.apply(args.style, saved, args.prompt, args.negative_prompt)
+            # the hires pass's own prompts too (none given: it takes the styled ones)
+            if args.hires_prompt is not None:
+                args.hires_prompt = styles.apply(args.style, saved, args.hires_prompt, None)[0]
+            if args.hires_negative_prompt is not None:
+                args.hires_negative_prompt = styles.apply(args.style, saved, "", args.hires_negative_prompt)[1]
         paths = output_paths(args.out, args.num_images)
         if not paths[0].parent.is_dir():
             raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")

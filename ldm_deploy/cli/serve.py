@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", action="store_true",
                    help="draw one image with the default engine before serving (torch engines compile on their "
                         "first call; other engines on their first request)")
+    p.add_argument("--styles-file", default=None, metavar="CSV",
+                   help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt): the saved styles requests may "
+                        "name in 'styles' (listed at /sdapi/v1/prompt-styles)")
     p.add_argument("--backend", default="auto", help="as ldm-run's")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime, openvino: CPU threads (default: all)")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the engine files")
@@ -78,6 +81,7 @@ def main(argv=None) -> int:
     def go():
         from ldm_deploy import serve
         from ldm_deploy.cli.run import engine_dir
+        from ldm_deploy.engine import styles
         from ldm_deploy.engine.pipeline import Pipeline
 
         if not 0 < args.max_body_mb < 1 << 20:  # not inf or nan either
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
         if not 0 <= args.port <= 65535:
             raise UserError(f"--port must be from 0 to 65535, got {args.port}")
         auth = credentials(args)
+        saved = styles.read(args.styles_file) if args.styles_file else {}
         if args.engine and len(args.engine) > 1:
             directories = args.engine
             args.engine = args.engine[0]
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
         try:
             server = serve.build(engines, (args.host, args.port), auth, args.queue_size, args.max_batch,
                                  int(args.max_body_mb * (1 << 20)), args.max_steps, args.max_images,
-                                 args.max_connections)
+                                 args.max_connections, saved)
         except OSError as e:
             raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pass another --port "
                             "(or --host)") from None

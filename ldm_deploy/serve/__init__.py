@@ -18,15 +18,16 @@ __all__ = ["App", "Auth", "Engines", "Route", "Server", "Worker", "build", "plai
 
 
 def build(engines, address: tuple[str, int], auth: Auth = Auth(), queue_size: int = 16, max_batch: int | None = None,
-          max_body: int = 64 << 20, max_steps: int = 500, max_images: int = 32, max_connections: int = 64) -> Server:
+          max_body: int = 64 << 20, max_steps: int = 500, max_images: int = 32, max_connections: int = 64,
+          styles: dict | None = None) -> Server:
     """A server (not yet serving) of `engines` (an Engines, or one Pipeline) at `address` (port 0:
     any free one), its worker started; server.worker.stop() after server.shutdown() finishes the
-    jobs waiting."""
+    jobs waiting. styles: AUTOMATIC1111's saved styles requests may name (engine.styles.read)."""
     from ldm_deploy.serve.a1111 import A1111
     from ldm_deploy.serve.openai_images import OpenAIImages
 
     worker = Worker(engines, queue_size, max_batch, max_steps, max_images).start()
-    routes = {**A1111(worker).routes(), **OpenAIImages(worker).routes()}
+    routes = {**A1111(worker, styles).routes(), **OpenAIImages(worker).routes()}
 
     def health(_):  # open without credentials: says nothing of the machine
         progress, waiting = worker.snapshot()

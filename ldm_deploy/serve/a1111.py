@@ -37,9 +37,10 @@ def error_body(status: int, message: str, kind: str | None = None) -> dict:
 
 
 class A1111:
-    def __init__(self, worker):
+    def __init__(self, worker, saved_styles: dict | None = None):
         self.worker = worker
         self.engines = worker.engines
+        self.styles = saved_styles or {}  # name -> styles.Style
 
     @property
     def model(self):
@@ -50,7 +51,7 @@ class A1111:
         get = {"/samplers": self.samplers, "/schedulers": self.schedulers, "/sd-models": self.sd_models,
                "/sd-vae": self.sd_vae, "/upscalers": self.upscalers, "/latent-upscale-modes": self.latent_modes,
                "/embeddings": self.embeddings, "/loras": self.loras, "/options": self.options,
-               "/progress": self.progress, "/cmd-flags": lambda _: (200, {})}
+               "/progress": self.progress, "/cmd-flags": lambda _: (200, {}), "/prompt-styles": self.prompt_styles}
         post = {"/txt2img": self.txt2img, "/img2img": self.img2img, "/png-info": self.png_info,
                 "/options": self.set_options}
         out = {("GET", PREFIX + p): Route(f, error_body) for p, f in get.items()}
@@ -69,14 +70,14 @@ class A1111:
         admit(self.worker)
         engine = self.engine(body)
         model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
-        return self.draw(body, self.refiner(a1111_request.txt2img(body, model, size, random_seed), engine), engine,
+        return self.draw(body, self.refiner(a1111_request.txt2img(body, model, size, random_seed, self.styles), engine), engine,
                          False)
 
     def img2img(self, body: dict):
         admit(self.worker)  # before its images are decoded
         engine = self.engine(body)
         model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
-        return self.draw(body, self.refiner(a1111_request.img2img(body, model, size, random_seed), engine), engine,
+        return self.draw(body, self.refiner(a1111_request.img2img(body, model, size, random_seed, self.styles), engine), engine,
                          True)
 
     def refiner(self, options: dict, engine: str) -> dict:
@@ -134,7 +135,7 @@ class A1111:
             "sd_model_hash": model.weights_sha256[:10], "sd_vae_name": vae_name(model) if model.vae else None,
             "sd_vae_hash": None, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
             "denoising_strength": options.get("strength", options.get("hires_strength")),
-            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": [],
+            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": list(body.get("styles") or []),
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": options["clip_skip"] + 1,
             "is_using_inpainting_conditioning": bool(model.inpainting and img2img),
             "version": f"ldm-deploy {__version__}",
@@ -147,6 +148,11 @@ class A1111:
                      "info": json.dumps(info)}
 
     # -- what is served -------------------------------------------------------------------------
+
+    def prompt_styles(self, _):
+        """The saved styles (ldm-serve --styles-file), as its PromptStyleItem list."""
+        return 200, [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                     for s in self.styles.values()]
 
     def samplers(self, _):
         """Its sampler names (the schedule apart, as since its 1.9), each with its k-diffusion

@@ -17,6 +17,7 @@ from __future__ import annotations
 from PIL import Image, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
+from ldm_deploy.engine import styles
 from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
@@ -33,36 +34,42 @@ ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Eul
 # Its inpainting_fill -> masked_content
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # Fields that ask for what is not offered, and the value that asks for nothing.
-NOT_OFFERED = {"restore_faces": (None, False), "styles": (None, []),
+NOT_OFFERED = {"restore_faces": (None, False),
                "script_name": (None, ""), "script_args": (None, []),
                "firstphase_width": (None, 0), "firstphase_height": (None, 0), "firstpass_image": (None,),
                "hr_checkpoint_name": (None, "", "Use same checkpoint"), "latent_mask": (None,),
                "initial_noise_multiplier": (None, 1, 1.0)}
-WHY = {"restore_faces": "face restoration", "styles": "saved styles",
+WHY = {"restore_faces": "face restoration",
        "script_name": "scripts", "script_args": "scripts",
        "firstphase_width": "the old hires fix's first phase size", "firstphase_height": "the old hires fix's "
        "first phase size", "firstpass_image": "a given first pass", "hr_checkpoint_name": "another hires "
        "checkpoint", "latent_mask": "a separate latent mask", "initial_noise_multiplier": "an initial noise multiplier"}
 
 
-def txt2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
+def txt2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict | None = None) -> dict:
     """A txt2img body -> Pipeline keywords (the seed drawn where it is -1). `model`: the engine's
-    ModelInfo; `size`: its default (width, height)."""
-    options, resizes = common(body, model, size, random_seed)
+    ModelInfo; `size`: its default (width, height); `saved`: the server's styles (styles.read)."""
+    options, resizes = common(body, model, size, random_seed, saved)
     fit_controls(options, resizes, (options["width"], options["height"]))
     if flag(body, "enable_hr"):
-        options.update(hires(body, options))
+        fix = hires(body, options)
+        names = body.get("styles") or []  # its hires prompts are styled too (none given: the styled ones)
+        if "hires_prompt" in fix:
+            fix["hires_prompt"] = styles.apply(names, saved or {}, fix["hires_prompt"], None)[0]
+        if "hires_negative_prompt" in fix:
+            fix["hires_negative_prompt"] = styles.apply(names, saved or {}, "", fix["hires_negative_prompt"])[1]
+        options.update(fix)
     else:
         for k in ("hr_prompt", "hr_negative_prompt"):
             text(body, k)
     return options
 
 
-def img2img(body: dict, model, size: tuple[int, int], random_seed) -> dict:
+def img2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict | None = None) -> dict:
     """An img2img body (init_images, and mask for inpainting) -> Pipeline keywords."""
     if flag(body, "enable_hr"):
         raise InvalidRequest("enable_hr (the hires fix) is a txt2img field; img2img draws at width x height")
-    options, resizes = common(body, model, None, random_seed)
+    options, resizes = common(body, model, None, random_seed, saved)
     inits = body.get("init_images")
     if not isinstance(inits, list) or not inits:
         raise InvalidRequest("init_images: give the image to start from, as a list of one base64-encoded image")
@@ -107,8 +114,9 @@ def binary_mask(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
-    """What both take -> (Pipeline keywords, [(resize mode, size, what)] of the control images)."""
+def common(body: dict, model, size, random_seed, saved: dict | None = None) -> tuple[dict, list]:
+    """What both take -> (Pipeline keywords, [(resize mode, size, what)] of the control images);
+    `styles` named in the body are merged into the prompts from `saved`, in order."""
     for key, fine in NOT_OFFERED.items():
         if key in body and body[key] not in fine:
             raise InvalidRequest(f"{key} = {body[key]!r} asks for {WHY[key]}, which this server does not offer; "
@@ -138,6 +146,13 @@ def common(body: dict, model, size, random_seed) -> tuple[dict, list]:
         "prompt_weighting": True,  # AUTOMATIC1111's prompt syntax
         "clip_skip": clip_skip(settings, model),
     }
+    names = body.get("styles") or []
+    if names:
+        if not saved:
+            raise InvalidRequest(f"styles {names!r}: this server has no saved styles (start ldm-serve with "
+                                 "--styles-file styles.csv)")
+        options["prompt"], options["negative_prompt"] = styles.apply(names, saved, options["prompt"],
+                                                                     options["negative_prompt"])
     options.update(variation(body, random_seed))
     # its 1.6+: the request's tiling, else its Tiling option (override_settings), else the engine's
     tiling = flag(body, "tiling", None)

@@ -266,3 +266,22 @@ def test_controlnet_unit_refusals(unit, match):
     unit = {"enabled": True, "image": b64(Image.new("RGB", (64, 32))), **unit}
     with pytest.raises(InvalidRequest, match=match):
         a1111.txt2img({"alwayson_scripts": {"controlnet": {"args": [unit]}}}, MODEL, (64, 64), seven)
+
+
+def test_styles_are_merged_into_the_prompts_and_the_hires_ones():
+    from ldm_deploy.engine.styles import Style
+
+    saved = {"Noir": Style("Noir", "film noir still of {prompt}", "colour"), "Sharp": Style("Sharp", "sharp", "")}
+    body = {"prompt": "a cat", "styles": ["Noir", "Sharp"], "enable_hr": True, "hr_prompt": "a black cat",
+            "hr_negative_prompt": "blur"}
+    options = a1111.txt2img(body, MODEL, (128, 128), seven, saved)
+    assert (options["prompt"], options["negative_prompt"]) == ("film noir still of a cat, sharp", "colour")
+    assert (options["hires_prompt"], options["hires_negative_prompt"]) == ("film noir still of a black cat, sharp",
+                                                                           "blur, colour")
+    options = a1111.txt2img({"prompt": "a cat", "styles": ["Sharp"]}, MODEL, (128, 128), seven, saved)
+    assert (options["prompt"], options["negative_prompt"]) == ("a cat, sharp", None)  # none: still none
+    assert a1111.txt2img({"prompt": "a cat", "styles": []}, MODEL, (128, 128), seven, saved)["prompt"] == "a cat"
+    with pytest.raises(InvalidRequest, match="no style named 'Pop'"):
+        a1111.txt2img({"prompt": "a cat", "styles": ["Pop"]}, MODEL, (128, 128), seven, saved)
+    with pytest.raises(InvalidRequest, match="this server has no saved styles .*--styles-file"):
+        a1111.txt2img({"prompt": "a cat", "styles": ["Pop"]}, MODEL, (128, 128), seven)

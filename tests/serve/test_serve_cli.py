@@ -44,6 +44,7 @@ def test_serves_then_stops_on_sigterm(engine_dirs):
 @pytest.mark.parametrize("args,match", [
     (["--api-auth", "nopassword"], "USER:PASS"), (["--port", "70000"], "--port"), (["--queue-size", "0"], "queue-size"),
     (["--engine", "/nonexistent"], "nonexistent"),
+    (["--styles-file", "/nonexistent/styles.csv"], "cannot read the styles file /nonexistent/styles.csv"),
 ])
 def test_mistakes(args, match, capsys):
     assert main(args) == 2

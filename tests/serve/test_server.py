@@ -227,6 +227,26 @@ def test_http_errors(pipe, server):
         assert status == 413 and "--max-body-mb" in answer["detail"]
 
 
+def test_saved_styles(pipe, oracle):
+    from ldm_deploy.engine.styles import Style
+
+    saved = {"Noir": Style("Noir", "film noir still of {prompt}", "colour")}
+    with running(pipe, styles=saved) as server:
+        assert call(server.url + "/sdapi/v1/prompt-styles")[1] == [
+            {"name": "Noir", "prompt": "film noir still of {prompt}", "negative_prompt": "colour"}]
+        body = {"prompt": "a cat", "styles": ["Noir"], "steps": 2, "seed": 4, "width": 64, "height": 64}
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+        assert status == 200, answer
+        want = oracle("film noir still of a cat", negative_prompt="colour", steps=2, guidance=7.0, seed=4,
+                      sampler="euler", width=64, height=64, prompt_weighting=True, progress=False)
+        assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+        info = json.loads(answer["info"])
+        assert (info["prompt"], info["negative_prompt"], info["styles"]) == ("film noir still of a cat", "colour",
+                                                                           ["Noir"])
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {**body, "styles": ["Pop"]})
+        assert status == 422 and "no style named 'Pop'" in answer["detail"]
+
+
 def test_listings(server, pipe):
     m = pipe.manifest.model
     models = call(server.url + "/sdapi/v1/sd-models")[1]
@@ -247,6 +267,7 @@ def test_listings(server, pipe):
     health = call(server.url + "/health")[1]
     assert health["status"] == "ok" and health["waiting"] == 0 and "engine" not in health
     assert call(server.url + "/controlnet/model_list")[1] == {"model_list": []}
+    assert call(server.url + "/sdapi/v1/prompt-styles")[1] == []  # none saved: started without --styles-file
     assert "POST /sdapi/v1/txt2img" in call(server.url + "/docs")[1]["endpoints"]
 
 
