@@ -38,8 +38,13 @@ def build(engines, address: tuple[str, int], auth: Auth = Auth(), queue_size: in
     def docs(_):
         return 200, {"endpoints": sorted(f"{m} {p}" for m, p in routes)}
 
+    def metrics(_):  # Prometheus' text format (metrics.py)
+        progress, waiting = worker.snapshot()
+        return 200, worker.metrics.render(waiting, progress.running)
+
     routes[("GET", "/health")] = Route(health, plain_error)
     routes[("GET", "/docs")] = Route(docs, plain_error)
-    server = Server(address, App(routes, auth, max_body), max_connections)
+    routes[("GET", "/metrics")] = Route(metrics, plain_error)
+    server = Server(address, App(routes, auth, max_body, metrics=worker.metrics), max_connections)
     server.worker = worker
     return server

@@ -81,8 +81,10 @@ class App:
     """The routes, the limits and the authentication of one server."""
 
     def __init__(self, routes: dict[tuple[str, str], Route], auth: Auth = Auth(), max_body: int = 64 << 20,
-                 open_paths: tuple[str, ...] = ("/health",)):
+                 open_paths: tuple[str, ...] = ("/health",), metrics=None):
         self.routes, self.auth, self.max_body, self.open_paths = routes, auth, max_body, open_paths
+        self.metrics = metrics  # a metrics.Metrics that counts each answer, or None
+        self.paths = {p for _, p in routes}
         self.active = 0  # requests being answered (a graceful stop waits for them)
         self.lock = threading.Lock()
 
@@ -197,10 +199,11 @@ class Handler(BaseHTTPRequestHandler):
             except Exception:  # our bug: logged with its traceback, answered as a server error
                 log.exception("%s %s failed", method, self.path)
                 status, value, headers = 500, plain_error(500, "the server failed; its log says why"), {}
-            data = json.dumps(value).encode()
+            text = getattr(value, "content_type", None)  # metrics.Text: sent as it is
+            data = value.encode() if text else json.dumps(value).encode()
             try:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", text or "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -219,8 +222,11 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with app.lock:
                 app.active -= 1
-        log.info("%s %s %s %d %.2fs", self.client_address[0], method, self.path.split("?", 1)[0], status,
-                 time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if app.metrics is not None:
+            path = self.path.split("?", 1)[0].rstrip("/") or "/"
+            app.metrics.request(method, path if path in app.paths else "other", status, seconds)
+        log.info("%s %s %s %d %.2fs", self.client_address[0], method, self.path.split("?", 1)[0], status, seconds)
 
     def log_message(self, format, *args):  # the standard library's own lines: ours are above
         log.debug(format, *args)

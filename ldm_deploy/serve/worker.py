@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ldm_deploy.engine.prompt_schedule import schedule
 from ldm_deploy.errors import InvalidRequest, UserError
+from ldm_deploy.serve.metrics import Metrics
 from ldm_deploy.serve.engines import Engines, EngineUnavailable
 
 log = logging.getLogger("ldm-serve")
@@ -90,6 +91,7 @@ class Worker:
         self.stopping = False
         self.served = 0  # jobs finished, for /health
         self.calls = 0  # Pipeline calls made (fewer than jobs where jobs were batched)
+        self.metrics = Metrics()  # GET /metrics
         self.thread = threading.Thread(target=self.loop, name="ldm-serve-worker", daemon=True)
 
     def start(self) -> "Worker":
@@ -167,6 +169,7 @@ class Worker:
                 with self.lock:
                     self.progress = Progress(job_count=self.progress.job_count - len(jobs))
                     self.served += len(jobs)
+                self.metrics.finished(len(jobs))
                 for job in jobs:
                     job.done.set()
 
@@ -275,4 +278,7 @@ class Worker:
         if options.get("refiner") is not None:  # another engine's name: loaded too (the first held here)
             options = {**options, "refiner": self.engines.pipeline(options["refiner"])}
         self.calls += 1
-        return pipe(**options, progress=on_step)
+        start = time.perf_counter()
+        images = pipe(**options, progress=on_step)
+        self.metrics.generation(engine, len(images), time.perf_counter() - start)
+        return images

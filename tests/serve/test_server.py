@@ -200,7 +200,7 @@ def test_openai_image_edits(server, oracle, photo):
 
 
 @pytest.mark.parametrize("path,body,status,match", [
-    ("/sdapi/v1/txt2img", {"sampler_name": "DPM++ SDE"}, 422, "DPM\\+\\+ SDE"),
+    ("/sdapi/v1/txt2img", {"sampler_name": "DPM++ 3M SDE"}, 422, "DPM\\+\\+ 3M SDE"),
     ("/sdapi/v1/txt2img", {"restore_faces": True}, 422, "face restoration"),
     ("/sdapi/v1/txt2img", {"width": 100, "steps": 1}, 422, "multiple of 8"),
     ("/sdapi/v1/img2img", {"init_images": ["%%%"]}, 422, "base64"),
@@ -245,6 +245,35 @@ def test_saved_styles(pipe, oracle):
                                                                            ["Noir"])
         status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {**body, "styles": ["Pop"]})
         assert status == 422 and "no style named 'Pop'" in answer["detail"]
+
+
+def test_metrics_count_answers_images_and_calls(pipe):
+    import urllib.request
+
+    with running(pipe) as server:
+        engine = server.worker.engines.default
+        body = {"prompt": "a cat", "steps": 2, "seed": 4, "width": 64, "height": 64, "batch_size": 2}
+        assert call(server.url + "/sdapi/v1/txt2img", "POST", body)[0] == 200
+        assert call(server.url + "/sdapi/v1/txt2img", "POST", {**body, "steps": 0})[0] == 422
+        assert call(server.url + "/no/such/path?x=1")[0] == 404
+        with urllib.request.urlopen(server.url + "/metrics", timeout=60) as r:
+            assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():  # "name{labels} value", comments apart
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    assert samples['ldm_serve_requests_total{method="POST",path="/sdapi/v1/txt2img",status="200"}'] == 1
+    assert samples['ldm_serve_requests_total{method="POST",path="/sdapi/v1/txt2img",status="422"}'] == 1
+    assert samples['ldm_serve_requests_total{method="GET",path="other",status="404"}'] == 1  # its path not kept
+    assert samples['ldm_serve_request_seconds_count{path="/sdapi/v1/txt2img"}'] == 2
+    assert samples['ldm_serve_request_seconds_bucket{path="/sdapi/v1/txt2img",le="+Inf"}'] == 2
+    assert samples[f'ldm_serve_images_total{{engine="{engine}"}}'] == 2
+    assert samples[f'ldm_serve_generation_seconds_count{{engine="{engine}"}}'] == 1
+    # both requests reached the worker (steps 0 is the Pipeline's to refuse); one call drew
+    assert samples["ldm_serve_pipeline_calls_total"] == 1 and samples["ldm_serve_jobs_total"] == 2
+    assert samples["ldm_serve_queue_waiting"] == 0 and samples["ldm_serve_running"] == 0
 
 
 def test_listings(server, pipe):
