@@ -50,6 +50,7 @@ SCHEDULERS = {
     # (ours seeds its Brownian tree with the image's seed: diffusers' noise_sampler_seed)
     "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
     "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_sde_exponential": ("DPMSolverSDEScheduler", {"use_exponential_sigmas": True}),
 }
 # ||out - ref|| / ||ref|| above which a reduced-precision component is flagged (fp16 lands near 1e-3).
 CHECK_TOLERANCE = 2e-2

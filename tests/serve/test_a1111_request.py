@@ -34,6 +34,7 @@ def seven():
     ("DPM2", None, "dpm2"), ("DPM2 a", None, "dpm2_a"), ("k_dpm_2_a", "karras", "dpm2_a_karras"),
     ("DPM2 a Karras", None, "dpm2_a_karras"), ("k_dpm_2", "exponential", "dpm2_exponential"),
     ("DPM++ SDE", None, "dpmpp_sde_karras"), ("DPM++ SDE", "Uniform", "dpmpp_sde"), ("k_dpmpp_sde", "karras", "dpmpp_sde_karras"),
+    ("DPM++ SDE", "exponential", "dpmpp_sde_exponential"),
 ])
 def test_sampler_names(name, scheduler, ours):
     assert a1111.sampler(name, scheduler) == ours
@@ -55,7 +56,7 @@ def test_dpmpp_2m_sdes_own_schedule_is_exponential():
 
 
 @pytest.mark.parametrize("name,scheduler", [("DPM++ 3M SDE", None), ("Euler a", "exponential"),
-                                            ("DPM++ SDE", "exponential"), ("nonsense", None), (3, None)])
+                                            ("LMS", None), ("nonsense", None), (3, None)])
 def test_samplers_not_offered_are_refused(name, scheduler):
     if name == "DPM++ 3M SDE":  # not "its schedule is not offered": the sampler is not
         with pytest.raises(InvalidRequest, match="sampler 'DPM\\+\\+ 3M SDE Exponential' is not offered"):

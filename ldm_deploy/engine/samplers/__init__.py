@@ -57,6 +57,7 @@ _REGISTRY = {
     "dpm2_a_exponential": ("DPM2 a Exponential", partial(dpm2.walk, exponential=True, ancestral=True)),
     "dpmpp_sde": ("DPM++ SDE", dpmpp_sde.walk),
     "dpmpp_sde_karras": ("DPM++ SDE Karras", partial(dpmpp_sde.walk, karras=True)),
+    "dpmpp_sde_exponential": ("DPM++ SDE Exponential", partial(dpmpp_sde.walk, exponential=True)),
 }
 SAMPLERS = tuple(_REGISTRY)
 # U-Net evaluations a step, where not one (Heun's and DPM2's last step has one: 2n - 1 rows).

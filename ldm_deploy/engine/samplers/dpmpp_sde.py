@@ -33,9 +33,9 @@ from ldm_deploy.engine.samplers.schedule import Walk, alphas_cumprod, sigma_to_t
 f32 = np.float32
 
 
-def walk(schedule, steps: int, start: int, karras: bool = False) -> Walk:
+def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False) -> Walk:
     """Coefficients for the calls of steps start..steps-1 of a `steps`-step DPM++ SDE walk."""
-    t, sigmas, init = sigma_schedule(schedule, steps, karras, timestep_dtype=np.float64)
+    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, timestep_dtype=np.float64)
     # diffusers' midpoint timesteps come from its float64 sigmas
     logs = -np.log(sigmas[:-1])
     t_mid = sigma_to_t(np.exp(-(logs[:-1] + np.diff(logs) * 0.5)), train_sigmas(alphas_cumprod(schedule)))
