@@ -47,7 +47,8 @@ SCHEDULERS = {
     "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
     "dpm2_a_exponential": ("KDPM2AncestralDiscreteScheduler", {"use_exponential_sigmas": True}),
-    # (ours seeds its Brownian tree with the image's seed: diffusers' noise_sampler_seed)
+    # (ours seeds its Brownian tree with the image's seed, as diffusers' noise_sampler_seed would; timed
+    # here with diffusers' own random one, which on a GPU torchsde draws there)
     "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
     "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     "dpmpp_sde_exponential": ("DPMSolverSDEScheduler", {"use_exponential_sigmas": True}),

@@ -35,6 +35,15 @@ NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
+# Our samplers (by the start of their names) whose AUTOMATIC1111 images differ from diffusers' here.
+DIFFERS = {
+    "unipc": "the image's UniPC is AUTOMATIC1111's, which runs another variant (bh1, order 3) than diffusers' "
+             "UniPC here, so the image will differ",
+    "dpm2": "the image's DPM2 is AUTOMATIC1111's, which drops the next-to-last noise level of one step more than "
+             "diffusers' KDPM2 schedulers here, so the image will differ",
+    "dpmpp_sde": "the image's DPM++ SDE is AUTOMATIC1111's, whose Brownian noise is drawn on its GPU over its own "
+                 "noise levels, where ours follows diffusers' on the CPU, so the image will differ",
+}
 # Fields whose difference changes nothing here, or that say how the image was made elsewhere.
 # Ours: an SDXL image whose empty negative prompt was encoded (given as ""), not zeros (none given),
 # which the text alone cannot tell apart (no "Negative prompt:" line either way).
@@ -118,9 +127,9 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         out["prompt_weighting"] = False
     if "Sampler" in fields and "sampler" not in given:
         out["sampler"] = sampler(fields["Sampler"], fields.get("Schedule type"), DISPLAY_NAMES)
-        if out["sampler"].startswith("unipc") and not fields.get("Version", "").startswith("ldm-deploy"):
-            warnings.append("the image's UniPC is AUTOMATIC1111's, which runs another variant (bh1, order 3) than "
-                            "diffusers' UniPC here, so the image will differ")
+        differs = next((why for prefix, why in DIFFERS.items() if out["sampler"].startswith(prefix)), None)
+        if differs and not fields.get("Version", "").startswith("ldm-deploy"):
+            warnings.append(differs)
     if "Hires upscale" in fields:
         out["hires_scale"] = number("Hires upscale", float, "hires_scale")
         if "Hires steps" in fields:
@@ -200,6 +209,12 @@ def sampler(name: str, schedule: str | None, display_names: dict) -> str:
     return key
 
 
+def uniform(field: str, display: str) -> dict:
+    """{field: "Uniform"} where the sampler written is uniform and AUTOMATIC1111 1.9+ would read
+    its name alone as its own default schedule ("DPM++ 2M": Karras); else nothing."""
+    return {field: "Uniform"} if display in AUTOMATIC_SCHEDULES else {}
+
+
 def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None = None, control=None,
                mask_blur: float | None = None, refiner: dict | None = None) -> str:
     """The `parameters` text of image i of a request drawn by an engine of `model` (its manifest's
@@ -212,6 +227,7 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
     fields = {
         "Steps": req.steps,
         "Sampler": DISPLAY_NAMES[req.sampler],
+        **uniform("Schedule type", DISPLAY_NAMES[req.sampler]),
         "CFG scale": req.guidance,
         "Seed": req.seeds[i],
         "Size": f"{req.width}x{req.height}",

@@ -162,6 +162,8 @@ class Pipeline:
         torch.Generator (the same noise, so the same image, as diffusers given that generator),
         any object with `standard_normal(shape)`, or a list of one per image (see `noise.py`).
         seed: image i gets seed + i (None or -1: a random one), or a list of one seed per image.
+        The DPM++ SDE samplers draw their step noise from a Brownian tree seeded by each image's
+        seed, not from the generator: give seed with a generator or latents for a repeatable image.
         variation_strength (0 to 1) and variation_seed: AUTOMATIC1111's "Variation seed", each
         image's start noise slerped that far toward its variation seed's (image i: variation_seed
         + i; None or -1: a random one), all images of one seed, as AUTOMATIC1111 draws a batch of
@@ -256,6 +258,12 @@ class Pipeline:
             raise InvalidRequest("inpainting starts every image from one image's latents: give one (1, C, h, w)")
         seeds, variation = noise.variation(seed, variation_seed, variation_strength, seed_resize_from, n,
                                            generator, latents)
+        sde = next((s for s in (sampler, hires_sampler) if isinstance(s, str) and s.startswith("dpmpp_sde")), None)
+        if sde and seed in (None, -1) and (generator is not None or latents is not None) and "sde" not in self.warned:
+            self.warned.add("sde")
+            log.warning("the %s sampler's step noise comes from a Brownian tree seeded by each image's seed, not "
+                        "from the generator or latents given: without seed= those seeds are random, so the image "
+                        "changes from call to call (pass seed= too)", sde)
         clip_skip = whole("clip_skip", clip_skip, 0)
         if not isinstance(prompt_weighting, (bool, np.bool_)):
             raise InvalidRequest(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
@@ -356,7 +364,8 @@ class Pipeline:
             req.steps - sp.steps if req.denoising_start is not None else 0
         step_emb = text.step_inputs(self, req, sp.steps, first)
 
-        # Noise is drawn in diffusers' order: encoder sample, start noise, then one per step.
+        # Noise is drawn in diffusers' order: encoder sample, start noise, then one at each step
+        # whose scheduler draws (or, for DPM++ SDE, from Brownian trees of the images' seeds).
         step_masks = None  # per step: the U-Net step's mask and image_latents (engines with masks)
         if m.inpainting or mask is not None:
             x, step_masks = inpaint.start(be, m, self.encode_latents, init, mask, req, sp, generator, latents,

@@ -25,11 +25,19 @@ class TorchCpuRandom:
     `g = torch.Generator().manual_seed(seed)`, as float32."""
 
     def __init__(self, seed: int):
+        self.bits = np.random.MT19937(0)
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Start again as `manual_seed(seed)` (cheaper than a new generator: DPM++ SDE's Brownian
+        tree seeds one per node)."""
         self.seed = seed
         self.drawn: list[tuple[int, ...]] = []  # the shapes drawn so far (noise.vary replays them)
-        key = np.random.RandomState(seed & 0xFFFFFFFF).get_state()[1]
-        self.bits = np.random.MT19937()
-        self.bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
+        if hasattr(self.bits, "_legacy_seeding"):  # numpy's RandomState(seed) seeding, in place
+            self.bits._legacy_seeding(seed & 0xFFFFFFFF)
+        else:
+            key = np.random.RandomState(seed & 0xFFFFFFFF).get_state()[1]
+            self.bits.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
         self.spare = None  # the second value of the last double-precision pair, not yet used
 
     def standard_normal(self, shape) -> np.ndarray:

@@ -61,6 +61,13 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     out, warnings = settings({"Sampler": "UniPC", "Schedule type": "Karras"})
     assert out == {"sampler": "unipc_karras"} and "another variant" in warnings[0]
     assert settings({"Sampler": "UniPC", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "unipc"}, [])
+    # so are its DPM2s (one noise level dropped) and DPM++ SDE (its Brownian noise drawn on its GPU)
+    out, warnings = settings({"Sampler": "DPM2 a", "Schedule type": "Karras"})
+    assert out == {"sampler": "dpm2_a_karras"} and "next-to-last noise level" in warnings[0]
+    out, warnings = settings({"Sampler": "DPM++ SDE", "Schedule type": "Automatic"})
+    assert out == {"sampler": "dpmpp_sde_karras"} and "Brownian noise" in warnings[0]
+    assert settings({"Sampler": "DPM++ 2M SDE Karras"}) == ({"sampler": "dpmpp_2m_sde_karras"}, [])
+    assert settings({"Sampler": "DPM++ SDE", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "dpmpp_sde"}, [])
 
 
 def test_a_png_draws_again_to_the_pixel(engine_dirs, tmp_path, capsys, caplog):
@@ -107,3 +114,17 @@ def test_hires_sampler_fields_as_automatic1111_pastes_them():
         line = f"Steps: 4, Seed: 1, Hires upscale: 2, Hires prompt: {quote(text)}, Hires negative prompt: n"
         out = settings(parse(f"p\n{line}")[2])[0]
         assert (out["hires_prompt"], out["hires_negative_prompt"]) == (text, "n"), text
+
+
+def test_a_uniform_sampler_with_its_own_schedule_says_uniform(pipelines):
+    """AUTOMATIC1111 1.9+ reads "Sampler: DPM++ 2M" alone as its Automatic schedule (Karras): a
+    uniform one of those says so; one without such a default, or with a schedule, needs nothing."""
+    pipe = pipelines["tiny-sd1"]
+    kw = dict(steps=2, width=64, height=64, seed=1, progress=False)
+    text = pipe("x", sampler="dpmpp_2m", hires_scale=1.5, hires_sampler="dpmpp_sde", **kw)[0].info["parameters"]
+    assert "Sampler: DPM++ 2M, Schedule type: Uniform, CFG scale" in text
+    assert "Hires sampler: DPM++ SDE, Hires schedule type: Uniform" in text
+    out, _ = settings(parse(text)[2])
+    assert (out["sampler"], out["hires_sampler"]) == ("dpmpp_2m", "dpmpp_sde")
+    for sampler in ("dpmpp_2m_karras", "euler"):
+        assert "Schedule type" not in pipe("x", sampler=sampler, **kw)[0].info["parameters"]

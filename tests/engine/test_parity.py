@@ -128,6 +128,22 @@ def test_dpmpp_sde_matches_diffusers(reference, pipelines, init_image, torch_noi
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
 
 
+def test_dpmpp_sde_with_a_generator_and_no_seed_is_warned(pipelines, caplog):
+    import logging
+
+    pipe = pipelines["tiny-sd1"]
+    pipe.warned.discard("sde")
+    kw = dict(steps=2, width=64, height=64, progress=False, output_type="np")
+    with caplog.at_level(logging.WARNING):
+        pipe("x", sampler="dpmpp_sde", generator=torch.Generator().manual_seed(1), **kw)
+    assert "seeded by each image's seed, not from the generator or latents given" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # with a seed the tree is the seed's: the same image again
+        a = pipe("x", sampler="dpmpp_sde", seed=4, generator=torch.Generator().manual_seed(1), **kw)
+        b = pipe("x", sampler="dpmpp_sde", seed=4, generator=torch.Generator().manual_seed(1), **kw)
+    assert "Brownian" not in caplog.text and np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a"])
 def test_diffusers_call_unchanged_gives_diffusers_image(sampler, reference, pipelines, init_image):
     """Code written for diffusers runs unchanged: its keyword names, and a torch.Generator that

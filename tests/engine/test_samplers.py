@@ -53,7 +53,7 @@ def inputs(steps):
     return noise, image, residuals
 
 
-def diffusers_trace(sampler, config, steps, strength, noise, image, residuals):
+def diffusers_trace(sampler, config, steps, strength, noise, image, residuals, generator=None):
     """[(timestep, model_in, latents after the step)] as the diffusers pipelines run it."""
     cls, extra = DIFFUSERS[sampler]
     if sampler.startswith("dpmpp_sde"):  # its Brownian tree's seed: ours is the image's
@@ -69,7 +69,7 @@ def diffusers_trace(sampler, config, steps, strength, noise, image, residuals):
         if hasattr(scheduler, "set_begin_index"):  # DDIM has none: it looks timesteps up by value
             scheduler.set_begin_index(t_start * scheduler.order)
         x = scheduler.add_noise(torch.from_numpy(image), torch.from_numpy(noise), timesteps[:1])
-    generator = torch.Generator().manual_seed(SEED)
+    generator = generator or torch.Generator().manual_seed(SEED)
     # Deterministic schedulers' step() has no generator argument (Heun's).
     noisy = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     trace = []
@@ -81,7 +81,7 @@ def diffusers_trace(sampler, config, steps, strength, noise, image, residuals):
     return trace
 
 
-def our_trace(sampler, config, steps, strength, noise, image, residuals):
+def our_trace(sampler, config, steps, strength, noise, image, residuals, generator=None):
     """[(timestep, model_in, latents after the step, x0)] from the plan, in float32 like the graph."""
     p = plan(sampler, NoiseSchedule.from_config(config), steps, guidance=7.5, strength=strength or 1.0)
     if strength is None:
@@ -89,7 +89,7 @@ def our_trace(sampler, config, steps, strength, noise, image, residuals):
     else:
         x = np.float32(p.image_scale) * image + np.float32(p.noise_scale) * noise
     x0 = x0_before = np.zeros(SHAPE, np.float32)
-    generator = torch.Generator().manual_seed(SEED)
+    generator = generator or torch.Generator().manual_seed(SEED)
     brownian_noise = brownian.row_noise(p.brownian, [SEED], SHAPE) if p.brownian else None
     trace = []
     for i, row in enumerate(p.rows):
@@ -169,7 +169,10 @@ def test_plan_table():
         assert p.rows.dtype == np.float32
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
         assert p.needs_noise == (sampler in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
-                                             "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential"))
+                                             "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential")
+                                 or sampler.startswith("dpmpp_sde"))
+        if sampler == "lcm":  # diffusers draws no noise at LCM's last step
+            assert p.draws.tolist() == [True] * 9 + [False]
         if sampler.startswith("dpm2_a"):  # one draw a step, at its second call
             np.testing.assert_array_equal(p.draws, np.arange(19) % 2 == 1)
         # DPM++ SDE's noise is its Brownian tree's: a term or two on each row but the last
@@ -345,3 +348,15 @@ def test_dpmpp_sde_with_our_rounding():
         assert worst < 1e-3 * scale, (steps, worst, scale)
         moved.append(worst > TOL * scale / 15)
     assert moved[0]  # a query did move there: the bound is tested
+
+
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.startswith("dpmpp_sde")])
+def test_the_generator_draws_as_often_as_diffusers(sampler):
+    """A step draws from the generator only where diffusers' scheduler does (DPM2 a: at its second
+    call; LCM: not at its last step; DDPM: not at t = 0), so that what draws next from the same
+    generator (a batch's next chunk, the hires pass) gets what it gets in diffusers."""
+    for config in (SD1, {**SD1, "steps_offset": 0}):  # (the second: DDPM's last timestep is 0)
+        theirs, ours = torch.Generator().manual_seed(SEED), torch.Generator().manual_seed(SEED)
+        diffusers_trace(sampler, config, 4, None, *inputs(4), generator=theirs)
+        our_trace(sampler, config, 4, None, *inputs(4), generator=ours)
+        assert torch.equal(theirs.get_state(), ours.get_state()), (sampler, config)

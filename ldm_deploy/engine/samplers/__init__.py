@@ -60,7 +60,7 @@ _REGISTRY = {
     "dpmpp_sde_exponential": ("DPM++ SDE Exponential", partial(dpmpp_sde.walk, exponential=True)),
 }
 SAMPLERS = tuple(_REGISTRY)
-# U-Net evaluations a step, where not one (Heun's and DPM2's last step has one: 2n - 1 rows).
+# U-Net evaluations a step, where not one (Heun's, DPM2's and DPM++ SDE's last step has one: 2n - 1 rows).
 EVALUATIONS_PER_STEP = {name: 2 for name in SAMPLERS if name.startswith(("heun", "dpm2", "dpmpp_sde"))}
 DISPLAY_NAMES = {name: display for name, (display, _) in _REGISTRY.items()}
 
@@ -130,8 +130,8 @@ class SamplerPlan:
 
     @property
     def needs_noise(self) -> bool:
-        """Whether any step draws fresh noise."""
-        return bool(np.any(self.draws))
+        """Whether any step adds fresh noise (drawn from the generator, or a Brownian tree's)."""
+        return bool(np.any(self.draws)) or self.brownian is not None
 
 
 def plan(

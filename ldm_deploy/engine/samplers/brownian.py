@@ -59,6 +59,7 @@ class BrownianTree:
 
     def __init__(self, t0: float, t1: float, size: tuple[int, ...], entropy: int):
         self.size, self.entropy = tuple(size), int(entropy)
+        self.generator = TorchCpuRandom(0)  # reseeded for each node's draw
         digits = -int(math.log10(TOL))
         self.round = lambda x: round(x, digits)
         self.root = Node(float(t0), float(t1), None, None, self)
@@ -67,7 +68,9 @@ class BrownianTree:
         self.cache: OrderedDict = OrderedDict()
 
     def randn(self, seed) -> np.ndarray:
-        return TorchCpuRandom(int(seed)).standard_normal(self.size).astype(np.float32)
+        """torch.randn(size) of a generator seeded with `seed`."""
+        self.generator.reseed(int(seed))
+        return self.generator.standard_normal(self.size).astype(np.float32)
 
     def increment(self, ta: float, tb: float) -> np.ndarray:
         """W(tb) - W(ta) for t0 <= ta <= tb <= t1 (each clamped into the interval, as torchsde does)."""

@@ -36,4 +36,5 @@ def walk(schedule, steps: int, start: int) -> Walk:
     variance = np.maximum((1 - a_next) / (1 - a_t) * beta, 1e-20)
     c_n = np.where(t > 0, np.sqrt(variance), 0.0)
     rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_n=c_n)
-    return Walk(rows[start:], 1.0, np.stack([np.sqrt(a_t), np.sqrt(1 - a_t)], 1)[start:])
+    # diffusers draws a step's noise only where t > 0
+    return Walk(rows[start:], 1.0, np.stack([np.sqrt(a_t), np.sqrt(1 - a_t)], 1)[start:], draws=(t > 0)[start:])

@@ -48,5 +48,5 @@ def walk(schedule, steps: int, start: int) -> Walk:
     c_0 = np.append(alpha[1:], 1.0)
     c_n = np.append(sigma_vp[1:], 0.0)
     rows = table(steps, timestep=t, c_in=1.0, p_x=c_out * p_x + c_skip, p_m=c_out * p_m, c_0=c_0, c_n=c_n)
-    # DDPM's add_noise at each timestep.
-    return Walk(rows[start:], 1.0, np.stack([alpha, sigma_vp], 1)[start:])
+    # DDPM's add_noise at each timestep; diffusers draws no noise at the last step.
+    return Walk(rows[start:], 1.0, np.stack([alpha, sigma_vp], 1)[start:], draws=(c_n != 0)[start:])
