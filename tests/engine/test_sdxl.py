@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from conftest import TEST_CONFIG, assert_not_saturated, diffusers_schedulers, generator_samplers
+from conftest import TEST_CONFIG, assert_not_saturated, diffusers_schedulers, generator_samplers, torchs_float32_rounding
 from ldm_deploy import Pipeline
 from ldm_deploy.cli import export as export_cli
 from ldm_deploy.cli import run as run_cli
@@ -68,6 +68,22 @@ def test_txt2img_matches_diffusers(sampler, xl):
                              latents=torch.from_numpy(lat), generator=torch.Generator().manual_seed(5))
     got = ours(pipe, sampler, prompt="a lighthouse on a cliff at dusk", negative_prompt=neg, steps=6, guidance=6.0,
                width=W, height=H, latents=lat, generator=torch.Generator().manual_seed(5))
+    assert_not_saturated(expected)
+    assert np.abs(got - expected).max() < TOL
+
+
+def test_dpmpp_sde_matches_diffusers(xl):
+    """DPM++ SDE's Brownian noise on SDXL (its tree seeded by the image's seed, diffusers'
+    noise_sampler_seed), with the micro-conditioning and both encoders of the rest."""
+    _, pipe, ref = xl
+    lat = noise(2)
+    cls, options = SCHEDULERS["dpmpp_sde_karras"]
+    ref.scheduler = cls.from_config(SCHEDULER_CONFIG, noise_sampler_seed=9, **options)
+    with torchs_float32_rounding():
+        expected = ref(prompt="a lighthouse", num_inference_steps=5, guidance_scale=6.0, width=W, height=H,
+                       latents=torch.from_numpy(lat), output_type="np").images
+        got = ours(pipe, "dpmpp_sde_karras", prompt="a lighthouse", steps=5, guidance=6.0, width=W, height=H,
+                   latents=lat, seed=9)
     assert_not_saturated(expected)
     assert np.abs(got - expected).max() < TOL
 
