@@ -41,6 +41,11 @@ DIFFERS = {
              "UniPC here, so the image will differ",
     "dpm2": "the image's DPM2 is AUTOMATIC1111's, which drops the next-to-last noise level of one step more than "
              "diffusers' KDPM2 schedulers here, so the image will differ",
+    "dpmpp_2m_sde": "the image's DPM++ 2M SDE is AUTOMATIC1111's, whose noise comes from a Brownian tree, where "
+                    "ours is diffusers' fresh noise each step, so the image will differ",
+    "dpmpp_3m_sde": "the image's DPM++ 3M SDE is AUTOMATIC1111's, which drops the next-to-last noise level and draws "
+                    "its noise from a Brownian tree, where ours is diffusers' fresh noise each step, so the image will "
+                    "differ",
     "dpmpp_sde": "the image's DPM++ SDE is AUTOMATIC1111's, whose Brownian noise is drawn on its GPU over its own "
                  "noise levels, where ours follows diffusers' on the CPU, so the image will differ",
 }

@@ -51,8 +51,8 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert settings({"Denoising strength": "0.4", "Steps": "2", "Seed": "3"})[0]["strength"] == 0.4
     assert settings({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic"})[0] == \
         {"sampler": "dpmpp_2m_sde_exponential"}  # its own: Exponential
-    with pytest.raises(UserError, match=r"sampler 'DPM\+\+ 3M SDE Exponential' is not offered here; pass --sampler"):
-        settings({"Sampler": "DPM++ 3M SDE", "Schedule type": "Automatic"})
+    with pytest.raises(UserError, match=r"sampler 'DPM\+\+ 2S a Karras' is not offered here; pass --sampler"):
+        settings({"Sampler": "DPM++ 2S a", "Schedule type": "Automatic"})
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, given={"sampler"})[0] == {}
     with pytest.raises(UserError, match="the image's Steps is 'twenty', not a number"):
         settings({"Steps": "twenty"})
@@ -66,7 +66,10 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert out == {"sampler": "dpm2_a_karras"} and "next-to-last noise level" in warnings[0]
     out, warnings = settings({"Sampler": "DPM++ SDE", "Schedule type": "Automatic"})
     assert out == {"sampler": "dpmpp_sde_karras"} and "Brownian noise" in warnings[0]
-    assert settings({"Sampler": "DPM++ 2M SDE Karras"}) == ({"sampler": "dpmpp_2m_sde_karras"}, [])
+    out, warnings = settings({"Sampler": "DPM++ 3M SDE", "Schedule type": "Automatic"})
+    assert out == {"sampler": "dpmpp_3m_sde_exponential"} and "diffusers' fresh noise" in warnings[0]
+    assert "Brownian tree" in settings({"Sampler": "DPM++ 2M SDE Karras"})[1][0]
+    assert settings({"Sampler": "DPM++ 2M Karras"}) == ({"sampler": "dpmpp_2m_karras"}, [])
     assert settings({"Sampler": "DPM++ SDE", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "dpmpp_sde"}, [])
 
 

@@ -123,6 +123,10 @@ def check_against_diffusers(sampler, config, steps, strength):
     scale = max(np.abs(a).max() for step in got for a in step[1:])
     rows = plan(sampler, NoiseSchedule.from_config(config), steps, 7.5, strength or 1.0).rows
     gain = max(1.0, float(np.abs(rows[:, [C_0, C_P, C_PP]]).max()))
+    if "3m" in sampler:
+        # diffusers' third order takes float32 divided differences of three x0s: it is up to ~2e-5
+        # off a float64 run of itself at 30 steps, ours ~2e-6 (measured); allow its error twice
+        gain *= 2
     atol = TOL * max(1.0, scale / 15) * gain
     for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
         where = f"{sampler} steps={steps} strength={strength} step {i}"
@@ -170,7 +174,7 @@ def test_plan_table():
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
         assert p.needs_noise == (sampler in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
                                              "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential")
-                                 or sampler.startswith("dpmpp_sde"))
+                                 or sampler.startswith(("dpmpp_sde", "dpmpp_3m_sde")))
         if sampler == "lcm":  # diffusers draws no noise at LCM's last step
             assert p.draws.tolist() == [True] * 9 + [False]
         if sampler.startswith("dpm2_a"):  # one draw a step, at its second call

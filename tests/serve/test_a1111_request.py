@@ -35,6 +35,7 @@ def seven():
     ("DPM2 a Karras", None, "dpm2_a_karras"), ("k_dpm_2", "exponential", "dpm2_exponential"),
     ("DPM++ SDE", None, "dpmpp_sde_karras"), ("DPM++ SDE", "Uniform", "dpmpp_sde"), ("k_dpmpp_sde", "karras", "dpmpp_sde_karras"),
     ("DPM++ SDE", "exponential", "dpmpp_sde_exponential"),
+    ("DPM++ 3M SDE", None, "dpmpp_3m_sde_exponential"), ("k_dpmpp_3m_sde", "karras", "dpmpp_3m_sde_karras"),
 ])
 def test_sampler_names(name, scheduler, ours):
     assert a1111.sampler(name, scheduler) == ours
@@ -55,11 +56,11 @@ def test_dpmpp_2m_sdes_own_schedule_is_exponential():
     assert a1111.sampler("dpmpp_2m_sde_karras", "exponential") == "dpmpp_2m_sde_exponential"
 
 
-@pytest.mark.parametrize("name,scheduler", [("DPM++ 3M SDE", None), ("Euler a", "exponential"),
+@pytest.mark.parametrize("name,scheduler", [("DPM++ 2S a", None), ("Euler a", "exponential"),
                                             ("LMS", None), ("nonsense", None), (3, None)])
 def test_samplers_not_offered_are_refused(name, scheduler):
-    if name == "DPM++ 3M SDE":  # not "its schedule is not offered": the sampler is not
-        with pytest.raises(InvalidRequest, match="sampler 'DPM\\+\\+ 3M SDE Exponential' is not offered"):
+    if name == "DPM++ 2S a":  # not "its schedule is not offered": the sampler is not
+        with pytest.raises(InvalidRequest, match="sampler 'DPM\\+\\+ 2S a Karras' is not offered"):
             a1111.sampler(name, scheduler)
     # AUTOMATIC1111 draws an unknown name with DPM++ 2M
     with pytest.raises(InvalidRequest, match="is not offered here|must be text"):
@@ -107,7 +108,7 @@ def test_hires_fields():
     assert "hires_sampler" not in a1111.txt2img({**base, "hr_sampler_name": "Use same sampler"}, MODEL, (128, 128),
                                                 seven)
     with pytest.raises(InvalidRequest, match="not offered"):
-        a1111.txt2img({**base, "hr_sampler_name": "DPM++ 3M SDE"}, MODEL, (128, 128), seven)
+        a1111.txt2img({**base, "hr_sampler_name": "DPM++ 2S a"}, MODEL, (128, 128), seven)
     # its 1.9+: the hires sampler and scheduler each the first pass's where not given
     for extra, want in (({"hr_scheduler": "karras"}, "euler_karras"),
                         ({"scheduler": "karras", "hr_sampler_name": "Heun"}, "heun_karras"),

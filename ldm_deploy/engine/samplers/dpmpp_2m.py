@@ -18,6 +18,12 @@ the pipeline's generator, not from k-diffusion's Brownian tree: our images follo
 
 The first executed step has no x0_prev and is first order (also for img2img, which starts on a
 fresh scheduler); the last step is first order because its sigma is zero, and lands on x0.
+
+DPM++ 3M (solver_order 3; AUTOMATIC1111 offers its SDE form, "DPM++ 3M SDE") adds the x0 of two
+steps back (x0_prev2, the graph's c_pp column): diffusers' third-order update, with D1 and D2 the
+first and second divided differences of the x0s over lambda, is linear in x0, x0_prev, x0_prev2.
+The second executed step is second order, and so is the one before the last in walks of under 15
+steps (lower_order_final).
 """
 
 from __future__ import annotations
@@ -76,8 +82,8 @@ def exponential_timesteps_and_sigmas(schedule, steps: int) -> tuple[np.ndarray, 
 
 
 def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = False,
-         exponential: bool = False) -> Walk:
-    """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M (SDE) walk."""
+         exponential: bool = False, order: int = 2) -> Walk:
+    """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M (SDE) walk (order 3: 3M)."""
     t, s = timesteps_and_sigmas(schedule, steps, karras, exponential)
     alpha = 1 / np.sqrt(s**2 + 1)
     sigma_vp = s * alpha
@@ -85,6 +91,7 @@ def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = Fal
     c_x = np.zeros(steps)
     c_0 = np.ones(steps)  # the last step: x_next = x0
     c_p = np.zeros(steps)
+    c_pp = np.zeros(steps)
     c_n = np.zeros(steps)  # the last step adds no noise: sigma_next is 0
     # lam = -log(0) = +inf at the final sigma; the loop stops short of it (the last step is set
     # above). Two steps at one noise level (only near num_train_timesteps steps) divide by zero;
@@ -101,9 +108,30 @@ def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = Fal
             else:
                 a = -alpha[k + 1] * np.expm1(-h)  # alpha_next (1 - e^-h)
             c_0[k] = a
-            if k > start:
+            third = order == 3 and k > start + 1 and not (k == steps - 2 and steps < 15)
+            if third:
+                c_0[k], c_p[k], c_pp[k] = third_order(h, lam[k] - lam[k - 1], lam[k - 1] - lam[k - 2],
+                                                      alpha[k + 1], sde)
+            elif k > start:
                 half_over_r = 0.5 * h / (lam[k] - lam[k - 1])
                 c_0[k] = a * (1 + half_over_r)
                 c_p[k] = -a * half_over_r
-    rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_p=c_p, c_n=c_n)
+    rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_p=c_p, c_n=c_n, c_pp=c_pp)
     return Walk(rows[start:], 1.0, np.stack([alpha[:-1], sigma_vp[:-1]], 1)[start:])
+
+
+def third_order(h: float, h0: float, h1: float, alpha_next: float, sde: bool) -> np.ndarray:
+    """(c_0, c_p, c_pp): diffusers' third-order DPM-Solver++ update's weights of x0, x0_prev and
+    x0_prev2 (h: this step's lambda gap, h0 and h1 the last two)."""
+    r0, r1 = h0 / h, h1 / h
+    d1_0 = np.array([1.0, -1.0, 0.0]) / r0  # (m0 - m1) / r0, as weights of (m0, m1, m2)
+    d1_1 = np.array([0.0, 1.0, -1.0]) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    if sde:
+        e2 = -np.expm1(-2 * h)  # 1 - e^-2h
+        b0, b1, b2 = alpha_next * e2, alpha_next * (e2 / (-2 * h) + 1), alpha_next * ((e2 - 2 * h) / (2 * h) ** 2 - 0.5)
+    else:
+        e1 = np.expm1(-h)  # e^-h - 1
+        b0, b1, b2 = -alpha_next * e1, alpha_next * (e1 / h + 1), -alpha_next * ((e1 + h) / h**2 - 0.5)
+    return b0 * np.array([1.0, 0.0, 0.0]) + b1 * d1 + b2 * d2
