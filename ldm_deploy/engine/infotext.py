@@ -34,7 +34,7 @@ NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("
            "Variation seed strength": ("variation_strength", float)}
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
-                       "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
+                       "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential"}
 # Our samplers (by the start of their names) whose AUTOMATIC1111 images differ from diffusers' here.
 DIFFERS = {
     "unipc": "the image's UniPC is AUTOMATIC1111's, which runs another variant (bh1, order 3) than diffusers' "

@@ -174,7 +174,7 @@ def test_plan_table():
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
         assert p.needs_noise == (sampler in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
                                              "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential")
-                                 or sampler.startswith(("dpmpp_sde", "dpmpp_3m_sde")))
+                                 or sampler.startswith(("dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2m_sde_heun")))
         if sampler == "lcm":  # diffusers draws no noise at LCM's last step
             assert p.draws.tolist() == [True] * 9 + [False]
         if sampler.startswith("dpm2_a"):  # one draw a step, at its second call

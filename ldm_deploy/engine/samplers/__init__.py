@@ -10,7 +10,7 @@ Each sampler (one file each) equals the diffusers scheduler of the same name mad
 `Cls.from_config(scheduler_config)`, step for step: DDIMScheduler (eta 0), DDPMScheduler, EulerDiscreteScheduler,
 EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
 the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_type "sde-dpmsolver++"
-for the SDE ones, solver_order 3 for the 3M ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
+for the SDE ones, solver_order 3 for the 3M ones, solver_type "heun" for the SDE Heun ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
 use_exponential_sigmas for unipc_exponential), KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler
 (two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed); Euler, Heun and the DPM2s take Karras and Exponential sigmas too.
 `schedule.py` holds the schedule math they share.
@@ -43,6 +43,10 @@ _REGISTRY = {
     "dpmpp_2m_sde_karras": ("DPM++ 2M SDE Karras", partial(dpmpp_2m.walk, karras=True, sde=True)),
     "dpmpp_2m_exponential": ("DPM++ 2M Exponential", partial(dpmpp_2m.walk, exponential=True)),
     "dpmpp_2m_sde_exponential": ("DPM++ 2M SDE Exponential", partial(dpmpp_2m.walk, sde=True, exponential=True)),
+    "dpmpp_2m_sde_heun": ("DPM++ 2M SDE Heun", partial(dpmpp_2m.walk, sde=True, heun=True)),
+    "dpmpp_2m_sde_heun_karras": ("DPM++ 2M SDE Heun Karras", partial(dpmpp_2m.walk, karras=True, sde=True, heun=True)),
+    "dpmpp_2m_sde_heun_exponential": ("DPM++ 2M SDE Heun Exponential", partial(dpmpp_2m.walk, exponential=True,
+                                                                               sde=True, heun=True)),
     "dpmpp_3m_sde": ("DPM++ 3M SDE", partial(dpmpp_2m.walk, sde=True, order=3)),
     "dpmpp_3m_sde_karras": ("DPM++ 3M SDE Karras", partial(dpmpp_2m.walk, karras=True, sde=True, order=3)),
     "dpmpp_3m_sde_exponential": ("DPM++ 3M SDE Exponential", partial(dpmpp_2m.walk, sde=True, exponential=True,

@@ -82,8 +82,10 @@ def exponential_timesteps_and_sigmas(schedule, steps: int) -> tuple[np.ndarray, 
 
 
 def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = False,
-         exponential: bool = False, order: int = 2) -> Walk:
-    """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M (SDE) walk (order 3: 3M)."""
+         exponential: bool = False, order: int = 2, heun: bool = False) -> Walk:
+    """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M (SDE) walk (order 3: 3M;
+    heun: solver_type "heun", whose second-order term weighs D1 = (x0 - x0_prev) / r by
+    alpha_next (1 - (1 - e^-2h) / (2h)) rather than the midpoint's a / 2; SDE form only here)."""
     t, s = timesteps_and_sigmas(schedule, steps, karras, exponential)
     alpha = 1 / np.sqrt(s**2 + 1)
     sigma_vp = s * alpha
@@ -113,7 +115,9 @@ def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = Fal
                 c_0[k], c_p[k], c_pp[k] = third_order(h, lam[k] - lam[k - 1], lam[k - 1] - lam[k - 2],
                                                       alpha[k + 1], sde)
             elif k > start:
-                half_over_r = 0.5 * h / (lam[k] - lam[k - 1])
+                # midpoint: a / 2 of D1 = (x0 - x0_prev) / r; heun: alpha_next ((1 - e^-2h) / (-2h) + 1)
+                weight = (1 + np.expm1(-2 * h) / (2 * h)) * alpha[k + 1] / a if heun else 0.5
+                half_over_r = weight * h / (lam[k] - lam[k - 1])
                 c_0[k] = a * (1 + half_over_r)
                 c_p[k] = -a * half_over_r
     rows = table(steps, timestep=t, c_in=1.0, p_x=p_x, p_m=p_m, c_x=c_x, c_0=c_0, c_p=c_p, c_n=c_n, c_pp=c_pp)
