@@ -75,8 +75,13 @@ def ours(pipe, sampler, **kwargs) -> np.ndarray:
     return pipe(sampler=sampler, output_type="np", progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("sampler", generator_samplers())
-@pytest.mark.parametrize("strength", [1.0, 0.6])
+# Every sampler at strength 1 and at 0.6 runs through inpainting once (the inpainting model at 1, a
+# text-to-image model, whose kept part goes back at each row's level, at 0.6), a few at both.
+FEW = ("euler_a", "heun", "dpm2_a", "dpmpp_2m_karras", "unipc", "lcm")
+
+
+@pytest.mark.parametrize("sampler,strength", [*((s, 1.0) for s in generator_samplers()),
+                                              *((s, 0.6) for s in FEW)])
 def test_inpainting_model_matches_diffusers(sampler, strength, inpainting, reference, init_image, mask):
     common = dict(prompt="a cat on a bench", image=init_image, mask_image=mask, strength=strength,
                   num_inference_steps=5, guidance_scale=7.5)
@@ -88,7 +93,7 @@ def test_inpainting_model_matches_diffusers(sampler, strength, inpainting, refer
 
 
 @pytest.mark.parametrize("preset,sampler,strength", [
-    *(("tiny-sd1", s, strength) for s in generator_samplers() for strength in (1.0, 0.6)),
+    *(("tiny-sd1", s, 0.6) for s in generator_samplers()), *(("tiny-sd1", s, 1.0) for s in FEW),
     ("tiny-sd2", "dpmpp_2m_karras", 1.0), ("tiny-sd2", "heun", 0.6), ("tiny-sd2", "euler_a", 1.0),
 ])
 def test_text_to_image_model_inpaints_as_diffusers(preset, sampler, strength, pipelines, reference, init_image, mask):
