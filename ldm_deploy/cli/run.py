@@ -304,6 +304,12 @@ def main(argv=None) -> int:
             raise UserError(f"--clip-skip counts from 1 (the last layer: no skip), got {args.clip_skip}")
         if args.style:  # before anything is loaded: a misspelt name is found at once
             saved = styles.read(args.styles_file)
+            if fields:  # a PNG's prompts hold the styles it was drawn with: not applied twice
+                args.prompt, args.negative_prompt, found = styles.unapply(args.style, saved, args.prompt,
+                                                                          args.negative_prompt)
+                if found:
+                    log.info("the PNG's prompts hold the style%s %s already", "s" * (len(found) > 1),
+                             ", ".join(found))
             args.prompt, args.negative_prompt = styles.apply(args.style, saved, args.prompt, args.negative_prompt)
             # the hires pass's own prompts too (none given: it takes the styled ones)
             if args.hires_prompt is not None:

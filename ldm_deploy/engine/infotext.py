@@ -35,19 +35,17 @@ NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential"}
-# Our samplers (by the start of their names) whose AUTOMATIC1111 images differ from diffusers' here.
+# Our samplers (by the start of their names) whose AUTOMATIC1111 images differ from diffusers' here,
+# and why: "the image's <its sampler> is AUTOMATIC1111's, <why>, so the image will differ".
 DIFFERS = {
-    "unipc": "the image's UniPC is AUTOMATIC1111's, which runs another variant (bh1, order 3) than diffusers' "
-             "UniPC here, so the image will differ",
-    "dpm2": "the image's DPM2 is AUTOMATIC1111's, which drops the next-to-last noise level of one step more than "
-             "diffusers' KDPM2 schedulers here, so the image will differ",
-    "dpmpp_2m_sde": "the image's DPM++ 2M SDE is AUTOMATIC1111's, whose noise comes from a Brownian tree, where "
-                    "ours is diffusers' fresh noise each step, so the image will differ",
-    "dpmpp_3m_sde": "the image's DPM++ 3M SDE is AUTOMATIC1111's, which drops the next-to-last noise level and draws "
-                    "its noise from a Brownian tree, where ours is diffusers' fresh noise each step, so the image will "
-                    "differ",
-    "dpmpp_sde": "the image's DPM++ SDE is AUTOMATIC1111's, whose Brownian noise is drawn on its GPU over its own "
-                 "noise levels, where ours follows diffusers' on the CPU, so the image will differ",
+    "unipc": "which runs another variant (bh1, order 3) than diffusers' UniPC here",
+    "dpm2": "which drops the next-to-last noise level of one step more than diffusers' KDPM2 schedulers here",
+    "dpmpp_2m_sde": "whose noise comes from a Brownian tree, where ours is diffusers' fresh noise each step",
+    "dpmpp_3m_sde": "which drops the next-to-last noise level and draws its noise from a Brownian tree, where ours is "
+                    "diffusers' fresh noise each step",
+    "dpmpp_sde": "whose Brownian noise is drawn on its GPU over its own noise levels, where ours follows diffusers' "
+                 "on the CPU",
+    "lcm": "whose timesteps are spaced otherwise than diffusers' LCMScheduler spaces them here",
 }
 # Fields whose difference changes nothing here, or that say how the image was made elsewhere.
 # Ours: an SDXL image whose empty negative prompt was encoded (given as ""), not zeros (none given),
@@ -132,9 +130,9 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         out["prompt_weighting"] = False
     if "Sampler" in fields and "sampler" not in given:
         out["sampler"] = sampler(fields["Sampler"], fields.get("Schedule type"), DISPLAY_NAMES)
-        differs = next((why for prefix, why in DIFFERS.items() if out["sampler"].startswith(prefix)), None)
-        if differs and not fields.get("Version", "").startswith("ldm-deploy"):
-            warnings.append(differs)
+        why = next((why for prefix, why in DIFFERS.items() if out["sampler"].startswith(prefix)), None)
+        if why and not fields.get("Version", "").startswith("ldm-deploy"):
+            warnings.append(f"the image's {fields['Sampler']} is AUTOMATIC1111's, {why}, so the image will differ")
     if "Hires upscale" in fields:
         out["hires_scale"] = number("Hires upscale", float, "hires_scale")
         if "Hires steps" in fields:

@@ -41,8 +41,9 @@ def read(path: str | Path) -> dict[str, Style]:
     out = {}
     for row in rows:
         name = (row.get("name") or "").strip()
-        if name:  # (its web UI writes an empty "None" row first in old versions)
-            out[name] = Style(name, row.get("prompt") or "", row.get("negative_prompt") or "")
+        if name and not name.startswith("#"):  # (its web UI skips "#" rows as comments)
+            prompt = row["prompt"] if "prompt" in row else row.get("text")  # "text": its old column name
+            out[name] = Style(name, prompt or "", row.get("negative_prompt") or "")
     return out
 
 
@@ -53,11 +54,42 @@ def merge(style_text: str, prompt: str) -> str:
     return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
 
 
+def extract(style_text: str, prompt: str) -> str | None:
+    """The prompt without one style's text, where it holds it (as AUTOMATIC1111 finds a pasted
+    prompt's styles); None where it does not."""
+    prompt, style_text = prompt.strip(), style_text.strip()
+    if "{prompt}" in style_text:
+        left, _, right = style_text.partition("{prompt}")
+        if prompt.startswith(left) and prompt.endswith(right) and len(prompt) >= len(left) + len(right):
+            return prompt[len(left):len(prompt) - len(right)]
+        return None
+    if prompt.endswith(style_text):
+        return prompt[:len(prompt) - len(style_text)].removesuffix(", ")
+    return None
+
+
+def unapply(names, styles: dict[str, Style], prompt: str, negative_prompt: str | None) -> tuple[str, str | None, list]:
+    """(prompt, negative prompt, names found): the named styles that a prompt already holds, last
+    applied first, taken out of it and its negative prompt (a style counts as there where both
+    hold its text), as AUTOMATIC1111 reads a pasted prompt's styles."""
+    found = []
+    for name in reversed(names):
+        style = styles.get(name)
+        if style is None:
+            continue
+        bare = extract(style.prompt, prompt)
+        bare_negative = extract(style.negative_prompt, negative_prompt or "")
+        if bare is not None and bare_negative is not None:
+            prompt, found = bare, [name, *found]
+            negative_prompt = bare_negative if negative_prompt is not None else None
+    return prompt, negative_prompt, found
+
+
 def apply(names, styles: dict[str, Style], prompt: str, negative_prompt: str | None) -> tuple[str, str | None]:
     """(prompt, negative prompt) with the named styles merged in, in order; an unknown name is an
     InvalidRequest naming those there are. A negative prompt left None stays None unless a style
     gives one."""
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise InvalidRequest(f"styles is a list of style names, got {names!r}")
     for name in names:
         if name not in styles:

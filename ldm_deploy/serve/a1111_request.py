@@ -6,7 +6,7 @@ the fields that draw the image are read with its API's defaults (steps 50, CFG s
 "Euler", img2img denoising strength 0.75, mask blur 4, "Only masked" inpainting, masked content
 "fill"), but width and height, which default to the engine's size for txt2img and the image's for
 img2img, rather than 512 (an SDXL engine draws 1024 px, the shapes model 64); a field asking for what is not
-offered here (face restoration, styles, scripts, ControlNet preprocessors, ...) is refused by name rather than
+offered here (face restoration, scripts, ControlNet preprocessors, ...) is refused by name rather than
 left out, so that no image comes back other than asked for. Fields that tune k-diffusion's
 samplers (eta, s_churn, s_noise, ...), instruct-pix2pix's image_cfg_scale (no such model is served)
 or say where to save are accepted and have no effect.

@@ -7,7 +7,8 @@
     ldm_serve_images_total{engine}                   counter: images drawn
     ldm_serve_jobs_total                             counter: requests the worker finished (ok or not)
     ldm_serve_pipeline_calls_total                   counter: Pipeline calls (fewer where requests were batched)
-    ldm_serve_queue_waiting, ldm_serve_running       gauges: jobs waiting, images in the running call
+    ldm_serve_refused_total                          counter: connections turned away past --max-connections (503)
+    ldm_serve_queue_waiting, ldm_serve_running       gauges: requests waiting, requests in the running call
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Metrics:
         self.request_seconds: dict[str, Histogram] = {}
         self.generation_seconds: dict[str, Histogram] = {}
         self.images: dict[str, int] = {}
-        self.jobs = self.calls = 0
+        self.jobs = self.calls = self.refused = 0
 
     def request(self, method: str, path: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -67,6 +68,10 @@ class Metrics:
             self.calls += 1
             self.images[engine] = self.images.get(engine, 0) + images
             self.generation_seconds.setdefault(engine, Histogram()).observe(seconds)
+
+    def turned_away(self) -> None:
+        with self.lock:
+            self.refused += 1
 
     def finished(self, jobs: int) -> None:
         with self.lock:
@@ -91,9 +96,11 @@ class Metrics:
                     "# TYPE ldm_serve_jobs_total counter", f"ldm_serve_jobs_total {self.jobs}",
                     "# HELP ldm_serve_pipeline_calls_total Pipeline calls (requests batched share one).",
                     "# TYPE ldm_serve_pipeline_calls_total counter", f"ldm_serve_pipeline_calls_total {self.calls}",
+                    "# HELP ldm_serve_refused_total Connections turned away past --max-connections (503).",
+                    "# TYPE ldm_serve_refused_total counter", f"ldm_serve_refused_total {self.refused}",
                     "# HELP ldm_serve_queue_waiting Requests waiting for the worker.",
                     "# TYPE ldm_serve_queue_waiting gauge", f"ldm_serve_queue_waiting {waiting}",
-                    "# HELP ldm_serve_running Images in the call being drawn.",
+                    "# HELP ldm_serve_running Requests in the call being drawn (batched requests share one).",
                     "# TYPE ldm_serve_running gauge", f"ldm_serve_running {running}"]
         return Text("\n".join(out) + "\n")
 

@@ -199,6 +199,10 @@ class Handler(BaseHTTPRequestHandler):
             except Exception:  # our bug: logged with its traceback, answered as a server error
                 log.exception("%s %s failed", method, self.path)
                 status, value, headers = 500, plain_error(500, "the server failed; its log says why"), {}
+            if app.metrics is not None:  # counted before it is sent: a client that reads it sees it counted
+                path = self.path.split("?", 1)[0].rstrip("/") or "/"
+                app.metrics.request(method, path if path in app.paths else "other", status,
+                                    time.perf_counter() - start)
             text = getattr(value, "content_type", None)  # metrics.Text: sent as it is
             data = value.encode() if text else json.dumps(value).encode()
             try:
@@ -222,11 +226,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with app.lock:
                 app.active -= 1
-        seconds = time.perf_counter() - start
-        if app.metrics is not None:
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
-            app.metrics.request(method, path if path in app.paths else "other", status, seconds)
-        log.info("%s %s %s %d %.2fs", self.client_address[0], method, self.path.split("?", 1)[0], status, seconds)
+        log.info("%s %s %s %d %.2fs", self.client_address[0], method, self.path.split("?", 1)[0], status,
+                 time.perf_counter() - start)
 
     def log_message(self, format, *args):  # the standard library's own lines: ours are above
         log.debug(format, *args)
@@ -284,6 +285,8 @@ class Server(ThreadingHTTPServer):
         """Answer 503 and close so that the client reads it: the answer, our side shut, then what it
         sends read and dropped (closing with its request unread would reset the connection, and
         the client would see that instead of the answer)."""
+        if self.app.metrics is not None:
+            self.app.metrics.turned_away()
         body = json.dumps(plain_error(503, f"{self.max_connections} connections are open already "
                                            "(ldm-serve --max-connections); try again shortly")).encode()
         try:

@@ -70,6 +70,10 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert out == {"sampler": "dpmpp_3m_sde_exponential"} and "diffusers' fresh noise" in warnings[0]
     assert "Brownian tree" in settings({"Sampler": "DPM++ 2M SDE Karras"})[1][0]
     assert settings({"Sampler": "DPM++ 2M Karras"}) == ({"sampler": "dpmpp_2m_karras"}, [])
+    assert settings({"Sampler": "DPM++ 2M SDE Heun"})[1] == [  # named as the image names it
+        "the image's DPM++ 2M SDE Heun is AUTOMATIC1111's, whose noise comes from a Brownian tree, where ours is "
+        "diffusers' fresh noise each step, so the image will differ"]
+    assert "timesteps are spaced otherwise" in settings({"Sampler": "LCM"})[1][0]
     assert settings({"Sampler": "DPM++ SDE", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "dpmpp_sde"}, [])
 
 

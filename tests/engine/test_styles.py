@@ -51,6 +51,12 @@ def test_bad_files_and_names(saved, tmp_path):
     other.write_text("title,text\nA,b\n")
     with pytest.raises(UserError, match="is not an AUTOMATIC1111 styles file"):
         styles.read(other)
+    for bad in (5, True, {"Sharp": 1}, "Sharp", [3]):
+        with pytest.raises(InvalidRequest, match="styles is a list of style names"):
+            styles.apply(bad, styles.read(saved), "a cat", None)
+    old = tmp_path / "old.csv"  # its old column name, and a comment row, as its web UI reads them
+    old.write_text('name,text\n# notes,x\nOld,"old {prompt}"\n')
+    assert styles.read(old) == {"Old": styles.Style("Old", "old {prompt}", "")}
     bom = tmp_path / "bom.csv"  # as spreadsheet programs save it
     bom.write_bytes("\ufeffname,prompt,negative_prompt\nX,x {prompt},\n".encode("utf-8"))
     assert styles.read(bom)["X"].prompt == "x {prompt}"
@@ -68,6 +74,13 @@ def test_ldm_run_draws_the_styled_prompts(saved, engine_dirs, pipelines, tmp_pat
     want = pipelines["tiny-sd1"](prompt, negative_prompt=negative, steps=2, seed=3, width=64, height=64,
                                  sampler="dpmpp_2m_karras", guidance=7.5, progress=False)[0]
     assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(want.convert("RGB")))
+    # a PNG drawn with styles holds them: drawn again with them, they are not applied twice
+    again = tmp_path / "again.png"
+    assert run_main(["--from-png", str(out), "--style", "Cinematic", "--style", "Sharp", "--styles-file", str(saved),
+                     "--out", str(again), *common]) == 0, capsys.readouterr().err
+    assert Image.open(again).info["parameters"].splitlines()[:2] == [prompt, f"Negative prompt: {negative}"]
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(im.convert("RGB")))
+    assert styles.unapply(["Sharp"], styles.read(saved), "a dog", None) == ("a dog", None, [])  # not there
     assert run_main(["a cat", "--style", "Noir", "--styles-file", str(saved), "--out", str(out), *common]) == 2
     assert "no style named 'Noir'" in capsys.readouterr().err
     assert run_main(["a cat", "--style", "Sharp", "--styles-file", str(tmp_path / "none.csv"), "--out", str(out),

@@ -283,6 +283,8 @@ def test_styles_are_merged_into_the_prompts_and_the_hires_ones():
     options = a1111.txt2img({"prompt": "a cat", "styles": ["Sharp"]}, MODEL, (128, 128), seven, saved)
     assert (options["prompt"], options["negative_prompt"]) == ("a cat, sharp", None)  # none: still none
     assert a1111.txt2img({"prompt": "a cat", "styles": []}, MODEL, (128, 128), seven, saved)["prompt"] == "a cat"
+    with pytest.raises(InvalidRequest, match="styles is a list of style names, got 5"):
+        a1111.txt2img({"prompt": "a cat", "styles": 5}, MODEL, (128, 128), seven, saved)
     with pytest.raises(InvalidRequest, match="no style named 'Pop'"):
         a1111.txt2img({"prompt": "a cat", "styles": ["Pop"]}, MODEL, (128, 128), seven, saved)
     with pytest.raises(InvalidRequest, match="this server has no saved styles .*--styles-file"):

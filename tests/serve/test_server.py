@@ -379,6 +379,8 @@ def test_connections_past_the_limit_are_503(pipe):
             pause.wait(0.05)
         else:
             pytest.fail("the closed connection's place was never freed")
+        assert server.worker.metrics.refused >= 1  # ldm_serve_refused_total
+        assert "ldm_serve_refused_total " in server.worker.metrics.render(0, 0)
 
 
 def test_posts_past_the_connection_limit_read_their_503(pipe):
