@@ -135,10 +135,9 @@ def fields(h: Hires, req, i: int) -> dict:
     out = {"Denoising strength": h.strength, "Hires upscale": h.scale,
            **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": h.upscaler}
     if h.sampler is not None and h.sampler != req.sampler:
-        from ldm_deploy.engine.infotext import uniform
+        from ldm_deploy.engine.infotext import sampler_fields
 
-        out["Hires sampler"] = DISPLAY_NAMES[h.sampler]
-        out.update(uniform("Hires schedule type", out["Hires sampler"]))
+        out.update(sampler_fields(DISPLAY_NAMES[h.sampler], "Hires sampler", "Hires schedule type"))
     for key, mine, first in (("Hires prompt", h.prompt, req.prompts[i]),
                              ("Hires negative prompt", h.negative_prompt, req.negative_prompts[i])):
         if mine is not None and mine != first:

@@ -32,6 +32,8 @@ NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("
            "Clip skip": ("clip_skip", int), "Mask blur": ("mask_blur", float),
            "Refiner switch at": ("refiner_switch_at", float), "Variation seed": ("variation_seed", int),
            "Variation seed strength": ("variation_strength", float)}
+# The schedules our sampler names end in (ldm_deploy.engine.samplers.DISPLAY_NAMES).
+SCHEDULE_LABELS = ("Karras", "Exponential", "SGM Uniform")
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential"}
@@ -133,6 +135,10 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         why = next((why for prefix, why in DIFFERS.items() if out["sampler"].startswith(prefix)), None)
         if why and not fields.get("Version", "").startswith("ldm-deploy"):
             warnings.append(f"the image's {fields['Sampler']} is AUTOMATIC1111's, {why}, so the image will differ")
+        if out["sampler"].endswith("_sgm_uniform") and not fields.get("Version", "").startswith("ldm-deploy"):
+            warnings.append("the image's SGM Uniform schedule is AUTOMATIC1111's, which spaces the timesteps from 999 "
+                            "to 0 at fractions, where diffusers' trailing spacing here takes whole ones: near, so the "
+                            "image will differ a little")
     if "Hires upscale" in fields:
         out["hires_scale"] = number("Hires upscale", float, "hires_scale")
         if "Hires steps" in fields:
@@ -202,6 +208,8 @@ def model_warning(fields: dict[str, str], model_hash: str) -> str | None:
 def sampler(name: str, schedule: str | None, display_names: dict) -> str:
     """AUTOMATIC1111's sampler (and, since its 1.9, separate schedule type) -> ours."""
     ours = {display.lower(): key for key, display in display_names.items()}
+    if name.endswith(tuple(f" {label}" for label in SCHEDULE_LABELS)):  # the name says it: that one
+        schedule = None
     if schedule == "Automatic":  # AUTOMATIC1111 1.9+: the sampler's own default schedule
         schedule = AUTOMATIC_SCHEDULES.get(name)
     full = f"{name} {schedule}" if schedule and schedule != "Uniform" else name
@@ -212,10 +220,14 @@ def sampler(name: str, schedule: str | None, display_names: dict) -> str:
     return key
 
 
-def uniform(field: str, display: str) -> dict:
-    """{field: "Uniform"} where the sampler written is uniform and AUTOMATIC1111 1.9+ would read
-    its name alone as its own default schedule ("DPM++ 2M": Karras); else nothing."""
-    return {field: "Uniform"} if display in AUTOMATIC_SCHEDULES else {}
+def sampler_fields(display: str, sampler_field: str = "Sampler", schedule_field: str = "Schedule type") -> dict:
+    """A sampler's infotext fields. The schedule stays in the name ("DPM++ 2M Karras"), which every
+    AUTOMATIC1111 reads, but for "SGM Uniform", which its 1.9+ would cut at " Uniform", and a
+    uniform sampler whose name alone it reads as its own default ("DPM++ 2M": Karras): those say
+    their schedule apart, as its 1.9+ writes."""
+    if display.endswith(" SGM Uniform"):
+        return {sampler_field: display.removesuffix(" SGM Uniform"), schedule_field: "SGM Uniform"}
+    return {sampler_field: display, **({schedule_field: "Uniform"} if display in AUTOMATIC_SCHEDULES else {})}
 
 
 def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None = None, control=None,
@@ -229,8 +241,7 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
 
     fields = {
         "Steps": req.steps,
-        "Sampler": DISPLAY_NAMES[req.sampler],
-        **uniform("Schedule type", DISPLAY_NAMES[req.sampler]),
+        **sampler_fields(DISPLAY_NAMES[req.sampler]),
         "CFG scale": req.guidance,
         "Seed": req.seeds[i],
         "Size": f"{req.width}x{req.height}",

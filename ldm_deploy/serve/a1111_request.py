@@ -18,14 +18,15 @@ from PIL import Image, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
 from ldm_deploy.engine import styles
-from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES
+from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES, SCHEDULE_LABELS
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve.a1111_controlnet import controlnet
 from ldm_deploy.serve.fields import flag, integer, number, picture, text
 
 # AUTOMATIC1111's scheduler names -> labels (those that fit our samplers' schedules).
-SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential"}
+SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+              "sgm_uniform": "SGM Uniform"}
 # Its sampler aliases (k-diffusion's names) -> its display names.
 ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_heun": "Heun",
            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_lcm": "LCM", "ddim": "DDIM",
@@ -255,7 +256,8 @@ def sampler(name, scheduler) -> str:
         if label is None:
             raise InvalidRequest(f"scheduler {scheduler!r} is not offered here; choose one of "
                                  f"{', '.join(SCHEDULERS)}")
-    for suffix in SCHEDULERS.values():  # "DPM++ 2M Karras": the schedule in the name
+    for suffix in sorted(SCHEDULERS.values(), key=len, reverse=True):  # "DPM++ 2M Karras": the schedule in the name
+        # (longest first: "SGM Uniform" before "Uniform")
         if name.lower().endswith(" " + suffix.lower()) and label in ("Automatic", suffix):
             name, label = name[: -len(suffix) - 1], suffix
     automatic = label == "Automatic"
@@ -275,7 +277,7 @@ def sampler(name, scheduler) -> str:
 
 def base_name(display: str) -> str:
     """A display name without its schedule ("DPM++ 2M Karras" -> "DPM++ 2M")."""
-    for label in ("Karras", "Exponential"):
+    for label in SCHEDULE_LABELS:
         display = display.removesuffix(" " + label)
     return display
 

@@ -74,6 +74,8 @@ def test_settings_map_fields_to_options_and_say_what_differs():
         "the image's DPM++ 2M SDE Heun is AUTOMATIC1111's, whose noise comes from a Brownian tree, where ours is "
         "diffusers' fresh noise each step, so the image will differ"]
     assert "timesteps are spaced otherwise" in settings({"Sampler": "LCM"})[1][0]
+    out, warnings = settings({"Sampler": "Euler", "Schedule type": "SGM Uniform"})
+    assert out == {"sampler": "euler_sgm_uniform"} and "near, so the image will differ a little" in warnings[0]
     assert settings({"Sampler": "DPM++ SDE", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "dpmpp_sde"}, [])
 
 
@@ -135,3 +137,10 @@ def test_a_uniform_sampler_with_its_own_schedule_says_uniform(pipelines):
     assert (out["sampler"], out["hires_sampler"]) == ("dpmpp_2m", "dpmpp_sde")
     for sampler in ("dpmpp_2m_karras", "euler"):
         assert "Schedule type" not in pipe("x", sampler=sampler, **kw)[0].info["parameters"]
+    # "SGM Uniform" apart, as AUTOMATIC1111 1.9+ writes it (it would cut "Euler a SGM Uniform" at " Uniform")
+    text = pipe("x", sampler="euler_a_sgm_uniform", hires_scale=1.5, hires_sampler="dpmpp_2m_karras",
+                **kw)[0].info["parameters"]
+    assert "Sampler: Euler a, Schedule type: SGM Uniform, CFG scale" in text
+    assert "Hires sampler: DPM++ 2M Karras," in text  # its schedule in its name: not the first pass's
+    out, _ = settings(parse(text)[2])
+    assert (out["sampler"], out["hires_sampler"]) == ("euler_a_sgm_uniform", "dpmpp_2m_karras")

@@ -35,7 +35,8 @@ def seven():
     ("DPM2 a Karras", None, "dpm2_a_karras"), ("k_dpm_2", "exponential", "dpm2_exponential"),
     ("DPM++ SDE", None, "dpmpp_sde_karras"), ("DPM++ SDE", "Uniform", "dpmpp_sde"), ("k_dpmpp_sde", "karras", "dpmpp_sde_karras"),
     ("DPM++ SDE", "exponential", "dpmpp_sde_exponential"),
-    ("DPM++ 3M SDE", None, "dpmpp_3m_sde_exponential"), ("k_dpmpp_3m_sde", "karras", "dpmpp_3m_sde_karras"),
+    ("DPM++ 3M SDE", None, "dpmpp_3m_sde_exponential"), ("Euler", "sgm_uniform", "euler_sgm_uniform"),
+    ("DPM++ SDE", "SGM Uniform", "dpmpp_sde_sgm_uniform"), ("Euler a SGM Uniform", None, "euler_a_sgm_uniform"), ("k_dpmpp_3m_sde", "karras", "dpmpp_3m_sde_karras"),
 ])
 def test_sampler_names(name, scheduler, ours):
     assert a1111.sampler(name, scheduler) == ours

@@ -284,7 +284,7 @@ def test_listings(server, pipe):
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC"} <= names
     assert not any("Karras" in n or "Exponential" in n for n in names)  # schedules apart, as since its 1.9
     assert {s["name"] for s in call(server.url + "/sdapi/v1/schedulers")[1]} == {"automatic", "uniform", "karras",
-                                                                                "exponential"}
+                                                                                "exponential", "sgm_uniform"}
     assert [u["name"] for u in call(server.url + "/sdapi/v1/upscalers")[1]] == ["Lanczos"]
     assert "Latent (bicubic)" in [u["name"] for u in call(server.url + "/sdapi/v1/latent-upscale-modes")[1]]
     assert call(server.url + "/sdapi/v1/embeddings")[1] == {"loaded": {}, "skipped": {}}

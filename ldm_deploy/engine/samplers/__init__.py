@@ -12,19 +12,20 @@ EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSol
 the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_type "sde-dpmsolver++"
 for the SDE ones, solver_order 3 for the 3M ones, solver_type "heun" for the SDE Heun ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
 use_exponential_sigmas for unipc_exponential), KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler
-(two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed); Euler, Heun and the DPM2s take Karras and Exponential sigmas too.
+(two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed); the
+`_sgm_uniform` ones with timestep_spacing "trailing"; Euler, Heun and the DPM2s take Karras and Exponential sigmas too.
 `schedule.py` holds the schedule math they share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
 
 from ldm_deploy.engine.samplers import ddim, ddpm, dpm2, dpmpp_2m, dpmpp_sde, euler, euler_ancestral, heun, lcm, unipc
-from ldm_deploy.engine.samplers.schedule import img2img_start
+from ldm_deploy.engine.samplers.schedule import Walk, img2img_start
 from ldm_deploy.engine.samplers.update import C_N, COLUMNS, GUIDANCE
 from ldm_deploy.errors import InvalidRequest
 
@@ -67,6 +68,23 @@ _REGISTRY = {
     "dpmpp_sde_karras": ("DPM++ SDE Karras", partial(dpmpp_sde.walk, karras=True)),
     "dpmpp_sde_exponential": ("DPM++ SDE Exponential", partial(dpmpp_sde.walk, exponential=True)),
 }
+
+
+def trailing(walker):
+    """`walker` on diffusers' "trailing" timestep spacing whatever the model's config says (the
+    spacing SDXL-Lightning, Turbo and Hyper-SD are drawn with; AUTOMATIC1111's "SGM Uniform" is
+    near it: it spaces the timesteps from 999 to 0 at fractions, trailing at whole ones)."""
+    def walk(schedule, steps: int, start: int) -> Walk:
+        return walker(replace(schedule, timestep_spacing="trailing"), steps, start)
+
+    return walk
+
+
+for _name in ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
+              "dpmpp_3m_sde", "dpmpp_sde", "unipc"):
+    _display, _walker = _REGISTRY[_name]
+    _REGISTRY[f"{_name}_sgm_uniform"] = (f"{_display} SGM Uniform", trailing(_walker))
+del _name, _display, _walker
 SAMPLERS = tuple(_REGISTRY)
 # U-Net evaluations a step, where not one (Heun's, DPM2's and DPM++ SDE's last step has one: 2n - 1 rows).
 EVALUATIONS_PER_STEP = {name: 2 for name in SAMPLERS if name.startswith(("heun", "dpm2", "dpmpp_sde"))}
