@@ -109,6 +109,9 @@ def parser() -> argparse.ArgumentParser:
                         "with --strength below 1)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8; with --mask 1.0)")
+    p.add_argument("--noise-multiplier", type=float, default=1.0, metavar="X",
+                   help="img2img: scale the noise added to the init image (AUTOMATIC1111's 'Noise multiplier for "
+                        "img2img', e.g. 1.05; default 1)")
     p.add_argument("--control-image", action="append", default=None, metavar="FILE",
                    help="engines with ControlNets (ldm-export --controlnet): the ControlNet's image (an edge map, "
                         "a pose, a depth map, ... as it was trained on); repeat in the ControlNets' order, 'none' "
@@ -221,7 +224,8 @@ FROM_PNG = {"negative_prompt": None, "steps": 30, "guidance": 7.5, "seed": None,
             "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
             "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "hires_prompt": None,
             "hires_negative_prompt": None, "hires_sampler": None, "strength": None, "mask_blur": None,
-            "refiner_switch_at": None, "variation_seed": None, "variation_strength": 0.0, "seed_resize_from": None}
+            "refiner_switch_at": None, "variation_seed": None, "variation_strength": 0.0, "seed_resize_from": None,
+            "noise_multiplier": 1.0}
 UNSET = object()
 
 
@@ -369,6 +373,8 @@ def main(argv=None) -> int:
                     log.warning("%s", warning)
         if args.strength is not None and args.init_image is None:
             log.warning("--strength applies to img2img only (with --init-image); ignored")
+        if args.noise_multiplier != 1 and args.init_image is None and "noise_multiplier" in given_here:
+            log.warning("--noise-multiplier applies to img2img only (with --init-image); ignored")
         layers = pipe.manifest.model.text_layers
         if layers and args.clip_skip > layers:
             first = "the penultimate, as SDXL is trained" if pipe.manifest.model.pooled_width else "the last"
@@ -399,6 +405,7 @@ def main(argv=None) -> int:
             masked_content=args.masked_content,
             **control_options(args),
             strength=args.strength,
+            noise_multiplier=args.noise_multiplier,
             clip_skip=args.clip_skip - 1,
             prompt_weighting=args.prompt_weighting,
             hires_scale=args.hires_scale,

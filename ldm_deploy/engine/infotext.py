@@ -31,7 +31,7 @@ MAX_FIELDS_LINE = 8192
 NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
            "Clip skip": ("clip_skip", int), "Mask blur": ("mask_blur", float),
            "Refiner switch at": ("refiner_switch_at", float), "Variation seed": ("variation_seed", int),
-           "Variation seed strength": ("variation_strength", float)}
+           "Variation seed strength": ("variation_strength", float), "Noise multiplier": ("noise_multiplier", float)}
 # The schedules our sampler names end in (ldm_deploy.engine.samplers.DISPLAY_NAMES).
 SCHEDULE_LABELS = ("Karras", "Exponential", "SGM Uniform")
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
@@ -57,7 +57,8 @@ QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lor
          "Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength", "Clip skip", "Size",
          "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur",
          "Refiner", "Refiner switch at", "Variation seed", "Variation seed strength", "Seed resize from",
-         "Tiling", "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", EMPTY_NEGATIVE}
+         "Tiling", "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Noise multiplier",
+         EMPTY_NEGATIVE}
 
 
 def read_png(path: str | Path) -> str:
@@ -257,6 +258,8 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
         fields["Seed resize from"] = "{}x{}".format(*req.seed_resize_from)
     if img2img:
         fields["Denoising strength"] = req.strength
+        if req.noise_multiplier != 1:  # AUTOMATIC1111's, where it writes it
+            fields["Noise multiplier"] = req.noise_multiplier
     if fix is not None:
         fields.update(hires.fields(fix, req, i))
     if refiner:

@@ -153,10 +153,12 @@ def start(be, model, encode_latents, init, mask, req, sp, generator, latents, sh
     small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
     if z is not None and req.masked_content.startswith("latent"):
         z = latent_fill(z, small, req.masked_content, drawn)
+    # (the kept part is put back with the noise unscaled: the multiplier is the start's alone)
+    scaled = start_noise * np.float32(req.noise_multiplier)
     if req.strength == 1:
-        x = start_noise * np.float32(sp.init_noise_scale)
+        x = scaled * np.float32(sp.init_noise_scale)
     else:
-        x = np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start_noise
+        x = np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * scaled
     if first_chunk:  # a text-to-image U-Net never sees the masked image: only its draw is kept
         sample = noise.draw(first, (1, c, h, w))
         shared["masked"] = encode_latents(pixels * (redraw < 0.5), sample) if model.inpainting else None

@@ -15,7 +15,8 @@ from ldm_deploy.engine import controls, infotext, inpaint, refine, text
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
-from ldm_deploy.engine.request import Request, check_init_size, check_request, check_size, split, whole
+from ldm_deploy.engine.request import (Request, check_init_size, check_request, check_size, noise_multiplier_of, split,
+                                       whole)
 from ldm_deploy.engine.samplers import brownian, plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
@@ -91,6 +92,7 @@ class Pipeline:
         control_start: float | list = 0.0,
         control_end: float | list = 1.0,
         strength: float | None = None,
+        noise_multiplier: float = 1.0,
         clip_skip: int | None = None,
         prompt_weighting: bool = False,
         hires_scale: float | None = None,
@@ -118,7 +120,9 @@ class Pipeline:
         (B, H, W, 3) float32 array in [0, 1], or for "latent" the (B, C, H/8, W/8) final latents
         (undecoded), as diffusers does.
 
-        init_image (a path, a PIL image or an array) switches to img2img with `strength` (default 0.8).
+        init_image (a path, a PIL image or an array) switches to img2img with `strength` (default 0.8);
+        noise_multiplier scales the noise added to the image (AUTOMATIC1111's "Noise multiplier for
+        img2img", e.g. 1.05; txt2img ignores it, as there).
         mask (a path, a PIL image or an (H, W) array; white: redraw, black: keep) inpaints the init
         image, as diffusers' StableDiffusionInpaintPipeline does (strength then defaults to 1.0):
         an inpainting model takes the mask and the masked image at every step; any other model
@@ -295,6 +299,7 @@ class Pipeline:
             **({"first_pass_steps": _hires_pass[0], "edit_steps": _hires_pass[1]} if _hires_pass else {}),
             first_step=_first_step,
             masked_content=masked_content,
+            noise_multiplier=noise_multiplier_of(noise_multiplier) if init is not None else 1.0,
             **variation,
         )
         check_request(req, self.manifest, img2img=init is not None)
@@ -435,7 +440,7 @@ class Pipeline:
             z = np.repeat(init.array, req.batch // len(init.array), axis=0)
             if req.denoising_start is not None:  # a refiner's part of the walk: they are noisy already
                 return be.upload(z)
-            start_noise = noise.start(generator, shape, req, latents)
+            start_noise = noise.start(generator, shape, req, latents) * np.float32(req.noise_multiplier)
             return be.upload(np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start_noise)
         self.load_vae_encoder()
         pixels = images.to_model_input(init, req.width, req.height)
@@ -447,7 +452,7 @@ class Pipeline:
         # denoising_start: the image's latents as they are (diffusers' add_noise=False draws no noise)
         start = [1.0, 0.0] if req.denoising_start is not None else [sp.image_scale, sp.noise_scale]
         start_noise = np.zeros(shape, np.float32) if req.denoising_start is not None else \
-            noise.start(generator, shape, req, latents)
+            noise.start(generator, shape, req, latents) * np.float32(req.noise_multiplier)
         x = be.empty(shape)
         inputs = {
             "images": be.upload(pixels),

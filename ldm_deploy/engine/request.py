@@ -52,6 +52,8 @@ class Request:
     variation_seeds: tuple[int, ...] = ()
     variation_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None
+    # AUTOMATIC1111's "Noise multiplier for img2img": the start noise added to the image, scaled
+    noise_multiplier: float = 1.0
 
     @property
     def batch(self) -> int:
@@ -113,6 +115,15 @@ def check_size(manifest: Manifest, width: int | None, height: int | None) -> Non
                 f"{name} {value} is outside this engine's range [{lo}, {hi}]; choose a size in range, "
                 "or re-export with --min-size / --max-size"
             )
+
+
+def noise_multiplier_of(value) -> float:
+    """AUTOMATIC1111's img2img noise multiplier, checked: a number in (0, 10] (its slider: 0.5 to 1.5)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or not 0 < value <= 10:
+        raise InvalidRequest(f"noise_multiplier scales the noise added to an img2img image (AUTOMATIC1111's \"Noise "
+                             f"multiplier for img2img\", 0.5 to 1.5 there; 1: none), got {value!r}")
+    return float(value)
 
 
 def whole(name: str, value, default) -> int:

@@ -39,13 +39,12 @@ FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 NOT_OFFERED = {"restore_faces": (None, False),
                "script_name": (None, ""), "script_args": (None, []),
                "firstphase_width": (None, 0), "firstphase_height": (None, 0), "firstpass_image": (None,),
-               "hr_checkpoint_name": (None, "", "Use same checkpoint"), "latent_mask": (None,),
-               "initial_noise_multiplier": (None, 1, 1.0)}
+               "hr_checkpoint_name": (None, "", "Use same checkpoint"), "latent_mask": (None,)}
 WHY = {"restore_faces": "face restoration",
        "script_name": "scripts", "script_args": "scripts",
        "firstphase_width": "the old hires fix's first phase size", "firstphase_height": "the old hires fix's "
        "first phase size", "firstpass_image": "a given first pass", "hr_checkpoint_name": "another hires "
-       "checkpoint", "latent_mask": "a separate latent mask", "initial_noise_multiplier": "an initial noise multiplier"}
+       "checkpoint", "latent_mask": "a separate latent mask"}
 
 
 def txt2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict | None = None) -> dict:
@@ -156,6 +155,9 @@ def common(body: dict, model, size, random_seed, saved: dict | None = None) -> t
         options["prompt"], options["negative_prompt"] = styles.apply(names, saved, options["prompt"],
                                                                      options["negative_prompt"])
     options.update(variation(body, random_seed))
+    # img2img's "Noise multiplier" (the request's, else its setting; txt2img ignores it, as there)
+    options["noise_multiplier"] = number(body, "initial_noise_multiplier",
+                                         number(settings, "initial_noise_multiplier", 1.0))
     # its 1.6+: the request's tiling, else its Tiling option (override_settings), else the engine's
     tiling = flag(body, "tiling", None)
     if tiling is None:

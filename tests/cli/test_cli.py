@@ -78,7 +78,11 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     assert code == 0, err
     im = Image.open(out)
     assert im.size == (96, 72)  # rounded down to multiples of 8, as diffusers does
-    assert "Denoising strength: 0.6" in im.info["parameters"]
+    assert "Denoising strength: 0.6" in im.info["parameters"] and "Noise multiplier" not in im.info["parameters"]
+    code, err = run(capsys, ["a watercolor painting", "--engine", str(engine_dirs["tiny-sd1"]), "--init-image", str(init),
+                             "--strength", "0.6", "--steps", "4", "--noise-multiplier", "1.05", "--out", str(out), "-q"])
+    assert code == 0, err
+    assert "Denoising strength: 0.6, Noise multiplier: 1.05," in Image.open(out).info["parameters"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -57,6 +57,7 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     with pytest.raises(UserError, match="the image's Steps is 'twenty', not a number"):
         settings({"Steps": "twenty"})
     assert settings({"Mask blur": "4"}) == ({"mask_blur": 4.0}, [])  # AUTOMATIC1111's inpainting field
+    assert settings({"Noise multiplier": "1.05"}) == ({"noise_multiplier": 1.05}, [])  # its img2img one
     # AUTOMATIC1111's UniPC is another variant than ours: read, with a warning; ours is ours
     out, warnings = settings({"Sampler": "UniPC", "Schedule type": "Karras"})
     assert out == {"sampler": "unipc_karras"} and "another variant" in warnings[0]

@@ -147,6 +147,39 @@ def test_sgm_uniform_matches_diffusers(sampler, reference, pipelines):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
 
 
+def test_noise_multiplier_scales_the_noise_added_to_the_image(reference, pipelines, init_image, torch_noise):
+    """AUTOMATIC1111's "Noise multiplier for img2img": diffusers' img2img with its start noise
+    scaled (its scheduler's add_noise given multiplier x noise); txt2img ignores it."""
+    from diffusers import EulerDiscreteScheduler
+
+    from ldm_deploy.errors import InvalidRequest
+
+    class Scaled(EulerDiscreteScheduler):
+        def add_noise(self, original, noise, timesteps):
+            return super().add_noise(original, noise * 1.1, timesteps)
+
+    pipe, config = reference["tiny-sd1"][1], reference["tiny-sd1"][2]
+    pipe.scheduler = Scaled.from_config(config)
+    ref = pipe("a watercolor painting", image=init_image, strength=0.6, num_inference_steps=6, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(5), output_type="np").images
+    kw = dict(steps=6, guidance=7.5, sampler="euler", output_type="np", progress=False)
+    ours = pipelines["tiny-sd1"]("a watercolor painting", init_image=init_image, strength=0.6, noise_multiplier=1.1,
+                                 generator=torch_noise(5), **kw)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+    plain = pipelines["tiny-sd1"]("a watercolor painting", init_image=init_image, strength=0.6,
+                                  generator=torch_noise(5), **kw)
+    assert np.abs(plain - ours).max() > 10 * TOL
+    image = pipelines["tiny-sd1"]("x", init_image=init_image, strength=0.6, noise_multiplier=1.1, seed=1, steps=2,
+                                  progress=False)[0]
+    assert "Denoising strength: 0.6, Noise multiplier: 1.1," in image.info["parameters"]
+    txt = dict(steps=2, width=64, height=64, seed=1, output_type="np", progress=False)
+    assert np.array_equal(pipelines["tiny-sd1"]("x", noise_multiplier=1.1, **txt), pipelines["tiny-sd1"]("x", **txt))
+    for bad in (0, -1.0, float("nan"), True, "1.1"):
+        with pytest.raises(InvalidRequest, match="noise_multiplier scales the noise added to an img2img image"):
+            pipelines["tiny-sd1"]("x", init_image=init_image, noise_multiplier=bad, steps=2, progress=False)
+
+
 def test_dpmpp_sde_with_a_generator_and_no_seed_is_warned(pipelines, caplog):
     import logging
 

@@ -271,6 +271,16 @@ def test_controlnet_unit_refusals(unit, match):
         a1111.txt2img({"alwayson_scripts": {"controlnet": {"args": [unit]}}}, MODEL, (64, 64), seven)
 
 
+def test_noise_multiplier_from_the_request_or_its_setting():
+    body = {"prompt": "a cat"}
+    assert a1111.txt2img(body, MODEL, (128, 128), seven)["noise_multiplier"] == 1.0
+    assert a1111.txt2img({**body, "initial_noise_multiplier": 1.05}, MODEL, (128, 128), seven)["noise_multiplier"] == 1.05
+    settings = {"override_settings": {"initial_noise_multiplier": 0.9}}
+    assert a1111.txt2img({**body, **settings}, MODEL, (128, 128), seven)["noise_multiplier"] == 0.9
+    with pytest.raises(InvalidRequest, match="initial_noise_multiplier must be a finite number"):
+        a1111.txt2img({**body, "initial_noise_multiplier": "high"}, MODEL, (128, 128), seven)
+
+
 def test_styles_are_merged_into_the_prompts_and_the_hires_ones():
     from ldm_deploy.engine.styles import Style
 
