@@ -268,6 +268,29 @@ def control_options(args) -> dict:
     return out
 
 
+def pasted_styles(args, saved: dict, fields: dict, given_here: set, typed_prompt: bool) -> tuple:
+    """(prompt, negative prompt, hires prompt, hires negative prompt) with the --style styles that
+    those read from the PNG already hold taken out of them (they are applied again after); those
+    typed on the command line are left as they are."""
+    from ldm_deploy.engine import styles
+
+    def pasted(key, typed):
+        value = getattr(args, key)
+        return None if typed or value is None and key.startswith("hires") else (value or "")
+
+    prompt, negative, found = styles.unapply(args.style, saved, pasted("prompt", typed_prompt),
+                                             pasted("negative_prompt", "negative_prompt" in given_here))
+    if found:
+        log.info("the PNG's prompts hold the style%s %s already", "s" * (len(found) > 1), ", ".join(found))
+    hires = [styles.unapply(found, saved, pasted("hires_prompt", "hires_prompt" in given_here), None)[0],
+             styles.unapply(found, saved, None, pasted("hires_negative_prompt", "hires_negative_prompt" in given_here))[1]]
+    out = []
+    for key, bare in zip(("prompt", "negative_prompt", "hires_prompt", "hires_negative_prompt"), (prompt, negative, *hires)):
+        value = getattr(args, key)
+        out.append(value if bare is None or value is None else bare)
+    return tuple(out)
+
+
 def main(argv=None) -> int:
     # Options a PNG may set start UNSET (argparse keeps what a namespace holds), so that those
     # given on the command line can be told from defaults.
@@ -293,6 +316,7 @@ def main(argv=None) -> int:
         if args.mask_crop is not None and args.mask is None:
             raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
         given_here = {k for k in FROM_PNG if getattr(args, k) is not UNSET}  # on the command line
+        typed_prompt = args.prompt is not None
         fields = from_png(args)  # before a --model export: its mistakes are found in seconds
         if fields.get("Tiling") == "True" and args.model and not args.tiling:
             log.info("the PNG was drawn to tile (Tiling: True): --model's engine is exported with --tiling")
@@ -309,11 +333,8 @@ def main(argv=None) -> int:
         if args.style:  # before anything is loaded: a misspelt name is found at once
             saved = styles.read(args.styles_file)
             if fields:  # a PNG's prompts hold the styles it was drawn with: not applied twice
-                args.prompt, args.negative_prompt, found = styles.unapply(args.style, saved, args.prompt,
-                                                                          args.negative_prompt)
-                if found:
-                    log.info("the PNG's prompts hold the style%s %s already", "s" * (len(found) > 1),
-                             ", ".join(found))
+                args.prompt, args.negative_prompt, args.hires_prompt, args.hires_negative_prompt = pasted_styles(
+                    args, saved, fields, given_here, typed_prompt)
             args.prompt, args.negative_prompt = styles.apply(args.style, saved, args.prompt, args.negative_prompt)
             # the hires pass's own prompts too (none given: it takes the styled ones)
             if args.hires_prompt is not None:

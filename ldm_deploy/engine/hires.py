@@ -135,9 +135,13 @@ def fields(h: Hires, req, i: int) -> dict:
     out = {"Denoising strength": h.strength, "Hires upscale": h.scale,
            **({"Hires steps": h.steps} if h.steps else {}), "Hires upscaler": h.upscaler}
     if h.sampler is not None and h.sampler != req.sampler:
-        from ldm_deploy.engine.infotext import sampler_fields
+        from ldm_deploy.engine.infotext import SCHEDULE_LABELS, sampler_fields
 
         out.update(sampler_fields(DISPLAY_NAMES[h.sampler], "Hires sampler", "Hires schedule type"))
+        # a name without its schedule would be read with the first pass's "Schedule type" (SGM Uniform)
+        if "Hires schedule type" not in out and "Schedule type" in sampler_fields(DISPLAY_NAMES[req.sampler]) \
+                and not out["Hires sampler"].endswith(tuple(f" {label}" for label in SCHEDULE_LABELS)):
+            out["Hires schedule type"] = "Uniform"
     for key, mine, first in (("Hires prompt", h.prompt, req.prompts[i]),
                              ("Hires negative prompt", h.negative_prompt, req.negative_prompts[i])):
         if mine is not None and mine != first:

@@ -141,7 +141,8 @@ def alone(refiner, req: Request, init, latents, generator, progress, output_type
     """A walk switched before its first step: the refiner draws the request alone -> (B, H, W, 3)
     images in [0, 1] (output_type "latent": its latents), which the base writes its PNGs of."""
     return draw(refiner, req, generator, progress, output_type, scores, width=req.width, height=req.height,
-                init_image=init, strength=req.strength if init is not None else None, latents=latents)
+                init_image=init, strength=req.strength if init is not None else None, latents=latents,
+                noise_multiplier=req.noise_multiplier)
 
 
 def draw(refiner, req: Request, generator, progress, output_type, scores, **call):

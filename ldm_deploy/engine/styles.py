@@ -68,20 +68,23 @@ def extract(style_text: str, prompt: str) -> str | None:
     return None
 
 
-def unapply(names, styles: dict[str, Style], prompt: str, negative_prompt: str | None) -> tuple[str, str | None, list]:
-    """(prompt, negative prompt, names found): the named styles that a prompt already holds, last
-    applied first, taken out of it and its negative prompt (a style counts as there where both
-    hold its text), as AUTOMATIC1111 reads a pasted prompt's styles."""
+def unapply(names, styles: dict[str, Style], prompt: str | None, negative_prompt: str | None
+            ) -> tuple[str | None, str | None, list]:
+    """(prompt, negative prompt, names found): the named styles that a pasted prompt already holds,
+    last applied first, taken out of it and its negative prompt, as AUTOMATIC1111 reads a pasted
+    prompt's styles: a style counts as there where each side given holds its text (None: a side
+    not pasted, neither checked nor changed; "" a pasted side that is empty)."""
     found = []
     for name in reversed(names):
         style = styles.get(name)
-        if style is None:
+        if style is None or (prompt is None and negative_prompt is None):
             continue
-        bare = extract(style.prompt, prompt)
-        bare_negative = extract(style.negative_prompt, negative_prompt or "")
-        if bare is not None and bare_negative is not None:
-            prompt, found = bare, [name, *found]
-            negative_prompt = bare_negative if negative_prompt is not None else None
+        bare = None if prompt is None else extract(style.prompt, prompt)
+        bare_negative = None if negative_prompt is None else extract(style.negative_prompt, negative_prompt)
+        if (prompt is None or bare is not None) and (negative_prompt is None or bare_negative is not None):
+            prompt = prompt if prompt is None else bare
+            negative_prompt = negative_prompt if negative_prompt is None else bare_negative
+            found = [name, *found]
     return prompt, negative_prompt, found
 
 

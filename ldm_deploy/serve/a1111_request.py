@@ -71,6 +71,9 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict |
     if flag(body, "enable_hr"):
         raise InvalidRequest("enable_hr (the hires fix) is a txt2img field; img2img draws at width x height")
     options, resizes = common(body, model, None, random_seed, saved)
+    # its "Noise multiplier for img2img" (txt2img ignores it, as there; so do its override_settings,
+    # which it applies after the request has taken the setting)
+    options["noise_multiplier"] = number(body, "initial_noise_multiplier", 1.0)
     inits = body.get("init_images")
     if not isinstance(inits, list) or not inits:
         raise InvalidRequest("init_images: give the image to start from, as a list of one base64-encoded image")
@@ -155,9 +158,6 @@ def common(body: dict, model, size, random_seed, saved: dict | None = None) -> t
         options["prompt"], options["negative_prompt"] = styles.apply(names, saved, options["prompt"],
                                                                      options["negative_prompt"])
     options.update(variation(body, random_seed))
-    # img2img's "Noise multiplier" (the request's, else its setting; txt2img ignores it, as there)
-    options["noise_multiplier"] = number(body, "initial_noise_multiplier",
-                                         number(settings, "initial_noise_multiplier", 1.0))
     # its 1.6+: the request's tiling, else its Tiling option (override_settings), else the engine's
     tiling = flag(body, "tiling", None)
     if tiling is None:

@@ -2,7 +2,7 @@
 
     ldm_serve_requests_total{method, path, status}   counter: answers given (path: an endpoint's, or
                                                      "other" for paths not served, so the labels stay few)
-    ldm_serve_request_seconds{path}                  histogram: from the request read to the answer sent
+    ldm_serve_request_seconds{path}                  histogram: from the request read to its answer made
     ldm_serve_generation_seconds{engine}             histogram: one Pipeline call (a batch of jobs)
     ldm_serve_images_total{engine}                   counter: images drawn
     ldm_serve_jobs_total                             counter: requests the worker finished (ok or not)
@@ -82,7 +82,7 @@ class Metrics:
             out = ["# HELP ldm_serve_requests_total HTTP answers given.", "# TYPE ldm_serve_requests_total counter"]
             for (method, path, status), n in sorted(self.requests.items()):
                 out.append(f'ldm_serve_requests_total{{method="{method}",path="{quote(path)}",status="{status}"}} {n}')
-            out += ["# HELP ldm_serve_request_seconds Time from a request read to its answer sent.",
+            out += ["# HELP ldm_serve_request_seconds Time from a request read to its answer made.",
                     "# TYPE ldm_serve_request_seconds histogram"]
             for path, h in sorted(self.request_seconds.items()):
                 out += h.lines("ldm_serve_request_seconds", f'path="{quote(path)}"')

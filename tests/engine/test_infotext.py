@@ -145,3 +145,7 @@ def test_a_uniform_sampler_with_its_own_schedule_says_uniform(pipelines):
     assert "Hires sampler: DPM++ 2M Karras," in text  # its schedule in its name: not the first pass's
     out, _ = settings(parse(text)[2])
     assert (out["sampler"], out["hires_sampler"]) == ("euler_a_sgm_uniform", "dpmpp_2m_karras")
+    for hires in ("euler", "ddim"):  # no schedule in its name: said apart, not read as the first pass's
+        text = pipe("x", sampler="euler_a_sgm_uniform", hires_scale=1.5, hires_sampler=hires, **kw)[0].info["parameters"]
+        assert "Hires schedule type: Uniform" in text
+        assert settings(parse(text)[2])[0]["hires_sampler"] == hires

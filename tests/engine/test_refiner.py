@@ -310,6 +310,10 @@ def test_a_switch_that_leaves_one_model_no_step_lets_the_other_draw_alone(models
     low = dict(steps=30, seed=3, init_image=image, strength=0.2, sampler="euler", progress=False)
     [refined], [alone] = base(PROMPT, refiner=refiner, **low), refiner(PROMPT, **low)
     np.testing.assert_array_equal(np.asarray(refined), np.asarray(alone))
+    louder = {**low, "noise_multiplier": 1.1}  # AUTOMATIC1111's img2img noise multiplier goes with it
+    [refined_louder], [alone_louder] = base(PROMPT, refiner=refiner, **louder), refiner(PROMPT, **louder)
+    np.testing.assert_array_equal(np.asarray(refined_louder), np.asarray(alone_louder))
+    assert not np.array_equal(np.asarray(refined_louder), np.asarray(refined))
     text = refined.info["parameters"]  # as AUTOMATIC1111 writes it: the base's model, switched at once
     assert f"Model hash: {base.manifest.model.weights_sha256[:10]}, Model: base" in text
     assert "Refiner: refiner [" in text and "Refiner switch at: 0.8" in text

@@ -80,7 +80,20 @@ def test_ldm_run_draws_the_styled_prompts(saved, engine_dirs, pipelines, tmp_pat
                      "--out", str(again), *common]) == 0, capsys.readouterr().err
     assert Image.open(again).info["parameters"].splitlines()[:2] == [prompt, f"Negative prompt: {negative}"]
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), np.asarray(im.convert("RGB")))
-    assert styles.unapply(["Sharp"], styles.read(saved), "a dog", None) == ("a dog", None, [])  # not there
+    assert styles.unapply(["Sharp"], styles.read(saved), "a dog", "") == ("a dog", "", [])  # not there
+    # a side typed on the command line (None here) is neither checked nor changed
+    assert styles.unapply(["Sharp"], styles.read(saved), "a dog, sharp focus, highly detailed", None) == (
+        "a dog", None, ["Sharp"])
+    hires_png = tmp_path / "hires.png"
+    assert run_main(["a dog", "--style", "Sharp", "--styles-file", str(saved), "--hires-scale", "1.5",
+                     "--hires-prompt", "a black dog", "--out", str(hires_png), *common]) == 0, capsys.readouterr().err
+    text = Image.open(hires_png).info["parameters"]
+    assert "Hires prompt: \"a black dog, sharp focus, highly detailed\"" in text
+    assert run_main(["--from-png", str(hires_png), "--style", "Sharp", "--styles-file", str(saved), "--negative-prompt",
+                     "bad hands", "--out", str(again), *common]) == 0, capsys.readouterr().err
+    lines = Image.open(again).info["parameters"].splitlines()
+    assert lines[:2] == ["a dog, sharp focus, highly detailed", "Negative prompt: bad hands, blurry"]
+    assert "Hires prompt: \"a black dog, sharp focus, highly detailed\"" in lines[2]
     assert run_main(["a cat", "--style", "Noir", "--styles-file", str(saved), "--out", str(out), *common]) == 2
     assert "no style named 'Noir'" in capsys.readouterr().err
     assert run_main(["a cat", "--style", "Sharp", "--styles-file", str(tmp_path / "none.csv"), "--out", str(out),

@@ -271,14 +271,20 @@ def test_controlnet_unit_refusals(unit, match):
         a1111.txt2img({"alwayson_scripts": {"controlnet": {"args": [unit]}}}, MODEL, (64, 64), seven)
 
 
-def test_noise_multiplier_from_the_request_or_its_setting():
-    body = {"prompt": "a cat"}
-    assert a1111.txt2img(body, MODEL, (128, 128), seven)["noise_multiplier"] == 1.0
-    assert a1111.txt2img({**body, "initial_noise_multiplier": 1.05}, MODEL, (128, 128), seven)["noise_multiplier"] == 1.05
+def test_noise_multiplier_is_img2imgs():
+    from PIL import Image
+
+    body = {"prompt": "a cat", "init_images": [b64(Image.new("RGB", (64, 64), "red"))]}
+    assert a1111.img2img(body, MODEL, (128, 128), seven)["noise_multiplier"] == 1.0
+    assert a1111.img2img({**body, "initial_noise_multiplier": 1.05}, MODEL, (128, 128), seven)["noise_multiplier"] == 1.05
+    # its override_settings come after its request has taken the setting: no effect there, none here
     settings = {"override_settings": {"initial_noise_multiplier": 0.9}}
-    assert a1111.txt2img({**body, **settings}, MODEL, (128, 128), seven)["noise_multiplier"] == 0.9
+    assert a1111.img2img({**body, **settings}, MODEL, (128, 128), seven)["noise_multiplier"] == 1.0
     with pytest.raises(InvalidRequest, match="initial_noise_multiplier must be a finite number"):
-        a1111.txt2img({**body, "initial_noise_multiplier": "high"}, MODEL, (128, 128), seven)
+        a1111.img2img({**body, "initial_noise_multiplier": "high"}, MODEL, (128, 128), seven)
+    # txt2img ignores it, and keeps its options those of OpenAI's endpoint (the worker batches them)
+    assert "noise_multiplier" not in a1111.txt2img({"prompt": "a", "initial_noise_multiplier": 1.1}, MODEL,
+                                                   (128, 128), seven)
 
 
 def test_styles_are_merged_into_the_prompts_and_the_hires_ones():
