@@ -19,13 +19,17 @@ variation seed's own start noise.
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 import numpy as np
 
 from ldm_deploy.engine.request import whole
+from ldm_deploy.engine.samplers import brownian
 from ldm_deploy.engine.torch_random import TorchCpuRandom
 from ldm_deploy.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
 
 
 def seeded(seeds) -> list[TorchCpuRandom]:
@@ -41,6 +45,26 @@ def draw(generator, shape: tuple[int, ...]) -> np.ndarray:
         parts = [normal(g, (1,) + tuple(shape[1:])) for g in generator]
         return np.concatenate(parts).astype(np.float32)
     return normal(generator, tuple(shape)).astype(np.float32)
+
+
+def step_noise(sp, generator, seeds, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Each row's noise (B, C, h, w) of a SamplerPlan: drawn from the generator at the rows whose
+    scheduler draws, or for DPM++ SDE a Brownian tree's per image seed; zeros elsewhere (one array)."""
+    zeros = np.zeros(shape, np.float32)
+    if sp.brownian is not None:
+        return [zeros if n is None else n for n in brownian.row_noise(sp.brownian, seeds, shape)]
+    return [draw(generator, shape) if drawn else zeros for drawn in sp.draws]
+
+
+def warn_unseeded_trees(samplers, seed, generator, latents, warned: set) -> None:
+    """Once: a DPM++ SDE sampler with a generator or latents but no seed draws its trees' noise
+    from random seeds, so the image changes from call to call."""
+    sde = next((s for s in samplers if isinstance(s, str) and s.startswith("dpmpp_sde")), None)
+    if sde and seed in (None, -1) and (generator is not None or latents is not None) and "sde" not in warned:
+        warned.add("sde")
+        log.warning("the %s sampler's step noise comes from a Brownian tree seeded by each image's seed, not from "
+                    "the generator or latents given: without seed= those seeds are random, so the image changes "
+                    "from call to call (pass seed= too)", sde)
 
 
 def normal(generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -17,7 +17,7 @@ from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import (Request, check_init_size, check_request, check_size, noise_multiplier_of, split,
                                        whole)
-from ldm_deploy.engine.samplers import brownian, plan
+from ldm_deploy.engine.samplers import plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
 from ldm_deploy.errors import InvalidRequest
@@ -262,12 +262,7 @@ class Pipeline:
             raise InvalidRequest("inpainting starts every image from one image's latents: give one (1, C, h, w)")
         seeds, variation = noise.variation(seed, variation_seed, variation_strength, seed_resize_from, n,
                                            generator, latents)
-        sde = next((s for s in (sampler, hires_sampler) if isinstance(s, str) and s.startswith("dpmpp_sde")), None)
-        if sde and seed in (None, -1) and (generator is not None or latents is not None) and "sde" not in self.warned:
-            self.warned.add("sde")
-            log.warning("the %s sampler's step noise comes from a Brownian tree seeded by each image's seed, not "
-                        "from the generator or latents given: without seed= those seeds are random, so the image "
-                        "changes from call to call (pass seed= too)", sde)
+        noise.warn_unseeded_trees((sampler, hires_sampler), seed, generator, latents, self.warned)
         clip_skip = whole("clip_skip", clip_skip, 0)
         if not isinstance(prompt_weighting, (bool, np.bool_)):
             raise InvalidRequest(f"prompt_weighting must be True or False, got {prompt_weighting!r}")
@@ -379,10 +374,9 @@ class Pipeline:
             x = self.encode(init, req, sp, generator, latents, shape)
         else:
             x = be.upload(noise.start(generator, shape, req, latents) * np.float32(sp.init_noise_scale))
-        zeros = be.upload(np.zeros(shape, np.float32))
-        step_noise = [be.upload(noise.draw(generator, shape)) if draw else zeros for draw in sp.draws]
-        if sp.brownian is not None:  # DPM++ SDE: a Brownian tree per image seed, not the generator
-            step_noise = [zeros if n is None else be.upload(n) for n in brownian.row_noise(sp.brownian, req.seeds, shape)]
+        rows = noise.step_noise(sp, generator, req.seeds, shape)
+        buffers = {id(n): be.upload(n) for n in rows}  # one upload per array: the rows' zeros once
+        step_noise = [buffers[id(n)] for n in rows]
         if m.masks and step_masks is None:  # nothing masked: mask 1 keeps every step's output as it is
             keep = {"mask": be.upload(np.ones((b, 1, *shape[2:]), np.float32)),
                     "image_latents": be.upload(np.zeros(shape, np.float32))}
