@@ -67,6 +67,9 @@ SCHEDULERS = {
 SCHEDULERS.update({f"{name}_sgm_uniform": (SCHEDULERS[name][0], {**SCHEDULERS[name][1], "timestep_spacing": "trailing"})
                    for name in ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde",
                                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde", "unipc")})
+SCHEDULERS.update({f"{name}_beta": (SCHEDULERS[name][0], {**SCHEDULERS[name][1], "use_beta_sigmas": True})
+                   for name in ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
+                                "dpmpp_3m_sde", "dpmpp_sde", "unipc")})
 # ||out - ref|| / ||ref|| above which a reduced-precision component is flagged (fp16 lands near 1e-3).
 CHECK_TOLERANCE = 2e-2
 

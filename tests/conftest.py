@@ -86,9 +86,10 @@ def torch_noise():
 def generator_samplers() -> list:
     """Our samplers whose noise the generator draws: all but DPM++ SDE's, whose Brownian tree is
     seeded by the image's seed (each file's sweep leaves them to test_dpmpp_sde_matches_diffusers);
-    the `_sgm_uniform` ones apart too: each is another's walk on trailing spacing, which
-    test_samplers.py checks step by step (test_sgm_uniform_matches_diffusers runs two whole)."""
-    return [s for s in diffusers_schedulers() if not s.startswith("dpmpp_sde") and not s.endswith("_sgm_uniform")]
+    the `_sgm_uniform` and `_beta` ones apart too: each is another's walk on trailing spacing or at
+    Beta's sigmas, which test_samplers.py checks step by step (test_parity.py's
+    test_other_sigmas_match_diffusers runs a few whole)."""
+    return [s for s in diffusers_schedulers() if not s.startswith("dpmpp_sde") and not s.endswith(("_sgm_uniform", "_beta"))]
 
 
 @contextlib.contextmanager

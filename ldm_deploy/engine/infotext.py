@@ -33,7 +33,7 @@ NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("
            "Refiner switch at": ("refiner_switch_at", float), "Variation seed": ("variation_seed", int),
            "Variation seed strength": ("variation_strength", float), "Noise multiplier": ("noise_multiplier", float)}
 # The schedules our sampler names end in (ldm_deploy.engine.samplers.DISPLAY_NAMES).
-SCHEDULE_LABELS = ("Karras", "Exponential", "SGM Uniform")
+SCHEDULE_LABELS = ("Karras", "Exponential", "SGM Uniform", "Beta")
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential"}

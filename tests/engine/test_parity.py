@@ -129,18 +129,21 @@ def test_dpmpp_sde_matches_diffusers(reference, pipelines, init_image, torch_noi
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("sampler", ["euler_a_sgm_uniform", "dpmpp_sde_sgm_uniform"])
-def test_sgm_uniform_matches_diffusers(sampler, reference, pipelines):
+@pytest.mark.parametrize("sampler, steps, guidance", [
+    ("euler_a_sgm_uniform", 4, 2.0), ("dpmpp_sde_sgm_uniform", 4, 2.0), ("dpmpp_2m_sde_beta", 8, 7.5),
+    ("dpmpp_sde_beta", 5, 7.5)])
+def test_other_sigmas_match_diffusers(sampler, steps, guidance, reference, pipelines):
     """A sampler on trailing spacing whatever the model's config says, as diffusers' scheduler made
-    with timestep_spacing="trailing" (4 steps, as SDXL-Lightning draws)."""
+    with timestep_spacing="trailing" (4 steps, as SDXL-Lightning draws); at Beta's sigmas, as its
+    use_beta_sigmas."""
     latents = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(2))
     pipe, config = reference["tiny-sd1"][0], reference["tiny-sd1"][2]
     cls, options = SCHEDULERS[sampler]
     with torchs_float32_rounding():
         pipe.scheduler = cls.from_config(config, **options, **({"noise_sampler_seed": 8} if "sde" in sampler else {}))
-        ref = pipe("a red barn", num_inference_steps=4, guidance_scale=2.0, height=H, width=W, latents=latents.clone(),
-                   generator=torch.Generator().manual_seed(8), output_type="np").images
-        ours = pipelines["tiny-sd1"]("a red barn", steps=4, guidance=2.0, sampler=sampler, width=W, height=H, seed=8,
+        ref = pipe("a red barn", num_inference_steps=steps, guidance_scale=guidance, height=H, width=W,
+                   latents=latents.clone(), generator=torch.Generator().manual_seed(8), output_type="np").images
+        ours = pipelines["tiny-sd1"]("a red barn", steps=steps, guidance=guidance, sampler=sampler, width=W, height=H, seed=8,
                                      latents=latents.numpy(), generator=torch.Generator().manual_seed(8),
                                      output_type="np", progress=False)
     assert_not_saturated(ref)

@@ -108,6 +108,24 @@ def our_trace(sampler, config, steps, strength, noise, image, residuals, generat
     return trace
 
 
+def precision_gain(sampler, rows) -> float:
+    """How much more than TOL a sampler's latents may differ from diffusers' at these rows.
+
+    An update that multiplies x0 (or x0_prev) by more than 1 multiplies their rounding too: Heun's
+    correction, (s - s') / (2 s') (x0' - x0), reaches 7x at 3 steps. Multistep samplers difference
+    x0s over float32 log-SNR gaps: diffusers' third order (3M) is up to ~2e-5 off a float64 run of
+    itself at 30 steps, ours ~2e-6; on Beta's sigmas, which crowd both ends of the walk (timesteps
+    998, 997, 995, 991 at 30 steps), its UniPC is 1.2e-4 off, ours 5e-6, and its 3M SDE 9.6e-4 off,
+    ours 1.1e-4 (measured, SD1 config).
+    """
+    gain = max(1.0, float(np.abs(rows[:, [C_0, C_P, C_PP]]).max()))
+    if "3m" in sampler:
+        gain *= 2
+    if sampler.endswith("_beta") and sampler.startswith(("dpmpp_2m", "dpmpp_3m", "unipc")):
+        gain *= 4
+    return gain
+
+
 def check_against_diffusers(sampler, config, steps, strength):
     args = (sampler, config, steps, strength, *inputs(steps))
     with torchs_float32_rounding():
@@ -117,22 +135,16 @@ def check_against_diffusers(sampler, config, steps, strength):
     # difference of float32 logs): the gap grows with the largest term of an update. Latents and,
     # with this stand-in model, x0 reach ~45 (sigma_max times a 3-sigma noise value), where
     # diffusers itself is ~1e-5 off a float64 evaluation; so the tolerance is TOL per 15 units of
-    # the run's largest |model input|, |latent| or |x0|.
-    # An update that multiplies x0 (or x0_prev) by more than 1 multiplies their rounding too:
-    # Heun's correction, (s - s') / (2 s') (x0' - x0), reaches 7x at 3 steps.
+    # the run's largest |model input|, |latent| or |x0|, times precision_gain.
     scale = max(np.abs(a).max() for step in got for a in step[1:])
     rows = plan(sampler, NoiseSchedule.from_config(config), steps, 7.5, strength or 1.0).rows
-    gain = max(1.0, float(np.abs(rows[:, [C_0, C_P, C_PP]]).max()))
-    if "3m" in sampler:
-        # diffusers' third order takes float32 divided differences of three x0s: it is up to ~2e-5
-        # off a float64 run of itself at 30 steps, ours ~2e-6 (measured); allow its error twice
-        gain *= 2
-    atol = TOL * max(1.0, scale / 15) * gain
+    atol = TOL * max(1.0, scale / 15) * precision_gain(sampler, rows)
     for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
         where = f"{sampler} steps={steps} strength={strength} step {i}"
-        # Karras and Exponential timesteps come from sigmas, which diffusers holds in float32: an ulp
-        # apart; so do DPM2's midpoint timesteps
-        from_sigmas = "karras" in sampler or "exponential" in sampler or sampler.startswith(("dpm2", "dpmpp_sde"))
+        # Karras, Exponential and Beta timesteps come from sigmas, which diffusers holds in float32: an
+        # ulp apart; so do DPM2's midpoint timesteps
+        from_sigmas = any(k in sampler for k in ("karras", "exponential", "beta")) \
+            or sampler.startswith(("dpm2", "dpmpp_sde"))
         assert t == pytest.approx(t_ref, rel=1e-6, abs=1e-4) if from_sigmas else t == t_ref, where
         np.testing.assert_allclose(model_in, model_in_ref, rtol=0, atol=atol, err_msg=where)
         np.testing.assert_allclose(x, x_ref, rtol=0, atol=atol, err_msg=where)
@@ -141,7 +153,7 @@ def check_against_diffusers(sampler, config, steps, strength):
 @pytest.mark.parametrize("strength", [None, 0.3, 0.6, 1.0], ids=lambda s: f"img2img{s}" if s else "txt2img")
 @pytest.mark.parametrize("steps", [1, 2, 5, 20, 30])
 @pytest.mark.parametrize("config", [SD1, SD2], ids=["sd1-epsilon", "sd2-v"])
-@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endswith("_sgm_uniform")])
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endswith(("_sgm_uniform", "_beta"))])
 def test_matches_diffusers(sampler, config, steps, strength):
     if strength is not None and int(steps * strength) < 1:
         pytest.skip("no denoising step; the error is tested below")
@@ -171,10 +183,46 @@ def test_sgm_uniform_matches_diffusers(sampler, config, steps, strength):
     ],
     ids=["leading", "linspace", "trailing", "linear-betas", "alpha-to-one"],
 )
-# (the _sgm_uniform ones are their samplers on trailing spacing whatever the config says: above)
-@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endswith("_sgm_uniform")])
+# (the _sgm_uniform ones are their samplers on trailing spacing whatever the config says: above;
+# the _beta ones below)
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endswith(("_sgm_uniform", "_beta"))])
 def test_matches_diffusers_other_schedules(sampler, overrides, steps, strength):
     check_against_diffusers(sampler, {**SD1, **overrides}, steps, strength)
+
+
+# Each _beta sampler is its sampler's walk (checked above) at other sigmas, which euler.sigma_schedule
+# (Euler, Heun, the DPM2s, DPM++ SDE) or dpmpp_2m.timesteps_and_sigmas (the multistep ones) spread:
+# each on its own at fewer settings. 3 steps puts one at Beta's median.
+@pytest.mark.parametrize("config, steps, strength", [
+    (SD1, 3, None), (SD1, 25, None), (SD1, 3, 0.6), (SD1, 25, 0.6), (SD2, 25, None),
+    ({**SD1, "timestep_spacing": "leading"}, 25, None),
+    ({**SD1, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "steps_offset": 0}, 3, None),
+], ids=["sd1-3", "sd1-25", "sd1-3-img2img0.6", "sd1-25-img2img0.6", "sd2-v-25", "leading-25", "linear-betas-3"])
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s.endswith("_beta")])
+def test_beta_matches_diffusers(sampler, config, steps, strength):
+    if sampler.startswith("dpm2_a") and config.get("beta_schedule") == "linear" and steps == 3:
+        # s' / s ~ 1e-4 at the second step: diffusers' float32 s_down^2 = s'^2 - s_up^2 cancels to
+        # below 0 (NaN); ours takes its exact value there (dpm2.py)
+        rows = plan(sampler, NoiseSchedule.from_config(config), steps, 7.5).rows
+        assert np.all(np.isfinite(rows))
+        expected = diffusers_trace(sampler, config, steps, strength, *inputs(steps))
+        assert not np.all(np.isfinite(expected[-1][2]))  # (a diffusers that computes it otherwise: compare)
+        return
+    check_against_diffusers(sampler, config, steps, strength)
+
+
+def test_beta_quantiles_match_scipy():
+    """Beta's sigmas come from Beta(0.6, 0.6)'s quantiles, which diffusers and AUTOMATIC1111 take from
+    scipy; the runtime inverts the incomplete beta function itself (beta_dist.py)."""
+    from scipy import stats
+
+    from ldm_deploy.engine.samplers.beta_dist import beta_ppf, incomplete_beta
+
+    x = np.linspace(0, 1, 201)
+    for a, b in ((0.6, 0.6), (2.0, 5.0), (0.5, 3.0)):
+        np.testing.assert_allclose(incomplete_beta(x, a, b), stats.beta.cdf(x, a, b), rtol=0, atol=1e-14)
+        np.testing.assert_allclose(beta_ppf(x, a, b), stats.beta.ppf(x, a, b), rtol=0, atol=1e-14)
+    assert beta_ppf(np.array([0.0, 1.0]), 0.6, 0.6).tolist() == [0.0, 1.0]
 
 
 def test_plan_table():
@@ -183,7 +231,7 @@ def test_plan_table():
         p = plan(sampler, schedule, 20, guidance=6.0, strength=0.5)
         assert p.rows.dtype == np.float32
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
-        base = sampler.removesuffix("_sgm_uniform")  # (the same walk on another spacing)
+        base = sampler.removesuffix("_sgm_uniform").removesuffix("_beta")  # (the same walk at other sigmas)
         assert p.needs_noise == (base in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
                                           "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential")
                                  or base.startswith(("dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2m_sde_heun")))
@@ -285,7 +333,9 @@ def ensemble_diffusers(sampler, config, steps, switch, noise, residuals):
 
 @pytest.mark.parametrize("switch", [0.8, 0.5, 0.25])
 @pytest.mark.parametrize("config", [SD1, {**SD1, "timestep_spacing": "leading"}], ids=["sd1", "sdxl-leading"])
-@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s not in EVALUATIONS_PER_STEP])
+# (of the _beta samplers, the cut's own, two: a sigma one and a multistep one)
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s not in EVALUATIONS_PER_STEP
+                                     and (not s.endswith("_beta") or s in ("euler_beta", "dpmpp_2m_sde_beta"))])
 def test_denoising_end_and_start_match_diffusers_ensemble(sampler, config, switch):
     steps = 12
     noise, _, residuals = inputs(steps)
@@ -308,8 +358,9 @@ def test_denoising_end_and_start_match_diffusers_ensemble(sampler, config, switc
             got.append(x)
             i += 1
     scale = max(np.abs(a).max() for a in got)
+    atol = TOL * max(1.0, scale / 15) * max(precision_gain(sampler, p.rows) for p in (first, second))
     for k, (a, b) in enumerate(zip(got, expected)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=TOL * max(1.0, scale / 15), err_msg=f"{sampler} step {k}")
+        np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=f"{sampler} step {k}")
 
 
 @pytest.mark.parametrize("kwargs, message", [

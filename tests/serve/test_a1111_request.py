@@ -37,6 +37,7 @@ def seven():
     ("DPM++ SDE", "exponential", "dpmpp_sde_exponential"),
     ("DPM++ 3M SDE", None, "dpmpp_3m_sde_exponential"), ("Euler", "sgm_uniform", "euler_sgm_uniform"),
     ("DPM++ SDE", "SGM Uniform", "dpmpp_sde_sgm_uniform"), ("Euler a SGM Uniform", None, "euler_a_sgm_uniform"), ("k_dpmpp_3m_sde", "karras", "dpmpp_3m_sde_karras"),
+    ("DPM++ 2M", "beta", "dpmpp_2m_beta"), ("Euler Beta", None, "euler_beta"), ("k_dpmpp_sde", "Beta", "dpmpp_sde_beta"),
 ])
 def test_sampler_names(name, scheduler, ours):
     assert a1111.sampler(name, scheduler) == ours

@@ -13,7 +13,8 @@ the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_
 for the SDE ones, solver_order 3 for the 3M ones, solver_type "heun" for the SDE Heun ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
 use_exponential_sigmas for unipc_exponential), KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler
 (two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed); the
-`_sgm_uniform` ones with timestep_spacing "trailing"; Euler, Heun and the DPM2s take Karras and Exponential sigmas too.
+`_sgm_uniform` ones with timestep_spacing "trailing", the `_beta` ones with use_beta_sigmas; Euler, Heun
+and the DPM2s take Karras and Exponential sigmas too.
 `schedule.py` holds the schedule math they share.
 """
 
@@ -84,6 +85,11 @@ for _name in ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2
               "dpmpp_3m_sde", "dpmpp_sde", "unipc"):
     _display, _walker = _REGISTRY[_name]
     _REGISTRY[f"{_name}_sgm_uniform"] = (f"{_display} SGM Uniform", trailing(_walker))
+# Every sampler that takes Karras and Exponential sigmas takes Beta(0.6, 0.6)'s quantiles too.
+for _name in ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
+              "dpmpp_sde", "unipc"):
+    _display, _walker = _REGISTRY[_name]
+    _REGISTRY[f"{_name}_beta"] = (f"{_display} Beta", partial(_walker, beta=True))
 del _name, _display, _walker
 SAMPLERS = tuple(_REGISTRY)
 # U-Net evaluations a step, where not one (Heun's, DPM2's and DPM++ SDE's last step has one: 2n - 1 rows).

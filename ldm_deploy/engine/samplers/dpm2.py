@@ -33,16 +33,20 @@ from ldm_deploy.engine.samplers.schedule import Walk, alphas_cumprod, sigma_to_t
 
 
 def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False,
-         ancestral: bool = False) -> Walk:
+         ancestral: bool = False, beta: bool = False) -> Walk:
     """Coefficients for the calls of steps start..steps-1 of a `steps`-step DPM2 (or DPM2 a) walk."""
-    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential)
+    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, beta=beta)
     if karras:  # KDPM2's Karras timesteps are rounded (Euler's are not)
         t = np.round(t)
     s32 = sigmas.astype(np.float32)
     s, s_next = s32[:-1], s32[1:]
     if ancestral:
         up = np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
-        to = np.sqrt(s_next**2 - up**2)
+        down2 = s_next**2 - up**2
+        # float32 cancels s_down^2 to <= 0 where s' is below s by more than its precision (Beta's
+        # sigmas on a linear-betas model at 3 steps: s'^2 / s^2 ~ 1e-8), where diffusers gives NaN;
+        # there its exact value, s'^2 / s
+        to = np.where(down2 > 0, np.sqrt(np.maximum(down2, 0)), s_next**2 / s)
     else:
         up, to = np.zeros_like(s), s_next
     # diffusers' lerp runs from s' to s for DPM2, from s to s_down for DPM2 a

@@ -33,6 +33,7 @@ import numpy as np
 from ldm_deploy.engine.samplers.schedule import (
     Walk,
     alphas_cumprod,
+    beta_sigmas,
     exponential_sigmas,
     karras_sigmas,
     sigma_to_t,
@@ -45,12 +46,12 @@ from ldm_deploy.engine.samplers.schedule import (
 DEFAULT_SPACING = "linspace"
 
 
-def timesteps_and_sigmas(schedule, steps: int, karras: bool,
-                         exponential: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def timesteps_and_sigmas(schedule, steps: int, karras: bool, exponential: bool = False,
+                         beta: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(integer timesteps (steps,), sigmas (steps + 1,) ending in 0), as diffusers sets them."""
     sigmas = train_sigmas(alphas_cumprod(schedule))
-    if exponential:
-        return exponential_timesteps_and_sigmas(schedule, steps)
+    if exponential or beta:
+        return exponential_timesteps_and_sigmas(schedule, steps, beta_sigmas if beta else exponential_sigmas)
     if karras:
         # The U-Net gets the rounded timestep, the update uses the exact Karras sigma.
         s = karras_sigmas(sigmas, steps)
@@ -66,13 +67,14 @@ def timesteps_and_sigmas(schedule, steps: int, karras: bool,
     return t, np.append(sigmas[t.astype(np.int64)], 0.0)
 
 
-def exponential_timesteps_and_sigmas(schedule, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """use_exponential_sigmas as diffusers' multistep schedulers set it: the sigmas from its float32
-    table, and each timestep interpolated in log sigma against that table and cast to an integer
+def exponential_timesteps_and_sigmas(schedule, steps: int,
+                                     spread=exponential_sigmas) -> tuple[np.ndarray, np.ndarray]:
+    """use_exponential_sigmas as diffusers' multistep schedulers set it (and use_beta_sigmas, spread
+    beta_sigmas, alike): the sigmas from its float32 table, and each timestep interpolated in log sigma against that table and cast to an integer
     unrounded (floor: sigma_max's comes out 998, a float32 hair below 999)."""
     ac = alphas_cumprod(schedule).astype(np.float32)
     table32 = ((np.float32(1) - ac) / ac) ** np.float32(0.5)  # ascending, float32 as diffusers holds it
-    s = exponential_sigmas(table32.astype(np.float64), steps)
+    s = spread(table32.astype(np.float64), steps)
     log_table = np.log(table32)  # float32: the interpolation's ends
     log_s = np.log(np.maximum(s, 1e-10))
     low = np.minimum(np.searchsorted(log_table, log_s, side="right") - 1, len(log_table) - 2).clip(min=0)
@@ -82,11 +84,11 @@ def exponential_timesteps_and_sigmas(schedule, steps: int) -> tuple[np.ndarray, 
 
 
 def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = False,
-         exponential: bool = False, order: int = 2, heun: bool = False) -> Walk:
+         exponential: bool = False, order: int = 2, heun: bool = False, beta: bool = False) -> Walk:
     """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M (SDE) walk (order 3: 3M;
     heun: solver_type "heun", whose second-order term weighs D1 = (x0 - x0_prev) / r by
     alpha_next (1 - (1 - e^-2h) / (2h)) rather than the midpoint's a / 2; SDE form only here)."""
-    t, s = timesteps_and_sigmas(schedule, steps, karras, exponential)
+    t, s = timesteps_and_sigmas(schedule, steps, karras, exponential, beta)
     alpha = 1 / np.sqrt(s**2 + 1)
     sigma_vp = s * alpha
     p_x, p_m = x0_coefficients(schedule.prediction_type, alpha[:-1], sigma_vp[:-1])

@@ -33,9 +33,10 @@ from ldm_deploy.engine.samplers.schedule import Walk, alphas_cumprod, sigma_to_t
 f32 = np.float32
 
 
-def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False) -> Walk:
+def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False,
+         beta: bool = False) -> Walk:
     """Coefficients for the calls of steps start..steps-1 of a `steps`-step DPM++ SDE walk."""
-    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, timestep_dtype=np.float64)
+    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, timestep_dtype=np.float64, beta=beta)
     # diffusers' midpoint timesteps come from its float64 sigmas
     logs = -np.log(sigmas[:-1])
     t_mid = sigma_to_t(np.exp(-(logs[:-1] + np.diff(logs) * 0.5)), train_sigmas(alphas_cumprod(schedule)))
@@ -74,7 +75,8 @@ def ancestral(lam, s_from, s_to) -> tuple[float, float, float]:
     s_to, in diffusers' float32 order of operations."""
     up = min(s_to, f32(np.sqrt(f32(f32(s_to * s_to) * f32(s_from * s_from - s_to * s_to)) / f32(s_from * s_from))))
     down = f32(np.sqrt(f32(s_to * s_to - up * up)))
-    lam_down = -log(down)
+    with np.errstate(divide="ignore"):  # down is 0 where float32 cancels it (s_to far below s_from):
+        lam_down = -log(down)  # then e = 0, as torch's log(0) = -inf makes diffusers' too
     e = f32(exp(-lam_down) / exp(-lam))
     keep = -f32(np.expm1(np.float64(f32(lam - lam_down))))
     return float(e), float(keep), float(up)

@@ -16,6 +16,7 @@ import numpy as np
 from ldm_deploy.engine.samplers.schedule import (
     Walk,
     alphas_cumprod,
+    beta_sigmas,
     exponential_sigmas,
     karras_sigmas,
     sigma_at,
@@ -30,23 +31,24 @@ DEFAULT_SPACING = "linspace"
 
 
 def sigma_schedule(schedule, steps: int, karras: bool = False, exponential: bool = False,
-                   timestep_dtype=np.float32) -> tuple[np.ndarray, np.ndarray, float]:
+                   timestep_dtype=np.float32, beta: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """(timesteps (steps,), sigmas (steps + 1,) ending in 0, init_noise_sigma) of diffusers'
     Euler schedulers with their defaults (linear interpolation, final sigma zero); karras: Karras
     et al.'s sigmas between the spaced ones' extremes, at the timesteps they interpolate to
-    (use_karras_sigmas); exponential: evenly spaced in log sigma between them (use_exponential_sigmas).
+    (use_karras_sigmas); exponential: evenly spaced in log sigma between them (use_exponential_sigmas);
+    beta: at Beta(0.6, 0.6)'s quantiles between them (use_beta_sigmas).
     timestep_dtype: the spaced timesteps' (DPMSolverSDEScheduler's are float64, the others' float32)."""
     spacing = schedule.timestep_spacing or DEFAULT_SPACING
     # The U-Net gets float32 timesteps (linspace keeps fractions); take sigma at exactly those.
     t = spaced_timesteps(spacing, steps, schedule).astype(timestep_dtype).astype(np.float64)
     train = train_sigmas(alphas_cumprod(schedule))
     spaced = sigma_at(t, train)
-    if karras or exponential:  # (diffusers' float32 tables put its timesteps an ulp or so from these)
+    if karras or exponential or beta:  # (diffusers' float32 tables put its timesteps an ulp or so from these)
         low = spaced.min()
         if spacing == "trailing" and len(np.arange(schedule.num_train_timesteps, 0, -schedule.num_train_timesteps / steps)) > steps:
             low = train[0]  # diffusers' extra trailing point (t = -1, spaced_timesteps) sets its low end
         ends = np.array([low, spaced.max()])
-        spaced = karras_sigmas(ends, steps) if karras else exponential_sigmas(ends, steps)
+        spaced = (karras_sigmas if karras else beta_sigmas if beta else exponential_sigmas)(ends, steps)
         t = sigma_to_t(spaced, train).astype(np.float32).astype(np.float64)
     sigmas = np.append(spaced, 0.0)
     # diffusers' init_noise_sigma: s_max for "linspace" / "trailing" (k-diffusion's convention),
@@ -63,9 +65,10 @@ def sigma_space_input(prediction_type: str, sigma: np.ndarray) -> tuple:
     return alpha, p_x * alpha, p_m
 
 
-def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False) -> Walk:
+def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False,
+         beta: bool = False) -> Walk:
     """Coefficients for steps start..steps-1 of a `steps`-step Euler walk."""
-    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential)
+    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, beta=beta)
     s, s_next = sigmas[:-1], sigmas[1:]
     c_in, p_x, p_m = sigma_space_input(schedule.prediction_type, s)
     ratio = s_next / s

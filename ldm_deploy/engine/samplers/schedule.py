@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from ldm_deploy.engine.samplers.beta_dist import spaced_quantiles
 from ldm_deploy.engine.samplers.update import COLUMNS
 from ldm_deploy.errors import InvalidRequest
 
@@ -137,6 +138,14 @@ def exponential_sigmas(sigmas: np.ndarray, steps: int) -> np.ndarray:
     (k-diffusion's get_sigmas_exponential, AUTOMATIC1111's "Exponential" schedule, diffusers'
     use_exponential_sigmas)."""
     return np.exp(np.linspace(np.log(sigmas[-1]), np.log(sigmas[0]), steps))
+
+
+def beta_sigmas(sigmas: np.ndarray, steps: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """(steps,) descending sigmas at the quantiles 1 - i / (steps - 1) of Beta(a, b) between the
+    training extremes ("Beta Sampling is All You Need", Lee et al. 2024): dense at both ends of the
+    walk. diffusers' use_beta_sigmas and AUTOMATIC1111's "Beta" schedule, both with a = b = 0.6."""
+    lo, hi = sigmas[0], sigmas[-1]
+    return lo + np.array(spaced_quantiles(steps, a, b)) * (hi - lo)
 
 
 def sigma_to_t(sigma: np.ndarray, sigmas: np.ndarray) -> np.ndarray:

@@ -31,9 +31,10 @@ from ldm_deploy.engine.samplers.schedule import Walk, table, x0_coefficients
 X, M0, M1, M2 = np.eye(4)
 
 
-def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False) -> Walk:
+def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False,
+         beta: bool = False) -> Walk:
     """Coefficients for steps start..steps-1 of a `steps`-step UniPC walk."""
-    t, s = timesteps_and_sigmas(schedule, steps, karras, exponential)
+    t, s = timesteps_and_sigmas(schedule, steps, karras, exponential, beta)
     alpha = 1 / np.sqrt(s**2 + 1)
     sigma_vp = s * alpha
     p_x, p_m = x0_coefficients(schedule.prediction_type, alpha[:-1], sigma_vp[:-1])
