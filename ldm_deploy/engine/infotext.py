@@ -133,13 +133,7 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         out["prompt_weighting"] = False
     if "Sampler" in fields and "sampler" not in given:
         out["sampler"] = sampler(fields["Sampler"], fields.get("Schedule type"), DISPLAY_NAMES)
-        why = next((why for prefix, why in DIFFERS.items() if out["sampler"].startswith(prefix)), None)
-        if why and not fields.get("Version", "").startswith("ldm-deploy"):
-            warnings.append(f"the image's {fields['Sampler']} is AUTOMATIC1111's, {why}, so the image will differ")
-        if out["sampler"].endswith("_sgm_uniform") and not fields.get("Version", "").startswith("ldm-deploy"):
-            warnings.append("the image's SGM Uniform schedule is AUTOMATIC1111's, which spaces the timesteps from 999 "
-                            "to 0 at fractions, where diffusers' trailing spacing here takes whole ones: near, so the "
-                            "image will differ a little")
+        warnings += sampler_warnings(out["sampler"], fields["Sampler"], fields)
     if "Hires upscale" in fields:
         out["hires_scale"] = number("Hires upscale", float, "hires_scale")
         if "Hires steps" in fields:
@@ -151,8 +145,11 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
                 out[option] = fields[key]
         if ("Hires sampler" in fields or "Hires schedule type" in fields) and "hires_sampler" not in given:
             # its get_hr_sampler_and_scheduler: each the first pass's where the hires field is missing
-            out["hires_sampler"] = sampler(fields.get("Hires sampler", fields.get("Sampler", "Euler")),
-                                           fields.get("Hires schedule type", fields.get("Schedule type")), DISPLAY_NAMES)
+            name = fields.get("Hires sampler", fields.get("Sampler", "Euler"))
+            out["hires_sampler"] = sampler(name, fields.get("Hires schedule type", fields.get("Schedule type")),
+                                           DISPLAY_NAMES)
+            if out["hires_sampler"] != out.get("sampler"):  # (the same one is warned about once)
+                warnings += sampler_warnings(out["hires_sampler"], name, fields, hires=True)
         upscaler = upscaler_name(fields.get("Hires upscaler", UPSCALERS[0]))
         if upscaler == "None":  # AUTOMATIC1111's plain resize: Lanczos
             upscaler = UPSCALERS[0]
@@ -171,6 +168,23 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         warnings.append(f"the image's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not taken here, "
                         "so the image may differ")
     return {k: v for k, v in out.items() if k not in given and v is not None}, warnings
+
+
+def sampler_warnings(key: str, name: str, fields: dict[str, str], hires: bool = False) -> list[str]:
+    """Why an AUTOMATIC1111 image drawn with its sampler `name` (ours: `key`; hires: its hires
+    sampler) will differ here."""
+    if fields.get("Version", "").startswith("ldm-deploy"):
+        return []
+    out = []
+    why = next((why for prefix, why in DIFFERS.items() if key.startswith(prefix)), None)
+    if why:
+        out.append(f"the image's {'hires sampler ' if hires else ''}{name} is AUTOMATIC1111's, {why}, so the image "
+                   "will differ")
+    if key.endswith("_sgm_uniform"):
+        out.append(f"the image's {'hires ' if hires else ''}SGM Uniform schedule is AUTOMATIC1111's, which spaces the timesteps from 999 "
+                   "to 0 at fractions, where diffusers' trailing spacing here takes whole ones: near, so the "
+                   "image will differ a little")
+    return out
 
 
 def refiner_warning(fields: dict[str, str], refiner_hash: str | None) -> str | None:

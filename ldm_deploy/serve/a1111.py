@@ -123,19 +123,22 @@ class A1111:
         subseeds = list(noise.image_seeds(options["variation_seed"], len(images))) if varied else [-1] * len(images)
         resize = options.get("seed_resize_from") or (-1, -1)
         width, height = images[0].size
+        # its name as the PNG writes it: "Euler a" with "Schedule type: SGM Uniform" apart, which its
+        # parser would cut from the name at " Uniform"
+        sampler = infotext.sampler_fields(DISPLAY_NAMES[options["sampler"]])
         info = {
             "prompt": options["prompt"], "all_prompts": [options["prompt"]] * len(images),
             "negative_prompt": options["negative_prompt"] or "",
             "all_negative_prompts": [options["negative_prompt"] or ""] * len(images),
             "seed": req_seeds[0], "all_seeds": req_seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
             "subseed_strength": varied, "width": width, "height": height,
-            "sampler_name": DISPLAY_NAMES[options["sampler"]], "cfg_scale": options["guidance"],
+            "sampler_name": sampler.pop("Sampler"), "cfg_scale": options["guidance"],
             "steps": options["steps"], "batch_size": fields.integer(body, "batch_size", 1),
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": engine,
             "sd_model_hash": model.weights_sha256[:10], "sd_vae_name": vae_name(model) if model.vae else None,
             "sd_vae_hash": None, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
             "denoising_strength": options.get("strength", options.get("hires_strength")),
-            "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts, "styles": list(body.get("styles") or []),
+            "extra_generation_params": sampler, "index_of_first_image": 0, "infotexts": infotexts, "styles": list(body.get("styles") or []),
             "job_timestamp": datetime.now().strftime("%Y%m%d%H%M%S"), "clip_skip": options["clip_skip"] + 1,
             "is_using_inpainting_conditioning": bool(model.inpainting and img2img),
             "version": f"ldm-deploy {__version__}",

@@ -124,6 +124,15 @@ def test_hires_sampler_fields_as_automatic1111_pastes_them():
     assert settings({**base, "Sampler": "DPM++ 2M", "Schedule type": "Karras",
                      "Hires sampler": "Euler"})[0]["hires_sampler"] == "euler_karras"
     assert "hires_sampler" not in settings(base)[0]
+    # a hires sampler whose AUTOMATIC1111 images differ here is warned about as the first pass's is
+    out, warnings = settings({**base, "Hires sampler": "DPM2 a", "Hires schedule type": "Karras"})
+    assert out["hires_sampler"] == "dpm2_a_karras"
+    assert warnings == ["the image's hires sampler DPM2 a is AUTOMATIC1111's, which drops the next-to-last noise "
+                        "level of one step more than diffusers' KDPM2 schedulers here, so the image will differ"]
+    assert settings({**base, "Sampler": "UniPC", "Hires sampler": "UniPC"})[1] == [  # the same one: once
+        "the image's UniPC is AUTOMATIC1111's, which runs another variant (bh1, order 3) than diffusers' UniPC here, "
+        "so the image will differ"]
+    assert settings({**base, "Hires sampler": "DPM2", "Version": "ldm-deploy 0.1.0"})[1] == []
     for text in ('"red car"', 'a "b" c, d', "x: y\nz", ' padded ', 'plain'):
         line = f"Steps: 4, Seed: 1, Hires upscale: 2, Hires prompt: {quote(text)}, Hires negative prompt: n"
         out = settings(parse(f"p\n{line}")[2])[0]

@@ -116,6 +116,8 @@ def test_img2img_and_inpainting(server, oracle, photo):
                   prompt_weighting=True, progress=False)
     assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
     assert answer["parameters"]["init_images"] is None  # as AUTOMATIC1111, unless include_init_images
+    info = json.loads(answer["info"])  # the sampler named as the PNG names it
+    assert (info["sampler_name"], info["extra_generation_params"]) == ("DPM++ 2M Karras", {})
 
     # AUTOMATIC1111's API defaults: "Only masked" with no padding, mask blur 4, strength 0.75
     # masked content "fill": the hole painted with the colours around it first
