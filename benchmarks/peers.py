@@ -74,6 +74,20 @@ SCHEDULERS.update({f"{name}_beta": (SCHEDULERS[name][0], {**SCHEDULERS[name][1],
 CHECK_TOLERANCE = 2e-2
 
 
+def from_index_zero(cls):
+    """A diffusers scheduler class that begins its walk at index 0, as diffusers' SDXL pipelines set
+    it and its SD ones do not: Beta's first two timesteps on the multistep schedulers are equal from
+    32 steps on (998, 998), and their lookup of the first step then picks the second, so the walk
+    runs off its end (IndexError)."""
+    class FromZero(cls):
+        def set_timesteps(self, *args, **kwargs):
+            super().set_timesteps(*args, **kwargs)
+            self.set_begin_index(0)
+
+    FromZero.__name__ = FromZero.__qualname__ = cls.__name__
+    return FromZero
+
+
 def run(spec: dict) -> dict:
     """Measure diffusers per `spec` (see `bench.contender_spec`); returns the raw samples."""
     import diffusers
@@ -109,7 +123,9 @@ def run(spec: dict) -> dict:
     sync()
     load_s = time.perf_counter() - start
     cls_name, options = SCHEDULERS[spec["sampler"]]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **options)
+    cls = getattr(diffusers, cls_name)
+    pipe.scheduler = (from_index_zero(cls) if spec["sampler"].endswith("_beta") else cls).from_config(
+        pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
     processor = type(next(iter(pipe.unet.attn_processors.values()))).__name__
 

@@ -49,6 +49,8 @@ DIFFERS = {
                  "on the CPU",
     "lcm": "whose timesteps are spaced otherwise than diffusers' LCMScheduler spaces them here",
 }
+SGM_UNIFORM = ("which spaces the timesteps from 999 to 0 at fractions, where diffusers' trailing spacing here "
+               "takes whole ones: near, so the image will differ a little")
 # Fields whose difference changes nothing here, or that say how the image was made elsewhere.
 # Ours: an SDXL image whose empty negative prompt was encoded (given as ""), not zeros (none given),
 # which the text alone cannot tell apart (no "Negative prompt:" line either way).
@@ -58,7 +60,10 @@ QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lor
          "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur",
          "Refiner", "Refiner switch at", "Variation seed", "Variation seed strength", "Seed resize from",
          "Tiling", "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Noise multiplier",
-         EMPTY_NEGATIVE}
+         EMPTY_NEGATIVE, *(f"Beta schedule{r} {p}" for r in ("", "r") for p in ("alpha", "beta"))}
+# The Beta schedule's distribution (samplers/beta_dist.py): AUTOMATIC1111's default, and diffusers' only one.
+# It writes "Beta schedule alpha" and "... beta" wherever a pass draws with it (Forge: "Beta scheduler beta").
+BETA_DISTRIBUTION = (0.6, 0.6)
 
 
 def read_png(path: str | Path) -> str:
@@ -134,6 +139,8 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
     if "Sampler" in fields and "sampler" not in given:
         out["sampler"] = sampler(fields["Sampler"], fields.get("Schedule type"), DISPLAY_NAMES)
         warnings += sampler_warnings(out["sampler"], fields["Sampler"], fields)
+    if beta_warning(fields):
+        warnings.append(beta_warning(fields))
     if "Hires upscale" in fields:
         out["hires_scale"] = number("Hires upscale", float, "hires_scale")
         if "Hires steps" in fields:
@@ -148,8 +155,9 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
             name = fields.get("Hires sampler", fields.get("Sampler", "Euler"))
             out["hires_sampler"] = sampler(name, fields.get("Hires schedule type", fields.get("Schedule type")),
                                            DISPLAY_NAMES)
-            if out["hires_sampler"] != out.get("sampler"):  # (the same one is warned about once)
-                warnings += sampler_warnings(out["hires_sampler"], name, fields, hires=True)
+            # (a reason the first pass's sampler gave already is not repeated)
+            first = sampler_reasons(out["sampler"]) if "sampler" in out else []
+            warnings += sampler_warnings(out["hires_sampler"], name, fields, hires=True, skip=first)
         upscaler = upscaler_name(fields.get("Hires upscaler", UPSCALERS[0]))
         if upscaler == "None":  # AUTOMATIC1111's plain resize: Lanczos
             upscaler = UPSCALERS[0]
@@ -170,20 +178,45 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
     return {k: v for k, v in out.items() if k not in given and v is not None}, warnings
 
 
-def sampler_warnings(key: str, name: str, fields: dict[str, str], hires: bool = False) -> list[str]:
+def beta_warning(fields: dict[str, str]) -> str | None:
+    """A warning where the image's Beta schedule is another Beta distribution than ours."""
+    values = [fields.get(f"Beta schedule {p}", fields.get(f"Beta scheduler {p}")) for p in ("alpha", "beta")]
+
+    def ours(value, default):
+        try:
+            return value is None or float(value) == default
+        except ValueError:
+            return False
+
+    if all(ours(v, d) for v, d in zip(values, BETA_DISTRIBUTION)):
+        return None
+    alpha, beta = (d if v is None else v for v, d in zip(values, BETA_DISTRIBUTION))  # (one not written: its default)
+    return (f"the image's Beta schedule has alpha {alpha} and beta {beta}; here it is Beta"
+            f"{BETA_DISTRIBUTION} (AUTOMATIC1111's default, and diffusers'), so the image will differ")
+
+
+def sampler_reasons(key: str) -> list[str]:
+    """Why AUTOMATIC1111's images with our sampler `key` differ here (DIFFERS, and SGM Uniform's)."""
+    out = [why for prefix, why in DIFFERS.items() if key.startswith(prefix)][:1]
+    if key.endswith("_sgm_uniform"):
+        out.append(SGM_UNIFORM)
+    return out
+
+
+def sampler_warnings(key: str, name: str, fields: dict[str, str], hires: bool = False, skip=()) -> list[str]:
     """Why an AUTOMATIC1111 image drawn with its sampler `name` (ours: `key`; hires: its hires
-    sampler) will differ here."""
+    sampler) will differ here, but for the reasons in `skip`."""
     if fields.get("Version", "").startswith("ldm-deploy"):
         return []
     out = []
-    why = next((why for prefix, why in DIFFERS.items() if key.startswith(prefix)), None)
-    if why:
-        out.append(f"the image's {'hires sampler ' if hires else ''}{name} is AUTOMATIC1111's, {why}, so the image "
-                   "will differ")
-    if key.endswith("_sgm_uniform"):
-        out.append(f"the image's {'hires ' if hires else ''}SGM Uniform schedule is AUTOMATIC1111's, which spaces the timesteps from 999 "
-                   "to 0 at fractions, where diffusers' trailing spacing here takes whole ones: near, so the "
-                   "image will differ a little")
+    for why in sampler_reasons(key):
+        if why in skip:
+            continue
+        if why is SGM_UNIFORM:
+            out.append(f"the image's {'hires ' if hires else ''}SGM Uniform schedule is AUTOMATIC1111's, {why}")
+        else:
+            out.append(f"the image's {'hires sampler ' if hires else ''}{name} is AUTOMATIC1111's, {why}, so the "
+                       "image will differ")
     return out
 
 
@@ -237,7 +270,7 @@ def sampler(name: str, schedule: str | None, display_names: dict) -> str:
 
 def sampler_fields(display: str, sampler_field: str = "Sampler", schedule_field: str = "Schedule type") -> dict:
     """A sampler's infotext fields. The schedule stays in the name ("DPM++ 2M Karras"), which every
-    AUTOMATIC1111 reads, but for "SGM Uniform", which its 1.9+ would cut at " Uniform", and a
+    AUTOMATIC1111 reads ("Beta": its 1.10+, which has it), but for "SGM Uniform", which its 1.9+ would cut at " Uniform", and a
     uniform sampler whose name alone it reads as its own default ("DPM++ 2M": Karras): those say
     their schedule apart, as its 1.9+ writes."""
     if display.endswith(" SGM Uniform"):
@@ -276,6 +309,8 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
             fields["Noise multiplier"] = req.noise_multiplier
     if fix is not None:
         fields.update(hires.fields(fix, req, i))
+    if req.sampler.endswith("_beta") or (fix is not None and (fix.sampler or "").endswith("_beta")):
+        fields["Beta schedule alpha"], fields["Beta schedule beta"] = BETA_DISTRIBUTION
     if refiner:
         fields.update(refiner)
     if mask_blur is not None:  # AUTOMATIC1111 writes whole pixels without a point

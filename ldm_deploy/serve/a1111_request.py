@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
 from ldm_deploy.engine import styles
-from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES, SCHEDULE_LABELS
+from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES, BETA_DISTRIBUTION, SCHEDULE_LABELS
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve.a1111_controlnet import controlnet
@@ -63,6 +63,7 @@ def txt2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict |
     else:
         for k in ("hr_prompt", "hr_negative_prompt"):
             text(body, k)
+    beta_distribution(body.get("override_settings") or {}, options)
     return options
 
 
@@ -74,6 +75,7 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict |
     # its "Noise multiplier for img2img" (txt2img ignores it, as there; so do its override_settings,
     # which it applies after the request has taken the setting)
     options["noise_multiplier"] = number(body, "initial_noise_multiplier", 1.0)
+    beta_distribution(body.get("override_settings") or {}, options)
     inits = body.get("init_images")
     if not isinstance(inits, list) or not inits:
         raise InvalidRequest("init_images: give the image to start from, as a list of one base64-encoded image")
@@ -282,6 +284,18 @@ def base_name(display: str) -> str:
     for label in SCHEDULE_LABELS:
         display = display.removesuffix(" " + label)
     return display
+
+
+def beta_distribution(settings: dict, options: dict) -> None:
+    """Refuses override_settings' beta_dist_alpha / beta_dist_beta other than ours (0.6) where a pass
+    draws with the Beta schedule (elsewhere AUTOMATIC1111 does not read them either)."""
+    if not any((options.get(k) or "").endswith("_beta") for k in ("sampler", "hires_sampler")):
+        return
+    for key, ours in zip(("beta_dist_alpha", "beta_dist_beta"), BETA_DISTRIBUTION):
+        value = settings.get(key, ours)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != ours:
+            raise InvalidRequest(f"override_settings.{key} is {value!r}: the Beta schedule here is Beta{BETA_DISTRIBUTION} "
+                                 f"(AUTOMATIC1111's default, and diffusers'); leave it out, or send {ours}")
 
 
 def clip_skip(settings: dict, model) -> int:

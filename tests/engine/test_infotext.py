@@ -82,6 +82,13 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Beta"}) == ({"sampler": "dpmpp_2m_beta"}, [])
     assert settings({"Sampler": "Euler Beta"}) == ({"sampler": "euler_beta"}, [])
     assert sampler_fields("DPM++ 2M SDE Beta") == {"Sampler": "DPM++ 2M SDE Beta"}
+    # with the distribution it writes: ours read quietly, another one warned about (Forge: "Beta scheduler")
+    beta = {"Sampler": "Euler", "Schedule type": "Beta"}
+    assert settings({**beta, "Beta schedule alpha": "0.6", "Beta schedule beta": "0.6"}) == ({"sampler": "euler_beta"}, [])
+    assert settings({**beta, "Beta schedule alpha": "0.5", "Beta scheduler beta": "0.7"})[1] == [
+        "the image's Beta schedule has alpha 0.5 and beta 0.7; here it is Beta(0.6, 0.6) (AUTOMATIC1111's default, "
+        "and diffusers'), so the image will differ"]
+    assert "has alpha 0.6 and beta x" in settings({**beta, "Beta schedule beta": "x"})[1][0]
 
 
 def test_a_png_draws_again_to_the_pixel(engine_dirs, tmp_path, capsys, caplog):
@@ -151,6 +158,14 @@ def test_a_uniform_sampler_with_its_own_schedule_says_uniform(pipelines):
     assert (out["sampler"], out["hires_sampler"]) == ("dpmpp_2m", "dpmpp_sde")
     for sampler in ("dpmpp_2m_karras", "euler"):
         assert "Schedule type" not in pipe("x", sampler=sampler, **kw)[0].info["parameters"]
+    # Beta in the name (its 1.10+ reads it so), with its distribution as AUTOMATIC1111 writes it, for
+    # either pass
+    for first, hires in (("euler_beta", None), ("euler", "dpmpp_2m_beta")):
+        text = pipe("x", sampler=first, hires_scale=1.5, hires_sampler=hires, **kw)[0].info["parameters"]
+        assert "Beta schedule alpha: 0.6, Beta schedule beta: 0.6" in text
+        out, warnings = settings(parse(text)[2])
+        assert (out["sampler"], out.get("hires_sampler"), warnings) == (first, hires, [])
+    assert "Sampler: Euler Beta," in pipe("x", sampler="euler_beta", **kw)[0].info["parameters"]
     # "SGM Uniform" apart, as AUTOMATIC1111 1.9+ writes it (it would cut "Euler a SGM Uniform" at " Uniform")
     text = pipe("x", sampler="euler_a_sgm_uniform", hires_scale=1.5, hires_sampler="dpmpp_2m_karras",
                 **kw)[0].info["parameters"]

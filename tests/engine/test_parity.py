@@ -140,7 +140,7 @@ def test_other_sigmas_match_diffusers(sampler, steps, guidance, reference, pipel
     pipe, config = reference["tiny-sd1"][0], reference["tiny-sd1"][2]
     cls, options = SCHEDULERS[sampler]
     with torchs_float32_rounding():
-        pipe.scheduler = cls.from_config(config, **options, **({"noise_sampler_seed": 8} if "sde" in sampler else {}))
+        pipe.scheduler = cls.from_config(config, **options, **({"noise_sampler_seed": 8} if sampler.startswith("dpmpp_sde") else {}))
         ref = pipe("a red barn", num_inference_steps=steps, guidance_scale=guidance, height=H, width=W,
                    latents=latents.clone(), generator=torch.Generator().manual_seed(8), output_type="np").images
         ours = pipelines["tiny-sd1"]("a red barn", steps=steps, guidance=guidance, sampler=sampler, width=W, height=H, seed=8,

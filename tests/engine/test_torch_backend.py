@@ -179,11 +179,12 @@ def test_cuda_export_without_a_gpu_is_a_clear_error(model_dirs, tmp_path):
 def test_static_torch_engine(model_dirs, pipelines, tmp_path):
     """--static-shapes on a torch engine: one size, one image per pass, guidance on or off (cfg
     keeps 1..2); the same images as the dynamic ONNX Runtime engine; any other size is a clear
-    error."""
+    error. (Its programs run as exported: the fixed shapes are the export's, and AOTInductor's
+    compile of them, about 100 s of C++ here, is torch_engine's.)"""
     from ldm_deploy import Pipeline
     from ldm_deploy.export.tensorrt_build import TensorRTOptions
 
-    config = small_config(tensorrt=TensorRTOptions(static_shapes=True))
+    config = small_config(tensorrt=TensorRTOptions(static_shapes=True), aoti=False)
     m = read_manifest(export_engine(str(model_dirs["tiny-sd1"]), tmp_path / "e", config))
     assert m.dims == {"batch": DimRange(1, 1, 1), "cfg": DimRange(1, 2, 2), "latent_height": DimRange(8, 8, 8),
                       "latent_width": DimRange(8, 8, 8), "text_chunks": DimRange(1, 1, 1)}

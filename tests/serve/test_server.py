@@ -59,6 +59,20 @@ def test_txt2img_draws_what_the_pipeline_draws(server, oracle):
     assert info["infotexts"] == [im.info["parameters"] for im in want]
     assert [im.info["parameters"] for im in got] == info["infotexts"]  # inside each PNG, as AUTOMATIC1111's
     assert answer["parameters"] == body
+    # a schedule its parser would cut from the name ("Euler a SGM Uniform" at " Uniform") comes apart
+    small = {"prompt": "x", "steps": 1, "seed": 1, "width": 64, "height": 64}
+    for name, scheduler, schedule in (("Euler a", "sgm_uniform", "SGM Uniform"), ("DPM++ 2M", "uniform", "Uniform")):
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST",
+                                 {**small, "sampler_name": name, "scheduler": scheduler})
+        assert status == 200, answer
+        info = json.loads(answer["info"])
+        assert (info["sampler_name"], info["extra_generation_params"]) == (name, {"Schedule type": schedule})
+    # the Beta schedule's distribution is ours only (AUTOMATIC1111's default)
+    for settings, status_wanted in (({"beta_dist_alpha": 0.6}, 200), ({"beta_dist_beta": 0.5}, 422)):
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST",
+                                 {**small, "sampler_name": "Euler", "scheduler": "beta", "override_settings": settings})
+        assert status == status_wanted, answer
+    assert "beta_dist_beta is 0.5" in answer["detail"]
 
 
 def test_txt2img_defaults(server, oracle):
@@ -284,7 +298,7 @@ def test_listings(server, pipe):
     assert models[0]["hash"] == m.weights_sha256[:10] and models[0]["sha256"] == m.weights_sha256
     names = {s["name"] for s in call(server.url + "/sdapi/v1/samplers")[1]}
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC"} <= names
-    assert not any(n.endswith((" Karras", " Exponential", " Beta")) for n in names)  # schedules apart, as since its 1.9
+    assert not any(n.endswith((" Karras", " Exponential", " Beta", " SGM Uniform")) for n in names)  # schedules apart, as since its 1.9
     assert {s["name"] for s in call(server.url + "/sdapi/v1/schedulers")[1]} == {"automatic", "uniform", "karras",
                                                                                 "exponential", "sgm_uniform", "beta"}
     assert [u["name"] for u in call(server.url + "/sdapi/v1/upscalers")[1]] == ["Lanczos"]

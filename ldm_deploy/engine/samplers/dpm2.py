@@ -43,9 +43,10 @@ def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bo
     if ancestral:
         up = np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
         down2 = s_next**2 - up**2
-        # float32 cancels s_down^2 to <= 0 where s' is below s by more than its precision (Beta's
-        # sigmas on a linear-betas model at 3 steps: s'^2 / s^2 ~ 1e-8), where diffusers gives NaN;
-        # there its exact value, s'^2 / s
+        # As diffusers computes it (parity wins wherever diffusers' is finite, if a few ulps of
+        # s'^2 make it coarse), but where float32 cancels s_down^2 to <= 0 (Beta's sigmas on a
+        # linear-betas model at 2-4 steps: s'^2 / s^2 ~ 1e-8), where diffusers gives NaN: there
+        # its exact value, s'^2 / s
         to = np.where(down2 > 0, np.sqrt(np.maximum(down2, 0)), s_next**2 / s)
     else:
         up, to = np.zeros_like(s), s_next
