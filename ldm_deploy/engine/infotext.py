@@ -139,8 +139,7 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
     if "Sampler" in fields and "sampler" not in given:
         out["sampler"] = sampler(fields["Sampler"], fields.get("Schedule type"), DISPLAY_NAMES)
         warnings += sampler_warnings(out["sampler"], fields["Sampler"], fields)
-    if beta_warning(fields):
-        warnings.append(beta_warning(fields))
+    beta = beta_warning(fields)
     if "Hires upscale" in fields:
         out["hires_scale"] = number("Hires upscale", float, "hires_scale")
         if "Hires steps" in fields:
@@ -171,6 +170,8 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
     if fields.get("RNG", "CPU") != "CPU":  # its noise source other than CPU, ours (GPU writes no field)
         warnings.append(f"the image's noise came from AUTOMATIC1111's {fields['RNG']} random source; here seeds "
                         "draw its CPU source's noise, so the image will differ")
+    if beta and any(out.get(k, "").endswith("_beta") for k in ("sampler", "hires_sampler")):  # (else not drawn with it)
+        warnings.append(beta)
     other = [k for k in fields if k not in QUIET and k != "RNG"]
     if other:
         warnings.append(f"the image's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not taken here, "
@@ -180,17 +181,17 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
 
 def beta_warning(fields: dict[str, str]) -> str | None:
     """A warning where the image's Beta schedule is another Beta distribution than ours."""
-    values = [fields.get(f"Beta schedule {p}", fields.get(f"Beta scheduler {p}")) for p in ("alpha", "beta")]
-
     def ours(value, default):
         try:
             return value is None or float(value) == default
         except ValueError:
             return False
 
-    if all(ours(v, d) for v, d in zip(values, BETA_DISTRIBUTION)):
+    # each spelling written (Forge writes "Beta schedule alpha" beside "Beta scheduler beta")
+    values = [[fields.get(f"Beta {s} {p}") for s in ("schedule", "scheduler")] for p in ("alpha", "beta")]
+    if all(ours(v, d) for pair, d in zip(values, BETA_DISTRIBUTION) for v in pair):
         return None
-    alpha, beta = (d if v is None else v for v, d in zip(values, BETA_DISTRIBUTION))  # (one not written: its default)
+    alpha, beta = (next((v for v in pair if not ours(v, d)), d) for pair, d in zip(values, BETA_DISTRIBUTION))
     return (f"the image's Beta schedule has alpha {alpha} and beta {beta}; here it is Beta"
             f"{BETA_DISTRIBUTION} (AUTOMATIC1111's default, and diffusers'), so the image will differ")
 

@@ -126,6 +126,8 @@ class A1111:
         # its name as the PNG writes it: "Euler a" with "Schedule type: SGM Uniform" apart, which its
         # parser would cut from the name at " Uniform"
         sampler = infotext.sampler_fields(DISPLAY_NAMES[options["sampler"]])
+        if any((options.get(k) or "").endswith("_beta") for k in ("sampler", "hires_sampler")):
+            sampler["Beta schedule alpha"], sampler["Beta schedule beta"] = infotext.BETA_DISTRIBUTION  # as its PNG
         info = {
             "prompt": options["prompt"], "all_prompts": [options["prompt"]] * len(images),
             "negative_prompt": options["negative_prompt"] or "",
@@ -213,7 +215,8 @@ class A1111:
         return 200, {"sd_model_checkpoint": self.engines.title(self.engines.default),
                      "sd_vae": vae_name(self.model),
                      "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoint_hash": self.model.weights_sha256,
-                     "tiling": self.model.tiling}
+                     "tiling": self.model.tiling, **dict(zip(("beta_dist_alpha", "beta_dist_beta"),
+                                                             infotext.BETA_DISTRIBUTION))}
 
     def set_options(self, body: dict):
         """sd_model_checkpoint chooses the default engine, as it switches AUTOMATIC1111's model (it is
@@ -229,7 +232,8 @@ class A1111:
                 continue
             if key not in current or value != current[key]:
                 raise HttpError(422, f"options: {key} = {value!r} cannot be set here; settings go with each request "
-                                     "(override_settings: CLIP_stop_at_last_layers, sd_model_checkpoint), and a VAE "
+                                     "(override_settings: CLIP_stop_at_last_layers, sd_model_checkpoint, "
+                                     "beta_dist_alpha / beta_dist_beta at 0.6 only), and a VAE "
                                      "is exported into an engine")
         self.engines.default = chosen
         return 200, None

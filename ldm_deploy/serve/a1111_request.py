@@ -272,7 +272,7 @@ def sampler(name, scheduler) -> str:
     bases = {base_name(display) for display in DISPLAY_NAMES.values()}
     if ours is None and automatic and label and name in bases:
         raise InvalidRequest(f"{name}'s own schedule (scheduler \"automatic\") is {label}, which is not offered "
-                             f"here; pass scheduler \"karras\", \"exponential\" or \"uniform\"")
+                             f"here; pass scheduler \"karras\", \"exponential\", \"beta\" or \"uniform\"")
     if ours is None:
         raise InvalidRequest(f"sampler {full!r} is not offered here (GET /sdapi/v1/samplers lists those that are: "
                              f"{', '.join(sorted(set(DISPLAY_NAMES.values())))})")
@@ -295,7 +295,7 @@ def beta_distribution(settings: dict, options: dict) -> None:
         value = settings.get(key, ours)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != ours:
             raise InvalidRequest(f"override_settings.{key} is {value!r}: the Beta schedule here is Beta{BETA_DISTRIBUTION} "
-                                 f"(AUTOMATIC1111's default, and diffusers'); leave it out, or send {ours}")
+                                 f"(AUTOMATIC1111's default, and diffusers'); leave it out, or send the number {ours}")
 
 
 def clip_skip(settings: dict, model) -> int:

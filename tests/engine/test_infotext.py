@@ -89,6 +89,8 @@ def test_settings_map_fields_to_options_and_say_what_differs():
         "the image's Beta schedule has alpha 0.5 and beta 0.7; here it is Beta(0.6, 0.6) (AUTOMATIC1111's default, "
         "and diffusers'), so the image will differ"]
     assert "has alpha 0.6 and beta x" in settings({**beta, "Beta schedule beta": "x"})[1][0]
+    assert "has alpha 0.9 and beta 0.6" in settings({**beta, "Beta schedule alpha": "0.6", "Beta scheduler alpha": "0.9"})[1][0]
+    assert settings({**beta, "Schedule type": "Karras", "Beta schedule alpha": "0.5"})[1] == []  # not drawn with it
 
 
 def test_a_png_draws_again_to_the_pixel(engine_dirs, tmp_path, capsys, caplog):
@@ -140,6 +142,9 @@ def test_hires_sampler_fields_as_automatic1111_pastes_them():
         "the image's UniPC is AUTOMATIC1111's, which runs another variant (bh1, order 3) than diffusers' UniPC here, "
         "so the image will differ"]
     assert settings({**base, "Hires sampler": "DPM2", "Version": "ldm-deploy 0.1.0"})[1] == []
+    # (nor another sampler's with the same reason)
+    warnings = settings({**base, "Sampler": "DPM++ 2M SDE", "Hires sampler": "DPM++ 2M SDE Karras"})[1]
+    assert len(warnings) == 1 and "Brownian tree" in warnings[0]
     for text in ('"red car"', 'a "b" c, d', "x: y\nz", ' padded ', 'plain'):
         line = f"Steps: 4, Seed: 1, Hires upscale: 2, Hires prompt: {quote(text)}, Hires negative prompt: n"
         out = settings(parse(f"p\n{line}")[2])[0]
@@ -166,6 +171,7 @@ def test_a_uniform_sampler_with_its_own_schedule_says_uniform(pipelines):
         out, warnings = settings(parse(text)[2])
         assert (out["sampler"], out.get("hires_sampler"), warnings) == (first, hires, [])
     assert "Sampler: Euler Beta," in pipe("x", sampler="euler_beta", **kw)[0].info["parameters"]
+    assert "Beta schedule" not in pipe("x", sampler="euler", **kw)[0].info["parameters"]
     # "SGM Uniform" apart, as AUTOMATIC1111 1.9+ writes it (it would cut "Euler a SGM Uniform" at " Uniform")
     text = pipe("x", sampler="euler_a_sgm_uniform", hires_scale=1.5, hires_sampler="dpmpp_2m_karras",
                 **kw)[0].info["parameters"]

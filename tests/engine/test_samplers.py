@@ -255,6 +255,9 @@ def test_beta_quantiles_match_scipy():
         np.testing.assert_allclose(incomplete_beta(x, a, b), stats.beta.cdf(x, a, b), rtol=0, atol=1e-14)
         np.testing.assert_allclose(beta_ppf(x, a, b), stats.beta.ppf(x, a, b), rtol=0, atol=1e-14)
     assert beta_ppf(np.array([0.0, 1.0]), 0.6, 0.6).tolist() == [0.0, 1.0]
+    for a, b in ((0.6, 5.5), (0, 1), (float("nan"), 1)):  # where its series cancels, or no distribution
+        with pytest.raises(ValueError, match="exact for 0 < a, b <= 5 only"):
+            beta_ppf(np.array([0.5]), a, b)
 
 
 def test_plan_table():

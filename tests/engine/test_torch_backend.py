@@ -179,8 +179,9 @@ def test_cuda_export_without_a_gpu_is_a_clear_error(model_dirs, tmp_path):
 def test_static_torch_engine(model_dirs, pipelines, tmp_path):
     """--static-shapes on a torch engine: one size, one image per pass, guidance on or off (cfg
     keeps 1..2); the same images as the dynamic ONNX Runtime engine; any other size is a clear
-    error. (Its programs run as exported: the fixed shapes are the export's, and AOTInductor's
-    compile of them, about 100 s of C++ here, is torch_engine's.)"""
+    error. (Its programs run as exported: the fixed shapes are the export's. AOTInductor's
+    compile of a package is tested on torch_engine's dynamic shapes; of fixed ones, not here: it
+    took another 100 s of C++.)"""
     from ldm_deploy import Pipeline
     from ldm_deploy.export.tensorrt_build import TensorRTOptions
 

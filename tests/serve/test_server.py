@@ -67,12 +67,18 @@ def test_txt2img_draws_what_the_pipeline_draws(server, oracle):
         assert status == 200, answer
         info = json.loads(answer["info"])
         assert (info["sampler_name"], info["extra_generation_params"]) == (name, {"Schedule type": schedule})
-    # the Beta schedule's distribution is ours only (AUTOMATIC1111's default)
-    for settings, status_wanted in (({"beta_dist_alpha": 0.6}, 200), ({"beta_dist_beta": 0.5}, 422)):
-        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST",
-                                 {**small, "sampler_name": "Euler", "scheduler": "beta", "override_settings": settings})
-        assert status == status_wanted, answer
-    assert "beta_dist_beta is 0.5" in answer["detail"]
+    # the Beta schedule's distribution is ours only (AUTOMATIC1111's default), where a pass draws with it
+    beta = {**small, "sampler_name": "Euler", "scheduler": "beta"}
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", {**beta, "override_settings": {"beta_dist_alpha": 0.6}})
+    assert status == 200, answer
+    assert json.loads(answer["info"])["extra_generation_params"] == {"Beta schedule alpha": 0.6, "Beta schedule beta": 0.6}
+    for body in ({**beta, "override_settings": {"beta_dist_beta": 0.5}},
+                 {**small, "enable_hr": True, "hr_scheduler": "beta", "override_settings": {"beta_dist_beta": "0.6"}}):
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+        assert status == 422 and "beta_dist_beta is" in answer["detail"], answer
+    status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST",  # no Beta: not read, as there
+                             {**small, "override_settings": {"beta_dist_beta": 0.5}})
+    assert status == 200, answer
 
 
 def test_txt2img_defaults(server, oracle):
@@ -306,6 +312,9 @@ def test_listings(server, pipe):
     assert call(server.url + "/sdapi/v1/embeddings")[1] == {"loaded": {}, "skipped": {}}
     options = call(server.url + "/sdapi/v1/options")[1]
     assert call(server.url + "/sdapi/v1/options", "POST", {"sd_model_checkpoint": options["sd_model_checkpoint"]})[0] == 200
+    assert (options["beta_dist_alpha"], options["beta_dist_beta"]) == (0.6, 0.6)  # the only Beta schedule served
+    assert call(server.url + "/sdapi/v1/options", "POST", {"beta_dist_alpha": 0.6})[0] == 200
+    assert call(server.url + "/sdapi/v1/options", "POST", {"beta_dist_alpha": 0.5})[0] == 422
     status, answer, _ = call(server.url + "/sdapi/v1/options", "POST", {"CLIP_stop_at_last_layers": 2})
     assert status == 422 and "override_settings" in answer["detail"]
     assert call(server.url + "/internal/ping")[:2] == (200, {})
