@@ -66,6 +66,14 @@ QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lor
 BETA_DISTRIBUTION = (0.6, 0.6)
 
 
+def beta_fields(*samplers: str | None) -> dict:
+    """AUTOMATIC1111's Beta fields where any of a request's samplers (first pass, hires) draws with
+    Beta; {} where none does."""
+    if not any((s or "").endswith("_beta") for s in samplers):
+        return {}
+    return dict(zip(("Beta schedule alpha", "Beta schedule beta"), BETA_DISTRIBUTION))
+
+
 def read_png(path: str | Path) -> str:
     """The `parameters` text of a PNG, or a UserError saying why there is none."""
     from PIL import Image
@@ -170,7 +178,7 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
     if fields.get("RNG", "CPU") != "CPU":  # its noise source other than CPU, ours (GPU writes no field)
         warnings.append(f"the image's noise came from AUTOMATIC1111's {fields['RNG']} random source; here seeds "
                         "draw its CPU source's noise, so the image will differ")
-    if beta and any(out.get(k, "").endswith("_beta") for k in ("sampler", "hires_sampler")):  # (else not drawn with it)
+    if beta and beta_fields(out.get("sampler"), out.get("hires_sampler")):  # (else not drawn with it)
         warnings.append(beta)
     other = [k for k in fields if k not in QUIET and k != "RNG"]
     if other:
@@ -310,8 +318,7 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
             fields["Noise multiplier"] = req.noise_multiplier
     if fix is not None:
         fields.update(hires.fields(fix, req, i))
-    if req.sampler.endswith("_beta") or (fix is not None and (fix.sampler or "").endswith("_beta")):
-        fields["Beta schedule alpha"], fields["Beta schedule beta"] = BETA_DISTRIBUTION
+    fields.update(beta_fields(req.sampler, fix and fix.sampler))
     if refiner:
         fields.update(refiner)
     if mask_blur is not None:  # AUTOMATIC1111 writes whole pixels without a point

@@ -125,9 +125,8 @@ class A1111:
         width, height = images[0].size
         # its name as the PNG writes it: "Euler a" with "Schedule type: SGM Uniform" apart, which its
         # parser would cut from the name at " Uniform"
-        sampler = infotext.sampler_fields(DISPLAY_NAMES[options["sampler"]])
-        if any((options.get(k) or "").endswith("_beta") for k in ("sampler", "hires_sampler")):
-            sampler["Beta schedule alpha"], sampler["Beta schedule beta"] = infotext.BETA_DISTRIBUTION  # as its PNG
+        sampler = {**infotext.sampler_fields(DISPLAY_NAMES[options["sampler"]]),
+                   **infotext.beta_fields(options["sampler"], options.get("hires_sampler"))}  # as its PNG
         info = {
             "prompt": options["prompt"], "all_prompts": [options["prompt"]] * len(images),
             "negative_prompt": options["negative_prompt"] or "",

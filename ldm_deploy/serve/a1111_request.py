@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
 from ldm_deploy.engine import styles
-from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES, BETA_DISTRIBUTION, SCHEDULE_LABELS
+from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES, BETA_DISTRIBUTION, SCHEDULE_LABELS, beta_fields
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve.a1111_controlnet import controlnet
@@ -289,7 +289,7 @@ def base_name(display: str) -> str:
 def beta_distribution(settings: dict, options: dict) -> None:
     """Refuses override_settings' beta_dist_alpha / beta_dist_beta other than ours (0.6) where a pass
     draws with the Beta schedule (elsewhere AUTOMATIC1111 does not read them either)."""
-    if not any((options.get(k) or "").endswith("_beta") for k in ("sampler", "hires_sampler")):
+    if not beta_fields(options["sampler"], options.get("hires_sampler")):
         return
     for key, ours in zip(("beta_dist_alpha", "beta_dist_beta"), BETA_DISTRIBUTION):
         value = settings.get(key, ours)

@@ -26,8 +26,10 @@ TERMS = 80  # at most, of the series (each about half the last at x = 1/2)
 def incomplete_beta(x: np.ndarray, a: float, b: float) -> np.ndarray:
     """The regularised incomplete beta function I_x(a, b) at each x in [0, 1]."""
     x = np.asarray(x, dtype=np.float64)
-    flip = x > 0.5
-    return np.where(flip, 1 - series(1 - x, b, a), series(x, a, b))
+    out, flip = np.empty_like(x), x > 0.5  # each side summed where its series converges fast only
+    out[~flip] = series(x[~flip], a, b)
+    out[flip] = 1 - series(1 - x[flip], b, a)
+    return out
 
 
 def series(x: np.ndarray, a: float, b: float) -> np.ndarray:
