@@ -70,6 +70,9 @@ SCHEDULERS.update({f"{name}_sgm_uniform": (SCHEDULERS[name][0], {**SCHEDULERS[na
 SCHEDULERS.update({f"{name}_beta": (SCHEDULERS[name][0], {**SCHEDULERS[name][1], "use_beta_sigmas": True})
                    for name in ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
                                 "dpmpp_3m_sde", "dpmpp_sde", "unipc")})
+# The Align Your Steps ones: their sampler's scheduler walking given timesteps (`aligned`).
+SCHEDULERS.update({f"{name}_ays": SCHEDULERS[name]
+                   for name in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")})
 # ||out - ref|| / ||ref|| above which a reduced-precision component is flagged (fp16 lands near 1e-3).
 CHECK_TOLERANCE = 2e-2
 
@@ -86,6 +89,26 @@ def from_index_zero(cls):
 
     FromZero.__name__ = FromZero.__qualname__ = cls.__name__
     return FromZero
+
+
+def aligned(cls, family: str):
+    """A diffusers scheduler class that walks Align Your Steps' timesteps for `family` at any
+    step count, as `pipe(..., timesteps=ays_timesteps(...))` sets them (at 10 steps diffusers'
+    AysSchedules)."""
+    from dataclasses import replace
+
+    from ldm_deploy.engine.samplers import NoiseSchedule
+    from ldm_deploy.engine.samplers.ays import ays_timesteps
+
+    class Aligned(cls):
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            schedule = replace(NoiseSchedule.from_config(self.config), family=family)
+            timesteps = [int(t) for t in ays_timesteps(schedule, num_inference_steps)]
+            super().set_timesteps(device=device, timesteps=timesteps)
+            self.set_begin_index(0)
+
+    Aligned.__name__ = Aligned.__qualname__ = cls.__name__
+    return Aligned
 
 
 def run(spec: dict) -> dict:
@@ -124,8 +147,11 @@ def run(spec: dict) -> dict:
     load_s = time.perf_counter() - start
     cls_name, options = SCHEDULERS[spec["sampler"]]
     cls = getattr(diffusers, cls_name)
-    pipe.scheduler = (from_index_zero(cls) if spec["sampler"].endswith("_beta") else cls).from_config(
-        pipe.scheduler.config, **options)
+    if spec["sampler"].endswith("_beta"):
+        cls = from_index_zero(cls)
+    elif spec["sampler"].endswith("_ays"):
+        cls = aligned(cls, "sdxl" if is_xl_folder(Path(spec["model"])) else "sd1")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
     processor = type(next(iter(pipe.unet.attn_processors.values()))).__name__
 

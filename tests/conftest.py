@@ -86,10 +86,11 @@ def torch_noise():
 def generator_samplers() -> list:
     """Our samplers whose noise the generator draws: all but DPM++ SDE's, whose Brownian tree is
     seeded by the image's seed (each file's sweep leaves them to test_dpmpp_sde_matches_diffusers);
-    the `_sgm_uniform` and `_beta` ones apart too: each is another's walk on trailing spacing or at
-    Beta's sigmas, which test_samplers.py checks step by step (test_parity.py's
-    test_other_sigmas_match_diffusers runs a few whole)."""
-    return [s for s in diffusers_schedulers() if not s.startswith("dpmpp_sde") and not s.endswith(("_sgm_uniform", "_beta"))]
+    the `_sgm_uniform`, `_beta` and `_ays` ones apart too: each is another's walk on trailing spacing, at
+    Beta's sigmas or at Align Your Steps' timesteps, which test_samplers.py checks step by step
+    (test_parity.py's test_other_sigmas_match_diffusers runs a few whole)."""
+    return [s for s in diffusers_schedulers()
+            if not s.startswith("dpmpp_sde") and not s.endswith(("_sgm_uniform", "_beta", "_ays"))]
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ NUMBERS = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("
            "Refiner switch at": ("refiner_switch_at", float), "Variation seed": ("variation_seed", int),
            "Variation seed strength": ("variation_strength", float), "Noise multiplier": ("noise_multiplier", float)}
 # The schedules our sampler names end in (ldm_deploy.engine.samplers.DISPLAY_NAMES).
-SCHEDULE_LABELS = ("Karras", "Exponential", "SGM Uniform", "Beta")
+SCHEDULE_LABELS = ("Karras", "Exponential", "SGM Uniform", "Beta", "Align Your Steps")
 # AUTOMATIC1111 1.9+'s "Schedule type: Automatic": each sampler's own default (others: uniform).
 AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
                        "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential"}
@@ -51,6 +51,10 @@ DIFFERS = {
 }
 SGM_UNIFORM = ("which spaces the timesteps from 999 to 0 at fractions, where diffusers' trailing spacing here "
                "takes whole ones: near, so the image will differ a little")
+AYS = ("which spreads NVIDIA's levels over the steps down to sigma_min and then takes a step to 0, where "
+       "diffusers' (and ComfyUI's) here put 0 in place of sigma_min: near, so the image will differ a little")
+# Our schedules (by the end of our names) whose AUTOMATIC1111 walks differ: (its label, why).
+SCHEDULE_DIFFERS = {"_sgm_uniform": ("SGM Uniform", SGM_UNIFORM), "_ays": ("Align Your Steps", AYS)}
 # Fields whose difference changes nothing here, or that say how the image was made elsewhere.
 # Ours: an SDXL image whose empty negative prompt was encoded (given as ""), not zeros (none given),
 # which the text alone cannot tell apart (no "Negative prompt:" line either way).
@@ -205,11 +209,9 @@ def beta_warning(fields: dict[str, str]) -> str | None:
 
 
 def sampler_reasons(key: str) -> list[str]:
-    """Why AUTOMATIC1111's images with our sampler `key` differ here (DIFFERS, and SGM Uniform's)."""
+    """Why AUTOMATIC1111's images with our sampler `key` differ here (DIFFERS, SCHEDULE_DIFFERS)."""
     out = [why for prefix, why in DIFFERS.items() if key.startswith(prefix)][:1]
-    if key.endswith("_sgm_uniform"):
-        out.append(SGM_UNIFORM)
-    return out
+    return out + [why for suffix, (_, why) in SCHEDULE_DIFFERS.items() if key.endswith(suffix)]
 
 
 def sampler_warnings(key: str, name: str, fields: dict[str, str], hires: bool = False, skip=()) -> list[str]:
@@ -221,8 +223,9 @@ def sampler_warnings(key: str, name: str, fields: dict[str, str], hires: bool = 
     for why in sampler_reasons(key):
         if why in skip:
             continue
-        if why is SGM_UNIFORM:
-            out.append(f"the image's {'hires ' if hires else ''}SGM Uniform schedule is AUTOMATIC1111's, {why}")
+        label = next((label for label, reason in SCHEDULE_DIFFERS.values() if why is reason), None)
+        if label:
+            out.append(f"the image's {'hires ' if hires else ''}{label} schedule is AUTOMATIC1111's, {why}")
         else:
             out.append(f"the image's {'hires sampler ' if hires else ''}{name} is AUTOMATIC1111's, {why}, so the "
                        "image will differ")
@@ -279,7 +282,7 @@ def sampler(name: str, schedule: str | None, display_names: dict) -> str:
 
 def sampler_fields(display: str, sampler_field: str = "Sampler", schedule_field: str = "Schedule type") -> dict:
     """A sampler's infotext fields. The schedule stays in the name ("DPM++ 2M Karras"), which every
-    AUTOMATIC1111 reads ("Beta": its 1.10+, which has it), but for "SGM Uniform", which its 1.9+ would cut at " Uniform", and a
+    AUTOMATIC1111 reads ("Beta", "Align Your Steps": its 1.10+, which has them), but for "SGM Uniform", which its 1.9+ would cut at " Uniform", and a
     uniform sampler whose name alone it reads as its own default ("DPM++ 2M": Karras): those say
     their schedule apart, as its 1.9+ writes."""
     if display.endswith(" SGM Uniform"):

@@ -106,7 +106,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         model = dict(d["model"])
-        model["noise_schedule"] = NoiseSchedule.from_config(model["noise_schedule"])
+        model["noise_schedule"] = NoiseSchedule.from_config({**model["noise_schedule"], "family": model["family"]})
         model["loras"] = tuple(model.get("loras", ()))
         model["embeddings"] = tuple(model.get("embeddings", ()))
         model["controlnets"] = tuple(model.get("controlnets", ()))

@@ -27,7 +27,7 @@ def model_info(src: SourceModel) -> ModelInfo:
     if str(src.scheduler_config.get("_class_name", "")).startswith("EDM"):
         raise ModelSourceError(f"{src.path}: an EDM model ({src.scheduler_config['_class_name']}, e.g. Playground "
                                "v2.5), whose noise schedule is not supported yet")
-    schedule = NoiseSchedule.from_config(src.scheduler_config)
+    schedule = NoiseSchedule.from_config({**src.scheduler_config, "family": src.family})
     if schedule.beta_schedule not in ("scaled_linear", "linear"):
         raise ModelSourceError(f"{src.path}: beta_schedule {schedule.beta_schedule!r} is not supported yet")
     if schedule.prediction_type not in ("epsilon", "v_prediction"):

@@ -26,7 +26,7 @@ from ldm_deploy.serve.fields import flag, integer, number, picture, text
 
 # AUTOMATIC1111's scheduler names -> labels (those that fit our samplers' schedules).
 SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
-              "sgm_uniform": "SGM Uniform", "beta": "Beta"}
+              "sgm_uniform": "SGM Uniform", "beta": "Beta", "align_your_steps": "Align Your Steps"}
 # Its sampler aliases (k-diffusion's names) -> its display names.
 ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_heun": "Heun",
            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_lcm": "LCM", "ddim": "DDIM",

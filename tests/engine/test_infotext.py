@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ldm_deploy.cli import run as run_cli
-from ldm_deploy.engine.infotext import model_warning, parse, sampler_fields, settings
+from ldm_deploy.engine.infotext import AYS, model_warning, parse, sampler_fields, settings
 from ldm_deploy.errors import UserError
 
 A1111 = ("masterpiece, a cat\non a (red:1.2) sofa\n"
@@ -78,6 +78,12 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     out, warnings = settings({"Sampler": "Euler", "Schedule type": "SGM Uniform"})
     assert out == {"sampler": "euler_sgm_uniform"} and "near, so the image will differ a little" in warnings[0]
     assert settings({"Sampler": "DPM++ SDE", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "dpmpp_sde"}, [])
+    # "Align Your Steps" (its 1.10+): its walk is near ours, not the same
+    out, warnings = settings({"Sampler": "DPM++ 2M", "Schedule type": "Align Your Steps"})
+    assert out == {"sampler": "dpmpp_2m_ays"} and warnings == [
+        f"the image's Align Your Steps schedule is AUTOMATIC1111's, {AYS}"]
+    assert settings({"Sampler": "Euler Align Your Steps", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "euler_ays"}, [])
+    assert sampler_fields("DPM++ 2M Align Your Steps") == {"Sampler": "DPM++ 2M Align Your Steps"}
     # "Beta" (its 1.10+), as a field and in the name
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Beta"}) == ({"sampler": "dpmpp_2m_beta"}, [])
     assert settings({"Sampler": "Euler Beta"}) == ({"sampler": "euler_beta"}, [])

@@ -150,6 +150,25 @@ def test_other_sigmas_match_diffusers(sampler, steps, guidance, reference, pipel
     np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("sampler", ["euler_ays", "dpmpp_2m_ays"])
+def test_align_your_steps_matches_diffusers(sampler, reference, pipelines):
+    """NVIDIA's ten Align Your Steps for SD 1.5 as diffusers draws them: its pipeline given
+    timesteps=AysSchedules["StableDiffusionTimesteps"]."""
+    from diffusers.schedulers import AysSchedules
+
+    latents = torch.randn((1, 4, H // 8, W // 8), generator=torch.Generator().manual_seed(3))
+    pipe, config = reference["tiny-sd1"][0], reference["tiny-sd1"][2]
+    cls, options = SCHEDULERS[sampler]
+    with torchs_float32_rounding():
+        pipe.scheduler = cls.from_config(config, **options)
+        ref = pipe("a red barn", timesteps=AysSchedules["StableDiffusionTimesteps"], guidance_scale=7.5, height=H,
+                   width=W, latents=latents.clone(), output_type="np").images
+        ours = pipelines["tiny-sd1"]("a red barn", steps=10, guidance=7.5, sampler=sampler, width=W, height=H,
+                                     latents=latents.numpy(), output_type="np", progress=False)
+    assert_not_saturated(ref)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+
+
 def test_noise_multiplier_scales_the_noise_added_to_the_image(reference, pipelines, init_image, torch_noise):
     """AUTOMATIC1111's "Noise multiplier for img2img": diffusers' img2img with its start noise
     scaled (its scheduler's add_noise given multiplier x noise); txt2img ignores it."""

@@ -59,7 +59,10 @@ def diffusers_trace(sampler, config, steps, strength, noise, image, residuals, g
     if sampler.startswith("dpmpp_sde"):  # its Brownian tree's seed: ours is the image's
         extra = {**extra, "noise_sampler_seed": SEED}
     scheduler = cls.from_config(config, **extra)
-    scheduler.set_timesteps(steps)
+    if sampler.endswith("_ays"):  # Align Your Steps: given timesteps, as pipe(..., timesteps=...) sets them
+        scheduler.set_timesteps(timesteps=ays_oracle(config, steps))
+    else:
+        scheduler.set_timesteps(steps)
     if hasattr(scheduler, "set_begin_index"):  # (as SDXL's pipelines do; where two timesteps are equal, its
         scheduler.set_begin_index(0)  # lookup of the first picks the second: test_beta_at_equal_timesteps)
     timesteps = scheduler.timesteps
@@ -81,6 +84,18 @@ def diffusers_trace(sampler, config, steps, strength, noise, image, residuals, g
         x = scheduler.step(out, t, x, **noisy).prev_sample
         trace.append((float(t), model_in.numpy(), x.numpy()))
     return trace
+
+
+def ays_oracle(config, steps) -> list[int]:
+    """The Align Your Steps timesteps diffusers is given: at 10 steps its own AysSchedules (for SD 1.5,
+    which SD 2.x takes too); at other step counts ours, whose interpolation test_ays_timesteps checks."""
+    from diffusers.schedulers import AysSchedules
+
+    from ldm_deploy.engine.samplers.ays import ays_timesteps
+
+    if steps == 10:
+        return AysSchedules["StableDiffusionTimesteps"]
+    return [int(t) for t in ays_timesteps(NoiseSchedule.from_config(config), steps)]
 
 
 def our_trace(sampler, config, steps, strength, noise, image, residuals, generator=None):
@@ -155,7 +170,7 @@ def check_against_diffusers(sampler, config, steps, strength):
 @pytest.mark.parametrize("strength", [None, 0.3, 0.6, 1.0], ids=lambda s: f"img2img{s}" if s else "txt2img")
 @pytest.mark.parametrize("steps", [1, 2, 5, 30])  # (20 steps: the ensemble test's 12 and the spacings' 25 below)
 @pytest.mark.parametrize("config", [SD1, SD2], ids=["sd1-epsilon", "sd2-v"])
-@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endswith(("_sgm_uniform", "_beta"))])
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endswith(("_sgm_uniform", "_beta", "_ays"))])
 def test_matches_diffusers(sampler, config, steps, strength):
     if strength is not None and int(steps * strength) < 1:
         pytest.skip("no denoising step; the error is tested below")
@@ -186,8 +201,8 @@ def test_sgm_uniform_matches_diffusers(sampler, config, steps, strength):
     ids=["leading", "linspace", "trailing", "linear-betas", "alpha-to-one"],
 )
 # (the _sgm_uniform ones are their samplers on trailing spacing whatever the config says: above;
-# the _beta ones below)
-@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endswith(("_sgm_uniform", "_beta"))])
+# the _beta and _ays ones below)
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endswith(("_sgm_uniform", "_beta", "_ays"))])
 def test_matches_diffusers_other_schedules(sampler, overrides, steps, strength):
     check_against_diffusers(sampler, {**SD1, **overrides}, steps, strength)
 
@@ -266,7 +281,7 @@ def test_plan_table():
         p = plan(sampler, schedule, 20, guidance=6.0, strength=0.5)
         assert p.rows.dtype == np.float32
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
-        base = sampler.removesuffix("_sgm_uniform").removesuffix("_beta")  # (the same walk at other sigmas)
+        base = sampler.removesuffix("_sgm_uniform").removesuffix("_beta").removesuffix("_ays")  # (at other sigmas)
         assert p.needs_noise == (base in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
                                           "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential")
                                  or base.startswith(("dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2m_sde_heun")))
@@ -370,7 +385,8 @@ def ensemble_diffusers(sampler, config, steps, switch, noise, residuals):
 @pytest.mark.parametrize("config", [SD1, {**SD1, "timestep_spacing": "leading"}], ids=["sd1", "sdxl-leading"])
 # (of the _beta samplers, the cut's own, two: a sigma one and a multistep one)
 @pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s not in EVALUATIONS_PER_STEP
-                                     and (not s.endswith("_beta") or s in ("euler_beta", "dpmpp_2m_sde_beta"))])
+                                     and (not s.endswith("_beta") or s in ("euler_beta", "dpmpp_2m_sde_beta"))
+                                     and not s.endswith("_ays")])  # (a cut is a cut of the rows: as above)
 def test_denoising_end_and_start_match_diffusers_ensemble(sampler, config, switch):
     steps = 12
     noise, _, residuals = inputs(steps)
@@ -413,6 +429,57 @@ def test_denoising_fraction_errors(kwargs, message):
     with pytest.raises(InvalidRequest) as e:
         plan(sampler, NoiseSchedule.from_config(SD1), 10, 7.5, **kwargs)
     assert message in str(e.value)
+
+
+# Each _ays sampler is its sampler's walk at given timesteps: at 10 steps diffusers' AysSchedules.
+@pytest.mark.parametrize("config, steps, strength", [
+    (SD1, 10, None), (SD1, 10, 0.6), (SD2, 10, None), (SD1, 4, None), (SD1, 25, 0.6),
+    ({**SD1, "timestep_spacing": "leading"}, 10, None),
+    ({**SD1, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "steps_offset": 0}, 10, None),
+], ids=["sd1-10", "sd1-10-img2img0.6", "sd2-v-10", "sd1-4", "sd1-25-img2img0.6", "leading-10", "linear-betas-10"])
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s.endswith("_ays")])
+def test_ays_matches_diffusers(sampler, config, steps, strength):
+    check_against_diffusers(sampler, config, steps, strength)
+
+
+@pytest.mark.parametrize("family, key", [("sd1", "StableDiffusion"), ("sd2", "StableDiffusion"),
+                                         ("sdxl", "StableDiffusionXL")])
+def test_ays_timesteps(family, key):
+    """NVIDIA's ten steps as diffusers ships them (the timesteps, and the noise levels they are); other
+    step counts log-linear between those levels, as NVIDIA's how-to and ComfyUI interpolate them."""
+    from diffusers.schedulers import AysSchedules
+
+    from ldm_deploy.engine.samplers.ays import ays_timesteps
+    from ldm_deploy.engine.samplers.schedule import alphas_cumprod, sigma_at, train_sigmas
+
+    schedule = NoiseSchedule.from_config({**SD1, "family": family})
+    assert ays_timesteps(schedule, 10).tolist() == AysSchedules[f"{key}Timesteps"]
+    train = train_sigmas(alphas_cumprod(schedule))
+    # the levels of those timesteps are diffusers' sigmas (NVIDIA's to three decimals; SDXL's last,
+    # 0.113, lies at t = 13.4, which the timesteps round to 13: 0.111)
+    np.testing.assert_allclose(sigma_at(ays_timesteps(schedule, 10), train), AysSchedules[f"{key}Sigmas"][:-1],
+                               rtol=1.5e-2)
+    levels = train[AysSchedules[f"{key}Timesteps"] + [0]]  # NVIDIA's eleven: the last at t = 0, sigma_min
+    for steps in (1, 4, 15, 30):
+        want = np.exp(np.interp(np.linspace(0, 1, steps + 1)[::-1], np.linspace(0, 1, 11), np.log(levels[::-1])))
+        t = ays_timesteps(schedule, steps).astype(int)
+        # each the noise level of the whole timestep nearest the level wanted: within half the log
+        # gap to a neighbour
+        gaps = np.diff(np.log(train))
+        half = np.maximum(gaps[np.clip(t - 1, 0, None)], gaps[np.clip(t, None, len(gaps) - 1)]) / 2
+        assert np.all(np.abs(np.log(train[t]) - np.log(want[:-1])) <= half + 1e-9), steps
+    # ldm-bench's diffusers contender walks them at any step count (benchmarks/peers.py)
+    from diffusers import DPMSolverMultistepScheduler
+
+    from benchmarks.peers import aligned
+
+    contender = aligned(DPMSolverMultistepScheduler, family).from_config(SD1)
+    contender.set_timesteps(10)
+    assert contender.timesteps.tolist() == AysSchedules[f"{key}Timesteps"]
+    contender.set_timesteps(7)
+    assert contender.timesteps.tolist() == ays_timesteps(schedule, 7).tolist()
+    with pytest.raises(InvalidRequest, match="tuned for models trained over 1000 timesteps"):
+        plan("euler_ays", NoiseSchedule.from_config({**SD1, "num_train_timesteps": 500}), 10, 7.5)
 
 
 @pytest.mark.parametrize("beta_schedule,beta_start,beta_end", [("scaled_linear", 0.00085, 0.012),

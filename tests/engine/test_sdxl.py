@@ -72,6 +72,22 @@ def test_txt2img_matches_diffusers(sampler, xl):
     assert np.abs(got - expected).max() < TOL
 
 
+def test_align_your_steps_matches_diffusers(xl):
+    """SDXL's own Align Your Steps walk, as diffusers draws it: pipe(..., timesteps=AysSchedules[
+    "StableDiffusionXLTimesteps"]) (the SD 1.5 one's timesteps differ from the second on)."""
+    from diffusers.schedulers import AysSchedules
+
+    _, pipe, ref = xl
+    lat = noise(2)
+    kw = dict(prompt="a fox in the snow", width=W, height=H, generator=torch.Generator().manual_seed(4))
+    expected = diffusers_run(ref, "dpmpp_2m_sde_ays", timesteps=AysSchedules["StableDiffusionXLTimesteps"],
+                             guidance_scale=6.0, latents=torch.from_numpy(lat), **kw)
+    kw["generator"] = torch.Generator().manual_seed(4)
+    got = ours(pipe, "dpmpp_2m_sde_ays", steps=10, guidance=6.0, latents=lat, **kw)
+    assert_not_saturated(expected)
+    assert np.abs(got - expected).max() < TOL
+
+
 def test_dpmpp_sde_matches_diffusers(xl):
     """DPM++ SDE's Brownian noise on SDXL (its tree seeded by the image's seed, diffusers'
     noise_sampler_seed), with the micro-conditioning and both encoders of the rest."""

@@ -38,6 +38,8 @@ def seven():
     ("DPM++ 3M SDE", None, "dpmpp_3m_sde_exponential"), ("Euler", "sgm_uniform", "euler_sgm_uniform"),
     ("DPM++ SDE", "SGM Uniform", "dpmpp_sde_sgm_uniform"), ("Euler a SGM Uniform", None, "euler_a_sgm_uniform"), ("k_dpmpp_3m_sde", "karras", "dpmpp_3m_sde_karras"),
     ("DPM++ 2M", "beta", "dpmpp_2m_beta"), ("Euler Beta", None, "euler_beta"), ("k_dpmpp_sde", "Beta", "dpmpp_sde_beta"),
+    ("DPM++ 2M", "align_your_steps", "dpmpp_2m_ays"), ("Euler", "Align Your Steps", "euler_ays"),
+    ("DPM++ 2M SDE Align Your Steps", None, "dpmpp_2m_sde_ays"),
 ])
 def test_sampler_names(name, scheduler, ours):
     assert a1111.sampler(name, scheduler) == ours

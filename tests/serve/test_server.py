@@ -304,9 +304,10 @@ def test_listings(server, pipe):
     assert models[0]["hash"] == m.weights_sha256[:10] and models[0]["sha256"] == m.weights_sha256
     names = {s["name"] for s in call(server.url + "/sdapi/v1/samplers")[1]}
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DDIM", "UniPC"} <= names
-    assert not any(n.endswith((" Karras", " Exponential", " Beta", " SGM Uniform")) for n in names)  # schedules apart, as since its 1.9
+    assert not any(n.endswith((" Karras", " Exponential", " Beta", " SGM Uniform", " Steps")) for n in names)  # schedules apart, as since its 1.9
     assert {s["name"] for s in call(server.url + "/sdapi/v1/schedulers")[1]} == {"automatic", "uniform", "karras",
-                                                                                "exponential", "sgm_uniform", "beta"}
+                                                                                "exponential", "sgm_uniform", "beta",
+                                                                                "align_your_steps"}
     assert [u["name"] for u in call(server.url + "/sdapi/v1/upscalers")[1]] == ["Lanczos"]
     assert "Latent (bicubic)" in [u["name"] for u in call(server.url + "/sdapi/v1/latent-upscale-modes")[1]]
     assert call(server.url + "/sdapi/v1/embeddings")[1] == {"loaded": {}, "skipped": {}}

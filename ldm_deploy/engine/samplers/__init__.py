@@ -13,7 +13,8 @@ the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_
 for the SDE ones, solver_order 3 for the 3M ones, solver_type "heun" for the SDE Heun ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
 use_exponential_sigmas for unipc_exponential), KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler
 (two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed); the
-`_sgm_uniform` ones with timestep_spacing "trailing", the `_beta` ones with use_beta_sigmas; Euler, Heun
+`_sgm_uniform` ones with timestep_spacing "trailing", the `_beta` ones with use_beta_sigmas, the `_ays` ones
+with `set_timesteps(timesteps=ays.ays_timesteps(...))` (Align Your Steps: ays.py); Euler, Heun
 and the DPM2s take Karras and Exponential sigmas too.
 `schedule.py` holds the schedule math they share.
 """
@@ -90,6 +91,10 @@ for _name in ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dp
               "dpmpp_sde", "unipc"):
     _display, _walker = _REGISTRY[_name]
     _REGISTRY[f"{_name}_beta"] = (f"{_display} Beta", partial(_walker, beta=True))
+# NVIDIA's Align Your Steps walks (ays.py) where diffusers' scheduler takes them (`timesteps=`).
+for _name in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):
+    _display, _walker = _REGISTRY[_name]
+    _REGISTRY[f"{_name}_ays"] = (f"{_display} Align Your Steps", partial(_walker, ays=True))
 del _name, _display, _walker
 SAMPLERS = tuple(_REGISTRY)
 # U-Net evaluations a step, where not one (Heun's, DPM2's and DPM++ SDE's last step has one: 2n - 1 rows).
@@ -113,6 +118,9 @@ class NoiseSchedule:
     timestep_spacing: str | None = None  # "leading" | "linspace" | "trailing" | None
     steps_offset: int = 0
     set_alpha_to_one: bool = False
+    # Not the scheduler config's: the model family ("sd1" | "sd2" | "sdxl"), whose tuned walks the
+    # Align Your Steps samplers take (ays.py); the manifest's model.family sets it.
+    family: str = "sd1"
 
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
@@ -121,7 +129,8 @@ class NoiseSchedule:
         return cls(**{k: v for k, v in config.items() if k in fields})
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The scheduler config's fields (what the manifest's noise_schedule holds)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "family"}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ldm_deploy.engine.samplers.ays import ays_timesteps
 from ldm_deploy.engine.samplers.schedule import (
     Walk,
     alphas_cumprod,
@@ -47,9 +48,13 @@ DEFAULT_SPACING = "linspace"
 
 
 def timesteps_and_sigmas(schedule, steps: int, karras: bool, exponential: bool = False,
-                         beta: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(integer timesteps (steps,), sigmas (steps + 1,) ending in 0), as diffusers sets them."""
+                         beta: bool = False, ays: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(integer timesteps (steps,), sigmas (steps + 1,) ending in 0), as diffusers sets them
+    (ays: the Align Your Steps timesteps, as `set_timesteps(timesteps=...)` takes them)."""
     sigmas = train_sigmas(alphas_cumprod(schedule))
+    if ays:
+        t = ays_timesteps(schedule, steps)
+        return t, np.append(sigmas[t.astype(np.int64)], 0.0)
     if exponential or beta:
         return exponential_timesteps_and_sigmas(schedule, steps, beta_sigmas if beta else exponential_sigmas)
     if karras:
@@ -84,11 +89,12 @@ def exponential_timesteps_and_sigmas(schedule, steps: int,
 
 
 def walk(schedule, steps: int, start: int, karras: bool = False, sde: bool = False,
-         exponential: bool = False, order: int = 2, heun: bool = False, beta: bool = False) -> Walk:
+         exponential: bool = False, order: int = 2, heun: bool = False, beta: bool = False,
+         ays: bool = False) -> Walk:
     """Coefficients for steps start..steps-1 of a `steps`-step DPM++ 2M (SDE) walk (order 3: 3M;
     heun: solver_type "heun", whose second-order term weighs D1 = (x0 - x0_prev) / r by
     alpha_next (1 - (1 - e^-2h) / (2h)) rather than the midpoint's a / 2; SDE form only here)."""
-    t, s = timesteps_and_sigmas(schedule, steps, karras, exponential, beta)
+    t, s = timesteps_and_sigmas(schedule, steps, karras, exponential, beta, ays)
     alpha = 1 / np.sqrt(s**2 + 1)
     sigma_vp = s * alpha
     p_x, p_m = x0_coefficients(schedule.prediction_type, alpha[:-1], sigma_vp[:-1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ldm_deploy.engine.samplers.ays import ays_timesteps
 from ldm_deploy.engine.samplers.schedule import (
     Walk,
     alphas_cumprod,
@@ -31,16 +32,21 @@ DEFAULT_SPACING = "linspace"
 
 
 def sigma_schedule(schedule, steps: int, karras: bool = False, exponential: bool = False,
-                   timestep_dtype=np.float32, beta: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+                   timestep_dtype=np.float32, beta: bool = False,
+                   ays: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """(timesteps (steps,), sigmas (steps + 1,) ending in 0, init_noise_sigma) of diffusers'
     Euler schedulers with their defaults (linear interpolation, final sigma zero); karras: Karras
     et al.'s sigmas between the spaced ones' extremes, at the timesteps they interpolate to
     (use_karras_sigmas); exponential: evenly spaced in log sigma between them (use_exponential_sigmas);
-    beta: at Beta(0.6, 0.6)'s quantiles between them (use_beta_sigmas).
+    beta: at Beta(0.6, 0.6)'s quantiles between them (use_beta_sigmas); ays: at the Align Your
+    Steps timesteps (ays.py), as `set_timesteps(timesteps=...)` takes them.
     timestep_dtype: the spaced timesteps' (DPMSolverSDEScheduler's are float64, the others' float32)."""
     spacing = schedule.timestep_spacing or DEFAULT_SPACING
     # The U-Net gets float32 timesteps (linspace keeps fractions); take sigma at exactly those.
-    t = spaced_timesteps(spacing, steps, schedule).astype(timestep_dtype).astype(np.float64)
+    if ays:
+        t = ays_timesteps(schedule, steps)
+    else:
+        t = spaced_timesteps(spacing, steps, schedule).astype(timestep_dtype).astype(np.float64)
     train = train_sigmas(alphas_cumprod(schedule))
     spaced = sigma_at(t, train)
     if karras or exponential or beta:  # (diffusers' float32 tables put its timesteps an ulp or so from these)
@@ -66,9 +72,9 @@ def sigma_space_input(prediction_type: str, sigma: np.ndarray) -> tuple:
 
 
 def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False,
-         beta: bool = False) -> Walk:
+         beta: bool = False, ays: bool = False) -> Walk:
     """Coefficients for steps start..steps-1 of a `steps`-step Euler walk."""
-    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, beta=beta)
+    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, beta=beta, ays=ays)
     s, s_next = sigmas[:-1], sigmas[1:]
     c_in, p_x, p_m = sigma_space_input(schedule.prediction_type, s)
     ratio = s_next / s

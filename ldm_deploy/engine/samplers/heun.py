@@ -24,9 +24,9 @@ from ldm_deploy.engine.samplers.schedule import Walk, table
 
 
 def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False,
-         beta: bool = False) -> Walk:
+         beta: bool = False, ays: bool = False) -> Walk:
     """Coefficients for the calls of steps start..steps-1 of a `steps`-step Heun walk."""
-    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, beta=beta)
+    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, beta=beta, ays=ays)
     rows, s_rows = [], []  # s_rows: the sigma each row's input latents sit at
     for k in range(steps):
         s, s_next = sigmas[k], sigmas[k + 1]
