@@ -210,6 +210,10 @@ def beta_warning(fields: dict[str, str]) -> str | None:
 
 def sampler_reasons(key: str) -> list[str]:
     """Why AUTOMATIC1111's images with our sampler `key` differ here (DIFFERS, SCHEDULE_DIFFERS)."""
+    if key.startswith("dpmpp_3m_sde") and key.endswith("_ays"):
+        # its next-to-last level, which it drops, is the sigma_min that Align Your Steps here puts 0
+        # in place of: the walk is ours (ays.py), the noise not
+        return [DIFFERS["dpmpp_2m_sde"]]
     out = [why for prefix, why in DIFFERS.items() if key.startswith(prefix)][:1]
     return out + [why for suffix, (_, why) in SCHEDULE_DIFFERS.items() if key.endswith(suffix)]
 

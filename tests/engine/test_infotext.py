@@ -83,6 +83,10 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert out == {"sampler": "dpmpp_2m_ays"} and warnings == [
         f"the image's Align Your Steps schedule is AUTOMATIC1111's, {AYS}"]
     assert settings({"Sampler": "Euler Align Your Steps", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "euler_ays"}, [])
+    # but its DPM++ 3M SDE drops the next-to-last level, sigma_min: our walk; only its noise differs
+    assert settings({"Sampler": "DPM++ 3M SDE", "Schedule type": "Align Your Steps"})[1] == [
+        "the image's DPM++ 3M SDE is AUTOMATIC1111's, whose noise comes from a Brownian tree, where "
+        "ours is diffusers' fresh noise each step, so the image will differ"]
     assert sampler_fields("DPM++ 2M Align Your Steps") == {"Sampler": "DPM++ 2M Align Your Steps"}
     # "Beta" (its 1.10+), as a field and in the name
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Beta"}) == ({"sampler": "dpmpp_2m_beta"}, [])

@@ -87,14 +87,15 @@ def diffusers_trace(sampler, config, steps, strength, noise, image, residuals, g
 
 
 def ays_oracle(config, steps) -> list[int]:
-    """The Align Your Steps timesteps diffusers is given: at 10 steps its own AysSchedules (for SD 1.5,
-    which SD 2.x takes too); at other step counts ours, whose interpolation test_ays_timesteps checks."""
+    """The Align Your Steps timesteps diffusers is given: at 10 steps its own AysSchedules (SD 1.5's,
+    which SD 2.x takes too, or SDXL's where the config says "family": "sdxl"); at other step counts
+    ours, whose interpolation test_ays_timesteps checks."""
     from diffusers.schedulers import AysSchedules
 
     from ldm_deploy.engine.samplers.ays import ays_timesteps
 
     if steps == 10:
-        return AysSchedules["StableDiffusionTimesteps"]
+        return AysSchedules["StableDiffusionXLTimesteps" if config.get("family") == "sdxl" else "StableDiffusionTimesteps"]
     return [int(t) for t in ays_timesteps(NoiseSchedule.from_config(config), steps)]
 
 
@@ -358,6 +359,10 @@ def ensemble_diffusers(sampler, config, steps, switch, noise, residuals):
     pipeline's loop cut at denoising_end (StableDiffusionXLPipeline), then a fresh scheduler
     from denoising_start on those latents (StableDiffusionXLImg2ImgPipeline.get_timesteps)."""
     cls, extra = DIFFUSERS[sampler]
+    if sampler.endswith("_ays"):  # Align Your Steps' timesteps (at 12 steps: ours, as ldm-bench gives them)
+        from benchmarks.peers import aligned
+
+        cls = aligned(cls, "sd1")
     cutoff = int(round(1000 - switch * 1000))
     first = cls.from_config(config, **extra)
     first.set_timesteps(steps)
@@ -383,10 +388,10 @@ def ensemble_diffusers(sampler, config, steps, switch, noise, residuals):
 
 @pytest.mark.parametrize("switch", [0.8, 0.5, 0.25])
 @pytest.mark.parametrize("config", [SD1, {**SD1, "timestep_spacing": "leading"}], ids=["sd1", "sdxl-leading"])
-# (of the _beta samplers, the cut's own, two: a sigma one and a multistep one)
+# (of the _beta and _ays samplers, the cut's own, two each: a sigma one and a multistep one)
 @pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s not in EVALUATIONS_PER_STEP
                                      and (not s.endswith("_beta") or s in ("euler_beta", "dpmpp_2m_sde_beta"))
-                                     and not s.endswith("_ays")])  # (a cut is a cut of the rows: as above)
+                                     and (not s.endswith("_ays") or s in ("euler_ays", "dpmpp_2m_sde_ays"))])
 def test_denoising_end_and_start_match_diffusers_ensemble(sampler, config, switch):
     steps = 12
     noise, _, residuals = inputs(steps)
@@ -434,9 +439,11 @@ def test_denoising_fraction_errors(kwargs, message):
 # Each _ays sampler is its sampler's walk at given timesteps: at 10 steps diffusers' AysSchedules.
 @pytest.mark.parametrize("config, steps, strength", [
     (SD1, 10, None), (SD1, 10, 0.6), (SD2, 10, None), (SD1, 4, None), (SD1, 25, 0.6),
-    ({**SD1, "timestep_spacing": "leading"}, 10, None),
+    ({**SD1, "timestep_spacing": "leading", "family": "sdxl"}, 10, None),  # (SDXL's config, and its walk)
+    ({**SD1, "timestep_spacing": "trailing"}, 10, 0.6),
     ({**SD1, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "steps_offset": 0}, 10, None),
-], ids=["sd1-10", "sd1-10-img2img0.6", "sd2-v-10", "sd1-4", "sd1-25-img2img0.6", "leading-10", "linear-betas-10"])
+], ids=["sd1-10", "sd1-10-img2img0.6", "sd2-v-10", "sd1-4", "sd1-25-img2img0.6", "sdxl-10", "trailing-10-img2img0.6",
+        "linear-betas-10"])
 @pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s.endswith("_ays")])
 def test_ays_matches_diffusers(sampler, config, steps, strength):
     check_against_diffusers(sampler, config, steps, strength)
@@ -478,6 +485,11 @@ def test_ays_timesteps(family, key):
     assert contender.timesteps.tolist() == AysSchedules[f"{key}Timesteps"]
     contender.set_timesteps(7)
     assert contender.timesteps.tolist() == ays_timesteps(schedule, 7).tolist()
+    # past the step count where interpolated levels near t = 0 round to the same timestep: refused
+    most = {"sdxl": 59}.get(family, 73)
+    assert len(set(ays_timesteps(schedule, most).tolist())) == most
+    with pytest.raises(InvalidRequest, match=f"use at most {most} steps with it"):
+        plan("dpmpp_2m_ays", schedule, most + 1, 7.5)
     with pytest.raises(InvalidRequest, match="tuned for models trained over 1000 timesteps"):
         plan("euler_ays", NoiseSchedule.from_config({**SD1, "num_train_timesteps": 500}), 10, 7.5)
 

@@ -78,6 +78,7 @@ def test_align_your_steps_matches_diffusers(xl):
     from diffusers.schedulers import AysSchedules
 
     _, pipe, ref = xl
+    assert pipe.manifest.model.noise_schedule.family == "sdxl"  # (what picks SDXL's walk: the manifest's family)
     lat = noise(2)
     kw = dict(prompt="a fox in the snow", width=W, height=H, generator=torch.Generator().manual_seed(4))
     expected = diffusers_run(ref, "dpmpp_2m_sde_ays", timesteps=AysSchedules["StableDiffusionXLTimesteps"],
@@ -92,6 +93,7 @@ def test_dpmpp_sde_matches_diffusers(xl):
     """DPM++ SDE's Brownian noise on SDXL (its tree seeded by the image's seed, diffusers'
     noise_sampler_seed), with the micro-conditioning and both encoders of the rest."""
     _, pipe, ref = xl
+    assert pipe.manifest.model.noise_schedule.family == "sdxl"  # (what picks SDXL's walk: the manifest's family)
     lat = noise(2)
     cls, options = SCHEDULERS["dpmpp_sde_karras"]
     ref.scheduler = cls.from_config(SCHEDULER_CONFIG, noise_sampler_seed=9, **options)
@@ -108,6 +110,7 @@ def test_no_negative_prompt_is_zeros_and_empty_one_is_encoded(xl):
     """SDXL base draws "no negative prompt" from zero embeddings, and "" from the encoded empty
     prompt, as diffusers does; the two images differ."""
     _, pipe, ref = xl
+    assert pipe.manifest.model.noise_schedule.family == "sdxl"  # (what picks SDXL's walk: the manifest's family)
     lat = noise(2)
     got, expected = {}, {}
     for neg in (None, ""):

@@ -14,11 +14,18 @@ log-linearly to steps + 1 points and ends the walk at 0 instead of the last; her
 exactly diffusers' walk with AysSchedules, and any step count is diffusers' walk with
 `timesteps=ays_timesteps(...)`.
 
-AUTOMATIC1111's "Align Your Steps" interpolates to `steps` points and then adds 0: its last step
-goes from sigma_min to 0, and its other levels lie a little lower than these (near, not the same).
+The levels are the model's own table's at NVIDIA's timesteps (NVIDIA's published sigmas, to three
+decimals, are those levels but for SDXL's last: 0.113, at t = 13.4), and each step count's are whole
+timesteps: ComfyUI's walk with the same levels is near, not the same. AUTOMATIC1111's "Align Your
+Steps" interpolates to `steps` points and then adds 0: its last step goes from sigma_min to 0, and
+its other levels lie a little lower than these; but its DPM++ 3M SDE, which asks for steps + 1 and
+drops the next-to-last level (sigma_min), walks these. From 74 steps (SDXL: 60) on, interpolated
+levels near t = 0 fall on the same whole timestep: refused (a step of no length, a U-Net call spent).
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -38,6 +45,21 @@ def ays_timesteps(schedule, steps: int) -> np.ndarray:
     if schedule.num_train_timesteps != 1000:
         raise InvalidRequest(f"Align Your Steps is tuned for models trained over 1000 timesteps; this one has "
                              f"{schedule.num_train_timesteps}: choose another schedule (e.g. a _karras sampler)")
+    most = most_steps(schedule)
+    if steps > most:
+        raise InvalidRequest(f"{steps} steps of Align Your Steps (made for 10) would repeat timesteps near the walk's "
+                             f"end; use at most {most} steps with it, or another schedule")
+    return spread(schedule, steps)
+
+
+@lru_cache(maxsize=16)
+def most_steps(schedule) -> int:
+    """The step count below the first whose walk repeats a timestep (73 for SD 1.x, 59 for SDXL)."""
+    return next(n for n in range(1, schedule.num_train_timesteps + 1) if len(np.unique(spread(schedule, n))) < n) - 1
+
+
+def spread(schedule, steps: int) -> np.ndarray:
+    """NVIDIA's levels at `steps` whole timesteps (some may repeat: ays_timesteps refuses those)."""
     train = train_sigmas(alphas_cumprod(schedule))
     levels = train[list(TIMESTEPS["sdxl" if schedule.family == "sdxl" else "sd1"])]
     if steps + 1 != len(levels):  # log-linear between the levels, at steps + 1 evenly spaced places
