@@ -236,10 +236,10 @@ def from_png(args) -> dict:
     if args.from_png is not None:
         from ldm_deploy.engine import infotext
 
-        prompt, negative, fields = infotext.parse(infotext.read_png(args.from_png))
+        prompt, negative, fields, read_warnings = infotext.read(args.from_png)
         given = {k for k in FROM_PNG if getattr(args, k) is not UNSET}
         values, warnings = infotext.settings(fields, given)
-        for warning in warnings:
+        for warning in read_warnings + warnings:
             log.warning("%s", warning)
         if args.prompt is None:
             args.prompt = prompt

@@ -80,18 +80,39 @@ def beta_fields(*samplers: str | None) -> dict:
 
 def read_png(path: str | Path) -> str:
     """The `parameters` text of a PNG, or a UserError saying why there is none."""
+    text = png_text(path).get("parameters")
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"--from-png {path}: it has no generation parameters (no 'parameters' text chunk, "
+                        "as AUTOMATIC1111 and ldm-run write them, nor ComfyUI's 'prompt'; image sites often strip "
+                        "them)")
+    return text
+
+
+def read(path: str | Path) -> tuple[str, str, dict[str, str], list[str]]:
+    """A PNG's generation: (prompt, negative prompt, fields, warnings) from its `parameters` text
+    (AUTOMATIC1111's, ours) or else ComfyUI's graph (comfyui.py), whose fields are AUTOMATIC1111's."""
+    from ldm_deploy.engine import comfyui
+
+    chunks = png_text(path)
+    graph = chunks.get("prompt")
+    if not (isinstance(chunks.get("parameters"), str) and chunks["parameters"].strip()) and isinstance(graph, str):
+        try:
+            return comfyui.read(graph)
+        except UserError as e:
+            raise UserError(f"--from-png {path}: {e}") from None
+    return (*parse(read_png(path)), [])
+
+
+def png_text(path: str | Path) -> dict:
+    """A PNG's text chunks (PIL's info), or a UserError where it cannot be read."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()  # text chunks after the image data
-            text = im.info.get("parameters")
+            return dict(im.info)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"--from-png {path}: cannot read it ({e})") from None
-    if not isinstance(text, str) or not text.strip():
-        raise UserError(f"--from-png {path}: it has no generation parameters (no 'parameters' text chunk, "
-                        "as AUTOMATIC1111 and ldm-run write them; image sites often strip it)")
-    return text
 
 
 def parse(text: str) -> tuple[str, str, dict[str, str]]:
@@ -221,7 +242,7 @@ def sampler_reasons(key: str) -> list[str]:
 def sampler_warnings(key: str, name: str, fields: dict[str, str], hires: bool = False, skip=()) -> list[str]:
     """Why an AUTOMATIC1111 image drawn with its sampler `name` (ours: `key`; hires: its hires
     sampler) will differ here, but for the reasons in `skip`."""
-    if fields.get("Version", "").startswith("ldm-deploy"):
+    if fields.get("Version", "").startswith(("ldm-deploy", "ComfyUI")):  # (ComfyUI's: comfyui.NEAR)
         return []
     out = []
     for why in sampler_reasons(key):

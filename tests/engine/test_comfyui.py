@@ -1,0 +1,107 @@
+"""ComfyUI's PNGs read back (`ldm-run --from-png`): its graph, in the API format it writes into the
+`prompt` text chunk, drawn as the same settings given on the command line draw."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from ldm_deploy.cli import run as run_cli
+from ldm_deploy.engine import comfyui
+from ldm_deploy.engine.infotext import settings
+from ldm_deploy.errors import UserError
+
+
+def graph(**sampler) -> dict:
+    """ComfyUI's default text-to-image graph (as its "Save (API Format)" writes it)."""
+    inputs = {"seed": 5, "steps": 3, "cfg": 6.5, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0,
+              "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0], **sampler}
+    return {
+        "3": {"class_type": "KSampler", "inputs": inputs},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "SD1.5/dreamshaper_8.safetensors"}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 96, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk", "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "fog, rain", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+    }
+
+
+def test_its_text_to_image_graph_reads_as_automatic1111s_fields():
+    prompt, negative, fields, warnings = comfyui.read(json.dumps(graph()))
+    assert (prompt, negative) == ("a lighthouse at dusk", "fog, rain")
+    assert fields == {"Steps": "3", "CFG scale": "6.5", "Seed": "5", "Size": "96x64", "Version": "ComfyUI",
+                      "Sampler": "DPM++ 2M", "Schedule type": "Karras", "Model": "dreamshaper_8"}
+    assert warnings == [comfyui.NEAR]
+    out, more = settings(fields)
+    assert out == {"steps": 3, "guidance": 6.5, "seed": 5, "width": 96, "height": 64, "sampler": "dpmpp_2m_karras"}
+    assert more == []  # (AUTOMATIC1111's sampler reasons are not ComfyUI's)
+    for name, scheduler, ours in (("euler_ancestral", "normal", "euler_a"), ("uni_pc", "exponential", "unipc_exponential"),
+                                  ("dpmpp_3m_sde_gpu", "sgm_uniform", "dpmpp_3m_sde_sgm_uniform"),
+                                  ("dpm_2_ancestral", "beta", "dpm2_a_beta"), ("ddim", "normal", "ddim")):
+        fields = comfyui.read(json.dumps(graph(sampler_name=name, scheduler=scheduler)))[2]
+        assert settings(fields)[0]["sampler"] == ours, name
+
+
+def test_what_it_reads_only_in_part_is_warned_about():
+    g = graph(denoise=0.8, positive=["10", 0], model=["11", 0])
+    g["5"]["inputs"]["batch_size"] = 4
+    g["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a (red:1.3) house", "clip": ["4", 1]}}
+    g["11"] = {"class_type": "LoraLoader", "inputs": {"lora_name": "detail.safetensors", "strength_model": 0.7,
+                                                      "model": ["4", 0], "clip": ["4", 1]}}
+    g["12"] = {**g["3"], "inputs": {**g["3"]["inputs"], "latent_image": ["13", 0]}}  # a second pass
+    g["13"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "scale_by": 1.5}}
+    prompt, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert prompt == "a (red:1.3) house" and "Model" not in fields  # (behind the LoRA loader)
+    said = " | ".join(warnings)
+    for part in ("toward the empty prompt's embedding", "its batch of 4 drew one noise for all",
+                 "its denoise 0.8", "samples 2 times; only node 3's", "LatentUpscaleBy, LoraLoader are not drawn"):
+        assert part in said, part
+    advanced = graph()
+    advanced["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **{k: v for k, v in graph()["3"]["inputs"].items() if k not in ("seed", "denoise")},
+        "noise_seed": 11, "add_noise": "enable", "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}}
+    _, _, fields, warnings = comfyui.read(json.dumps(advanced))
+    assert fields["Seed"] == "11" and "draws only part of the walk" in warnings[-1]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g: g["3"]["inputs"].update(latent_image=["8", 0]), "no KSampler starting from an EmptyLatentImage"),
+    (lambda g: g["3"]["inputs"].update(sampler_name="dpm_fast"), "ComfyUI sampler 'dpm_fast' is not offered here"),
+    (lambda g: g["3"]["inputs"].update(scheduler="kl_optimal"), "ComfyUI scheduler 'kl_optimal' is not offered"),
+    (lambda g: g["6"].update(class_type="CLIPTextEncodeSDXL"), "positive conditioning comes from CLIPTextEncodeSDXL"),
+])
+def test_graphs_it_cannot_read_are_refused_by_name(change, message):
+    g = graph()
+    change(g)
+    with pytest.raises(UserError, match=message):
+        comfyui.read(json.dumps(g))
+    with pytest.raises(UserError, match="not JSON"):
+        comfyui.read("{")
+
+
+def test_a_comfyui_png_draws_what_its_settings_draw(engine_dirs, tmp_path, capsys):
+    engine = str(engine_dirs["tiny-sd1"])
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(graph()))
+    info.add_text("workflow", "{}")  # (its UI graph, which is not read)
+    Image.new("RGB", (96, 64)).save(tmp_path / "comfy.png", pnginfo=info)
+    assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", engine,
+                         "--out", str(tmp_path / "again.png"), "-q"]) == 0
+    assert comfyui.NEAR in capsys.readouterr().err
+    assert run_cli.main(["a lighthouse at dusk", "--negative-prompt", "fog, rain", "--engine", engine, "--steps", "3",
+                         "--guidance", "6.5", "--seed", "5", "--width", "96", "--height", "64", "--sampler",
+                         "dpmpp_2m_karras", "--out", str(tmp_path / "given.png"), "-q"]) == 0
+    again, given = Image.open(tmp_path / "again.png"), Image.open(tmp_path / "given.png")
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(given))
+    assert again.info["parameters"] == given.info["parameters"]
+    # a graph it cannot read: the reason, exit 2, no traceback
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(graph(sampler_name="dpm_adaptive")))
+    Image.new("RGB", (8, 8)).save(tmp_path / "odd.png", pnginfo=info)
+    assert run_cli.main(["--from-png", str(tmp_path / "odd.png"), "--engine", engine]) == 2
+    err = capsys.readouterr().err
+    assert "ComfyUI sampler 'dpm_adaptive' is not offered here" in err and "Traceback" not in err
