@@ -237,6 +237,11 @@ def from_png(args) -> dict:
         from ldm_deploy.engine import infotext
 
         prompt, negative, fields, read_warnings = infotext.read(args.from_png)
+        if args.prompt is None and prompt is None:  # (a ComfyUI graph whose prompt is not a CLIPTextEncode's)
+            for warning in read_warnings:
+                log.warning("%s", warning)
+            raise UserError(f"--from-png {args.from_png}: it gives no prompt that can be read here; give one "
+                            "on the command line")
         given = {k for k in FROM_PNG if getattr(args, k) is not UNSET}
         values, warnings = infotext.settings(fields, given)
         for warning in read_warnings + warnings:

@@ -17,19 +17,25 @@ from __future__ import annotations
 import json
 import re
 
+from ldm_deploy.engine.infotext import EMPTY_NEGATIVE
 from ldm_deploy.errors import UserError
 
 # ComfyUI's sampler names -> AUTOMATIC1111's (ours: infotext.sampler maps them on); "_gpu": the
-# same sampler with its Brownian noise drawn on the GPU.
+# same sampler with its Brownian noise drawn on the GPU; its "ddim" is its Euler (with inpainting's
+# random noise), so Euler here.
 SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2",
             "dpm_2_ancestral": "DPM2 a", "dpmpp_2m": "DPM++ 2M", "dpmpp_sde": "DPM++ SDE",
             "dpmpp_sde_gpu": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
             "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun_gpu": "DPM++ 2M SDE Heun",
-            "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_gpu": "DPM++ 3M SDE", "ddim": "DDIM", "ddpm": "DDPM",
+            "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_gpu": "DPM++ 3M SDE", "ddim": "Euler", "ddpm": "DDPM",
             "uni_pc": "UniPC", "lcm": "LCM"}
-# Its schedulers -> AUTOMATIC1111's schedule types ("normal": timesteps evenly spaced, ours' uniform).
+# Its schedulers -> AUTOMATIC1111's schedule types. "normal": timesteps evenly spaced (ours' uniform);
+# "simple": every (1000 / steps)-th timestep from the last, what our SGM Uniform (diffusers' trailing)
+# takes; its "sgm_uniform" spaces them at fractions, near that.
 SCHEDULES = {"normal": "Uniform", "karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
-             "beta": "Beta"}
+             "simple": "SGM Uniform", "beta": "Beta"}
+# Samplers of one walk of their own here (diffusers' DDPM and LCM schedulers), whichever scheduler.
+OWN_WALK = ("DDPM", "LCM")
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 # Nodes that change nothing of what is read here (loaders, decoding, saving, previews).
 PLAIN_NODES = {"CheckpointLoaderSimple", "EmptyLatentImage", "CLIPTextEncode", "VAEDecode", "SaveImage",
@@ -37,62 +43,113 @@ PLAIN_NODES = {"CheckpointLoaderSimple", "EmptyLatentImage", "CLIPTextEncode", "
 # ComfyUI's samplers are k-diffusion's, walking noise levels as it does; ours are diffusers' schedulers.
 NEAR = ("the image was drawn by ComfyUI, whose samplers walk k-diffusion's noise levels where ours are diffusers' "
         "schedulers': near, so the image will differ a little")
-WEIGHTED = re.compile(r"\([^()]*:\s*[-+]?\d*\.?\d+\s*\)")
+WEIGHTED = re.compile(r"(?<!\\)\(|embedding:")  # its emphasis, (word) and (word:1.2), and its embeddings
 
 
-def read(chunk: str) -> tuple[str, str, dict[str, str], list[str]]:
-    """ComfyUI's `prompt` chunk -> (prompt, negative prompt, AUTOMATIC1111's fields, warnings)."""
+def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]:
+    """ComfyUI's `prompt` chunk -> (prompt, negative prompt, AUTOMATIC1111's fields, warnings).
+    What cannot be read is left out (None for a prompt) with a warning saying why, so that the
+    command line may give it; a graph with nothing to draw is a UserError."""
     try:
         graph = json.loads(chunk)
     except json.JSONDecodeError as e:
-        raise UserError(f"its ComfyUI graph (the 'prompt' text chunk) is not JSON ({e})") from None
-    if not isinstance(graph, dict) or not all(isinstance(n, dict) for n in graph.values()):
-        raise UserError("its ComfyUI graph (the 'prompt' text chunk) is not a graph of nodes")
-    samplers = [(key, node) for key, node in graph.items() if node.get("class_type") in SAMPLER_NODES]
-    first = [(key, node) for key, node in samplers if source(graph, node, "latent_image") == "EmptyLatentImage"]
+        raise UserError(f"its 'prompt' text chunk is not ComfyUI's graph (not JSON: {e})") from None
+    if not isinstance(graph, dict):
+        raise UserError("its 'prompt' text chunk is not ComfyUI's graph (not a JSON object of nodes)")
+    graph = {str(k): n for k, n in graph.items() if isinstance(n, dict)}
+    samplers = [(key, node) for key, node in graph.items() if kind(node) in SAMPLER_NODES]
+    first = [(key, node) for key, node in samplers
+             if kind(linked(graph, inputs_of(node), "latent_image")) == "EmptyLatentImage"]
     if not first:
         raise UserError("its ComfyUI graph has no KSampler starting from an EmptyLatentImage (an image-to-image "
-                        "or other graph): give the settings on the command line")
+                        "or other graph): give the settings on the command line instead")
     key, node = first[0]
-    inputs = node["inputs"]
-    advanced = node["class_type"] == "KSamplerAdvanced"
-    latent = linked(graph, inputs, "latent_image")["inputs"]
-    fields = {"Steps": inputs.get("steps"), "CFG scale": inputs.get("cfg"),
-              "Seed": inputs.get("noise_seed" if advanced else "seed"),
-              "Size": f"{latent.get('width')}x{latent.get('height')}", "Version": "ComfyUI"}
-    name, schedule = inputs.get("sampler_name"), inputs.get("scheduler")
-    if name not in SAMPLERS or schedule not in SCHEDULES:
-        which = f"sampler {name!r}" if name not in SAMPLERS else f"scheduler {schedule!r}"
-        raise UserError(f"the image's ComfyUI {which} is not offered here; pass --sampler with one of ours "
-                        f"(ComfyUI's samplers {', '.join(SAMPLERS)} with its schedulers {', '.join(SCHEDULES)})")
-    fields["Sampler"], fields["Schedule type"] = SAMPLERS[name], SCHEDULES[schedule]
+    inputs = inputs_of(node)
+    advanced = kind(node) == "KSamplerAdvanced"
+    latent = inputs_of(linked(graph, inputs, "latent_image"))
+    warnings = [NEAR]
+
+    def number(source: dict, name: str, integer: bool = True):
+        value = source.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+            warnings.append(f"its {name} is {describe(value)}, not read: ldm-run's default (or the option given) "
+                            "is used")
+            return None
+        return int(value) if integer else float(value)
+
+    fields = {"Version": "ComfyUI", "Steps": number(inputs, "steps"), "CFG scale": number(inputs, "cfg", False),
+              "Seed": number(inputs, "noise_seed" if advanced else "seed")}
+    width, height = number(latent, "width"), number(latent, "height")
+    if width is not None and height is not None:
+        fields["Size"] = f"{width}x{height}"
+    fields["Sampler"] = sampler_name(inputs.get("sampler_name"), inputs.get("scheduler"))
     ckpt = model_name(graph, inputs)
     if ckpt:
         fields["Model"] = ckpt
-    prompt, negative = encoded_text(graph, inputs, "positive"), encoded_text(graph, inputs, "negative")
-    warnings = [NEAR]
-    if name.endswith("_gpu"):
+    prompt, negative = encoded_text(graph, inputs, "positive", warnings), encoded_text(graph, inputs, "negative",
+                                                                                       warnings)
+    if negative == "":  # ComfyUI encodes the empty text (SDXL base here draws none as zeros)
+        fields[EMPTY_NEGATIVE] = "encoded"
+    name = inputs.get("sampler_name")
+    if isinstance(name, str) and name.endswith("_gpu"):
         warnings.append(f"its {name} drew its Brownian noise on the GPU; here it comes from the CPU")
-    if WEIGHTED.search(prompt) or WEIGHTED.search(negative):
-        warnings.append("its prompt weighs words, which ComfyUI does toward the empty prompt's embedding and "
-                        "AUTOMATIC1111 (and ours) by scaling, so the image will differ")
-    if int(latent.get("batch_size", 1) or 1) != 1:
-        warnings.append(f"its batch of {latent['batch_size']} drew one noise for all; here one image is drawn, the "
+    if any(WEIGHTED.search(t or "") for t in (prompt, negative)):
+        warnings.append("its prompt weighs words or names embeddings, which ComfyUI applies otherwise than "
+                        "AUTOMATIC1111 (and ours): toward the empty prompt's embedding, so the image will differ")
+    batch = latent.get("batch_size", 1)
+    if batch != 1:
+        warnings.append(f"its batch of {describe(batch)} drew one noise for all; here one image is drawn, the "
                         "batch's first (--num-images draws seed + i each)")
-    if advanced and (inputs.get("add_noise") == "disable" or int(inputs.get("start_at_step", 0) or 0) > 0
-                     or int(inputs.get("end_at_step", 10000) or 10000) < int(inputs.get("steps", 0) or 0)):
-        warnings.append("its KSamplerAdvanced draws only part of the walk (start_at_step / end_at_step / add_noise), "
-                        "which is not read: the whole walk is drawn")
-    elif not advanced and float(inputs.get("denoise", 1.0) or 0) != 1.0:
-        warnings.append(f"its denoise {inputs['denoise']} (a walk of steps / denoise cut short) is not read: the "
-                        "whole walk is drawn")
-    others = sorted({n.get("class_type", "?") for n in graph.values()} - PLAIN_NODES)
+    if advanced:
+        steps = inputs.get("steps")
+        if inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) != 0 \
+                or (inputs.get("end_at_step", 10000) != 10000 and inputs.get("end_at_step") != steps):
+            warnings.append("its KSamplerAdvanced draws part of a walk (start_at_step / end_at_step / add_noise), "
+                            "which is not read: the whole walk is drawn")
+    elif inputs.get("denoise", 1.0) != 1.0:
+        warnings.append(f"its denoise is {describe(inputs.get('denoise'))} (1: the whole walk; less, a walk of "
+                        "steps / denoise cut short), not read: the whole walk is drawn")
     if len(samplers) > 1:
         warnings.append(f"its graph samples {len(samplers)} times; only node {key}'s text-to-image pass is drawn")
+    others = sorted({kind(n) for n in graph.values()} - PLAIN_NODES)
     if others:
         warnings.append(f"its graph's {', '.join(others)} {'is' if len(others) == 1 else 'are'} not drawn here, so "
                         "the image may differ")
     return prompt, negative, {k: str(v) for k, v in fields.items() if v is not None}, warnings
+
+
+def sampler_name(name, schedule) -> str:
+    """AUTOMATIC1111's name of ComfyUI's sampler and scheduler, schedule included ("DPM++ 2M
+    Karras"), or for a pair not offered here a name that says so (infotext.sampler refuses it
+    unless --sampler is given)."""
+    from ldm_deploy.engine.samplers import DISPLAY_NAMES
+
+    if isinstance(name, str) and isinstance(schedule, str) and name in SAMPLERS and schedule in SCHEDULES:
+        ours, label = SAMPLERS[name], SCHEDULES[schedule]
+        if label == "Uniform" or (ours in OWN_WALK and label == "SGM Uniform"):  # (LCM's usual sgm_uniform)
+            full = ours
+        else:
+            full = f"{ours} {label}"
+        if full in DISPLAY_NAMES.values():
+            return full
+    return f"ComfyUI's {describe(name)} with scheduler {describe(schedule)}"
+
+
+def describe(value) -> str:
+    """A value of the graph as a sentence names it: a link as the node it comes from."""
+    if isinstance(value, list) and len(value) == 2:
+        return f"wired from node {value[0]}"
+    return "missing" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def kind(node: dict) -> str:
+    value = node.get("class_type")
+    return value if isinstance(value, str) else "?"
+
+
+def inputs_of(node: dict) -> dict:
+    value = node.get("inputs")
+    return value if isinstance(value, dict) else {}
 
 
 def linked(graph: dict, inputs: dict, name: str) -> dict:
@@ -103,21 +160,22 @@ def linked(graph: dict, inputs: dict, name: str) -> dict:
     return {}
 
 
-def source(graph: dict, node: dict, name: str) -> str | None:
-    return linked(graph, node.get("inputs", {}), name).get("class_type")
-
-
-def encoded_text(graph: dict, inputs: dict, name: str) -> str:
-    """The text of the CLIPTextEncode wired into `name`; a UserError for other conditioning."""
+def encoded_text(graph: dict, inputs: dict, name: str, warnings: list) -> str | None:
+    """The text of the CLIPTextEncode wired into `name`; None (and why, in `warnings`) for other
+    conditioning."""
     node = linked(graph, inputs, name)
-    if node.get("class_type") != "CLIPTextEncode" or not isinstance(node["inputs"].get("text"), str):
-        raise UserError(f"the ComfyUI graph's {name} conditioning comes from {node.get('class_type', 'nothing')}, "
-                        "not a CLIPTextEncode with its text: give the prompts on the command line")
-    return node["inputs"]["text"]
+    value = inputs_of(node).get("text")
+    if kind(node) != "CLIPTextEncode" or not isinstance(value, str):
+        warnings.append(f"its {name} conditioning is not a CLIPTextEncode's text (it comes from "
+                        f"{kind(node) if node else 'nothing'}): not read")
+        return None
+    return value
 
 
 def model_name(graph: dict, inputs: dict) -> str | None:
     """The checkpoint's file name, without its suffix, where a CheckpointLoaderSimple loads it."""
     node = linked(graph, inputs, "model")
-    name = node.get("inputs", {}).get("ckpt_name") if node.get("class_type") == "CheckpointLoaderSimple" else None
-    return re.sub(r"\.(safetensors|ckpt|pt|pth|bin)$", "", name.replace("\\", "/").rsplit("/", 1)[-1]) if name else None
+    name = inputs_of(node).get("ckpt_name") if kind(node) == "CheckpointLoaderSimple" else None
+    if not isinstance(name, str) or not name:
+        return None
+    return re.sub(r"\.(safetensors|ckpt|pt|pth|bin)$", "", name.replace("\\", "/").rsplit("/", 1)[-1])

@@ -94,13 +94,15 @@ def read(path: str | Path) -> tuple[str, str, dict[str, str], list[str]]:
     from ldm_deploy.engine import comfyui
 
     chunks = png_text(path)
-    graph = chunks.get("prompt")
-    if not (isinstance(chunks.get("parameters"), str) and chunks["parameters"].strip()) and isinstance(graph, str):
+    text, graph = chunks.get("parameters"), chunks.get("prompt")
+    if isinstance(text, str) and text.strip():
+        return (*parse(text), [])
+    if isinstance(graph, str):
         try:
             return comfyui.read(graph)
         except UserError as e:
             raise UserError(f"--from-png {path}: {e}") from None
-    return (*parse(read_png(path)), [])
+    return (*parse(read_png(path)), [])  # (its error)
 
 
 def png_text(path: str | Path) -> dict:

@@ -34,14 +34,15 @@ def test_its_text_to_image_graph_reads_as_automatic1111s_fields():
     prompt, negative, fields, warnings = comfyui.read(json.dumps(graph()))
     assert (prompt, negative) == ("a lighthouse at dusk", "fog, rain")
     assert fields == {"Steps": "3", "CFG scale": "6.5", "Seed": "5", "Size": "96x64", "Version": "ComfyUI",
-                      "Sampler": "DPM++ 2M", "Schedule type": "Karras", "Model": "dreamshaper_8"}
+                      "Sampler": "DPM++ 2M Karras", "Model": "dreamshaper_8"}
     assert warnings == [comfyui.NEAR]
     out, more = settings(fields)
     assert out == {"steps": 3, "guidance": 6.5, "seed": 5, "width": 96, "height": 64, "sampler": "dpmpp_2m_karras"}
     assert more == []  # (AUTOMATIC1111's sampler reasons are not ComfyUI's)
     for name, scheduler, ours in (("euler_ancestral", "normal", "euler_a"), ("uni_pc", "exponential", "unipc_exponential"),
                                   ("dpmpp_3m_sde_gpu", "sgm_uniform", "dpmpp_3m_sde_sgm_uniform"),
-                                  ("dpm_2_ancestral", "beta", "dpm2_a_beta"), ("ddim", "normal", "ddim")):
+                                  ("dpm_2_ancestral", "beta", "dpm2_a_beta"), ("ddim", "karras", "euler_karras"),
+                                  ("euler", "simple", "euler_sgm_uniform"), ("lcm", "sgm_uniform", "lcm")):
         fields = comfyui.read(json.dumps(graph(sampler_name=name, scheduler=scheduler)))[2]
         assert settings(fields)[0]["sampler"] == ours, name
 
@@ -58,29 +59,48 @@ def test_what_it_reads_only_in_part_is_warned_about():
     assert prompt == "a (red:1.3) house" and "Model" not in fields  # (behind the LoRA loader)
     said = " | ".join(warnings)
     for part in ("toward the empty prompt's embedding", "its batch of 4 drew one noise for all",
-                 "its denoise 0.8", "samples 2 times; only node 3's", "LatentUpscaleBy, LoraLoader are not drawn"):
+                 "its denoise is 0.8", "samples 2 times; only node 3's", "LatentUpscaleBy, LoraLoader are not drawn"):
         assert part in said, part
     advanced = graph()
     advanced["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
         **{k: v for k, v in graph()["3"]["inputs"].items() if k not in ("seed", "denoise")},
         "noise_seed": 11, "add_noise": "enable", "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}}
     _, _, fields, warnings = comfyui.read(json.dumps(advanced))
-    assert fields["Seed"] == "11" and "draws only part of the walk" in warnings[-1]
+    assert fields["Seed"] == "11" and "draws part of a walk" in warnings[-1]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda g: g["3"]["inputs"].update(latent_image=["8", 0]), "no KSampler starting from an EmptyLatentImage"),
-    (lambda g: g["3"]["inputs"].update(sampler_name="dpm_fast"), "ComfyUI sampler 'dpm_fast' is not offered here"),
-    (lambda g: g["3"]["inputs"].update(scheduler="kl_optimal"), "ComfyUI scheduler 'kl_optimal' is not offered"),
-    (lambda g: g["6"].update(class_type="CLIPTextEncodeSDXL"), "positive conditioning comes from CLIPTextEncodeSDXL"),
-])
-def test_graphs_it_cannot_read_are_refused_by_name(change, message):
+def test_what_it_cannot_read_is_left_to_the_command_line():
+    """A sampler or scheduler not offered, or a prompt not a CLIPTextEncode's: refused by name
+    unless given; a graph with no text-to-image pass, or not a graph: refused."""
+    for sampler, scheduler in (("dpm_fast", "normal"), ("euler", "kl_optimal"), ("euler_ancestral", "karras"),
+                               (["12", 0], "normal")):
+        fields = comfyui.read(json.dumps(graph(sampler_name=sampler, scheduler=scheduler)))[2]
+        with pytest.raises(UserError, match="is not offered here; pass --sampler"):
+            settings(fields)
+        assert "sampler" not in settings(fields, given={"sampler"})[0]
     g = graph()
-    change(g)
-    with pytest.raises(UserError, match=message):
+    g["6"]["class_type"] = "CLIPTextEncodeSDXL"
+    prompt, negative, _, warnings = comfyui.read(json.dumps(g))
+    assert prompt is None and negative == "fog, rain"
+    assert "its positive conditioning is not a CLIPTextEncode's text (it comes from CLIPTextEncodeSDXL): not read" \
+        in warnings
+    g = graph(steps="x", cfg=None, seed=["20", 0])
+    g["5"]["inputs"] = None
+    _, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert not {"Steps", "CFG scale", "Seed", "Size"} & set(fields)
+    assert ["its steps is 'x'", "its cfg is missing", "its seed is wired from node 20", "its width is missing"] == [
+        w.split(",")[0] for w in warnings[1:5]]
+    g = graph(latent_image=["8", 0])
+    with pytest.raises(UserError, match="no KSampler starting from an EmptyLatentImage"):
         comfyui.read(json.dumps(g))
-    with pytest.raises(UserError, match="not JSON"):
-        comfyui.read("{")
+    for chunk in ("{", "[1, 2]", "a photo of a cat"):  # (another tool's "prompt" chunk)
+        with pytest.raises(UserError, match="not ComfyUI's graph"):
+            comfyui.read(chunk)
+    g = graph()
+    g["4"]["inputs"]["ckpt_name"], g["9"]["class_type"], g["6"]["inputs"] = 5, None, None
+    g["3"]["inputs"]["denoise"], g["5"]["inputs"]["batch_size"] = None, "x"
+    prompt, _, fields, warnings = comfyui.read(json.dumps(g))  # malformed, not a traceback
+    assert prompt is None and "Model" not in fields and len(warnings) == 5
 
 
 def test_a_comfyui_png_draws_what_its_settings_draw(engine_dirs, tmp_path, capsys):
@@ -98,10 +118,17 @@ def test_a_comfyui_png_draws_what_its_settings_draw(engine_dirs, tmp_path, capsy
     again, given = Image.open(tmp_path / "again.png"), Image.open(tmp_path / "given.png")
     np.testing.assert_array_equal(np.asarray(again), np.asarray(given))
     assert again.info["parameters"] == given.info["parameters"]
-    # a graph it cannot read: the reason, exit 2, no traceback
+    # what it cannot read: the reason, exit 2, no traceback; given on the command line, it draws
     info = PngImagePlugin.PngInfo()
-    info.add_text("prompt", json.dumps(graph(sampler_name="dpm_adaptive")))
+    odd = graph(sampler_name="dpm_adaptive", positive=["10", 0])
+    odd["10"] = {"class_type": "ConditioningCombine", "inputs": {}}
+    info.add_text("prompt", json.dumps(odd))
     Image.new("RGB", (8, 8)).save(tmp_path / "odd.png", pnginfo=info)
     assert run_cli.main(["--from-png", str(tmp_path / "odd.png"), "--engine", engine]) == 2
     err = capsys.readouterr().err
-    assert "ComfyUI sampler 'dpm_adaptive' is not offered here" in err and "Traceback" not in err
+    assert "it gives no prompt that can be read here; give one" in err and "Traceback" not in err
+    assert run_cli.main(["a lighthouse", "--from-png", str(tmp_path / "odd.png"), "--engine", engine]) == 2
+    err = capsys.readouterr().err
+    assert "\"ComfyUI's 'dpm_adaptive' with scheduler 'karras'\" is not offered here" in err and "Traceback" not in err
+    assert run_cli.main(["a lighthouse", "--from-png", str(tmp_path / "odd.png"), "--engine", engine, "--sampler",
+                         "euler", "--out", str(tmp_path / "odd-again.png"), "-q"]) == 0
