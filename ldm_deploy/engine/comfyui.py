@@ -101,9 +101,10 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         warnings.append(f"its batch of {describe(batch)} drew one noise for all; here one image is drawn, the "
                         "batch's first (--num-images draws seed + i each)")
     if advanced:
-        steps = inputs.get("steps")
-        if inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) != 0 \
-                or (inputs.get("end_at_step", 10000) != 10000 and inputs.get("end_at_step") != steps):
+        steps, end = inputs.get("steps"), inputs.get("end_at_step", 10000)
+        to_the_end = end == 10000 or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (end, steps)) \
+            and end >= steps  # (its default, 10000: past any walk's last step)
+        if inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) != 0 or not to_the_end:
             warnings.append("its KSamplerAdvanced draws part of a walk (start_at_step / end_at_step / add_noise), "
                             "which is not read: the whole walk is drawn")
     elif inputs.get("denoise", 1.0) != 1.0:

@@ -82,10 +82,13 @@ def read_png(path: str | Path) -> str:
     """The `parameters` text of a PNG, or a UserError saying why there is none."""
     text = png_text(path).get("parameters")
     if not isinstance(text, str) or not text.strip():
-        raise UserError(f"--from-png {path}: it has no generation parameters (no 'parameters' text chunk, "
-                        "as AUTOMATIC1111 and ldm-run write them, nor ComfyUI's 'prompt'; image sites often strip "
-                        "them)")
+        raise no_parameters(path)
     return text
+
+
+def no_parameters(path: str | Path) -> UserError:
+    return UserError(f"--from-png {path}: it has no generation parameters (no 'parameters' text chunk, as "
+                     "AUTOMATIC1111 and ldm-run write them, nor ComfyUI's 'prompt'; image sites often strip them)")
 
 
 def read(path: str | Path) -> tuple[str, str, dict[str, str], list[str]]:
@@ -102,7 +105,7 @@ def read(path: str | Path) -> tuple[str, str, dict[str, str], list[str]]:
             return comfyui.read(graph)
         except UserError as e:
             raise UserError(f"--from-png {path}: {e}") from None
-    return (*parse(read_png(path)), [])  # (its error)
+    raise no_parameters(path)
 
 
 def png_text(path: str | Path) -> dict:
