@@ -398,7 +398,8 @@ def main(argv=None) -> int:
                 if warning:
                     log.warning("%s", warning)
         if args.strength is not None and args.init_image is None:
-            log.warning("--strength applies to img2img only (with --init-image); ignored")
+            log.warning("%s applies to img2img only (with --init-image); ignored", "--strength" if
+                        "strength" in given_here else "the PNG's Denoising strength")
         if args.noise_multiplier != 1 and args.init_image is None and "noise_multiplier" in given_here:
             log.warning("--noise-multiplier applies to img2img only (with --init-image); ignored")
         layers = pipe.manifest.model.text_layers

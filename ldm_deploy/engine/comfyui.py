@@ -9,12 +9,20 @@ it ran, in its API format, as the `prompt` text chunk:
 
 (an input wired to another node is [node id, output index]). Its text-to-image generation, the
 sampler node that starts from an EmptyLatentImage, becomes AUTOMATIC1111's fields (infotext.py),
-read as AUTOMATIC1111's are; what this reads only in part is warned about.
+read as AUTOMATIC1111's are; what this reads only in part is warned about. A graph without one is
+read by its image-to-image pass, the sampler node that starts from a VAEEncode (of a LoadImage's
+image, which --init-image must give again).
+
+ComfyUI's img2img draws `steps` steps, the last of a walk of int(steps / denoise) (KSamplerAdvanced:
+of `steps` from start_at_step); diffusers' (ours) draws int(steps x strength) of `steps`. So a
+denoise below 1 reads as that whole walk's Steps and the Denoising strength that runs those last
+`steps` steps: "steps 20, denoise 0.7" is Steps 28, Denoising strength 0.7143.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from ldm_deploy.engine.infotext import EMPTY_NEGATIVE
@@ -37,9 +45,10 @@ SCHEDULES = {"normal": "Uniform", "karras": "Karras", "exponential": "Exponentia
 # Samplers of one walk of their own here (diffusers' DDPM and LCM schedulers), whichever scheduler.
 OWN_WALK = ("DDPM", "LCM")
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
-# Nodes that change nothing of what is read here (loaders, decoding, saving, previews).
-PLAIN_NODES = {"CheckpointLoaderSimple", "EmptyLatentImage", "CLIPTextEncode", "VAEDecode", "SaveImage",
-               "PreviewImage", *SAMPLER_NODES}
+TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
+# Nodes that change nothing of what is read here (loaders, encoding, decoding, saving, previews).
+PLAIN_NODES = {"CheckpointLoaderSimple", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage", "LoadImage",
+               "VAEEncode", *TEXT_NODES, *SAMPLER_NODES}
 # ComfyUI's samplers are k-diffusion's, walking noise levels as it does; ours are diffusers' schedulers.
 NEAR = ("the image was drawn by ComfyUI, whose samplers walk k-diffusion's noise levels where ours are diffusers' "
         "schedulers': near, so the image will differ a little")
@@ -58,12 +67,12 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         raise UserError("its 'prompt' text chunk is not ComfyUI's graph (not a JSON object of nodes)")
     graph = {str(k): n for k, n in graph.items() if isinstance(n, dict)}
     samplers = [(key, node) for key, node in graph.items() if kind(node) in SAMPLER_NODES]
-    first = [(key, node) for key, node in samplers
-             if kind(linked(graph, inputs_of(node), "latent_image")) == "EmptyLatentImage"]
-    if not first:
-        raise UserError("its ComfyUI graph has no KSampler starting from an EmptyLatentImage (an image-to-image "
-                        "or other graph): give the settings on the command line instead")
-    key, node = first[0]
+    starts = {kind(linked(graph, inputs_of(node), "latent_image")): (key, node) for key, node in reversed(samplers)}
+    if "EmptyLatentImage" not in starts and "VAEEncode" not in starts:
+        raise UserError("its ComfyUI graph has no KSampler starting from an EmptyLatentImage or a VAEEncode (an "
+                        "inpainting or other graph): give the settings on the command line instead")
+    img2img = "EmptyLatentImage" not in starts
+    key, node = starts["VAEEncode" if img2img else "EmptyLatentImage"]  # (the first such node of the graph)
     inputs = inputs_of(node)
     advanced = kind(node) == "KSamplerAdvanced"
     latent = inputs_of(linked(graph, inputs, "latent_image"))
@@ -79,15 +88,20 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
 
     fields = {"Version": "ComfyUI", "Steps": number(inputs, "steps"), "CFG scale": number(inputs, "cfg", False),
               "Seed": number(inputs, "noise_seed" if advanced else "seed")}
-    width, height = number(latent, "width"), number(latent, "height")
-    if width is not None and height is not None:
-        fields["Size"] = f"{width}x{height}"
+    if img2img:
+        fields["Steps"], fields["Denoising strength"] = walk_cut(inputs, advanced, fields["Steps"], warnings)
+        warnings.append(f"its image-to-image pass starts from {source_image(graph, latent)}: give that image with "
+                        "--init-image (without it, a text-to-image is drawn)")
+    else:
+        width, height = number(latent, "width"), number(latent, "height")
+        if width is not None and height is not None:
+            fields["Size"] = f"{width}x{height}"
     fields["Sampler"] = sampler_name(inputs.get("sampler_name"), inputs.get("scheduler"))
     ckpt = model_name(graph, inputs)
     if ckpt:
         fields["Model"] = ckpt
-    prompt, negative = encoded_text(graph, inputs, "positive", warnings), encoded_text(graph, inputs, "negative",
-                                                                                       warnings)
+    size = tuple(int(v) for v in fields["Size"].split("x")) if "Size" in fields else None
+    prompt, negative = (encoded_text(graph, inputs, name, warnings, size) for name in ("positive", "negative"))
     if negative == "":  # ComfyUI encodes the empty text (SDXL base here draws none as zeros)
         fields[EMPTY_NEGATIVE] = "encoded"
     name = inputs.get("sampler_name")
@@ -100,7 +114,9 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
     if batch != 1:
         warnings.append(f"its batch of {describe(batch)} drew one noise for all; here one image is drawn, the "
                         "batch's first (--num-images draws seed + i each)")
-    if advanced:
+    if img2img:
+        pass  # (its walk's cut read above)
+    elif advanced:
         steps, end = inputs.get("steps"), inputs.get("end_at_step", 10000)
         to_the_end = end == 10000 or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (end, steps)) \
             and end >= steps  # (its default, 10000: past any walk's last step)
@@ -111,12 +127,53 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         warnings.append(f"its denoise is {describe(inputs.get('denoise'))} (1: the whole walk; less, a walk of "
                         "steps / denoise cut short), not read: the whole walk is drawn")
     if len(samplers) > 1:
-        warnings.append(f"its graph samples {len(samplers)} times; only node {key}'s text-to-image pass is drawn")
+        warnings.append(f"its graph samples {len(samplers)} times; only node {key}'s "
+                        f"{'image-to-image' if img2img else 'text-to-image'} pass is drawn")
     others = sorted({kind(n) for n in graph.values()} - PLAIN_NODES)
     if others:
         warnings.append(f"its graph's {', '.join(others)} {'is' if len(others) == 1 else 'are'} not drawn here, so "
                         "the image may differ")
     return prompt, negative, {k: str(v) for k, v in fields.items() if v is not None}, warnings
+
+
+def walk_cut(inputs: dict, advanced: bool, steps: int | None, warnings: list) -> tuple:
+    """(Steps, Denoising strength) of diffusers' img2img that draws the steps ComfyUI's image-to-image
+    sampler draws (the module's docstring); (steps, None) with a warning where its cut is not read."""
+    if steps is None:  # (warned about: ldm-run's --steps and --strength)
+        return None, None
+    if advanced:
+        start, end = inputs.get("start_at_step", 0), inputs.get("end_at_step", 10000)
+        plain = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
+        if inputs.get("add_noise") == "disable" or not plain or not 0 <= start < min(end, steps) \
+                or end < steps:
+            warnings.append("its KSamplerAdvanced draws a part of a walk (start_at_step / end_at_step / add_noise) "
+                            "not read here: --strength (default 0.8) sets how much of the image is redrawn")
+            return steps, None
+        total, drawn = steps, steps - start
+    else:
+        denoise = inputs.get("denoise", 1.0)
+        if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) \
+                or not 0 < denoise <= 1 or int(steps / denoise) < 1:
+            warnings.append(f"its denoise is {describe(denoise)}, not read: --strength (default 0.8) sets how much "
+                            "of the image is redrawn")
+            return steps, None
+        total = int(steps / denoise)
+        drawn = min(steps, total)
+    # the strength whose int(total x strength) is `drawn`: drawn / total, rounded up to 4 places
+    # (a field a reader takes in; under 10000 steps the rounding up adds less than a step)
+    strength = math.ceil(drawn / total * 10000) / 10000
+    if int(total * strength) < drawn:  # (drawn / total exactly, which float multiplication can round down)
+        strength += 1e-4
+    return total, round(strength, 4)
+
+
+def source_image(graph: dict, latent: dict) -> str:
+    """The image a VAEEncode encodes, as a sentence names it: LoadImage's file, or the node."""
+    node = linked(graph, latent, "pixels")
+    name = inputs_of(node).get("image")
+    if kind(node) == "LoadImage" and isinstance(name, str):
+        return f"LoadImage's {name!r}"
+    return f"the image of node {kind(node) if node else 'nothing'}"
 
 
 def sampler_name(name, schedule) -> str:
@@ -161,16 +218,41 @@ def linked(graph: dict, inputs: dict, name: str) -> dict:
     return {}
 
 
-def encoded_text(graph: dict, inputs: dict, name: str, warnings: list) -> str | None:
-    """The text of the CLIPTextEncode wired into `name`; None (and why, in `warnings`) for other
-    conditioning."""
+def encoded_text(graph: dict, inputs: dict, name: str, warnings: list, size: tuple | None = None) -> str | None:
+    """The text of the CLIPTextEncode wired into `name` (or CLIPTextEncodeSDXL's, one text for both
+    encoders); None (and why, in `warnings`) for other conditioning."""
     node = linked(graph, inputs, name)
+    if kind(node) == "CLIPTextEncodeSDXL":
+        return sdxl_text(node, name, warnings, size)
     value = inputs_of(node).get("text")
     if kind(node) != "CLIPTextEncode" or not isinstance(value, str):
         warnings.append(f"its {name} conditioning is not a CLIPTextEncode's text (it comes from "
                         f"{kind(node) if node else 'nothing'}): not read")
         return None
     return value
+
+
+def sdxl_text(node: dict, name: str, warnings: list, size: tuple | None) -> str | None:
+    """CLIPTextEncodeSDXL's text, where it gives both of SDXL's encoders the same one (as ours, and
+    diffusers' `prompt` alone, do), with a warning where its size conditioning is not SDXL's default
+    (original and target size the size drawn, crop (0, 0)), which is what is drawn here (size: the
+    EmptyLatentImage's (width, height), None where unknown)."""
+    inputs = inputs_of(node)
+    text_g, text_l = inputs.get("text_g"), inputs.get("text_l")
+    if not isinstance(text_g, str) or text_g != text_l:
+        if isinstance(text_g, str) and isinstance(text_l, str):
+            warnings.append(f"its {name} CLIPTextEncodeSDXL gives SDXL's two encoders other texts (text_g, text_l): "
+                            "not read (here both encode the one prompt)")
+        else:
+            warnings.append(f"its {name} CLIPTextEncodeSDXL's text_g is {describe(text_g)} and text_l "
+                            f"{describe(text_l)}: not read")
+        return None
+    sizes = [inputs.get(k) for k in ("width", "height", "target_width", "target_height", "crop_w", "crop_h")]
+    if sizes[:2] != sizes[2:4] or sizes[4:] != [0, 0] or size is not None and tuple(sizes[:2]) != size:
+        warnings.append(f"its {name} CLIPTextEncodeSDXL conditions on size {describe(sizes[0])}x{describe(sizes[1])}, "
+                        f"target {describe(sizes[2])}x{describe(sizes[3])}, crop ({describe(sizes[4])}, "
+                        f"{describe(sizes[5])}); here on the size drawn and crop (0, 0), so the image will differ")
+    return text_g
 
 
 def model_name(graph: dict, inputs: dict) -> str | None:

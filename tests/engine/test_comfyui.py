@@ -79,10 +79,10 @@ def test_what_it_cannot_read_is_left_to_the_command_line():
             settings(fields)
         assert "sampler" not in settings(fields, given={"sampler"})[0]
     g = graph()
-    g["6"]["class_type"] = "CLIPTextEncodeSDXL"
+    g["6"]["class_type"] = "ConditioningSetArea"
     prompt, negative, _, warnings = comfyui.read(json.dumps(g))
     assert prompt is None and negative == "fog, rain"
-    assert "its positive conditioning is not a CLIPTextEncode's text (it comes from CLIPTextEncodeSDXL): not read" \
+    assert "its positive conditioning is not a CLIPTextEncode's text (it comes from ConditioningSetArea): not read" \
         in warnings
     g = graph(steps="x", cfg=None, seed=["20", 0])
     g["5"]["inputs"] = None
@@ -132,3 +132,98 @@ def test_a_comfyui_png_draws_what_its_settings_draw(engine_dirs, tmp_path, capsy
     assert "\"ComfyUI's 'dpm_adaptive' with scheduler 'karras'\" is not offered here" in err and "Traceback" not in err
     assert run_cli.main(["a lighthouse", "--from-png", str(tmp_path / "odd.png"), "--engine", engine, "--sampler",
                          "euler", "--out", str(tmp_path / "odd-again.png"), "-q"]) == 0
+
+
+def img2img_graph(**sampler) -> dict:
+    """ComfyUI's image-to-image graph: its LoadImage's picture, VAEEncoded, sampled from."""
+    g = graph(**{"latent_image": ["10", 0], **sampler})
+    del g["5"]
+    g["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
+    g["11"] = {"class_type": "LoadImage", "inputs": {"image": "photo.png", "upload": "image"}}
+    return g
+
+
+def test_its_image_to_image_graph_reads_as_the_steps_it_draws():
+    """ComfyUI draws `steps` steps, the last of int(steps / denoise): read as that walk's Steps and the
+    strength whose int(Steps x strength) is `steps` (diffusers' img2img, ours), at every count."""
+    from ldm_deploy.engine.samplers.schedule import img2img_start
+
+    prompt, _, fields, warnings = comfyui.read(json.dumps(img2img_graph(steps=20, denoise=0.7)))
+    assert prompt == "a lighthouse at dusk" and "Size" not in fields
+    assert (fields["Steps"], fields["Denoising strength"]) == ("28", "0.7143")
+    assert "its image-to-image pass starts from LoadImage's 'photo.png': give that image with --init-image" \
+        in warnings[-1]
+    out, _ = settings(fields)
+    assert (out["steps"], out["strength"]) == (28, 0.7143)
+    for steps in range(1, 60):
+        for denoise in [*np.linspace(0.02, 1, 50), 1 / 3, 2 / 3, 0.999]:
+            fields = comfyui.read(json.dumps(img2img_graph(steps=steps, denoise=float(denoise))))[2]
+            total, strength = int(fields["Steps"]), float(fields["Denoising strength"])
+            assert total == int(steps / denoise) and total - img2img_start(total, strength) == min(steps, total), \
+                (steps, denoise)
+    # KSamplerAdvanced: `steps` from start_at_step on
+    g = img2img_graph()
+    g["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **{k: v for k, v in g["3"]["inputs"].items() if k not in ("seed", "denoise")}, "steps": 20,
+        "noise_seed": 11, "add_noise": "enable", "start_at_step": 6, "end_at_step": 10000}}
+    fields, warnings = comfyui.read(json.dumps(g))[2:]
+    assert (fields["Steps"], fields["Denoising strength"]) == ("20", "0.7") and len(warnings) == 2
+    g["3"]["inputs"]["end_at_step"] = 15  # (leaves noise over for another pass): not read
+    fields, warnings = comfyui.read(json.dumps(g))[2:]
+    assert "Denoising strength" not in fields and "draws a part of a walk" in warnings[1]
+    for denoise in (0, 1.5, "x", None):
+        fields, warnings = comfyui.read(json.dumps(img2img_graph(denoise=denoise)))[2:]
+        assert "Denoising strength" not in fields and f"its denoise is {comfyui.describe(denoise)}" in warnings[1]
+    # a graph with a text-to-image pass is read by it (its hires pass from a VAEEncode aside)
+    g = graph()
+    g.update({k: v for k, v in img2img_graph().items() if k in ("10", "11")})
+    g["12"] = {**g["3"], "inputs": {**g["3"]["inputs"], "latent_image": ["10", 0]}}
+    fields, warnings = comfyui.read(json.dumps(g))[2:]
+    assert fields["Size"] == "96x64" and "Denoising strength" not in fields
+    assert "samples 2 times; only node 3's text-to-image pass is drawn" in warnings[-1]
+    g = img2img_graph()
+    g["10"]["class_type"] = "VAEEncodeForInpaint"
+    with pytest.raises(UserError, match="no KSampler starting from an EmptyLatentImage or a VAEEncode"):
+        comfyui.read(json.dumps(g))
+
+
+def test_clip_text_encode_sdxl_reads_where_both_encoders_get_one_text():
+    g = graph()
+    g["6"] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+        "text_g": "a fox", "text_l": "a fox", "width": 96, "height": 64, "target_width": 96, "target_height": 64,
+        "crop_w": 0, "crop_h": 0, "clip": ["4", 1]}}
+    prompt, _, _, warnings = comfyui.read(json.dumps(g))
+    assert prompt == "a fox" and warnings == [comfyui.NEAR]
+    g["6"]["inputs"].update(width=1024, height=1024, target_width=1024, target_height=1024)  # (its defaults)
+    prompt, _, _, warnings = comfyui.read(json.dumps(g))
+    assert prompt == "a fox" and "conditions on size 1024x1024, target 1024x1024, crop (0, 0); here" in warnings[1]
+    g["6"]["inputs"]["text_l"] = "snow"
+    prompt, _, _, warnings = comfyui.read(json.dumps(g))
+    assert prompt is None and "gives SDXL's two encoders other texts (text_g, text_l): not read" in warnings[1]
+    g["6"]["inputs"]["text_l"] = ["12", 0]
+    prompt, _, _, warnings = comfyui.read(json.dumps(g))
+    assert prompt is None and "text_g is 'a fox' and text_l wired from node 12: not read" in warnings[1]
+
+
+def test_a_comfyui_image_to_image_png_draws_with_its_init_image(engine_dirs, tmp_path, capsys):
+    engine = str(engine_dirs["tiny-sd1"])
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(img2img_graph(steps=3, denoise=0.6)))
+    Image.new("RGB", (96, 64)).save(tmp_path / "comfy.png", pnginfo=info)
+    assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", engine, "--init-image",
+                         str(tmp_path / "photo.png"), "--out", str(tmp_path / "again.png"), "-q"]) == 0
+    assert "LoadImage's 'photo.png'" in capsys.readouterr().err
+    assert run_cli.main(["a lighthouse at dusk", "--negative-prompt", "fog, rain", "--engine", engine, "--steps", "5",
+                         "--strength", "0.6", "--guidance", "6.5", "--seed", "5", "--sampler", "dpmpp_2m_karras",
+                         "--init-image", str(tmp_path / "photo.png"), "--out", str(tmp_path / "given.png"), "-q"]) == 0
+    again, given = Image.open(tmp_path / "again.png"), Image.open(tmp_path / "given.png")
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(given))
+    assert again.info["parameters"] == given.info["parameters"] and "Denoising strength: 0.6" in given.info["parameters"]
+    # without its picture: drawn from text, as said
+    assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", engine, "--width", "96", "--height",
+                         "64", "--out", str(tmp_path / "text.png"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "give that image with --init-image (without it, a text-to-image is drawn)" in err
+    assert "the PNG's Denoising strength applies to img2img only (with --init-image); ignored" in err
