@@ -17,6 +17,12 @@ ComfyUI's img2img draws `steps` steps, the last of a walk of int(steps / denoise
 of `steps` from start_at_step); diffusers' (ours) draws int(steps x strength) of `steps`. So a
 denoise below 1 reads as that whole walk's Steps and the Denoising strength that runs those last
 `steps` steps: "steps 20, denoise 0.7" is Steps 28, Denoising strength 0.7143.
+
+Its "hires fix", a second KSampler from the first's latents enlarged (LatentUpscale / LatentUpscaleBy,
+or decoded, ImageScaleBy with Lanczos and encoded again), reads as AUTOMATIC1111's: Hires upscale,
+its upscaler, Hires steps and Denoising strength from the second pass's steps and denoise (both draw
+`steps` steps, the last of int(steps / denoise)), and the second pass's sampler and prompts where
+they are not the first's.
 """
 
 from __future__ import annotations
@@ -126,14 +132,97 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
     elif inputs.get("denoise", 1.0) != 1.0:
         warnings.append(f"its denoise is {describe(inputs.get('denoise'))} (1: the whole walk; less, a walk of "
                         "steps / denoise cut short), not read: the whole walk is drawn")
-    if len(samplers) > 1:
+    read_nodes = set() if img2img else second_pass(graph, key, fields, prompt, negative, warnings)
+    if len(samplers) > 1 + bool(read_nodes):
         warnings.append(f"its graph samples {len(samplers)} times; only node {key}'s "
-                        f"{'image-to-image' if img2img else 'text-to-image'} pass is drawn")
-    others = sorted({kind(n) for n in graph.values()} - PLAIN_NODES)
+                        f"{'image-to-image' if img2img else 'text-to-image'} pass "
+                        f"{'and its hires fix are' if read_nodes else 'is'} drawn")
+    others = sorted({kind(n) for n in graph.values()} - PLAIN_NODES - read_nodes)
     if others:
         warnings.append(f"its graph's {', '.join(others)} {'is' if len(others) == 1 else 'are'} not drawn here, so "
                         "the image may differ")
     return prompt, negative, {k: str(v) for k, v in fields.items() if v is not None}, warnings
+
+
+# ComfyUI's latent upscale methods -> ours (AUTOMATIC1111's names); its "area" and "bislerp" are not offered.
+LATENT_METHODS = {"bilinear": "Latent", "bicubic": "Latent (bicubic)", "nearest-exact": "Latent (nearest-exact)"}
+
+
+def second_pass(graph: dict, first: str, fields: dict, prompt, negative, warnings: list) -> set[str]:
+    """Read the hires fix of the text-to-image pass at node `first` into `fields` (the module's
+    docstring); -> the kinds of the nodes read (none where there is none, or it is not read)."""
+    for key, node in graph.items():
+        inputs = inputs_of(node)
+        upscale = linked(graph, inputs, "latent_image")
+        if kind(node) not in SAMPLER_NODES or not upscale:
+            continue
+        if kind(upscale) in ("LatentUpscale", "LatentUpscaleBy") and link_of(inputs_of(upscale), "samples") == first:
+            method, scaling = inputs_of(upscale).get("upscale_method"), upscale
+            upscaler = LATENT_METHODS.get(method)
+        elif kind(upscale) == "VAEEncode" and kind(scale := linked(graph, inputs_of(upscale), "pixels")) in (
+                "ImageScale", "ImageScaleBy") and kind(decode := linked(graph, inputs_of(scale), "image")) == "VAEDecode" \
+                and link_of(inputs_of(decode), "samples") == first:
+            method, scaling = inputs_of(scale).get("upscale_method"), scale
+            upscaler = "Lanczos" if method == "lanczos" else None
+        else:
+            continue
+        break
+    else:
+        return set()
+    name = f"its hires fix (node {key})"
+    scale = scale_of(scaling, fields.get("Size"))
+    if kind(node) != "KSampler" or scale is None or upscaler is None:
+        why = ("its KSamplerAdvanced" if kind(node) != "KSampler" else
+               f"its {kind(scaling)}'s size" if scale is None else f"its upscale_method {describe(method)}")
+        warnings.append(f"{name} is not drawn: {why} is not read here (--hires-scale and its options give one)")
+        return set()
+    inputs = inputs_of(node)
+    steps, denoise = inputs.get("steps"), inputs.get("denoise", 1.0)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, denoise)) \
+            or steps != int(steps) or steps < 1 or not 0 < denoise <= 1:
+        warnings.append(f"{name} is not drawn: its steps {describe(steps)} and denoise {describe(denoise)} are not "
+                        "read here (--hires-scale and its options give one)")
+        return set()
+    fields.update({"Hires upscale": scale, "Hires upscaler": upscaler, "Hires steps": int(steps),
+                   "Denoising strength": denoise})
+    hires_sampler = sampler_name(inputs.get("sampler_name"), inputs.get("scheduler"))
+    if hires_sampler.startswith("ComfyUI's"):  # (not offered: the first pass's, or --hires-sampler)
+        warnings.append(f"{name} draws with {hires_sampler}, not offered here: the first pass's sampler redraws "
+                        "(or --hires-sampler)")
+    elif hires_sampler != fields["Sampler"]:
+        fields["Hires sampler"] = hires_sampler
+    for label, ours, theirs in (("prompt", prompt, "positive"), ("negative prompt", negative, "negative")):
+        text = encoded_text(graph, inputs, theirs, [])
+        if text is not None and text != ours:
+            fields[f"Hires {label}"] = text
+    for what, value, first_value in (("seed", inputs.get("seed"), fields.get("Seed")),
+                                     ("cfg", inputs.get("cfg"), fields.get("CFG scale"))):
+        if value != first_value:
+            warnings.append(f"{name} has {what} {describe(value)}, here the first pass's ({first_value})")
+    return {kind(n) for n in (node, scaling, upscale)} | ({"VAEDecode"} if upscaler == "Lanczos" else set())
+
+
+def link_of(inputs: dict, name: str) -> str | None:
+    """The node id wired into input `name` (None if none)."""
+    link = inputs.get(name)
+    return str(link[0]) if isinstance(link, list) and link else None
+
+
+def scale_of(node: dict, size: str | None) -> float | None:
+    """The factor an upscale node enlarges by: its scale_by, or its width and height over the first
+    pass's `size` ("WxH") where both sides grow by one factor; None where not read."""
+    inputs = inputs_of(node)
+    if kind(node).endswith("By"):
+        value = inputs.get("scale_by")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1
+        return float(value) if ok else None
+    width, height = inputs.get("width"), inputs.get("height")
+    if size is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in (width, height)) \
+            or inputs.get("crop", "disabled") != "disabled":
+        return None
+    first_w, first_h = (int(v) for v in size.split("x"))
+    scale = width / first_w
+    return scale if scale > 1 and abs(height - first_h * scale) < 8 else None
 
 
 def walk_cut(inputs: dict, advanced: bool, steps: int | None, warnings: list) -> tuple:

@@ -227,3 +227,75 @@ def test_a_comfyui_image_to_image_png_draws_with_its_init_image(engine_dirs, tmp
     err = capsys.readouterr().err
     assert "give that image with --init-image (without it, a text-to-image is drawn)" in err
     assert "the PNG's Denoising strength applies to img2img only (with --init-image); ignored" in err
+
+
+def hires_graph(latent: bool = True, **second) -> dict:
+    """ComfyUI's two-pass ("hires fix") graph: the first pass's latents enlarged (or its image,
+    decoded, enlarged and encoded again), then sampled again at `second`'s settings."""
+    g = graph()
+    inputs = {**g["3"]["inputs"], "steps": 2, "denoise": 0.5, **second}
+    if latent:
+        g["13"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "nearest-exact",
+                                                               "scale_by": 1.5}}
+        inputs["latent_image"] = ["13", 0]
+    else:
+        g["13"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+        g["14"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["13", 0], "upscale_method": "lanczos",
+                                                            "scale_by": 1.5}}
+        g["15"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["14", 0], "vae": ["4", 2]}}
+        inputs["latent_image"] = ["15", 0]
+    g["12"] = {"class_type": "KSampler", "inputs": inputs}
+    g["8"]["inputs"]["samples"] = ["12", 0]
+    return g
+
+
+def test_its_hires_fix_reads_as_automatic1111s():
+    _, _, fields, warnings = comfyui.read(json.dumps(hires_graph()))
+    assert warnings == [comfyui.NEAR]
+    out, _ = settings(fields)
+    assert {k: v for k, v in out.items() if k.startswith("hires")} == {
+        "hires_scale": 1.5, "hires_steps": 2, "hires_strength": 0.5, "hires_upscaler": "Latent (nearest-exact)"}
+    _, _, fields, warnings = comfyui.read(json.dumps(hires_graph(latent=False)))
+    assert settings(fields)[0]["hires_upscaler"] == "Lanczos" and warnings == [comfyui.NEAR]
+    # its own sampler and prompts
+    g = hires_graph(sampler_name="euler_ancestral", scheduler="normal", positive=["20", 0], seed=9)
+    g["20"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk, sharp", "clip": ["4", 1]}}
+    _, _, fields, warnings = comfyui.read(json.dumps(g))
+    out = settings(fields)[0]
+    assert (out["hires_sampler"], out["hires_prompt"]) == ("euler_a", "a lighthouse at dusk, sharp")
+    assert "hires_negative_prompt" not in out and "its hires fix (node 12) has seed 9, here the first pass's (5)" \
+        in warnings
+    g = hires_graph()
+    del g["13"]["inputs"]["scale_by"]
+    g["13"].update(class_type="LatentUpscale", inputs={**g["13"]["inputs"], "width": 144, "height": 96, "crop": "disabled"})
+    assert settings(comfyui.read(json.dumps(g))[2])[0]["hires_scale"] == 1.5
+    # what is not read: said, and the first pass drawn alone
+    for change, why in (({"upscale_method": "area"}, "its upscale_method 'area' is not read"),
+                        ({"scale_by": ["30", 0]}, "its LatentUpscaleBy's size is not read")):
+        g = hires_graph()
+        g["13"]["inputs"].update(change)
+        _, _, fields, warnings = comfyui.read(json.dumps(g))
+        assert "Hires upscale" not in fields and why in warnings[1] and "LatentUpscaleBy" in warnings[-1]
+    for second, why in (({"denoise": 0}, "its steps 2 and denoise 0 are not read"),
+                        ({"sampler_name": "dpm_fast"}, "draws with ComfyUI's 'dpm_fast' with scheduler 'karras'")):
+        _, _, fields, warnings = comfyui.read(json.dumps(hires_graph(**second)))
+        assert why in warnings[1]
+    assert "Hires sampler" not in fields and "Hires upscale" in fields
+
+
+def test_a_comfyui_hires_png_draws_what_its_settings_draw(engine_dirs, tmp_path):
+    engine = str(engine_dirs["tiny-sd1"])
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(hires_graph(sampler_name="euler", scheduler="normal")))
+    Image.new("RGB", (144, 96)).save(tmp_path / "comfy.png", pnginfo=info)
+    assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", engine,
+                         "--out", str(tmp_path / "again.png"), "-q"]) == 0
+    assert run_cli.main(["a lighthouse at dusk", "--negative-prompt", "fog, rain", "--engine", engine, "--steps", "3",
+                         "--guidance", "6.5", "--seed", "5", "--width", "96", "--height", "64", "--sampler",
+                         "dpmpp_2m_karras", "--hires-scale", "1.5", "--hires-upscaler", "Latent (nearest-exact)",
+                         "--hires-steps", "2", "--hires-strength", "0.5", "--hires-sampler", "euler",
+                         "--out", str(tmp_path / "given.png"), "-q"]) == 0
+    again, given = Image.open(tmp_path / "again.png"), Image.open(tmp_path / "given.png")
+    assert again.size == (144, 96)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(given))
+    assert again.info["parameters"] == given.info["parameters"]
