@@ -53,8 +53,9 @@ OWN_WALK = ("DDPM", "LCM")
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
 # Nodes that change nothing of what is read here (loaders, encoding, decoding, saving, previews).
+LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
 PLAIN_NODES = {"CheckpointLoaderSimple", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage", "LoadImage",
-               "VAEEncode", *TEXT_NODES, *SAMPLER_NODES}
+               "VAEEncode", *TEXT_NODES, *SAMPLER_NODES, *LORA_NODES}
 # ComfyUI's samplers are k-diffusion's, walking noise levels as it does; ours are diffusers' schedulers.
 NEAR = ("the image was drawn by ComfyUI, whose samplers walk k-diffusion's noise levels where ours are diffusers' "
         "schedulers': near, so the image will differ a little")
@@ -103,11 +104,14 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         if width is not None and height is not None:
             fields["Size"] = f"{width}x{height}"
     fields["Sampler"] = sampler_name(inputs.get("sampler_name"), inputs.get("scheduler"))
-    ckpt = model_name(graph, inputs)
+    checkpoint, tags = model_chain(graph, inputs, warnings)
+    ckpt = model_name(checkpoint)
     if ckpt:
         fields["Model"] = ckpt
     size = tuple(int(v) for v in fields["Size"].split("x")) if "Size" in fields else None
     prompt, negative = (encoded_text(graph, inputs, name, warnings, size) for name in ("positive", "negative"))
+    if prompt is not None and tags:  # AUTOMATIC1111's tags, checked against the engine's LoRAs (extra_networks.py)
+        prompt = " ".join([prompt, *tags]) if prompt else " ".join(tags)
     if negative == "":  # ComfyUI encodes the empty text (SDXL base here draws none as zeros)
         fields[EMPTY_NEGATIVE] = "encoded"
     name = inputs.get("sampler_name")
@@ -344,10 +348,38 @@ def sdxl_text(node: dict, name: str, warnings: list, size: tuple | None) -> str 
     return text_g
 
 
-def model_name(graph: dict, inputs: dict) -> str | None:
+def model_chain(graph: dict, inputs: dict, warnings: list) -> tuple[dict, list[str]]:
+    """(the node the sampler's model comes from past its LoRA loaders, AUTOMATIC1111's
+    <lora:name:te:unet> tag for each loader, nearest the checkpoint first). LoRAs are merged into
+    engines here (--lora), so the tags, added to the prompt as AUTOMATIC1111's web UI writes them,
+    say where the engine does not hold one; a loader's malformed values are warned about."""
+    node, tags, seen = linked(graph, inputs, "model"), [], {link_of(inputs, "model")}
+    while kind(node) in LORA_NODES:
+        loader = inputs_of(node)
+        name, unet = loader.get("lora_name"), loader.get("strength_model")
+        te = loader.get("strength_clip") if kind(node) == "LoraLoader" else 0.0
+        if not isinstance(name, str) or not name or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in (unet, te)):
+            warnings.append(f"its {kind(node)} loads {describe(name)} at {describe(unet)} (model) and {describe(te)} "
+                            "(clip), not read: LoRAs are merged into an engine by --lora when it is exported")
+        else:
+            weights = f"{te:g}" if te == unet else f"{te:g}:{unet:g}"
+            tags.insert(0, f"<lora:{file_stem(name)}:{weights}>")
+        if link_of(loader, "model") in seen:  # (a wired cycle: no checkpoint)
+            return {}, tags
+        seen.add(link_of(loader, "model"))
+        node = linked(graph, loader, "model")
+    return node, tags
+
+
+def model_name(node: dict) -> str | None:
     """The checkpoint's file name, without its suffix, where a CheckpointLoaderSimple loads it."""
-    node = linked(graph, inputs, "model")
     name = inputs_of(node).get("ckpt_name") if kind(node) == "CheckpointLoaderSimple" else None
     if not isinstance(name, str) or not name:
         return None
+    return file_stem(name)
+
+
+def file_stem(name: str) -> str:
+    """A model file's name as AUTOMATIC1111 names it: no folder, no suffix."""
     return re.sub(r"\.(safetensors|ckpt|pt|pth|bin)$", "", name.replace("\\", "/").rsplit("/", 1)[-1])

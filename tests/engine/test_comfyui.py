@@ -52,14 +52,14 @@ def test_what_it_reads_only_in_part_is_warned_about():
     g["5"]["inputs"]["batch_size"] = 4
     g["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a (red:1.3) house", "clip": ["4", 1]}}
     g["11"] = {"class_type": "LoraLoader", "inputs": {"lora_name": "detail.safetensors", "strength_model": 0.7,
-                                                      "model": ["4", 0], "clip": ["4", 1]}}
+                                                      "strength_clip": 0.7, "model": ["4", 0], "clip": ["4", 1]}}
     g["12"] = {**g["3"], "inputs": {**g["3"]["inputs"], "latent_image": ["13", 0]}}  # a second pass
     g["13"] = {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "scale_by": 1.5}}
     prompt, _, fields, warnings = comfyui.read(json.dumps(g))
-    assert prompt == "a (red:1.3) house" and "Model" not in fields  # (behind the LoRA loader)
+    assert prompt == "a (red:1.3) house <lora:detail:0.7>" and fields["Model"] == "dreamshaper_8"
     said = " | ".join(warnings)
     for part in ("toward the empty prompt's embedding", "its batch of 4 drew one noise for all",
-                 "its denoise is 0.8", "samples 2 times; only node 3's", "LatentUpscaleBy, LoraLoader are not drawn"):
+                 "its denoise is 0.8", "samples 2 times; only node 3's", "LatentUpscaleBy is not drawn"):
         assert part in said, part
     advanced = graph()
     advanced["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
@@ -299,3 +299,30 @@ def test_a_comfyui_hires_png_draws_what_its_settings_draw(engine_dirs, tmp_path)
     assert again.size == (144, 96)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(given))
     assert again.info["parameters"] == given.info["parameters"]
+
+
+def test_its_lora_loaders_become_automatic1111s_tags(engine_dirs, tmp_path, capsys):
+    """Each LoRA loader between the checkpoint and the sampler is the tag AUTOMATIC1111 writes
+    (text encoder weight first), which ldm-run checks against the LoRAs merged into the engine."""
+    g = graph(model=["11", 0])
+    g["10"] = {"class_type": "LoraLoader", "inputs": {"lora_name": "styles\\ink.safetensors", "strength_model": 0.8,
+                                                      "strength_clip": 0.8, "model": ["4", 0], "clip": ["4", 1]}}
+    g["11"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": "detail.pt", "strength_model": 0.5,
+                                                               "model": ["10", 0]}}
+    prompt, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert prompt == "a lighthouse at dusk <lora:ink:0.8> <lora:detail:0:0.5>" and fields["Model"] == "dreamshaper_8"
+    assert warnings == [comfyui.NEAR]
+    g["10"]["inputs"]["strength_clip"] = "x"
+    g["10"]["inputs"]["model"] = ["11", 0]  # (a cycle)
+    prompt, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert prompt == "a lighthouse at dusk <lora:detail:0:0.5>" and "Model" not in fields
+    assert "its LoraLoader loads 'styles\\\\ink.safetensors' at 0.8 (model) and 'x' (clip), not read" in warnings[1]
+    # drawn: the engine holds no LoRA, which is said with the --lora that merges it
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(graph(model=["10", 0]) | {"10": {"class_type": "LoraLoader", "inputs": {
+        "lora_name": "ink.safetensors", "strength_model": 0.8, "strength_clip": 0.8, "model": ["4", 0]}}}))
+    Image.new("RGB", (96, 64)).save(tmp_path / "comfy.png", pnginfo=info)
+    assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", str(engine_dirs["tiny-sd1"]),
+                         "--steps", "1", "--out", str(tmp_path / "again.png"), "-q"]) == 0
+    assert "export it with --lora ink.safetensors:0.8" in capsys.readouterr().err
+    assert Image.open(tmp_path / "again.png").info["parameters"].startswith("a lighthouse at dusk <lora:ink:0.8>\n")
