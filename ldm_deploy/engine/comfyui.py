@@ -19,7 +19,7 @@ denoise below 1 reads as that whole walk's Steps and the Denoising strength that
 `steps` steps: "steps 20, denoise 0.7" is Steps 28, Denoising strength 0.7143.
 
 Its "hires fix", a second KSampler from the first's latents enlarged (LatentUpscale / LatentUpscaleBy,
-or decoded, ImageScaleBy with Lanczos and encoded again), reads as AUTOMATIC1111's: Hires upscale,
+or decoded, ImageScale / ImageScaleBy with lanczos and encoded again), reads as AUTOMATIC1111's: Hires upscale,
 its upscaler, Hires steps and Denoising strength from the second pass's steps and denoise (both draw
 `steps` steps, the last of int(steps / denoise)), and the second pass's sampler and prompts where
 they are not the first's.
@@ -55,7 +55,7 @@ TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
 # Nodes that change nothing of what is read here (loaders, encoding, decoding, saving, previews).
 LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
 PLAIN_NODES = {"CheckpointLoaderSimple", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage", "LoadImage",
-               "VAEEncode", *TEXT_NODES, *SAMPLER_NODES, *LORA_NODES}
+               "VAEEncode", *TEXT_NODES, *SAMPLER_NODES}
 # ComfyUI's samplers are k-diffusion's, walking noise levels as it does; ours are diffusers' schedulers.
 NEAR = ("the image was drawn by ComfyUI, whose samplers walk k-diffusion's noise levels where ours are diffusers' "
         "schedulers': near, so the image will differ a little")
@@ -104,12 +104,13 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         if width is not None and height is not None:
             fields["Size"] = f"{width}x{height}"
     fields["Sampler"] = sampler_name(inputs.get("sampler_name"), inputs.get("scheduler"))
-    checkpoint, tags = model_chain(graph, inputs, warnings)
+    checkpoint, tags, read_ids = model_chain(graph, inputs, warnings)
     ckpt = model_name(checkpoint)
     if ckpt:
         fields["Model"] = ckpt
     size = tuple(int(v) for v in fields["Size"].split("x")) if "Size" in fields else None
-    prompt, negative = (encoded_text(graph, inputs, name, warnings, size) for name in ("positive", "negative"))
+    texts = [encoded_text(graph, inputs, name, warnings, size) for name in ("positive", "negative")]
+    prompt, negative = texts
     if prompt is not None and tags:  # AUTOMATIC1111's tags, checked against the engine's LoRAs (extra_networks.py)
         prompt = " ".join([prompt, *tags]) if prompt else " ".join(tags)
     if negative == "":  # ComfyUI encodes the empty text (SDXL base here draws none as zeros)
@@ -136,12 +137,13 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
     elif inputs.get("denoise", 1.0) != 1.0:
         warnings.append(f"its denoise is {describe(inputs.get('denoise'))} (1: the whole walk; less, a walk of "
                         "steps / denoise cut short), not read: the whole walk is drawn")
-    read_nodes = set() if img2img else second_pass(graph, key, fields, prompt, negative, warnings)
-    if len(samplers) > 1 + bool(read_nodes):
+    hires_ids = set() if img2img else second_pass(graph, key, fields, *texts, tags, warnings)
+    if len(samplers) > 1 + bool(hires_ids):
         warnings.append(f"its graph samples {len(samplers)} times; only node {key}'s "
                         f"{'image-to-image' if img2img else 'text-to-image'} pass "
-                        f"{'and its hires fix are' if read_nodes else 'is'} drawn")
-    others = sorted({kind(n) for n in graph.values()} - PLAIN_NODES - read_nodes)
+                        f"{'and its hires fix are' if hires_ids else 'is'} drawn")
+    read_ids |= hires_ids
+    others = sorted({kind(n) for k, n in graph.items() if k not in read_ids} - PLAIN_NODES)
     if others:
         warnings.append(f"its graph's {', '.join(others)} {'is' if len(others) == 1 else 'are'} not drawn here, so "
                         "the image may differ")
@@ -152,43 +154,51 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
 LATENT_METHODS = {"bilinear": "Latent", "bicubic": "Latent (bicubic)", "nearest-exact": "Latent (nearest-exact)"}
 
 
-def second_pass(graph: dict, first: str, fields: dict, prompt, negative, warnings: list) -> set[str]:
+def second_pass(graph: dict, first: str, fields: dict, prompt, negative, tags: list, warnings: list) -> set[str]:
     """Read the hires fix of the text-to-image pass at node `first` into `fields` (the module's
-    docstring); -> the kinds of the nodes read (none where there is none, or it is not read)."""
+    docstring): the first second pass that can be read, else a warning naming why the first
+    found cannot. -> the ids of the nodes read (none where none is read). prompt, negative: the
+    first pass's texts; tags: its LoRAs' (model_chain), which a hires prompt carries too."""
+    why = None
     for key, node in graph.items():
-        inputs = inputs_of(node)
-        upscale = linked(graph, inputs, "latent_image")
-        if kind(node) not in SAMPLER_NODES or not upscale:
+        found = upscaling(graph, first, inputs_of(node), fields.get("Size")) if kind(node) in SAMPLER_NODES else None
+        if found is None:
             continue
-        if kind(upscale) in ("LatentUpscale", "LatentUpscaleBy") and link_of(inputs_of(upscale), "samples") == first:
-            method, scaling = inputs_of(upscale).get("upscale_method"), upscale
-            upscaler = LATENT_METHODS.get(method)
-        elif kind(upscale) == "VAEEncode" and kind(scale := linked(graph, inputs_of(upscale), "pixels")) in (
-                "ImageScale", "ImageScaleBy") and kind(decode := linked(graph, inputs_of(scale), "image")) == "VAEDecode" \
-                and link_of(inputs_of(decode), "samples") == first:
-            method, scaling = inputs_of(scale).get("upscale_method"), scale
-            upscaler = "Lanczos" if method == "lanczos" else None
-        else:
-            continue
-        break
-    else:
-        return set()
+        ids, upscaler, method, target = found
+        reason = ("is a KSamplerAdvanced" if kind(node) != "KSampler" else
+                  f"has upscale_method {describe(method)}, not offered here" if upscaler is None else
+                  f"enlarges to a size not read here ({target})" if isinstance(target, str) else None)
+        steps, denoise = inputs_of(node).get("steps"), inputs_of(node).get("denoise", 1.0)
+        if reason is None and not (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, denoise))
+                                   and steps == int(steps) and steps >= 1 and 0 < denoise <= 1):
+            reason = f"has steps {describe(steps)} and denoise {describe(denoise)}, not read"
+        if reason is None:
+            return {key, *ids} | read_hires(graph, key, node, target, upscaler, fields, prompt, negative, tags,
+                                            warnings)
+        why = why or f"its hires fix (node {key}) is not drawn: it {reason} (--hires-scale and its options give one)"
+    if why:
+        warnings.append(why)
+    return set()
+
+
+def read_hires(graph, key, node, target, upscaler, fields, prompt, negative, tags, warnings) -> set[str]:
+    """The fields of a second pass that can be read (second_pass); -> the ids of its LoRA loaders."""
+    from ldm_deploy.engine.hires import MAX_SCALE, target_size
+
     name = f"its hires fix (node {key})"
-    scale = scale_of(scaling, fields.get("Size"))
-    if kind(node) != "KSampler" or scale is None or upscaler is None:
-        why = ("its KSamplerAdvanced" if kind(node) != "KSampler" else
-               f"its {kind(scaling)}'s size" if scale is None else f"its upscale_method {describe(method)}")
-        warnings.append(f"{name} is not drawn: {why} is not read here (--hires-scale and its options give one)")
-        return set()
     inputs = inputs_of(node)
-    steps, denoise = inputs.get("steps"), inputs.get("denoise", 1.0)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, denoise)) \
-            or steps != int(steps) or steps < 1 or not 0 < denoise <= 1:
-        warnings.append(f"{name} is not drawn: its steps {describe(steps)} and denoise {describe(denoise)} are not "
-                        "read here (--hires-scale and its options give one)")
+    width, height = (int(v) for v in fields["Size"].split("x"))
+    scale = max(target[0] / width, target[1] / height)
+    while int(width * scale) < target[0] or int(height * scale) < target[1]:  # (a float hair under)
+        scale = math.nextafter(scale, math.inf)
+    if target_size(width, height, scale, 8) != target:
+        warnings.append(f"{name} enlarges to {target[0]}x{target[1]}, which one scale of both sides does not give "
+                        f"here: {'x'.join(map(str, target_size(width, height, scale, 8)))} instead")
+    if not 1 < scale <= MAX_SCALE:
+        warnings.append(f"{name} enlarges by {scale:g}, outside (1, {MAX_SCALE}] here: not drawn")
         return set()
-    fields.update({"Hires upscale": scale, "Hires upscaler": upscaler, "Hires steps": int(steps),
-                   "Denoising strength": denoise})
+    fields.update({"Hires upscale": scale, "Hires upscaler": upscaler, "Hires steps": int(inputs["steps"]),
+                   "Denoising strength": inputs.get("denoise", 1.0)})
     hires_sampler = sampler_name(inputs.get("sampler_name"), inputs.get("scheduler"))
     if hires_sampler.startswith("ComfyUI's"):  # (not offered: the first pass's, or --hires-sampler)
         warnings.append(f"{name} draws with {hires_sampler}, not offered here: the first pass's sampler redraws "
@@ -196,14 +206,38 @@ def second_pass(graph: dict, first: str, fields: dict, prompt, negative, warning
     elif hires_sampler != fields["Sampler"]:
         fields["Hires sampler"] = hires_sampler
     for label, ours, theirs in (("prompt", prompt, "positive"), ("negative prompt", negative, "negative")):
-        text = encoded_text(graph, inputs, theirs, [])
+        text = encoded_text(graph, inputs, theirs, warnings)
         if text is not None and text != ours:
-            fields[f"Hires {label}"] = text
+            fields[f"Hires {label}"] = " ".join([text, *tags]) if label == "prompt" and tags else text
     for what, value, first_value in (("seed", inputs.get("seed"), fields.get("Seed")),
                                      ("cfg", inputs.get("cfg"), fields.get("CFG scale"))):
-        if value != first_value:
+        if first_value is not None and value != first_value:
             warnings.append(f"{name} has {what} {describe(value)}, here the first pass's ({first_value})")
-    return {kind(n) for n in (node, scaling, upscale)} | ({"VAEDecode"} if upscaler == "Lanczos" else set())
+    checkpoint, own_tags, loaders = model_chain(graph, inputs, [])
+    if own_tags != tags or model_name(checkpoint) != fields.get("Model"):
+        warnings.append(f"{name} draws with another checkpoint or LoRAs than the first pass; here with the first's")
+    return loaders
+
+
+def upscaling(graph: dict, first: str, inputs: dict, size: str | None):
+    """Where a sampler's latent is the first pass's enlarged: (ids of the nodes between, our upscaler
+    or None, ComfyUI's method, the target size (width, height) or why it is not read); else None."""
+    source_id = link_of(inputs, "latent_image")
+    source = graph.get(source_id, {}) if source_id else {}
+    if kind(source) in ("LatentUpscale", "LatentUpscaleBy") and link_of(inputs_of(source), "samples") == first:
+        method = inputs_of(source).get("upscale_method")
+        return {source_id}, LATENT_METHODS.get(method), method, target_of(source, size)
+    if kind(source) != "VAEEncode":
+        return None
+    scale_id = link_of(inputs_of(source), "pixels")
+    scale = graph.get(scale_id, {}) if scale_id else {}
+    decode_id = link_of(inputs_of(scale), "image")
+    decode = graph.get(decode_id, {}) if decode_id else {}
+    if kind(scale) not in ("ImageScale", "ImageScaleBy") or kind(decode) != "VAEDecode" \
+            or link_of(inputs_of(decode), "samples") != first:
+        return None
+    method = inputs_of(scale).get("upscale_method")
+    return {source_id, scale_id, decode_id}, "Lanczos" if method == "lanczos" else None, method, target_of(scale, size)
 
 
 def link_of(inputs: dict, name: str) -> str | None:
@@ -212,21 +246,34 @@ def link_of(inputs: dict, name: str) -> str | None:
     return str(link[0]) if isinstance(link, list) and link else None
 
 
-def scale_of(node: dict, size: str | None) -> float | None:
-    """The factor an upscale node enlarges by: its scale_by, or its width and height over the first
-    pass's `size` ("WxH") where both sides grow by one factor; None where not read."""
+def target_of(node: dict, size: str | None):
+    """The size (width, height) ComfyUI's upscale node enlarges the first pass's `size` ("WxH") to,
+    as it computes it (latents: whole latent pixels; images: cropped to multiples of 8 when
+    encoded); or why that is not read."""
+    if size is None:
+        return "the first pass's size is not read"
+    w, h = (int(v) for v in size.split("x"))
     inputs = inputs_of(node)
     if kind(node).endswith("By"):
-        value = inputs.get("scale_by")
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1
-        return float(value) if ok else None
-    width, height = inputs.get("width"), inputs.get("height")
-    if size is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in (width, height)) \
-            or inputs.get("crop", "disabled") != "disabled":
-        return None
-    first_w, first_h = (int(v) for v in size.split("x"))
-    scale = width / first_w
-    return scale if scale > 1 and abs(height - first_h * scale) < 8 else None
+        by = inputs.get("scale_by")
+        if isinstance(by, bool) or not isinstance(by, (int, float)) or not 0 < by < float("inf"):
+            return f"scale_by {describe(by)}"
+        if kind(node).startswith("Latent"):  # round(latent side x scale_by)
+            return round(w / 8 * by) * 8, round(h / 8 * by) * 8
+        return round(w * by) // 8 * 8, round(h * by) // 8 * 8
+    width, height, crop = inputs.get("width"), inputs.get("height"), inputs.get("crop", "disabled")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (width, height)) or crop != "disabled":
+        return f"width {describe(width)}, height {describe(height)}, crop {describe(crop)}"
+    if width == 0 and height == 0:
+        return "width and height 0 (no enlargement)"
+    low = 64 if kind(node).startswith("Latent") else 1  # (its least side; 0: the other side's aspect)
+    if width == 0:
+        height = max(low, height)
+        width = max(low, round(w * height / h))
+    elif height == 0:
+        width = max(low, width)
+        height = max(low, round(h * width / w))
+    return max(low, width) // 8 * 8, max(low, height) // 8 * 8
 
 
 def walk_cut(inputs: dict, advanced: bool, steps: int | None, warnings: list) -> tuple:
@@ -348,28 +395,38 @@ def sdxl_text(node: dict, name: str, warnings: list, size: tuple | None) -> str 
     return text_g
 
 
-def model_chain(graph: dict, inputs: dict, warnings: list) -> tuple[dict, list[str]]:
+def model_chain(graph: dict, inputs: dict, warnings: list) -> tuple[dict, list[str], set[str]]:
     """(the node the sampler's model comes from past its LoRA loaders, AUTOMATIC1111's
-    <lora:name:te:unet> tag for each loader, nearest the checkpoint first). LoRAs are merged into
-    engines here (--lora), so the tags, added to the prompt as AUTOMATIC1111's web UI writes them,
-    say where the engine does not hold one; a loader's malformed values are warned about."""
-    node, tags, seen = linked(graph, inputs, "model"), [], {link_of(inputs, "model")}
-    while kind(node) in LORA_NODES:
-        loader = inputs_of(node)
-        name, unet = loader.get("lora_name"), loader.get("strength_model")
-        te = loader.get("strength_clip") if kind(node) == "LoraLoader" else 0.0
-        if not isinstance(name, str) or not name or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in (unet, te)):
-            warnings.append(f"its {kind(node)} loads {describe(name)} at {describe(unet)} (model) and {describe(te)} "
-                            "(clip), not read: LoRAs are merged into an engine by --lora when it is exported")
-        else:
-            weights = f"{te:g}" if te == unet else f"{te:g}:{unet:g}"
-            tags.insert(0, f"<lora:{file_stem(name)}:{weights}>")
-        if link_of(loader, "model") in seen:  # (a wired cycle: no checkpoint)
-            return {}, tags
-        seen.add(link_of(loader, "model"))
-        node = linked(graph, loader, "model")
-    return node, tags
+    <lora:name:te:unet> tag for each loader, nearest the checkpoint first, the loaders' ids).
+    A loader's text encoder weight counts where the positive prompt's encoder is wired through
+    it (its clip output), as ComfyUI applies it; else 0. LoRAs are merged into engines here
+    (--lora), so the tags, added to the prompt as AUTOMATIC1111's web UI writes them, say where
+    the engine does not hold one; a loader that cannot be written as one is warned about."""
+    model_ids, node = chain(graph, inputs, "model")
+    clip_ids, _ = chain(graph, inputs_of(linked(graph, inputs, "positive")), "clip")
+    tags = []
+    for key in [*model_ids, *(k for k in clip_ids if k not in model_ids)][::-1]:
+        loader = inputs_of(graph[key])
+        name = loader.get("lora_name")
+        unet = loader.get("strength_model") if key in model_ids else 0.0
+        te = loader.get("strength_clip") if key in clip_ids else 0.0
+        if not isinstance(name, str) or not name or set(":<>") & set(file_stem(name)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (unet, te)):
+            warnings.append(f"its {kind(graph[key])} loads {describe(name)} at {describe(unet)} (model) and "
+                            f"{describe(te)} (clip), not read: LoRAs are merged into an engine by --lora when it is "
+                            "exported")
+        elif te or unet:
+            tags.append(f"<lora:{file_stem(name)}:{f'{te:g}' if te == unet else f'{te:g}:{unet:g}'}>")
+    return node, tags, set(model_ids) | set(clip_ids)
+
+
+def chain(graph: dict, inputs: dict, name: str) -> tuple[list[str], dict]:
+    """(ids of the LoRA loaders wired in a row into input `name`, nearest first; the node past them)."""
+    ids, key = [], link_of(inputs, name)
+    while key in graph and kind(graph[key]) in LORA_NODES and key not in ids:  # (a wired cycle ends)
+        ids.append(key)
+        key = link_of(inputs_of(graph[key]), "model" if name == "model" else "clip")
+    return ids, graph.get(key, {}) if key and key not in ids else {}
 
 
 def model_name(node: dict) -> str | None:

@@ -50,7 +50,7 @@ def test_its_text_to_image_graph_reads_as_automatic1111s_fields():
 def test_what_it_reads_only_in_part_is_warned_about():
     g = graph(denoise=0.8, positive=["10", 0], model=["11", 0])
     g["5"]["inputs"]["batch_size"] = 4
-    g["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a (red:1.3) house", "clip": ["4", 1]}}
+    g["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a (red:1.3) house", "clip": ["11", 1]}}
     g["11"] = {"class_type": "LoraLoader", "inputs": {"lora_name": "detail.safetensors", "strength_model": 0.7,
                                                       "strength_clip": 0.7, "model": ["4", 0], "clip": ["4", 1]}}
     g["12"] = {**g["3"], "inputs": {**g["3"]["inputs"], "latent_image": ["13", 0]}}  # a second pass
@@ -270,13 +270,13 @@ def test_its_hires_fix_reads_as_automatic1111s():
     g["13"].update(class_type="LatentUpscale", inputs={**g["13"]["inputs"], "width": 144, "height": 96, "crop": "disabled"})
     assert settings(comfyui.read(json.dumps(g))[2])[0]["hires_scale"] == 1.5
     # what is not read: said, and the first pass drawn alone
-    for change, why in (({"upscale_method": "area"}, "its upscale_method 'area' is not read"),
-                        ({"scale_by": ["30", 0]}, "its LatentUpscaleBy's size is not read")):
+    for change, why in (({"upscale_method": "area"}, "it has upscale_method 'area', not offered here"),
+                        ({"scale_by": ["30", 0]}, "a size not read here (scale_by wired from node 30)")):
         g = hires_graph()
         g["13"]["inputs"].update(change)
         _, _, fields, warnings = comfyui.read(json.dumps(g))
         assert "Hires upscale" not in fields and why in warnings[1] and "LatentUpscaleBy" in warnings[-1]
-    for second, why in (({"denoise": 0}, "its steps 2 and denoise 0 are not read"),
+    for second, why in (({"denoise": 0}, "it has steps 2 and denoise 0, not read"),
                         ({"sampler_name": "dpm_fast"}, "draws with ComfyUI's 'dpm_fast' with scheduler 'karras'")):
         _, _, fields, warnings = comfyui.read(json.dumps(hires_graph(**second)))
         assert why in warnings[1]
@@ -309,6 +309,8 @@ def test_its_lora_loaders_become_automatic1111s_tags(engine_dirs, tmp_path, caps
                                                       "strength_clip": 0.8, "model": ["4", 0], "clip": ["4", 1]}}
     g["11"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": "detail.pt", "strength_model": 0.5,
                                                                "model": ["10", 0]}}
+    assert comfyui.read(json.dumps(g))[0] == "a lighthouse at dusk <lora:ink:0:0.8> <lora:detail:0:0.5>"
+    g["6"]["inputs"]["clip"] = ["10", 1]  # the prompt's encoder through the loader: its clip weight counts
     prompt, _, fields, warnings = comfyui.read(json.dumps(g))
     assert prompt == "a lighthouse at dusk <lora:ink:0.8> <lora:detail:0:0.5>" and fields["Model"] == "dreamshaper_8"
     assert warnings == [comfyui.NEAR]
@@ -319,10 +321,66 @@ def test_its_lora_loaders_become_automatic1111s_tags(engine_dirs, tmp_path, caps
     assert "its LoraLoader loads 'styles\\\\ink.safetensors' at 0.8 (model) and 'x' (clip), not read" in warnings[1]
     # drawn: the engine holds no LoRA, which is said with the --lora that merges it
     info = PngImagePlugin.PngInfo()
-    info.add_text("prompt", json.dumps(graph(model=["10", 0]) | {"10": {"class_type": "LoraLoader", "inputs": {
-        "lora_name": "ink.safetensors", "strength_model": 0.8, "strength_clip": 0.8, "model": ["4", 0]}}}))
+    g = graph(model=["10", 0])
+    g["10"] = {"class_type": "LoraLoader", "inputs": {"lora_name": "ink.safetensors", "strength_model": 0.8,
+                                                      "strength_clip": 0.8, "model": ["4", 0], "clip": ["4", 1]}}
+    g["6"]["inputs"]["clip"] = ["10", 1]
+    info.add_text("prompt", json.dumps(g))
     Image.new("RGB", (96, 64)).save(tmp_path / "comfy.png", pnginfo=info)
     assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", str(engine_dirs["tiny-sd1"]),
                          "--steps", "1", "--out", str(tmp_path / "again.png"), "-q"]) == 0
     assert "export it with --lora ink.safetensors:0.8" in capsys.readouterr().err
     assert Image.open(tmp_path / "again.png").info["parameters"].startswith("a lighthouse at dusk <lora:ink:0.8>\n")
+
+
+def test_its_hires_fix_is_read_as_comfyui_sizes_and_models_it():
+    """ComfyUI's sizes (whole latent pixels; 0: the other side's aspect), the pass that can be read
+    among several, LoRAs on each pass, and the nodes left over named."""
+    from ldm_deploy.engine.hires import target_size
+
+    for first, node, target in (((1216, 832), {"class_type": "LatentUpscale", "width": 1696, "height": 1160},
+                                 (1696, 1160)),
+                                ((768, 512), {"class_type": "LatentUpscaleBy", "scale_by": 1.3}, (1000, 664)),
+                                ((512, 768), {"class_type": "LatentUpscale", "width": 0, "height": 1152}, (768, 1152))):
+        g = hires_graph()
+        g["5"]["inputs"].update(width=first[0], height=first[1])
+        g["13"] = {"class_type": node.pop("class_type"), "inputs": {
+            "samples": ["3", 0], "upscale_method": "bilinear", "crop": "disabled", **node}}
+        fields, warnings = comfyui.read(json.dumps(g))[2:]
+        assert target_size(*first, float(fields["Hires upscale"]), 8) == target and warnings == [comfyui.NEAR], node
+    g = hires_graph()
+    g["13"]["inputs"]["scale_by"] = 12
+    fields, warnings = comfyui.read(json.dumps(g))[2:]
+    assert "Hires upscale" not in fields and "enlarges by 12, outside (1, 8] here: not drawn" in warnings[1]
+    # an unreadable second pass (area) before a readable one: the readable one
+    g = hires_graph()
+    g["0"] = {"class_type": "KSampler", "inputs": {**g["12"]["inputs"], "latent_image": ["1", 0]}}
+    g["1"] = {"class_type": "LatentUpscaleBy", "inputs": {**g["13"]["inputs"], "upscale_method": "area"}}
+    g = {"0": g.pop("0"), "1": g.pop("1"), **g}
+    fields, warnings = comfyui.read(json.dumps(g))[2:]
+    assert fields["Hires upscaler"] == "Latent (nearest-exact)" and "samples 3 times" in warnings[1]
+    assert "LatentUpscaleBy is not drawn" in warnings[-1]
+    # one LoRA on both passes: no hires prompt of its own; another on the hires pass alone: said
+    g = hires_graph()
+    g["10"] = {"class_type": "LoraLoader", "inputs": {"lora_name": "ink.safetensors", "strength_model": 0.8,
+                                                      "strength_clip": 0.8, "model": ["4", 0], "clip": ["4", 1]}}
+    g["3"]["inputs"]["model"] = g["12"]["inputs"]["model"] = ["10", 0]
+    g["6"]["inputs"]["clip"] = ["10", 1]
+    prompt, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert prompt.endswith("<lora:ink:0.8>") and "Hires prompt" not in fields and warnings == [comfyui.NEAR]
+    g["11"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"lora_name": "x.safetensors", "strength_model": 1,
+                                                               "model": ["10", 0]}}
+    g["12"]["inputs"]["model"] = ["11", 0]
+    warnings = comfyui.read(json.dumps(g))[3]
+    assert "its hires fix (node 12) draws with another checkpoint or LoRAs than the first pass" in warnings[1]
+    # a LoRA loader on no pass read, an image scaled after decoding, a weight not a number: named
+    g = hires_graph(latent=False)
+    g["9"]["inputs"]["images"] = ["16", 0]
+    g["16"] = {"class_type": "ImageScaleBy", "inputs": {"image": ["8", 0], "upscale_method": "bicubic", "scale_by": 2}}
+    g["17"] = {"class_type": "LoraLoader", "inputs": {"lora_name": "y.safetensors", "model": ["4", 0]}}
+    g["10"] = {**g["17"], "inputs": {**g["17"]["inputs"], "strength_model": float("nan"), "strength_clip": 1}}
+    g["3"]["inputs"]["model"] = ["10", 0]
+    prompt, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert fields["Hires upscaler"] == "Lanczos" and "<lora" not in prompt
+    assert "its LoraLoader loads 'y.safetensors' at nan (model) and 0.0 (clip), not read" in warnings[1]
+    assert "its graph's ImageScaleBy, LoraLoader are not drawn here" in warnings[-1]
