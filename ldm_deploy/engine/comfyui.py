@@ -74,10 +74,11 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         raise UserError("its 'prompt' text chunk is not ComfyUI's graph (not a JSON object of nodes)")
     graph = {str(k): n for k, n in graph.items() if isinstance(n, dict)}
     samplers = [(key, node) for key, node in graph.items() if kind(node) in SAMPLER_NODES]
-    starts = {kind(linked(graph, inputs_of(node), "latent_image")): (key, node) for key, node in reversed(samplers)}
+    # (an img2img pass is one from a VAEEncode of a LoadImage's picture, which --init-image gives again)
+    starts = {start_kind(graph, inputs_of(node)): (key, node) for key, node in reversed(samplers)}
     if "EmptyLatentImage" not in starts and "VAEEncode" not in starts:
-        raise UserError("its ComfyUI graph has no KSampler starting from an EmptyLatentImage or a VAEEncode (an "
-                        "inpainting or other graph): give the settings on the command line instead")
+        raise UserError("its ComfyUI graph has no KSampler starting from an EmptyLatentImage or a VAEEncode of a "
+                        "LoadImage (an inpainting or other graph): give the settings on the command line instead")
     img2img = "EmptyLatentImage" not in starts
     key, node = starts["VAEEncode" if img2img else "EmptyLatentImage"]  # (the first such node of the graph)
     inputs = inputs_of(node)
@@ -87,7 +88,8 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
 
     def number(source: dict, name: str, integer: bool = True):
         value = source.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (integer and value != int(value)):
             warnings.append(f"its {name} is {describe(value)}, not read: ldm-run's default (or the option given) "
                             "is used")
             return None
@@ -99,6 +101,9 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         fields["Steps"], fields["Denoising strength"] = walk_cut(inputs, advanced, fields["Steps"], warnings)
         warnings.append(f"its image-to-image pass starts from {source_image(graph, latent)}: give that image with "
                         "--init-image (without it, a text-to-image is drawn)")
+        warnings.append("its image-to-image start is ComfyUI's own: it encodes the picture to the VAE's mean and "
+                        "draws the seed's noise first, where diffusers (and ours) draws a sample of the VAE's "
+                        "distribution first, so the noise and the image differ more than a little")
     else:
         width, height = number(latent, "width"), number(latent, "height")
         if width is not None and height is not None:
@@ -131,7 +136,7 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         steps, end = inputs.get("steps"), inputs.get("end_at_step", 10000)
         to_the_end = end == 10000 or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (end, steps)) \
             and end >= steps  # (its default, 10000: past any walk's last step)
-        if inputs.get("add_noise") == "disable" or inputs.get("start_at_step", 0) != 0 or not to_the_end:
+        if inputs.get("add_noise", "enable") != "enable" or inputs.get("start_at_step", 0) != 0 or not to_the_end:
             warnings.append("its KSamplerAdvanced draws part of a walk (start_at_step / end_at_step / add_noise), "
                             "which is not read: the whole walk is drawn")
     elif inputs.get("denoise", 1.0) != 1.0:
@@ -276,6 +281,15 @@ def target_of(node: dict, size: str | None):
     return max(low, width) // 8 * 8, max(low, height) // 8 * 8
 
 
+def start_kind(graph: dict, inputs: dict) -> str:
+    """What a sampler's latent starts from: "EmptyLatentImage", "VAEEncode" (of a LoadImage's
+    picture) or another node's kind."""
+    node = linked(graph, inputs, "latent_image")
+    if kind(node) == "VAEEncode" and kind(linked(graph, inputs_of(node), "pixels")) != "LoadImage":
+        return "VAEEncode of another node"
+    return kind(node)
+
+
 def walk_cut(inputs: dict, advanced: bool, steps: int | None, warnings: list) -> tuple:
     """(Steps, Denoising strength) of diffusers' img2img that draws the steps ComfyUI's image-to-image
     sampler draws (the module's docstring); (steps, None) with a warning where its cut is not read."""
@@ -284,7 +298,7 @@ def walk_cut(inputs: dict, advanced: bool, steps: int | None, warnings: list) ->
     if advanced:
         start, end = inputs.get("start_at_step", 0), inputs.get("end_at_step", 10000)
         plain = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
-        if inputs.get("add_noise") == "disable" or not plain or not 0 <= start < min(end, steps) \
+        if inputs.get("add_noise", "enable") != "enable" or not plain or not 0 <= start < min(end, steps) \
                 or end < steps:
             warnings.append("its KSamplerAdvanced draws a part of a walk (start_at_step / end_at_step / add_noise) "
                             "not read here: --strength (default 0.8) sets how much of the image is redrawn")
@@ -292,10 +306,13 @@ def walk_cut(inputs: dict, advanced: bool, steps: int | None, warnings: list) ->
         total, drawn = steps, steps - start
     else:
         denoise = inputs.get("denoise", 1.0)
-        if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) \
-                or not 0 < denoise <= 1 or int(steps / denoise) < 1:
+        if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0 < denoise <= 1:
             warnings.append(f"its denoise is {describe(denoise)}, not read: --strength (default 0.8) sets how much "
                             "of the image is redrawn")
+            return steps, None
+        if not steps / denoise < 1001:  # (also inf)
+            warnings.append(f"its denoise {denoise} draws {steps} steps of a walk of {steps / denoise:.0f}, more than "
+                            "a model's 1000 timesteps: not read (--steps and --strength give the walk)")
             return steps, None
         total = int(steps / denoise)
         drawn = min(steps, total)
@@ -308,12 +325,9 @@ def walk_cut(inputs: dict, advanced: bool, steps: int | None, warnings: list) ->
 
 
 def source_image(graph: dict, latent: dict) -> str:
-    """The image a VAEEncode encodes, as a sentence names it: LoadImage's file, or the node."""
-    node = linked(graph, latent, "pixels")
-    name = inputs_of(node).get("image")
-    if kind(node) == "LoadImage" and isinstance(name, str):
-        return f"LoadImage's {name!r}"
-    return f"the image of node {kind(node) if node else 'nothing'}"
+    """The LoadImage picture a VAEEncode encodes, as a sentence names it."""
+    name = inputs_of(linked(graph, latent, "pixels")).get("image")
+    return f"LoadImage's {name!r}" if isinstance(name, str) else f"a LoadImage's picture (named {describe(name)})"
 
 
 def sampler_name(name, schedule) -> str:

@@ -152,12 +152,15 @@ def test_its_image_to_image_graph_reads_as_the_steps_it_draws():
     assert prompt == "a lighthouse at dusk" and "Size" not in fields
     assert (fields["Steps"], fields["Denoising strength"]) == ("28", "0.7143")
     assert "its image-to-image pass starts from LoadImage's 'photo.png': give that image with --init-image" \
-        in warnings[-1]
+        in warnings[1] and "so the noise and the image differ more than a little" in warnings[2]
     out, _ = settings(fields)
     assert (out["steps"], out["strength"]) == (28, 0.7143)
     for steps in range(1, 60):
         for denoise in [*np.linspace(0.02, 1, 50), 1 / 3, 2 / 3, 0.999]:
             fields = comfyui.read(json.dumps(img2img_graph(steps=steps, denoise=float(denoise))))[2]
+            if steps / denoise >= 1001:  # (past a model's timesteps: not read, test_what_its_image_...)
+                assert "Denoising strength" not in fields
+                continue
             total, strength = int(fields["Steps"]), float(fields["Denoising strength"])
             assert total == int(steps / denoise) and total - img2img_start(total, strength) == min(steps, total), \
                 (steps, denoise)
@@ -167,7 +170,7 @@ def test_its_image_to_image_graph_reads_as_the_steps_it_draws():
         **{k: v for k, v in g["3"]["inputs"].items() if k not in ("seed", "denoise")}, "steps": 20,
         "noise_seed": 11, "add_noise": "enable", "start_at_step": 6, "end_at_step": 10000}}
     fields, warnings = comfyui.read(json.dumps(g))[2:]
-    assert (fields["Steps"], fields["Denoising strength"]) == ("20", "0.7") and len(warnings) == 2
+    assert (fields["Steps"], fields["Denoising strength"]) == ("20", "0.7") and len(warnings) == 3
     g["3"]["inputs"]["end_at_step"] = 15  # (leaves noise over for another pass): not read
     fields, warnings = comfyui.read(json.dumps(g))[2:]
     assert "Denoising strength" not in fields and "draws a part of a walk" in warnings[1]
@@ -384,3 +387,23 @@ def test_its_hires_fix_is_read_as_comfyui_sizes_and_models_it():
     assert fields["Hires upscaler"] == "Lanczos" and "<lora" not in prompt
     assert "its LoraLoader loads 'y.safetensors' at nan (model) and 0.0 (clip), not read" in warnings[1]
     assert "its graph's ImageScaleBy, LoraLoader are not drawn here" in warnings[-1]
+
+
+def test_what_its_image_to_image_graph_cannot_give_is_said():
+    """Values past any walk, a wired add_noise, an image not loaded from a file: not read, with why."""
+    for change, why in (({"denoise": 1e-320}, "draws 3 steps of a walk of inf"),
+                        ({"denoise": 0.002}, "of a walk of 1500, more than a model's 1000 timesteps"),
+                        ({"steps": float("inf")}, "its steps is inf, not read")):
+        fields, warnings = comfyui.read(json.dumps(img2img_graph(**change)))[2:]
+        assert "Denoising strength" not in fields and why in " | ".join(warnings), change
+    g = img2img_graph()
+    g["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **{k: v for k, v in g["3"]["inputs"].items() if k not in ("seed", "denoise")}, "noise_seed": 1,
+        "add_noise": ["9", 0], "start_at_step": 1, "end_at_step": 10000}}
+    fields, warnings = comfyui.read(json.dumps(g))[2:]
+    assert "Denoising strength" not in fields and "draws a part of a walk" in warnings[1]
+    assert "draws the seed's noise first" in warnings[-1]
+    g = img2img_graph()
+    g["11"] = {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0]}}  # (another sampler's result)
+    with pytest.raises(UserError, match="or a VAEEncode of a LoadImage"):
+        comfyui.read(json.dumps(g))
