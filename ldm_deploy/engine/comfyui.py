@@ -104,16 +104,17 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
         warnings.append("its image-to-image start is ComfyUI's own: it encodes the picture to the VAE's mean and "
                         "draws the seed's noise first, where diffusers (and ours) draws a sample of the VAE's "
                         "distribution first, so the noise and the image differ more than a little")
-    else:
+    size = None  # (width, height) of the text-to-image pass; img2img: the init image's, not known here
+    if not img2img:
         width, height = number(latent, "width"), number(latent, "height")
         if width is not None and height is not None:
+            size = width, height
             fields["Size"] = f"{width}x{height}"
     fields["Sampler"] = sampler_name(inputs.get("sampler_name"), inputs.get("scheduler"))
     checkpoint, tags, read_ids = model_chain(graph, inputs, warnings)
     ckpt = model_name(checkpoint)
     if ckpt:
         fields["Model"] = ckpt
-    size = tuple(int(v) for v in fields["Size"].split("x")) if "Size" in fields else None
     texts = [encoded_text(graph, inputs, name, warnings, size) for name in ("positive", "negative")]
     prompt, negative = texts
     if prompt is not None and tags:  # AUTOMATIC1111's tags, checked against the engine's LoRAs (extra_networks.py)
@@ -133,16 +134,13 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
     if img2img:
         pass  # (its walk's cut read above)
     elif advanced:
-        steps, end = inputs.get("steps"), inputs.get("end_at_step", 10000)
-        to_the_end = end == 10000 or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (end, steps)) \
-            and end >= steps  # (its default, 10000: past any walk's last step)
-        if inputs.get("add_noise", "enable") != "enable" or inputs.get("start_at_step", 0) != 0 or not to_the_end:
+        if advanced_start(inputs, fields["Steps"]) != 0:
             warnings.append("its KSamplerAdvanced draws part of a walk (start_at_step / end_at_step / add_noise), "
                             "which is not read: the whole walk is drawn")
     elif inputs.get("denoise", 1.0) != 1.0:
         warnings.append(f"its denoise is {describe(inputs.get('denoise'))} (1: the whole walk; less, a walk of "
                         "steps / denoise cut short), not read: the whole walk is drawn")
-    hires_ids = set() if img2img else second_pass(graph, key, fields, *texts, tags, warnings)
+    hires_ids = set() if img2img else second_pass(graph, key, size, fields, *texts, tags, warnings)
     if len(samplers) > 1 + bool(hires_ids):
         warnings.append(f"its graph samples {len(samplers)} times; only node {key}'s "
                         f"{'image-to-image' if img2img else 'text-to-image'} pass "
@@ -159,14 +157,15 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
 LATENT_METHODS = {"bilinear": "Latent", "bicubic": "Latent (bicubic)", "nearest-exact": "Latent (nearest-exact)"}
 
 
-def second_pass(graph: dict, first: str, fields: dict, prompt, negative, tags: list, warnings: list) -> set[str]:
-    """Read the hires fix of the text-to-image pass at node `first` into `fields` (the module's
+def second_pass(graph: dict, first: str, size: tuple | None, fields: dict, prompt, negative, tags: list,
+                warnings: list) -> set[str]:
+    """Read the hires fix of the text-to-image pass at node `first`, of `size`, into `fields` (the module's
     docstring): the first second pass that can be read, else a warning naming why the first
     found cannot. -> the ids of the nodes read (none where none is read). prompt, negative: the
     first pass's texts; tags: its LoRAs' (model_chain), which a hires prompt carries too."""
     why = None
     for key, node in graph.items():
-        found = upscaling(graph, first, inputs_of(node), fields.get("Size")) if kind(node) in SAMPLER_NODES else None
+        found = upscaling(graph, first, inputs_of(node), size) if kind(node) in SAMPLER_NODES else None
         if found is None:
             continue
         ids, upscaler, method, target = found
@@ -178,27 +177,28 @@ def second_pass(graph: dict, first: str, fields: dict, prompt, negative, tags: l
                                    and steps == int(steps) and steps >= 1 and 0 < denoise <= 1):
             reason = f"has steps {describe(steps)} and denoise {describe(denoise)}, not read"
         if reason is None:
-            return {key, *ids} | read_hires(graph, key, node, target, upscaler, fields, prompt, negative, tags,
-                                            warnings)
+            return {key, *ids} | read_hires(graph, key, node, size, target, upscaler, fields, prompt, negative,
+                                            tags, warnings)
         why = why or f"its hires fix (node {key}) is not drawn: it {reason} (--hires-scale and its options give one)"
     if why:
         warnings.append(why)
     return set()
 
 
-def read_hires(graph, key, node, target, upscaler, fields, prompt, negative, tags, warnings) -> set[str]:
+def read_hires(graph, key, node, size, target, upscaler, fields, prompt, negative, tags, warnings) -> set[str]:
     """The fields of a second pass that can be read (second_pass); -> the ids of its LoRA loaders."""
     from ldm_deploy.engine.hires import MAX_SCALE, target_size
 
     name = f"its hires fix (node {key})"
     inputs = inputs_of(node)
-    width, height = (int(v) for v in fields["Size"].split("x"))
+    width, height = size
     scale = max(target[0] / width, target[1] / height)
     while int(width * scale) < target[0] or int(height * scale) < target[1]:  # (a float hair under)
         scale = math.nextafter(scale, math.inf)
-    if target_size(width, height, scale, 8) != target:
+    ours = target_size(width, height, scale, 8)
+    if ours != target:
         warnings.append(f"{name} enlarges to {target[0]}x{target[1]}, which one scale of both sides does not give "
-                        f"here: {'x'.join(map(str, target_size(width, height, scale, 8)))} instead")
+                        f"here: {ours[0]}x{ours[1]} instead")
     if not 1 < scale <= MAX_SCALE:
         warnings.append(f"{name} enlarges by {scale:g}, outside (1, {MAX_SCALE}] here: not drawn")
         return set()
@@ -224,20 +224,17 @@ def read_hires(graph, key, node, target, upscaler, fields, prompt, negative, tag
     return loaders
 
 
-def upscaling(graph: dict, first: str, inputs: dict, size: str | None):
+def upscaling(graph: dict, first: str, inputs: dict, size: tuple | None):
     """Where a sampler's latent is the first pass's enlarged: (ids of the nodes between, our upscaler
     or None, ComfyUI's method, the target size (width, height) or why it is not read); else None."""
-    source_id = link_of(inputs, "latent_image")
-    source = graph.get(source_id, {}) if source_id else {}
+    source_id, source = link_of(inputs, "latent_image"), linked(graph, inputs, "latent_image")
     if kind(source) in ("LatentUpscale", "LatentUpscaleBy") and link_of(inputs_of(source), "samples") == first:
         method = inputs_of(source).get("upscale_method")
         return {source_id}, LATENT_METHODS.get(method), method, target_of(source, size)
     if kind(source) != "VAEEncode":
         return None
-    scale_id = link_of(inputs_of(source), "pixels")
-    scale = graph.get(scale_id, {}) if scale_id else {}
-    decode_id = link_of(inputs_of(scale), "image")
-    decode = graph.get(decode_id, {}) if decode_id else {}
+    scale_id, scale = link_of(inputs_of(source), "pixels"), linked(graph, inputs_of(source), "pixels")
+    decode_id, decode = link_of(inputs_of(scale), "image"), linked(graph, inputs_of(scale), "image")
     if kind(scale) not in ("ImageScale", "ImageScaleBy") or kind(decode) != "VAEDecode" \
             or link_of(inputs_of(decode), "samples") != first:
         return None
@@ -251,13 +248,13 @@ def link_of(inputs: dict, name: str) -> str | None:
     return str(link[0]) if isinstance(link, list) and link else None
 
 
-def target_of(node: dict, size: str | None):
-    """The size (width, height) ComfyUI's upscale node enlarges the first pass's `size` ("WxH") to,
+def target_of(node: dict, size: tuple | None):
+    """The size (width, height) ComfyUI's upscale node enlarges the first pass's `size` to,
     as it computes it (latents: whole latent pixels; images: cropped to multiples of 8 when
     encoded); or why that is not read."""
     if size is None:
         return "the first pass's size is not read"
-    w, h = (int(v) for v in size.split("x"))
+    w, h = size
     inputs = inputs_of(node)
     if kind(node).endswith("By"):
         by = inputs.get("scale_by")
@@ -290,16 +287,25 @@ def start_kind(graph: dict, inputs: dict) -> str:
     return kind(node)
 
 
+def advanced_start(inputs: dict, steps: int | None) -> int | None:
+    """KSamplerAdvanced's start_at_step where it draws from there to its walk's end with noise
+    added (end_at_step at or past `steps`: its default 10000 is past any); None for another part.
+    steps: None where not read (then only the default end is the end)."""
+    start, end = inputs.get("start_at_step", 0), inputs.get("end_at_step", 10000)
+    if inputs.get("add_noise", "enable") != "enable" or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (start, end)):
+        return None
+    return start if 0 <= start < (steps or 10000) <= end else None
+
+
 def walk_cut(inputs: dict, advanced: bool, steps: int | None, warnings: list) -> tuple:
     """(Steps, Denoising strength) of diffusers' img2img that draws the steps ComfyUI's image-to-image
     sampler draws (the module's docstring); (steps, None) with a warning where its cut is not read."""
     if steps is None:  # (warned about: ldm-run's --steps and --strength)
         return None, None
     if advanced:
-        start, end = inputs.get("start_at_step", 0), inputs.get("end_at_step", 10000)
-        plain = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
-        if inputs.get("add_noise", "enable") != "enable" or not plain or not 0 <= start < min(end, steps) \
-                or end < steps:
+        start = advanced_start(inputs, steps)
+        if start is None:
             warnings.append("its KSamplerAdvanced draws a part of a walk (start_at_step / end_at_step / add_noise) "
                             "not read here: --strength (default 0.8) sets how much of the image is redrawn")
             return steps, None
@@ -366,10 +372,7 @@ def inputs_of(node: dict) -> dict:
 
 def linked(graph: dict, inputs: dict, name: str) -> dict:
     """The node wired into input `name` ({} if none)."""
-    link = inputs.get(name)
-    if isinstance(link, list) and link and str(link[0]) in graph:
-        return graph[str(link[0])]
-    return {}
+    return graph.get(link_of(inputs, name), {})
 
 
 def encoded_text(graph: dict, inputs: dict, name: str, warnings: list, size: tuple | None = None) -> str | None:
