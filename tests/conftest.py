@@ -16,11 +16,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import atexit
+import shutil
 import tempfile
 
 # Tests never write to the user's cache (exported engines, ONNX Runtime's optimised graphs): one
-# fresh cache folder per test session; tests about the cache point it elsewhere themselves.
-os.environ["LDM_DEPLOY_CACHE"] = tempfile.mkdtemp(prefix="ldm-deploy-test-cache-")
+# fresh cache folder per test session, removed when the session's process exits (a few hundred
+# MB of engines otherwise left in /tmp by every run); tests about the cache point it elsewhere.
+_TEST_CACHE = tempfile.mkdtemp(prefix="ldm-deploy-test-cache-")
+os.environ["LDM_DEPLOY_CACHE"] = _TEST_CACHE
+
+
+def _remove_test_cache(owner=os.getpid()):
+    if os.getpid() == owner:  # not in a forked worker that happens to run exit handlers
+        shutil.rmtree(_TEST_CACHE, ignore_errors=True)
+
+
+atexit.register(_remove_test_cache)
 
 import numpy as np
 import pytest
