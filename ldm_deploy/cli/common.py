@@ -36,7 +36,7 @@ def run_main(fn: Callable[[], None], prog: str) -> int:
 # --model (which exports into the cache). flag -> ExportConfig field.
 MODEL_OPTIONS = {"--config": "model_config", "--prediction-type": "prediction_type", "--vae": "vae",
                  "--lora": "loras", "--embedding": "embeddings", "--controlnet": "controlnets",
-                 "--tiling": "tiling", "--allow-pickle": "allow_pickle"}
+                 "--upscaler": "upscalers", "--tiling": "tiling", "--allow-pickle": "allow_pickle"}
 
 
 def add_model_options(p) -> None:
@@ -62,17 +62,21 @@ def add_model_options(p) -> None:
                    help="run a ControlNet beside the U-Net at every step: a diffusers ControlNet folder, or one "
                         "file as AUTOMATIC1111's models/ControlNet holds them (.safetensors); ldm-run "
                         "--control-image gives its image; repeat for several")
+    p.add_argument("--upscaler", dest="upscalers", action="append", default=[], metavar="FILE[:NAME]",
+                   help="export an upscale model (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ... as AUTOMATIC1111's "
+                        "models/ESRGAN holds them) for the hires fix: ldm-run --hires-upscaler NAME (default: the "
+                        "file's name without its suffix); repeat for several")
     p.add_argument("--tiling", action="store_true",
                    help="AUTOMATIC1111's Tiling: the U-Net's and VAE's convolutions pad circularly, so that images "
                         "tile seamlessly (textures, patterns); the engine always draws so")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="load .ckpt / .pt / .bin pickle files (model, VAE, LoRAs, embeddings): runs code from "
+                   help="load .ckpt / .pt / .pth / .bin pickle files (model, VAE, LoRAs, embeddings, upscalers): runs code from "
                         "the file, only for sources you trust")
 
 
 def model_options(args) -> dict:
     """The MODEL_OPTIONS given, as ExportConfig fields (LoRA and embedding specs parsed)."""
-    from ldm_deploy.export import embeddings, lora
+    from ldm_deploy.export import embeddings, lora, upscalers
 
     given = {field: getattr(args, field) for field in MODEL_OPTIONS.values() if getattr(args, field)}
     if "loras" in given:
@@ -81,4 +85,6 @@ def model_options(args) -> dict:
         given["embeddings"] = tuple(embeddings.parse_spec(spec) for spec in given["embeddings"])
     if "controlnets" in given:
         given["controlnets"] = tuple(given["controlnets"])
+    if "upscalers" in given:
+        given["upscalers"] = tuple(upscalers.parse_spec(spec) for spec in given["upscalers"])
     return given

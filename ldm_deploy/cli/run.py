@@ -74,7 +74,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hires-upscaler", default=None, metavar="NAME",
                    help="how the first pass is enlarged, as AUTOMATIC1111 names it: Lanczos (default: the image), "
                         "or Latent, 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
-                        "'Latent (nearest)', 'Latent (nearest-exact)' (the latents; use --hires-strength 0.5 or more)")
+                        "'Latent (nearest)', 'Latent (nearest-exact)' (the latents; use --hires-strength 0.5 or more), "
+                        "or an upscale model exported into the engine (ldm-export --upscaler 4x-UltraSharp.pth: "
+                        "4x-UltraSharp)")
     p.add_argument("--hires-prompt", default=None, metavar="TEXT",
                    help="the redraw's prompt (AUTOMATIC1111's 'Hires prompt'; default: the prompt)")
     p.add_argument("--hires-negative-prompt", default=None, metavar="TEXT",
@@ -390,13 +392,18 @@ def main(argv=None) -> int:
         else:
             args.refiner_switch_at = None  # a PNG's, without a refiner to switch to
         if fields:
-            from ldm_deploy.engine.infotext import model_warning, refiner_warning, tiling_warning
+            from ldm_deploy.engine.infotext import model_warning, refiner_warning, tiling_warning, upscaler_warning
 
             for warning in (model_warning(fields, pipe.manifest.model.weights_sha256),
                             refiner_warning(fields, refiner and refiner.manifest.model.weights_sha256),
                             tiling_warning(fields, pipe.manifest.model.tiling)):
                 if warning:
                     log.warning("%s", warning)
+            if "hires_upscaler" not in given_here and args.hires_scale is not None:
+                warning = upscaler_warning(fields, args.hires_upscaler, pipe.manifest.upscalers)
+                if warning:
+                    log.warning("%s", warning)
+                    args.hires_upscaler = "Lanczos"
         if args.strength is not None and args.init_image is None:
             log.warning("%s applies to img2img only (with --init-image); ignored", "--strength" if
                         "strength" in given_here else "the PNG's Denoising strength")

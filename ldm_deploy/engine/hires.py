@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ldm_deploy.engine import images
+from ldm_deploy.engine import images, upscale
 from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS, resize
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, EVALUATIONS_PER_STEP, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
@@ -109,8 +109,11 @@ def check(h: Hires, img2img: bool, width: int, height: int, manifest) -> tuple[i
         raise InvalidRequest(f"hires_steps must be 0 (as many as steps) or more, got {h.steps!r}")
     if not 0 < number("hires_strength", h.strength) <= 1:
         raise InvalidRequest(f"hires_strength must be in (0, 1], got {h.strength!r} (AUTOMATIC1111's default: 0.7)")
-    if h.upscaler not in UPSCALERS:
-        raise InvalidRequest(f"unknown hires upscaler {h.upscaler!r}; choose one of {', '.join(UPSCALERS)}")
+    if h.upscaler not in UPSCALERS and h.upscaler not in manifest.upscalers:
+        raise InvalidRequest(f"unknown hires upscaler {h.upscaler!r}; choose one of "
+                             f"{', '.join((*UPSCALERS, *manifest.upscalers))}"
+                             + ("" if manifest.upscalers else " (upscale models such as ESRGAN's: export them into the "
+                                "engine with ldm-export --upscaler FILE)"))
     if "vae_encoder" not in manifest.files and not h.latent:
         raise InvalidRequest("hires fix redraws through img2img, and this engine was exported without the VAE "
                              "encoder (--no-img2img); re-export it without that flag, or use a Latent upscaler")
@@ -156,6 +159,14 @@ def quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False) if quoted else text
 
 
+def upscale_model(pipe, name: str) -> upscale.Upscaler:
+    """The engine's upscale model `name`, loaded on first use and kept by the pipeline."""
+    if name not in pipe.upscalers:
+        pipe.upscalers[name] = upscale.Upscaler(pipe.engine_dir, name, pipe.manifest.upscalers[name],
+                                                getattr(pipe.backend, "threads", None))
+    return pipe.upscalers[name]
+
+
 def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, output_type: str = "np",
                 control=None) -> np.ndarray:
     """The second pass of each image: its 8-bit first pass, resized (a Latent upscaler: its
@@ -172,6 +183,9 @@ def second_pass(pipe, req, first: np.ndarray, fix: Hires, generator, progress, o
         s = pipe.manifest.model.vae_scale
         mode, antialias = LATENT_UPSCALERS[fix.upscaler]
         inits = [images.InitLatents(x[None]) for x in resize(first, h // s, w // s, mode, antialias)]
+    elif fix.upscaler in pipe.manifest.upscalers:  # a model (ESRGAN, ...), as AUTOMATIC1111 runs one
+        model = upscale_model(pipe, fix.upscaler)
+        inits = [upscale.resize(image, w, h, model, progress=progress) for image in images.to_pil(first)]
     else:
         inits = [image.resize((w, h), resample=Image.LANCZOS) for image in images.to_pil(first)]
     out = []

@@ -198,11 +198,9 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         upscaler = upscaler_name(fields.get("Hires upscaler", UPSCALERS[0]))
         if upscaler == "None":  # AUTOMATIC1111's plain resize: Lanczos
             upscaler = UPSCALERS[0]
-        if upscaler in UPSCALERS or "hires_upscaler" in given:
-            out["hires_upscaler"] = upscaler
-        else:
-            warnings.append(f"the image's hires upscaler {fields['Hires upscaler']!r} is not offered here "
-                            f"(one of {', '.join(UPSCALERS)}); Lanczos enlarges it instead")
+        # Another name may be an upscale model the engine holds (ldm-export --upscaler): upscaler_warning
+        # checks it once the engine is loaded.
+        out["hires_upscaler"] = upscaler
     elif "Denoising strength" in fields:
         out["strength"] = number("Denoising strength", float, "strength")  # img2img: with --init-image
     if fields.get("RNG", "CPU") != "CPU":  # its noise source other than CPU, ours (GPU writes no field)
@@ -273,6 +271,19 @@ def refiner_warning(fields: dict[str, str], refiner_hash: str | None) -> str | N
     if h and not refiner_hash.startswith(h.group(1).lower()):
         return f"the image was finished by the refiner {theirs}; this refiner's hash is {refiner_hash[:10]}"
     return None
+
+
+def upscaler_warning(fields: dict[str, str], upscaler: str | None, models: dict) -> str | None:
+    """A warning where the hires upscaler read from the image is neither one of ours nor an upscale
+    model of the engine's (`models`: its manifest's upscalers), which Lanczos then replaces."""
+    from ldm_deploy.engine.hires import UPSCALERS
+
+    if upscaler is None or upscaler in UPSCALERS or upscaler in models:
+        return None
+    offered = ", ".join((*UPSCALERS, *models))
+    return (f"the image's hires upscaler {fields.get('Hires upscaler', upscaler)!r} is not offered by this engine "
+            f"(one of {offered}); Lanczos enlarges it instead. Upscale models (ESRGAN, ...) go into an engine "
+            "with ldm-export --upscaler FILE[:NAME]")
 
 
 def tiling_warning(fields: dict[str, str], tiles: bool) -> str | None:

@@ -72,6 +72,9 @@ class Manifest:
     files: dict[str, dict[str, dict]]
     tokenizer_pad_id: int
     size_multiple: int = 8  # image sides must be multiples of this (px)
+    # Upscale models for the hires fix (ldm-export --upscaler): name -> {"file", "scale",
+    # "architecture", "sha256" (of the source file)}
+    upscalers: dict = field(default_factory=dict)
     # Backend-specific build facts: device, attention kind, per-component compile mode, ...
     build: dict = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=dict)
@@ -98,6 +101,7 @@ class Manifest:
             "files": self.files,
             "tokenizer": {"file": TOKENIZER, "pad_id": self.tokenizer_pad_id},
             "size_multiple": self.size_multiple,
+            **({"upscalers": self.upscalers} if self.upscalers else {}),
             "build": self.build,
             "tools": self.tools,
             "created": self.created,
@@ -120,6 +124,7 @@ class Manifest:
             files=d["files"],
             tokenizer_pad_id=d["tokenizer"]["pad_id"],
             size_multiple=d["size_multiple"],
+            upscalers=d.get("upscalers", {}),
             build=d.get("build", {}),
             tools=d.get("tools", {}),
             created=d.get("created", ""),

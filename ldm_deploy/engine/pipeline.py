@@ -45,6 +45,7 @@ class Pipeline:
             for name in ("text_encoder", "unet_step", "vae_decoder")
         }
         self.warned = set()  # advice given once per pipeline, not on every call of a loop
+        self.upscalers = {}  # the hires fix's upscale models, loaded on first use (hires.upscale_model)
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", verify: bool = True, rebuild_stale: bool = False,

@@ -24,7 +24,7 @@ from ldm_deploy.engine.manifest import (
 from ldm_deploy.engine.spec import component_specs
 from ldm_deploy.errors import ModelSourceError, UserError
 from ldm_deploy.export.config import ExportConfig
-from ldm_deploy.export import controlnet, embeddings, lora
+from ldm_deploy.export import controlnet, embeddings, lora, upscalers
 from ldm_deploy.export.engine_dir import check_out, staging_dir
 from ldm_deploy.export.records import model_info, tool_versions, vae_scale, write_tokenizer
 from ldm_deploy.export.source import SourceModel, load_source
@@ -60,6 +60,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     out = Path(out)
     check_out(out, config.force, model)  # before minutes of loading (or downloading) the model
     t0 = time.perf_counter()
+    upscale_models = upscalers.prepare(config.upscalers, config.allow_pickle)
     log.info("loading %s", model)
     src = load_model(model, config)
     info = replace(model_info(src), tiling=config.tiling)
@@ -85,6 +86,9 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
         files = {name: {p.name: file_record(p) for p in paths} for name, paths in written.items()}
         pad_id = write_tokenizer(src, info.text_length, tmp / TOKENIZER)
         files["tokenizer"] = {TOKENIZER: file_record(tmp / TOKENIZER)}
+        upscaler_records = upscalers.export(upscale_models, tmp)
+        for name, rec in upscaler_records.items():
+            files[upscalers.COMPONENT + name] = {rec["file"]: file_record(tmp / rec["file"])}
         manifest = Manifest(
             model=info,
             backend=config.backend,
@@ -93,6 +97,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
             files=files,
             tokenizer_pad_id=pad_id,
             size_multiple=multiple,
+            upscalers=upscaler_records,
             build=exporter.build_facts(),
             tools=tool_versions(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

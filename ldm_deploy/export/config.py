@@ -72,6 +72,8 @@ class ExportConfig:
       the tokenizer and text encoder (embeddings.py).
     controlnets: diffusers ControlNet folders, each run beside the U-Net at every step with its
       control image and scale (controlnet.py).
+    upscalers: upscale model files (ESRGAN, ...) and their names (None: from the file), exported
+      beside the model for the hires fix (upscalers.py).
 
     tensorrt backend only: tensorrt, how plans are built (see TensorRTOptions: optimization level,
     static shapes, refit, timing cache). Its static_shapes applies to torch engines too: one
@@ -102,6 +104,7 @@ class ExportConfig:
     loras: tuple[tuple[str, float], ...] = ()  # (file, weight) merged into the weights, in order
     embeddings: tuple[tuple[str, str | None], ...] = ()  # (file, trigger word or None), in order
     controlnets: tuple[str, ...] = ()  # diffusers ControlNet folders, run inside the U-Net step
+    upscalers: tuple[tuple[str, str | None], ...] = ()  # (file, name or None): hires fix upscale models
     tiling: bool = False  # AUTOMATIC1111's Tiling: convolutions pad circularly, images tile (tiling.py)
     force: bool = False
 

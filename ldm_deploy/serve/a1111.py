@@ -70,7 +70,9 @@ class A1111:
         admit(self.worker)
         engine = self.engine(body)
         model, size = self.engines.manifests[engine].model, self.engines.default_size(engine)
-        return self.draw(body, self.refiner(a1111_request.txt2img(body, model, size, random_seed, self.styles), engine), engine,
+        upscalers = tuple(self.engines.manifests[engine].upscalers)  # the engine's upscale models, by name
+        return self.draw(body, self.refiner(a1111_request.txt2img(body, model, size, random_seed, self.styles, upscalers),
+                                            engine), engine,
                          False)
 
     def img2img(self, body: dict):
@@ -196,7 +198,11 @@ class A1111:
         return 200, [{"model_name": vae_name(self.model), "filename": vae}] if vae else []
 
     def upscalers(self, _):
-        return 200, [{"name": UPSCALERS[0], "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+        """Lanczos, then each engine's upscale models (ldm-export --upscaler), as AUTOMATIC1111 lists its own."""
+        models = {name: rec for m in self.engines.manifests.values() for name, rec in m.upscalers.items()}
+        return 200, [{"name": UPSCALERS[0], "model_name": None, "model_path": None, "model_url": None, "scale": 4},
+                     *({"name": name, "model_name": rec["architecture"], "model_path": rec["file"], "model_url": None,
+                        "scale": rec["scale"]} for name, rec in models.items())]
 
     def latent_modes(self, _):
         return 200, [{"name": name} for name in LATENT_UPSCALERS]

@@ -47,13 +47,14 @@ WHY = {"restore_faces": "face restoration",
        "checkpoint", "latent_mask": "a separate latent mask"}
 
 
-def txt2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict | None = None) -> dict:
+def txt2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict | None = None,
+            upscalers=()) -> dict:
     """A txt2img body -> Pipeline keywords (the seed drawn where it is -1). `model`: the engine's
     ModelInfo; `size`: its default (width, height); `saved`: the server's styles (styles.read)."""
     options, resizes = common(body, model, size, random_seed, saved)
     fit_controls(options, resizes, (options["width"], options["height"]))
     if flag(body, "enable_hr"):
-        fix = hires(body, options)
+        fix = hires(body, options, upscalers)
         names = body.get("styles") or []  # its hires prompts are styled too (none given: the styled ones)
         if "hires_prompt" in fix:
             fix["hires_prompt"] = styles.apply(names, saved or {}, fix["hires_prompt"], None)[0]
@@ -206,7 +207,7 @@ def variation(body: dict, random_seed) -> dict:
     return out
 
 
-def hires(body: dict, options: dict) -> dict:
+def hires(body: dict, options: dict, upscalers=()) -> dict:
     """AUTOMATIC1111's hires fix fields -> ours; its default upscaler is "Latent"; hr_prompt,
     hr_negative_prompt ("": the first pass's) and hr_sampler_name ("Use same sampler")."""
     out = {}
@@ -235,8 +236,9 @@ def hires(body: dict, options: dict) -> dict:
         scale = scales.pop()
     upscaler = body.get("hr_upscaler") or "Latent"
     name = upscaler_name(upscaler)
-    if name not in UPSCALERS and name != "None":
-        raise InvalidRequest(f"hr_upscaler {upscaler!r} is not offered; choose one of {', '.join(UPSCALERS)}")
+    if name not in UPSCALERS and name != "None" and upscaler not in upscalers:
+        raise InvalidRequest(f"hr_upscaler {upscaler!r} is not offered; choose one of "
+                             f"{', '.join((*UPSCALERS, *upscalers))}")
     return out | {"hires_scale": scale, "hires_steps": integer(body, "hr_second_pass_steps", 0),
             "hires_strength": number(body, "denoising_strength", 0.75),  # its txt2img default
             "hires_upscaler": UPSCALERS[0] if name == "None" else name}

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ldm_deploy.cli import run as run_cli
-from ldm_deploy.engine.infotext import AYS, model_warning, parse, sampler_fields, settings
+from ldm_deploy.engine.infotext import AYS, model_warning, parse, sampler_fields, settings, upscaler_warning
 from ldm_deploy.errors import UserError
 
 A1111 = ("masterpiece, a cat\non a (red:1.2) sofa\n"
@@ -42,8 +42,12 @@ def test_settings_map_fields_to_options_and_say_what_differs():
               "Model hash": "0123456789", "Hires upscale": "1.5", "Hires upscaler": "R-ESRGAN 4x+"}
     out, warnings = settings(fields | {"Steps": "many"}, given={"steps"})  # overridden: not read
     assert out == {"seed": 1, "prompt_weighting": False, "sampler": "euler_a", "hires_scale": 1.5,
-                   "hires_strength": 0.3}
-    assert "hires upscaler 'R-ESRGAN 4x+' is not offered here" in warnings[0]
+                   "hires_strength": 0.3, "hires_upscaler": "R-ESRGAN 4x+"}
+    # an upscale model: Lanczos stands in where the engine holds none of that name
+    assert "hires upscaler 'R-ESRGAN 4x+' is not offered by this engine (one of Lanczos, Latent, " \
+        in upscaler_warning(fields, out["hires_upscaler"], {})
+    assert upscaler_warning(fields, out["hires_upscaler"], {"R-ESRGAN 4x+": {}}) is None
+    assert upscaler_warning(fields, "Latent", {}) is None
     assert "drawn by a model with hash 0123456789 (unnamed); this engine's is ffffffffff" in model_warning(fields, "f" * 64)
     # AUTOMATIC1111 1.9's "Automatic" schedule is the sampler's own: Karras for DPM++ 2M
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Automatic"})[0] == {"sampler": "dpmpp_2m_karras"}

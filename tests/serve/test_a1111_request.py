@@ -105,6 +105,11 @@ def test_hires_fields():
         a1111.txt2img({**base, "hr_resize_x": 96, "hr_resize_y": 128}, MODEL, (128, 128), seven)
     with pytest.raises(InvalidRequest, match="hr_upscaler"):
         a1111.txt2img({**base, "hr_upscaler": "R-ESRGAN 4x+"}, MODEL, (128, 128), seven)
+    # an upscale model the engine holds (ldm-export --upscaler), by its exact name
+    assert a1111.txt2img({**base, "hr_upscaler": "R-ESRGAN 4x+"}, MODEL, (128, 128), seven,
+                         upscalers=("R-ESRGAN 4x+",))["hires_upscaler"] == "R-ESRGAN 4x+"
+    with pytest.raises(InvalidRequest, match=r"'4x-Other' is not offered; choose one of Lanczos, .*, R-ESRGAN 4x\+"):
+        a1111.txt2img({**base, "hr_upscaler": "4x-Other"}, MODEL, (128, 128), seven, upscalers=("R-ESRGAN 4x+",))
     options = a1111.txt2img({**base, "hr_prompt": "other", "hr_negative_prompt": "", "hr_sampler_name": "DPM++ 2M",
                              "hr_scheduler": "karras"}, MODEL, (128, 128), seven)
     assert (options["hires_prompt"], options["hires_sampler"]) == ("other", "dpmpp_2m_karras")

@@ -1,0 +1,137 @@
+"""The hires fix with an upscale model exported into the engine (ldm-export --upscaler): diffusers'
+txt2img, its 8-bit image through the model as AUTOMATIC1111 tiles it, then diffusers' img2img; and
+the model's name through ldm-run, its PNGs and ldm-serve."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_CONFIG, diffusers_schedulers
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import save_file
+from serve_http import call, pixels, running, unb64
+
+from ldm_deploy import Pipeline
+from ldm_deploy.cli import run as run_cli
+from ldm_deploy.engine import upscale
+from ldm_deploy.errors import InvalidRequest
+from ldm_deploy.export.build import export_engine
+from ldm_deploy.export.upscale_nets import Compact, RRDBNet
+
+TOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """name -> (torch network, its file): a 2x SRVGGNetCompact, and a 4x RRDBNet under the name
+    AUTOMATIC1111 gives Real-ESRGAN's model (the weights' own checks are test_upscalers.py's)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("upscalers")
+    out = {}
+    for name, net in (("2x-Compact", Compact(3, 8, 2, 2)), ("R-ESRGAN 4x+", RRDBNet(3, 3, 8, 1, 8, 2))):
+        path = root / f"{name.replace(' ', '_')}.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+        out[name] = (net.eval(), path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(model_dirs, nets, tmp_path_factory):
+    # the first named by its file (2x-Compact.safetensors), the second as FILE:NAME names it
+    specs = ((str(nets["2x-Compact"][1]), None), (str(nets["R-ESRGAN 4x+"][1]), "R-ESRGAN 4x+"))
+    return export_engine(str(model_dirs["tiny-sd1"]), tmp_path_factory.mktemp("eng") / "up",
+                         replace(TEST_CONFIG, upscalers=specs))
+
+
+@pytest.fixture(scope="module")
+def pipe(engine):
+    return Pipeline.load(engine)
+
+
+class TorchModel:
+    """The torch network as engine/upscale.py calls a model."""
+
+    def __init__(self, name, net):
+        self.name, self.net, self.scale = name, net, net.scale
+
+    def __call__(self, x):
+        with torch.no_grad():
+            return self.net(torch.from_numpy(x)).numpy()
+
+
+def test_hires_fix_enlarges_with_the_model_then_redraws(pipe, nets, model_dirs):
+    t2i = StableDiffusionPipeline.from_pretrained(model_dirs["tiny-sd1"], safety_checker=None,
+                                                  requires_safety_checker=False)
+    t2i.set_progress_bar_config(disable=True)
+    i2i = StableDiffusionImg2ImgPipeline(**t2i.components)
+    cls, kw = diffusers_schedulers()["euler"]
+    for p in (t2i, i2i):
+        p.scheduler = cls.from_config(t2i.scheduler.config, **kw)
+    assert pipe.manifest.upscalers["2x-Compact"]["scale"] == 2
+    for name, scale, size in (("2x-Compact", 1.5, (96, 96)), ("R-ESRGAN 4x+", 2, (128, 128))):
+        ours = pipe("a lighthouse", seed=21, steps=3, width=64, height=64, sampler="euler", hires_scale=scale,
+                    hires_steps=4, hires_strength=0.6, hires_upscaler=name, progress=False)[0]
+        first = t2i("a lighthouse", num_inference_steps=3, guidance_scale=7.5, height=64, width=64,
+                    generator=torch.Generator().manual_seed(21)).images[0]
+        # AUTOMATIC1111's passes and tiles (test_upscalers.py checks those), here with the torch network
+        enlarged = upscale.resize(first, *size, TorchModel(name, nets[name][0]))
+        assert enlarged.size == size and ours.size == size
+        want = i2i("a lighthouse", image=enlarged, strength=4.5 / 6, num_inference_steps=6, guidance_scale=7.5,
+                   generator=torch.Generator().manual_seed(21), output_type="np").images[0]
+        # Our 8-bit image against diffusers' floats, as the Lanczos hires test (test_parity.py)
+        np.testing.assert_allclose(np.asarray(ours, np.float32) / 255, want, rtol=0, atol=TOL + 0.5 / 255)
+        assert f"Hires upscaler: {name}," in ours.info["parameters"]
+
+
+def test_exported_graphs_run_the_networks(pipe, nets):
+    """Through AUTOMATIC1111's tiles (192 px, overlapping by 8: an 80 x 64 image padded into one, a
+    400 x 300 one in six), the engine's graphs give the torch networks' images, but for a level of
+    8-bit rounding here and there."""
+    rng = np.random.default_rng(0)
+    for size in ((80, 64), (400, 300)):
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        for name in nets:
+            got = upscale.one_pass(image, upscale.Upscaler(pipe.engine_dir, name, pipe.manifest.upscalers[name]))
+            want = upscale.one_pass(image, TorchModel(name, nets[name][0]))
+            assert got.size == want.size == tuple(s * nets[name][0].scale for s in size)
+            assert np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16)).max() <= 1
+
+
+def test_names_through_ldm_run_pngs_and_serve(pipe, engine, engine_dirs, tmp_path, capsys):
+    with pytest.raises(InvalidRequest, match=r"unknown hires upscaler '4x-Nope'; choose one of Lanczos, .*, "
+                                             r"2x-Compact, R-ESRGAN 4x\+"):
+        pipe("x", width=64, height=64, steps=2, hires_scale=2, hires_upscaler="4x-Nope", progress=False)
+    out = tmp_path / "a.png"
+    args = [str(x) for x in ("--engine", engine, "a red house", "--steps", 2, "--width", 64, "--height", 64,
+                             "--seed", 5, "--sampler", "euler", "--hires-scale", 1.5,
+                             "--hires-upscaler", "2x-Compact", "--out", out)]
+    assert run_cli.main(args) == 0
+    again = tmp_path / "b.png"
+    assert run_cli.main(["--engine", str(engine), "--from-png", str(out), "--out", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert "Hires upscaler: 2x-Compact" in Image.open(again).text["parameters"]
+    # An engine without that model: Lanczos stands in, with a warning that says how to add it
+    capsys.readouterr()
+    assert run_cli.main(["--engine", str(engine_dirs["tiny-sd1"]), "--from-png", str(out), "--out",
+                         str(tmp_path / "c.png")]) == 0
+    err = capsys.readouterr().err
+    assert "hires upscaler '2x-Compact' is not offered by this engine" in err
+    assert "ldm-export --upscaler FILE[:NAME]" in err
+    assert "Hires upscaler: Lanczos" in Image.open(tmp_path / "c.png").text["parameters"]
+    with running(pipe) as server:
+        listed = call(server.url + "/sdapi/v1/upscalers")[1]
+        assert [(u["name"], u["scale"]) for u in listed] == [("Lanczos", 4), ("2x-Compact", 2), ("R-ESRGAN 4x+", 4)]
+        body = {"prompt": "a cat", "steps": 2, "seed": 2, "width": 64, "height": 64, "enable_hr": True,
+                "hr_scale": 1.5, "hr_upscaler": "2x-Compact", "hr_second_pass_steps": 2, "denoising_strength": 0.6}
+        status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+        assert status == 200, answer
+        want = pipe("a cat", steps=2, guidance=7.0, seed=2, sampler="euler", width=64, height=64, hires_scale=1.5,
+                    hires_steps=2, hires_strength=0.6, hires_upscaler="2x-Compact", prompt_weighting=True,
+                    progress=False)
+        assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+        assert "Hires upscaler: 2x-Compact" in json.loads(answer["info"])["infotexts"][0]
