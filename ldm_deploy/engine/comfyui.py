@@ -19,7 +19,9 @@ denoise below 1 reads as that whole walk's Steps and the Denoising strength that
 `steps` steps: "steps 20, denoise 0.7" is Steps 28, Denoising strength 0.7143.
 
 Its "hires fix", a second KSampler from the first's latents enlarged (LatentUpscale / LatentUpscaleBy,
-or decoded, ImageScale / ImageScaleBy with lanczos and encoded again), reads as AUTOMATIC1111's: Hires upscale,
+or decoded, ImageScale / ImageScaleBy with lanczos and encoded again; or decoded, enlarged by an upscale
+model, ImageUpscaleWithModel of an UpscaleModelLoader's file, maybe resized, and encoded: the model then
+named as AUTOMATIC1111 names it, by its file, its scale read from that name), reads as AUTOMATIC1111's: Hires upscale,
 its upscaler, Hires steps and Denoising strength from the second pass's steps and denoise (both draw
 `steps` steps, the last of int(steps / denoise)), and the second pass's sampler and prompts where
 they are not the first's.
@@ -170,12 +172,18 @@ def second_pass(graph: dict, first: str, size: tuple | None, fields: dict, promp
             continue
         ids, upscaler, method, target = found
         reason = ("is a KSamplerAdvanced" if kind(node) != "KSampler" else
+                  "enlarges with an upscale model not read here (not an UpscaleModelLoader's file)"
+                  if upscaler is None and method is None else
                   f"has upscale_method {describe(method)}, not offered here" if upscaler is None else
                   f"enlarges to a size not read here ({target})" if isinstance(target, str) else None)
         steps, denoise = inputs_of(node).get("steps"), inputs_of(node).get("denoise", 1.0)
         if reason is None and not (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, denoise))
                                    and steps == int(steps) and steps >= 1 and 0 < denoise <= 1):
             reason = f"has steps {describe(steps)} and denoise {describe(denoise)}, not read"
+        if reason is None and upscaler not in ("Lanczos", *LATENT_METHODS.values()):  # an upscale model
+            warnings.append(f"its hires fix (node {key}) enlarges with the upscale model {upscaler!r} in ComfyUI's "
+                            f"tiles{'' if method in (None, 'lanczos') else f', then resizes with {method}'}; here "
+                            "with AUTOMATIC1111's tiles, then Lanczos, so the image is near, not the same")
         if reason is None:
             return {key, *ids} | read_hires(graph, key, node, size, target, upscaler, fields, prompt, negative,
                                             tags, warnings)
@@ -233,13 +241,45 @@ def upscaling(graph: dict, first: str, inputs: dict, size: tuple | None):
         return {source_id}, LATENT_METHODS.get(method), method, target_of(source, size)
     if kind(source) != "VAEEncode":
         return None
-    scale_id, scale = link_of(inputs_of(source), "pixels"), linked(graph, inputs_of(source), "pixels")
-    decode_id, decode = link_of(inputs_of(scale), "image"), linked(graph, inputs_of(scale), "image")
-    if kind(scale) not in ("ImageScale", "ImageScaleBy") or kind(decode) != "VAEDecode" \
-            or link_of(inputs_of(decode), "samples") != first:
+    # VAEDecode of the first pass -> [ImageUpscaleWithModel] -> [ImageScale(By)] -> VAEEncode, one of the two at least
+    ids, node_id, node = {source_id}, link_of(inputs_of(source), "pixels"), linked(graph, inputs_of(source), "pixels")
+    found = {}
+    for kinds in (("ImageScale", "ImageScaleBy"), ("ImageUpscaleWithModel",)):
+        if kind(node) in kinds:
+            found[kinds[0]] = node
+            ids.add(node_id)
+            node_id, node = link_of(inputs_of(node), "image"), linked(graph, inputs_of(node), "image")
+    if not found or kind(node) != "VAEDecode" or link_of(inputs_of(node), "samples") != first:
         return None
-    method = inputs_of(scale).get("upscale_method")
-    return {source_id, scale_id, decode_id}, "Lanczos" if method == "lanczos" else None, method, target_of(scale, size)
+    ids.add(node_id)
+    scale = found.get("ImageScale")
+    method = inputs_of(scale).get("upscale_method") if scale else None
+    if "ImageUpscaleWithModel" not in found:
+        return ids, "Lanczos" if method == "lanczos" else None, method, target_of(scale, size)
+    loader_id = link_of(inputs_of(found["ImageUpscaleWithModel"]), "upscale_model")
+    loader = graph.get(loader_id, {})
+    file = inputs_of(loader).get("model_name")
+    if kind(loader) != "UpscaleModelLoader" or not isinstance(file, str) or not file.strip():
+        return ids, None, None, None
+    ids.add(loader_id)
+    # AUTOMATIC1111's name of it: the file's, without folder or suffix (ldm-export --upscaler names it so)
+    name = re.sub(r"\.[A-Za-z0-9]+$", "", re.split(r"[/\\]", file.strip())[-1])
+    factor = name_scale(name)
+    if scale is None or kind(scale) == "ImageScaleBy":  # the model's own scale, from its name
+        if factor is None or size is None:
+            return ids, name, method, f"the upscale model {name!r}'s scale, not in its name"
+        size = (size[0] * factor, size[1] * factor)
+        if scale is None:
+            return ids, name, method, size
+    return ids, name, method, target_of(scale, size)  # (ImageScale's sides keep the aspect, whatever the model's scale)
+
+
+def name_scale(name: str) -> int | None:
+    """An upscale model's scale as its name says it: "4x-UltraSharp", "4x_NMKD-Siax", "RealESRGAN_x4plus",
+    "realesr-general-x4v3" (None where it says none)."""
+    found = re.findall(r"(?:^|[^A-Za-z0-9])([1-8])x(?=[^A-Za-z0-9]|$)|(?:^|[^A-Za-z0-9])x([1-8])(?=[^0-9]|$)", name)
+    scales = {int(a or b) for a, b in found}
+    return scales.pop() if len(scales) == 1 else None
 
 
 def link_of(inputs: dict, name: str) -> str | None:

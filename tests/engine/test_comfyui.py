@@ -286,6 +286,46 @@ def test_its_hires_fix_reads_as_automatic1111s():
     assert "Hires sampler" not in fields and "Hires upscale" in fields
 
 
+def with_upscale_model(g: dict, file: str, scale_node: dict | None) -> dict:
+    """hires_graph(latent=False) with ComfyUI's upscale model (UpscaleModelLoader of `file`,
+    ImageUpscaleWithModel) between its VAEDecode and its ImageScale(By) (or none: the model's image
+    encoded as it is)."""
+    g["16"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": file}}
+    g["17"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["16", 0], "image": ["13", 0]}}
+    if scale_node is None:
+        del g["14"]
+        g["15"]["inputs"]["pixels"] = ["17", 0]
+    else:
+        g["14"] = {**scale_node, "inputs": {**scale_node["inputs"], "image": ["17", 0]}}
+    return g
+
+
+def test_its_hires_fix_with_an_upscale_model_reads_by_the_models_name():
+    by = {"class_type": "ImageScaleBy", "inputs": {"upscale_method": "lanczos", "scale_by": 0.375}}
+    sized = {"class_type": "ImageScale", "inputs": {"upscale_method": "bilinear", "width": 144, "height": 0,
+                                                    "crop": "disabled"}}
+    for file, scale_node, upscaler, scale in (
+        (r"ESRGAN\4x-UltraSharp.pth", by, "4x-UltraSharp", 1.5),  # 4x the model, 0.375 the resize
+        ("RealESRGAN_x2plus.pth", None, "RealESRGAN_x2plus", 2.0),  # encoded as the model enlarged it
+        ("BSRGAN.pth", sized, "BSRGAN", 1.5),  # its scale unknown, but 144 px wide is 1.5x
+    ):
+        _, _, fields, warnings = comfyui.read(json.dumps(with_upscale_model(hires_graph(latent=False), file,
+                                                                            scale_node)))
+        out = settings(fields)[0]
+        assert (out["hires_upscaler"], out["hires_scale"]) == (upscaler, scale)
+        assert warnings[0] == comfyui.NEAR and len(warnings) == 2
+        assert f"enlarges with the upscale model {upscaler!r} in ComfyUI's tiles" in warnings[1]
+        assert ("then resizes with bilinear" in warnings[1]) == (scale_node is sized)
+    # not read: a model whose scale its name does not say, before a resize by a factor; a model from another node
+    g = with_upscale_model(hires_graph(latent=False), "BSRGAN.pth", by)
+    _, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert "Hires upscale" not in fields and "a size not read here (the upscale model 'BSRGAN''s scale, not in its " \
+        "name)" in warnings[1]
+    g["17"]["inputs"]["upscale_model"] = ["4", 0]
+    _, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert "Hires upscale" not in fields and "enlarges with an upscale model not read here" in warnings[1]
+
+
 def test_a_comfyui_hires_png_draws_what_its_settings_draw(engine_dirs, tmp_path):
     engine = str(engine_dirs["tiny-sd1"])
     info = PngImagePlugin.PngInfo()

@@ -135,3 +135,26 @@ def test_names_through_ldm_run_pngs_and_serve(pipe, engine, engine_dirs, tmp_pat
                     progress=False)
         assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
         assert "Hires upscaler: 2x-Compact" in json.loads(answer["info"])["infotexts"][0]
+
+
+def test_a_comfyui_png_that_enlarges_with_a_model_draws_with_the_engines(engine, tmp_path):
+    """ComfyUI's hires fix through ImageUpscaleWithModel of "2x-Compact.safetensors" (then no resize):
+    --from-png draws what --hires-upscaler 2x-Compact at 2x draws."""
+    from PIL import PngImagePlugin
+    from test_comfyui import hires_graph, with_upscale_model
+
+    g = with_upscale_model(hires_graph(latent=False, sampler_name="euler", scheduler="normal"),
+                           "upscale_models/2x-Compact.safetensors", None)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(g))
+    Image.new("RGB", (192, 128)).save(tmp_path / "comfy.png", pnginfo=info)
+    assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", str(engine),
+                         "--out", str(tmp_path / "again.png"), "-q"]) == 0
+    assert run_cli.main(["a lighthouse at dusk", "--negative-prompt", "fog, rain", "--engine", str(engine), "--steps",
+                         "3", "--guidance", "6.5", "--seed", "5", "--width", "96", "--height", "64", "--sampler",
+                         "dpmpp_2m_karras", "--hires-scale", "2", "--hires-upscaler", "2x-Compact",
+                         "--hires-steps", "2", "--hires-strength", "0.5", "--hires-sampler", "euler",
+                         "--out", str(tmp_path / "given.png"), "-q"]) == 0
+    again, given = Image.open(tmp_path / "again.png"), Image.open(tmp_path / "given.png")
+    assert again.size == (192, 128) and np.array_equal(np.asarray(again), np.asarray(given))
+    assert again.text["parameters"] == given.text["parameters"]
