@@ -77,7 +77,7 @@ def absolute_path(p: Path) -> Path:
 
 
 def settle_paths(settings: dict) -> tuple[dict, tuple[Path, ...]]:
-    """Settings with the VAE, LoRA, embedding, ControlNet and config paths made absolute (the key must not
+    """Settings with the VAE, LoRA, embedding, ControlNet, upscaler and config paths made absolute (the key must not
     hang on the working directory), and those that exist, for model_key. Missing ones stay as
     given: the export names them. Symlinks stay links (a hub cache's point to blobs named by
     hash, without the suffix that says what a file is); the key's stat follows them."""
@@ -93,7 +93,7 @@ def settle_paths(settings: dict) -> tuple[dict, tuple[Path, ...]]:
     for key in ("vae", "model_config"):
         if settings.get(key):
             settings[key] = absolute(settings[key])
-    for key in ("loras", "embeddings"):  # (path, weight or trigger word) pairs
+    for key in ("loras", "embeddings", "upscalers"):  # (path, weight, trigger word or name) pairs
         if settings.get(key):
             settings[key] = tuple((absolute(path), tail) for path, tail in settings[key])
     if settings.get("controlnets"):

@@ -31,7 +31,7 @@ def test_key_changes_with_the_model_and_the_settings(tmp_path):
     assert cache.model_key(m, {"max_batch": 4}) != key
 
 
-def test_key_follows_the_vae_and_lora_files(tmp_path, monkeypatch):
+def test_key_follows_the_vae_lora_and_upscaler_files(tmp_path, monkeypatch):
     m = tmp_path / "model"
     m.mkdir()
     (m / "model_index.json").write_text("{}")
@@ -48,8 +48,10 @@ def test_key_follows_the_vae_and_lora_files(tmp_path, monkeypatch):
     ti = key({"embeddings": (("style.safetensors", None),)})
     assert ti == key({"embeddings": ((str(tmp_path / "style.safetensors"), None),)}) != first
     assert key({}) == cache.model_key(m, {}) != first
+    up = key({"upscalers": (("style.safetensors", None),)})
+    assert up == key({"upscalers": ((str(tmp_path / "style.safetensors"), None),)}) not in (first, ti)
     (tmp_path / "style.safetensors").write_bytes(b"12345")  # retrained: same name, new contents
-    assert key(lora) != first
+    assert key(lora) != first and key({"upscalers": (("style.safetensors", None),)}) != up
 
 
 def test_paths_keep_their_symlinks_and_pickles_need_consent(tmp_path, monkeypatch):
