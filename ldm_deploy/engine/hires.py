@@ -109,7 +109,7 @@ def check(h: Hires, img2img: bool, width: int, height: int, manifest) -> tuple[i
         raise InvalidRequest(f"hires_steps must be 0 (as many as steps) or more, got {h.steps!r}")
     if not 0 < number("hires_strength", h.strength) <= 1:
         raise InvalidRequest(f"hires_strength must be in (0, 1], got {h.strength!r} (AUTOMATIC1111's default: 0.7)")
-    if h.upscaler not in UPSCALERS and h.upscaler not in manifest.upscalers:
+    if not isinstance(h.upscaler, str) or h.upscaler not in UPSCALERS and h.upscaler not in manifest.upscalers:
         raise InvalidRequest(f"unknown hires upscaler {h.upscaler!r}; choose one of "
                              f"{', '.join((*UPSCALERS, *manifest.upscalers))}"
                              + ("" if manifest.upscalers else " (upscale models such as ESRGAN's: export them into the "

@@ -6,7 +6,8 @@ upscalers.py): (1, 3, H, W) RGB in [0, 1] -> (1, 3, s*H, s*W). AUTOMATIC1111 enl
   1. `resize`: scale = max(w / W, h / H); where above 1, `upscale` by it, then Lanczos to (w, h)
      where the sizes still differ (images.resize_image, mode 0);
   2. `upscale`: the model's pass, repeated (at most 3 times) until the image covers
-     (int(W * scale) // 8 * 8, ...) or stops growing, then Lanczos to exactly that (Upscaler.upscale);
+     (int(W * scale) // 8 * 8, ...) or stops growing (none where it covers that already), then
+     Lanczos to exactly that (Upscaler.upscale);
   3. one pass in tiles of 192 px overlapping by 8 (its ESRGAN_tile settings): `split` cuts them
      where AUTOMATIC1111's split_grid does (the last flush with the far edge; an image smaller than
      a tile is padded with black past its top left), each tile's result is made 8-bit, and
@@ -64,10 +65,12 @@ def upscale(image: Image.Image, scale: float, model, tile: int = TILE, overlap: 
             progress: bool = False) -> Image.Image:
     """The model's passes until the image covers `scale` times its size (sides down to a multiple of 8)."""
     dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
-    for _ in range(PASSES):
+    for i in range(PASSES):
+        if image.width >= dest[0] and image.height >= dest[1] and (i > 0 or scale != 1):
+            break  # (a scale whose size, cut to 8s, the image already has: Lanczos alone)
         before = image.size
         image = one_pass(image, model, tile, overlap, progress)
-        if image.size == before or (image.width >= dest[0] and image.height >= dest[1]):
+        if image.size == before:
             break
     if image.size != dest:
         image = image.resize(dest, resample=Image.LANCZOS)
@@ -84,7 +87,7 @@ def one_pass(image: Image.Image, model, tile: int = TILE, overlap: int = OVERLAP
     rows = split(image, tile, overlap)
     s = model.scale
     with tqdm(total=sum(len(row) for _, row in rows), desc=f"upscaling with {model.name}", unit="tile",
-              disable=not progress) as bar:
+              disable=not progress or callable(progress)) as bar:  # (ldm-serve's progress is its own)
         def tile_run(t):
             out = run(model, t)
             bar.update(1)

@@ -37,8 +37,19 @@ BSRGAN_BLOCK = re.compile(r"RRDB_trunk\.(\d+)\.RDB(\d)\.conv(\d)\.(weight|bias)"
 
 def build(state: dict):
     """(torch module in eval mode, scale, architecture name) for an upscaler's weights; a
-    ModelSourceError where they are not a network this file knows."""
-    state = {k.removeprefix("module."): v for k, v in unwrap(state).items()}
+    ModelSourceError where they are not a network this file knows (or are damaged)."""
+    state = unwrap(state)
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelSourceError("not a file of named weights (it holds other things than name -> tensor)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        return recognised(state)
+    except (KeyError, ValueError, IndexError, TypeError) as e:  # a weight missing, a layout cut short
+        raise ModelSourceError(f"its weights do not make a whole network ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def recognised(state: dict):
+    """build() of weights already unwrapped and named."""
     if any(".conv1x1." in k for k in state):
         raise ModelSourceError("an ESRGAN+ network (its blocks have 1x1 convolutions), not offered here; RRDBNet "
                                "(ESRGAN, Real-ESRGAN, 4x-UltraSharp, ...) and SRVGGNetCompact are")
@@ -52,6 +63,9 @@ def build(state: dict):
     elif "body.0.weight" in state and "body.1.weight" in state and state["body.1.weight"].ndim == 1:
         net = compact(state)
         arch = "SRVGGNetCompact"
+    elif "body.0.weight" in state and state["body.0.weight"].ndim == 4 and "body.2.weight" in state:
+        raise ModelSourceError("an SRVGGNetCompact without PReLU weights (ReLU or LeakyReLU activations), which its "
+                               "file does not say; only the PReLU one (Real-ESRGAN's releases) is offered here")
     else:
         raise ModelSourceError(f"not an upscaler network known here (it holds {', '.join(list(state)[:3])}, ...); "
                                "RRDBNet (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ...) and SRVGGNetCompact are")
@@ -64,7 +78,7 @@ def build(state: dict):
 
 def unwrap(state: dict) -> dict:
     """The weights of a file that nests them (Real-ESRGAN's "params_ema" / "params", trainers' "state_dict")."""
-    for key in ("params_ema", "params", "state_dict", "model"):
+    for key in ("params_ema", "params-ema", "params", "state_dict", "model", "net"):
         if isinstance(state.get(key), dict):
             return state[key]
     return state
@@ -103,6 +117,12 @@ def renamed_bsrgan(state: dict) -> dict:
     return out
 
 
+def rgb(in_ch: int, out_ch: int) -> None:
+    if (in_ch, out_ch) != (3, 3):
+        raise ModelSourceError(f"a network of {in_ch} channels in and {out_ch} out; the hires fix upscales RGB "
+                               "images (3 and 3)")
+
+
 def rrdbnet(state: dict):
     """An RRDBNet shaped as the weights say."""
     first = state["conv_first.weight"]  # (nf, in, 3, 3)
@@ -112,6 +132,7 @@ def rrdbnet(state: dict):
     gc = state["body.0.rdb1.conv1.weight"].shape[0]
     ups = len([k for k in state if re.fullmatch(r"conv_up\d\.weight", k)])
     shuffle = math.isqrt(in_ch // out_ch) if in_ch in (4 * out_ch, 16 * out_ch) else 1  # Real-ESRGAN x2, x1
+    rgb(in_ch // shuffle**2, out_ch)
     if 2**ups < shuffle or ups > 3:
         raise ModelSourceError(f"an RRDBNet of {ups} upsampling layers after a {shuffle}x unshuffle: no upscaler")
     return RRDBNet(in_ch, out_ch, nf, blocks, gc, ups, shuffle)
@@ -123,6 +144,7 @@ def compact(state: dict):
                    and state[k].ndim == 4)
     first, last = state["body.0.weight"], state[f"body.{convs[-1]}.weight"]
     nf, in_ch = first.shape[:2]
+    rgb(in_ch, 3)
     scale = math.isqrt(last.shape[0] // in_ch)
     if scale * scale * in_ch != last.shape[0] or scale < 1:
         raise ModelSourceError(f"an SRVGGNetCompact whose last convolution gives {last.shape[0]} channels, no "

@@ -6,8 +6,9 @@ files with UpscaleModelLoader. Both read them with spandrel, which tells the arc
 weight names and shapes. spandrel needs torchvision, whose builds pin one torch each (installing it
 can replace the torch in place), so the networks are rebuilt here instead (upscale_nets.py: RRDBNet
 and SRVGGNetCompact, the ESRGAN family) and traced to ONNX: one graph per model, (1, 3, H, W) RGB
-in [0, 1] -> (1, 3, s*H, s*W), any H and W. The runtime (engine/upscale.py) runs it with ONNX
-Runtime whatever the engine's backend.
+in [0, 1] -> (1, 3, s*H, s*W), any H and W (even ones for Real-ESRGAN's x2 layout, which
+pixel-unshuffles first; the hires fix's tiles are 192 px). The runtime (engine/upscale.py) runs it
+with ONNX Runtime whatever the engine's backend.
 
     ldm-export --model ... --upscaler 4x-UltraSharp.safetensors --upscaler RealESRGAN_x4plus.pth:"R-ESRGAN 4x+"
 
@@ -26,7 +27,7 @@ from ldm_deploy.errors import ModelSourceError
 log = logging.getLogger(__name__)
 
 # A name goes into PNG parameters as "Hires upscaler: NAME", so no comma, colon or quote in it.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+()\[\]-]*")
+NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9 ._+()\[\]-]*[A-Za-z0-9+)\]])?")  # (PNG values lose end spaces)
 OPSET = 17
 COMPONENT = "upscaler:"  # the manifest's files key of upscaler NAME: "upscaler:NAME"
 
@@ -86,34 +87,38 @@ def load(path: Path, allow_pickle: bool):
     return net, scale, arch
 
 
-def prepare(specs, allow_pickle: bool) -> list:
-    """(path, name, load()'s answer) of each (file, name or None) spec, read and checked before
-    minutes of exporting the model."""
-    return [(path, name, load(path, allow_pickle)) for path, name in check_names(specs)]
+def prepare(specs, allow_pickle: bool) -> list[tuple[str, bytes, dict]]:
+    """(name, ONNX graph, manifest record {"file", "scale", "architecture", "sha256" of the source
+    file}) of each (file, name or None) spec: read, checked and traced before the minutes of
+    exporting the model (a few seconds each; a 4x ESRGAN's graph is 67 MB)."""
+    import io
 
-
-def export(prepared, out_dir: Path) -> dict[str, dict]:
-    """Export each `prepare`d upscaler into `out_dir`; name -> its manifest record
-    {"file", "scale", "architecture", "sha256" (of the source file)}."""
     import torch
 
     from ldm_deploy.export.source import hash_files
 
-    records = {}
-    for path, name, (net, scale, arch) in prepared:
-        example = torch.rand(1, 3, 64, 64)
-        target = out_dir / file_name(name)
-        log.info("upscaler %s: %s %dx from %s -> %s", name, arch, scale, path.name, target.name)
-        net = net.float()
+    out = []
+    for path, name in check_names(specs):
+        net, scale, arch = load(path, allow_pickle)
+        log.info("upscaler %s: %s %dx from %s", name, arch, scale, path.name)
+        graph = io.BytesIO()
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(net, example, str(target), input_names=["image"], output_names=["upscaled"],
-                                  dynamic_axes={"image": {2: "height", 3: "width"},
-                                                "upscaled": {2: "out_height", 3: "out_width"}},
+                torch.onnx.export(net.float(), torch.rand(1, 3, 64, 64), graph, input_names=["image"],
+                                  output_names=["upscaled"], dynamic_axes={"image": {2: "height", 3: "width"},
+                                                                           "upscaled": {2: "out_height", 3: "out_width"}},
                                   opset_version=OPSET, do_constant_folding=True, dynamo=False)
         except Exception as e:  # an architecture whose ops the exporter cannot trace
             raise ModelSourceError(f"--upscaler {path}: its {arch} network could not be traced to ONNX "
                                    f"({type(e).__name__}: {str(e)[:200]})") from None
-        records[name] = {"file": target.name, "scale": scale, "architecture": arch, "sha256": hash_files([path])}
-    return records
+        out.append((name, graph.getvalue(), {"file": file_name(name), "scale": scale, "architecture": arch,
+                                             "sha256": hash_files([path])}))
+    return out
+
+
+def export(prepared, out_dir: Path) -> dict[str, dict]:
+    """Write each `prepare`d upscaler's graph into `out_dir`; name -> its manifest record."""
+    for _, graph, record in prepared:
+        (out_dir / record["file"]).write_bytes(graph)
+    return {name: record for name, _, record in prepared}

@@ -106,6 +106,8 @@ def test_names_through_ldm_run_pngs_and_serve(pipe, engine, engine_dirs, tmp_pat
     with pytest.raises(InvalidRequest, match=r"unknown hires upscaler '4x-Nope'; choose one of Lanczos, .*, "
                                              r"2x-Compact, R-ESRGAN 4x\+"):
         pipe("x", width=64, height=64, steps=2, hires_scale=2, hires_upscaler="4x-Nope", progress=False)
+    with pytest.raises(InvalidRequest, match=r"unknown hires upscaler \['2x-Compact'\]"):
+        pipe("x", width=64, height=64, steps=2, hires_scale=2, hires_upscaler=["2x-Compact"], progress=False)
     out = tmp_path / "a.png"
     args = [str(x) for x in ("--engine", engine, "a red house", "--steps", 2, "--width", 64, "--height", 64,
                              "--seed", 5, "--sampler", "euler", "--hires-scale", 1.5,

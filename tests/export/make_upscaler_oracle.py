@@ -31,7 +31,7 @@ def weights(shapes: dict[str, tuple], seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def basicsr_rrdbnet(in_ch: int, nf: int, gc: int, blocks: int, names: dict | None = None) -> dict:
+def basicsr_rrdbnet(in_ch: int, nf: int, gc: int, blocks: int, names: dict | None = None, ups: int = 2) -> dict:
     """Weight shapes under BasicSR's RRDBNet names (Real-ESRGAN's files); `names` renames its
     top-level convolutions (BSRGAN's spelling)."""
     names = names or {}
@@ -39,8 +39,9 @@ def basicsr_rrdbnet(in_ch: int, nf: int, gc: int, blocks: int, names: dict | Non
     def conv(cin, cout):
         return (cout, cin, 3, 3), (cout,)
 
-    layers = {"conv_first": conv(in_ch, nf), "conv_body": conv(nf, nf), "conv_up1": conv(nf, nf),
-              "conv_up2": conv(nf, nf), "conv_hr": conv(nf, nf), "conv_last": conv(nf, 3)}
+    layers = {"conv_first": conv(in_ch, nf), "conv_body": conv(nf, nf),
+              **{f"conv_up{i}": conv(nf, nf) for i in range(1, ups + 1)}, "conv_hr": conv(nf, nf),
+              "conv_last": conv(nf, 3)}
     for b in range(blocks):
         for r in (1, 2, 3):
             for k in range(1, 6):
@@ -71,6 +72,7 @@ def cases() -> dict[str, dict]:
         "realesrgan_x4plus": basicsr_rrdbnet(3, 8, 32, 2),
         "realesrgan_x2plus": basicsr_rrdbnet(12, 8, 32, 1),  # pixel-unshuffled by 2: 2x in all
         "bsrgan_4x": basicsr_rrdbnet(3, 8, 32, 1, bsrgan),
+        "bsrgan_2x": basicsr_rrdbnet(3, 8, 32, 1, bsrgan, ups=1),
         "compact_4x": shapes_of(Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=3, upscale=4)),
         "compact_2x": shapes_of(Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2)),
     }
