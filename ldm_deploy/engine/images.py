@@ -202,10 +202,12 @@ def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
 
 
 def png_text(image: Image.Image) -> PngImagePlugin.PngInfo:
-    """The PNG text chunks of an image we made: its `parameters` (if any)."""
+    """The PNG text chunks of an image we made: its `parameters` and `postprocessing` (ldm-serve's
+    Extras, as AUTOMATIC1111's), where it has them."""
     info = PngImagePlugin.PngInfo()
-    if "parameters" in image.info:
-        info.add_text("parameters", image.info["parameters"])
+    for key in ("parameters", "postprocessing"):
+        if isinstance(image.info.get(key), str):
+            info.add_text(key, image.info[key])
     return info
 
 

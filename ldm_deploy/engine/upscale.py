@@ -64,12 +64,25 @@ def resize(image: Image.Image, width: int, height: int, model, tile: int = TILE,
 def upscale(image: Image.Image, scale: float, model, tile: int = TILE, overlap: int = OVERLAP,
             progress: bool = False) -> Image.Image:
     """The model's passes until the image covers `scale` times its size (sides down to a multiple of 8)."""
+    return passes(image, scale, lambda im: one_pass(im, model, tile, overlap, progress))
+
+
+def lanczos(image: Image.Image, scale: float) -> Image.Image:
+    """AUTOMATIC1111's "Lanczos" upscaler as its Extras run it: one resize by `scale`, then to 8s."""
+    return passes(image, scale, lambda im: im.resize((int(im.width * scale), int(im.height * scale)),
+                                                     resample=Image.LANCZOS))
+
+
+def passes(image: Image.Image, scale: float, enlarge) -> Image.Image:
+    """AUTOMATIC1111's Upscaler.upscale: `enlarge` (image -> image) until the image covers `scale`
+    times its size, sides cut to a multiple of 8 (at most 3 times; none where it covers that
+    already), then Lanczos to exactly that size."""
     dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
     for i in range(PASSES):
         if image.width >= dest[0] and image.height >= dest[1] and (i > 0 or scale != 1):
             break  # (a scale whose size, cut to 8s, the image already has: Lanczos alone)
         before = image.size
-        image = one_pass(image, model, tile, overlap, progress)
+        image = enlarge(image)
         if image.size == before:
             break
     if image.size != dest:

@@ -3,7 +3,7 @@
 Clients written for its web UI's `--api` (webuiapi, image tools, bots, Krita and Photoshop
 plugins of that API) talk to ldm-serve unchanged: txt2img and img2img (inpainting, the hires fix,
 ControlNet units) answer with its JSON (`images` as base64 PNGs with their infotext, `parameters`,
-`info`), errors with its error body, and the listings (samplers, schedulers, models, upscalers,
+`info`), its Extras upscale (a1111_extras.py), errors with its error body, and the listings (samplers, schedulers, models, upscalers,
 embeddings, LoRAs, options, progress) with its fields, the engines as its checkpoints (engines.py).
 """
 
@@ -23,7 +23,7 @@ from ldm_deploy.engine.latent_resize import LATENT_UPSCALERS
 from ldm_deploy.engine.noise import random_seed
 from ldm_deploy.engine.samplers import DISPLAY_NAMES
 from ldm_deploy.errors import InvalidRequest, UserError
-from ldm_deploy.serve import a1111_request, fields
+from ldm_deploy.serve import a1111_extras, a1111_request, fields
 from ldm_deploy.serve.server import HttpError, Route
 from ldm_deploy.serve.engines import EngineUnavailable
 from ldm_deploy.serve.worker import Interrupted, Job, QueueFull, ShuttingDown
@@ -52,8 +52,10 @@ class A1111:
                "/sd-vae": self.sd_vae, "/upscalers": self.upscalers, "/latent-upscale-modes": self.latent_modes,
                "/embeddings": self.embeddings, "/loras": self.loras, "/options": self.options,
                "/progress": self.progress, "/cmd-flags": lambda _: (200, {}), "/prompt-styles": self.prompt_styles}
+        extras = a1111_extras.Extras(self.engines)
         post = {"/txt2img": self.txt2img, "/img2img": self.img2img, "/png-info": self.png_info,
-                "/options": self.set_options}
+                "/options": self.set_options, "/extra-single-image": extras.single,
+                "/extra-batch-images": extras.batch}
         out = {("GET", PREFIX + p): Route(f, error_body) for p, f in get.items()}
         out.update({("POST", PREFIX + p): Route(f, error_body, body=True) for p, f in post.items()})
         out[("POST", PREFIX + "/interrupt")] = Route(self.interrupt, error_body)

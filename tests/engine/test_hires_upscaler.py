@@ -4,6 +4,8 @@ the model's name through ldm-run, its PNGs and ldm-serve."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from dataclasses import replace
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 from conftest import TEST_CONFIG, diffusers_schedulers
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 from serve_http import call, pixels, running, unb64
 
@@ -142,7 +144,6 @@ def test_names_through_ldm_run_pngs_and_serve(pipe, engine, engine_dirs, tmp_pat
 def test_a_comfyui_png_that_enlarges_with_a_model_draws_with_the_engines(engine, tmp_path):
     """ComfyUI's hires fix through ImageUpscaleWithModel of "2x-Compact.safetensors" (then no resize):
     --from-png draws what --hires-upscaler 2x-Compact at 2x draws."""
-    from PIL import PngImagePlugin
     from test_comfyui import hires_graph, with_upscale_model
 
     g = with_upscale_model(hires_graph(latent=False, sampler_name="euler", scheduler="normal"),
@@ -160,3 +161,61 @@ def test_a_comfyui_png_that_enlarges_with_a_model_draws_with_the_engines(engine,
     again, given = Image.open(tmp_path / "again.png"), Image.open(tmp_path / "given.png")
     assert again.size == (192, 128) and np.array_equal(np.asarray(again), np.asarray(given))
     assert again.text["parameters"] == given.text["parameters"]
+
+
+def test_serve_extras_enlarge_as_automatic1111s(pipe):
+    """/sdapi/v1/extra-single-image and extra-batch-images: by a factor or to a size (cropped about
+    the centre), a second upscaler blended over the first, "None" doing nothing; what is not offered
+    refused. Each answer is what engine/upscale.py makes of the image, with its postprocessing text."""
+    from serve_http import b64
+
+    model = upscale.Upscaler(pipe.engine_dir, "2x-Compact", pipe.manifest.upscalers["2x-Compact"])
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Seed: 1")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG", pnginfo=info)
+    sent = base64.b64encode(buffer.getvalue()).decode()
+    with running(pipe) as server:
+        url = server.url + "/sdapi/v1/extra-single-image"
+        status, answer, _ = call(url, "POST", {"image": sent, "upscaling_resize": 2, "upscaler_1": "2x-Compact"})
+        assert status == 200, answer
+        got = Image.open(io.BytesIO(base64.b64decode(answer["image"])))
+        assert np.array_equal(np.asarray(got), np.asarray(upscale.upscale(photo, 2, model)))
+        assert got.text["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: 2x-Compact"
+        assert got.text["parameters"] == "a cat\nSteps: 2, Seed: 1"  # the input's, kept
+        assert answer["html_info"] == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: 2x-Compact</p>"
+        # to 100 x 60: by max(100/80, 60/64) = 1.25 (to 96 x 80, cut to 8s), then cropped about the centre
+        status, answer, _ = call(url, "POST", {"image": b64(photo), "resize_mode": 1, "upscaling_resize_w": 100,
+                                               "upscaling_resize_h": 60, "upscaler_1": "2x-Compact",
+                                               "upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.25})
+        assert status == 200, answer
+        enlarged = [upscale.upscale(photo, 1.25, model), upscale.lanczos(photo, 1.25)]
+        assert enlarged[0].size == enlarged[1].size == (96, 80)
+        fitted = []
+        for im in enlarged:
+            canvas = Image.new("RGB", (100, 60))
+            canvas.paste(im, (50 - 48, 30 - 40))
+            fitted.append(canvas)
+        got = Image.open(io.BytesIO(base64.b64decode(answer["image"])))
+        assert np.array_equal(np.asarray(got), np.asarray(Image.blend(*fitted, 0.25)))
+        assert got.text["postprocessing"] == ("Postprocess upscale to: 100x60, Postprocess crop to: 100x60, "
+                                              "Postprocess upscaler: 2x-Compact, Postprocess upscaler 2: Lanczos")
+        status, answer, _ = call(url, "POST", {"image": b64(photo), "upscaler_1": "None"})
+        assert status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["image"])))),
+                                                np.asarray(photo))
+        status, answer, _ = call(server.url + "/sdapi/v1/extra-batch-images", "POST",
+                                 {"imageList": [{"data": b64(photo), "name": "a.png"}] * 2, "upscaler_1": "Lanczos",
+                                  "upscaling_resize": 1.5})
+        assert status == 200 and len(answer["images"]) == 2
+        want = np.asarray(upscale.lanczos(photo, 1.5))
+        assert all(np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(a)))), want) for a in answer["images"])
+        for body, match in (({"upscaler_1": "4x-Nope"}, "upscaler_1 '4x-Nope' is not offered; choose one of None, "
+                                                        "Lanczos, 2x-Compact, R-ESRGAN 4x+"),
+                            ({"upscaler_1": "Lanczos", "gfpgan_visibility": 1}, "face restoration"),
+                            ({"upscaler_1": "Lanczos", "resize_mode": 2}, "resize_mode must be 0"),
+                            ({"upscaler_1": "Lanczos", "upscaling_resize": 9}, "up to 8 times"),
+                            ({"upscaler_1": "Lanczos", "image": "not base64!"}, "not valid base64")):
+            status, answer, _ = call(url, "POST", {"image": b64(photo), **body})
+            assert status == 422 and match in answer["detail"], answer
