@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from ldm_deploy.errors import ModelSourceError
+from ldm_deploy.export import embeddings
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,8 @@ OPSET = 17
 COMPONENT = "upscaler:"  # the manifest's files key of upscaler NAME: "upscaler:NAME"
 
 
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """"4x-UltraSharp.pth" -> (file, None); "RealESRGAN_x4plus.pth:R-ESRGAN 4x+" -> (file, name)."""
-    if Path(spec).expanduser().exists():
-        return spec, None
-    path, _, name = spec.rpartition(":")
-    if not path or not name or "/" in name or "\\" in name:
-        return spec, None
-    return path, name
+# "4x-UltraSharp.pth" -> (file, None); "RealESRGAN_x4plus.pth:R-ESRGAN 4x+" -> (file, name): as --embedding's FILE:WORD
+parse_spec = embeddings.parse_spec
 
 
 def file_name(name: str) -> str:
