@@ -173,7 +173,7 @@ def second_pass(graph: dict, first: str, size: tuple | None, fields: dict, promp
         ids, upscaler, method, target = found
         reason = ("is a KSamplerAdvanced" if kind(node) != "KSampler" else
                   "enlarges with an upscale model not read here (not an UpscaleModelLoader's file)"
-                  if upscaler is None and method is None else
+                  if upscaler is None and method is None and target is None else
                   f"has upscale_method {describe(method)}, not offered here" if upscaler is None else
                   f"enlarges to a size not read here ({target})" if isinstance(target, str) else None)
         steps, denoise = inputs_of(node).get("steps"), inputs_of(node).get("denoise", 1.0)
@@ -265,19 +265,20 @@ def upscaling(graph: dict, first: str, inputs: dict, size: tuple | None):
     # AUTOMATIC1111's name of it: the file's, without folder or suffix (ldm-export --upscaler names it so)
     name = re.sub(r"\.[A-Za-z0-9]+$", "", re.split(r"[/\\]", file.strip())[-1])
     factor = name_scale(name)
-    if scale is None or kind(scale) == "ImageScaleBy":  # the model's own scale, from its name
+    kept = scale is not None and kind(scale) == "ImageScale" and inputs_of(scale).get("width") == inputs_of(scale).get("height") == 0
+    if scale is None or kept or kind(scale) == "ImageScaleBy":  # the model's own scale, from its name
         if factor is None or size is None:
             return ids, name, method, f"the upscale model {name!r}'s scale, not in its name"
         size = (size[0] * factor, size[1] * factor)
-        if scale is None:
-            return ids, name, method, size
+        if scale is None or kept:  # (ImageScale to 0 x 0 keeps the model's size)
+            return ids, name, None, (size[0] // 8 * 8, size[1] // 8 * 8)
     return ids, name, method, target_of(scale, size)  # (ImageScale's sides keep the aspect, whatever the model's scale)
 
 
 def name_scale(name: str) -> int | None:
-    """An upscale model's scale as its name says it: "4x-UltraSharp", "4x_NMKD-Siax", "RealESRGAN_x4plus",
-    "realesr-general-x4v3" (None where it says none)."""
-    found = re.findall(r"(?:^|[^A-Za-z0-9])([1-8])x(?=[^A-Za-z0-9]|$)|(?:^|[^A-Za-z0-9])x([1-8])(?=[^0-9]|$)", name)
+    """An upscale model's scale as its name says it: "4x-UltraSharp", "4x_NMKD-Siax", "4xNomos8kSC",
+    "RealESRGAN_x4plus", "realesr-general-x4v3" (None where it says none)."""
+    found = re.findall(r"(?:^|[^A-Za-z0-9])([1-8])x(?![0-9])|(?:^|[^A-Za-z0-9])x([1-8])(?![0-9])", name)
     scales = {int(a or b) for a, b in found}
     return scales.pop() if len(scales) == 1 else None
 

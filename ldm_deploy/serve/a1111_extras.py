@@ -3,13 +3,16 @@ an image enlarged by an upscaler, without drawing.
 
 Its fields: `resize_mode` 0 enlarges by `upscaling_resize` (2), 1 to `upscaling_resize_w` x
 `upscaling_resize_h` (512 x 512: by the larger of the two ratios, then, with `upscaling_crop`
-(true), cropped to that size about the centre); `upscaler_1` ("None": the image as it is) and
+(true), cropped to that size about the centre); `upscaler_1` ("None": the image as it is, made RGB
+as AUTOMATIC1111 makes it) and
 `upscaler_2`, blended over the first by `extras_upscaler_2_visibility`. The upscalers are Lanczos and
 the upscale models exported into the engines (ldm-export --upscaler), found by name in any engine,
 run as AUTOMATIC1111 runs them (engine/upscale.py). Face restoration (`gfpgan_visibility`,
 `codeformer_visibility`) is not offered: refused where asked for. The answer's image carries
-AUTOMATIC1111's "postprocessing" text ("Postprocess upscale by: 2, Postprocess upscaler: ...") and the
-input's own generation parameters; `html_info` says the same.
+AUTOMATIC1111's "postprocessing" text ("Postprocess upscale by: 2.0, Postprocess upscaler: ...") and the
+input's own generation parameters; `html_info` says the same. One request enlarges at a time (each
+is a few CPU-seconds to minutes), and no image, enlarged or between passes, may pass
+fields.MAX_PIXELS.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ class Extras:
         self.engines = engines
         self.models = {}  # (engine, name) -> upscale.Upscaler, loaded on first use
         self.lock = threading.Lock()
+        self.running = threading.Lock()  # one enlargement at a time: each takes all the cores
 
     def single(self, body: dict):
         image = fields.picture(body.get("image"), "image")
-        out, info = self.process(image, body)
+        with self.running:
+            out, info = self.process(image, body)
         return 200, {"html_info": html_info(info), "image": encode(out, info, image)}
 
     def batch(self, body: dict):
@@ -49,7 +54,8 @@ class Extras:
         for i, item in enumerate(items):
             data = item.get("data") if isinstance(item, dict) else None
             image = fields.picture(data, f"imageList[{i}].data")
-            out, info = self.process(image, body)
+            with self.running:
+                out, info = self.process(image, body)
             done.append(encode(out, info, image))
         return 200, {"html_info": html_info(info), "images": done}
 
@@ -81,22 +87,27 @@ class Extras:
         if not 0 < scale <= MAX_SCALE:
             raise InvalidRequest(f"the image would be enlarged {scale:g} times; this server enlarges up to "
                                  f"{MAX_SCALE} times")
-        enlarge = [self.upscaler(name, which) for name, which in zip(names, ("upscaler_1", "upscaler_2"))]
-        if enlarge[0] is None:  # "None": as AUTOMATIC1111, nothing is done
+        found = [self.upscaler(name, which) for name, which in zip(names, ("upscaler_1", "upscaler_2"))]
+        if found[0] is None:  # "None": as AUTOMATIC1111, nothing is done
             return rgb, {}
-        out = fit(enlarge[0](rgb, scale), to, crop, info)
-        info["Postprocess upscaler"] = names[0]
-        if enlarge[1] is not None and visibility > 0:
-            out = Image.blend(out, fit(enlarge[1](rgb, scale), to, crop, info), visibility)
-            info["Postprocess upscaler 2"] = names[1]
+        used = [found[0], *([found[1]] if found[1] is not None and visibility > 0 else [])]
+        check_size(rgb.size, scale, to if crop else None, [factor for _, _, factor in used])
+        name, enlarge, _ = used[0]
+        out = fit(enlarge(rgb, scale), to, crop, info)
+        info["Postprocess upscaler"] = name
+        if len(used) > 1:
+            name, enlarge, _ = used[1]
+            out = Image.blend(out, fit(enlarge(rgb, scale), to, crop, info), visibility)
+            info["Postprocess upscaler 2"] = name
         return out, info
 
     def upscaler(self, name: str, field: str):
-        """A function (image, scale) -> image for upscaler `name` (None for "None")."""
+        """(its name as listed, a function (image, scale) -> image, the scale of one pass; None for
+        Lanczos) for upscaler `name`; None for "None"."""
         if name == "None":
             return None
         if name.lower() == LANCZOS.lower():
-            return upscale.lanczos
+            return LANCZOS, upscale.lanczos, None
         engine = next((e for e, m in self.engines.manifests.items() if name in m.upscalers), None)
         if engine is None:
             offered = {n for m in self.engines.manifests.values() for n in m.upscalers}
@@ -109,7 +120,30 @@ class Extras:
                 check_file(folder, manifest, name)
                 self.models[engine, name] = upscale.Upscaler(folder, name, manifest.upscalers[name])
             model = self.models[engine, name]
-        return lambda image, scale: upscale.upscale(image, scale, model)
+        return name, lambda image, scale: upscale.upscale(image, scale, model), model.scale
+
+
+def check_size(size: tuple[int, int], scale: float, crop: tuple[int, int] | None, factors: list) -> None:
+    """A 422 where the result would have a side under 8 pixels (AUTOMATIC1111 cuts sides to 8s;
+    there, a 500), or where it, or an image between a model's passes (factor: the model's scale;
+    None for Lanczos), would be over fields.MAX_PIXELS."""
+    dest = (int(size[0] * scale // 8 * 8), int(size[1] * scale // 8 * 8))
+    if min(dest) < 8:
+        raise InvalidRequest(f"the {size[0]}x{size[1]} image enlarged {scale:g} times comes to {dest[0]}x{dest[1]} "
+                             "(sides cut to multiples of 8); enlarge it more, to 8 pixels a side at least")
+    largest = [dest, crop or dest]
+    for factor in filter(None, factors):  # upscale.passes: a pass while the image is short of dest (at most 3)
+        side = size
+        for i in range(upscale.PASSES):
+            if side[0] >= dest[0] and side[1] >= dest[1] and (i > 0 or scale != 1):
+                break
+            side = (side[0] * factor, side[1] * factor)
+        largest.append(side)
+    w, h = max(largest, key=lambda s: s[0] * s[1])
+    if w * h > fields.MAX_PIXELS:
+        raise InvalidRequest(f"the {size[0]}x{size[1]} image enlarged {scale:g} times comes to a {w}x{h} image "
+                             f"on the way; this server makes none over {fields.MAX_PIXELS // 1_000_000} megapixels: "
+                             "send a smaller image or scale")
 
 
 def check_file(folder, manifest, name: str) -> None:
@@ -147,8 +181,7 @@ def encode(image: Image.Image, info: dict, source: Image.Image) -> str:
     """The base64 PNG of the answer: the source's generation parameters kept, its postprocessing added."""
     from ldm_deploy.serve.a1111 import png_base64
 
-    text = {k: v for k, v in source.info.items() if k == "parameters" and isinstance(v, str)}
-    if info:
-        text["postprocessing"] = infotext(info)
-    image.info.update(text)
+    image.info = {k: v for k, v in source.info.items() if k == "parameters" and isinstance(v, str)}
+    if info:  # (AUTOMATIC1111 replaces an earlier postprocessing text; with "None", by an empty one: dropped here)
+        image.info["postprocessing"] = infotext(info)
     return png_base64(image)

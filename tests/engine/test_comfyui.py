@@ -324,6 +324,25 @@ def test_its_hires_fix_with_an_upscale_model_reads_by_the_models_name():
     g["17"]["inputs"]["upscale_model"] = ["4", 0]
     _, _, fields, warnings = comfyui.read(json.dumps(g))
     assert "Hires upscale" not in fields and "enlarges with an upscale model not read here" in warnings[1]
+    # ImageScale to 0 x 0 after the model keeps the model's size; without a model and a method, said so
+    zero = {"class_type": "ImageScale", "inputs": {"upscale_method": "bicubic", "width": 0, "height": 0,
+                                                   "crop": "disabled"}}
+    _, _, fields, warnings = comfyui.read(json.dumps(with_upscale_model(hires_graph(latent=False), "4xNomos8kSC.pth",
+                                                                        zero)))
+    assert (settings(fields)[0]["hires_upscaler"], settings(fields)[0]["hires_scale"]) == ("4xNomos8kSC", 4.0)
+    assert "then resizes" not in warnings[1]
+    g = hires_graph(latent=False)
+    del g["14"]["inputs"]["upscale_method"]
+    _, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert "Hires upscale" not in fields and "has upscale_method missing, not offered here" in warnings[1]
+
+
+def test_upscale_models_scales_read_from_their_names():
+    for name, scale in (("4x-UltraSharp", 4), ("4x_NMKD-Siax_200k", 4), ("4xNomos8kSC", 4), ("2xHFA2kCompact", 2),
+                        ("RealESRGAN_x4plus", 4), ("RealESRGAN_x2plus", 2), ("realesr-general-x4v3", 4),
+                        ("BSRGAN", None), ("8x_NMKD-Superscale_150000_G", 8), ("4x-foo-2x", None), ("x16", None),
+                        ("14x", None)):
+        assert comfyui.name_scale(name) == scale, name
 
 
 def test_a_comfyui_hires_png_draws_what_its_settings_draw(engine_dirs, tmp_path):

@@ -206,11 +206,29 @@ def test_serve_extras_enlarge_as_automatic1111s(pipe):
         assert status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["image"])))),
                                                 np.asarray(photo))
         status, answer, _ = call(server.url + "/sdapi/v1/extra-batch-images", "POST",
-                                 {"imageList": [{"data": b64(photo), "name": "a.png"}] * 2, "upscaler_1": "Lanczos",
+                                 {"imageList": [{"data": b64(photo), "name": "a.png"}] * 2, "upscaler_1": "lanczos",
                                   "upscaling_resize": 1.5})
         assert status == 200 and len(answer["images"]) == 2
-        want = np.asarray(upscale.lanczos(photo, 1.5))
+        want = np.asarray(photo.resize((120, 96), resample=Image.LANCZOS))  # 80 x 64 by 1.5, already in 8s
         assert all(np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(a)))), want) for a in answer["images"])
+        assert answer["html_info"] == "<p>Postprocess upscale by: 1.5, Postprocess upscaler: Lanczos</p>"
+        # "None" with a transparent PNG an earlier Extras wrote: made RGB (as AUTOMATIC1111), its old text dropped
+        info.add_text("postprocessing", "Postprocess upscale by: 4.0")
+        buffer = io.BytesIO()
+        Image.new("RGBA", (24, 16), (10, 20, 30, 0)).save(buffer, format="PNG", pnginfo=info)
+        status, answer, _ = call(url, "POST", {"image": base64.b64encode(buffer.getvalue()).decode()})
+        got = Image.open(io.BytesIO(base64.b64decode(answer["image"])))
+        assert status == 200 and got.mode == "RGB" and got.getpixel((3, 3)) == (10, 20, 30)
+        assert got.text == {"parameters": "a cat\nSteps: 2, Seed: 1"} and answer["html_info"] == "<p></p>"
+        # sizes: under 8 pixels a side once cut to 8s; over 40 megapixels on the way (the 4x model's
+        # pass makes 6400 x 6400 of 1600 x 1600 before Lanczos brings it to 3200 x 3200)
+        status, answer, _ = call(url, "POST", {"image": b64(photo.resize((6, 6))), "upscaling_resize": 1.25,
+                                               "upscaler_1": "Lanczos"})
+        assert status == 422 and "comes to 0x0" in answer["detail"] and "8 pixels a side" in answer["detail"]
+        status, answer, _ = call(url, "POST", {"image": b64(Image.new("RGB", (1600, 1600))), "upscaling_resize": 2,
+                                               "upscaler_1": "Lanczos", "upscaler_2": "R-ESRGAN 4x+",
+                                               "extras_upscaler_2_visibility": 0.5})
+        assert status == 422 and "a 6400x6400 image on the way" in answer["detail"], answer
         for body, match in (({"upscaler_1": "4x-Nope"}, "upscaler_1 '4x-Nope' is not offered; choose one of None, "
                                                         "Lanczos, 2x-Compact, R-ESRGAN 4x+"),
                             ({"upscaler_1": "Lanczos", "gfpgan_visibility": 1}, "face restoration"),
