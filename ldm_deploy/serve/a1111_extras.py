@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm_deploy.engine import upscale
+from ldm_deploy.engine import hires, upscale
 from ldm_deploy.errors import InvalidRequest
 from ldm_deploy.serve import fields
 from ldm_deploy.serve.server import HttpError
@@ -115,11 +115,15 @@ class Extras:
                                  + "".join(f", {n}" for n in sorted(offered))
                                  + ("" if offered else " (upscale models: ldm-export --upscaler FILE)"))
         with self.lock:
-            if (engine, name) not in self.models:
-                manifest, folder = self.engines.manifests[engine], self.engines.dirs[engine]
-                check_file(folder, manifest, name)
-                self.models[engine, name] = upscale.Upscaler(folder, name, manifest.upscalers[name])
-            model = self.models[engine, name]
+            pipe = self.engines.pipes.get(engine)
+            if pipe is not None:  # loaded (its files checked): the session its hires fix runs, shared
+                model = hires.upscale_model(pipe, name)
+            else:
+                if (engine, name) not in self.models:
+                    manifest, folder = self.engines.manifests[engine], self.engines.dirs[engine]
+                    check_file(folder, manifest, name)
+                    self.models[engine, name] = upscale.Upscaler(folder, name, manifest.upscalers[name])
+                model = self.models[engine, name]
         return name, lambda image, scale: upscale.upscale(image, scale, model), model.scale
 
 

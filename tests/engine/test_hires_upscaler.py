@@ -237,3 +237,27 @@ def test_serve_extras_enlarge_as_automatic1111s(pipe):
                             ({"upscaler_1": "Lanczos", "image": "not base64!"}, "not valid base64")):
             status, answer, _ = call(url, "POST", {"image": b64(photo), **body})
             assert status == 422 and match in answer["detail"], answer
+
+
+def test_extras_of_an_engine_not_loaded_check_its_file(engine, tmp_path):
+    """ldm-serve's Extras with an engine not loaded: its upscale model's file checked against the
+    manifest first (503 where damaged), then run as the loaded engine's would be."""
+    import shutil
+
+    from ldm_deploy.engine.manifest import read_manifest
+    from ldm_deploy.serve.a1111_extras import Extras
+    from ldm_deploy.serve.engines import Engines
+    from ldm_deploy.serve.server import HttpError
+
+    copy = shutil.copytree(engine, tmp_path / "engine")
+    manifest = read_manifest(copy)
+    photo = Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    body = {"upscaler_1": "2x-Compact", "upscaling_resize": 2}
+    out, info = Extras(Engines({"tiny": manifest}, {"tiny": copy})).process(photo, body)
+    model = upscale.Upscaler(engine, "2x-Compact", manifest.upscalers["2x-Compact"])
+    assert np.array_equal(np.asarray(out), np.asarray(upscale.upscale(photo, 2, model)))
+    assert info == {"Postprocess upscale by": 2.0, "Postprocess upscaler": "2x-Compact"}
+    graph = copy / manifest.upscalers["2x-Compact"]["file"]
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    with pytest.raises(HttpError, match="the upscale model 2x-Compact's file .* is missing or damaged; re-export"):
+        Extras(Engines({"tiny": manifest}, {"tiny": copy})).process(photo, body)
