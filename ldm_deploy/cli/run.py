@@ -124,6 +124,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the fraction of the steps after which each ControlNet starts acting (default 0)")
     p.add_argument("--control-end", type=float, action="append", default=None, metavar="F",
                    help="the fraction of the steps after which it stops (default 1)")
+    p.add_argument("--vae-tiling", nargs="?", type=int, const=0, default=None, metavar="PX",
+                   help="decode in overlapping tiles, as diffusers' enable_vae_tiling(): the same image, in a "
+                        "tile's memory (for large images); PX: the tile's side (default the VAE's: 512 px for "
+                        "SD 1.x, 1024 for SDXL)")
     p.add_argument("--out", default=None,
                    help="PNG path, or a folder to write into; with several images, NAME-0.png, NAME-1.png, ... "
                         "(default: output.png, numbered output-2.png, output-3.png, ... so as not to overwrite)")
@@ -391,6 +395,9 @@ def main(argv=None) -> int:
                                     **({} if cached and args.backend != "auto" else options))
         else:
             args.refiner_switch_at = None  # a PNG's, without a refiner to switch to
+        if args.vae_tiling is not None:
+            for each in (pipe, refiner) if refiner is not None else (pipe,):
+                each.enable_vae_tiling(args.vae_tiling or None)
         if fields:
             from ldm_deploy.engine.infotext import model_warning, refiner_warning, tiling_warning, upscaler_warning
 

@@ -54,6 +54,9 @@ class ModelInfo:
     # AUTOMATIC1111's Tiling (ldm-export --tiling): the U-Net's and VAE's convolutions pad
     # circularly, so images tile seamlessly
     tiling: bool = False
+    # diffusers' VAE tile (engine/vae_tiling.py), latent px: the VAE's sample_size over its scale
+    # (engines written before it: 0, the U-Net's sample_size then)
+    vae_tile: int = 0
 
     @property
     def facts(self) -> ModelFacts:

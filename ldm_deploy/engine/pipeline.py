@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.engine import backends, hires, images, noise
-from ldm_deploy.engine import controls, infotext, inpaint, refine, text
+from ldm_deploy.engine import controls, infotext, inpaint, refine, text, vae_tiling
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
@@ -46,6 +46,7 @@ class Pipeline:
         }
         self.warned = set()  # advice given once per pipeline, not on every call of a loop
         self.upscalers = {}  # the hires fix's upscale models, loaded on first use (hires.upscale_model)
+        self.vae_tile = None  # latent px of the decoder's tiles (enable_vae_tiling); None: one run a batch
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str = "auto", verify: bool = True, rebuild_stale: bool = False,
@@ -62,6 +63,17 @@ class Pipeline:
         if name == "tensorrt":
             backend_options["rebuild_stale"] = rebuild_stale
         return cls(engine_dir, manifest, backends.create(name, **backend_options))
+
+    def enable_vae_tiling(self, tile_size: int | None = None) -> None:
+        """Decode in overlapping tiles from now on, as diffusers' `pipe.enable_vae_tiling()`
+        (engine/vae_tiling.py): the same images (to float rounding, where the decoder's output is
+        within range), with the decoder's memory that of one tile. tile_size: the tile's side in
+        pixels (a multiple of the VAE's scale, 8; default the VAE's, as diffusers': 512 for SD 1.x,
+        768 for SD 2.x, 1024 for SDXL); images no larger than one tile are decoded whole."""
+        self.vae_tile = vae_tiling.tile_of(tile_size, self.manifest.model)
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tile = None
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -392,9 +404,28 @@ class Pipeline:
         if not decode:
             return be.download(x)
 
-        decoded = be.empty((b, 3, req.height, req.width))
-        be.run(self.components["vae_decoder"], Run({"latents": x}, {"images": decoded}))
-        return be.download(decoded).transpose(0, 2, 3, 1)
+        return self.decode(x, shape, progress).transpose(0, 2, 3, 1)
+
+    def decode(self, x, shape: tuple, progress=False) -> np.ndarray:
+        """Device latents `shape` (B, C, h, w) -> (B, 3, H, W) images in [0, 1] on the host: one
+        decoder run, or with VAE tiling and a side over a tile, one a tile (a progress bar with
+        progress True)."""
+        be, s, tile = self.backend, self.manifest.model.vae_scale, self.vae_tile
+
+        def run(latents, size: tuple) -> np.ndarray:  # size: the latents' (B, C, h, w)
+            out = be.empty((size[0], 3, size[2] * s, size[3] * s))
+            be.run(self.components["vae_decoder"], Run({"latents": latents}, {"images": out}))
+            return be.download(out)
+
+        if tile is None or max(shape[2:]) <= tile:
+            return run(x, shape)
+        from tqdm import tqdm
+
+        total = len(vae_tiling.tiles(shape[2], tile)) * len(vae_tiling.tiles(shape[3], tile))
+        with tqdm(total=total, desc="decoding", unit="tile", leave=False,
+                  disable=not progress or callable(progress)) as bar:
+            return vae_tiling.decode(lambda t: run(be.upload(t), t.shape), be.download(x), tile, s,
+                                     lambda: bar.update(1))
 
     def denoise(self, x, step_emb, sp, step_noise, shape, req, progress, step_extra=None):
         """The N-step loop: latents ping-pong between two buffers, the x0 states rotate through

@@ -21,6 +21,12 @@ def vae_scale(src: SourceModel) -> int:
     return 2 ** (len(src.vae.config.block_out_channels) - 1)
 
 
+def vae_tile(src: SourceModel) -> int:
+    """diffusers' VAE tile (enable_vae_tiling), latent px: the VAE's sample_size over its scale
+    (64 for SD 1.x, 96 for SD 2.x's 768 px VAE, 128 for SDXL)."""
+    size = src.vae.config.sample_size
+    return int((size[0] if isinstance(size, (list, tuple)) else size) / vae_scale(src))
+
 
 def model_info(src: SourceModel) -> ModelInfo:
     text_cfg = (src.text_encoder or src.text_encoder_2).config
@@ -61,6 +67,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         sample_size=int(src.unet.config.sample_size),
         noise_schedule=schedule,
         vae_scale=facts.vae_scale,
+        vae_tile=vae_tile(src),
         vae=src.vae_source,
         loras=tuple(src.loras),
         embeddings=tuple(src.embeddings),
