@@ -125,8 +125,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--control-end", type=float, action="append", default=None, metavar="F",
                    help="the fraction of the steps after which it stops (default 1)")
     p.add_argument("--vae-tiling", nargs="?", type=int, const=0, default=None, metavar="PX",
-                   help="decode in overlapping tiles, as diffusers' enable_vae_tiling(): the same image, in a "
-                        "tile's memory (for large images); PX: the tile's side (default the VAE's: 512 px for "
+                   help="run the VAE on overlapping tiles, as diffusers' enable_vae_tiling(): large images in a "
+                        "tile's memory; PX: the tile's side, a multiple of 32 (default the VAE's: 512 px for "
                         "SD 1.x, 1024 for SDXL)")
     p.add_argument("--out", default=None,
                    help="PNG path, or a folder to write into; with several images, NAME-0.png, NAME-1.png, ... "

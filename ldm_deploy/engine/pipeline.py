@@ -65,11 +65,11 @@ class Pipeline:
         return cls(engine_dir, manifest, backends.create(name, **backend_options))
 
     def enable_vae_tiling(self, tile_size: int | None = None) -> None:
-        """Decode in overlapping tiles from now on, as diffusers' `pipe.enable_vae_tiling()`
-        (engine/vae_tiling.py): the same images (to float rounding, where the decoder's output is
-        within range), with the decoder's memory that of one tile. tile_size: the tile's side in
-        pixels (a multiple of the VAE's scale, 8; default the VAE's, as diffusers': 512 for SD 1.x,
-        768 for SD 2.x, 1024 for SDXL); images no larger than one tile are decoded whole."""
+        """Run the VAE on overlapping tiles from now on, as diffusers' `pipe.enable_vae_tiling()`
+        (engine/vae_tiling.py): its images (to float rounding, where the decoder's output is
+        within range), with the VAE's memory that of one tile. tile_size: the tile's side in
+        pixels (a multiple of 32; default the VAE's, as diffusers': 512 for SD 1.x, 768 for
+        SD 2.x, 1024 for SDXL); images no larger than one tile are run whole."""
         self.vae_tile = vae_tiling.tile_of(tile_size, self.manifest.model)
 
     def disable_vae_tiling(self) -> None:
@@ -384,7 +384,7 @@ class Pipeline:
             x, step_masks = inpaint.start(be, m, self.encode_latents, init, mask, req, sp, generator, latents,
                                           shape, {} if shared is None else shared)
         elif init is not None:
-            x = self.encode(init, req, sp, generator, latents, shape)
+            x = self.encode(init, req, sp, generator, latents, shape, progress)
         else:
             x = be.upload(noise.start(generator, shape, req, latents) * np.float32(sp.init_noise_scale))
         rows = noise.step_noise(sp, generator, req.seeds, shape)
@@ -459,7 +459,7 @@ class Pipeline:
             be.run_steps(self.components["unet_step"], runs, key, on_step)
         return x
 
-    def encode(self, init, req, sp, generator, latents, shape):
+    def encode(self, init, req, sp, generator, latents, shape, progress=False):
         """img2img start: the VAE-encoded image noised to the first executed step."""
         be = self.backend
         if isinstance(init, images.InitLatents):  # encoded already: noise them, as diffusers draws it
@@ -469,8 +469,7 @@ class Pipeline:
             start_noise = noise.start(generator, shape, req, latents) * np.float32(req.noise_multiplier)
             return be.upload(np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * start_noise)
         self.load_vae_encoder()
-        pixels = images.to_model_input(init, req.width, req.height)
-        pixels = np.repeat(pixels, req.batch, axis=0)
+        pixels = images.to_model_input(init, req.width, req.height)  # (1, 3, H, W)
         if isinstance(generator, (list, tuple)):  # one per image: each image samples its own
             sample_noise = noise.draw(generator, shape)
         else:  # one for the batch: as diffusers, one sample of the image's latent, repeated
@@ -479,15 +478,46 @@ class Pipeline:
         start = [1.0, 0.0] if req.denoising_start is not None else [sp.image_scale, sp.noise_scale]
         start_noise = np.zeros(shape, np.float32) if req.denoising_start is not None else \
             noise.start(generator, shape, req, latents) * np.float32(req.noise_multiplier)
-        x = be.empty(shape)
-        inputs = {
-            "images": be.upload(pixels),
-            "sample_noise": be.upload(sample_noise),
-            "start_noise": be.upload(start_noise),
-            "start_coeffs": be.upload(np.array(start, np.float32)),
-        }
-        be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
-        return x
+        return self.run_encoder(pixels, sample_noise, start_noise, start, req.batch, progress)
+
+    def run_encoder(self, pixels: np.ndarray, sample_noise: np.ndarray, start_noise: np.ndarray, start,
+                    repeat: int = 1, progress=False):
+        """The VAE encoder graph on host arrays: (B, 3, H, W) images in [-1, 1] (each repeated
+        `repeat` times) -> device latents start[0] * scaling * (mean + std * sample_noise) +
+        start[1] * start_noise, (B * repeat, C, H/8, W/8). With VAE tiling and a side over a tile,
+        the distribution is found a tile at a time and sampled here (vae_tiling.py)."""
+        be, m = self.backend, self.manifest.model
+        coeffs = np.array(start, np.float32)
+        if self.vae_tile is None or max(pixels.shape[2:]) <= self.vae_tile * m.vae_scale:
+            x = be.empty(sample_noise.shape)
+            inputs = {"images": be.upload(np.repeat(pixels, repeat, axis=0).astype(np.float32)),
+                      "sample_noise": be.upload(sample_noise), "start_noise": be.upload(start_noise),
+                      "start_coeffs": be.upload(coeffs)}
+            be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
+            return x
+        shift = 256.0  # (the second run's sample_noise: std * 256 stands well clear of float32's rounding of mean)
+
+        def moments_of(t: np.ndarray) -> np.ndarray:  # (b, 3, th, tw) -> (b, 2C, th/8, tw/8)
+            size = (t.shape[0], m.latent_channels, t.shape[2] // m.vae_scale, t.shape[3] // m.vae_scale)
+            runs = []
+            for n in (0.0, shift):
+                out = be.empty(size)
+                inputs = {"images": be.upload(t), "sample_noise": be.upload(np.full(size, n, np.float32)),
+                          "start_noise": be.upload(np.zeros(size, np.float32)),
+                          "start_coeffs": be.upload(np.array([1.0, 0.0], np.float32))}
+                be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
+                runs.append(be.download(out))
+            return vae_tiling.moments(*runs, shift, m.vae_scaling_factor)
+
+        from tqdm import tqdm
+
+        tile = self.vae_tile * m.vae_scale
+        total = len(vae_tiling.tiles(pixels.shape[2], tile)) * len(vae_tiling.tiles(pixels.shape[3], tile))
+        with tqdm(total=total, desc="encoding", unit="tile", leave=False,
+                  disable=not progress or callable(progress)) as bar:
+            found = vae_tiling.encode(moments_of, pixels.astype(np.float32), tile, m.vae_scale, lambda: bar.update(1))
+        z = vae_tiling.sample(np.repeat(found, repeat, axis=0), sample_noise, m.vae_scaling_factor)
+        return be.upload(coeffs[0] * z + coeffs[1] * start_noise)
 
     def check_history(self, sampler: str, steps: int, strength: float) -> None:
         """Engines without state2 (from before UniPC) run what needs no x0 of two steps back."""
@@ -509,14 +539,8 @@ class Pipeline:
 
     def encode_latents(self, pixels: np.ndarray, sample_noise: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> the scaled latents (B, C, H/8, W/8) of that VAE sample."""
-        be = self.backend
         self.load_vae_encoder()
-        out = be.empty(sample_noise.shape)
-        inputs = {"images": be.upload(pixels.astype(np.float32)), "sample_noise": be.upload(sample_noise),
-                  "start_noise": be.upload(np.zeros_like(sample_noise)),
-                  "start_coeffs": be.upload(np.array([1.0, 0.0], np.float32))}
-        be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
-        return be.download(out)
+        return self.backend.download(self.run_encoder(pixels, sample_noise, np.zeros_like(sample_noise), [1.0, 0.0]))
 
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
