@@ -71,4 +71,4 @@ def test_model_options_with_engines_are_refused(engine_dirs, capsys):
 def test_a_bad_vae_tile_is_said(engine_dirs, capsys):
     assert main(["--engine", str(engine_dirs["tiny-sd1"]), "--port", "0", "--no-verify", "--vae-tiling", "20"]) == 2
     err = capsys.readouterr().err
-    assert "the VAE tile size must be a whole number of pixels, a multiple of 8" in err and "Traceback" not in err
+    assert "the VAE tile size must be a whole number of pixels, a multiple of 32" in err and "Traceback" not in err
