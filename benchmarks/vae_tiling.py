@@ -1,13 +1,15 @@
-"""The VAE decoder whole and in tiles (engine/vae_tiling.py): time and peak memory on this machine.
+"""The VAE decoder (or encoder) whole and in tiles (engine/vae_tiling.py): time and peak memory
+on this machine.
 
-    python -m benchmarks.vae_tiling [--sides 64 128 192] [--out /tmp/ldm-vae-tiling]
+    python -m benchmarks.vae_tiling [--sides 64 128 192] [--component vae_encoder] [--out DIR]
 
 The SD 1.5-architecture VAE (random weights: neither time nor memory depends on them) is
-exported once as an engine exports its decoder (ONNX, ONNX Runtime's fused attention), then each
-(latent side, whole | tiled) is decoded in a fresh process, so that its peak resident memory
-(ru_maxrss) is that decode's alone: the session, its weights and the arrays of one image.
-Tiles are diffusers' default for SD 1.x (64 latent px: 512 px, overlap 1/4). Prints a Markdown
-table for benchmarks/RESULTS.md.
+exported once as an engine exports it (ONNX, ONNX Runtime's fused attention), then each
+(latent side, whole | tiled) runs in a fresh process, so that its peak resident memory
+(ru_maxrss) is that run's alone: the session, its weights and the arrays of one image.
+Tiles are diffusers' default for SD 1.x (64 latent px: 512 px, overlap 1/4); the encoder's
+run twice a tile, as Pipeline.run_encoder runs them. Prints a Markdown table for
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from types import SimpleNamespace
 TILE = 64  # latent px: SD 1.x's VAE sample_size 512 / 8
 
 
-def export(out: Path) -> Path:
-    """The SD 1.5 VAE's decoder graph, as ldm-export writes vae_decoder.onnx."""
+def export(out: Path, component: str) -> Path:
+    """The SD 1.5 VAE's decoder or encoder graph, as ldm-export writes it."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -35,14 +37,14 @@ def export(out: Path) -> Path:
     from ldm_deploy.kernels.onnx_export import onnx_attention
     from ldm_deploy.kernels.processor import use_fused_attention
 
-    path = out / "vae_decoder.onnx"
+    path = out / f"{component}.onnx"
     if path.exists():
         return path
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     vae = use_fused_attention(AutoencoderKL(**vae_config("sd15")).eval())
-    module = WRAPPERS["vae_decoder"](SimpleNamespace(vae=vae), torch.float32).eval()
-    spec = component_specs(ModelFacts(4, 77, 768))["vae_decoder"]
+    module = WRAPPERS[component](SimpleNamespace(vae=vae), torch.float32).eval()
+    spec = component_specs(ModelFacts(4, 77, 768))[component]
     example = example_inputs(spec, {"batch": 1, "latent_height": 33, "latent_width": 33})
     with onnx_attention("ort"):
         export_onnx(module, spec, example, path, {"com.microsoft": 1})
@@ -50,8 +52,10 @@ def export(out: Path) -> Path:
 
 
 def child(path: str, side: int, tiled: bool) -> dict:
-    """One decode of a (1, 4, side, side) latent in this process: seconds and peak RSS (MB)."""
+    """One run of the graph at `path` on one image of latent side `side` in this process: seconds
+    and peak RSS (MB)."""
     import resource
+    from types import SimpleNamespace
 
     import numpy as np
     import onnxruntime as ort
@@ -61,25 +65,40 @@ def child(path: str, side: int, tiled: bool) -> dict:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    latents = np.random.default_rng(0).standard_normal((1, 4, side, side)).astype(np.float32)
-    run = lambda z: session.run(None, {"latents": z})[0]  # noqa: E731
+    rng = np.random.default_rng(0)
     start = time.perf_counter()
-    images = vae_tiling.decode(run, latents, TILE, 8) if tiled else run(latents)
+    if path.endswith("vae_decoder.onnx"):
+        latents = rng.standard_normal((1, 4, side, side)).astype(np.float32)
+        run = lambda z: session.run(None, {"latents": z})[0]  # noqa: E731
+        out = vae_tiling.decode(run, latents, TILE, 8) if tiled else run(latents)
+    else:
+        pixels = rng.uniform(-1, 1, (1, 3, side * 8, side * 8)).astype(np.float32)
+        coeffs = np.array([1.0, 0.0], np.float32)
+
+        def sampled(t, noise):
+            return session.run(None, {"images": t, "sample_noise": noise, "start_noise": np.zeros_like(noise),
+                                      "start_coeffs": coeffs})[0]
+
+        model = SimpleNamespace(vae_scale=8, latent_channels=4, vae_scaling_factor=0.18215)
+        noise = rng.standard_normal((1, 4, side, side)).astype(np.float32)
+        out = vae_tiling.sample(vae_tiling.encode(sampled, pixels, TILE * 8, model), noise, 0.18215) if tiled \
+            else sampled(pixels, noise)
     seconds = time.perf_counter() - start
-    assert images.shape == (1, 3, side * 8, side * 8)
+    assert out.shape[0] == 1 and out.shape[2] in (side, side * 8)
     return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sides", type=int, nargs="+", default=[64, 128, 192], help="latent sides (x8: pixels)")
+    p.add_argument("--component", default="vae_decoder", choices=("vae_decoder", "vae_encoder"))
     p.add_argument("--out", type=Path, default=Path("/tmp/ldm-vae-tiling"))
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.child[2] == "tiled")))
         return
-    path = export(args.out)
+    path = export(args.out, args.component)
     print("| image | whole: time | whole: peak RSS | tiled: time | tiled: peak RSS | tiles |")
     print("|---|---|---|---|---|---|")
     for side in args.sides:

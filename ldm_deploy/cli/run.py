@@ -124,10 +124,12 @@ def parser() -> argparse.ArgumentParser:
                    help="the fraction of the steps after which each ControlNet starts acting (default 0)")
     p.add_argument("--control-end", type=float, action="append", default=None, metavar="F",
                    help="the fraction of the steps after which it stops (default 1)")
-    p.add_argument("--vae-tiling", nargs="?", type=int, const=0, default=None, metavar="PX",
+    p.add_argument("--vae-tiling", action="store_true",
                    help="run the VAE on overlapping tiles, as diffusers' enable_vae_tiling(): large images in a "
-                        "tile's memory; PX: the tile's side, a multiple of 32 (default the VAE's: 512 px for "
-                        "SD 1.x, 1024 for SDXL)")
+                        "tile's memory")
+    p.add_argument("--vae-tile-size", type=int, default=None, metavar="PX",
+                   help="with --vae-tiling (which it implies), the tiles' side: a multiple of 32 (default the "
+                        "VAE's: 512 px for SD 1.x, 1024 for SDXL)")
     p.add_argument("--out", default=None,
                    help="PNG path, or a folder to write into; with several images, NAME-0.png, NAME-1.png, ... "
                         "(default: output.png, numbered output-2.png, output-3.png, ... so as not to overwrite)")
@@ -384,6 +386,12 @@ def main(argv=None) -> int:
                 raise UserError(f"{flag} applies to torch engines (ldm-export --backend torch); "
                                 f"this one runs on {name}")
             options["compile"] = args.torch_compile
+        if args.vae_tiling or args.vae_tile_size is not None:  # (a bad size said before the engine loads)
+            from ldm_deploy.engine.manifest import read_manifest
+            from ldm_deploy.engine.vae_tiling import tile_of
+
+            manifest = read_manifest(Path(directory))
+            tile_of(args.vae_tile_size, manifest.model, manifest.size_multiple)
         pipe = Pipeline.load(directory, backend=args.backend, verify=not args.no_verify,
                              rebuild_stale=args.rebuild_stale, **options)
         refiner = None
@@ -395,9 +403,9 @@ def main(argv=None) -> int:
                                     **({} if cached and args.backend != "auto" else options))
         else:
             args.refiner_switch_at = None  # a PNG's, without a refiner to switch to
-        if args.vae_tiling is not None:
+        if args.vae_tiling or args.vae_tile_size is not None:
             for each in (pipe, refiner) if refiner is not None else (pipe,):
-                each.enable_vae_tiling(args.vae_tiling or None)
+                each.enable_vae_tiling(args.vae_tile_size)
         if fields:
             from ldm_deploy.engine.infotext import model_warning, refiner_warning, tiling_warning, upscaler_warning
 

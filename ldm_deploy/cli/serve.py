@@ -56,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
                         "name in 'styles' (listed at /sdapi/v1/prompt-styles)")
     p.add_argument("--backend", default="auto", help="as ldm-run's")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime, openvino: CPU threads (default: all)")
-    p.add_argument("--vae-tiling", nargs="?", type=int, const=0, default=None, metavar="PX",
-                   help="as ldm-run's: every engine decodes in tiles (a large image's decoder in a tile's memory)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="as ldm-run's: every engine runs its VAE on tiles (large images in a tile's memory)")
+    p.add_argument("--vae-tile-size", type=int, default=None, metavar="PX", help="as ldm-run's")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the engine files")
     p.add_argument("--rebuild-stale", action="store_true", help="tensorrt: rebuild plans made for another GPU")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -105,20 +106,21 @@ def main(argv=None) -> int:
                 args.engine = args.engine[0]
             directories = [engine_dir(args)]
         options = {"threads": args.threads} if args.threads else {}
+        tiling = args.vae_tiling or args.vae_tile_size is not None
 
         def load(directory, verify=True):
             pipe = Pipeline.load(directory, backend=args.backend, verify=verify and not args.no_verify,
                                  rebuild_stale=args.rebuild_stale, **options)
-            if args.vae_tiling is not None:
-                pipe.enable_vae_tiling(args.vae_tiling or None)
+            if tiling:
+                pipe.enable_vae_tiling(args.vae_tile_size)
             return pipe
 
         engines = Engines.read(directories, load, args.keep_loaded, args.backend)
-        if args.vae_tiling is not None:  # (a bad size said now, not as an engine that cannot load)
+        if tiling:  # (a bad size said now, not as an engine that cannot load)
             from ldm_deploy.engine.vae_tiling import tile_of
 
             for manifest in engines.manifests.values():
-                tile_of(args.vae_tiling or None, manifest.model)
+                tile_of(args.vae_tile_size, manifest.model, manifest.size_multiple)
         # the default loaded now (its mistakes found at once), held by `engines` alone: it is let go
         # of when another takes its place
         engines.pipeline(engines.default)

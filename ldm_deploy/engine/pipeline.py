@@ -70,7 +70,12 @@ class Pipeline:
         within range), with the VAE's memory that of one tile. tile_size: the tile's side in
         pixels (a multiple of 32; default the VAE's, as diffusers': 512 for SD 1.x, 768 for
         SD 2.x, 1024 for SDXL); images no larger than one tile are run whole."""
-        self.vae_tile = vae_tiling.tile_of(tile_size, self.manifest.model)
+        m = self.manifest.model
+        self.vae_tile = vae_tiling.tile_of(tile_size, m, self.manifest.size_multiple)
+        if tile_size is None and not m.vae_tile:
+            log.warning("this engine was exported before its VAE's own tile size was recorded: VAE tiles of %d px "
+                        "(the U-Net's size), which diffusers takes unless the VAE's config says otherwise; "
+                        "re-export it (ldm-export --force) for the VAE's", self.vae_tile * m.vae_scale)
 
     def disable_vae_tiling(self) -> None:
         self.vae_tile = None
@@ -323,6 +328,10 @@ class Pipeline:
         if fix is not None:
             hires.check(fix, init is not None, req.width, req.height, self.manifest)
             self.check_history(fix.sampler or req.sampler, *hires.img2img_steps(fix, req.steps))  # before pass 1
+        if self.vae_tile is not None:  # tiles the backend cannot run, said before anything is drawn
+            sizes = [(req.width, req.height)] + ([hires.target_size(req.width, req.height, fix.scale,
+                                                                    self.manifest.size_multiple)] if fix else [])
+            vae_tiling.check_shapes(self.manifest, self.backend.name, self.vae_tile, sizes)
         shape = (n, m.latent_channels, req.height // m.vae_scale, req.width // m.vae_scale)
         if latents is not None and tuple(latents.shape) != shape:
             raise InvalidRequest(f"latents have shape {tuple(latents.shape)}; this request needs {shape}")
@@ -495,19 +504,13 @@ class Pipeline:
                       "start_coeffs": be.upload(coeffs)}
             be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
             return x
-        shift = 256.0  # (the second run's sample_noise: std * 256 stands well clear of float32's rounding of mean)
-
-        def moments_of(t: np.ndarray) -> np.ndarray:  # (b, 3, th, tw) -> (b, 2C, th/8, tw/8)
-            size = (t.shape[0], m.latent_channels, t.shape[2] // m.vae_scale, t.shape[3] // m.vae_scale)
-            runs = []
-            for n in (0.0, shift):
-                out = be.empty(size)
-                inputs = {"images": be.upload(t), "sample_noise": be.upload(np.full(size, n, np.float32)),
-                          "start_noise": be.upload(np.zeros(size, np.float32)),
-                          "start_coeffs": be.upload(np.array([1.0, 0.0], np.float32))}
-                be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
-                runs.append(be.download(out))
-            return vae_tiling.moments(*runs, shift, m.vae_scaling_factor)
+        def sampled(t: np.ndarray, sample_noise: np.ndarray) -> np.ndarray:  # scaling * (mean + std * noise)
+            out = be.empty(sample_noise.shape)
+            inputs = {"images": be.upload(t), "sample_noise": be.upload(sample_noise),
+                      "start_noise": be.upload(np.zeros_like(sample_noise)),
+                      "start_coeffs": be.upload(np.array([1.0, 0.0], np.float32))}
+            be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
+            return be.download(out)
 
         from tqdm import tqdm
 
@@ -515,7 +518,7 @@ class Pipeline:
         total = len(vae_tiling.tiles(pixels.shape[2], tile)) * len(vae_tiling.tiles(pixels.shape[3], tile))
         with tqdm(total=total, desc="encoding", unit="tile", leave=False,
                   disable=not progress or callable(progress)) as bar:
-            found = vae_tiling.encode(moments_of, pixels.astype(np.float32), tile, m.vae_scale, lambda: bar.update(1))
+            found = vae_tiling.encode(sampled, pixels.astype(np.float32), tile, m, lambda: bar.update(1))
         z = vae_tiling.sample(np.repeat(found, repeat, axis=0), sample_noise, m.vae_scaling_factor)
         return be.upload(coeffs[0] * z + coeffs[1] * start_noise)
 

@@ -21,6 +21,7 @@ graph returns sampled latents, not the distribution: `moments` recovers it from 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -28,15 +29,20 @@ import numpy as np
 from ldm_deploy.errors import InvalidRequest
 
 OVERLAP = 0.25  # diffusers' tile_overlap_factor
+SHIFT = 256.0  # the second encoder run's sample noise: std * 256 stands well clear of float32's rounding of mean
 
 
-def tile_of(tile_size: int | None, model) -> int:
+def tile_of(tile_size: int | None, model, multiple: int = 8) -> int:
     """The tile's latent side for a tile of `tile_size` px (None: the model's, diffusers' default;
     engines written before it was recorded: the U-Net's sample size); an InvalidRequest where that
-    is not a multiple of 4 latent pixels."""
+    is not a multiple of 4 latent pixels and of the engine's size multiple, or for an engine whose
+    VAE pads circularly."""
+    if model.tiling:
+        raise InvalidRequest("this engine's VAE pads circularly (ldm-export --tiling), so that its images tile "
+                             "seamlessly: on tiles it would wrap each tile onto itself; run it without VAE tiling")
     if tile_size is None:
         return model.vae_tile or model.sample_size
-    s = 4 * model.vae_scale  # (so that tiles of the image start every 3/4 of one at whole latent pixels)
+    s = math.lcm(4 * model.vae_scale, multiple)  # (tiles of the image start every 3/4 of one, at whole latents)
     if isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < s or tile_size % s:
         raise InvalidRequest(f"the VAE tile size must be a whole number of pixels, a multiple of {s}, got "
                              f"{tile_size!r}")
@@ -48,6 +54,34 @@ def tiles(side: int, tile: int) -> list[int]:
     return list(range(0, side, int(tile * (1 - OVERLAP))))
 
 
+def sides(side: int, tile: int) -> set[int]:
+    """The lengths of the tiles along a side of `side` (in the tiles' units)."""
+    return {min(tile, side - start) for start in tiles(side, tile)} if side > tile else {side}
+
+
+def check_shapes(manifest, backend: str, tile: int, sizes) -> None:
+    """An InvalidRequest, before anything is drawn, where a backend that runs only the latent
+    sides its engine was built for (TensorRT's profiles, torch's exported ranges) would be handed
+    a tile outside them: the last tiles of a row or column are often short (a 1280 px SD image
+    in 512 px tiles ends in one of 128). sizes: the images' (width, height), in px."""
+    if backend in ("onnxruntime", "openvino"):  # any size
+        return
+    s = manifest.model.vae_scale
+    step = max(manifest.size_multiple // s, 1)
+    for width, height in sizes:
+        if max(width, height) // s <= tile:
+            continue  # (run whole)
+        for name, side, dim in (("wide", width // s, "latent_width"), ("tall", height // s, "latent_height")):
+            lo, hi = manifest.dims[dim].min, manifest.dims[dim].max
+            bad = sorted(n for n in sides(side, tile) if not lo <= n <= hi or n % step)
+            if bad:
+                raise InvalidRequest(
+                    f"with VAE tiling in {tile * s} px tiles, a {width}x{height} image has tiles {bad[0] * s} px "
+                    f"{name}, which this {backend} engine cannot run (its sides: {lo * s} to {hi * s} px, in "
+                    f"multiples of {step * s}); choose another size or tile size (--vae-tile-size), or turn "
+                    "VAE tiling off")
+
+
 def tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile: int, out_tile: int,
           on_tile: Callable[[], None] | None = None) -> np.ndarray:
     """run (B, _, th, tw) -> (B, _, th * f, tw * f), f = out_tile / tile, over `x` in tile x tile
@@ -55,14 +89,16 @@ def tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile: int, out
     AutoencoderKL's tiled_decode and _tiled_encode do; on_tile: called after each run."""
     blend = int(out_tile * OVERLAP)
     keep = out_tile - blend
-    rows = []
-    for i in tiles(x.shape[2], tile):
-        row = []
-        for j in tiles(x.shape[3], tile):
-            row.append(run(np.ascontiguousarray(x[:, :, i:i + tile, j:j + tile])))
-            if on_tile is not None:
-                on_tile()
-        rows.append(row)
+    starts = [(i, j) for i in tiles(x.shape[2], tile) for j in tiles(x.shape[3], tile)]
+    done = {}
+    # run grouped by shape (whole tiles, then the edges'): a backend compiled for one shape at a
+    # time (OpenVINO --static-shapes) compiles each shape once
+    for i, j in sorted(starts, key=lambda ij: (min(tile, x.shape[2] - ij[0]), min(tile, x.shape[3] - ij[1])),
+                       reverse=True):
+        done[i, j] = run(np.ascontiguousarray(x[:, :, i:i + tile, j:j + tile]))
+        if on_tile is not None:
+            on_tile()
+    rows = [[done[i, j] for j in tiles(x.shape[3], tile)] for i in tiles(x.shape[2], tile)]
     for i, row in enumerate(rows):
         for j, t in enumerate(row):
             if i > 0:
@@ -79,12 +115,20 @@ def decode(decode_tile: Callable[[np.ndarray], np.ndarray], latents: np.ndarray,
     return tiled(decode_tile, latents, tile, tile * scale, on_tile)
 
 
-def encode(moments_of: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, tile: int, scale: int,
+def encode(sampled: Callable[[np.ndarray, np.ndarray], np.ndarray], pixels: np.ndarray, tile: int, model,
            on_tile: Callable[[], None] | None = None) -> np.ndarray:
-    """(B, 3, H, W) images -> (B, 2C, H / scale, W / scale): the encoder's mean and log-variance,
-    one run a tile (of `tile` px), blended as diffusers blends them (before sampling).
-    moments_of: (B, 3, th, tw) -> (B, 2C, th / scale, tw / scale)."""
-    return tiled(moments_of, pixels, tile, tile // scale, on_tile)
+    """(B, 3, H, W) images in [-1, 1] -> (B, 2C, H / s, W / s): the encoder's mean and
+    log-variance, found a tile (of `tile` px) at a time and blended as diffusers blends them
+    (before sampling). sampled: our encoder graph, (images, sample_noise) -> scaling * (mean +
+    std * sample_noise), run twice a tile (`moments`); model: the manifest's ModelInfo."""
+    s = model.vae_scale
+
+    def moments_of(t: np.ndarray) -> np.ndarray:
+        shape = (t.shape[0], model.latent_channels, t.shape[2] // s, t.shape[3] // s)
+        runs = [sampled(t, np.full(shape, n, np.float32)) for n in (0.0, SHIFT)]
+        return moments(*runs, SHIFT, model.vae_scaling_factor)
+
+    return tiled(moments_of, pixels, tile, tile // s, on_tile)
 
 
 def moments(mean_run: np.ndarray, shifted_run: np.ndarray, shift: float, scaling: float) -> np.ndarray:
@@ -92,7 +136,9 @@ def moments(mean_run: np.ndarray, shifted_run: np.ndarray, shift: float, scaling
     encoder graph (which returns scaling * (mean + std * sample_noise)): one with sample_noise 0,
     one with `shift` (large, so that std survives the subtraction in float32)."""
     std = (shifted_run - mean_run) / np.float32(scaling * shift)
-    logvar = 2 * np.log(np.maximum(std, np.float32(1e-30)))
+    # (the graph's std is exp(logvar / 2) of a logvar clamped to [-30, 20], as diffusers clamps it;
+    # one flushed to 0, or a hair below, in fp16 is taken as the least)
+    logvar = np.clip(2 * np.log(np.maximum(std, np.float32(1e-38))), -30, 20)
     return np.concatenate([mean_run / np.float32(scaling), logvar], axis=1)
 
 

@@ -32,15 +32,18 @@ class Clamped(torch.nn.Module):
         return self.decoder(z, *args, **kwargs).clamp(-1, 1)
 
 
-class Replay(torch.nn.Module):
-    """A 'decoder' that gives back the given tiles in turn."""
+def pretend_decode(t: np.ndarray) -> np.ndarray:
+    """A 'decoder' for the blend test: (B, 4, h, w) -> (B, 3, 8h, 8w), each latent pixel's first
+    three channels as an 8 x 8 block, plus a ripple set by the tile's own values (so that each
+    tile differs from its neighbours where they overlap)."""
+    blocks = np.kron(t[:, :3], np.ones((8, 8), np.float32))
+    y, x = np.mgrid[0:blocks.shape[2], 0:blocks.shape[3]].astype(np.float32)
+    return blocks + np.sin(x * t.mean() + y * t.std()).astype(np.float32)
 
-    def __init__(self, tiles):
-        super().__init__()
-        self.tiles = tiles
 
+class Pretend(torch.nn.Module):
     def forward(self, z):
-        return torch.from_numpy(next(self.tiles).copy())
+        return torch.from_numpy(pretend_decode(z.numpy()))
 
 
 @pytest.fixture(scope="module")
@@ -139,39 +142,31 @@ def test_img2img_with_tiles_matches_diffusers(reference, engine_dirs, torch_nois
     pipe.enable_vae_tiling(64)
     image = Image.fromarray(np.round((smooth(W, H)[0].transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8))
     ours = pipe("a watercolour", steps=4, guidance=7.5, sampler="euler", init_image=image, strength=0.6,
-                generator=torch_noise(8), output_type="np", progress=False)
+                num_images=2, generator=torch_noise(8), output_type="np", progress=False)
     i2i = StableDiffusionImg2ImgPipeline(**{**reference.components,
                                             "scheduler": EulerDiscreteScheduler.from_config(reference.scheduler.config)})
     i2i.set_progress_bar_config(disable=True)
     with tiles_of(reference.vae, 64), clamped(reference.vae):
         ref = i2i("a watercolour", image=image, strength=0.6, num_inference_steps=4, guidance_scale=7.5,
-                  generator=torch.Generator().manual_seed(8), output_type="np").images
+                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(8), output_type="np").images
     assert_not_saturated(ref)
-    assert ours.shape == ref.shape == (1, H, W, 3) and np.abs(ours - ref).max() < TOL
+    assert ours.shape == ref.shape == (2, H, W, 3) and np.abs(ours - ref).max() < TOL
 
 
 def test_tiles_and_blends_are_diffusers(reference):
-    """The grid and the in-place blends, on random 'decoded tiles', against AutoencoderKL's own."""
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal((2, 4, 13, 10)).astype(np.float32)
-    made = {}
-
-    def fake_decode(t):  # each tile's 'image': random, of the decoded size, remembered by its corner
-        out = rng.standard_normal((t.shape[0], 3, t.shape[2] * 8, t.shape[3] * 8)).astype(np.float32)
-        made[len(made)] = out.copy()
-        return out
-
-    ours = vae_tiling.decode(fake_decode, latents, 4, 8)
-    tiles = iter(made.values())
+    """The grid and the in-place blends, on 'decoded tiles' that differ, against AutoencoderKL's own."""
+    latents = np.random.default_rng(0).standard_normal((2, 4, 13, 10)).astype(np.float32)
+    made = []
+    ours = vae_tiling.decode(lambda t: made.append(t.shape) or pretend_decode(t), latents, 4, 8)
     vae = reference.vae
     original = (vae.decoder, vae.post_quant_conv)
-    vae.post_quant_conv = torch.nn.Identity()
-    vae.decoder = Replay(tiles)
+    vae.post_quant_conv, vae.decoder = torch.nn.Identity(), Pretend()
     try:
         theirs = vae.tiled_decode(torch.from_numpy(latents)).sample.numpy()
     finally:
         vae.decoder, vae.post_quant_conv = original
     assert vae_tiling.tiles(13, 4) == [0, 3, 6, 9, 12] and len(made) == 5 * 4
+    assert np.abs(ours - pretend_decode(latents)).max() > 0.5  # each tile its own ripple: not the whole's
     assert ours.shape == theirs.shape == (2, 3, 13 * 8, 10 * 8)
     assert np.abs(ours - theirs).max() < 1e-6
 
@@ -197,11 +192,61 @@ def test_ldm_run_tiles_as_the_api(engine_dirs, tmp_path, capsys):
     engine = engine_dirs["tiny-sd1"]
     args = ["a red door", "--engine", str(engine), "--steps", "2", "--seed", "9", "--width", str(W), "--height",
             str(H), "--sampler", "euler", "-q"]
-    assert run_cli.main([*args, "--vae-tiling", str(TILE), "--out", str(tmp_path / "tiled.png")]) == 0
+    assert run_cli.main([*args, "--vae-tile-size", str(TILE), "--out", str(tmp_path / "tiled.png")]) == 0
     pipe = Pipeline.load(engine)
     pipe.enable_vae_tiling(TILE)
     want = pipe("a red door", steps=2, seed=9, width=W, height=H, sampler="euler", progress=False)[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "tiled.png")), np.asarray(want))
-    assert run_cli.main([*args, "--vae-tiling", "20", "--out", str(tmp_path / "bad.png")]) == 2
+    assert run_cli.main([*args, "--vae-tiling", "--vae-tile-size", "20", "--out", str(tmp_path / "bad.png")]) == 2
     assert "the VAE tile size must be a whole number of pixels, a multiple of 32" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_moments_are_found_where_a_trained_vaes_are():
+    """A trained VAE's std is small beside its mean (logvar down to the clamp at -30): the two
+    runs' difference still gives back its samples to float32's rounding."""
+    rng = np.random.default_rng(2)
+    mean = rng.uniform(-30, 30, (2, 4, 6, 5)).astype(np.float32)
+    logvar = rng.uniform(-30, -5, mean.shape).astype(np.float32)
+    std = np.exp(np.float32(0.5) * logvar)
+    scaling = 0.18215
+
+    def sampled(noise):  # our encoder graph's output
+        return np.float32(scaling) * (mean + std * noise)
+
+    found = vae_tiling.moments(sampled(np.zeros_like(mean)), sampled(np.full_like(mean, vae_tiling.SHIFT)),
+                               vae_tiling.SHIFT, scaling)
+    noise = rng.standard_normal(mean.shape).astype(np.float32)
+    assert np.abs(vae_tiling.sample(found, noise, scaling) - sampled(noise)).max() < 4e-6
+    assert np.abs(np.split(found, 2, axis=1)[1] - logvar).max() < 0.05  # (where std * noise counts, closer)
+
+
+def test_tiles_run_grouped_by_shape():
+    """OpenVINO --static-shapes compiles once a shape: each shape's tiles run one after another."""
+    shapes = []
+    vae_tiling.decode(lambda t: shapes.append(t.shape[2:]) or np.zeros((1, 3, t.shape[2] * 8, t.shape[3] * 8),
+                                                                        np.float32),
+                      np.zeros((1, 4, 13, 10), np.float32), 4, 8)
+    assert len(shapes) == 20 and [s for i, s in enumerate(shapes) if i == 0 or s != shapes[i - 1]] == \
+        [(4, 4), (4, 1), (1, 4), (1, 1)]
+
+
+def test_tiles_an_engine_cannot_run_are_refused_first(engine_dirs):
+    """Backends held to their engine's sides (TensorRT's profiles, torch's exported ranges) are told
+    before drawing when a last tile falls outside them; ONNX Runtime runs any; --tiling engines none."""
+    from dataclasses import replace
+
+    from ldm_deploy.engine.manifest import DimRange, read_manifest
+
+    manifest = read_manifest(engine_dirs["tiny-sd1"])
+    sd15 = replace(manifest, dims={**manifest.dims, "latent_width": DimRange(32, 64, 128),
+                                   "latent_height": DimRange(32, 64, 128)})
+    vae_tiling.check_shapes(sd15, "tensorrt", 64, [(1024, 768), (512, 512)])  # tiles of 512, 384 and 256 px
+    vae_tiling.check_shapes(sd15, "onnxruntime", 64, [(1280, 512)])
+    with pytest.raises(InvalidRequest, match="a 1280x512 image has tiles 128 px wide, which this tensorrt engine "
+                                             "cannot run \\(its sides: 256 to 1024 px, in multiples of 8\\)"):
+        vae_tiling.check_shapes(sd15, "tensorrt", 64, [(1024, 1024), (1280, 512)])
+    with pytest.raises(InvalidRequest, match="pads circularly"):
+        vae_tiling.tile_of(None, replace(manifest.model, tiling=True))
+    with pytest.raises(InvalidRequest, match="a multiple of 64"):  # a torch engine's sides are multiples of 64
+        vae_tiling.tile_of(96, manifest.model, 64)

@@ -21,7 +21,7 @@ SERVE = [sys.executable, "-m", "ldm_deploy.cli.serve"]
 
 def test_serves_then_stops_on_sigterm(engine_dirs):
     proc = subprocess.Popen([*SERVE, "--engine", str(engine_dirs["tiny-sd1"]), "--port", "0", "--no-verify",
-                             "--vae-tiling", "32"], stderr=subprocess.PIPE, text=True)  # (tiles of the 128 px images)
+                             "--vae-tile-size", "32"], stderr=subprocess.PIPE, text=True)  # (tiles of the 128 px images)
     lines = queue.Queue()
     threading.Thread(target=lambda: [*map(lines.put, proc.stderr), lines.put(None)], daemon=True).start()
     try:
@@ -69,6 +69,7 @@ def test_model_options_with_engines_are_refused(engine_dirs, capsys):
 
 
 def test_a_bad_vae_tile_is_said(engine_dirs, capsys):
-    assert main(["--engine", str(engine_dirs["tiny-sd1"]), "--port", "0", "--no-verify", "--vae-tiling", "20"]) == 2
+    assert main(["--engine", str(engine_dirs["tiny-sd1"]), "--port", "0", "--no-verify", "--vae-tiling",
+                 "--vae-tile-size", "20"]) == 2
     err = capsys.readouterr().err
     assert "the VAE tile size must be a whole number of pixels, a multiple of 32" in err and "Traceback" not in err
