@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.engine import backends, hires, images, noise
-from ldm_deploy.engine import controls, infotext, inpaint, refine, text, vae_tiling
+from ldm_deploy.engine import controls, infotext, inpaint, refine, text, vae, vae_tiling
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
@@ -413,28 +413,8 @@ class Pipeline:
         if not decode:
             return be.download(x)
 
-        return self.decode(x, shape, progress).transpose(0, 2, 3, 1)
-
-    def decode(self, x, shape: tuple, progress=False) -> np.ndarray:
-        """Device latents `shape` (B, C, h, w) -> (B, 3, H, W) images in [0, 1] on the host: one
-        decoder run, or with VAE tiling and a side over a tile, one a tile (a progress bar with
-        progress True)."""
-        be, s, tile = self.backend, self.manifest.model.vae_scale, self.vae_tile
-
-        def run(latents, size: tuple) -> np.ndarray:  # size: the latents' (B, C, h, w)
-            out = be.empty((size[0], 3, size[2] * s, size[3] * s))
-            be.run(self.components["vae_decoder"], Run({"latents": latents}, {"images": out}))
-            return be.download(out)
-
-        if tile is None or max(shape[2:]) <= tile:
-            return run(x, shape)
-        from tqdm import tqdm
-
-        total = len(vae_tiling.tiles(shape[2], tile)) * len(vae_tiling.tiles(shape[3], tile))
-        with tqdm(total=total, desc="decoding", unit="tile", leave=False,
-                  disable=not progress or callable(progress)) as bar:
-            return vae_tiling.decode(lambda t: run(be.upload(t), t.shape), be.download(x), tile, s,
-                                     lambda: bar.update(1))
+        return vae.decode(be, self.components["vae_decoder"], x, shape, m.vae_scale, self.vae_tile,
+                          progress).transpose(0, 2, 3, 1)
 
     def denoise(self, x, step_emb, sp, step_noise, shape, req, progress, step_extra=None):
         """The N-step loop: latents ping-pong between two buffers, the x0 states rotate through
@@ -491,36 +471,9 @@ class Pipeline:
 
     def run_encoder(self, pixels: np.ndarray, sample_noise: np.ndarray, start_noise: np.ndarray, start,
                     repeat: int = 1, progress=False):
-        """The VAE encoder graph on host arrays: (B, 3, H, W) images in [-1, 1] (each repeated
-        `repeat` times) -> device latents start[0] * scaling * (mean + std * sample_noise) +
-        start[1] * start_noise, (B * repeat, C, H/8, W/8). With VAE tiling and a side over a tile,
-        the distribution is found a tile at a time and sampled here (vae_tiling.py)."""
-        be, m = self.backend, self.manifest.model
-        coeffs = np.array(start, np.float32)
-        if self.vae_tile is None or max(pixels.shape[2:]) <= self.vae_tile * m.vae_scale:
-            x = be.empty(sample_noise.shape)
-            inputs = {"images": be.upload(np.repeat(pixels, repeat, axis=0).astype(np.float32)),
-                      "sample_noise": be.upload(sample_noise), "start_noise": be.upload(start_noise),
-                      "start_coeffs": be.upload(coeffs)}
-            be.run(self.components["vae_encoder"], Run(inputs, {"latents": x}))
-            return x
-        def sampled(t: np.ndarray, sample_noise: np.ndarray) -> np.ndarray:  # scaling * (mean + std * noise)
-            out = be.empty(sample_noise.shape)
-            inputs = {"images": be.upload(t), "sample_noise": be.upload(sample_noise),
-                      "start_noise": be.upload(np.zeros_like(sample_noise)),
-                      "start_coeffs": be.upload(np.array([1.0, 0.0], np.float32))}
-            be.run(self.components["vae_encoder"], Run(inputs, {"latents": out}))
-            return be.download(out)
-
-        from tqdm import tqdm
-
-        tile = self.vae_tile * m.vae_scale
-        total = len(vae_tiling.tiles(pixels.shape[2], tile)) * len(vae_tiling.tiles(pixels.shape[3], tile))
-        with tqdm(total=total, desc="encoding", unit="tile", leave=False,
-                  disable=not progress or callable(progress)) as bar:
-            found = vae_tiling.encode(sampled, pixels.astype(np.float32), tile, m, lambda: bar.update(1))
-        z = vae_tiling.sample(np.repeat(found, repeat, axis=0), sample_noise, m.vae_scaling_factor)
-        return be.upload(coeffs[0] * z + coeffs[1] * start_noise)
+        """vae.encode with this engine's encoder and VAE tiling: device latents."""
+        return vae.encode(self.backend, self.components["vae_encoder"], self.manifest.model, pixels, sample_noise,
+                          start_noise, start, repeat, self.vae_tile, progress)
 
     def check_history(self, sampler: str, steps: int, strength: float) -> None:
         """Engines without state2 (from before UniPC) run what needs no x0 of two steps back."""

@@ -77,10 +77,10 @@ def passes(image: Image.Image, scale: float, enlarge) -> Image.Image:
     """AUTOMATIC1111's Upscaler.upscale: `enlarge` (image -> image) until the image covers `scale`
     times its size, sides cut to a multiple of 8 (at most 3 times; none where it covers that
     already), then Lanczos to exactly that size."""
-    dest = (int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8))
+    dest = dest_size(image.size, scale)
     for i in range(PASSES):
-        if image.width >= dest[0] and image.height >= dest[1] and (i > 0 or scale != 1):
-            break  # (a scale whose size, cut to 8s, the image already has: Lanczos alone)
+        if covers(image.size, dest, scale, i):
+            break
         before = image.size
         image = enlarge(image)
         if image.size == before:
@@ -88,6 +88,18 @@ def passes(image: Image.Image, scale: float, enlarge) -> Image.Image:
     if image.size != dest:
         image = image.resize(dest, resample=Image.LANCZOS)
     return image
+
+
+def dest_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """The size `passes` brings an image of `size` to: `scale` times it, sides cut to multiples of 8."""
+    return int(size[0] * scale // 8 * 8), int(size[1] * scale // 8 * 8)
+
+
+def covers(size: tuple[int, int], dest: tuple[int, int], scale: float, i: int) -> bool:
+    """Whether an image of `size` needs no pass i (from 0) to reach `dest`: it covers it already
+    (before the first pass, only where the scale is not 1: a scale whose size, cut to 8s, the
+    image already has, is Lanczos alone)."""
+    return size[0] >= dest[0] and size[1] >= dest[1] and (i > 0 or scale != 1)
 
 
 def one_pass(image: Image.Image, model, tile: int = TILE, overlap: int = OVERLAP,

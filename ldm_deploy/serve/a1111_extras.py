@@ -131,7 +131,7 @@ def check_size(size: tuple[int, int], scale: float, crop: tuple[int, int] | None
     """A 422 where the result would have a side under 8 pixels (AUTOMATIC1111 cuts sides to 8s;
     there, a 500), or where it, or an image between a model's passes (factor: the model's scale;
     None for Lanczos), would be over fields.MAX_PIXELS."""
-    dest = (int(size[0] * scale // 8 * 8), int(size[1] * scale // 8 * 8))
+    dest = upscale.dest_size(size, scale)
     if min(dest) < 8:
         raise InvalidRequest(f"the {size[0]}x{size[1]} image enlarged {scale:g} times comes to {dest[0]}x{dest[1]} "
                              "(sides cut to multiples of 8); enlarge it more, to 8 pixels a side at least")
@@ -139,7 +139,7 @@ def check_size(size: tuple[int, int], scale: float, crop: tuple[int, int] | None
     for factor in filter(None, factors):  # upscale.passes: a pass while the image is short of dest (at most 3)
         side = size
         for i in range(upscale.PASSES):
-            if side[0] >= dest[0] and side[1] >= dest[1] and (i > 0 or scale != 1):
+            if upscale.covers(side, dest, scale, i):
                 break
             side = (side[0] * factor, side[1] * factor)
         largest.append(side)
