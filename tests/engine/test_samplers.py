@@ -397,8 +397,9 @@ def test_denoising_end_and_start_match_diffusers_ensemble(sampler, config, switc
     noise, _, residuals = inputs(steps)
     expected = ensemble_diffusers(sampler, config, steps, switch, noise, residuals)
     schedule = NoiseSchedule.from_config(config)
-    first = plan(sampler, schedule, steps, 7.5, denoising_end=switch)
-    second = plan(sampler, schedule, steps, 7.5, denoising_start=switch, strength=0.3)  # strength ignored
+    with torchs_float32_rounding():  # diffusers' sigma table: torch's sqrt
+        first = plan(sampler, schedule, steps, 7.5, denoising_end=switch)
+        second = plan(sampler, schedule, steps, 7.5, denoising_start=switch, strength=0.3)  # strength ignored
     assert first.steps + second.steps == len(expected) == steps
     x = np.float32(first.init_noise_scale) * noise
     generator = torch.Generator().manual_seed(SEED)
@@ -416,6 +417,12 @@ def test_denoising_end_and_start_match_diffusers_ensemble(sampler, config, switc
     scale = max(np.abs(a).max() for a in got)
     # (Beta's crowded steps make large coefficients: precision_gain's)
     gain = max(precision_gain(sampler, p.rows) for p in (first, second)) if sampler.endswith("_beta") else 1.0
+    if sampler.startswith(("dpmpp_2m", "dpmpp_3m", "unipc")):
+        # Multistep updates difference float32 x0s over float32 log-SNR gaps. For DPM++ 2M Karras
+        # here diffusers' float32 run is up to 7.7e-6 off the same run with float64 sigmas and
+        # latents, ours 6.0e-6 (on an AMD EPYC whose torch exp and log round otherwise than on
+        # other CPUs): the two float32 runs may be their sum apart.
+        gain *= 1.5
     atol = TOL * max(1.0, scale / 15) * gain
     for k, (a, b) in enumerate(zip(got, expected)):
         np.testing.assert_allclose(a, b, rtol=0, atol=atol, err_msg=f"{sampler} step {k}")
@@ -513,7 +520,8 @@ def test_exponential_timesteps_at_every_step_count(beta_schedule, beta_start, be
     np.testing.assert_array_equal(alphas_cumprod(schedule), ref.alphas_cumprod.numpy())
     for steps in range(1, 1001):
         ref.set_timesteps(steps)
-        t, _ = exponential_timesteps_and_sigmas(schedule, steps)
+        with torchs_float32_rounding():  # the table's sqrt as torch's: floors move at a last bit
+            t, _ = exponential_timesteps_and_sigmas(schedule, steps)
         np.testing.assert_array_equal(t, ref.timesteps.numpy(), err_msg=f"{steps} steps")
 
 

@@ -77,8 +77,7 @@ def exponential_timesteps_and_sigmas(schedule, steps: int,
     """use_exponential_sigmas as diffusers' multistep schedulers set it (and use_beta_sigmas, spread
     beta_sigmas, alike): the sigmas from its float32 table, and each timestep interpolated in log sigma against that table and cast to an integer
     unrounded (floor: sigma_max's comes out 998, a float32 hair below 999)."""
-    ac = alphas_cumprod(schedule).astype(np.float32)
-    table32 = ((np.float32(1) - ac) / ac) ** np.float32(0.5)  # ascending, float32 as diffusers holds it
+    table32 = train_sigmas(alphas_cumprod(schedule)).astype(np.float32)  # ascending, as diffusers holds it
     s = spread(table32.astype(np.float64), steps)
     log_table = np.log(table32)  # float32: the interpolation's ends
     log_s = np.log(np.maximum(s, 1e-10))
