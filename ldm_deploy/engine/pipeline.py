@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.engine import backends, hires, images, noise
-from ldm_deploy.engine import controls, infotext, inpaint, refine, text, vae, vae_tiling
+from ldm_deploy.engine import controls, infotext, inpaint, progress as progress_, refine, text, vae, vae_tiling
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
@@ -203,8 +203,9 @@ class Pipeline:
         "Refiner": this engine draws until refiner_switch_at (default 0.8) of the walk, the refiner
         the rest, with the same prompts, seeds and settings (refine.py). Not with masks, the hires
         fix or ControlNets.
-        progress: True shows a progress bar; a function is called with (steps done, steps) after
-        each step of each pass instead (ldm-serve's progress).
+        progress: True shows progress bars; a function is called with (steps done, steps) after
+        each step of each pass instead, and with the same counts again after each tile of a tiled
+        VAE or upscale model run: raising there stops the call (ldm-serve's progress, progress.py).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
         num_images_per_prompt, image, mask_image, padding_mask_crop, controlnet_conditioning_scale,
         control_guidance_start, control_guidance_end. (_hires_pass: internal, (first pass steps, hires steps)
@@ -221,6 +222,7 @@ class Pipeline:
                 raise TypeError(f"Pipeline.__call__() got an unexpected keyword argument {theirs!r}")
             if given[ours]:
                 raise InvalidRequest(f"{theirs} and {ours} name the same setting; pass one")
+        progress = progress_.reporting(progress)
         steps = diffusers_names.get("num_inference_steps", steps)
         guidance = diffusers_names.get("guidance_scale", guidance)
         num_images = diffusers_names.get("num_images_per_prompt", num_images)
@@ -439,7 +441,7 @@ class Pipeline:
             runs.append(Run(inputs, {"latents_out": x_next, "state_out": states[i % n]}))
             x, x_next = x_next, x
         key = (shape, req.guided, req.sampler, sp.steps)
-        with progress_bar(sp.steps, bool(progress) and not callable(progress)) as bar:
+        with progress_.step_bar(sp.steps, bool(progress) and not callable(progress)) as bar:
             def on_step(i: int) -> None:
                 bar.update(1)
                 if callable(progress):
@@ -504,8 +506,3 @@ DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
                    "padding_mask_crop": "mask_crop", "controlnet_conditioning_scale": "control_scale",
                    "control_guidance_start": "control_start", "control_guidance_end": "control_end"}
 
-
-def progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc="denoising", unit="step", leave=False)

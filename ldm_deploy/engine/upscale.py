@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ldm_deploy.engine import progress as progress_
+
 TILE = 192  # AUTOMATIC1111's ESRGAN_tile default (px of the input image)
 OVERLAP = 8  # its ESRGAN_tile_overlap default
 PASSES = 3  # AUTOMATIC1111 runs the model at most three times to reach a size
@@ -52,7 +54,8 @@ class Upscaler:
 def resize(image: Image.Image, width: int, height: int, model, tile: int = TILE, overlap: int = OVERLAP,
            progress: bool = False) -> Image.Image:
     """`image` enlarged to (width, height) through `model` (a callable as Upscaler's, with `scale`
-    and `name`); progress: a bar over the tiles run."""
+    and `name`); progress: a bar over the tiles run (a progress function hears each tile:
+    progress.tile_done)."""
     scale = max(width / image.width, height / image.height)
     if scale > 1:
         image = upscale(image, scale, model, tile, overlap, progress)
@@ -112,10 +115,11 @@ def one_pass(image: Image.Image, model, tile: int = TILE, overlap: int = OVERLAP
     rows = split(image, tile, overlap)
     s = model.scale
     with tqdm(total=sum(len(row) for _, row in rows), desc=f"upscaling with {model.name}", unit="tile",
-              disable=not progress or callable(progress)) as bar:  # (ldm-serve's progress is its own)
+              disable=not progress or callable(progress)) as bar:  # (a progress function: tile_done)
         def tile_run(t):
             out = run(model, t)
             bar.update(1)
+            progress_.tile_done(progress)
             return out
 
         return combine([(y * s, [(x * s, tile_run(t)) for x, t in row]) for y, row in rows],

@@ -8,7 +8,7 @@ import contextlib
 
 import numpy as np
 
-from ldm_deploy.engine import vae_tiling
+from ldm_deploy.engine import progress as progress_, vae_tiling
 from ldm_deploy.engine.backends import Run
 
 
@@ -57,10 +57,14 @@ def encode(be, encoder, model, pixels: np.ndarray, sample_noise: np.ndarray, sta
 
 @contextlib.contextmanager
 def tile_bar(sides, tile: int, desc: str, progress):
-    """A tqdm bar over the tiles of a (h, w) side pair, shown with progress True (not under a
-    progress function: ldm-serve reports steps its own way); yields what to call after each tile."""
+    """A tqdm bar over the tiles of a (h, w) side pair, shown with progress True (a progress
+    function hears each tile instead: progress.tile_done); yields what to call after each tile."""
     from tqdm import tqdm
 
     total = len(vae_tiling.tiles(sides[0], tile)) * len(vae_tiling.tiles(sides[1], tile))
     with tqdm(total=total, desc=desc, unit="tile", leave=False, disable=not progress or callable(progress)) as b:
-        yield lambda: b.update(1)
+        def done():
+            b.update(1)
+            progress_.tile_done(progress)
+
+        yield done

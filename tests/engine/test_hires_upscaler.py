@@ -261,3 +261,27 @@ def test_extras_of_an_engine_not_loaded_check_its_file(engine, tmp_path):
     graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
     with pytest.raises(HttpError, match="the upscale model 2x-Compact's file .* is missing or damaged; re-export"):
         Extras(Engines({"tiny": manifest}, {"tiny": copy})).process(photo, body)
+
+
+def test_a_progress_function_hears_the_models_tiles(pipe):
+    """The model's tiles repeat the first pass's step counts to a progress function (ldm-serve's),
+    which may stop the call there: before the second pass draws."""
+    heard = []
+    call = dict(seed=21, steps=3, width=64, height=64, sampler="euler", hires_scale=2, hires_steps=4,
+                hires_strength=0.5, hires_upscaler="R-ESRGAN 4x+")
+    pipe("a lighthouse", **call, progress=lambda *c: heard.append(c))
+    # 64 px is one of AUTOMATIC1111's 192 px tiles; then the second pass's 4 hires steps
+    assert heard == [(1, 3), (2, 3), (3, 3), (3, 3), (1, 4), (2, 4), (3, 4), (4, 4)]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_a_tile(done, total):
+        heard.append((done, total))
+        if len(heard) == 4:
+            raise Stop
+
+    heard.clear()
+    with pytest.raises(Stop):
+        pipe("a lighthouse", **call, progress=stop_at_a_tile)
+    assert heard == [(1, 3), (2, 3), (3, 3), (3, 3)]

@@ -250,3 +250,31 @@ def test_tiles_an_engine_cannot_run_are_refused_first(engine_dirs):
         vae_tiling.tile_of(None, replace(manifest.model, tiling=True))
     with pytest.raises(InvalidRequest, match="a multiple of 64"):  # a torch engine's sides are multiples of 64
         vae_tiling.tile_of(96, manifest.model, 64)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_progress_function_hears_each_tile_and_may_stop_between_them(engine_dirs):
+    """After the last step, the decoder's 6 x 4 tiles each repeat the step counts to a progress
+    function (ldm-serve's), which stops the call by raising: at the first tile, not after all."""
+    pipe = Pipeline.load(engine_dirs["tiny-sd1"])
+    pipe.enable_vae_tiling(TILE)
+    heard = []
+    pipe("a red door", steps=2, seed=9, width=W, height=H, sampler="euler", progress=lambda *c: heard.append(c))
+    assert heard == [(1, 2), (2, 2)] + [(2, 2)] * 24
+
+    def stop_at_a_tile(done, total):
+        heard.append((done, total))
+        if len(heard) == 3:
+            raise Stop
+
+    heard.clear()
+    with pytest.raises(Stop):
+        pipe("a red door", steps=2, seed=9, width=W, height=H, sampler="euler", progress=stop_at_a_tile)
+    assert heard == [(1, 2), (2, 2), (2, 2)]
+    pipe.disable_vae_tiling()
+    heard.clear()
+    pipe("a red door", steps=2, seed=9, width=W, height=H, sampler="euler", progress=lambda *c: heard.append(c))
+    assert heard == [(1, 2), (2, 2)]  # whole: no tiles to hear

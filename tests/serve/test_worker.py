@@ -82,6 +82,42 @@ def test_interrupt_stops_the_running_call(pipe):
         assert call(server.url + "/sdapi/v1/txt2img", "POST", {"steps": 2, "width": 64, "height": 64})[0] == 200
 
 
+class HeldAtTile(Held):
+    """The pipeline held at the first tile of its tiled VAE decode: where the step counts are
+    heard a second time."""
+
+    def __call__(self, *args, progress, **kwargs):
+        last = []
+
+        def hold(done, total):
+            progress(done, total)
+            if last == [(done, total)]:
+                self.at_step.set()
+                assert self.release.wait(60)
+            last[:] = [(done, total)]
+
+        return self.pipe(*args, progress=hold, **kwargs)
+
+
+def test_interrupt_stops_a_tiled_decode_between_tiles(engine_dirs):
+    pipe = Pipeline.load(engine_dirs["tiny-sd1"])
+    pipe.enable_vae_tiling(32)  # a 128 x 96 image: 6 x 4 tiles
+    held = HeldAtTile(pipe)
+    with running(held) as server:
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(call(server.url + "/sdapi/v1/txt2img", "POST", {
+            "prompt": "a", "steps": 2, "width": 128, "height": 96})))
+        thread.start()
+        assert held.at_step.wait(60)  # the steps are done, the tiles begun
+        state = call(server.url + "/sdapi/v1/progress")[1]
+        assert call(server.url + "/sdapi/v1/interrupt", "POST")[:2] == (200, {})
+        held.release.set()
+        thread.join()
+    assert state["state"]["sampling_step"] == state["state"]["sampling_steps"] == 2
+    status, answer, _ = answers[0]
+    assert status == 409 and answer["error"] == "Interrupted"
+
+
 def options(prompt, seed, **extra):
     return {"prompt": prompt, "negative_prompt": "ugly", "steps": 4, "guidance": 7.0, "seed": seed,
             "num_images": 1, "sampler": "euler_a", "width": 64, "height": 64, "prompt_weighting": True, **extra}
