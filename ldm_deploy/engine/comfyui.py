@@ -25,6 +25,9 @@ named as AUTOMATIC1111 names it, by its file, its scale read from that name), re
 its upscaler, Hires steps and Denoising strength from the second pass's steps and denoise (both draw
 `steps` steps, the last of int(steps / denoise)), and the second pass's sampler and prompts where
 they are not the first's.
+
+Its tiled VAE nodes (VAEDecodeTiled, VAEEncodeTiled) read as the plain ones, with a warning that
+advises --vae-tiling (ours are diffusers' tiles, near its own).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ TEXT_NODES = ("CLIPTextEncode", "CLIPTextEncodeSDXL")
 LORA_NODES = ("LoraLoader", "LoraLoaderModelOnly")
 PLAIN_NODES = {"CheckpointLoaderSimple", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage", "LoadImage",
                "VAEEncode", *TEXT_NODES, *SAMPLER_NODES}
+# Its tiled VAE nodes read as the plain ones (kind), with --vae-tiling advised: its tiles are its own
+# (tile_size and overlap in px; its decoder averages three tilings), ours diffusers'.
+TILED = {"VAEDecodeTiled": "VAEDecode", "VAEEncodeTiled": "VAEEncode"}
 # ComfyUI's samplers are k-diffusion's, walking noise levels as it does; ours are diffusers' schedulers.
 NEAR = ("the image was drawn by ComfyUI, whose samplers walk k-diffusion's noise levels where ours are diffusers' "
         "schedulers': near, so the image will differ a little")
@@ -148,6 +154,13 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
                         f"{'image-to-image' if img2img else 'text-to-image'} pass "
                         f"{'and its hires fix are' if hires_ids else 'is'} drawn")
     read_ids |= hires_ids
+    tiled_nodes = [n for n in graph.values() if isinstance(n.get("class_type"), str) and n["class_type"] in TILED]
+    if tiled_nodes:
+        tiled = sorted({n["class_type"] for n in tiled_nodes})
+        sizes = sorted({describe(inputs_of(n).get("tile_size")) for n in tiled_nodes})
+        warnings.append(f"its {' and '.join(tiled)} {'runs' if len(tiled) == 1 else 'run'} the VAE in ComfyUI's "
+                        f"tiles (tile_size {', '.join(sizes)}); here it runs whole, or with --vae-tiling in diffusers' "
+                        "tiles (of the model's size, or --vae-tile-size), near ComfyUI's")
     others = sorted({kind(n) for k, n in graph.items() if k not in read_ids} - PLAIN_NODES)
     if others:
         warnings.append(f"its graph's {', '.join(others)} {'is' if len(others) == 1 else 'are'} not drawn here, so "
@@ -402,8 +415,9 @@ def describe(value) -> str:
 
 
 def kind(node: dict) -> str:
+    """A node's class_type (a tiled VAE node's plain one: TILED)."""
     value = node.get("class_type")
-    return value if isinstance(value, str) else "?"
+    return TILED.get(value, value) if isinstance(value, str) else "?"
 
 
 def inputs_of(node: dict) -> dict:

@@ -466,3 +466,31 @@ def test_what_its_image_to_image_graph_cannot_give_is_said():
     g["11"] = {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0]}}  # (another sampler's result)
     with pytest.raises(UserError, match="or a VAEEncode of a LoadImage"):
         comfyui.read(json.dumps(g))
+
+
+def test_its_tiled_vae_nodes_read_as_the_plain_ones_and_advise_vae_tiling():
+    g = graph()
+    g["8"] = {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["3", 0], "vae": ["4", 2], "tile_size": 512,
+                                                         "overlap": 64}}
+    _, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert fields == comfyui.read(json.dumps(graph()))[2]
+    assert warnings == [comfyui.NEAR, "its VAEDecodeTiled runs the VAE in ComfyUI's tiles (tile_size 512); here it "
+                        "runs whole, or with --vae-tiling in diffusers' tiles (of the model's size, or "
+                        "--vae-tile-size), near ComfyUI's"]
+    # a hires fix decoded and encoded in tiles reads as one decoded and encoded whole
+    g = hires_graph(latent=False)
+    g["13"]["class_type"], g["15"]["class_type"] = "VAEDecodeTiled", "VAEEncodeTiled"
+    g["13"]["inputs"]["tile_size"] = 768
+    _, _, fields, warnings = comfyui.read(json.dumps(g))
+    assert fields == comfyui.read(json.dumps(hires_graph(latent=False)))[2] and fields["Hires upscaler"] == "Lanczos"
+    assert len(warnings) == 2 and warnings[1].startswith("its VAEDecodeTiled and VAEEncodeTiled run the VAE in "
+                                                         "ComfyUI's tiles (tile_size 768, missing);")
+    # an image-to-image pass from a VAEEncodeTiled of a LoadImage's picture
+    g = img2img_graph(steps=20, denoise=0.7)
+    g["10"]["class_type"] = "VAEEncodeTiled"
+    fields, warnings = comfyui.read(json.dumps(g))[2:]
+    assert (fields["Steps"], fields["Denoising strength"]) == ("28", "0.7143")
+    assert fields == comfyui.read(json.dumps(img2img_graph(steps=20, denoise=0.7)))[2]
+    assert "VAEEncodeTiled runs the VAE in ComfyUI's tiles" in warnings[-1]
+    g["9"]["class_type"] = ["not", "a name"]  # malformed: not a traceback
+    assert comfyui.read(json.dumps(g))[2] == fields
