@@ -119,9 +119,9 @@ def torchs_float32_rounding():
 
     with mock.patch.object(dpmpp_sde, "log", lambda x: np.float32(torch.tensor(np.float32(x)).log().item())), \
             mock.patch.object(dpmpp_sde, "exp", lambda x: np.float32(torch.tensor(np.float32(x)).exp().item())), \
-            mock.patch.object(schedule, "sqrt", lambda x: torch.from_numpy(np.float32(x)).sqrt().numpy()), \
-            mock.patch.object(schedule, "log", lambda x: torch.from_numpy(np.float32(x)).log().numpy()), \
-            mock.patch.object(schedule, "exp", lambda x: torch.from_numpy(np.float32(x)).exp().numpy()):
+            mock.patch.object(schedule, "sqrt", lambda x: torch.from_numpy(np.asarray(x, np.float32)).sqrt().numpy()), \
+            mock.patch.object(schedule, "log", lambda x: torch.from_numpy(np.asarray(x, np.float32)).log().numpy()), \
+            mock.patch.object(schedule, "exp", lambda x: torch.from_numpy(np.asarray(x, np.float32)).exp().numpy()):
         yield
 
 

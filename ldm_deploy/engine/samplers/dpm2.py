@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_deploy.engine.samplers import schedule as f32  # float32 sqrt, log, exp (see there)
+from ldm_deploy.engine.samplers import schedule as ops32  # float32 sqrt, log, exp (see there)
 from ldm_deploy.engine.samplers.euler import sigma_levels, sigma_schedule, sigma_space_input
 from ldm_deploy.engine.samplers.schedule import Walk, alphas_cumprod, sigma_to_t, table, train_sigmas
 
@@ -42,13 +42,13 @@ def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bo
     s32 = sigmas.astype(np.float32)
     s, s_next = s32[:-1], s32[1:]
     if ancestral:
-        up = f32.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
+        up = ops32.sqrt(s_next**2 * (s**2 - s_next**2) / s**2)
         down2 = s_next**2 - up**2
         # As diffusers computes it (parity wins wherever diffusers' is finite, if a few ulps of
         # s'^2 make it coarse), but where float32 cancels s_down^2 to <= 0 (Beta's sigmas on a
         # linear-betas model at 2-4 steps: s'^2 / s^2 ~ 1e-8), where diffusers gives NaN: there
         # its exact value, s'^2 / s
-        to = np.where(down2 > 0, f32.sqrt(np.maximum(down2, 0)), s_next**2 / s)
+        to = np.where(down2 > 0, ops32.sqrt(np.maximum(down2, 0)), s_next**2 / s)
     else:
         up, to = np.zeros_like(s), s_next
     # diffusers' lerp runs from s' to s for DPM2, from s to s_down for DPM2 a
@@ -79,5 +79,5 @@ def middle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """float32 sqrt(a * b) as diffusers computes it: exp(torch.lerp(log a, log b, 0.5)), whose
     lerp at weight 0.5 is end - (end - start) / 2 (so the order matters in the last bit)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        start, end = f32.log(a), f32.log(b)
-        return f32.exp(end - (end - start) * np.float32(0.5)).astype(np.float32)
+        start, end = ops32.log(a), ops32.log(b)
+        return ops32.exp(end - (end - start) * np.float32(0.5)).astype(np.float32)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ldm_deploy.engine.samplers import schedule as ops32  # float32 sqrt, log, exp (see there)
 from ldm_deploy.engine.samplers.euler import sigma_levels, sigma_schedule, sigma_space_input
 from ldm_deploy.engine.samplers.schedule import Walk, alphas_cumprod, sigma_to_t, table, train_sigmas
 
@@ -73,8 +74,8 @@ def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bo
 def ancestral(lam, s_from, s_to) -> tuple[float, float, float]:
     """(e, 1 - e, s_up) of one ancestral DPM-Solver++ step from s_from (at lam = -log s_from) toward
     s_to, in diffusers' float32 order of operations."""
-    up = min(s_to, f32(np.sqrt(f32(f32(s_to * s_to) * f32(s_from * s_from - s_to * s_to)) / f32(s_from * s_from))))
-    down = f32(np.sqrt(f32(s_to * s_to - up * up)))
+    up = min(s_to, f32(ops32.sqrt(f32(f32(s_to * s_to) * f32(s_from * s_from - s_to * s_to)) / f32(s_from * s_from))))
+    down = f32(ops32.sqrt(f32(s_to * s_to - up * up)))  # (float32 cancels most of it where s_to << s_from)
     with np.errstate(divide="ignore"):  # down is 0 where float32 cancels it (s_to far below s_from):
         lam_down = -log(down)  # then e = 0, as torch's log(0) = -inf makes diffusers' too
     e = f32(exp(-lam_down) / exp(-lam))
@@ -83,7 +84,8 @@ def ancestral(lam, s_from, s_to) -> tuple[float, float, float]:
 
 
 def log(x):
-    """torch's float32 log of a scalar (glibc's logf: correctly rounded, as float64 then rounded is)."""
+    """float32 log of a scalar, correctly rounded (float64, rounded once); torch's, diffusers' here,
+    may differ in the last bit by CPU (schedule.py's sqrt, log and exp say more)."""
     return f32(np.log(np.float64(x)))
 
 

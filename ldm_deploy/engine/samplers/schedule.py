@@ -125,8 +125,9 @@ def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
 # float32 sqrt, log and exp where diffusers' float32 arithmetic is followed to the last bit (DPM2 a's
 # s_down cancels all but a few bits of s'^2; DPM++ SDE's Brownian noise is queried at levels rounded
 # to 1e-6). These are numpy's, correctly rounded or nearly. torch's last bit depends on the CPU: on
-# an AMD EPYC seen here its float32 sqrt differs from the correctly rounded one on 14% of values,
-# its exp and log from numpy's on 25-40%, so diffusers' sigmas there are an ulp off ours. The tests
+# an AMD EPYC seen here its float32 sqrt differs from the correctly rounded one on 14-19% of values
+# (arrays, scalars), its exp from numpy's on ~39%, its log on 5-25%, so diffusers' sigmas there
+# are an ulp off ours. The tests
 # put torch's own in their place (torchs_float32_rounding in tests/conftest.py): they check the
 # arithmetic, not the CPU's last bit.
 def sqrt(x: np.ndarray) -> np.ndarray:
