@@ -6,6 +6,7 @@ tokenize -> text encoder -> sampler table (host) -> N x unet_step -> VAE decoder
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,8 @@ class Pipeline:
         fix or ControlNets.
         progress: True shows progress bars; a function is called with (steps done, steps) after
         each step of each pass instead, and with the same counts again after each tile of a tiled
-        VAE or upscale model run: raising there stops the call (ldm-serve's progress, progress.py).
+        VAE or upscale model run ((0, steps) before a pass's first step): raising there stops the
+        call (ldm-serve's progress, progress.py).
         diffusers' names are taken too: num_inference_steps, guidance_scale,
         num_images_per_prompt, image, mask_image, padding_mask_crop, controlnet_conditioning_scale,
         control_guidance_start, control_guidance_end. (_hires_pass: internal, (first pass steps, hires steps)
@@ -383,6 +385,7 @@ class Pipeline:
 
         sp = plan(req.sampler, m.noise_schedule, req.steps, req.guidance, req.strength, req.denoising_start,
                   req.denoising_end)
+        progress_.pass_start(progress, sp.steps)
         # each U-Net evaluation's text inputs (a refiner's part: those of the walk's last steps)
         first = req.first_step if req.first_step is not None else \
             req.steps - sp.steps if req.denoising_start is not None else 0
@@ -392,8 +395,8 @@ class Pipeline:
         # whose scheduler draws (or, for DPM++ SDE, from Brownian trees of the images' seeds).
         step_masks = None  # per step: the U-Net step's mask and image_latents (engines with masks)
         if m.inpainting or mask is not None:
-            x, step_masks = inpaint.start(be, m, self.encode_latents, init, mask, req, sp, generator, latents,
-                                          shape, {} if shared is None else shared)
+            x, step_masks = inpaint.start(be, m, partial(self.encode_latents, progress=progress), init, mask, req,
+                                          sp, generator, latents, shape, {} if shared is None else shared)
         elif init is not None:
             x = self.encode(init, req, sp, generator, latents, shape, progress)
         else:
@@ -495,10 +498,12 @@ class Pipeline:
         if "vae_encoder" not in self.components:
             self.components["vae_encoder"] = self.backend.load(self.engine_dir, self.manifest, "vae_encoder")
 
-    def encode_latents(self, pixels: np.ndarray, sample_noise: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) in [-1, 1] -> the scaled latents (B, C, H/8, W/8) of that VAE sample."""
+    def encode_latents(self, pixels: np.ndarray, sample_noise: np.ndarray, progress=False) -> np.ndarray:
+        """(B, 3, H, W) in [-1, 1] -> the scaled latents (B, C, H/8, W/8) of that VAE sample
+        (progress: as __call__'s, for its tiles)."""
         self.load_vae_encoder()
-        return self.backend.download(self.run_encoder(pixels, sample_noise, np.zeros_like(sample_noise), [1.0, 0.0]))
+        return self.backend.download(self.run_encoder(pixels, sample_noise, np.zeros_like(sample_noise), [1.0, 0.0],
+                                                      progress=progress))
 
 #: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
 DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",

@@ -1,7 +1,8 @@
 """What a call shows as it goes. `progress=True`: bars on the terminal (steps, tiles). A function:
 called with (steps done, steps) after each step of each pass (ldm-serve's /sdapi/v1/progress),
-and again with the same counts after each tile of a tiled run (VAE tiling, an upscale model), so
-that a stop it raises (ldm-serve's interrupt) lands between tiles, not after the last of them."""
+and again with the same counts after each tile of a tiled run (VAE tiling, an upscale model; a
+pass's encoding, before its first step: (0, steps)), so that a stop it raises (ldm-serve's
+interrupt) lands between tiles, not after the last of them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ class Reporter:
     def __call__(self, done: int, total: int) -> None:
         self.last = (done, total)
         self.report(done, total)
+
+
+def pass_start(progress, steps: int) -> None:
+    """A pass of `steps` steps begins: its tiles before the first step are heard as (0, steps)."""
+    if isinstance(progress, Reporter):
+        progress.last = (0, steps)
 
 
 def reporting(progress):

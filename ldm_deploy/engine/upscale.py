@@ -52,10 +52,10 @@ class Upscaler:
 
 
 def resize(image: Image.Image, width: int, height: int, model, tile: int = TILE, overlap: int = OVERLAP,
-           progress: bool = False) -> Image.Image:
+           progress=False) -> Image.Image:
     """`image` enlarged to (width, height) through `model` (a callable as Upscaler's, with `scale`
-    and `name`); progress: a bar over the tiles run (a progress function hears each tile:
-    progress.tile_done)."""
+    and `name`); progress: True, a bar over the tiles run; a call's progress function (a
+    progress.Reporter) hears each tile instead (tile_done)."""
     scale = max(width / image.width, height / image.height)
     if scale > 1:
         image = upscale(image, scale, model, tile, overlap, progress)
@@ -65,7 +65,7 @@ def resize(image: Image.Image, width: int, height: int, model, tile: int = TILE,
 
 
 def upscale(image: Image.Image, scale: float, model, tile: int = TILE, overlap: int = OVERLAP,
-            progress: bool = False) -> Image.Image:
+            progress=False) -> Image.Image:
     """The model's passes until the image covers `scale` times its size (sides down to a multiple of 8)."""
     return passes(image, scale, lambda im: one_pass(im, model, tile, overlap, progress))
 
@@ -106,7 +106,7 @@ def covers(size: tuple[int, int], dest: tuple[int, int], scale: float, i: int) -
 
 
 def one_pass(image: Image.Image, model, tile: int = TILE, overlap: int = OVERLAP,
-             progress: bool = False) -> Image.Image:
+             progress=False) -> Image.Image:
     """One run of the model over the image, in tiles (tile 0: the whole image at once)."""
     if tile <= 0:
         return run(model, image)

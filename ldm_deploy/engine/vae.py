@@ -57,8 +57,9 @@ def encode(be, encoder, model, pixels: np.ndarray, sample_noise: np.ndarray, sta
 
 @contextlib.contextmanager
 def tile_bar(sides, tile: int, desc: str, progress):
-    """A tqdm bar over the tiles of a (h, w) side pair, shown with progress True (a progress
-    function hears each tile instead: progress.tile_done); yields what to call after each tile."""
+    """A tqdm bar over the tiles of a (h, w) side pair, shown with progress True (a call's progress
+    function, a progress.Reporter, hears each tile instead: tile_done); yields what to call after
+    each tile."""
     from tqdm import tqdm
 
     total = len(vae_tiling.tiles(sides[0], tile)) * len(vae_tiling.tiles(sides[1], tile))

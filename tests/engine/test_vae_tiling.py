@@ -278,3 +278,23 @@ def test_a_progress_function_hears_each_tile_and_may_stop_between_them(engine_di
     heard.clear()
     pipe("a red door", steps=2, seed=9, width=W, height=H, sampler="euler", progress=lambda *c: heard.append(c))
     assert heard == [(1, 2), (2, 2)]  # whole: no tiles to hear
+
+
+def test_encoder_tiles_are_heard_before_the_first_step(engine_dirs):
+    """img2img's and inpainting's encoder tiles run before their pass's first step: heard as
+    (0, steps), the pass's own count."""
+    from PIL import Image
+
+    pipe = Pipeline.load(engine_dirs["tiny-sd1"])
+    pipe.enable_vae_tiling(64)  # 128 x 96 px: 3 x 2 encoder tiles, and 3 x 2 decoder tiles (8 latent px)
+    init = Image.fromarray((smooth(W, H)[0].transpose(1, 2, 0) * 127.5 + 127.5).astype(np.uint8))
+    heard = []
+    pipe("a red door", init_image=init, strength=0.5, steps=4, seed=9, sampler="euler",
+         progress=lambda *c: heard.append(c))
+    assert heard == [(0, 2)] * 6 + [(1, 2), (2, 2)] + [(2, 2)] * 6
+    heard.clear()
+    mask = Image.new("L", (W, H), 0)
+    mask.paste(255, (32, 32, 96, 64))
+    pipe("a red door", init_image=init, mask=mask, strength=0.5, steps=4, seed=9, sampler="euler",
+         progress=lambda *c: heard.append(c))
+    assert heard[:6] == [(0, 2)] * 6 and heard[6:8] == [(1, 2), (2, 2)]

@@ -66,18 +66,24 @@ def test_progress_while_drawing(pipe):
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
 
 
+def interrupt_held(server, held, request: dict) -> tuple[dict, tuple]:
+    """POST `request` to txt2img, interrupt the call where `held` holds it, release it: (what
+    /sdapi/v1/progress said while held, the request's answer)."""
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(call(server.url + "/sdapi/v1/txt2img", "POST", request)))
+    thread.start()
+    assert held.at_step.wait(60)
+    state = call(server.url + "/sdapi/v1/progress")[1]
+    assert call(server.url + "/sdapi/v1/interrupt", "POST")[:2] == (200, {})
+    held.release.set()
+    thread.join()
+    return state, answers[0]
+
+
 def test_interrupt_stops_the_running_call(pipe):
     held = Held(pipe)
     with running(held) as server:
-        answers = []
-        thread = threading.Thread(target=lambda: answers.append(call(server.url + "/sdapi/v1/txt2img", "POST", {
-            "prompt": "a", "steps": 8, "width": 64, "height": 64})))
-        thread.start()
-        assert held.at_step.wait(60)
-        assert call(server.url + "/sdapi/v1/interrupt", "POST")[:2] == (200, {})
-        held.release.set()
-        thread.join()
-        status, answer, _ = answers[0]
+        _, (status, answer, _) = interrupt_held(server, held, {"prompt": "a", "steps": 8, "width": 64, "height": 64})
         assert status == 409 and answer["error"] == "Interrupted"
         assert call(server.url + "/sdapi/v1/txt2img", "POST", {"steps": 2, "width": 64, "height": 64})[0] == 200
 
@@ -103,18 +109,10 @@ def test_interrupt_stops_a_tiled_decode_between_tiles(engine_dirs):
     pipe = Pipeline.load(engine_dirs["tiny-sd1"])
     pipe.enable_vae_tiling(32)  # a 128 x 96 image: 6 x 4 tiles
     held = HeldAtTile(pipe)
-    with running(held) as server:
-        answers = []
-        thread = threading.Thread(target=lambda: answers.append(call(server.url + "/sdapi/v1/txt2img", "POST", {
-            "prompt": "a", "steps": 2, "width": 128, "height": 96})))
-        thread.start()
-        assert held.at_step.wait(60)  # the steps are done, the tiles begun
-        state = call(server.url + "/sdapi/v1/progress")[1]
-        assert call(server.url + "/sdapi/v1/interrupt", "POST")[:2] == (200, {})
-        held.release.set()
-        thread.join()
+    with running(held) as server:  # held where the steps are done and the tiles begun
+        state, (status, answer, _) = interrupt_held(server, held, {"prompt": "a", "steps": 2, "width": 128,
+                                                                   "height": 96})
     assert state["state"]["sampling_step"] == state["state"]["sampling_steps"] == 2
-    status, answer, _ = answers[0]
     assert status == 409 and answer["error"] == "Interrupted"
 
 
