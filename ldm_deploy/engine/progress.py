@@ -6,6 +6,8 @@ interrupt) lands between tiles, not after the last of them."""
 
 from __future__ import annotations
 
+import contextlib
+
 
 class Reporter:
     """A progress function that remembers the last counts it was given."""
@@ -30,11 +32,19 @@ def reporting(progress):
     return Reporter(progress) if callable(progress) and not isinstance(progress, Reporter) else progress
 
 
-def tile_done(progress) -> None:
-    """After a tile: a progress function hears the last step counts again (a bar is told by its
-    caller)."""
-    if isinstance(progress, Reporter):
-        progress(*progress.last)
+@contextlib.contextmanager
+def tile_bar(total: int, desc: str, progress):
+    """Over a tiled run of `total` tiles: a terminal bar (progress True), or the call's progress
+    function hearing the last step counts again; yields what to call after each tile."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="tile", leave=False, disable=not progress or callable(progress)) as bar:
+        def done():
+            bar.update(1)
+            if isinstance(progress, Reporter):
+                progress(*progress.last)
+
+        yield done
 
 
 def step_bar(total: int, enabled: bool):

@@ -54,8 +54,8 @@ class Upscaler:
 def resize(image: Image.Image, width: int, height: int, model, tile: int = TILE, overlap: int = OVERLAP,
            progress=False) -> Image.Image:
     """`image` enlarged to (width, height) through `model` (a callable as Upscaler's, with `scale`
-    and `name`); progress: True, a bar over the tiles run; a call's progress function (a
-    progress.Reporter) hears each tile instead (tile_done)."""
+    and `name`); progress: a bar over the tiles run, or a call's progress function told of each
+    (progress.tile_bar)."""
     scale = max(width / image.width, height / image.height)
     if scale > 1:
         image = upscale(image, scale, model, tile, overlap, progress)
@@ -110,16 +110,12 @@ def one_pass(image: Image.Image, model, tile: int = TILE, overlap: int = OVERLAP
     """One run of the model over the image, in tiles (tile 0: the whole image at once)."""
     if tile <= 0:
         return run(model, image)
-    from tqdm import tqdm
-
     rows = split(image, tile, overlap)
     s = model.scale
-    with tqdm(total=sum(len(row) for _, row in rows), desc=f"upscaling with {model.name}", unit="tile",
-              disable=not progress or callable(progress)) as bar:  # (a progress function: tile_done)
+    with progress_.tile_bar(sum(len(row) for _, row in rows), f"upscaling with {model.name}", progress) as done:
         def tile_run(t):
             out = run(model, t)
-            bar.update(1)
-            progress_.tile_done(progress)
+            done()
             return out
 
         return combine([(y * s, [(x * s, tile_run(t)) for x, t in row]) for y, row in rows],

@@ -4,8 +4,6 @@ side over a tile, one tile at a time (vae_tiling.py does the cutting and blendin
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from ldm_deploy.engine import progress as progress_, vae_tiling
@@ -55,17 +53,7 @@ def encode(be, encoder, model, pixels: np.ndarray, sample_noise: np.ndarray, sta
     return be.upload(coeffs[0] * z + coeffs[1] * start_noise)
 
 
-@contextlib.contextmanager
 def tile_bar(sides, tile: int, desc: str, progress):
-    """A tqdm bar over the tiles of a (h, w) side pair, shown with progress True (a call's progress
-    function, a progress.Reporter, hears each tile instead: tile_done); yields what to call after
-    each tile."""
-    from tqdm import tqdm
-
+    """progress.tile_bar over the tiles of a (h, w) side pair."""
     total = len(vae_tiling.tiles(sides[0], tile)) * len(vae_tiling.tiles(sides[1], tile))
-    with tqdm(total=total, desc=desc, unit="tile", leave=False, disable=not progress or callable(progress)) as b:
-        def done():
-            b.update(1)
-            progress_.tile_done(progress)
-
-        yield done
+    return progress_.tile_bar(total, desc, progress)

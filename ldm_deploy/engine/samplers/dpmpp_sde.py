@@ -84,10 +84,10 @@ def ancestral(lam, s_from, s_to) -> tuple[float, float, float]:
 
 
 def log(x):
-    """float32 log of a scalar, correctly rounded (float64, rounded once); torch's, diffusers' here,
-    may differ in the last bit by CPU (schedule.py's sqrt, log and exp say more)."""
-    return f32(np.log(np.float64(x)))
+    """float32 log of a scalar, correctly rounded (float64, rounded once), through schedule.py's
+    hook (torch's, diffusers' here, may differ in the last bit by CPU: said there)."""
+    return f32(ops32.log(np.float64(x)))
 
 
 def exp(x):
-    return f32(np.exp(np.float64(x)))
+    return f32(ops32.exp(np.float64(x)))

@@ -127,9 +127,8 @@ def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
 # to 1e-6). These are numpy's, correctly rounded or nearly. torch's last bit depends on the CPU: on
 # an AMD EPYC seen here its float32 sqrt differs from the correctly rounded one on 14-19% of values
 # (arrays, scalars), its exp from numpy's on ~39%, its log on 5-25%, so diffusers' sigmas there
-# are an ulp off ours. The tests
-# put torch's own in their place (torchs_float32_rounding in tests/conftest.py): they check the
-# arithmetic, not the CPU's last bit.
+# are an ulp off ours. The tests put torch's own in their place (torchs_float32_rounding in
+# tests/conftest.py): they check the arithmetic, not the CPU's last bit.
 def sqrt(x: np.ndarray) -> np.ndarray:
     return np.sqrt(x)
 
