@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm_deploy.engine.samplers import SAMPLERS
+from ldm_deploy.engine.samplers import K_DIFFUSION_ONLY, SAMPLERS
 from ldm_deploy.errors import UserError
 
 # torch.compile modes a `compile:MODE` contender may name.
@@ -125,6 +125,10 @@ def check_config(c: BenchConfig) -> None:
         raise UserError(f"--threads must be at least 1, got {c.threads}")
     if c.sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {c.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if c.sampler in K_DIFFUSION_ONLY and "diffusers" in kinds:
+        raise UserError(f"no diffusers scheduler runs the {c.sampler} sampler (k-diffusion's, which diffusers lacks), "
+                        "so the diffusers contenders cannot draw what ours draws: choose another --sampler, or "
+                        "measure ours alone (--contenders ours)")
     if not c.guidance >= 0:
         raise UserError(f"--guidance must be 0 or more, got {c.guidance}")
     if c.time_budget_s is not None and c.time_budget_s <= 0:

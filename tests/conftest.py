@@ -53,6 +53,39 @@ def diffusers_schedulers() -> dict:
     return {name: (getattr(diffusers, cls), options) for name, (cls, options) in SCHEDULERS.items()}
 
 
+def k_diffusion_sampling():
+    """k-diffusion's sampling module: the samplers AUTOMATIC1111 and ComfyUI run, the oracle of ours
+    that diffusers lacks (DPM++ 2S a). Its package's __init__ and utils.py import torchvision,
+    whose PyPI builds pin a CUDA torch, so scripts/setup.sh installs k-diffusion without its
+    dependencies and this loads sampling.py alone, as a module of a package of its own, beside the
+    one function of utils.py that it calls (append_dims), taken from utils.py's own source."""
+    import ast
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    if "_k_diffusion.sampling" in sys.modules:
+        return sys.modules["_k_diffusion.sampling"]
+    found = importlib.util.find_spec("k_diffusion")  # (finds the folder; runs no __init__)
+    if found is None:
+        pytest.fail("k-diffusion is not installed: run scripts/setup.sh (it installs it without its dependencies)")
+    folder = Path(found.submodule_search_locations[0])
+    package = types.ModuleType("_k_diffusion")
+    package.__path__ = [str(folder)]
+    utils = types.ModuleType("_k_diffusion.utils")
+    tree = ast.parse((folder / "utils.py").read_text())
+    kept = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "append_dims"]
+    exec(compile(ast.Module(body=kept, type_ignores=[]), str(folder / "utils.py"), "exec"), utils.__dict__)
+    package.utils = utils
+    sys.modules.update({"_k_diffusion": package, "_k_diffusion.utils": utils})
+    spec = importlib.util.spec_from_file_location("_k_diffusion.sampling", folder / "sampling.py")
+    sampling = importlib.util.module_from_spec(spec)
+    sys.modules["_k_diffusion.sampling"] = sampling
+    spec.loader.exec_module(sampling)
+    return sampling
+
+
 # Test engines accept 64..512 px so parity runs can use small images.
 TEST_CONFIG = ExportConfig(min_size=64, max_size=512, opt_size=128, max_batch=2)
 

@@ -47,7 +47,7 @@ SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm
             "dpmpp_sde_gpu": "DPM++ SDE", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_gpu": "DPM++ 2M SDE",
             "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun_gpu": "DPM++ 2M SDE Heun",
             "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_3m_sde_gpu": "DPM++ 3M SDE", "ddim": "Euler", "ddpm": "DDPM",
-            "uni_pc": "UniPC", "lcm": "LCM"}
+            "uni_pc": "UniPC", "lcm": "LCM", "dpmpp_2s_ancestral": "DPM++ 2S a"}
 # Its schedulers -> AUTOMATIC1111's schedule types. "normal": timesteps evenly spaced (ours' uniform);
 # "simple": every (1000 / steps)-th timestep from the last, what our SGM Uniform (diffusers' trailing)
 # takes; its "sgm_uniform" spaces them at fractions, near that.

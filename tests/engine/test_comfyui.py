@@ -42,7 +42,8 @@ def test_its_text_to_image_graph_reads_as_automatic1111s_fields():
     for name, scheduler, ours in (("euler_ancestral", "normal", "euler_a"), ("uni_pc", "exponential", "unipc_exponential"),
                                   ("dpmpp_3m_sde_gpu", "sgm_uniform", "dpmpp_3m_sde_sgm_uniform"),
                                   ("dpm_2_ancestral", "beta", "dpm2_a_beta"), ("ddim", "karras", "euler_karras"),
-                                  ("euler", "simple", "euler_sgm_uniform"), ("lcm", "sgm_uniform", "lcm")):
+                                  ("euler", "simple", "euler_sgm_uniform"), ("lcm", "sgm_uniform", "lcm"),
+                                  ("dpmpp_2s_ancestral", "karras", "dpmpp_2s_a_karras")):
         fields = comfyui.read(json.dumps(graph(sampler_name=name, scheduler=scheduler)))[2]
         assert settings(fields)[0]["sampler"] == ours, name
 

@@ -55,8 +55,9 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert settings({"Denoising strength": "0.4", "Steps": "2", "Seed": "3"})[0]["strength"] == 0.4
     assert settings({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic"})[0] == \
         {"sampler": "dpmpp_2m_sde_exponential"}  # its own: Exponential
-    with pytest.raises(UserError, match=r"sampler 'DPM\+\+ 2S a Karras' is not offered here; pass --sampler"):
-        settings({"Sampler": "DPM++ 2S a", "Schedule type": "Automatic"})
+    assert settings({"Sampler": "DPM++ 2S a", "Schedule type": "Automatic"})[0] == {"sampler": "dpmpp_2s_a_karras"}
+    with pytest.raises(UserError, match=r"sampler 'LMS Karras' is not offered here; pass --sampler"):
+        settings({"Sampler": "LMS", "Schedule type": "Karras"})
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, given={"sampler"})[0] == {}
     with pytest.raises(UserError, match="the image's Steps is 'twenty', not a number"):
         settings({"Steps": "twenty"})

@@ -15,8 +15,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import diffusers_schedulers, torchs_float32_rounding
-from ldm_deploy.engine.samplers import DISPLAY_NAMES, EVALUATIONS_PER_STEP, SAMPLERS, NoiseSchedule, brownian, plan
+from conftest import diffusers_schedulers, k_diffusion_sampling, torchs_float32_rounding
+from ldm_deploy.engine.samplers import (DISPLAY_NAMES, EVALUATIONS_PER_STEP, K_DIFFUSION_ONLY, NoiseSchedule, brownian,
+                                        plan)
+from ldm_deploy.engine.samplers import SAMPLERS as ALL_SAMPLERS
 from ldm_deploy.engine.samplers.update import C_0, C_P, C_PP, C_X, GUIDANCE, T, guide, model_input, update
 from ldm_deploy.errors import InvalidRequest
 
@@ -41,6 +43,8 @@ SD1 = {
 SD2 = {**SD1, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
 
 DIFFUSERS = diffusers_schedulers()
+# The samplers held to diffusers' schedulers; DPM++ 2S a is held to k-diffusion (below).
+SAMPLERS = tuple(s for s in ALL_SAMPLERS if s not in K_DIFFUSION_ONLY)
 SHAPE = (1, 4, 8, 8)  # one 64x64-pixel latent: enough values for max-abs errors to show
 SEED = 1234
 TOL = 1e-5  # max abs at values up to 15 (sigma_max 14.6), where a float32 ulp is ~1e-6
@@ -278,24 +282,24 @@ def test_beta_quantiles_match_scipy():
 
 def test_plan_table():
     schedule = NoiseSchedule.from_config(SD1)
-    for sampler in SAMPLERS:
+    for sampler in ALL_SAMPLERS:
         p = plan(sampler, schedule, 20, guidance=6.0, strength=0.5)
         assert p.rows.dtype == np.float32
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
         base = sampler.removesuffix("_sgm_uniform").removesuffix("_beta").removesuffix("_ays")  # (at other sigmas)
         assert p.needs_noise == (base in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
                                           "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential")
-                                 or base.startswith(("dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2m_sde_heun")))
+                                 or base.startswith(("dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2m_sde_heun", "dpmpp_2s_a")))
         if sampler == "lcm":  # diffusers draws no noise at LCM's last step
             assert p.draws.tolist() == [True] * 9 + [False]
-        if sampler.startswith("dpm2_a"):  # one draw a step, at its second call
+        if sampler.startswith(("dpm2_a", "dpmpp_2s_a")):  # one draw a step, at its second call
             np.testing.assert_array_equal(p.draws, np.arange(19) % 2 == 1)
         # DPM++ SDE's noise is its Brownian tree's: a term or two on each row but the last
         assert (p.brownian is not None) == sampler.startswith("dpmpp_sde")
         if p.brownian is not None:
             assert [len(t) for t in p.brownian[1]] == [1, 2] * 9 + [0]
         assert p.steps == (19 if sampler in EVALUATIONS_PER_STEP else 10)  # Heun: two calls a step, one for the last
-    assert set(DISPLAY_NAMES) == set(SAMPLERS)
+    assert set(DISPLAY_NAMES) == set(ALL_SAMPLERS) and set(DIFFUSERS) == set(SAMPLERS)
     assert DISPLAY_NAMES["dpmpp_2m_karras"] == "DPM++ 2M Karras"
     assert DISPLAY_NAMES["dpmpp_2m_sde_karras"] == "DPM++ 2M SDE Karras"  # AUTOMATIC1111's names
 
@@ -552,3 +556,106 @@ def test_the_generator_draws_as_often_as_diffusers(sampler):
         diffusers_trace(sampler, config, 4, None, *inputs(4), generator=theirs)
         our_trace(sampler, config, 4, None, *inputs(4), generator=ours)
         assert torch.equal(theirs.get_state(), ours.get_state()), (sampler, config)
+
+
+# DPM++ 2S a, which no diffusers scheduler runs: k-diffusion's sample_dpmpp_2s_ancestral (what
+# AUTOMATIC1111 and ComfyUI run) on the walk of diffusers' EulerDiscreteScheduler with the same options.
+EULER_OPTIONS = {"": {}, "_karras": {"use_karras_sigmas": True}, "_exponential": {"use_exponential_sigmas": True},
+                 "_beta": {"use_beta_sigmas": True}, "_sgm_uniform": {"timestep_spacing": "trailing"}}
+
+
+def k_diffusion_trace(sampler, config, steps, strength, noise, image, residuals, generator=None):
+    """[(timestep, model_in, latents after the call)] of k-diffusion's sampler on diffusers' Euler walk:
+    its sigmas, timesteps, start (init_noise_sigma, or add_noise for img2img) and model input; the
+    midpoints' timesteps from diffusers' _sigma_to_t. The stand-in's x0 is what diffusers' Euler
+    step takes as pred_original_sample."""
+    from diffusers import EulerDiscreteScheduler
+
+    sampling = k_diffusion_sampling()
+    scheduler = EulerDiscreteScheduler.from_config(config, **EULER_OPTIONS[sampler.removeprefix("dpmpp_2s_a")])
+    scheduler.set_timesteps(steps)
+    first = 0 if strength is None else max(steps - min(int(steps * strength), steps), 0)
+    scheduler.set_begin_index(first)
+    sigmas, timesteps = scheduler.sigmas[first:], scheduler.timesteps[first:]
+    if strength is None:
+        x = torch.from_numpy(noise) * scheduler.init_noise_sigma
+    else:
+        x = scheduler.add_noise(torch.from_numpy(image), torch.from_numpy(noise), timesteps[:1])
+    log_sigmas = np.log(((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).numpy() ** 0.5)
+    v = config.get("prediction_type") == "v_prediction"
+    trace, calls = [], []
+
+    def model(x, sigma):
+        s = float(sigma[0])
+        step_start = len(calls) % 2 == 0  # a step's first call, then its midpoint's (the last step has one)
+        t = float(timesteps[len(calls) // 2]) if step_start else float(scheduler._sigma_to_t(np.array(s), log_sigmas))
+        model_in = x / (s**2 + 1) ** 0.5
+        out = 0.5 * model_in + torch.from_numpy(residuals[len(calls)])
+        if trace:
+            trace[-1] = (*trace[-1][:2], x.numpy())  # the latents the previous call's row made
+        calls.append(s)
+        trace.append((t, model_in.numpy(), None))
+        return out * (-s / (s**2 + 1) ** 0.5) + x / (s**2 + 1) if v else x - s * out
+
+    generator = generator or torch.Generator().manual_seed(SEED)
+    x = sampling.sample_dpmpp_2s_ancestral(
+        model, x, sigmas, disable=True,
+        noise_sampler=lambda sigma, sigma_next: torch.randn(SHAPE, generator=generator, dtype=torch.float32))
+    trace[-1] = (*trace[-1][:2], x.numpy())
+    return trace
+
+
+def check_against_k_diffusion(sampler, config, steps, strength):
+    args = (sampler, config, steps, strength, *inputs(steps))
+    with torchs_float32_rounding():
+        expected, got = k_diffusion_trace(*args), our_trace(*args)
+    assert len(got) == len(expected)
+    scale = max(np.abs(a).max() for step in got for a in step[1:])
+    atol = TOL * max(1.0, scale / 15)
+    for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
+        where = f"{sampler} steps={steps} strength={strength} call {i}"
+        assert t == pytest.approx(t_ref, rel=1e-6, abs=1e-4), where
+        np.testing.assert_allclose(model_in, model_in_ref, rtol=0, atol=atol, err_msg=where)
+        np.testing.assert_allclose(x, x_ref, rtol=0, atol=atol, err_msg=where)
+
+
+@pytest.mark.parametrize("strength", [None, 0.3, 0.6, 1.0], ids=lambda s: f"img2img{s}" if s else "txt2img")
+@pytest.mark.parametrize("steps", [1, 2, 5, 30])
+@pytest.mark.parametrize("config", [SD1, SD2], ids=["sd1-epsilon", "sd2-v"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2s_a", "dpmpp_2s_a_karras"])
+def test_dpmpp_2s_a_matches_k_diffusion(sampler, config, steps, strength):
+    if strength is not None and int(steps * strength) < 1:
+        pytest.skip("no denoising step; the error is tested above")
+    check_against_k_diffusion(sampler, config, steps, strength)
+
+
+# Its other sigmas (Exponential, Beta, SGM Uniform) and other schedules, at fewer settings.
+@pytest.mark.parametrize("config, steps, strength", [
+    (SD1, 3, None), (SD1, 25, None), (SD1, 25, 0.6), (SD2, 25, None),
+    ({**SD1, "timestep_spacing": "leading"}, 25, None), ({**SD1, "timestep_spacing": "linspace"}, 3, 0.6),
+    ({**SD1, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "steps_offset": 0}, 3, None),
+], ids=["sd1-3", "sd1-25", "sd1-25-img2img0.6", "sd2-v-25", "leading-25", "linspace-3-img2img0.6", "linear-betas-3"])
+@pytest.mark.parametrize("sampler", K_DIFFUSION_ONLY)
+def test_dpmpp_2s_a_schedules_match_k_diffusion(sampler, config, steps, strength):
+    if sampler == "dpmpp_2s_a_beta" and config.get("beta_schedule") == "linear":
+        # s' / s ~ 1e-4 at the second step: k-diffusion's float32 s_down^2 = s'^2 - s_up^2 cancels to
+        # 0 there, and it takes its last step's Euler branch (one call) mid-walk; ours aims at the
+        # exact s_down (dpmpp_2s.py)
+        rows = plan(sampler, NoiseSchedule.from_config(config), steps, 7.5).rows
+        assert len(rows) == 5 and np.all(np.isfinite(rows))
+        expected = k_diffusion_trace(sampler, config, steps, strength, *inputs(steps))
+        got = our_trace(sampler, config, steps, strength, *inputs(steps))
+        assert len(expected) == 4  # (a k-diffusion that computes it otherwise: compare all)
+        for (_, _, x, _), (_, _, x_ref) in zip(got[:2], expected[:2]):  # step 0
+            np.testing.assert_allclose(x, x_ref, rtol=0, atol=TOL * 10)
+        return
+    check_against_k_diffusion(sampler, config, steps, strength)
+
+
+def test_dpmpp_2s_a_draws_as_often_as_k_diffusion():
+    """One draw a step, after its second call, none at the last step: what draws next from the same
+    generator gets what it gets in AUTOMATIC1111's loop."""
+    theirs, ours = torch.Generator().manual_seed(SEED), torch.Generator().manual_seed(SEED)
+    k_diffusion_trace("dpmpp_2s_a", SD1, 4, None, *inputs(4), generator=theirs)
+    our_trace("dpmpp_2s_a", SD1, 4, None, *inputs(4), generator=ours)
+    assert torch.equal(theirs.get_state(), ours.get_state())

@@ -222,7 +222,7 @@ def test_openai_image_edits(server, oracle, photo):
 
 
 @pytest.mark.parametrize("path,body,status,match", [
-    ("/sdapi/v1/txt2img", {"sampler_name": "DPM++ 2S a"}, 422, "DPM\\+\\+ 2S a"),
+    ("/sdapi/v1/txt2img", {"sampler_name": "Restart"}, 422, "Restart"),
     ("/sdapi/v1/txt2img", {"restore_faces": True}, 422, "face restoration"),
     ("/sdapi/v1/txt2img", {"width": 100, "steps": 1}, 422, "multiple of 8"),
     ("/sdapi/v1/img2img", {"init_images": ["%%%"]}, 422, "base64"),

@@ -6,7 +6,7 @@ serves them all; changing sampler, steps or guidance never rebuilds an engine.
 
     plan("dpmpp_2m_karras", NoiseSchedule.from_config(scheduler_config), steps=30, guidance=7.5)
 
-Each sampler (one file each) equals the diffusers scheduler of the same name made with
+Each sampler (one file each) but DPM++ 2S a equals the diffusers scheduler of the same name made with
 `Cls.from_config(scheduler_config)`, step for step: DDIMScheduler (eta 0), DDPMScheduler, EulerDiscreteScheduler,
 EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSolverMultistepScheduler (defaults; use_karras_sigmas for
 the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_type "sde-dpmsolver++"
@@ -15,7 +15,8 @@ use_exponential_sigmas for unipc_exponential), KDPM2DiscreteScheduler and KDPM2A
 (two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed); the
 `_sgm_uniform` ones with timestep_spacing "trailing", the `_beta` ones with use_beta_sigmas, the `_ays` ones
 with `set_timesteps(timesteps=ays.ays_timesteps(...))` (Align Your Steps: ays.py); Euler, Heun
-and the DPM2s take Karras and Exponential sigmas too.
+and the DPM2s take Karras and Exponential sigmas too. DPM++ 2S a (dpmpp_2s.py), which diffusers lacks, is
+k-diffusion's sample_dpmpp_2s_ancestral on Euler's walk (K_DIFFUSION_ONLY).
 `schedule.py` holds the schedule math they share.
 """
 
@@ -26,7 +27,8 @@ from functools import partial
 
 import numpy as np
 
-from ldm_deploy.engine.samplers import ddim, ddpm, dpm2, dpmpp_2m, dpmpp_sde, euler, euler_ancestral, heun, lcm, unipc
+from ldm_deploy.engine.samplers import (ddim, ddpm, dpm2, dpmpp_2m, dpmpp_2s, dpmpp_sde, euler, euler_ancestral, heun,
+                                        lcm, unipc)
 from ldm_deploy.engine.samplers.schedule import Walk, img2img_start
 from ldm_deploy.engine.samplers.update import C_N, COLUMNS, GUIDANCE
 from ldm_deploy.errors import InvalidRequest
@@ -69,6 +71,9 @@ _REGISTRY = {
     "dpmpp_sde": ("DPM++ SDE", dpmpp_sde.walk),
     "dpmpp_sde_karras": ("DPM++ SDE Karras", partial(dpmpp_sde.walk, karras=True)),
     "dpmpp_sde_exponential": ("DPM++ SDE Exponential", partial(dpmpp_sde.walk, exponential=True)),
+    "dpmpp_2s_a": ("DPM++ 2S a", dpmpp_2s.walk),
+    "dpmpp_2s_a_karras": ("DPM++ 2S a Karras", partial(dpmpp_2s.walk, karras=True)),
+    "dpmpp_2s_a_exponential": ("DPM++ 2S a Exponential", partial(dpmpp_2s.walk, exponential=True)),
 }
 
 
@@ -83,12 +88,12 @@ def trailing(walker):
 
 
 for _name in ("euler", "euler_a", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-              "dpmpp_3m_sde", "dpmpp_sde", "unipc"):
+              "dpmpp_3m_sde", "dpmpp_sde", "dpmpp_2s_a", "unipc"):
     _display, _walker = _REGISTRY[_name]
     _REGISTRY[f"{_name}_sgm_uniform"] = (f"{_display} SGM Uniform", trailing(_walker))
 # Every sampler that takes Karras and Exponential sigmas takes Beta(0.6, 0.6)'s quantiles too.
 for _name in ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde",
-              "dpmpp_sde", "unipc"):
+              "dpmpp_sde", "dpmpp_2s_a", "unipc"):
     _display, _walker = _REGISTRY[_name]
     _REGISTRY[f"{_name}_beta"] = (f"{_display} Beta", partial(_walker, beta=True))
 # NVIDIA's Align Your Steps walks (ays.py) where diffusers' scheduler takes them (`timesteps=`).
@@ -97,8 +102,11 @@ for _name in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", 
     _REGISTRY[f"{_name}_ays"] = (f"{_display} Align Your Steps", partial(_walker, ays=True))
 del _name, _display, _walker
 SAMPLERS = tuple(_REGISTRY)
-# U-Net evaluations a step, where not one (Heun's, DPM2's and DPM++ SDE's last step has one: 2n - 1 rows).
-EVALUATIONS_PER_STEP = {name: 2 for name in SAMPLERS if name.startswith(("heun", "dpm2", "dpmpp_sde"))}
+# U-Net evaluations a step, where not one (Heun's, DPM2's, DPM++ SDE's and DPM++ 2S a's last step has one:
+# 2n - 1 rows).
+EVALUATIONS_PER_STEP = {name: 2 for name in SAMPLERS if name.startswith(("heun", "dpm2", "dpmpp_sde", "dpmpp_2s"))}
+# Samplers no diffusers scheduler runs: k-diffusion's (AUTOMATIC1111's and ComfyUI's), held to it in the tests.
+K_DIFFUSION_ONLY = tuple(name for name in SAMPLERS if name.startswith("dpmpp_2s"))
 DISPLAY_NAMES = {name: display for name, (display, _) in _REGISTRY.items()}
 
 
