@@ -26,6 +26,13 @@ its upscaler, Hires steps and Denoising strength from the second pass's steps an
 `steps` steps, the last of int(steps / denoise)), and the second pass's sampler and prompts where
 they are not the first's.
 
+Its inpainting, a sampler node that starts from a LoadImage's picture encoded with its mask
+(VAEEncodeForInpaint, a VAEEncode's latents given a SetLatentNoiseMask, or InpaintModelConditioning's
+latent, whose conditioning is then its CLIPTextEncodes'), reads as its image-to-image does, with
+warnings that say which picture --init-image and which mask --mask must give again (ComfyUI keeps a
+mask painted in its editor in the picture's alpha channel) and how its inpainting differs from
+diffusers' (ours).
+
 Its tiled VAE nodes (VAEDecodeTiled, VAEEncodeTiled) read as the plain ones, with a warning that
 advises --vae-tiling (ours are diffusers' tiles, near its own).
 """
@@ -64,6 +71,8 @@ PLAIN_NODES = {"CheckpointLoaderSimple", "EmptyLatentImage", "VAEDecode", "SaveI
 # Its tiled VAE nodes read as the plain ones (kind), with --vae-tiling advised: its tiles are its own
 # (tile_size and overlap in px; its decoder averages three tilings), ours diffusers'.
 TILED = {"VAEDecodeTiled": "VAEDecode", "VAEEncodeTiled": "VAEEncode"}
+# Its nodes that start an inpainting pass: the latent a sampler starts from (module docstring).
+INPAINT_NODES = ("SetLatentNoiseMask", "VAEEncodeForInpaint", "InpaintModelConditioning")
 # ComfyUI's samplers are k-diffusion's, walking noise levels as it does; ours are diffusers' schedulers.
 NEAR = ("the image was drawn by ComfyUI, whose samplers walk k-diffusion's noise levels where ours are diffusers' "
         "schedulers': near, so the image will differ a little")
@@ -84,14 +93,19 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
     samplers = [(key, node) for key, node in graph.items() if kind(node) in SAMPLER_NODES]
     # (an img2img pass is one from a VAEEncode of a LoadImage's picture, which --init-image gives again)
     starts = {start_kind(graph, inputs_of(node)): (key, node) for key, node in reversed(samplers)}
-    if "EmptyLatentImage" not in starts and "VAEEncode" not in starts:
+    found = [k for k in ("EmptyLatentImage", "VAEEncode", "Inpaint") if k in starts]
+    if not found:
         raise UserError("its ComfyUI graph has no KSampler starting from an EmptyLatentImage or a VAEEncode of a "
-                        "LoadImage (an inpainting or other graph): give the settings on the command line instead")
-    img2img = "EmptyLatentImage" not in starts
-    key, node = starts["VAEEncode" if img2img else "EmptyLatentImage"]  # (the first such node of the graph)
+                        "LoadImage (plain, or for inpainting: VAEEncodeForInpaint, SetLatentNoiseMask, "
+                        "InpaintModelConditioning): give the settings on the command line instead")
+    img2img, inpaint = found[0] != "EmptyLatentImage", found[0] == "Inpaint"
+    key, node = starts[found[0]]  # (the first such node of the graph)
     inputs = inputs_of(node)
     advanced = kind(node) == "KSamplerAdvanced"
     latent = inputs_of(linked(graph, inputs, "latent_image"))
+    inpaint_ids = set()
+    if inpaint:  # the encoding node (with its pixels), past a SetLatentNoiseMask
+        latent, masked, inpaint_ids = inpaint_start(graph, inputs)
     warnings = [NEAR]
 
     def number(source: dict, name: str, integer: bool = True):
@@ -107,8 +121,16 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
               "Seed": number(inputs, "noise_seed" if advanced else "seed")}
     if img2img:
         fields["Steps"], fields["Denoising strength"] = walk_cut(inputs, advanced, fields["Steps"], warnings)
-        warnings.append(f"its image-to-image pass starts from {source_image(graph, latent)}: give that image with "
-                        "--init-image (without it, a text-to-image is drawn)")
+        if inpaint:
+            mask, mask_ids = mask_source(graph, masked)
+            inpaint_ids |= mask_ids
+            warnings.append(f"its inpainting pass starts from {source_image(graph, latent)} and a mask: give them with "
+                            "--init-image and --mask (without the picture, a text-to-image is drawn; without the "
+                            f"mask, the whole picture is redrawn); its mask is {mask}")
+            warnings.extend(inpaint_differences(kind(linked(graph, inputs, "latent_image")), masked))
+        else:
+            warnings.append(f"its image-to-image pass starts from {source_image(graph, latent)}: give that image "
+                            "with --init-image (without it, a text-to-image is drawn)")
         warnings.append("its image-to-image start is ComfyUI's own: it encodes the picture to the VAE's mean and "
                         "draws the seed's noise first, where diffusers (and ours) draws a sample of the VAE's "
                         "distribution first, so the noise and the image differ more than a little")
@@ -151,9 +173,9 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
     hires_ids = set() if img2img else second_pass(graph, key, size, fields, *texts, tags, warnings)
     if len(samplers) > 1 + bool(hires_ids):
         warnings.append(f"its graph samples {len(samplers)} times; only node {key}'s "
-                        f"{'image-to-image' if img2img else 'text-to-image'} pass "
+                        f"{'inpainting' if inpaint else 'image-to-image' if img2img else 'text-to-image'} pass "
                         f"{'and its hires fix are' if hires_ids else 'is'} drawn")
-    read_ids |= hires_ids
+    read_ids |= hires_ids | inpaint_ids
     tiled_nodes = [n for n in graph.values() if isinstance(n.get("class_type"), str) and n["class_type"] in TILED]
     if tiled_nodes:
         tiled = sorted({n["class_type"] for n in tiled_nodes})
@@ -338,7 +360,56 @@ def start_kind(graph: dict, inputs: dict) -> str:
     node = linked(graph, inputs, "latent_image")
     if kind(node) == "VAEEncode" and kind(linked(graph, inputs_of(node), "pixels")) != "LoadImage":
         return "VAEEncode of another node"
+    if kind(node) in INPAINT_NODES:
+        encoder = inpaint_start(graph, inputs)[0]
+        return "Inpaint" if kind(linked(graph, encoder, "pixels")) == "LoadImage" else f"{kind(node)} of another node"
     return kind(node)
+
+
+def inpaint_start(graph: dict, inputs: dict) -> tuple[dict, dict, set[str]]:
+    """For a sampler that starts an inpainting pass: (the inputs of the node that encodes its picture,
+    the inputs of the node that gives its mask, the ids of both)."""
+    key = link_of(inputs, "latent_image")
+    node = graph.get(key, {})
+    if kind(node) != "SetLatentNoiseMask":  # VAEEncodeForInpaint, InpaintModelConditioning: both in one
+        return inputs_of(node), inputs_of(node), {key}
+    encoder = link_of(inputs_of(node), "samples")
+    return inputs_of(graph.get(encoder, {})), inputs_of(node), {key, encoder}
+
+
+def mask_source(graph: dict, inputs: dict) -> tuple[str, set[str]]:
+    """(Where the mask wired into `inputs` comes from, as a sentence names it; the loader's id)."""
+    link, key = inputs.get("mask"), link_of(inputs, "mask")
+    node = graph.get(key, {})
+    name = inputs_of(node).get("image")
+    name = repr(name) if isinstance(name, str) else f"(named {describe(name)})"
+    alpha = ("(ComfyUI keeps a mask painted in its editor in the picture's alpha channel; make a mask image of it, "
+             "white where the picture is transparent)")
+    if kind(node) == "LoadImage" and isinstance(link, list) and link[1:] == [1]:
+        return f"the transparent part of LoadImage's {name} {alpha}", {key}
+    if kind(node) == "LoadImageMask":
+        channel = inputs_of(node).get("channel")
+        if channel == "alpha":
+            return f"the transparent part of LoadImageMask's {name} {alpha}", {key}
+        return f"the {describe(channel)} channel of LoadImageMask's {name} (white: redrawn)", {key}
+    return f"a mask from {kind(node) if node else 'nothing'}, not read here", set()
+
+
+def inpaint_differences(start: str, masked: dict) -> list[str]:
+    """How ComfyUI's inpainting from a `start` node (INPAINT_NODES) whose mask is wired into `masked`
+    differs from diffusers' (ours), as warnings."""
+    out = ["its inpainting keeps the unmasked part by its own blending of the image's noised latents at each "
+           "step, near diffusers' (and ours: the kept part put back after each step), so the image will differ "
+           "a little"]
+    if start == "VAEEncodeForInpaint":
+        grow = masked.get("grow_mask_by", 6)
+        out.append(f"its VAEEncodeForInpaint grows the mask by {describe(grow)} px and encodes the picture with the "
+                   "masked part grey; here the mask is taken as given (grow it by as much for the same hole) and the "
+                   "picture encoded as it is (--masked-content fill paints the hole first)")
+    if start == "InpaintModelConditioning" and masked.get("noise_mask") is False:  # the whole latent redrawn
+        out.append("its InpaintModelConditioning has noise_mask off, so it redraws the unmasked part too; here "
+                   "the unmasked part is kept")
+    return out
 
 
 def advanced_start(inputs: dict, steps: int | None) -> int | None:
@@ -434,6 +505,10 @@ def encoded_text(graph: dict, inputs: dict, name: str, warnings: list, size: tup
     """The text of the CLIPTextEncode wired into `name` (or CLIPTextEncodeSDXL's, one text for both
     encoders); None (and why, in `warnings`) for other conditioning."""
     node = linked(graph, inputs, name)
+    seen = set()
+    while kind(node) == "InpaintModelConditioning" and id(node) not in seen:  # (its conditioning passes through)
+        seen.add(id(node))
+        node = linked(graph, inputs_of(node), name)
     if kind(node) == "CLIPTextEncodeSDXL":
         return sdxl_text(node, name, warnings, size)
     value = inputs_of(node).get("text")

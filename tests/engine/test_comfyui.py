@@ -186,9 +186,86 @@ def test_its_image_to_image_graph_reads_as_the_steps_it_draws():
     assert fields["Size"] == "96x64" and "Denoising strength" not in fields
     assert "samples 2 times; only node 3's text-to-image pass is drawn" in warnings[-1]
     g = img2img_graph()
-    g["10"]["class_type"] = "VAEEncodeForInpaint"
+    g["11"]["class_type"] = "LoadImageMask"  # (no picture: a mask)
     with pytest.raises(UserError, match="no KSampler starting from an EmptyLatentImage or a VAEEncode"):
         comfyui.read(json.dumps(g))
+
+
+def inpaint_graph(how: str, **sampler) -> dict:
+    """ComfyUI's inpainting graphs: its LoadImage's picture and the mask painted on it (its output 1)
+    encoded by VAEEncodeForInpaint, or VAEEncoded and given the mask by SetLatentNoiseMask, or by
+    InpaintModelConditioning, through which the prompts' conditioning passes too."""
+    g = img2img_graph(**{"denoise": 1.0, **sampler})
+    if how == "VAEEncodeForInpaint":
+        g["10"] = {"class_type": how, "inputs": {"pixels": ["11", 0], "vae": ["4", 2], "mask": ["11", 1],
+                                                 "grow_mask_by": 6}}
+    elif how == "SetLatentNoiseMask":
+        g["12"] = {"class_type": how, "inputs": {"samples": ["10", 0], "mask": ["11", 1]}}
+        g["3"]["inputs"]["latent_image"] = ["12", 0]
+    else:
+        g["12"] = {"class_type": how, "inputs": {"positive": ["6", 0], "negative": ["7", 0], "vae": ["4", 2],
+                                                 "pixels": ["11", 0], "mask": ["11", 1], "noise_mask": True}}
+        g["3"]["inputs"].update(positive=["12", 0], negative=["12", 1], latent_image=["12", 2])
+        del g["10"]
+    return g
+
+
+@pytest.mark.parametrize("how", ["VAEEncodeForInpaint", "SetLatentNoiseMask", "InpaintModelConditioning"])
+def test_its_inpainting_graphs_read_as_image_to_image_with_a_mask(how):
+    prompt, negative, fields, warnings = comfyui.read(json.dumps(inpaint_graph(how, steps=20, denoise=0.7)))
+    assert (prompt, negative) == ("a lighthouse at dusk", "fog, rain")
+    assert fields == comfyui.read(json.dumps(img2img_graph(steps=20, denoise=0.7)))[2]
+    assert (fields["Steps"], fields["Denoising strength"]) == ("28", "0.7143")
+    assert warnings[1] == (
+        "its inpainting pass starts from LoadImage's 'photo.png' and a mask: give them with --init-image and --mask "
+        "(without the picture, a text-to-image is drawn; without the mask, the whole picture is redrawn); its mask "
+        "is the transparent part of LoadImage's 'photo.png' (ComfyUI keeps a mask painted in its editor in the "
+        "picture's alpha channel; make a mask image of it, white where the picture is transparent)")
+    assert "keeps the unmasked part by its own blending" in warnings[2]
+    assert ("grows the mask by 6 px" in warnings[3]) == (how == "VAEEncodeForInpaint")
+    assert "draws the seed's noise first" in warnings[-1] and not any("not drawn here" in w for w in warnings)
+    # a mask from another channel, or from a node not read
+    g = inpaint_graph(how)
+    g["13"] = {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}}
+    node = "12" if how != "VAEEncodeForInpaint" else "10"
+    g[node]["inputs"]["mask"] = ["13", 0]
+    warnings = comfyui.read(json.dumps(g))[3]
+    assert warnings[1].endswith("its mask is the 'red' channel of LoadImageMask's 'mask.png' (white: redrawn)")
+    assert not any("not drawn here" in w for w in warnings)
+    g["14"] = {"class_type": "GrowMask", "inputs": {"mask": ["13", 0], "expand": 8}}
+    g[node]["inputs"]["mask"] = ["14", 0]
+    warnings = comfyui.read(json.dumps(g))[3]
+    assert warnings[1].endswith("its mask is a mask from GrowMask, not read here")
+    assert warnings[-1] == "its graph's GrowMask, LoadImageMask are not drawn here, so the image may differ"
+    if how == "InpaintModelConditioning":
+        g = inpaint_graph(how)
+        g["12"]["inputs"]["noise_mask"] = False
+        assert "has noise_mask off, so it redraws the unmasked part too" in comfyui.read(json.dumps(g))[3][3]
+
+
+def test_a_comfyui_inpainting_png_draws_with_its_picture_and_mask(engine_dirs, tmp_path, capsys):
+    engine = str(engine_dirs["tiny-sd1"])
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 24:72] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", json.dumps(inpaint_graph("SetLatentNoiseMask", steps=3, denoise=0.6)))
+    Image.new("RGB", (96, 64)).save(tmp_path / "comfy.png", pnginfo=info)
+    images = ["--init-image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png")]
+    assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", engine, *images,
+                         "--out", str(tmp_path / "again.png"), "-q"]) == 0
+    assert "its inpainting pass starts from LoadImage's 'photo.png' and a mask" in capsys.readouterr().err
+    assert run_cli.main(["a lighthouse at dusk", "--negative-prompt", "fog, rain", "--engine", engine, "--steps", "5",
+                         "--strength", "0.6", "--guidance", "6.5", "--seed", "5", "--sampler", "dpmpp_2m_karras",
+                         *images, "--out", str(tmp_path / "given.png"), "-q"]) == 0
+    again, given = np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "given.png"))
+    np.testing.assert_array_equal(again, given)
+    # (the mask is drawn with: without it, its image-to-image)
+    assert run_cli.main(["--from-png", str(tmp_path / "comfy.png"), "--engine", engine, *images[:2],
+                         "--out", str(tmp_path / "whole.png"), "-q"]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "whole.png")), given)
 
 
 def test_clip_text_encode_sdxl_reads_where_both_encoders_get_one_text():
