@@ -32,7 +32,7 @@ ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Eul
            "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_lcm": "LCM", "ddim": "DDIM",
            "unipc": "UniPC", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a",
            "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_3m_sde": "DPM++ 3M SDE",
-           "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun"}
+           "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "k_dpmpp_2s_a": "DPM++ 2S a"}
 # Its inpainting_fill -> masked_content
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # Fields that ask for what is not offered, and the value that asks for nothing.

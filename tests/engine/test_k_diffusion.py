@@ -12,7 +12,9 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
 from conftest import PRESETS, assert_not_saturated, k_diffusion_sampling
 
-TOL = 2e-3  # max abs per pixel on [0, 1], as test_parity.py's
+# diffusers 0.42's schedulers call np.array() on torch tensors, which torch 2.13 warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+TOL = 1e-4  # max abs per pixel on [0, 1] (measured: up to 6e-6; test_parity.py allows diffusers' 2e-3)
 W, H = 128, 96
 
 

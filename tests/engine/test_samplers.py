@@ -572,8 +572,12 @@ def k_diffusion_trace(sampler, config, steps, strength, noise, image, residuals,
     from diffusers import EulerDiscreteScheduler
 
     sampling = k_diffusion_sampling()
-    scheduler = EulerDiscreteScheduler.from_config(config, **EULER_OPTIONS[sampler.removeprefix("dpmpp_2s_a")])
-    scheduler.set_timesteps(steps)
+    variant = sampler.removeprefix("dpmpp_2s_a")
+    scheduler = EulerDiscreteScheduler.from_config(config, **EULER_OPTIONS.get(variant, {}))
+    if variant == "_ays":  # Align Your Steps: given timesteps, as pipe(..., timesteps=...) sets them
+        scheduler.set_timesteps(timesteps=ays_oracle(config, steps))
+    else:
+        scheduler.set_timesteps(steps)
     first = 0 if strength is None else max(steps - min(int(steps * strength), steps), 0)
     scheduler.set_begin_index(first)
     sigmas, timesteps = scheduler.sigmas[first:], scheduler.timesteps[first:]
@@ -629,12 +633,12 @@ def test_dpmpp_2s_a_matches_k_diffusion(sampler, config, steps, strength):
     check_against_k_diffusion(sampler, config, steps, strength)
 
 
-# Its other sigmas (Exponential, Beta, SGM Uniform) and other schedules, at fewer settings.
+# Its other sigmas (Exponential, Beta, SGM Uniform, Align Your Steps) and other schedules, at fewer settings.
 @pytest.mark.parametrize("config, steps, strength", [
-    (SD1, 3, None), (SD1, 25, None), (SD1, 25, 0.6), (SD2, 25, None),
+    (SD1, 3, None), (SD1, 10, None), (SD1, 25, None), (SD1, 25, 0.6), (SD2, 25, None),
     ({**SD1, "timestep_spacing": "leading"}, 25, None), ({**SD1, "timestep_spacing": "linspace"}, 3, 0.6),
     ({**SD1, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "steps_offset": 0}, 3, None),
-], ids=["sd1-3", "sd1-25", "sd1-25-img2img0.6", "sd2-v-25", "leading-25", "linspace-3-img2img0.6", "linear-betas-3"])
+], ids=["sd1-3", "sd1-10", "sd1-25", "sd1-25-img2img0.6", "sd2-v-25", "leading-25", "linspace-3-img2img0.6", "linear-betas-3"])
 @pytest.mark.parametrize("sampler", K_DIFFUSION_ONLY)
 def test_dpmpp_2s_a_schedules_match_k_diffusion(sampler, config, steps, strength):
     if sampler == "dpmpp_2s_a_beta" and config.get("beta_schedule") == "linear":

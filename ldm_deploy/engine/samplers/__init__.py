@@ -96,8 +96,9 @@ for _name in ("euler", "heun", "dpm2", "dpm2_a", "dpmpp_2m", "dpmpp_2m_sde", "dp
               "dpmpp_sde", "dpmpp_2s_a", "unipc"):
     _display, _walker = _REGISTRY[_name]
     _REGISTRY[f"{_name}_beta"] = (f"{_display} Beta", partial(_walker, beta=True))
-# NVIDIA's Align Your Steps walks (ays.py) where diffusers' scheduler takes them (`timesteps=`).
-for _name in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"):
+# NVIDIA's Align Your Steps walks (ays.py) where diffusers' scheduler takes them (`timesteps=`), and on
+# Euler's walk for DPM++ 2S a.
+for _name in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_2s_a"):
     _display, _walker = _REGISTRY[_name]
     _REGISTRY[f"{_name}_ays"] = (f"{_display} Align Your Steps", partial(_walker, ays=True))
 del _name, _display, _walker

@@ -36,9 +36,9 @@ from ldm_deploy.engine.samplers.schedule import Walk, alphas_cumprod, sigma_to_t
 
 
 def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bool = False,
-         beta: bool = False) -> Walk:
+         beta: bool = False, ays: bool = False) -> Walk:
     """Coefficients for the calls of steps start..steps-1 of a `steps`-step DPM++ 2S a walk."""
-    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, beta=beta)
+    t, sigmas, init = sigma_schedule(schedule, steps, karras, exponential, beta=beta, ays=ays)
     f32 = np.float32
     s, s_next = sigmas[:-1].astype(f32), sigmas[1:].astype(f32)
     # k-diffusion's get_ancestral_step (eta 1), in float32
@@ -52,6 +52,7 @@ def walk(schedule, steps: int, start: int, karras: bool = False, exponential: bo
         t_now, t_next = -ops32.log(s), -ops32.log(down)
         h = (t_next - t_now).astype(f32)
         mid, e_now = ops32.exp(-(t_now + f32(0.5) * h)).astype(f32), ops32.exp(-t_now).astype(f32)
+        # (numpy's expm1: torch's is an ulp from it now and then, as its exp and log)
         a1, b1 = mid / e_now, -np.expm1(-h * f32(0.5))  # row A: x_i = a1 x + b1 x0
         a2, b2 = ops32.exp(-t_next).astype(f32) / e_now, -np.expm1(-h)  # x_next = a2 x + b2 x0_i + s_up noise
     mid[-1] = 0.0  # the last step: k-diffusion's Euler step to 0, onto x0
