@@ -51,7 +51,11 @@ class A1111:
         get = {"/samplers": self.samplers, "/schedulers": self.schedulers, "/sd-models": self.sd_models,
                "/sd-vae": self.sd_vae, "/upscalers": self.upscalers, "/latent-upscale-modes": self.latent_modes,
                "/embeddings": self.embeddings, "/loras": self.loras, "/options": self.options,
-               "/progress": self.progress, "/cmd-flags": lambda _: (200, {}), "/prompt-styles": self.prompt_styles}
+               "/progress": self.progress, "/cmd-flags": lambda _: (200, {}), "/prompt-styles": self.prompt_styles,
+               # What is not offered here lists nothing, as its own lists do with none installed.
+               **dict.fromkeys(("/face-restorers", "/hypernetworks", "/sd-modules", "/script-info", "/extensions"),
+                               lambda _: (200, [])),
+               "/scripts": lambda _: (200, {"txt2img": [], "img2img": []})}
         extras = a1111_extras.Extras(self.engines)
         post = {"/txt2img": self.txt2img, "/img2img": self.img2img, "/png-info": self.png_info,
                 "/options": self.set_options, "/extra-single-image": extras.single,
@@ -60,6 +64,10 @@ class A1111:
         out.update({("POST", PREFIX + p): Route(f, error_body, body=True) for p, f in post.items()})
         out[("POST", PREFIX + "/interrupt")] = Route(self.interrupt, error_body)
         out[("POST", PREFIX + "/skip")] = Route(self.skip, error_body)
+        # Its rescans of the models folder: the engines, with their VAEs, LoRAs and embeddings, are fixed
+        # when ldm-serve starts (--engine, merged at ldm-export), so there is nothing to find anew.
+        for p in ("/refresh-checkpoints", "/refresh-vae", "/refresh-loras", "/refresh-embeddings"):
+            out[("POST", PREFIX + p)] = Route(lambda _: (200, None), error_body)
         out[("GET", "/internal/ping")] = Route(lambda _: (200, {}), error_body)
         # the ControlNet extension's: what its clients ask before they name a model in a unit
         out[("GET", "/controlnet/model_list")] = Route(self.controlnet_models, error_body)

@@ -324,6 +324,13 @@ def test_listings(server, pipe):
     assert call(server.url + "/controlnet/model_list")[1] == {"model_list": []}
     assert call(server.url + "/sdapi/v1/prompt-styles")[1] == []  # none saved: started without --styles-file
     assert "POST /sdapi/v1/txt2img" in call(server.url + "/docs")[1]["endpoints"]
+    # what clients probe: what is not offered lists nothing; a rescan finds nothing new
+    for path in ("face-restorers", "hypernetworks", "sd-modules", "script-info", "extensions"):
+        assert call(server.url + "/sdapi/v1/" + path)[:2] == (200, []), path
+    assert call(server.url + "/sdapi/v1/scripts")[:2] == (200, {"txt2img": [], "img2img": []})
+    for path in ("refresh-checkpoints", "refresh-vae", "refresh-loras", "refresh-embeddings"):
+        assert call(server.url + "/sdapi/v1/" + path, "POST", {})[:2] == (200, None), path
+    assert call(server.url + "/sdapi/v1/sd-models")[1] == models
 
 
 def test_png_info_reads_the_answer_back(server):
