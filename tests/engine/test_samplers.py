@@ -149,9 +149,14 @@ def precision_gain(sampler, rows) -> float:
 
 
 def check_against_diffusers(sampler, config, steps, strength):
+    check_trace(diffusers_trace, sampler, config, steps, strength)
+
+
+def check_trace(reference, sampler, config, steps, strength):
+    """Our trace against `reference`'s (diffusers_trace, k_diffusion_trace), call by call."""
     args = (sampler, config, steps, strength, *inputs(steps))
     with torchs_float32_rounding():
-        expected, got = diffusers_trace(*args), our_trace(*args)
+        expected, got = reference(*args), our_trace(*args)
     assert len(got) == len(expected)
     # Both sides round to float32, diffusers with its own formulas (e.g. DPM-Solver's h as a
     # difference of float32 logs): the gap grows with the largest term of an update. Latents and,
@@ -164,9 +169,9 @@ def check_against_diffusers(sampler, config, steps, strength):
     for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
         where = f"{sampler} steps={steps} strength={strength} step {i}"
         # Karras, Exponential and Beta timesteps come from sigmas, which diffusers holds in float32: an
-        # ulp apart; so do DPM2's midpoint timesteps
+        # ulp apart; so do DPM2's and DPM++ 2S a's midpoint timesteps
         from_sigmas = any(k in sampler for k in ("karras", "exponential", "beta")) \
-            or sampler.startswith(("dpm2", "dpmpp_sde"))
+            or sampler.startswith(("dpm2", "dpmpp_sde", "dpmpp_2s"))
         assert t == pytest.approx(t_ref, rel=1e-6, abs=1e-4) if from_sigmas else t == t_ref, where
         np.testing.assert_allclose(model_in, model_in_ref, rtol=0, atol=atol, err_msg=where)
         np.testing.assert_allclose(x, x_ref, rtol=0, atol=atol, err_msg=where)
@@ -610,17 +615,7 @@ def k_diffusion_trace(sampler, config, steps, strength, noise, image, residuals,
 
 
 def check_against_k_diffusion(sampler, config, steps, strength):
-    args = (sampler, config, steps, strength, *inputs(steps))
-    with torchs_float32_rounding():
-        expected, got = k_diffusion_trace(*args), our_trace(*args)
-    assert len(got) == len(expected)
-    scale = max(np.abs(a).max() for step in got for a in step[1:])
-    atol = TOL * max(1.0, scale / 15)
-    for i, ((t, model_in, x, _), (t_ref, model_in_ref, x_ref)) in enumerate(zip(got, expected)):
-        where = f"{sampler} steps={steps} strength={strength} call {i}"
-        assert t == pytest.approx(t_ref, rel=1e-6, abs=1e-4), where
-        np.testing.assert_allclose(model_in, model_in_ref, rtol=0, atol=atol, err_msg=where)
-        np.testing.assert_allclose(x, x_ref, rtol=0, atol=atol, err_msg=where)
+    check_trace(k_diffusion_trace, sampler, config, steps, strength)
 
 
 @pytest.mark.parametrize("strength", [None, 0.3, 0.6, 1.0], ids=lambda s: f"img2img{s}" if s else "txt2img")
