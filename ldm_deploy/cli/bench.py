@@ -41,7 +41,9 @@ def parser() -> argparse.ArgumentParser:
                         "compiled: a torch engine's exported programs without / with torch.compile), "
                         "diffusers, compile:MODE (default: ours,diffusers on the CPU; diffusers,compile:default "
                         "and ours if --engine on CUDA)")
-    p.add_argument("--baseline", default="diffusers", help="the contender every ratio divides by")
+    p.add_argument("--baseline", default=None,
+                   help="the contender every ratio divides by (default: diffusers, or the first contender "
+                        "where diffusers is not one)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--height", type=int, default=256)
@@ -91,8 +93,10 @@ def main(argv=None) -> int:
         from benchmarks import bench, report
         from benchmarks.config import BenchConfig
 
+        contenders = default_contenders(args)
+        baseline = args.baseline or ("diffusers" if "diffusers" in contenders or not contenders else contenders[0])
         cfg = BenchConfig(
-            engine=args.engine, model=args.model, contenders=default_contenders(args), baseline=args.baseline,
+            engine=args.engine, model=args.model, contenders=contenders, baseline=baseline,
             device=args.device, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
             sampler=args.sampler, batch=args.batch, threads=args.threads, warmup=args.warmup,
             warmup_steps=args.warmup_steps, repeats=args.repeats, rounds=args.rounds, prompt=args.prompt,

@@ -14,7 +14,7 @@ import time
 
 from ldm_deploy.cli.common import add_model_options, run_main, setup_logging
 from ldm_deploy.errors import UserError
-from ldm_deploy.serve.engines import Engines
+from ldm_deploy.serve.engines import Engines, EngineUnavailable
 from ldm_deploy.serve.server import Auth
 
 log = logging.getLogger("ldm-serve")
@@ -123,7 +123,10 @@ def main(argv=None) -> int:
                 tile_of(args.vae_tile_size, manifest.model, manifest.size_multiple)
         # the default loaded now (its mistakes found at once), held by `engines` alone: it is let go
         # of when another takes its place
-        engines.pipeline(engines.default)
+        try:
+            engines.pipeline(engines.default)
+        except EngineUnavailable as e:  # (its message names the re-export; logged once already)
+            raise UserError(f"{e}; ldm-serve loads its default engine (the first --engine) as it starts") from None
         if args.warmup:
             start = time.perf_counter()
             engines.pipeline(engines.default)("warm-up", steps=2, seed=0, progress=False)

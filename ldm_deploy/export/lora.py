@@ -62,6 +62,9 @@ def parse_spec(spec: str) -> tuple[str, float]:
     try:
         weight = float(tail)
     except ValueError:
+        if path and Path(path).expanduser().is_file() and not Path(spec).expanduser().exists():
+            raise UserError(f"--lora {spec}: its weight {tail!r} is not a number (FILE:WEIGHT, e.g. {path}:0.8)") \
+                from None
         return spec, 1.0
     if not path:
         return spec, 1.0

@@ -83,16 +83,18 @@ def test_gpu_suite_script_parses():
 def test_rounds_take_turns_and_pool_the_samples(engine_dirs, model_dirs, tmp_path, capsys):
     out_json = tmp_path / "bench.json"
     code = bench_cli.main([
-        "--engine", str(engine_dirs["tiny-sd1"]), "--contenders", "ours", "--baseline", "ours",
+        "--engine", str(engine_dirs["tiny-sd1"]), "--contenders", "ours",  # (the baseline: the only one)
         "--width", "64", "--height", "64", "--steps", "2", "--warmup-steps", "1", "--repeats", "1",
         "--rounds", "2", "--threads", "1", "--json", str(out_json),
+        "--sampler", "dpmpp_2s_a",  # (no diffusers contender has it: ours alone, as its refusal advises)
     ])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "== ours (round 2/2)" in captured.err
-    c = json.loads(out_json.read_text())["contenders"]["ours"]
-    assert len(c["samples"]["runs"]) == 2  # one timed call per round
-    assert c["stages"]["unet_step"]["n"] == 4  # two steps per call, two rounds
+    results = json.loads(out_json.read_text())
+    c = results["contenders"]["ours"]
+    assert results["baseline"] == "ours" and len(c["samples"]["runs"]) == 2  # one timed call per round
+    assert c["stages"]["unet_step"]["n"] == 6  # two steps per call, three U-Net calls, two rounds
 
 
 def test_pool_joins_samples_and_keeps_the_highest_peak():

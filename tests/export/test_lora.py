@@ -254,6 +254,9 @@ def test_bad_shapes_and_weights(model_dirs, tmp_path):
 
     with pytest.raises(UserError, match="finite"):
         parse_spec("style.safetensors:inf")
+    (tmp_path / "style.safetensors").write_bytes(b"")  # (a file there: "abc" is a weight mistyped)
+    with pytest.raises(UserError, match=r"its weight 'abc' is not a number \(FILE:WEIGHT, e.g. .*style.safetensors:0.8\)"):
+        parse_spec(f"{tmp_path / 'style.safetensors'}:abc")
 
 
 def test_ldm_run_model_merges_vae_lora_and_embedding_into_its_cached_engine(model_dirs, tmp_path, monkeypatch,

@@ -73,3 +73,15 @@ def test_a_bad_vae_tile_is_said(engine_dirs, capsys):
                  "--vae-tile-size", "20"]) == 2
     err = capsys.readouterr().err
     assert "the VAE tile size must be a whole number of pixels, a multiple of 32" in err and "Traceback" not in err
+
+
+def test_a_damaged_default_engine_is_said(engine_dirs, tmp_path, capsys):
+    import shutil
+
+    engine = shutil.copytree(engine_dirs["tiny-sd1"], tmp_path / "engine")
+    data = (engine / "unet_step.onnx").read_bytes()
+    (engine / "unet_step.onnx").write_bytes(data[: len(data) // 2])
+    assert main(["--engine", str(engine), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "ldm-serve: error: the engine tiny-sd1 cannot be loaded" in err and "truncated" in err
+    assert "as it starts" in err and "Traceback" not in err
