@@ -74,6 +74,24 @@ def add_model_options(p) -> None:
                         "the file, only for sources you trust")
 
 
+# ldm-run's and ldm-serve's --model: its cached engine's image sides, as ldm-export's options set them
+# (theirs default 256 and the family's, ldm-export's own).
+SIZE_OPTIONS = {"--min-size": "min_size", "--max-size": "max_size"}
+
+
+def add_size_options(p) -> None:
+    """The SIZE_OPTIONS on ldm-run's or ldm-serve's --model argument group."""
+    p.add_argument("--min-size", type=int, default=None,
+                   help="smallest image side the cached engine accepts (px; default 256), as ldm-export's")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="largest image side the cached engine accepts (px; default 1024, SDXL 1536), as ldm-export's")
+
+
+def size_options(args) -> dict:
+    """The SIZE_OPTIONS given, as ExportConfig fields."""
+    return {field: getattr(args, field) for field in SIZE_OPTIONS.values() if getattr(args, field) is not None}
+
+
 def model_options(args) -> dict:
     """The MODEL_OPTIONS given, as ExportConfig fields (LoRA and embedding specs parsed)."""
     from ldm_deploy.export import embeddings, lora, upscalers

@@ -9,7 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm_deploy.cli.common import MODEL_OPTIONS, add_model_options, model_options, run_main, setup_logging
+from ldm_deploy.cli.common import (MODEL_OPTIONS, SIZE_OPTIONS, add_model_options, add_size_options, model_options,
+                                   run_main, setup_logging, size_options)
 from ldm_deploy.errors import UserError
 
 log = logging.getLogger("ldm-run")
@@ -32,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
                        "64x64 shapes model (try \"a red circle on a blue background\")")
     m = p.add_argument_group("with --model (set into its cached engine, as ldm-export does)")
     add_model_options(m)
+    add_size_options(m)
     p.add_argument("--negative-prompt", default=None,
                    help="what to steer away from (none given: SDXL base draws from zero embeddings, as diffusers "
                         "and AUTOMATIC1111 do; \"\" encodes the empty text, as ComfyUI does)")
@@ -199,6 +201,7 @@ def names(p: Path, n: int) -> list[Path]:
 
 def engine_dir(args) -> str:
     given = [flag for flag, field in MODEL_OPTIONS.items() if getattr(args, field)]
+    given += [flag for flag, field in SIZE_OPTIONS.items() if getattr(args, field) is not None]
     if given and not args.model:
         built = "has them built in: see its manifest" if args.engine else "is the bundled shapes model"
         raise UserError(f"{', '.join(given)} set what --model exports into its cached engine; the engine "
@@ -208,7 +211,7 @@ def engine_dir(args) -> str:
     from ldm_deploy.cache import engine_for
 
     if args.model:
-        return str(engine_for(args.model, model_options(args)))
+        return str(engine_for(args.model, model_options(args) | size_options(args)))
     from ldm_deploy import shapes
 
     return str(engine_for(shapes.MODEL_DIR, shapes.EXPORT_SETTINGS, "shapes"))
@@ -223,7 +226,7 @@ def refiner_dir(args, tiling: bool = False) -> tuple[str, bool]:
         return str(path), False
     from ldm_deploy.cache import engine_for
 
-    settings = {"allow_pickle": True} if args.allow_pickle else {}
+    settings = ({"allow_pickle": True} if args.allow_pickle else {}) | size_options(args)  # (the sides --model's take)
     return str(engine_for(path, settings | ({"tiling": True} if tiling else {}))), True
 
 

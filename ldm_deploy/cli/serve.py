@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from ldm_deploy.cli.common import add_model_options, run_main, setup_logging
+from ldm_deploy.cli.common import add_model_options, add_size_options, run_main, setup_logging
 from ldm_deploy.errors import UserError
 from ldm_deploy.serve.engines import Engines, EngineUnavailable
 from ldm_deploy.serve.server import Auth
@@ -28,7 +28,9 @@ def parser() -> argparse.ArgumentParser:
                             "requests choose by override_settings.sd_model_checkpoint, or OpenAI's model)")
     which.add_argument("--model", help="diffusers folder or .safetensors checkpoint, exported into the cache on "
                        "first use as ldm-run --model does (neither: the bundled shapes model)")
-    add_model_options(p.add_argument_group("with --model (set into its cached engine, as ldm-export does)"))
+    m = p.add_argument_group("with --model (set into its cached engine, as ldm-export does)")
+    add_model_options(m)
+    add_size_options(m)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                    "only; 0.0.0.0 for every interface, with --api-auth or --api-key)")
     p.add_argument("--port", type=int, default=7860, help="default 7860, AUTOMATIC1111's")

@@ -12,6 +12,7 @@ the next, as one diffusers generator passed to both pipelines does.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -22,6 +23,7 @@ from ldm_deploy.engine.request import Request, check_request
 from ldm_deploy.engine.samplers import cutoff, plan, rows_above
 from ldm_deploy.errors import InvalidRequest
 
+log = logging.getLogger(__name__)
 SWITCH_AT = 0.8  # AUTOMATIC1111's default "Switch at", and diffusers' example
 
 
@@ -45,6 +47,8 @@ def switch(pipe, refiner, at, denoising_start, denoising_end):
                              f"to 1 (it draws nothing), got {at!r}")
     a, b = pipe.manifest.model, refiner.manifest.model
     if a.weights_sha256 == b.weights_sha256:  # the same model
+        log.warning("the refiner given is this engine's own model (the same weights), which AUTOMATIC1111 does not "
+                    "switch to either: the engine draws alone, with no refiner")
         return None, None
     if a.tiling != b.tiling:
         raise InvalidRequest(f"{'this engine' if a.tiling else 'the refiner'} tiles (ldm-export --tiling) and "

@@ -154,6 +154,21 @@ def test_run_engine_path_is_a_model_or_a_file(model_dirs, tmp_path, capsys):
     assert code == 2 and "is a file; an engine is a directory" in err
 
 
+def test_run_model_takes_the_cached_engines_sides(model_dirs, tmp_path, capsys, monkeypatch):
+    """--model's engine takes 256 px and up, as ldm-export's do by default; --min-size / --max-size
+    set its sides (and its cache key), and a size out of range says how to get it."""
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    small = ["a cat", "--model", str(model_dirs["tiny-sd1"]), "--width", "64", "--height", "64", "--steps", "1", "-q"]
+    code, err = run(capsys, [*small, "--out", str(tmp_path / "a.png")])
+    assert code == 2 and "width 64 is outside this engine's range [256, 1024]" in err
+    assert "--min-size / --max-size (ldm-export, or ldm-run --model)" in err
+    code, err = run(capsys, [*small, "--min-size", "64", "--max-size", "128", "--out", str(tmp_path / "b.png")])
+    assert code == 0, err
+    assert len(list((tmp_path / "cache" / "engines").iterdir())) == 2  # (each range its own engine)
+    code, err = run(capsys, ["a cat", "--engine", "/nonexistent", "--min-size", "64"])
+    assert code == 2 and "--min-size set what --model exports into its cached engine" in err
+
+
 def test_run_output_not_writable(engine_dirs, tmp_path, capsys):
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -272,7 +272,7 @@ def test_ldm_run_refiner_given_as_a_model_is_exported_to_the_cache(models, tmp_p
     assert f"--refiner {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
-def test_any_model_of_the_family_refines_and_others_are_refused(models, pipelines):
+def test_any_model_of_the_family_refines_and_others_are_refused(models, pipelines, caplog):
     """As in AUTOMATIC1111, the refiner may be any model of the family, and the base's own model
     is no refiner (the walk is not switched); one of another latent space is refused, as are
     aesthetic scores for a refiner that takes none."""
@@ -280,8 +280,10 @@ def test_any_model_of_the_family_refines_and_others_are_refused(models, pipeline
     _, other, _ = models["other"]
     kwargs = dict(steps=6, seed=2, width=W, height=H, sampler="euler", progress=False)
     [alone] = base(PROMPT, **kwargs)
-    [same] = base(PROMPT, **kwargs, refiner=Pipeline.load(base.engine_dir), refiner_switch_at=0.5)
+    with caplog.at_level("WARNING"):
+        [same] = base(PROMPT, **kwargs, refiner=Pipeline.load(base.engine_dir), refiner_switch_at=0.5)
     assert np.array_equal(np.asarray(alone), np.asarray(same)) and "Refiner" not in same.info["parameters"]
+    assert "the refiner given is this engine's own model (the same weights)" in caplog.text  # (said, not silent)
     [refined] = base(PROMPT, **kwargs, refiner=other, refiner_switch_at=0.5)
     handed = base(PROMPT, **kwargs, denoising_end=0.5, output_type="latent")
     by_hand = other(PROMPT, steps=6, seed=2, sampler="euler", init_image=handed, denoising_start=0.5,
