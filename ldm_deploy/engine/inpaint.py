@@ -37,6 +37,11 @@ def check(model, init, mask, hires_scale) -> None:
                              "re-export it with ldm-export --force to inpaint")
 
 
+def all_black(mask) -> bool:
+    """Whether a mask (images.as_mask's) marks nothing to redraw."""
+    return not images.mask_image(mask).convert("L").getbbox()
+
+
 def blur(mask, radius) -> Image.Image:
     """The mask blurred by a Gaussian of `radius` px (PIL's GaussianBlur, as diffusers'
     mask_processor.blur and AUTOMATIC1111's "Mask blur" do it); an array mask as its image."""
@@ -110,7 +115,7 @@ def crop(init, mask, pad, width, height, output_type, default_size):
     if mask.size != init.size:
         raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
                              f"{init.size[1]}: mask_crop needs them the same size")
-    if not mask.convert("L").getbbox():
+    if all_black(mask):
         raise InvalidRequest("the mask is all black: nothing to inpaint (white marks what to redraw)")
     width, height = whole("width", width, default_size[0]), whole("height", height, default_size[1])
     box = mask_crop_.crop_region(mask, width, height, pad)

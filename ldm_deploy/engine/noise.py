@@ -203,4 +203,6 @@ def image_seeds(seed, n: int, same: bool = False, name: str = "seed") -> tuple[i
         if s < 0:
             random = " (or -1 for a random one)" if not isinstance(seed, (list, tuple)) else " (each of a list)"
             raise InvalidRequest(f"{name} must be 0 or more{random}, got {s}")
+        if s >= 2**64:  # (torch's manual_seed refuses them; below, its generator takes the low 32 bits)
+            raise InvalidRequest(f"{name} must be below 2**64 = {2**64}, as torch's seeds are, got {s}")
     return seeds

@@ -266,7 +266,7 @@ def test_mask_blur_is_diffusers_mask_processor_blur(pad, pipelines, reference, i
         np.testing.assert_array_equal(pipelines["tiny-sd1"]("x", mask=given, mask_blur=radius, **kw), want)
 
 
-def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
+def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path, caplog):
     pipe = pipelines["tiny-sd1"]
     with pytest.raises(InvalidRequest, match="needs the image it masks"):
         pipe("x", mask=mask, steps=2, progress=False)
@@ -293,6 +293,9 @@ def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path):
                         (dict(mask=np.ones((H, W), np.uint8), mask_crop=8, output_type="latent"), "latents cannot")]:
         with pytest.raises(InvalidRequest, match=message):
             pipe("x", init_image=init_image, steps=2, progress=False, **kw)
+    with caplog.at_level("WARNING"):  # without mask_crop an all-black mask draws (as diffusers'), said
+        pipe("x", init_image=init_image, mask=np.zeros((H, W), np.uint8), steps=1, progress=False)
+    assert "the mask is all black: nothing is redrawn" in caplog.text
     assert inpainting[1].manifest.model.inpainting and not pipe.manifest.model.inpainting
     assert pipe.manifest.model.masks and "vae_encoder" in inpainting[1].manifest.files
 

@@ -136,6 +136,8 @@ def test_init_image_values(pixels, expected):
 @pytest.mark.parametrize("kw,message", [
     (dict(seed=1.5), "seed must be a whole number"),
     (dict(seed=-3), "seed must be 0 or more"),
+    (dict(seed=2**64), "seed must be below 2**64"), (dict(seed=2**64 - 1, num_images=2), "got 18446744073709551616"),
+    (dict(seed=1e30), "seed must be below 2**64"),  # (a whole float, as JSON may send one)
     (dict(width=64.5), "width must be a whole number"),
     (dict(num_images=0), "num_images must be a whole number of at least 1"),
     (dict(init_image=[1, 2, 3]), "init_image must be a path, a PIL image, an (H, W, 3) array or (1, C, h, w) latents; got list"),
