@@ -437,18 +437,14 @@ def main(argv=None) -> int:
             log.warning("the PNG's \"Clip skip: %s\" is left out: AUTOMATIC1111 does not apply it to SDXL models "
                         "(pass --clip-skip to choose one)", fields["Clip skip"])
             args.clip_skip = 1
-        images = pipe(
-            args.prompt,
+        settings = dict(
             negative_prompt=args.negative_prompt,
             steps=args.steps,
             guidance=args.guidance,
-            seed=args.seed,
-            variation_seed=args.variation_seed,
             variation_strength=args.variation_strength,
             seed_resize_from=args.seed_resize_from,
             width=args.width,
             height=args.height,
-            num_images=args.num_images,
             sampler=args.sampler,
             init_image=args.init_image,
             mask=args.mask,
@@ -473,11 +469,31 @@ def main(argv=None) -> int:
             negative_aesthetic_score=args.negative_aesthetic_score,
             progress=not args.quiet,
         )
-        for image, path in zip(images, paths):
-            save_png(image, path)
-            log.info("wrote %s", path)
+        for first, count, seeds, variation_seeds in calls(args, pipe):
+            images = pipe(args.prompt, seed=seeds, variation_seed=variation_seeds, num_images=count, **settings)
+            for image, path in zip(images, paths[first:]):
+                save_png(image, path)
+                log.info("wrote %s", path)
 
     return run_main(go, "ldm-run")
+
+
+def calls(args, pipe) -> list[tuple]:
+    """The calls that draw --num-images: [(index of the first, how many, seed, variation seed)], the
+    seeds as ldm-run's (one call) or, where each image depends on its seeds alone, lists of the images' own
+    seeds, one call per engine batch, so that each batch is written as soon as it is drawn (a long
+    run keeps what it drew). A mask or an inpainting model samples the image's latents once per
+    call, with the first image's generator: one call there, as the Python API draws them."""
+    from ldm_deploy.engine import noise
+
+    n, batch = args.num_images, pipe.manifest.dims["batch"].max
+    if n <= batch or args.mask is not None or pipe.manifest.model.inpainting:
+        return [(0, n, args.seed, args.variation_seed)]
+    strength = args.variation_strength  # (a random seed, or variation seed, is drawn once for all)
+    seeds = list(noise.image_seeds(args.seed, n, same=bool(strength)))
+    varied = list(noise.image_seeds(args.variation_seed, n, name="variation_seed")) if strength else None
+    return [(i, len(seeds[i:i + batch]), seeds[i:i + batch], varied[i:i + batch] if varied else args.variation_seed)
+            for i in range(0, n, batch)]
 
 
 if __name__ == "__main__":

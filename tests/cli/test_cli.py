@@ -69,6 +69,30 @@ def test_run_several_images_get_numbered_files_and_seeds(engine_dirs, tmp_path, 
     assert seeds == ["40", "41", "42"]
 
 
+@pytest.mark.parametrize("extra", [[], ["--variation-seed", "7", "--variation-strength", "0.3"], ["--init-image"]])
+def test_run_several_images_are_written_a_batch_at_a_time_as_one_call_draws_them(extra, engine_dirs, pipelines,
+                                                                                 tmp_path, capsys):
+    """Past the engine's batch (2 here), ldm-run draws a call per batch with the images' own seeds and
+    writes each batch as it is drawn: the images of one Python call, pixel for pixel."""
+    kwargs = dict(steps=2, width=64, height=64, seed=40, progress=False)
+    if extra == ["--init-image"]:
+        Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "i.png")
+        extra, kwargs["init_image"] = ["--init-image", str(tmp_path / "i.png")], tmp_path / "i.png"
+    elif extra:
+        kwargs.update(variation_seed=7, variation_strength=0.3)
+    assert pipelines["tiny-sd1"].manifest.dims["batch"].max == 2
+    code, err = run(capsys, ["red", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "2", "--seed", "40",
+                             "--num-images", "5", "--width", "64", "--height", "64", "--out", str(tmp_path / "o.png"),
+                             "--no-prompt-weighting", *extra])
+    assert code == 0, err
+    assert err.count("wrote ") == 5 and err.index("o-1.png") < err.index("denoising", err.index("o-0.png"))
+    one_call = pipelines["tiny-sd1"]("red", num_images=5, **kwargs)
+    for i, expected in enumerate(one_call):
+        written = Image.open(tmp_path / f"o-{i}.png")
+        assert np.array_equal(np.asarray(written), np.asarray(expected)), i
+        assert written.info["parameters"] == expected.info["parameters"]
+
+
 def test_run_img2img(engine_dirs, tmp_path, capsys):
     init = tmp_path / "photo.png"
     Image.fromarray((np.random.default_rng(0).random((72, 100, 3)) * 255).astype(np.uint8)).save(init)
