@@ -89,7 +89,12 @@ def add_size_options(p) -> None:
 
 def size_options(args) -> dict:
     """The SIZE_OPTIONS given, as ExportConfig fields."""
-    return {field: getattr(args, field) for field in SIZE_OPTIONS.values() if getattr(args, field) is not None}
+    given = {field: getattr(args, field) for field in SIZE_OPTIONS.values() if getattr(args, field) is not None}
+    from ldm_deploy.export.config import ExportConfig
+
+    if given.get("min_size") == ExportConfig.min_size:  # the default: the same engine (and key) as without it
+        del given["min_size"]
+    return given
 
 
 def model_options(args) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -469,7 +470,7 @@ def main(argv=None) -> int:
             negative_aesthetic_score=args.negative_aesthetic_score,
             progress=not args.quiet,
         )
-        for first, count, seeds, variation_seeds in calls(args, pipe):
+        for first, count, seeds, variation_seeds in calls(args, pipe, refiner):
             images = pipe(args.prompt, seed=seeds, variation_seed=variation_seeds, num_images=count, **settings)
             for image, path in zip(images, paths[first:]):
                 save_png(image, path)
@@ -478,7 +479,7 @@ def main(argv=None) -> int:
     return run_main(go, "ldm-run")
 
 
-def calls(args, pipe) -> list[tuple]:
+def calls(args, pipe, refiner=None) -> list[tuple]:
     """The calls that draw --num-images: [(index of the first, how many, seed, variation seed)], the
     seeds as ldm-run's (one call) or, where each image depends on its seeds alone, lists of the images' own
     seeds, one call per engine batch, so that each batch is written as soon as it is drawn (a long
@@ -487,6 +488,8 @@ def calls(args, pipe) -> list[tuple]:
     from ldm_deploy.engine import noise
 
     n, batch = args.num_images, pipe.manifest.dims["batch"].max
+    if refiner is not None:  # (its calls run in chunks of its own batch: whole ones of those too)
+        batch = math.lcm(batch, refiner.manifest.dims["batch"].max)
     if n <= batch or args.mask is not None or pipe.manifest.model.inpainting:
         return [(0, n, args.seed, args.variation_seed)]
     strength = args.variation_strength  # (a random seed, or variation seed, is drawn once for all)

@@ -126,8 +126,8 @@ def main(argv=None) -> int:
         # the default loaded now (its mistakes found at once), held by `engines` alone: it is let go
         # of when another takes its place
         try:
-            engines.pipeline(engines.default)
-        except EngineUnavailable as e:  # (its message names the re-export; logged once already)
+            engines.pipeline(engines.default, log_failure=False)
+        except EngineUnavailable as e:  # (its message names the re-export)
             raise UserError(f"{e}; ldm-serve loads its default engine (the first --engine) as it starts") from None
         if args.warmup:
             start = time.perf_counter()

@@ -122,12 +122,13 @@ def read(chunk: str) -> tuple[str | None, str | None, dict[str, str], list[str]]
     if img2img:
         fields["Steps"], fields["Denoising strength"] = walk_cut(inputs, advanced, fields["Steps"], warnings)
         if inpaint:
+            starts_from = {kind(graph[k]) for k in inpaint_ids}  # (a SetLatentNoiseMask's encoder among them)
             mask, mask_ids = mask_source(graph, masked)
             inpaint_ids |= mask_ids
             warnings.append(f"its inpainting pass starts from {source_image(graph, latent)} and a mask: give them with "
                             "--init-image and --mask (without the picture, a text-to-image is drawn; without the "
                             f"mask, the whole picture is redrawn); its mask is {mask}")
-            warnings.extend(inpaint_differences(kind(linked(graph, inputs, "latent_image")), masked))
+            warnings.extend(inpaint_differences(starts_from, masked, latent))
         else:
             warnings.append(f"its image-to-image pass starts from {source_image(graph, latent)}: give that image "
                             "with --init-image (without it, a text-to-image is drawn)")
@@ -395,18 +396,21 @@ def mask_source(graph: dict, inputs: dict) -> tuple[str, set[str]]:
     return f"a mask from {kind(node) if node else 'nothing'}, not read here", set()
 
 
-def inpaint_differences(start: str, masked: dict) -> list[str]:
-    """How ComfyUI's inpainting from a `start` node (INPAINT_NODES) whose mask is wired into `masked`
-    differs from diffusers' (ours), as warnings."""
+def inpaint_differences(nodes: set[str], masked: dict, encoder: dict) -> list[str]:
+    """How ComfyUI's inpainting through `nodes` (their kinds: INPAINT_NODES, the encoder's) differs
+    from diffusers' (ours), as warnings; masked, encoder: the inputs of the node whose mask the
+    sampler takes, and of the one that encodes the picture."""
     out = ["its inpainting keeps the unmasked part by its own blending of the image's noised latents at each "
            "step, near diffusers' (and ours: the kept part put back after each step), so the image will differ "
            "a little"]
-    if start == "VAEEncodeForInpaint":
-        grow = masked.get("grow_mask_by", 6)
-        out.append(f"its VAEEncodeForInpaint grows the mask by {describe(grow)} px and encodes the picture with the "
-                   "masked part grey; here the mask is taken as given (grow it by as much for the same hole) and the "
-                   "picture encoded as it is (--masked-content fill paints the hole first)")
-    if start == "InpaintModelConditioning" and masked.get("noise_mask") is False:  # the whole latent redrawn
+    if "VAEEncodeForInpaint" in nodes:
+        grow = encoder.get("grow_mask_by", 6)
+        grows = "" if grow == 0 else f"grows the mask by {describe(grow)} px and "
+        taken = "" if grow == 0 else " (grow it by as much for the same hole)"
+        out.append(f"its VAEEncodeForInpaint {grows}encodes the picture with the masked part grey; here the mask is "
+                   f"taken as given{taken} and the picture encoded as it is (--masked-content fill paints the hole "
+                   "first)")
+    if "InpaintModelConditioning" in nodes and masked.get("noise_mask") is False:  # the whole latent redrawn
         out.append("its InpaintModelConditioning has noise_mask off, so it redraws the unmasked part too; here "
                    "the unmasked part is kept")
     return out

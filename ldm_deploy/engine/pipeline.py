@@ -257,8 +257,9 @@ class Pipeline:
             crop, init, mask, width, height = inpaint.crop(init, mask, mask_crop, width, height, output_type,
                                                            self.default_size)
         elif mask is not None and inpaint.all_black(mask):  # (mask_crop refuses it)
-            log.warning("the mask is all black: nothing is redrawn (white marks what to redraw); the image comes "
-                        "back through the VAE")
+            log.warning("the mask is all black (white marks what to redraw): %s", "the inpainting model draws the "
+                        "image again from the whole of it, near it, not it" if self.manifest.model.inpainting else
+                        "nothing is redrawn; the image comes back through the VAE")
         if strength is None:
             strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting and img2img defaults
         settings_given = control_scale is not None or control_start != 0.0 or control_end != 1.0

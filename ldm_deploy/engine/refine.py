@@ -46,9 +46,11 @@ def switch(pipe, refiner, at, denoising_start, denoising_end):
         raise InvalidRequest(f"refiner_switch_at must be a fraction of the walk from 0 (the refiner draws it all) "
                              f"to 1 (it draws nothing), got {at!r}")
     a, b = pipe.manifest.model, refiner.manifest.model
-    if a.weights_sha256 == b.weights_sha256:  # the same model
-        log.warning("the refiner given is this engine's own model (the same weights), which AUTOMATIC1111 does not "
-                    "switch to either: the engine draws alone, with no refiner")
+    if a.weights_sha256 == b.weights_sha256:  # the same model (said once per pipeline)
+        if "own refiner" not in pipe.warned:
+            pipe.warned.add("own refiner")
+            log.warning("the refiner given is this engine's own model (the same weights), which AUTOMATIC1111 does "
+                        "not switch to either: the engine draws alone, with no refiner")
         return None, None
     if a.tiling != b.tiling:
         raise InvalidRequest(f"{'this engine' if a.tiling else 'the refiner'} tiles (ldm-export --tiling) and "

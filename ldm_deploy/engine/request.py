@@ -113,7 +113,7 @@ def check_size(manifest: Manifest, width: int | None, height: int | None) -> Non
         if not lo <= value <= hi:
             raise InvalidRequest(
                 f"{name} {value} is outside this engine's range [{lo}, {hi}]; choose a size in range, "
-                "or export the engine again with --min-size / --max-size (ldm-export, or ldm-run --model)"
+                "or export the engine again with --min-size / --max-size (ldm-export, or ldm-run / ldm-serve --model)"
             )
 
 

@@ -99,7 +99,7 @@ class Engines:
         m = self.manifests[name]
         return m.dims["latent_width"].opt * m.model.vae_scale, m.dims["latent_height"].opt * m.model.vae_scale
 
-    def pipeline(self, name: str):
+    def pipeline(self, name: str, log_failure: bool = True):
         """The engine's pipeline, loaded (and the least recent let go) where it is not (worker thread).
         Its files are checked before another is let go of; an engine that fails is EngineUnavailable,
         now and for every later request (it is not checked again)."""
@@ -119,7 +119,8 @@ class Engines:
             pipe = self.load(self.dirs[name], verify=False)  # checked above
         except Exception as e:
             self.failed[name] = f"the engine {name} cannot be loaded: {e}"
-            log.error("%s", self.failed[name])
+            if log_failure:  # (ldm-serve's start says it itself)
+                log.error("%s", self.failed[name])
             raise EngineUnavailable(self.failed[name]) from None
         with self.lock:
             self.pipes[name] = pipe

@@ -185,7 +185,7 @@ def test_run_model_takes_the_cached_engines_sides(model_dirs, tmp_path, capsys, 
     small = ["a cat", "--model", str(model_dirs["tiny-sd1"]), "--width", "64", "--height", "64", "--steps", "1", "-q"]
     code, err = run(capsys, [*small, "--out", str(tmp_path / "a.png")])
     assert code == 2 and "width 64 is outside this engine's range [256, 1024]" in err
-    assert "--min-size / --max-size (ldm-export, or ldm-run --model)" in err
+    assert "--min-size / --max-size (ldm-export, or ldm-run / ldm-serve --model)" in err
     code, err = run(capsys, [*small, "--min-size", "64", "--max-size", "128", "--out", str(tmp_path / "b.png")])
     assert code == 0, err
     assert len(list((tmp_path / "cache" / "engines").iterdir())) == 2  # (each range its own engine)

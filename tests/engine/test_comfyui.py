@@ -241,6 +241,14 @@ def test_its_inpainting_graphs_read_as_image_to_image_with_a_mask(how):
         g = inpaint_graph(how)
         g["12"]["inputs"]["noise_mask"] = False
         assert "has noise_mask off, so it redraws the unmasked part too" in comfyui.read(json.dumps(g))[3][3]
+    if how == "VAEEncodeForInpaint":  # under a SetLatentNoiseMask too; grow_mask_by 0 grows nothing
+        g = inpaint_graph(how)
+        g["10"]["inputs"]["grow_mask_by"] = 0
+        g["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["10", 0], "mask": ["11", 1]}}
+        g["3"]["inputs"]["latent_image"] = ["12", 0]
+        warnings = comfyui.read(json.dumps(g))[3]
+        assert warnings[3].startswith("its VAEEncodeForInpaint encodes the picture with the masked part grey; here "
+                                      "the mask is taken as given and") and "not drawn here" not in warnings[-1]
 
 
 def test_a_comfyui_inpainting_png_draws_with_its_picture_and_mask(engine_dirs, tmp_path, capsys):

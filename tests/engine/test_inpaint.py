@@ -295,7 +295,12 @@ def test_masks_are_checked(inpainting, pipelines, init_image, mask, tmp_path, ca
             pipe("x", init_image=init_image, steps=2, progress=False, **kw)
     with caplog.at_level("WARNING"):  # without mask_crop an all-black mask draws (as diffusers'), said
         pipe("x", init_image=init_image, mask=np.zeros((H, W), np.uint8), steps=1, progress=False)
-    assert "the mask is all black: nothing is redrawn" in caplog.text
+    assert "the mask is all black (white marks what to redraw): nothing is redrawn" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # an inpainting model draws it all again, from the whole image
+        inpainting[1]("x", init_image=init_image, mask=np.zeros((H, W), np.uint8), steps=1, progress=False)
+    assert "the mask is all black (white marks what to redraw): the inpainting model draws the image again" \
+        in caplog.text
     assert inpainting[1].manifest.model.inpainting and not pipe.manifest.model.inpainting
     assert pipe.manifest.model.masks and "vae_encoder" in inpainting[1].manifest.files
 
