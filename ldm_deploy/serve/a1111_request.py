@@ -90,9 +90,13 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict |
     fit_controls(options, resizes, size)
     if body.get("mask") is not None:
         mask = binary_mask(picture(body["mask"], "mask"))
-        if mask.size != init.size:
+        only_masked = flag(body, "inpaint_full_res", True)
+        # AUTOMATIC1111 fits a mask of another size to width x height as it fits the image, except
+        # "Only masked", which cuts the image where the mask is (PIL refuses the paste there)
+        if mask.size != init.size and only_masked:
             raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
-                                 f"{init.size[1]}; send them at the same size")
+                                 f"{init.size[1]}: inpaint_full_res (\"Only masked\") cuts the image where the "
+                                 f"mask is; send them at the same size, or set inpaint_full_res false")
         mask = fit(mode, mask, size, "resize_mode")  # as the image, as AUTOMATIC1111 does
         if integer(body, "inpainting_mask_invert", 0):
             mask = ImageOps.invert(mask)
@@ -103,7 +107,7 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict |
             raise InvalidRequest(f"inpainting_fill is 0 (fill: the colours around it), 1 (original: the image "
                                  f"there), 2 (latent noise) or 3 (latent nothing); got {fill}")
         options["masked_content"] = FILLS[fill]
-        if flag(body, "inpaint_full_res", True):
+        if only_masked:
             options["mask_crop"] = integer(body, "inpaint_full_res_padding", 0)
     return options
 

@@ -223,7 +223,7 @@ def test_variation_fields():
     ({"init_images": []}, "init_images"), ({"init_images": ["not base64!"]}, "base64"),
     ({"init_images": [b64(Image.new("RGB", (8, 8))), b64(Image.new("RGB", (8, 8), 9))]}, "several"),
     ({"resize_mode": 2, "width": 64, "height": 64}, "pads"), ({"mask_blur_x": 3}, "differ"),
-    ({"mask": b64(Image.new("L", (32, 32)))}, "same size"),
+    ({"mask": b64(Image.new("L", (32, 32)))}, "Only masked"),
     ({"inpainting_fill": 4}, "latent nothing"), ({"enable_hr": True}, "txt2img"),
     ({"init_images": [b64(Image.new("L", (8000, 6000)))]}, "megapixels"),
     ({"init_images": ["http://example.com/a.png"]}, "URL"),
@@ -237,6 +237,21 @@ def test_img2img_refusals(extra, match):
 def test_resize_modes_that_crop_are_taken_at_the_same_aspect():
     body = {"init_images": [b64(Image.new("RGB", (96, 64)))], "resize_mode": 2, "width": 192, "height": 128}
     assert a1111.img2img(body, MODEL, (128, 128), seven)["width"] == 192
+
+
+def test_a_mask_of_another_size_is_fitted_as_the_image_unless_only_masked():
+    """AUTOMATIC1111 resizes a mask of another size to width x height by the resize mode, as it does
+    the image; "Only masked" (inpaint_full_res) cuts the image by the mask, so there they must agree."""
+    mask = Image.new("L", (48, 32))
+    mask.paste(255, (0, 0, 24, 32))  # the left half: redrawn
+    body = {"init_images": [b64(Image.new("RGB", (96, 64)))], "mask": b64(mask), "inpaint_full_res": False}
+    options = a1111.img2img(body, MODEL, (128, 128), seven)
+    assert options["mask"].tobytes() == mask.tobytes() and "mask_crop" not in options  # the pipeline resizes it
+    options = a1111.img2img({**body, "resize_mode": 1, "width": 64, "height": 64}, MODEL, (128, 128), seven)
+    assert options["init_image"].size == options["mask"].size == (64, 64)
+    assert np.array(options["mask"])[:, :16].min() == 255 and np.array(options["mask"])[:, 48:].max() == 0
+    with pytest.raises(InvalidRequest, match="inpaint_full_res false"):
+        a1111.img2img({**body, "inpaint_full_res": True}, MODEL, (128, 128), seven)
 
 
 def test_crop_and_resize_cuts_the_middle():
