@@ -379,6 +379,12 @@ def main(argv=None) -> int:
         if args.refiner is not None and not Path(args.refiner).expanduser().exists():
             raise UserError(f"--refiner {args.refiner} does not exist; pass the refiner's engine directory "
                             "(ldm-export), diffusers folder or .safetensors checkpoint")
+        if args.refiner is not None and args.refiner_switch_at not in (0, 1):  # said before either model loads
+            from ldm_deploy.engine.samplers import EVALUATIONS_PER_STEP
+
+            if args.sampler in EVALUATIONS_PER_STEP:
+                raise UserError(f"--sampler {args.sampler} takes two U-Net calls a step, which the refiner's switch "
+                                "can split; choose another sampler for a refiner")
         directory = engine_dir(args)  # for --model: its ONNX Runtime engine, exported into the cache
         if args.torch_compile is not None:
             from ldm_deploy.engine import backends

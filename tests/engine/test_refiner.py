@@ -7,6 +7,7 @@ The tiny refiner's text encoder (48 wide, pooled 40) is the tiny base's second o
 from __future__ import annotations
 
 import json
+import shutil
 import numpy as np
 import pytest
 import torch
@@ -270,6 +271,12 @@ def test_ldm_run_refiner_given_as_a_model_is_exported_to_the_cache(models, tmp_p
     capsys.readouterr()
     assert run_cli.main(args + ["--refiner", str(tmp_path / "nowhere")]) == 2
     assert f"--refiner {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    # a sampler the switch would split: said before the refiner's export (and the base's load)
+    shutil.rmtree(tmp_path / "cache")
+    assert run_cli.main(args[:-5] + ["--sampler", "dpmpp_2s_a", "--refiner", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "--sampler dpmpp_2s_a takes two U-Net calls a step" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_any_model_of_the_family_refines_and_others_are_refused(models, pipelines, caplog):
