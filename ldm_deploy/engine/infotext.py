@@ -93,7 +93,7 @@ def no_parameters(path: str | Path) -> UserError:
 
 def read(path: str | Path) -> tuple[str, str, dict[str, str], list[str]]:
     """A PNG's generation: (prompt, negative prompt, fields, warnings) from its `parameters` text
-    (AUTOMATIC1111's, ours) or else ComfyUI's graph (comfyui.py), whose fields are AUTOMATIC1111's."""
+    (AUTOMATIC1111's, ours) or else ComfyUI's graph (comfyui/), whose fields are AUTOMATIC1111's."""
     from ldm_deploy.engine import comfyui
 
     chunks = png_text(path)
