@@ -112,6 +112,10 @@ def parser() -> argparse.ArgumentParser:
                         "fill (first painted with the blurred colours around it: for removing things), 'latent "
                         "noise' or 'latent nothing' (its latents there replaced by the seed's noise or by zeros: "
                         "with --strength below 1)")
+    p.add_argument("--resize-mode", default="just-resize", choices=("just-resize", "crop-and-resize", "resize-and-fill"),
+                   help="how an --init-image (and its --mask) of another aspect than --width x --height is fitted, "
+                        "AUTOMATIC1111's 'Resize mode': just-resize (stretched; default), crop-and-resize (its "
+                        "middle), resize-and-fill (its edges stretched into the bands)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img: how much to change the init image, (0, 1] (default 0.8; with --mask 1.0)")
     p.add_argument("--noise-multiplier", type=float, default=1.0, metavar="X",
@@ -432,6 +436,9 @@ def main(argv=None) -> int:
         if args.strength is not None and args.init_image is None:
             log.warning("%s applies to img2img only (with --init-image); ignored", "--strength" if
                         "strength" in given_here else "the PNG's Denoising strength")
+        if args.resize_mode != "just-resize" and (args.init_image is None or args.mask_crop is not None):
+            log.warning("--resize-mode fits an --init-image to --width x --height%s; ignored", "" if args.init_image
+                        is None else ", which --mask-crop does not draw whole (it cuts the area around the mask)")
         if args.noise_multiplier != 1 and args.init_image is None and "noise_multiplier" in given_here:
             log.warning("--noise-multiplier applies to img2img only (with --init-image); ignored")
         layers = pipe.manifest.model.text_layers
@@ -458,6 +465,7 @@ def main(argv=None) -> int:
             mask_crop=args.mask_crop,
             mask_blur=args.mask_blur if args.mask is not None else None,  # a PNG's Mask blur: with a mask only
             masked_content=args.masked_content,
+            resize_mode=args.resize_mode,
             **control_options(args),
             strength=args.strength,
             noise_multiplier=args.noise_multiplier,

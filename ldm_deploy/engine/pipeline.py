@@ -14,6 +14,7 @@ import numpy as np
 from ldm_deploy.engine import backends, hires, images, noise
 from ldm_deploy.engine import controls, infotext, inpaint, progress as progress_, refine, text, vae, vae_tiling
 from ldm_deploy.engine import mask_crop as mask_crop_
+from ldm_deploy.engine import resize_mode as resize_mode_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import (Request, check_init_size, check_request, check_size, noise_multiplier_of, split,
@@ -106,6 +107,7 @@ class Pipeline:
         mask_crop: int | None = None,
         mask_blur: float | None = None,
         masked_content: str = "original",
+        resize_mode: str | int = "just-resize",
         control_image=None,
         control_scale: float | list | None = None,
         control_start: float | list = 0.0,
@@ -158,6 +160,10 @@ class Pipeline:
         at the size drawn, inpaint.fill), "latent noise" (the image's latents there replaced by
         each image's seed noise) or "latent nothing" (by zeros), as AUTOMATIC1111 does
         (inpaint.latent_fill); the last two tell below strength 1.
+        resize_mode: how an init image (and its mask) of another aspect than width x height is
+        fitted, AUTOMATIC1111's "Resize mode" (resize_mode.py): "just-resize" (stretched, as
+        diffusers does; the default), "crop-and-resize" (its middle), "resize-and-fill" (its edges
+        stretched into the bands), or its numbers 0-3. Not with mask_crop, which cuts the picture.
         control_image: for an engine with ControlNets (ldm-export --controlnet), each one's image
         (one image, or a list of one per ControlNet, None where it is off), resized to the size
         drawn, which it sets when there is no init image; control_scale (its residuals' weight;
@@ -251,6 +257,7 @@ class Pipeline:
         mask = images.as_mask(mask)
         if mask_blur is not None:
             mask = inpaint.blur(mask, mask_blur)
+        init, mask = resize_mode_.fit_request(resize_mode, init, mask, width, height, mask_crop)
         inpaint.check(self.manifest.model, init, mask, hires_scale)
         crop = None  # (pad, box, the original image, the original mask)
         if mask_crop is not None:

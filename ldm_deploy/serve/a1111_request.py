@@ -17,7 +17,7 @@ from __future__ import annotations
 from PIL import Image, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
-from ldm_deploy.engine import styles
+from ldm_deploy.engine import resize_mode, styles
 from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES, BETA_DISTRIBUTION, SCHEDULE_LABELS, beta_fields
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
@@ -85,22 +85,22 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict |
     init = picture(inits[0], "init_images[0]").convert("RGB")
     size = (options.get("width") or init.size[0], options.get("height") or init.size[1])
     mode = body.get("resize_mode", 0)
-    options["init_image"] = fit(mode, init, size, "resize_mode")
+    fit(mode, init, (0, 0), "resize_mode")  # (a bad mode said)
+    mask = binary_mask(picture(body["mask"], "mask")) if body.get("mask") is not None else None
+    only_masked = mask is not None and flag(body, "inpaint_full_res", True)
+    if only_masked and mask.size != init.size:  # (AUTOMATIC1111's paste of the two fails)
+        raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
+                             f"{init.size[1]}: inpaint_full_res (\"Only masked\") cuts the image where the "
+                             f"mask is; send them at the same size, or set inpaint_full_res false")
+    options["init_image"] = init
+    if mode in (1, 2) and not only_masked:  # the pipeline fits the picture and its mask (blurred first), as
+        options["resize_mode"] = mode       # AUTOMATIC1111 does; "Only masked" cuts around the mask instead
     options["strength"] = number(body, "denoising_strength", 0.75)
     fit_controls(options, resizes, size)
-    if body.get("mask") is not None:
-        mask = binary_mask(picture(body["mask"], "mask"))
-        only_masked = flag(body, "inpaint_full_res", True)
-        # AUTOMATIC1111 fits a mask of another size to width x height as it fits the image, except
-        # "Only masked", which cuts the image where the mask is (PIL refuses the paste there)
-        if mask.size != init.size and only_masked:
-            raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
-                                 f"{init.size[1]}: inpaint_full_res (\"Only masked\") cuts the image where the "
-                                 f"mask is; send them at the same size, or set inpaint_full_res false")
-        mask = fit(mode, mask, size, "resize_mode")  # as the image, as AUTOMATIC1111 does
+    if mask is not None:
         if integer(body, "inpainting_mask_invert", 0):
             mask = ImageOps.invert(mask)
-        options["mask"] = mask
+        options["mask"] = mask  # (of any size but with "Only masked": fitted as the picture is, as there)
         options["mask_blur"] = mask_blur(body)
         fill = integer(body, "inpainting_fill", 0)
         if fill not in FILLS:
@@ -313,35 +313,33 @@ def clip_skip(settings: dict, model) -> int:
     return 0 if model.pooled_width else value - 1
 
 
-def fit(mode, image: Image.Image, size: tuple[int, int], what: str) -> Image.Image:
-    """An image for the size drawn (`size`: width, height) by AUTOMATIC1111's resize mode: 0 (or 3)
-    just resize, which the pipeline does; 1 crop and resize: enlarged (or shrunk) to cover the size,
-    then its middle cut out, as its img2img does; 2 resize and fill, only where the image has the
-    aspect drawn already (then it is a plain resize)."""
-    if mode in (0, 3, None):  # 3: just resize, in latent space
-        return image
-    if mode not in (1, 2) or isinstance(mode, bool):
+def fit(mode, image: Image.Image, size: tuple[int, int], what: str, fill: bool = True) -> Image.Image:
+    """An image for the size drawn (`size`: width, height) by AUTOMATIC1111's resize mode (0 just
+    resize, which the pipeline does; 1 crop and resize; 2 resize and fill; 3 just resize, in latent
+    space there: engine/resize_mode.py). fill: whether mode 2 is its img2img's (the ControlNet
+    extension's pads with the edges' median colour, not offered: refused where it would pad)."""
+    if mode is None:
+        mode = 0
+    if mode not in (0, 1, 2, 3) or isinstance(mode, bool):
         raise InvalidRequest(f"{what} must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or "
                              f"3 (just resize, latent upscale), got {mode!r}")
     w, h = size
-    if w <= 0 or h <= 0 or abs(image.size[0] * h - image.size[1] * w) < max(w, h):  # the same aspect, to a pixel
+    if w <= 0 or h <= 0:  # (said where the size is read)
         return image
-    if mode == 2:
+    if mode == 2 and not fill and abs(image.size[0] * h - image.size[1] * w) >= max(w, h):  # not the aspect drawn
         raise InvalidRequest(f"{what} 2 (resize and fill) pads the {image.size[0]}x{image.size[1]} image to "
-                             f"{w}x{h}, which is not offered here; send it at that aspect, or use 0 or 1")
-    scale = max(w / image.size[0], h / image.size[1])
-    cover = (max(w, round(image.size[0] * scale)), max(h, round(image.size[1] * scale)))
-    left, top = -((w - cover[0]) // 2), -((h - cover[1]) // 2)  # AUTOMATIC1111's rounding of the middle
-    return image.resize(cover, resample=Image.LANCZOS).crop((left, top, left + w, top + h))
+                             f"{w}x{h} with its edges' colour, which is not offered here; send it at that aspect, "
+                             "or use 0 or 1")
+    return resize_mode.fit(mode, image, w, h)
 
 
 def fit_controls(options: dict, resizes: list, size: tuple[int, int]) -> None:
     """The control images fitted by their units' resize modes (a1111_controlnet.py)."""
     for mode, slot, what in resizes:
         if isinstance(options["control_image"], list):
-            options["control_image"][slot] = fit(mode, options["control_image"][slot], size, what)
+            options["control_image"][slot] = fit(mode, options["control_image"][slot], size, what, fill=False)
         else:
-            options["control_image"] = fit(mode, options["control_image"], size, what)
+            options["control_image"] = fit(mode, options["control_image"], size, what, fill=False)
 
 
 def mask_blur(body: dict) -> float:

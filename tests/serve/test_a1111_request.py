@@ -11,6 +11,7 @@ from serve_http import b64
 
 from ldm_deploy.engine.samplers import DISPLAY_NAMES
 from ldm_deploy.errors import InvalidRequest
+from ldm_deploy.engine import resize_mode
 from ldm_deploy.serve import a1111_request as a1111
 
 MODEL = SimpleNamespace(pooled_width=0, tiling=False, controlnets=({"name": "canny", "sha256": "0"},
@@ -222,7 +223,7 @@ def test_variation_fields():
 @pytest.mark.parametrize("extra,match", [
     ({"init_images": []}, "init_images"), ({"init_images": ["not base64!"]}, "base64"),
     ({"init_images": [b64(Image.new("RGB", (8, 8))), b64(Image.new("RGB", (8, 8), 9))]}, "several"),
-    ({"resize_mode": 2, "width": 64, "height": 64}, "pads"), ({"mask_blur_x": 3}, "differ"),
+    ({"resize_mode": 4}, "resize and fill"), ({"mask_blur_x": 3}, "differ"),
     ({"mask": b64(Image.new("L", (32, 32)))}, "Only masked"),
     ({"inpainting_fill": 4}, "latent nothing"), ({"enable_hr": True}, "txt2img"),
     ({"init_images": [b64(Image.new("L", (8000, 6000)))]}, "megapixels"),
@@ -234,41 +235,46 @@ def test_img2img_refusals(extra, match):
         a1111.img2img(body, MODEL, (128, 128), seven)
 
 
-def test_resize_modes_that_crop_are_taken_at_the_same_aspect():
-    body = {"init_images": [b64(Image.new("RGB", (96, 64)))], "resize_mode": 2, "width": 192, "height": 128}
-    assert a1111.img2img(body, MODEL, (128, 128), seven)["width"] == 192
+def test_resize_modes_are_the_pipelines():
+    """resize_mode 1 and 2 go to the pipeline, which fits the picture and the mask, blurred first, as
+    the web UI does (tests/engine/test_resize_mode.py); "Only masked" takes the picture as sent, as
+    the web UI does (it cuts the area around the mask instead); 0 and 3 are the pipeline's own resize."""
+    image = Image.new("RGB", (96, 64), (9, 9, 9))
+    mask = Image.new("L", (96, 64), 255)
+    for mode in (0, 1, 2, 3):
+        body = {"init_images": [b64(image)], "resize_mode": mode, "width": 64, "height": 64}
+        options = a1111.img2img(body, MODEL, (128, 128), seven)
+        assert options["init_image"].tobytes() == image.tobytes() and options.get("resize_mode") == (
+            mode if mode in (1, 2) else None)
+        options = a1111.img2img({**body, "mask": b64(mask), "inpaint_full_res": False}, MODEL, (128, 128), seven)
+        assert options["mask"].tobytes() == mask.tobytes() and options.get("resize_mode") == (
+            mode if mode in (1, 2) else None)
+        options = a1111.img2img({**body, "mask": b64(mask)}, MODEL, (128, 128), seven)
+        assert "resize_mode" not in options and options["mask_crop"] == 0 and options["width"] == 64
 
 
 def test_a_mask_of_another_size_is_fitted_as_the_image_unless_only_masked():
-    """AUTOMATIC1111 resizes a mask of another size to width x height by the resize mode, as it does
-    the image; "Only masked" (inpaint_full_res) cuts the image by the mask, so there they must agree."""
+    """AUTOMATIC1111 resizes a mask of another size to width x height, as it does the image (here
+    the pipeline does); "Only masked" (inpaint_full_res) cuts the image by the mask, so there they
+    must agree."""
     mask = Image.new("L", (48, 32))
-    mask.paste(255, (0, 0, 24, 32))  # the left half: redrawn
     body = {"init_images": [b64(Image.new("RGB", (96, 64)))], "mask": b64(mask), "inpaint_full_res": False}
     options = a1111.img2img(body, MODEL, (128, 128), seven)
-    assert options["mask"].tobytes() == mask.tobytes() and "mask_crop" not in options  # the pipeline resizes it
-    options = a1111.img2img({**body, "resize_mode": 1, "width": 64, "height": 64}, MODEL, (128, 128), seven)
-    assert options["init_image"].size == options["mask"].size == (64, 64)
-    assert np.array(options["mask"])[:, :16].min() == 255 and np.array(options["mask"])[:, 48:].max() == 0
+    assert options["mask"].tobytes() == mask.tobytes() and "mask_crop" not in options
     with pytest.raises(InvalidRequest, match="inpaint_full_res false"):
         a1111.img2img({**body, "inpaint_full_res": True}, MODEL, (128, 128), seven)
 
 
-def test_crop_and_resize_cuts_the_middle():
-    """AUTOMATIC1111's resize mode 1: the image made to cover the size drawn, its middle cut out."""
+def test_controlnet_crop_and_resize_cuts_the_middle():
+    """The ControlNet extension's "Crop and Resize": its image made to cover the size drawn, the
+    middle cut out (as resize mode 1); its "Resize and Fill" pads otherwise than img2img's."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (50, 100, 3), dtype=np.uint8))  # 100x50
-    mask = Image.fromarray(((rng.random((50, 100)) > 0.5) * 255).astype(np.uint8))
-    body = {"init_images": [b64(image)], "mask": b64(mask), "resize_mode": 1, "width": 50, "height": 50,
-            "inpainting_fill": 1}
-    options = a1111.img2img(body, MODEL, (128, 128), seven)
-    assert options["init_image"].tobytes() == image.crop((25, 0, 75, 50)).tobytes()  # no scaling: the middle
-    assert options["mask"].tobytes() == mask.crop((25, 0, 75, 50)).tobytes()  # the mask with it
-    assert a1111.fit(1, image, (100, 100), "x").size == (100, 100)  # enlarged to cover, then cut
     unit = {"enabled": True, "image": b64(image), "model": "canny", "resize_mode": "Crop and Resize"}
     control = a1111.txt2img({"alwayson_scripts": {"controlnet": {"args": [unit]}}, "width": 50, "height": 50},
                             MODEL, (64, 64), seven)["control_image"][0]
-    assert control.tobytes() == image.crop((25, 0, 75, 50)).tobytes()
+    assert control.tobytes() == image.crop((25, 0, 75, 50)).tobytes()  # no scaling: the middle
+    assert control.tobytes() == resize_mode.fit(1, image, 50, 50).tobytes()
 
 
 def test_controlnet_units():

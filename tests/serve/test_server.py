@@ -13,10 +13,11 @@ import threading
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from serve_http import b64, call, form, pixels, running, unb64
 
 from ldm_deploy import Pipeline
+from ldm_deploy.engine import resize_mode
 from ldm_deploy.serve import Auth
 
 
@@ -155,6 +156,17 @@ def test_img2img_and_inpainting(server, oracle, photo):
     assert status == 200, answer
     want = oracle("a cat", steps=5, guidance=7.0, seed=3, sampler="dpmpp_2m_karras", init_image=photo,
                   mask=ImageOps.invert(mask), strength=0.6, mask_blur=0, prompt_weighting=True, progress=False)
+    assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
+
+    # "Resize and fill" to a square: the picture and its mask (blurred first) fitted as the web UI fits them
+    status, answer, _ = call(server.url + "/sdapi/v1/img2img", "POST", {
+        **body, "mask": b64(mask), "inpaint_full_res": False, "resize_mode": 2, "width": 64, "height": 64})
+    assert status == 200, answer
+    blurred = resize_mode.fit(2, mask.filter(ImageFilter.GaussianBlur(4)), 64, 64)
+    want = oracle("a cat", steps=5, guidance=7.0, seed=3, sampler="dpmpp_2m_karras", width=64, height=64,
+                  init_image=resize_mode.fit(2, photo, 64, 64), mask=blurred, masked_content="fill", strength=0.6,
+                  prompt_weighting=True, progress=False)
+    assert unb64(answer["images"][0]).size == (64, 64)
     assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
 
 
