@@ -8,6 +8,7 @@ a float32 reference (TF32 off) on the same inputs; timing starts only after that
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ SCHEDULERS = {
     "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                             "use_karras_sigmas": True}),
     "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m_exponential": ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}),
@@ -73,6 +75,10 @@ SCHEDULERS.update({f"{name}_beta": (SCHEDULERS[name][0], {**SCHEDULERS[name][1],
 # The Align Your Steps ones: their sampler's scheduler walking given timesteps (`aligned`).
 SCHEDULERS.update({f"{name}_ays": SCHEDULERS[name]
                    for name in ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde")})
+# A step's keywords a sampler needs beyond its scheduler's config (`stepped`): TCD's gamma, which
+# diffusers' pipelines pass to its step as `eta=` (their default, 0.0, would be TCD's deterministic
+# form; 0.3 is its step's own default and what its docs draw with).
+STEP_OPTIONS = {"tcd": {"eta": 0.3}}
 # ||out - ref|| / ||ref|| above which a reduced-precision component is flagged (fp16 lands near 1e-3).
 CHECK_TOLERANCE = 2e-2
 
@@ -89,6 +95,20 @@ def from_index_zero(cls):
 
     FromZero.__name__ = FromZero.__qualname__ = cls.__name__
     return FromZero
+
+
+def stepped(cls, options: dict):
+    """A diffusers scheduler class whose step takes `options` (STEP_OPTIONS) whatever the pipeline
+    passes, as `pipe(..., eta=0.3)` would pass TCD's: so that every pipeline call, and a step
+    called alone, draws with them."""
+    class Stepped(cls):
+        def step(self, *args, **kwargs):
+            return super().step(*args, **{**kwargs, **options})
+
+    # (pipelines pass a step `generator` and `eta` only where its signature names them)
+    Stepped.step.__signature__ = inspect.signature(cls.step)
+    Stepped.__name__ = Stepped.__qualname__ = cls.__name__
+    return Stepped
 
 
 def aligned(cls, family: str):
@@ -151,6 +171,8 @@ def run(spec: dict) -> dict:
         cls = from_index_zero(cls)
     elif spec["sampler"].endswith("_ays"):
         cls = aligned(cls, "sdxl" if is_xl_folder(Path(spec["model"])) else "sd1")
+    if spec["sampler"] in STEP_OPTIONS:
+        cls = stepped(cls, STEP_OPTIONS[spec["sampler"]])
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
     processor = type(next(iter(pipe.unet.attn_processors.values()))).__name__

@@ -48,9 +48,10 @@ def diffusers_schedulers() -> dict:
     """Our sampler name -> the diffusers scheduler class (and from_config options) it must equal."""
     import diffusers
 
-    from benchmarks.peers import SCHEDULERS
+    from benchmarks.peers import SCHEDULERS, STEP_OPTIONS, stepped
 
-    return {name: (getattr(diffusers, cls), options) for name, (cls, options) in SCHEDULERS.items()}
+    return {name: (stepped(getattr(diffusers, cls), STEP_OPTIONS[name]) if name in STEP_OPTIONS
+                   else getattr(diffusers, cls), options) for name, (cls, options) in SCHEDULERS.items()}
 
 
 def k_diffusion_sampling():

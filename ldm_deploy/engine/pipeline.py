@@ -303,10 +303,11 @@ class Pipeline:
             self.warned.add("negative")
             log.warning("the negative prompt has no effect with guidance %s (<= 1 disables "
                         "classifier-free guidance, which is what uses it)", guidance)
-        if sampler == "lcm" and guidance > 3 and "lcm" not in self.warned:
-            self.warned.add("lcm")
-            log.warning("the lcm sampler is made for LCM-LoRA models, which draw best in 2-8 steps with "
-                        "guidance 1-2; guidance %s tends to burn the image", guidance)
+        if sampler in ("lcm", "tcd") and guidance > 3 and sampler not in self.warned:
+            self.warned.add(sampler)
+            log.warning("the %s sampler is made for %s-LoRA models, which draw best in 2-8 steps with guidance %s; "
+                        "guidance %s tends to burn the image", sampler, sampler.upper(),
+                        "1-2" if sampler == "lcm" else "1 (off) to 2", guidance)
         refiner, denoising_end = refine.switch(self, refiner, refiner_switch_at, denoising_start, denoising_end)
         req = Request(
             prompts=tuple(p for p in prompts for _ in range(num_images)),

@@ -186,3 +186,9 @@ def test_unused_negative_prompt_is_warned_about_once(engine_dirs, caplog):
             pipe("a cat", guidance=guidance, steps=1, sampler="lcm", width=64, height=64, output_type="np",
                  progress=False)
     assert caplog.text.count("the lcm sampler is made for LCM-LoRA models") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for guidance in (1.0, 7.5, 7.5):  # TCD-LoRA's too
+            pipe("a cat", guidance=guidance, steps=1, sampler="tcd", width=64, height=64, output_type="np",
+                 progress=False)
+    assert caplog.text.count("the tcd sampler is made for TCD-LoRA models") == 1

@@ -293,9 +293,9 @@ def test_plan_table():
         assert np.all(p.rows[:, GUIDANCE] == 6.0)
         base = sampler.removesuffix("_sgm_uniform").removesuffix("_beta").removesuffix("_ays")  # (at other sigmas)
         assert p.needs_noise == (base in ("euler_a", "dpmpp_2m_sde", "dpmpp_2m_sde_karras", "dpmpp_2m_sde_exponential",
-                                          "lcm", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential")
+                                          "lcm", "tcd", "ddpm", "dpm2_a", "dpm2_a_karras", "dpm2_a_exponential")
                                  or base.startswith(("dpmpp_sde", "dpmpp_3m_sde", "dpmpp_2m_sde_heun", "dpmpp_2s_a")))
-        if sampler == "lcm":  # diffusers draws no noise at LCM's last step
+        if sampler in ("lcm", "tcd"):  # diffusers draws no noise at LCM's (TCD's) last step
             assert p.draws.tolist() == [True] * 9 + [False]
         if sampler.startswith(("dpm2_a", "dpmpp_2s_a")):  # one draw a step, at its second call
             np.testing.assert_array_equal(p.draws, np.arange(19) % 2 == 1)

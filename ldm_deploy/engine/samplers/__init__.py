@@ -12,7 +12,8 @@ EulerAncestralDiscreteScheduler, HeunDiscreteScheduler (two rows a step), DPMSol
 the Karras variants, use_exponential_sigmas for the Exponential ones, algorithm_type "sde-dpmsolver++"
 for the SDE ones, solver_order 3 for the 3M ones, solver_type "heun" for the SDE Heun ones), LCMScheduler, UniPCMultistepScheduler (defaults; use_karras_sigmas for unipc_karras,
 use_exponential_sigmas for unipc_exponential), KDPM2DiscreteScheduler and KDPM2AncestralDiscreteScheduler
-(two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed); the
+(two rows a step), DPMSolverSDEScheduler (two rows a step; its noise_sampler_seed is the image's seed),
+TCDScheduler (its step's eta 0.3: STEP_OPTIONS); the
 `_sgm_uniform` ones with timestep_spacing "trailing", the `_beta` ones with use_beta_sigmas, the `_ays` ones
 with `set_timesteps(timesteps=ays.ays_timesteps(...))` (Align Your Steps: ays.py); Euler, Heun
 and the DPM2s take Karras and Exponential sigmas too. DPM++ 2S a (dpmpp_2s.py), which diffusers lacks, is
@@ -28,7 +29,7 @@ from functools import partial
 import numpy as np
 
 from ldm_deploy.engine.samplers import (ddim, ddpm, dpm2, dpmpp_2m, dpmpp_2s, dpmpp_sde, euler, euler_ancestral, heun,
-                                        lcm, unipc)
+                                        lcm, tcd, unipc)
 from ldm_deploy.engine.samplers.schedule import Walk, img2img_start
 from ldm_deploy.engine.samplers.update import C_N, COLUMNS, GUIDANCE
 from ldm_deploy.errors import InvalidRequest
@@ -59,6 +60,7 @@ _REGISTRY = {
     "euler_exponential": ("Euler Exponential", partial(euler.walk, exponential=True)),
     "heun_exponential": ("Heun Exponential", partial(heun.walk, exponential=True)),
     "lcm": ("LCM", lcm.walk),
+    "tcd": ("TCD", tcd.walk),
     "unipc": ("UniPC", unipc.walk),
     "unipc_karras": ("UniPC Karras", partial(unipc.walk, karras=True)),
     "unipc_exponential": ("UniPC Exponential", partial(unipc.walk, exponential=True)),
