@@ -203,7 +203,11 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         out["hires_upscaler"] = upscaler
     elif "Denoising strength" in fields:
         out["strength"] = number("Denoising strength", float, "strength")  # img2img: with --init-image
-    if fields.get("RNG", "CPU") != "CPU":  # its noise source other than CPU, ours (GPU writes no field)
+    if "RNG" not in fields and not fields.get("Version", "").startswith(("ldm-deploy", "ComfyUI")):
+        # its default noise source, the GPU's, writes no field; ours is its CPU source
+        warnings.append("the PNG names no noise source (RNG), so AUTOMATIC1111 drew its noise on the GPU, its default "
+                        "source; here seeds draw its CPU source's noise (RNG: CPU), so the image will differ")
+    elif fields.get("RNG", "CPU") != "CPU":  # its noise source other than CPU, ours
         warnings.append(f"the image's noise came from AUTOMATIC1111's {fields['RNG']} random source; here seeds "
                         "draw its CPU source's noise, so the image will differ")
     if beta and beta_fields(out.get("sampler"), out.get("hires_sampler")):  # (else not drawn with it)

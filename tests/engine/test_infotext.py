@@ -37,7 +37,11 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert out == {"steps": 20, "guidance": 7.0, "seed": 1234, "width": 512, "height": 768, "clip_skip": 2,
                    "sampler": "dpmpp_2m_karras", "hires_scale": 2.0, "hires_steps": 10, "hires_strength": 0.5,
                    "hires_upscaler": "Latent (nearest-exact)"}
-    assert warnings == ["the image's ENSD is not taken here, so the image may differ"]
+    # (its default noise source, the GPU's, writes no RNG field: said, as the image differs)
+    assert warnings == ["the PNG names no noise source (RNG), so AUTOMATIC1111 drew its noise on the GPU, its default "
+                        "source; here seeds draw its CPU source's noise (RNG: CPU), so the image will differ",
+                        "the image's ENSD is not taken here, so the image may differ"]
+    assert settings({**parse(A1111)[2], "RNG": "CPU"})[1] == warnings[1:]
     fields = {"Sampler": "Euler a", "Steps": "4", "Seed": "1", "Denoising strength": "0.3", "Emphasis": "None",
               "Model hash": "0123456789", "Hires upscale": "1.5", "Hires upscaler": "R-ESRGAN 4x+"}
     out, warnings = settings(fields | {"Steps": "many"}, given={"steps"})  # overridden: not read
@@ -61,8 +65,9 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Exponential"}, given={"sampler"})[0] == {}
     with pytest.raises(UserError, match="the image's Steps is 'twenty', not a number"):
         settings({"Steps": "twenty"})
-    assert settings({"Mask blur": "4"}) == ({"mask_blur": 4.0}, [])  # AUTOMATIC1111's inpainting field
-    assert settings({"Noise multiplier": "1.05"}) == ({"noise_multiplier": 1.05}, [])  # its img2img one
+    cpu = {"RNG": "CPU"}  # (its CPU noise, ours)
+    assert settings({"Mask blur": "4", **cpu}) == ({"mask_blur": 4.0}, [])  # AUTOMATIC1111's inpainting field
+    assert settings({"Noise multiplier": "1.05", **cpu}) == ({"noise_multiplier": 1.05}, [])  # its img2img one
     # AUTOMATIC1111's UniPC is another variant than ours: read, with a warning; ours is ours
     out, warnings = settings({"Sampler": "UniPC", "Schedule type": "Karras"})
     assert out == {"sampler": "unipc_karras"} and "another variant" in warnings[0]
@@ -75,8 +80,8 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     out, warnings = settings({"Sampler": "DPM++ 3M SDE", "Schedule type": "Automatic"})
     assert out == {"sampler": "dpmpp_3m_sde_exponential"} and "diffusers' fresh noise" in warnings[0]
     assert "Brownian tree" in settings({"Sampler": "DPM++ 2M SDE Karras"})[1][0]
-    assert settings({"Sampler": "DPM++ 2M Karras"}) == ({"sampler": "dpmpp_2m_karras"}, [])
-    assert settings({"Sampler": "DPM++ 2M SDE Heun"})[1] == [  # named as the image names it
+    assert settings({"Sampler": "DPM++ 2M Karras", **cpu}) == ({"sampler": "dpmpp_2m_karras"}, [])
+    assert settings({"Sampler": "DPM++ 2M SDE Heun", **cpu})[1] == [  # named as the image names it
         "the image's DPM++ 2M SDE Heun is AUTOMATIC1111's, whose noise comes from a Brownian tree, where ours is "
         "diffusers' fresh noise each step, so the image will differ"]
     assert "timesteps are spaced otherwise" in settings({"Sampler": "LCM"})[1][0]
@@ -84,21 +89,21 @@ def test_settings_map_fields_to_options_and_say_what_differs():
     assert out == {"sampler": "euler_sgm_uniform"} and "near, so the image will differ a little" in warnings[0]
     assert settings({"Sampler": "DPM++ SDE", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "dpmpp_sde"}, [])
     # "Align Your Steps" (its 1.10+): its walk is near ours, not the same
-    out, warnings = settings({"Sampler": "DPM++ 2M", "Schedule type": "Align Your Steps"})
+    out, warnings = settings({"Sampler": "DPM++ 2M", "Schedule type": "Align Your Steps", **cpu})
     assert out == {"sampler": "dpmpp_2m_ays"} and warnings == [
         f"the image's Align Your Steps schedule is AUTOMATIC1111's, {AYS}"]
     assert settings({"Sampler": "Euler Align Your Steps", "Version": "ldm-deploy 0.1.0"}) == ({"sampler": "euler_ays"}, [])
     # but its DPM++ 3M SDE drops the next-to-last level, sigma_min: our walk; only its noise differs
-    assert settings({"Sampler": "DPM++ 3M SDE", "Schedule type": "Align Your Steps"})[1] == [
+    assert settings({"Sampler": "DPM++ 3M SDE", "Schedule type": "Align Your Steps", **cpu})[1] == [
         "the image's DPM++ 3M SDE is AUTOMATIC1111's, whose noise comes from a Brownian tree, where "
         "ours is diffusers' fresh noise each step, so the image will differ"]
     assert sampler_fields("DPM++ 2M Align Your Steps") == {"Sampler": "DPM++ 2M Align Your Steps"}
     # "Beta" (its 1.10+), as a field and in the name
-    assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Beta"}) == ({"sampler": "dpmpp_2m_beta"}, [])
-    assert settings({"Sampler": "Euler Beta"}) == ({"sampler": "euler_beta"}, [])
+    assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Beta", **cpu}) == ({"sampler": "dpmpp_2m_beta"}, [])
+    assert settings({"Sampler": "Euler Beta", **cpu}) == ({"sampler": "euler_beta"}, [])
     assert sampler_fields("DPM++ 2M SDE Beta") == {"Sampler": "DPM++ 2M SDE Beta"}
     # with the distribution it writes: ours read quietly, another one warned about (Forge: "Beta scheduler")
-    beta = {"Sampler": "Euler", "Schedule type": "Beta"}
+    beta = {"Sampler": "Euler", "Schedule type": "Beta", **cpu}
     assert settings({**beta, "Beta schedule alpha": "0.6", "Beta schedule beta": "0.6"}) == ({"sampler": "euler_beta"}, [])
     assert settings({**beta, "Beta schedule alpha": "0.5", "Beta scheduler beta": "0.7"})[1] == [
         "the image's Beta schedule has alpha 0.5 and beta 0.7; here it is Beta(0.6, 0.6) (AUTOMATIC1111's default, "
@@ -143,7 +148,7 @@ def test_hires_sampler_fields_as_automatic1111_pastes_them():
     pass's where the hires field is missing; hires prompts round-trip through its quoting."""
     from ldm_deploy.engine.hires import quote
 
-    base = {"Sampler": "Euler", "Steps": "4", "Seed": "1", "Hires upscale": "2"}
+    base = {"Sampler": "Euler", "Steps": "4", "Seed": "1", "Hires upscale": "2", "RNG": "CPU"}
     assert settings({**base, "Hires schedule type": "Karras"})[0]["hires_sampler"] == "euler_karras"
     assert settings({**base, "Sampler": "DPM++ 2M", "Schedule type": "Karras",
                      "Hires sampler": "Euler"})[0]["hires_sampler"] == "euler_karras"
