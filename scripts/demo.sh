@@ -8,4 +8,4 @@ bash scripts/setup.sh
 mkdir -p out
 cd out
 ldm-run "a red circle on a blue background"
-echo "demo: wrote out/output.png"
+echo "demo: wrote out/$(ls -t -- *.png | head -n 1)"  # (output.png, then output-2.png, ... as ldm-run numbers them)
