@@ -423,8 +423,8 @@ def main(argv=None) -> int:
         if fields:
             from ldm_deploy.engine.infotext import model_warning, refiner_warning, tiling_warning, upscaler_warning
 
-            for warning in (model_warning(fields, pipe.manifest.model.weights_sha256),
-                            refiner_warning(fields, refiner and refiner.manifest.model.weights_sha256),
+            for warning in (model_warning(fields, pipe.manifest.model),
+                            refiner_warning(fields, refiner and refiner.manifest.model.model_hash),
                             tiling_warning(fields, pipe.manifest.model.tiling)):
                 if warning:
                     log.warning("%s", warning)

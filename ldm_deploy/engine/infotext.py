@@ -300,13 +300,20 @@ def tiling_warning(fields: dict[str, str], tiles: bool) -> str | None:
             "this engine tiles (exported with --tiling) and the image was drawn without, so it will differ")
 
 
-def model_warning(fields: dict[str, str], model_hash: str) -> str | None:
-    """A warning where the image's "Model hash" is not the engine's weight hash."""
+def model_warning(fields: dict[str, str], model) -> str | None:
+    """A warning where the image's "Model hash" is not the engine's model's (its checkpoint's:
+    ModelInfo.model_hash), or the engine merges LoRAs its "Lora hashes" do not name."""
     theirs = fields.get("Model hash", "")
-    if theirs and not model_hash.startswith(theirs.lower()):
+    if theirs and not model.model_hash.startswith(theirs.lower()[:10]):
         return (f"the image was drawn by a model with hash {theirs} ({fields.get('Model', 'unnamed')}); this "
-                f"engine's is {model_hash[:10]}: another model, the same weights in another format (a diffusers "
-                "folder hashes otherwise than its checkpoint file), or with LoRAs or embeddings merged")
+                f"engine's is {model.model_hash}: another model, or the same weights in another format (a diffusers "
+                "folder hashes otherwise than its checkpoint file)")
+    drawn_with = {part.split(":")[0].strip() for part in fields.get("Lora hashes", "").split(",")}
+    # (engines from before LoRAs' hashes wrote no Lora hashes: theirs not checked)
+    extra = [lora["name"] for lora in model.loras if lora.get("a1111_hash") and lora["name"] not in drawn_with]
+    if extra:
+        return (f"this engine merges the LoRA{'s' if len(extra) > 1 else ''} {', '.join(extra)} (ldm-export --lora), "
+                "which the image's Lora hashes do not name: it was drawn without, so it will differ")
     return None
 
 
@@ -350,7 +357,7 @@ def parameters(model, req, i: int, img2img: bool, fix=None, crop_pad: int | None
         "CFG scale": req.guidance,
         "Seed": req.seeds[i],
         "Size": f"{req.width}x{req.height}",
-        "Model hash": model.weights_sha256[:10],
+        "Model hash": model.model_hash,
         "Model": model_name(model.source),
     }
     if model.vae:  # AUTOMATIC1111 names a replacement VAE so

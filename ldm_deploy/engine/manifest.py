@@ -57,6 +57,15 @@ class ModelInfo:
     # diffusers' VAE tile (engine/vae_tiling.py), latent px: the VAE's sample_size over its scale
     # (engines written before it: 0, the U-Net's sample_size then)
     vae_tile: int = 0
+    # of the model's own weight files, before a VAE, LoRAs or embeddings went in (a checkpoint
+    # file's plain SHA-256): AUTOMATIC1111's "Model hash" (engines written before it: "")
+    checkpoint_sha256: str = ""
+
+    @property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's "Model hash" of the model: its checkpoint's first 10 digits (older
+        engines: the weight hash's, which is the checkpoint's where nothing was merged)."""
+        return (self.checkpoint_sha256 or self.weights_sha256)[:10]
 
     @property
     def facts(self) -> ModelFacts:

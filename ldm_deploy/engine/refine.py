@@ -165,4 +165,4 @@ def draw(refiner, req: Request, generator, progress, output_type, scores, **call
 def fields(refiner, req: Request) -> dict:
     """AUTOMATIC1111's infotext fields for it: "Refiner: name [hash]", "Refiner switch at"."""
     b = refiner.manifest.model
-    return {"Refiner": f"{model_name(b.source)} [{b.weights_sha256[:10]}]", "Refiner switch at": req.denoising_end}
+    return {"Refiner": f"{model_name(b.source)} [{b.model_hash}]", "Refiner switch at": req.denoising_end}

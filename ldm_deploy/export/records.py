@@ -59,6 +59,7 @@ def model_info(src: SourceModel) -> ModelInfo:
         family=src.family,
         source=src.source,
         weights_sha256=src.weights_sha256,
+        checkpoint_sha256=src.checkpoint_sha256,
         prediction_type=schedule.prediction_type,
         vae_scaling_factor=float(src.vae.config.scaling_factor),
         latent_channels=facts.latent_channels,

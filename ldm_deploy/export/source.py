@@ -43,8 +43,11 @@ class SourceModel:
     text_encoder: object  # transformers CLIPTextModel (an SDXL refiner: None)
     tokenizer: object  # transformers CLIPTokenizer (an SDXL refiner: its only one, tokenizer_2's)
     scheduler_config: dict
-    weights_sha256: str
+    weights_sha256: str  # of every weight file the engine is made of (merges fold theirs in: lora.py, ...)
     vae_source: str = ""  # the replacement VAE's file or folder name, if any
+    # of the model's own weight files alone (a checkpoint file's plain SHA-256): AUTOMATIC1111's
+    # "Model hash", which names the checkpoint whatever VAE, LoRAs and embeddings go with it
+    checkpoint_sha256: str = ""
     loras: list = field(default_factory=list)  # merged LoRAs: {"name", "weight", "sha256"} each
     # added textual inversions: {"name", "word", "vectors", "sha256"} each
     embeddings: list = field(default_factory=list)
@@ -175,14 +178,25 @@ def fast_tokenizer(src: SourceModel):
 def hash_files(files: list[Path]) -> str:
     """SHA-256 over the files' names and contents; of one checkpoint file alone, its plain
     SHA-256, whose first 10 digits are the "Model hash" AUTOMATIC1111 and CivitAI show for it."""
-    h = hashlib.sha256()
-    for f in files:
-        if len(files) > 1 or not single_file.is_single_file(f):
-            h.update(f.name.encode())
+    return hash_parts(files)[0]
+
+
+def hash_parts(files: list[Path], first: int | None = None) -> tuple[str, str]:
+    """(hash_files(files), hash_files(files[:first])) in one read of the files (first: None, all)."""
+    first = len(files) if first is None else first
+    whole, part = hashlib.sha256(), hashlib.sha256()
+    for i, f in enumerate(files):
+        named = not single_file.is_single_file(f)
+        if len(files) > 1 or named:
+            whole.update(f.name.encode())
+        if i < first and (first > 1 or named):
+            part.update(f.name.encode())
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
+                whole.update(chunk)
+                if i < first:
+                    part.update(chunk)
+    return whole.hexdigest(), part.hexdigest()
 
 
 def quiet_libraries() -> None:
@@ -225,7 +239,7 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
         tokenizer = xl["tokenizer_2"]
     if prediction_type:
         scheduler_config["prediction_type"] = prediction_type
-    vae = model_vae
+    vae, own = model_vae, len(weights)
     if vae_source:
         vae, vae_files = load_vae(vae_source, model_vae.config, allow_pickle)
         weights += vae_files
@@ -245,7 +259,7 @@ def load_source(model: str, allow_pickle: bool = False, config: str | None = Non
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
-        weights_sha256=hash_files(weights),
+        **dict(zip(("weights_sha256", "checkpoint_sha256"), hash_parts(weights, own))),
         vae_source=Path(vae_source).name if vae_source else "",
         **xl,
     )

@@ -148,7 +148,7 @@ class A1111:
             "sampler_name": sampler.pop("Sampler"), "cfg_scale": options["guidance"],
             "steps": options["steps"], "batch_size": fields.integer(body, "batch_size", 1),
             "restore_faces": False, "face_restoration_model": None, "sd_model_name": engine,
-            "sd_model_hash": model.weights_sha256[:10], "sd_vae_name": vae_name(model) if model.vae else None,
+            "sd_model_hash": model.model_hash, "sd_vae_name": vae_name(model) if model.vae else None,
             "sd_vae_hash": None, "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
             "denoising_strength": options.get("strength", options.get("hires_strength")),
             "extra_generation_params": sampler, "index_of_first_image": 0, "infotexts": infotexts, "styles": list(body.get("styles") or []),

@@ -11,7 +11,17 @@ from PIL import Image
 
 from ldm_deploy.cli import run as run_cli
 from ldm_deploy.engine.infotext import AYS, model_warning, parse, sampler_fields, settings, upscaler_warning
+from ldm_deploy.engine.manifest import ModelInfo
+from ldm_deploy.engine.samplers import NoiseSchedule
 from ldm_deploy.errors import UserError
+
+
+def model_info(weights: str, checkpoint: str = "", loras: tuple = ()) -> ModelInfo:
+    """An SD 1.x engine's ModelInfo with these hashes and merged LoRAs."""
+    return ModelInfo(family="sd1", source="dreamshaper_8.safetensors", weights_sha256=weights,
+                     prediction_type="epsilon", vae_scaling_factor=0.18215, latent_channels=4, text_length=77,
+                     text_width=768, sample_size=64, noise_schedule=NoiseSchedule(), checkpoint_sha256=checkpoint,
+                     loras=loras)
 
 A1111 = ("masterpiece, a cat\non a (red:1.2) sofa\n"
          "Negative prompt: blurry, lowres\nworst quality\n"
@@ -33,7 +43,7 @@ def test_parse_reads_automatic1111s_format():
 
 def test_settings_map_fields_to_options_and_say_what_differs():
     out, warnings = settings(parse(A1111)[2])
-    assert model_warning(parse(A1111)[2], "abcdef1234" + "0" * 54) is None
+    assert model_warning(parse(A1111)[2], model_info("abcdef1234" + "0" * 54)) is None
     assert out == {"steps": 20, "guidance": 7.0, "seed": 1234, "width": 512, "height": 768, "clip_skip": 2,
                    "sampler": "dpmpp_2m_karras", "hires_scale": 2.0, "hires_steps": 10, "hires_strength": 0.5,
                    "hires_upscaler": "Latent (nearest-exact)"}
@@ -52,7 +62,8 @@ def test_settings_map_fields_to_options_and_say_what_differs():
         in upscaler_warning(fields, out["hires_upscaler"], {})
     assert upscaler_warning(fields, out["hires_upscaler"], {"R-ESRGAN 4x+": {}}) is None
     assert upscaler_warning(fields, "Latent", {}) is None
-    assert "drawn by a model with hash 0123456789 (unnamed); this engine's is ffffffffff" in model_warning(fields, "f" * 64)
+    assert "drawn by a model with hash 0123456789 (unnamed); this engine's is ffffffffff" in \
+        model_warning(fields, model_info("f" * 64))
     # AUTOMATIC1111 1.9's "Automatic" schedule is the sampler's own: Karras for DPM++ 2M
     assert settings({"Sampler": "DPM++ 2M", "Schedule type": "Automatic"})[0] == {"sampler": "dpmpp_2m_karras"}
     assert settings({"Sampler": "DPM++ 2M"})[0] == {"sampler": "dpmpp_2m"}  # before 1.9: uniform
@@ -141,6 +152,23 @@ def test_from_png_needs_parameters(engine_dirs, tmp_path, capsys):
     assert code == 2 and "it has no generation parameters" in err and "Traceback" not in err
     code = run_cli.main(["--engine", str(engine_dirs["tiny-sd1"])])
     assert code == 2 and "give a prompt, or --from-png" in capsys.readouterr().err
+
+
+def test_the_model_hash_is_the_checkpoints_and_merged_loras_are_checked_against_the_pngs():
+    """AUTOMATIC1111's "Model hash" names the checkpoint whatever VAE and LoRAs went with it (its
+    "Lora hashes" name those): an engine with a LoRA merged writes and compares its checkpoint's, and
+    says where it merges a LoRA the image was not drawn with."""
+    detail = {"name": "detail", "weight": 0.7, "sha256": "9" * 64, "a1111_hash": "0123456789ab"}
+    merged = model_info("e" * 64, checkpoint="abcdef1234" + "5" * 54, loras=(detail,))
+    assert merged.model_hash == "abcdef1234" and model_info("f" * 64).model_hash == "ffffffffff"  # (older: weights')
+    fields = parse(A1111)[2]  # (Lora hashes: detail, style)
+    assert model_warning(fields, merged) is None
+    assert model_warning({k: v for k, v in fields.items() if k != "Lora hashes"}, merged) == (
+        "this engine merges the LoRA detail (ldm-export --lora), which the image's Lora hashes do not name: it was "
+        "drawn without, so it will differ")
+    old = {**detail, "a1111_hash": None}  # (an engine from before LoRAs' hashes: not checked)
+    assert model_warning({"Model hash": "abcdef1234"}, model_info("e" * 64, "abcdef1234" + "5" * 54, (old,))) is None
+    assert "this engine's is abcdef1234" in model_warning({"Model hash": "0000000000"}, merged)
 
 
 def test_hires_sampler_fields_as_automatic1111_pastes_them():

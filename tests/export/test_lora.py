@@ -128,6 +128,8 @@ def test_lora_spec_and_cli(model_dirs, tmp_path, capsys):
                                    "--vae", str(model_dirs["tiny-sd2"] / "vae")]) == 0
     plain, merged = (json.loads((tmp_path / e / "manifest.json").read_text())["model"] for e in ("plain", "lora"))
     assert plain["weights_sha256"] != merged["weights_sha256"]
+    # AUTOMATIC1111's "Model hash" names the model before its LoRAs and VAE: the same for both
+    assert merged["checkpoint_sha256"] == plain["checkpoint_sha256"] == plain["weights_sha256"]
     # the manifest says what is baked in; the PNG names the VAE as AUTOMATIC1111 does
     sha = hashlib.sha256((tmp_path / "s.safetensors").read_bytes()).hexdigest()
     assert [{k: v for k, v in lora.items() if k != "a1111_hash"} for lora in merged["loras"]] == [
@@ -137,6 +139,7 @@ def test_lora_spec_and_cli(model_dirs, tmp_path, capsys):
 
     png = Pipeline.load(tmp_path / "lora")("a cat", steps=1, width=64, height=64, progress=False)[0]
     assert "VAE: vae" in png.info["parameters"]
+    assert f"Model hash: {plain['weights_sha256'][:10]}" in png.info["parameters"]
     code = export_cli.main(args + ["--out", str(tmp_path / "x"), "--lora", str(tmp_path / "none.safetensors")])
     err = capsys.readouterr().err
     assert code == 2 and "no such file" in err and "Traceback" not in err and not (tmp_path / "x").exists()

@@ -411,7 +411,10 @@ def test_model_hash_of_a_checkpoint_is_its_plain_sha256(files):
 
     path = files["tiny-sd1"][0]
     src = load_source(str(path), config=str(files["tiny-sd1"][1]))
-    assert src.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert src.weights_sha256 == src.checkpoint_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # with another VAE the engine's weights are others, but the checkpoint is the same (its "Model hash")
+    vae = load_source(str(path), config=str(files["tiny-sd1"][1]), vae_source=str(files["tiny-sd1"][1] / "vae"))
+    assert vae.checkpoint_sha256 == src.checkpoint_sha256 != vae.weights_sha256
 
 
 def file_and_folders(root, preset: str):
