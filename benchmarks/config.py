@@ -114,6 +114,8 @@ def check_config(c: BenchConfig) -> None:
                             f"Write one with: python -m ldm_deploy.export.single_file {c.model} --out FOLDER")
         if not (Path(c.model) / "model_index.json").is_file():
             raise UserError(f"{c.model} is not a diffusers model folder (no model_index.json)")
+        if "ours" in kinds:
+            check_same_architecture(c.engine, c.model)
     for name, value in (("width", c.width), ("height", c.height)):
         if value < 8 or value % 8:
             raise UserError(f"--{name} {value} must be a positive multiple of 8")
@@ -133,3 +135,23 @@ def check_config(c: BenchConfig) -> None:
         raise UserError(f"--guidance must be 0 or more, got {c.guidance}")
     if c.time_budget_s is not None and c.time_budget_s <= 0:
         raise UserError(f"--time-budget must be positive, got {c.time_budget_s}")
+
+
+def check_same_architecture(engine: str, model: str) -> None:
+    """A UserError where --model's U-Net is not the engine's kind (its text width, channels in):
+    the ratios would compare two different models. (Weights of the same kind are not hashed here.)"""
+    import json
+
+    from ldm_deploy.engine.manifest import read_manifest
+
+    try:
+        unet = json.loads((Path(model) / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # (diffusers says what is wrong with the folder when it loads it)
+    m = read_manifest(Path(engine)).model
+    theirs = (unet.get("cross_attention_dim"), unet.get("in_channels"))
+    ours = (m.text_width, m.latent_channels * (2 if m.inpainting else 1) + (1 if m.inpainting else 0))
+    if theirs != ours:
+        raise UserError(f"--model {model} is not the model the engine was made from ({m.source}): its U-Net takes "
+                        f"text {theirs[0]} wide and {theirs[1]} channels, the engine's {ours[0]} and {ours[1]}; "
+                        "give the diffusers folder the engine was exported from")

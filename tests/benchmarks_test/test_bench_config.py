@@ -99,3 +99,12 @@ def test_our_label_says_what_runs():
     assert label("torch", {}, manifest("cpu", "exported")) == "ldm-deploy torch fp16"
     assert label("torch", {"compile": True}, manifest("cpu", "exported")).endswith("torch.compile")
     assert label("torch", {"compile": True}, manifest("cuda", "aoti")) == "ldm-deploy torch fp16"
+
+
+def test_a_model_of_another_kind_than_the_engines_is_refused(engine_dirs, model_dirs):
+    """The ratios would compare two models: an SD 2.x folder against an SD 1.x engine is said."""
+    config = BenchConfig(engine=str(engine_dirs["tiny-sd1"]), model=str(model_dirs["tiny-sd1"]))
+    check_config(config)
+    with pytest.raises(UserError, match=r"is not the model the engine was made from .* text 48 wide and 4 channels, "
+                                        r"the engine's 32 and 4"):
+        check_config(replace(config, model=str(model_dirs["tiny-sd2"])))
