@@ -64,11 +64,24 @@ def model_key(model: Path, settings: dict, extra: tuple[Path, ...] = ()) -> str:
     h = hashlib.sha256(f"{__version__}.{REVISION}\n{sorted(settings.items())}\n".encode())
     for i, source in enumerate((model, *extra)):
         tag = f"{i}:" if i else ""
-        root, files = (source.parent, [source]) if source.is_file() else (source, sorted(source.rglob("*")))
+        root, files = (source.parent, [source]) if source.is_file() else (source, model_files(source))
         for f in (f for f in files if f.is_file()):
             st = f.stat()
             h.update(f"{tag}{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a folder that make the model: of a diffusers folder, model_index.json and its
+    components' folders (unet/, vae/, ...), so that other files there (an engine exported into
+    it, notes, images) do not count; of another folder, all."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return sorted(folder.rglob("*"))
+    parts = [folder / k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir()] \
+        if isinstance(index, dict) else []
+    return [folder / "model_index.json", *sorted(f for part in parts for f in part.rglob("*"))]
 
 
 def absolute_path(p: Path) -> Path:

@@ -31,6 +31,26 @@ def test_key_changes_with_the_model_and_the_settings(tmp_path):
     assert cache.model_key(m, {"max_batch": 4}) != key
 
 
+def test_key_of_a_diffusers_folder_is_its_components_files(tmp_path):
+    """Its model_index.json and the folders it names: an engine exported into the folder, or notes
+    beside the model, change nothing; a component's file does."""
+    m = tmp_path / "model"
+    (m / "unet").mkdir(parents=True)
+    (m / "unet" / "w.safetensors").write_bytes(b"1234")
+    (m / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "U"], '
+                                        '"safety_checker": [null, null]}')
+    key = cache.model_key(m, {})
+    (m / "engine").mkdir()
+    (m / "engine" / "manifest.json").write_text("{}")
+    (m / "notes.txt").write_text("my model")
+    assert cache.model_key(m, {}) == key
+    (m / "unet" / "config.json").write_text("{}")
+    assert cache.model_key(m, {}) != key
+    key = cache.model_key(m, {})
+    (m / "model_index.json").write_text('{"unet": ["diffusers", "U"]}')
+    assert cache.model_key(m, {}) != key
+
+
 def test_key_follows_the_vae_lora_and_upscaler_files(tmp_path, monkeypatch):
     m = tmp_path / "model"
     m.mkdir()
