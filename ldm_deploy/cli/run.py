@@ -44,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--styles-file", default="styles.csv", metavar="CSV",
                    help="AUTOMATIC1111's styles.csv (name,prompt,negative_prompt) that --style names come from "
                         "(default: styles.csv here)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30; img2img draws int(steps x "
+                   "strength) of them, as diffusers does)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default, or -1: random; with "
                    "--variation-strength every image the seed)")
@@ -57,9 +58,11 @@ def parser() -> argparse.ArgumentParser:
                    help="AUTOMATIC1111's 'Resize seed from': draw each seed's noise at WxH and paste it into the "
                         "middle, so that an image drawn at WxH keeps its composition at --width x --height")
     p.add_argument("--width", type=int, default=None, help="default: the engine's native size (img2img: the init image's)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--sampler", default="dpmpp_2m_karras", choices=SAMPLERS)
+    p.add_argument("--height", type=int, default=None, help="as --width")
+    p.add_argument("--num-images", type=int, default=1, help="images to draw (default 1), in batches of the engine's "
+                   "largest; image i gets seed + i")
+    p.add_argument("--sampler", default="dpmpp_2m_karras", choices=SAMPLERS, metavar="SAMPLER",
+                   help="default dpmpp_2m_karras (AUTOMATIC1111's DPM++ 2M Karras); one of: " + ", ".join(SAMPLERS))
     p.add_argument("--clip-skip", type=int, default=1, metavar="N",
                    help="take the text encoder's output N - 1 layers before its last, as AUTOMATIC1111's "
                         "\"Clip skip\" counts (default 1: the last layer, for SDXL the penultimate; 2, the "

@@ -25,15 +25,17 @@ class Control:
     def of(cls, image, scale, start, end, count: int, settings_given: bool = False) -> "Control":
         """Checked settings for an engine of `count` ControlNets; settings_given: the call set a
         scale, start or end, which without a control image would silently do nothing."""
+        if count == 0 and (image is not None or settings_given):
+            raise InvalidRequest("this engine has no ControlNet; export one into it with ldm-export "
+                                 "--controlnet DIR (ldm-run --model: add --controlnet DIR) to use control images"
+                                 + (" and their settings" if settings_given else ""))
         if image is None and settings_given:
-            raise InvalidRequest("control_scale, control_start and control_end (diffusers' controlnet_conditioning_"
+            raise InvalidRequest("control_scale, control_start and control_end (--control-scale, --control-start, "
+                                 "--control-end; diffusers' controlnet_conditioning_"
                                  "scale, control_guidance_start / _end) set how ControlNets steer, but no control "
                                  "image is given: pass control_image= (ldm-run --control-image; diffusers' ControlNet "
                                  "txt2img pipeline calls it image=, which here is the init image)")
         if count == 0:
-            if image is not None:
-                raise InvalidRequest("this engine has no ControlNet; export one into it with ldm-export "
-                                     "--controlnet DIR (ldm-run --model: add --controlnet DIR) to use control images")
             return cls((), (), (), ())
         if image is None or not isinstance(image, (list, tuple)):
             if count > 1 and image is not None:

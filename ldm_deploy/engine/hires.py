@@ -59,8 +59,9 @@ def of(scale, steps, strength, upscaler, prompt=None, negative_prompt=None, samp
                                 ("hires_prompt", prompt), ("hires_negative_prompt", negative_prompt),
                                 ("hires_sampler", sampler)) if v is not None]
         if given:
-            raise InvalidRequest(f"{', '.join(given)} set the hires fix's second pass; give hires_scale too (e.g. 2), "
-                                 "or leave them out")
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise InvalidRequest(f"{', '.join(given)} ({flags}) set the hires fix's second pass; give hires_scale too "
+                                 "(--hires-scale, e.g. 2), or leave them out")
         return None
     for name, value in (("hires_prompt", prompt), ("hires_negative_prompt", negative_prompt)):
         if value is not None and not isinstance(value, str):

@@ -102,7 +102,8 @@ def scores(m, refiner, score, negative) -> dict:
         if value is None:
             continue
         if not (refiner.manifest.model if refiner is not None else m).aesthetic:
-            raise InvalidRequest(f"aesthetic_score and negative_aesthetic_score condition SDXL refiners; this "
+            raise InvalidRequest(f"aesthetic_score and negative_aesthetic_score (--aesthetic-score, "
+                                 f"--negative-aesthetic-score) condition SDXL refiners; this "
                                  f"{'refiner' if refiner is not None else 'engine'}'s model takes none: leave them out")
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                 or not np.isfinite(value):

@@ -241,9 +241,8 @@ def load(path: Path, allow_pickle: bool, config: Path | None = None, prediction:
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
             hint = "" if config != Path(tmp) else (
                 f" The checkpoint's weights do not fit the {FAMILY_NAMES[fam]} architecture; for a model of "
-                "another size export it with ldm-export --config (a diffusers folder or hub id of its "
-                "architecture)")
-            raise ModelSourceError(f"could not load {path}: {type(e).__name__}: {first_line(e)}.{hint}") from None
+                "another size give --config (a diffusers folder or hub id of its architecture)")
+            raise ModelSourceError(f"could not load {path}: {first_line(e)}.{hint}") from None
     *modules, xl = modules
     return (*modules, scheduler_config, xl)
 
@@ -327,8 +326,14 @@ def load_weights(module, weights: dict, name: str, unused_ok: bool = False) -> N
 
 
 def first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
+    """An exception's first line, or where it only introduces a list (torch's "Error(s) in loading
+    state_dict for UNet2DConditionModel:"), the first entry of that, e.g. its first size mismatch."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines or isinstance(e, KeyError):  # (a KeyError's text is the key alone)
+        return " ".join([type(e).__name__, *lines[:1]])
+    if lines[0].endswith(":") and len(lines) > 1:
+        return lines[1].rstrip(".")
+    return lines[0].rstrip(".")
 
 
 def to_diffusers_folder(model: str, out: Path, allow_pickle: bool = False, config: str | None = None,

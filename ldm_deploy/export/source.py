@@ -112,8 +112,9 @@ def resolve(model: str, patterns=HUB_PATTERNS) -> Path:
             raise ModelSourceError(
                 f"model path {model} does not exist (and fetching it as a hub id failed: "
                 f"{type(e).__name__}); check the folder's name") from None
+        why = " ".join(str(e).split())  # (huggingface_hub's messages run over several lines)
         raise ModelSourceError(
-            f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: {why}). "
             "Check the id and your network, or pass a local diffusers folder"
         ) from None
 

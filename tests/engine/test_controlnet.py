@@ -170,6 +170,8 @@ def test_without_a_control_image_the_engine_draws_as_the_model_alone(engines, pi
 def test_control_settings_are_checked(engines, pipelines, tmp_path):
     with pytest.raises(InvalidRequest, match="no ControlNet; export one"):
         pipelines["tiny-sd1"]("x", control_image=pattern(0), steps=2, progress=False)
+    with pytest.raises(InvalidRequest, match="no ControlNet; export one .* to use control images and their settings"):
+        pipelines["tiny-sd1"]("x", control_scale=0.5, steps=2, progress=False)  # (not "no control image given")
     for kw, message in [(dict(control_image=pattern(0)), "has 2 ControlNets: give a list of 2"),
                         (dict(control_image=[pattern(0)]), "1 control images for this engine's 2"),
                         (dict(control_image=[pattern(0), None], control_scale=[1.0]), "control_scale: 1 values"),

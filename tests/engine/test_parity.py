@@ -461,9 +461,10 @@ def test_hires_fix_refuses_what_it_cannot_do(pipelines, init_image):
         (dict(hires_scale=2.0, hires_steps=1.5), "hires_steps must be a whole number, got 1.5"),
         (dict(hires_scale=2.0, hires_strength=0.0), "hires_strength must be in (0, 1]"),
         (dict(hires_scale=2.0, hires_strength="0.5"), "hires_strength must be a number, got '0.5'"),
-        (dict(hires_strength=0.5), "hires_strength set the hires fix's second pass; give hires_scale"),
-        (dict(hires_prompt="a", hires_sampler="euler"), "hires_prompt, hires_sampler set the hires fix's second "
-                                                        "pass; give hires_scale too"),
+        (dict(hires_strength=0.5), "hires_strength (--hires-strength) set the hires fix's second pass; give hires_scale"),
+        (dict(hires_prompt="a", hires_sampler="euler"), "hires_prompt, hires_sampler (--hires-prompt, --hires-sampler) "
+                                                        "set the hires fix's second pass; give hires_scale too "
+                                                        "(--hires-scale"),
         (dict(hires_scale=2.0, hires_sampler="Euler"), "unknown hires_sampler 'Euler'; choose one of"),
         (dict(hires_scale=2.0, hires_prompt=["a"]), "hires_prompt must be text (None: the first pass's), got list"),
         (dict(hires_upscaler="Latent"), "give hires_scale too"),
