@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
                    help="TensorRT builder optimization level 0..5: higher builds longer, may run faster (default 3)")
     r.add_argument("--refit", action="store_true", help="keep weights refittable (for LoRA); can run slower")
     r.add_argument("--timing-cache", default=DEFAULT_TIMING_CACHE,
-                   help=f"folder that keeps kernel timings between builds (default {DEFAULT_TIMING_CACHE})")
+                   metavar="DIR", help="folder that keeps kernel timings between builds (default: tensorrt/ in "
+                   "the cache folder, $LDM_DEPLOY_CACHE, else $XDG_CACHE_HOME/ldm-deploy, else ~/.cache/ldm-deploy)")
     r.add_argument("--no-timing-cache", action="store_true", help="time every kernel afresh")
     p.add_argument("--no-img2img", action="store_true", help="skip the VAE encoder: txt2img only, a shorter export")
     add_model_options(p)

@@ -42,7 +42,9 @@ from ldm_deploy.errors import BackendUnavailable, EngineError, UserError
 log = logging.getLogger(__name__)
 
 OPT_LEVELS = range(6)  # TensorRT's builder optimization levels
-DEFAULT_TIMING_CACHE = "~/.cache/ldm-deploy/tensorrt"
+# tensorrt/ in the cache folder ($LDM_DEPLOY_CACHE, else $XDG_CACHE_HOME/ldm-deploy, else
+# ~/.cache/ldm-deploy: cache.cache_dir), found when a build starts (timing_cache_path)
+DEFAULT_TIMING_CACHE = "<cache folder>/tensorrt"
 # Dims a static-shape engine pins to their tuned value. cfg keeps its range: guidance <= 1 runs
 # only the conditional half, and pinning cfg would refuse those requests (LCM / turbo models).
 STATIC_DIMS = ("batch", "latent_height", "latent_width", "text_chunks")
@@ -213,6 +215,10 @@ def timing_cache_path(directory: str | None, facts: RuntimeFacts) -> Path | None
     """One timing-cache file per TensorRT version and GPU (timings do not carry across)."""
     if not directory:
         return None
+    if directory == DEFAULT_TIMING_CACHE:
+        from ldm_deploy.cache import cache_dir
+
+        directory = str(cache_dir() / "tensorrt")
     gpu = re.sub(r"[^A-Za-z0-9.]+", "_", facts.gpu).strip("_")
     return Path(directory).expanduser() / f"timing-trt{facts.tensorrt}-sm{facts.compute_capability}-{gpu}.cache"
 

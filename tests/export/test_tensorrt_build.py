@@ -142,6 +142,15 @@ def test_timing_cache_is_one_file_per_tensorrt_version_and_gpu(tmp_path):
     assert timing_cache_path("~/c", H100).parent.is_absolute()
 
 
+def test_the_timing_cache_lives_in_the_cache_folder(tmp_path, monkeypatch):
+    """By default where cached engines go ($LDM_DEPLOY_CACHE, ...), found when a build starts."""
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "c"))
+    assert timing_cache_path(TensorRTOptions().timing_cache, H100).parent == tmp_path / "c" / "tensorrt"
+    monkeypatch.delenv("LDM_DEPLOY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert timing_cache_path(TensorRTOptions().timing_cache, H100).parent == tmp_path / "xdg" / "ldm-deploy" / "tensorrt"
+
+
 def test_manifest_build_facts_are_enough_to_rebuild():
     options = TensorRTOptions(optimization_level=5, refit=True)
     facts = build_facts(H100, options, component_precisions("fp16"), {"unet_step": 123, "vae_decoder": 45})
