@@ -73,14 +73,17 @@ def model_key(model: Path, settings: dict, extra: tuple[Path, ...] = ()) -> str:
 
 def model_files(folder: Path) -> list[Path]:
     """The files of a folder that make the model: of a diffusers folder, model_index.json and its
-    components' folders (unet/, vae/, ...), so that other files there (an engine exported into
-    it, notes, images) do not count; of another folder, all."""
+    components' folders (those it names, and those the export reads whatever it says: unet/,
+    vae/, ...), so that other files there (an engine exported into it, notes, images) do not
+    count; of another folder, all."""
+    from ldm_deploy.export.source import SUBFOLDERS, XL_SUBFOLDERS
+
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return sorted(folder.rglob("*"))
-    parts = [folder / k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir()] \
-        if isinstance(index, dict) else []
+    named = [k for k, v in index.items() if isinstance(v, list)] if isinstance(index, dict) else []
+    parts = sorted({folder / k for k in (*named, *SUBFOLDERS, *XL_SUBFOLDERS) if (folder / k).is_dir()})
     return [folder / "model_index.json", *sorted(f for part in parts for f in part.rglob("*"))]
 
 

@@ -439,9 +439,6 @@ def main(argv=None) -> int:
         if args.strength is not None and args.init_image is None:
             log.warning("%s applies to img2img only (with --init-image); ignored", "--strength" if
                         "strength" in given_here else "the PNG's Denoising strength")
-        if args.resize_mode != "just-resize" and (args.init_image is None or args.mask_crop is not None):
-            log.warning("--resize-mode fits an --init-image to --width x --height%s; ignored", "" if args.init_image
-                        is None else ", which --mask-crop does not draw whole (it cuts the area around the mask)")
         if args.noise_multiplier != 1 and args.init_image is None and "noise_multiplier" in given_here:
             log.warning("--noise-multiplier applies to img2img only (with --init-image); ignored")
         layers = pipe.manifest.model.text_layers

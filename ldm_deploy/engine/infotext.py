@@ -308,9 +308,11 @@ def model_warning(fields: dict[str, str], model) -> str | None:
         return (f"the image was drawn by a model with hash {theirs} ({fields.get('Model', 'unnamed')}); this "
                 f"engine's is {model.model_hash}: another model, or the same weights in another format (a diffusers "
                 "folder hashes otherwise than its checkpoint file)")
-    drawn_with = {part.split(":")[0].strip() for part in fields.get("Lora hashes", "").split(",")}
+    # its "name: hash" pairs; the name is the prompt's (an alias, maybe), so the hash counts as well
+    drawn_with = {side.strip().lower() for part in fields.get("Lora hashes", "").split(",") for side in part.split(":")}
     # (engines from before LoRAs' hashes wrote no Lora hashes: theirs not checked)
-    extra = [lora["name"] for lora in model.loras if lora.get("a1111_hash") and lora["name"] not in drawn_with]
+    extra = [lora["name"] for lora in model.loras if lora.get("a1111_hash")
+             and not {lora["name"].lower(), lora["a1111_hash"][:12].lower()} & drawn_with]
     if extra:
         return (f"this engine merges the LoRA{'s' if len(extra) > 1 else ''} {', '.join(extra)} (ldm-export --lora), "
                 "which the image's Lora hashes do not name: it was drawn without, so it will differ")

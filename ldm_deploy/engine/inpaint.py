@@ -114,7 +114,8 @@ def crop(init, mask, pad, width, height, output_type, default_size):
                              "show: use output_type 'pil' or 'np'")
     if mask.size != init.size:
         raise InvalidRequest(f"the mask is {mask.size[0]}x{mask.size[1]} and the image {init.size[0]}x"
-                             f"{init.size[1]}: mask_crop needs them the same size")
+                             f"{init.size[1]}: mask_crop (--mask-crop) cuts both around the mask, so give a mask of "
+                             "the image's size")
     if all_black(mask):
         raise InvalidRequest("the mask is all black: nothing to inpaint (white marks what to redraw)")
     width, height = whole("width", width, default_size[0]), whole("height", height, default_size[1])

@@ -62,10 +62,15 @@ class ModelInfo:
     checkpoint_sha256: str = ""
 
     @property
+    def model_sha256(self) -> str:
+        """The checkpoint's SHA-256, as AUTOMATIC1111 hashes a model (older engines: the weight
+        hash, which is the checkpoint's where nothing was merged)."""
+        return self.checkpoint_sha256 or self.weights_sha256
+
+    @property
     def model_hash(self) -> str:
-        """AUTOMATIC1111's "Model hash" of the model: its checkpoint's first 10 digits (older
-        engines: the weight hash's, which is the checkpoint's where nothing was merged)."""
-        return (self.checkpoint_sha256 or self.weights_sha256)[:10]
+        """AUTOMATIC1111's "Model hash" of the model: model_sha256's first 10 digits."""
+        return self.model_sha256[:10]
 
     @property
     def facts(self) -> ModelFacts:

@@ -257,7 +257,8 @@ class Pipeline:
         mask = images.as_mask(mask)
         if mask_blur is not None:
             mask = inpaint.blur(mask, mask_blur)
-        init, mask = resize_mode_.fit_request(resize_mode, init, mask, width, height, mask_crop)
+        init, mask = resize_mode_.fit_request(resize_mode, init, mask, width, height, mask_crop,
+                                              self.manifest.model.vae_scale, self.warned)
         inpaint.check(self.manifest.model, init, mask, hires_scale)
         crop = None  # (pad, box, the original image, the original mask)
         if mask_crop is not None:

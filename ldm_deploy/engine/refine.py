@@ -87,7 +87,12 @@ def settle(refiner, req: Request, m, img2img: bool) -> tuple:
     step (parts()): the base alone has no refiner and no cut. What the refiner cannot draw of the
     request (sizes, clip skip, the sampler's history) is found here, before the base draws."""
     drawn = parts(req, m)
-    if drawn == "base":
+    if drawn == "base":  # (said where a switch was asked for: the image, and its PNG, come without the refiner)
+        if req.denoising_end < 1:
+            log.warning("the refiner draws no step: a switch at %g leaves it none of this %d-step %s walk (the last "
+                        "step's timestep is above the switch's), so the base draws alone, as AUTOMATIC1111 then "
+                        "does; lower the switch (--refiner-switch-at, refiner_switch_at) to let it draw",
+                        req.denoising_end, req.steps, req.sampler)
         return None, replace(req, denoising_end=None), False
     check_request(req, refiner.manifest, img2img)
     refiner.check_history(req.sampler, req.steps, 1.0)

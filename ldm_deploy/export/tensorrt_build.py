@@ -215,7 +215,7 @@ def timing_cache_path(directory: str | None, facts: RuntimeFacts) -> Path | None
     """One timing-cache file per TensorRT version and GPU (timings do not carry across)."""
     if not directory:
         return None
-    if directory == DEFAULT_TIMING_CACHE:
+    if directory in (DEFAULT_TIMING_CACHE, "~/.cache/ldm-deploy/tensorrt"):  # (the latter: older manifests')
         from ldm_deploy.cache import cache_dir
 
         directory = str(cache_dir() / "tensorrt")

@@ -199,8 +199,8 @@ class A1111:
                       "need_inner_model": False} for name, label in a1111_request.SCHEDULERS.items()]
 
     def sd_models(self, _):
-        return 200, [{"title": self.engines.title(name), "model_name": name, "hash": m.model.weights_sha256[:10],
-                      "sha256": m.model.weights_sha256, "filename": m.model.source, "config": None}
+        return 200, [{"title": self.engines.title(name), "model_name": name, "hash": m.model.model_hash,
+                      "sha256": m.model.model_sha256, "filename": m.model.source, "config": None}
                      for name, m in self.engines.manifests.items()]
 
     def sd_vae(self, _):
@@ -229,7 +229,7 @@ class A1111:
     def options(self, _):
         return 200, {"sd_model_checkpoint": self.engines.title(self.engines.default),
                      "sd_vae": vae_name(self.model),
-                     "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoint_hash": self.model.weights_sha256,
+                     "CLIP_stop_at_last_layers": 1, "samples_format": "png", "sd_checkpoint_hash": self.model.model_sha256,
                      "tiling": self.model.tiling, **dict(zip(("beta_dist_alpha", "beta_dist_beta"),
                                                              infotext.BETA_DISTRIBUTION))}
 
@@ -240,7 +240,7 @@ class A1111:
         chosen = self.engines.find(body.get("sd_model_checkpoint"))
         model = self.engines.manifests[chosen].model
         vae = vae_name(model)
-        current = {**self.options(None)[1], "sd_vae": vae, "sd_checkpoint_hash": model.weights_sha256,
+        current = {**self.options(None)[1], "sd_vae": vae, "sd_checkpoint_hash": model.model_sha256,
                    "tiling": model.tiling}
         for key, value in body.items():
             if key == "sd_model_checkpoint" or (key == "sd_vae" and value in ("", "None", "Automatic", vae)):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from PIL import Image, ImageOps
 
 from ldm_deploy.engine.hires import UPSCALERS, upscaler_name
-from ldm_deploy.engine import resize_mode, styles
+from ldm_deploy.engine import styles
 from ldm_deploy.engine.infotext import AUTOMATIC_SCHEDULES, BETA_DISTRIBUTION, SCHEDULE_LABELS, beta_fields
 from ldm_deploy.engine.samplers import DISPLAY_NAMES, SAMPLERS
 from ldm_deploy.errors import InvalidRequest
@@ -82,10 +82,9 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict |
         raise InvalidRequest("init_images: give the image to start from, as a list of one base64-encoded image")
     if any(v != inits[0] for v in inits[1:]):
         raise InvalidRequest("init_images holds several images; one is drawn from here (send one request each)")
-    init = picture(inits[0], "init_images[0]").convert("RGB")
+    init = flatten(picture(inits[0], "init_images[0]"))
     size = (options.get("width") or init.size[0], options.get("height") or init.size[1])
-    mode = body.get("resize_mode", 0)
-    fit(mode, init, (0, 0), "resize_mode")  # (a bad mode said)
+    mode = mode_of(body.get("resize_mode", 0), "resize_mode")
     mask = binary_mask(picture(body["mask"], "mask")) if body.get("mask") is not None else None
     only_masked = mask is not None and flag(body, "inpaint_full_res", True)
     if only_masked and mask.size != init.size:  # (AUTOMATIC1111's paste of the two fails)
@@ -110,6 +109,17 @@ def img2img(body: dict, model, size: tuple[int, int], random_seed, saved: dict |
         if only_masked:
             options["mask_crop"] = integer(body, "inpaint_full_res_padding", 0)
     return options
+
+
+def flatten(image: Image.Image) -> Image.Image:
+    """An init image as AUTOMATIC1111's img2img takes it (its images.flatten): an RGBA one laid over
+    its img2img background colour, white by default, so that what hides under transparent pixels
+    does not show; any other made RGB as it is."""
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        background.paste(image, mask=image)
+        image = background
+    return image.convert("RGB")
 
 
 def binary_mask(image: Image.Image) -> Image.Image:
@@ -313,33 +323,44 @@ def clip_skip(settings: dict, model) -> int:
     return 0 if model.pooled_width else value - 1
 
 
-def fit(mode, image: Image.Image, size: tuple[int, int], what: str, fill: bool = True) -> Image.Image:
-    """An image for the size drawn (`size`: width, height) by AUTOMATIC1111's resize mode (0 just
-    resize, which the pipeline does; 1 crop and resize; 2 resize and fill; 3 just resize, in latent
-    space there: engine/resize_mode.py). fill: whether mode 2 is its img2img's (the ControlNet
-    extension's pads with the edges' median colour, not offered: refused where it would pad)."""
+def mode_of(mode, what: str) -> int:
+    """AUTOMATIC1111's resize mode (None: 0) -> 0 just resize, 1 crop and resize, 2 resize and fill,
+    3 just resize (latent upscale); 1.0 taken as 1, as its API's int field takes it."""
     if mode is None:
-        mode = 0
-    if mode not in (0, 1, 2, 3) or isinstance(mode, bool):
+        return 0
+    if isinstance(mode, bool) or not isinstance(mode, (int, float)) or mode not in (0, 1, 2, 3):
         raise InvalidRequest(f"{what} must be 0 (just resize), 1 (crop and resize), 2 (resize and fill) or "
                              f"3 (just resize, latent upscale), got {mode!r}")
+    return int(mode)
+
+
+def fit_control(mode, image: Image.Image, size: tuple[int, int], what: str) -> Image.Image:
+    """A control image for the size drawn (`size`: width, height) by its ControlNet unit's resize
+    mode, as the ControlNet extension fits it: 0 just resize (the pipeline does); 1 crop and resize,
+    scaled by k = max(w / width, h / height) to sides it rounds, the middle cut at floor((side -
+    size) / 2) (its resampling, OpenCV's, is Lanczos here); 2 pads with the edges' median colour,
+    not offered: refused where it would pad."""
+    mode = mode_of(mode, what)
     w, h = size
-    if w <= 0 or h <= 0:  # (said where the size is read)
-        return image
-    if mode == 2 and not fill and abs(image.size[0] * h - image.size[1] * w) >= max(w, h):  # not the aspect drawn
+    if mode in (0, 3) or w <= 0 or h <= 0 or abs(image.size[0] * h - image.size[1] * w) < max(w, h):
+        return image  # (the aspect drawn, to a pixel: the pipeline resizes it)
+    if mode == 2:
         raise InvalidRequest(f"{what} 2 (resize and fill) pads the {image.size[0]}x{image.size[1]} image to "
                              f"{w}x{h} with its edges' colour, which is not offered here; send it at that aspect, "
                              "or use 0 or 1")
-    return resize_mode.fit(mode, image, w, h)
+    k = max(w / image.size[0], h / image.size[1])
+    cover = (max(w, round(image.size[0] * k)), max(h, round(image.size[1] * k)))
+    left, top = (cover[0] - w) // 2, (cover[1] - h) // 2
+    return image.resize(cover, resample=Image.LANCZOS).crop((left, top, left + w, top + h))
 
 
 def fit_controls(options: dict, resizes: list, size: tuple[int, int]) -> None:
     """The control images fitted by their units' resize modes (a1111_controlnet.py)."""
     for mode, slot, what in resizes:
         if isinstance(options["control_image"], list):
-            options["control_image"][slot] = fit(mode, options["control_image"][slot], size, what, fill=False)
+            options["control_image"][slot] = fit_control(mode, options["control_image"][slot], size, what)
         else:
-            options["control_image"] = fit(mode, options["control_image"], size, what, fill=False)
+            options["control_image"] = fit_control(mode, options["control_image"], size, what)
 
 
 def mask_blur(body: dict) -> float:

@@ -72,7 +72,7 @@ class Engines:
 
     def title(self, name: str) -> str:
         """AUTOMATIC1111's checkpoint title: "name [hash]"."""
-        return f"{name} [{self.manifests[name].model.weights_sha256[:10]}]"
+        return f"{name} [{self.manifests[name].model.model_hash}]"
 
     def find(self, text) -> str:
         """The engine a request names: its title, name, hash (10 digits or the whole), or None: the
@@ -85,11 +85,11 @@ class Engines:
         for name in self.manifests:  # a name, title or folder first: engines of one checkpoint share its hash
             if text in (name, self.title(name), str(self.dirs[name])):
                 return name
-        for name, manifest in self.manifests.items():
-            digest = manifest.model.weights_sha256
+        for name, manifest in self.manifests.items():  # (by its checkpoint's hash, or its weights' with merges)
+            digests = {manifest.model.model_sha256, manifest.model.weights_sha256}
             source = Path(manifest.model.source).name
-            if text in (name, self.title(name), digest, digest[:10], str(self.dirs[name]), source) \
-                    or (given_hash and digest.startswith(given_hash.lower())) or stem in (name, source):
+            if text in (name, self.title(name), str(self.dirs[name]), source, *digests, *(d[:10] for d in digests)) \
+                    or (given_hash and any(d.startswith(given_hash.lower()) for d in digests)) or stem in (name, source):
                 return name
         raise InvalidRequest(f"checkpoint {text[:200]!r} is not served here; this server serves "
                              f"{', '.join(self.title(n) for n in self.names)}")

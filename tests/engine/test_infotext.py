@@ -166,6 +166,8 @@ def test_the_model_hash_is_the_checkpoints_and_merged_loras_are_checked_against_
     assert model_warning({k: v for k, v in fields.items() if k != "Lora hashes"}, merged) == (
         "this engine merges the LoRA detail (ldm-export --lora), which the image's Lora hashes do not name: it was "
         "drawn without, so it will differ")
+    # named otherwise in the prompt (an alias, a renamed file): its hash is the one
+    assert model_warning({**fields, "Lora hashes": "details-v2: 0123456789AB"}, merged) is None
     old = {**detail, "a1111_hash": None}  # (an engine from before LoRAs' hashes: not checked)
     assert model_warning({"Model hash": "abcdef1234"}, model_info("e" * 64, "abcdef1234" + "5" * 54, (old,))) is None
     assert "this engine's is abcdef1234" in model_warning({"Model hash": "0000000000"}, merged)

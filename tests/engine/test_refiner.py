@@ -7,6 +7,7 @@ The tiny refiner's text encoder (48 wide, pooled 40) is the tiny base's second o
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import numpy as np
 import pytest
@@ -303,7 +304,7 @@ def test_any_model_of_the_family_refines_and_others_are_refused(models, pipeline
         base(PROMPT, **kwargs, refiner=pipelines["tiny-sd1"])
 
 
-def test_a_switch_that_leaves_one_model_no_step_lets_the_other_draw_alone(models):
+def test_a_switch_that_leaves_one_model_no_step_lets_the_other_draw_alone(models, caplog):
     """AUTOMATIC1111 never switches where the base's part is the whole walk (1, or 4 LCM steps at
     0.8: timesteps 999..259), and switches before the first step where it is empty (0, or img2img
     at a low strength, whose first step is past the switch): then the refiner draws it all."""
@@ -311,8 +312,12 @@ def test_a_switch_that_leaves_one_model_no_step_lets_the_other_draw_alone(models
     _, refiner, _ = models["refiner"]
     kwargs = dict(steps=4, seed=3, width=W, height=H, output_type="np", progress=False)
     for sampler, at in (("euler", 1.0), ("lcm", 0.8)):
-        np.testing.assert_array_equal(base(PROMPT, sampler=sampler, refiner=refiner, refiner_switch_at=at, **kwargs),
-                                      base(PROMPT, sampler=sampler, **kwargs))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            np.testing.assert_array_equal(base(PROMPT, sampler=sampler, refiner=refiner, refiner_switch_at=at,
+                                               **kwargs), base(PROMPT, sampler=sampler, **kwargs))
+        # said where a switch was asked for (1: never, as asked)
+        assert ("a switch at 0.8 leaves it none of this 4-step lcm walk" in caplog.text) == (at < 1)
     np.testing.assert_array_equal(base(PROMPT, sampler="euler", refiner=refiner, refiner_switch_at=0.0, **kwargs),
                                   refiner(PROMPT, sampler="euler", **kwargs))
     image = photo(5)

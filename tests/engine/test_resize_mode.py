@@ -4,6 +4,8 @@ web UI cannot be installed here."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -109,24 +111,53 @@ def test_the_pipeline_fits_the_picture_and_its_blurred_mask(mode, pipelines):
     assert np.array_equal(got, want)
 
 
-def test_resize_modes_that_change_nothing_and_bad_ones(pipelines):
+def test_resize_modes_that_change_nothing_and_bad_ones(pipelines, caplog):
     pipe = pipelines["tiny-sd1"]
+    pipe.warned = {w for w in pipe.warned if w[0] != "resize_mode"}  # (said once per pipeline)
     picture, mask = picture_and_mask(160, 96)
     call = dict(steps=2, seed=4, progress=False, output_type="np")
     plain = pipe("a cat", init_image=picture, width=64, height=64, **call)
     for mode in ("just-resize", 0, 3, "just-resize-latent"):  # (3: in pixels here)
         assert np.array_equal(pipe("a cat", init_image=picture, width=64, height=64, resize_mode=mode, **call), plain)
-    # no size given: the picture's own aspect is drawn; mask_crop cuts the picture instead (as "Only masked")
-    assert np.array_equal(pipe("a cat", init_image=picture, resize_mode="crop-and-resize", **call),
-                          pipe("a cat", init_image=picture, **call))
-    crop = dict(init_image=picture, mask=mask, mask_crop=8, width=64, height=64, **call)
-    assert np.array_equal(pipe("a cat", resize_mode=1, **crop), pipe("a cat", **crop))
+    # no size given: the picture's own aspect is drawn; mask_crop cuts the picture instead (as "Only masked");
+    # each said once
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert np.array_equal(pipe("a cat", init_image=picture, resize_mode="crop-and-resize", **call),
+                                  pipe("a cat", init_image=picture, **call))
+            crop = dict(init_image=picture, mask=mask, mask_crop=8, width=64, height=64, **call)
+            assert np.array_equal(pipe("a cat", resize_mode=1, **crop), pipe("a cat", **crop))
+            pipe("a cat", resize_mode=2, steps=1, width=64, height=64, progress=False)
+    for idle in ("neither width nor height is given", "mask_crop (--mask-crop) cuts the area around the mask",
+                 "there is no init image"):
+        assert caplog.text.count(idle) == 1, idle
     for mode, match in (("crop", "'crop-and-resize'"), (True, "0 to 3"), (4, "0 to 3")):
         with pytest.raises(InvalidRequest, match=match):
             pipe("a cat", init_image=picture, width=64, height=64, resize_mode=mode, **call)
     latents = pipe("a cat", steps=2, seed=1, width=64, height=64, progress=False, output_type="latent")
     with pytest.raises(InvalidRequest, match="init latents"):
         pipe("a cat", init_image=latents, width=64, height=64, resize_mode=2, **call)
+
+
+def test_masks_of_every_mode_and_one_side_given(pipelines):
+    """A palette or 1-bit mask is fitted as its grey picture (a palette's indices would turn black on
+    a new canvas); a side not given is the picture's own, as the pipeline draws it."""
+    pipe = pipelines["tiny-sd1"]
+    picture, mask = picture_and_mask(160, 96)
+    call = dict(init_image=picture, steps=2, seed=4, width=64, height=64, resize_mode=1, progress=False,
+                output_type="np")
+    grey = pipe("a cat", mask=mask, **call)
+    for other in (mask.convert("P"), mask.convert("1")):
+        assert np.array_equal(pipe("a cat", mask=other, **call), grey), other.mode
+    # height not given: the picture's own (96), so crop-and-resize cuts 160x96 to 64x96's aspect
+    got = pipe("a cat", **{**call, "height": None})
+    want = pipe("a cat", **{**call, "init_image": web_ui_resize(1, picture, 64, 96), "height": None})
+    assert got.shape == (1, 96, 64, 3) and np.array_equal(got, want)
+
+
+def test_a_sliver_is_refused():
+    with pytest.raises(InvalidRequest, match="too thin to resize-and-fill to 64x64: it scales to 64x0"):
+        fit(2, Image.new("RGB", (2000, 1)), 64, 64)
 
 
 def test_ldm_run_resize_mode(engine_dirs, tmp_path, capsys):

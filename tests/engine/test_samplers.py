@@ -322,6 +322,7 @@ def test_plan_table():
         ({"sampler": "ddim", "steps": 1000}, "steps_offset 1 runs past the model's last timestep 999"),
         ({"sampler": "dpmpp_2m", "steps": 1000}, "1000 steps is more than sampler 'dpmpp_2m' can space"),
         ({"sampler": "lcm", "steps": 51}, "the lcm sampler takes at most 50 steps"),
+        ({"sampler": "tcd", "steps": 51}, "the tcd sampler takes at most 50 steps (its distillation schedule), got 51; TCD-LoRA"),
     ],
 )
 def test_invalid_requests(kwargs, message):

@@ -11,7 +11,6 @@ from serve_http import b64
 
 from ldm_deploy.engine.samplers import DISPLAY_NAMES
 from ldm_deploy.errors import InvalidRequest
-from ldm_deploy.engine import resize_mode
 from ldm_deploy.serve import a1111_request as a1111
 
 MODEL = SimpleNamespace(pooled_width=0, tiling=False, controlnets=({"name": "canny", "sha256": "0"},
@@ -223,7 +222,7 @@ def test_variation_fields():
 @pytest.mark.parametrize("extra,match", [
     ({"init_images": []}, "init_images"), ({"init_images": ["not base64!"]}, "base64"),
     ({"init_images": [b64(Image.new("RGB", (8, 8))), b64(Image.new("RGB", (8, 8), 9))]}, "several"),
-    ({"resize_mode": 4}, "resize and fill"), ({"mask_blur_x": 3}, "differ"),
+    ({"resize_mode": 4}, "resize and fill"), ({"resize_mode": 1.5}, "resize and fill"), ({"mask_blur_x": 3}, "differ"),
     ({"mask": b64(Image.new("L", (32, 32)))}, "Only masked"),
     ({"inpainting_fill": 4}, "latent nothing"), ({"enable_hr": True}, "txt2img"),
     ({"init_images": [b64(Image.new("L", (8000, 6000)))]}, "megapixels"),
@@ -241,7 +240,7 @@ def test_resize_modes_are_the_pipelines():
     the web UI does (it cuts the area around the mask instead); 0 and 3 are the pipeline's own resize."""
     image = Image.new("RGB", (96, 64), (9, 9, 9))
     mask = Image.new("L", (96, 64), 255)
-    for mode in (0, 1, 2, 3):
+    for mode in (0, 1, 2, 3, 2.0):
         body = {"init_images": [b64(image)], "resize_mode": mode, "width": 64, "height": 64}
         options = a1111.img2img(body, MODEL, (128, 128), seven)
         assert options["init_image"].tobytes() == image.tobytes() and options.get("resize_mode") == (
@@ -251,6 +250,19 @@ def test_resize_modes_are_the_pipelines():
             mode if mode in (1, 2) else None)
         options = a1111.img2img({**body, "mask": b64(mask)}, MODEL, (128, 128), seven)
         assert "resize_mode" not in options and options["mask_crop"] == 0 and options["width"] == 64
+
+
+def test_a_transparent_init_image_is_laid_over_white():
+    """As AUTOMATIC1111's img2img flattens it (its img2img background colour, white by default):
+    the colour under fully transparent pixels does not show, half-transparent ones are blended."""
+    a = np.zeros((8, 8, 4), dtype=np.uint8)
+    a[..., 0] = 200  # red under it all
+    a[:, 4:, 3] = 255  # the right half opaque, the left transparent
+    a[0, 0, 3] = 128
+    init = a1111.img2img({"init_images": [b64(Image.fromarray(a, "RGBA"))]}, MODEL, (128, 128), seven)["init_image"]
+    got = np.asarray(init)
+    assert init.mode == "RGB" and (got[1:, :4] == 255).all() and (got[:, 4:] == (200, 0, 0)).all()
+    assert np.abs(got[0, 0].astype(int) - (228, 127, 127)).max() <= 1  # halfway to white
 
 
 def test_a_mask_of_another_size_is_fitted_as_the_image_unless_only_masked():
@@ -274,7 +286,13 @@ def test_controlnet_crop_and_resize_cuts_the_middle():
     control = a1111.txt2img({"alwayson_scripts": {"controlnet": {"args": [unit]}}, "width": 50, "height": 50},
                             MODEL, (64, 64), seven)["control_image"][0]
     assert control.tobytes() == image.crop((25, 0, 75, 50)).tobytes()  # no scaling: the middle
-    assert control.tobytes() == resize_mode.fit(1, image, 50, 50).tobytes()
+    # the extension rounds the scaled sides (67x48 to cover 52x52: 72.58 -> 73, where img2img's resize
+    # mode floors them) and cuts at floor((73 - 52) / 2)
+    image = Image.fromarray(rng.integers(0, 256, (48, 67, 3), dtype=np.uint8))
+    unit = {**unit, "image": b64(image)}
+    control = a1111.txt2img({"alwayson_scripts": {"controlnet": {"args": [unit]}}, "width": 52, "height": 52},
+                            MODEL, (64, 64), seven)["control_image"][0]
+    assert control.tobytes() == image.resize((73, 52), resample=Image.LANCZOS).crop((10, 0, 62, 52)).tobytes()
 
 
 def test_controlnet_units():

@@ -273,6 +273,22 @@ def test_engines_of_one_checkpoint_are_found_by_their_own_titles(engine_dirs):
     assert engines.find(engines.title("x")) == engines.find(manifest.model.weights_sha256[:10]) == "x"
 
 
+def test_an_engine_with_merges_is_titled_and_found_by_its_checkpoints_hash(engine_dirs):
+    """AUTOMATIC1111 titles a checkpoint by its file's hash, which a LoRA-merged engine's PNGs give as
+    their Model hash: titles and sd-models name that one; its weights' hash finds it too."""
+    from dataclasses import replace
+
+    from ldm_deploy.engine.manifest import read_manifest
+    from ldm_deploy.serve.engines import Engines
+
+    manifest = read_manifest(engine_dirs["tiny-sd1"])
+    merged = replace(manifest, model=replace(manifest.model, checkpoint_sha256="abcdef1234" + "0" * 54))
+    engines = Engines({"x": merged}, {"x": engine_dirs["tiny-sd1"]})
+    assert engines.title("x") == "x [abcdef1234]"
+    assert engines.find("abcdef1234") == engines.find("model.safetensors [abcdef1234]") == "x"
+    assert engines.find(manifest.model.weights_sha256[:10]) == "x"
+
+
 def test_checkpoint_names_and_options(two):
     sd2 = two.manifests["tiny-sd2"].model.weights_sha256
     assert two.find(f"tiny-sd2.safetensors [{sd2[:10]}]") == "tiny-sd2"  # as AUTOMATIC1111 titles a file

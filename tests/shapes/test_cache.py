@@ -49,6 +49,10 @@ def test_key_of_a_diffusers_folder_is_its_components_files(tmp_path):
     key = cache.model_key(m, {})
     (m / "model_index.json").write_text('{"unet": ["diffusers", "U"]}')
     assert cache.model_key(m, {}) != key
+    key = cache.model_key(m, {})
+    (m / "scheduler").mkdir()  # (read by the export whatever the index names)
+    (m / "scheduler" / "scheduler_config.json").write_text("{}")
+    assert cache.model_key(m, {}) != key
 
 
 def test_key_follows_the_vae_lora_and_upscaler_files(tmp_path, monkeypatch):

@@ -25,11 +25,12 @@ SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
 
 
-def timesteps(schedule, steps: int) -> np.ndarray:
-    """(steps,) descending integer timesteps, as LCMScheduler.set_timesteps(steps) sets them."""
+def timesteps(schedule, steps: int, name: str = "lcm") -> np.ndarray:
+    """(steps,) descending integer timesteps, as LCMScheduler.set_timesteps(steps) sets them (and
+    TCDScheduler's: `name`, the sampler's, for the error)."""
     if steps > ORIGINAL_STEPS:
-        raise InvalidRequest(f"the lcm sampler takes at most {ORIGINAL_STEPS} steps (its distillation "
-                             f"schedule), got {steps}; LCM-LoRA models need only 2-8")
+        raise InvalidRequest(f"the {name} sampler takes at most {ORIGINAL_STEPS} steps (its distillation "
+                             f"schedule), got {steps}; {name.upper()}-LoRA models need only 2-8")
     k = schedule.num_train_timesteps // ORIGINAL_STEPS
     origin = (np.arange(1, ORIGINAL_STEPS + 1) * k - 1)[::-1]
     return origin[np.floor(np.linspace(0, ORIGINAL_STEPS, steps, endpoint=False)).astype(np.int64)]

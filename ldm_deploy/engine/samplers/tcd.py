@@ -24,7 +24,7 @@ GAMMA = 0.3  # TCDScheduler.step's default eta, the value its docs and the TCD L
 
 def walk(schedule, steps: int, start: int, gamma: float = GAMMA) -> Walk:
     """Coefficients for steps start..steps-1 of a `steps`-step TCD walk."""
-    t = timesteps(schedule, steps)
+    t = timesteps(schedule, steps, "tcd")
     acp = alphas_cumprod(schedule)
     t_next = np.append(t[1:], 0)  # (diffusers' prev_timestep: 0 after the last step)
     s = np.floor((1 - gamma) * t_next).astype(np.int64)
