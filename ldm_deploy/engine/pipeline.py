@@ -66,6 +66,8 @@ class Pipeline:
             backend_options["rebuild_stale"] = rebuild_stale
         return cls(engine_dir, manifest, backends.create(name, **backend_options))
 
+    from_pretrained = load  # (diffusers' name for it; an engine directory, not a model, is what it takes)
+
     def enable_vae_tiling(self, tile_size: int | None = None) -> None:
         """Run the VAE on overlapping tiles from now on, as diffusers' `pipe.enable_vae_tiling()`
         (engine/vae_tiling.py): its images (to float rounding, where the decoder's output is

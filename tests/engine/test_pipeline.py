@@ -20,6 +20,16 @@ def test_same_seed_same_image_different_seed_different_image(pipelines):
     assert np.abs(a - c).max() > 0.05
 
 
+def test_from_pretrained_is_load(engine_dirs, pipelines):
+    """diffusers' name for loading, as its users type it: the same engine, the same image."""
+    from ldm_deploy import Pipeline
+
+    pipe = Pipeline.from_pretrained(engine_dirs["tiny-sd1"])
+    assert isinstance(pipe, Pipeline) and pipe.manifest == pipelines["tiny-sd1"].manifest
+    kw = dict(seed=3, steps=2, width=64, height=64, output_type="np", progress=False)
+    assert np.array_equal(pipe("a cat", **kw), pipelines["tiny-sd1"]("a cat", **kw))
+
+
 @pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "ddim"])
 def test_batch_equals_single_runs(pipelines, sampler):
     pipe = pipelines["tiny-sd2"]
