@@ -289,6 +289,12 @@ def sampler(name, scheduler) -> str:
     if ours is None and automatic and label and name in bases:
         raise InvalidRequest(f"{name}'s own schedule (scheduler \"automatic\") is {label}, which is not offered "
                              f"here; pass scheduler \"karras\", \"exponential\", \"beta\" or \"uniform\"")
+    if ours is None and name in bases:  # a sampler of ours, not on that schedule: say which it walks
+        walks = sorted({display[len(name):].strip() or "Uniform" for display in DISPLAY_NAMES.values()
+                        if base_name(display) == name})
+        offered = "only its own walk" if walks == ["Uniform"] else f"its schedules are {', '.join(walks)}"
+        raise InvalidRequest(f"{name} is not offered with the {label} schedule here: {offered} (scheduler "
+                             f"\"automatic\", or none, for its own)")
     if ours is None:
         raise InvalidRequest(f"sampler {full!r} is not offered here (GET /sdapi/v1/samplers lists those that are: "
                              f"{', '.join(sorted(set(DISPLAY_NAMES.values())))})")

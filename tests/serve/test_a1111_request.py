@@ -68,8 +68,17 @@ def test_samplers_not_offered_are_refused(name, scheduler):
         with pytest.raises(InvalidRequest, match="sampler 'LMS Karras' is not offered"):
             a1111.sampler(name, scheduler)
     # AUTOMATIC1111 draws an unknown name with DPM++ 2M
-    with pytest.raises(InvalidRequest, match="is not offered here|must be text"):
+    with pytest.raises(InvalidRequest, match="is not offered here|is not offered with the|must be text"):
         a1111.sampler(name, scheduler)
+
+
+def test_a_sampler_of_ours_on_another_schedule_says_which_it_walks():
+    with pytest.raises(InvalidRequest, match=r"Euler a is not offered with the Exponential schedule here: its "
+                                             r"schedules are SGM Uniform, Uniform \(scheduler \"automatic\""):
+        a1111.sampler("Euler a", "exponential")
+    with pytest.raises(InvalidRequest, match="TCD is not offered with the Karras schedule here: only its own walk"):
+        a1111.sampler("TCD", "Karras")
+    assert a1111.sampler("TCD", None) == a1111.sampler("tcd", "automatic") == "tcd"
 
 
 def test_txt2img_defaults_are_its_api_defaults_but_the_size():
