@@ -14,11 +14,35 @@ from PIL import Image, ImageFilter, ImageOps
 
 from ldm_deploy.engine import images, noise
 from ldm_deploy.engine import mask_crop as mask_crop_
+from ldm_deploy.engine import resize_mode as resize_mode_
 from ldm_deploy.engine.latent_resize import resize
 from ldm_deploy.engine.request import whole
 from ldm_deploy.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
+
+
+def prepare(pipe, init_image, mask, mask_blur, resize_mode, mask_crop, width, height, hires_scale,
+            output_type) -> tuple:
+    """A call's init image and mask as given -> (init, mask, crop, width, height): read, the mask
+    blurred, both fitted by the resize mode (resize_mode.py), checked, and with mask_crop cut to
+    the box around the mask (crop: (pad, box, the original image, the original mask), else None;
+    width and height the box's drawn size)."""
+    m = pipe.manifest.model
+    init = images.as_init_image(init_image)
+    mask = images.as_mask(mask)
+    if mask_blur is not None:
+        mask = blur(mask, mask_blur)
+    init, mask = resize_mode_.fit_request(resize_mode, init, mask, width, height, mask_crop, m.vae_scale, pipe.warned)
+    check(m, init, mask, hires_scale)
+    cut = None
+    if mask_crop is not None:
+        cut, init, mask, width, height = crop(init, mask, mask_crop, width, height, output_type, pipe.default_size)
+    elif mask is not None and all_black(mask):  # (mask_crop refuses it)
+        log.warning("the mask is all black (white marks what to redraw): %s", "the inpainting model draws the "
+                    "image again from the whole of it, near it, not it" if m.inpainting else
+                    "nothing is redrawn; the image comes back through the VAE")
+    return init, mask, cut, width, height
 
 
 def check(model, init, mask, hires_scale) -> None:

@@ -13,8 +13,8 @@ import numpy as np
 
 from ldm_deploy.engine import backends, hires, images, noise
 from ldm_deploy.engine import controls, infotext, inpaint, progress as progress_, refine, text, vae, vae_tiling
+from ldm_deploy.engine import diffusers_names as diffusers_names_
 from ldm_deploy.engine import mask_crop as mask_crop_
-from ldm_deploy.engine import resize_mode as resize_mode_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
 from ldm_deploy.engine.request import (Request, check_init_size, check_request, check_size, noise_multiplier_of, split,
@@ -222,26 +222,12 @@ class Pipeline:
         when this call is the hires fix's second pass; _first_step: a refiner's, the steps the base
         drew, which prompt editing counts on from.)
         """
-        given = {"steps": steps != 30, "guidance": guidance != 7.5, "num_images": num_images != 1,
-                 "init_image": init_image is not None, "mask": mask is not None, "mask_crop": mask_crop is not None,
-                 "control_scale": control_scale is not None, "control_start": control_start != 0.0,
-                 "control_end": control_end != 1.0}
-        for theirs, value in diffusers_names.items():
-            ours = DIFFUSERS_NAMES.get(theirs)
-            if ours is None:
-                raise TypeError(f"Pipeline.__call__() got an unexpected keyword argument {theirs!r}")
-            if given[ours]:
-                raise InvalidRequest(f"{theirs} and {ours} name the same setting; pass one")
+        steps, guidance, num_images, init_image, mask, mask_crop, control_scale, control_start, control_end = \
+            diffusers_names_.take(dict(steps=steps, guidance=guidance, num_images=num_images, init_image=init_image,
+                                       mask=mask, mask_crop=mask_crop, control_scale=control_scale,
+                                       control_start=control_start, control_end=control_end), diffusers_names,
+                                  type(self).__call__)
         progress = progress_.reporting(progress)
-        steps = diffusers_names.get("num_inference_steps", steps)
-        guidance = diffusers_names.get("guidance_scale", guidance)
-        num_images = diffusers_names.get("num_images_per_prompt", num_images)
-        init_image = diffusers_names.get("image", init_image)
-        mask = diffusers_names.get("mask_image", mask)
-        mask_crop = diffusers_names.get("padding_mask_crop", mask_crop)
-        control_scale = diffusers_names.get("controlnet_conditioning_scale", control_scale)
-        control_start = diffusers_names.get("control_guidance_start", control_start)
-        control_end = diffusers_names.get("control_guidance_end", control_end)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         # SDXL base: no negative prompt at all is zero embeddings (diffusers' force_zeros_for_empty_prompt)
         zero_negative = negative_prompt is None and self.manifest.model.zero_negative
@@ -255,21 +241,9 @@ class Pipeline:
         width = None if width is None else whole("width", width, None)
         height = None if height is None else whole("height", height, None)
         check_size(self.manifest, width, height)  # before anything is drawn or cut at that size
-        init = images.as_init_image(init_image)
-        mask = images.as_mask(mask)
-        if mask_blur is not None:
-            mask = inpaint.blur(mask, mask_blur)
-        init, mask = resize_mode_.fit_request(resize_mode, init, mask, width, height, mask_crop,
-                                              self.manifest.model.vae_scale, self.warned)
-        inpaint.check(self.manifest.model, init, mask, hires_scale)
-        crop = None  # (pad, box, the original image, the original mask)
-        if mask_crop is not None:
-            crop, init, mask, width, height = inpaint.crop(init, mask, mask_crop, width, height, output_type,
-                                                           self.default_size)
-        elif mask is not None and inpaint.all_black(mask):  # (mask_crop refuses it)
-            log.warning("the mask is all black (white marks what to redraw): %s", "the inpainting model draws the "
-                        "image again from the whole of it, near it, not it" if self.manifest.model.inpainting else
-                        "nothing is redrawn; the image comes back through the VAE")
+        # (crop: mask_crop's (pad, box, the original image, the original mask), or None)
+        init, mask, crop, width, height = inpaint.prepare(self, init_image, mask, mask_blur, resize_mode, mask_crop,
+                                                          width, height, hires_scale, output_type)
         if strength is None:
             strength = 1.0 if mask is not None else 0.8  # diffusers' inpainting and img2img defaults
         settings_given = control_scale is not None or control_start != 0.0 or control_end != 1.0
@@ -519,10 +493,3 @@ class Pipeline:
         self.load_vae_encoder()
         return self.backend.download(self.run_encoder(pixels, sample_noise, np.zeros_like(sample_noise), [1.0, 0.0],
                                                       progress=progress))
-
-#: diffusers' keyword -> ours, for callers moving from StableDiffusion(Img2Img)Pipeline.
-DIFFUSERS_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
-                   "num_images_per_prompt": "num_images", "image": "init_image", "mask_image": "mask",
-                   "padding_mask_crop": "mask_crop", "controlnet_conditioning_scale": "control_scale",
-                   "control_guidance_start": "control_start", "control_guidance_end": "control_end"}
-
