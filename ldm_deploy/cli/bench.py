@@ -60,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
                    help="contenders take turns this many times (A B A B), samples pooled: spreads a "
                         "shared machine's drift over all of them (default 1)")
     p.add_argument("--prompt", default="a photo of an astronaut riding a horse on mars")
-    p.add_argument("--negative-prompt", default="blurry, low quality")
+    p.add_argument("--negative-prompt", default=None,
+                   help="default 'blurry, low quality'; none at --guidance 1 or less, where it does nothing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole run; contenders that would start with too little are skipped")
@@ -100,9 +101,13 @@ def main(argv=None) -> int:
             device=args.device, width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
             sampler=args.sampler, batch=args.batch, threads=args.threads, warmup=args.warmup,
             warmup_steps=args.warmup_steps, repeats=args.repeats, rounds=args.rounds, prompt=args.prompt,
-            negative_prompt=args.negative_prompt, seed=args.seed, time_budget_s=args.time_budget,
+            negative_prompt=args.negative_prompt if args.negative_prompt is not None else
+            "" if args.guidance <= 1 else "blurry, low quality", seed=args.seed, time_budget_s=args.time_budget,
         )
         check_outputs(args.json, args.chart)
+        if args.warmup == 0:
+            log.warning("--warmup 0 times each contender's first call, with its one-time costs (graph optimisation, "
+                        "allocation, compilation): the ratios are not those of a warm server")
         if args.chart:
             from benchmarks import chart
 

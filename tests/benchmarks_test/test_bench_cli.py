@@ -97,6 +97,19 @@ def test_rounds_take_turns_and_pool_the_samples(engine_dirs, model_dirs, tmp_pat
     assert c["stages"]["unet_step"]["n"] == 6  # two steps per call, three U-Net calls, two rounds
 
 
+def test_warmup_0_and_guidance_1_are_said_and_unused_negatives_left_out(engine_dirs, tmp_path, capsys):
+    """--warmup 0 times the first call (said); at guidance 1 the default negative prompt, which
+    would do nothing (and be warned about), is left out."""
+    out_json = tmp_path / "bench.json"
+    code = bench_cli.main(["--engine", str(engine_dirs["tiny-sd1"]), "--contenders", "ours", "--width", "64",
+                           "--height", "64", "--steps", "1", "--repeats", "1", "--warmup", "0", "--guidance", "1",
+                           "--threads", "1", "--json", str(out_json)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--warmup 0 times each contender's first call" in err and "negative prompt has no effect" not in err
+    assert json.loads(out_json.read_text())["config"]["negative_prompt"] == ""
+
+
 def test_pool_joins_samples_and_keeps_the_highest_peak():
     from benchmarks.bench import pool
 
