@@ -92,7 +92,8 @@ class Control:
         out = {}
         for i, (picture, record) in enumerate(zip(self.pictures, records)):
             if picture is not None:
-                out[f"ControlNet {i}"] = (f'"Module: none, Model: {record["name"]}, Weight: {self.scales[i]}, '
+                model = record.get("a1111_name", record["name"])  # (the extension's "name [hash]"; older engines: none)
+                out[f"ControlNet {i}"] = (f'"Module: none, Model: {model}, Weight: {self.scales[i]}, '
                                           f'Guidance Start: {self.starts[i]}, Guidance End: {self.ends[i]}"')
         return out
 

@@ -44,7 +44,8 @@ class ModelInfo:
     long_prompts: bool = False  # the U-Net step takes dims["text_chunks"] chunks of text (before it: one)
     masks: bool = False  # the U-Net step takes an inpainting mask (before it: none)
     inpainting: bool = False  # an inpainting U-Net (9 channels in: latents, mask, masked image)
-    controlnets: tuple = ()  # ControlNets in the U-Net step (ldm-export --controlnet): {"name", "sha256"} each
+    # ControlNets in the U-Net step (ldm-export --controlnet): {"name", "sha256", "a1111_name"} each
+    controlnets: tuple = ()
     history: bool = False  # the U-Net step takes state2, the x0 of two steps back (before it: none)
     pooled_width: int = 0  # SDXL: the pooled text's width, which the U-Net step takes with time_ids
     # SDXL base (its force_zeros_for_empty_prompt): no negative prompt is zero embeddings, not ""'s

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def load(src, paths: tuple[str, ...], allow_pickle: bool) -> None:
     """Load each ControlNet into src.controlnets (fp32, eval) and its record into
-    src.controlnet_records ({"name", "sha256"}); refuse one that does not fit the U-Net."""
+    src.controlnet_records ({"name", "sha256", "a1111_name"}); refuse one that does not fit the U-Net."""
     from ldm_deploy.export.source import hash_files, quiet_libraries
 
     quiet_libraries()
@@ -33,8 +33,21 @@ def load(src, paths: tuple[str, ...], allow_pickle: bool) -> None:
         net, files = load_one(path, allow_pickle, src.unet)
         check_fits(net, src.unet, path, src.vae)
         src.controlnets.append(net.eval().float())
-        src.controlnet_records.append({"name": path.name, "sha256": hash_files(files)})
+        stem = path.stem if path.is_file() else path.name
+        src.controlnet_records.append({"name": path.name, "sha256": hash_files(files),
+                                       "a1111_name": f"{stem} [{old_hash(files[0])}]"})
         log.info("ControlNet %s", path.name)
+
+
+def old_hash(path: Path) -> str:
+    """AUTOMATIC1111's old model hash (its sd_models.model_hash), which the ControlNet extension names
+    its models by ("control_v11p_sd15_canny [d14c016b]"): the SHA-256 of the 64 KiB at 1 MiB into
+    the file, 8 digits."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
 def load_one(path: Path, allow_pickle: bool, unet):

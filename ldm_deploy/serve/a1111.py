@@ -183,7 +183,9 @@ class A1111:
         return 200, list(out.values())
 
     def controlnet_models(self, _):  # every engine's (a unit is checked against its request's engine)
-        names = [f"{c['name']} [{c['sha256'][:8]}]" for m in self.engines.manifests.values() for c in m.model.controlnets]
+        # (the extension's names, "stem [old hash]"; engines from before them: the file's name and its SHA-256's start)
+        names = [c.get("a1111_name") or f"{c['name']} [{c['sha256'][:8]}]" for m in self.engines.manifests.values()
+                 for c in m.model.controlnets]
         return 200, {"model_list": list(dict.fromkeys(names))}
 
     def interrupt(self, _):

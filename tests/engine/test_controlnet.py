@@ -3,6 +3,7 @@ inpainting, several ControlNets), given the same generators, to 2e-3 max abs per
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 import numpy as np
@@ -226,7 +227,10 @@ def test_export_and_run_from_the_command_line(nets, model_dirs, engines, tmp_pat
                 progress=False)[0]
     with Image.open(tmp_path / "o.png") as got:
         assert got.size == (W, H) and np.array_equal(np.asarray(got), np.asarray(want))
-        assert f'ControlNet 0: "Module: none, Model: {nets[0].name}, Weight: 0.8, Guidance Start: 0.0, ' \
+        # the extension's name of it: the stem and AUTOMATIC1111's old hash (SHA-256 of 64 KiB at 1 MiB, 8 digits)
+        weights = next(nets[0].glob("*.safetensors")).read_bytes()
+        old = hashlib.sha256(weights[0x100000:0x110000]).hexdigest()[:8]
+        assert f'ControlNet 0: "Module: none, Model: {nets[0].name} [{old}], Weight: 0.8, Guidance Start: 0.0, ' \
                'Guidance End: 0.6"' in got.info["parameters"]
 
 
@@ -260,7 +264,7 @@ def test_run_with_a_model_and_a_controlnet_exports_it_into_the_cache(nets, model
     a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png"), np.int16) for n in "abc")
     assert np.abs(a - b).max() > 10 and np.abs(b - c).max() <= 1  # scale 0: the model alone
     with Image.open(tmp_path / "a.png") as im:
-        assert f"Model: {nets[0].name}, Weight: 1.0" in im.info["parameters"]
+        assert f"Model: {nets[0].name} [" in im.info["parameters"] and "], Weight: 1.0" in im.info["parameters"]
 
 
 @pytest.mark.parametrize("layout", ["original", "control_model", "diffusers"])
@@ -324,6 +328,8 @@ def test_served_controlnet_units(engines):
     naming its model, and draws what the Pipeline draws given those images and settings."""
     from serve_http import b64, call, pixels, running, unb64
 
+    from ldm_deploy.serve.a1111_controlnet import slot_of
+
     pipe = engines[2]
     names = [c["name"] for c in pipe.manifest.model.controlnets]
     units = [{"enabled": True, "image": b64(pattern(2)), "module": "none", "model": f"{names[1]} [0123abcd]",
@@ -333,7 +339,11 @@ def test_served_controlnet_units(engines):
             "alwayson_scripts": {"controlnet": {"args": units}}}
     with running(pipe) as server:
         status, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", body)
+        listed = call(server.url + "/controlnet/model_list")[1]["model_list"]
     assert status == 200, answer
+    # the extension's names ("name [old hash]"), which a unit may send back as they are
+    assert listed == [c["a1111_name"] for c in pipe.manifest.model.controlnets]
+    assert [slot_of(name, names, "unit") for name in listed] == [0, 1]
     want = pipe("a house", steps=4, seed=3, width=W, height=H, sampler="euler", guidance=7.0, prompt_weighting=True,
                 control_image=[pattern(1), pattern(2)], control_scale=[0.6, 1.2], control_start=[0.0, 0.2],
                 control_end=[1.0, 0.8], progress=False)
