@@ -38,7 +38,6 @@ def names(p: Path, n: int) -> list[Path]:
     return [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
 
 
-
 def calls(args, pipe, refiner=None) -> list[tuple]:
     """The calls that draw --num-images: [(index of the first, how many, seed, variation seed)], the
     seeds as ldm-run's (one call) or, where each image depends on its seeds alone, lists of the images' own

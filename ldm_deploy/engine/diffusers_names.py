@@ -19,6 +19,8 @@ def take(ours: dict, theirs: dict, call) -> tuple:
     diffusers' names in `theirs` give taken in, in ours' order: a TypeError for a keyword neither
     takes (as Python's own), an InvalidRequest where both name one setting (ours given: not its
     default)."""
+    if not theirs:  # (the usual call: nothing to take)
+        return tuple(ours.values())
     defaults = inspect.signature(call).parameters
     for name in theirs:
         key = NAMES.get(name)

@@ -183,21 +183,23 @@ def hash_files(files: list[Path]) -> str:
 
 
 def hash_parts(files: list[Path], first: int | None = None) -> tuple[str, str]:
-    """(hash_files(files), hash_files(files[:first])) in one read of the files (first: None, all)."""
+    """(hash_files(files), hash_files(files[:first])) in one read of the files (first: None, all,
+    which is hashed once)."""
     first = len(files) if first is None else first
-    whole, part = hashlib.sha256(), hashlib.sha256()
+    whole = hashlib.sha256()
+    part = hashlib.sha256() if first < len(files) else None  # (else the same as whole)
     for i, f in enumerate(files):
         named = not single_file.is_single_file(f)
         if len(files) > 1 or named:
             whole.update(f.name.encode())
-        if i < first and (first > 1 or named):
+        if part and i < first and (first > 1 or named):
             part.update(f.name.encode())
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 22):
                 whole.update(chunk)
-                if i < first:
+                if part and i < first:
                     part.update(chunk)
-    return whole.hexdigest(), part.hexdigest()
+    return whole.hexdigest(), (part or whole).hexdigest()
 
 
 def quiet_libraries() -> None:
