@@ -42,14 +42,13 @@ def calls(args, pipe, refiner=None) -> list[tuple]:
     """The calls that draw --num-images: [(index of the first, how many, seed, variation seed)], the
     seeds as ldm-run's (one call) or, where each image depends on its seeds alone, lists of the images' own
     seeds, one call per engine batch, so that each batch is written as soon as it is drawn (a long
-    run keeps what it drew). A mask or an inpainting model samples the image's latents once per
-    call, with the first image's generator: one call there, as the Python API draws them."""
+    run keeps what it drew)."""
     from ldm_deploy.engine import noise
 
     n, batch = args.num_images, pipe.manifest.dims["batch"].max
     if refiner is not None:  # (its calls run in chunks of its own batch: whole ones of those too)
         batch = math.lcm(batch, refiner.manifest.dims["batch"].max)
-    if n <= batch or args.mask is not None or pipe.manifest.model.inpainting:
+    if n <= batch:
         return [(0, n, args.seed, args.variation_seed)]
     strength = args.variation_strength  # (a random seed, or variation seed, is drawn once for all)
     seeds = list(noise.image_seeds(args.seed, n, same=bool(strength)))

@@ -210,7 +210,7 @@ FROM_PNG = {"negative_prompt": None, "steps": 30, "guidance": 7.5, "seed": None,
             "sampler": "dpmpp_2m_karras", "clip_skip": 1, "prompt_weighting": True, "hires_scale": None,
             "hires_steps": None, "hires_strength": None, "hires_upscaler": None, "hires_prompt": None,
             "hires_negative_prompt": None, "hires_sampler": None, "strength": None, "mask_blur": None,
-            "refiner_switch_at": None, "variation_seed": None, "variation_strength": 0.0, "seed_resize_from": None,
+            "mask_crop": None, "refiner_switch_at": None, "variation_seed": None, "variation_strength": 0.0, "seed_resize_from": None,
             "noise_multiplier": 1.0}
 UNSET = object()
 
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         if args.masked_content != "original" and args.mask is None:
             raise UserError(f"--masked-content {args.masked_content} fills the masked part of an image: give --mask "
                             "(and --init-image)")
-        if args.mask_crop is not None and args.mask is None:
+        if args.mask_crop is not UNSET and args.mask_crop is not None and args.mask is None:
             raise UserError("--mask-crop inpaints the area around a mask: give --mask (and --init-image)")
         given_here = {k for k in FROM_PNG if getattr(args, k) is not UNSET}  # on the command line
         typed_prompt = args.prompt is not None
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
             sampler=args.sampler,
             init_image=args.init_image,
             mask=args.mask,
-            mask_crop=args.mask_crop,
+            mask_crop=args.mask_crop if args.mask is not None else None,  # a PNG's Only masked: with a mask only
             mask_blur=args.mask_blur if args.mask is not None else None,  # a PNG's Mask blur: with a mask only
             masked_content=args.masked_content,
             resize_mode=args.resize_mode,

@@ -64,7 +64,8 @@ QUIET = {"Model", "Version", "Batch size", "Batch pos", "VAE", "TI hashes", "Lor
          "Seed", "Steps", "Sampler", "Schedule type", "CFG scale", "Model hash", "Negative prompt", "Mask blur",
          "Refiner", "Refiner switch at", "Variation seed", "Variation seed strength", "Seed resize from",
          "Tiling", "Hires prompt", "Hires negative prompt", "Hires sampler", "Hires schedule type", "Noise multiplier",
-         EMPTY_NEGATIVE, *(f"Beta schedule{r} {p}" for r in ("", "r") for p in ("alpha", "beta"))}
+         "Inpaint area", "Masked area padding", EMPTY_NEGATIVE,
+         *(f"Beta schedule{r} {p}" for r in ("", "r") for p in ("alpha", "beta"))}
 # The Beta schedule's distribution (samplers/beta_dist.py): AUTOMATIC1111's default, and diffusers' only one.
 # It writes "Beta schedule alpha" and "... beta" wherever a pass draws with it (Forge: "Beta scheduler beta").
 BETA_DISTRIBUTION = (0.6, 0.6)
@@ -203,6 +204,8 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
         out["hires_upscaler"] = upscaler
     elif "Denoising strength" in fields:
         out["strength"] = number("Denoising strength", float, "strength")  # img2img: with --init-image
+    if fields.get("Inpaint area") == "Only masked":  # (with --mask); AUTOMATIC1111's default padding is 32
+        out["mask_crop"] = number("Masked area padding", int, "mask_crop") if "Masked area padding" in fields else 32
     if "RNG" not in fields and not fields.get("Version", "").startswith(("ldm-deploy", "ComfyUI")):
         # its default noise source, the GPU's, writes no field; ours is its CPU source
         warnings.append("the PNG names no noise source (RNG), so AUTOMATIC1111 drew its noise on the GPU, its default "

@@ -153,31 +153,29 @@ def start(be, model, encode_latents, init, mask, req, sp, generator, latents, sh
     """Inpainting's start latents and each step's (mask, image_latents), as diffusers'
     StableDiffusionInpaintPipeline makes them, its noise drawn in its order: the image's VAE
     sample (not for an inpainting model at strength 1), the start noise, the masked image's
-    VAE sample. Like diffusers, the one image's latents are sampled once for the batch, with
-    the first generator of a list; `shared` keeps them for the call's later chunks (past the
-    engine's batch), which draw only their start noise. No mask: all of it is redrawn; no
-    image: a blank one. latents: the start noise (at strength < 1 added to the image, as for
-    img2img; diffusers' inpainting pipeline would start from them alone). encode_latents:
-    (pixels, sample noise) -> the VAE's scaled latents."""
+    VAE sample. A list of generators (our seeds) samples the image once per image, each with its
+    own, so that each image of a batch is the one its seed draws alone (and its PNG draws again);
+    diffusers samples it once for the batch with the first, which only image 0 matches. One
+    generator for the batch samples it once, as diffusers; `shared` keeps those samples for the
+    call's later chunks (past the engine's batch), which draw only their start noise. No mask:
+    all of it is redrawn; no image: a blank one. latents: the start noise (at strength < 1 added
+    to the image, as for img2img; diffusers' inpainting pipeline would start from them alone).
+    encode_latents: (pixels, sample noise, repeat) -> the VAE's scaled latents."""
     b, c, h, w = shape
     given = isinstance(init, images.InitLatents)  # (a Latent hires pass): no image to mask
     pixels = (images.to_model_input(init, req.width, req.height) if init is not None and not given
               else np.zeros((1, 3, req.height, req.width), np.float32))  # (1, 3, H, W)
     redraw = (images.mask_to_model_input(mask, req.width, req.height) if mask is not None
               else np.ones((1, 1, req.height, req.width), np.float32))  # (1, 1, H, W): 1 redraws
-    first = generator[0] if isinstance(generator, (list, tuple)) else generator
-    first_chunk = "masked" not in shared  # later chunks draw only their start noise
-    if first_chunk and given:
-        shared["z"] = init.array
+    per_image = isinstance(generator, (list, tuple))
+    rows = b if per_image else 1  # the image's samples: one per image, or one for the batch
+    kept = {} if per_image else shared  # one generator's samples, kept for the later chunks
+    if "masked" not in kept and given:
+        kept["z"] = init.array
     sampled = not given and (not model.inpainting or req.strength < 1)  # the image's sample drawn
-    if first_chunk and sampled:
-        shared["z"] = encode_latents(pixels, noise.draw(first, (1, c, h, w)))
-    if sampled and (req.variation_strength or req.seed_resize_from):
-        # variations: every image's start noise at the place of the first's in its seed's stream
-        # (after that sample), so that a batch of variations of one seed varies one noise
-        for g in generator[1:] if first_chunk else generator:
-            g.standard_normal((1, c, h, w))
-    z = np.repeat(shared["z"], b, axis=0) if "z" in shared else None
+    if "masked" not in kept and sampled:
+        kept["z"] = encode_latents(pixels, noise.draw(generator, (rows, c, h, w)), rows)
+    z = np.repeat(kept["z"], b // len(kept["z"]), axis=0) if "z" in kept else None
     drawn = latents.astype(np.float32) if latents is not None else noise.draw(generator, shape)
     start_noise = drawn if latents is not None else noise.varied(drawn, req, generator)
     small = resize(redraw, h, w, "nearest")  # torch's interpolate, as diffusers shrinks it
@@ -189,13 +187,13 @@ def start(be, model, encode_latents, init, mask, req, sp, generator, latents, sh
         x = scaled * np.float32(sp.init_noise_scale)
     else:
         x = np.float32(sp.image_scale) * z + np.float32(sp.noise_scale) * scaled
-    if first_chunk:  # a text-to-image U-Net never sees the masked image: only its draw is kept
-        sample = noise.draw(first, (1, c, h, w))
-        shared["masked"] = encode_latents(pixels * (redraw < 0.5), sample) if model.inpainting else None
-    masked = shared["masked"]
+    if "masked" not in kept:  # a text-to-image U-Net never sees the masked image: only its draw is kept
+        sample = noise.draw(generator, (rows, c, h, w))
+        kept["masked"] = encode_latents(pixels * (redraw < 0.5), sample, rows) if model.inpainting else None
+    masked = kept["masked"]
     mask_buffer = be.upload(np.repeat(small, b, axis=0))  # (B, 1, h, w)
     if model.inpainting:  # the masked image, beside the latents at every step
-        known = [be.upload(np.repeat(masked, b, axis=0))] * sp.steps
+        known = [be.upload(np.repeat(masked, b // len(masked), axis=0))] * sp.steps
     else:  # the image where it is kept, noised to the level the next step starts from
         known = [be.upload(np.float32(a) * z + np.float32(s) * start_noise) for a, s in sp.known_levels()]
     return be.upload(x), [{"mask": mask_buffer, "image_latents": k} for k in known]

@@ -487,9 +487,10 @@ class Pipeline:
         if "vae_encoder" not in self.components:
             self.components["vae_encoder"] = self.backend.load(self.engine_dir, self.manifest, "vae_encoder")
 
-    def encode_latents(self, pixels: np.ndarray, sample_noise: np.ndarray, progress=False) -> np.ndarray:
-        """(B, 3, H, W) in [-1, 1] -> the scaled latents (B, C, H/8, W/8) of that VAE sample
-        (progress: as __call__'s, for its tiles)."""
+    def encode_latents(self, pixels: np.ndarray, sample_noise: np.ndarray, repeat: int = 1,
+                       progress=False) -> np.ndarray:
+        """(B, 3, H, W) in [-1, 1], each repeated `repeat` times -> the scaled latents
+        (B * repeat, C, H/8, W/8) of that VAE sample (progress: as __call__'s, for its tiles)."""
         self.load_vae_encoder()
         return self.backend.download(self.run_encoder(pixels, sample_noise, np.zeros_like(sample_noise), [1.0, 0.0],
-                                                      progress=progress))
+                                                      repeat, progress))

@@ -202,12 +202,10 @@ class Worker:
     def group(self, options: dict, engine: str) -> tuple | None:
         """What a job's call is made of but its prompts and seeds; None where it must run alone:
         images in it, a prompt of more than one chunk or with prompt editing (a call's prompts
-        share a chunk count and a schedule), an inpainting model (its txt2img draws a masked image's
-        sample from the first image's noise only), variation seeds (a job's images share its seed),
-        a setting that is not a plain value."""
+        share a chunk count and a schedule), variation seeds (a job's images share its seed), a
+        setting that is not a plain value."""
         try:
-            if self.engines.manifests[engine].model.inpainting or options.get("variation_strength") \
-                    or not self.one_chunk(options, engine):
+            if options.get("variation_strength") or not self.one_chunk(options, engine):
                 return None
             shared = tuple(sorted((k, v) for k, v in options.items() if k not in PER_IMAGE))
             hash(shared)

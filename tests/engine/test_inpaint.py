@@ -125,32 +125,50 @@ def test_dpmpp_sde_inpaints_as_diffusers(name, strength, inpainting, pipelines, 
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
+def diffusers_alone(reference, name, sampler, seeds, **kwargs) -> np.ndarray:
+    """diffusers' images drawn one at a time, each with its seed's generator: (len(seeds), H, W, 3)."""
+    return np.concatenate([diffusers_run(reference, name, sampler, generator=torch.Generator().manual_seed(s),
+                                         **kwargs) for s in seeds])
+
+
 @pytest.mark.parametrize("name", ["inpainting", "tiny-sd1"])
-def test_batches_with_a_generator_each_and_seeds(name, inpainting, pipelines, reference, init_image, mask):
-    """A list of generators as diffusers takes them (the one image's latents sampled with the first),
-    unguided; our seeds are such a list: seed 7 for image 0, 8 for image 1."""
+def test_each_image_of_a_batch_is_its_seeds_alone(name, inpainting, pipelines, reference, init_image, mask):
+    """Our seeds (7 for image 0, 8 for image 1) sample the image once per image, so that each image
+    of a batch is the one diffusers draws alone with its seed's generator (and its PNG draws it
+    again); image 0 is also diffusers' image 0 of a list of those generators, which samples the
+    image once with the first. Unguided: the batch is the images' own."""
     pipe = inpainting[1] if name == "inpainting" else pipelines[name]
     common = dict(prompt="a red door", image=init_image, mask_image=mask, num_inference_steps=4,
-                  guidance_scale=1.0, num_images_per_prompt=2)
-    ref = diffusers_run(reference, name, "euler_a",
-                        generator=[torch.Generator().manual_seed(s) for s in (7, 8)], **common)
-    got = ours(pipe, "euler_a", seed=7, **common)
+                  guidance_scale=1.0)
+    ref = diffusers_alone(reference, name, "euler_a", (7, 8), **common)
+    listed = diffusers_run(reference, name, "euler_a", generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+                           num_images_per_prompt=2, **common)
+    got = ours(pipe, "euler_a", seed=7, num_images_per_prompt=2, **common)
     assert got.shape == ref.shape == (2, H, W, 3)
     assert np.abs(ref[0] - ref[1]).max() > 0.05  # the two images differ
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+    np.testing.assert_allclose(got[0], listed[0], rtol=0, atol=TOL)
 
 
-def test_batches_past_the_engines_batch_sample_the_image_once(inpainting, pipelines, reference, init_image, mask):
-    """Three images on engines of batch 2: the second chunk reuses the first's image latents, as
-    diffusers samples them once for the whole batch."""
+def test_batches_past_the_engines_batch_are_each_seeds_alone(inpainting, pipelines, reference, init_image, mask):
+    """Three images on engines of batch 2 (two chunks), guided: each its seed's alone."""
     common = dict(prompt="a red door", image=init_image, mask_image=mask, num_inference_steps=3,
-                  guidance_scale=7.5, num_images_per_prompt=3)
+                  guidance_scale=7.5)
     for name, pipe in (("inpainting", inpainting[1]), ("tiny-sd1", pipelines["tiny-sd1"])):
         assert pipe.manifest.dims["batch"].max == 2
-        ref = diffusers_run(reference, name, "dpmpp_2m_karras",
-                            generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)], **common)
-        got = ours(pipe, "dpmpp_2m_karras", seed=7, **common)
+        ref = diffusers_alone(reference, name, "dpmpp_2m_karras", (7, 8, 9), **common)
+        got = ours(pipe, "dpmpp_2m_karras", seed=7, num_images_per_prompt=3, **common)
         np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
+
+
+def test_one_generator_samples_the_image_once_for_the_batch(inpainting, reference, init_image, mask):
+    """One torch.Generator for a batch: the image sampled once, as diffusers does."""
+    common = dict(prompt="a red door", image=init_image, mask_image=mask, num_inference_steps=3,
+                  guidance_scale=7.5, num_images_per_prompt=2)
+    ref = diffusers_run(reference, "inpainting", "euler", generator=torch.Generator().manual_seed(5), strength=0.7,
+                        **common)
+    got = ours(inpainting[1], "euler", generator=torch.Generator().manual_seed(5), strength=0.7, **common)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
 def test_array_masks_are_read_as_diffusers_reads_them(inpainting, reference, init_image):
