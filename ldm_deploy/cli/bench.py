@@ -78,10 +78,13 @@ def default_contenders(args) -> tuple[str, ...]:
     return (("ours",) if args.engine else ()) + peers
 
 
-def check_outputs(*paths: str | None) -> None:
-    for path in filter(None, paths):
-        if not Path(path).parent.is_dir():
-            raise UserError(f"cannot write {path}: the folder {Path(path).parent} does not exist")
+def check_outputs(**paths: str | None) -> None:
+    """--json and --chart's folders, before anything is measured."""
+    from ldm_deploy.writable import check_folder
+
+    for flag, path in paths.items():
+        if path is not None:
+            check_folder(path, f"--{flag}")
 
 
 def main(argv=None) -> int:
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
             negative_prompt=args.negative_prompt if args.negative_prompt is not None else
             "" if args.guidance <= 1 else "blurry, low quality", seed=args.seed, time_budget_s=args.time_budget,
         )
-        check_outputs(args.json, args.chart)
+        check_outputs(json=args.json, chart=args.chart)
         if args.warmup == 0:
             log.warning("--warmup 0 times each contender's first call, with its one-time costs (graph optimisation, "
                         "allocation, compilation): the ratios are not those of a warm server")

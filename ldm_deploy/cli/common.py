@@ -4,7 +4,9 @@ options ldm-export and ldm-run --model both take."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from typing import Callable
 
 from ldm_deploy.errors import UserError
@@ -19,16 +21,34 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, `docker stop`, a cancelled CI job), raised where the command is,
+    so that what it was writing is removed as for Ctrl+C (a half-built engine directory)."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
 def run_main(fn: Callable[[], None], prog: str) -> int:
-    """Run a command; a UserError prints `prog: error: message` and exits 2."""
+    """Run a command; a UserError prints `prog: error: message` and exits 2, Ctrl+C 130, SIGTERM
+    143 (128 + its number, as a shell reports a process it ended)."""
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals are set there alone)
+    previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         fn()
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:  # (None: not set from Python)
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

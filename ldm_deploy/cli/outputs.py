@@ -14,6 +14,10 @@ def output_paths(out: str | None, n: int) -> list[Path]:
     folder, existing files are kept: output.png, then output-2.png, output-3.png, ..."""
     from ldm_deploy.errors import UserError
 
+    if out is not None and not out.strip():
+        raise UserError("--out is empty; give a file name (a.png) or a folder (out/)")
+    if out is not None and Path(out).exists() and not Path(out).is_dir() and not Path(out).is_file():
+        raise UserError(f"--out {out} is not a file or a folder (a device?); give a file name (a.png) or a folder")
     if out is not None and (out.endswith(("/", "\\")) or Path(out).is_dir()):
         folder, out = Path(out), None
     else:

@@ -13,6 +13,7 @@ from ldm_deploy.cli.common import (MODEL_OPTIONS, SIZE_OPTIONS, add_model_option
                                    run_main, setup_logging, size_options)
 from ldm_deploy.cli.outputs import calls, output_paths
 from ldm_deploy.errors import UserError
+from ldm_deploy.writable import check_folder
 
 log = logging.getLogger("ldm-run")
 
@@ -333,8 +334,7 @@ def main(argv=None) -> int:
             if args.hires_negative_prompt is not None:
                 args.hires_negative_prompt = styles.apply(args.style, saved, "", args.hires_negative_prompt)[1]
         paths = output_paths(args.out, args.num_images)
-        if not paths[0].parent.is_dir():
-            raise UserError(f"cannot write {paths[0]}: the folder {paths[0].parent} does not exist")
+        check_folder(paths[0], "--out")
         options = {"threads": args.threads} if args.threads else {}
         if args.precision:
             if args.backend != "openvino":

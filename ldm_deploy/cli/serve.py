@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -98,6 +99,7 @@ def main(argv=None) -> int:
         if not 0 <= args.port <= 65535:
             raise UserError(f"--port must be from 0 to 65535, got {args.port}")
         auth = credentials(args)
+        check_port(args.host, args.port)  # before minutes of loading a large engine
         saved = styles.read(args.styles_file) if args.styles_file else {}
         if args.engine and len(args.engine) > 1:
             directories = args.engine
@@ -146,6 +148,19 @@ def main(argv=None) -> int:
         serve_until_stopped(server, ", ".join(engines.titles()) if len(engines.names) > 1 else directories[0])
 
     return run_main(go, "ldm-serve")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse an address already taken (another server on --port): bound once and let go, as
+    the server binds it (port 0: any free one, never taken)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's allow_reuse_address
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; pass another --port (or --host)") from None
 
 
 def serve_until_stopped(server, directory) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ldm_deploy.engine.manifest import MANIFEST
 from ldm_deploy.errors import UserError
+from ldm_deploy.writable import check_folder
 
 
 def check_out(out: Path, force: bool, model: str | Path | None = None) -> None:
@@ -22,6 +23,10 @@ def check_out(out: Path, force: bool, model: str | Path | None = None) -> None:
         if target == model_path or target in model_path.parents:
             raise UserError(f"--out {out} is the model's folder or holds it; the export would "
                             "replace the model. Choose another --out")
+    try:
+        check_folder(out, "--out", create=True)
+    except UserError as e:
+        raise UserError(f"{e}{cache_hint(out)}") from None
     if not out.exists() and not out.is_symlink():
         return
     if not force:
@@ -38,6 +43,13 @@ def check_out(out: Path, force: bool, model: str | Path | None = None) -> None:
                         "engine directories, and would delete everything in it. Choose another --out")
 
 
+def cache_hint(out: Path) -> str:
+    cache = os.environ.get("LDM_DEPLOY_CACHE")
+    if cache and Path(cache) in Path(out).parents:
+        return " (it lies in LDM_DEPLOY_CACHE; point that variable at a writable folder)"
+    return ""
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path, force: bool):
     """Yield an empty directory next to `out`; on success it becomes `out`, on any error or
@@ -49,11 +61,7 @@ def staging_dir(out: Path, force: bool):
         tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except OSError as e:
-        hint = ""
-        cache = os.environ.get("LDM_DEPLOY_CACHE")
-        if cache and Path(cache) in out.parents:
-            hint = " (it lies in LDM_DEPLOY_CACHE; point that variable at a writable folder)"
-        raise UserError(f"cannot write the engine directory {out}: {e.strerror}{hint}") from None
+        raise UserError(f"cannot write the engine directory {out}: {e.strerror}{cache_hint(out)}") from None
     try:
         yield tmp
         if out.exists():

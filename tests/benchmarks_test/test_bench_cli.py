@@ -7,7 +7,9 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from benchmarks.stats import STAGES
@@ -58,6 +60,13 @@ def test_cli_refuses_bad_input_before_measuring(tmp_path, capsys):
     assert "Traceback" not in err
     code = bench_cli.main(["--contenders", "diffusers", "--model", str(tmp_path), "--json", str(tmp_path / "no" / "x.json")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="writes into Linux's /proc, which no one can")
+def test_an_unwritable_chart_folder_is_refused_before_measuring(tmp_path, capsys):
+    code = bench_cli.main(["--contenders", "diffusers", "--model", str(tmp_path), "--chart", "/proc/c.png"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write --chart /proc/c.png" in err and "Traceback" not in err
 
 
 def test_console_script_is_installed_and_answers_help():

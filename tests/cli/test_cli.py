@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +121,9 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--init-image", "NOTANIMAGE"], "cannot read the init image"),
     (["--init-image", "MISSING"], "cannot read the init image"),
     (["--out", "NOWHERE/x.png"], "does not exist"),
+    (["--out", "INIT/x.png"], "init.png is a file, not a folder"),
+    (["--out", ""], "--out is empty"),
+    (["--out", "/dev/null"], "--out /dev/null is not a file or a folder"),
     (["--torch-compile"], "--torch-compile applies to torch engines (ldm-export --backend torch); this one runs on onnxruntime"),
     (["--no-torch-compile"], "--no-torch-compile applies to torch engines"),
     (["--static-shapes"], "--static-shapes is a choice of the openvino backend"),
@@ -143,12 +147,24 @@ def test_run_bad_input(args, message, engine_dirs, tmp_path, capsys):
     Image.new("RGB", (1200, 72), "red").save(tmp_path / "big.png")
     subst = {"INIT": str(init), "NOTANIMAGE": str(bad), "MISSING": str(tmp_path / "missing.png"),
              "BIG": str(tmp_path / "big.png"), "x.jpg": str(tmp_path / "x.jpg"),
-             "NOWHERE/x.png": str(tmp_path / "nowhere" / "x.png")}
+             "NOWHERE/x.png": str(tmp_path / "nowhere" / "x.png"), "INIT/x.png": str(init / "x.png")}
     args = [subst.get(a, a) for a in args]
     out = [] if "--out" in args else ["--out", str(tmp_path / "o.png")]
     code, err = run(capsys, ["a prompt", "--engine", str(engine_dirs["tiny-sd1"]), *out, "-q", *args])
     assert code == 2
     assert message in err
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="writes into Linux's /proc, which no one can")
+def test_an_unwritable_folder_is_refused_before_anything_is_drawn(engine_dirs, model_dirs, tmp_path, capsys):
+    """A folder that cannot be written (here /proc, where even root cannot make a file) is said
+    before the engine loads or the model is read, not after the drawing or the export."""
+    code, err = run(capsys, ["a prompt", "--engine", str(engine_dirs["tiny-sd1"]), "--out", "/proc/x.png"])
+    assert code == 2 and "cannot write --out /proc/x.png:" in err and "in the folder /proc" in err
+    assert "denoising" not in err and "Traceback" not in err
+    code = export_cli.main(["--model", str(model_dirs["tiny-sd1"]), "--out", "/proc/engines/x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write --out /proc/engines/x:" in err and "loading" not in err
 
 
 def test_run_output_names(engine_dirs, tmp_path, capsys, monkeypatch):

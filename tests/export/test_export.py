@@ -126,8 +126,9 @@ def test_failed_export_leaves_nothing(model_dirs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_interrupted_export_process_leaves_nothing(model_dirs, tmp_path):
-    """Ctrl-C in the middle of a real ldm-export run."""
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_export_process_leaves_nothing(signum, code, model_dirs, tmp_path):
+    """Ctrl-C, or SIGTERM (kill, timeout, docker stop), in the middle of a real ldm-export run."""
     out = tmp_path / "engine"
     p = subprocess.Popen(
         [sys.executable, "-m", "ldm_deploy.cli.export", "--model", str(model_dirs["tiny-sd1"]), "--out", str(out)],
@@ -141,9 +142,9 @@ def test_interrupted_export_process_leaves_nothing(model_dirs, tmp_path):
         if "tracing to ONNX" in line:
             break
     time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signum)
     rest = p.stderr.read()
-    assert p.wait(timeout=60) != 0
+    assert p.wait(timeout=60) == code
     assert "Traceback" not in rest
     assert list(tmp_path.iterdir()) == []
 

@@ -52,7 +52,8 @@ def test_mistakes(args, match, capsys):
     assert err.startswith("ldm-serve: error:") and match in err and "Traceback" not in err
 
 
-def test_port_in_use(engine_dirs, capsys):
+def test_port_in_use(engine_dirs, capsys, caplog):
+    """Said before the engine loads (minutes for a large one)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -60,6 +61,7 @@ def test_port_in_use(engine_dirs, capsys):
         assert main(["--engine", str(engine_dirs["tiny-sd1"]), "--port", str(port), "--no-verify"]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+    assert "loaded" not in caplog.text + err
 
 
 def test_model_options_with_engines_are_refused(engine_dirs, capsys):
