@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from ldm_deploy.engine.spec import VAE_SCALE
 from ldm_deploy.errors import InvalidRequest, UserError
@@ -148,15 +148,15 @@ RESIZABLE = ("1", "L", "LA", "P", "RGB", "RGBA")
 
 def as_picture(value, what: str) -> Image.Image:
     """A path or PIL image kept in its own mode where PIL resizes it so (RGBA: with its alpha
-    premultiplied), as diffusers' processors resize before they convert; other modes as RGB."""
+    premultiplied), as diffusers' processors resize before they convert; other modes as RGB. A
+    file is turned upright by its EXIF orientation (a phone's photo), as diffusers' load_image and
+    ComfyUI's LoadImage read it."""
     if isinstance(value, Image.Image):
         return value if value.mode in RESIZABLE else to_rgb(value, what)
     try:
         with Image.open(value) as im:
-            if im.mode not in RESIZABLE:
-                return to_rgb(im, what)
-            im.load()
-            return im.copy()
+            im = ImageOps.exif_transpose(im)  # a copy, loaded (turned where it says)
+        return im if im.mode in RESIZABLE else to_rgb(im, what)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidRequest(f"cannot read the {what} {value}: {e}") from None
 

@@ -128,6 +128,25 @@ def test_sixteen_bit_greyscale_init_image_keeps_its_tones(tmp_path):
     assert np.asarray(open_image(tmp_path / "g16.png"))[0, 0].tolist() == [117] * 3  # 30000/65535*255
 
 
+def test_a_files_exif_orientation_is_read_as_diffusers_load_image_reads_it(pipelines, tmp_path):
+    """A phone's JPEG stored 96x64 and turned by EXIF (Orientation 6: 90 degrees clockwise) is
+    drawn upright, 64x96, from the very pixels diffusers' load_image gives."""
+    from diffusers.utils import load_image
+
+    y, x = np.mgrid[0:64, 0:96]
+    stored = Image.fromarray(np.stack([x * 2, y * 3, (x * y) % 256], -1).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = load_image(str(tmp_path / "phone.jpg"))
+    assert upright.size == (64, 96)
+    kw = dict(steps=3, output_type="np", progress=False, seed=3, strength=0.5)  # drawn at the image's size
+    pipe = pipelines["tiny-sd1"]
+    got = pipe("x", init_image=str(tmp_path / "phone.jpg"), **kw)
+    assert got.shape[1:3] == (96, 64)
+    np.testing.assert_array_equal(got, pipe("x", init_image=upright, **kw))
+
+
 @pytest.mark.parametrize("pixels,expected", [
     (np.full((4, 4, 3), 100, np.int64), 100),  # integers within 0..255: 8-bit
     (np.full((4, 4), 30000, np.uint16), 117),  # 16-bit
