@@ -127,9 +127,9 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
                         "or a .safetensors checkpoint, or --engine DIR for an engine made by ldm-export")
     settings, extra = settle_paths({**CACHE_EXPORT, **(export_settings or {})})
     if model.is_file():
-        if model.suffix.lower() != ".safetensors" and not settings.get("allow_pickle"):
-            raise UserError(f"--model {model}: not a .safetensors checkpoint; a pickle checkpoint (.ckpt) runs "
-                            "code from the file when loaded: pass --allow-pickle if you trust its source")
+        from ldm_deploy.export.single_file import check_pickle
+
+        check_pickle(model, bool(settings.get("allow_pickle")), "--model")
     elif not (model / "model_index.json").is_file():
         raise UserError(f"--model {model}: not a diffusers folder (it has no model_index.json)")
     stem = model.stem if model.is_file() else model.name

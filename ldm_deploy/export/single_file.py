@@ -59,6 +59,41 @@ class Checkpoint:
         self.names = self.names or tuple(self.state)
 
 
+# What a file that is no checkpoint is, by its first bytes (a mistaken path: an image, a document).
+NOT_CHECKPOINTS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+                   b"RIFF": "a WebP image (or another RIFF file)", b"%PDF": "a PDF", b"{": "a JSON text"}
+
+
+def not_a_pickle(path: Path) -> str | None:
+    """What the file is where it cannot be a PyTorch pickle (torch.save's zip, or a pickle's
+    protocol byte), e.g. "a PNG image"; None where it may be one, or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    return next((what for magic, what in NOT_CHECKPOINTS.items() if head.startswith(magic)), "not a checkpoint")
+
+
+def check_pickle(path: Path, allow_pickle: bool, flag: str = "") -> None:
+    """Refuse a file that is not .safetensors: one that is no checkpoint at all, saying what it is;
+    a pickle unless allow_pickle (loading one runs code from the file)."""
+    if path.suffix.lower() in SAFE_SUFFIXES:
+        return
+    named = f"{flag} {path}" if flag else str(path)
+    what = not_a_pickle(path)
+    if what is not None:
+        kind = "" if what == "not a checkpoint" else f"{what}, "
+        raise ModelSourceError(f"{named} is {kind}not a checkpoint: pass a .safetensors file (or a PyTorch "
+                               ".ckpt / .pt / .pth / .bin with --allow-pickle)")
+    if not allow_pickle:
+        raise ModelSourceError(
+            f"{named} is a pickle checkpoint; loading a pickle runs code from the file. Use the model's "
+            ".safetensors release, or pass --allow-pickle if you trust its source")
+
+
 def is_single_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES
 
@@ -67,14 +102,7 @@ def read(path: Path, allow_pickle: bool, wanted: tuple[str, ...] | None = None) 
     """The file's weights (of a .safetensors, only those whose names start with one of `wanted`:
     an EMA copy doubles a file, and several export processes each read it)."""
     suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise ModelSourceError(
-            f"{path} is a pickle checkpoint; loading a pickle runs code from the file. Use the model's "
-            ".safetensors release, or pass --allow-pickle if you trust its source")
-    if suffix not in SAFE_SUFFIXES and not allow_pickle:  # read as a pickle below
-        raise ModelSourceError(
-            f"{path} is not a .safetensors file, so it would be read as a pickle, which runs code from "
-            "the file. Pass a .safetensors file, or --allow-pickle if you trust its source")
+    check_pickle(path, allow_pickle)  # (what is not .safetensors is read as a pickle below)
     try:
         if suffix in SAFE_SUFFIXES:
             from safetensors import safe_open

@@ -296,7 +296,7 @@ def test_single_file_controlnets_that_are_not_or_do_not_fit_are_refused(nets, mo
     save_file({"emb_params": torch.zeros(2, 32)}, str(tmp_path / "embedding.safetensors"))
     save_file({k: v for k, v in state.items() if not k.startswith("zero_convs.0.")}, str(tmp_path / "cut.safetensors"))
     save_file(state, str(tmp_path / "net.safetensors"))
-    (tmp_path / "net.pth").write_bytes(b"pickle")
+    (tmp_path / "net.pth").write_bytes(b"\x80\x02pickle")  # a pickle's protocol byte
     for name, model, message in [("embedding.safetensors", "tiny-sd1", "is not a ControlNet"),
                                  ("cut.safetensors", "tiny-sd1", "does not fit this model's U-Net: the checkpoint "
                                                                  "lacks 2 ControlNet weight"),

@@ -102,7 +102,7 @@ def test_spec_and_refusals(files, model_dirs, tmp_path, capsys):
         ([f"{easyneg}:Style"], "'Style' is already a token of this model"),
         ([f"{easyneg}:two words"], "has spaces"),
         ([str(files / "badhand.pt")], "is a pickle checkpoint"),  # no --allow-pickle
-        ([str(tmp_path / "blob")], "is not a .safetensors file, so it would be read as a pickle"),
+        ([str(tmp_path / "blob")], "blob is a pickle checkpoint; loading a pickle runs code"),  # read as one
     ]
     for embeddings, message in cases:
         out = tmp_path / "e"

@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import assert_not_saturated
 from ldm_checkpoint import ldm_state, write_single_file
@@ -258,10 +259,16 @@ def test_run_with_a_checkpoint_as_model(files, tmp_path, capsys, monkeypatch):
     code = run_cli.main(["a cat", "--model", str(files["tiny-sd1"][0]), "--out", str(tmp_path / "a.png")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "give --config" in err
-    (tmp_path / "old.ckpt").write_bytes(b"\0")
+    (tmp_path / "old.ckpt").write_bytes(b"PK\x03\x04")  # torch.save's zip
     code = run_cli.main(["a cat", "--model", str(tmp_path / "old.ckpt"), "--out", str(tmp_path / "a.png")])
     err = capsys.readouterr().err
-    assert code == 2 and "not a .safetensors checkpoint" in err and "--allow-pickle" in err
+    assert code == 2 and "is a pickle checkpoint" in err and "--allow-pickle" in err
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")  # a mistaken path: no pickle advice
+    for name in ("photo.png", "photo.ckpt"):
+        (tmp_path / name).write_bytes((tmp_path / "photo.png").read_bytes())
+        code = run_cli.main(["a cat", "--model", str(tmp_path / name), "--allow-pickle"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"{name} is a PNG image, not a checkpoint: pass a .safetensors file" in err
 
 
 def test_checkpoint_names_in_cache_and_png():

@@ -88,7 +88,7 @@ def test_paths_keep_their_symlinks_and_pickles_need_consent(tmp_path, monkeypatc
     settings, extra = cache.settle_paths({"embeddings": (("../snap/EasyNegative.safetensors", None),)})
     assert settings["embeddings"] == ((str(tmp_path / "snap" / "EasyNegative.safetensors"), None),)
     assert extra == (tmp_path / "snap" / "EasyNegative.safetensors",)
-    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04not read")  # a pickle's protocol byte
     with pytest.raises(UserError, match="pass --allow-pickle if you trust its source"):
         cache.engine_for(tmp_path / "model.ckpt")
 
