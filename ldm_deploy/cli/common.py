@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Callable
 
-from ldm_deploy.errors import UserError
+from ldm_deploy.errors import UserError, renamed
 
 
 def setup_logging(verbose: bool) -> None:
@@ -30,15 +30,21 @@ def terminate(signum, frame):
     raise Terminated
 
 
-def run_main(fn: Callable[[], None], prog: str) -> int:
+def flag_names(parser) -> dict[str, str]:
+    """Each option's dest -> its long flag ("hires_scale" -> "--hires-scale")."""
+    return {a.dest: long[0] for a in parser._actions if (long := [o for o in a.option_strings if o.startswith("--")])}
+
+
+def run_main(fn: Callable[[], None], prog: str, names: dict[str, str] | None = None) -> int:
     """Run a command; a UserError prints `prog: error: message` and exits 2, Ctrl+C 130, SIGTERM
-    143 (128 + its number, as a shell reports a process it ended)."""
+    143 (128 + its number, as a shell reports a process it ended). names: Pipeline keywords -> the
+    command's flags, where a message starts with one ("strength must lie in ..." -> "--strength")."""
     main_thread = threading.current_thread() is threading.main_thread()  # (signals are set there alone)
     previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         fn()
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {renamed(str(e), names or {})}", file=sys.stderr)
         return 2
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)

@@ -9,8 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm_deploy.cli.common import (MODEL_OPTIONS, SIZE_OPTIONS, add_model_options, add_size_options, model_options,
-                                   run_main, setup_logging, size_options)
+from ldm_deploy.cli.common import (MODEL_OPTIONS, SIZE_OPTIONS, add_model_options, add_size_options, flag_names,
+                                   model_options, run_main, setup_logging, size_options)
 from ldm_deploy.cli.outputs import calls, output_paths
 from ldm_deploy.errors import UserError
 from ldm_deploy.writable import check_folder
@@ -286,7 +286,8 @@ def pasted_styles(args, saved: dict, fields: dict, given_here: set, typed_prompt
 def main(argv=None) -> int:
     # Options a PNG may set start UNSET (argparse keeps what a namespace holds), so that those
     # given on the command line can be told from defaults.
-    args = parser().parse_args(argv, namespace=argparse.Namespace(**{k: UNSET for k in FROM_PNG}))
+    options = parser()
+    args = options.parse_args(argv, namespace=argparse.Namespace(**{k: UNSET for k in FROM_PNG}))
     setup_logging(args.verbose)
 
     def go():
@@ -457,7 +458,7 @@ def main(argv=None) -> int:
                 save_png(image, path)
                 log.info("wrote %s", path)
 
-    return run_main(go, "ldm-run")
+    return run_main(go, "ldm-run", flag_names(options))
 
 
 if __name__ == "__main__":

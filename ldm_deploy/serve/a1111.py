@@ -29,6 +29,13 @@ from ldm_deploy.serve.engines import EngineUnavailable
 from ldm_deploy.serve.worker import Interrupted, Job, QueueFull, ShuttingDown
 
 PREFIX = "/sdapi/v1"
+# Pipeline keywords -> its fields, for the mistakes the pipeline finds ("strength must lie in ...").
+NAMES = {"guidance": "cfg_scale", "strength": "denoising_strength", "hires_strength": "denoising_strength",
+         "hires_scale": "hr_scale", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
+         "hires_sampler": "hr_sampler_name", "hires_prompt": "hr_prompt", "hires_negative_prompt": "hr_negative_prompt",
+         "num_images": "batch_size x n_iter", "mask_crop": "inpaint_full_res_padding",
+         "noise_multiplier": "initial_noise_multiplier", "variation_strength": "subseed_strength",
+         "variation_seed": "subseed", "sampler": "sampler_name"}
 
 
 def error_body(status: int, message: str, kind: str | None = None) -> dict:
@@ -61,7 +68,7 @@ class A1111:
                 "/options": self.set_options, "/extra-single-image": extras.single,
                 "/extra-batch-images": extras.batch}
         out = {("GET", PREFIX + p): Route(f, error_body) for p, f in get.items()}
-        out.update({("POST", PREFIX + p): Route(f, error_body, body=True) for p, f in post.items()})
+        out.update({("POST", PREFIX + p): Route(f, error_body, body=True, names=NAMES) for p, f in post.items()})
         out[("POST", PREFIX + "/interrupt")] = Route(self.interrupt, error_body)
         out[("POST", PREFIX + "/skip")] = Route(self.skip, error_body)
         # Its rescans of the models folder: the engines, with their VAEs, LoRAs and embeddings, are fixed
@@ -134,7 +141,8 @@ class A1111:
         req_seeds = list(noise.image_seeds(options["seed"], len(images), same=bool(varied)))
         subseeds = list(noise.image_seeds(options["variation_seed"], len(images))) if varied else [-1] * len(images)
         resize = options.get("seed_resize_from") or (-1, -1)
-        width, height = images[0].size
+        # the size asked for, as its p.width: the hires fix's first pass, "Only masked"'s drawn crop
+        width, height = options.get("width") or images[0].size[0], options.get("height") or images[0].size[1]
         # its name as the PNG writes it: "Euler a" with "Schedule type: SGM Uniform" apart, which its
         # parser would cut from the name at " Uniform"
         sampler = {**infotext.sampler_fields(DISPLAY_NAMES[options["sampler"]]),

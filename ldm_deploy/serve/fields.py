@@ -81,7 +81,7 @@ def number(body: dict, key: str, default) -> float:
     except OverflowError:  # an int past a float's range
         finite = False
     if not finite:
-        raise InvalidRequest(f"{key} must be a finite number, got {str(value)[:40]}")
+        raise InvalidRequest(f"{key} must be a finite number, got {repr(value)[:40]}")
     return float(value)
 
 

@@ -43,8 +43,10 @@ class OpenAIImages:
         self.engines = worker.engines
 
     def routes(self) -> dict:
-        return {("POST", "/v1/images/generations"): Route(self.generations, error_body, body=True, invalid=400),
-                ("POST", "/v1/images/edits"): Route(self.edits, error_body, form=FILES, invalid=400),
+        names = {"num_images": "n"}  # Pipeline keywords -> its fields, in mistakes' messages
+        return {("POST", "/v1/images/generations"): Route(self.generations, error_body, body=True, invalid=400,
+                                                          names=names),
+                ("POST", "/v1/images/edits"): Route(self.edits, error_body, form=FILES, invalid=400, names=names),
                 ("GET", "/v1/models"): Route(self.models, error_body, invalid=400)}
 
     def models(self, _):

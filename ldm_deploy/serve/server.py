@@ -17,12 +17,12 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from ldm_deploy.errors import UserError
+from ldm_deploy.errors import InvalidRequest, UserError, renamed
 from ldm_deploy.serve.form import parse_form
 
 log = logging.getLogger("ldm-serve")
@@ -44,6 +44,8 @@ class Route:
     # takes a multipart/form-data body (form.py): {field: text or file bytes}; these fields are files
     form: tuple[str, ...] | None = None
     invalid: int = 422  # the status of a request's mistake (a UserError): AUTOMATIC1111's 422, OpenAI's 400
+    # Pipeline keywords -> the API's fields, where a mistake's message starts with one (errors.renamed)
+    names: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class App:
             return e.status, errors(e.status, e.message, e.kind), e.headers
         except UserError as e:  # a mistake in the request: what is wrong and how to fix it
             status = route.invalid if route else 422
-            return status, errors(status, str(e), type(e).__name__), {}
+            return status, errors(status, renamed(str(e), route.names if route else {}), type(e).__name__), {}
 
     def authorized(self, path: str, headers) -> bool:
         path = path.split("?", 1)[0].rstrip("/") or "/"
@@ -153,12 +155,15 @@ def not_json(name: str):
 
 
 def parse(raw: bytes) -> dict:
+    """A JSON object body; a mistake (none, or another value) is the route's own status."""
+    if not raw.strip():
+        raise InvalidRequest("the body is empty: send a JSON object of the request's fields ({} takes every default)")
     try:
-        body = json.loads(raw or b"{}", parse_constant=not_json)
+        body = json.loads(raw, parse_constant=not_json)
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
         raise HttpError(400, f"the body is not JSON: {str(e)[:200]}") from None
     if not isinstance(body, dict):
-        raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}")
+        raise InvalidRequest(f"the body must be a JSON object of the request's fields, got {type(body).__name__}")
     return body
 
 
@@ -172,6 +177,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.answer("POST")
+
+    def do_PUT(self):  # (no route takes these: answered 405 with the methods that path takes)
+        self.answer("PUT")
+
+    def do_DELETE(self):
+        self.answer("DELETE")
+
+    def do_PATCH(self):
+        self.answer("PATCH")
 
     def answer(self, method: str) -> None:
         start = time.perf_counter()

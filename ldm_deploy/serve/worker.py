@@ -266,7 +266,7 @@ class Worker:
             with self.lock:
                 self.progress.step, self.progress.steps = done, total
                 if self.interrupting:
-                    raise Interrupted("interrupted by /sdapi/v1/interrupt")
+                    raise Interrupted("interrupted by /sdapi/v1/interrupt (or /skip)")
 
         if not isinstance(options.get("prompt"), (str, list)):
             raise InvalidRequest("prompt must be text")

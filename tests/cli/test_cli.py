@@ -130,7 +130,7 @@ def test_run_img2img(engine_dirs, tmp_path, capsys):
     (["--seed", "-2"], "seed must be 0 or more (or -1 for a random one)"),
     (["--num-images", "0"], "--num-images must be at least 1"),
     (["--clip-skip", "0"], "--clip-skip counts from 1 (the last layer: no skip), got 0"),
-    (["--hires-scale", "1"], "hires_scale must be above 1 and at most 8"),
+    (["--hires-scale", "1"], "--hires-scale must be above 1 and at most 8"),
     (["--hires-scale", "2", "--hires-upscaler", "ESRGAN_4x"], "unknown hires upscaler 'ESRGAN_4x'; choose one of"),
     (["--clip-skip", "3"], "--clip-skip 3: this model's text encoder has 2 layers; pass 1 (the last) to 2"),
     (["--width", "0"], "width 0 is outside this engine's range"),

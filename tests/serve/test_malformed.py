@@ -57,6 +57,33 @@ def test_over_http(server, path, body, status):
     assert got == status, answer
 
 
+def test_bodies_that_are_no_object_and_other_methods(server):
+    """No body, or one that is no object, is the API's own mistake status (AUTOMATIC1111's 422,
+    OpenAI's 400); a method no route takes is a JSON 405 naming the ones it does."""
+    got, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", raw=b"")
+    assert got == 422 and "the body is empty" in answer["detail"]
+    got, answer, _ = call(server.url + "/v1/images/generations", "POST", raw=b"[]")
+    assert got == 400 and "must be a JSON object" in answer["error"]["message"]
+    got, answer, headers = call(server.url + "/sdapi/v1/txt2img", "PUT", {"prompt": "a"})
+    assert got == 405 and "takes POST, not PUT" in answer["detail"] and headers["Allow"] == "POST"
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/sdapi/v1/txt2img", {"steps": 1, "enable_hr": True, "hr_scale": 1}, "hr_scale must be above 1"),
+    ("/sdapi/v1/txt2img", {"steps": 1, "cfg_scale": -1}, "cfg_scale must be a finite number, 0 or more"),
+    ("/sdapi/v1/txt2img", {"steps": 1, "batch_size": 10, "n_iter": 10}, "batch_size x n_iter 100 is more than"),
+    ("/sdapi/v1/img2img", {"steps": 1, "init_images": ["IMAGE"], "denoising_strength": 0},
+     "denoising_strength must lie in (0, 1]"),
+    ("/v1/images/generations", {"prompt": "a", "n": 100}, "n 100 is more than"),
+])
+def test_mistakes_name_the_apis_own_fields(server, path, body, message):
+    """The pipeline's mistakes name the field the request gave, not the pipeline's keyword."""
+    body = {k: [b64(Image.new("RGB", (64, 64)))] if v == ["IMAGE"] else v for k, v in body.items()}
+    got, answer, _ = call(server.url + path, "POST", body)
+    text = answer["detail"] if "detail" in answer else answer["error"]["message"]
+    assert got in (400, 422) and text.startswith(message), text
+
+
 def test_nan_is_not_json(server):
     got, answer, _ = call(server.url + "/sdapi/v1/txt2img", "POST", raw=b'{"eta": NaN, "steps": 1}')
     assert got == 400 and "NaN" in answer["detail"]

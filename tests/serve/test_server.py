@@ -123,7 +123,11 @@ def test_hires_fix(server, oracle):
                   hires_steps=2, hires_strength=0.6, hires_upscaler="Lanczos", hires_prompt="a (black) cat",
                   hires_sampler="euler_a", prompt_weighting=True, progress=False)
     assert np.array_equal(pixels([unb64(answer["images"][0])]), pixels(want))
-    assert "Hires sampler: Euler a, Hires prompt: a (black) cat" in json.loads(answer["info"])["infotexts"][0]
+    info = json.loads(answer["info"])
+    assert "Hires sampler: Euler a, Hires prompt: a (black) cat" in info["infotexts"][0]
+    # its info's size is the first pass's (its p.width), as the PNG's Size
+    assert (info["width"], info["height"]) == (64, 64) and "Size: 64x64" in info["infotexts"][0]
+    assert unb64(answer["images"][0]).size == (96, 96)
 
 
 def test_img2img_and_inpainting(server, oracle, photo):
