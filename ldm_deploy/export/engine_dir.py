@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
+import logging
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
 from ldm_deploy.engine.manifest import MANIFEST
 from ldm_deploy.errors import UserError
 from ldm_deploy.writable import check_folder
+
+log = logging.getLogger(__name__)
 
 
 def check_out(out: Path, force: bool, model: str | Path | None = None) -> None:
@@ -50,15 +56,48 @@ def cache_hint(out: Path) -> str:
     return ""
 
 
+def partial_tag() -> str:
+    """What a partial directory's name says of its writer: "<pid>@<this machine>" (a hash of the
+    host's name: a cache on a shared disk is written from several machines)."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{os.getpid()}@{host}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # (signal 0: nothing is sent; only whether the process exists is checked)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: it exists
+        return True
+    return True
+
+
+def sweep(out: Path) -> None:
+    """Remove the partial directories of `out` whose export was killed outright (SIGKILL, the
+    machine's power), which no handler could clean: those of this machine whose process is gone.
+    Older names, without a process, and other machines' are left alone."""
+    if os.name != "posix":  # (os.kill's signal 0 checks a process on POSIX alone)
+        return
+    host = partial_tag().split("@")[1]
+    for path in out.parent.glob(f".{glob.escape(out.name)}.partial-*@{host}-*"):
+        pid = path.name.rsplit(".partial-", 1)[1].split("@")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            log.info("removing %s, left by an export that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path, force: bool):
     """Yield an empty directory next to `out`; on success it becomes `out`, on any error or
-    interrupt (KeyboardInterrupt included) it is removed, so `out` appears whole or not at all."""
+    interrupt (KeyboardInterrupt, SIGTERM) it is removed, so `out` appears whole or not at all.
+    What a killed export left is removed first (sweep)."""
     out = Path(out)
     check_out(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        sweep(out)
+        tmp = out.parent / f".{out.name}.partial-{partial_tag()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except OSError as e:
         raise UserError(f"cannot write the engine directory {out}: {e.strerror}{cache_hint(out)}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -147,6 +148,28 @@ def test_interrupted_export_process_leaves_nothing(signum, code, model_dirs, tmp
     assert p.wait(timeout=60) == code
     assert "Traceback" not in rest
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a process is checked by POSIX's kill(pid, 0)")
+def test_a_killed_exports_partial_directory_is_removed_by_the_next(tmp_path):
+    """SIGKILL leaves a partial directory no handler removes; the next export of that --out removes
+    those of this machine whose process is gone, and no other (a running export's, another
+    machine's on a shared disk, one named as before it held a process)."""
+    from ldm_deploy.export.engine_dir import partial_tag, staging_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a process that has ended
+    tag = partial_tag()
+    host = tag.split("@")[1]
+    names = {"killed": f".engine.partial-{dead}@{host}-0123abcd", "running": f".engine.partial-{tag}-4567abcd",
+             "elsewhere": f".engine.partial-{dead}@00000000-89abcdef", "older": ".engine.partial-deadbeef",
+             "other": f".engine2.partial-{dead}@{host}-0123abcd"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    with staging_dir(tmp_path / "engine", force=False) as tmp:
+        (tmp / "manifest.json").write_text("{}")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"engine"} | {names[k] for k in ("running", "elsewhere", "older", "other")}
 
 
 def children(pid: int) -> list[int]:
