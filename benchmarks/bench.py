@@ -126,6 +126,10 @@ def run_child(spec: dict, tmp: Path, timeout: float | None) -> dict:
         proc.wait()
         reader.join(5)
         return {"error": f"timed out after {time.monotonic() - start:.0f} s (time budget)"}
+    except BaseException:  # Ctrl+C, SIGTERM: the contender's processes go too, not left on the GPU
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     reader.join(5)
     if code != 0 or not result_path.is_file():
         last = [line for line in tail if line.strip()][-6:]

@@ -78,13 +78,21 @@ def default_contenders(args) -> tuple[str, ...]:
     return (("ours",) if args.engine else ()) + peers
 
 
+CHART_FORMATS = (".png", ".svg", ".pdf")  # what matplotlib writes without extra packages
+
+
 def check_outputs(**paths: str | None) -> None:
     """--json and --chart's folders, before anything is measured."""
     from ldm_deploy.writable import check_folder
 
     for flag, path in paths.items():
-        if path is not None:
-            check_folder(path, f"--{flag}")
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise UserError(f"--{flag} {path} is a folder; give a file name (e.g. {Path(path) / ('bench.json' if flag == 'json' else 'bench.png')})")
+        if flag == "chart" and Path(path).suffix.lower() not in CHART_FORMATS:
+            raise UserError(f"--chart {path}: charts are written as {', '.join(CHART_FORMATS)}; end the name in one")
+        check_folder(path, f"--{flag}", in_place=True)  # (written where it is: /dev/stdout too)
 
 
 def main(argv=None) -> int:
@@ -111,6 +119,7 @@ def main(argv=None) -> int:
         if args.warmup == 0:
             log.warning("--warmup 0 times each contender's first call, with its one-time costs (graph optimisation, "
                         "allocation, compilation): the ratios are not those of a warm server")
+        writers = [(args.json, bench.write_json)] if args.json else []
         if args.chart:
             from benchmarks import chart
 
@@ -118,6 +127,7 @@ def main(argv=None) -> int:
                 chart.check_available()
             except ImportError as e:
                 raise UserError(str(e)) from None
+            writers.append((args.chart, chart.write_chart))
         done: set[str] = set()
 
         def save(results: dict, final: bool = False) -> None:
@@ -125,10 +135,11 @@ def main(argv=None) -> int:
                 if name not in done and (final or c.get("error") != bench.PENDING):
                     done.add(name)
                     log.info("%s", report.one_line(name, c))
-            if args.json:
-                bench.write_json(results, args.json)
-            if args.chart:
-                chart.write_chart(results, args.chart)
+            for path, write in writers:
+                try:
+                    write(results, path)
+                except OSError as e:  # (checked before measuring; the disk may fill since)
+                    raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
         results = bench.run(cfg, on_progress=save)
         save(results, final=True)

@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import Callable
 
-from ldm_deploy.errors import UserError, renamed
+from ldm_deploy.errors import InvalidRequest, UserError, renamed
 
 
 def setup_logging(verbose: bool) -> None:
@@ -27,24 +27,29 @@ class Terminated(KeyboardInterrupt):
 
 
 def terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a supervisor's) cuts no cleanup short
     raise Terminated
 
 
-def flag_names(parser) -> dict[str, str]:
-    """Each option's dest -> its long flag ("hires_scale" -> "--hires-scale")."""
-    return {a.dest: long[0] for a in parser._actions if (long := [o for o in a.option_strings if o.startswith("--")])}
+def flag_names(parser, keywords) -> dict[str, str]:
+    """Each of `keywords` (Pipeline's) that is an option's dest -> its long flag ("hires_scale" ->
+    "--hires-scale")."""
+    return {a.dest: long[0] for a in parser._actions
+            if a.dest in keywords and (long := [o for o in a.option_strings if o.startswith("--")])}
 
 
-def run_main(fn: Callable[[], None], prog: str, names: dict[str, str] | None = None) -> int:
+def run_main(fn: Callable[[], None], prog: str, names: Callable[[], dict[str, str]] | None = None) -> int:
     """Run a command; a UserError prints `prog: error: message` and exits 2, Ctrl+C 130, SIGTERM
-    143 (128 + its number, as a shell reports a process it ended). names: Pipeline keywords -> the
-    command's flags, where a message starts with one ("strength must lie in ..." -> "--strength")."""
+    143 (128 + its number, as a shell reports a process it ended). names: -> Pipeline keywords ->
+    the command's flags, for the pipeline's mistakes that start with one ("strength must lie in
+    ..." -> "--strength must lie in ...")."""
     main_thread = threading.current_thread() is threading.main_thread()  # (signals are set there alone)
     previous = signal.signal(signal.SIGTERM, terminate) if main_thread else None
     try:
         fn()
     except UserError as e:
-        print(f"{prog}: error: {renamed(str(e), names or {})}", file=sys.stderr)
+        message = renamed(str(e), names()) if names and isinstance(e, InvalidRequest) else str(e)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)

@@ -18,6 +18,16 @@ from ldm_deploy.writable import check_folder
 log = logging.getLogger("ldm-run")
 
 
+def pad_or_none(text: str) -> int | None:
+    """--mask-crop's value: pixels, or "none" (the whole picture)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give pixels (e.g. 32) or 'none', not {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     from ldm_deploy.engine.samplers import SAMPLERS
 
@@ -104,9 +114,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, metavar="FILE",
                    help="inpaint the init image where this image is white (black: kept), as diffusers' "
                         "inpainting pipeline does; with an inpainting model, or any other")
-    p.add_argument("--mask-crop", type=int, default=None, metavar="PAD",
+    p.add_argument("--mask-crop", type=pad_or_none, default=None, metavar="PAD",
                    help="inpaint only the masked area (AUTOMATIC1111's 'Only masked', e.g. 32): the box around the "
-                        "mask, PAD px wider, is drawn at --width x --height (default: the model's size) and pasted back")
+                        "mask, PAD px wider, is drawn at --width x --height (default: the model's size) and pasted "
+                        "back; 'none': the whole picture (over a --from-png image's 'Only masked')")
     p.add_argument("--mask-blur", type=float, default=None, metavar="PX",
                    help="blur the mask by PX px first (AUTOMATIC1111's 'Mask blur', e.g. 4): with --mask-crop, a "
                         "soft paste")
@@ -458,7 +469,14 @@ def main(argv=None) -> int:
                 save_png(image, path)
                 log.info("wrote %s", path)
 
-    return run_main(go, "ldm-run", flag_names(options))
+    def names():
+        import inspect
+
+        from ldm_deploy.engine.pipeline import Pipeline
+
+        return flag_names(options, inspect.signature(Pipeline.__call__).parameters)
+
+    return run_main(go, "ldm-run", names)
 
 
 if __name__ == "__main__":

@@ -181,14 +181,14 @@ def serve_until_stopped(server, directory) -> None:
     try:
         server.serve_forever()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         server.socket.close()  # new connections are refused at once, not left in the backlog
         server.worker.stop(drain=False)
         deadline = time.monotonic() + 30
         while server.app.active and time.monotonic() < deadline:  # answers being written
             time.sleep(0.05)
         server.server_close()
+        for s, handler in previous.items():  # (after the drain: a repeated signal does not cut it short)
+            signal.signal(s, handler)
         log.info("stopped after %d requests", server.worker.served)
 
 

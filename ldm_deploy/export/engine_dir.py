@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import logging
 import os
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
@@ -29,10 +27,10 @@ def check_out(out: Path, force: bool, model: str | Path | None = None) -> None:
         if target == model_path or target in model_path.parents:
             raise UserError(f"--out {out} is the model's folder or holds it; the export would "
                             "replace the model. Choose another --out")
-    try:
+    if in_cache(out):  # ldm-run --model's export
+        check_folder(out, "the engine", create=True, fix=CACHE_FIX)
+    else:
         check_folder(out, "--out", create=True)
-    except UserError as e:
-        raise UserError(f"{e}{cache_hint(out)}") from None
     if not out.exists() and not out.is_symlink():
         return
     if not force:
@@ -49,42 +47,52 @@ def check_out(out: Path, force: bool, model: str | Path | None = None) -> None:
                         "engine directories, and would delete everything in it. Choose another --out")
 
 
+CACHE_FIX = "it lies in the engine cache: point LDM_DEPLOY_CACHE at a writable folder"
+
+
+def in_cache(out: Path) -> bool:
+    from ldm_deploy.cache import cache_dir
+
+    return cache_dir().resolve() in Path(out).resolve().parents
+
+
 def cache_hint(out: Path) -> str:
-    cache = os.environ.get("LDM_DEPLOY_CACHE")
-    if cache and Path(cache) in Path(out).parents:
-        return " (it lies in LDM_DEPLOY_CACHE; point that variable at a writable folder)"
-    return ""
+    return f" ({CACHE_FIX})" if in_cache(out) else ""
 
 
-def partial_tag() -> str:
-    """What a partial directory's name says of its writer: "<pid>@<this machine>" (a hash of the
-    host's name: a cache on a shared disk is written from several machines)."""
-    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-    return f"{os.getpid()}@{host}"
+# In a partial directory, locked (flock) by its export while it writes: one whose lock can be taken
+# was left by an export killed outright, whose process held it to the end.
+LOCK = ".writing"
 
 
-def alive(pid: int) -> bool:
+def hold(tmp: Path):
+    """The open, locked lock file of a new partial directory (None where there is no flock)."""
     try:
-        os.kill(pid, 0)  # (signal 0: nothing is sent; only whether the process exists is checked)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's: it exists
-        return True
-    return True
+        import fcntl
+    except ImportError:  # (Windows)
+        return None
+    f = open(tmp / LOCK, "w")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
 
 
 def sweep(out: Path) -> None:
-    """Remove the partial directories of `out` whose export was killed outright (SIGKILL, the
-    machine's power), which no handler could clean: those of this machine whose process is gone.
-    Older names, without a process, and other machines' are left alone."""
-    if os.name != "posix":  # (os.kill's signal 0 checks a process on POSIX alone)
+    """Remove the partial directories of `out` that exports killed outright (SIGKILL, the
+    machine's power) left, which no handler could clean: those whose lock no process holds. A
+    running export's (on any machine or container sharing the disk) holds it; one without a
+    lock file (older, or just made) is left alone."""
+    try:
+        import fcntl
+    except ImportError:
         return
-    host = partial_tag().split("@")[1]
-    for path in out.parent.glob(f".{glob.escape(out.name)}.partial-*@{host}-*"):
-        pid = path.name.rsplit(".partial-", 1)[1].split("@")[0]
-        if pid.isdigit() and not alive(int(pid)):
-            log.info("removing %s, left by an export that was killed", path)
-            shutil.rmtree(path, ignore_errors=True)
+    for path in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        try:
+            with open(path / LOCK, "r+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held: BlockingIOError)
+        except OSError:
+            continue
+        log.info("removing %s, left by an export that was killed", path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -97,12 +105,15 @@ def staging_dir(out: Path, force: bool):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         sweep(out)
-        tmp = out.parent / f".{out.name}.partial-{partial_tag()}-{uuid.uuid4().hex[:8]}"
+        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        lock = hold(tmp)
     except OSError as e:
         raise UserError(f"cannot write the engine directory {out}: {e.strerror}{cache_hint(out)}") from None
     try:
         yield tmp
+        if lock is not None:  # gone before the rename, still held: no sweep takes the directory meanwhile
+            (tmp / LOCK).unlink()
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
@@ -113,3 +124,6 @@ def staging_dir(out: Path, force: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            lock.close()

@@ -64,16 +64,19 @@ NOT_CHECKPOINTS = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b
                    b"RIFF": "a WebP image (or another RIFF file)", b"%PDF": "a PDF", b"{": "a JSON text"}
 
 
-def not_a_pickle(path: Path) -> str | None:
-    """What the file is where it cannot be a PyTorch pickle (torch.save's zip, or a pickle's
-    protocol byte), e.g. "a PNG image"; None where it may be one, or cannot be read."""
+def file_kind(path: Path) -> str:
+    """What a file holds by its first bytes: "safetensors" (a header's length, then its JSON),
+    "pickle" (torch.save's zip, or a pickle's protocol byte; or unreadable here), or what else it
+    is ("a PNG image", "not a checkpoint")."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
     except OSError:
-        return None
+        return "pickle"  # (its reader says why it cannot be read)
+    if head[8:9] == b"{":
+        return "safetensors"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return None
+        return "pickle"
     return next((what for magic, what in NOT_CHECKPOINTS.items() if head.startswith(magic)), "not a checkpoint")
 
 
@@ -83,15 +86,24 @@ def check_pickle(path: Path, allow_pickle: bool, flag: str = "") -> None:
     if path.suffix.lower() in SAFE_SUFFIXES:
         return
     named = f"{flag} {path}" if flag else str(path)
-    what = not_a_pickle(path)
-    if what is not None:
+    what = file_kind(path)
+    if what == "safetensors":  # (a hub cache's blob): read as one; a whole model is found by its suffix
+        if flag == "--model":
+            raise ModelSourceError(f"{named} is a safetensors file without its suffix: rename it to end in "
+                                   ".safetensors")
+        return
+    if what != "pickle":
         kind = "" if what == "not a checkpoint" else f"{what}, "
-        raise ModelSourceError(f"{named} is {kind}not a checkpoint: pass a .safetensors file (or a PyTorch "
-                               ".ckpt / .pt / .pth / .bin with --allow-pickle)")
+        folder = " or a diffusers folder (model_index.json, unet/, vae/, ...)" if flag == "--model" else ""
+        raise ModelSourceError(f"{named} is {kind}not a checkpoint: pass a .safetensors file{folder} (or a "
+                               "PyTorch .ckpt / .pt / .pth / .bin with --allow-pickle)")
     if not allow_pickle:
         raise ModelSourceError(
             f"{named} is a pickle checkpoint; loading a pickle runs code from the file. Use the model's "
             ".safetensors release, or pass --allow-pickle if you trust its source")
+    if flag == "--model" and not is_single_file(path):  # (a whole model is read by its suffix)
+        raise ModelSourceError(f"{named} is a pickle checkpoint without a checkpoint's suffix: rename it to end "
+                               "in .ckpt")
 
 
 def is_single_file(path: Path) -> bool:
@@ -101,10 +113,9 @@ def is_single_file(path: Path) -> bool:
 def read(path: Path, allow_pickle: bool, wanted: tuple[str, ...] | None = None) -> Checkpoint:
     """The file's weights (of a .safetensors, only those whose names start with one of `wanted`:
     an EMA copy doubles a file, and several export processes each read it)."""
-    suffix = path.suffix.lower()
-    check_pickle(path, allow_pickle)  # (what is not .safetensors is read as a pickle below)
+    check_pickle(path, allow_pickle)  # (what is not safetensors is read as a pickle below)
     try:
-        if suffix in SAFE_SUFFIXES:
+        if path.suffix.lower() in SAFE_SUFFIXES or file_kind(path) == "safetensors":
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:

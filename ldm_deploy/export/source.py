@@ -90,12 +90,8 @@ def resolve(model: str, patterns=HUB_PATTERNS) -> Path:
     huggingface_hub cache (the files matching `patterns`)."""
     path = Path(model).expanduser()
     if path.exists():
-        if path.is_file() and not single_file.is_single_file(path):
-            raise ModelSourceError(
-                f"{model} is a file but not a checkpoint (.safetensors, or .ckpt with --allow-pickle); "
-                "pass a single-file Stable Diffusion checkpoint or a diffusers folder (model_index.json, "
-                "unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-            )
+        if path.is_file() and not single_file.is_single_file(path):  # what it is, by its first bytes
+            single_file.check_pickle(path, allow_pickle=True, flag="--model")
         return path
     if model.count("/") != 1 or model.startswith((".", "/", "~")) \
             or path.suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES:

@@ -35,7 +35,7 @@ NAMES = {"guidance": "cfg_scale", "strength": "denoising_strength", "hires_stren
          "hires_sampler": "hr_sampler_name", "hires_prompt": "hr_prompt", "hires_negative_prompt": "hr_negative_prompt",
          "num_images": "batch_size x n_iter", "mask_crop": "inpaint_full_res_padding",
          "noise_multiplier": "initial_noise_multiplier", "variation_strength": "subseed_strength",
-         "variation_seed": "subseed", "sampler": "sampler_name"}
+         "variation_seed": "subseed"}
 
 
 def error_body(status: int, message: str, kind: str | None = None) -> dict:

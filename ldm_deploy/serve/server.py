@@ -115,7 +115,8 @@ class App:
             return e.status, errors(e.status, e.message, e.kind), e.headers
         except UserError as e:  # a mistake in the request: what is wrong and how to fix it
             status = route.invalid if route else 422
-            return status, errors(status, renamed(str(e), route.names if route else {}), type(e).__name__), {}
+            message = renamed(str(e), route.names) if route and isinstance(e, InvalidRequest) else str(e)
+            return status, errors(status, message, type(e).__name__), {}
 
     def authorized(self, path: str, headers) -> bool:
         path = path.split("?", 1)[0].rstrip("/") or "/"

@@ -61,6 +61,11 @@ def test_cli_refuses_bad_input_before_measuring(tmp_path, capsys):
     code = bench_cli.main(["--contenders", "diffusers", "--model", str(tmp_path), "--json", str(tmp_path / "no" / "x.json")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
+    for flag, path, message in [("--json", str(tmp_path), "is a folder; give a file name"),
+                                ("--chart", str(tmp_path / "c.txt"), "charts are written as .png, .svg, .pdf")]:
+        code = bench_cli.main(["--contenders", "diffusers", "--model", str(tmp_path), flag, path])
+        assert code == 2 and message in capsys.readouterr().err
+
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="writes into Linux's /proc, which no one can")
 def test_an_unwritable_chart_folder_is_refused_before_measuring(tmp_path, capsys):

@@ -167,6 +167,20 @@ def test_an_unwritable_folder_is_refused_before_anything_is_drawn(engine_dirs, m
     assert code == 2 and "cannot write --out /proc/engines/x:" in err and "loading" not in err
 
 
+def test_a_path_named_like_an_option_is_not_renamed(engine_dirs, tmp_path, capsys, monkeypatch):
+    """The pipeline's mistakes name ldm-run's flags ("--steps must be ..."); a path that merely
+    shares an option's name stays as given."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "steps").mkdir()
+    code, err = run(capsys, ["a prompt", "--engine", "steps"])
+    assert code == 2 and "error: steps is" in err and "--steps" not in err
+    code, err = run(capsys, ["a prompt", "--engine", str(engine_dirs["tiny-sd1"]), "--steps", "0"])
+    assert code == 2 and "error: --steps must be at least 1" in err
+    with pytest.raises(SystemExit) as exit:  # (argparse's own refusal)
+        run_cli.main(["a prompt", "--mask-crop", "wide"])
+    assert exit.value.code == 2 and "--mask-crop: give pixels (e.g. 32) or 'none', not 'wide'" in capsys.readouterr().err
+
+
 def test_run_output_names(engine_dirs, tmp_path, capsys, monkeypatch):
     """No --out: output.png, then output-2.png ... (never overwritten); a folder: written into;
     seed -1: a random seed, as in AUTOMATIC1111; --strength without an init image: a warning."""

@@ -146,19 +146,20 @@ def test_a_png_draws_again_to_the_pixel(engine_dirs, tmp_path, capsys, caplog):
 
 
 def test_each_image_of_a_masked_batch_draws_again_with_its_crop(engine_dirs, tmp_path, capsys, caplog):
-    """Image 1 of an inpainted batch (seed 6) drawn again from its PNG, which gives its seed and
-    Only masked's padding (--mask-crop) and Mask blur back, to the pixel and without a warning."""
+    """Image 2 of an inpainted batch of 3 (seed 7, the second call on an engine of batch 2) drawn
+    again from its PNG, which gives its seed and Only masked's padding (--mask-crop) and Mask blur
+    back, to the pixel and without a warning."""
     engine = str(engine_dirs["tiny-sd1"])
     y, x = np.mgrid[0:96, 0:128]
     Image.fromarray(np.stack([x * 2, y * 2, (x + y) % 256], -1).astype(np.uint8)).save(tmp_path / "init.png")
     Image.fromarray(((abs(x - 70) < 20) & (abs(y - 40) < 16)).astype(np.uint8) * 255).save(tmp_path / "mask.png")
     images = ["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png")]
     assert run_cli.main(["a red door", *images, "--engine", engine, "--steps", "3", "--sampler", "euler_a",
-                         "--seed", "5", "--num-images", "2", "--mask-crop", "8", "--mask-blur", "2", "--width", "64",
+                         "--seed", "5", "--num-images", "3", "--mask-crop", "8", "--mask-blur", "2", "--width", "64",
                          "--height", "64", "--strength", "0.7", "--out", str(tmp_path / "a.png"), "-q"]) == 0, \
         capsys.readouterr().err
-    first = tmp_path / "a-1.png"
-    assert "Seed: 6," in Image.open(first).info["parameters"]
+    first = tmp_path / "a-2.png"
+    assert "Seed: 7," in Image.open(first).info["parameters"]
     assert "Inpaint area: Only masked, Masked area padding: 8" in Image.open(first).info["parameters"]
     again = tmp_path / "b.png"
     with caplog.at_level(logging.WARNING):
@@ -166,6 +167,10 @@ def test_each_image_of_a_masked_batch_draws_again_with_its_crop(engine_dirs, tmp
     assert not caplog.text
     np.testing.assert_array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert settings({"Inpaint area": "Only masked"})[0] == {"mask_crop": 32}  # AUTOMATIC1111's default padding
+    # --mask-crop none: the whole picture, over the PNG's Only masked
+    assert run_cli.main(["--from-png", str(first), *images, "--engine", engine, "--mask-crop", "none", "--out",
+                         str(again), "-q"]) == 0
+    assert "Inpaint area" not in Image.open(again).info["parameters"]
 
 
 def test_from_png_needs_parameters(engine_dirs, tmp_path, capsys):

@@ -164,9 +164,9 @@ def test_init_latents_at_full_strength_are_the_variation_seeds_image(pipelines):
 
 
 def test_a_batch_of_inpainting_variations_varies_one_noise(pipelines):
-    """diffusers' inpainting draws the image's sample from the first image's generator alone; with
-    variations every image's noise is drawn after it, so a batch of one seed shares its noise (here
-    at a strength too small to show: the images are one, but for rounding)."""
+    """Each image draws the image's sample from its own generator, then its start noise: with
+    variations, every image of one seed shares its noise (here at a strength too small to show:
+    the images are one, but for rounding)."""
     pipe = pipelines["tiny-sd1"]
     image = np.full((64, 64, 3), 0.4, np.float32)
     mask = np.zeros((64, 64), bool)

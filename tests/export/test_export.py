@@ -150,26 +150,29 @@ def test_interrupted_export_process_leaves_nothing(signum, code, model_dirs, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(os.name != "posix", reason="a process is checked by POSIX's kill(pid, 0)")
+@pytest.mark.skipif(os.name != "posix", reason="the partial directories' locks are POSIX's flock")
 def test_a_killed_exports_partial_directory_is_removed_by_the_next(tmp_path):
     """SIGKILL leaves a partial directory no handler removes; the next export of that --out removes
-    those of this machine whose process is gone, and no other (a running export's, another
-    machine's on a shared disk, one named as before it held a process)."""
-    from ldm_deploy.export.engine_dir import partial_tag, staging_dir
+    those whose lock no process holds, and no other: a running export's (its lock held, here by
+    this process: any machine's or container's on a shared disk), one without a lock file (older),
+    another --out's."""
+    import fcntl
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()  # a process that has ended
-    tag = partial_tag()
-    host = tag.split("@")[1]
-    names = {"killed": f".engine.partial-{dead}@{host}-0123abcd", "running": f".engine.partial-{tag}-4567abcd",
-             "elsewhere": f".engine.partial-{dead}@00000000-89abcdef", "older": ".engine.partial-deadbeef",
-             "other": f".engine2.partial-{dead}@{host}-0123abcd"}
-    for name in names.values():
-        (tmp_path / name).mkdir()
-    with staging_dir(tmp_path / "engine", force=False) as tmp:
-        (tmp / "manifest.json").write_text("{}")
-    left = {p.name for p in tmp_path.iterdir()}
-    assert left == {"engine"} | {names[k] for k in ("running", "elsewhere", "older", "other")}
+    from ldm_deploy.export.engine_dir import LOCK, staging_dir
+
+    names = ("killed", "running", "older", "other")
+    folders = {k: tmp_path / (".engine2.partial-1" if k == "other" else f".engine.partial-{k}") for k in names}
+    for key, folder in folders.items():
+        folder.mkdir()
+        if key != "older":
+            (folder / LOCK).write_text("")
+    with open(folders["running"] / LOCK) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with staging_dir(tmp_path / "engine", force=False) as tmp:
+            assert (tmp / LOCK).is_file()  # its own, held while it writes
+            (tmp / "manifest.json").write_text("{}")
+    assert {p.name for p in tmp_path.iterdir()} == {"engine"} | {folders[k].name for k in names if k != "killed"}
+    assert [p.name for p in (tmp_path / "engine").iterdir()] == ["manifest.json"]  # the lock left behind
 
 
 def children(pid: int) -> list[int]:

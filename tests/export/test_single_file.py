@@ -271,6 +271,26 @@ def test_run_with_a_checkpoint_as_model(files, tmp_path, capsys, monkeypatch):
         assert code == 2 and f"{name} is a PNG image, not a checkpoint: pass a .safetensors file" in err
 
 
+def test_files_are_told_by_their_first_bytes(tmp_path):
+    """A hub cache's blob has no suffix: a safetensors one is read as one (a LoRA, an embedding);
+    a whole model must be named by its suffix, and is told how; an image is said to be one."""
+    from safetensors.torch import save_file
+
+    from ldm_deploy.errors import ModelSourceError
+    from ldm_deploy.export.single_file import check_pickle, file_kind, read
+
+    save_file({"emb_params": torch.ones(2, 4)}, str(tmp_path / "blob"))
+    torch.save({"a": torch.zeros(1)}, tmp_path / "pickled")
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.pt", format="PNG")
+    assert [file_kind(tmp_path / n) for n in ("blob", "pickled", "photo.pt")] == ["safetensors", "pickle", "a PNG image"]
+    assert read(tmp_path / "blob", allow_pickle=False).state["emb_params"].shape == (2, 4)
+    for name, flag, message in [("blob", "--model", "is a safetensors file without its suffix: rename it"),
+                                ("pickled", "--lora", "is a pickle checkpoint; loading a pickle runs code"),
+                                ("photo.pt", "--vae", "--vae {} is a PNG image, not a checkpoint")]:
+        with pytest.raises(ModelSourceError, match=message.format(tmp_path / name).replace(".", "\\.")):
+            check_pickle(tmp_path / name, allow_pickle=False, flag=flag)
+
+
 def test_checkpoint_names_in_cache_and_png():
     from ldm_deploy.engine.infotext import model_name
 
