@@ -216,3 +216,34 @@ def verify_files(engine_dir: Path, manifest: Manifest, hashes: bool = True) -> N
                 )
             if hashes and sha256_file(path) != rec["sha256"]:
                 raise EngineError(f"{path} is corrupted (its SHA-256 differs from the manifest's); {rebuild}")
+
+
+def file_stats(engine_dir: Path, manifest: Manifest) -> dict[str, tuple]:
+    """Each recorded file's (inode, size, mtime) as it is now: what unchanged() holds a component
+    loaded later to."""
+    out = {}
+    for files in manifest.files.values():
+        for name in files:
+            try:
+                st = (Path(engine_dir) / name).stat()
+                out[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:  # (missing: loading it says so)
+                out[name] = None
+    return out
+
+
+def check_unchanged(engine_dir: Path, manifest: Manifest, component: str, stats: dict[str, tuple]) -> None:
+    """Refuse a component loaded after its engine (the VAE encoder at the first img2img) whose files
+    were replaced since (ldm-export --force over an engine in use): its graph would not be the one
+    the manifest held in memory checked, nor what the ONNX Runtime cache keys it by."""
+    for name, rec in manifest.files.get(component, {}).items():
+        path = Path(engine_dir) / name
+        try:
+            st = path.stat()
+            now = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            now = None
+        # (written again, but the same bytes: an export repeated over it draws the same)
+        if now != stats.get(name) and (now is None or sha256_file(path) != rec["sha256"]):
+            raise EngineError(f"{path} has changed since {engine_dir} was loaded (exported again with --force?); "
+                              "load the engine again (restart ldm-serve) to draw with it")

@@ -16,7 +16,7 @@ from ldm_deploy.engine import controls, infotext, inpaint, progress as progress_
 from ldm_deploy.engine import diffusers_names as diffusers_names_
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
-from ldm_deploy.engine.manifest import TOKENIZER, read_manifest, verify_files
+from ldm_deploy.engine.manifest import TOKENIZER, check_unchanged, file_stats, read_manifest, verify_files
 from ldm_deploy.engine.request import (Request, check_init_size, check_request, check_size, noise_multiplier_of, split,
                                        whole)
 from ldm_deploy.engine.samplers import plan
@@ -41,7 +41,9 @@ class Pipeline:
         self.specs = manifest.specs()
         self.tokenizer = PromptTokenizer(self.engine_dir / TOKENIZER, manifest.model.text_length,
                                          manifest.model.embeddings)
-        # vae_encoder is loaded on the first img2img call: txt2img never needs it.
+        # vae_encoder is loaded on the first img2img call: txt2img never needs it; its files must
+        # then be the ones loaded with the engine (manifest.check_unchanged).
+        self.file_stats = file_stats(self.engine_dir, manifest)
         self.components = {
             name: backend.load(self.engine_dir, manifest, name)
             for name in ("text_encoder", "unet_step", "vae_decoder")
@@ -485,6 +487,7 @@ class Pipeline:
                 "re-export without that flag to use --init-image"
             )
         if "vae_encoder" not in self.components:
+            check_unchanged(self.engine_dir, self.manifest, "vae_encoder", self.file_stats)
             self.components["vae_encoder"] = self.backend.load(self.engine_dir, self.manifest, "vae_encoder")
 
     def encode_latents(self, pixels: np.ndarray, sample_noise: np.ndarray, repeat: int = 1,

@@ -221,3 +221,28 @@ def test_unused_negative_prompt_is_warned_about_once(engine_dirs, caplog):
             pipe("a cat", guidance=guidance, steps=1, sampler="tcd", width=64, height=64, output_type="np",
                  progress=False)
     assert caplog.text.count("the tcd sampler is made for TCD-LoRA models") == 1
+
+
+def test_a_vae_encoder_replaced_after_loading_is_refused(engine_dirs, tmp_path):
+    """ldm-export --force over an engine in use: the VAE encoder, loaded at the first img2img, is
+    refused where its bytes are no longer those the manifest held (another model's), and taken
+    where they are (the same export again)."""
+    import shutil
+
+    from ldm_deploy import Pipeline
+    from ldm_deploy.errors import EngineError
+
+    engine = tmp_path / "engine"
+    shutil.copytree(engine_dirs["tiny-sd1"], engine)
+    kw = dict(KW, seed=1, strength=0.5, init_image=np.full((64, 64, 3), 0.5, np.float32))
+    pipe = Pipeline.load(engine)
+    graph = engine / "vae_encoder.onnx"
+    shutil.copy(graph, tmp_path / "same.onnx")
+    (tmp_path / "same.onnx").replace(graph)  # new file, same bytes
+    first = pipe("x", **kw)
+    other = Pipeline.load(engine)
+    with open(graph, "ab") as f:
+        f.write(b"\0")  # another graph now
+    with pytest.raises(EngineError, match="vae_encoder.onnx has changed since .* was loaded"):
+        other("x", **kw)
+    assert first.shape == (1, 64, 64, 3)
