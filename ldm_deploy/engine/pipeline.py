@@ -17,8 +17,8 @@ from ldm_deploy.engine import diffusers_names as diffusers_names_
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, check_unchanged, file_stats, read_manifest, verify_files
-from ldm_deploy.engine.request import (Request, check_init_size, check_request, check_size, noise_multiplier_of, split,
-                                       whole)
+from ldm_deploy.engine.request import (Request, check_init_size, check_request, check_size, latent_array,
+                                       noise_multiplier_of, real, split, texts, whole)
 from ldm_deploy.engine.samplers import plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
@@ -230,12 +230,12 @@ class Pipeline:
                                        control_start=control_start, control_end=control_end), diffusers_names,
                                   type(self).__call__)
         progress = progress_.reporting(progress)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = texts("prompt", prompt)
         # SDXL base: no negative prompt at all is zero embeddings (diffusers' force_zeros_for_empty_prompt)
         zero_negative = negative_prompt is None and self.manifest.model.zero_negative
-        negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-        if len(negs) != len(prompts):
-            raise InvalidRequest(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+        negs = texts("negative_prompt", "" if negative_prompt is None else negative_prompt, len(prompts))
+        steps, guidance = whole("steps", steps, None), real("guidance", guidance)
+        latents = None if latents is None else latent_array(latents)
         if output_type not in ("pil", "np", "latent"):
             raise InvalidRequest(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:

@@ -126,6 +126,52 @@ def noise_multiplier_of(value) -> float:
     return float(value)
 
 
+def texts(name: str, value, n: int | None = None) -> list[str]:
+    """A prompt, or a list of them, as a list (n: one text for n, or a list of n); an
+    InvalidRequest for other types and for text that is not Unicode (a command line's bytes
+    that are not UTF-8 arrive as lone surrogates)."""
+    if isinstance(value, str):
+        out = [value] * (n or 1)
+    elif isinstance(value, (list, tuple)) and value:
+        out = list(value)
+        if n is not None and len(out) != n:
+            raise InvalidRequest(f"{len(out)} {name}s for {n} prompts; give one, or one per prompt")
+    else:
+        raise InvalidRequest(f"{name} must be text or a list of texts, got {type(value).__name__}")
+    for i, text in enumerate(out):
+        where = name if len(out) == 1 and isinstance(value, str) else f"{name}[{i}]"
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{where} must be text, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{where} is not valid text: it holds bytes that are not UTF-8 (a file in "
+                                 "another encoding?); convert it to UTF-8") from None
+    return out
+
+
+def latent_array(value) -> np.ndarray:
+    """`latents=` as float32 numpy: an array, nested lists, or a torch tensor (as diffusers takes them)."""
+    if hasattr(value, "detach"):  # torch.Tensor (not imported: the runtime has no torch)
+        value = value.detach().cpu().float().numpy()
+    try:
+        out = np.asarray(value, np.float32)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(f"latents must be an array of numbers (B, C, H/8, W/8), got {type(value).__name__} "
+                             f"({e})") from None
+    if out.ndim != 4 or not np.isfinite(out).all():
+        raise InvalidRequest(f"latents must be a 4-dimensional (B, C, H/8, W/8) array of finite numbers, got shape "
+                             f"{out.shape}")
+    return out
+
+
+def real(name: str, value) -> float:
+    """value as a float; an InvalidRequest for what is not a number (text, None, True)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidRequest(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
 def whole(name: str, value, default) -> int:
     """value as an int (default when None); an InvalidRequest for fractions and non-numbers."""
     if value is None:

@@ -173,13 +173,29 @@ def test_init_image_values(pixels, expected):
     (dict(guidance=float("inf")), "guidance must be a finite number"),
     (dict(width=float("inf")), "width must be a whole number"),
     (dict(init_image=np.full((64, 64, 3), -1)), "negative pixel values"),
+    (dict(prompt=None), "prompt must be text or a list of texts, got NoneType"),
+    (dict(prompt="a \udcff cat"), "prompt is not valid text: it holds bytes that are not UTF-8"),  # (argv's)
+    (dict(negative_prompt=[None]), "negative_prompt[0] must be text, got NoneType"),
+    (dict(negative_prompt=["a", "b"]), "2 negative_prompts for 1 prompts"),
+    (dict(guidance="7"), "guidance must be a number, got '7'"),
+    (dict(steps=2.5), "steps must be a whole number, got 2.5"),
+    (dict(latents=[[1.0]]), "latents must be a 4-dimensional (B, C, H/8, W/8) array"),
 ])
 def test_bad_requests(pipelines, kw, message):
     from ldm_deploy.errors import InvalidRequest
 
+    kw = {"prompt": "x", **KW, **kw}
     with pytest.raises(InvalidRequest) as e:
-        pipelines["tiny-sd1"]("x", **{**KW, **kw})
+        pipelines["tiny-sd1"](**kw)
     assert message in str(e.value)
+
+
+def test_torch_latents_are_taken_as_diffusers_takes_them(pipelines):
+    import torch
+
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    pipe = pipelines["tiny-sd1"]
+    np.testing.assert_array_equal(pipe("x", latents=latents, **KW), pipe("x", latents=latents.numpy(), **KW))
 
 
 def test_seed_minus_one_is_random(pipelines):
