@@ -70,6 +70,14 @@ class Pipeline:
 
     from_pretrained = load  # (diffusers' name for it; an engine directory, not a model, is what it takes)
 
+    def to(self, *args, **kwargs) -> "Pipeline":
+        """diffusers' .to(device or dtype), taken and ignored: an engine runs on the backend and in the
+        precision it was exported for (ldm-export --backend / --precision)."""
+        if "to" not in self.warned:
+            self.warned.add("to")
+            log.info(".to(...) changes nothing here: this engine runs on %s as exported", self.backend.name)
+        return self
+
     def enable_vae_tiling(self, tile_size: int | None = None) -> None:
         """Run the VAE on overlapping tiles from now on, as diffusers' `pipe.enable_vae_tiling()`
         (engine/vae_tiling.py): its images (to float rounding, where the decoder's output is
@@ -92,6 +100,7 @@ class Pipeline:
         s = self.manifest.model.vae_scale
         return d["latent_width"].opt * s, d["latent_height"].opt * s
 
+    @diffusers_names_.returns
     def __call__(
         self,
         prompt: str | list[str],
@@ -141,7 +150,8 @@ class Pipeline:
         _first_step: int | None = None,
         **diffusers_names,
     ):
-        """Generate images. Returns a list of PIL images, or for output_type="np" a
+        """Generate images. Returns a list of PIL images (also its `.images`, as diffusers'; with
+        return_dict=False diffusers' (images, None)), or for output_type="np" a
         (B, H, W, 3) float32 array in [0, 1], or for "latent" the (B, C, H/8, W/8) final latents
         (undecoded), as diffusers does.
 

@@ -262,3 +262,19 @@ def test_a_vae_encoder_replaced_after_loading_is_refused(engine_dirs, tmp_path):
     with pytest.raises(EngineError, match="vae_encoder.onnx has changed since .* was loaded"):
         other("x", **kw)
     assert first.shape == (1, 64, 64, 3)
+
+
+def test_a_call_written_for_diffusers_gets_what_diffusers_returns(pipelines):
+    """`.images`, return_dict=False's (images, None), eta=0.0 and .to("cuda") as diffusers has them."""
+    from ldm_deploy.errors import InvalidRequest
+
+    pipe = pipelines["tiny-sd1"].to("cuda")
+    kw = dict(num_inference_steps=2, guidance_scale=7.5, width=64, height=64, progress=False,
+              generator=__import__("torch").Generator().manual_seed(3))
+    out = pipe("a cat", **kw)
+    assert out.images[0] is out[0] and out.nsfw_content_detected is None
+    kw["generator"].manual_seed(3)
+    images, nsfw = pipe("a cat", return_dict=False, eta=0.0, **kw)
+    assert nsfw is None and np.array_equal(np.asarray(images[0]), np.asarray(out.images[0]))
+    with pytest.raises(InvalidRequest, match="DDIM runs with eta 0 here"):
+        pipe("a cat", eta=1.0, **kw)
