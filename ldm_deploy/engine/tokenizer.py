@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_deploy.engine.prompt_weights import BREAK_PIECE, parse
-from ldm_deploy.errors import EngineError
+from ldm_deploy.errors import EngineError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,13 @@ class PromptTokenizer:
             for i in range(n):
                 tokens, token_weights = chunks[i] if i < len(chunks) else ([], [])
                 ids[row, i, : len(tokens) + 2] = [self.start, *tokens, self.end]
-                weights[row, i, 1 : len(tokens) + 1] = token_weights
+                with np.errstate(over="ignore"):  # (said below)
+                    weights[row, i, 1 : len(tokens) + 1] = token_weights
+        if not np.isfinite(weights).all():  # ((((...)))) thousands deep: 1.1 ** n overflows
+            row = int(np.argwhere(~np.isfinite(weights))[0][0])
+            raise InvalidRequest(f"the emphasis of the prompt {prompts[row][:60]!r}... weighs a word past what a "
+                                 "float can hold (brackets nested hundreds deep?); use fewer brackets, or "
+                                 "(word:weight)")
         return ids, weights
 
     def chunks(self, prompt: str, weighting: bool, max_chunks: int) -> list[tuple[list[int], list[float]]]:
