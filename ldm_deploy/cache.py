@@ -20,6 +20,7 @@ record inside.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -137,6 +138,11 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
     out = cache_dir() / "engines" / f"{name or stem}-{identity(model, keyed)}"
     record = {"version": __version__, "revision": REVISION, "model": str(model),
               "settings": repr(sorted(keyed.items())), "files": model_key(model, keyed, extra)}
+    with exporting(out):
+        return cached_or_exported(model, out, settings, record, name or stem)
+
+
+def cached_or_exported(model: Path, out: Path, settings: dict, record: dict, stem: str) -> Path:
     if out.is_dir():
         try:
             from ldm_deploy.engine.manifest import read_manifest, verify_files
@@ -152,8 +158,34 @@ def engine_for(model: str | Path, export_settings: dict | None = None, name: str
             log.warning("the model files of the cached engine %s have changed since it was exported; "
                         "exporting it again in its place", out)
     export(model, out, settings, record)
-    prune(out.parent, record, name or stem, keep=out)
+    prune(out.parent, record, stem, keep=out)
     return out
+
+
+@contextlib.contextmanager
+def exporting(out: Path):
+    """Held while one process finds or exports the cached engine `out`: another (a second ldm-run
+    started at once, a server's workers) waits for it, then finds the engine there, rather than
+    exporting it again beside it (minutes, and gigabytes of disk, each). A lock file beside it,
+    flock'ed (no lock where there is no flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        f = open(out.parent / f".{out.name}.lock", "a")
+    except OSError as e:
+        raise UserError(f"cannot write the engine cache {out.parent}: {e.strerror}; point LDM_DEPLOY_CACHE at a "
+                        "writable folder") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is exporting %s", out)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # (closing the file releases the lock)
 
 
 def read_record(folder: Path) -> dict:

@@ -112,7 +112,8 @@ def test_model_flag_exports_once_and_repairs_a_damaged_engine(model_dirs, monkey
     (engine / "manifest.json").write_text("{not json")
     assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
     assert os.stat(engine / "manifest.json").st_mtime_ns != stamp
-    assert [p.name for p in engine.parent.iterdir()] == [engine.name]  # no staging left behind
+    # no staging left behind (the hidden lock file of exporting() stays: removing it would race)
+    assert sorted(p.name for p in engine.parent.iterdir()) == [f".{engine.name}.lock", engine.name]
     # A truncated component file (the manifest intact) is found by its size and exported again.
     unet = engine / "unet_step.onnx"
     size = unet.stat().st_size
@@ -129,6 +130,35 @@ def test_model_flag_exports_once_and_repairs_a_damaged_engine(model_dirs, monkey
     assert run.main(["a cat", "--model", str(model_dirs["tiny-sd1"]), "--steps", "2", "--width", "256",
                      "--height", "256", "-q", "--out", str(out)]) == 0
     assert out.is_file()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the cache's lock is POSIX's flock")
+def test_a_second_process_waits_for_the_first_export_and_takes_its_engine(model_dirs, monkeypatch, tmp_path, caplog):
+    """Two ldm-run --model started at once: the second waits while the first holds the engine's
+    lock (here this test, which then puts the first's engine in place), and takes that engine
+    instead of exporting it again."""
+    import fcntl
+    import logging
+    import threading
+
+    monkeypatch.setenv("LDM_DEPLOY_CACHE", str(tmp_path / "cache"))
+    settings = dict(min_size=64, max_size=128, img2img=False)
+    engine = cache.engine_for(model_dirs["tiny-sd1"], settings)
+    shutil.copytree(engine, tmp_path / "first")  # (copy2: the files keep their times)
+    shutil.rmtree(engine)
+    found = []
+    with open(engine.parent / f".{engine.name}.lock", "a") as held, caplog.at_level(logging.INFO):
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first process, exporting
+        second = threading.Thread(target=lambda: found.append(cache.engine_for(model_dirs["tiny-sd1"], settings)))
+        second.start()
+        second.join(2)
+        assert second.is_alive() and not engine.exists()  # waiting
+        assert "waiting for another process that is exporting" in caplog.text
+        shutil.copytree(tmp_path / "first", engine)  # the first's export lands
+    second.join(120)
+    assert found == [engine]
+    stamp = os.stat(tmp_path / "first" / "manifest.json").st_mtime_ns
+    assert os.stat(engine / "manifest.json").st_mtime_ns == stamp  # taken, not exported again
 
 
 def test_a_model_keeps_one_engine_per_release_and_settings(model_dirs, monkeypatch, tmp_path, caplog):
