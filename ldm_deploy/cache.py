@@ -166,16 +166,17 @@ def cached_or_exported(model: Path, out: Path, settings: dict, record: dict, ste
 def exporting(out: Path):
     """Held while one process finds or exports the cached engine `out`: another (a second ldm-run
     started at once, a server's workers) waits for it, then finds the engine there, rather than
-    exporting it again beside it (minutes, and gigabytes of disk, each). A lock file beside it,
-    flock'ed (no lock where there is no flock)."""
+    exporting it again beside it (minutes, and gigabytes of disk, each). A lock file in the cache's
+    locks/ (kept: removing a lock file races), flock'ed (no lock where there is no flock)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        f = open(out.parent / f".{out.name}.lock", "a")
+        locks = out.parent.parent / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        f = open(locks / f"{out.name}.lock", "a")
     except OSError as e:
         raise UserError(f"cannot write the engine cache {out.parent}: {e.strerror}; point LDM_DEPLOY_CACHE at a "
                         "writable folder") from None

@@ -257,8 +257,15 @@ def from_png(args) -> dict:
     return fields
 
 
-def control_options(args) -> dict:
-    """--control-* as Pipeline keywords: one value for one ControlNet, a list for several."""
+def control_options(args, count: int) -> dict:
+    """--control-* as Pipeline keywords: one value for one ControlNet, a list for several; those
+    not given from a --from-png image's ControlNet units (ControlNet i: the engine's i-th), where
+    its control images are given."""
+    png = getattr(args, "png_controls", None)
+    if png and args.control_image:
+        for index, key in enumerate(("control_scale", "control_start", "control_end")):
+            if getattr(args, key) is None:
+                setattr(args, key, [png.get(i, (1.0, 0.0, 1.0))[index] for i in range(count)])
     out = {}
     for key, value in (("control_image", args.control_image), ("control_scale", args.control_scale),
                        ("control_start", args.control_start), ("control_end", args.control_end)):
@@ -322,6 +329,10 @@ def main(argv=None) -> int:
         given_here = {k for k in FROM_PNG if getattr(args, k) is not UNSET}  # on the command line
         typed_prompt = args.prompt is not None
         fields = from_png(args)  # before a --model export: its mistakes are found in seconds
+        if getattr(args, "png_controls", None) and not args.control_image:
+            units = ", ".join(str(i) for i in sorted(args.png_controls))
+            log.warning("the image was drawn with ControlNet %s, whose control image is not in the PNG: give it with "
+                        "--control-image (its weight and guidance are then the PNG's), or the image will differ", units)
         if fields.get("Tiling") == "True" and args.model and not args.tiling:
             log.info("the PNG was drawn to tile (Tiling: True): --model's engine is exported with --tiling")
             args.tiling = True
@@ -445,7 +456,7 @@ def main(argv=None) -> int:
             mask_blur=args.mask_blur if args.mask is not None else None,  # a PNG's Mask blur: with a mask only
             masked_content=args.masked_content,
             resize_mode=args.resize_mode,
-            **control_options(args),
+            **control_options(args, len(pipe.manifest.model.controlnets)),
             strength=args.strength,
             noise_multiplier=args.noise_multiplier,
             clip_skip=args.clip_skip - 1,

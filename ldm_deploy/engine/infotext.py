@@ -215,11 +215,32 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
                         "draw its CPU source's noise, so the image will differ")
     if beta and beta_fields(out.get("sampler"), out.get("hires_sampler")):  # (else not drawn with it)
         warnings.append(beta)
-    other = [k for k in fields if k not in QUIET and k != "RNG"]
+    controls = control_settings(fields)
+    if controls:  # (ldm-run takes them where the control images are given)
+        out["png_controls"] = controls
+    other = [k for k in fields if k not in QUIET and k != "RNG" and not re.fullmatch(r"ControlNet \d+", k)]
     if other:
         warnings.append(f"the image's {', '.join(other)} {'is' if len(other) == 1 else 'are'} not taken here, "
                         "so the image may differ")
     return {k: v for k, v in out.items() if k not in given and v is not None}, warnings
+
+
+def control_settings(fields: dict[str, str]) -> dict[int, tuple[float, float, float]]:
+    """AUTOMATIC1111's ControlNet extension's fields ("ControlNet 0": "Module: ..., Model: ...,
+    Weight: 1, Guidance Start: 0, Guidance End: 1, ...", ours alike) -> {unit: (weight, start,
+    end)}; a unit's other settings (its preprocessor, control mode) are not ours to take."""
+    out = {}
+    for key, value in fields.items():
+        m = re.fullmatch(r"ControlNet (\d+)", key)
+        if m is None:
+            continue
+        unit = {k.strip(): v.strip() for k, v in FIELD.findall(value)}
+        try:
+            out[int(m.group(1))] = tuple(float(unit.get(name, default)) for name, default in
+                                         (("Weight", 1.0), ("Guidance Start", 0.0), ("Guidance End", 1.0)))
+        except ValueError:
+            raise UserError(f"the image's {key} is {value[:80]!r}, whose Weight or Guidance is not a number") from None
+    return out
 
 
 def beta_warning(fields: dict[str, str]) -> str | None:

@@ -232,6 +232,16 @@ def test_export_and_run_from_the_command_line(nets, model_dirs, engines, tmp_pat
         old = hashlib.sha256(weights[0x100000:0x110000]).hexdigest()[:8]
         assert f'ControlNet 0: "Module: none, Model: {nets[0].name} [{old}], Weight: 0.8, Guidance Start: 0.0, ' \
                'Guidance End: 0.6"' in got.info["parameters"]
+    # --from-png with the control image draws it again, with the PNG's weight and guidance; without
+    # it, says what is missing
+    again = tmp_path / "again.png"
+    code = run_cli.main(["--from-png", str(tmp_path / "o.png"), "--engine", str(out), "--control-image",
+                         str(tmp_path / "edges.png"), "--out", str(again), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 0 and "not taken" not in err
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(want))
+    code = run_cli.main(["--from-png", str(tmp_path / "o.png"), "--engine", str(out), "--out", str(again), "--quiet"])
+    assert code == 0 and "drawn with ControlNet 0, whose control image is not in the PNG" in capsys.readouterr().err
 
 
 def test_hires_fix_steers_the_second_pass_too(engines):

@@ -112,8 +112,7 @@ def test_model_flag_exports_once_and_repairs_a_damaged_engine(model_dirs, monkey
     (engine / "manifest.json").write_text("{not json")
     assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
     assert os.stat(engine / "manifest.json").st_mtime_ns != stamp
-    # no staging left behind (the hidden lock file of exporting() stays: removing it would race)
-    assert sorted(p.name for p in engine.parent.iterdir()) == [f".{engine.name}.lock", engine.name]
+    assert [p.name for p in engine.parent.iterdir()] == [engine.name]  # no staging left behind
     # A truncated component file (the manifest intact) is found by its size and exported again.
     unet = engine / "unet_step.onnx"
     size = unet.stat().st_size
@@ -147,7 +146,7 @@ def test_a_second_process_waits_for_the_first_export_and_takes_its_engine(model_
     shutil.copytree(engine, tmp_path / "first")  # (copy2: the files keep their times)
     shutil.rmtree(engine)
     found = []
-    with open(engine.parent / f".{engine.name}.lock", "a") as held, caplog.at_level(logging.INFO):
+    with open(tmp_path / "cache" / "locks" / f"{engine.name}.lock", "a") as held, caplog.at_level(logging.INFO):
         fcntl.flock(held, fcntl.LOCK_EX)  # the first process, exporting
         second = threading.Thread(target=lambda: found.append(cache.engine_for(model_dirs["tiny-sd1"], settings)))
         second.start()
