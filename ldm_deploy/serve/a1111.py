@@ -282,8 +282,11 @@ class A1111:
         if not text:
             return 200, {"info": "", "items": items, "parameters": {}}
         prompt, negative, written = infotext.parse(text)
-        return 200, {"info": text, "items": items,
-                     "parameters": {"Prompt": prompt, "Negative prompt": negative, **written}}
+        parameters = {"Prompt": prompt, "Negative prompt": negative}
+        for key, value in written.items():  # its parse_generation_parameters: "WxH" values as key-1, key-2
+            size = infotext.SIZE.match(value)
+            parameters.update({f"{key}-1": size.group(1), f"{key}-2": size.group(2)} if size else {key: value})
+        return 200, {"info": text, "items": items, "parameters": parameters}
 
 
 def vae_name(model) -> str:

@@ -355,6 +355,9 @@ def test_png_info_reads_the_answer_back(server):
     info = call(server.url + "/sdapi/v1/png-info", "POST", {"image": answer["images"][0]})[1]
     assert info["parameters"]["Prompt"] == "a cat" and info["parameters"]["Negative prompt"] == "dog"
     assert info["parameters"]["Seed"] == "9" and info["info"].startswith("a cat\n")
+    # sizes split as its parse_generation_parameters splits them
+    assert (info["parameters"]["Size-1"], info["parameters"]["Size-2"]) == ("128", "128")  # (the default size)
+    assert "Size" not in info["parameters"]
 
 
 def test_credentials(pipe):
