@@ -119,6 +119,17 @@ def check_config(c: BenchConfig) -> None:
     for name, value in (("width", c.width), ("height", c.height)):
         if value < 8 or value % 8:
             raise UserError(f"--{name} {value} must be a positive multiple of 8")
+    if "ours" in kinds:  # the engine's range, before any contender is measured (diffusers' take minutes)
+        from ldm_deploy.engine.manifest import read_manifest
+        from ldm_deploy.engine.request import check_size
+        from ldm_deploy.errors import EngineError, InvalidRequest
+
+        try:
+            check_size(read_manifest(Path(c.engine)), c.width, c.height)
+        except EngineError:
+            pass  # (a damaged engine: its contender says so)
+        except InvalidRequest as e:  # "width 512 is outside this engine's range ..."
+            raise UserError(f"--{e}") from None
     for name, value, low in (("steps", c.steps, 1), ("batch", c.batch, 1), ("repeats", c.repeats, 1), ("rounds", c.rounds, 1),
                              ("warmup", c.warmup, 0), ("warmup-steps", c.warmup_steps, 1)):
         if value is not None and value < low:

@@ -67,6 +67,14 @@ def test_cli_refuses_bad_input_before_measuring(tmp_path, capsys):
         assert code == 2 and message in capsys.readouterr().err
 
 
+
+def test_a_size_outside_the_engines_range_is_refused_before_measuring(engine_dirs, model_dirs, capsys):
+    code = bench_cli.main(["--engine", str(engine_dirs["tiny-sd1"]), "--model", str(model_dirs["tiny-sd1"]),
+                           "--width", "2048", "--height", "64", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--width 2048 is outside this engine's range" in err and "diffusers" not in err
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="writes into Linux's /proc, which no one can")
 def test_an_unwritable_chart_folder_is_refused_before_measuring(tmp_path, capsys):
     code = bench_cli.main(["--contenders", "diffusers", "--model", str(tmp_path), "--chart", "/proc/c.png"])
