@@ -134,8 +134,13 @@ class Manifest:
         model["controlnets"] = tuple(model.get("controlnets", ()))
         if model.get("long_prompts") and "text_chunks" not in d["dims"]:
             raise KeyError("dims.text_chunks")
+        info = ModelInfo(**model)
+        checked(info, "model")
+        if info.vae_scale < 1 or d["size_multiple"] < 1 or isinstance(d["size_multiple"], bool) \
+                or not isinstance(d["size_multiple"], int):
+            raise ValueError("model.vae_scale and size_multiple must be whole numbers of at least 1")
         return cls(
-            model=ModelInfo(**model),
+            model=info,
             backend=d["backend"],
             precision=d["precision"],
             dims={k: DimRange(*v) for k, v in d["dims"].items()},
@@ -148,6 +153,20 @@ class Manifest:
             created=d.get("created", ""),
             format_version=d["format_version"],
         )
+
+
+# What a field's annotation asks of its value in the JSON (bool is no int here, an int is a float).
+KINDS = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+         "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+
+
+def checked(record, where: str) -> None:
+    """A TypeError naming the first field of a dataclass read from JSON whose value is not of its
+    annotated kind (a manifest edited by hand: "text_length": "77")."""
+    for name, f in record.__dataclass_fields__.items():
+        ok = KINDS.get(f.type)
+        if ok is not None and not ok(getattr(record, name)):
+            raise TypeError(f"{where}.{name} must be {f.type}, got {getattr(record, name)!r}")
 
 
 def file_record(path: Path) -> dict:

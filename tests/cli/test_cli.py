@@ -253,6 +253,8 @@ def copy_engine(src, dst):
     ("corrupted_unet", "corrupted"),
     ("incomplete_manifest", "incomplete or corrupted"),
     ("no_text_chunks", "incomplete or corrupted (KeyError: 'dims.text_chunks')"),
+    ("text_length_as_text", "incomplete or corrupted (TypeError: model.text_length must be int, got '77')"),
+    ("size_multiple_0", "size_multiple must be whole numbers of at least 1"),
 ])
 def test_run_damaged_engine(damage, message, engine_dirs, tmp_path, capsys):
     eng = copy_engine(engine_dirs["tiny-sd1"], tmp_path / "engine")
@@ -272,6 +274,13 @@ def test_run_damaged_engine(damage, message, engine_dirs, tmp_path, capsys):
     elif damage == "no_text_chunks":  # long prompts need the range of chunks
         d = json.loads(manifest.read_text())
         del d["dims"]["text_chunks"]
+        manifest.write_text(json.dumps(d))
+    elif damage in ("text_length_as_text", "size_multiple_0"):  # edited by hand
+        d = json.loads(manifest.read_text())
+        if damage == "text_length_as_text":
+            d["model"]["text_length"] = "77"
+        else:
+            d["size_multiple"] = 0
         manifest.write_text(json.dumps(d))
     elif damage == "missing_unet":
         (eng / "unet_step.onnx").unlink()
