@@ -245,8 +245,8 @@ def test_diffusers_names_clash_with_ours(pipelines):
 
     with pytest.raises(InvalidRequest, match="num_inference_steps and steps name the same setting"):
         pipelines["tiny-sd1"]("x", steps=3, num_inference_steps=4)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'eta'"):
-        pipelines["tiny-sd1"]("x", eta=0.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'callback_on_step_end'"):
+        pipelines["tiny-sd1"]("x", callback_on_step_end=print)
 
 
 def skipped_embeddings(pipe, texts, clip_skip):
