@@ -94,7 +94,10 @@ def settle(refiner, req: Request, m, img2img: bool) -> tuple:
                         "does; lower the switch (--refiner-switch-at, refiner_switch_at) to let it draw",
                         req.denoising_end, req.steps, req.sampler)
         return None, replace(req, denoising_end=None), False
-    check_request(req, refiner.manifest, img2img)
+    try:
+        check_request(req, refiner.manifest, img2img)
+    except InvalidRequest as e:  # (its sizes, steps, ...: said as the refiner's, not this engine's)
+        raise InvalidRequest(f"the refiner: {str(e).replace('this engine', 'its engine')}") from None
     refiner.check_history(req.sampler, req.steps, 1.0)
     return refiner, req, drawn == "refiner"
 
