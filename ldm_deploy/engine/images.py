@@ -37,7 +37,8 @@ def to_rgb(image: Image.Image, what: str = "init image") -> Image.Image:
 def to_uint8(a: np.ndarray, what: str) -> np.ndarray:
     """Pixel values -> uint8: unsigned 8-bit as they are; other integers scaled from the
     smallest of 8, 16 or 32 bits that holds them; floats taken as [0, 1] (diffusers'
-    output_type="np"), or as 0..255 when they exceed 1."""
+    output_type="np"), as [-1, 1] where any is negative (diffusers' reading), or as 0..255 when
+    they exceed 1."""
     if a.dtype == np.uint8:
         return a
     if np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_):
@@ -49,6 +50,11 @@ def to_uint8(a: np.ndarray, what: str) -> np.ndarray:
         a = a.astype(np.float64)
         if not np.isfinite(a).all():
             raise InvalidRequest(f"{what} has NaN or infinite pixel values")
+        if a.size and a.min() < 0:  # [-1, 1], as diffusers' image processor reads an array with negatives
+            if a.min() < -1 or a.max() > 1:
+                raise InvalidRequest(f"{what} has pixel values from {a.min():g} to {a.max():g}; pass floats in "
+                                     "[0, 1] (or [-1, 1]), or 0..255")
+            a = (a + 1) / 2
         top = 1.0 if a.size == 0 or a.max() <= 1.0 else 255.0
     else:
         raise InvalidRequest(f"{what} has pixels of type {a.dtype}; pass uint8, or floats in [0, 1]")

@@ -151,11 +151,12 @@ def test_a_files_exif_orientation_is_read_as_diffusers_load_image_reads_it(pipel
     (np.full((4, 4, 3), 100, np.int64), 100),  # integers within 0..255: 8-bit
     (np.full((4, 4), 30000, np.uint16), 117),  # 16-bit
     (np.full((4, 4, 3), 0.5), 128),  # floats in [0, 1], as output_type="np" gives
+    (np.full((4, 4, 3), -0.5), 64),  # any negative: [-1, 1], as diffusers' processor reads it
     (np.full((4, 4, 3), 100.0), 100),  # floats beyond 1: 0..255
     (Image.fromarray(np.full((4, 4), 100, np.int32)), 100),  # mode "I" holding 8-bit values
     (Image.fromarray(np.full((4, 4), 0.5, np.float32)), 128),  # mode "F"
     (Image.new("LA", (4, 4), (9, 255)), 9),
-], ids=["int64", "uint16", "float01", "float255", "mode-I", "mode-F", "mode-LA"])
+], ids=["int64", "uint16", "float01", "float-11", "float255", "mode-I", "mode-F", "mode-LA"])
 def test_init_image_values(pixels, expected):
     from ldm_deploy.engine.images import as_init_image
 
@@ -173,6 +174,7 @@ def test_init_image_values(pixels, expected):
     (dict(guidance=float("inf")), "guidance must be a finite number"),
     (dict(width=float("inf")), "width must be a whole number"),
     (dict(init_image=np.full((64, 64, 3), -1)), "negative pixel values"),
+    (dict(init_image=np.full((64, 64, 3), -2.0)), "pixel values from -2 to -2; pass floats in [0, 1] (or [-1, 1])"),
     (dict(prompt=None), "prompt must be text or a list of texts, got NoneType"),
     (dict(prompt="a \udcff cat"), "prompt is not valid text: it holds bytes that are not UTF-8"),  # (argv's)
     (dict(negative_prompt=[None]), "negative_prompt[0] must be text, got NoneType"),
