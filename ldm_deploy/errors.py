@@ -25,9 +25,15 @@ class InvalidRequest(UserError):
 
 
 def renamed(message: str, names: dict[str, str]) -> str:
-    """A message that starts with a Pipeline keyword ("strength must lie in (0, 1]") with that
-    keyword as the caller gave it (`names`: keyword -> a flag, an API's field); others as they are."""
-    head = re.match(r"\w+(?=[ :]|$)", message)
-    if head is None or head.group() not in names:
+    """A message that names Pipeline keywords ("strength must lie in (0, 1]", "control_start and
+    control_end are ...") with those keywords as the caller gave them (`names`: keyword -> a flag,
+    an API's field): the first word where it is one, and every keyword with an underscore (no
+    word of prose); others as they are."""
+    head = re.match(r"\w+(?=[ :,]|$)", message)
+    if head is not None and head.group() in names:
+        message = names[head.group()] + message[head.end():]
+    keys = [k for k in names if "_" in k]
+    if not keys:
         return message
-    return names[head.group()] + message[head.end():]
+    pattern = r"(?<![\w.-])(" + "|".join(map(re.escape, sorted(keys, key=len, reverse=True))) + r")(?![\w-])"
+    return re.sub(pattern, lambda m: names[m.group(1)], message)
