@@ -328,6 +328,16 @@ def model_warning(fields: dict[str, str], model) -> str | None:
     """A warning where the image's "Model hash" is not the engine's model's (its checkpoint's:
     ModelInfo.model_hash), or the engine merges LoRAs its "Lora hashes" do not name."""
     theirs = fields.get("Model hash", "")
+    named = fields.get("Model", "")
+    if not theirs and named:  # (ComfyUI's graph names its checkpoint, hashing nothing): the names
+        def bare(name: str) -> str:  # (a ckpt_name may hold its folder, and Windows' separators)
+            path = Path(name.replace("\\", "/"))
+            return (path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name).lower()
+
+        if bare(named) != bare(model_name(model.source)):
+            return (f"the image was drawn with the checkpoint {named}; this engine's model is "
+                    f"{model_name(model.source)}: another model, so the image will differ (the PNG gives no hash: "
+                    "only the names were compared)")
     if theirs and not model.model_hash.startswith(theirs.lower()[:10]):
         return (f"the image was drawn by a model with hash {theirs} ({fields.get('Model', 'unnamed')}); this "
                 f"engine's is {model.model_hash}: another model, or the same weights in another format (a diffusers "

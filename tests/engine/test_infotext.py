@@ -199,6 +199,11 @@ def test_the_model_hash_is_the_checkpoints_and_merged_loras_are_checked_against_
     old = {**detail, "a1111_hash": None}  # (an engine from before LoRAs' hashes: not checked)
     assert model_warning({"Model hash": "abcdef1234"}, model_info("e" * 64, "abcdef1234" + "5" * 54, (old,))) is None
     assert "this engine's is abcdef1234" in model_warning({"Model hash": "0000000000"}, merged)
+    # ComfyUI's graph names its checkpoint (ckpt_name, maybe in a folder) and hashes nothing: names compared
+    plain = model_info("e" * 64)  # (source dreamshaper_8.safetensors)
+    assert model_warning({"Model": "sd15\\dreamshaper_8.safetensors"}, plain) is None
+    assert "drawn with the checkpoint v1-5-pruned.ckpt; this engine's model is dreamshaper_8" in \
+        model_warning({"Model": "v1-5-pruned.ckpt"}, plain)
 
 
 def test_hires_sampler_fields_as_automatic1111_pastes_them():
