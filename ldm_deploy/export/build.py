@@ -27,6 +27,7 @@ from ldm_deploy.export.config import ExportConfig
 from ldm_deploy.export import controlnet, embeddings, lora, upscalers
 from ldm_deploy.export.engine_dir import check_out, staging_dir
 from ldm_deploy.export.records import model_info, tool_versions, vae_scale, write_tokenizer
+from ldm_deploy.export.single_file import PICKLE_SUFFIXES, SAFE_SUFFIXES
 from ldm_deploy.export.source import SourceModel, load_source
 from ldm_deploy.export.tensorrt_build import TensorRTExporter
 from ldm_deploy.export.tiling import make_seamless
@@ -52,6 +53,18 @@ def load_model(model: str, config: ExportConfig) -> SourceModel:
     return src
 
 
+def check_files(config: ExportConfig) -> None:
+    """The files merged into the model or exported beside it, found before minutes of loading it
+    (a --vae or --controlnet without a checkpoint's suffix may be a folder or a hub id: theirs
+    are found as they load)."""
+    given = [("--lora", path) for path, _ in config.loras] + [("--embedding", path) for path, _ in config.embeddings]
+    given += [("--vae", path) for path in [config.vae] if path] + [("--controlnet", path) for path in config.controlnets]
+    for flag, path in given:
+        must = flag in ("--lora", "--embedding") or Path(path).suffix.lower() in SAFE_SUFFIXES + PICKLE_SUFFIXES
+        if must and not Path(path).expanduser().exists():
+            raise ModelSourceError(f"{flag} {path}: no such file")
+
+
 def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConfig(),
                   extra_files: dict[str, str] | None = None) -> Path:
     """Export `model` (a diffusers folder, hub id or single-file checkpoint) to the engine directory
@@ -59,6 +72,7 @@ def export_engine(model: str, out: str | Path, config: ExportConfig = ExportConf
     once (the cache's record of what it was exported from)."""
     out = Path(out)
     check_out(out, config.force, model)  # before minutes of loading (or downloading) the model
+    check_files(config)
     t0 = time.perf_counter()
     upscale_models = upscalers.prepare(config.upscalers, config.allow_pickle)
     log.info("loading %s", model)

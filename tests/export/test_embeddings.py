@@ -112,3 +112,5 @@ def test_spec_and_refusals(files, model_dirs, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (message, err)
         assert not out.exists()
+        if message == "no such file":  # found before the model is loaded
+            assert "loading" not in err
