@@ -167,25 +167,26 @@ def exporting(out: Path):
     """Held while one process finds or exports the cached engine `out`: another (a second ldm-run
     started at once, a server's workers) waits for it, then finds the engine there, rather than
     exporting it again beside it (minutes, and gigabytes of disk, each). A lock file in the cache's
-    locks/ (kept: removing a lock file races), flock'ed (no lock where there is no flock)."""
+    locks/ (kept: removing a lock file races), flock'ed; none where that cannot be (no flock, a
+    read-only cache whose engines are there already, a disk that locks nothing)."""
     try:
         import fcntl
-    except ImportError:
-        yield
-        return
-    try:
+
         locks = out.parent.parent / "locks"
         locks.mkdir(parents=True, exist_ok=True)
         f = open(locks / f"{out.name}.lock", "a")
-    except OSError as e:
-        raise UserError(f"cannot write the engine cache {out.parent}: {e.strerror}; point LDM_DEPLOY_CACHE at a "
-                        "writable folder") from None
+    except (ImportError, OSError) as e:
+        log.debug("exporting %s without a lock (%s)", out, e)
+        yield
+        return
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process that is exporting %s", out)
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # (ENOLCK, EOPNOTSUPP: some network and FUSE disks)
+            log.debug("exporting %s without a lock (%s)", out, e)
         yield  # (closing the file releases the lock)
 
 

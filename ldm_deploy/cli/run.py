@@ -262,7 +262,10 @@ def control_options(args, count: int) -> dict:
     not given from a --from-png image's ControlNet units (ControlNet i: the engine's i-th), where
     its control images are given."""
     png = getattr(args, "png_controls", None)
-    if png and args.control_image:
+    if png and args.control_image and max(png) >= count:
+        log.warning("the image's ControlNet %s is not taken: this engine holds %d ControlNet%s (the PNG's units "
+                    "are taken as the engine's ControlNets in order)", max(png), count, "" if count == 1 else "s")
+    if png and args.control_image and count:
         for index, key in enumerate(("control_scale", "control_start", "control_end")):
             if getattr(args, key) is None:
                 setattr(args, key, [png.get(i, (1.0, 0.0, 1.0))[index] for i in range(count)])

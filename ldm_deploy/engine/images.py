@@ -34,11 +34,12 @@ def to_rgb(image: Image.Image, what: str = "init image") -> Image.Image:
                              "it to RGB; pass an RGB (or greyscale) image") from None
 
 
-def to_uint8(a: np.ndarray, what: str) -> np.ndarray:
+def to_uint8(a: np.ndarray, what: str, signed: bool = False) -> np.ndarray:
     """Pixel values -> uint8: unsigned 8-bit as they are; other integers scaled from the
     smallest of 8, 16 or 32 bits that holds them; floats taken as [0, 1] (diffusers'
-    output_type="np"), as [-1, 1] where any is negative (diffusers' reading), or as 0..255 when
-    they exceed 1."""
+    output_type="np"), or as 0..255 when they exceed 1 (below 0: clipped). signed (an init
+    image's array): floats where any is negative as [-1, 1], as diffusers' image processor reads
+    one (its control image processor does not normalise, so clips)."""
     if a.dtype == np.uint8:
         return a
     if np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_):
@@ -50,7 +51,7 @@ def to_uint8(a: np.ndarray, what: str) -> np.ndarray:
         a = a.astype(np.float64)
         if not np.isfinite(a).all():
             raise InvalidRequest(f"{what} has NaN or infinite pixel values")
-        if a.size and a.min() < 0:  # [-1, 1], as diffusers' image processor reads an array with negatives
+        if signed and a.size and a.min() < 0:  # [-1, 1], as diffusers' image processor reads one with negatives
             if a.min() < -1 or a.max() > 1:
                 raise InvalidRequest(f"{what} has pixel values from {a.min():g} to {a.max():g}; pass floats in "
                                      "[0, 1] (or [-1, 1]), or 0..255")
@@ -94,7 +95,7 @@ def as_init_image(init) -> Image.Image | InitLatents | None:
     if isinstance(init, Image.Image):
         return to_rgb(init)
     if is_image_array(init):
-        return array_to_rgb(init, "the init image array")
+        return array_to_rgb(init, "the init image array", signed=True)
     what = f"an array of shape {init.shape}" if isinstance(init, np.ndarray) else type(init).__name__
     raise InvalidRequest(f"init_image must be a path, a PIL image, an (H, W, 3) array or (1, C, h, w) "
                          f"latents; got {what}")
@@ -105,10 +106,11 @@ def is_image_array(a) -> bool:
     return isinstance(a, np.ndarray) and (a.ndim == 2 or a.ndim == 3 and a.shape[2] in (1, 3, 4))
 
 
-def array_to_rgb(a: np.ndarray, what: str) -> Image.Image:
-    """An image array (is_image_array: uint8, 16-bit, or floats in [0, 1]) as 8-bit RGB; alpha dropped."""
+def array_to_rgb(a: np.ndarray, what: str, signed: bool = False) -> Image.Image:
+    """An image array (is_image_array: uint8, 16-bit, or floats in [0, 1]; signed: to_uint8's) as
+    8-bit RGB; alpha dropped."""
     a = a if a.ndim == 2 else a[..., :3] if a.shape[2] != 1 else a[..., 0]
-    return Image.fromarray(to_uint8(a, what=what)).convert("RGB")
+    return Image.fromarray(to_uint8(a, what=what, signed=signed)).convert("RGB")
 
 
 def init_image_size(image: Image.Image | InitLatents, multiple: int = VAE_SCALE) -> tuple[int, int]:

@@ -215,7 +215,8 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
                         "draw its CPU source's noise, so the image will differ")
     if beta and beta_fields(out.get("sampler"), out.get("hires_sampler")):  # (else not drawn with it)
         warnings.append(beta)
-    controls = control_settings(fields)
+    controls, control_warnings = control_settings(fields)
+    warnings += control_warnings
     if controls:  # (ldm-run takes them where the control images are given)
         out["png_controls"] = controls
     other = [k for k in fields if k not in QUIET and k != "RNG" and not re.fullmatch(r"ControlNet \d+", k)]
@@ -225,22 +226,31 @@ def settings(fields: dict[str, str], given: set = frozenset()) -> tuple[dict, li
     return {k: v for k, v in out.items() if k not in given and v is not None}, warnings
 
 
-def control_settings(fields: dict[str, str]) -> dict[int, tuple[float, float, float]]:
+NUMBER = r"(-?[0-9.]+(?:e-?[0-9]+)?)"
+
+
+def control_settings(fields: dict[str, str]) -> tuple[dict[int, tuple[float, float, float]], list[str]]:
     """AUTOMATIC1111's ControlNet extension's fields ("ControlNet 0": "Module: ..., Model: ...,
-    Weight: 1, Guidance Start: 0, Guidance End: 1, ...", ours alike) -> {unit: (weight, start,
-    end)}; a unit's other settings (its preprocessor, control mode) are not ours to take."""
-    out = {}
+    Weight: 1, Guidance Start: 0, Guidance End: 1, ...", ours alike; its older "weight: 1,
+    starting/ending: (0, 1)") -> ({unit: (weight, start, end)}, [warnings for units not read]);
+    a unit's other settings (its preprocessor, control mode) are not ours to take."""
+    out, warnings = {}, []
     for key, value in fields.items():
         m = re.fullmatch(r"ControlNet (\d+)", key)
         if m is None:
             continue
-        unit = {k.strip(): v.strip() for k, v in FIELD.findall(value)}
+        text = value.lower()
+        weight = re.search(r"\bweight:\s*" + NUMBER, text)
+        start, end = (re.search(rf"guidance {side}:\s*" + NUMBER, text) for side in ("start", "end"))
+        span = re.search(r"starting/ending:\s*\(\s*" + NUMBER + r"\s*,\s*" + NUMBER + r"\s*\)", text)
         try:
-            out[int(m.group(1))] = tuple(float(unit.get(name, default)) for name, default in
-                                         (("Weight", 1.0), ("Guidance Start", 0.0), ("Guidance End", 1.0)))
+            out[int(m.group(1))] = (float(weight.group(1)) if weight else 1.0,
+                                    float(start.group(1)) if start else float(span.group(1)) if span else 0.0,
+                                    float(end.group(1)) if end else float(span.group(2)) if span else 1.0)
         except ValueError:
-            raise UserError(f"the image's {key} is {value[:80]!r}, whose Weight or Guidance is not a number") from None
-    return out
+            warnings.append(f"the image's {key} ({value[:60]}...) is not read here: its weight or guidance is not "
+                            "a number")
+    return out, warnings
 
 
 def beta_warning(fields: dict[str, str]) -> str | None:

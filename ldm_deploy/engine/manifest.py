@@ -136,8 +136,8 @@ class Manifest:
             raise KeyError("dims.text_chunks")
         info = ModelInfo(**model)
         checked(info, "model")
-        if info.vae_scale < 1 or d["size_multiple"] < 1 or isinstance(d["size_multiple"], bool) \
-                or not isinstance(d["size_multiple"], int):
+        multiple = d["size_multiple"]
+        if not KINDS["int"](multiple) or multiple < 1 or info.vae_scale < 1:
             raise ValueError("model.vae_scale and size_multiple must be whole numbers of at least 1")
         return cls(
             model=info,

@@ -41,13 +41,15 @@ class Pipeline:
         self.specs = manifest.specs()
         self.tokenizer = PromptTokenizer(self.engine_dir / TOKENIZER, manifest.model.text_length,
                                          manifest.model.embeddings)
-        # vae_encoder is loaded on the first img2img call: txt2img never needs it; its files must
-        # then be the ones loaded with the engine (manifest.check_unchanged).
-        self.file_stats = file_stats(self.engine_dir, manifest)
+        # vae_encoder is loaded on the first img2img call: txt2img never needs it.
         self.components = {
             name: backend.load(self.engine_dir, manifest, name)
             for name in ("text_encoder", "unet_step", "vae_decoder")
         }
+        # TensorRT's --rebuild-stale rebuilt every plan (and the manifest) as the first loaded: the
+        # encoder's, loaded later, must be those files (manifest.check_unchanged)
+        self.manifest = getattr(backend, "checked", {}).get(self.engine_dir, manifest)
+        self.file_stats = file_stats(self.engine_dir, self.manifest)
         self.warned = set()  # advice given once per pipeline, not on every call of a loop
         self.upscalers = {}  # the hires fix's upscale models, loaded on first use (hires.upscale_model)
         self.vae_tile = None  # latent px of the decoder's tiles (enable_vae_tiling); None: one run a batch

@@ -135,7 +135,7 @@ def texts(name: str, value, n: int | None = None) -> list[str]:
     elif isinstance(value, (list, tuple)) and value:
         out = list(value)
         if n is not None and len(out) != n:
-            raise InvalidRequest(f"{len(out)} {name}s for {n} prompts; give one, or one per prompt")
+            raise InvalidRequest(f"{len(out)} {name.replace('_', ' ')}s for {n} prompts; give one, or one per prompt")
     else:
         raise InvalidRequest(f"{name} must be text or a list of texts, got {type(value).__name__}")
     for i, text in enumerate(out):

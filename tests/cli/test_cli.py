@@ -167,6 +167,19 @@ def test_an_unwritable_folder_is_refused_before_anything_is_drawn(engine_dirs, m
     assert code == 2 and "cannot write --out /proc/engines/x:" in err and "loading" not in err
 
 
+def test_keywords_are_renamed_where_they_are_words_not_in_paths():
+    from ldm_deploy.errors import renamed
+
+    names = {"control_start": "--control-start", "control_end": "--control-end", "init_image": "--init-image",
+             "negative_prompt": "--negative-prompt", "mask_crop": "--mask-crop"}
+    assert renamed("control_start and control_end are fractions (--control-start, --control-end)", names) == \
+        "--control-start and --control-end are fractions"
+    assert renamed("mask_crop (--mask-crop) cuts", names) == "--mask-crop cuts"
+    for kept in ("cannot read the init image /home/u/init_image.png: x", "cannot read control_image.png",
+                 "the emphasis of the prompt 'a negative_prompt test'"):
+        assert renamed(kept, names) == kept
+
+
 def test_a_path_named_like_an_option_is_not_renamed(engine_dirs, tmp_path, capsys, monkeypatch):
     """The pipeline's mistakes name ldm-run's flags ("--steps must be ..."); a path that merely
     shares an option's name stays as given."""

@@ -167,6 +167,9 @@ def test_each_image_of_a_masked_batch_draws_again_with_its_crop(engine_dirs, tmp
     assert not caplog.text
     np.testing.assert_array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert settings({"Inpaint area": "Only masked"})[0] == {"mask_crop": 32}  # AUTOMATIC1111's default padding
+    # the ControlNet extension's older fields: lowercase, starting/ending as a pair
+    older = "preprocessor: canny, model: control_canny [abcd1234], weight: 0.5, starting/ending: (0.1, 0.9)"
+    assert settings({"ControlNet 0": older})[0]["png_controls"] == {0: (0.5, 0.1, 0.9)}
     # --mask-crop none: the whole picture, over the PNG's Only masked
     assert run_cli.main(["--from-png", str(first), *images, "--engine", engine, "--mask-crop", "none", "--out",
                          str(again), "-q"]) == 0

@@ -178,7 +178,7 @@ def test_init_image_values(pixels, expected):
     (dict(prompt=None), "prompt must be text or a list of texts, got NoneType"),
     (dict(prompt="a \udcff cat"), "prompt is not valid text: it holds bytes that are not UTF-8"),  # (argv's)
     (dict(negative_prompt=[None]), "negative_prompt[0] must be text, got NoneType"),
-    (dict(negative_prompt=["a", "b"]), "2 negative_prompts for 1 prompts"),
+    (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1 prompts"),
     (dict(guidance="7"), "guidance must be a number, got '7'"),
     (dict(steps=2.5), "steps must be a whole number, got 2.5"),
     (dict(latents=[[1.0]]), "latents must be a 4-dimensional (B, C, H/8, W/8) array"),

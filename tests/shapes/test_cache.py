@@ -158,6 +158,11 @@ def test_a_second_process_waits_for_the_first_export_and_takes_its_engine(model_
     assert found == [engine]
     stamp = os.stat(tmp_path / "first" / "manifest.json").st_mtime_ns
     assert os.stat(engine / "manifest.json").st_mtime_ns == stamp  # taken, not exported again
+    # a cache whose locks cannot be made (read-only, say) still gives the engines it holds
+    shutil.rmtree(tmp_path / "cache" / "locks")
+    (tmp_path / "cache" / "locks").write_text("not a folder")
+    assert cache.engine_for(model_dirs["tiny-sd1"], settings) == engine
+    assert os.stat(engine / "manifest.json").st_mtime_ns == stamp
 
 
 def test_a_model_keeps_one_engine_per_release_and_settings(model_dirs, monkeypatch, tmp_path, caplog):
