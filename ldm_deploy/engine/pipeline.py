@@ -241,6 +241,8 @@ class Pipeline:
                                        mask=mask, mask_crop=mask_crop, control_scale=control_scale,
                                        control_start=control_start, control_end=control_end), diffusers_names,
                                   type(self).__call__)
+        if not (isinstance(progress, (bool, np.bool_)) or callable(progress)):
+            raise InvalidRequest(f"progress must be True, False or a function of (steps done, steps), got {progress!r}")
         progress = progress_.reporting(progress)
         prompts = texts("prompt", prompt)
         # SDXL base: no negative prompt at all is zero embeddings (diffusers' force_zeros_for_empty_prompt)

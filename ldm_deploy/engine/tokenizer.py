@@ -124,8 +124,9 @@ class PromptTokenizer:
             text = "".join(self.raw.id_to_token(t) for t in dropped).replace("</w>", " ").strip()
             log.warning("the prompt needs %d chunks of %d tokens (BREAK, and commas near a chunk's end, start "
                         "new ones) and this engine takes %d (ldm-export --max-prompt-tokens sets it; engines "
-                        "with --static-shapes or from before long prompts take one); this part was cut off: %r",
-                        len(chunks), self.room, max_chunks, text)
+                        "with --static-shapes or from before long prompts take one); this part was cut off: %r%s",
+                        len(chunks), self.room, max_chunks, text[:200], f" (and {len(text) - 200} characters more)"
+                        if len(text) > 200 else "")
         return chunks[:max_chunks]
 
     def expanded(self, prompt: str) -> str:

@@ -85,6 +85,12 @@ def test_what_it_cannot_read_is_left_to_the_command_line():
     assert prompt is None and negative == "fog, rain"
     assert "its positive conditioning is not a CLIPTextEncode's text (it comes from ConditioningSetArea): not read" \
         in warnings
+    g = graph()
+    g["6"]["inputs"]["text"] = ["30", 0]  # its text from a PrimitiveNode
+    g["30"] = {"class_type": "PrimitiveNode", "inputs": {"value": "a house"}}
+    prompt, _, _, warnings = comfyui.read(json.dumps(g))
+    assert prompt is None
+    assert "its positive CLIPTextEncode's text is not written in it (it comes from PrimitiveNode): not read" in warnings
     g = graph(steps="x", cfg=None, seed=["20", 0])
     g["5"]["inputs"] = None
     _, _, fields, warnings = comfyui.read(json.dumps(g))

@@ -183,6 +183,7 @@ def test_init_image_values(pixels, expected):
     (dict(steps=2.5), "steps must be a whole number, got 2.5"),
     (dict(latents=[[1.0]]), "latents must be a 4-dimensional (B, C, H/8, W/8) array"),
     (dict(prompt="(" * 1000 + "cat" + ")" * 1000, prompt_weighting=True), "weighs a word past what a float can hold"),
+    (dict(progress="yes"), "progress must be True, False or a function"),
 ])
 def test_bad_requests(pipelines, kw, message):
     from ldm_deploy.errors import InvalidRequest

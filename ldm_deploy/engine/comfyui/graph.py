@@ -60,9 +60,14 @@ def encoded_text(graph: dict, inputs: dict, name: str, warnings: list, size: tup
     if kind(node) == "CLIPTextEncodeSDXL":
         return sdxl_text(node, name, warnings, size)
     value = inputs_of(node).get("text")
-    if kind(node) != "CLIPTextEncode" or not isinstance(value, str):
+    if kind(node) != "CLIPTextEncode":
         warnings.append(f"its {name} conditioning is not a CLIPTextEncode's text (it comes from "
                         f"{kind(node) if node else 'nothing'}): not read")
+        return None
+    if not isinstance(value, str):  # wired from another node (a PrimitiveNode, a text node)
+        source = linked(graph, inputs_of(node), "text") if isinstance(value, list) else None
+        warnings.append(f"its {name} CLIPTextEncode's text is not written in it (it comes from "
+                        f"{kind(source) if source else 'another node'}): not read")
         return None
     return value
 
