@@ -13,6 +13,7 @@ the next, as one diffusers generator passed to both pipelines does.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -99,7 +100,22 @@ def settle(refiner, req: Request, m, img2img: bool) -> tuple:
     except InvalidRequest as e:  # (its sizes, steps, ...: said as the refiner's, not this engine's)
         raise InvalidRequest(f"the refiner: {str(e).replace('this engine', 'its engine')}") from None
     refiner.check_history(req.sampler, req.steps, 1.0)
+    warn_embeddings(m, refiner, req)
     return refiner, req, drawn == "refiner"
+
+
+def warn_embeddings(m, refiner, req: Request) -> None:
+    """Say once where the prompts use this engine's embeddings (ldm-export --embedding) that the
+    refiner does not hold: it reads their words as plain text."""
+    theirs = {e["word"] for e in refiner.manifest.model.embeddings}
+    texts = req.prompts + req.negative_prompts
+    missing = [e["word"] for e in m.embeddings if e["word"] not in theirs
+               and any(re.search(rf"(?<![\w-]){re.escape(e['word'])}(?![\w-])", t) for t in texts)]
+    if missing and "refiner embeddings" not in refiner.warned:
+        refiner.warned.add("refiner embeddings")
+        log.warning("the refiner does not hold the embedding%s %s (this engine's: ldm-export --embedding), so it reads "
+                    "%s as plain words", "s" if len(missing) > 1 else "", ", ".join(missing),
+                    "them" if len(missing) > 1 else "it")
 
 
 def scores(m, refiner, score, negative) -> dict:

@@ -360,3 +360,23 @@ def test_prompt_editing_counts_the_refiners_steps_from_the_walks_start():
                   sampler="euler", width=64, height=64, strength=1.0, prompt_weighting=True)
     assert text.step_texts(["", "a [dog:cat:0.5]"], req, 2, offset=8) == [("", "a cat")] * 2
     assert text.step_texts(["", "a [dog:cat:0.5]"], req, 2) == [("", "a dog")] * 2
+
+
+def test_embeddings_the_refiner_lacks_are_said_once(caplog):
+    """The base's embedding words in a prompt, which a refiner without them reads as plain words."""
+    from types import SimpleNamespace
+
+    from ldm_deploy.engine.refine import warn_embeddings
+
+    base = SimpleNamespace(embeddings=({"word": "xlemb"}, {"word": "style-a"}))
+    refiner = SimpleNamespace(manifest=SimpleNamespace(model=SimpleNamespace(embeddings=({"word": "style-a"},))),
+                              warned=set())
+    req = SimpleNamespace(prompts=("a xlemb fox, style-a",), negative_prompts=("",))
+    with caplog.at_level(logging.WARNING):
+        warn_embeddings(base, refiner, req)
+        warn_embeddings(base, refiner, req)
+    assert caplog.text.count("the refiner does not hold the embedding xlemb (") == 1
+    caplog.clear()
+    warn_embeddings(base, SimpleNamespace(manifest=refiner.manifest, warned=set()),
+                    SimpleNamespace(prompts=("a xlembed fox",), negative_prompts=("",)))
+    assert not caplog.text  # (another word)
