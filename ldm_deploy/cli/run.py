@@ -251,6 +251,7 @@ def from_png(args) -> dict:
             values["negative_prompt"] = negative or ("" if fields.get(infotext.EMPTY_NEGATIVE) == "encoded" else None)
         for key, value in values.items():
             setattr(args, key, value)
+        args.png_given = set(values)  # (a mistake in one of them is the PNG's: names() says so)
     for key, default in FROM_PNG.items():
         if getattr(args, key) is UNSET:
             setattr(args, key, default)
@@ -488,7 +489,8 @@ def main(argv=None) -> int:
 
         from ldm_deploy.engine.pipeline import Pipeline
 
-        return flag_names(options, inspect.signature(Pipeline.__call__).parameters)
+        flags = flag_names(options, inspect.signature(Pipeline.__call__).parameters)
+        return {k: f"{v} (the PNG's)" if k in getattr(args, "png_given", ()) else v for k, v in flags.items()}
 
     return run_main(go, "ldm-run", names)
 

@@ -176,6 +176,16 @@ def test_each_image_of_a_masked_batch_draws_again_with_its_crop(engine_dirs, tmp
     assert "Inpaint area" not in Image.open(again).info["parameters"]
 
 
+def test_a_pngs_bad_value_is_said_to_be_the_pngs(engine_dirs, tmp_path, capsys):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 0, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Version: ldm-deploy")
+    Image.new("RGB", (64, 64)).save(tmp_path / "bad.png", pnginfo=info)
+    code = run_cli.main(["--from-png", str(tmp_path / "bad.png"), "--engine", str(engine_dirs["tiny-sd1"]), "-q"])
+    assert code == 2 and "--steps (the PNG's) must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_from_png_needs_parameters(engine_dirs, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     code = run_cli.main(["--from-png", str(tmp_path / "plain.png"), "--engine", str(engine_dirs["tiny-sd1"])])
