@@ -89,7 +89,8 @@ def check_outputs(**paths: str | None) -> None:
         if path is None:
             continue
         if Path(path).is_dir():
-            raise UserError(f"--{flag} {path} is a folder; give a file name (e.g. {Path(path) / ('bench.json' if flag == 'json' else 'bench.png')})")
+            example = Path(path) / ("bench.json" if flag == "json" else "bench.png")
+            raise UserError(f"--{flag} {path} is a folder; give a file name (e.g. {example})")
         if flag == "chart" and Path(path).suffix.lower() not in CHART_FORMATS:
             raise UserError(f"--chart {path}: charts are written as {', '.join(CHART_FORMATS)}; end the name in one")
         check_folder(path, f"--{flag}", in_place=True)  # (written where it is: /dev/stdout too)

@@ -17,8 +17,8 @@ from ldm_deploy.engine import diffusers_names as diffusers_names_
 from ldm_deploy.engine import mask_crop as mask_crop_
 from ldm_deploy.engine.backends import Run
 from ldm_deploy.engine.manifest import TOKENIZER, check_unchanged, file_stats, read_manifest, verify_files
-from ldm_deploy.engine.request import (Request, check_init_size, check_request, check_size, latent_array,
-                                       noise_multiplier_of, real, split, texts, whole)
+from ldm_deploy.engine.request import (Request, check_history, check_init_size, check_request, check_size,
+                                       noise_multiplier_of, plain_inputs, split, whole)
 from ldm_deploy.engine.samplers import plan
 from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.engine.tokenizer import PromptTokenizer
@@ -241,21 +241,11 @@ class Pipeline:
                                        mask=mask, mask_crop=mask_crop, control_scale=control_scale,
                                        control_start=control_start, control_end=control_end), diffusers_names,
                                   type(self).__call__)
-        if not (isinstance(progress, (bool, np.bool_)) or callable(progress)):
-            raise InvalidRequest(f"progress must be True, False or a function of (steps done, steps), got {progress!r}")
+        prompts, negs, steps, guidance, width, height, latents = plain_inputs(
+            prompt, negative_prompt, steps, guidance, num_images, width, height, latents, output_type, progress)
         progress = progress_.reporting(progress)
-        prompts = texts("prompt", prompt)
         # SDXL base: no negative prompt at all is zero embeddings (diffusers' force_zeros_for_empty_prompt)
         zero_negative = negative_prompt is None and self.manifest.model.zero_negative
-        negs = texts("negative_prompt", "" if negative_prompt is None else negative_prompt, len(prompts))
-        steps, guidance = whole("steps", steps, None), real("guidance", guidance)
-        latents = None if latents is None else latent_array(latents)
-        if output_type not in ("pil", "np", "latent"):
-            raise InvalidRequest(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-            raise InvalidRequest(f"num_images must be a whole number of at least 1, got {num_images!r}")
-        width = None if width is None else whole("width", width, None)
-        height = None if height is None else whole("height", height, None)
         check_size(self.manifest, width, height)  # before anything is drawn or cut at that size
         # (crop: mask_crop's (pad, box, the original image, the original mask), or None)
         init, mask, crop, width, height = inpaint.prepare(self, init_image, mask, mask_blur, resize_mode, mask_crop,
@@ -325,7 +315,7 @@ class Pipeline:
             **variation,
         )
         check_request(req, self.manifest, img2img=init is not None)
-        self.check_history(req.sampler, req.steps, req.strength)
+        check_history(self.manifest, req.sampler, req.steps, req.strength)
         alone = False  # the switch comes before the base's first step: the refiner draws it all
         if refiner is not None:  # where the switch leaves one model no step, the other draws alone
             refiner, req, alone = refine.settle(refiner, req, m, init is not None)
@@ -336,7 +326,8 @@ class Pipeline:
                        hires_sampler)
         if fix is not None:
             hires.check(fix, init is not None, req.width, req.height, self.manifest)
-            self.check_history(fix.sampler or req.sampler, *hires.img2img_steps(fix, req.steps))  # before pass 1
+            # (before pass 1)
+            check_history(self.manifest, fix.sampler or req.sampler, *hires.img2img_steps(fix, req.steps))
         if self.vae_tile is not None:  # tiles the backend cannot run, said before anything is drawn
             sizes = [(req.width, req.height)] + ([hires.target_size(req.width, req.height, fix.scale,
                                                                     self.manifest.size_multiple)] if fix else [])
@@ -484,15 +475,6 @@ class Pipeline:
         """vae.encode with this engine's encoder and VAE tiling: device latents."""
         return vae.encode(self.backend, self.components["vae_encoder"], self.manifest.model, pixels, sample_noise,
                           start_noise, start, repeat, self.vae_tile, progress)
-
-    def check_history(self, sampler: str, steps: int, strength: float) -> None:
-        """Engines without state2 (from before UniPC) run what needs no x0 of two steps back."""
-        if self.manifest.model.history:
-            return
-        rows = plan(sampler, self.manifest.model.noise_schedule, steps, 1.0, strength).rows
-        if np.any(rows[:, C_PP] != 0):
-            raise InvalidRequest(f"the {sampler} sampler needs an engine whose U-Net step keeps two steps' x0 "
-                                 "(exported since UniPC); re-export it with ldm-export --force")
 
     def load_vae_encoder(self) -> None:
         if "vae_encoder" not in self.manifest.files:

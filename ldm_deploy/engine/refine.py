@@ -20,7 +20,7 @@ import numpy as np
 
 from ldm_deploy.engine import images
 from ldm_deploy.engine.infotext import model_name
-from ldm_deploy.engine.request import Request, check_request
+from ldm_deploy.engine.request import Request, check_history, check_request
 from ldm_deploy.engine.samplers import cutoff, plan, rows_above
 from ldm_deploy.errors import InvalidRequest
 
@@ -99,7 +99,7 @@ def settle(refiner, req: Request, m, img2img: bool) -> tuple:
         check_request(req, refiner.manifest, img2img)
     except InvalidRequest as e:  # (its sizes, steps, ...: said as the refiner's, not this engine's)
         raise InvalidRequest(f"the refiner: {str(e).replace('this engine', 'its engine')}") from None
-    refiner.check_history(req.sampler, req.steps, 1.0)
+    check_history(refiner.manifest, req.sampler, req.steps, 1.0)
     warn_embeddings(m, refiner, req)
     return refiner, req, drawn == "refiner"
 

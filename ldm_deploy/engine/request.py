@@ -9,7 +9,8 @@ import numpy as np
 
 from ldm_deploy.engine import images
 from ldm_deploy.engine.manifest import Manifest
-from ldm_deploy.engine.samplers import SAMPLERS
+from ldm_deploy.engine.samplers import SAMPLERS, plan
+from ldm_deploy.engine.samplers.update import C_PP
 from ldm_deploy.errors import InvalidRequest
 
 
@@ -72,6 +73,16 @@ class Request:
         return self.guidance > 1.0
 
 
+def check_history(manifest: Manifest, sampler: str, steps: int, strength: float) -> None:
+    """Engines without state2 (from before UniPC) run what needs no x0 of two steps back."""
+    if manifest.model.history:
+        return
+    rows = plan(sampler, manifest.model.noise_schedule, steps, 1.0, strength).rows
+    if np.any(rows[:, C_PP] != 0):
+        raise InvalidRequest(f"the {sampler} sampler needs an engine whose U-Net step keeps two steps' x0 "
+                             "(exported since UniPC); re-export it with ldm-export --force")
+
+
 def check_request(r: Request, manifest: Manifest, img2img: bool) -> None:
     """Raise InvalidRequest with the fix for anything the engine or sampler cannot do."""
     if r.sampler not in SAMPLERS:
@@ -126,6 +137,25 @@ def noise_multiplier_of(value) -> float:
     return float(value)
 
 
+def plain_inputs(prompt, negative_prompt, steps, guidance, num_images, width, height, latents, output_type,
+                 progress) -> tuple:
+    """Pipeline.__call__'s plain inputs, checked as diffusers users pass them -> (prompts,
+    negative prompts (None: ""), steps, guidance, width, height, latents as numpy); an
+    InvalidRequest naming the first that is wrong."""
+    if not (isinstance(progress, (bool, np.bool_)) or callable(progress)):
+        raise InvalidRequest(f"progress must be True, False or a function of (steps done, steps), got {progress!r}")
+    prompts = texts("prompt", prompt)
+    negs = texts("negative_prompt", "" if negative_prompt is None else negative_prompt, len(prompts))
+    if output_type not in ("pil", "np", "latent"):
+        raise InvalidRequest(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+        raise InvalidRequest(f"num_images must be a whole number of at least 1, got {num_images!r}")
+    width = None if width is None else whole("width", width, None)
+    height = None if height is None else whole("height", height, None)
+    return (prompts, negs, whole("steps", steps, None), real("guidance", guidance), width, height,
+            None if latents is None else latent_array(latents))
+
+
 def texts(name: str, value, n: int | None = None) -> list[str]:
     """A prompt, or a list of them, as a list (n: one text for n, or a list of n); an
     InvalidRequest for other types and for text that is not Unicode (a command line's bytes
@@ -135,7 +165,8 @@ def texts(name: str, value, n: int | None = None) -> list[str]:
     elif isinstance(value, (list, tuple)) and value:
         out = list(value)
         if n is not None and len(out) != n:
-            raise InvalidRequest(f"{len(out)} {name.replace('_', ' ')}s for {n} prompts; give one, or one per prompt")
+            raise InvalidRequest(f"{len(out)} {name.replace('_', ' ')}s for {n} prompts; give one, or one per "
+                                 "prompt")
     else:
         raise InvalidRequest(f"{name} must be text or a list of texts, got {type(value).__name__}")
     for i, text in enumerate(out):

@@ -38,8 +38,8 @@ def test_no_timings_no_tile_columns():
     assert tile_timings(SimpleNamespace()) == [] and tile_contenders([]) == {}
 
 
-@pytest.mark.skipif(not attention.is_interpreter(),
-                    reason="runs the picked tiles on CPU tensors: needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(reason="runs the picked tiles on CPU tensors: needs TRITON_INTERPRET=1",
+                    condition=not attention.is_interpreter())
 def test_picked_tiles_compute_attention():
     tiles = [{"tile": attention.Tile(32, 32, 4, 1, p)._asdict(), "ms": 1.0} for p in (0, 1)]
     gen = torch.Generator().manual_seed(0)

@@ -23,10 +23,9 @@ from ldm_deploy.kernels import attention, ops
 from ldm_deploy.kernels.onnx_export import DOMAIN, NODE_TYPE, onnx_attention
 from ldm_deploy.kernels.processor import FusedAttnProcessor, use_fused_attention
 
-needs_interpreter = pytest.mark.skipif(
-    not attention.is_interpreter(),
-    reason="runs the kernel on CPU tensors: needs TRITON_INTERPRET=1 (conftest.py sets it where "
-           "there is no GPU)")
+needs_interpreter = pytest.mark.skipif(reason="runs the kernel on CPU tensors: needs TRITON_INTERPRET=1 "
+                                       "(conftest.py sets it where there is no GPU)",
+                                       condition=not attention.is_interpreter())
 
 B, H = 2, 2  # batch 2 as with classifier-free guidance; fewer heads than SD's (interpreter)
 TEXT = 77
@@ -75,9 +74,9 @@ def interpreter_dot_works(dtype: torch.dtype) -> bool:
 
 
 DTYPES = [torch.float32, torch.float16,
-          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-              attention.is_interpreter() and not interpreter_dot_works(torch.bfloat16),
-              reason="this Triton interpreter gets tl.dot on bf16 wrong; bf16 runs on the GPU"))]
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(reason="this Triton interpreter gets tl.dot on "
+                                                                 "bf16 wrong; bf16 runs on the GPU",
+              condition=attention.is_interpreter() and not interpreter_dot_works(torch.bfloat16)))]
 
 
 @needs_interpreter

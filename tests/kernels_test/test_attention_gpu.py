@@ -20,8 +20,8 @@ from ldm_deploy.kernels import attention, ops
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or attention.is_interpreter(),
-                       reason="needs a CUDA GPU and TRITON_INTERPRET unset"),
+    pytest.mark.skipif(reason="needs a CUDA GPU and TRITON_INTERPRET unset",
+                       condition=not torch.cuda.is_available() or attention.is_interpreter()),
 ]
 
 SHAPES = attention.sd_shapes()
